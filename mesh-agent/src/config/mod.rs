@@ -1,0 +1,3 @@
+//! Raw Kubernetes/Istio objects in, validated `model` out.
+
+pub mod model;

@@ -1,0 +1,302 @@
+//! The validated mesh configuration: what the engine and proxy consume.
+//!
+//! Built from raw Kubernetes objects by `config::parse` ("parse, don't validate"): every value
+//! here has already been checked (weights sum to 100, durations are non-negative, regexes
+//! compile, subsets exist, header values are legal), so the engine never re-checks.
+//! Optional sections stay `Option` where "absent" and "default" differ for Istio semantics
+//! (e.g. retries absent ⇒ Istio's default policy, resolved by the engine); otherwise defaults are
+//! filled in here and documented in `docs/configuration.md`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue};
+use regex::Regex;
+
+/// `namespace/name` of a Kubernetes object; namespace defaults to `default`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+/// A host as written in a rule (`service-c`, `service-c.ns`, `service-c.ns.svc.cluster.local`,
+/// or `*`), with the namespace of the object it appeared in, which short names resolve against.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Host {
+    pub name: String,
+    pub namespace: String,
+}
+
+/// A percentage in [0, 100], kept as parts per million so decisions use integer arithmetic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Percent {
+    pub per_million: u32,
+}
+
+impl Percent {
+    pub const ZERO: Percent = Percent { per_million: 0 };
+    pub const HUNDRED: Percent = Percent { per_million: 1_000_000 };
+}
+
+/// Everything in force at one moment. Replaced as a whole on every accepted change.
+#[derive(Clone, Debug, Default)]
+pub struct MeshConfig {
+    pub virtual_services: Vec<VirtualService>,
+    pub destination_rules: Vec<DestinationRule>,
+    pub gateways: Vec<Gateway>,
+}
+
+// ---------------------------------------------------------------- VirtualService
+
+#[derive(Clone, Debug)]
+pub struct VirtualService {
+    pub id: ObjectRef,
+    pub hosts: Vec<Host>,
+    /// `gateways:` as written (`mesh` means sidecar/mesh traffic; absent ⇒ `["mesh"]`).
+    pub gateways: Vec<String>,
+    pub http: Vec<HttpRoute>,
+}
+
+#[derive(Clone, Debug)]
+pub struct HttpRoute {
+    pub name: Option<String>,
+    /// Any one matching selects the route; empty matches every request.
+    pub matches: Vec<RequestMatch>,
+    /// Weights sum to 100 (a single destination without weight gets 100).
+    pub route: Vec<RouteDestination>,
+    pub rewrite: Option<Rewrite>,
+    pub headers: Headers,
+    /// Bounds the whole request, retries included. `None` ⇒ no timeout (Istio's default).
+    pub timeout: Option<Duration>,
+    /// `None` ⇒ Istio's default retry policy, resolved by the engine.
+    pub retries: Option<RetryPolicy>,
+    pub fault: Option<Fault>,
+    pub mirror: Option<Mirror>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct RequestMatch {
+    pub name: Option<String>,
+    pub uri: Option<StringMatch>,
+    pub method: Option<StringMatch>,
+    pub authority: Option<StringMatch>,
+    /// Header names are lower-case.
+    pub headers: Vec<(HeaderName, StringMatch)>,
+    pub without_headers: Vec<(HeaderName, StringMatch)>,
+    pub query_params: Vec<(String, StringMatch)>,
+    pub port: Option<u16>,
+    /// Applies to `uri` exact/prefix (regex carries its own flags).
+    pub ignore_uri_case: bool,
+    pub gateways: Vec<String>,
+}
+
+#[derive(Clone, Debug)]
+pub enum StringMatch {
+    Exact(String),
+    Prefix(String),
+    /// Anchored: must match the whole value (RE2 full-match semantics, as Envoy).
+    Regex(Regex),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Destination {
+    pub host: Host,
+    pub subset: Option<String>,
+    pub port: Option<u16>,
+}
+
+#[derive(Clone, Debug)]
+pub struct RouteDestination {
+    pub destination: Destination,
+    pub weight: u32,
+    pub headers: Headers,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Rewrite {
+    pub uri: Option<String>,
+    pub authority: Option<String>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Headers {
+    pub request: HeaderOperations,
+    pub response: HeaderOperations,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct HeaderOperations {
+    pub set: Vec<(HeaderName, HeaderValue)>,
+    pub add: Vec<(HeaderName, HeaderValue)>,
+    pub remove: Vec<HeaderName>,
+}
+
+#[derive(Clone, Debug)]
+pub struct RetryPolicy {
+    /// Retries after the first try (Istio's `attempts`); 0 disables retries.
+    pub attempts: u32,
+    pub per_try_timeout: Option<Duration>,
+    pub retry_on: RetryOn,
+}
+
+/// `retryOn` conditions (Envoy's `x-envoy-retry-on` / `x-envoy-retry-grpc-on` vocabulary).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RetryOn {
+    pub five_xx: bool,
+    pub gateway_error: bool,
+    pub connect_failure: bool,
+    pub refused_stream: bool,
+    pub reset: bool,
+    pub retriable_4xx: bool,
+    /// `retriable-status-codes` and bare codes (e.g. `retryOn: "503,504"`).
+    pub retriable_status_codes: Vec<u16>,
+    /// gRPC status conditions.
+    pub cancelled: bool,
+    pub deadline_exceeded: bool,
+    pub internal: bool,
+    pub resource_exhausted: bool,
+    pub unavailable: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct Fault {
+    pub delay: Option<FaultDelay>,
+    pub abort: Option<FaultAbort>,
+}
+
+#[derive(Clone, Debug)]
+pub struct FaultDelay {
+    pub fixed_delay: Duration,
+    pub percentage: Percent,
+}
+
+#[derive(Clone, Debug)]
+pub struct FaultAbort {
+    pub http_status: u16,
+    pub percentage: Percent,
+}
+
+#[derive(Clone, Debug)]
+pub struct Mirror {
+    pub destination: Destination,
+    /// Absent in YAML ⇒ 100%.
+    pub percentage: Percent,
+}
+
+// ---------------------------------------------------------------- DestinationRule
+
+#[derive(Clone, Debug)]
+pub struct DestinationRule {
+    pub id: ObjectRef,
+    pub host: Host,
+    pub traffic_policy: TrafficPolicy,
+    pub subsets: Vec<Subset>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Subset {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    /// Each section present here replaces the host-level one (Istio's override).
+    pub traffic_policy: TrafficPolicy,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct TrafficPolicy {
+    pub load_balancer: Option<LoadBalancer>,
+    pub connection_pool: Option<ConnectionPool>,
+    pub outlier_detection: Option<OutlierDetection>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum LoadBalancer {
+    RoundRobin,
+    /// Power of two choices; Istio's default.
+    #[default]
+    LeastRequest,
+    Random,
+    Passthrough,
+}
+
+/// Limits; `None` ⇒ unlimited (Istio's effective default of 2^32-1).
+#[derive(Clone, Debug, Default)]
+pub struct ConnectionPool {
+    pub tcp: TcpPool,
+    pub http: HttpPool,
+}
+
+#[derive(Clone, Debug)]
+pub struct TcpPool {
+    pub max_connections: Option<u32>,
+    /// Default 10 s, as Istio.
+    pub connect_timeout: Duration,
+    pub idle_timeout: Option<Duration>,
+}
+
+impl Default for TcpPool {
+    fn default() -> Self {
+        TcpPool {
+            max_connections: None,
+            connect_timeout: Duration::from_secs(10),
+            idle_timeout: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct HttpPool {
+    pub http1_max_pending_requests: Option<u32>,
+    pub http2_max_requests: Option<u32>,
+    pub max_requests_per_connection: Option<u32>,
+    pub max_retries: Option<u32>,
+    /// Default 1 h, as Istio.
+    pub idle_timeout: Option<Duration>,
+}
+
+/// Envoy's defaults fill absent fields: consecutive 5xx 5, gateway errors off, local-origin 5,
+/// interval 10 s, base ejection 30 s, max ejection 10%, min health 0%.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutlierDetection {
+    /// 0 disables.
+    pub consecutive_5xx_errors: u32,
+    /// `None` ⇒ off.
+    pub consecutive_gateway_errors: Option<u32>,
+    pub consecutive_local_origin_failures: u32,
+    pub split_external_local_origin_errors: bool,
+    pub interval: Duration,
+    pub base_ejection_time: Duration,
+    pub max_ejection_percent: u32,
+    pub min_health_percent: u32,
+}
+
+impl Default for OutlierDetection {
+    fn default() -> Self {
+        OutlierDetection {
+            consecutive_5xx_errors: 5,
+            consecutive_gateway_errors: None,
+            consecutive_local_origin_failures: 5,
+            split_external_local_origin_errors: false,
+            interval: Duration::from_secs(10),
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_percent: 10,
+            min_health_percent: 0,
+        }
+    }
+}
+
+// ---------------------------------------------------------------- Gateway
+
+#[derive(Clone, Debug)]
+pub struct Gateway {
+    pub id: ObjectRef,
+    pub selector: BTreeMap<String, String>,
+    pub servers: Vec<GatewayServer>,
+}
+
+#[derive(Clone, Debug)]
+pub struct GatewayServer {
+    pub port: u16,
+    pub protocol: String,
+    pub hosts: Vec<String>,
+}

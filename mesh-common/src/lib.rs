@@ -1,0 +1,124 @@
+//! Types shared by the kernel programs (`mesh-ebpf`) and the node agent (`mesh-agent`).
+//!
+//! Every map key and value is `#[repr(C)]` with explicit padding and a size assertion, so both
+//! sides agree on the layout byte for byte.
+#![no_std]
+
+use core::mem::size_of;
+
+/// Port of the agent's in-pod listener when none is configured.
+pub const DEFAULT_LISTEN_PORT: u16 = 15001;
+
+/// Socket mark the agent puts on its own upstream sockets; the kernel programs never redirect
+/// a socket carrying it. Spells "MESH" in ASCII.
+pub const DEFAULT_AGENT_MARK: u32 = 0x4d45_5348;
+
+/// Capacity of the map keyed by socket cookie that `connect4` fills before the local port is
+/// known. LRU: an entry whose connection never establishes is evicted eventually.
+pub const PENDING_CAPACITY: u32 = 16_384;
+
+/// Capacity of the original-destination map the agent reads after `accept`. Entries are removed
+/// when the client socket closes; LRU bounds it even if a close is never seen.
+pub const ORIGINAL_DST_CAPACITY: u32 = 65_536;
+
+/// Capacity of the enrollment map: pods (network namespaces) one node can enroll.
+pub const ENROLLED_CAPACITY: u32 = 4_096;
+
+/// What an enrolled pod's outbound connections are redirected to, inside the pod's own network
+/// namespace. Addresses and ports are in network byte order, as the kernel hands them over.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Enrollment {
+    /// IPv4 address of the agent's in-pod listener (network order), normally 127.0.0.1.
+    pub listen_ip4: u32,
+    /// Port of the agent's in-pod listener (network order, in the low 16 bits).
+    pub listen_port: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(size_of::<Enrollment>() == 8);
+
+/// The destination a redirected connection asked for. Network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OriginalDst {
+    pub ip4: u32,
+    /// Network order, in the low 16 bits.
+    pub port: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(size_of::<OriginalDst>() == 8);
+
+/// Identifies a redirected connection as the agent sees it after `accept`: the pod's network
+/// namespace and the client's local port (the peer port of the accepted socket, host order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    pub netns_cookie: u64,
+    pub client_port: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<ConnKey>() == 16);
+
+/// Why the kernel programs let a connection through or redirected it; the index into the
+/// per-CPU decision counters.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Rewritten to the agent's in-pod listener.
+    Redirected = 0,
+    /// The socket's network namespace is not enrolled.
+    NotEnrolled = 1,
+    /// Enrolled, but no agent listener exists in the pod (agent down or restarting): fail-open.
+    AgentAbsent = 2,
+    /// The agent's own socket (it carries the agent's mark).
+    AgentSocket = 3,
+    /// Not TCP (UDP, for example).
+    NotTcp = 4,
+    /// A loopback destination: the pod talking to itself.
+    Loopback = 5,
+    /// The original destination could not be remembered (map full or error): fail-open.
+    MapError = 6,
+    /// IPv6 connect: not redirected yet, counted so it is visible.
+    Ipv6 = 7,
+}
+
+impl Decision {
+    pub const COUNT: u32 = 8;
+    pub const ALL: [Decision; Self::COUNT as usize] = [
+        Decision::Redirected,
+        Decision::NotEnrolled,
+        Decision::AgentAbsent,
+        Decision::AgentSocket,
+        Decision::NotTcp,
+        Decision::Loopback,
+        Decision::MapError,
+        Decision::Ipv6,
+    ];
+
+    /// Stable snake_case name, used in metrics and the admin API.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Decision::Redirected => "redirected",
+            Decision::NotEnrolled => "not_enrolled",
+            Decision::AgentAbsent => "agent_absent",
+            Decision::AgentSocket => "agent_socket",
+            Decision::NotTcp => "not_tcp",
+            Decision::Loopback => "loopback",
+            Decision::MapError => "map_error",
+            Decision::Ipv6 => "ipv6",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+
+    // SAFETY: all three are `repr(C)`, made only of integers, with explicit padding and no
+    // implicit gaps (sizes asserted above), so every bit pattern is valid.
+    unsafe impl aya::Pod for Enrollment {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for OriginalDst {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ConnKey {}
+}

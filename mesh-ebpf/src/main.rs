@@ -1,0 +1,23 @@
+//! Kernel side of the mesh: hands every enrolled pod's outbound TCP connection to the node
+//! agent's in-pod listener and remembers where it was going.
+//!
+//! Every hook lets the connection proceed whatever happens; when it cannot redirect, it counts
+//! why (see `mesh_common::Decision`).
+#![no_std]
+#![no_main]
+
+mod connect;
+mod maps;
+mod sock_ops;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // SAFETY: eBPF programs cannot panic at run time; the verifier rejects any path that would
+    // reach this, so it is never executed.
+    unsafe { core::hint::unreachable_unchecked() }
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,37 @@
+//! Every map the kernel programs share with each other and with the agent.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray},
+};
+use mesh_common::{
+    ConnKey, Decision, Enrollment, OriginalDst, ENROLLED_CAPACITY, ORIGINAL_DST_CAPACITY,
+    PENDING_CAPACITY,
+};
+
+/// Enrolled pods, keyed by network-namespace cookie. Filled by the agent.
+#[map(name = "ENROLLED")]
+pub static ENROLLED: HashMap<u64, Enrollment> = HashMap::with_max_entries(ENROLLED_CAPACITY, 0);
+
+/// Original destination keyed by socket cookie, written by `connect4` before the local port is
+/// known and moved to `ORIGINAL_DST` once the connection is established.
+#[map(name = "PENDING")]
+pub static PENDING: LruHashMap<u64, OriginalDst> =
+    LruHashMap::with_max_entries(PENDING_CAPACITY, 0);
+
+/// Original destination keyed by (netns cookie, client port): what the agent reads after
+/// `accept`. Removed when the client socket closes.
+#[map(name = "ORIGINAL_DST")]
+pub static ORIGINAL_DST: LruHashMap<ConnKey, OriginalDst> =
+    LruHashMap::with_max_entries(ORIGINAL_DST_CAPACITY, 0);
+
+/// How often each `Decision` was taken, per CPU.
+#[map(name = "DECISIONS")]
+pub static DECISIONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Decision::COUNT, 0);
+
+pub fn count(decision: Decision) {
+    if let Some(counter) = DECISIONS.get_ptr_mut(decision as u32) {
+        // SAFETY: per-CPU slot, and eBPF programs are not preempted on their CPU while they run.
+        unsafe { *counter += 1 };
+    }
+}

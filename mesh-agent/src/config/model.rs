@@ -79,6 +79,8 @@ pub struct HttpRoute {
 pub struct RequestMatch {
     pub name: Option<String>,
     pub uri: Option<StringMatch>,
+    /// `http` or `https` (as the request's `:scheme`).
+    pub scheme: Option<StringMatch>,
     pub method: Option<StringMatch>,
     pub authority: Option<StringMatch>,
     /// Header names are lower-case.
@@ -157,6 +159,40 @@ pub struct RetryOn {
     pub internal: bool,
     pub resource_exhausted: bool,
     pub unavailable: bool,
+    /// Envoy's `reset-before-request`: a reset before any response byte.
+    pub reset_before_request: bool,
+    /// Envoy's `envoy-ratelimited`: the upstream answered with `x-envoy-ratelimited`.
+    pub envoy_ratelimited: bool,
+    /// Envoy's `retriable-headers`; Istio cannot configure the header list, so it never fires
+    /// unless the request carries `x-envoy-retriable-header-names`.
+    pub retriable_headers: bool,
+    pub http3_post_connect_failure: bool,
+}
+
+impl RetryOn {
+    /// Istio's conditions when `retries` is absent or has no `retryOn`:
+    /// `connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes` with 503.
+    pub fn istio_default() -> RetryOn {
+        RetryOn {
+            connect_failure: true,
+            refused_stream: true,
+            unavailable: true,
+            cancelled: true,
+            retriable_status_codes: vec![503],
+            ..RetryOn::default()
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Istio's policy when a route has no `retries`: 2 attempts on [`RetryOn::istio_default`].
+    pub fn istio_default() -> RetryPolicy {
+        RetryPolicy {
+            attempts: 2,
+            per_try_timeout: None,
+            retry_on: RetryOn::istio_default(),
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -244,7 +280,7 @@ impl Default for TcpPool {
     }
 }
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct HttpPool {
     pub http1_max_pending_requests: Option<u32>,
     pub http2_max_requests: Option<u32>,
@@ -252,6 +288,18 @@ pub struct HttpPool {
     pub max_retries: Option<u32>,
     /// Default 1 h, as Istio.
     pub idle_timeout: Option<Duration>,
+}
+
+impl Default for HttpPool {
+    fn default() -> Self {
+        HttpPool {
+            http1_max_pending_requests: None,
+            http2_max_requests: None,
+            max_requests_per_connection: None,
+            max_retries: None,
+            idle_timeout: Some(Duration::from_secs(3600)),
+        }
+    }
 }
 
 /// Envoy's defaults fill absent fields: consecutive 5xx 5, gateway errors off, local-origin 5,
@@ -297,6 +345,9 @@ pub struct Gateway {
 #[derive(Clone, Debug)]
 pub struct GatewayServer {
     pub port: u16,
+    /// Upper-case, as Istio compares it (`HTTP`, `HTTP2`, `GRPC`, `TCP`, ...).
     pub protocol: String,
+    /// `port.name`, informational.
+    pub port_name: String,
     pub hosts: Vec<String>,
 }

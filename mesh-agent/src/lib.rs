@@ -1,8 +1,15 @@
 //! The node agent of the mesh.
 //!
-//! Data flows one way: the kernel redirect (`redirect`) hands connections to the proxy
-//! (`proxy`), which asks the engine (`engine`) for a decision per request and carries it out.
-//! `config` turns raw Istio/Kubernetes objects into the validated model the engine reads.
+//! Data flows one way: the kernel redirect (`redirect`) hands connections to in-pod listeners
+//! (`enrollment`), the proxy (`proxy`) asks the engine (`engine`) for a decision per request and
+//! carries it out. `config` turns raw Istio/Kubernetes objects into the validated model the
+//! engine reads; `admin` only reads snapshots.
 
+pub mod admin;
 pub mod config;
 pub mod engine;
+pub mod enrollment;
+pub mod proxy;
+pub mod redirect;
+pub mod run;
+pub mod telemetry;

@@ -1,1 +1,98 @@
-fn main() {}
+use std::{
+    net::{SocketAddr, SocketAddrV4},
+    path::PathBuf,
+    process::ExitCode,
+    time::Duration,
+};
+
+use clap::{Parser, Subcommand};
+use mesh_agent::{enrollment::PodSpec, run};
+use mesh_common::{DEFAULT_AGENT_MARK, DEFAULT_LISTEN_PORT};
+use tracing_subscriber::EnvFilter;
+
+/// Node agent of a sidecarless service mesh: eBPF hands enrolled pods' connections to it, and it
+/// forwards them to where they were going.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Attach the redirect programs, enroll pods and proxy their connections until SIGTERM.
+    #[command(after_help = "Examples:
+  mesh-agent run --enroll client                  # netns /var/run/netns/client
+  mesh-agent run --enroll web=/proc/4242/ns/net --access-log
+  mesh-agent run --cgroup /sys/fs/cgroup/kubepods.slice --admin 127.0.0.1:15000
+
+Enroll or unenroll at run time through the admin API:
+  curl -XPOST localhost:15000/pods -d '{\"name\":\"client\",\"netns\":\"/var/run/netns/client\"}'
+  curl -XDELETE localhost:15000/pods/client")]
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// cgroup v2 directory to attach to [default: root of the cgroup2 mount in /proc/mounts].
+    #[arg(long, value_name = "PATH")]
+    cgroup: Option<PathBuf>,
+    /// Pod to enroll: NETNS_NAME, NETNS_PATH or NAME=NETNS_PATH. Repeatable.
+    #[arg(long, value_name = "POD", value_parser = PodSpec::parse)]
+    enroll: Vec<PodSpec>,
+    /// Where the agent listens inside each enrolled pod's network namespace.
+    #[arg(long, default_value_t = SocketAddrV4::new([127, 0, 0, 1].into(), DEFAULT_LISTEN_PORT))]
+    listen: SocketAddrV4,
+    /// Admin API address (health, readiness, counters, enrollment), in the agent's namespace.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin: SocketAddr,
+    /// Socket mark on the agent's own connections; the kernel never redirects marked sockets.
+    #[arg(long, default_value_t = DEFAULT_AGENT_MARK, value_parser = parse_u32)]
+    mark: u32,
+    /// Data-path worker threads.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Print one JSON line per proxied connection on stdout.
+    #[arg(long)]
+    access_log: bool,
+    /// Seconds connections in flight may take to finish after SIGTERM.
+    #[arg(long, default_value_t = 5)]
+    drain_seconds: u64,
+}
+
+fn parse_u32(s: &str) -> Result<u32, String> {
+    match s.strip_prefix("0x") {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    }
+    .map_err(|e| e.to_string())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match Cli::parse().command {
+        Command::Run(args) => run::run(run::Settings {
+            cgroup: args.cgroup,
+            enroll: args.enroll,
+            listen: args.listen,
+            admin: args.admin,
+            agent_mark: args.mark,
+            workers: args.workers.max(1),
+            access_log: args.access_log,
+            drain: Duration::from_secs(args.drain_seconds),
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("mesh-agent: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,227 @@
+//! Enrolled pods. For each: a listener the agent opens inside the pod's own network namespace,
+//! then the kernel enrollment that sends the pod's connections to it. Every source of
+//! enrollment (command-line flags, the admin API, Kubernetes labels later) goes through here.
+
+use std::{
+    collections::BTreeMap,
+    io,
+    net::SocketAddrV4,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use serde::Serialize;
+use thiserror::Error;
+use tokio::task::JoinHandle;
+use tracing::info;
+
+use crate::{
+    proxy::{self, PodContext, Proxy},
+    redirect::{netns::NetNs, Redirect, RedirectError},
+};
+
+#[derive(Debug, Error)]
+pub enum EnrollError {
+    #[error("pod {pod}: cannot open network namespace {path}: {source}")]
+    Netns {
+        pod: String,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("pod {pod}: cannot listen on {listen} inside its network namespace: {source}")]
+    Listen {
+        pod: String,
+        listen: SocketAddrV4,
+        source: io::Error,
+    },
+    #[error("pod {pod}: its network namespace is already enrolled as pod {existing}")]
+    AlreadyEnrolled { pod: String, existing: String },
+    #[error("pod {0} is not enrolled")]
+    NotEnrolled(String),
+    #[error(transparent)]
+    Kernel(#[from] RedirectError),
+}
+
+/// A pod to enroll: a name and its network namespace.
+#[derive(Clone, Debug)]
+pub struct PodSpec {
+    pub name: String,
+    pub netns: PathBuf,
+}
+
+impl PodSpec {
+    /// Parses `NAME=PATH`, or a bare netns name (`/var/run/netns/NAME`) or path (named after
+    /// its last component, e.g. `/proc/123/ns/net` → `123`).
+    pub fn parse(spec: &str) -> Result<PodSpec, String> {
+        if let Some((name, path)) = spec.split_once('=') {
+            if name.is_empty() || path.is_empty() {
+                return Err(format!("expected NAME=NETNS_PATH, got {spec:?}"));
+            }
+            return Ok(PodSpec {
+                name: name.to_owned(),
+                netns: PathBuf::from(path),
+            });
+        }
+        if spec.contains('/') {
+            let path = Path::new(spec);
+            let name = path
+                .components()
+                .rev()
+                .map(|c| c.as_os_str().to_string_lossy())
+                .find(|c| c != "net" && c != "ns")
+                .ok_or_else(|| format!("cannot name a pod after {spec:?}; use NAME=PATH"))?;
+            return Ok(PodSpec {
+                name: name.into_owned(),
+                netns: path.to_path_buf(),
+            });
+        }
+        Ok(PodSpec {
+            name: spec.to_owned(),
+            netns: Path::new("/var/run/netns").join(spec),
+        })
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct EnrolledPod {
+    pub name: String,
+    pub netns: PathBuf,
+    pub netns_cookie: u64,
+}
+
+struct Entry {
+    pod: EnrolledPod,
+    accept_loop: JoinHandle<()>,
+}
+
+pub struct Enrollments {
+    redirect: Arc<Redirect>,
+    proxy: Arc<Proxy>,
+    listen: SocketAddrV4,
+    /// The data-path runtime: accept loops run there whoever asks to enroll.
+    runtime: tokio::runtime::Handle,
+    pods: Mutex<BTreeMap<String, Entry>>,
+}
+
+impl Enrollments {
+    pub fn new(
+        redirect: Arc<Redirect>,
+        proxy: Arc<Proxy>,
+        listen: SocketAddrV4,
+        runtime: tokio::runtime::Handle,
+    ) -> Self {
+        Enrollments {
+            redirect,
+            proxy,
+            listen,
+            runtime,
+            pods: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Enrolls a pod, or re-enrolls it if its namespace changed.
+    pub fn enroll(&self, spec: &PodSpec) -> Result<EnrolledPod, EnrollError> {
+        let _runtime = self.runtime.enter();
+        let netns = NetNs::open(&spec.netns).map_err(|source| EnrollError::Netns {
+            pod: spec.name.clone(),
+            path: spec.netns.clone(),
+            source,
+        })?;
+        let cookie = netns.cookie().map_err(|source| EnrollError::Netns {
+            pod: spec.name.clone(),
+            path: spec.netns.clone(),
+            source,
+        })?;
+        let mut pods = self.pods.lock().expect("enrollments lock");
+        if let Some(existing) = pods.values().find(|e| e.pod.netns_cookie == cookie) {
+            if existing.pod.name == spec.name {
+                return Ok(existing.pod.clone());
+            }
+            return Err(EnrollError::AlreadyEnrolled {
+                pod: spec.name.clone(),
+                existing: existing.pod.name.clone(),
+            });
+        }
+        if let Some(old) = pods.remove(&spec.name) {
+            self.release(old)?;
+        }
+        // Listener first: the kernel only redirects to a listener that exists.
+        let listener = proxy::listen_in(&netns, self.listen).map_err(|source| {
+            EnrollError::Listen {
+                pod: spec.name.clone(),
+                listen: self.listen,
+                source,
+            }
+        })?;
+        let pod = EnrolledPod {
+            name: spec.name.clone(),
+            netns: spec.netns.clone(),
+            netns_cookie: cookie,
+        };
+        let context = Arc::new(PodContext {
+            name: spec.name.clone(),
+            netns,
+            netns_cookie: cookie,
+        });
+        let accept_loop = self.runtime.spawn(Arc::clone(&self.proxy).serve_pod(listener, context));
+        if let Err(error) = self.redirect.enroll(cookie, self.listen) {
+            accept_loop.abort();
+            return Err(error.into());
+        }
+        info!(pod = %pod.name, netns = %pod.netns.display(), cookie, "enrolled");
+        pods.insert(spec.name.clone(), Entry {
+            pod: pod.clone(),
+            accept_loop,
+        });
+        Ok(pod)
+    }
+
+    /// New connections from the pod go direct again; connections in flight finish.
+    pub fn unenroll(&self, name: &str) -> Result<(), EnrollError> {
+        let entry = self
+            .pods
+            .lock()
+            .expect("enrollments lock")
+            .remove(name)
+            .ok_or_else(|| EnrollError::NotEnrolled(name.to_owned()))?;
+        self.release(entry)?;
+        info!(pod = name, "unenrolled");
+        Ok(())
+    }
+
+    pub fn unenroll_all(&self) {
+        let pods = std::mem::take(&mut *self.pods.lock().expect("enrollments lock"));
+        for (name, entry) in pods {
+            if let Err(error) = self.release(entry) {
+                tracing::warn!(pod = %name, %error, "unenroll failed");
+            }
+        }
+    }
+
+    pub fn list(&self) -> Vec<EnrolledPod> {
+        let pods = self.pods.lock().expect("enrollments lock");
+        pods.values().map(|e| e.pod.clone()).collect()
+    }
+
+    fn release(&self, entry: Entry) -> Result<(), EnrollError> {
+        // Kernel first, so no new connection is sent to a listener about to close.
+        self.redirect.unenroll(entry.pod.netns_cookie)?;
+        entry.accept_loop.abort();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pod_specs() {
+        let named = PodSpec::parse("client=/proc/42/ns/net").unwrap();
+        assert_eq!((named.name.as_str(), named.netns.as_path()), ("client", Path::new("/proc/42/ns/net")));
+        let bare = PodSpec::parse("mn-pod").unwrap();
+        assert_eq!(bare.netns, Path::new("/var/run/netns/mn-pod"));
+        assert_eq!(PodSpec::parse("/proc/42/ns/net").unwrap().name, "42");
+        assert!(PodSpec::parse("=x").is_err());
+    }
+}

@@ -48,7 +48,12 @@ pub(crate) fn add(name: &str) -> Result<()> {
 /// links, goes away once no process, thread or socket uses it any more.
 pub(crate) fn delete(name: &str) -> Result<()> {
     if path(name).exists() {
-        ip(&["netns", "del", name])?;
+        // Another process sweeping stale leftovers may have deleted it just now.
+        if let Err(error) = ip(&["netns", "del", name]) {
+            if path(name).exists() {
+                return Err(error);
+            }
+        }
     }
     match fs::remove_dir_all(etc_dir(name)) {
         Err(error) if error.kind() != ErrorKind::NotFound => {

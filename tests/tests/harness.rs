@@ -298,8 +298,7 @@ fn leftovers_of_dead_processes_are_swept() {
     assert!(status.success());
     std::fs::create_dir_all(format!("/etc/netns/{netns}")).unwrap();
     std::fs::create_dir(&cgroup).unwrap();
-    assert_eq!(leftovers_of(&id).len(), 3, "{:?}", leftovers_of(&id));
-
+    // (Another test process may sweep them first: they are stale for everyone.)
     mesh_tests::sweep_all_stale().unwrap();
     assert_eq!(leftovers_of(&id), Vec::<String>::new());
     // Nodes of live processes (other tests running right now) are not touched.

@@ -146,13 +146,12 @@ impl Enrollments {
             self.release(old)?;
         }
         // Listener first: the kernel only redirects to a listener that exists.
-        let listener = proxy::listen_in(&netns, self.listen).map_err(|source| {
-            EnrollError::Listen {
+        let listener =
+            proxy::listen_in(&netns, self.listen).map_err(|source| EnrollError::Listen {
                 pod: spec.name.clone(),
                 listen: self.listen,
                 source,
-            }
-        })?;
+            })?;
         let pod = EnrolledPod {
             name: spec.name.clone(),
             netns: spec.netns.clone(),
@@ -163,16 +162,21 @@ impl Enrollments {
             netns,
             netns_cookie: cookie,
         });
-        let accept_loop = self.runtime.spawn(Arc::clone(&self.proxy).serve_pod(listener, context));
+        let accept_loop = self
+            .runtime
+            .spawn(Arc::clone(&self.proxy).serve_pod(listener, context));
         if let Err(error) = self.redirect.enroll(cookie, self.listen) {
             accept_loop.abort();
             return Err(error.into());
         }
         info!(pod = %pod.name, netns = %pod.netns.display(), cookie, "enrolled");
-        pods.insert(spec.name.clone(), Entry {
-            pod: pod.clone(),
-            accept_loop,
-        });
+        pods.insert(
+            spec.name.clone(),
+            Entry {
+                pod: pod.clone(),
+                accept_loop,
+            },
+        );
         Ok(pod)
     }
 
@@ -218,7 +222,10 @@ mod tests {
     #[test]
     fn pod_specs() {
         let named = PodSpec::parse("client=/proc/42/ns/net").unwrap();
-        assert_eq!((named.name.as_str(), named.netns.as_path()), ("client", Path::new("/proc/42/ns/net")));
+        assert_eq!(
+            (named.name.as_str(), named.netns.as_path()),
+            ("client", Path::new("/proc/42/ns/net"))
+        );
         let bare = PodSpec::parse("mn-pod").unwrap();
         assert_eq!(bare.netns, Path::new("/var/run/netns/mn-pod"));
         assert_eq!(PodSpec::parse("/proc/42/ns/net").unwrap().name, "42");

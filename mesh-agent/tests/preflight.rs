@@ -23,7 +23,10 @@ fn agent() -> Command {
 fn assert_refused(output: Output, message: &str) {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "the agent started: {stderr}");
-    assert!(stderr.contains(message), "expected {message:?} in: {stderr}");
+    assert!(
+        stderr.contains(message),
+        "expected {message:?} in: {stderr}"
+    );
     assert!(
         !stderr.contains("attached"),
         "something was attached: {stderr}"
@@ -52,7 +55,10 @@ fn refuses_to_run_without_a_cgroup_v2_mount() {
             (fields.get(2) == Some(&"cgroup2")).then(|| CString::new(fields[1]).unwrap())
         })
         .collect();
-    assert!(!targets.is_empty(), "this host has no cgroup v2 mount to hide");
+    assert!(
+        !targets.is_empty(),
+        "this host has no cgroup v2 mount to hide"
+    );
     let root = CString::new("/").unwrap();
     let mut command = agent();
     // SAFETY: the closure only makes raw syscalls on strings prepared before fork.

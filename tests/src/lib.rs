@@ -28,6 +28,7 @@
 //! # }
 //! ```
 
+pub mod agent;
 mod cgroup;
 mod cleanup;
 mod netns;
@@ -39,6 +40,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 
+pub use agent::Agent;
 pub use cgroup::cgroup2_mount;
 pub use cleanup::{leftovers, leftovers_of, sweep_all_stale};
 pub use process::{OutputLines, PodProcess};

@@ -182,7 +182,10 @@ impl Redirect {
 
     /// Entries now held by the original-destination maps (pending, established).
     pub fn map_occupancy(&self) -> (usize, usize) {
-        (self.pending.keys().count(), self.original_dst.keys().count())
+        (
+            self.pending.keys().count(),
+            self.original_dst.keys().count(),
+        )
     }
 }
 

@@ -85,7 +85,10 @@ impl Drop for NetNsGuard {
     fn drop(&mut self) {
         if let Err(error) = setns(&self.previous.file) {
             // A thread stuck in a pod's namespace would open later sockets in the wrong place.
-            panic!("cannot return to network namespace {:?}: {error}", self.previous.path);
+            panic!(
+                "cannot return to network namespace {:?}: {error}",
+                self.previous.path
+            );
         }
     }
 }

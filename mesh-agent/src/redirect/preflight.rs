@@ -95,7 +95,10 @@ mod tests {
 
     #[test]
     fn no_cgroup2_mount_is_none() {
-        assert_eq!(find_cgroup2("cgroup /sys/fs/cgroup/cpu cgroup rw 0 0\n"), None);
+        assert_eq!(
+            find_cgroup2("cgroup /sys/fs/cgroup/cpu cgroup rw 0 0\n"),
+            None
+        );
     }
 
     #[test]

@@ -1,0 +1,207 @@
+//! The node agent as the end-to-end tests drive it: started on a simulated node, attached to the
+//! node's cgroup, inspected through its admin API from inside the node's namespace.
+
+use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+use crate::{netns, Pod, PodProcess, SimNode};
+
+/// Where the agent's admin API listens inside the node's namespace.
+pub const ADMIN: &str = "127.0.0.1:15000";
+
+pub struct Agent {
+    process: PodProcess,
+    node_netns: PathBuf,
+}
+
+impl Agent {
+    /// Starts `mesh-agent run` on the node with `pods` enrolled and the access log on, and waits
+    /// until it is ready.
+    pub fn start(node: &SimNode, pods: &[&Pod], extra_args: &[&str]) -> Result<Agent> {
+        let mut command = Command::new(crate::agent_binary()?);
+        command
+            .arg("run")
+            .arg("--cgroup")
+            .arg(node.cgroup_path())
+            .args(["--admin", ADMIN, "--access-log"]);
+        for pod in pods {
+            command
+                .arg("--enroll")
+                .arg(format!("{}={}", pod.name(), pod.netns_path().display()));
+        }
+        command.args(extra_args);
+        let agent = Agent {
+            process: node.spawn_on_node(command)?,
+            node_netns: node.netns_path(),
+        };
+        agent.wait_ready(Duration::from_secs(20))?;
+        Ok(agent)
+    }
+
+    pub fn process(&mut self) -> &mut PodProcess {
+        &mut self.process
+    }
+
+    /// The access log: one JSON object per proxied connection or request.
+    pub fn access_log(&self) -> Vec<Value> {
+        self.process.stdout().json_lines()
+    }
+
+    /// Waits until at least `n` access-log records satisfy `matches`.
+    pub fn wait_for_records(
+        &self,
+        n: usize,
+        matches: impl Fn(&Value) -> bool,
+        timeout: Duration,
+    ) -> Result<Vec<Value>> {
+        self.process
+            .stdout()
+            .wait_for_json_lines(n, matches, timeout)
+    }
+
+    pub fn wait_ready(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok((200, _)) = self.admin_get("/ready") {
+                return Ok(());
+            }
+            if self.process.stderr().is_closed() {
+                bail!("the agent exited:\n{}", self.process.stderr().text());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the agent was not ready after {timeout:?}:\n{}",
+                    self.process.stderr().text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `GET path` on the admin API: (status, body).
+    pub fn admin_get(&self, path: &str) -> Result<(u16, String)> {
+        admin_request(&self.node_netns, "GET", path, "")
+    }
+
+    pub fn admin_request(&self, method: &str, path: &str, body: &str) -> Result<(u16, String)> {
+        admin_request(&self.node_netns, method, path, body)
+    }
+
+    pub fn stats(&self) -> Result<Value> {
+        let (status, body) = self.admin_get("/stats")?;
+        if status != 200 {
+            bail!("/stats answered {status}: {body}");
+        }
+        serde_json::from_str(&body).context("parsing /stats")
+    }
+
+    /// The kernel's decision counters by name.
+    pub fn decisions(&self) -> Result<BTreeMap<String, u64>> {
+        let stats = self.stats()?;
+        let decisions = stats["decisions"]
+            .as_object()
+            .context("/stats has no decisions")?;
+        Ok(decisions
+            .iter()
+            .map(|(name, count)| (name.clone(), count.as_u64().unwrap_or(0)))
+            .collect())
+    }
+}
+
+/// A minimal HTTP/1.1 request to the admin API from a thread inside the node's namespace (the
+/// test's own threads are outside the node's cgroup, so the kernel hooks never see them).
+pub fn admin_request(
+    node_netns: &Path,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> Result<(u16, String)> {
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    netns::run_in(node_netns, move || -> Result<(u16, String)> {
+        let addr: SocketAddr = ADMIN.parse()?;
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        stream.write_all(request.as_bytes())?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        let status = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .context("malformed HTTP response")?;
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_owned())
+            .unwrap_or_default();
+        Ok((status, body))
+    })?
+}
+
+/// How many programs are attached directly to `cgroup` at the hooks the agent uses
+/// (`BPF_PROG_QUERY`), so a test can prove the agent left nothing behind.
+pub fn attached_programs(cgroup: &Path) -> Result<u32> {
+    // Attach types from the kernel's `enum bpf_attach_type`.
+    const BPF_CGROUP_SOCK_OPS: u32 = 3;
+    const BPF_CGROUP_INET4_CONNECT: u32 = 10;
+    const BPF_CGROUP_INET6_CONNECT: u32 = 11;
+    const BPF_PROG_QUERY: libc::c_long = 16;
+
+    #[repr(C)]
+    #[derive(Default)]
+    struct QueryAttr {
+        target_fd: u32,
+        attach_type: u32,
+        query_flags: u32,
+        attach_flags: u32,
+        prog_ids: u64,
+        prog_cnt: u32,
+        _pad: u32,
+        prog_attach_flags: u64,
+        link_ids: u64,
+        link_attach_flags: u64,
+        revision: u64,
+    }
+
+    let dir = std::fs::File::open(cgroup)
+        .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+    let mut total = 0;
+    for attach_type in [
+        BPF_CGROUP_SOCK_OPS,
+        BPF_CGROUP_INET4_CONNECT,
+        BPF_CGROUP_INET6_CONNECT,
+    ] {
+        let mut attr = QueryAttr {
+            target_fd: dir.as_raw_fd() as u32,
+            attach_type,
+            ..QueryAttr::default()
+        };
+        // SAFETY: `attr` is a valid, zero-padded bpf_attr prefix of the size passed.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_PROG_QUERY,
+                &mut attr as *mut QueryAttr,
+                size_of::<QueryAttr>(),
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error()).context("BPF_PROG_QUERY");
+        }
+        total += attr.prog_cnt;
+    }
+    Ok(total)
+}

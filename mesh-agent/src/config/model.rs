@@ -36,7 +36,9 @@ pub struct Percent {
 
 impl Percent {
     pub const ZERO: Percent = Percent { per_million: 0 };
-    pub const HUNDRED: Percent = Percent { per_million: 1_000_000 };
+    pub const HUNDRED: Percent = Percent {
+        per_million: 1_000_000,
+    };
 }
 
 /// Everything in force at one moment. Replaced as a whole on every accepted change.

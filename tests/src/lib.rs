@@ -43,7 +43,7 @@ use anyhow::{bail, Context, Result};
 pub use agent::Agent;
 pub use cgroup::cgroup2_mount;
 pub use cleanup::{leftovers, leftovers_of, sweep_all_stale};
-pub use process::{OutputLines, PodProcess};
+pub use process::{set_echo, OutputLines, PodProcess};
 pub use simnode::{Pod, SimNode, NODE_IP};
 
 /// Panics unless running as root: the end-to-end tests need it and never skip silently.

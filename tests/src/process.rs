@@ -8,11 +8,20 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+
+static ECHO: AtomicBool = AtomicBool::new(true);
+
+/// Whether processes' output lines are echoed to stderr (on by default, so a failing test shows
+/// them; the demo turns it off to keep its screen readable).
+pub fn set_echo(on: bool) {
+    ECHO.store(on, Ordering::Relaxed);
+}
 
 /// Where a spawned process goes.
 pub(crate) struct Placement<'a> {
@@ -307,7 +316,9 @@ impl OutputLines {
                     Ok(_) => {
                         let text = String::from_utf8_lossy(&line);
                         let text = text.trim_end_matches(['\n', '\r']);
-                        eprintln!("[{}] {text}", feed.label);
+                        if ECHO.load(Ordering::Relaxed) {
+                            eprintln!("[{}] {text}", feed.label);
+                        }
                         feed.state.lock().unwrap().lines.push(text.to_owned());
                         feed.changed.notify_all();
                     }

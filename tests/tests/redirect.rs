@@ -318,3 +318,40 @@ fn a_clean_exit_detaches_everything_and_the_node_leaves_nothing_behind() {
     drop(node);
     assert_eq!(leftovers_of(&node_id), Vec::<String>::new());
 }
+
+#[test]
+fn pods_are_enrolled_and_unenrolled_at_run_time() {
+    require_root();
+    let node = SimNode::new().unwrap();
+    let client = node.add_pod("client").unwrap();
+    let server = node.add_pod("server").unwrap();
+    let _server = start_server(
+        &node,
+        &server,
+        &["http-server", "--listen", "0.0.0.0:8080", "--body", "ok"],
+    );
+    let url = format!("http://{}/", server.addr(8080));
+    let agent = Agent::start(&node, &[], &[]).unwrap();
+
+    let body = format!(
+        r#"{{"name":"client","netns":"{}"}}"#,
+        client.netns_path().display()
+    );
+    let (status, answer) = agent.admin_request("POST", "/pods", &body).unwrap();
+    assert_eq!(status, 200, "{answer}");
+    run(&node, Some(&client), curl(&[&url]));
+    assert_eq!(counts(&agent)["redirected"], 1);
+
+    let (status, answer) = agent.admin_request("DELETE", "/pods/client", "").unwrap();
+    assert_eq!(status, 200, "{answer}");
+    run(&node, Some(&client), curl(&[&url]));
+    let counts = counts(&agent);
+    assert_eq!(
+        (counts["redirected"], counts["not_enrolled"]),
+        (1, 1),
+        "{counts:?}"
+    );
+
+    let (status, _) = agent.admin_request("DELETE", "/pods/client", "").unwrap();
+    assert_eq!(status, 404);
+}

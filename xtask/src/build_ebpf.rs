@@ -59,14 +59,22 @@ pub fn run() -> Result<PathBuf> {
 fn nightly_command(tool: &str) -> Command {
     let mut command = Command::new("rustup");
     command.args(["run", "nightly", tool]);
-    for var in ["RUSTUP_TOOLCHAIN", "RUSTC", "RUSTC_WRAPPER", "RUSTFLAGS", "CARGO_TARGET_DIR"] {
+    for var in [
+        "RUSTUP_TOOLCHAIN",
+        "RUSTC",
+        "RUSTC_WRAPPER",
+        "RUSTFLAGS",
+        "CARGO_TARGET_DIR",
+    ] {
         command.env_remove(var);
     }
     command
 }
 
 fn output(command: &mut Command) -> Result<String> {
-    let out = command.output().with_context(|| format!("running {command:?}"))?;
+    let out = command
+        .output()
+        .with_context(|| format!("running {command:?}"))?;
     if !out.status.success() {
         bail!(
             "{command:?} failed: {}",
@@ -146,7 +154,13 @@ fn ensure_bpf_linker(sysroot: &Path) -> Result<PathBuf> {
         std::os::unix::fs::symlink(sysroot.join("lib").join(&llvm_so), &link)?;
     }
     let status = Command::new("cargo")
-        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked"])
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--locked",
+        ])
         .args(["--no-default-features", "--features"])
         .arg(format!("llvm-{llvm_major}"))
         .arg("--root")

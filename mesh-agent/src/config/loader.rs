@@ -36,24 +36,14 @@ pub(super) struct Collector {
 }
 
 impl Collector {
-    pub fn file_error(&mut self, file: &str, reason: impl std::fmt::Display) {
-        self.diagnostics.push(Diagnostic {
-            severity: Severity::Error,
-            file: file.to_owned(),
-            object: String::new(),
-            field: String::new(),
-            reason: reason.to_string(),
-        });
-    }
-
-    pub fn file_warning(&mut self, file: &str, reason: impl std::fmt::Display) {
-        self.diagnostics.push(Diagnostic {
-            severity: Severity::Warning,
-            file: file.to_owned(),
-            object: String::new(),
-            field: String::new(),
-            reason: reason.to_string(),
-        });
+    /// A finding about a whole file (unreadable, not YAML, ...).
+    pub fn file_diagnostic(
+        &mut self,
+        file: &str,
+        severity: Severity,
+        reason: impl std::fmt::Display,
+    ) {
+        self.push(file, "", "", severity, reason);
     }
 
     /// Reads every document of one source. `.json` labels are read as a stream of JSON
@@ -67,7 +57,7 @@ impl Collector {
                 match document {
                     Ok(value) => self.add_document(file, &format!("document {}", i + 1), value),
                     Err(e) => {
-                        self.file_error(file, format!("invalid JSON: {e}"));
+                        self.file_diagnostic(file, Severity::Error, format!("invalid JSON: {e}"));
                         break;
                     }
                 }
@@ -78,7 +68,7 @@ impl Collector {
                     Ok(value) => self.add_document(file, &format!("document {}", i + 1), value),
                     Err(e) => {
                         // The YAML parser cannot resynchronise after a syntax error.
-                        self.file_error(file, format!("invalid YAML: {e}"));
+                        self.file_diagnostic(file, Severity::Error, format!("invalid YAML: {e}"));
                         break;
                     }
                 }

@@ -114,10 +114,18 @@ pub fn load_paths(paths: &[PathBuf]) -> Loaded {
         if path.is_dir() {
             let mut found = Vec::new();
             if let Err(e) = config_files(path, &mut found) {
-                collector.file_error(&label, format!("cannot read directory: {e}"));
+                collector.file_diagnostic(
+                    &label,
+                    Severity::Error,
+                    format!("cannot read directory: {e}"),
+                );
             }
             if found.is_empty() {
-                collector.file_warning(&label, "no *.yml, *.yaml or *.json files found");
+                collector.file_diagnostic(
+                    &label,
+                    Severity::Warning,
+                    "no *.yml, *.yaml or *.json files found",
+                );
             }
             files.extend(found);
         } else {
@@ -129,7 +137,9 @@ pub fn load_paths(paths: &[PathBuf]) -> Loaded {
         let label = file.display().to_string();
         match std::fs::read_to_string(&file) {
             Ok(text) => collector.add_source(&label, &text),
-            Err(e) => collector.file_error(&label, format!("cannot read: {e}")),
+            Err(e) => {
+                collector.file_diagnostic(&label, Severity::Error, format!("cannot read: {e}"))
+            }
         }
         labels.push(label);
     }

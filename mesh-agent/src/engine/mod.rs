@@ -1,2 +1,267 @@
 //! The L7 engine: pure per-request decisions (route, split, balance, retry, outlier, pool,
-//! fault, mirror). No sockets, no kernel, no I/O: clock and randomness are injected.
+//! fault, mirror). No sockets, no kernel, no I/O.
+//!
+//! - **Clock**: every call that depends on time takes `now: Instant` from the caller; there is
+//!   no hidden clock, so tests are deterministic without sleeping.
+//! - **Randomness**: each [`RequestPlan`] owns a `fastrand::Rng` seeded from
+//!   [`EngineSettings::seed`] and a per-engine sequence number, so a test that routes requests
+//!   in order sees the same choices every run. Only LEAST_REQUEST/RANDOM picks and backoff
+//!   jitter are random; splits, faults and mirroring are exact (see `split`).
+//! - **Snapshots**: [`Engine::new`] compiles config and registry into an immutable snapshot
+//!   behind an `Arc`; per-endpoint and per-cluster state lives in atomics inside it, so many
+//!   proxy tasks decide concurrently without locks. [`Engine::reload`] compiles a new snapshot
+//!   and carries live state over (see its docs).
+//!
+//! The layers, in request order: route match → split (once per request, as Envoy's weighted
+//! clusters) → retry loop { balance (outlier gate, panic routing) → pool admission } →
+//! outcome feeds outlier detection and the retry decision.
+
+mod balance;
+mod clock;
+mod cluster;
+mod error;
+mod fault;
+mod metrics;
+mod mirror;
+mod outlier;
+mod plan;
+mod pool;
+pub mod registry;
+mod retry;
+mod rewrite;
+mod routing;
+mod snapshot;
+mod split;
+
+#[cfg(test)]
+mod tests;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::request::Parts;
+use http::{HeaderMap, Method, Uri};
+
+pub use error::{Cause, EngineError, ResponseFlags, TryFailure};
+pub use metrics::EngineMetrics;
+pub use plan::{Attempt, RequestPlan, Verdict};
+pub use pool::{Permit, PoolLimits};
+pub use registry::Registry;
+pub use retry::{Outcome, RetryBudget};
+
+use crate::config::model::MeshConfig;
+use clock::Epoch;
+use cluster::Carried;
+use routing::UriMatched;
+use snapshot::{Lineage, Snapshot};
+
+/// Engine-wide settings that are not part of Istio's API.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EngineSettings {
+    /// Retry budget per destination service. Default: 20% of requests + 3/s over 10 s.
+    pub retry_budget: RetryBudget,
+    /// Backoff base (Envoy: 25 ms).
+    pub retry_base_interval: Duration,
+    /// Backoff ceiling (Envoy: 10 × base = 250 ms).
+    pub retry_max_interval: Duration,
+    /// Largest request body the proxy buffers so the request can be retried (64 KiB).
+    /// Larger or streamed bodies make the request non-replayable.
+    pub max_replay_body: usize,
+    /// When every endpoint of a cluster is ejected, route to all of them (panic) instead of
+    /// failing with `UH`. Default `true` (see `docs/configuration.md`, Engine semantics).
+    pub panic_when_all_ejected: bool,
+    /// Seed for the per-request random generators.
+    pub seed: u64,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        EngineSettings {
+            retry_budget: RetryBudget::default(),
+            retry_base_interval: Duration::from_millis(25),
+            retry_max_interval: Duration::from_millis(250),
+            max_replay_body: 64 * 1024,
+            panic_when_all_ejected: true,
+            seed: 0x5eed,
+        }
+    }
+}
+
+/// What the engine needs to know about a request. Borrowed: building one allocates nothing.
+#[derive(Clone, Copy, Debug)]
+pub struct RequestInfo<'a> {
+    pub method: &'a Method,
+    /// Path and query (an absolute URI is fine too).
+    pub uri: &'a Uri,
+    /// The `:authority` / `Host` as sent, port included.
+    pub authority: &'a str,
+    pub headers: &'a HeaderMap,
+    /// The destination port the client connected to.
+    pub port: u16,
+    /// `namespace/name` of the gateway the request came through; `None` for mesh traffic.
+    pub gateway: Option<&'a str>,
+    /// The client's namespace, which short host names resolve against.
+    pub namespace: &'a str,
+    /// Whether the request can be sent again: no body, or a body fully buffered within
+    /// [`EngineSettings::max_replay_body`]. Non-replayable requests are never retried.
+    pub replayable: bool,
+}
+
+impl<'a> RequestInfo<'a> {
+    /// From a request's head: authority from the URI or else the `Host` header; replayable.
+    pub fn from_parts(parts: &'a Parts, port: u16, namespace: &'a str) -> Self {
+        let authority = parts
+            .uri
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| parts.headers.get(http::header::HOST)?.to_str().ok())
+            .unwrap_or("");
+        RequestInfo {
+            method: &parts.method,
+            uri: &parts.uri,
+            authority,
+            headers: &parts.headers,
+            port,
+            gateway: None,
+            namespace,
+            replayable: true,
+        }
+    }
+}
+
+/// The engine: a shareable handle to the current compiled snapshot. Cloning is an `Arc` clone.
+#[derive(Clone, Debug)]
+pub struct Engine {
+    snap: Arc<Snapshot>,
+}
+
+impl Engine {
+    /// Compiles `config` and `registry`. `now` starts the engine's clock (outlier sweeps run
+    /// every `interval` from here).
+    pub fn new(
+        config: &MeshConfig,
+        registry: &Registry,
+        settings: EngineSettings,
+        now: Instant,
+    ) -> Engine {
+        let lineage = Lineage {
+            settings,
+            epoch: Epoch::new(now),
+            metrics: Arc::default(),
+            seeds: Arc::new(AtomicU64::new(0)),
+            carried: Carried::default(),
+        };
+        Engine {
+            snap: Arc::new(Snapshot::compile(config, registry, lineage, 0)),
+        }
+    }
+
+    /// Compiles a new snapshot for changed config or endpoints, keeping live state where the
+    /// same thing still exists: per-endpoint outlier state and load by (cluster, address),
+    /// pool counters and sweep schedule by cluster (`host`, port, subset), retry budgets by
+    /// service, and all metrics. Split and spread positions restart. Requests in flight keep
+    /// the snapshot they were routed on.
+    pub fn reload(&self, config: &MeshConfig, registry: &Registry, now: Instant) -> Engine {
+        let settings = self.snap.settings.clone();
+        let lineage = self.snap.lineage(settings);
+        let ticks = self.snap.epoch.ticks(now);
+        Engine {
+            snap: Arc::new(Snapshot::compile(config, registry, lineage, ticks)),
+        }
+    }
+
+    pub fn settings(&self) -> &EngineSettings {
+        &self.snap.settings
+    }
+
+    pub fn metrics(&self) -> &EngineMetrics {
+        &self.snap.metrics
+    }
+
+    /// Decides a request: virtual host by authority, first matching route (or the service's
+    /// default route), weighted destination, fault and mirror choices. Errors with `NR` when
+    /// nothing routes the request.
+    pub fn route(&self, req: &RequestInfo<'_>, now: Instant) -> Result<RequestPlan, EngineError> {
+        let snap = &self.snap;
+        let metrics = &snap.metrics;
+        EngineMetrics::inc(&metrics.requests);
+        let Some((route_id, matched)) = self.match_route(req) else {
+            EngineMetrics::inc(&metrics.no_route);
+            return Err(EngineError::NoRoute);
+        };
+        let route = &snap.routes[route_id as usize];
+        let destination = route.split.pick();
+        let Some(dest) = route.destinations.get(destination) else {
+            EngineMetrics::inc(&metrics.no_route);
+            return Err(EngineError::NoRoute);
+        };
+        let cluster = dest.target.cluster(req.port);
+        snap.clusters[cluster as usize]
+            .budget
+            .record_request(snap.epoch.ticks(now));
+
+        let fault = route.fault.as_ref().map(|f| f.decide()).unwrap_or_default();
+        if fault.delay.is_some() {
+            EngineMetrics::inc(&metrics.fault_delays);
+        }
+        if fault.abort.is_some() {
+            EngineMetrics::inc(&metrics.fault_aborts);
+        }
+        let mirror = route
+            .mirror
+            .as_ref()
+            .filter(|m| m.decide())
+            .map(|m| m.target.cluster(req.port));
+        if mirror.is_some() {
+            EngineMetrics::inc(&metrics.mirrored);
+        }
+        let sequence = snap.seeds.fetch_add(1, Ordering::Relaxed);
+        let rng = fastrand::Rng::with_seed(
+            snap.settings.seed ^ sequence.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+        );
+        Ok(RequestPlan::new(
+            Arc::clone(snap),
+            route_id,
+            destination as u16,
+            cluster,
+            matched,
+            fault.delay,
+            fault.abort,
+            mirror,
+            req.replayable,
+            rng,
+        ))
+    }
+
+    fn match_route(&self, req: &RequestInfo<'_>) -> Option<(u32, UriMatched)> {
+        let snap = &self.snap;
+        let vhost = snap.table.lookup(req.authority, req.namespace)?;
+        vhost
+            .routes
+            .iter()
+            .find_map(|&id| {
+                let route = &snap.routes[id as usize];
+                routing::route_matches(&route.matches, &route.gateways, req).map(|m| (id, m))
+            })
+            .or_else(|| vhost.default.map(|id| (id, UriMatched::Whole)))
+    }
+
+    /// Endpoints of a destination that outlier detection has ejected right now (for the admin
+    /// page and tests). `host` is resolved like a rule's host in namespace `default`.
+    pub fn ejected(&self, host: &str, port: u16, subset: Option<&str>) -> Vec<SocketAddr> {
+        self.cluster(host, port, subset)
+            .map(|c| c.ejected())
+            .unwrap_or_default()
+    }
+
+    fn cluster(&self, host: &str, port: u16, subset: Option<&str>) -> Option<&cluster::Cluster> {
+        let fqdn = registry::resolve_host_owned(host, "default");
+        let snap = &self.snap;
+        snap.cluster_keys
+            .iter()
+            .position(|k| *k.host == *fqdn && k.port == port && k.subset.as_deref() == subset)
+            .map(|i| &snap.clusters[i])
+    }
+}

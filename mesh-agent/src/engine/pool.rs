@@ -1,0 +1,133 @@
+//! Connection-pool limits as admission control (Envoy's circuit breakers).
+//!
+//! Each limit is a counter with a ceiling. Taking a slot returns a [`Permit`] that gives it back
+//! when dropped, so the proxy cannot leak a slot on any path (errors, cancellation, panics).
+//! Over a limit the caller gets [`EngineError::Overflow`] (`UO`, 503) at once: nothing here
+//! queues, so nothing queues without bound.
+//!
+//! Mapping (all per destination cluster, as Envoy's thresholds are):
+//! - `http.http2MaxRequests` ⇒ concurrent attempts in flight (taken by `next_attempt`);
+//! - `http.maxRetries` ⇒ concurrent retries (taken when a retry is granted, held until that
+//!   retry's outcome is reported);
+//! - `tcp.maxConnections` ⇒ open upstream connections ([`Attempt::try_connection`]);
+//! - `http.http1MaxPendingRequests` ⇒ requests waiting for a connection
+//!   ([`Attempt::try_pending`]);
+//! - `http.maxRequestsPerConnection`, `tcp.connectTimeout`, idle timeouts ⇒ passed to the
+//!   proxy's connection pool in [`PoolLimits`].
+//!
+//! [`Attempt::try_connection`]: super::Attempt::try_connection
+//! [`Attempt::try_pending`]: super::Attempt::try_pending
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::cluster::EndpointState;
+use super::error::EngineError;
+use crate::config::model::ConnectionPool;
+
+/// A cluster's limits; absent settings are unlimited, as Istio's effective defaults.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolLimits {
+    pub max_connections: u32,
+    pub max_pending_requests: u32,
+    pub max_requests: u32,
+    pub max_retries: u32,
+    /// `None` ⇒ unlimited requests per connection.
+    pub max_requests_per_connection: Option<u32>,
+    pub connect_timeout: Duration,
+    pub tcp_idle_timeout: Option<Duration>,
+    pub http_idle_timeout: Option<Duration>,
+}
+
+impl PoolLimits {
+    pub(crate) fn new(pool: Option<&ConnectionPool>) -> Self {
+        let pool = pool.cloned().unwrap_or_default();
+        let unlimited = |v: Option<u32>| v.unwrap_or(u32::MAX);
+        PoolLimits {
+            max_connections: unlimited(pool.tcp.max_connections),
+            max_pending_requests: unlimited(pool.http.http1_max_pending_requests),
+            max_requests: unlimited(pool.http.http2_max_requests),
+            max_retries: unlimited(pool.http.max_retries),
+            max_requests_per_connection: pool.http.max_requests_per_connection.filter(|&n| n > 0),
+            connect_timeout: pool.tcp.connect_timeout,
+            tcp_idle_timeout: pool.tcp.idle_timeout,
+            http_idle_timeout: pool.http.idle_timeout,
+        }
+    }
+}
+
+/// Slots in use; shared across snapshots so a reload does not reset what is in flight.
+#[derive(Debug, Default)]
+pub(crate) struct PoolCounters {
+    connections: AtomicU32,
+    pending: AtomicU32,
+    requests: AtomicU32,
+    retries: AtomicU32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Slot {
+    Connection,
+    Pending,
+    Request,
+    Retry,
+}
+
+impl PoolCounters {
+    fn counter(&self, slot: Slot) -> &AtomicU32 {
+        match slot {
+            Slot::Connection => &self.connections,
+            Slot::Pending => &self.pending,
+            Slot::Request => &self.requests,
+            Slot::Retry => &self.retries,
+        }
+    }
+}
+
+/// A held slot of a pool limit; dropping it gives the slot back.
+#[derive(Debug)]
+#[must_use = "dropping a permit releases its slot at once"]
+pub struct Permit {
+    counters: Arc<PoolCounters>,
+    slot: Slot,
+    /// Request permits also count toward the endpoint's load (for LEAST_REQUEST).
+    endpoint: Option<Arc<EndpointState>>,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.counters
+            .counter(self.slot)
+            .fetch_sub(1, Ordering::AcqRel);
+        if let Some(endpoint) = &self.endpoint {
+            endpoint.active.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// Takes a slot if the limit allows (the caller counts refusals in the metric it belongs to).
+pub(crate) fn acquire(
+    counters: &Arc<PoolCounters>,
+    slot: Slot,
+    limit: u32,
+    endpoint: Option<&Arc<EndpointState>>,
+) -> Result<Permit, EngineError> {
+    let taken = counters
+        .counter(slot)
+        .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+            (n < limit).then_some(n + 1)
+        })
+        .is_ok();
+    if !taken {
+        return Err(EngineError::Overflow);
+    }
+    if let Some(endpoint) = endpoint {
+        endpoint.active.fetch_add(1, Ordering::AcqRel);
+    }
+    Ok(Permit {
+        counters: Arc::clone(counters),
+        slot,
+        endpoint: endpoint.cloned(),
+    })
+}

@@ -1,0 +1,222 @@
+//! Compiling the config and registry into one immutable snapshot the hot path only reads.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use super::clock::Epoch;
+use super::cluster::{Carried, Cluster, ClusterKey, ClusterSet, Target};
+use super::fault::FaultRule;
+use super::metrics::EngineMetrics;
+use super::mirror::MirrorRule;
+use super::registry::{resolve_host_owned, Registry};
+use super::retry::{self, ResolvedRetry};
+use super::routing::{Match, RouteTable};
+use super::split::{Split, MAX_DESTINATIONS};
+use super::EngineSettings;
+use crate::config::model::{Headers, Host, HttpRoute, MeshConfig, Rewrite, VirtualService};
+
+/// Everything a decision reads. Mutable state lives behind atomics inside (`Cluster::shared`,
+/// endpoint states, split and spread counters), so a snapshot is shared by `Arc` and never
+/// locked.
+#[derive(Debug)]
+pub(crate) struct Snapshot {
+    pub(crate) settings: EngineSettings,
+    pub(crate) epoch: Epoch,
+    pub(crate) metrics: Arc<EngineMetrics>,
+    pub(crate) seeds: Arc<AtomicU64>,
+    pub(crate) table: RouteTable,
+    pub(crate) routes: Vec<Route>,
+    pub(crate) clusters: Vec<Cluster>,
+    pub(crate) cluster_keys: Vec<ClusterKey>,
+}
+
+/// A compiled `http[]` entry (or a service's default route).
+#[derive(Debug)]
+pub(crate) struct Route {
+    /// `namespace/virtual-service/route-name-or-index`, or `default` for a service's own.
+    pub(crate) name: Box<str>,
+    pub(crate) matches: Box<[Match]>,
+    pub(crate) gateways: Box<[Box<str>]>,
+    pub(crate) destinations: Box<[RouteDestination]>,
+    pub(crate) split: Split,
+    pub(crate) rewrite: Option<Rewrite>,
+    pub(crate) headers: Headers,
+    pub(crate) timeout: Option<std::time::Duration>,
+    pub(crate) retry: ResolvedRetry,
+    pub(crate) fault: Option<FaultRule>,
+    pub(crate) mirror: Option<MirrorRule>,
+}
+
+#[derive(Debug)]
+pub(crate) struct RouteDestination {
+    pub(crate) target: Target,
+    pub(crate) headers: Headers,
+}
+
+/// State and identity carried from one snapshot to the next.
+pub(crate) struct Lineage {
+    pub(crate) settings: EngineSettings,
+    pub(crate) epoch: Epoch,
+    pub(crate) metrics: Arc<EngineMetrics>,
+    pub(crate) seeds: Arc<AtomicU64>,
+    pub(crate) carried: Carried,
+}
+
+impl Snapshot {
+    pub(crate) fn compile(
+        config: &MeshConfig,
+        registry: &Registry,
+        lineage: Lineage,
+        now: u64,
+    ) -> Snapshot {
+        let mut clusters = ClusterSet::new(config, registry, lineage.carried, now);
+        let mut table = RouteTable::default();
+        let mut routes = Vec::new();
+
+        for vs in &config.virtual_services {
+            let gateways = normalize_gateways(&vs.gateways, &vs.id.namespace);
+            let first = routes.len() as u32;
+            for (index, http) in vs.http.iter().enumerate() {
+                routes.push(compile_route(vs, index, http, &gateways, &mut clusters));
+            }
+            let ids = first..routes.len() as u32;
+            for host in &vs.hosts {
+                let fqdn = rule_host(host, &clusters);
+                table.vhost_mut(&fqdn).routes.extend(ids.clone());
+            }
+        }
+        for service in &registry.services {
+            let fqdn = service.fqdn();
+            let target = clusters.target(&fqdn, None, None);
+            let id = routes.len() as u32;
+            routes.push(default_route(target));
+            table.vhost_mut(&fqdn).default = Some(id);
+        }
+
+        Snapshot {
+            settings: lineage.settings,
+            epoch: lineage.epoch,
+            metrics: lineage.metrics,
+            seeds: lineage.seeds,
+            table,
+            routes,
+            clusters: clusters.clusters,
+            cluster_keys: clusters.keys,
+        }
+    }
+
+    /// The live state to hand to the next snapshot.
+    pub(crate) fn lineage(&self, settings: EngineSettings) -> Lineage {
+        Lineage {
+            settings,
+            epoch: self.epoch,
+            metrics: Arc::clone(&self.metrics),
+            seeds: Arc::clone(&self.seeds),
+            carried: Carried::from_clusters(&self.cluster_keys, &self.clusters),
+        }
+    }
+}
+
+/// A rule's host as a lookup key: the resolved service name, except that a one-dot name that is
+/// not a known service (`example.com`) stays as written.
+fn rule_host(host: &Host, clusters: &ClusterSet<'_>) -> String {
+    let fqdn = resolve_host_owned(&host.name, &host.namespace);
+    let one_dot = host.name.trim_end_matches('.').matches('.').count() == 1;
+    if one_dot && clusters.service(&fqdn).is_none() {
+        host.name.trim_end_matches('.').to_ascii_lowercase()
+    } else {
+        fqdn
+    }
+}
+
+/// `gateways` as `mesh` or `namespace/name` (short names are in the rule's namespace);
+/// none means `mesh`.
+fn normalize_gateways(gateways: &[String], namespace: &str) -> Box<[Box<str>]> {
+    if gateways.is_empty() {
+        return Box::new(["mesh".into()]);
+    }
+    gateways
+        .iter()
+        .map(|g| {
+            if g == "mesh" || g.contains('/') {
+                g.as_str().into()
+            } else {
+                format!("{namespace}/{g}").into()
+            }
+        })
+        .collect()
+}
+
+fn compile_route(
+    vs: &VirtualService,
+    index: usize,
+    http: &HttpRoute,
+    gateways: &[Box<str>],
+    clusters: &mut ClusterSet<'_>,
+) -> Route {
+    let name = format!(
+        "{}/{}/{}",
+        vs.id.namespace,
+        vs.id.name,
+        http.name.clone().unwrap_or_else(|| index.to_string())
+    );
+    let matches = http
+        .matches
+        .iter()
+        .map(|m| Match {
+            spec: m.clone(),
+            gateways: (!m.gateways.is_empty())
+                .then(|| normalize_gateways(&m.gateways, &vs.id.namespace)),
+        })
+        .collect();
+    let mut target = |d: &crate::config::model::Destination| {
+        let fqdn = rule_host(&d.host, clusters);
+        clusters.target(&fqdn, d.port, d.subset.as_deref())
+    };
+    let route_destinations = &http.route[..http.route.len().min(MAX_DESTINATIONS)];
+    let destinations: Box<[RouteDestination]> = route_destinations
+        .iter()
+        .map(|d| RouteDestination {
+            target: target(&d.destination),
+            headers: d.headers.clone(),
+        })
+        .collect();
+    let weights: Vec<u32> = route_destinations.iter().map(|d| d.weight).collect();
+    let mirror = http
+        .mirror
+        .as_ref()
+        .map(|m| MirrorRule::new(target(&m.destination), m.percentage));
+    Route {
+        name: name.into(),
+        matches,
+        gateways: gateways.into(),
+        destinations,
+        split: Split::new(&weights),
+        rewrite: http.rewrite.clone(),
+        headers: http.headers.clone(),
+        timeout: http.timeout.filter(|t| !t.is_zero()),
+        retry: retry::resolve(http.retries.as_ref()),
+        fault: http.fault.as_ref().map(FaultRule::new),
+        mirror,
+    }
+}
+
+/// A service's own route: all its endpoints, Istio's default retries, no timeout.
+fn default_route(target: Target) -> Route {
+    Route {
+        name: "default".into(),
+        matches: Box::new([]),
+        gateways: Box::new([]),
+        destinations: Box::new([RouteDestination {
+            target,
+            headers: Headers::default(),
+        }]),
+        split: Split::new(&[100]),
+        rewrite: None,
+        headers: Headers::default(),
+        timeout: None,
+        retry: retry::resolve(None),
+        fault: None,
+        mirror: None,
+    }
+}

@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod discovery;
 pub mod engine;
 pub mod enrollment;
 pub mod proxy;

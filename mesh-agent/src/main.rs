@@ -31,6 +31,21 @@ Enroll or unenroll at run time through the admin API:
   curl -XPOST localhost:15000/pods -d '{\"name\":\"client\",\"netns\":\"/var/run/netns/client\"}'
   curl -XDELETE localhost:15000/pods/client")]
     Run(RunArgs),
+    /// Check VirtualService/DestinationRule/Gateway (and Service/EndpointSlice/Pod) files without
+    /// starting anything: prints every error and warning, exits 1 on any error.
+    #[command(after_help = "Examples:
+  mesh-agent validate -f deploy/examples/canary/2-vs-v1_and_v2_90_10.yml
+  mesh-agent validate -f deploy/examples/destination-rules.yml -f deploy/examples/canary/")]
+    Validate {
+        /// A file or a folder (read recursively); repeat to validate several as one set.
+        #[arg(
+            short = 'f',
+            long = "filename",
+            value_name = "FILE|DIR",
+            required = true
+        )]
+        files: Vec<PathBuf>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -77,6 +92,16 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result = match Cli::parse().command {
+        Command::Validate { files } => {
+            return match mesh_agent::config::run_validate(&files, &mut std::io::stdout()) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(error) => {
+                    eprintln!("mesh-agent: {error}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Command::Run(args) => run::run(run::Settings {
             cgroup: args.cgroup,
             enroll: args.enroll,

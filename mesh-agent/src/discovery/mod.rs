@@ -1,0 +1,140 @@
+//! Service discovery: Kubernetes `Service`, `EndpointSlice` and `Pod` objects become the
+//! engine's registry plus the indexes the proxy needs (which VIP:port is which service, which
+//! pod IP is which workload). Local mode reads them from a folder (`local`); Kubernetes mode
+//! will watch the API server; both produce the same [`Discovered`].
+
+pub mod local;
+mod objects;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
+
+use serde::Serialize;
+
+pub use objects::discover;
+
+use crate::engine::Registry;
+
+/// Everything discovery knows at one moment.
+#[derive(Clone, Debug, Default)]
+pub struct Discovered {
+    pub registry: Registry,
+    /// Service VIP and port → the service behind it.
+    pub services: HashMap<SocketAddr, ServiceTarget>,
+    /// Pod IP → the workload running there (for telemetry and subsets).
+    pub workloads: HashMap<IpAddr, Arc<Workload>>,
+}
+
+impl Discovered {
+    pub fn service_at(&self, addr: SocketAddr) -> Option<&ServiceTarget> {
+        self.services.get(&addr)
+    }
+
+    pub fn workload_at(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
+        self.workloads.get(&ip)
+    }
+}
+
+/// A service port as a client dials it.
+#[derive(Clone, Debug, Serialize)]
+pub struct ServiceTarget {
+    pub service: Arc<ServiceIdentity>,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServiceIdentity {
+    pub name: String,
+    pub namespace: String,
+    /// `name.namespace.svc.cluster.local`.
+    pub fqdn: String,
+}
+
+/// A pod as telemetry names it, Istio style: the workload is the owning Deployment (the pod's
+/// name minus the ReplicaSet and pod hashes) or the pod itself.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Workload {
+    pub name: String,
+    pub namespace: String,
+    pub pod: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Workload {
+    /// `app` label (Istio's canonical service falls back to it).
+    pub fn app(&self) -> &str {
+        self.labels
+            .get("app")
+            .or_else(|| self.labels.get("app.kubernetes.io/name"))
+            .map_or("unknown", String::as_str)
+    }
+
+    /// `version` label.
+    pub fn version(&self) -> &str {
+        self.labels
+            .get("version")
+            .or_else(|| self.labels.get("app.kubernetes.io/version"))
+            .map_or("unknown", String::as_str)
+    }
+}
+
+/// How the proxy treats a service port, decided as Istio does: `appProtocol` first, then the
+/// port name's prefix (`http-web`, `grpc`, `tcp-db`), otherwise detected from the first bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Http,
+    Http2,
+    Grpc,
+    Tcp,
+    Detect,
+}
+
+impl Protocol {
+    pub fn from_port(app_protocol: Option<&str>, name: Option<&str>) -> Protocol {
+        if let Some(protocol) = app_protocol.and_then(Protocol::from_name) {
+            return protocol;
+        }
+        name.and_then(|name| {
+            let prefix = name.split(['-', '_']).next().unwrap_or(name);
+            Protocol::from_name(prefix)
+        })
+        .unwrap_or(Protocol::Detect)
+    }
+
+    fn from_name(name: &str) -> Option<Protocol> {
+        Some(match name.to_ascii_lowercase().as_str() {
+            "http" | "http1" => Protocol::Http,
+            "http2" | "h2c" | "kubernetes.io/h2c" => Protocol::Http2,
+            "grpc" | "grpc-web" => Protocol::Grpc,
+            "tcp" | "mongo" | "mysql" | "redis" | "tls" | "https" => Protocol::Tcp,
+            _ => return None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Protocol;
+
+    #[test]
+    fn protocol_from_app_protocol_then_name() {
+        let cases = [
+            (Some("http"), Some("tcp-x"), Protocol::Http),
+            (Some("kubernetes.io/h2c"), None, Protocol::Http2),
+            (None, Some("http-web"), Protocol::Http),
+            (None, Some("grpc"), Protocol::Grpc),
+            (None, Some("tcp-db"), Protocol::Tcp),
+            (None, Some("web"), Protocol::Detect),
+            (None, None, Protocol::Detect),
+            (Some("custom"), Some("http"), Protocol::Http),
+        ];
+        for (app, name, want) in cases {
+            assert_eq!(Protocol::from_port(app, name), want, "{app:?} {name:?}");
+        }
+    }
+}

@@ -1,0 +1,62 @@
+//! `mesh-agent validate -f`: every diagnostic printed, exit 1 on any error, 0 otherwise.
+
+use std::process::Command;
+
+fn validate(args: &[&str]) -> (bool, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_mesh-agent"))
+        .arg("validate")
+        .args(args)
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn the_tutorials_circuit_breaker_rule_passes_with_one_warning() {
+    let (ok, out) = validate(&[
+        "-f",
+        "deploy/examples/circuit-breaker/2-destination-rules.yml",
+    ]);
+    assert!(ok, "{out}");
+    assert_eq!(
+        out.lines().filter(|l| l.starts_with("warning:")).count(),
+        1,
+        "{out}"
+    );
+    assert!(
+        out.contains("spec.trafficPolicy.connectionPool.http.maxConnections"),
+        "{out}"
+    );
+}
+
+#[test]
+fn an_invalid_file_fails_with_file_object_field_and_reason() {
+    let dir = std::env::temp_dir().join(format!("mesh-validate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("bad.yml");
+    std::fs::write(
+        &file,
+        "apiVersion: networking.istio.io/v1beta1\nkind: VirtualService\nmetadata: {name: x}\n\
+         spec:\n  hosts: [x]\n  http:\n  - timeout: -1s\n    route:\n    - {destination: {host: x}, weight: 90}\n",
+    )
+    .unwrap();
+    let (ok, out) = validate(&["-f", file.to_str().unwrap()]);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(!ok, "{out}");
+    let errors: Vec<&str> = out.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 2, "{out}");
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("VirtualService default/x: spec.http[0].route: weights sum to 90")),
+        "{out}"
+    );
+    assert!(
+        errors.iter().any(|e| e.contains("spec.http[0].timeout")),
+        "{out}"
+    );
+}

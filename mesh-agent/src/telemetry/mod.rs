@@ -1,5 +1,8 @@
-//! What the agent reports: the access log (one JSON line per connection) for now.
+//! What the agent reports: Istio-compatible Prometheus metrics (`metrics`), trace context
+//! propagation (`trace`), span export over OTLP/HTTP (`otlp`) and the access log (`access_log`).
 
 mod access_log;
+pub mod metrics;
 
 pub use access_log::{AccessLog, TcpRecord};
+pub use metrics::Metrics;

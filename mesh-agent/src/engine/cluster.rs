@@ -188,7 +188,8 @@ impl Carried {
 pub(crate) struct ClusterSet<'a> {
     registry: &'a Registry,
     services: HashMap<String, usize>,
-    rules: HashMap<String, &'a DestinationRule>,
+    /// Every DestinationRule per host, oldest first.
+    rules: HashMap<String, Vec<&'a DestinationRule>>,
     carried: Carried,
     first_sweep: u64,
     index: HashMap<ClusterKey, u32>,
@@ -210,11 +211,10 @@ impl<'a> ClusterSet<'a> {
             .enumerate()
             .map(|(i, s)| (s.fqdn(), i))
             .collect();
-        let mut rules = HashMap::new();
+        let mut rules: HashMap<String, Vec<&DestinationRule>> = HashMap::new();
         for rule in &config.destination_rules {
             let host = resolve_host_owned(&rule.host.name, &rule.host.namespace);
-            // The first rule for a host wins, as Istio picks the oldest.
-            rules.entry(host).or_insert(rule);
+            rules.entry(host).or_default().push(rule);
         }
         ClusterSet {
             registry,
@@ -267,13 +267,16 @@ impl<'a> ClusterSet<'a> {
     }
 
     fn build(&mut self, key: &ClusterKey) -> Cluster {
-        let rule = self.rules.get(&*key.host).copied();
-        let subset = key
-            .subset
-            .as_deref()
-            .and_then(|name| rule?.subsets.iter().find(|s| s.name == name));
+        // Several rules for one host merge as in Istio: the oldest rule's traffic policy,
+        // subsets from all of them (the first definition of a name wins).
+        let rules = self.rules.get(&*key.host).map_or(&[][..], Vec::as_slice);
+        let subset = key.subset.as_deref().and_then(|name| {
+            rules
+                .iter()
+                .find_map(|r| r.subsets.iter().find(|s| s.name == name))
+        });
         let policy = effective_policy(
-            rule.map(|r| &r.traffic_policy),
+            rules.first().map(|r| &r.traffic_policy),
             subset.map(|s| &s.traffic_policy),
         );
 

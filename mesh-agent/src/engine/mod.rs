@@ -33,6 +33,8 @@ mod routing;
 mod snapshot;
 mod split;
 
+#[doc(hidden)]
+pub mod testing;
 #[cfg(test)]
 mod tests;
 

@@ -1705,3 +1705,22 @@ fn rewrite_and_header_operations_apply_to_the_request_and_response() {
     plan.rewrite_response(&mut response);
     assert!(response.is_empty());
 }
+
+#[test]
+fn several_destination_rules_for_a_host_merge_their_subsets() {
+    let mut first = destination_rule("service-c", TrafficPolicy::default());
+    first.subsets.truncate(1);
+    let mut second = destination_rule("service-c", TrafficPolicy::default());
+    second.subsets.remove(0);
+    let route = http_route(
+        "r",
+        vec![],
+        vec![weighted(dest("service-c", Some("version-v2")), 100)],
+    );
+    let f = fixture(
+        vec![virtual_service(&["service-c"], vec![route])],
+        vec![first, second],
+        vec![service("service-c", 1, 1)],
+    );
+    assert_eq!(f.picks(f.t0, 4), vec![addr(2, 1); 4]);
+}

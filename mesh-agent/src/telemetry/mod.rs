@@ -3,6 +3,7 @@
 
 mod access_log;
 pub mod metrics;
+pub mod otlp;
 pub mod trace;
 
 pub use access_log::{AccessLog, TcpRecord};

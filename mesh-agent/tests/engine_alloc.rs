@@ -70,7 +70,7 @@ fn decisions_do_not_allocate() {
     let decide = |i: usize, now: Instant| {
         let mut plan = engine.route(&infos[i % infos.len()], now).expect("routes");
         let attempt = plan.next_attempt(now).expect("an endpoint");
-        let status = if i % 100 == 0 { 503 } else { 200 };
+        let status = if i.is_multiple_of(100) { 503 } else { 200 };
         if let Verdict::RetryAt(at) = plan.report(attempt, Outcome::status(status), now) {
             let retry = plan.next_attempt(at).expect("an endpoint");
             plan.report(retry, Outcome::status(200), at);

@@ -1,16 +1,39 @@
-//! One structured line per connection on stdout, when enabled.
+//! One structured JSON line per connection (`kind: "tcp"`) or HTTP request (`kind: "http"`) on
+//! stdout, when enabled. Off by default; HTTP lines can be sampled.
 
 use std::{
+    fmt,
     io::Write,
-    net::SocketAddrV4,
+    net::{SocketAddr, SocketAddrV4},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use serde::Serialize;
+use serde::{Serialize, Serializer};
+
+/// How the access log behaves.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AccessLogOptions {
+    pub enabled: bool,
+    /// Fraction of HTTP requests logged, 0.0 to 1.0 (TCP connections are always logged).
+    pub sample_ratio: f64,
+    /// Log the path with its query string. Off by default: queries often carry tokens or
+    /// personal data.
+    pub include_query: bool,
+}
+
+impl Default for AccessLogOptions {
+    fn default() -> Self {
+        AccessLogOptions {
+            enabled: false,
+            sample_ratio: 1.0,
+            include_query: false,
+        }
+    }
+}
 
 #[derive(Clone, Copy, Debug)]
 pub struct AccessLog {
-    enabled: bool,
+    options: AccessLogOptions,
 }
 
 /// A finished L4 connection.
@@ -24,9 +47,43 @@ pub struct TcpRecord<'a> {
     pub sent_bytes: u64,
     /// Bytes from the upstream to the client.
     pub received_bytes: u64,
-    #[serde(serialize_with = "as_micros")]
+    #[serde(rename = "duration_us", serialize_with = "as_micros")]
     pub duration: Duration,
     pub error: Option<String>,
+}
+
+/// A finished HTTP request. Borrowed fields, so building one costs nothing when the line is
+/// sampled out.
+#[derive(Serialize)]
+pub struct HttpRecord<'a> {
+    pub source_pod: &'a str,
+    pub source_workload: &'a str,
+    /// The destination service's host, `unknown` outside the mesh.
+    pub destination_service: &'a str,
+    /// The `DestinationRule` subset the request went to, if any.
+    pub destination_subset: Option<&'a str>,
+    /// The endpoint of the last attempt; `None` when no attempt was made (no healthy upstream).
+    pub endpoint: Option<SocketAddr>,
+    pub method: &'a str,
+    /// The request's path and query as received; the query is cut unless
+    /// [`AccessLogOptions::include_query`].
+    #[serde(skip)]
+    pub path_and_query: &'a str,
+    /// The status sent to the client.
+    pub status: u16,
+    /// Envoy response flags (`-`, `UH`, `UF,URX`...), rendered only when the line is written.
+    #[serde(serialize_with = "as_display")]
+    pub response_flags: &'a dyn fmt::Display,
+    /// Upstream attempts: 1 plus retries (0 when none was made).
+    pub attempts: u32,
+    #[serde(rename = "duration_us", serialize_with = "as_micros")]
+    pub duration: Duration,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+    pub request_id: &'a str,
+    /// 32 hex digits, as Jaeger shows it.
+    #[serde(serialize_with = "as_trace_id")]
+    pub trace_id: u128,
 }
 
 #[derive(Serialize)]
@@ -37,32 +94,213 @@ struct Line<'a, T> {
     record: &'a T,
 }
 
-fn as_micros<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_u64(d.as_micros() as u64)
+/// An HTTP line: the record plus the path as it is logged.
+#[derive(Serialize)]
+struct HttpLine<'a> {
+    path: &'a str,
+    #[serde(flatten)]
+    record: &'a HttpRecord<'a>,
+}
+
+fn as_micros<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+fn as_display<S: Serializer>(value: &&dyn fmt::Display, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(value)
+}
+
+fn as_trace_id<S: Serializer>(id: &u128, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&format_args!("{id:032x}"))
 }
 
 impl AccessLog {
+    /// Enabled or not, every HTTP request logged, no query strings.
     pub fn new(enabled: bool) -> Self {
-        AccessLog { enabled }
+        AccessLog::with_options(AccessLogOptions {
+            enabled,
+            ..AccessLogOptions::default()
+        })
+    }
+
+    pub fn with_options(options: AccessLogOptions) -> Self {
+        AccessLog { options }
+    }
+
+    /// Whether anything is logged at all, so callers can skip gathering a record.
+    pub fn is_enabled(&self) -> bool {
+        self.options.enabled
     }
 
     pub fn tcp(&self, record: &TcpRecord<'_>) {
-        self.write("tcp", record);
+        if let Some(line) = self.tcp_line(record) {
+            write_line(&line);
+        }
     }
 
-    fn write<T: Serialize>(&self, kind: &'static str, record: &T) {
-        if !self.enabled {
-            return;
+    /// Logs `record` if enabled and sampled in.
+    pub fn http(&self, record: &HttpRecord<'_>) {
+        if let Some(line) = self.http_line(record) {
+            write_line(&line);
         }
-        let time = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or_default();
-        let Ok(mut line) = serde_json::to_vec(&Line { time, kind, record }) else {
-            return;
+    }
+
+    /// The line [`tcp`](Self::tcp) would write, `None` when disabled.
+    pub fn tcp_line(&self, record: &TcpRecord<'_>) -> Option<Vec<u8>> {
+        if !self.options.enabled {
+            return None;
+        }
+        line("tcp", record)
+    }
+
+    /// The line [`http`](Self::http) would write, `None` when disabled or sampled out.
+    pub fn http_line(&self, record: &HttpRecord<'_>) -> Option<Vec<u8>> {
+        if !self.options.enabled || !sampled(self.options.sample_ratio) {
+            return None;
+        }
+        let path = if self.options.include_query {
+            record.path_and_query
+        } else {
+            record
+                .path_and_query
+                .split_once('?')
+                .map_or(record.path_and_query, |(path, _)| path)
         };
-        line.push(b'\n');
-        // One write per line keeps lines whole when tasks log concurrently.
-        let _ = std::io::stdout().lock().write_all(&line);
+        line("http", &HttpLine { path, record })
+    }
+}
+
+fn sampled(ratio: f64) -> bool {
+    // `f64()` is in [0, 1): a ratio of 1 always logs, 0 never does.
+    ratio >= 1.0 || fastrand::f64() < ratio
+}
+
+fn line<T: Serialize>(kind: &'static str, record: &T) -> Option<Vec<u8>> {
+    let time = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default();
+    let mut line = serde_json::to_vec(&Line { time, kind, record }).ok()?;
+    line.push(b'\n');
+    Some(line)
+}
+
+fn write_line(line: &[u8]) {
+    // One write per line keeps lines whole when tasks log concurrently.
+    let _ = std::io::stdout().lock().write_all(line);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn http_record<'a>(flags: &'a dyn fmt::Display) -> HttpRecord<'a> {
+        HttpRecord {
+            source_pod: "client-7d9f",
+            source_workload: "client",
+            destination_service: "service-c.default.svc.cluster.local",
+            destination_subset: Some("v1"),
+            endpoint: Some("10.77.0.3:8080".parse().expect("addr")),
+            method: "GET",
+            path_and_query: "/items/7?token=secret",
+            status: 503,
+            response_flags: flags,
+            attempts: 3,
+            duration: Duration::from_micros(1_500),
+            request_bytes: 0,
+            response_bytes: 19,
+            request_id: "6b1b3f6e-1c2d-4e5f-8a9b-0c1d2e3f4a5b",
+            trace_id: 0x463ac35c9f6413ad48485a3953bb6124,
+        }
+    }
+
+    fn parse(line: &[u8]) -> serde_json::Value {
+        assert_eq!(line.last(), Some(&b'\n'), "a line ends with a newline");
+        assert_eq!(
+            line.iter().filter(|b| **b == b'\n').count(),
+            1,
+            "one line per record"
+        );
+        serde_json::from_slice(line).expect("JSON")
+    }
+
+    #[test]
+    fn http_line_has_every_field() {
+        let log = AccessLog::new(true);
+        let line = log.http_line(&http_record(&"UF,URX")).expect("logged");
+        let json = parse(&line);
+        assert_eq!(json["kind"], "http");
+        assert!(json["time"].as_f64().expect("time") > 1.6e9);
+        assert_eq!(json["source_pod"], "client-7d9f");
+        assert_eq!(json["source_workload"], "client");
+        assert_eq!(
+            json["destination_service"],
+            "service-c.default.svc.cluster.local"
+        );
+        assert_eq!(json["destination_subset"], "v1");
+        assert_eq!(json["endpoint"], "10.77.0.3:8080");
+        assert_eq!(json["method"], "GET");
+        assert_eq!(json["path"], "/items/7", "no query by default");
+        assert_eq!(json["status"], 503);
+        assert_eq!(json["response_flags"], "UF,URX");
+        assert_eq!(json["attempts"], 3);
+        assert_eq!(json["duration_us"], 1500);
+        assert_eq!(json["request_bytes"], 0);
+        assert_eq!(json["response_bytes"], 19);
+        assert_eq!(json["request_id"], "6b1b3f6e-1c2d-4e5f-8a9b-0c1d2e3f4a5b");
+        assert_eq!(json["trace_id"], "463ac35c9f6413ad48485a3953bb6124");
+        assert!(json.get("path_and_query").is_none());
+    }
+
+    #[test]
+    fn query_is_logged_only_when_asked() {
+        let log = AccessLog::with_options(AccessLogOptions {
+            enabled: true,
+            include_query: true,
+            ..AccessLogOptions::default()
+        });
+        let json = parse(&log.http_line(&http_record(&"-")).expect("logged"));
+        assert_eq!(json["path"], "/items/7?token=secret");
+    }
+
+    #[test]
+    fn off_by_default_and_sampled() {
+        assert!(!AccessLog::with_options(AccessLogOptions::default()).is_enabled());
+        let record = http_record(&"-");
+        assert!(AccessLog::new(false).http_line(&record).is_none());
+        let never = AccessLog::with_options(AccessLogOptions {
+            enabled: true,
+            sample_ratio: 0.0,
+            ..AccessLogOptions::default()
+        });
+        assert!(never.http_line(&record).is_none());
+        let tenth = AccessLog::with_options(AccessLogOptions {
+            enabled: true,
+            sample_ratio: 0.1,
+            ..AccessLogOptions::default()
+        });
+        let logged = (0..10_000)
+            .filter(|_| tenth.http_line(&record).is_some())
+            .count();
+        assert!((800..1_200).contains(&logged), "{logged}");
+    }
+
+    #[test]
+    fn tcp_line_keeps_its_shape() {
+        let log = AccessLog::new(true);
+        let record = TcpRecord {
+            source_pod: "client-7d9f",
+            client_port: 40_000,
+            original_dst: "10.77.0.3:9000".parse().expect("addr"),
+            sent_bytes: 5,
+            received_bytes: 6,
+            duration: Duration::from_millis(2),
+            error: None,
+        };
+        let json = parse(&log.tcp_line(&record).expect("logged"));
+        assert_eq!(json["kind"], "tcp");
+        assert_eq!(json["original_dst"], "10.77.0.3:9000");
+        assert_eq!(json["duration_us"], 2000);
+        assert!(AccessLog::new(false).tcp_line(&record).is_none());
     }
 }

@@ -6,5 +6,5 @@ pub mod metrics;
 pub mod otlp;
 pub mod trace;
 
-pub use access_log::{AccessLog, TcpRecord};
+pub use access_log::{AccessLog, AccessLogOptions, HttpRecord, TcpRecord};
 pub use metrics::Metrics;

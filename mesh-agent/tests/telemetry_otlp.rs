@@ -13,6 +13,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::{body::Incoming, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
 use mesh_agent::telemetry::{
+    metrics::Metrics,
     otlp::{OtlpConfig, ProxySpan, SpanExporter},
     trace::{continue_or_start, inject, SpanContext},
 };
@@ -274,6 +275,16 @@ async fn a_full_queue_drops_and_counts_without_waiting() {
     drop(exporter);
     task.finish().await;
     assert_eq!(stats.exported(), 3);
+
+    // `/metrics` serves the same counts.
+    let metrics = Metrics::default();
+    metrics.register_span_export(stats);
+    let text = metrics.encode_prometheus();
+    assert!(
+        text.contains("mesh_trace_spans_total{outcome=\"dropped\"} 7"),
+        "{text}"
+    );
+    assert!(text.contains("mesh_trace_spans_total{outcome=\"exported\"} 3"));
 }
 
 #[tokio::test]

@@ -38,6 +38,8 @@ use prometheus_client::{
     registry::Registry,
 };
 
+use super::otlp::ExportStats;
+
 /// `Content-Type` of [`Metrics::encode`] (OpenMetrics text, which Prometheus prefers).
 pub const OPENMETRICS_CONTENT_TYPE: &str =
     "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -224,7 +226,7 @@ pub struct Metrics {
     service_events: [(Family<ServiceKey, Counter>, AtomicUsize); 5],
     config_reloads: Family<[(&'static str, &'static str); 1], Counter>,
     enrolled_pods: Gauge,
-    decisions: Arc<DecisionCollector>,
+    scraped: Arc<ScrapeTimeCollector>,
     cluster: Arc<str>,
     max_series: usize,
 }
@@ -324,8 +326,8 @@ impl Metrics {
             "Pods whose connections the agent currently intercepts",
             enrolled_pods.clone(),
         );
-        let decisions = Arc::new(DecisionCollector::default());
-        registry.register_collector(Box::new(Arc::clone(&decisions)));
+        let scraped = Arc::new(ScrapeTimeCollector::default());
+        registry.register_collector(Box::new(Arc::clone(&scraped)));
 
         let overflow_peer = Arc::new(PeerLabels::new(Arc::new(PeerValues::overflow())));
 
@@ -349,7 +351,7 @@ impl Metrics {
             service_events,
             config_reloads,
             enrolled_pods,
-            decisions,
+            scraped,
             cluster: Arc::from(cluster),
             max_series: MAX_SERIES_PER_FAMILY,
         }
@@ -524,10 +526,20 @@ impl Metrics {
     /// previous source.
     pub fn register_decision_source(&self, source: DecisionSource) {
         *self
+            .scraped
             .decisions
-            .source
             .write()
             .unwrap_or_else(PoisonError::into_inner) = Some(source);
+    }
+
+    /// Serves `mesh_trace_spans_total{outcome="exported"|"dropped"|"failed"}` from the span
+    /// exporter's counters ([`SpanExporter::stats`](super::otlp::SpanExporter::stats)).
+    pub fn register_span_export(&self, stats: Arc<ExportStats>) {
+        *self
+            .scraped
+            .spans
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Some(stats);
     }
 
     /// All metrics in OpenMetrics text, ending with `# EOF`; serve with
@@ -962,32 +974,64 @@ impl Drop for TcpConnectionMetrics {
     }
 }
 
+/// Counters owned elsewhere (the kernel, the span exporter), read when `/metrics` is scraped.
 #[derive(Default)]
-struct DecisionCollector {
-    source: RwLock<Option<DecisionSource>>,
+struct ScrapeTimeCollector {
+    decisions: RwLock<Option<DecisionSource>>,
+    spans: RwLock<Option<Arc<ExportStats>>>,
 }
 
-impl fmt::Debug for DecisionCollector {
+impl fmt::Debug for ScrapeTimeCollector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DecisionCollector").finish_non_exhaustive()
+        f.debug_struct("ScrapeTimeCollector")
+            .finish_non_exhaustive()
     }
 }
 
-impl Collector for DecisionCollector {
+impl ScrapeTimeCollector {
+    fn encode_counters(
+        encoder: &mut DescriptorEncoder,
+        name: &str,
+        help: &str,
+        label: &str,
+        counts: &[(&str, u64)],
+    ) -> fmt::Result {
+        let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+        for (value, count) in counts {
+            ConstCounter::new(*count).encode(family.encode_family(&[(label, *value)])?)?;
+        }
+        Ok(())
+    }
+}
+
+impl Collector for ScrapeTimeCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
-        let source = self.source.read().unwrap_or_else(PoisonError::into_inner);
-        let Some(source) = source.as_ref() else {
-            return Ok(());
-        };
-        let counts = source();
-        let mut family = encoder.encode_descriptor(
-            "mesh_redirect_decisions",
-            "Connections seen by the kernel redirect, by decision",
-            None,
-            MetricType::Counter,
-        )?;
-        for (decision, count) in counts {
-            ConstCounter::new(count).encode(family.encode_family(&[("decision", decision)])?)?;
+        let decisions = self
+            .decisions
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(source) = decisions.as_ref() {
+            Self::encode_counters(
+                &mut encoder,
+                "mesh_redirect_decisions",
+                "Connections seen by the kernel redirect, by decision",
+                "decision",
+                &source(),
+            )?;
+        }
+        let spans = self.spans.read().unwrap_or_else(PoisonError::into_inner);
+        if let Some(stats) = spans.as_ref() {
+            Self::encode_counters(
+                &mut encoder,
+                "mesh_trace_spans",
+                "Spans handed to the OTLP exporter, by outcome",
+                "outcome",
+                &[
+                    ("exported", stats.exported()),
+                    ("dropped", stats.dropped()),
+                    ("failed", stats.failed()),
+                ],
+            )?;
         }
         Ok(())
     }

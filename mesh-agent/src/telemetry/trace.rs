@@ -503,7 +503,7 @@ mod tests {
                 ("x-b3-spanid", SPAN.into()),
             ],
             vec![("b3", format!("{TRACE_128}-{SPAN}-x"))],
-            vec![("b3", format!("{TRACE_128}"))],
+            vec![("b3", TRACE_128.to_owned())],
             vec![("b3", format!("{TRACE_128}-{SPAN}-1-zz-extra"))],
             vec![("traceparent", format!("ff-{TRACE_128}-{SPAN}-01"))],
             vec![(

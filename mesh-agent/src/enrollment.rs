@@ -20,6 +20,8 @@ use crate::{
     redirect::{netns::NetNs, Redirect, RedirectError},
 };
 
+const DEFAULT_NAMESPACE: &str = "default";
+
 #[derive(Debug, Error)]
 pub enum EnrollError {
     #[error("pod {pod}: cannot open network namespace {path}: {source}")]
@@ -42,10 +44,12 @@ pub enum EnrollError {
     Kernel(#[from] RedirectError),
 }
 
-/// A pod to enroll: a name and its network namespace.
+/// A pod to enroll: a name, its Kubernetes namespace and its network namespace.
 #[derive(Clone, Debug)]
 pub struct PodSpec {
     pub name: String,
+    /// Short service names in its requests resolve against this namespace.
+    pub namespace: String,
     pub netns: PathBuf,
 }
 
@@ -59,6 +63,7 @@ impl PodSpec {
             }
             return Ok(PodSpec {
                 name: name.to_owned(),
+                namespace: DEFAULT_NAMESPACE.to_owned(),
                 netns: PathBuf::from(path),
             });
         }
@@ -72,11 +77,13 @@ impl PodSpec {
                 .ok_or_else(|| format!("cannot name a pod after {spec:?}; use NAME=PATH"))?;
             return Ok(PodSpec {
                 name: name.into_owned(),
+                namespace: DEFAULT_NAMESPACE.to_owned(),
                 netns: path.to_path_buf(),
             });
         }
         Ok(PodSpec {
             name: spec.to_owned(),
+            namespace: DEFAULT_NAMESPACE.to_owned(),
             netns: Path::new("/var/run/netns").join(spec),
         })
     }
@@ -157,11 +164,13 @@ impl Enrollments {
             netns: spec.netns.clone(),
             netns_cookie: cookie,
         };
-        let context = Arc::new(PodContext {
-            name: spec.name.clone(),
+        let context = Arc::new(PodContext::new(
+            spec.name.clone(),
+            spec.namespace.clone(),
             netns,
-            netns_cookie: cookie,
-        });
+            cookie,
+            self.proxy.agent_mark(),
+        ));
         let accept_loop = self
             .runtime
             .spawn(Arc::clone(&self.proxy).serve_pod(listener, context));

@@ -6,6 +6,7 @@
 //! engine reads; `admin` only reads snapshots.
 
 pub mod admin;
+pub mod cli;
 pub mod config;
 pub mod discovery;
 pub mod engine;
@@ -13,4 +14,5 @@ pub mod enrollment;
 pub mod proxy;
 pub mod redirect;
 pub mod run;
+pub mod state;
 pub mod telemetry;

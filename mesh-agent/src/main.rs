@@ -36,6 +36,26 @@ Enroll or unenroll at run time through the admin API:
     #[command(after_help = "Examples:
   mesh-agent validate -f deploy/examples/canary/2-vs-v1_and_v2_90_10.yml
   mesh-agent validate -f deploy/examples/destination-rules.yml -f deploy/examples/canary/")]
+    /// Apply Istio/Kubernetes objects to a running agent (local mode), like `kubectl apply -f`.
+    /// All objects of a file take effect together, or none if any is invalid.
+    #[command(after_help = "Examples:
+  mesh-agent apply -f deploy/examples/destination-rules.yml
+  mesh-agent apply -f deploy/examples/canary/2-vs-v1_and_v2_90_10.yml")]
+    Apply(ChangeArgs),
+    /// Delete the objects named in files from a running agent (local mode).
+    Delete(ChangeArgs),
+    /// List the objects in force: `get vs`, `get dr service-c -o yaml`, `get all`.
+    Get {
+        /// Kind: VirtualService (vs), DestinationRule (dr), Gateway (gw), Service (svc),
+        /// EndpointSlice, Pod, or `all`.
+        kind: String,
+        name: Option<String>,
+        /// `yaml` prints the objects; otherwise a table.
+        #[arg(short = 'o', long = "output")]
+        output: Option<String>,
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin: SocketAddr,
+    },
     Validate {
         /// A file or a folder (read recursively); repeat to validate several as one set.
         #[arg(
@@ -74,6 +94,20 @@ struct RunArgs {
     /// Seconds connections in flight may take to finish after SIGTERM.
     #[arg(long, default_value_t = 5)]
     drain_seconds: u64,
+    /// Local mode: a folder of Service, EndpointSlice, Pod, VirtualService, DestinationRule and
+    /// Gateway YAML. Watched: changes apply within a second; invalid ones are rejected.
+    #[arg(long, value_name = "DIR")]
+    config: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct ChangeArgs {
+    /// A file or a folder of YAML/JSON; repeatable, applied in order.
+    #[arg(short = 'f', long = "filename", value_name = "FILE|DIR", required = true)]
+    files: Vec<PathBuf>,
+    /// The agent's admin API.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin: SocketAddr,
 }
 
 fn parse_u32(s: &str) -> Result<u32, String> {
@@ -102,6 +136,14 @@ fn main() -> ExitCode {
                 }
             };
         }
+        Command::Apply(args) => mesh_agent::cli::change(args.admin, &args.files, false),
+        Command::Delete(args) => mesh_agent::cli::change(args.admin, &args.files, true),
+        Command::Get {
+            kind,
+            name,
+            output,
+            admin,
+        } => mesh_agent::cli::get(admin, &kind, name.as_deref(), output.as_deref() == Some("yaml")),
         Command::Run(args) => run::run(run::Settings {
             cgroup: args.cgroup,
             enroll: args.enroll,
@@ -111,6 +153,7 @@ fn main() -> ExitCode {
             workers: args.workers.max(1),
             access_log: args.access_log,
             drain: Duration::from_secs(args.drain_seconds),
+            config: args.config,
         }),
     };
     match result {

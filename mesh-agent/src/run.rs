@@ -15,7 +15,9 @@ use crate::{
     admin::{self, AdminState},
     enrollment::{Enrollments, PodSpec},
     proxy::Proxy,
+    engine::EngineSettings,
     redirect::Redirect,
+    state::{self, Store},
     telemetry::AccessLog,
 };
 
@@ -32,6 +34,8 @@ pub struct Settings {
     pub access_log: bool,
     /// How long connections in flight may take to finish after SIGTERM.
     pub drain: Duration,
+    /// Local mode: folder of Kubernetes-shaped YAML (services, endpoints, mesh rules).
+    pub config: Option<PathBuf>,
 }
 
 pub fn run(settings: Settings) -> Result<()> {
@@ -47,8 +51,16 @@ pub fn run(settings: Settings) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the data-path runtime")?;
+    let store = Arc::new(
+        Store::open(settings.config.clone(), EngineSettings::default()).map_err(|diagnostics| {
+            let lines: Vec<String> = diagnostics.iter().map(|d| format!("  {}: {d}", d.severity)).collect();
+            anyhow::anyhow!("the config folder is invalid:\n{}", lines.join("\n"))
+        })?,
+    );
+    let _watcher = state::watch(Arc::clone(&store)).context("watching the config folder")?;
     let proxy = Arc::new(Proxy::new(
         Arc::clone(&redirect),
+        Arc::clone(&store),
         settings.agent_mark,
         AccessLog::new(settings.access_log),
     ));
@@ -64,6 +76,7 @@ pub fn run(settings: Settings) -> Result<()> {
     let state = Arc::new(AdminState {
         redirect: Arc::clone(&redirect),
         enrollments: Arc::clone(&enrollments),
+        store: Arc::clone(&store),
         ready: Default::default(),
     });
     let admin = admin::spawn(settings.admin, Arc::clone(&state))

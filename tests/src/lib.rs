@@ -31,6 +31,7 @@
 pub mod agent;
 mod cgroup;
 mod cleanup;
+pub mod mesh_config;
 mod netns;
 mod process;
 mod simnode;
@@ -41,6 +42,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 
 pub use agent::Agent;
+pub use mesh_config::{Backend, ConfigDir};
 pub use cgroup::cgroup2_mount;
 pub use cleanup::{leftovers, leftovers_of, sweep_all_stale};
 pub use process::{set_echo, OutputLines, PodProcess};

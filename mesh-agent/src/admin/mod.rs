@@ -1,6 +1,8 @@
 //! The admin API: health, readiness, kernel counters and run-time enrollment. Served on its own
 //! thread and runtime so it answers even when the data path is saturated.
 
+pub mod client;
+
 use std::{
     convert::Infallible,
     net::SocketAddr,
@@ -21,13 +23,17 @@ use tokio::net::TcpListener;
 use tracing::warn;
 
 use crate::{
+    config::Diagnostic,
+    discovery::local::ObjectKey,
     enrollment::{Enrollments, PodSpec},
     redirect::Redirect,
+    state::Store,
 };
 
 pub struct AdminState {
     pub redirect: Arc<Redirect>,
     pub enrollments: Arc<Enrollments>,
+    pub store: Arc<Store>,
     pub ready: AtomicBool,
 }
 
@@ -93,7 +99,13 @@ async fn serve(listener: std::net::TcpListener, state: Arc<AdminState>) {
 #[derive(Deserialize)]
 struct EnrollRequest {
     name: String,
+    #[serde(default = "default_namespace")]
+    namespace: String,
     netns: std::path::PathBuf,
+}
+
+fn default_namespace() -> String {
+    "default".to_owned()
 }
 
 async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -109,6 +121,21 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byte
         }
         (Method::GET, "/stats") => json_response(StatusCode::OK, &stats(state)),
         (Method::GET, "/pods") => json_response(StatusCode::OK, &state.enrollments.list()),
+        (Method::GET, "/config_dump") => json_response(StatusCode::OK, &config_dump(state)),
+        (Method::POST, "/apply") | (Method::POST, "/delete") => {
+            let label = query_param(req.uri(), "file").unwrap_or_else(|| "admin-api".to_owned());
+            let body = match req.into_body().collect().await {
+                Ok(body) => body.to_bytes(),
+                Err(error) => return text(StatusCode::BAD_REQUEST, &format!("{error}\n")),
+            };
+            let text_body = String::from_utf8_lossy(&body);
+            let result = if path == "/apply" {
+                state.store.apply(&label, &text_body)
+            } else {
+                state.store.delete(&label, &text_body)
+            };
+            change_response(result)
+        }
         (Method::POST, "/pods") => {
             let body = match req.into_body().collect().await {
                 Ok(body) => body.to_bytes(),
@@ -125,6 +152,7 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byte
             };
             let spec = PodSpec {
                 name: request.name,
+                namespace: request.namespace,
                 netns: request.netns,
             };
             match state.enrollments.enroll(&spec) {
@@ -140,6 +168,45 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byte
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+fn query_param(uri: &http::Uri, name: &str) -> Option<String> {
+    uri.query()?.split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=')?;
+        (key == name).then(|| value.replace("%2F", "/").replace("%20", " "))
+    })
+}
+
+/// The answer to `apply`/`delete`: what changed, or every diagnostic and nothing changed.
+fn change_response(result: Result<(u64, Vec<ObjectKey>), Vec<Diagnostic>>) -> Response<Full<Bytes>> {
+    let lines = |diagnostics: &[Diagnostic]| -> Vec<String> {
+        diagnostics.iter().map(|d| format!("{}: {d}", d.severity)).collect()
+    };
+    match result {
+        Ok((version, keys)) => json_response(
+            StatusCode::OK,
+            &json!({ "version": version, "objects": keys.iter().map(ToString::to_string).collect::<Vec<_>>() }),
+        ),
+        Err(diagnostics) => json_response(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            &json!({ "diagnostics": lines(&diagnostics) }),
+        ),
+    }
+}
+
+/// The config in force: every object with its identity, and the warnings it was loaded with.
+fn config_dump(state: &AdminState) -> serde_json::Value {
+    let snapshot = state.store.snapshot();
+    let objects: Vec<&serde_json::Value> = snapshot.objects.values().collect();
+    json!({
+        "version": snapshot.version,
+        "objects": objects,
+        "warnings": snapshot.warnings.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "reloads": {
+            "ok": state.store.reloads.ok.load(Ordering::Relaxed),
+            "rejected": state.store.reloads.rejected.load(Ordering::Relaxed),
+        },
+    })
 }
 
 fn stats(state: &AdminState) -> serde_json::Value {

@@ -1724,3 +1724,49 @@ fn several_destination_rules_for_a_host_merge_their_subsets() {
     );
     assert_eq!(f.picks(f.t0, 4), vec![addr(2, 1); 4]);
 }
+
+#[test]
+fn the_engine_is_shared_by_concurrent_tasks() {
+    fn shareable<T: Send + Sync + Clone + 'static>() {}
+    fn movable<T: Send + 'static>() {}
+    shareable::<Engine>();
+    movable::<RequestPlan>();
+    movable::<Attempt>();
+    movable::<Permit>();
+
+    let f = pooled(ConnectionPool {
+        http: HttpPool {
+            http2_max_requests: Some(2),
+            ..HttpPool::default()
+        },
+        ..ConnectionPool::default()
+    });
+    let admitted = std::sync::atomic::AtomicU64::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                for _ in 0..1_000 {
+                    let mut plan = f.route(&get("service-c", "/")).unwrap();
+                    if let Ok(a) = plan.next_attempt(f.t0) {
+                        admitted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        plan.report(a, Outcome::status(200), f.t0);
+                    }
+                }
+            });
+        }
+    });
+    assert!(admitted.into_inner() > 0);
+    // Every slot came back: the limit's two slots are free again.
+    let mut plans: Vec<RequestPlan> = (0..3)
+        .map(|_| f.route(&get("service-c", "/")).unwrap())
+        .collect();
+    let held: Vec<_> = plans[..2]
+        .iter_mut()
+        .map(|p| p.next_attempt(f.t0).unwrap())
+        .collect();
+    assert_eq!(
+        plans[2].next_attempt(f.t0).unwrap_err(),
+        EngineError::Overflow
+    );
+    drop(held);
+}

@@ -1,32 +1,61 @@
 //! The agent's data path: in-pod listeners accept redirected connections, look up where each
-//! was going, and forward it from the pod's own network namespace.
+//! was going, and carry it there from the pod's own network namespace: through the L7 engine
+//! when it is HTTP to a known service, as opaque bytes otherwise.
 
+mod detect;
+pub mod http;
+mod smuggling;
 mod tcp;
-mod upstream;
+pub mod upstream;
 
 use std::{
     io,
     net::{SocketAddr, SocketAddrV4},
     sync::Arc,
+    time::Duration,
 };
 
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
 use crate::{
+    discovery::Protocol,
     redirect::{netns::NetNs, Redirect},
+    state::Store,
     telemetry::AccessLog,
 };
+use detect::Detected;
+use upstream::UpstreamClients;
+
+/// How long to wait for a client's first bytes on a port that declares no protocol.
+const DETECT_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// What the proxy knows about the pod a listener serves.
 pub struct PodContext {
     pub name: String,
-    pub netns: NetNs,
+    /// Short host names in rules and requests resolve against it.
+    pub namespace: String,
+    pub netns: Arc<NetNs>,
     pub netns_cookie: u64,
+    pub clients: UpstreamClients,
+}
+
+impl PodContext {
+    pub fn new(name: String, namespace: String, netns: NetNs, netns_cookie: u64, mark: u32) -> Self {
+        let netns = Arc::new(netns);
+        PodContext {
+            clients: UpstreamClients::new(Arc::clone(&netns), mark),
+            name,
+            namespace,
+            netns,
+            netns_cookie,
+        }
+    }
 }
 
 pub struct Proxy {
     redirect: Arc<Redirect>,
+    store: Arc<Store>,
     agent_mark: u32,
     access_log: AccessLog,
 }
@@ -45,12 +74,17 @@ pub fn listen_in(netns: &NetNs, addr: SocketAddrV4) -> io::Result<TcpListener> {
 }
 
 impl Proxy {
-    pub fn new(redirect: Arc<Redirect>, agent_mark: u32, access_log: AccessLog) -> Self {
+    pub fn new(redirect: Arc<Redirect>, store: Arc<Store>, agent_mark: u32, access_log: AccessLog) -> Self {
         Proxy {
             redirect,
+            store,
             agent_mark,
             access_log,
         }
+    }
+
+    pub fn agent_mark(&self) -> u32 {
+        self.agent_mark
     }
 
     /// Accepts the pod's redirected connections until the task is aborted (unenroll).
@@ -75,6 +109,34 @@ impl Proxy {
             debug!(pod = %pod.name, %peer, "connection without an original destination");
             return;
         };
+        let _ = stream.set_nodelay(true);
+        let target = self
+            .store
+            .snapshot()
+            .discovered
+            .service_at(original.into())
+            .cloned();
+        if let Some(target) = target {
+            let is_http = match target.protocol {
+                Protocol::Tcp => false,
+                Protocol::Http | Protocol::Http2 | Protocol::Grpc => true,
+                Protocol::Detect => matches!(
+                    detect::detect(&stream, DETECT_TIMEOUT).await,
+                    Detected::Http1 | Detected::Http2
+                ),
+            };
+            if is_http {
+                let conn = http::HttpConn {
+                    service_authority: format!("{}:{}", target.service.fqdn, target.port),
+                    pod,
+                    target,
+                    original,
+                    store: Arc::clone(&self.store),
+                    verdicts: Default::default(),
+                };
+                return http::serve(stream, Arc::new(conn)).await;
+            }
+        }
         tcp::forward(self, stream, peer, original, &pod).await;
     }
 }

@@ -1,11 +1,32 @@
 //! Upstream connections, made from the source pod's network namespace so the pod's own IP is
-//! the source, and marked so the kernel programs never redirect them.
+//! the source, and marked so the kernel programs never redirect them. HTTP upstreams are pooled
+//! per endpoint by hyper's client (one pool per source pod).
 
-use std::{io, net::SocketAddr};
+use std::{
+    future::Future,
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
 
+use bytes::Bytes;
+use http::Uri;
+use http_body_util::combinators::BoxBody;
+use hyper_util::{
+    client::legacy::Client,
+    rt::{TokioExecutor, TokioIo},
+};
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::redirect::netns::NetNs;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The body type of every request and response the proxy sends.
+pub type ProxyBody = BoxBody<Bytes, BoxError>;
+pub type HttpClient = Client<PodConnector, ProxyBody>;
 
 pub async fn connect(netns: &NetNs, mark: u32, addr: SocketAddr) -> io::Result<TcpStream> {
     let socket = netns.run(|| {
@@ -19,4 +40,54 @@ pub async fn connect(netns: &NetNs, mark: u32, addr: SocketAddr) -> io::Result<T
     TcpSocket::from_std_stream(socket.into())
         .connect(addr)
         .await
+}
+
+/// Dials `http://IP:PORT` URIs from a pod's namespace.
+#[derive(Clone)]
+pub struct PodConnector {
+    netns: Arc<NetNs>,
+    mark: u32,
+}
+
+impl tower::Service<Uri> for PodConnector {
+    type Response = TokioIo<TcpStream>;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let netns = Arc::clone(&self.netns);
+        let mark = self.mark;
+        Box::pin(async move {
+            let addr: SocketAddr = uri
+                .authority()
+                .and_then(|a| a.as_str().parse().ok())
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "endpoint URI"))?;
+            connect(&netns, mark, addr).await.map(TokioIo::new)
+        })
+    }
+}
+
+/// A source pod's HTTP clients: keep-alive pools per endpoint, HTTP/1.1 and HTTP/2.
+pub struct UpstreamClients {
+    pub http1: HttpClient,
+    pub http2: HttpClient,
+}
+
+impl UpstreamClients {
+    pub fn new(netns: Arc<NetNs>, mark: u32) -> Self {
+        let connector = PodConnector { netns, mark };
+        let builder = || {
+            let mut builder = Client::builder(TokioExecutor::new());
+            builder.pool_idle_timeout(Duration::from_secs(60));
+            builder
+        };
+        UpstreamClients {
+            http1: builder().build(connector.clone()),
+            http2: builder().http2_only(true).build(connector),
+        }
+    }
 }

@@ -39,6 +39,7 @@ use prometheus_client::{
 };
 
 use super::otlp::ExportStats;
+use crate::engine::{EngineMetrics, ResponseFlags};
 
 /// `Content-Type` of [`Metrics::encode`] (OpenMetrics text, which Prometheus prefers).
 pub const OPENMETRICS_CONTENT_TYPE: &str =
@@ -130,6 +131,31 @@ impl ServiceIdentity {
 pub trait FlagsLabel: fmt::Display {
     fn key(&self) -> u32;
 }
+
+/// The engine's flags, keyed by the flags they contain.
+impl FlagsLabel for ResponseFlags {
+    fn key(&self) -> u32 {
+        // Built from the public constants: a flag added to the engine must be added here, or
+        // sets differing only by it would share a series (a test checks every known one).
+        ENGINE_FLAGS
+            .iter()
+            .enumerate()
+            .filter(|(_, flag)| self.contains(**flag))
+            .fold(0, |key, (bit, _)| key | 1 << bit)
+    }
+}
+
+const ENGINE_FLAGS: [ResponseFlags; 9] = [
+    ResponseFlags::UH,
+    ResponseFlags::UF,
+    ResponseFlags::UO,
+    ResponseFlags::URX,
+    ResponseFlags::UT,
+    ResponseFlags::NR,
+    ResponseFlags::FI,
+    ResponseFlags::DI,
+    ResponseFlags::UC,
+];
 
 /// No response flags: `-`.
 #[derive(Clone, Copy, Debug, Default)]
@@ -530,6 +556,16 @@ impl Metrics {
             .decisions
             .write()
             .unwrap_or_else(PoisonError::into_inner) = Some(source);
+    }
+
+    /// Serves the engine's own counters as `mesh_engine_events_total{event}` (no per-service
+    /// label: the engine counts globally), read at each scrape.
+    pub fn register_engine(&self, engine: Arc<EngineMetrics>) {
+        *self
+            .scraped
+            .engine
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Some(engine);
     }
 
     /// Serves `mesh_trace_spans_total{outcome="exported"|"dropped"|"failed"}` from the span
@@ -979,6 +1015,7 @@ impl Drop for TcpConnectionMetrics {
 struct ScrapeTimeCollector {
     decisions: RwLock<Option<DecisionSource>>,
     spans: RwLock<Option<Arc<ExportStats>>>,
+    engine: RwLock<Option<Arc<EngineMetrics>>>,
 }
 
 impl fmt::Debug for ScrapeTimeCollector {
@@ -1019,6 +1056,35 @@ impl Collector for ScrapeTimeCollector {
                 &source(),
             )?;
         }
+        let engine = self.engine.read().unwrap_or_else(PoisonError::into_inner);
+        if let Some(engine) = engine.as_ref() {
+            let get = EngineMetrics::get;
+            Self::encode_counters(
+                &mut encoder,
+                "mesh_engine_events",
+                "Decisions of the L7 engine, by kind",
+                "event",
+                &[
+                    ("request", get(&engine.requests)),
+                    ("no_route", get(&engine.no_route)),
+                    ("no_healthy_upstream", get(&engine.no_healthy_upstream)),
+                    ("ejection", get(&engine.ejections)),
+                    ("ejection_overflow", get(&engine.ejections_overflow)),
+                    ("unejection", get(&engine.unejections)),
+                    ("panic_routing", get(&engine.panic_routing)),
+                    ("retry", get(&engine.retries)),
+                    (
+                        "retry_budget_exhausted",
+                        get(&engine.retry_budget_exhausted),
+                    ),
+                    ("retry_overflow", get(&engine.retry_overflow)),
+                    ("pool_overflow", get(&engine.pool_overflow)),
+                    ("fault_abort", get(&engine.fault_aborts)),
+                    ("fault_delay", get(&engine.fault_delays)),
+                    ("mirrored", get(&engine.mirrored)),
+                ],
+            )?;
+        }
         let spans = self.spans.read().unwrap_or_else(PoisonError::into_inner);
         if let Some(stats) = spans.as_ref() {
             Self::encode_counters(
@@ -1034,5 +1100,68 @@ impl Collector for ScrapeTimeCollector {
             )?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engine_flags_keys_are_one_to_one_with_their_text() {
+        let mut seen = HashMap::new();
+        for bits in 0u32..(1 << ENGINE_FLAGS.len()) {
+            let flags = ENGINE_FLAGS
+                .iter()
+                .enumerate()
+                .filter(|(bit, _)| bits & (1 << bit) != 0)
+                .fold(ResponseFlags::NONE, |set, (_, flag)| set | *flag);
+            assert_eq!(flags.key(), bits);
+            assert!(seen.insert(flags.to_string(), bits).is_none(), "{flags}");
+        }
+        assert_eq!(ResponseFlags::NONE.key(), NoFlags.key());
+        assert_eq!(ResponseFlags::NONE.to_string(), NoFlags.to_string());
+    }
+
+    #[test]
+    fn engine_counters_are_read_at_scrape_time() {
+        let metrics = Metrics::default();
+        let engine = Arc::new(EngineMetrics::default());
+        metrics.register_engine(Arc::clone(&engine));
+        engine.retries.fetch_add(4, Ordering::Relaxed);
+        let text = metrics.encode_prometheus();
+        assert!(
+            text.contains("mesh_engine_events_total{event=\"retry\"} 4"),
+            "{text}"
+        );
+        assert!(text.contains("mesh_engine_events_total{event=\"ejection\"} 0"));
+    }
+
+    #[test]
+    fn workload_identity_reads_istio_labels() {
+        let labels = BTreeMap::from([
+            ("app.kubernetes.io/name".to_owned(), "reviews".to_owned()),
+            ("version".to_owned(), "v2".to_owned()),
+        ]);
+        let id = WorkloadIdentity::from_pod_labels("reviews-v2", "bookinfo", &labels);
+        assert_eq!((id.app.as_str(), id.version.as_str()), ("reviews", "v2"));
+        let bare = WorkloadIdentity::from_pod_labels("x", "default", &BTreeMap::new());
+        assert_eq!(
+            (bare.app.as_str(), bare.version.as_str()),
+            ("unknown", "unknown")
+        );
+    }
+
+    #[test]
+    fn the_same_labels_intern_to_one_peer() {
+        let metrics = Metrics::default();
+        let source = WorkloadIdentity::from_pod_labels("a", "default", &BTreeMap::new());
+        let service = ServiceIdentity::new("b", "default");
+        let first = metrics.peer_labels(&source, Some(&service), None);
+        let second = metrics.peer_labels(&source, Some(&service), None);
+        assert!(Arc::ptr_eq(&first, &second));
+        assert_eq!(first.destination_service(), "b.default.svc.cluster.local");
+        let unknown = metrics.peer_labels(&source, None, None);
+        assert_eq!(unknown.destination_service(), "unknown");
     }
 }

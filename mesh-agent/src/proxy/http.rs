@@ -1,0 +1,357 @@
+//! L7: every request on a redirected HTTP connection (HTTP/1.1 keep-alive, or HTTP/2 with prior
+//! knowledge, gRPC included) is decided by the engine and carried out here: fault, rewrites,
+//! tries with per-try deadlines and backoff, mirroring, and Envoy-style local replies.
+
+use std::{
+    convert::Infallible,
+    net::{IpAddr, SocketAddr, SocketAddrV4},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{
+    header::{self, HeaderMap, HeaderName, HeaderValue},
+    request::Parts,
+    Request, Response, StatusCode, Uri, Version,
+};
+use http_body_util::{BodyExt, Empty, Full, Limited};
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::conn::auto,
+};
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use super::{
+    smuggling::{Guarded, Verdicts},
+    upstream::{BoxError, HttpClient, ProxyBody},
+    PodContext,
+};
+use crate::{
+    discovery::ServiceTarget,
+    engine::{EngineError, Outcome, RequestInfo, RequestPlan, Verdict},
+    state::Store,
+};
+
+/// Largest request head accepted; larger gets 431 (Envoy's default is 60 KiB too).
+pub const MAX_HEADER_BYTES: usize = 60 * 1024;
+/// Bodies up to this size are buffered so the request can be retried and mirrored.
+const MAX_REPLAY_BODY: u64 = 64 * 1024;
+
+/// One redirected connection to a known service port.
+pub struct HttpConn {
+    pub pod: Arc<PodContext>,
+    pub target: ServiceTarget,
+    pub original: SocketAddrV4,
+    pub store: Arc<Store>,
+    /// `fqdn:port`, the authority used for routing when the client sent an IP as `Host`.
+    pub service_authority: String,
+    pub verdicts: Verdicts,
+}
+
+pub async fn serve(stream: TcpStream, conn: Arc<HttpConn>) {
+    let io = TokioIo::new(Guarded::new(stream, conn.verdicts.clone()));
+    let service = service_fn(move |req| {
+        let conn = Arc::clone(&conn);
+        async move { Ok::<_, Infallible>(conn.handle(req).await) }
+    });
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .max_buf_size(MAX_HEADER_BYTES)
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(60));
+    if let Err(error) = builder
+        .serve_connection(io, service)
+        .await
+    {
+        debug!(%error, "downstream HTTP connection ended with an error");
+    }
+}
+
+/// How the request body travels: buffered (replayable) or streamed once.
+enum RequestBody {
+    Buffered(Bytes),
+    Streamed(Option<Incoming>),
+}
+
+impl RequestBody {
+    fn for_try(&mut self) -> ProxyBody {
+        match self {
+            RequestBody::Buffered(bytes) if bytes.is_empty() => empty(),
+            RequestBody::Buffered(bytes) => full(bytes.clone()),
+            RequestBody::Streamed(body) => match body.take() {
+                Some(body) => body.map_err(BoxError::from).boxed(),
+                None => empty(),
+            },
+        }
+    }
+}
+
+impl HttpConn {
+    async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        if let Some(ambiguity) = self.verdicts.next() {
+            let mut response = local_reply(StatusCode::BAD_REQUEST, ambiguity.reason());
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return response;
+        }
+        let snapshot = self.store.snapshot();
+        let (mut parts, body) = req.into_parts();
+        let mut body = match buffer(body).await {
+            Ok(body) => body,
+            Err(status) => return local_reply(status, "request body could not be read"),
+        };
+        strip_hop_by_hop(&mut parts.headers);
+        let authority = routing_authority(&parts, &self.service_authority);
+        let info = RequestInfo {
+            method: &parts.method,
+            uri: &parts.uri,
+            authority,
+            headers: &parts.headers,
+            port: self.original.port(),
+            gateway: None,
+            namespace: &self.pod.namespace,
+            replayable: matches!(body, RequestBody::Buffered(_)),
+        };
+        let mut plan = match snapshot.engine.route(&info, Instant::now()) {
+            Ok(plan) => plan,
+            Err(error) => return engine_reply(&error),
+        };
+        if let Some(delay) = plan.delay() {
+            tokio::time::sleep(delay).await;
+        }
+        plan.rewrite_request(&mut parts);
+        self.mirror(&mut plan, &parts, &body);
+        let client = match parts.version {
+            Version::HTTP_2 => &self.pod.clients.http2,
+            _ => &self.pod.clients.http1,
+        };
+        loop {
+            let attempt = match plan.next_attempt(Instant::now()) {
+                Ok(attempt) => attempt,
+                Err(error) => return engine_reply(&error),
+            };
+            let request = upstream_request(&parts, attempt.endpoint(), body.for_try());
+            let (outcome, response) = send(client, request, attempt.deadline()).await;
+            match plan.report(attempt, outcome, Instant::now()) {
+                Verdict::Forward => {
+                    let Some(response) = response else {
+                        return engine_reply(&EngineError::UpstreamReset);
+                    };
+                    let (mut head, body) = response.into_parts();
+                    strip_hop_by_hop(&mut head.headers);
+                    plan.rewrite_response(&mut head.headers);
+                    return Response::from_parts(head, body.map_err(BoxError::from).boxed());
+                }
+                Verdict::RetryAt(at) => {
+                    drop(response);
+                    tokio::time::sleep_until(at.into()).await;
+                }
+                Verdict::Fail(error) => return engine_reply(&error),
+            }
+        }
+    }
+
+    /// Sends a copy to the mirror destination, if the engine picked one; the answer is ignored.
+    fn mirror(&self, plan: &mut RequestPlan, parts: &Parts, body: &RequestBody) {
+        let RequestBody::Buffered(bytes) = body else {
+            return;
+        };
+        let Some(endpoint) = plan.mirror_endpoint(Instant::now()) else {
+            return;
+        };
+        let mut request = upstream_request(parts, endpoint, full(bytes.clone()));
+        // Envoy marks shadowed requests by suffixing the host.
+        if let Some(host) = request.headers().get(header::HOST).and_then(|h| h.to_str().ok()) {
+            if let Ok(shadow) = HeaderValue::from_str(&format!("{host}-shadow")) {
+                request.headers_mut().insert(header::HOST, shadow);
+            }
+        }
+        let client = self.pod.clients.http1.clone();
+        tokio::spawn(async move {
+            let _ = client.request(request).await;
+        });
+    }
+}
+
+/// Runs one try until its deadline.
+async fn send(
+    client: &HttpClient,
+    request: Request<ProxyBody>,
+    deadline: Option<Instant>,
+) -> (Outcome, Option<Response<Incoming>>) {
+    let sent = client.request(request);
+    let result = match deadline {
+        Some(deadline) => match tokio::time::timeout_at(deadline.into(), sent).await {
+            Ok(result) => result,
+            Err(_) => return (Outcome::Timeout, None),
+        },
+        None => sent.await,
+    };
+    match result {
+        Ok(response) => {
+            let grpc_status = response
+                .headers()
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok()?.parse().ok());
+            let outcome = Outcome::Response {
+                status: response.status().as_u16(),
+                grpc_status,
+            };
+            (outcome, Some(response))
+        }
+        Err(error) if error.is_connect() => (Outcome::ConnectFailure, None),
+        Err(error) => {
+            debug!(%error, "upstream reset before the response");
+            (Outcome::Reset, None)
+        }
+    }
+}
+
+/// Buffers a small body so it can be replayed; a large or unbounded one is streamed once.
+async fn buffer(body: Incoming) -> Result<RequestBody, StatusCode> {
+    use hyper::body::Body;
+    if body.is_end_stream() {
+        return Ok(RequestBody::Buffered(Bytes::new()));
+    }
+    match body.size_hint().upper() {
+        Some(len) if len <= MAX_REPLAY_BODY => Limited::new(body, MAX_REPLAY_BODY as usize)
+            .collect()
+            .await
+            .map(|collected| RequestBody::Buffered(collected.to_bytes()))
+            .map_err(|_| StatusCode::BAD_REQUEST),
+        _ => Ok(RequestBody::Streamed(Some(body))),
+    }
+}
+
+/// The authority the engine routes on: the client's, unless it named an IP (then the service).
+fn routing_authority<'a>(parts: &'a Parts, service_authority: &'a str) -> &'a str {
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| parts.headers.get(header::HOST)?.to_str().ok())
+        .unwrap_or("");
+    let host = authority
+        .rsplit_once(':')
+        .map_or(authority, |(host, _)| host)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    if host.is_empty() || host.parse::<IpAddr>().is_ok() {
+        service_authority
+    } else {
+        authority
+    }
+}
+
+/// The request for one try: same head, sent to the chosen endpoint.
+fn upstream_request(parts: &Parts, endpoint: SocketAddr, body: ProxyBody) -> Request<ProxyBody> {
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str());
+    let uri = Uri::builder()
+        .scheme("http")
+        .authority(endpoint.to_string())
+        .path_and_query(path)
+        .build()
+        .unwrap_or_default();
+    let mut request = Request::new(body);
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = uri;
+    *request.version_mut() = match parts.version {
+        Version::HTTP_2 => Version::HTTP_2,
+        _ => Version::HTTP_11,
+    };
+    *request.headers_mut() = parts.headers.clone();
+    if parts.version == Version::HTTP_2 {
+        // HTTP/2 carries the authority as a pseudo-header; an HTTP/1 upstream needs Host.
+        request.headers_mut().remove(header::HOST);
+    } else if !request.headers().contains_key(header::HOST) {
+        if let Some(authority) = parts.uri.authority() {
+            if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
+                request.headers_mut().insert(header::HOST, host);
+            }
+        }
+    }
+    request
+}
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1): those named in `Connection` and the fixed set.
+/// `te: trailers` survives, since gRPC over HTTP/2 requires it end to end.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+    let te_trailers = headers
+        .get(header::TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    if !te_trailers {
+        headers.remove(header::TE);
+    }
+}
+
+fn engine_reply(error: &EngineError) -> Response<ProxyBody> {
+    let status = StatusCode::from_u16(error.status()).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+    let mut response = local_reply(status, reply_text(error));
+    if let Ok(flags) = HeaderValue::from_str(&error.flags().to_string()) {
+        response
+            .headers_mut()
+            .insert(HeaderName::from_static("x-mesh-response-flags"), flags);
+    }
+    response
+}
+
+/// Envoy's wording, so users' existing runbooks and searches still match.
+fn reply_text(error: &EngineError) -> &'static str {
+    match error {
+        EngineError::NoRoute => "no route",
+        EngineError::NoHealthyUpstream => "no healthy upstream",
+        EngineError::Overflow => "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+        EngineError::PerTryTimeout | EngineError::RequestTimeout => "upstream request timeout",
+        EngineError::FaultAbort { .. } => "fault filter abort",
+        _ => "upstream connect error or disconnect/reset before headers",
+    }
+}
+
+pub fn local_reply(status: StatusCode, text: &str) -> Response<ProxyBody> {
+    let mut response = Response::new(full(Bytes::from(text.to_owned())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain"),
+    );
+    response
+}
+
+pub fn full(bytes: Bytes) -> ProxyBody {
+    Full::new(bytes).map_err(|never| match never {}).boxed()
+}
+
+fn empty() -> ProxyBody {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+

@@ -105,7 +105,7 @@ pub enum Verdict {
 }
 
 impl RequestPlan {
-    #[allow(
+    #[expect(
         clippy::too_many_arguments,
         reason = "built in one place, by Engine::route"
     )]

@@ -49,7 +49,12 @@ pub fn get(admin: SocketAddr, kind: &str, name: Option<&str>, yaml: bool) -> Res
         .as_array()
         .into_iter()
         .flatten()
-        .filter(|o| kind == "all" || o["kind"].as_str().is_some_and(|k| k.eq_ignore_ascii_case(&kind)))
+        .filter(|o| {
+            kind == "all"
+                || o["kind"]
+                    .as_str()
+                    .is_some_and(|k| k.eq_ignore_ascii_case(&kind))
+        })
         .filter(|o| name.is_none_or(|n| o["metadata"]["name"] == n))
         .collect();
     if yaml {
@@ -63,7 +68,9 @@ pub fn get(admin: SocketAddr, kind: &str, name: Option<&str>, yaml: bool) -> Res
         println!(
             "{:<18} {:<12} {}",
             object["kind"].as_str().unwrap_or("?"),
-            object["metadata"]["namespace"].as_str().unwrap_or("default"),
+            object["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or("default"),
             object["metadata"]["name"].as_str().unwrap_or("?"),
         );
     }

@@ -103,7 +103,12 @@ struct RunArgs {
 #[derive(clap::Args)]
 struct ChangeArgs {
     /// A file or a folder of YAML/JSON; repeatable, applied in order.
-    #[arg(short = 'f', long = "filename", value_name = "FILE|DIR", required = true)]
+    #[arg(
+        short = 'f',
+        long = "filename",
+        value_name = "FILE|DIR",
+        required = true
+    )]
     files: Vec<PathBuf>,
     /// The agent's admin API.
     #[arg(long, default_value = "127.0.0.1:15000")]
@@ -143,7 +148,12 @@ fn main() -> ExitCode {
             name,
             output,
             admin,
-        } => mesh_agent::cli::get(admin, &kind, name.as_deref(), output.as_deref() == Some("yaml")),
+        } => mesh_agent::cli::get(
+            admin,
+            &kind,
+            name.as_deref(),
+            output.as_deref() == Some("yaml"),
+        ),
         Command::Run(args) => run::run(run::Settings {
             cgroup: args.cgroup,
             enroll: args.enroll,

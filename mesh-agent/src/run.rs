@@ -13,9 +13,9 @@ use tracing::info;
 
 use crate::{
     admin::{self, AdminState},
+    engine::EngineSettings,
     enrollment::{Enrollments, PodSpec},
     proxy::Proxy,
-    engine::EngineSettings,
     redirect::Redirect,
     state::{self, Store},
     telemetry::AccessLog,
@@ -53,7 +53,10 @@ pub fn run(settings: Settings) -> Result<()> {
         .context("starting the data-path runtime")?;
     let store = Arc::new(
         Store::open(settings.config.clone(), EngineSettings::default()).map_err(|diagnostics| {
-            let lines: Vec<String> = diagnostics.iter().map(|d| format!("  {}: {d}", d.severity)).collect();
+            let lines: Vec<String> = diagnostics
+                .iter()
+                .map(|d| format!("  {}: {d}", d.severity))
+                .collect();
             anyhow::anyhow!("the config folder is invalid:\n{}", lines.join("\n"))
         })?,
     );

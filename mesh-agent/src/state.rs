@@ -91,7 +91,11 @@ impl Store {
     }
 
     /// `mesh-agent delete -f`.
-    pub fn delete(&self, label: &str, text: &str) -> Result<(u64, Vec<ObjectKey>), Vec<Diagnostic>> {
+    pub fn delete(
+        &self,
+        label: &str,
+        text: &str,
+    ) -> Result<(u64, Vec<ObjectKey>), Vec<Diagnostic>> {
         let mut source = self.source.lock().expect("config source lock");
         let result = source.delete(label, text);
         self.settle(result)
@@ -111,7 +115,8 @@ impl Store {
                     Instant::now(),
                 );
                 let version = current.version + 1;
-                self.current.store(Arc::new(snapshot(version, engine, loaded)));
+                self.current
+                    .store(Arc::new(snapshot(version, engine, loaded)));
                 self.reloads.ok.fetch_add(1, Ordering::Relaxed);
                 info!(version, "config in force");
                 Ok((version, keys))
@@ -149,7 +154,12 @@ fn log_warnings(warnings: &[Diagnostic]) {
 pub fn watch(store: Arc<Store>) -> notify::Result<Option<notify::RecommendedWatcher>> {
     use notify::{RecursiveMode, Watcher};
 
-    let Some(dir) = store.source.lock().expect("config source lock").dir().map(|d| d.to_path_buf())
+    let Some(dir) = store
+        .source
+        .lock()
+        .expect("config source lock")
+        .dir()
+        .map(|d| d.to_path_buf())
     else {
         return Ok(None);
     };

@@ -42,9 +42,9 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 
 pub use agent::Agent;
-pub use mesh_config::{Backend, ConfigDir};
 pub use cgroup::cgroup2_mount;
 pub use cleanup::{leftovers, leftovers_of, sweep_all_stale};
+pub use mesh_config::{Backend, ConfigDir};
 pub use process::{set_echo, OutputLines, PodProcess};
 pub use simnode::{Pod, SimNode, NODE_IP};
 

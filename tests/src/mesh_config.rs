@@ -57,7 +57,14 @@ impl ConfigDir {
 
     /// Writes `service-<name>.yml`: a `Service` at `vip:port` (port name `http`, or `tcp` when
     /// `protocol` says so), its `EndpointSlice`, and one `Pod` per backend.
-    pub fn service(&self, name: &str, vip: Ipv4Addr, port: u16, port_name: &str, backends: &[Backend<'_>]) -> Result<()> {
+    pub fn service(
+        &self,
+        name: &str,
+        vip: Ipv4Addr,
+        port: u16,
+        port_name: &str,
+        backends: &[Backend<'_>],
+    ) -> Result<()> {
         let mut text = format!(
             "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\n\
              spec:\n  clusterIP: {vip}\n  selector: {{app: {name}}}\n  ports:\n  - {{name: {port_name}, port: {port}, targetPort: {port}}}\n\
@@ -74,7 +81,11 @@ impl ConfigDir {
             );
         }
         for backend in backends {
-            let labels: Vec<String> = backend.labels.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+            let labels: Vec<String> = backend
+                .labels
+                .iter()
+                .map(|(k, v)| format!("{k}: {v}"))
+                .collect();
             let _ = write!(
                 text,
                 "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: default\n  labels: {{{}}}\nstatus: {{podIP: {}}}\n",

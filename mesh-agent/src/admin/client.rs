@@ -9,7 +9,12 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 
 /// One request to the agent's admin API: (status, body).
-pub fn request(admin: SocketAddr, method: Method, path_and_query: &str, body: String) -> Result<(StatusCode, Bytes)> {
+pub fn request(
+    admin: SocketAddr,
+    method: Method,
+    path_and_query: &str,
+    body: String,
+) -> Result<(StatusCode, Bytes)> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -178,9 +178,14 @@ fn query_param(uri: &http::Uri, name: &str) -> Option<String> {
 }
 
 /// The answer to `apply`/`delete`: what changed, or every diagnostic and nothing changed.
-fn change_response(result: Result<(u64, Vec<ObjectKey>), Vec<Diagnostic>>) -> Response<Full<Bytes>> {
+fn change_response(
+    result: Result<(u64, Vec<ObjectKey>), Vec<Diagnostic>>,
+) -> Response<Full<Bytes>> {
     let lines = |diagnostics: &[Diagnostic]| -> Vec<String> {
-        diagnostics.iter().map(|d| format!("{}: {d}", d.severity)).collect()
+        diagnostics
+            .iter()
+            .map(|d| format!("{}: {d}", d.severity))
+            .collect()
     };
     match result {
         Ok((version, keys)) => json_response(

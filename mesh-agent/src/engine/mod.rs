@@ -186,25 +186,62 @@ impl Engine {
     /// default route), weighted destination, fault and mirror choices. Errors with `NR` when
     /// nothing routes the request.
     pub fn route(&self, req: &RequestInfo<'_>, now: Instant) -> Result<RequestPlan, EngineError> {
-        let snap = &self.snap;
-        let metrics = &snap.metrics;
-        EngineMetrics::inc(&metrics.requests);
+        EngineMetrics::inc(&self.snap.metrics.requests);
         let Some((route_id, matched)) = self.match_route(req) else {
-            EngineMetrics::inc(&metrics.no_route);
+            EngineMetrics::inc(&self.snap.metrics.no_route);
             return Err(EngineError::NoRoute);
         };
+        self.plan(route_id, matched, req.port, req.replayable, true, now)
+    }
+
+    /// Decides an opaque TCP connection to a service (`authority` is `host:port` as a rule
+    /// would name it): the service's default route, so its endpoints, load balancer, outlier
+    /// detection and connect retries apply; HTTP matches, faults and mirroring do not.
+    pub fn route_tcp(
+        &self,
+        authority: &str,
+        namespace: &str,
+        port: u16,
+        now: Instant,
+    ) -> Result<RequestPlan, EngineError> {
+        let snap = &self.snap;
+        let Some(route_id) = snap
+            .table
+            .lookup(authority, namespace)
+            .and_then(|vhost| vhost.default)
+        else {
+            EngineMetrics::inc(&snap.metrics.no_route);
+            return Err(EngineError::NoRoute);
+        };
+        self.plan(route_id, UriMatched::Whole, port, true, false, now)
+    }
+
+    fn plan(
+        &self,
+        route_id: u32,
+        matched: UriMatched,
+        port: u16,
+        replayable: bool,
+        http: bool,
+        now: Instant,
+    ) -> Result<RequestPlan, EngineError> {
+        let snap = &self.snap;
+        let metrics = &snap.metrics;
         let route = &snap.routes[route_id as usize];
         let destination = route.split.pick();
         let Some(dest) = route.destinations.get(destination) else {
             EngineMetrics::inc(&metrics.no_route);
             return Err(EngineError::NoRoute);
         };
-        let cluster = dest.target.cluster(req.port);
+        let cluster = dest.target.cluster(port);
         snap.clusters[cluster as usize]
             .budget
             .record_request(snap.epoch.ticks(now));
 
-        let fault = route.fault.as_ref().map(|f| f.decide()).unwrap_or_default();
+        let fault = match &route.fault {
+            Some(fault) if http => fault.decide(),
+            _ => Default::default(),
+        };
         if fault.delay.is_some() {
             EngineMetrics::inc(&metrics.fault_delays);
         }
@@ -214,8 +251,8 @@ impl Engine {
         let mirror = route
             .mirror
             .as_ref()
-            .filter(|m| m.decide())
-            .map(|m| m.target.cluster(req.port));
+            .filter(|m| http && m.decide())
+            .map(|m| m.target.cluster(port));
         if mirror.is_some() {
             EngineMetrics::inc(&metrics.mirrored);
         }
@@ -232,7 +269,7 @@ impl Engine {
             fault.delay,
             fault.abort,
             mirror,
-            req.replayable,
+            replayable,
             rng,
         ))
     }

@@ -15,7 +15,14 @@ pub enum Detected {
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const METHODS: [&[u8]; 9] = [
-    b"GET ", b"POST ", b"PUT ", b"DELETE ", b"HEAD ", b"OPTIONS ", b"PATCH ", b"CONNECT ",
+    b"GET ",
+    b"POST ",
+    b"PUT ",
+    b"DELETE ",
+    b"HEAD ",
+    b"OPTIONS ",
+    b"PATCH ",
+    b"CONNECT ",
     b"TRACE ",
 ];
 
@@ -46,8 +53,7 @@ fn classify(bytes: &[u8]) -> Option<Detected> {
     if METHODS.iter().any(|m| bytes.starts_with(m)) {
         return Some(Detected::Http1);
     }
-    let undecided =
-        H2_PREFACE.starts_with(bytes) || METHODS.iter().any(|m| m.starts_with(bytes));
+    let undecided = H2_PREFACE.starts_with(bytes) || METHODS.iter().any(|m| m.starts_with(bytes));
     (!undecided).then_some(Detected::Other)
 }
 

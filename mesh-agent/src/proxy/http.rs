@@ -63,10 +63,7 @@ pub async fn serve(stream: TcpStream, conn: Arc<HttpConn>) {
         .max_buf_size(MAX_HEADER_BYTES)
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(60));
-    if let Err(error) = builder
-        .serve_connection(io, service)
-        .await
-    {
+    if let Err(error) = builder.serve_connection(io, service).await {
         debug!(%error, "downstream HTTP connection ended with an error");
     }
 }
@@ -166,7 +163,11 @@ impl HttpConn {
         };
         let mut request = upstream_request(parts, endpoint, full(bytes.clone()));
         // Envoy marks shadowed requests by suffixing the host.
-        if let Some(host) = request.headers().get(header::HOST).and_then(|h| h.to_str().ok()) {
+        if let Some(host) = request
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+        {
             if let Ok(shadow) = HeaderValue::from_str(&format!("{host}-shadow")) {
                 request.headers_mut().insert(header::HOST, shadow);
             }
@@ -250,10 +251,7 @@ fn routing_authority<'a>(parts: &'a Parts, service_authority: &'a str) -> &'a st
 
 /// The request for one try: same head, sent to the chosen endpoint.
 fn upstream_request(parts: &Parts, endpoint: SocketAddr, body: ProxyBody) -> Request<ProxyBody> {
-    let path = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |p| p.as_str());
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let uri = Uri::builder()
         .scheme("http")
         .authority(endpoint.to_string())
@@ -330,7 +328,9 @@ fn reply_text(error: &EngineError) -> &'static str {
     match error {
         EngineError::NoRoute => "no route",
         EngineError::NoHealthyUpstream => "no healthy upstream",
-        EngineError::Overflow => "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+        EngineError::Overflow => {
+            "upstream connect error or disconnect/reset before headers. reset reason: overflow"
+        }
         EngineError::PerTryTimeout | EngineError::RequestTimeout => "upstream request timeout",
         EngineError::FaultAbort { .. } => "fault filter abort",
         _ => "upstream connect error or disconnect/reset before headers",
@@ -340,10 +340,9 @@ fn reply_text(error: &EngineError) -> &'static str {
 pub fn local_reply(status: StatusCode, text: &str) -> Response<ProxyBody> {
     let mut response = Response::new(full(Bytes::from(text.to_owned())));
     *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain"),
-    );
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     response
 }
 
@@ -354,4 +353,3 @@ pub fn full(bytes: Bytes) -> ProxyBody {
 fn empty() -> ProxyBody {
     Empty::new().map_err(|never| match never {}).boxed()
 }
-

@@ -41,7 +41,13 @@ pub struct PodContext {
 }
 
 impl PodContext {
-    pub fn new(name: String, namespace: String, netns: NetNs, netns_cookie: u64, mark: u32) -> Self {
+    pub fn new(
+        name: String,
+        namespace: String,
+        netns: NetNs,
+        netns_cookie: u64,
+        mark: u32,
+    ) -> Self {
         let netns = Arc::new(netns);
         PodContext {
             clients: UpstreamClients::new(Arc::clone(&netns), mark),
@@ -74,7 +80,12 @@ pub fn listen_in(netns: &NetNs, addr: SocketAddrV4) -> io::Result<TcpListener> {
 }
 
 impl Proxy {
-    pub fn new(redirect: Arc<Redirect>, store: Arc<Store>, agent_mark: u32, access_log: AccessLog) -> Self {
+    pub fn new(
+        redirect: Arc<Redirect>,
+        store: Arc<Store>,
+        agent_mark: u32,
+        access_log: AccessLog,
+    ) -> Self {
         Proxy {
             redirect,
             store,
@@ -116,7 +127,7 @@ impl Proxy {
             .discovered
             .service_at(original.into())
             .cloned();
-        if let Some(target) = target {
+        if let Some(target) = &target {
             let is_http = match target.protocol {
                 Protocol::Tcp => false,
                 Protocol::Http | Protocol::Http2 | Protocol::Grpc => true,
@@ -129,7 +140,7 @@ impl Proxy {
                 let conn = http::HttpConn {
                     service_authority: format!("{}:{}", target.service.fqdn, target.port),
                     pod,
-                    target,
+                    target: target.clone(),
                     original,
                     store: Arc::clone(&self.store),
                     verdicts: Default::default(),
@@ -137,6 +148,6 @@ impl Proxy {
                 return http::serve(stream, Arc::new(conn)).await;
             }
         }
-        tcp::forward(self, stream, peer, original, &pod).await;
+        tcp::forward(self, stream, peer, original, &pod, target.as_ref()).await;
     }
 }

@@ -28,7 +28,9 @@ impl Ambiguity {
             Ambiguity::ContentLengthAndTransferEncoding => {
                 "request has both Content-Length and Transfer-Encoding"
             }
-            Ambiguity::ConflictingContentLengths => "request has conflicting Content-Length headers",
+            Ambiguity::ConflictingContentLengths => {
+                "request has conflicting Content-Length headers"
+            }
         }
     }
 }
@@ -106,12 +108,18 @@ impl<S> Guarded<S> {
                 Framing::Body(left) => {
                     let take = (*left).min(bytes.len() as u64);
                     *left -= take;
-                    (take as usize, (*left == 0).then(|| Framing::Head(Vec::new())))
+                    (
+                        take as usize,
+                        (*left == 0).then(|| Framing::Head(Vec::new())),
+                    )
                 }
                 Framing::ChunkData(left) => {
                     let take = (*left).min(bytes.len() as u64);
                     *left -= take;
-                    (take as usize, (*left == 0).then(|| Framing::ChunkSize(Vec::new())))
+                    (
+                        take as usize,
+                        (*left == 0).then(|| Framing::ChunkSize(Vec::new())),
+                    )
                 }
                 Framing::ChunkSize(line) => {
                     let (consumed, complete) = take_until(line, bytes, b"\r\n");
@@ -175,7 +183,10 @@ fn judge(head: &[u8]) -> (Option<Ambiguity>, Framing) {
         .map(|h| h.value)
         .collect();
     if !encodings.is_empty() && length.is_some() {
-        return (Some(Ambiguity::ContentLengthAndTransferEncoding), Framing::Done);
+        return (
+            Some(Ambiguity::ContentLengthAndTransferEncoding),
+            Framing::Done,
+        );
     }
     if conflicting {
         return (Some(Ambiguity::ConflictingContentLengths), Framing::Done);
@@ -201,7 +212,11 @@ fn chunk_size(line: &[u8]) -> Option<u64> {
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(polled, Poll::Ready(Ok(()))) {
@@ -213,7 +228,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -262,7 +281,12 @@ POST /d HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r
         for step in [1, 3, 7, stream.len()] {
             assert_eq!(
                 verdicts(stream, step),
-                vec![None, None, None, Some(Ambiguity::ContentLengthAndTransferEncoding)],
+                vec![
+                    None,
+                    None,
+                    None,
+                    Some(Ambiguity::ContentLengthAndTransferEncoding)
+                ],
                 "step {step}"
             );
         }
@@ -271,7 +295,8 @@ POST /d HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r
     #[test]
     fn body_text_that_looks_like_headers_is_not_judged() {
         let body = b"GET /x HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
-        let mut stream = format!("POST / HTTP/1.1\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+        let mut stream =
+            format!("POST / HTTP/1.1\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
         stream.extend_from_slice(body);
         assert_eq!(verdicts(&stream, 4), vec![None]);
     }
@@ -279,7 +304,10 @@ POST /d HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r
     #[test]
     fn conflicting_lengths_and_http2() {
         let stream = b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n";
-        assert_eq!(verdicts(stream, 5), vec![Some(Ambiguity::ConflictingContentLengths)]);
+        assert_eq!(
+            verdicts(stream, 5),
+            vec![Some(Ambiguity::ConflictingContentLengths)]
+        );
         assert_eq!(verdicts(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 4), vec![]);
     }
 }

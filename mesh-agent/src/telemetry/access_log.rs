@@ -43,6 +43,8 @@ pub struct TcpRecord<'a> {
     /// The client's local port inside its pod (the accepted socket's peer port).
     pub client_port: u16,
     pub original_dst: SocketAddrV4,
+    /// The endpoint connected to (a service VIP's chosen endpoint, or the original destination).
+    pub upstream: Option<SocketAddr>,
     /// Bytes from the client to the upstream.
     pub sent_bytes: u64,
     /// Bytes from the upstream to the client.

@@ -98,6 +98,13 @@ struct RunArgs {
     /// Gateway YAML. Watched: changes apply within a second; invalid ones are rejected.
     #[arg(long, value_name = "DIR")]
     config: Option<PathBuf>,
+    /// Export a span per proxied request over OTLP/HTTP to this collector (Jaeger accepts it),
+    /// e.g. http://jaeger-collector:4318. Tracing headers are propagated either way.
+    #[arg(long, value_name = "URL")]
+    otlp_endpoint: Option<String>,
+    /// Share of new traces sampled (0.0 to 1.0); a caller's decision is always kept.
+    #[arg(long, default_value_t = 1.0)]
+    trace_sample_ratio: f64,
 }
 
 #[derive(clap::Args)]
@@ -164,6 +171,8 @@ fn main() -> ExitCode {
             access_log: args.access_log,
             drain: Duration::from_secs(args.drain_seconds),
             config: args.config,
+            otlp_endpoint: args.otlp_endpoint,
+            trace_sample_ratio: args.trace_sample_ratio.clamp(0.0, 1.0),
         }),
     };
     match result {

@@ -18,7 +18,10 @@ use crate::{
     proxy::Proxy,
     redirect::Redirect,
     state::{self, Store},
-    telemetry::AccessLog,
+    telemetry::{
+        otlp::{OtlpConfig, SpanExporter},
+        AccessLog, Metrics, Telemetry,
+    },
 };
 
 #[derive(Clone, Debug)]
@@ -36,6 +39,10 @@ pub struct Settings {
     pub drain: Duration,
     /// Local mode: folder of Kubernetes-shaped YAML (services, endpoints, mesh rules).
     pub config: Option<PathBuf>,
+    /// OTLP/HTTP collector for spans (e.g. `http://jaeger:4318`); `None`: no export.
+    pub otlp_endpoint: Option<String>,
+    /// Share of new traces sampled, 0.0 to 1.0.
+    pub trace_sample_ratio: f64,
 }
 
 pub fn run(settings: Settings) -> Result<()> {
@@ -51,25 +58,59 @@ pub fn run(settings: Settings) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the data-path runtime")?;
+    let metrics = Arc::new(Metrics::default());
+    // Weak: the metrics must not keep the programs attached after shutdown.
+    let decisions = Arc::downgrade(&redirect);
+    metrics.register_decision_source(Box::new(move || {
+        decisions
+            .upgrade()
+            .map(|redirect| {
+                redirect
+                    .decision_counts()
+                    .iter()
+                    .map(|(decision, count)| (decision.name(), *count))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }));
     let store = Arc::new(
-        Store::open(settings.config.clone(), EngineSettings::default()).map_err(|diagnostics| {
-            let lines: Vec<String> = diagnostics
-                .iter()
-                .map(|d| format!("  {}: {d}", d.severity))
-                .collect();
-            anyhow::anyhow!("the config folder is invalid:\n{}", lines.join("\n"))
-        })?,
+        Store::open(settings.config.clone(), EngineSettings::default(), Arc::clone(&metrics))
+            .map_err(|diagnostics| {
+                let lines: Vec<String> = diagnostics
+                    .iter()
+                    .map(|d| format!("  {}: {d}", d.severity))
+                    .collect();
+                anyhow::anyhow!("the config folder is invalid:\n{}", lines.join("\n"))
+            })?,
     );
+    metrics.register_engine(store.snapshot().engine.shared_metrics());
     let _watcher = state::watch(Arc::clone(&store)).context("watching the config folder")?;
+    let (spans, span_task) = match &settings.otlp_endpoint {
+        Some(endpoint) => {
+            let config = OtlpConfig::new(endpoint, node_id())
+                .with_context(|| format!("--otlp-endpoint {endpoint}"))?;
+            let _runtime = runtime.enter();
+            let (exporter, task) = SpanExporter::start(config);
+            metrics.register_span_export(Arc::clone(exporter.stats()));
+            (Some(exporter), Some(task))
+        }
+        None => (None, None),
+    };
+    let telemetry = Arc::new(Telemetry {
+        metrics: Arc::clone(&metrics),
+        access_log: AccessLog::new(settings.access_log),
+        spans,
+        trace_sample_ratio: settings.trace_sample_ratio,
+    });
     let proxy = Arc::new(Proxy::new(
         Arc::clone(&redirect),
         Arc::clone(&store),
         settings.agent_mark,
-        AccessLog::new(settings.access_log),
+        Arc::clone(&telemetry),
     ));
     let enrollments = Arc::new(Enrollments::new(
         Arc::clone(&redirect),
-        proxy,
+        Arc::clone(&proxy),
         settings.listen,
         runtime.handle().clone(),
     ));
@@ -80,6 +121,7 @@ pub fn run(settings: Settings) -> Result<()> {
         redirect: Arc::clone(&redirect),
         enrollments: Arc::clone(&enrollments),
         store: Arc::clone(&store),
+        metrics: Arc::clone(&metrics),
         ready: Default::default(),
     });
     let admin = admin::spawn(settings.admin, Arc::clone(&state))
@@ -92,8 +134,25 @@ pub fn run(settings: Settings) -> Result<()> {
     state.ready.store(false, Ordering::Release);
     // New connections go direct from here on; those in flight get the drain period.
     enrollments.unenroll_all();
+    let drain = proxy.drain().clone();
+    drain.start();
+    let drained = runtime.block_on(async {
+        tokio::time::timeout(settings.drain, drain.wait()).await.is_ok()
+    });
+    if !drained {
+        tracing::warn!(
+            connections = drain.in_flight(),
+            "drain period over; closing connections still open"
+        );
+    }
     admin.stop();
-    runtime.shutdown_timeout(settings.drain);
+    drop(proxy);
+    drop(telemetry);
+    if let Some(task) = span_task {
+        // Every exporter is gone with the proxy: the task sends what is queued and ends.
+        let _ = runtime.block_on(tokio::time::timeout(Duration::from_secs(2), task.finish()));
+    }
+    runtime.shutdown_timeout(Duration::from_millis(100));
     drop(state);
     drop(enrollments);
     match Arc::try_unwrap(redirect) {
@@ -113,4 +172,11 @@ async fn shutdown_signal() -> Result<&'static str> {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
     })
+}
+
+/// This agent's name in spans: the node's hostname.
+fn node_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| format!("mesh-agent~{}", name.trim()))
+        .unwrap_or_else(|_| "mesh-agent".to_owned())
 }

@@ -25,6 +25,7 @@ use crate::{
         Discovered,
     },
     engine::{Engine, EngineSettings},
+    telemetry::{metrics::ReloadResult, Metrics},
 };
 
 /// Everything in force at one moment.
@@ -47,11 +48,16 @@ pub struct Store {
     current: ArcSwap<Snapshot>,
     source: Mutex<LocalSource>,
     pub reloads: ReloadCounts,
+    metrics: Arc<Metrics>,
 }
 
 impl Store {
     /// Loads the folder (if any); start-up fails on an invalid folder, naming every problem.
-    pub fn open(dir: Option<PathBuf>, settings: EngineSettings) -> Result<Store, Vec<Diagnostic>> {
+    pub fn open(
+        dir: Option<PathBuf>,
+        settings: EngineSettings,
+        metrics: Arc<Metrics>,
+    ) -> Result<Store, Vec<Diagnostic>> {
         let source = LocalSource::new(dir);
         let loaded = source.load()?;
         log_warnings(&loaded.warnings);
@@ -65,8 +71,10 @@ impl Store {
             current: ArcSwap::from_pointee(snapshot(1, engine, loaded)),
             source: Mutex::new(source),
             reloads: ReloadCounts::default(),
+            metrics,
         };
         store.reloads.ok.fetch_add(1, Ordering::Relaxed);
+        store.metrics.record_config_reload(ReloadResult::Ok);
         Ok(store)
     }
 
@@ -118,11 +126,13 @@ impl Store {
                 self.current
                     .store(Arc::new(snapshot(version, engine, loaded)));
                 self.reloads.ok.fetch_add(1, Ordering::Relaxed);
+                self.metrics.record_config_reload(ReloadResult::Ok);
                 info!(version, "config in force");
                 Ok((version, keys))
             }
             Err(diagnostics) => {
                 self.reloads.rejected.fetch_add(1, Ordering::Relaxed);
+                self.metrics.record_config_reload(ReloadResult::Rejected);
                 for diagnostic in diagnostics.iter().filter(|d| d.is_error()) {
                     warn!("config rejected, last good config stays: {diagnostic}");
                 }
@@ -179,6 +189,6 @@ pub fn watch(store: Arc<Store>) -> notify::Result<Option<notify::RecommendedWatc
                 let _ = store.reload();
             }
         })
-        .map_err(|e| notify::Error::io(e))?;
+        .map_err(notify::Error::io)?;
     Ok(Some(watcher))
 }

@@ -363,7 +363,7 @@ fn raw_exchange(mesh: &Mesh, request: &str) -> String {
     command.args(["-c", &script]);
     let mut process = mesh.node.spawn_in_pod(&mesh.client, command).unwrap();
     process.finish(TIMEOUT).unwrap();
-    process.stdout().text()
+    format!("{}{}", process.stdout().text(), process.stderr().text())
 }
 
 #[test]
@@ -407,4 +407,219 @@ fn smuggling_attempts_get_400_or_431_and_reach_no_upstream() {
     check.finish(TIMEOUT).unwrap();
     let response = &check.stdout().json_lines()[0];
     assert_eq!(response["headers"]["x-request-count"], "1", "{response}");
+}
+
+#[test]
+fn metrics_count_requests_per_version_and_code_in_prometheus_format() {
+    let mesh = mesh(&[]);
+    mesh.config
+        .copy_example("canary/2-vs-v1_and_v2_90_10.yml", "vs.yml")
+        .unwrap();
+    let agent = mesh.agent();
+    let summary = client(
+        &mesh.node,
+        &mesh.client,
+        &[
+            "get",
+            "--url",
+            "http://service-c:8080/",
+            "--count",
+            "100",
+            "--quiet",
+        ],
+    );
+    assert_eq!(count(&summary, "by_status", "200"), 100, "{summary}");
+    let (status, text) = agent.admin_get("/metrics").unwrap();
+    assert_eq!(status, 200);
+    let lines = text.lines().map(|l| Ok(l.to_owned()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("Prometheus text format");
+    let requests = |version: &str| -> f64 {
+        scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == "istio_requests_total")
+            .filter(|s| s.labels.get("destination_version") == Some(version))
+            .filter(|s| s.labels.get("response_code") == Some("200"))
+            .filter(|s| {
+                s.labels.get("destination_service") == Some("service-c.default.svc.cluster.local")
+            })
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+                _ => 0.0,
+            })
+            .sum()
+    };
+    // Exact: the split is smooth weighted round-robin.
+    assert_eq!((requests("v1"), requests("v2")), (90.0, 10.0), "{text}");
+    assert!(
+        scrape
+            .samples
+            .iter()
+            .any(|s| s.metric.starts_with("mesh_redirect_decisions")
+                && s.labels.get("decision") == Some("redirected")),
+        "{text}"
+    );
+}
+
+#[test]
+fn b3_context_continues_upstream_and_spans_are_exported_with_the_parent() {
+    use std::io::{Read, Write};
+    let mesh = mesh(&[]);
+    mesh.config
+        .copy_example("canary/1-vs-v1.yml", "vs.yml")
+        .unwrap();
+    // A collector on the node: answers 200 and hands over each export's body.
+    let (bodies, received) = std::sync::mpsc::channel::<Vec<u8>>();
+    let listener = mesh
+        .node
+        .run_on_node(|| std::net::TcpListener::bind("127.0.0.1:4318").unwrap())
+        .unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut data = Vec::new();
+            let mut buf = [0u8; 65536];
+            // Read the head, then Content-Length bytes.
+            let (head_end, length) = loop {
+                let n = stream.read(&mut buf).unwrap_or(0);
+                if n == 0 {
+                    break (None, 0);
+                }
+                data.extend_from_slice(&buf[..n]);
+                if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&data[..end]).to_lowercase();
+                    let length = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    break (Some(end + 4), length);
+                }
+            };
+            let Some(start) = head_end else { continue };
+            while data.len() < start + length {
+                let n = stream.read(&mut buf).unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
+                data.extend_from_slice(&buf[..n]);
+            }
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
+            let _ = bodies.send(data[start..].to_vec());
+        }
+    });
+    let config = mesh.config.path().to_str().unwrap().to_owned();
+    let _agent = Agent::start(
+        &mesh.node,
+        &[&mesh.client],
+        &[
+            "--config",
+            &config,
+            "--otlp-endpoint",
+            "http://127.0.0.1:4318",
+        ],
+    )
+    .unwrap();
+
+    let trace_id = "463ac35c9f6413ad48485a3953bb6124";
+    let span_id = "a2fb4a1d1a96d312";
+    let mut process = mesh
+        .node
+        .spawn_in_pod(
+            &mesh.client,
+            upstream(&[
+                "get",
+                "--url",
+                "http://service-c:8080/headers",
+                "--header",
+                &format!("x-b3-traceid: {trace_id}"),
+                "--header",
+                &format!("x-b3-spanid: {span_id}"),
+                "--header",
+                "x-b3-sampled: 1",
+                "--header",
+                "x-request-id: req-42",
+            ]),
+        )
+        .unwrap();
+    process.finish(TIMEOUT).unwrap();
+    let response = &process.stdout().json_lines()[0];
+    let seen: Value = serde_json::from_str(response["body"].as_str().unwrap()).unwrap();
+    assert_eq!(seen["x-b3-traceid"], trace_id, "{seen}");
+    assert_eq!(seen["x-b3-parentspanid"], span_id, "{seen}");
+    assert_eq!(seen["x-request-id"], "req-42", "{seen}");
+    let our_span = seen["x-b3-spanid"].as_str().unwrap().to_owned();
+    assert_ne!(our_span, span_id);
+    assert!(
+        seen["traceparent"].as_str().unwrap().contains(trace_id),
+        "{seen}"
+    );
+
+    // The exported span: same trace id, our span id, the caller's span as parent (raw bytes in
+    // the protobuf body).
+    let body = received
+        .recv_timeout(Duration::from_secs(15))
+        .expect("no span export");
+    let bytes = |hex: &str| -> Vec<u8> {
+        (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect()
+    };
+    let contains = |needle: &[u8]| body.windows(needle.len()).any(|w| w == needle);
+    assert!(contains(&bytes(trace_id)), "trace id not in the export");
+    assert!(contains(&bytes(&our_span)), "span id not in the export");
+    assert!(
+        contains(&bytes(span_id)),
+        "parent span id not in the export"
+    );
+    assert!(
+        contains(b"service-c.default.svc.cluster.local:8080/*"),
+        "span name"
+    );
+}
+
+#[test]
+fn sigterm_lets_fifty_slow_requests_finish_then_the_agent_exits() {
+    let mesh = mesh(&[]);
+    mesh.config
+        .copy_example("canary/1-vs-v1.yml", "vs.yml")
+        .unwrap();
+    let config = mesh.config.path().to_str().unwrap().to_owned();
+    let mut agent = Agent::start(
+        &mesh.node,
+        &[&mesh.client],
+        &["--config", &config, "--drain-seconds", "20"],
+    )
+    .unwrap();
+    let mut load = mesh
+        .node
+        .spawn_in_pod(
+            &mesh.client,
+            upstream(&[
+                "get",
+                "--url",
+                "http://service-c:8080/delay/2000",
+                "--count",
+                "50",
+                "--concurrency",
+                "50",
+                "--quiet",
+                "--timeout-secs",
+                "30",
+            ]),
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    agent.process().signal(libc::SIGTERM).unwrap();
+    assert!(load.finish(TIMEOUT).unwrap().success());
+    let summary = load.stdout().json_lines().pop().unwrap();
+    assert_eq!(count(&summary, "by_status", "200"), 50, "{summary}");
+    let status = agent.process().finish(TIMEOUT).unwrap();
+    assert!(status.success(), "{status}");
+    assert!(agent
+        .process()
+        .stderr()
+        .text()
+        .contains("programs detached"));
 }

@@ -28,12 +28,14 @@ use crate::{
     enrollment::{Enrollments, PodSpec},
     redirect::Redirect,
     state::Store,
+    telemetry::Metrics,
 };
 
 pub struct AdminState {
     pub redirect: Arc<Redirect>,
     pub enrollments: Arc<Enrollments>,
     pub store: Arc<Store>,
+    pub metrics: Arc<Metrics>,
     pub ready: AtomicBool,
 }
 
@@ -120,6 +122,17 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byte
             }
         }
         (Method::GET, "/stats") => json_response(StatusCode::OK, &stats(state)),
+        (Method::GET, "/metrics") | (Method::GET, "/stats/prometheus") => {
+            let accept = req.headers().get(http::header::ACCEPT).and_then(|v| v.to_str().ok());
+            state.metrics.set_enrolled_pods(state.enrollments.list().len());
+            let (content_type, body) = state.metrics.render(accept);
+            let mut response = Response::new(Full::new(Bytes::from(body)));
+            response.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static(content_type),
+            );
+            response
+        }
         (Method::GET, "/pods") => json_response(StatusCode::OK, &state.enrollments.list()),
         (Method::GET, "/config_dump") => json_response(StatusCode::OK, &config_dump(state)),
         (Method::POST, "/apply") | (Method::POST, "/delete") => {

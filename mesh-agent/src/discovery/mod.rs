@@ -16,6 +16,7 @@ use serde::Serialize;
 
 pub use objects::discover;
 
+pub use crate::telemetry::metrics::{ServiceIdentity, WorkloadIdentity};
 use crate::engine::Registry;
 
 /// Everything discovery knows at one moment.
@@ -26,6 +27,8 @@ pub struct Discovered {
     pub services: HashMap<SocketAddr, ServiceTarget>,
     /// Pod IP → the workload running there (for telemetry and subsets).
     pub workloads: HashMap<IpAddr, Arc<Workload>>,
+    /// (namespace, pod name) → the same workloads, for enrolled pods known by name.
+    pub pods: HashMap<(String, String), Arc<Workload>>,
 }
 
 impl Discovered {
@@ -36,50 +39,27 @@ impl Discovered {
     pub fn workload_at(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
         self.workloads.get(&ip)
     }
+
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<&Arc<Workload>> {
+        self.pods.get(&(namespace.to_owned(), name.to_owned()))
+    }
 }
 
 /// A service port as a client dials it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug)]
 pub struct ServiceTarget {
     pub service: Arc<ServiceIdentity>,
     pub port: u16,
     pub protocol: Protocol,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct ServiceIdentity {
-    pub name: String,
-    pub namespace: String,
-    /// `name.namespace.svc.cluster.local`.
-    pub fqdn: String,
-}
-
-/// A pod as telemetry names it, Istio style: the workload is the owning Deployment (the pod's
-/// name minus the ReplicaSet and pod hashes) or the pod itself.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+/// A pod: its name, labels (which subsets select on) and its identity as telemetry names it,
+/// Istio style (the workload is the owning Deployment, or the pod itself).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Workload {
-    pub name: String,
-    pub namespace: String,
     pub pod: String,
     pub labels: BTreeMap<String, String>,
-}
-
-impl Workload {
-    /// `app` label (Istio's canonical service falls back to it).
-    pub fn app(&self) -> &str {
-        self.labels
-            .get("app")
-            .or_else(|| self.labels.get("app.kubernetes.io/name"))
-            .map_or("unknown", String::as_str)
-    }
-
-    /// `version` label.
-    pub fn version(&self) -> &str {
-        self.labels
-            .get("version")
-            .or_else(|| self.labels.get("app.kubernetes.io/version"))
-            .map_or("unknown", String::as_str)
-    }
+    pub identity: WorkloadIdentity,
 }
 
 /// How the proxy treats a service port, decided as Istio does: `appProtocol` first, then the

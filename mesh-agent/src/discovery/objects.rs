@@ -19,7 +19,7 @@ use k8s_openapi::{
 };
 use serde::de::DeserializeOwned;
 
-use super::{Discovered, Protocol, ServiceIdentity, ServiceTarget, Workload};
+use super::{Discovered, Protocol, ServiceIdentity, ServiceTarget, Workload, WorkloadIdentity};
 use crate::{
     config::{Diagnostic, RawObject, Severity},
     engine::registry::{self, Endpoint, ServicePort},
@@ -55,19 +55,17 @@ pub fn discover(objects: &[RawObject]) -> (Discovered, Vec<Diagnostic>) {
         for ip in pod_ips(pod) {
             discovered.workloads.insert(ip, Arc::clone(&workload));
         }
-        pods_by_name.insert((workload.namespace.clone(), workload.pod.clone()), workload);
+        pods_by_name.insert((workload.identity.namespace.clone(), workload.pod.clone()), workload);
     }
+
+    discovered.pods = pods_by_name.clone();
 
     for service in &services {
         let Some(name) = service.metadata.name.clone() else {
             continue;
         };
         let namespace = namespace_of(&service.metadata.namespace);
-        let identity = Arc::new(ServiceIdentity {
-            fqdn: format!("{name}.{namespace}.{}", registry::CLUSTER_SUFFIX),
-            name: name.clone(),
-            namespace: namespace.clone(),
-        });
+        let identity = Arc::new(ServiceIdentity::new(name.clone(), namespace.clone()));
         let spec = service.spec.clone().unwrap_or_default();
         let service_ports = spec.ports.clone().unwrap_or_default();
         let own_slices: Vec<&EndpointSlice> = slices
@@ -130,7 +128,7 @@ pub fn discover(objects: &[RawObject]) -> (Discovered, Vec<Diagnostic>) {
                     endpoints.push(Endpoint {
                         ip,
                         labels: workload.map(|w| w.labels.clone()).unwrap_or_default(),
-                        workload: workload.map(|w| w.name.clone()),
+                        workload: workload.map(|w| w.identity.workload.clone()),
                     });
                 }
             }
@@ -234,11 +232,11 @@ fn workload_of(pod: &Pod) -> Option<Workload> {
         Some(o) => o.name.clone(),
         None => name.clone(),
     };
+    let labels = pod.metadata.labels.clone().unwrap_or_default();
     Some(Workload {
-        name: workload,
-        namespace: namespace_of(&pod.metadata.namespace),
+        identity: WorkloadIdentity::from_pod_labels(workload, namespace_of(&pod.metadata.namespace), &labels),
         pod: name,
-        labels: pod.metadata.labels.clone().unwrap_or_default(),
+        labels,
     })
 }
 
@@ -336,12 +334,13 @@ status: {podIP: 10.77.0.5}
         let target = discovered
             .service_at("10.96.0.30:8080".parse().unwrap())
             .unwrap();
-        assert_eq!(target.service.fqdn, "service-c.demo.svc.cluster.local");
+        assert_eq!(target.service.host, "service-c.demo.svc.cluster.local");
         assert_eq!(target.protocol, Protocol::Http);
         let workload = discovered
             .workload_at("10.77.0.4".parse().unwrap())
             .unwrap();
-        assert_eq!((workload.app(), workload.version()), ("service-c", "v1"));
+        assert_eq!((workload.identity.app.as_str(), workload.identity.version.as_str()), ("service-c", "v1"));
+        assert_eq!(workload.identity.workload, "service-c-v1");
     }
 
     #[test]

@@ -182,6 +182,11 @@ impl Engine {
         &self.snap.metrics
     }
 
+    /// The counters, shared by every snapshot reloaded from this engine (for the exporter).
+    pub fn shared_metrics(&self) -> Arc<EngineMetrics> {
+        Arc::clone(&self.snap.metrics)
+    }
+
     /// Decides a request: virtual host by authority, first matching route (or the service's
     /// default route), weighted destination, fault and mirror choices. Errors with `NR` when
     /// nothing routes the request.

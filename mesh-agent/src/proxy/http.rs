@@ -6,14 +6,14 @@ use std::{
     convert::Infallible,
     net::{IpAddr, SocketAddr, SocketAddrV4},
     sync::Arc,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use bytes::Bytes;
 use http::{
     header::{self, HeaderMap, HeaderName, HeaderValue},
     request::Parts,
-    Request, Response, StatusCode, Uri, Version,
+    Method, Request, Response, StatusCode, Uri, Version,
 };
 use http_body_util::{BodyExt, Empty, Full, Limited};
 use hyper::{body::Incoming, service::service_fn};
@@ -22,6 +22,7 @@ use hyper_util::{
     server::conn::auto,
 };
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::{
@@ -30,9 +31,15 @@ use super::{
     PodContext,
 };
 use crate::{
-    discovery::ServiceTarget,
-    engine::{EngineError, Outcome, RequestInfo, RequestPlan, Verdict},
-    state::Store,
+    discovery::{ServiceTarget, WorkloadIdentity},
+    engine::{EngineError, Outcome, RequestInfo, RequestPlan, ResponseFlags, Verdict},
+    state::{Snapshot, Store},
+    telemetry::{
+        metrics::{Protocol as MetricsProtocol, RequestOutcome},
+        otlp::ProxySpan,
+        trace::{self, SpanContext},
+        HttpRecord, Telemetry,
+    },
 };
 
 /// Largest request head accepted; larger gets 431 (Envoy's default is 60 KiB too).
@@ -46,12 +53,17 @@ pub struct HttpConn {
     pub target: ServiceTarget,
     pub original: SocketAddrV4,
     pub store: Arc<Store>,
+    pub telemetry: Arc<Telemetry>,
+    /// The calling pod as telemetry names it.
+    pub source: Arc<WorkloadIdentity>,
     /// `fqdn:port`, the authority used for routing when the client sent an IP as `Host`.
     pub service_authority: String,
     pub verdicts: Verdicts,
 }
 
-pub async fn serve(stream: TcpStream, conn: Arc<HttpConn>) {
+/// Serves the connection until the client closes it, or until `draining`: then requests in
+/// flight finish and the connection closes (HTTP/2 sends GOAWAY, HTTP/1 closes when idle).
+pub async fn serve(stream: TcpStream, conn: Arc<HttpConn>, draining: &CancellationToken) {
     let io = TokioIo::new(Guarded::new(stream, conn.verdicts.clone()));
     let service = service_fn(move |req| {
         let conn = Arc::clone(&conn);
@@ -63,7 +75,16 @@ pub async fn serve(stream: TcpStream, conn: Arc<HttpConn>) {
         .max_buf_size(MAX_HEADER_BYTES)
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(60));
-    if let Err(error) = builder.serve_connection(io, service).await {
+    let connection = builder.serve_connection(io, service);
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        _ = draining.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(error) = result {
         debug!(%error, "downstream HTTP connection ended with an error");
     }
 }
@@ -85,25 +106,79 @@ impl RequestBody {
             },
         }
     }
+
+    fn len(&self) -> u64 {
+        match self {
+            RequestBody::Buffered(bytes) => bytes.len() as u64,
+            RequestBody::Streamed(_) => 0,
+        }
+    }
+}
+
+/// What happened to a request, for metrics, the span and the access log.
+struct Report {
+    flags: ResponseFlags,
+    attempts: u32,
+    endpoint: Option<SocketAddr>,
+    cluster: String,
+    request_bytes: u64,
 }
 
 impl HttpConn {
     async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
         if let Some(ambiguity) = self.verdicts.next() {
+            // Read what the client sent (bounded) so closing does not reset the connection
+            // before it has read the answer.
+            let _ = Limited::new(req.into_body(), MAX_REPLAY_BODY as usize).collect().await;
             let mut response = local_reply(StatusCode::BAD_REQUEST, ambiguity.reason());
             response
                 .headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
             return response;
         }
+        let started = (Instant::now(), SystemTime::now());
         let snapshot = self.store.snapshot();
         let (mut parts, body) = req.into_parts();
+        let trace = trace::continue_or_start(
+            &parts.headers,
+            self.telemetry.trace_sample_ratio,
+            &mut fastrand::Rng::new(),
+        );
+        let method = parts.method.clone();
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+        let grpc = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        let mut report = Report {
+            flags: ResponseFlags::NONE,
+            attempts: 0,
+            endpoint: None,
+            cluster: String::new(),
+            request_bytes: 0,
+        };
+        let response = self
+            .forward(&snapshot, &mut parts, body, &trace, &mut report)
+            .await;
+        self.record(&snapshot, &response, &report, &trace, started, (&method, &path, grpc));
+        response
+    }
+
+    async fn forward(
+        &self,
+        snapshot: &Snapshot,
+        parts: &mut Parts,
+        body: Incoming,
+        trace: &SpanContext,
+        report: &mut Report,
+    ) -> Response<ProxyBody> {
         let mut body = match buffer(body).await {
             Ok(body) => body,
             Err(status) => return local_reply(status, "request body could not be read"),
         };
+        report.request_bytes = body.len();
         strip_hop_by_hop(&mut parts.headers);
-        let authority = routing_authority(&parts, &self.service_authority);
+        let authority = routing_authority(parts, &self.service_authority);
         let info = RequestInfo {
             method: &parts.method,
             uri: &parts.uri,
@@ -116,13 +191,18 @@ impl HttpConn {
         };
         let mut plan = match snapshot.engine.route(&info, Instant::now()) {
             Ok(plan) => plan,
-            Err(error) => return engine_reply(&error),
+            Err(error) => {
+                report.flags = error.flags();
+                return engine_reply(&error);
+            }
         };
+        report.cluster = plan.cluster_name().to_owned();
         if let Some(delay) = plan.delay() {
             tokio::time::sleep(delay).await;
         }
-        plan.rewrite_request(&mut parts);
-        self.mirror(&mut plan, &parts, &body);
+        plan.rewrite_request(parts);
+        trace::inject(trace, &mut parts.headers);
+        self.mirror(&mut plan, parts, &body);
         let client = match parts.version {
             Version::HTTP_2 => &self.pod.clients.http2,
             _ => &self.pod.clients.http1,
@@ -130,11 +210,17 @@ impl HttpConn {
         loop {
             let attempt = match plan.next_attempt(Instant::now()) {
                 Ok(attempt) => attempt,
-                Err(error) => return engine_reply(&error),
+                Err(error) => {
+                    (report.flags, report.attempts) = (plan.flags(), plan.attempts());
+                    return engine_reply(&error);
+                }
             };
-            let request = upstream_request(&parts, attempt.endpoint(), body.for_try());
+            report.endpoint = Some(attempt.endpoint());
+            let request = upstream_request(parts, attempt.endpoint(), body.for_try());
             let (outcome, response) = send(client, request, attempt.deadline()).await;
-            match plan.report(attempt, outcome, Instant::now()) {
+            let verdict = plan.report(attempt, outcome, Instant::now());
+            (report.flags, report.attempts) = (plan.flags(), plan.attempts());
+            match verdict {
                 Verdict::Forward => {
                     let Some(response) = response else {
                         return engine_reply(&EngineError::UpstreamReset);
@@ -153,6 +239,84 @@ impl HttpConn {
         }
     }
 
+    /// Metrics, span and access log for one finished request (response headers sent).
+    fn record(
+        &self,
+        snapshot: &Snapshot,
+        response: &Response<ProxyBody>,
+        report: &Report,
+        trace: &SpanContext,
+        (started, started_at): (Instant, SystemTime),
+        (method, path, grpc): (&Method, &str, bool),
+    ) {
+        let telemetry = &self.telemetry;
+        let duration = started.elapsed();
+        let status = response.status().as_u16();
+        let destination = report
+            .endpoint
+            .and_then(|e| snapshot.discovered.workload_at(e.ip()))
+            .map(|w| &w.identity);
+        let peer = telemetry
+            .metrics
+            .peer_labels(&self.source, Some(&self.target.service), destination);
+        let header_number = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        };
+        let response_bytes = header_number("content-length").unwrap_or(0);
+        telemetry.metrics.record_request(
+            &peer,
+            &RequestOutcome {
+                protocol: if grpc {
+                    MetricsProtocol::Grpc
+                } else {
+                    MetricsProtocol::Http
+                },
+                status,
+                grpc_status: header_number("grpc-status").map(|s| s as u32),
+                flags: &report.flags,
+                duration,
+                request_bytes: report.request_bytes,
+                response_bytes,
+            },
+        );
+        if let Some(spans) = &telemetry.spans {
+            spans.export(ProxySpan {
+                context: trace.clone(),
+                name: ProxySpan::envoy_name(&self.target.service.host, self.target.port),
+                service_name: Arc::from(format!("{}.{}", self.source.workload, self.source.namespace)),
+                start: started_at,
+                end: started_at + duration,
+                method: method.clone(),
+                url: format!("http://{}{path}", self.service_authority),
+                protocol: response.version(),
+                status,
+                upstream_cluster: report.cluster.clone(),
+                response_flags: report.flags.to_string(),
+                peer: report.endpoint,
+            });
+        }
+        telemetry.access_log.http(&HttpRecord {
+            source_pod: &self.pod.name,
+            source_workload: &self.source.workload,
+            destination_service: &self.target.service.host,
+            destination_subset: None,
+            endpoint: report.endpoint,
+            method: method.as_str(),
+            path_and_query: path,
+            status,
+            response_flags: &report.flags,
+            attempts: report.attempts,
+            duration,
+            request_bytes: report.request_bytes,
+            response_bytes,
+            request_id: &trace.request_id,
+            trace_id: trace.trace_id,
+        });
+    }
+
     /// Sends a copy to the mirror destination, if the engine picked one; the answer is ignored.
     fn mirror(&self, plan: &mut RequestPlan, parts: &Parts, body: &RequestBody) {
         let RequestBody::Buffered(bytes) = body else {
@@ -163,11 +327,7 @@ impl HttpConn {
         };
         let mut request = upstream_request(parts, endpoint, full(bytes.clone()));
         // Envoy marks shadowed requests by suffixing the host.
-        if let Some(host) = request
-            .headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-        {
+        if let Some(host) = request.headers().get(header::HOST).and_then(|h| h.to_str().ok()) {
             if let Ok(shadow) = HeaderValue::from_str(&format!("{host}-shadow")) {
                 request.headers_mut().insert(header::HOST, shadow);
             }

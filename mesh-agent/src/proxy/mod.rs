@@ -19,10 +19,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
 use crate::{
-    discovery::Protocol,
+    discovery::{Protocol, WorkloadIdentity},
     redirect::{netns::NetNs, Redirect},
-    state::Store,
-    telemetry::AccessLog,
+    state::{Snapshot, Store},
+    telemetry::Telemetry,
 };
 use detect::Detected;
 use upstream::UpstreamClients;
@@ -63,7 +63,31 @@ pub struct Proxy {
     redirect: Arc<Redirect>,
     store: Arc<Store>,
     agent_mark: u32,
-    access_log: AccessLog,
+    telemetry: Arc<Telemetry>,
+    drain: Drain,
+}
+
+/// Shutdown in two steps: `start` stops accepting and asks HTTP connections to finish their
+/// requests in flight and close; `wait` returns once every connection task has ended.
+#[derive(Clone, Default)]
+pub struct Drain {
+    started: tokio_util::sync::CancellationToken,
+    connections: tokio_util::task::TaskTracker,
+}
+
+impl Drain {
+    pub fn start(&self) {
+        self.started.cancel();
+        self.connections.close();
+    }
+
+    pub async fn wait(&self) {
+        self.connections.wait().await;
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.connections.len()
+    }
 }
 
 /// Opens a listening socket at `addr` inside `netns`.
@@ -84,13 +108,14 @@ impl Proxy {
         redirect: Arc<Redirect>,
         store: Arc<Store>,
         agent_mark: u32,
-        access_log: AccessLog,
+        telemetry: Arc<Telemetry>,
     ) -> Self {
         Proxy {
             redirect,
             store,
             agent_mark,
-            access_log,
+            telemetry,
+            drain: Drain::default(),
         }
     }
 
@@ -98,10 +123,18 @@ impl Proxy {
         self.agent_mark
     }
 
+    pub fn drain(&self) -> &Drain {
+        &self.drain
+    }
+
     /// Accepts the pod's redirected connections until the task is aborted (unenroll).
     pub async fn serve_pod(self: Arc<Self>, listener: TcpListener, pod: Arc<PodContext>) {
         loop {
-            let (stream, peer) = match listener.accept().await {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = self.drain.started.cancelled() => return,
+            };
+            let (stream, peer) = match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
                     warn!(pod = %pod.name, %error, "accept failed");
@@ -110,7 +143,9 @@ impl Proxy {
             };
             let proxy = Arc::clone(&self);
             let pod = Arc::clone(&pod);
-            tokio::spawn(async move { proxy.handle(stream, peer, pod).await });
+            self.drain
+                .connections
+                .spawn(async move { proxy.handle(stream, peer, pod).await });
         }
     }
 
@@ -121,12 +156,8 @@ impl Proxy {
             return;
         };
         let _ = stream.set_nodelay(true);
-        let target = self
-            .store
-            .snapshot()
-            .discovered
-            .service_at(original.into())
-            .cloned();
+        let snapshot = self.store.snapshot();
+        let target = snapshot.discovered.service_at(original.into()).cloned();
         if let Some(target) = &target {
             let is_http = match target.protocol {
                 Protocol::Tcp => false,
@@ -137,17 +168,29 @@ impl Proxy {
                 ),
             };
             if is_http {
+                let source = Arc::new(source_identity(&snapshot, &pod));
                 let conn = http::HttpConn {
-                    service_authority: format!("{}:{}", target.service.fqdn, target.port),
+                    service_authority: format!("{}:{}", target.service.host, target.port),
                     pod,
                     target: target.clone(),
                     original,
                     store: Arc::clone(&self.store),
+                    telemetry: Arc::clone(&self.telemetry),
+                    source,
                     verdicts: Default::default(),
                 };
-                return http::serve(stream, Arc::new(conn)).await;
+                return http::serve(stream, Arc::new(conn), &self.drain.started).await;
             }
         }
+        drop(snapshot);
         tcp::forward(self, stream, peer, original, &pod, target.as_ref()).await;
+    }
+}
+
+/// The enrolled pod as telemetry names it: from its `Pod` object if discovery has one.
+pub fn source_identity(snapshot: &Snapshot, pod: &PodContext) -> WorkloadIdentity {
+    match snapshot.discovered.pod(&pod.namespace, &pod.name) {
+        Some(workload) => workload.identity.clone(),
+        None => WorkloadIdentity::from_pod_labels(&pod.name, &pod.namespace, &Default::default()),
     }
 }

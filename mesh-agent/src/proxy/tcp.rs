@@ -46,8 +46,22 @@ pub async fn forward(
     match connected {
         Ok((mut upstream, endpoint)) => {
             record.upstream = Some(endpoint);
-            match tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
+            let metrics = &proxy.telemetry.metrics;
+            let snapshot = proxy.store.snapshot();
+            let source = super::source_identity(&snapshot, pod);
+            let destination = snapshot
+                .discovered
+                .workload_at(endpoint.ip())
+                .map(|w| &w.identity);
+            let peer = metrics.peer_labels(&source, service.map(|s| &*s.service), destination);
+            drop(snapshot);
+            let connection = metrics.tcp_connection(&peer);
+            let copied = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await;
+            match copied {
                 Ok((sent, received)) => {
+                    connection.add_sent(sent);
+                    connection.add_received(received);
+                    connection.close(metrics, &crate::telemetry::metrics::NoFlags);
                     record.sent_bytes = sent;
                     record.received_bytes = received;
                 }
@@ -63,7 +77,7 @@ pub async fn forward(
         }
     }
     record.duration = started.elapsed();
-    proxy.access_log.tcp(&record);
+    proxy.telemetry.access_log.tcp(&record);
 }
 
 /// Connects to an endpoint of `service` chosen by the engine, retrying connect failures as the
@@ -74,7 +88,7 @@ async fn connect_service(
     service: &ServiceTarget,
 ) -> Result<(TcpStream, SocketAddr), String> {
     let snapshot = proxy.store.snapshot();
-    let authority = format!("{}:{}", service.service.fqdn, service.port);
+    let authority = format!("{}:{}", service.service.host, service.port);
     let describe = |error: EngineError| format!("{} ({})", error, error.flags());
     let mut plan = snapshot
         .engine

@@ -294,6 +294,7 @@ mod tests {
             source_pod: "client-7d9f",
             client_port: 40_000,
             original_dst: "10.77.0.3:9000".parse().expect("addr"),
+            upstream: None,
             sent_bytes: 5,
             received_bytes: 6,
             duration: Duration::from_millis(2),

@@ -74,14 +74,18 @@ pub fn run(settings: Settings) -> Result<()> {
             .unwrap_or_default()
     }));
     let store = Arc::new(
-        Store::open(settings.config.clone(), EngineSettings::default(), Arc::clone(&metrics))
-            .map_err(|diagnostics| {
-                let lines: Vec<String> = diagnostics
-                    .iter()
-                    .map(|d| format!("  {}: {d}", d.severity))
-                    .collect();
-                anyhow::anyhow!("the config folder is invalid:\n{}", lines.join("\n"))
-            })?,
+        Store::open(
+            settings.config.clone(),
+            EngineSettings::default(),
+            Arc::clone(&metrics),
+        )
+        .map_err(|diagnostics| {
+            let lines: Vec<String> = diagnostics
+                .iter()
+                .map(|d| format!("  {}: {d}", d.severity))
+                .collect();
+            anyhow::anyhow!("the config folder is invalid:\n{}", lines.join("\n"))
+        })?,
     );
     metrics.register_engine(store.snapshot().engine.shared_metrics());
     let _watcher = state::watch(Arc::clone(&store)).context("watching the config folder")?;
@@ -137,7 +141,9 @@ pub fn run(settings: Settings) -> Result<()> {
     let drain = proxy.drain().clone();
     drain.start();
     let drained = runtime.block_on(async {
-        tokio::time::timeout(settings.drain, drain.wait()).await.is_ok()
+        tokio::time::timeout(settings.drain, drain.wait())
+            .await
+            .is_ok()
     });
     if !drained {
         tracing::warn!(

@@ -123,8 +123,13 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byte
         }
         (Method::GET, "/stats") => json_response(StatusCode::OK, &stats(state)),
         (Method::GET, "/metrics") | (Method::GET, "/stats/prometheus") => {
-            let accept = req.headers().get(http::header::ACCEPT).and_then(|v| v.to_str().ok());
-            state.metrics.set_enrolled_pods(state.enrollments.list().len());
+            let accept = req
+                .headers()
+                .get(http::header::ACCEPT)
+                .and_then(|v| v.to_str().ok());
+            state
+                .metrics
+                .set_enrolled_pods(state.enrollments.list().len());
             let (content_type, body) = state.metrics.render(accept);
             let mut response = Response::new(Full::new(Bytes::from(body)));
             response.headers_mut().insert(

@@ -16,8 +16,8 @@ use serde::Serialize;
 
 pub use objects::discover;
 
-pub use crate::telemetry::metrics::{ServiceIdentity, WorkloadIdentity};
 use crate::engine::Registry;
+pub use crate::telemetry::metrics::{ServiceIdentity, WorkloadIdentity};
 
 /// Everything discovery knows at one moment.
 #[derive(Clone, Debug, Default)]

@@ -55,7 +55,10 @@ pub fn discover(objects: &[RawObject]) -> (Discovered, Vec<Diagnostic>) {
         for ip in pod_ips(pod) {
             discovered.workloads.insert(ip, Arc::clone(&workload));
         }
-        pods_by_name.insert((workload.identity.namespace.clone(), workload.pod.clone()), workload);
+        pods_by_name.insert(
+            (workload.identity.namespace.clone(), workload.pod.clone()),
+            workload,
+        );
     }
 
     discovered.pods = pods_by_name.clone();
@@ -234,7 +237,11 @@ fn workload_of(pod: &Pod) -> Option<Workload> {
     };
     let labels = pod.metadata.labels.clone().unwrap_or_default();
     Some(Workload {
-        identity: WorkloadIdentity::from_pod_labels(workload, namespace_of(&pod.metadata.namespace), &labels),
+        identity: WorkloadIdentity::from_pod_labels(
+            workload,
+            namespace_of(&pod.metadata.namespace),
+            &labels,
+        ),
         pod: name,
         labels,
     })
@@ -339,7 +346,13 @@ status: {podIP: 10.77.0.5}
         let workload = discovered
             .workload_at("10.77.0.4".parse().unwrap())
             .unwrap();
-        assert_eq!((workload.identity.app.as_str(), workload.identity.version.as_str()), ("service-c", "v1"));
+        assert_eq!(
+            (
+                workload.identity.app.as_str(),
+                workload.identity.version.as_str()
+            ),
+            ("service-c", "v1")
+        );
         assert_eq!(workload.identity.workload, "service-c-v1");
     }
 

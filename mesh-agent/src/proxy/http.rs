@@ -129,7 +129,9 @@ impl HttpConn {
         if let Some(ambiguity) = self.verdicts.next() {
             // Read what the client sent (bounded) so closing does not reset the connection
             // before it has read the answer.
-            let _ = Limited::new(req.into_body(), MAX_REPLAY_BODY as usize).collect().await;
+            let _ = Limited::new(req.into_body(), MAX_REPLAY_BODY as usize)
+                .collect()
+                .await;
             let mut response = local_reply(StatusCode::BAD_REQUEST, ambiguity.reason());
             response
                 .headers_mut()
@@ -145,7 +147,11 @@ impl HttpConn {
             &mut fastrand::Rng::new(),
         );
         let method = parts.method.clone();
-        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+        let path = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned();
         let grpc = parts
             .headers
             .get(header::CONTENT_TYPE)
@@ -160,7 +166,14 @@ impl HttpConn {
         let response = self
             .forward(&snapshot, &mut parts, body, &trace, &mut report)
             .await;
-        self.record(&snapshot, &response, &report, &trace, started, (&method, &path, grpc));
+        self.record(
+            &snapshot,
+            &response,
+            &report,
+            &trace,
+            started,
+            (&method, &path, grpc),
+        );
         response
     }
 
@@ -256,9 +269,10 @@ impl HttpConn {
             .endpoint
             .and_then(|e| snapshot.discovered.workload_at(e.ip()))
             .map(|w| &w.identity);
-        let peer = telemetry
-            .metrics
-            .peer_labels(&self.source, Some(&self.target.service), destination);
+        let peer =
+            telemetry
+                .metrics
+                .peer_labels(&self.source, Some(&self.target.service), destination);
         let header_number = |name: &str| {
             response
                 .headers()
@@ -286,7 +300,10 @@ impl HttpConn {
             spans.export(ProxySpan {
                 context: trace.clone(),
                 name: ProxySpan::envoy_name(&self.target.service.host, self.target.port),
-                service_name: Arc::from(format!("{}.{}", self.source.workload, self.source.namespace)),
+                service_name: Arc::from(format!(
+                    "{}.{}",
+                    self.source.workload, self.source.namespace
+                )),
                 start: started_at,
                 end: started_at + duration,
                 method: method.clone(),
@@ -327,7 +344,11 @@ impl HttpConn {
         };
         let mut request = upstream_request(parts, endpoint, full(bytes.clone()));
         // Envoy marks shadowed requests by suffixing the host.
-        if let Some(host) = request.headers().get(header::HOST).and_then(|h| h.to_str().ok()) {
+        if let Some(host) = request
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+        {
             if let Ok(shadow) = HeaderValue::from_str(&format!("{host}-shadow")) {
                 request.headers_mut().insert(header::HOST, shadow);
             }

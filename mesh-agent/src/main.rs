@@ -8,7 +8,7 @@ use std::{
 use clap::{Parser, Subcommand};
 use mesh_agent::{enrollment::PodSpec, run};
 use mesh_common::{DEFAULT_AGENT_MARK, DEFAULT_LISTEN_PORT};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt, EnvFilter};
 
 /// Node agent of a sidecarless service mesh: eBPF hands enrolled pods' connections to it, and it
 /// forwards them to where they were going.
@@ -131,12 +131,16 @@ fn parse_u32(s: &str) -> Result<u32, String> {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, filter_handle) = tracing_subscriber::reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
         .init();
+    let log_level: mesh_agent::admin::LogLevelSetter = Box::new(move |directive: &str| {
+        let filter = EnvFilter::try_new(directive).map_err(|e| e.to_string())?;
+        filter_handle.reload(filter).map_err(|e| e.to_string())
+    });
     let result = match Cli::parse().command {
         Command::Validate { files } => {
             return match mesh_agent::config::run_validate(&files, &mut std::io::stdout()) {
@@ -173,6 +177,7 @@ fn main() -> ExitCode {
             config: args.config,
             otlp_endpoint: args.otlp_endpoint,
             trace_sample_ratio: args.trace_sample_ratio.clamp(0.0, 1.0),
+            log_level: Some(log_level),
         }),
     };
     match result {

@@ -24,7 +24,6 @@ use crate::{
     },
 };
 
-#[derive(Clone, Debug)]
 pub struct Settings {
     /// cgroup v2 directory to attach to; `None` ⇒ the root of the cgroup2 mount.
     pub cgroup: Option<PathBuf>,
@@ -43,6 +42,8 @@ pub struct Settings {
     pub otlp_endpoint: Option<String>,
     /// Share of new traces sampled, 0.0 to 1.0.
     pub trace_sample_ratio: f64,
+    /// Changes the log filter at run time, for the admin API.
+    pub log_level: Option<admin::LogLevelSetter>,
 }
 
 pub fn run(settings: Settings) -> Result<()> {
@@ -126,6 +127,7 @@ pub fn run(settings: Settings) -> Result<()> {
         enrollments: Arc::clone(&enrollments),
         store: Arc::clone(&store),
         metrics: Arc::clone(&metrics),
+        log_level: settings.log_level,
         ready: Default::default(),
     });
     let admin = admin::spawn(settings.admin, Arc::clone(&state))

@@ -52,6 +52,11 @@ impl Agent {
         &mut self.process
     }
 
+    /// Everything the agent logged so far.
+    pub fn stderr_text(&self) -> String {
+        self.process.stderr().text()
+    }
+
     /// The access log: one JSON object per proxied connection or request.
     pub fn access_log(&self) -> Vec<Value> {
         self.process.stdout().json_lines()

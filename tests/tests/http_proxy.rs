@@ -186,6 +186,22 @@ fn one_failing_endpoint_fails_half_the_requests_until_outlier_detection_and_retr
     assert_eq!(count(&after, "by_status", "200"), 1000, "{after}");
     let stats = agent.stats().unwrap();
     assert!(stats["decisions"]["redirected"].as_u64().unwrap() >= 2);
+    // The admin API shows the failing endpoint ejected.
+    let (_, clusters) = agent.admin_get("/clusters").unwrap();
+    let clusters: Value = serde_json::from_str(&clusters).unwrap();
+    let ejected: Vec<&Value> = clusters
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|c| c["endpoints"].as_array().unwrap())
+        .filter(|e| !e["ejected_for"].is_null())
+        .collect();
+    assert_eq!(ejected.len(), 1, "{clusters}");
+    assert_eq!(
+        ejected[0]["address"],
+        mesh.c_v2.addr(8080).to_string(),
+        "{clusters}"
+    );
 }
 
 #[test]
@@ -622,4 +638,66 @@ fn sigterm_lets_fifty_slow_requests_finish_then_the_agent_exits() {
         .stderr()
         .text()
         .contains("programs detached"));
+}
+
+#[test]
+fn a_folder_change_applies_within_a_second_and_a_bad_one_is_rejected() {
+    let mesh = mesh(&[]);
+    mesh.config
+        .copy_example("canary/1-vs-v1.yml", "vs.yml")
+        .unwrap();
+    let agent = mesh.agent();
+    let get = [
+        "get",
+        "--url",
+        "http://service-c:8080/",
+        "--count",
+        "20",
+        "--quiet",
+    ];
+    assert_eq!(
+        count(&client(&mesh.node, &mesh.client, &get), "by_body", "v1"),
+        20
+    );
+
+    mesh.config
+        .copy_example("canary/4-vs-v2.yml", "vs.yml")
+        .unwrap();
+    let changed = std::time::Instant::now();
+    let deadline = changed + Duration::from_secs(1);
+    loop {
+        let summary = client(
+            &mesh.node,
+            &mesh.client,
+            &["get", "--url", "http://service-c:8080/", "--quiet"],
+        );
+        if count(&summary, "by_body", "v2") == 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the change did not apply within 1 s"
+        );
+    }
+    println!("folder change applied after {:?}", changed.elapsed());
+
+    // A bad edit: rejected with file, object, field and reason; v2 keeps serving.
+    let bad =
+        std::fs::read_to_string(mesh_tests::mesh_config::examples_dir().join("canary/4-vs-v2.yml"))
+            .unwrap()
+            .replace("weight: 100", "weight: 50");
+    mesh.config.write("vs.yml", &bad).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        count(&client(&mesh.node, &mesh.client, &get), "by_body", "v2"),
+        20
+    );
+    let stderr = agent.stderr_text();
+    assert!(
+        stderr.contains("vs.yml: VirtualService default/service-c: spec.http[0].route: weights sum to 50, must be 100"),
+        "{stderr}"
+    );
+    let (_, dump) = agent.admin_get("/config_dump").unwrap();
+    let dump: Value = serde_json::from_str(&dump).unwrap();
+    assert!(dump["reloads"]["rejected"].as_u64().unwrap() >= 1, "{dump}");
 }

@@ -36,8 +36,12 @@ pub struct AdminState {
     pub enrollments: Arc<Enrollments>,
     pub store: Arc<Store>,
     pub metrics: Arc<Metrics>,
+    /// Changes the log filter at run time (`/logging?level=...`).
+    pub log_level: Option<LogLevelSetter>,
     pub ready: AtomicBool,
 }
+
+pub type LogLevelSetter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
 /// The running admin server; `stop` ends it and releases its hold on the agent's state.
 pub struct AdminServer {
@@ -140,6 +144,23 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byte
         }
         (Method::GET, "/pods") => json_response(StatusCode::OK, &state.enrollments.list()),
         (Method::GET, "/config_dump") => json_response(StatusCode::OK, &config_dump(state)),
+        (Method::GET, "/clusters") => {
+            let snapshot = state.store.snapshot();
+            let health = snapshot.engine.endpoint_health(std::time::Instant::now());
+            json_response(StatusCode::OK, &health)
+        }
+        (Method::PUT, "/logging") | (Method::POST, "/logging") => {
+            match (query_param(req.uri(), "level"), &state.log_level) {
+                (Some(level), Some(set)) => match set(&level) {
+                    Ok(()) => text(StatusCode::OK, &format!("log level: {level}\n")),
+                    Err(error) => text(StatusCode::BAD_REQUEST, &format!("{error}\n")),
+                },
+                _ => text(
+                    StatusCode::BAD_REQUEST,
+                    "use /logging?level=debug (or an EnvFilter directive)\n",
+                ),
+            }
+        }
         (Method::POST, "/apply") | (Method::POST, "/delete") => {
             let label = query_param(req.uri(), "file").unwrap_or_else(|| "admin-api".to_owned());
             let body = match req.into_body().collect().await {

@@ -129,6 +129,17 @@ impl Cluster {
     }
 
     /// Endpoints currently ejected (for tests and the admin page).
+    /// Each endpoint and, if ejected, the tick its ejection ends at the earliest.
+    pub(crate) fn health(&self) -> impl Iterator<Item = (SocketAddr, Option<u64>)> + '_ {
+        self.endpoints.iter().map(|e| {
+            let until = self
+                .outlier
+                .as_ref()
+                .and_then(|policy| e.state.health.ejected_until(policy));
+            (e.addr, until)
+        })
+    }
+
     pub(crate) fn ejected(&self) -> Vec<SocketAddr> {
         self.endpoints
             .iter()

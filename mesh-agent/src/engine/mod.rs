@@ -133,6 +133,21 @@ impl<'a> RequestInfo<'a> {
     }
 }
 
+/// One cluster (`outbound|port|subset|host`) as the admin API shows it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ClusterHealth {
+    pub cluster: String,
+    pub endpoints: Vec<EndpointHealth>,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct EndpointHealth {
+    pub address: SocketAddr,
+    /// `None`: healthy. Otherwise the least time left in its ejection (it returns at the
+    /// first outlier sweep after).
+    pub ejected_for: Option<Duration>,
+}
+
 /// The engine: a shareable handle to the current compiled snapshot. Cloning is an `Arc` clone.
 #[derive(Clone, Debug)]
 pub struct Engine {
@@ -298,6 +313,25 @@ impl Engine {
         self.cluster(host, port, subset)
             .map(|c| c.ejected())
             .unwrap_or_default()
+    }
+
+    /// Every cluster's endpoints and their outlier state (for the admin API).
+    pub fn endpoint_health(&self, now: Instant) -> Vec<ClusterHealth> {
+        let snap = &self.snap;
+        let ticks = snap.epoch.ticks(now);
+        snap.clusters
+            .iter()
+            .map(|cluster| ClusterHealth {
+                cluster: cluster.name.to_string(),
+                endpoints: cluster
+                    .health()
+                    .map(|(address, until)| EndpointHealth {
+                        address,
+                        ejected_for: until.map(|t| Duration::from_nanos(t.saturating_sub(ticks))),
+                    })
+                    .collect(),
+            })
+            .collect()
     }
 
     fn cluster(&self, host: &str, port: u16, subset: Option<&str>) -> Option<&cluster::Cluster> {

@@ -110,6 +110,15 @@ impl EndpointHealth {
         self.ejected_at.load(Ordering::Relaxed) != NOT_EJECTED
     }
 
+    /// When the current ejection ends at the earliest (the endpoint returns at the first
+    /// sweep from then), in ticks; `None` when not ejected.
+    pub(crate) fn ejected_until(&self, policy: &OutlierPolicy) -> Option<u64> {
+        let at = self.ejected_at.load(Ordering::Relaxed);
+        (at != NOT_EJECTED).then(|| {
+            at.saturating_add(policy.ejection_time(self.multiplier.load(Ordering::Relaxed)))
+        })
+    }
+
     fn reset_counters(&self) {
         self.consecutive_5xx.store(0, Ordering::Relaxed);
         self.consecutive_gateway.store(0, Ordering::Relaxed);

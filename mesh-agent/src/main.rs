@@ -102,6 +102,10 @@ struct RunArgs {
     /// e.g. http://jaeger-collector:4318. Tracing headers are propagated either way.
     #[arg(long, value_name = "URL")]
     otlp_endpoint: Option<String>,
+    /// Serve the mesh's ingress gateway on this address: requests are routed by Istio
+    /// `Gateway`s and the `VirtualService`s bound to them (`gateways:`), e.g. 0.0.0.0:80.
+    #[arg(long, value_name = "ADDR")]
+    ingress: Option<SocketAddr>,
     /// Share of new traces sampled (0.0 to 1.0); a caller's decision is always kept.
     #[arg(long, default_value_t = 1.0)]
     trace_sample_ratio: f64,
@@ -177,6 +181,7 @@ fn main() -> ExitCode {
             config: args.config,
             otlp_endpoint: args.otlp_endpoint,
             trace_sample_ratio: args.trace_sample_ratio.clamp(0.0, 1.0),
+            ingress: args.ingress,
             log_level: Some(log_level),
         }),
     };

@@ -15,8 +15,8 @@ use crate::{
     admin::{self, AdminState},
     engine::EngineSettings,
     enrollment::{Enrollments, PodSpec},
-    proxy::Proxy,
-    redirect::Redirect,
+    proxy::{PodContext, Proxy},
+    redirect::{netns::NetNs, Redirect},
     state::{self, Store},
     telemetry::{
         otlp::{OtlpConfig, SpanExporter},
@@ -42,6 +42,8 @@ pub struct Settings {
     pub otlp_endpoint: Option<String>,
     /// Share of new traces sampled, 0.0 to 1.0.
     pub trace_sample_ratio: f64,
+    /// Serve the mesh's ingress gateway (Istio `Gateway` + bound `VirtualService`s) here.
+    pub ingress: Option<SocketAddr>,
     /// Changes the log filter at run time, for the admin API.
     pub log_level: Option<admin::LogLevelSetter>,
 }
@@ -121,6 +123,22 @@ pub fn run(settings: Settings) -> Result<()> {
     ));
     for pod in &settings.enroll {
         enrollments.enroll(pod)?;
+    }
+    if let Some(addr) = settings.ingress {
+        let listener = std::net::TcpListener::bind(addr)
+            .with_context(|| format!("ingress gateway on {addr}"))?;
+        listener.set_nonblocking(true)?;
+        let _runtime = runtime.enter();
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let gateway = Arc::new(PodContext::new(
+            "istio-ingressgateway".to_owned(),
+            "istio-system".to_owned(),
+            NetNs::current()?,
+            0,
+            settings.agent_mark,
+        ));
+        runtime.spawn(Arc::clone(&proxy).serve_ingress(listener, gateway));
+        info!(%addr, "ingress gateway listening");
     }
     let state = Arc::new(AdminState {
         redirect: Arc::clone(&redirect),

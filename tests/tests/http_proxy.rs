@@ -701,3 +701,67 @@ fn a_folder_change_applies_within_a_second_and_a_bad_one_is_rejected() {
     let dump: Value = serde_json::from_str(&dump).unwrap();
     assert!(dump["reloads"]["rejected"].as_u64().unwrap() >= 1, "{dump}");
 }
+
+#[test]
+fn the_ingress_gateway_routes_by_gateway_bound_rules_with_rewrite() {
+    require_root();
+    let node = SimNode::new().unwrap();
+    let a = node.add_pod("service-a-0").unwrap();
+    let _server = serve(&node, &a, "a", &[]);
+    let config = ConfigDir::new().unwrap();
+    config
+        .service(
+            "service-a",
+            Ipv4Addr::new(10, 96, 0, 10),
+            8080,
+            "http",
+            &[Backend {
+                pod: &a,
+                labels: &[("app", "service-a")],
+            }],
+        )
+        .unwrap();
+    config.copy_example("gateway.yml", "gateway.yml").unwrap();
+    let dir = config.path().to_str().unwrap().to_owned();
+    let _agent = Agent::start(
+        &node,
+        &[],
+        &["--config", &dir, "--ingress", "127.0.0.1:8081"],
+    )
+    .unwrap();
+
+    let mut curl = Command::new("curl");
+    curl.args([
+        "-sS",
+        "--noproxy",
+        "*",
+        "http://127.0.0.1:8081/service-a/headers",
+    ]);
+    let mut process = node.spawn_on_node(curl).unwrap();
+    assert!(
+        process.finish(TIMEOUT).unwrap().success(),
+        "{}",
+        process.stderr().text()
+    );
+    let seen: Value = serde_json::from_str(&process.stdout().text()).unwrap();
+    assert_eq!(seen[":path"], "/headers", "{seen}");
+
+    let mut curl = Command::new("curl");
+    curl.args([
+        "-sS",
+        "--noproxy",
+        "*",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "http://127.0.0.1:8081/other",
+    ]);
+    let mut process = node.spawn_on_node(curl).unwrap();
+    process.finish(TIMEOUT).unwrap();
+    assert_eq!(
+        process.stdout().text(),
+        "404",
+        "no gateway route for /other"
+    );
+}

@@ -40,6 +40,14 @@ impl Discovered {
         self.workloads.get(&ip)
     }
 
+    /// The service with this fully qualified host name.
+    pub fn service_named(&self, host: &str) -> Option<&ServiceIdentity> {
+        self.services
+            .values()
+            .map(|target| &*target.service)
+            .find(|service| service.host == host)
+    }
+
     pub fn pod(&self, namespace: &str, name: &str) -> Option<&Arc<Workload>> {
         self.pods.get(&(namespace.to_owned(), name.to_owned()))
     }

@@ -4,7 +4,7 @@
 
 use std::{
     convert::Infallible,
-    net::{IpAddr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
@@ -31,7 +31,8 @@ use super::{
     PodContext,
 };
 use crate::{
-    discovery::{ServiceTarget, WorkloadIdentity},
+    config::model::Gateway,
+    discovery::{ServiceIdentity, ServiceTarget, WorkloadIdentity},
     engine::{EngineError, Outcome, RequestInfo, RequestPlan, ResponseFlags, Verdict},
     state::{Snapshot, Store},
     telemetry::{
@@ -47,18 +48,37 @@ pub const MAX_HEADER_BYTES: usize = 60 * 1024;
 /// Bodies up to this size are buffered so the request can be retried and mirrored.
 const MAX_REPLAY_BODY: u64 = 64 * 1024;
 
-/// One redirected connection to a known service port.
+/// One downstream HTTP connection: a pod's redirected connection to a service port, or a
+/// connection to the ingress gateway.
 pub struct HttpConn {
     pub pod: Arc<PodContext>,
-    pub target: ServiceTarget,
-    pub original: SocketAddrV4,
+    pub entry: Entry,
     pub store: Arc<Store>,
     pub telemetry: Arc<Telemetry>,
     /// The calling pod as telemetry names it.
     pub source: Arc<WorkloadIdentity>,
-    /// `fqdn:port`, the authority used for routing when the client sent an IP as `Host`.
-    pub service_authority: String,
     pub verdicts: Verdicts,
+}
+
+/// How the request entered the mesh.
+pub enum Entry {
+    /// A pod dialled this service port (its VIP).
+    Service {
+        target: ServiceTarget,
+        /// `fqdn:port`, the authority used for routing when the client sent an IP as `Host`.
+        authority: String,
+    },
+    /// The ingress gateway's listener on this port: routed by `Gateway`-bound rules.
+    Ingress { port: u16 },
+}
+
+impl Entry {
+    fn port(&self) -> u16 {
+        match self {
+            Entry::Service { target, .. } => target.port,
+            Entry::Ingress { port } => *port,
+        }
+    }
 }
 
 /// Serves the connection until the client closes it, or until `draining`: then requests in
@@ -191,18 +211,7 @@ impl HttpConn {
         };
         report.request_bytes = body.len();
         strip_hop_by_hop(&mut parts.headers);
-        let authority = routing_authority(parts, &self.service_authority);
-        let info = RequestInfo {
-            method: &parts.method,
-            uri: &parts.uri,
-            authority,
-            headers: &parts.headers,
-            port: self.original.port(),
-            gateway: None,
-            namespace: &self.pod.namespace,
-            replayable: matches!(body, RequestBody::Buffered(_)),
-        };
-        let mut plan = match snapshot.engine.route(&info, Instant::now()) {
+        let mut plan = match self.route(snapshot, parts, matches!(body, RequestBody::Buffered(_))) {
             Ok(plan) => plan,
             Err(error) => {
                 report.flags = error.flags();
@@ -252,6 +261,57 @@ impl HttpConn {
         }
     }
 
+    /// The engine's decision. At the ingress, the gateways with a server on the listener's port
+    /// are tried in order (all gateways if none names that port, so a demo listener on another
+    /// port than the Gateway's still works).
+    fn route(
+        &self,
+        snapshot: &Snapshot,
+        parts: &Parts,
+        replayable: bool,
+    ) -> Result<RequestPlan, EngineError> {
+        let request = |gateway: Option<&str>| {
+            let mut info = RequestInfo::from_parts(parts, self.entry.port(), &self.pod.namespace);
+            info.replayable = replayable;
+            info.gateway = gateway;
+            if let Entry::Service { authority, .. } = &self.entry {
+                info.authority = routing_authority(info.authority, authority);
+            }
+            snapshot.engine.route(&info, Instant::now())
+        };
+        let Entry::Ingress { port } = self.entry else {
+            return request(None);
+        };
+        let gateways = &snapshot.config.gateways;
+        let on_port = |g: &&Gateway| g.servers.iter().any(|s| s.port == port);
+        let any_on_port = gateways.iter().any(|g| on_port(&g));
+        for gateway in gateways.iter().filter(|g| !any_on_port || on_port(g)) {
+            let name = format!("{}/{}", gateway.id.namespace, gateway.id.name);
+            match request(Some(&name)) {
+                Err(EngineError::NoRoute) => continue,
+                decided => return decided,
+            }
+        }
+        Err(EngineError::NoRoute)
+    }
+
+    /// The destination service as telemetry names it: the one dialled, or at the ingress the
+    /// one routed to.
+    fn destination<'s>(
+        &'s self,
+        snapshot: &'s Snapshot,
+        cluster: &str,
+    ) -> Option<&'s ServiceIdentity> {
+        match &self.entry {
+            Entry::Service { target, .. } => Some(&target.service),
+            // Envoy's cluster name: `outbound|port|subset|host`.
+            Entry::Ingress { .. } => cluster
+                .rsplit('|')
+                .next()
+                .and_then(|host| snapshot.discovered.service_named(host)),
+        }
+    }
+
     /// Metrics, span and access log for one finished request (response headers sent).
     fn record(
         &self,
@@ -269,10 +329,11 @@ impl HttpConn {
             .endpoint
             .and_then(|e| snapshot.discovered.workload_at(e.ip()))
             .map(|w| &w.identity);
-        let peer =
-            telemetry
-                .metrics
-                .peer_labels(&self.source, Some(&self.target.service), destination);
+        let service = self.destination(snapshot, &report.cluster);
+        let service_host = service.map_or("unknown", |s| s.host.as_str());
+        let peer = telemetry
+            .metrics
+            .peer_labels(&self.source, service, destination);
         let header_number = |name: &str| {
             response
                 .headers()
@@ -299,7 +360,7 @@ impl HttpConn {
         if let Some(spans) = &telemetry.spans {
             spans.export(ProxySpan {
                 context: trace.clone(),
-                name: ProxySpan::envoy_name(&self.target.service.host, self.target.port),
+                name: ProxySpan::envoy_name(service_host, self.entry.port()),
                 service_name: Arc::from(format!(
                     "{}.{}",
                     self.source.workload, self.source.namespace
@@ -307,7 +368,7 @@ impl HttpConn {
                 start: started_at,
                 end: started_at + duration,
                 method: method.clone(),
-                url: format!("http://{}{path}", self.service_authority),
+                url: format!("http://{service_host}:{}{path}", self.entry.port()),
                 protocol: response.version(),
                 status,
                 upstream_cluster: report.cluster.clone(),
@@ -318,7 +379,7 @@ impl HttpConn {
         telemetry.access_log.http(&HttpRecord {
             source_pod: &self.pod.name,
             source_workload: &self.source.workload,
-            destination_service: &self.target.service.host,
+            destination_service: service_host,
             destination_subset: None,
             endpoint: report.endpoint,
             method: method.as_str(),
@@ -411,13 +472,7 @@ async fn buffer(body: Incoming) -> Result<RequestBody, StatusCode> {
 }
 
 /// The authority the engine routes on: the client's, unless it named an IP (then the service).
-fn routing_authority<'a>(parts: &'a Parts, service_authority: &'a str) -> &'a str {
-    let authority = parts
-        .uri
-        .authority()
-        .map(|a| a.as_str())
-        .or_else(|| parts.headers.get(header::HOST)?.to_str().ok())
-        .unwrap_or("");
+fn routing_authority<'a>(authority: &'a str, service_authority: &'a str) -> &'a str {
     let host = authority
         .rsplit_once(':')
         .map_or(authority, |(host, _)| host)

@@ -149,6 +149,35 @@ impl Proxy {
         }
     }
 
+    /// The ingress gateway: every connection to `listener` (in the agent's own namespace) is
+    /// HTTP routed by `Gateway`-bound rules; upstreams are dialled from the agent's namespace.
+    pub async fn serve_ingress(self: Arc<Self>, listener: TcpListener, gateway: Arc<PodContext>) {
+        let port = listener.local_addr().map_or(80, |a| a.port());
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = self.drain.started.cancelled() => return,
+            };
+            let Ok((stream, _)) = accepted else {
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let source = Arc::new(source_identity(&self.store.snapshot(), &gateway));
+            let conn = Arc::new(http::HttpConn {
+                pod: Arc::clone(&gateway),
+                entry: http::Entry::Ingress { port },
+                store: Arc::clone(&self.store),
+                telemetry: Arc::clone(&self.telemetry),
+                source,
+                verdicts: Default::default(),
+            });
+            let draining = self.drain.started.clone();
+            self.drain
+                .connections
+                .spawn(async move { http::serve(stream, conn, &draining).await });
+        }
+    }
+
     async fn handle(&self, stream: TcpStream, peer: SocketAddr, pod: Arc<PodContext>) {
         let Some(original) = self.redirect.original_dst(pod.netns_cookie, peer.port()) else {
             // Someone dialled the listener directly: there is nowhere known to forward to.
@@ -170,10 +199,11 @@ impl Proxy {
             if is_http {
                 let source = Arc::new(source_identity(&snapshot, &pod));
                 let conn = http::HttpConn {
-                    service_authority: format!("{}:{}", target.service.host, target.port),
+                    entry: http::Entry::Service {
+                        authority: format!("{}:{}", target.service.host, target.port),
+                        target: target.clone(),
+                    },
                     pod,
-                    target: target.clone(),
-                    original,
                     store: Arc::clone(&self.store),
                     telemetry: Arc::clone(&self.telemetry),
                     source,

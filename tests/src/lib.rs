@@ -35,6 +35,7 @@ pub mod mesh_config;
 mod netns;
 mod process;
 mod simnode;
+pub mod tutorial;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
@@ -73,6 +74,12 @@ pub fn agent_binary() -> Result<PathBuf> {
 pub fn probe_binary() -> Result<PathBuf> {
     sibling_binary("MESH_PROBE_BIN", "probe")
         .context("build it first: cargo build -p mesh-tests --bin probe")
+}
+
+/// The `upstream` binary of this package (an HTTP server and client for tests and the demo).
+pub fn upstream_binary() -> Result<PathBuf> {
+    sibling_binary("MESH_UPSTREAM_BIN", "upstream")
+        .context("build it first: cargo build -p mesh-tests --bin upstream")
 }
 
 /// `$var`, else `name` next to the running executable, skipping the `deps/` directory where

@@ -30,5 +30,11 @@ pub fn run(cargo_args: &[String]) -> Result<()> {
     for leftover in mesh_tests::sweep_all_stale()? {
         println!("removed a leftover of a killed test: {leftover}");
     }
-    result
+    result?;
+    let leftovers = mesh_tests::leftovers();
+    if !leftovers.is_empty() {
+        anyhow::bail!("the tests left these behind: {leftovers:?}");
+    }
+    println!("no namespace, link, cgroup or pin of the tests remains");
+    Ok(())
 }

@@ -1,0 +1,414 @@
+//! The tutorial's world on a simulated node: apps A (Python) → B (Deno) → C (Java, v1 and v2)
+//! as pods, the agent enrolling them with the ingress gateway, and the tutorial's moves (apply
+//! a rule, crash or repair a replica, scale a deployment). Shared by `cargo xtask demo` and the
+//! end-to-end tests that replay the tutorial.
+
+use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::Command,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+use crate::{
+    mesh_config::{examples_dir, Backend, ConfigDir},
+    Agent, Pod, PodProcess, SimNode,
+};
+
+/// Where the ingress gateway listens inside the node (`curl 127.0.0.1/service-a` there).
+pub const GATEWAY: &str = "127.0.0.1:80";
+const APP_PORT: u16 = 8080;
+const SERVICES: [(&str, Ipv4Addr); 3] = [
+    ("service-a", Ipv4Addr::new(10, 96, 0, 10)),
+    ("service-b", Ipv4Addr::new(10, 96, 0, 20)),
+    ("service-c", Ipv4Addr::new(10, 96, 0, 30)),
+];
+
+/// The tutorial's deployments: (name, app, version).
+const DEPLOYMENTS: [(&str, &str, &str); 4] = [
+    ("service-a", "service-a", "v1"),
+    ("service-b", "service-b", "v1"),
+    ("service-c-v1", "service-c", "v1"),
+    ("service-c-v2", "service-c", "v2"),
+];
+
+struct Replica {
+    pod: Pod,
+    process: PodProcess,
+}
+
+pub struct Tutorial {
+    // Field order is drop order: the agent and the apps go before the node.
+    agent: Agent,
+    replicas: Mutex<BTreeMap<String, Vec<Replica>>>,
+    /// Pods of replicas that were scaled away, reused when scaling up again.
+    spare: Mutex<BTreeMap<String, Vec<Pod>>>,
+    config: ConfigDir,
+    node: SimNode,
+}
+
+impl Tutorial {
+    /// Installs what the apps need (Deno via npm, a JDK if `java` is missing), then starts
+    /// the node, one replica of each deployment, and the agent with the gateway.
+    pub fn start() -> Result<Tutorial> {
+        crate::require_root();
+        let deno = install_runtimes()?;
+        let node = SimNode::new()?;
+        for (name, vip) in SERVICES {
+            node.add_host(name, vip)?;
+        }
+        let config = ConfigDir::new()?;
+        config.copy_example("gateway.yml", "gateway.yml")?;
+        let mut replicas = BTreeMap::new();
+        for (deployment, ..) in DEPLOYMENTS {
+            let pod = node.add_pod(&format!("{deployment}-0"))?;
+            let process = start_app(&node, &pod, deployment, &deno)?;
+            replicas.insert(deployment.to_owned(), vec![Replica { pod, process }]);
+        }
+        for replicas in replicas.values() {
+            wait_healthy(&node, &replicas[0].pod)?;
+        }
+        write_services(&config, &replicas)?;
+        let pods: Vec<&Pod> = replicas.values().flatten().map(|r| &r.pod).collect();
+        let dir = config.path().to_str().context("config path")?.to_owned();
+        let agent = Agent::start(&node, &pods, &["--config", &dir, "--ingress", GATEWAY])?;
+        Ok(Tutorial {
+            agent,
+            replicas: Mutex::new(replicas),
+            spare: Mutex::new(BTreeMap::new()),
+            config,
+            node,
+        })
+    }
+
+    pub fn node(&self) -> &SimNode {
+        &self.node
+    }
+
+    pub fn agent(&self) -> &Agent {
+        &self.agent
+    }
+
+    /// `curl GATEWAY/service-a`, from inside the node: (status, body).
+    pub fn call(&self) -> Result<(u16, String)> {
+        self.node
+            .run_on_node(|| http_get(GATEWAY, "/service-a", &[]))?
+    }
+
+    /// Like [`call`](Self::call), with extra request headers.
+    pub fn call_with(&self, headers: &[(&str, &str)]) -> Result<(u16, String)> {
+        let headers: Vec<(String, String)> = headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self.node.run_on_node(move || {
+            let headers: Vec<(&str, &str)> = headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            http_get(GATEWAY, "/service-a", &headers)
+        })?
+    }
+
+    /// `mesh-agent apply -f deploy/examples/<example>` against the running agent.
+    pub fn apply(&self, example: &str) -> Result<String> {
+        let mut command = Command::new(crate::agent_binary()?);
+        command
+            .arg("apply")
+            .arg("-f")
+            .arg(examples_dir().join(example));
+        let mut process = self.node.spawn_on_node(command)?;
+        let status = process.finish(Duration::from_secs(30))?;
+        let out = format!("{}{}", process.stdout().text(), process.stderr().text());
+        if !status.success() {
+            bail!("apply {example} failed: {out}");
+        }
+        Ok(out)
+    }
+
+    /// `curl <pod>:8080/crash` (or `/repair`), straight to the pod as `oc port-forward` does.
+    pub fn crash(&self, pod: &str) -> Result<()> {
+        self.pod_request(pod, "/crash")
+    }
+
+    pub fn repair(&self, pod: &str) -> Result<()> {
+        self.pod_request(pod, "/repair")
+    }
+
+    fn pod_request(&self, pod: &str, path: &str) -> Result<()> {
+        let ip = self.pod_ip(pod)?;
+        let path = path.to_owned();
+        let (status, body) = self
+            .node
+            .run_on_node(move || http_get(&format!("{ip}:{APP_PORT}"), &path, &[]))??;
+        if status != 200 {
+            bail!("{pod}: {status} {body}");
+        }
+        Ok(())
+    }
+
+    fn pod_ip(&self, pod: &str) -> Result<Ipv4Addr> {
+        let replicas = self.replicas.lock().expect("replicas");
+        replicas
+            .values()
+            .flatten()
+            .find(|r| r.pod.name() == pod)
+            .map(|r| r.pod.ip())
+            .with_context(|| format!("no running pod {pod}"))
+    }
+
+    /// Running pods of a deployment.
+    pub fn pods(&self, deployment: &str) -> Vec<String> {
+        let replicas = self.replicas.lock().expect("replicas");
+        replicas
+            .get(deployment)
+            .map(|r| r.iter().map(|r| r.pod.name().to_owned()).collect())
+            .unwrap_or_default()
+    }
+
+    /// `oc scale deploy/<deployment> --replicas N`: starts or stops pods and updates the
+    /// service's endpoints (the agent picks the change up from its config folder). Call it from
+    /// the thread that started the tutorial: pods die with the thread that spawned them.
+    pub fn scale(&self, deployment: &str, count: usize) -> Result<()> {
+        let deno = install_runtimes()?;
+        let mut replicas = self.replicas.lock().expect("replicas");
+        let mut spare = self.spare.lock().expect("spare pods");
+        let current = replicas
+            .get_mut(deployment)
+            .with_context(|| format!("no deployment {deployment}"))?;
+        while current.len() > count {
+            let mut replica = current.pop().expect("non-empty");
+            let _ = replica.process.stop(Duration::from_secs(5));
+            self.agent
+                .admin_request("DELETE", &format!("/pods/{}", replica.pod.name()), "")?;
+            spare
+                .entry(deployment.to_owned())
+                .or_default()
+                .push(replica.pod);
+        }
+        let mut started = Vec::new();
+        while current.len() + started.len() < count {
+            let pod = match spare.get_mut(deployment).and_then(Vec::pop) {
+                Some(pod) => pod,
+                None => {
+                    let index = current.len() + started.len();
+                    self.node.add_pod(&format!("{deployment}-{index}"))?
+                }
+            };
+            let process = start_app(&self.node, &pod, deployment, &deno)?;
+            started.push(Replica { pod, process });
+        }
+        for replica in &started {
+            wait_healthy(&self.node, &replica.pod)?;
+            let body = format!(
+                r#"{{"name":"{}","netns":"{}"}}"#,
+                replica.pod.name(),
+                replica.pod.netns_path().display()
+            );
+            let (status, answer) = self.agent.admin_request("POST", "/pods", &body)?;
+            if status != 200 {
+                bail!("enrolling {}: {answer}", replica.pod.name());
+            }
+        }
+        current.extend(started);
+        write_services(&self.config, &replicas)
+    }
+
+    /// Runs `count` calls through the gateway from the node, `concurrency` at a time, and
+    /// returns each response body (errors as `ERROR <status> <body>`).
+    pub fn load(&self, count: usize, concurrency: usize) -> Result<Vec<String>> {
+        let args = [
+            "get".to_owned(),
+            "--url".to_owned(),
+            format!("http://{GATEWAY}/service-a"),
+            "--count".to_owned(),
+            count.to_string(),
+            "--concurrency".to_owned(),
+            concurrency.to_string(),
+        ];
+        let mut command = Command::new(crate::upstream_binary()?);
+        command.args(&args);
+        let mut process = self.node.spawn_on_node(command)?;
+        let status = process.finish(Duration::from_secs(300))?;
+        if !status.success() {
+            bail!("load failed: {}", process.stderr().text());
+        }
+        Ok(process
+            .stdout()
+            .json_lines()
+            .iter()
+            .filter(|line| line["summary"] != true)
+            .map(|line| match line["status"].as_u64() {
+                Some(200) => line["body"].as_str().unwrap_or_default().trim().to_owned(),
+                status => format!(
+                    "ERROR {} {}",
+                    status.unwrap_or(0),
+                    line["error"]
+                        .as_str()
+                        .or(line["body"].as_str())
+                        .unwrap_or_default()
+                ),
+            })
+            .collect())
+    }
+}
+
+/// What one chain answer says: C's version, or that the chain failed somewhere.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Answer {
+    Version(String),
+    Error,
+}
+
+/// Reads `Service A <- Service B <- Service C | v2 | 0 | 12`.
+pub fn answer(body: &str) -> Answer {
+    let body = body.trim();
+    if !body.starts_with("Service A <- Service B <- Service C |") {
+        return Answer::Error;
+    }
+    match body.split('|').nth(1) {
+        Some(version) => Answer::Version(version.trim().to_owned()),
+        None => Answer::Error,
+    }
+}
+
+/// Shares of a batch of answers: (v1, v2, errors).
+pub fn tally(bodies: &[String]) -> (usize, usize, usize) {
+    let mut counts = (0, 0, 0);
+    for body in bodies {
+        match answer(body) {
+            Answer::Version(v) if v == "v1" => counts.0 += 1,
+            Answer::Version(v) if v == "v2" => counts.1 += 1,
+            _ => counts.2 += 1,
+        }
+    }
+    counts
+}
+
+fn start_app(node: &SimNode, pod: &Pod, deployment: &str, deno: &Path) -> Result<PodProcess> {
+    let (_, app, version) = DEPLOYMENTS
+        .iter()
+        .find(|(name, ..)| *name == deployment)
+        .with_context(|| format!("unknown deployment {deployment}"))?;
+    let mut command = Command::new(demo_dir().join("run-app.sh"));
+    command
+        .arg(app)
+        .env("PORT", APP_PORT.to_string())
+        .env("SERVICE_B_HOST", format!("service-b:{APP_PORT}"))
+        .env("SERVICE_C_HOST", format!("service-c:{APP_PORT}"))
+        .env("VERSION", version)
+        .env("HOSTNAME", pod.name())
+        .env("DENO", deno);
+    node.spawn_in_pod(pod, command)
+}
+
+fn wait_healthy(node: &SimNode, pod: &Pod) -> Result<()> {
+    let addr = format!("{}:{APP_PORT}", pod.ip());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let probe = addr.clone();
+        if let Ok(Ok((200, _))) = node.run_on_node(move || http_get(&probe, "/health", &[])) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{} did not become healthy", pod.name());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn write_services(config: &ConfigDir, replicas: &BTreeMap<String, Vec<Replica>>) -> Result<()> {
+    for (service, vip) in SERVICES {
+        let mut backends = Vec::new();
+        for (deployment, app, version) in DEPLOYMENTS.iter().filter(|(_, app, _)| *app == service) {
+            for replica in replicas.get(*deployment).into_iter().flatten() {
+                backends.push((&replica.pod, [("app", *app), ("version", *version)]));
+            }
+        }
+        let backends: Vec<Backend<'_>> = backends
+            .iter()
+            .map(|(pod, labels)| Backend { pod, labels })
+            .collect();
+        config.service(service, vip, APP_PORT, "http", &backends)?;
+    }
+    Ok(())
+}
+
+/// `deploy/demo/install-runtimes.sh`: returns the Deno binary.
+pub fn install_runtimes() -> Result<PathBuf> {
+    let output = Command::new(demo_dir().join("install-runtimes.sh"))
+        .output()
+        .context("running deploy/demo/install-runtimes.sh")?;
+    if !output.status.success() {
+        bail!(
+            "installing the demo's runtimes failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let deno = stdout
+        .lines()
+        .last()
+        .context("install-runtimes.sh printed no path")?;
+    Ok(PathBuf::from(deno.trim()))
+}
+
+fn demo_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/demo")
+}
+
+/// A plain HTTP/1.1 GET; the caller's thread must be in the right namespace.
+pub fn http_get(addr: &str, path: &str, headers: &[(&str, &str)]) -> Result<(u16, String)> {
+    let addr: SocketAddr = addr.parse()?;
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes())?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response)?;
+    let response = String::from_utf8_lossy(&response);
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("malformed HTTP response")?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    Ok((status, decode_chunked_if_needed(&response, body)))
+}
+
+/// Java's and Deno's servers may answer chunked; the callers want the plain body.
+fn decode_chunked_if_needed(response: &str, body: String) -> String {
+    let head = response
+        .split("\r\n\r\n")
+        .next()
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    if !head.contains("transfer-encoding: chunked") {
+        return body;
+    }
+    let mut out = String::new();
+    let mut rest = body.as_str();
+    while let Some((size, tail)) = rest.split_once("\r\n") {
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if size == 0 || tail.len() < size {
+            break;
+        }
+        out.push_str(&tail[..size]);
+        rest = tail[size..].trim_start_matches("\r\n");
+    }
+    out
+}

@@ -30,6 +30,35 @@ fn the_tutorial_end_to_end() {
     assert!(matches!(answer(&body), Answer::Version(_)), "{body}");
     println!("baseline: {}", body.trim());
 
+    // Tracing: one request's trace runs through both hops and the gateway, each hop's span a
+    // child of the one before (the apps only propagate the headers).
+    let (status, _) = tutorial
+        .call_with(&[("x-request-id", "tutorial-trace")])
+        .unwrap();
+    assert_eq!(status, 200);
+    let hops = tutorial
+        .agent()
+        .wait_for_records(
+            3,
+            |r| r["request_id"] == "tutorial-trace",
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    let hop = |service: &str| {
+        hops.iter()
+            .find(|r| r["destination_service"] == format!("{service}.default.svc.cluster.local"))
+            .unwrap_or_else(|| panic!("no hop to {service}: {hops:?}"))
+    };
+    let (to_a, to_b, to_c) = (hop("service-a"), hop("service-b"), hop("service-c"));
+    assert_eq!(to_a["trace_id"], to_b["trace_id"], "{hops:?}");
+    assert_eq!(to_b["trace_id"], to_c["trace_id"], "{hops:?}");
+    assert_eq!(to_b["parent_span_id"], to_a["span_id"], "{hops:?}");
+    assert_eq!(to_c["parent_span_id"], to_b["span_id"], "{hops:?}");
+    println!(
+        "trace {} spans gateway→A {} → B {} → C {}",
+        to_a["trace_id"], to_a["span_id"], to_b["span_id"], to_c["span_id"]
+    );
+
     // Canary releases, steps 1-4.
     tutorial.apply("destination-rules.yml").unwrap();
     tutorial.apply("canary/1-vs-v1.yml").unwrap();

@@ -392,6 +392,8 @@ impl HttpConn {
             response_bytes,
             request_id: &trace.request_id,
             trace_id: trace.trace_id,
+            span_id: trace.span_id,
+            parent_span_id: trace.parent_span_id,
         });
     }
 

@@ -86,6 +86,11 @@ pub struct HttpRecord<'a> {
     /// 32 hex digits, as Jaeger shows it.
     #[serde(serialize_with = "as_trace_id")]
     pub trace_id: u128,
+    /// This hop's span and its parent (the caller's span), 16 hex digits each.
+    #[serde(serialize_with = "as_span_id")]
+    pub span_id: u64,
+    #[serde(serialize_with = "as_parent_span_id")]
+    pub parent_span_id: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -114,6 +119,17 @@ fn as_display<S: Serializer>(value: &&dyn fmt::Display, s: S) -> Result<S::Ok, S
 
 fn as_trace_id<S: Serializer>(id: &u128, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(&format_args!("{id:032x}"))
+}
+
+fn as_span_id<S: Serializer>(id: &u64, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&format_args!("{id:016x}"))
+}
+
+fn as_parent_span_id<S: Serializer>(id: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+    match id {
+        Some(id) => as_span_id(id, s),
+        None => s.serialize_none(),
+    }
 }
 
 impl AccessLog {
@@ -213,6 +229,8 @@ mod tests {
             response_bytes: 19,
             request_id: "6b1b3f6e-1c2d-4e5f-8a9b-0c1d2e3f4a5b",
             trace_id: 0x463ac35c9f6413ad48485a3953bb6124,
+            span_id: 0x00f0_67aa_0ba9_02b7,
+            parent_span_id: None,
         }
     }
 

@@ -97,6 +97,14 @@ fn mesh(v2_args: &[&str]) -> Mesh {
 }
 
 impl Mesh {
+    /// `count` GETs of `http://service-c:8080/` from the client pod; the client's summary.
+    fn get(&self, count: usize, extra: &[&str]) -> Value {
+        let count = count.to_string();
+        let mut args = vec!["get", "--url", "http://service-c:8080/", "--count", &count];
+        args.extend(extra);
+        client(&self.node, &self.client, &args)
+    }
+
     fn agent(&self) -> Agent {
         let config = self.config.path().to_str().unwrap().to_owned();
         Agent::start(&self.node, &[&self.client], &["--config", &config]).unwrap()
@@ -110,20 +118,7 @@ fn a_ninety_ten_split_holds_over_keep_alive_connections() {
         .copy_example("canary/2-vs-v1_and_v2_90_10.yml", "vs.yml")
         .unwrap();
     let _agent = mesh.agent();
-    let summary = client(
-        &mesh.node,
-        &mesh.client,
-        &[
-            "get",
-            "--url",
-            "http://service-c:8080/",
-            "--count",
-            "1000",
-            "--concurrency",
-            "4",
-            "--quiet",
-        ],
-    );
+    let summary = mesh.get(1000, &["--concurrency", "4", "--quiet"]);
     let (v1, v2) = (
         count(&summary, "by_body", "v1"),
         count(&summary, "by_body", "v2"),
@@ -241,19 +236,7 @@ fn http2_and_grpc_are_routed_and_other_tcp_passes_through() {
         .unwrap();
     let agent = mesh.agent();
 
-    let h2 = client(
-        &mesh.node,
-        &mesh.client,
-        &[
-            "get",
-            "--url",
-            "http://service-c:8080/",
-            "--count",
-            "50",
-            "--h2",
-            "--quiet",
-        ],
-    );
+    let h2 = mesh.get(50, &["--h2", "--quiet"]);
     assert_eq!(count(&h2, "by_body", "v2"), 50, "{h2}");
     let grpc = client(
         &mesh.node,
@@ -356,18 +339,7 @@ fn canary_steps_applied_under_load_fail_no_request_and_a_bad_file_changes_nothin
     assert_eq!(summary["errors"], 0, "{summary}");
 
     // After step 4 everything goes to v2.
-    let after = client(
-        &mesh.node,
-        &mesh.client,
-        &[
-            "get",
-            "--url",
-            "http://service-c:8080/",
-            "--count",
-            "100",
-            "--quiet",
-        ],
-    );
+    let after = mesh.get(100, &["--quiet"]);
     assert_eq!(count(&after, "by_body", "v2"), 100, "{after}");
 }
 
@@ -432,18 +404,7 @@ fn metrics_count_requests_per_version_and_code_in_prometheus_format() {
         .copy_example("canary/2-vs-v1_and_v2_90_10.yml", "vs.yml")
         .unwrap();
     let agent = mesh.agent();
-    let summary = client(
-        &mesh.node,
-        &mesh.client,
-        &[
-            "get",
-            "--url",
-            "http://service-c:8080/",
-            "--count",
-            "100",
-            "--quiet",
-        ],
-    );
+    let summary = mesh.get(100, &["--quiet"]);
     assert_eq!(count(&summary, "by_status", "200"), 100, "{summary}");
     let (status, text) = agent.admin_get("/metrics").unwrap();
     assert_eq!(status, 200);

@@ -54,6 +54,11 @@ pub struct PodSpec {
 }
 
 impl PodSpec {
+    /// `namespace/name`: how enrolled pods are told apart.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
     /// Parses `NAME=PATH`, or a bare netns name (`/var/run/netns/NAME`) or path (named after
     /// its last component, e.g. `/proc/123/ns/net` → `123`).
     pub fn parse(spec: &str) -> Result<PodSpec, String> {
@@ -92,6 +97,7 @@ impl PodSpec {
 #[derive(Clone, Debug, Serialize)]
 pub struct EnrolledPod {
     pub name: String,
+    pub namespace: String,
     pub netns: PathBuf,
     pub netns_cookie: u64,
 }
@@ -141,7 +147,7 @@ impl Enrollments {
         })?;
         let mut pods = self.pods.lock().expect("enrollments lock");
         if let Some(existing) = pods.values().find(|e| e.pod.netns_cookie == cookie) {
-            if existing.pod.name == spec.name {
+            if existing.pod.name == spec.name && existing.pod.namespace == spec.namespace {
                 return Ok(existing.pod.clone());
             }
             return Err(EnrollError::AlreadyEnrolled {
@@ -149,7 +155,7 @@ impl Enrollments {
                 existing: existing.pod.name.clone(),
             });
         }
-        if let Some(old) = pods.remove(&spec.name) {
+        if let Some(old) = pods.remove(&spec.key()) {
             self.release(old)?;
         }
         // Listener first: the kernel only redirects to a listener that exists.
@@ -161,6 +167,7 @@ impl Enrollments {
             })?;
         let pod = EnrolledPod {
             name: spec.name.clone(),
+            namespace: spec.namespace.clone(),
             netns: spec.netns.clone(),
             netns_cookie: cookie,
         };
@@ -180,7 +187,7 @@ impl Enrollments {
         }
         info!(pod = %pod.name, netns = %pod.netns.display(), cookie, "enrolled");
         pods.insert(
-            spec.name.clone(),
+            spec.key(),
             Entry {
                 pod: pod.clone(),
                 accept_loop,
@@ -190,15 +197,21 @@ impl Enrollments {
     }
 
     /// New connections from the pod go direct again; connections in flight finish.
-    pub fn unenroll(&self, name: &str) -> Result<(), EnrollError> {
+    /// Unenrolls `namespace/name` (a bare name means the `default` namespace).
+    pub fn unenroll(&self, pod: &str) -> Result<(), EnrollError> {
+        let key = if pod.contains('/') {
+            pod.to_owned()
+        } else {
+            format!("{DEFAULT_NAMESPACE}/{pod}")
+        };
         let entry = self
             .pods
             .lock()
             .expect("enrollments lock")
-            .remove(name)
-            .ok_or_else(|| EnrollError::NotEnrolled(name.to_owned()))?;
+            .remove(&key)
+            .ok_or_else(|| EnrollError::NotEnrolled(key.clone()))?;
         self.release(entry)?;
-        info!(pod = name, "unenrolled");
+        info!(pod = key, "unenrolled");
         Ok(())
     }
 

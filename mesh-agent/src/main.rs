@@ -6,7 +6,7 @@ use std::{
 };
 
 use clap::{Parser, Subcommand};
-use mesh_agent::{enrollment::PodSpec, run};
+use mesh_agent::{discovery::kubernetes::KubeSettings, enrollment::PodSpec, run};
 use mesh_common::{DEFAULT_AGENT_MARK, DEFAULT_LISTEN_PORT};
 use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt, EnvFilter};
 
@@ -102,6 +102,20 @@ struct RunArgs {
     /// e.g. http://jaeger-collector:4318. Tracing headers are propagated either way.
     #[arg(long, value_name = "URL")]
     otlp_endpoint: Option<String>,
+    /// Kubernetes mode: watch services, endpoints, pods, namespaces and Istio rules on the API
+    /// server, and enroll this node's pods labelled `sidecarless.io/mesh: enabled` (or in a
+    /// namespace so labelled).
+    #[arg(long)]
+    kubernetes: bool,
+    /// Kubeconfig for Kubernetes mode [default: in-cluster, then $KUBECONFIG, ~/.kube/config].
+    #[arg(long, value_name = "FILE", requires = "kubernetes")]
+    kubeconfig: Option<PathBuf>,
+    /// This node's name (only its pods are enrolled).
+    #[arg(long, env = "NODE_NAME", requires = "kubernetes")]
+    node_name: Option<String>,
+    /// Where the host's /proc is visible (the DaemonSet mounts it at /host/proc).
+    #[arg(long, default_value = "/proc", value_name = "DIR")]
+    proc_root: PathBuf,
     /// Serve the mesh's ingress gateway on this address: requests are routed by Istio
     /// `Gateway`s and the `VirtualService`s bound to them (`gateways:`), e.g. 0.0.0.0:80.
     #[arg(long, value_name = "ADDR")]
@@ -169,21 +183,36 @@ fn main() -> ExitCode {
             name.as_deref(),
             output.as_deref() == Some("yaml"),
         ),
-        Command::Run(args) => run::run(run::Settings {
-            cgroup: args.cgroup,
-            enroll: args.enroll,
-            listen: args.listen,
-            admin: args.admin,
-            agent_mark: args.mark,
-            workers: args.workers.max(1),
-            access_log: args.access_log,
-            drain: Duration::from_secs(args.drain_seconds),
-            config: args.config,
-            otlp_endpoint: args.otlp_endpoint,
-            trace_sample_ratio: args.trace_sample_ratio.clamp(0.0, 1.0),
-            ingress: args.ingress,
-            log_level: Some(log_level),
-        }),
+        Command::Run(args) => {
+            let kubernetes = match (args.kubernetes, args.node_name) {
+                (false, _) => None,
+                (true, Some(node_name)) => Some(KubeSettings {
+                    kubeconfig: args.kubeconfig,
+                    node_name,
+                    proc_root: args.proc_root,
+                }),
+                (true, None) => {
+                    eprintln!("mesh-agent: --kubernetes needs --node-name (or NODE_NAME)");
+                    return ExitCode::FAILURE;
+                }
+            };
+            run::run(run::Settings {
+                cgroup: args.cgroup,
+                enroll: args.enroll,
+                listen: args.listen,
+                admin: args.admin,
+                agent_mark: args.mark,
+                workers: args.workers.max(1),
+                access_log: args.access_log,
+                drain: Duration::from_secs(args.drain_seconds),
+                config: args.config,
+                otlp_endpoint: args.otlp_endpoint,
+                trace_sample_ratio: args.trace_sample_ratio.clamp(0.0, 1.0),
+                ingress: args.ingress,
+                kubernetes,
+                log_level: Some(log_level),
+            })
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

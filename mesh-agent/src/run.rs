@@ -13,6 +13,7 @@ use tracing::info;
 
 use crate::{
     admin::{self, AdminState},
+    discovery::kubernetes::{self, KubeSettings},
     engine::EngineSettings,
     enrollment::{Enrollments, PodSpec},
     proxy::{PodContext, Proxy},
@@ -42,6 +43,8 @@ pub struct Settings {
     pub otlp_endpoint: Option<String>,
     /// Share of new traces sampled, 0.0 to 1.0.
     pub trace_sample_ratio: f64,
+    /// Kubernetes mode: discovery and enrollment from the API server.
+    pub kubernetes: Option<KubeSettings>,
     /// Serve the mesh's ingress gateway (Istio `Gateway` + bound `VirtualService`s) here.
     pub ingress: Option<SocketAddr>,
     /// Changes the log filter at run time, for the admin API.
@@ -124,6 +127,18 @@ pub fn run(settings: Settings) -> Result<()> {
     for pod in &settings.enroll {
         enrollments.enroll(pod)?;
     }
+    let _kubernetes = match settings.kubernetes {
+        Some(kube) => Some(
+            runtime
+                .block_on(kubernetes::start(
+                    kube,
+                    Arc::clone(&store),
+                    Arc::clone(&enrollments),
+                ))
+                .context("kubernetes mode")?,
+        ),
+        None => None,
+    };
     if let Some(addr) = settings.ingress {
         let listener = std::net::TcpListener::bind(addr)
             .with_context(|| format!("ingress gateway on {addr}"))?;

@@ -91,6 +91,14 @@ impl Store {
             .map(|(version, _)| version)
     }
 
+    /// Kubernetes mode: the watched objects changed.
+    pub fn set_watched(&self, source: &str, objects: Vec<Value>) -> Result<u64, Vec<Diagnostic>> {
+        let mut local = self.source.lock().expect("config source lock");
+        let result = local.set_watched(source, objects);
+        self.settle(result.map(|loaded| (loaded, Vec::new())))
+            .map(|(version, _)| version)
+    }
+
     /// `mesh-agent apply -f`: all objects of `text` or none.
     pub fn apply(&self, label: &str, text: &str) -> Result<(u64, Vec<ObjectKey>), Vec<Diagnostic>> {
         let mut source = self.source.lock().expect("config source lock");

@@ -1,6 +1,7 @@
-//! Local mode: the mesh's objects come from a folder of Kubernetes-shaped YAML/JSON (`Service`,
-//! `EndpointSlice`, `Pod`, `VirtualService`, `DestinationRule`, `Gateway`), plus objects applied
-//! and deleted at run time through the admin API (`mesh-agent apply/delete -f`).
+//! The set of objects in force: a base — a folder of Kubernetes-shaped YAML/JSON (`Service`,
+//! `EndpointSlice`, `Pod`, `VirtualService`, `DestinationRule`, `Gateway`) in local mode, or
+//! what the API server's watches hold in Kubernetes mode — plus objects applied and deleted at
+//! run time through the admin API (`mesh-agent apply/delete -f`).
 //!
 //! Objects are identified as Kubernetes does, by kind, namespace and name. Applied objects
 //! replace the folder's object of the same identity; deleted ones are hidden from the folder
@@ -53,6 +54,8 @@ pub struct Loaded {
 #[derive(Debug, Default)]
 pub struct LocalSource {
     dir: Option<PathBuf>,
+    /// Kubernetes mode: the watched objects, replacing the folder.
+    watched: Option<BTreeMap<ObjectKey, Sourced>>,
     applied: BTreeMap<ObjectKey, Sourced>,
     deleted: BTreeSet<ObjectKey>,
 }
@@ -68,6 +71,31 @@ impl LocalSource {
 
     pub fn dir(&self) -> Option<&Path> {
         self.dir.as_deref()
+    }
+
+    /// Kubernetes mode: replaces the base with the objects the API server holds (each with
+    /// `kind` and `apiVersion` set), labelled as `source` in diagnostics.
+    pub fn set_watched(
+        &mut self,
+        source: &str,
+        objects: Vec<Value>,
+    ) -> Result<Loaded, Vec<Diagnostic>> {
+        let mut watched = BTreeMap::new();
+        let mut errors = Vec::new();
+        for object in objects {
+            match keyed(source, object) {
+                Ok((key, object)) => {
+                    watched.insert(key, object);
+                }
+                Err(diagnostics) => errors.extend(diagnostics),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let loaded = build(merge(watched.clone(), &self.applied, &self.deleted))?;
+        self.watched = Some(watched);
+        Ok(loaded)
     }
 
     /// Reads the folder and builds the full set; `Err` lists every error (and warning).
@@ -131,6 +159,9 @@ impl LocalSource {
     }
 
     fn read_folder(&self) -> Result<BTreeMap<ObjectKey, Sourced>, Vec<Diagnostic>> {
+        if let Some(watched) = &self.watched {
+            return Ok(watched.clone());
+        }
         let Some(dir) = &self.dir else {
             return Ok(BTreeMap::new());
         };

@@ -3,6 +3,7 @@
 //! pod IP is which workload). Local mode reads them from a folder (`local`); Kubernetes mode
 //! will watch the API server; both produce the same [`Discovered`].
 
+pub mod kubernetes;
 pub mod local;
 mod objects;
 

@@ -5,6 +5,7 @@
 
 use std::{
     collections::BTreeMap,
+    fmt,
     io::{Read, Write},
     net::{Ipv4Addr, SocketAddr, TcpStream},
     path::{Path, PathBuf},
@@ -277,15 +278,55 @@ pub fn answer(body: &str) -> Answer {
     }
 }
 
-/// Shares of a batch of answers: (v1, v2, errors).
-pub fn tally(bodies: &[String]) -> (usize, usize, usize) {
-    let mut counts = (0, 0, 0);
-    for body in bodies {
-        match answer(body) {
-            Answer::Version(v) if v == "v1" => counts.0 += 1,
-            Answer::Version(v) if v == "v2" => counts.1 += 1,
-            _ => counts.2 += 1,
+/// What a batch of answers held: how many came from C v1, from C v2, and how many failed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tally {
+    pub v1: usize,
+    pub v2: usize,
+    pub errors: usize,
+}
+
+impl Tally {
+    pub fn add(&mut self, answer: &Answer) {
+        match answer {
+            Answer::Version(v) if v == "v1" => self.v1 += 1,
+            Answer::Version(v) if v == "v2" => self.v2 += 1,
+            _ => self.errors += 1,
         }
+    }
+
+    pub fn total(&self) -> usize {
+        self.v1 + self.v2 + self.errors
+    }
+
+    /// `n` is between `low`% and `high`% of the total, bounds included (integer arithmetic,
+    /// so 80 of 1000 is exactly 8%).
+    pub fn share_within(&self, n: usize, low: usize, high: usize) -> bool {
+        let total = self.total();
+        total > 0 && n * 100 >= low * total && n * 100 <= high * total
+    }
+}
+
+impl fmt::Display for Tally {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let percent = |n: usize| (n * 100).checked_div(self.total()).unwrap_or(0);
+        write!(
+            f,
+            "v1 {} ({}%)  v2 {} ({}%)  errors {}",
+            self.v1,
+            percent(self.v1),
+            self.v2,
+            percent(self.v2),
+            self.errors
+        )
+    }
+}
+
+/// Tallies a batch of response bodies.
+pub fn tally(bodies: &[String]) -> Tally {
+    let mut counts = Tally::default();
+    for body in bodies {
+        counts.add(&answer(body));
     }
     counts
 }
@@ -411,4 +452,322 @@ fn decode_chunked_if_needed(response: &str, body: String) -> String {
         rest = tail[size..].trim_start_matches("\r\n");
     }
     out
+}
+
+/// A running pod of the tutorial's world, for showing to a user.
+#[derive(Clone, Debug)]
+pub struct PodInfo {
+    pub deployment: String,
+    pub name: String,
+    pub ip: Ipv4Addr,
+}
+
+impl Tutorial {
+    /// Every running pod, by deployment.
+    pub fn running_pods(&self) -> Vec<PodInfo> {
+        let replicas = self.replicas.lock().expect("replicas");
+        replicas
+            .iter()
+            .flat_map(|(deployment, replicas)| {
+                replicas.iter().map(|r| PodInfo {
+                    deployment: deployment.clone(),
+                    name: r.pod.name().to_owned(),
+                    ip: r.pod.ip(),
+                })
+            })
+            .collect()
+    }
+
+    /// Opens connections inside the node from any thread, without borrowing the tutorial.
+    pub fn dialer(&self) -> NodeDialer {
+        NodeDialer {
+            netns: self.node.netns_path(),
+        }
+    }
+}
+
+/// Connects to addresses inside the node's network namespace (the gateway, the admin API). Each
+/// call enters the namespace on a fresh thread; the socket stays in the node's namespace when
+/// that thread is gone, so the caller can use it anywhere (the demo's relays on the host do).
+#[derive(Clone, Debug)]
+pub struct NodeDialer {
+    netns: PathBuf,
+}
+
+impl NodeDialer {
+    pub fn connect(&self, addr: SocketAddr) -> Result<TcpStream> {
+        crate::netns::run_in(&self.netns, move || {
+            TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        })?
+        .with_context(|| format!("connecting to {addr} in the node"))
+    }
+}
+
+/// How many requests the steps send: the end-to-end test's counts, or fewer for
+/// `cargo xtask demo --steps`. The expectations are shares, so they hold for both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pace {
+    Full,
+    Quick,
+}
+
+/// One move of the tutorial. Both of the tutorial's verbs (`oc create`, `oc replace`) are our
+/// `mesh-agent apply`; they are kept apart to show the tutorial's command faithfully.
+#[derive(Clone, Debug)]
+pub enum Action {
+    /// `oc create -f kubernetes/<file>`, our `mesh-agent apply -f deploy/examples/<file>`.
+    Create(&'static str),
+    /// `oc replace -f kubernetes/<file>`, our `mesh-agent apply -f deploy/examples/<file>`.
+    Replace(&'static str),
+    /// `oc scale deploy/<deployment> --replicas N`.
+    Scale(&'static str, usize),
+    /// `curl localhost:8080/crash` through `oc port-forward pod/<pod>`.
+    Crash(&'static str),
+    /// `curl localhost:8080/repair` through `oc port-forward pod/<pod>`.
+    Repair(&'static str),
+}
+
+impl Action {
+    /// Our command for this move, as a user types it in local mode (from the repository root,
+    /// while `cargo xtask demo` runs).
+    pub fn ours(&self) -> String {
+        match self {
+            Action::Create(file) | Action::Replace(file) => {
+                format!("target/debug/mesh-agent apply -f deploy/examples/{file}")
+            }
+            Action::Scale(deployment, n) => format!("cargo xtask demo scale {deployment} {n}"),
+            Action::Crash(pod) => format!("cargo xtask demo crash {pod}"),
+            Action::Repair(pod) => format!("cargo xtask demo repair {pod}"),
+        }
+    }
+
+    /// The tutorial's command for the same move (its files live under `kubernetes/` in the
+    /// tutorial's repository and under `deploy/examples/` here, with the same names).
+    pub fn tutorial(&self) -> String {
+        match self {
+            Action::Create(file) => format!("oc create -f {file}"),
+            Action::Replace(file) => format!("oc replace -f {file}"),
+            Action::Scale(deployment, n) => format!("oc scale deploy/{deployment} --replicas {n}"),
+            Action::Crash(pod) => format!("curl localhost:8080/crash  (port-forward {pod})"),
+            Action::Repair(pod) => format!("curl localhost:8080/repair (port-forward {pod})"),
+        }
+    }
+}
+
+/// How a step is measured.
+#[derive(Clone, Debug)]
+pub enum Measure {
+    /// `count` calls through the gateway, four at a time; `check` judges their tally.
+    Load {
+        count: usize,
+        check: fn(&Tally) -> bool,
+    },
+    /// Calls through the gateway until `pod` answers again; passes if that takes less than
+    /// `within`.
+    UntilServes { pod: &'static str, within: Duration },
+}
+
+/// One step of the tutorial: what to do, how to measure it, and what the tutorial promises.
+#[derive(Clone, Debug)]
+pub struct Step {
+    pub name: &'static str,
+    pub actions: Vec<Action>,
+    pub measure: Measure,
+    /// The promise, for a human.
+    pub expected: &'static str,
+}
+
+/// What a step showed.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    /// For a human: the tally, or how long the repaired replica took.
+    pub shown: String,
+    pub passed: bool,
+    pub tally: Option<Tally>,
+    pub elapsed: Option<Duration>,
+    /// A few failed answers, to show what went wrong.
+    pub error_samples: Vec<String>,
+}
+
+/// The crashed (and later repaired) replica: the first of the two `service-c-v2` replicas.
+pub const CRASHED_POD: &str = "service-c-v2-0";
+
+/// `baseEjectionTime` (10 s) + `interval` (2 s) of `circuit-breaker/2-destination-rules.yml`,
+/// plus 2 s of slack: the repaired replica must serve again within this.
+const BACK_WITHIN: Duration = Duration::from_secs(10 + 2 + 2);
+
+/// The tutorial in order, from the baseline to the repaired replica. Shared by the end-to-end
+/// test (`Pace::Full`) and `cargo xtask demo --steps` (`Pace::Quick`).
+pub fn steps(pace: Pace) -> Vec<Step> {
+    let n = |full: usize, quick: usize| match pace {
+        Pace::Full => full,
+        Pace::Quick => quick,
+    };
+    let load = |count, check| Measure::Load { count, check };
+    vec![
+        Step {
+            name: "baseline: no rules",
+            actions: vec![],
+            measure: load(n(100, 20), |t| t.errors == 0 && t.v1 > 0 && t.v2 > 0),
+            expected: "v1 and v2, no errors",
+        },
+        Step {
+            name: "canary 1: 100% v1",
+            actions: vec![
+                Action::Create("destination-rules.yml"),
+                Action::Create("canary/1-vs-v1.yml"),
+            ],
+            measure: load(n(1000, 200), |t| t.v2 == 0 && t.errors == 0),
+            expected: "v2 0%, no errors",
+        },
+        Step {
+            name: "canary 2: 90/10",
+            actions: vec![Action::Replace("canary/2-vs-v1_and_v2_90_10.yml")],
+            measure: load(n(1000, 200), |t| {
+                t.errors == 0 && t.share_within(t.v2, 8, 12)
+            }),
+            expected: "v2 10% ± 2, no errors",
+        },
+        Step {
+            name: "canary 3: 50/50",
+            actions: vec![Action::Replace("canary/3-vs-v1_and_v2_50_50.yml")],
+            measure: load(n(1000, 200), |t| {
+                t.errors == 0 && t.share_within(t.v2, 47, 53)
+            }),
+            expected: "v2 50% ± 3, no errors",
+        },
+        Step {
+            name: "canary 4: 100% v2",
+            actions: vec![Action::Replace("canary/4-vs-v2.yml")],
+            measure: load(n(1000, 200), |t| t.v1 == 0 && t.errors == 0),
+            expected: "v2 100%, no errors",
+        },
+        Step {
+            name: "reset VS, v1 → 0, v2 → 2 replicas",
+            actions: vec![
+                Action::Replace("circuit-breaker/1-vs.yml"),
+                Action::Scale("service-c-v1", 0),
+                Action::Scale("service-c-v2", 2),
+            ],
+            measure: load(n(100, 40), |t| t.v1 == 0 && t.errors == 0),
+            expected: "v2 100%, no errors",
+        },
+        Step {
+            name: "crashed replica, no policy",
+            actions: vec![Action::Crash(CRASHED_POD)],
+            measure: load(n(400, 200), |t| t.share_within(t.errors, 35, 65)),
+            expected: "errors 35-65%",
+        },
+        Step {
+            name: "crashed, circuit breaker",
+            actions: vec![Action::Replace("circuit-breaker/2-destination-rules.yml")],
+            measure: load(n(400, 200), |t| t.share_within(t.errors, 0, 5)),
+            expected: "errors ≤ 5%",
+        },
+        Step {
+            name: "crashed, circuit breaker + retries",
+            actions: vec![Action::Replace("circuit-breaker/3-vs-retry.yml")],
+            measure: load(n(1000, 400), |t| t.errors == 0),
+            expected: "no errors",
+        },
+        Step {
+            name: "repaired replica back",
+            actions: vec![Action::Repair(CRASHED_POD)],
+            measure: Measure::UntilServes {
+                pod: CRASHED_POD,
+                within: BACK_WITHIN,
+            },
+            expected: "back within 14 s",
+        },
+    ]
+}
+
+impl Tutorial {
+    /// Does one of the tutorial's moves. Call it from the thread that started the tutorial (it
+    /// may scale).
+    pub fn act(&self, action: &Action) -> Result<()> {
+        match action {
+            Action::Create(file) | Action::Replace(file) => self.apply(file).map(drop),
+            Action::Scale(deployment, count) => {
+                self.scale(deployment, *count)?;
+                // The agent reads the rewritten endpoints from its config folder within ~100 ms.
+                std::thread::sleep(Duration::from_millis(500));
+                Ok(())
+            }
+            Action::Crash(pod) => self.crash(pod),
+            Action::Repair(pod) => self.repair(pod),
+        }
+    }
+
+    /// Does a step's moves, then measures it.
+    pub fn run_step(&self, step: &Step) -> Result<Outcome> {
+        for action in &step.actions {
+            self.act(action)
+                .with_context(|| format!("{}: {}", step.name, action.ours()))?;
+        }
+        match &step.measure {
+            Measure::Load { count, check } => self.measure_load(*count, *check),
+            Measure::UntilServes { pod, within } => self.measure_until_serves(pod, *within),
+        }
+    }
+
+    fn measure_load(&self, count: usize, check: fn(&Tally) -> bool) -> Result<Outcome> {
+        let bodies = self.load(count, 4)?;
+        let tally = tally(&bodies);
+        let error_samples = bodies
+            .iter()
+            .filter(|body| answer(body) == Answer::Error)
+            .take(3)
+            .cloned()
+            .collect();
+        Ok(Outcome {
+            shown: format!("{tally} of {}", tally.total()),
+            // A short batch (the load tool lost answers) fails too.
+            passed: tally.total() == count && check(&tally),
+            tally: Some(tally),
+            elapsed: None,
+            error_samples,
+        })
+    }
+
+    fn measure_until_serves(&self, pod: &str, within: Duration) -> Result<Outcome> {
+        let marker = replica_marker(pod)?;
+        let start = Instant::now();
+        // Keep calling a little past the limit, so a late return is still measured and shown.
+        while start.elapsed() < within + Duration::from_secs(5) {
+            let (_, body) = self.call()?;
+            if body.contains(&marker) {
+                let elapsed = start.elapsed();
+                return Ok(Outcome {
+                    shown: format!("{pod} serves again after {:.1} s", elapsed.as_secs_f64()),
+                    passed: elapsed < within,
+                    tally: None,
+                    elapsed: Some(elapsed),
+                    error_samples: vec![],
+                });
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        Ok(Outcome {
+            shown: format!(
+                "{pod} not back after {:.0} s",
+                start.elapsed().as_secs_f64()
+            ),
+            passed: false,
+            tally: None,
+            elapsed: None,
+            error_samples: vec![],
+        })
+    }
+}
+
+/// What C's answer contains when `pod` served it: `| v2 | 0 |` for `service-c-v2-0` (C shows its
+/// version and the part of its host name after the last `-`).
+fn replica_marker(pod: &str) -> Result<String> {
+    let (deployment, suffix) = pod.rsplit_once('-').context("pod name without a suffix")?;
+    let (_, _, version) = DEPLOYMENTS
+        .iter()
+        .find(|(name, ..)| *name == deployment)
+        .with_context(|| format!("{pod} is not a pod of the tutorial's deployments"))?;
+    Ok(format!("| {version} | {suffix} |"))
 }

@@ -1,24 +1,9 @@
 //! The tutorial, replayed in order with the real demo apps (Python → Deno → Java) on a simulated
 //! node, measuring what the tutorial shows at each step.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use mesh_tests::tutorial::{answer, tally, Answer, Tutorial};
-
-fn step(tutorial: &Tutorial, name: &str, count: usize) -> (usize, usize, usize) {
-    let bodies = tutorial.load(count, 4).unwrap();
-    let (v1, v2, errors) = tally(&bodies);
-    println!("{name:<48} v1={v1:<5} v2={v2:<5} errors={errors:<5} (of {count})");
-    if errors > 0 {
-        let sample: Vec<&String> = bodies
-            .iter()
-            .filter(|b| !b.starts_with("Service A <- Service B <- Service C"))
-            .take(3)
-            .collect();
-        println!("    e.g. {sample:?}");
-    }
-    (v1, v2, errors)
-}
+use mesh_tests::tutorial::{answer, steps, Answer, Pace, Tutorial};
 
 #[test]
 fn the_tutorial_end_to_end() {
@@ -59,68 +44,21 @@ fn the_tutorial_end_to_end() {
         to_a["trace_id"], to_a["span_id"], to_b["span_id"], to_c["span_id"]
     );
 
-    // Canary releases, steps 1-4.
-    tutorial.apply("destination-rules.yml").unwrap();
-    tutorial.apply("canary/1-vs-v1.yml").unwrap();
-    let (_, v2, errors) = step(&tutorial, "canary 1: 100/0", 1000);
-    assert_eq!((v2, errors), (0, 0));
-    tutorial.apply("canary/2-vs-v1_and_v2_90_10.yml").unwrap();
-    let (_, v2, errors) = step(&tutorial, "canary 2: 90/10", 1000);
-    assert_eq!(errors, 0);
-    assert!((80..=120).contains(&v2), "v2 share {v2}/1000");
-    tutorial.apply("canary/3-vs-v1_and_v2_50_50.yml").unwrap();
-    let (_, v2, errors) = step(&tutorial, "canary 3: 50/50", 1000);
-    assert_eq!(errors, 0);
-    assert!((470..=530).contains(&v2), "v2 share {v2}/1000");
-    tutorial.apply("canary/4-vs-v2.yml").unwrap();
-    let (v1, v2, errors) = step(&tutorial, "canary 4: 0/100", 1000);
-    assert_eq!((v1, v2, errors), (0, 1000, 0));
-
-    // Circuit breaker and retries: v1 scaled to 0, v2 to 2, one v2 replica crashed.
-    tutorial.apply("circuit-breaker/1-vs.yml").unwrap();
-    tutorial.scale("service-c-v1", 0).unwrap();
-    tutorial.scale("service-c-v2", 2).unwrap();
-    std::thread::sleep(Duration::from_millis(500));
-    let crashed = tutorial.pods("service-c-v2")[0].clone();
-    tutorial.crash(&crashed).unwrap();
-    let (_, _, errors) = step(&tutorial, "crashed replica, no policy", 400);
-    assert!(
-        (140..=260).contains(&errors),
-        "errors {errors}/400 (35-65% expected)"
-    );
-
-    tutorial
-        .apply("circuit-breaker/2-destination-rules.yml")
-        .unwrap();
-    let (_, _, errors) = step(&tutorial, "crashed replica, outlier detection", 400);
-    assert!(errors <= 20, "errors {errors}/400 (at most 5% expected)");
-
-    tutorial.apply("circuit-breaker/3-vs-retry.yml").unwrap();
-    let (_, _, errors) = step(
-        &tutorial,
-        "crashed replica, outlier detection + retries",
-        1000,
-    );
-    assert_eq!(errors, 0);
-
-    // Repair: the replica serves again within baseEjectionTime + interval + 2 s.
-    tutorial.repair(&crashed).unwrap();
-    let repaired = Instant::now();
-    let suffix = crashed.rsplit('-').next().unwrap().to_owned();
-    loop {
-        let (_, body) = tutorial.call().unwrap();
-        if body.contains(&format!("| v2 | {suffix} |")) {
-            break;
+    // The tutorial's steps in order (see `mesh_tests::tutorial::steps`): canary 1-4 over 1,000
+    // requests each (v2 exactly 0%, 10% ± 2, 50% ± 3, exactly 100%), then v1 scaled to 0 and v2
+    // to 2 replicas with one crashed: errors 35-65% with no policy, at most 5% with outlier
+    // detection, none of 1,000 with retries; the repaired replica back within
+    // baseEjectionTime + interval + 2 s.
+    for step in steps(Pace::Full) {
+        let outcome = tutorial.run_step(&step).unwrap();
+        println!("{:<40} {}", step.name, outcome.shown);
+        if !outcome.error_samples.is_empty() {
+            println!("    e.g. {:?}", outcome.error_samples);
         }
         assert!(
-            repaired.elapsed() < Duration::from_secs(10 + 2 + 2),
-            "not back after {:?}",
-            repaired.elapsed()
+            outcome.passed,
+            "{}: showed {}, expected {}",
+            step.name, outcome.shown, step.expected
         );
-        std::thread::sleep(Duration::from_millis(250));
     }
-    println!(
-        "repaired replica serves again after {:?}",
-        repaired.elapsed()
-    );
 }

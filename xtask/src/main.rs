@@ -20,13 +20,23 @@ struct Cli {
 enum Command {
     /// Build the kernel programs (installs nightly's rust-src and bpf-linker when missing).
     BuildEbpf,
-    /// Build everything and run every test: unit, integration and end-to-end (as root).
-    /// Run the demo on a simulated node on this machine (needs root).
+    /// Run the tutorial "Service Mesh for Developers" live on a simulated node (needs root).
+    ///
+    /// Without a subcommand: the tutorial's request loop, with the steps' commands on screen.
+    /// With one: control the demo running in another terminal.
+    #[command(args_conflicts_with_subcommands = true)]
     Demo {
         /// Stop after this many requests instead of running until Ctrl-C.
         #[arg(long)]
         rounds: Option<u32>,
+        /// Run every step of the tutorial unattended and print a table of what each showed;
+        /// exits non-zero unless every step behaved.
+        #[arg(long, conflicts_with = "rounds")]
+        steps: bool,
+        #[command(subcommand)]
+        control: Option<DemoControl>,
     },
+    /// Build everything and run every test: unit, integration and end-to-end (as root).
     Test {
         /// Extra arguments passed to `cargo test`, e.g. a test name filter.
         #[arg(last = true)]
@@ -34,10 +44,42 @@ enum Command {
     },
 }
 
+/// Commands for a running `cargo xtask demo`, from another terminal.
+#[derive(Subcommand)]
+enum DemoControl {
+    /// Put a pod in crash mode (its `/` answers 500), as `curl localhost:8080/crash` does.
+    Crash { pod: String },
+    /// End a pod's crash mode.
+    Repair { pod: String },
+    /// `oc scale deploy/DEPLOYMENT --replicas N`, e.g. `scale service-c-v2 2`.
+    Scale { deployment: String, replicas: usize },
+}
+
+impl From<DemoControl> for demo::Command {
+    fn from(control: DemoControl) -> Self {
+        match control {
+            DemoControl::Crash { pod } => demo::Command::Crash(pod),
+            DemoControl::Repair { pod } => demo::Command::Repair(pod),
+            DemoControl::Scale {
+                deployment,
+                replicas,
+            } => demo::Command::Scale(deployment, replicas),
+        }
+    }
+}
+
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::BuildEbpf => build_ebpf::run().map(|_| ()),
-        Command::Demo { rounds } => demo::run(rounds),
+        Command::Demo {
+            rounds,
+            steps,
+            control,
+        } => demo::run(match control {
+            Some(control) => demo::Mode::Control(control.into()),
+            None if steps => demo::Mode::Steps,
+            None => demo::Mode::Live { rounds },
+        }),
         Command::Test { cargo_args } => test::run(&cargo_args),
     }
 }

@@ -88,10 +88,10 @@ pub async fn start(
     let client = client(&settings).await?;
     let changed = Arc::new(Notify::new());
     let watched = Watched {
-        services: reflect(Api::all(client.clone()), Default::default(), &changed),
-        slices: reflect(Api::all(client.clone()), Default::default(), &changed),
-        pods: reflect(Api::all(client.clone()), Default::default(), &changed),
-        namespaces: reflect(Api::all(client.clone()), Default::default(), &changed),
+        services: reflect(Api::all(client.clone()), (), &changed),
+        slices: reflect(Api::all(client.clone()), (), &changed),
+        pods: reflect(Api::all(client.clone()), (), &changed),
+        namespaces: reflect(Api::all(client.clone()), (), &changed),
         istio: ISTIO_KINDS
             .iter()
             .map(|(kind, plural)| {

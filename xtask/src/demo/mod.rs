@@ -1,97 +1,106 @@
-//! `cargo xtask demo`: a simulated node on this machine with a client pod and a server pod; the
-//! client's requests go through the agent and the agent's kernel counters show it.
+//! `cargo xtask demo`: the tutorial "Service Mesh for Developers", live on a simulated node on
+//! this machine. Apps A (Python) → B (Deno) → C v1/v2 (Java) run as pods, the agent enrolls
+//! them and serves the gateway, and the user applies the tutorial's YAML from other terminals.
+//!
+//! - `live`: the tutorial's curl loop with a running summary (the default);
+//! - `steps`: the whole tutorial unattended, as a table (`--steps`);
+//! - `relay`: host loopback ports into the node (gateway, admin API);
+//! - `control`: `cargo xtask demo crash|repair|scale` from other terminals;
+//! - `state`: `/run/mesh-demo`, where a running demo says what it is.
+
+mod control;
+mod live;
+mod relay;
+mod state;
+mod steps;
 
 use std::{
-    process::Command,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
     },
-    time::Duration,
+    time::Instant,
 };
 
 use anyhow::{Context, Result};
-use mesh_tests::{probe_binary, require_root, Agent, SimNode};
+use mesh_tests::{require_root, tutorial::Tutorial};
+
+pub use control::Command;
 
 use crate::build_ebpf::workspace_root;
 
-pub fn run(rounds: Option<u32>) -> Result<()> {
+/// What `cargo xtask demo` was asked to do.
+pub enum Mode {
+    /// The live loop, until Ctrl-C or `rounds` requests.
+    Live { rounds: Option<u32> },
+    /// Every step unattended, then the table.
+    Steps,
+    /// A command for the demo running in another terminal.
+    Control(Command),
+}
+
+pub fn run(mode: Mode) -> Result<()> {
+    if let Mode::Control(command) = &mode {
+        // Talks to the running demo only: nothing to build or start.
+        return control::send(command);
+    }
     require_root();
+    let began = Instant::now();
+    // Taken before anything starts, so a second live demo stops here with a clear message.
+    let server = match mode {
+        Mode::Live { .. } => Some(control::Server::bind()?),
+        _ => None,
+    };
     crate::build_ebpf::run()?;
     crate::cargo(&workspace_root(), &["build", "--workspace", "--bins"])?;
+    let stop = ctrl_c_flag()?;
 
+    mesh_tests::set_echo(false);
+    println!("starting the tutorial's node: 4 pods (Python, Deno, Java ×2) and the agent ...");
+    let tutorial = Tutorial::start()?;
+    println!("ready after {:.1} s", began.elapsed().as_secs_f64());
+
+    let result = match (mode, &server) {
+        (Mode::Live { rounds }, Some(server)) => live::run(&tutorial, server, rounds, &stop),
+        _ => steps::run(&tutorial, &stop),
+    };
+    drop(server);
+    teardown(tutorial);
+    result
+}
+
+/// Set by Ctrl-C; the loops check it and return, so that teardown runs on the main thread.
+fn ctrl_c_flag() -> Result<Arc<AtomicBool>> {
     let stop = Arc::new(AtomicBool::new(false));
     let flag = Arc::clone(&stop);
     ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))
         .context("installing the Ctrl-C handler")?;
+    Ok(stop)
+}
 
-    mesh_tests::set_echo(false);
-    let node = SimNode::new()?;
-    let client = node.add_pod("client")?;
-    let server = node.add_pod("server")?;
-    node.add_host("server", server.ip())?;
-    let mut server_cmd = Command::new(probe_binary()?);
-    server_cmd.args([
-        "http-server",
-        "--listen",
-        "0.0.0.0:8080",
-        "--body",
-        "hello from the server pod",
-    ]);
-    let server_process = node.spawn_in_pod(&server, server_cmd)?;
-    server_process
-        .stdout()
-        .wait_for_json(|l| l["listening"].is_string(), Duration::from_secs(10))?;
-    let agent = Agent::start(&node, &[&client], &[])?;
-
-    println!();
-    println!(
-        "Simulated node {} (cgroup {})",
-        node.netns_name(),
-        node.cgroup_path().display()
-    );
-    println!(
-        "  pod client  {}  enrolled: its connections go through the agent",
-        client.ip()
-    );
-    println!(
-        "  pod server  {}  runs an HTTP server on :8080",
-        server.ip()
-    );
-    println!("Every 0.5 s the client calls http://server:8080/. Ctrl-C stops and cleans up.\n");
-
-    let mut round = 0;
-    while !stop.load(Ordering::SeqCst) && rounds.is_none_or(|n| round < n) {
-        round += 1;
-        let mut curl = Command::new("curl");
-        curl.args([
-            "-sS",
-            "--noproxy",
-            "*",
-            "--max-time",
-            "2",
-            "http://server:8080/",
-        ]);
-        let mut call = node.spawn_in_pod(&client, curl)?;
-        let ok = call.finish(Duration::from_secs(5))?.success();
-        let body = if ok {
-            call.stdout().text()
-        } else {
-            call.stderr().text()
-        };
-        let record = agent.access_log().last().cloned().unwrap_or_default();
-        let counts = agent.decisions()?;
-        println!(
-            "#{round:<3} client -> {}  {:?}  via agent from pod {}  | kernel: redirected={} agent_socket={} not_enrolled={}",
-            record["original_dst"].as_str().unwrap_or("?"),
-            body.trim(),
-            record["source_pod"].as_str().unwrap_or("?"),
-            counts["redirected"],
-            counts["agent_socket"],
-            counts["not_enrolled"],
-        );
-        std::thread::sleep(Duration::from_millis(500));
+/// Removes the node (its pods, their processes, the cgroup) and `/run/mesh-demo`, says what
+/// went, and checks that nothing of this node is left.
+fn teardown(tutorial: Tutorial) {
+    let node = tutorial.node();
+    let id = node.id();
+    let mut removed = vec![
+        format!("node netns {}", node.netns_name()),
+        format!("cgroup {}", node.cgroup_path().display()),
+    ];
+    let pods: Vec<String> = node.pods().iter().map(|p| p.name().to_owned()).collect();
+    removed.push(format!("{} pods ({})", pods.len(), pods.join(", ")));
+    println!("\ntearing down ...");
+    drop(tutorial);
+    match state::remove() {
+        Ok(true) => removed.push(state::RUN_DIR.to_owned()),
+        Ok(false) => {}
+        Err(error) => println!("{error:#}"),
     }
-    println!("\ntearing down the simulated node");
-    Ok(())
+    println!("removed: {}", removed.join("; "));
+    let left = mesh_tests::leftovers_of(&id);
+    if left.is_empty() {
+        println!("nothing of the demo is left (no namespace, cgroup or /etc/netns entry)");
+    } else {
+        println!("LEFT BEHIND: {left:?}");
+    }
 }

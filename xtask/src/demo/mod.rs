@@ -41,8 +41,13 @@ pub enum Mode {
 
 pub fn run(mode: Mode) -> Result<()> {
     if let Mode::Control(command) = &mode {
-        // Talks to the running demo only: nothing to build or start.
-        return control::send(command);
+        // Talks to the running demo only: nothing to build or start. Its refusals are
+        // answers for a user, not program faults, so they go out without a backtrace.
+        if let Err(error) = control::send(command) {
+            eprintln!("{error:#}");
+            std::process::exit(1);
+        }
+        return Ok(());
     }
     require_root();
     let began = Instant::now();

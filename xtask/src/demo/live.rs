@@ -1,0 +1,195 @@
+//! The tutorial's loop, live: one request every 0.5 s through the gateway, each answer with a
+//! summary of the last 20, while the user runs the tutorial's steps from other terminals.
+
+use std::{
+    collections::VecDeque,
+    net::SocketAddr,
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::Result;
+use mesh_tests::{
+    agent::ADMIN,
+    tutorial::{self, answer, steps, Action, Answer, Pace, Tally, Tutorial, GATEWAY},
+};
+
+use super::{
+    control::{self, Command},
+    relay::Relay,
+    state,
+};
+
+const PERIOD: Duration = Duration::from_millis(500);
+const WINDOW: usize = 20;
+/// Host ports of the relays: the tutorial's `curl $ROUTE/service-a` becomes
+/// `curl localhost:8080/service-a`, and `mesh-agent apply` finds the admin API at its default.
+const HOST_GATEWAY: &str = "127.0.0.1:8080";
+const HOST_ADMIN: &str = "127.0.0.1:15000";
+
+/// Runs the loop until `stop` (Ctrl-C) or `rounds` requests.
+pub fn run(
+    tutorial: &Tutorial,
+    server: &control::Server,
+    rounds: Option<u32>,
+    stop: &AtomicBool,
+) -> Result<()> {
+    let relays = start_relays(tutorial);
+    state::write(tutorial)?;
+    print_intro(tutorial, relays.iter().any(|r| r.0 == HOST_GATEWAY));
+
+    let mut window = VecDeque::with_capacity(WINDOW);
+    let mut round = 0;
+    while !stop.load(Ordering::SeqCst) && rounds.is_none_or(|n| round < n) {
+        round += 1;
+        let body = match tutorial.call() {
+            Ok((_, body)) => body.trim().to_owned(),
+            Err(error) => format!("ERROR {error:#}"),
+        };
+        if window.len() == WINDOW {
+            window.pop_front();
+        }
+        window.push_back(answer(&body));
+        println!(
+            "{round:>5}  {:<62} [last {}] {}",
+            shorten(&body, 62),
+            window.len(),
+            summary(&window)
+        );
+        server.serve_pending(|command| execute(tutorial, command));
+        sleep_unless(stop, PERIOD);
+    }
+    Ok(())
+}
+
+/// The two relays that could bind; a taken host port is reported and skipped.
+fn start_relays(tutorial: &Tutorial) -> Vec<(&'static str, Relay)> {
+    let mut relays = Vec::new();
+    for (host, node, what, instead) in [
+        (
+            HOST_GATEWAY,
+            GATEWAY,
+            "the gateway",
+            format!("curl {GATEWAY}/service-a"),
+        ),
+        (
+            HOST_ADMIN,
+            ADMIN,
+            "the admin API",
+            "target/debug/mesh-agent apply -f FILE".to_owned(),
+        ),
+    ] {
+        let (listen, target): (SocketAddr, SocketAddr) = (
+            host.parse().expect("address"),
+            node.parse().expect("address"),
+        );
+        match Relay::start(listen, target, tutorial.dialer()) {
+            Ok(relay) => relays.push((host, relay)),
+            Err(error) => println!(
+                "no relay for {what}: {error:#} (port taken?). Inside the node instead: \
+                 ip netns exec {} {instead}",
+                tutorial.node().netns_name()
+            ),
+        }
+    }
+    relays
+}
+
+/// What the user needs on screen: where things are and the tutorial's steps as commands
+/// (ours first, so a line can be pasted whole; the tutorial's after `#`). At most 25 lines.
+fn print_intro(tutorial: &Tutorial, gateway_relayed: bool) {
+    let netns = tutorial.node().netns_name();
+    let pods: Vec<String> = tutorial
+        .running_pods()
+        .iter()
+        .map(|pod| format!("{} {}", pod.name, pod.ip))
+        .collect();
+    println!();
+    println!("The tutorial \"Service Mesh for Developers\": A (Python) → B (Deno) → C v1/v2 (Java), no sidecars.");
+    println!("node netns {netns}; pods {}", pods.join(", "));
+    if gateway_relayed {
+        println!("  curl localhost:8080/service-a      # curl $ROUTE/service-a  (the gateway)");
+    }
+    println!("  curl localhost:15000/clusters      # endpoints, health, ejections (the agent's admin API)");
+    println!(
+        "In another terminal, in {}:",
+        super::workspace_root().display()
+    );
+    let mut seen = Vec::new();
+    for action in steps(Pace::Quick).iter().flat_map(|s| s.actions.clone()) {
+        let ours = action.ours();
+        if !seen.contains(&ours) {
+            println!("  {ours:<88} # {}", tutorial_short(&action));
+            seen.push(ours);
+        }
+    }
+    let pods = tutorial.running_pods();
+    if let Some(pod) = pods.iter().find(|p| p.name == tutorial::CRASHED_POD) {
+        println!(
+            "  or straight into the pod:  ip netns exec {netns} curl -s {}:8080/crash",
+            pod.ip
+        );
+    }
+    println!("Ctrl-C stops the demo and removes everything it made.\n");
+}
+
+/// The tutorial's command, short: the files have the same names there (under `kubernetes/`).
+fn tutorial_short(action: &Action) -> String {
+    match action {
+        Action::Create(_) => "oc create -f (same file)".to_owned(),
+        Action::Replace(_) => "oc replace -f (same file)".to_owned(),
+        other => other.tutorial(),
+    }
+}
+
+fn summary(window: &VecDeque<Answer>) -> Tally {
+    let mut tally = Tally::default();
+    window.iter().for_each(|answer| tally.add(answer));
+    tally
+}
+
+/// Runs a command from another terminal, on this (the main) thread.
+fn execute(tutorial: &Tutorial, command: &Command) -> Result<String> {
+    match command {
+        Command::Crash(pod) => {
+            tutorial.crash(pod)?;
+            Ok(format!("{pod} crashed: it answers 500 until repaired"))
+        }
+        Command::Repair(pod) => {
+            tutorial.repair(pod)?;
+            Ok(format!("{pod} repaired"))
+        }
+        Command::Scale(deployment, count) => {
+            tutorial.scale(deployment, *count)?;
+            state::write(tutorial)?;
+            let pods: Vec<String> = tutorial
+                .running_pods()
+                .into_iter()
+                .filter(|pod| pod.deployment == *deployment)
+                .map(|pod| format!("{} {}", pod.name, pod.ip))
+                .collect();
+            Ok(format!(
+                "{deployment}: {count} replicas [{}]",
+                pods.join(", ")
+            ))
+        }
+    }
+}
+
+/// One line of the screen per answer: long error texts are cut.
+fn shorten(text: &str, max: usize) -> String {
+    let line = text.lines().next().unwrap_or_default();
+    if line.chars().count() <= max {
+        return line.to_owned();
+    }
+    let cut: String = line.chars().take(max - 1).collect();
+    format!("{cut}…")
+}
+
+/// Sleeps `period`, waking early when `stop` is set so Ctrl-C feels immediate.
+fn sleep_unless(stop: &AtomicBool, period: Duration) {
+    let end = Instant::now() + period;
+    while !stop.load(Ordering::SeqCst) && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

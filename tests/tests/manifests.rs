@@ -1,0 +1,892 @@
+//! The Kubernetes manifests under `deploy/`, checked without a cluster:
+//!
+//! - every YAML file validates against the Kubernetes schemas (`kubernetes-validate` from PyPI,
+//!   strict), and the Istio-typed objects (`networking.istio.io`) against our own CRDs;
+//! - `kubectl kustomize` renders the base and the demo overlay, and the output validates too;
+//! - the agent keeps least privilege: the ClusterRole only reads what the agent watches, the
+//!   DaemonSet is not privileged and has exactly the capabilities deploy/README.md explains.
+//!
+//! The test installs what it lacks, once per run: the pinned `kubernetes-validate` with pip, and
+//! `kubectl` from Debian's `kubernetes-client` with apt (kubectl 1.20, whose built-in kustomize
+//! v2 is the oldest these kustomizations must work with). It never skips.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::OnceLock,
+};
+
+use anyhow::{bail, ensure, Context, Result};
+use serde::Deserialize;
+use serde_yaml::Value;
+
+/// `kubernetes-validate` release used for the schemas (installed when another or none is).
+const KUBERNETES_VALIDATE_VERSION: &str = "1.33.1";
+/// Kubernetes version the manifests are validated against: the oldest we support.
+const KUBERNETES_VERSION: &str = "1.30";
+
+const ISTIO_GROUP: &str = "networking.istio.io";
+const MESH_NAMESPACE: &str = "sidecarless-system";
+const AGENT: &str = "mesh-agent";
+const ADMIN_PORT: u64 = 15000;
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ lives in the workspace")
+        .to_path_buf()
+}
+
+fn deploy_dir() -> PathBuf {
+    repo_root().join("deploy")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tools, installed once per test binary
+// ---------------------------------------------------------------------------------------------
+
+/// Runs a command and returns its stdout, or an error with everything it printed.
+fn run(command: &mut Command) -> Result<String> {
+    let out = command
+        .output()
+        .with_context(|| format!("running {command:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{command:?} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// Makes sure `python3 -m kubernetes_validate` is the pinned release. Runs once; every test that
+/// validates waits for the first one's install and shares its result.
+fn ensure_kubernetes_validate() -> Result<()> {
+    static DONE: OnceLock<Result<(), String>> = OnceLock::new();
+    let installed = || {
+        run(Command::new("python3").args([
+            "-c",
+            "from kubernetes_validate.version import __version__; print(__version__)",
+        ]))
+        .map(|v| v.trim() == KUBERNETES_VALIDATE_VERSION)
+        .unwrap_or(false)
+    };
+    DONE.get_or_init(|| {
+        if installed() {
+            return Ok(());
+        }
+        eprintln!("installing kubernetes-validate=={KUBERNETES_VALIDATE_VERSION} with pip");
+        run(Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .arg(format!(
+                "kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"
+            ))
+            // As root, into the machine's Python: a Debian-managed Python refuses that without
+            // this; older pips ignore both variables.
+            .env("PIP_BREAK_SYSTEM_PACKAGES", "1")
+            .env("PIP_ROOT_USER_ACTION", "ignore"))
+        .map_err(|e| format!("{e:#}"))?;
+        if installed() {
+            Ok(())
+        } else {
+            Err(format!(
+                "pip installed kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}, \
+                 but python3 does not import that version"
+            ))
+        }
+    })
+    .clone()
+    .map_err(anyhow::Error::msg)
+}
+
+/// Makes sure `kubectl kustomize` works, installing Debian's `kubernetes-client` if needed.
+fn ensure_kubectl() -> Result<()> {
+    static DONE: OnceLock<Result<(), String>> = OnceLock::new();
+    let works = || run(Command::new("kubectl").args(["kustomize", "--help"])).is_ok();
+    DONE.get_or_init(|| {
+        if works() {
+            return Ok(());
+        }
+        eprintln!("installing kubectl (Debian's kubernetes-client) with apt-get");
+        for args in [
+            &["update", "-qq"][..],
+            &["install", "-y", "-qq", "kubernetes-client"][..],
+        ] {
+            run(Command::new("apt-get")
+                .args(args)
+                .env("DEBIAN_FRONTEND", "noninteractive"))
+            .map_err(|e| format!("{e:#}"))?;
+        }
+        if works() {
+            Ok(())
+        } else {
+            Err("kubernetes-client is installed but `kubectl kustomize` fails".to_owned())
+        }
+    })
+    .clone()
+    .map_err(anyhow::Error::msg)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading manifests
+// ---------------------------------------------------------------------------------------------
+
+/// Every Kubernetes manifest under `deploy/`: all `*.yml`/`*.yaml` files except the
+/// kustomization files, which are kustomize's input, not API objects.
+fn manifest_files() -> Result<Vec<PathBuf>> {
+    fn walk(dir: &Path, files: &mut Vec<PathBuf>) -> Result<()> {
+        for entry in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+            let path = entry?.path();
+            if path.is_dir() {
+                walk(&path, files)?;
+            } else if matches!(
+                path.extension().and_then(|e| e.to_str()),
+                Some("yml" | "yaml")
+            ) && !path
+                .file_stem()
+                .is_some_and(|stem| stem.eq_ignore_ascii_case("kustomization"))
+            {
+                files.push(path);
+            }
+        }
+        Ok(())
+    }
+    let mut files = Vec::new();
+    walk(&deploy_dir(), &mut files)?;
+    files.sort();
+    Ok(files)
+}
+
+/// The objects in a multi-document YAML text (empty documents left out).
+fn parse_objects(text: &str, origin: &str) -> Result<Vec<Value>> {
+    let mut objects = Vec::new();
+    for document in serde_yaml::Deserializer::from_str(text) {
+        let value = Value::deserialize(document).with_context(|| format!("parsing {origin}"))?;
+        if !value.is_null() {
+            objects.push(value);
+        }
+    }
+    Ok(objects)
+}
+
+fn read_objects(path: &Path) -> Result<Vec<Value>> {
+    let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    parse_objects(&text, &path.display().to_string())
+}
+
+/// `kubectl kustomize DIR` (DIR relative to the repository root).
+fn kustomize(dir: &str) -> Result<String> {
+    ensure_kubectl()?;
+    run(Command::new("kubectl")
+        .arg("kustomize")
+        .arg(repo_root().join(dir)))
+}
+
+fn rendered_base() -> Result<Vec<Value>> {
+    parse_objects(&kustomize("deploy")?, "kubectl kustomize deploy")
+}
+
+fn str_at<'a>(value: &'a Value, path: &[&str]) -> Option<&'a str> {
+    at(value, path).and_then(Value::as_str)
+}
+
+fn at<'a>(value: &'a Value, path: &[&str]) -> Option<&'a Value> {
+    path.iter().try_fold(value, |v, key| v.get(*key))
+}
+
+fn seq<'a>(value: &'a Value, path: &[&str]) -> &'a [Value] {
+    at(value, path)
+        .and_then(Value::as_sequence)
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+}
+
+fn strings(value: &Value, path: &[&str]) -> BTreeSet<String> {
+    seq(value, path)
+        .iter()
+        .filter_map(Value::as_str)
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `kind/name` of an object, for messages.
+fn describe(object: &Value) -> String {
+    format!(
+        "{}/{}",
+        str_at(object, &["kind"]).unwrap_or("?"),
+        str_at(object, &["metadata", "name"]).unwrap_or("?")
+    )
+}
+
+/// The one object of this kind and name.
+fn find<'a>(objects: &'a [Value], kind: &str, name: &str) -> Result<&'a Value> {
+    let found: Vec<_> = objects
+        .iter()
+        .filter(|o| {
+            str_at(o, &["kind"]) == Some(kind) && str_at(o, &["metadata", "name"]) == Some(name)
+        })
+        .collect();
+    match found[..] {
+        [one] => Ok(one),
+        _ => bail!("expected one {kind}/{name}, found {}", found.len()),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validation
+// ---------------------------------------------------------------------------------------------
+
+/// Validates files with `kubernetes-validate --strict` against the Kubernetes schemas. Fails
+/// with the validator's output on any error or warning, except one: it has no schema for the
+/// Istio kinds (CRD-typed objects), which `validate_istio_objects` checks against our CRDs.
+fn kubernetes_validate(files: &[PathBuf]) -> Result<()> {
+    ensure_kubernetes_validate()?;
+    let out = Command::new("python3")
+        .args(["-m", "kubernetes_validate", "--strict", "--quiet"])
+        .args(["--kubernetes-version", KUBERNETES_VERSION])
+        .args(files)
+        .output()
+        .context("running python3 -m kubernetes_validate")?;
+    let output = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let istio_without_schema = |line: &str| {
+        line.contains("Couldn't find schema for kind")
+            && line.contains(&format!("with api version {ISTIO_GROUP}/"))
+    };
+    let problems: Vec<&str> = output
+        .lines()
+        .filter(|line| !line.trim().is_empty() && !istio_without_schema(line))
+        .collect();
+    ensure!(
+        out.status.success() && problems.is_empty(),
+        "kubernetes-validate {KUBERNETES_VALIDATE_VERSION} (Kubernetes {KUBERNETES_VERSION}, \
+         strict) rejected the manifests ({}):\n{}",
+        out.status,
+        problems.join("\n")
+    );
+    Ok(())
+}
+
+/// Our CRDs (deploy/crds/), by (group, kind).
+fn crds() -> Result<BTreeMap<(String, String), Value>> {
+    let mut crds = BTreeMap::new();
+    for entry in fs::read_dir(deploy_dir().join("crds"))? {
+        for crd in read_objects(&entry?.path())? {
+            let group = str_at(&crd, &["spec", "group"]).context("CRD without spec.group")?;
+            let kind = str_at(&crd, &["spec", "names", "kind"]).context("CRD without kind")?;
+            crds.insert((group.to_owned(), kind.to_owned()), crd.clone());
+        }
+    }
+    Ok(crds)
+}
+
+/// Checks a value against a structural OpenAPI v3 schema the way the API server treats a custom
+/// resource: types, and no field the server would prune (unknown fields are kept only where the
+/// schema says `x-kubernetes-preserve-unknown-fields`).
+fn check_schema(value: &Value, schema: &Value, path: &str, errors: &mut Vec<String>) {
+    if let Some(ty) = str_at(schema, &["type"]) {
+        let ok = match ty {
+            "object" => value.is_mapping(),
+            "array" => value.is_sequence(),
+            "string" => value.is_string(),
+            "integer" => value.is_i64() || value.is_u64(),
+            "number" => value.is_number(),
+            "boolean" => value.is_bool(),
+            _ => true,
+        };
+        if !ok {
+            errors.push(format!("{path}: expected {ty}, found {value:?}"));
+            return;
+        }
+    }
+    if let Some(items) = schema.get("items") {
+        for (i, item) in value.as_sequence().into_iter().flatten().enumerate() {
+            check_schema(item, items, &format!("{path}[{i}]"), errors);
+        }
+    }
+    let Some(fields) = value.as_mapping() else {
+        return;
+    };
+    let properties = schema.get("properties").and_then(Value::as_mapping);
+    let preserve = schema
+        .get("x-kubernetes-preserve-unknown-fields")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    for (key, field) in fields {
+        let name = key.as_str().unwrap_or("?");
+        let field_path = format!("{path}.{name}");
+        if let Some(sub) = properties.and_then(|p| p.get(name)) {
+            check_schema(field, sub, &field_path, errors);
+        } else if let Some(additional) = schema.get("additionalProperties") {
+            check_schema(field, additional, &field_path, errors);
+        } else if !(preserve || path.is_empty() && is_object_meta_field(name)) {
+            errors.push(format!(
+                "{field_path}: unknown field (the API server would drop it)"
+            ));
+        }
+    }
+}
+
+/// Fields every object has, which the API server handles whatever the CRD's schema says.
+fn is_object_meta_field(name: &str) -> bool {
+    matches!(name, "apiVersion" | "kind" | "metadata")
+}
+
+/// Validates the `networking.istio.io` objects among `objects` against our CRDs: the kind is
+/// one of them, the version is served, and the object fits that version's schema. (The agent's
+/// own, much deeper validation of these objects is `mesh-agent validate` and its tests.)
+fn validate_istio_objects(objects: &[(String, Value)]) -> Result<usize> {
+    let crds = crds()?;
+    let mut errors = Vec::new();
+    let mut checked = 0;
+    for (origin, object) in objects {
+        let api_version = str_at(object, &["apiVersion"]).unwrap_or_default();
+        let Some((group, version)) = api_version.split_once('/') else {
+            continue;
+        };
+        if group != ISTIO_GROUP {
+            continue;
+        }
+        checked += 1;
+        let what = format!("{origin}: {}", describe(object));
+        let kind = str_at(object, &["kind"]).unwrap_or_default();
+        let Some(crd) = crds.get(&(group.to_owned(), kind.to_owned())) else {
+            errors.push(format!(
+                "{what}: no CRD in deploy/crds defines {group} {kind}"
+            ));
+            continue;
+        };
+        let Some(served) = seq(crd, &["spec", "versions"]).iter().find(|v| {
+            str_at(v, &["name"]) == Some(version) && at(v, &["served"]) == Some(&Value::Bool(true))
+        }) else {
+            errors.push(format!("{what}: {kind} {version} is not served by our CRD"));
+            continue;
+        };
+        if str_at(object, &["metadata", "name"]).is_none_or(str::is_empty) {
+            errors.push(format!("{what}: metadata.name is missing"));
+        }
+        let schema = at(served, &["schema", "openAPIV3Schema"]).unwrap_or(&Value::Null);
+        let mut object_errors = Vec::new();
+        check_schema(object, schema, "", &mut object_errors);
+        errors.extend(object_errors.into_iter().map(|e| format!("{what}: {e}")));
+    }
+    ensure!(
+        errors.is_empty(),
+        "Istio objects do not fit deploy/crds:\n{}",
+        errors.join("\n")
+    );
+    Ok(checked)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn every_manifest_under_deploy_validates() -> Result<()> {
+    let files = manifest_files()?;
+    // The mesh, the CRDs, the demo apps and the tutorial's rules are all there.
+    for expected in [
+        "base/daemonset.yaml",
+        "crds/virtualservice.yaml",
+        "demo/kubernetes/service-a.yml",
+        "examples/gateway.yml",
+    ] {
+        ensure!(
+            files.contains(&deploy_dir().join(expected)),
+            "deploy/{expected} is missing"
+        );
+    }
+    kubernetes_validate(&files)?;
+
+    let mut objects = Vec::new();
+    for file in &files {
+        let origin = file.strip_prefix(repo_root())?.display().to_string();
+        objects.extend(read_objects(file)?.into_iter().map(|o| (origin.clone(), o)));
+    }
+    let istio = validate_istio_objects(&objects)?;
+    // deploy/examples holds the tutorial's VirtualServices, DestinationRules and Gateway.
+    ensure!(
+        istio >= 10,
+        "only {istio} Istio objects found under deploy/"
+    );
+    Ok(())
+}
+
+#[test]
+fn istio_crd_check_rejects_bad_shapes() -> Result<()> {
+    let bad = r#"
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {name: typo}
+spec:
+  hosts: service-c          # a string, not a list
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: pruned}
+spce: {host: service-c}     # dropped by the API server
+---
+apiVersion: networking.istio.io/v2
+kind: DestinationRule
+metadata: {name: unserved}
+spec: {host: service-c}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: no-crd}
+spec: {}
+"#;
+    let objects: Vec<_> = parse_objects(bad, "inline")?
+        .into_iter()
+        .map(|o| ("inline".to_owned(), o))
+        .collect();
+    let message = format!("{:#}", validate_istio_objects(&objects).unwrap_err());
+    for expected in [
+        "VirtualService/typo: .spec.hosts: expected array",
+        "DestinationRule/pruned: .spce: unknown field",
+        "DestinationRule v2 is not served",
+        "no CRD in deploy/crds defines networking.istio.io ServiceEntry",
+    ] {
+        ensure!(
+            message.contains(expected),
+            "{expected:?} not in:\n{message}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn kustomizations_render_and_validate() -> Result<()> {
+    for dir in ["deploy", "deploy/overlays/demo"] {
+        let rendered = kustomize(dir)?;
+        let file = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("kustomize-{}.yaml", dir.replace('/', "-")));
+        fs::write(&file, &rendered)?;
+        kubernetes_validate(&[file]).with_context(|| format!("kubectl kustomize {dir}"))?;
+    }
+
+    let base = rendered_base()?;
+    for (kind, name) in [
+        ("Namespace", MESH_NAMESPACE),
+        ("ServiceAccount", AGENT),
+        ("ClusterRole", AGENT),
+        ("ClusterRoleBinding", AGENT),
+        ("ConfigMap", AGENT),
+        ("DaemonSet", AGENT),
+        (
+            "CustomResourceDefinition",
+            "virtualservices.networking.istio.io",
+        ),
+        (
+            "CustomResourceDefinition",
+            "destinationrules.networking.istio.io",
+        ),
+        ("CustomResourceDefinition", "gateways.networking.istio.io"),
+    ] {
+        find(&base, kind, name)?;
+    }
+    for object in &base {
+        let namespace = str_at(object, &["metadata", "namespace"]);
+        let cluster_scoped = matches!(
+            str_at(object, &["kind"]),
+            Some("Namespace" | "ClusterRole" | "ClusterRoleBinding" | "CustomResourceDefinition")
+        );
+        let expected = (!cluster_scoped).then_some(MESH_NAMESPACE);
+        ensure!(
+            namespace == expected,
+            "{}: namespace {namespace:?}, expected {expected:?}",
+            describe(object)
+        );
+    }
+
+    let demo = parse_objects(&kustomize("deploy/overlays/demo")?, "demo overlay")?;
+    let namespace = find(&demo, "Namespace", "servicemesh-apps")?;
+    ensure!(
+        str_at(namespace, &["metadata", "labels", "sidecarless.io/mesh"]) == Some("enabled"),
+        "the demo namespace is not enrolled: {namespace:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn cluster_role_only_reads_what_the_agent_watches() -> Result<()> {
+    let base = rendered_base()?;
+    let watched: BTreeSet<(String, String)> = [
+        ("", "services"),
+        ("", "pods"),
+        ("", "namespaces"),
+        ("discovery.k8s.io", "endpointslices"),
+        (ISTIO_GROUP, "virtualservices"),
+        (ISTIO_GROUP, "destinationrules"),
+        (ISTIO_GROUP, "gateways"),
+    ]
+    .into_iter()
+    .map(|(g, r)| (g.to_owned(), r.to_owned()))
+    .collect();
+    let read_only: BTreeSet<String> = ["get", "list", "watch"].map(str::to_owned).into();
+
+    // The only RBAC in the mesh: one ClusterRole and its binding.
+    let rbac: Vec<String> = base
+        .iter()
+        .filter(|o| str_at(o, &["apiVersion"]).is_some_and(|v| v.starts_with("rbac.")))
+        .map(describe)
+        .collect();
+    ensure!(
+        rbac == ["ClusterRole/mesh-agent", "ClusterRoleBinding/mesh-agent"],
+        "unexpected RBAC objects: {rbac:?}"
+    );
+
+    let role = find(&base, "ClusterRole", AGENT)?;
+    ensure!(
+        at(role, &["aggregationRule"]).is_none(),
+        "the ClusterRole must not aggregate other roles"
+    );
+    let mut granted = BTreeSet::new();
+    for rule in seq(role, &["rules"]) {
+        ensure!(
+            at(rule, &["nonResourceURLs"]).is_none() && at(rule, &["resourceNames"]).is_none(),
+            "rule {rule:?}: only plain resource rules are expected"
+        );
+        let verbs = strings(rule, &["verbs"]);
+        ensure!(
+            verbs == read_only,
+            "rule {rule:?}: verbs {verbs:?}, only get/list/watch allowed"
+        );
+        for group in strings(rule, &["apiGroups"]) {
+            for resource in strings(rule, &["resources"]) {
+                ensure!(
+                    !group.contains('*') && !resource.contains('*'),
+                    "rule {rule:?}: wildcards are not allowed"
+                );
+                granted.insert((group.clone(), resource));
+            }
+        }
+    }
+    ensure!(
+        granted == watched,
+        "the ClusterRole grants {granted:?}, the agent watches {watched:?}"
+    );
+
+    let binding = find(&base, "ClusterRoleBinding", AGENT)?;
+    ensure!(
+        str_at(binding, &["roleRef", "kind"]) == Some("ClusterRole")
+            && str_at(binding, &["roleRef", "name"]) == Some(AGENT),
+        "the binding does not bind the mesh-agent ClusterRole: {binding:?}"
+    );
+    let subjects: Vec<_> = seq(binding, &["subjects"])
+        .iter()
+        .map(|s| {
+            (
+                str_at(s, &["kind"]),
+                str_at(s, &["name"]),
+                str_at(s, &["namespace"]),
+            )
+        })
+        .collect();
+    ensure!(
+        subjects == [(Some("ServiceAccount"), Some(AGENT), Some(MESH_NAMESPACE))],
+        "the ClusterRole must be bound to the agent's ServiceAccount only: {subjects:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn daemonset_has_only_the_privileges_it_needs() -> Result<()> {
+    let base = rendered_base()?;
+    let daemonset = find(&base, "DaemonSet", AGENT)?;
+    let pod = at(daemonset, &["spec", "template", "spec"]).context("no pod template")?;
+    let flag = |path: &[&str]| at(pod, path).and_then(Value::as_bool) == Some(true);
+
+    ensure!(
+        str_at(pod, &["serviceAccountName"]) == Some(AGENT),
+        "the agent must run as the mesh-agent ServiceAccount"
+    );
+    ensure!(
+        flag(&["hostPID"]),
+        "hostPID is needed to reach pods' /proc/PID/ns/net"
+    );
+    ensure!(
+        flag(&["hostNetwork"]),
+        "the agent runs in the node's network namespace"
+    );
+
+    let containers: Vec<&Value> = seq(pod, &["containers"])
+        .iter()
+        .chain(seq(pod, &["initContainers"]))
+        .collect();
+    for container in &containers {
+        let context = container.get("securityContext").unwrap_or(&Value::Null);
+        ensure!(
+            at(context, &["privileged"]).and_then(Value::as_bool) != Some(true),
+            "container {} is privileged: use capabilities",
+            str_at(container, &["name"]).unwrap_or("?")
+        );
+    }
+    let [agent] = &containers[..] else {
+        bail!("expected exactly one container, found {}", containers.len());
+    };
+    let context = agent.get("securityContext").context("no securityContext")?;
+    let drop = strings(context, &["capabilities", "drop"]);
+    ensure!(
+        drop.contains("ALL"),
+        "capabilities must drop ALL, drop {drop:?}"
+    );
+    let added = strings(context, &["capabilities", "add"]);
+    let expected: BTreeSet<String> = ["BPF", "NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE"]
+        .map(str::to_owned)
+        .into();
+    ensure!(
+        added == expected,
+        "capabilities added {added:?}, expected exactly {expected:?} (see deploy/README.md)"
+    );
+    ensure!(
+        at(context, &["readOnlyRootFilesystem"]) == Some(&Value::Bool(true)),
+        "the root filesystem must be read-only"
+    );
+    ensure!(
+        at(context, &["runAsUser"]).and_then(Value::as_u64) == Some(0),
+        "the agent runs as root"
+    );
+
+    // Every $(VAR) in the args must be defined, or the kubelet passes it on literally.
+    let config = find(&base, "ConfigMap", AGENT)?;
+    let config_keys: BTreeSet<&str> = at(config, &["data"])
+        .and_then(Value::as_mapping)
+        .into_iter()
+        .flatten()
+        .filter_map(|(k, _)| k.as_str())
+        .collect();
+    ensure!(
+        seq(agent, &["envFrom"])
+            .iter()
+            .any(|e| str_at(e, &["configMapRef", "name"]) == Some(AGENT)),
+        "the agent must take its settings from the mesh-agent ConfigMap"
+    );
+    let env: BTreeMap<&str, &Value> = seq(agent, &["env"])
+        .iter()
+        .filter_map(|e| Some((str_at(e, &["name"])?, e)))
+        .collect();
+    let args: Vec<&str> = seq(agent, &["args"])
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    for arg in &args {
+        for var in arg.split("$(").skip(1).filter_map(|s| s.split(')').next()) {
+            ensure!(
+                env.contains_key(var) || config_keys.contains(var),
+                "{arg}: $({var}) is neither in env nor in the ConfigMap"
+            );
+        }
+    }
+    let field_ref = |var: &str| {
+        env.get(var)
+            .and_then(|e| str_at(e, &["valueFrom", "fieldRef", "fieldPath"]))
+    };
+    ensure!(
+        field_ref("NODE_NAME") == Some("spec.nodeName"),
+        "NODE_NAME from spec.nodeName"
+    );
+    ensure!(
+        field_ref("HOST_IP") == Some("status.hostIP"),
+        "HOST_IP from status.hostIP"
+    );
+    for expected in [
+        "--kubernetes",
+        "--node-name=$(NODE_NAME)",
+        "--cgroup=/host/sys/fs/cgroup",
+        "--proc-root=/host/proc",
+        "--admin=$(HOST_IP):15000",
+        "--drain-seconds=$(MESH_DRAIN_SECONDS)",
+    ] {
+        ensure!(args.contains(&expected), "args {args:?} lack {expected}");
+    }
+
+    // Readiness on the admin API's /ready, where the kubelet reaches it: the node's IP.
+    let probe = at(agent, &["readinessProbe", "httpGet"]).context("no httpGet readinessProbe")?;
+    ensure!(
+        str_at(probe, &["path"]) == Some("/ready"),
+        "readiness must probe /ready"
+    );
+    let port = match probe.get("port") {
+        Some(Value::Number(n)) => n.as_u64(),
+        Some(Value::String(name)) => seq(agent, &["ports"])
+            .iter()
+            .find(|p| str_at(p, &["name"]) == Some(name))
+            .and_then(|p| at(p, &["containerPort"]))
+            .and_then(Value::as_u64),
+        _ => None,
+    };
+    ensure!(
+        port == Some(ADMIN_PORT),
+        "readiness probes port {port:?}, the admin API is on {ADMIN_PORT}"
+    );
+
+    // The kubelet waits for the drain before it kills the agent.
+    let drain: u64 = str_at(config, &["data", "MESH_DRAIN_SECONDS"])
+        .context("MESH_DRAIN_SECONDS")?
+        .parse()?;
+    let grace = at(pod, &["terminationGracePeriodSeconds"]).and_then(Value::as_u64);
+    ensure!(
+        grace == Some(drain + 5),
+        "terminationGracePeriodSeconds {grace:?}, expected the drain ({drain}) + 5"
+    );
+    let strategy = at(daemonset, &["spec", "updateStrategy"]).context("no updateStrategy")?;
+    ensure!(
+        str_at(strategy, &["type"]) == Some("RollingUpdate")
+            && at(strategy, &["rollingUpdate", "maxUnavailable"]).and_then(Value::as_u64)
+                == Some(1),
+        "rolling update one node at a time: {strategy:?}"
+    );
+
+    // Host paths: mount point in the container -> (host path, read-only).
+    let volumes: BTreeMap<&str, &str> = seq(pod, &["volumes"])
+        .iter()
+        .filter_map(|v| Some((str_at(v, &["name"])?, str_at(v, &["hostPath", "path"])?)))
+        .collect();
+    let mounts: BTreeMap<&str, (&str, bool)> = seq(agent, &["volumeMounts"])
+        .iter()
+        .filter_map(|m| {
+            let host = volumes.get(str_at(m, &["name"])?)?;
+            let read_only = at(m, &["readOnly"]).and_then(Value::as_bool) == Some(true);
+            Some((str_at(m, &["mountPath"])?, (*host, read_only)))
+        })
+        .collect();
+    for (mount, host, read_only) in [
+        ("/sys/fs/bpf", "/sys/fs/bpf", false),
+        ("/host/sys/fs/cgroup", "/sys/fs/cgroup", false),
+        ("/host/proc", "/proc", true),
+        ("/var/run/netns", "/var/run/netns", true),
+    ] {
+        ensure!(
+            mounts.get(mount) == Some(&(host, read_only)),
+            "{mount}: expected host {host} (read-only: {read_only}), found {:?}",
+            mounts.get(mount)
+        );
+    }
+    ensure!(
+        mounts.len() == 4,
+        "unexpected host paths mounted: {mounts:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn crds_serve_every_istio_version_and_store_v1() -> Result<()> {
+    let crds = crds()?;
+    for (kind, plural, short) in [
+        ("VirtualService", "virtualservices", "vs"),
+        ("DestinationRule", "destinationrules", "dr"),
+        ("Gateway", "gateways", "gw"),
+    ] {
+        let crd = crds
+            .get(&(ISTIO_GROUP.to_owned(), kind.to_owned()))
+            .with_context(|| format!("no CRD for {kind}"))?;
+        ensure!(
+            str_at(crd, &["metadata", "name"]) == Some(&format!("{plural}.{ISTIO_GROUP}")),
+            "{kind}: CRD name"
+        );
+        ensure!(
+            str_at(crd, &["spec", "scope"]) == Some("Namespaced"),
+            "{kind}: scope"
+        );
+        ensure!(
+            str_at(crd, &["spec", "names", "plural"]) == Some(plural)
+                && strings(crd, &["spec", "names", "shortNames"])
+                    == BTreeSet::from([short.to_owned()]),
+            "{kind}: names"
+        );
+        ensure!(
+            strings(crd, &["spec", "names", "categories"])
+                == BTreeSet::from(["istio-io".to_owned(), "networking-istio-io".to_owned()]),
+            "{kind}: categories"
+        );
+        let versions = seq(crd, &["spec", "versions"]);
+        let served: BTreeSet<&str> = versions
+            .iter()
+            .filter(|v| at(v, &["served"]) == Some(&Value::Bool(true)))
+            .filter_map(|v| str_at(v, &["name"]))
+            .collect();
+        ensure!(
+            served == BTreeSet::from(["v1alpha3", "v1beta1", "v1"]),
+            "{kind}: served {served:?}"
+        );
+        let stored: Vec<&str> = versions
+            .iter()
+            .filter(|v| at(v, &["storage"]) == Some(&Value::Bool(true)))
+            .filter_map(|v| str_at(v, &["name"]))
+            .collect();
+        ensure!(stored == ["v1"], "{kind}: stored {stored:?}");
+        for version in versions {
+            let spec = at(
+                version,
+                &["schema", "openAPIV3Schema", "properties", "spec"],
+            );
+            ensure!(
+                spec.and_then(|s| s.get("x-kubernetes-preserve-unknown-fields"))
+                    == Some(&Value::Bool(true)),
+                "{kind} {:?}: spec must keep unknown fields",
+                version.get("name")
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The DaemonSet's args are flags the agent accepts, with the values the kubelet would expand:
+/// `mesh-agent ARGS --help` fails on an unknown flag or a bad value, and prints help otherwise.
+#[test]
+fn daemonset_args_are_accepted_by_the_agent() -> Result<()> {
+    let base = rendered_base()?;
+    let daemonset = find(&base, "DaemonSet", AGENT)?;
+    let config = find(&base, "ConfigMap", AGENT)?;
+    let container = seq(daemonset, &["spec", "template", "spec", "containers"])
+        .first()
+        .context("no container")?;
+    // The downward API's values on a node, then the ConfigMap's.
+    let mut values: BTreeMap<String, String> = [("NODE_NAME", "node-1"), ("HOST_IP", "10.0.0.7")]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .into();
+    for (key, value) in at(config, &["data"])
+        .and_then(Value::as_mapping)
+        .into_iter()
+        .flatten()
+    {
+        if let (Some(key), Some(value)) = (key.as_str(), value.as_str()) {
+            values.insert(key.to_owned(), value.to_owned());
+        }
+    }
+    let args: Vec<String> = seq(container, &["args"])
+        .iter()
+        .filter_map(Value::as_str)
+        .map(|arg| {
+            values.iter().fold(arg.to_owned(), |arg, (key, value)| {
+                arg.replace(&format!("$({key})"), value)
+            })
+        })
+        .collect();
+    let out = Command::new(mesh_tests::agent_binary()?)
+        .args(&args)
+        .arg("--help")
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "mesh-agent {} rejected the DaemonSet's args:\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}

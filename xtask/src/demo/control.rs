@@ -101,6 +101,10 @@ fn serve_one(stream: UnixStream, run: &mut impl FnMut(&Command) -> Result<String
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     let mut line = String::new();
     BufReader::new(&stream).read_line(&mut line)?;
+    if line.trim().is_empty() {
+        // A demo starting elsewhere checks whether this one runs: it connects and hangs up.
+        return Ok(());
+    }
     let answer = match line.parse::<Command>().and_then(|command| run(&command)) {
         Ok(text) => format!("ok {text}"),
         Err(error) => format!("error {error:#}"),

@@ -30,10 +30,11 @@ pub enum EnrollError {
         path: PathBuf,
         source: io::Error,
     },
-    #[error("pod {pod}: cannot listen on {listen} inside its network namespace: {source}")]
+    #[error("pod {pod}: cannot listen on {listen} inside its network namespace {path}: {source}")]
     Listen {
         pod: String,
         listen: SocketAddrV4,
+        path: PathBuf,
         source: io::Error,
     },
     #[error("pod {pod}: its network namespace is already enrolled as pod {existing}")]
@@ -163,6 +164,7 @@ impl Enrollments {
             proxy::listen_in(&netns, self.listen).map_err(|source| EnrollError::Listen {
                 pod: spec.name.clone(),
                 listen: self.listen,
+                path: spec.netns.clone(),
                 source,
             })?;
         let pod = EnrolledPod {

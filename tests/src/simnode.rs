@@ -137,6 +137,16 @@ impl SimNode {
         &self.cgroup
     }
 
+    /// Moves a process into `relative` below the node's cgroup (created if needed), e.g.
+    /// `kubepods/besteffort/pod<uid>/c1` to look like a kubelet-managed container.
+    pub fn move_to_cgroup(&self, pid: u32, relative: &str) -> Result<PathBuf> {
+        let path = self.cgroup.join(relative);
+        fs::create_dir_all(&path).with_context(|| format!("creating cgroup {}", path.display()))?;
+        fs::write(path.join("cgroup.procs"), pid.to_string())
+            .with_context(|| format!("moving {pid} into {}", path.display()))?;
+        Ok(path)
+    }
+
     pub fn pods(&self) -> Vec<Pod> {
         self.state.lock().unwrap().pods.clone()
     }

@@ -7,6 +7,9 @@ use mesh_tests::tutorial::{answer, steps, Answer, Pace, Tutorial};
 
 #[test]
 fn the_tutorial_end_to_end() {
+    // This test runs uncaptured in CI to show its figures; the apps' and agent's own output
+    // would drown them.
+    mesh_tests::set_echo(false);
     let tutorial = Tutorial::start().unwrap();
 
     // Baseline: the whole chain through the gateway.

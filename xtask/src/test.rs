@@ -4,6 +4,9 @@ use anyhow::Result;
 
 use crate::{build_ebpf, cargo};
 
+/// The end-to-end replay of the tutorial (tests/tests/tutorial.rs).
+const TUTORIAL: &str = "the_tutorial_end_to_end";
+
 pub fn run(cargo_args: &[String]) -> Result<()> {
     mesh_tests::require_root();
     let root = build_ebpf::workspace_root();
@@ -22,9 +25,28 @@ pub fn run(cargo_args: &[String]) -> Result<()> {
     )?;
     // Binaries first: end-to-end tests start the agent and the probe as processes.
     cargo(&root, &["build", "--workspace", "--bins"])?;
-    let mut test = vec!["test", "--workspace"];
-    test.extend(cargo_args.iter().map(String::as_str));
-    let result = cargo(&root, &test);
+    let result = if cargo_args.is_empty() {
+        // The tutorial runs last and uncaptured, so CI shows the shares and error counts it
+        // measured at every step.
+        cargo(&root, &["test", "--workspace", "--", "--skip", TUTORIAL]).and_then(|()| {
+            cargo(
+                &root,
+                &[
+                    "test",
+                    "-p",
+                    "mesh-tests",
+                    "--test",
+                    "tutorial",
+                    "--",
+                    "--nocapture",
+                ],
+            )
+        })
+    } else {
+        let mut test = vec!["test", "--workspace"];
+        test.extend(cargo_args.iter().map(String::as_str));
+        cargo(&root, &test)
+    };
     // Tests clean up after themselves, even when they fail; this catches processes that were
     // killed outright.
     for leftover in mesh_tests::sweep_all_stale()? {

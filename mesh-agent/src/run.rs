@@ -127,7 +127,7 @@ pub fn run(settings: Settings) -> Result<()> {
     for pod in &settings.enroll {
         enrollments.enroll(pod)?;
     }
-    let _kubernetes = match settings.kubernetes {
+    let kubernetes_task = match settings.kubernetes {
         Some(kube) => Some(
             runtime
                 .block_on(kubernetes::start(
@@ -161,6 +161,7 @@ pub fn run(settings: Settings) -> Result<()> {
         store: Arc::clone(&store),
         metrics: Arc::clone(&metrics),
         log_level: settings.log_level,
+        writable: kubernetes_task.is_none(),
         ready: Default::default(),
     });
     let admin = admin::spawn(settings.admin, Arc::clone(&state))

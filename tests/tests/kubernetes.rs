@@ -240,6 +240,12 @@ fn enrollment_follows_pod_and_namespace_labels_on_this_node_only() {
         enrolled(&agent) == ["meshed/by-namespace", "plain/by-label"]
     });
 
+    // The cluster is the truth: the admin API does not change config or enrollment here.
+    let (status, _) = agent
+        .admin_request("DELETE", "/pods/meshed/by-namespace", "")
+        .unwrap();
+    assert_eq!(status, 403);
+
     // Removing the label unenrolls the pod within a second, without restarting it.
     let unlabelled = KubePod {
         labels: vec![],

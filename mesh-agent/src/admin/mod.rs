@@ -38,6 +38,10 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// Changes the log filter at run time (`/logging?level=...`).
     pub log_level: Option<LogLevelSetter>,
+    /// Whether `/apply`, `/delete` and `/pods` may change anything. Off in Kubernetes mode:
+    /// there the cluster's objects and labels are the truth, and the admin port is reachable
+    /// on the node's address for the kubelet's probes.
+    pub writable: bool,
     pub ready: AtomicBool,
 }
 
@@ -116,6 +120,13 @@ fn default_namespace() -> String {
 
 async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_owned();
+    let writes = req.method() != Method::GET && !path.starts_with("/logging");
+    if writes && !state.writable {
+        return text(
+            StatusCode::FORBIDDEN,
+            "read-only in Kubernetes mode: change the cluster's objects and labels instead\n",
+        );
+    }
     match (req.method().clone(), path.as_str()) {
         (Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (Method::GET, "/ready") => {

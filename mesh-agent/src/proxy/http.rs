@@ -3,9 +3,10 @@
 //! tries with per-try deadlines and backoff, mirroring, and Envoy-style local replies.
 
 use std::{
+    collections::HashMap,
     convert::Infallible,
     net::{IpAddr, SocketAddr},
-    sync::Arc,
+    sync::{Arc, Mutex, PoisonError},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -36,7 +37,7 @@ use crate::{
     engine::{EngineError, Outcome, RequestInfo, RequestPlan, ResponseFlags, Verdict},
     state::{Snapshot, Store},
     telemetry::{
-        metrics::{Protocol as MetricsProtocol, RequestOutcome},
+        metrics::{PeerLabels, Protocol as MetricsProtocol, RequestOutcome},
         otlp::ProxySpan,
         trace::{self, SpanContext},
         HttpRecord, Telemetry,
@@ -56,8 +57,13 @@ pub struct HttpConn {
     pub store: Arc<Store>,
     pub telemetry: Arc<Telemetry>,
     /// The calling pod as telemetry names it.
-    pub source: Arc<WorkloadIdentity>,
-    pub verdicts: Verdicts,
+    source: WorkloadIdentity,
+    /// `workload.namespace`, the service name spans are grouped under (as Istio's).
+    span_service: Arc<str>,
+    /// Interned metric labels per upstream endpoint, for the snapshot version they were made
+    /// on: recording a request then costs no hashing of label strings and no shared lock.
+    peers: Mutex<(u64, HashMap<SocketAddr, Arc<PeerLabels>>)>,
+    verdicts: Verdicts,
 }
 
 /// How the request entered the mesh.
@@ -83,6 +89,27 @@ impl Entry {
 
 /// Serves the connection until the client closes it, or until `draining`: then requests in
 /// flight finish and the connection closes (HTTP/2 sends GOAWAY, HTTP/1 closes when idle).
+impl HttpConn {
+    pub fn new(
+        pod: Arc<PodContext>,
+        entry: Entry,
+        store: Arc<Store>,
+        telemetry: Arc<Telemetry>,
+        source: WorkloadIdentity,
+    ) -> Self {
+        HttpConn {
+            span_service: Arc::from(format!("{}.{}", source.workload, source.namespace)),
+            pod,
+            entry,
+            store,
+            telemetry,
+            source,
+            peers: Mutex::default(),
+            verdicts: Verdicts::default(),
+        }
+    }
+}
+
 pub async fn serve(stream: TcpStream, conn: Arc<HttpConn>, draining: &CancellationToken) {
     let io = TokioIo::new(Guarded::new(stream, conn.verdicts.clone()));
     let service = service_fn(move |req| {
@@ -167,11 +194,15 @@ impl HttpConn {
             &mut fastrand::Rng::new(),
         );
         let method = parts.method.clone();
-        let path = parts
-            .uri
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_owned();
+        // Only the access log and spans show the path: copy it only for them.
+        let path =
+            (self.telemetry.access_log.is_enabled() || self.telemetry.spans.is_some()).then(|| {
+                parts
+                    .uri
+                    .path_and_query()
+                    .map_or("/", |p| p.as_str())
+                    .to_owned()
+            });
         let grpc = parts
             .headers
             .get(header::CONTENT_TYPE)
@@ -192,7 +223,7 @@ impl HttpConn {
             &report,
             &trace,
             started,
-            (&method, &path, grpc),
+            (&method, path.as_deref().unwrap_or("/"), grpc),
         );
         response
     }
@@ -259,6 +290,29 @@ impl HttpConn {
                 Verdict::Fail(error) => return engine_reply(&error),
             }
         }
+    }
+
+    fn peer_labels(
+        &self,
+        snapshot: &Snapshot,
+        endpoint: Option<SocketAddr>,
+        service: Option<&ServiceIdentity>,
+        destination: Option<&WorkloadIdentity>,
+    ) -> Arc<PeerLabels> {
+        let metrics = &self.telemetry.metrics;
+        let Some(endpoint) = endpoint else {
+            return metrics.peer_labels(&self.source, service, destination);
+        };
+        let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
+        if peers.0 != snapshot.version {
+            *peers = (snapshot.version, HashMap::new());
+        }
+        Arc::clone(
+            peers
+                .1
+                .entry(endpoint)
+                .or_insert_with(|| metrics.peer_labels(&self.source, service, destination)),
+        )
     }
 
     /// The engine's decision. At the ingress, the gateways with a server on the listener's port
@@ -331,9 +385,7 @@ impl HttpConn {
             .map(|w| &w.identity);
         let service = self.destination(snapshot, &report.cluster);
         let service_host = service.map_or("unknown", |s| s.host.as_str());
-        let peer = telemetry
-            .metrics
-            .peer_labels(&self.source, service, destination);
+        let peer = self.peer_labels(snapshot, report.endpoint, service, destination);
         let header_number = |name: &str| {
             response
                 .headers()
@@ -361,10 +413,7 @@ impl HttpConn {
             spans.export(ProxySpan {
                 context: trace.clone(),
                 name: ProxySpan::envoy_name(service_host, self.entry.port()),
-                service_name: Arc::from(format!(
-                    "{}.{}",
-                    self.source.workload, self.source.namespace
-                )),
+                service_name: Arc::clone(&self.span_service),
                 start: started_at,
                 end: started_at + duration,
                 method: method.clone(),

@@ -162,20 +162,32 @@ impl Proxy {
                 continue;
             };
             let _ = stream.set_nodelay(true);
-            let source = Arc::new(source_identity(&self.store.snapshot(), &gateway));
-            let conn = Arc::new(http::HttpConn {
-                pod: Arc::clone(&gateway),
-                entry: http::Entry::Ingress { port },
-                store: Arc::clone(&self.store),
-                telemetry: Arc::clone(&self.telemetry),
-                source,
-                verdicts: Default::default(),
-            });
+            let conn = Arc::new(self.http_conn(
+                Arc::clone(&gateway),
+                http::Entry::Ingress { port },
+                &self.store.snapshot(),
+            ));
             let draining = self.drain.started.clone();
             self.drain
                 .connections
                 .spawn(async move { http::serve(stream, conn, &draining).await });
         }
+    }
+
+    fn http_conn(
+        &self,
+        pod: Arc<PodContext>,
+        entry: http::Entry,
+        snapshot: &Snapshot,
+    ) -> http::HttpConn {
+        let source = source_identity(snapshot, &pod);
+        http::HttpConn::new(
+            pod,
+            entry,
+            Arc::clone(&self.store),
+            Arc::clone(&self.telemetry),
+            source,
+        )
     }
 
     async fn handle(&self, stream: TcpStream, peer: SocketAddr, pod: Arc<PodContext>) {
@@ -197,18 +209,11 @@ impl Proxy {
                 ),
             };
             if is_http {
-                let source = Arc::new(source_identity(&snapshot, &pod));
-                let conn = http::HttpConn {
-                    entry: http::Entry::Service {
-                        authority: format!("{}:{}", target.service.host, target.port),
-                        target: target.clone(),
-                    },
-                    pod,
-                    store: Arc::clone(&self.store),
-                    telemetry: Arc::clone(&self.telemetry),
-                    source,
-                    verdicts: Default::default(),
+                let entry = http::Entry::Service {
+                    authority: format!("{}:{}", target.service.host, target.port),
+                    target: target.clone(),
                 };
+                let conn = self.http_conn(pod, entry, &snapshot);
                 return http::serve(stream, Arc::new(conn), &self.drain.started).await;
             }
         }

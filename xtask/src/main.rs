@@ -1,5 +1,6 @@
 //! Developer commands: `cargo xtask build-ebpf`, `cargo xtask test`, `cargo xtask demo`.
 
+mod bench;
 mod build_ebpf;
 mod demo;
 mod test;
@@ -42,6 +43,8 @@ enum Command {
         #[arg(last = true)]
         cargo_args: Vec<String>,
     },
+    /// Benchmark one mesh hop against direct, nginx and HAProxy (release build, as root).
+    Bench(bench::Args),
 }
 
 /// Commands for a running `cargo xtask demo`, from another terminal.
@@ -81,6 +84,7 @@ fn main() -> Result<()> {
             None => demo::Mode::Live { rounds },
         }),
         Command::Test { cargo_args } => test::run(&cargo_args),
+        Command::Bench(args) => bench::run(args),
     }
 }
 

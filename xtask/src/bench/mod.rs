@@ -1,0 +1,157 @@
+//! `cargo xtask bench`: what one mesh hop costs, against a direct connection and against nginx
+//! and HAProxy, on one simulated node, in one run (issue 7).
+//!
+//! Build in release → install missing tools → start the node ([`topology`]) → rounds of every
+//! scenario ([`scenarios`]) under every load shape ([`load`]) → figures ([`summary`]) → JSON,
+//! and for full runs `docs/performance.md` + `docs/performance.svg` ([`report`], [`chart`]).
+
+mod chart;
+mod cpu;
+mod hello;
+mod load;
+mod proxies;
+mod report;
+mod rounds;
+mod scenarios;
+mod summary;
+mod tools;
+mod topology;
+
+use anyhow::{bail, Context, Result};
+
+use crate::{build_ebpf, cargo};
+use rounds::Durations;
+use topology::{Binaries, Topology};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Rounds of all scenarios, interleaved round-robin.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Seconds per load shape [default: 4, or 2 with --quick].
+    #[arg(long)]
+    seconds: Option<u32>,
+    /// Smoke check: one round, 2 s per shape, no single-connection shape; asserts only that
+    /// every scenario answered without errors, and writes only the JSON (not the docs).
+    #[arg(long)]
+    quick: bool,
+    /// Internal: be the benchmark's hello server on PORT=BYTES (repeatable).
+    #[arg(long, hide = true, value_name = "PORT=BYTES", value_parser = hello::Listener::parse)]
+    serve: Vec<hello::Listener>,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    if !args.serve.is_empty() {
+        return hello::serve(&args.serve);
+    }
+    mesh_tests::require_root();
+    let root = build_ebpf::workspace_root();
+    let tools = tools::ensure()?;
+    build_ebpf::run()?;
+    cargo(&root, &["build", "--release", "--workspace", "--bins"])?;
+    let release = root.join("target/release");
+    let binaries = Binaries {
+        agent: release.join("mesh-agent"),
+        xtask: release.join("xtask"),
+    };
+    let durations = Durations {
+        seconds: args.seconds.unwrap_or(if args.quick { 2 } else { 4 }),
+        single: !args.quick,
+    };
+    let rounds = if args.quick { 1 } else { args.rounds.max(1) };
+    let oha = std::process::Command::new(&tools.oha)
+        .arg("--version")
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        .unwrap_or_default();
+
+    // The processes' output would drown the progress lines; errors still carry it.
+    mesh_tests::set_echo(false);
+    let topology = Topology::start(&binaries, &tools)?;
+    let node_id = topology.node.id();
+    let agent_idle_rss_kib = cpu::memory_kib(topology.agent.pid())?.0;
+    let redirected_before = topology.redirected()?;
+    let mut done = Vec::new();
+    for index in 0..rounds {
+        println!("round {} of {rounds}", index + 1);
+        done.push(rounds::run(
+            index,
+            &topology,
+            &tools,
+            scenarios::ALL,
+            durations,
+        )?);
+    }
+    let redirected = topology.redirected()? - redirected_before;
+    let (v1, v2) = topology.requests_by_version()?;
+    let v2_share = v2 / (v1 + v2);
+    drop(topology);
+    let leftovers = mesh_tests::leftovers_of(&node_id);
+    if !leftovers.is_empty() {
+        bail!("the bench left these behind: {leftovers:?}");
+    }
+
+    let kept: Vec<&rounds::Round> = done.iter().filter(|round| !round.discarded).collect();
+    let all_rounds_noisy = kept.is_empty();
+    let used: Vec<&rounds::Round> = if all_rounds_noisy {
+        done.iter().collect()
+    } else {
+        kept
+    };
+    let figures = summary::figures(scenarios::ALL, &used);
+    let report = report::Report {
+        machine: report::Machine::probe(&root),
+        durations,
+        oha,
+        agent_idle_rss_kib,
+        v2_share,
+        rounds: &done,
+        figures: &figures,
+        all_rounds_noisy,
+    };
+    let json = report::write_json(&root, &report)?;
+    println!("raw figures: {}", json.display());
+    for fig in &figures {
+        println!(
+            "{:<11} ratio {:>6.3}  added CPU-µs {:>6.1}  added p50/p99 {:>5.0}/{:>5.0} µs  errors {}",
+            fig.scenario,
+            fig.ratio.map_or(f64::NAN, |s| s.median),
+            fig.added_cpu_us.map_or(f64::NAN, |s| s.median),
+            fig.added_p50_us.map_or(f64::NAN, |s| s.median),
+            fig.added_p99_us.map_or(f64::NAN, |s| s.median),
+            fig.errors
+        );
+    }
+
+    // The mesh scenarios must really have gone through the agent: one redirect per connection.
+    if redirected == 0 {
+        bail!("the kernel redirected no connection to the agent: the mesh scenarios bypassed it");
+    }
+    println!(
+        "the agent routed {:.0} requests: {:.1}% to v2 (the VirtualService says 10%)",
+        v1 + v2,
+        v2_share * 100.0
+    );
+    if !(0.05..=0.15).contains(&v2_share) {
+        bail!("the 90/10 split was not applied: v1 {v1}, v2 {v2}");
+    }
+    let failed: Vec<&str> = figures
+        .iter()
+        .filter(|fig| fig.errors > 0)
+        .map(|fig| fig.scenario.as_str())
+        .collect();
+    if args.quick {
+        if !failed.is_empty() {
+            bail!("scenarios with errors: {failed:?}");
+        }
+        println!("bench --quick: every scenario answered without errors; nothing left behind");
+        return Ok(());
+    }
+    report::write_docs(&root, &report, &chart::svg(&figures))
+        .context("writing docs/performance.md")?;
+    println!("wrote docs/performance.md and docs/performance.svg");
+    if !failed.is_empty() {
+        println!("note: scenarios with errors (reported in the table): {failed:?}");
+    }
+    Ok(())
+}

@@ -1,0 +1,221 @@
+//! Rounds: every scenario once, every load shape once, with the CPU and memory readings taken
+//! around each run; and the check that nothing else used the machine meanwhile.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use super::cpu;
+use super::load::{self, Outcome, Shape};
+use super::scenarios::Scenario;
+use super::topology::Topology;
+
+/// A round is discarded when processes outside the bench used more than this share of the
+/// machine during it.
+pub const MAX_OTHER_SHARE: f64 = 0.05;
+
+/// How long each shape runs, in seconds, and which shapes run.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct Durations {
+    pub seconds: u32,
+    /// `--quick` skips the single-connection shape.
+    pub single: bool,
+}
+
+/// One scenario in one round.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Sample {
+    pub scenario: String,
+    pub throughput: Outcome,
+    /// Busy time of the servers' core (CPU 1), tasks and softirqs, per request of the throughput
+    /// run, in µs.
+    pub server_core_us_per_request: f64,
+    /// The same for the client's core (CPU 0).
+    pub client_core_us_per_request: f64,
+    pub single: Option<Outcome>,
+    pub churn: Outcome,
+    pub latency: Outcome,
+    /// CPU time of the proxy process during the fixed-rate run, in cores.
+    pub proxy_cores_at_fixed_rate: Option<f64>,
+    /// Proxy VmRSS (KiB) in the middle of the fixed-rate run and of the throughput run, and its
+    /// VmHWM after the round's runs.
+    pub proxy_rss_kib_fixed_rate: Option<u64>,
+    pub proxy_rss_kib_throughput: Option<u64>,
+    pub proxy_hwm_kib: Option<u64>,
+}
+
+impl Sample {
+    pub fn errors(&self) -> u64 {
+        self.throughput.errors
+            + self.single.as_ref().map_or(0, |single| single.errors)
+            + self.churn.errors
+            + self.latency.errors
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Round {
+    pub index: usize,
+    pub samples: Vec<Sample>,
+    /// CPU used by processes other than the bench's, as a share of all cores over the round.
+    pub other_share: f64,
+    pub discarded: bool,
+    pub seconds: f64,
+}
+
+/// Runs every scenario once, starting with a different one each round so that no scenario
+/// always follows the same neighbour.
+pub fn run(
+    index: usize,
+    topology: &Topology,
+    tools: &super::tools::Tools,
+    scenarios: &[Scenario],
+    durations: Durations,
+) -> Result<Round> {
+    let started = Instant::now();
+    let before = Accounting::now(topology)?;
+    let mut samples = Vec::new();
+    for offset in 0..scenarios.len() {
+        let scenario = &scenarios[(index + offset) % scenarios.len()];
+        let sample = run_scenario(scenario, topology, tools, durations)
+            .with_context(|| format!("round {index}, scenario {}", scenario.name))?;
+        println!(
+            "  {:<11} {:>8.0} req/s  churn {:>7.0}  p50 {:>6.0} µs  p99 {:>6.0} µs  errors {}",
+            sample.scenario,
+            sample.throughput.rps,
+            sample.churn.rps,
+            sample.latency.p50_us,
+            sample.latency.p99_us,
+            sample.errors()
+        );
+        samples.push(sample);
+    }
+    samples.sort_by_key(|sample| {
+        scenarios
+            .iter()
+            .position(|scenario| scenario.name == sample.scenario)
+    });
+    let other_share = Accounting::now(topology)?.other_share_since(&before);
+    let discarded = other_share > MAX_OTHER_SHARE;
+    if discarded {
+        println!(
+            "  round {index} discarded: other processes used {:.1}% of the CPU",
+            other_share * 100.0
+        );
+    }
+    Ok(Round {
+        index,
+        samples,
+        other_share,
+        discarded,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn run_scenario(
+    scenario: &Scenario,
+    topology: &Topology,
+    tools: &super::tools::Tools,
+    durations: Durations,
+) -> Result<Sample> {
+    let (url, pod) = scenario.target(topology);
+    let pid = scenario.proxy_pid(topology);
+    let seconds = durations.seconds;
+    let half_run = Duration::from_secs_f64(f64::from(seconds) / 2.0);
+    let rss = |pid: Option<u32>| -> Result<Option<u64>> {
+        pid.map(|pid| cpu::memory_kib(pid).map(|(rss, _)| rss))
+            .transpose()
+    };
+
+    // Throughput, with the cores' busy time around it and the proxy's memory in the middle.
+    let cores_before = cpu::cores()?;
+    let run = load::start(&topology.node, pod, tools, Shape::Throughput, &url, seconds)?;
+    std::thread::sleep(half_run);
+    let proxy_rss_kib_throughput = rss(pid)?;
+    let throughput = load::finish(run, Shape::Throughput, seconds)?;
+    let cores_after = cpu::cores()?;
+    let per_request = |core: usize| {
+        let busy = cores_after[core].since(&cores_before[core]).busy();
+        busy.as_secs_f64() * 1e6 / throughput.requests.max(1) as f64
+    };
+
+    let single = if durations.single {
+        let run = load::start(&topology.node, pod, tools, Shape::Single, &url, seconds)?;
+        Some(load::finish(run, Shape::Single, seconds)?)
+    } else {
+        None
+    };
+    let run = load::start(&topology.node, pod, tools, Shape::Churn, &url, seconds)?;
+    let churn = load::finish(run, Shape::Churn, seconds)?;
+
+    // Fixed rate, with the proxy's own CPU time (all its threads) around it.
+    let proxy_time_before = pid.map(cpu::process_time).transpose()?;
+    let clock = Instant::now();
+    let run = load::start(&topology.node, pod, tools, Shape::Latency, &url, seconds)?;
+    std::thread::sleep(half_run);
+    let proxy_rss_kib_fixed_rate = rss(pid)?;
+    let latency = load::finish(run, Shape::Latency, seconds)?;
+    let elapsed = clock.elapsed().as_secs_f64();
+    let proxy_cores_at_fixed_rate = match (pid, proxy_time_before) {
+        (Some(pid), Some(before)) => {
+            Some((cpu::process_time(pid)? - before).as_secs_f64() / elapsed)
+        }
+        _ => None,
+    };
+
+    Ok(Sample {
+        scenario: scenario.name.to_owned(),
+        server_core_us_per_request: per_request(1),
+        client_core_us_per_request: per_request(0),
+        throughput,
+        single,
+        churn,
+        latency,
+        proxy_cores_at_fixed_rate,
+        proxy_rss_kib_fixed_rate,
+        proxy_rss_kib_throughput,
+        proxy_hwm_kib: pid
+            .map(|pid| cpu::memory_kib(pid).map(|(_, hwm)| hwm))
+            .transpose()?,
+    })
+}
+
+/// CPU time of the whole machine's tasks, of the node's cgroup (everything the bench started
+/// there) and of this process.
+struct Accounting {
+    at: Instant,
+    cores: Vec<cpu::CoreTimes>,
+    cgroup: Duration,
+    own: Duration,
+}
+
+impl Accounting {
+    fn now(topology: &Topology) -> Result<Self> {
+        Ok(Self {
+            at: Instant::now(),
+            cores: cpu::cores()?,
+            cgroup: cpu::cgroup_usage(topology.cgroup())?,
+            own: cpu::process_time(std::process::id())?,
+        })
+    }
+
+    /// Busy time of all cores not spent by the bench's processes, as a share of all cores over
+    /// the wall time. Softirqs count as busy: without `CONFIG_IRQ_TIME_ACCOUNTING` (our kernel)
+    /// those run in a task's context are charged to that task, hence to our cgroup.
+    ///
+    /// Signed on purpose: `/proc/stat` is sampled at each tick while the cgroup's time is exact,
+    /// so an idle machine reads a little below zero; clamping would hide how big that error is.
+    fn other_share_since(&self, earlier: &Accounting) -> f64 {
+        let busy: Duration = self
+            .cores
+            .iter()
+            .zip(&earlier.cores)
+            .map(|(now, then)| now.since(then).busy())
+            .sum();
+        let ours = (self.cgroup - earlier.cgroup) + (self.own - earlier.own);
+        let other = busy.as_secs_f64() - ours.as_secs_f64();
+        let capacity = self.at.duration_since(earlier.at).as_secs_f64() * self.cores.len() as f64;
+        other / capacity
+    }
+}

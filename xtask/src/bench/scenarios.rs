@@ -1,0 +1,130 @@
+//! What is measured: who calls what, through which proxy, compared with which baseline.
+
+use super::proxies::{
+    HAPROXY_L4_PORT, HAPROXY_L7_PORT, HELLO_1K_PORT, HELLO_PORT, NGINX_PORT, TCP_PORT, VIP_L4,
+    VIP_L7, VIP_L7_1K,
+};
+use super::topology::Topology;
+
+/// The process doing the hop, whose CPU time and memory the report shows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proxy {
+    None,
+    Agent,
+    Nginx,
+    Haproxy,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Scenario {
+    pub name: &'static str,
+    /// The scenario whose figures this one's "added" cost is measured against.
+    pub baseline: &'static str,
+    pub proxy: Proxy,
+    /// The body size of the answer, for the report.
+    pub body: &'static str,
+    target: Target,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Target {
+    /// A hello server in `server-v1`, called from the plain client.
+    Server(u16),
+    /// A service VIP, called from the enrolled client: the kernel hands it to the agent.
+    Vip(std::net::Ipv4Addr, u16),
+    /// A peer proxy in the `proxy` pod, called from the plain client.
+    Proxy(u16),
+}
+
+/// Scenarios the issue asks for that cannot run yet, with the reason the report gives.
+pub const NOT_IMPLEMENTED: &[(&str, &str)] = &[(
+    "mesh-iptables",
+    "not implemented yet: the agent has no iptables-REDIRECT (SO_ORIGINAL_DST) mode",
+)];
+
+pub const ALL: &[Scenario] = &[
+    Scenario {
+        name: "direct",
+        baseline: "direct",
+        proxy: Proxy::None,
+        body: "12 B",
+        target: Target::Server(HELLO_PORT),
+    },
+    Scenario {
+        name: "direct-1k",
+        baseline: "direct-1k",
+        proxy: Proxy::None,
+        body: "1 KiB",
+        target: Target::Server(HELLO_1K_PORT),
+    },
+    Scenario {
+        name: "mesh-l7",
+        baseline: "direct",
+        proxy: Proxy::Agent,
+        body: "12 B",
+        target: Target::Vip(VIP_L7, HELLO_PORT),
+    },
+    Scenario {
+        name: "mesh-l7-1k",
+        baseline: "direct-1k",
+        proxy: Proxy::Agent,
+        body: "1 KiB",
+        target: Target::Vip(VIP_L7_1K, HELLO_1K_PORT),
+    },
+    Scenario {
+        name: "mesh-l4",
+        baseline: "direct",
+        proxy: Proxy::Agent,
+        body: "12 B",
+        target: Target::Vip(VIP_L4, TCP_PORT),
+    },
+    Scenario {
+        name: "nginx-l7",
+        baseline: "direct",
+        proxy: Proxy::Nginx,
+        body: "12 B",
+        target: Target::Proxy(NGINX_PORT),
+    },
+    Scenario {
+        name: "haproxy-l7",
+        baseline: "direct",
+        proxy: Proxy::Haproxy,
+        body: "12 B",
+        target: Target::Proxy(HAPROXY_L7_PORT),
+    },
+    Scenario {
+        name: "haproxy-l4",
+        baseline: "direct",
+        proxy: Proxy::Haproxy,
+        body: "12 B",
+        target: Target::Proxy(HAPROXY_L4_PORT),
+    },
+];
+
+impl Scenario {
+    /// The URL the load generator calls, and the pod it runs in.
+    pub fn target<'t>(&self, topology: &'t Topology) -> (String, &'t mesh_tests::Pod) {
+        match self.target {
+            Target::Server(port) => (
+                format!("http://{}/", topology.server_v1.addr(port)),
+                &topology.client,
+            ),
+            // The agent routes an IP `Host` by the VIP's service, as Envoy does.
+            Target::Vip(vip, port) => (format!("http://{vip}:{port}/"), &topology.client_mesh),
+            Target::Proxy(port) => (
+                format!("http://{}/", topology.proxy.addr(port)),
+                &topology.client,
+            ),
+        }
+    }
+
+    /// The proxy's process id, if the scenario has one.
+    pub fn proxy_pid(&self, topology: &Topology) -> Option<u32> {
+        match self.proxy {
+            Proxy::None => None,
+            Proxy::Agent => Some(topology.agent.pid()),
+            Proxy::Nginx => Some(topology.nginx.pid()),
+            Proxy::Haproxy => Some(topology.haproxy.pid()),
+        }
+    }
+}

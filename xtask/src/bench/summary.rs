@@ -1,0 +1,139 @@
+//! From rounds to figures: per scenario, the median with min–max over the kept rounds, each
+//! "added" figure taken against the baseline *of the same round* before aggregating.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use super::load::FIXED_RPS;
+use super::rounds::{Round, Sample};
+use super::scenarios::{Proxy, Scenario};
+
+/// Median with min and max over rounds.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Spread {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Spread {
+    fn of(mut values: Vec<f64>) -> Option<Spread> {
+        values.retain(|value| value.is_finite());
+        if values.is_empty() {
+            return None;
+        }
+        values.sort_by(f64::total_cmp);
+        let n = values.len();
+        let median = if n % 2 == 1 {
+            values[n / 2]
+        } else {
+            (values[n / 2 - 1] + values[n / 2]) / 2.0
+        };
+        Some(Spread {
+            median,
+            min: values[0],
+            max: values[n - 1],
+        })
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Figures {
+    pub scenario: String,
+    pub baseline: String,
+    pub body: String,
+    pub has_proxy: bool,
+    pub rps: Option<Spread>,
+    pub ratio: Option<Spread>,
+    /// Servers' core µs per request minus the baseline's.
+    pub added_cpu_us: Option<Spread>,
+    pub single_rtt_us: Option<Spread>,
+    pub churn_rps: Option<Spread>,
+    pub churn_ratio: Option<Spread>,
+    pub p50_us: Option<Spread>,
+    pub p99_us: Option<Spread>,
+    pub added_p50_us: Option<Spread>,
+    pub added_p90_us: Option<Spread>,
+    pub added_p99_us: Option<Spread>,
+    /// The proxy process's cores per 1,000 rps, from the fixed-rate run.
+    pub vcpu_per_1k_rps: Option<Spread>,
+    pub rss_mib_fixed_rate: Option<Spread>,
+    pub rss_mib_throughput: Option<Spread>,
+    pub hwm_mib: Option<Spread>,
+    pub errors: u64,
+    /// `shape: kind` → count, over the rounds.
+    pub error_kinds: BTreeMap<String, u64>,
+}
+
+/// Figures of every scenario over `rounds` (the caller passes the kept ones).
+pub fn figures(scenarios: &[Scenario], rounds: &[&Round]) -> Vec<Figures> {
+    scenarios
+        .iter()
+        .map(|scenario| figures_of(scenario, rounds))
+        .collect()
+}
+
+fn figures_of(scenario: &Scenario, rounds: &[&Round]) -> Figures {
+    // (this scenario's sample, its baseline's sample) per round.
+    let pairs: Vec<(&Sample, &Sample)> = rounds
+        .iter()
+        .filter_map(|round| {
+            let find = |name: &str| round.samples.iter().find(|s| s.scenario == name);
+            Some((find(scenario.name)?, find(scenario.baseline)?))
+        })
+        .collect();
+    let spread = |f: &dyn Fn(&Sample, &Sample) -> f64| {
+        Spread::of(pairs.iter().map(|(s, b)| f(s, b)).collect())
+    };
+    let optional = |f: &dyn Fn(&Sample) -> Option<f64>| {
+        Spread::of(pairs.iter().filter_map(|(s, _)| f(s)).collect())
+    };
+    let mib = |kib: Option<u64>| kib.map(|kib| kib as f64 / 1024.0);
+    let is_baseline = scenario.name == scenario.baseline;
+    let added = |f: &dyn Fn(&Sample, &Sample) -> f64| if is_baseline { None } else { spread(f) };
+    Figures {
+        scenario: scenario.name.to_owned(),
+        baseline: scenario.baseline.to_owned(),
+        body: scenario.body.to_owned(),
+        has_proxy: scenario.proxy != Proxy::None,
+        rps: spread(&|s, _| s.throughput.rps),
+        ratio: spread(&|s, b| s.throughput.rps / b.throughput.rps),
+        added_cpu_us: added(&|s, b| s.server_core_us_per_request - b.server_core_us_per_request),
+        single_rtt_us: optional(&|s| s.single.as_ref().map(|single| 1e6 / single.rps)),
+        churn_rps: spread(&|s, _| s.churn.rps),
+        churn_ratio: spread(&|s, b| s.churn.rps / b.churn.rps),
+        p50_us: spread(&|s, _| s.latency.p50_us),
+        p99_us: spread(&|s, _| s.latency.p99_us),
+        added_p50_us: added(&|s, b| s.latency.p50_us - b.latency.p50_us),
+        added_p90_us: added(&|s, b| s.latency.p90_us - b.latency.p90_us),
+        added_p99_us: added(&|s, b| s.latency.p99_us - b.latency.p99_us),
+        vcpu_per_1k_rps: optional(&|s| {
+            s.proxy_cores_at_fixed_rate
+                .map(|cores| cores * 1000.0 / f64::from(FIXED_RPS))
+        }),
+        rss_mib_fixed_rate: optional(&|s| mib(s.proxy_rss_kib_fixed_rate)),
+        rss_mib_throughput: optional(&|s| mib(s.proxy_rss_kib_throughput)),
+        hwm_mib: optional(&|s| mib(s.proxy_hwm_kib)),
+        errors: pairs.iter().map(|(s, _)| s.errors()).sum(),
+        error_kinds: error_kinds(pairs.iter().map(|(s, _)| *s)),
+    }
+}
+
+fn error_kinds<'a>(samples: impl Iterator<Item = &'a Sample>) -> BTreeMap<String, u64> {
+    let mut kinds = BTreeMap::new();
+    for sample in samples {
+        let shapes = [
+            ("throughput", Some(&sample.throughput)),
+            ("single", sample.single.as_ref()),
+            ("churn", Some(&sample.churn)),
+            ("latency", Some(&sample.latency)),
+        ];
+        for (shape, outcome) in shapes {
+            for (kind, n) in outcome.map(|o| &o.error_kinds).into_iter().flatten() {
+                *kinds.entry(format!("{shape}: {kind}")).or_default() += n;
+            }
+        }
+    }
+    kinds
+}

@@ -1,0 +1,83 @@
+//! The load generators and peer proxies the bench drives, installed when missing: `wrk`, `nginx`
+//! and `haproxy` from the distribution (Debian packages), `oha` from crates.io into a cache.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+const APT_PACKAGES: &[(&str, &str)] = &[("wrk", "wrk"), ("nginx", "nginx"), ("haproxy", "haproxy")];
+
+/// Absolute paths of the tools, so processes started inside pods find them whatever their PATH.
+pub struct Tools {
+    pub wrk: PathBuf,
+    pub nginx: PathBuf,
+    pub haproxy: PathBuf,
+    pub oha: PathBuf,
+}
+
+pub fn ensure() -> Result<Tools> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .filter(|(binary, _)| which(binary).is_none())
+        .map(|(_, package)| *package)
+        .collect();
+    if !missing.is_empty() {
+        apt_install(&missing)?;
+    }
+    let found = |name: &str| which(name).with_context(|| format!("{name} is still missing"));
+    Ok(Tools {
+        wrk: found("wrk")?,
+        nginx: found("nginx")?,
+        haproxy: found("haproxy")?,
+        oha: oha()?,
+    })
+}
+
+fn apt_install(packages: &[&str]) -> Result<()> {
+    println!("+ apt-get install {}", packages.join(" "));
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(packages))
+}
+
+/// `oha` from `~/.cache/mesh/tools/bin`, built there with `cargo install --locked` on first use.
+fn oha() -> Result<PathBuf> {
+    let root = cache_dir()?.join("tools");
+    let binary = root.join("bin/oha");
+    if !binary.is_file() {
+        println!("+ cargo install oha --locked --root {}", root.display());
+        run(Command::new(env!("CARGO"))
+            .args(["install", "oha", "--locked", "--root"])
+            .arg(&root))
+        .context("building oha (the fixed-rate latency client)")?;
+    }
+    Ok(binary)
+}
+
+fn cache_dir() -> Result<PathBuf> {
+    let home = std::env::var_os("HOME").context("HOME is not set")?;
+    Ok(Path::new(&home).join(".cache/mesh"))
+}
+
+fn run(command: &mut Command) -> Result<()> {
+    // Debian's maintainer scripts must never wait for an answer.
+    command.env("DEBIAN_FRONTEND", "noninteractive");
+    let status = command
+        .status()
+        .with_context(|| format!("running {:?}", command.get_program()))?;
+    if !status.success() {
+        bail!("{:?} failed ({status})", command.get_program());
+    }
+    Ok(())
+}
+
+/// `name` on PATH, plus the sbin directories a non-login root shell may lack.
+fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/local/sbin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+}

@@ -1,10 +1,7 @@
 //! `mesh-agent apply`, `delete` and `get`: the tutorial's `oc create/replace/delete -f` and
 //! `oc get` for local mode, talking to a running agent's admin API.
 
-use std::{
-    net::SocketAddr,
-    path::{Path, PathBuf},
-};
+use std::{net::SocketAddr, path::PathBuf};
 
 use anyhow::{bail, Context, Result};
 use http::{Method, StatusCode};
@@ -94,23 +91,11 @@ fn expand(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for path in paths {
         if path.is_dir() {
-            let mut found: Vec<PathBuf> = std::fs::read_dir(path)
-                .with_context(|| format!("reading {}", path.display()))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| is_config_file(p))
-                .collect();
-            found.sort();
-            files.extend(found);
+            crate::config::config_files(path, &mut files)
+                .with_context(|| format!("reading {}", path.display()))?;
         } else {
             files.push(path.clone());
         }
     }
     Ok(files)
-}
-
-fn is_config_file(path: &Path) -> bool {
-    matches!(
-        path.extension().and_then(|e| e.to_str()),
-        Some("yml" | "yaml" | "json")
-    )
 }

@@ -3,8 +3,6 @@
 
 use std::{
     collections::BTreeMap,
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream},
     os::fd::AsRawFd,
     path::{Path, PathBuf},
     process::Command,
@@ -123,36 +121,17 @@ impl Agent {
     }
 }
 
-/// A minimal HTTP/1.1 request to the admin API from a thread inside the node's namespace (the
-/// test's own threads are outside the node's cgroup, so the kernel hooks never see them).
+/// A request to the admin API from a thread inside the node's namespace.
 pub fn admin_request(
     node_netns: &Path,
     method: &str,
     path: &str,
     body: &str,
 ) -> Result<(u16, String)> {
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    netns::run_in(node_netns, move || -> Result<(u16, String)> {
-        let addr: SocketAddr = ADMIN.parse()?;
-        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        stream.write_all(request.as_bytes())?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        let status = response
-            .split_whitespace()
-            .nth(1)
-            .and_then(|code| code.parse().ok())
-            .context("malformed HTTP response")?;
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, body)| body.to_owned())
-            .unwrap_or_default();
-        Ok((status, body))
+    let (method, path, body) = (method.to_owned(), path.to_owned(), body.to_owned());
+    netns::run_in(node_netns, move || {
+        let headers = [("Content-Type", "application/json")];
+        crate::http::request(ADMIN.parse()?, &method, &path, &headers, &body)
     })?
 }
 

@@ -146,10 +146,10 @@ pub fn load_paths(paths: &[PathBuf]) -> Loaded {
     collector.finish(labels)
 }
 
-/// Collects config files under `dir`, sorted for a deterministic load order. Entries whose
-/// name starts with `.` are skipped: Kubernetes mounts a ConfigMap as `..data/` plus symlinks
-/// to it, and reading both would define every object twice.
-fn config_files(dir: &Path, found: &mut Vec<PathBuf>) -> io::Result<()> {
+/// Collects config files (`*.yml`, `*.yaml`, `*.json`) under `dir`, sorted for a deterministic
+/// load order. Entries whose name starts with `.` are skipped: Kubernetes mounts a ConfigMap as
+/// `..data/` plus symlinks to it, and reading both would define every object twice.
+pub fn config_files(dir: &Path, found: &mut Vec<PathBuf>) -> io::Result<()> {
     let mut entries = std::fs::read_dir(dir)?
         .map(|entry| entry.map(|e| e.path()))
         .collect::<io::Result<Vec<_>>>()?;

@@ -166,7 +166,7 @@ impl LocalSource {
             return Ok(BTreeMap::new());
         };
         let mut files = Vec::new();
-        collect_files(dir, &mut files).map_err(|e| {
+        config::config_files(dir, &mut files).map_err(|e| {
             vec![Diagnostic {
                 severity: Severity::Error,
                 file: dir.display().to_string(),
@@ -245,7 +245,7 @@ fn build(objects: BTreeMap<ObjectKey, Sourced>) -> Result<Loaded, Vec<Diagnostic
 fn documents(label: &str, text: &str) -> Result<Vec<(ObjectKey, Sourced)>, Vec<Diagnostic>> {
     let mut objects = Vec::new();
     for document in serde_yaml::Deserializer::from_str(text) {
-        let value = match serde_yaml::Value::deserialize_from(document) {
+        let value = match <serde_yaml::Value as serde::Deserialize>::deserialize(document) {
             Ok(value) => value,
             Err(_) => return Err(config::load_str(label, text).diagnostics),
         };
@@ -264,16 +264,6 @@ fn documents(label: &str, text: &str) -> Result<Vec<(ObjectKey, Sourced)>, Vec<D
         }
     }
     Ok(objects)
-}
-
-trait DeserializeFrom: Sized {
-    fn deserialize_from(de: serde_yaml::Deserializer<'_>) -> Result<Self, serde_yaml::Error>;
-}
-
-impl DeserializeFrom for serde_yaml::Value {
-    fn deserialize_from(de: serde_yaml::Deserializer<'_>) -> Result<Self, serde_yaml::Error> {
-        serde::Deserialize::deserialize(de)
-    }
 }
 
 fn keyed(label: &str, value: Value) -> Result<(ObjectKey, Sourced), Vec<Diagnostic>> {
@@ -320,29 +310,6 @@ fn file_error(file: &str, reason: impl fmt::Display) -> Diagnostic {
         field: String::new(),
         reason: reason.to_string(),
     }
-}
-
-/// Config files under `dir`, sorted; hidden entries (a mounted ConfigMap's `..data`) skipped.
-fn collect_files(dir: &Path, found: &mut Vec<PathBuf>) -> std::io::Result<()> {
-    let mut entries = std::fs::read_dir(dir)?
-        .map(|entry| entry.map(|e| e.path()))
-        .collect::<std::io::Result<Vec<_>>>()?;
-    entries.sort();
-    for path in entries {
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or(".");
-        if name.starts_with('.') {
-            continue;
-        }
-        if path.is_dir() {
-            collect_files(&path, found)?;
-        } else if matches!(
-            path.extension().and_then(|e| e.to_str()),
-            Some("yml" | "yaml" | "json")
-        ) {
-            found.push(path);
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -38,6 +38,19 @@ fn start_server(node: &SimNode, pod: &Pod, args: &[&str]) -> PodProcess {
     server
 }
 
+/// A node with a `client` pod and a `server` pod answering `ok` on :8080.
+fn client_and_ok_server() -> (SimNode, Pod, Pod, PodProcess) {
+    let node = SimNode::new().unwrap();
+    let client = node.add_pod("client").unwrap();
+    let server = node.add_pod("server").unwrap();
+    let process = start_server(
+        &node,
+        &server,
+        &["http-server", "--listen", "0.0.0.0:8080", "--body", "ok"],
+    );
+    (node, client, server, process)
+}
+
 /// Runs a command to completion and returns its stdout; panics with its stderr on failure.
 fn run(node: &SimNode, pod: Option<&Pod>, command: Command) -> String {
     let mut process = match pod {
@@ -184,14 +197,7 @@ fn many_pods_many_connections_are_intact_and_attributed_exactly() {
 #[test]
 fn a_killed_agent_fails_open_and_a_restarted_one_takes_over_again() {
     require_root();
-    let node = SimNode::new().unwrap();
-    let client = node.add_pod("client").unwrap();
-    let server = node.add_pod("server").unwrap();
-    let _server = start_server(
-        &node,
-        &server,
-        &["http-server", "--listen", "0.0.0.0:8080", "--body", "ok"],
-    );
+    let (node, client, server, _server) = client_and_ok_server();
     let url = format!("http://{}/", server.addr(8080));
     let mut agent = Agent::start(&node, &[&client], &[]).unwrap();
     run(&node, Some(&client), curl(&[&url]));
@@ -322,14 +328,7 @@ fn a_clean_exit_detaches_everything_and_the_node_leaves_nothing_behind() {
 #[test]
 fn pods_are_enrolled_and_unenrolled_at_run_time() {
     require_root();
-    let node = SimNode::new().unwrap();
-    let client = node.add_pod("client").unwrap();
-    let server = node.add_pod("server").unwrap();
-    let _server = start_server(
-        &node,
-        &server,
-        &["http-server", "--listen", "0.0.0.0:8080", "--body", "ok"],
-    );
+    let (node, client, server, _server) = client_and_ok_server();
     let url = format!("http://{}/", server.addr(8080));
     let agent = Agent::start(&node, &[], &[]).unwrap();
 

@@ -132,24 +132,18 @@ pub(crate) struct ResolvedRetry {
 /// `connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes` with 503 as
 /// the retriable status code (what istiod programs into Envoy), no per-try timeout.
 pub(crate) fn resolve(policy: Option<&RetryPolicy>) -> ResolvedRetry {
-    match policy {
-        Some(policy) => ResolvedRetry {
-            attempts: policy.attempts,
-            per_try_timeout: policy.per_try_timeout.filter(|d| !d.is_zero()),
-            conditions: RetryConditions::new(&policy.retry_on),
-        },
-        None => ResolvedRetry {
-            attempts: 2,
-            per_try_timeout: None,
-            conditions: RetryConditions::new(&RetryOn {
-                connect_failure: true,
-                refused_stream: true,
-                unavailable: true,
-                cancelled: true,
-                retriable_status_codes: vec![503],
-                ..RetryOn::default()
-            }),
-        },
+    let default;
+    let policy = match policy {
+        Some(policy) => policy,
+        None => {
+            default = RetryPolicy::istio_default();
+            &default
+        }
+    };
+    ResolvedRetry {
+        attempts: policy.attempts,
+        per_try_timeout: policy.per_try_timeout.filter(|d| !d.is_zero()),
+        conditions: RetryConditions::new(&policy.retry_on),
     }
 }
 

@@ -1,33 +1,19 @@
-//! The kernel side as the agent sees it: loads and attaches the eBPF programs, fills the
-//! enrollment map, reads original destinations and decision counters.
+//! How enrolled pods' connections reach the agent, as the rest of the agent sees it. One facade,
+//! [`Redirect`], over the backends: eBPF cgroup programs (`ebpf`, the default).
 
+pub mod ebpf;
 pub mod netns;
 pub mod preflight;
 
 use std::{
-    fs::File,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::SocketAddrV4,
     path::{Path, PathBuf},
-    sync::Mutex,
 };
 
-use aya::{
-    maps::{HashMap, MapData, PerCpuArray},
-    programs::{CgroupAttachMode, CgroupSockAddr, SockOps},
-    Ebpf, EbpfLoader,
-};
-use mesh_common::{ConnKey, Decision, Enrollment, OriginalDst};
+use mesh_common::Decision;
 use thiserror::Error;
 
-/// The kernel object built by `cargo xtask build-ebpf`.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf.o"));
-
-/// Program names in the object, and the hook each one needs.
-const PROGRAMS: [(&str, &str); 3] = [
-    ("mesh_connect4", "cgroup/connect4"),
-    ("mesh_connect6", "cgroup/connect6"),
-    ("mesh_sock_ops", "sockops"),
-];
+use self::ebpf::EbpfRedirect;
 
 #[derive(Debug, Error)]
 pub enum RedirectError {
@@ -55,144 +41,57 @@ pub enum RedirectError {
     },
 }
 
-/// Loaded and attached programs plus their maps. Dropping it detaches everything; nothing is
-/// ever pinned, so an agent that dies leaves nothing attached either.
-pub struct Redirect {
-    cgroup: PathBuf,
-    enrolled: Mutex<HashMap<MapData, u64, Enrollment>>,
-    pending: HashMap<MapData, u64, OriginalDst>,
-    original_dst: HashMap<MapData, ConnKey, OriginalDst>,
-    decisions: PerCpuArray<MapData, u64>,
-    _ebpf: Ebpf,
+/// The redirect in force. Dropping it undoes it.
+pub enum Redirect {
+    Ebpf(EbpfRedirect),
 }
 
 impl Redirect {
-    /// Checks the host, loads the programs and attaches them to `cgroup` (default: the root of
-    /// the cgroup v2 mount). `agent_mark` is the socket mark of the agent's own sockets.
+    /// Checks the host, loads the eBPF programs and attaches them to `cgroup` (default: the root
+    /// of the cgroup v2 mount). `agent_mark` is the socket mark of the agent's own sockets.
     pub fn attach(cgroup: Option<&Path>, agent_mark: u32) -> Result<Redirect, RedirectError> {
-        let cgroup = preflight::check(cgroup)?;
-        let cgroup_file = File::open(&cgroup).map_err(|source| RedirectError::Cgroup {
-            path: cgroup.clone(),
-            source,
-        })?;
-        let mut ebpf = EbpfLoader::new()
-            .override_global("AGENT_MARK", &agent_mark, true)
-            .load(EBPF_OBJECT)?;
-        for (program, hook) in PROGRAMS {
-            let hook_error = |source| RedirectError::Hook {
-                hook,
-                program,
-                source,
-            };
-            let prog = ebpf
-                .program_mut(program)
-                .ok_or(RedirectError::Missing(program))?;
-            if hook == "sockops" {
-                let prog: &mut SockOps = prog.try_into().map_err(hook_error)?;
-                prog.load().map_err(hook_error)?;
-                prog.attach(&cgroup_file, CgroupAttachMode::Single)
-                    .map_err(hook_error)?;
-            } else {
-                let prog: &mut CgroupSockAddr = prog.try_into().map_err(hook_error)?;
-                prog.load().map_err(hook_error)?;
-                prog.attach(&cgroup_file, CgroupAttachMode::Single)
-                    .map_err(hook_error)?;
-            }
-        }
-        Ok(Redirect {
-            cgroup,
-            enrolled: Mutex::new(take_hash_map(&mut ebpf, "ENROLLED")?),
-            pending: take_hash_map(&mut ebpf, "PENDING")?,
-            original_dst: take_hash_map(&mut ebpf, "ORIGINAL_DST")?,
-            decisions: PerCpuArray::try_from(
-                ebpf.take_map("DECISIONS")
-                    .ok_or(RedirectError::Missing("DECISIONS"))?,
-            )
-            .map_err(|source| RedirectError::Map {
-                map: "DECISIONS",
-                source,
-            })?,
-            _ebpf: ebpf,
-        })
+        EbpfRedirect::attach(cgroup, agent_mark).map(Redirect::Ebpf)
     }
 
     pub fn cgroup(&self) -> &Path {
-        &self.cgroup
+        match self {
+            Redirect::Ebpf(ebpf) => ebpf.cgroup(),
+        }
     }
 
     /// Starts redirecting new connections from the namespace with `netns_cookie` to
     /// `listener`. The listener must exist first: without it the programs fail open.
     pub fn enroll(&self, netns_cookie: u64, listener: SocketAddrV4) -> Result<(), RedirectError> {
-        let value = Enrollment {
-            listen_ip4: u32::from_ne_bytes(listener.ip().octets()),
-            listen_port: listener.port().to_be(),
-            _pad: 0,
-        };
-        self.enrolled
-            .lock()
-            .expect("enrollment map lock")
-            .insert(netns_cookie, value, 0)
-            .map_err(|source| RedirectError::Map {
-                map: "ENROLLED",
-                source,
-            })
+        match self {
+            Redirect::Ebpf(ebpf) => ebpf.enroll(netns_cookie, listener),
+        }
     }
 
     /// Stops redirecting new connections from that namespace. Idempotent.
     pub fn unenroll(&self, netns_cookie: u64) -> Result<(), RedirectError> {
-        match self
-            .enrolled
-            .lock()
-            .expect("enrollment map lock")
-            .remove(&netns_cookie)
-        {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(RedirectError::Map {
-                map: "ENROLLED",
-                source,
-            }),
+        match self {
+            Redirect::Ebpf(ebpf) => ebpf.unenroll(netns_cookie),
         }
     }
 
     /// Where the connection from `client_port` in the namespace `netns_cookie` was going.
     pub fn original_dst(&self, netns_cookie: u64, client_port: u16) -> Option<SocketAddrV4> {
-        let key = ConnKey {
-            netns_cookie,
-            client_port: u32::from(client_port),
-            _pad: 0,
-        };
-        let dst = self.original_dst.get(&key, 0).ok()?;
-        Some(SocketAddrV4::new(
-            Ipv4Addr::from(dst.ip4.to_ne_bytes()),
-            u16::from_be(dst.port),
-        ))
+        match self {
+            Redirect::Ebpf(ebpf) => ebpf.original_dst(netns_cookie, client_port),
+        }
     }
 
     /// Each decision's count, summed over CPUs, in `Decision::ALL` order.
     pub fn decision_counts(&self) -> [(Decision, u64); Decision::COUNT as usize] {
-        Decision::ALL.map(|decision| {
-            let total = self
-                .decisions
-                .get(&(decision as u32), 0)
-                .map(|per_cpu| per_cpu.iter().sum())
-                .unwrap_or(0);
-            (decision, total)
-        })
+        match self {
+            Redirect::Ebpf(ebpf) => ebpf.decision_counts(),
+        }
     }
 
     /// Entries now held by the original-destination maps (pending, established).
     pub fn map_occupancy(&self) -> (usize, usize) {
-        (
-            self.pending.keys().count(),
-            self.original_dst.keys().count(),
-        )
+        match self {
+            Redirect::Ebpf(ebpf) => ebpf.map_occupancy(),
+        }
     }
-}
-
-fn take_hash_map<K: aya::Pod, V: aya::Pod>(
-    ebpf: &mut Ebpf,
-    name: &'static str,
-) -> Result<HashMap<MapData, K, V>, RedirectError> {
-    let map = ebpf.take_map(name).ok_or(RedirectError::Missing(name))?;
-    HashMap::try_from(map).map_err(|source| RedirectError::Map { map: name, source })
 }

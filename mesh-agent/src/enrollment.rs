@@ -180,10 +180,11 @@ impl Enrollments {
             cookie,
             self.proxy.agent_mark(),
         ));
+        let netns = Arc::clone(&context.netns);
         let accept_loop = self
             .runtime
             .spawn(Arc::clone(&self.proxy).serve_pod(listener, context));
-        if let Err(error) = self.redirect.enroll(cookie, self.listen) {
+        if let Err(error) = self.redirect.enroll(&netns, cookie, self.listen) {
             accept_loop.abort();
             return Err(error.into());
         }

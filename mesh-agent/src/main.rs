@@ -5,8 +5,10 @@ use std::{
     time::Duration,
 };
 
-use clap::{Parser, Subcommand};
-use mesh_agent::{discovery::kubernetes::KubeSettings, enrollment::PodSpec, run};
+use clap::{Parser, Subcommand, ValueEnum};
+use mesh_agent::{
+    discovery::kubernetes::KubeSettings, enrollment::PodSpec, redirect::RedirectMode, run,
+};
 use mesh_common::{DEFAULT_AGENT_MARK, DEFAULT_LISTEN_PORT};
 use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt, EnvFilter};
 
@@ -26,6 +28,7 @@ enum Command {
   mesh-agent run --enroll client                  # netns /var/run/netns/client
   mesh-agent run --enroll web=/proc/4242/ns/net --access-log
   mesh-agent run --cgroup /sys/fs/cgroup/kubepods.slice --admin 127.0.0.1:15000
+  mesh-agent run --redirect iptables --enroll client   # kernel without cgroup BPF hooks
 
 Enroll or unenroll at run time through the admin API:
   curl -XPOST localhost:15000/pods -d '{\"name\":\"client\",\"netns\":\"/var/run/netns/client\"}'
@@ -70,7 +73,11 @@ Enroll or unenroll at run time through the admin API:
 
 #[derive(clap::Args)]
 struct RunArgs {
+    /// How enrolled pods' connections reach the agent.
+    #[arg(long, value_enum, default_value_t = Redirect::Ebpf)]
+    redirect: Redirect,
     /// cgroup v2 directory to attach to [default: root of the cgroup2 mount in /proc/mounts].
+    /// eBPF mode only; ignored with --redirect iptables.
     #[arg(long, value_name = "PATH")]
     cgroup: Option<PathBuf>,
     /// Pod to enroll: NETNS_NAME, NETNS_PATH or NAME=NETNS_PATH. Repeatable.
@@ -123,6 +130,25 @@ struct RunArgs {
     /// Share of new traces sampled (0.0 to 1.0); a caller's decision is always kept.
     #[arg(long, default_value_t = 1.0)]
     trace_sample_ratio: f64,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Redirect {
+    /// cgroup connect4/sockops eBPF programs: fail-open if the agent is down, no conntrack.
+    Ebpf,
+    /// iptables REDIRECT in each enrolled pod's netns, original destination from conntrack
+    /// (SO_ORIGINAL_DST). The fallback for kernels without cgroup BPF hooks; needs
+    /// iptables-restore on PATH; fails closed while the agent is down.
+    Iptables,
+}
+
+impl From<Redirect> for RedirectMode {
+    fn from(redirect: Redirect) -> Self {
+        match redirect {
+            Redirect::Ebpf => RedirectMode::Ebpf,
+            Redirect::Iptables => RedirectMode::Iptables,
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -197,6 +223,7 @@ fn main() -> ExitCode {
                 }
             };
             run::run(run::Settings {
+                redirect: args.redirect.into(),
                 cgroup: args.cgroup,
                 enroll: args.enroll,
                 listen: args.listen,

@@ -17,7 +17,7 @@ use crate::{
     engine::EngineSettings,
     enrollment::{Enrollments, PodSpec},
     proxy::{PodContext, Proxy},
-    redirect::{netns::NetNs, Redirect},
+    redirect::{netns::NetNs, Redirect, RedirectMode},
     state::{self, Store},
     telemetry::{
         otlp::{OtlpConfig, SpanExporter},
@@ -26,7 +26,9 @@ use crate::{
 };
 
 pub struct Settings {
-    /// cgroup v2 directory to attach to; `None` ⇒ the root of the cgroup2 mount.
+    /// eBPF programs (default) or iptables rules in each pod.
+    pub redirect: RedirectMode,
+    /// cgroup v2 directory to attach to; `None` ⇒ the root of the cgroup2 mount. eBPF mode only.
     pub cgroup: Option<PathBuf>,
     pub enroll: Vec<PodSpec>,
     /// Where the agent listens inside every enrolled pod.
@@ -53,11 +55,15 @@ pub struct Settings {
 
 pub fn run(settings: Settings) -> Result<()> {
     // Refuse before starting anything: no runtime, no listener, nothing attached.
-    let redirect = Arc::new(Redirect::attach(
+    let redirect = Arc::new(Redirect::start(
+        settings.redirect,
         settings.cgroup.as_deref(),
         settings.agent_mark,
     )?);
-    info!(cgroup = %redirect.cgroup().display(), "eBPF programs attached");
+    match redirect.cgroup() {
+        Some(cgroup) => info!(cgroup = %cgroup.display(), "eBPF programs attached"),
+        None => info!("iptables mode: each pod gets REDIRECT rules as it is enrolled"),
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(settings.workers)
         .thread_name("data-path")
@@ -65,20 +71,23 @@ pub fn run(settings: Settings) -> Result<()> {
         .build()
         .context("starting the data-path runtime")?;
     let metrics = Arc::new(Metrics::default());
-    // Weak: the metrics must not keep the programs attached after shutdown.
-    let decisions = Arc::downgrade(&redirect);
-    metrics.register_decision_source(Box::new(move || {
-        decisions
-            .upgrade()
-            .map(|redirect| {
-                redirect
-                    .decision_counts()
-                    .iter()
-                    .map(|(decision, count)| (decision.name(), *count))
-                    .collect()
-            })
-            .unwrap_or_default()
-    }));
+    // Weak: the metrics must not keep the programs attached after shutdown. iptables mode has
+    // no decision counters, so no such metric.
+    if redirect.mode() == RedirectMode::Ebpf {
+        let decisions = Arc::downgrade(&redirect);
+        metrics.register_decision_source(Box::new(move || {
+            decisions
+                .upgrade()
+                .and_then(|redirect| redirect.decision_counts())
+                .map(|counts| {
+                    counts
+                        .iter()
+                        .map(|(decision, count)| (decision.name(), *count))
+                        .collect()
+                })
+                .unwrap_or_default()
+        }));
+    }
     let store = Arc::new(
         Store::open(
             settings.config.clone(),
@@ -199,10 +208,16 @@ pub fn run(settings: Settings) -> Result<()> {
     drop(enrollments);
     match Arc::try_unwrap(redirect) {
         Ok(redirect) => {
+            let mode = redirect.mode();
             drop(redirect);
-            info!("programs detached, exiting");
+            match mode {
+                RedirectMode::Ebpf => info!("programs detached, exiting"),
+                RedirectMode::Iptables => info!("iptables rules removed, exiting"),
+            }
         }
-        Err(_) => tracing::warn!("kernel programs still referenced; they detach at exit"),
+        // Cannot happen in iptables mode's normal path: `unenroll_all` removed every pod's
+        // rules above.
+        Err(_) => tracing::warn!("redirect still referenced; eBPF programs detach at exit"),
     }
     Ok(())
 }

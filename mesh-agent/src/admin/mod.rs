@@ -264,20 +264,31 @@ fn config_dump(state: &AdminState) -> serde_json::Value {
     })
 }
 
+/// The redirect's state and the enrolled pods. Kernel decision counters and map sizes exist only
+/// in eBPF mode; iptables mode shows them as `null` and counts the pods with rules instead.
 fn stats(state: &AdminState) -> serde_json::Value {
-    let decisions: serde_json::Map<String, serde_json::Value> = state
-        .redirect
-        .decision_counts()
-        .iter()
-        .map(|(decision, count)| (decision.name().to_owned(), json!(count)))
-        .collect();
-    let (pending, established) = state.redirect.map_occupancy();
-    json!({
-        "cgroup": state.redirect.cgroup(),
+    let redirect = &state.redirect;
+    let decisions = redirect.decision_counts().map(|counts| {
+        counts
+            .iter()
+            .map(|(decision, count)| (decision.name().to_owned(), json!(count)))
+            .collect::<serde_json::Map<_, _>>()
+    });
+    let original_dst_entries = redirect
+        .map_occupancy()
+        .map(|(pending, established)| json!({ "pending": pending, "established": established }));
+    let mut stats = json!({
+        "redirect": redirect.mode().name(),
+        "cgroup": redirect.cgroup(),
         "decisions": decisions,
-        "original_dst_entries": { "pending": pending, "established": established },
+        "original_dst_entries": original_dst_entries,
         "pods": state.enrollments.list(),
-    })
+    });
+    if let Some(pods) = redirect.iptables_enrolled() {
+        stats["iptables"] =
+            json!({ "chain": crate::redirect::iptables::CHAIN, "pods_with_rules": pods });
+    }
+    stats
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {

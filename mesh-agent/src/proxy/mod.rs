@@ -191,7 +191,10 @@ impl Proxy {
     }
 
     async fn handle(&self, stream: TcpStream, peer: SocketAddr, pod: Arc<PodContext>) {
-        let Some(original) = self.redirect.original_dst(pod.netns_cookie, peer.port()) else {
+        let Some(original) = self
+            .redirect
+            .original_dst(&stream, pod.netns_cookie, peer.port())
+        else {
             // Someone dialled the listener directly: there is nowhere known to forward to.
             debug!(pod = %pod.name, %peer, "connection without an original destination");
             return;

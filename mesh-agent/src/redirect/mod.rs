@@ -1,19 +1,23 @@
 //! How enrolled pods' connections reach the agent, as the rest of the agent sees it. One facade,
-//! [`Redirect`], over the backends: eBPF cgroup programs (`ebpf`, the default).
+//! [`Redirect`], over two backends: eBPF cgroup programs (`ebpf`, the default) and iptables
+//! `REDIRECT` rules in each pod's namespace (`iptables`, the fallback for kernels without cgroup
+//! BPF hooks).
 
 pub mod ebpf;
+pub mod iptables;
 pub mod netns;
 pub mod preflight;
 
 use std::{
     net::SocketAddrV4,
+    os::fd::AsFd,
     path::{Path, PathBuf},
 };
 
 use mesh_common::Decision;
 use thiserror::Error;
 
-use self::ebpf::EbpfRedirect;
+use self::{ebpf::EbpfRedirect, iptables::IptablesRedirect, netns::NetNs};
 
 #[derive(Debug, Error)]
 pub enum RedirectError {
@@ -39,31 +43,91 @@ pub enum RedirectError {
         map: &'static str,
         source: aya::maps::MapError,
     },
+    #[error("`{command}` in network namespace {netns}: {reason}")]
+    Iptables {
+        command: &'static str,
+        netns: PathBuf,
+        reason: String,
+    },
+    #[error("network namespace {path}: {source}")]
+    Netns {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
-/// The redirect in force. Dropping it undoes it.
+/// How enrolled pods' connections are handed to the agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RedirectMode {
+    /// cgroup `connect4`/`sockops` programs: fail-open, no conntrack, decision counters.
+    Ebpf,
+    /// iptables `REDIRECT` in each pod's namespace, original destination from conntrack: the
+    /// fallback for kernels without cgroup BPF hooks. Fails closed if the agent dies.
+    Iptables,
+}
+
+impl RedirectMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            RedirectMode::Ebpf => "ebpf",
+            RedirectMode::Iptables => "iptables",
+        }
+    }
+}
+
+/// The redirect in force. Dropping it undoes it: eBPF programs detach, iptables rules are removed
+/// from every pod still enrolled.
 pub enum Redirect {
-    Ebpf(EbpfRedirect),
+    /// Boxed: the loaded object and its maps are large, and there is one per agent.
+    Ebpf(Box<EbpfRedirect>),
+    Iptables(IptablesRedirect),
 }
 
 impl Redirect {
-    /// Checks the host, loads the eBPF programs and attaches them to `cgroup` (default: the root
-    /// of the cgroup v2 mount). `agent_mark` is the socket mark of the agent's own sockets.
-    pub fn attach(cgroup: Option<&Path>, agent_mark: u32) -> Result<Redirect, RedirectError> {
-        EbpfRedirect::attach(cgroup, agent_mark).map(Redirect::Ebpf)
-    }
-
-    pub fn cgroup(&self) -> &Path {
-        match self {
-            Redirect::Ebpf(ebpf) => ebpf.cgroup(),
+    /// Checks the host and sets up the redirect. eBPF: loads the programs and attaches them to
+    /// `cgroup` (default: the root of the cgroup v2 mount). iptables: only checks for root and
+    /// the tools (`cgroup` is not used); rules go into each pod as it is enrolled.
+    /// `agent_mark` is the socket mark of the agent's own sockets, never redirected.
+    pub fn start(
+        mode: RedirectMode,
+        cgroup: Option<&Path>,
+        agent_mark: u32,
+    ) -> Result<Redirect, RedirectError> {
+        match mode {
+            RedirectMode::Ebpf => {
+                EbpfRedirect::attach(cgroup, agent_mark).map(|ebpf| Redirect::Ebpf(Box::new(ebpf)))
+            }
+            RedirectMode::Iptables => IptablesRedirect::new(agent_mark).map(Redirect::Iptables),
         }
     }
 
-    /// Starts redirecting new connections from the namespace with `netns_cookie` to
-    /// `listener`. The listener must exist first: without it the programs fail open.
-    pub fn enroll(&self, netns_cookie: u64, listener: SocketAddrV4) -> Result<(), RedirectError> {
+    pub fn mode(&self) -> RedirectMode {
+        match self {
+            Redirect::Ebpf(_) => RedirectMode::Ebpf,
+            Redirect::Iptables(_) => RedirectMode::Iptables,
+        }
+    }
+
+    /// The cgroup the programs are attached to (eBPF mode only).
+    pub fn cgroup(&self) -> Option<&Path> {
+        match self {
+            Redirect::Ebpf(ebpf) => Some(ebpf.cgroup()),
+            Redirect::Iptables(_) => None,
+        }
+    }
+
+    /// Starts redirecting new connections from the namespace `netns` (whose cookie is
+    /// `netns_cookie`) to `listener`. The listener must exist first: without it eBPF fails open,
+    /// and iptables would send connections nowhere.
+    pub fn enroll(
+        &self,
+        netns: &NetNs,
+        netns_cookie: u64,
+        listener: SocketAddrV4,
+    ) -> Result<(), RedirectError> {
         match self {
             Redirect::Ebpf(ebpf) => ebpf.enroll(netns_cookie, listener),
+            Redirect::Iptables(iptables) => iptables.enroll(netns, netns_cookie, listener),
         }
     }
 
@@ -71,27 +135,47 @@ impl Redirect {
     pub fn unenroll(&self, netns_cookie: u64) -> Result<(), RedirectError> {
         match self {
             Redirect::Ebpf(ebpf) => ebpf.unenroll(netns_cookie),
+            Redirect::Iptables(iptables) => iptables.unenroll(netns_cookie),
         }
     }
 
-    /// Where the connection from `client_port` in the namespace `netns_cookie` was going.
-    pub fn original_dst(&self, netns_cookie: u64, client_port: u16) -> Option<SocketAddrV4> {
+    /// Where the accepted connection `stream`, from `client_port` in the namespace
+    /// `netns_cookie`, was going; `None` if it was not redirected.
+    pub fn original_dst(
+        &self,
+        stream: impl AsFd,
+        netns_cookie: u64,
+        client_port: u16,
+    ) -> Option<SocketAddrV4> {
         match self {
             Redirect::Ebpf(ebpf) => ebpf.original_dst(netns_cookie, client_port),
+            Redirect::Iptables(_) => IptablesRedirect::original_dst(stream),
         }
     }
 
-    /// Each decision's count, summed over CPUs, in `Decision::ALL` order.
-    pub fn decision_counts(&self) -> [(Decision, u64); Decision::COUNT as usize] {
+    /// Each decision's count, summed over CPUs, in `Decision::ALL` order. `None` in iptables
+    /// mode, which has no such counters.
+    pub fn decision_counts(&self) -> Option<[(Decision, u64); Decision::COUNT as usize]> {
         match self {
-            Redirect::Ebpf(ebpf) => ebpf.decision_counts(),
+            Redirect::Ebpf(ebpf) => Some(ebpf.decision_counts()),
+            Redirect::Iptables(_) => None,
         }
     }
 
-    /// Entries now held by the original-destination maps (pending, established).
-    pub fn map_occupancy(&self) -> (usize, usize) {
+    /// Entries now held by the original-destination maps (pending, established); `None` in
+    /// iptables mode, where conntrack holds them.
+    pub fn map_occupancy(&self) -> Option<(usize, usize)> {
         match self {
-            Redirect::Ebpf(ebpf) => ebpf.map_occupancy(),
+            Redirect::Ebpf(ebpf) => Some(ebpf.map_occupancy()),
+            Redirect::Iptables(_) => None,
+        }
+    }
+
+    /// Namespaces with iptables rules installed now (iptables mode only).
+    pub fn iptables_enrolled(&self) -> Option<usize> {
+        match self {
+            Redirect::Ebpf(_) => None,
+            Redirect::Iptables(iptables) => Some(iptables.enrolled_count()),
         }
     }
 }

@@ -31,6 +31,15 @@ impl NetNs {
         NetNs::open("/proc/thread-self/ns/net")
     }
 
+    /// Another handle on the same namespace (a duplicated file descriptor), which keeps the
+    /// namespace reachable even if its path goes away.
+    pub fn try_clone(&self) -> io::Result<NetNs> {
+        Ok(NetNs {
+            file: self.file.try_clone()?,
+            path: self.path.clone(),
+        })
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -1,5 +1,6 @@
-//! What the host must offer before anything is loaded: root, a cgroup v2 hierarchy. Each
-//! missing piece is one clear message; nothing is attached when one is missing.
+//! What the host must offer before anything is loaded: root, and a cgroup v2 hierarchy (eBPF
+//! mode) or the iptables tools (iptables mode). Each missing piece is one clear message; nothing
+//! is attached or installed when one is missing.
 
 use std::{
     fs,
@@ -13,8 +14,9 @@ const CGROUP2_SUPER_MAGIC: libc::c_long = 0x6367_7270;
 #[derive(Debug, Error)]
 pub enum PreflightError {
     #[error(
-        "the agent must run as root (it needs CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN to load \
-         eBPF programs and enter pod network namespaces); effective uid is {0}"
+        "the agent must run as root (it needs CAP_NET_ADMIN and CAP_SYS_ADMIN to enter pod \
+         network namespaces and set up the redirect, and CAP_BPF to load eBPF programs); \
+         effective uid is {0}"
     )]
     NotRoot(u32),
     #[error(
@@ -24,6 +26,11 @@ pub enum PreflightError {
     NoCgroup2Mount { mounts: String },
     #[error("{0} is not a directory of a cgroup v2 hierarchy (--cgroup needs one)")]
     NotCgroup2(PathBuf),
+    #[error(
+        "--redirect iptables needs `{tool}` (Debian: `apt-get install iptables`); it is not in \
+         PATH={path:?}"
+    )]
+    NoIptables { tool: &'static str, path: String },
     #[error("cannot read {path}: {source}")]
     Read {
         path: String,
@@ -34,11 +41,7 @@ pub enum PreflightError {
 /// Checks the host and returns the cgroup to attach to: `cgroup` if given, else the root of the
 /// first cgroup2 mount in `/proc/mounts`.
 pub fn check(cgroup: Option<&Path>) -> Result<PathBuf, PreflightError> {
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
-    if euid != 0 {
-        return Err(PreflightError::NotRoot(euid));
-    }
+    check_root()?;
     let cgroup = match cgroup {
         Some(path) => path.to_path_buf(),
         None => cgroup2_mount("/proc/mounts")?,
@@ -47,6 +50,41 @@ pub fn check(cgroup: Option<&Path>) -> Result<PathBuf, PreflightError> {
         return Err(PreflightError::NotCgroup2(cgroup));
     }
     Ok(cgroup)
+}
+
+/// The iptables tools the iptables mode runs, found on `PATH`: `(iptables-restore,
+/// iptables-save)`. No cgroup is needed in that mode.
+pub fn check_iptables() -> Result<(PathBuf, PathBuf), PreflightError> {
+    check_root()?;
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let find = |tool: &'static str| {
+        find_in_path(&path, tool).ok_or_else(|| PreflightError::NoIptables {
+            tool,
+            path: path.to_string_lossy().into_owned(),
+        })
+    };
+    Ok((find("iptables-restore")?, find("iptables-save")?))
+}
+
+fn check_root() -> Result<(), PreflightError> {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    if euid != 0 {
+        return Err(PreflightError::NotRoot(euid));
+    }
+    Ok(())
+}
+
+/// The first executable file named `tool` in a `PATH`-style list of directories.
+fn find_in_path(path: &std::ffi::OsStr, tool: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::split_paths(path)
+        .filter(|dir| !dir.as_os_str().is_empty())
+        .map(|dir| dir.join(tool))
+        .find(|file| {
+            fs::metadata(file)
+                .is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+        })
 }
 
 fn cgroup2_mount(mounts: &str) -> Result<PathBuf, PreflightError> {
@@ -99,6 +137,26 @@ mod tests {
             find_cgroup2("cgroup /sys/fs/cgroup/cpu cgroup rw 0 0\n"),
             None
         );
+    }
+
+    #[test]
+    fn tools_are_found_on_path_and_only_when_executable() {
+        let dir = std::env::temp_dir().join(format!("mesh-preflight-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let tool = dir.join("iptables-restore");
+        fs::write(&tool, "#!/bin/sh\n").unwrap();
+        let path = std::env::join_paths([Path::new("/nonexistent"), &dir]).unwrap();
+        assert_eq!(
+            find_in_path(&path, "iptables-restore"),
+            None,
+            "not executable"
+        );
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&tool, fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(find_in_path(&path, "iptables-restore"), Some(tool));
+        assert_eq!(find_in_path(&path, "iptables-save"), None);
+        assert_eq!(find_in_path("".as_ref(), "iptables-restore"), None);
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

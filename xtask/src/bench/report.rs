@@ -9,7 +9,6 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use super::rounds::{Durations, Round, MAX_OTHER_SHARE};
-use super::scenarios::NOT_IMPLEMENTED;
 use super::summary::{Figures, Spread};
 
 /// The heading of the section this module owns in `docs/performance.md`; other sections of the
@@ -197,12 +196,6 @@ fn markdown(report: &Report) -> String {
             fig.errors
         );
     }
-    for (name, why) in NOT_IMPLEMENTED {
-        let _ = writeln!(
-            out,
-            "| {name} | – | {why} | – | – | – | – | – | – | – | – |"
-        );
-    }
     for fig in f.iter().filter(|fig| fig.errors > 0) {
         let kinds: Vec<String> = fig
             .error_kinds
@@ -234,8 +227,9 @@ fn markdown(report: &Report) -> String {
     let _ = writeln!(
         out,
         "\nAgent RSS idle (one enrolled pod, config loaded, before any load): {:.1} MiB. \
-         The agent's own metrics (`istio_requests_total`) show {:.1}% of the mesh's HTTP \
-         requests went to subset v2 (10% configured): the split was applied on the measured path.\n",
+         The agents' own metrics (`istio_requests_total`, both redirect modes) show {:.1}% of \
+         the mesh's HTTP requests went to subset v2 (10% configured, each agent checked on its \
+         own): the split was applied on the measured paths.\n",
         report.agent_idle_rss_kib as f64 / 1024.0,
         report.v2_share * 100.0
     );
@@ -317,11 +311,27 @@ fn targets(out: &mut String, report: &Report) {
                 verdict(churn >= 0.95),
             )
         },
-        (
-            "`mesh-iptables` beside it".into(),
-            "not implemented yet".into(),
-            "**not met**",
-        ),
+        {
+            // The issue asks for the figures, not for a bound: measured is met.
+            let errors = f
+                .iter()
+                .find(|x| x.scenario == "mesh-iptables")
+                .map_or(0, |x| x.errors);
+            let measured = ratio("mesh-iptables").is_finite() && errors == 0;
+            (
+                "`mesh-iptables` beside it".into(),
+                format!(
+                    "{:.3} of direct, {:.1} CPU-µs, churn {:.2} (mesh-l7 {:.3}, {:.1}, {:.2})",
+                    ratio("mesh-iptables"),
+                    cpu("mesh-iptables"),
+                    median(f, "mesh-iptables", |x| x.churn_ratio),
+                    ratio("mesh-l7"),
+                    cpu("mesh-l7"),
+                    median(f, "mesh-l7", |x| x.churn_ratio),
+                ),
+                verdict(measured),
+            )
+        },
         (
             "engine decision < 1 µs".into(),
             "see \"Engine decision\" (criterion, not this bench)".into(),
@@ -368,14 +378,18 @@ fn method(out: &mut String, report: &Report) {
 
 - One simulated node (`tests/src/simnode.rs`) holds every scenario on its own port, so all of
   them run interleaved round-robin (each round starts one scenario later): pods `client`,
-  `client-mesh` (the only enrolled pod: an enrolled pod's every connection goes to the agent),
-  `server-v1`, `server-v2` (a one-thread hyper hello server, `xtask bench --serve`, answering
+  `client-mesh` (enrolled with the eBPF agent: an enrolled pod's every connection goes to its
+  agent), `client-iptables` (enrolled with a second agent, `--redirect iptables`), `server-v1`, `server-v2` (a one-thread hyper hello server, `xtask bench --serve`, answering
   12 B on :8080, 1 KiB on :8081, 12 B on :9000) and `proxy` (nginx :80, HAProxy :81 and :9001).
 - `mesh-l7`: a VirtualService 90/10 over subsets v1/v2 with `retries` (3, 5xx) and a
   DestinationRule with a connection pool and `outlierDetection`; `mesh-l4`: a service port
   named `tcp` (passthrough, the engine picks the endpoint). nginx (`master_process off`: one
   process) and HAProxy (`nbthread 1`) do the same 90/10 with keep-alive upstreams, retries and
   passive ejection. The agent runs `--workers 1`.
+- `mesh-iptables`: the same VIP, VirtualService and DestinationRule as `mesh-l7`, from
+  `client-iptables`, through a second agent process (`--redirect iptables --workers 1`, same
+  core, same config folder): an iptables `REDIRECT` in the pod's `nat` table instead of
+  `connect4`, the original destination from conntrack (`SO_ORIGINAL_DST`) instead of a BPF map.
 - Client on CPU 0 (`taskset -c 0`), servers and proxies on CPU 1.
 - Load: `wrk -t1 -c64 -d{s}s` (throughput), `wrk -t1 -c1` (single connection), `wrk -t1 -c64
   -H 'Connection: close'` (churn), `oha -q 1000 --latency-correction -c 4 -z {s}s` ({oha}).
@@ -406,8 +420,7 @@ Raw figures of every run: `target/bench/<date>.json`.
 ### What was tried
 
 Nothing tuned yet: these are the first figures, measured before any profiling of the proxy.
-The `mesh-iptables` scenario waits for the agent's iptables-REDIRECT mode; the socket-map
-(`sk_msg`) fast path has not been tried.
+The socket-map (`sk_msg`) fast path has not been tried.
 ",
         s = report.durations.seconds,
         oha = report.oha,

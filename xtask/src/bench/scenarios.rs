@@ -11,6 +11,8 @@ use super::topology::Topology;
 pub enum Proxy {
     None,
     Agent,
+    /// The second agent, started with `--redirect iptables`.
+    AgentIptables,
     Nginx,
     Haproxy,
 }
@@ -32,15 +34,12 @@ enum Target {
     Server(u16),
     /// A service VIP, called from the enrolled client: the kernel hands it to the agent.
     Vip(std::net::Ipv4Addr, u16),
+    /// A service VIP, called from the client enrolled in the iptables-mode agent: its
+    /// `REDIRECT` rule hands it to that agent.
+    VipIptables(std::net::Ipv4Addr, u16),
     /// A peer proxy in the `proxy` pod, called from the plain client.
     Proxy(u16),
 }
-
-/// Scenarios the issue asks for that cannot run yet, with the reason the report gives.
-pub const NOT_IMPLEMENTED: &[(&str, &str)] = &[(
-    "mesh-iptables",
-    "not implemented yet: the agent has no iptables-REDIRECT (SO_ORIGINAL_DST) mode",
-)];
 
 pub const ALL: &[Scenario] = &[
     Scenario {
@@ -79,6 +78,14 @@ pub const ALL: &[Scenario] = &[
         target: Target::Vip(VIP_L4, TCP_PORT),
     },
     Scenario {
+        name: "mesh-iptables",
+        baseline: "direct",
+        proxy: Proxy::AgentIptables,
+        body: "12 B",
+        // The same service and 90/10 VirtualService as `mesh-l7`: only the redirect differs.
+        target: Target::VipIptables(VIP_L7, HELLO_PORT),
+    },
+    Scenario {
         name: "nginx-l7",
         baseline: "direct",
         proxy: Proxy::Nginx,
@@ -111,6 +118,9 @@ impl Scenario {
             ),
             // The agent routes an IP `Host` by the VIP's service, as Envoy does.
             Target::Vip(vip, port) => (format!("http://{vip}:{port}/"), &topology.client_mesh),
+            Target::VipIptables(vip, port) => {
+                (format!("http://{vip}:{port}/"), &topology.client_iptables)
+            }
             Target::Proxy(port) => (
                 format!("http://{}/", topology.proxy.addr(port)),
                 &topology.client,
@@ -123,6 +133,7 @@ impl Scenario {
         match self.proxy {
             Proxy::None => None,
             Proxy::Agent => Some(topology.agent.pid()),
+            Proxy::AgentIptables => Some(topology.agent_iptables.pid()),
             Proxy::Nginx => Some(topology.nginx.pid()),
             Proxy::Haproxy => Some(topology.haproxy.pid()),
         }

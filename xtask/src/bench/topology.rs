@@ -6,11 +6,15 @@
 //!  client       ─────────────▶  server-v1, server-v2   hello :8080 (12 B) :8081 (1 KiB) :9000
 //!      └───────────────────────▶ proxy   nginx :80, haproxy :81 (L7) :9001 (L4) ─▶ servers
 //!  client-mesh  ─ connect4 ─▶ mesh-agent (its in-pod listener) ─▶ servers
+//!  client-iptables ─ REDIRECT ─▶ mesh-agent --redirect iptables (its in-pod listener) ─▶ servers
 //! ```
 //!
-//! `client-mesh` is the only enrolled pod: an enrolled pod's every connection goes through the
-//! agent, so the other scenarios need a client the kernel leaves alone.
+//! `client-mesh` is the eBPF agent's only enrolled pod, `client-iptables` the iptables-mode
+//! agent's: an enrolled pod's every connection goes through its agent, so the other scenarios
+//! need a client nothing redirects. The eBPF programs leave `client-iptables` alone (not
+//! enrolled with them), and the second agent's upstream sockets carry the same mark.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -25,9 +29,14 @@ use super::tools::Tools;
 /// Servers and proxies share this core, as a node agent shares cores with the apps.
 pub const SERVER_CPU: &str = "1";
 
+/// The admin API of the iptables-mode agent, beside the eBPF agent's
+/// [`mesh_tests::agent::ADMIN`] in the node's namespace.
+const ADMIN_IPTABLES: &str = "127.0.0.1:15002";
+
 pub struct Topology {
     // Processes before the node: they are stopped first, then the node's drop kills anything left.
     pub agent: PodProcess,
+    pub agent_iptables: PodProcess,
     pub nginx: PodProcess,
     pub haproxy: PodProcess,
     _servers: Vec<PodProcess>,
@@ -35,6 +44,7 @@ pub struct Topology {
     scratch: PathBuf,
     pub client: Pod,
     pub client_mesh: Pod,
+    pub client_iptables: Pod,
     pub server_v1: Pod,
     pub proxy: Pod,
     pub node: SimNode,
@@ -51,6 +61,7 @@ impl Topology {
         let node = SimNode::new()?;
         let client = node.add_pod("client")?;
         let client_mesh = node.add_pod("client-mesh")?;
+        let client_iptables = node.add_pod("client-iptables")?;
         let server_v1 = node.add_pod("server-v1")?;
         let server_v2 = node.add_pod("server-v2")?;
         let proxy = node.add_pod("proxy")?;
@@ -92,22 +103,26 @@ impl Topology {
         let mut haproxy = node.spawn_in_pod(&proxy, haproxy)?;
 
         let config = proxies::mesh_config(&server_v1, &server_v2)?;
-        let mut agent = pinned(&binaries.agent);
-        agent
-            .arg("run")
-            .arg("--cgroup")
-            .arg(node.cgroup_path())
-            .args(["--admin", mesh_tests::agent::ADMIN, "--workers", "1"])
-            .arg("--enroll")
-            .arg(format!(
-                "{}={}",
-                client_mesh.name(),
-                client_mesh.netns_path().display()
-            ))
-            .arg("--config")
-            .arg(config.path());
-        let agent = node.spawn_on_node(agent)?;
-        wait_ready(&node, &agent)?;
+        // Two agents on the same core with the same config: one per redirect mode, each with
+        // its own client pod.
+        let agent = |admin: &str, pod: &Pod, redirect: &str| -> Result<PodProcess> {
+            let mut agent = pinned(&binaries.agent);
+            agent
+                .args(["run", "--redirect", redirect])
+                .arg("--cgroup")
+                .arg(node.cgroup_path())
+                .args(["--admin", admin, "--workers", "1"])
+                .arg("--enroll")
+                .arg(format!("{}={}", pod.name(), pod.netns_path().display()))
+                .arg("--config")
+                .arg(config.path());
+            let agent = node.spawn_on_node(agent)?;
+            wait_ready(&node, &agent, admin)
+                .with_context(|| format!("the agent with --redirect {redirect}"))?;
+            Ok(agent)
+        };
+        let agent_ebpf = agent(mesh_tests::agent::ADMIN, &client_mesh, "ebpf")?;
+        let agent_iptables = agent(ADMIN_IPTABLES, &client_iptables, "iptables")?;
 
         // They print nothing when they start well (and nginx points its stderr at its error
         // log), so give a bad config the time to fail and look at the exit status.
@@ -122,7 +137,8 @@ impl Topology {
             }
         }
         Ok(Topology {
-            agent,
+            agent: agent_ebpf,
+            agent_iptables,
             nginx,
             haproxy,
             _servers: servers,
@@ -130,44 +146,45 @@ impl Topology {
             scratch,
             client,
             client_mesh,
+            client_iptables,
             server_v1,
             proxy,
             node,
         })
     }
 
-    /// Asks the agent for its kernel counters: proof that the mesh scenarios went through it.
+    /// Asks the eBPF agent for its kernel counters: proof that the mesh scenarios went through
+    /// it. (The iptables-mode agent has no such counters; a `mesh-iptables` connection that
+    /// bypassed it would go to a VIP nothing routes, and fail.)
     pub fn redirected(&self) -> Result<u64> {
-        let (_, body) =
-            mesh_tests::agent::admin_request(&self.node.netns_path(), "GET", "/stats", "")?;
+        let body = self.admin_get(mesh_tests::agent::ADMIN, "/stats")?;
         let stats: serde_json::Value = serde_json::from_str(&body)?;
         stats["decisions"]["redirected"]
             .as_u64()
             .context("/stats has no redirected counter")
     }
 
-    /// Requests the agent reports per destination version (`istio_requests_total`, all HTTP
-    /// services): (v1, v2). Proof that the 90/10 split was applied on the measured path.
+    /// Requests both agents report per destination version (`istio_requests_total`, all HTTP
+    /// services): (v1, v2), summed. Proof that the 90/10 split was applied on the measured
+    /// paths: an error if either agent that served requests sent v2 other than 5–15% of them.
     pub fn requests_by_version(&self) -> Result<(f64, f64)> {
-        let (_, body) =
-            mesh_tests::agent::admin_request(&self.node.netns_path(), "GET", "/metrics", "")?;
-        let mut counts = (0.0, 0.0);
-        for line in body
-            .lines()
-            .filter(|l| l.starts_with("istio_requests_total{"))
-        {
-            let value: f64 = line
-                .rsplit(' ')
-                .next()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0.0);
-            if line.contains("destination_version=\"v1\"") {
-                counts.0 += value;
-            } else if line.contains("destination_version=\"v2\"") {
-                counts.1 += value;
+        let mut total = (0.0, 0.0);
+        for (admin, redirect) in [
+            (mesh_tests::agent::ADMIN, "ebpf"),
+            (ADMIN_IPTABLES, "iptables"),
+        ] {
+            let (v1, v2) = requests_by_version(&self.admin_get(admin, "/metrics")?);
+            if v1 + v2 > 0.0 && !(0.05..=0.15).contains(&(v2 / (v1 + v2))) {
+                bail!("the agent with --redirect {redirect} did not apply the 90/10 split: v1 {v1}, v2 {v2}");
             }
+            total = (total.0 + v1, total.1 + v2);
         }
-        Ok(counts)
+        Ok(total)
+    }
+
+    /// `GET path` on the admin API at `admin`, in the node's namespace.
+    fn admin_get(&self, admin: &str, path: &str) -> Result<String> {
+        admin_get(&self.node, admin, path)
     }
 
     pub fn cgroup(&self) -> &Path {
@@ -181,6 +198,38 @@ impl Drop for Topology {
     }
 }
 
+/// (v1, v2) requests in a `/metrics` scrape's `istio_requests_total`.
+fn requests_by_version(metrics: &str) -> (f64, f64) {
+    let mut counts = (0.0, 0.0);
+    for line in metrics
+        .lines()
+        .filter(|l| l.starts_with("istio_requests_total{"))
+    {
+        let value: f64 = line
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        if line.contains("destination_version=\"v1\"") {
+            counts.0 += value;
+        } else if line.contains("destination_version=\"v2\"") {
+            counts.1 += value;
+        }
+    }
+    counts
+}
+
+fn admin_get(node: &SimNode, admin: &str, path: &str) -> Result<String> {
+    let addr: SocketAddr = admin.parse()?;
+    let path = path.to_owned();
+    let (status, body) =
+        node.run_on_node(move || mesh_tests::http::request(addr, "GET", &path, &[], ""))??;
+    if status != 200 {
+        bail!("{admin} answered {status}: {body}");
+    }
+    Ok(body)
+}
+
 /// `taskset -c 1 program`: taskset execs the program, so the process id stays the program's.
 fn pinned(program: &Path) -> Command {
     let mut command = Command::new("taskset");
@@ -188,11 +237,10 @@ fn pinned(program: &Path) -> Command {
     command
 }
 
-fn wait_ready(node: &SimNode, agent: &PodProcess) -> Result<()> {
+fn wait_ready(node: &SimNode, agent: &PodProcess, admin: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let ready = mesh_tests::agent::admin_request(&node.netns_path(), "GET", "/ready", "");
-        if let Ok((200, _)) = ready {
+        if admin_get(node, admin, "/ready").is_ok() {
             return Ok(());
         }
         if agent.stderr().is_closed() {

@@ -23,7 +23,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Attach the redirect programs, enroll pods and proxy their connections until SIGTERM.
+    /// Set up the redirect (eBPF programs, or iptables rules with --redirect iptables), enroll
+    /// pods and proxy their connections until SIGTERM.
     #[command(after_help = "Examples:
   mesh-agent run --enroll client                  # netns /var/run/netns/client
   mesh-agent run --enroll web=/proc/4242/ns/net --access-log

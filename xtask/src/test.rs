@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 
-use crate::{build_ebpf, cargo};
+use crate::{bench, build_ebpf, cargo};
 
 /// The end-to-end replay of the tutorial (tests/tests/tutorial.rs).
 const TUTORIAL: &str = "the_tutorial_end_to_end";
@@ -58,5 +58,10 @@ pub fn run(cargo_args: &[String]) -> Result<()> {
         anyhow::bail!("the tests left these behind: {leftovers:?}");
     }
     println!("no namespace, link, cgroup or pin of the tests remains");
+    if cargo_args.is_empty() {
+        // A smoke check of the benchmark harness: every scenario answers without errors. It
+        // asserts nothing about speed; the full bench is run by hand.
+        bench::quick()?;
+    }
     Ok(())
 }

@@ -108,6 +108,23 @@ pub const ALL: &[Scenario] = &[
     },
 ];
 
+/// The scenarios named in `only` (all when empty), with the baselines they are measured against.
+pub fn select(only: &[String]) -> anyhow::Result<Vec<Scenario>> {
+    if let Some(unknown) = only
+        .iter()
+        .find(|name| !ALL.iter().any(|s| s.name == *name))
+    {
+        let known: Vec<&str> = ALL.iter().map(|s| s.name).collect();
+        anyhow::bail!("no scenario {unknown:?}; there are {known:?}");
+    }
+    let wanted = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
+    Ok(ALL
+        .iter()
+        .filter(|s| wanted(s.name) || ALL.iter().any(|o| wanted(o.name) && o.baseline == s.name))
+        .copied()
+        .collect())
+}
+
 impl Scenario {
     /// The URL the load generator calls, and the pod it runs in.
     pub fn target<'t>(&self, topology: &'t Topology) -> (String, &'t mesh_tests::Pod) {

@@ -64,8 +64,16 @@ pub fn run(settings: Settings) -> Result<()> {
         Some(cgroup) => info!(cgroup = %cgroup.display(), "eBPF programs attached"),
         None => info!("iptables mode: each pod gets REDIRECT rules as it is enrolled"),
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(settings.workers)
+    // One worker: the current-thread scheduler, which the main thread drives in `block_on`;
+    // no work stealing, no cross-thread wakeups, and a thread fewer.
+    let mut runtime = if settings.workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(settings.workers);
+        builder
+    };
+    let runtime = runtime
         .thread_name("data-path")
         .enable_all()
         .build()

@@ -53,15 +53,15 @@ impl Verdicts {
 /// Where the framing tracker is in the byte stream.
 enum Framing {
     /// Accumulating a request head.
-    Head(Vec<u8>),
+    Head,
     /// Skipping this many body bytes.
     Body(u64),
     /// Reading a chunk-size line.
-    ChunkSize(Vec<u8>),
+    ChunkSize,
     /// Skipping chunk data plus its CRLF.
     ChunkData(u64),
     /// Reading trailer lines until an empty one.
-    Trailer(Vec<u8>),
+    Trailer,
     /// HTTP/2, a refused request (the connection closes after it), or framing we cannot follow:
     /// nothing more to check.
     Done,
@@ -70,6 +70,8 @@ enum Framing {
 pub struct Guarded<S> {
     inner: S,
     framing: Framing,
+    /// The head or line being accumulated; reused, so a keep-alive connection allocates once.
+    line: Vec<u8>,
     verdicts: Verdicts,
 }
 
@@ -77,30 +79,32 @@ impl<S> Guarded<S> {
     pub fn new(inner: S, verdicts: Verdicts) -> Self {
         Guarded {
             inner,
-            framing: Framing::Head(Vec::new()),
+            framing: Framing::Head,
+            line: Vec::new(),
             verdicts,
         }
     }
 
     fn track(&mut self, mut bytes: &[u8]) {
         while !bytes.is_empty() {
+            let line = &mut self.line;
             let (consumed, next) = match &mut self.framing {
                 Framing::Done => return,
-                Framing::Head(head) => {
-                    let (consumed, complete) = take_until(head, bytes, b"\r\n\r\n");
-                    if head.starts_with(b"PRI * HTTP/2.0") {
+                Framing::Head => {
+                    let (consumed, complete) = take_until(line, bytes, b"\r\n\r\n");
+                    if line.starts_with(b"PRI * HTTP/2.0") {
                         self.framing = Framing::Done;
                         return;
                     }
                     if !complete {
-                        if head.len() > MAX_HEADER_BYTES {
+                        if line.len() > MAX_HEADER_BYTES {
                             // hyper answers 431 and closes.
                             self.framing = Framing::Done;
                             return;
                         }
                         (consumed, None)
                     } else {
-                        let (verdict, next) = judge(head);
+                        let (verdict, next) = judge(line);
                         self.verdicts.push(verdict);
                         (consumed, Some(next))
                     }
@@ -108,36 +112,28 @@ impl<S> Guarded<S> {
                 Framing::Body(left) => {
                     let take = (*left).min(bytes.len() as u64);
                     *left -= take;
-                    (
-                        take as usize,
-                        (*left == 0).then(|| Framing::Head(Vec::new())),
-                    )
+                    (take as usize, (*left == 0).then_some(Framing::Head))
                 }
                 Framing::ChunkData(left) => {
                     let take = (*left).min(bytes.len() as u64);
                     *left -= take;
-                    (
-                        take as usize,
-                        (*left == 0).then(|| Framing::ChunkSize(Vec::new())),
-                    )
+                    (take as usize, (*left == 0).then_some(Framing::ChunkSize))
                 }
-                Framing::ChunkSize(line) => {
+                Framing::ChunkSize => {
                     let (consumed, complete) = take_until(line, bytes, b"\r\n");
                     let next = complete.then(|| match chunk_size(line) {
-                        Some(0) => Framing::Trailer(Vec::new()),
+                        Some(0) => Framing::Trailer,
                         Some(size) => Framing::ChunkData(size + 2),
                         None => Framing::Done,
                     });
                     (consumed, next)
                 }
-                Framing::Trailer(line) => {
+                Framing::Trailer => {
                     let (consumed, complete) = take_until(line, bytes, b"\r\n");
-                    let next = complete.then(|| {
-                        if line.len() == 2 {
-                            Framing::Head(Vec::new())
-                        } else {
-                            Framing::Trailer(Vec::new())
-                        }
+                    let next = complete.then_some(if line.len() == 2 {
+                        Framing::Head
+                    } else {
+                        Framing::Trailer
                     });
                     (consumed, next)
                 }
@@ -145,6 +141,7 @@ impl<S> Guarded<S> {
             bytes = &bytes[consumed..];
             if let Some(next) = next {
                 self.framing = next;
+                self.line.clear();
             }
         }
     }
@@ -152,20 +149,28 @@ impl<S> Guarded<S> {
 
 /// Appends bytes to `buf` up to and including `end`; returns (bytes consumed, found).
 fn take_until(buf: &mut Vec<u8>, bytes: &[u8], end: &[u8]) -> (usize, bool) {
-    for (i, &byte) in bytes.iter().enumerate() {
-        buf.push(byte);
-        if buf.ends_with(end) {
-            return (i + 1, true);
+    // The terminator may straddle two reads: search from the last bytes already held.
+    let held = buf.len();
+    let from = held.saturating_sub(end.len() - 1);
+    buf.extend_from_slice(bytes);
+    match buf[from..].windows(end.len()).position(|w| w == end) {
+        Some(at) => {
+            let total = from + at + end.len();
+            buf.truncate(total);
+            (total - held, true)
         }
+        None => (bytes.len(), false),
     }
-    (bytes.len(), false)
 }
 
 /// The verdict on a complete head and how its body is framed.
 fn judge(head: &[u8]) -> (Option<Ambiguity>, Framing) {
-    let mut headers = [httparse::EMPTY_HEADER; 128];
-    let mut request = httparse::Request::new(&mut headers);
-    if !matches!(request.parse(head), Ok(httparse::Status::Complete(_))) {
+    let mut headers = [const { std::mem::MaybeUninit::uninit() }; 128];
+    let mut request = httparse::Request::new(&mut []);
+    if !matches!(
+        request.parse_with_uninit_headers(head, &mut headers),
+        Ok(httparse::Status::Complete(_))
+    ) {
         // hyper rejects it with 400 and closes.
         return (None, Framing::Done);
     }
@@ -176,13 +181,11 @@ fn judge(head: &[u8]) -> (Option<Ambiguity>, Framing) {
         .map(|h| h.value.trim_ascii());
     let length = lengths.next();
     let conflicting = lengths.any(|other| Some(other) != length);
-    let encodings: Vec<&[u8]> = request
+    let chunked = request
         .headers
         .iter()
-        .filter(|h| h.name.eq_ignore_ascii_case("transfer-encoding"))
-        .map(|h| h.value)
-        .collect();
-    if !encodings.is_empty() && length.is_some() {
+        .any(|h| h.name.eq_ignore_ascii_case("transfer-encoding"));
+    if chunked && length.is_some() {
         return (
             Some(Ambiguity::ContentLengthAndTransferEncoding),
             Framing::Done,
@@ -191,14 +194,14 @@ fn judge(head: &[u8]) -> (Option<Ambiguity>, Framing) {
     if conflicting {
         return (Some(Ambiguity::ConflictingContentLengths), Framing::Done);
     }
-    if !encodings.is_empty() {
-        return (None, Framing::ChunkSize(Vec::new()));
+    if chunked {
+        return (None, Framing::ChunkSize);
     }
     let length = length
         .and_then(|l| std::str::from_utf8(l).ok()?.parse::<u64>().ok())
         .unwrap_or(0);
     let next = if length == 0 {
-        Framing::Head(Vec::new())
+        Framing::Head
     } else {
         Framing::Body(length)
     };

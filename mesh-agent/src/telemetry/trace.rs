@@ -5,8 +5,7 @@
 //!
 //! Malformed context never fails a request: it is ignored, and a new trace starts.
 
-use std::fmt::Write as _;
-
+use bytes::Bytes;
 use http::{header::HeaderName, HeaderMap, HeaderValue};
 
 const X_B3_TRACEID: HeaderName = HeaderName::from_static("x-b3-traceid");
@@ -120,60 +119,96 @@ pub fn continue_or_start(
 /// Writes `context` to an upstream request: `x-b3-*`, `b3`, `traceparent` (and `tracestate`),
 /// and `x-request-id`, replacing whatever the caller sent in those headers.
 pub fn inject(context: &SpanContext, headers: &mut HeaderMap) {
-    for name in [
-        X_B3_TRACEID,
-        X_B3_SPANID,
-        X_B3_PARENTSPANID,
-        X_B3_SAMPLED,
-        X_B3_FLAGS,
-        B3,
-        TRACEPARENT,
-        TRACESTATE,
-    ] {
-        headers.remove(name);
-    }
+    // Every value is written into one buffer and the headers share it: two allocations per
+    // request instead of one per value (plus `format!`'s).
+    let mut buf = Vec::with_capacity(INJECT_CAPACITY);
     let trace_id = if context.trace_id_128 {
-        format!("{:032x}", context.trace_id)
+        push_hex(&mut buf, context.trace_id, 32)
     } else {
-        format!("{:016x}", context.trace_id as u64)
+        push_hex(&mut buf, u128::from(context.trace_id as u64), 16)
     };
-    let span_id = context.span_id_hex();
-    let mut single = format!("{trace_id}-{span_id}");
-    if context.debug {
+    let span_id = push_hex(&mut buf, u128::from(context.span_id), 16);
+    let parent = context
+        .parent_span_id
+        .map(|parent| push_hex(&mut buf, u128::from(parent), 16));
+    // b3: {traceid}-{spanid}-{sampling}[-{parentspanid}]
+    let single_start = buf.len();
+    buf.extend_from_within(trace_id.clone());
+    buf.push(b'-');
+    buf.extend_from_within(span_id.clone());
+    buf.extend_from_slice(match (context.debug, context.sampled) {
         // B3: debug implies sampled, and the sampled header is then left out.
-        set(headers, X_B3_FLAGS, "1");
-        single.push_str("-d");
+        (true, _) => b"-d",
+        (false, true) => b"-1",
+        (false, false) => b"-0",
+    });
+    if let Some(parent) = &parent {
+        buf.push(b'-');
+        buf.extend_from_within(parent.clone());
+    }
+    let single = single_start..buf.len();
+    // traceparent: 00-{32 hex trace id}-{span id}-{flags}
+    let traceparent_start = buf.len();
+    buf.extend_from_slice(b"00-");
+    push_hex(&mut buf, context.trace_id, 32);
+    buf.push(b'-');
+    buf.extend_from_within(span_id.clone());
+    buf.extend_from_slice(if context.sampled { b"-01" } else { b"-00" });
+    let traceparent = traceparent_start..buf.len();
+    let buf = Bytes::from(buf);
+    let value = |range: std::ops::Range<usize>| {
+        HeaderValue::from_maybe_shared(buf.slice(range)).expect("hex digits and '-' only")
+    };
+
+    // `insert` replaces every value of a name; only names not written are removed.
+    if context.debug {
+        headers.remove(X_B3_SAMPLED);
+        headers.insert(X_B3_FLAGS, HeaderValue::from_static("1"));
     } else {
+        headers.remove(X_B3_FLAGS);
         let sampled = if context.sampled { "1" } else { "0" };
-        set(headers, X_B3_SAMPLED, sampled);
-        single.push('-');
-        single.push_str(sampled);
+        headers.insert(X_B3_SAMPLED, HeaderValue::from_static(sampled));
     }
-    if let Some(parent) = context.parent_span_id {
-        let parent = format!("{parent:016x}");
-        let _ = write!(single, "-{parent}");
-        set(headers, X_B3_PARENTSPANID, &parent);
+    match parent {
+        Some(parent) => headers.insert(X_B3_PARENTSPANID, value(parent)),
+        None => headers.remove(X_B3_PARENTSPANID),
+    };
+    headers.insert(X_B3_TRACEID, value(trace_id));
+    headers.insert(X_B3_SPANID, value(span_id));
+    headers.insert(B3, value(single));
+    headers.insert(TRACEPARENT, value(traceparent));
+    match &context.tracestate {
+        Some(tracestate) => headers.insert(TRACESTATE, tracestate.clone()),
+        None => headers.remove(TRACESTATE),
+    };
+    // The caller's id, when kept, is usually still there, alone.
+    let request_id = context.request_id.as_bytes();
+    let mut sent = headers
+        .get_all(&X_REQUEST_ID)
+        .iter()
+        .map(HeaderValue::as_bytes);
+    if (sent.next(), sent.next()) != (Some(request_id), None) {
+        // Every request id is visible ASCII: checked when read, or generated.
+        if let Ok(value) = HeaderValue::from_bytes(request_id) {
+            headers.insert(X_REQUEST_ID, value);
+        }
     }
-    set(headers, X_B3_TRACEID, &trace_id);
-    set(headers, X_B3_SPANID, &span_id);
-    set(headers, B3, &single);
-    let flags = if context.sampled { "01" } else { "00" };
-    set(
-        headers,
-        TRACEPARENT,
-        &format!("00-{}-{span_id}-{flags}", context.trace_id_hex()),
-    );
-    if let Some(tracestate) = &context.tracestate {
-        headers.insert(TRACESTATE, tracestate.clone());
-    }
-    set(headers, X_REQUEST_ID, &context.request_id);
 }
 
-fn set(headers: &mut HeaderMap, name: HeaderName, value: &str) {
-    // Every value here is hex, digits or a request id already checked to be visible ASCII.
-    if let Ok(value) = HeaderValue::from_str(value) {
-        headers.insert(name, value);
-    }
+/// Bytes [`inject`] writes at most: ids of 32 + 16 + 16, `b3` of 68, `traceparent` of 55.
+const INJECT_CAPACITY: usize = 192;
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// Appends the low `digits` hex digits of `value` (lowercase, zero-padded); their range in `buf`.
+fn push_hex(buf: &mut Vec<u8>, value: u128, digits: usize) -> std::ops::Range<usize> {
+    let start = buf.len();
+    buf.extend(
+        (0..digits)
+            .rev()
+            .map(|i| HEX[(value >> (4 * i)) as usize & 0xf]),
+    );
+    start..buf.len()
 }
 
 fn header<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a str> {
@@ -329,18 +364,18 @@ fn non_zero_u128(rng: &mut fastrand::Rng) -> u128 {
 
 /// A random (version 4) UUID in its usual text form.
 fn uuid_v4(rng: &mut fastrand::Rng) -> String {
-    let mut bytes = rng.u128(..).to_be_bytes();
-    bytes[6] = (bytes[6] & 0x0f) | 0x40;
-    bytes[8] = (bytes[8] & 0x3f) | 0x80;
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..]
-    )
+    let mut bits = rng.u128(..);
+    // Version 4 (bits 76..80), variant 10 (bits 62..64).
+    bits = (bits & !(0xf << 76)) | (0x4 << 76);
+    bits = (bits & !(0x3 << 62)) | (0x2 << 62);
+    let mut text = String::with_capacity(36);
+    for digit in 0..32 {
+        if matches!(digit, 8 | 12 | 16 | 20) {
+            text.push('-');
+        }
+        text.push(char::from(HEX[(bits >> (4 * (31 - digit))) as usize & 0xf]));
+    }
+    text
 }
 
 #[cfg(test)]
@@ -559,6 +594,15 @@ mod tests {
             too_long
         );
         assert_ne!(continued(&[("x-request-id", "")]).request_id, "");
+    }
+
+    #[test]
+    fn injected_request_id_is_one_header() {
+        let ctx = continued(&[("x-request-id", "abc-123")]);
+        let mut upstream = headers(&[("x-request-id", "abc-123"), ("x-request-id", "other")]);
+        inject(&ctx, &mut upstream);
+        let ids: Vec<_> = upstream.get_all("x-request-id").iter().collect();
+        assert_eq!(ids, ["abc-123"]);
     }
 
     #[test]

@@ -86,6 +86,12 @@ struct RunArgs {
     /// eBPF mode only; ignored with --redirect iptables.
     #[arg(long, value_name = "PATH")]
     cgroup: Option<PathBuf>,
+    /// Experimental: hand bytes between an enrolled pod's socket and the agent's in-pod socket
+    /// directly (sockmap + sk_msg) instead of through loopback TCP. eBPF mode only. Off by
+    /// default: on this kernel a pod reading with a blocking socket can get a spurious EAGAIN
+    /// (docs/performance.md).
+    #[arg(long)]
+    socket_fast_path: bool,
     /// Pod to enroll: NETNS_NAME, NETNS_PATH or NAME=NETNS_PATH. Repeatable.
     #[arg(long, value_name = "POD", value_parser = PodSpec::parse)]
     enroll: Vec<PodSpec>,
@@ -231,6 +237,7 @@ fn main() -> ExitCode {
             run::run(run::Settings {
                 redirect: args.redirect.into(),
                 cgroup: args.cgroup,
+                socket_fast_path: args.socket_fast_path,
                 enroll: args.enroll,
                 listen: args.listen,
                 admin: args.admin,

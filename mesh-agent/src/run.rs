@@ -30,6 +30,8 @@ pub struct Settings {
     pub redirect: RedirectMode,
     /// cgroup v2 directory to attach to; `None` ⇒ the root of the cgroup2 mount. eBPF mode only.
     pub cgroup: Option<PathBuf>,
+    /// Both ends of redirected connections exchange bytes through sk_msg, not loopback TCP.
+    pub socket_fast_path: bool,
     pub enroll: Vec<PodSpec>,
     /// Where the agent listens inside every enrolled pod.
     pub listen: SocketAddrV4,
@@ -59,6 +61,7 @@ pub fn run(settings: Settings) -> Result<()> {
         settings.redirect,
         settings.cgroup.as_deref(),
         settings.agent_mark,
+        settings.socket_fast_path,
     )?);
     match redirect.cgroup() {
         Some(cgroup) => info!(cgroup = %cgroup.display(), "eBPF programs attached"),

@@ -59,6 +59,38 @@ pub struct ConnKey {
 }
 const _: () = assert!(size_of::<ConnKey>() == 16);
 
+/// Capacity of the socket map of the fast path: both ends of every redirected connection (the
+/// pod's socket and the agent's in-pod socket). A connection that finds it full takes the
+/// ordinary loopback path.
+pub const SOCKETS_CAPACITY: u32 = 65_536;
+
+/// A socket on the fast path, as seen from that socket: its namespace, then its own and its
+/// peer's address. Addresses in network order, ports in host order. The socket at the other end
+/// of a redirected connection has the same key with local and remote swapped.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    pub netns_cookie: u64,
+    pub local_ip4: u32,
+    pub remote_ip4: u32,
+    pub local_port: u32,
+    pub remote_port: u32,
+}
+const _: () = assert!(size_of::<SockKey>() == 24);
+
+impl SockKey {
+    /// The key of the socket at the other end.
+    pub const fn peer(self) -> SockKey {
+        SockKey {
+            netns_cookie: self.netns_cookie,
+            local_ip4: self.remote_ip4,
+            remote_ip4: self.local_ip4,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+        }
+    }
+}
+
 /// Why the kernel programs let a connection through or redirected it; the index into the
 /// per-CPU decision counters.
 #[repr(u32)]
@@ -114,11 +146,13 @@ impl Decision {
 mod user {
     use super::*;
 
-    // SAFETY: all three are `repr(C)`, made only of integers, with explicit padding and no
+    // SAFETY: all four are `repr(C)`, made only of integers, with explicit padding and no
     // implicit gaps (sizes asserted above), so every bit pattern is valid.
     unsafe impl aya::Pod for Enrollment {}
     // SAFETY: as above.
     unsafe impl aya::Pod for OriginalDst {}
     // SAFETY: as above.
     unsafe impl aya::Pod for ConnKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SockKey {}
 }

@@ -4,7 +4,9 @@ use core::{mem::size_of, ptr::read_volatile};
 
 use aya_ebpf::{
     bindings::{bpf_sock_tuple, BPF_F_CURRENT_NETNS},
-    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_lookup_tcp, bpf_sk_release},
+    helpers::generated::{
+        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_lookup_tcp, bpf_sk_release,
+    },
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
     EbpfContext,

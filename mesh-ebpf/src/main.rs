@@ -7,6 +7,7 @@
 #![no_main]
 
 mod connect;
+mod fast_path;
 mod maps;
 mod sock_ops;
 

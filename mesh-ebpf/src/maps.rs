@@ -2,11 +2,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
 };
 use mesh_common::{
-    ConnKey, Decision, Enrollment, OriginalDst, ENROLLED_CAPACITY, ORIGINAL_DST_CAPACITY,
-    PENDING_CAPACITY,
+    ConnKey, Decision, Enrollment, OriginalDst, SockKey, ENROLLED_CAPACITY, ORIGINAL_DST_CAPACITY,
+    PENDING_CAPACITY, SOCKETS_CAPACITY,
 };
 
 /// Enrolled pods, keyed by network-namespace cookie. Filled by the agent.
@@ -24,6 +24,11 @@ pub static PENDING: LruHashMap<u64, OriginalDst> =
 #[map(name = "ORIGINAL_DST")]
 pub static ORIGINAL_DST: LruHashMap<ConnKey, OriginalDst> =
     LruHashMap::with_max_entries(ORIGINAL_DST_CAPACITY, 0);
+
+/// Both ends of redirected connections, for the fast path (`fast_path.rs`). The kernel removes
+/// a socket when it closes.
+#[map(name = "SOCKETS")]
+pub static SOCKETS: SockHash<SockKey> = SockHash::with_max_entries(SOCKETS_CAPACITY, 0);
 
 /// How often each `Decision` was taken, per CPU.
 #[map(name = "DECISIONS")]

@@ -354,3 +354,59 @@ fn pods_are_enrolled_and_unenrolled_at_run_time() {
     let (status, _) = agent.admin_request("DELETE", "/pods/client", "").unwrap();
     assert_eq!(status, 404);
 }
+
+/// `--socket-fast-path`: both ends of every redirected connection (the pod's socket and the
+/// agent's in-pod socket) join the kernel's socket map, and keep-alive HTTP still works through
+/// it; without the flag no socket joins. The client uses sockets with a timeout, which Python
+/// drives non-blocking with poll, as event-loop clients do (see docs/performance.md for why a
+/// blocking reader is not safe on this path yet).
+#[test]
+fn the_socket_fast_path_carries_both_ends_of_each_redirected_connection() {
+    require_root();
+    let (node, client, server, _server) = client_and_ok_server();
+    let script = format!(
+        r#"
+import socket, sys, time
+held = []
+for _ in range(3):
+    s = socket.create_connection(("{ip}", 8080), timeout=10)
+    for _ in range(50):
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = b""
+        while not answer.endswith(b"ok"):
+            chunk = s.recv(4096)
+            if not chunk:
+                sys.exit("closed early: %r" % answer)
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+    held.append(s)
+print("ready", flush=True)
+time.sleep(3)
+"#,
+        ip = server.ip()
+    );
+    for fast_path in [false, true] {
+        let flags: &[&str] = if fast_path {
+            &["--socket-fast-path"]
+        } else {
+            &[]
+        };
+        let agent = Agent::start(&node, &[&client], flags).unwrap();
+        let mut python = Command::new("python3");
+        python.args(["-c", &script]);
+        let mut python = node.spawn_in_pod(&client, python).unwrap();
+        python
+            .stdout()
+            .wait_for_line(|line| line == "ready", TIMEOUT)
+            .unwrap_or_else(|e| panic!("{e}: {}", python.stderr().text()));
+        let stats = agent.stats().unwrap();
+        let expected = if fast_path { 6 } else { 0 };
+        assert_eq!(
+            stats["fast_path_sockets"], expected,
+            "fast path {fast_path}: {stats}"
+        );
+        assert_eq!(stats["decisions"]["redirected"], 3, "{stats}");
+        let status = python.finish(TIMEOUT).unwrap();
+        assert!(status.success(), "{}", python.stderr().text());
+    }
+}

@@ -282,6 +282,7 @@ fn stats(state: &AdminState) -> serde_json::Value {
         "cgroup": redirect.cgroup(),
         "decisions": decisions,
         "original_dst_entries": original_dst_entries,
+        "fast_path_sockets": redirect.fast_path_sockets(),
         "pods": state.enrollments.list(),
     });
     if let Some(pods) = redirect.iptables_enrolled() {

@@ -10,11 +10,11 @@ use std::{
 
 use super::{preflight, RedirectError};
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray},
-    programs::{CgroupAttachMode, CgroupSockAddr, SockOps},
+    maps::{HashMap, MapData, PerCpuArray, SockHash},
+    programs::{CgroupAttachMode, CgroupSockAddr, SkMsg, SockOps},
     Ebpf, EbpfLoader,
 };
-use mesh_common::{ConnKey, Decision, Enrollment, OriginalDst};
+use mesh_common::{ConnKey, Decision, Enrollment, OriginalDst, SockKey};
 
 /// The kernel object built by `cargo xtask build-ebpf`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf.o"));
@@ -34,13 +34,20 @@ pub struct EbpfRedirect {
     pending: HashMap<MapData, u64, OriginalDst>,
     original_dst: HashMap<MapData, ConnKey, OriginalDst>,
     decisions: PerCpuArray<MapData, u64>,
+    /// Sockets on the fast path (both ends of redirected connections).
+    sockets: SockHash<MapData, SockKey>,
     _ebpf: Ebpf,
 }
 
 impl EbpfRedirect {
     /// Checks the host, loads the programs and attaches them to `cgroup` (default: the root of
-    /// the cgroup v2 mount). `agent_mark` is the socket mark of the agent's own sockets.
-    pub fn attach(cgroup: Option<&Path>, agent_mark: u32) -> Result<EbpfRedirect, RedirectError> {
+    /// the cgroup v2 mount). `agent_mark` is the socket mark of the agent's own sockets;
+    /// `socket_fast_path` puts redirected connections on the sk_msg fast path.
+    pub fn attach(
+        cgroup: Option<&Path>,
+        agent_mark: u32,
+        socket_fast_path: bool,
+    ) -> Result<EbpfRedirect, RedirectError> {
         let cgroup = preflight::check(cgroup)?;
         let cgroup_file = File::open(&cgroup).map_err(|source| RedirectError::Cgroup {
             path: cgroup.clone(),
@@ -48,7 +55,29 @@ impl EbpfRedirect {
         })?;
         let mut ebpf = EbpfLoader::new()
             .override_global("AGENT_MARK", &agent_mark, true)
+            .override_global("FAST_PATH", &u32::from(socket_fast_path), true)
             .load(EBPF_OBJECT)?;
+        // The message verdict goes on the socket map before any socket can join it.
+        let sockets: SockHash<MapData, SockKey> = ebpf
+            .take_map("SOCKETS")
+            .ok_or(RedirectError::Missing("SOCKETS"))?
+            .try_into()
+            .map_err(|source| RedirectError::Map {
+                map: "SOCKETS",
+                source,
+            })?;
+        let hook_error = |source| RedirectError::Hook {
+            hook: "sk_msg",
+            program: "mesh_sk_msg",
+            source,
+        };
+        let sk_msg: &mut SkMsg = ebpf
+            .program_mut("mesh_sk_msg")
+            .ok_or(RedirectError::Missing("mesh_sk_msg"))?
+            .try_into()
+            .map_err(hook_error)?;
+        sk_msg.load().map_err(hook_error)?;
+        sk_msg.attach(sockets.fd()).map_err(hook_error)?;
         for (program, hook) in PROGRAMS {
             let hook_error = |source| RedirectError::Hook {
                 hook,
@@ -83,6 +112,7 @@ impl EbpfRedirect {
                 map: "DECISIONS",
                 source,
             })?,
+            sockets,
             _ebpf: ebpf,
         })
     }
@@ -157,6 +187,11 @@ impl EbpfRedirect {
             self.pending.keys().count(),
             self.original_dst.keys().count(),
         )
+    }
+
+    /// Sockets now on the fast path: two per redirected connection.
+    pub fn fast_path_sockets(&self) -> usize {
+        self.sockets.keys().count()
     }
 }
 

@@ -92,11 +92,11 @@ impl Redirect {
         mode: RedirectMode,
         cgroup: Option<&Path>,
         agent_mark: u32,
+        socket_fast_path: bool,
     ) -> Result<Redirect, RedirectError> {
         match mode {
-            RedirectMode::Ebpf => {
-                EbpfRedirect::attach(cgroup, agent_mark).map(|ebpf| Redirect::Ebpf(Box::new(ebpf)))
-            }
+            RedirectMode::Ebpf => EbpfRedirect::attach(cgroup, agent_mark, socket_fast_path)
+                .map(|ebpf| Redirect::Ebpf(Box::new(ebpf))),
             RedirectMode::Iptables => IptablesRedirect::new(agent_mark).map(Redirect::Iptables),
         }
     }
@@ -167,6 +167,14 @@ impl Redirect {
     pub fn map_occupancy(&self) -> Option<(usize, usize)> {
         match self {
             Redirect::Ebpf(ebpf) => Some(ebpf.map_occupancy()),
+            Redirect::Iptables(_) => None,
+        }
+    }
+
+    /// Sockets on the sk_msg fast path now, two per redirected connection (eBPF mode only).
+    pub fn fast_path_sockets(&self) -> Option<usize> {
+        match self {
+            Redirect::Ebpf(ebpf) => Some(ebpf.fast_path_sockets()),
             Redirect::Iptables(_) => None,
         }
     }

@@ -75,7 +75,7 @@ pub fn run(args: Args) -> Result<()> {
     };
     let rounds = if args.quick { 1 } else { args.rounds.max(1) };
     let scenarios = scenarios::select(&args.only)?;
-    let through_agent = scenarios.iter().any(|s| s.proxy == scenarios::Proxy::Agent);
+    let through_agent = scenarios.iter().any(|s| s.through_ebpf_agent());
     let oha = std::process::Command::new(&tools.oha)
         .arg("--version")
         .output()
@@ -86,7 +86,12 @@ pub fn run(args: Args) -> Result<()> {
     mesh_tests::set_echo(false);
     let topology = Topology::start(&binaries, &tools)?;
     let node_id = topology.node.id();
-    let agent_idle_rss_kib = cpu::memory_kib(topology.agent.pid())?.0;
+    let agent_idle_rss_kib = cpu::memory_kib(
+        topology
+            .agent_pid()
+            .context("the eBPF agent is not running")?,
+    )?
+    .0;
     let redirected_before = topology.redirected()?;
     let mut done = Vec::new();
     for index in 0..rounds {
@@ -126,7 +131,7 @@ pub fn run(args: Args) -> Result<()> {
     println!("raw figures: {}", json.display());
     for fig in &figures {
         println!(
-            "{:<11} ratio {:>6.3}  added CPU-µs {:>6.1}  added p50/p99 {:>5.0}/{:>5.0} µs  errors {}",
+            "{:<15} ratio {:>6.3}  added CPU-µs {:>6.1}  added p50/p99 {:>5.0}/{:>5.0} µs  errors {}",
             fig.scenario,
             fig.ratio.map_or(f64::NAN, |s| s.median),
             fig.added_cpu_us.map_or(f64::NAN, |s| s.median),

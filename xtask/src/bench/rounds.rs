@@ -81,7 +81,7 @@ pub fn run(
         let sample = run_scenario(scenario, topology, tools, durations)
             .with_context(|| format!("round {index}, scenario {}", scenario.name))?;
         println!(
-            "  {:<11} {:>8.0} req/s  churn {:>7.0}  p50 {:>6.0} µs  p99 {:>6.0} µs  errors {}",
+            "  {:<15} {:>8.0} req/s  churn {:>7.0}  p50 {:>6.0} µs  p99 {:>6.0} µs  errors {}",
             sample.scenario,
             sample.throughput.rps,
             sample.churn.rps,
@@ -119,6 +119,7 @@ fn run_scenario(
     tools: &super::tools::Tools,
     durations: Durations,
 ) -> Result<Sample> {
+    scenario.prepare(topology)?;
     let (url, pod) = scenario.target(topology);
     let pid = scenario.proxy_pid(topology);
     let seconds = durations.seconds;

@@ -11,6 +11,8 @@ use super::topology::Topology;
 pub enum Proxy {
     None,
     Agent,
+    /// The same agent restarted with `--socket-fast-path` (sockmap + sk_msg).
+    AgentSocketFastPath,
     /// The second agent, started with `--redirect iptables`.
     AgentIptables,
     Nginx,
@@ -71,6 +73,13 @@ pub const ALL: &[Scenario] = &[
         target: Target::Vip(VIP_L7_1K, HELLO_1K_PORT),
     },
     Scenario {
+        name: "mesh-l7-sockmap",
+        baseline: "direct",
+        proxy: Proxy::AgentSocketFastPath,
+        body: "12 B",
+        target: Target::Vip(VIP_L7, HELLO_PORT),
+    },
+    Scenario {
         name: "mesh-l4",
         baseline: "direct",
         proxy: Proxy::Agent,
@@ -126,6 +135,20 @@ pub fn select(only: &[String]) -> anyhow::Result<Vec<Scenario>> {
 }
 
 impl Scenario {
+    /// Puts the eBPF agent in the mode the scenario measures (a restart when it changes).
+    pub fn prepare(&self, topology: &Topology) -> anyhow::Result<()> {
+        match self.proxy {
+            Proxy::Agent => topology.use_socket_fast_path(false),
+            Proxy::AgentSocketFastPath => topology.use_socket_fast_path(true),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether the scenario goes through the eBPF agent.
+    pub fn through_ebpf_agent(&self) -> bool {
+        matches!(self.proxy, Proxy::Agent | Proxy::AgentSocketFastPath)
+    }
+
     /// The URL the load generator calls, and the pod it runs in.
     pub fn target<'t>(&self, topology: &'t Topology) -> (String, &'t mesh_tests::Pod) {
         match self.target {
@@ -149,7 +172,7 @@ impl Scenario {
     pub fn proxy_pid(&self, topology: &Topology) -> Option<u32> {
         match self.proxy {
             Proxy::None => None,
-            Proxy::Agent => Some(topology.agent.pid()),
+            Proxy::Agent | Proxy::AgentSocketFastPath => topology.agent_pid(),
             Proxy::AgentIptables => Some(topology.agent_iptables.pid()),
             Proxy::Nginx => Some(topology.nginx.pid()),
             Proxy::Haproxy => Some(topology.haproxy.pid()),

@@ -6,7 +6,13 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-const APT_PACKAGES: &[(&str, &str)] = &[("wrk", "wrk"), ("nginx", "nginx"), ("haproxy", "haproxy")];
+const APT_PACKAGES: &[(&str, &str)] = &[
+    ("wrk", "wrk"),
+    ("nginx", "nginx"),
+    ("haproxy", "haproxy"),
+    // For the iptables-mode agent of `mesh-iptables`.
+    ("iptables-restore", "iptables"),
+];
 
 /// Absolute paths of the tools, so processes started inside pods find them whatever their PATH.
 pub struct Tools {

@@ -14,6 +14,7 @@
 //! need a client nothing redirects. The eBPF programs leave `client-iptables` alone (not
 //! enrolled with them), and the second agent's upstream sockets carry the same mark.
 
+use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -35,12 +36,16 @@ const ADMIN_IPTABLES: &str = "127.0.0.1:15002";
 
 pub struct Topology {
     // Processes before the node: they are stopped first, then the node's drop kills anything left.
-    pub agent: PodProcess,
+    /// The eBPF agent; restarted when a scenario needs the socket fast path on or off.
+    agent: RefCell<EbpfAgent>,
     pub agent_iptables: PodProcess,
     pub nginx: PodProcess,
     pub haproxy: PodProcess,
     _servers: Vec<PodProcess>,
-    _config: ConfigDir,
+    config: ConfigDir,
+    agent_binary: PathBuf,
+    /// Kernel redirects and (v1, v2) requests counted by eBPF agents already stopped.
+    stopped_agents: Cell<(u64, f64, f64)>,
     scratch: PathBuf,
     pub client: Pod,
     pub client_mesh: Pod,
@@ -48,6 +53,12 @@ pub struct Topology {
     pub server_v1: Pod,
     pub proxy: Pod,
     pub node: SimNode,
+}
+
+struct EbpfAgent {
+    /// `None` only between stopping one agent and starting the next.
+    process: Option<PodProcess>,
+    socket_fast_path: bool,
 }
 
 /// Binaries built by the bench in release mode.
@@ -105,24 +116,15 @@ impl Topology {
         let config = proxies::mesh_config(&server_v1, &server_v2)?;
         // Two agents on the same core with the same config: one per redirect mode, each with
         // its own client pod.
-        let agent = |admin: &str, pod: &Pod, redirect: &str| -> Result<PodProcess> {
-            let mut agent = pinned(&binaries.agent);
-            agent
-                .args(["run", "--redirect", redirect])
-                .arg("--cgroup")
-                .arg(node.cgroup_path())
-                .args(["--admin", admin, "--workers", "1"])
-                .arg("--enroll")
-                .arg(format!("{}={}", pod.name(), pod.netns_path().display()))
-                .arg("--config")
-                .arg(config.path());
-            let agent = node.spawn_on_node(agent)?;
-            wait_ready(&node, &agent, admin)
-                .with_context(|| format!("the agent with --redirect {redirect}"))?;
-            Ok(agent)
-        };
-        let agent_ebpf = agent(mesh_tests::agent::ADMIN, &client_mesh, "ebpf")?;
-        let agent_iptables = agent(ADMIN_IPTABLES, &client_iptables, "iptables")?;
+        let agent_ebpf = start_agent(&node, &binaries.agent, &config, &client_mesh, "ebpf", &[])?;
+        let agent_iptables = start_agent(
+            &node,
+            &binaries.agent,
+            &config,
+            &client_iptables,
+            "iptables",
+            &[],
+        )?;
 
         // They print nothing when they start well (and nginx points its stderr at its error
         // log), so give a bad config the time to fail and look at the exit status.
@@ -137,12 +139,17 @@ impl Topology {
             }
         }
         Ok(Topology {
-            agent: agent_ebpf,
+            agent: RefCell::new(EbpfAgent {
+                process: Some(agent_ebpf),
+                socket_fast_path: false,
+            }),
             agent_iptables,
             nginx,
             haproxy,
             _servers: servers,
-            _config: config,
+            config,
+            agent_binary: binaries.agent.clone(),
+            stopped_agents: Cell::new((0, 0.0, 0.0)),
             scratch,
             client,
             client_mesh,
@@ -153,10 +160,46 @@ impl Topology {
         })
     }
 
-    /// Asks the eBPF agent for its kernel counters: proof that the mesh scenarios went through
-    /// it. (The iptables-mode agent has no such counters; a `mesh-iptables` connection that
-    /// bypassed it would go to a VIP nothing routes, and fail.)
+    /// The eBPF agent's process id.
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.borrow().process.as_ref().map(PodProcess::pid)
+    }
+
+    /// Restarts the eBPF agent with `--socket-fast-path` if it is not already in that mode;
+    /// what the stopped one counted is kept for [`Self::redirected`] and
+    /// [`Self::requests_by_version`].
+    pub fn use_socket_fast_path(&self, on: bool) -> Result<()> {
+        let mut agent = self.agent.borrow_mut();
+        if agent.socket_fast_path == on {
+            return Ok(());
+        }
+        let redirected = self.ebpf_redirected()?;
+        let (v1, v2) = requests_by_version(&self.admin_get(mesh_tests::agent::ADMIN, "/metrics")?);
+        let (r, a, b) = self.stopped_agents.get();
+        self.stopped_agents.set((r + redirected, a + v1, b + v2));
+        let flags: &[&str] = if on { &["--socket-fast-path"] } else { &[] };
+        // Stop first: two agents cannot attach to one cgroup.
+        drop(agent.process.take());
+        agent.process = Some(start_agent(
+            &self.node,
+            &self.agent_binary,
+            &self.config,
+            &self.client_mesh,
+            "ebpf",
+            flags,
+        )?);
+        agent.socket_fast_path = on;
+        Ok(())
+    }
+
+    /// Connections the kernel handed to the eBPF agents of this run: proof that the mesh
+    /// scenarios went through them. (The iptables-mode agent has no such counters; a
+    /// `mesh-iptables` connection that bypassed it would go to a VIP nothing routes, and fail.)
     pub fn redirected(&self) -> Result<u64> {
+        Ok(self.stopped_agents.get().0 + self.ebpf_redirected()?)
+    }
+
+    fn ebpf_redirected(&self) -> Result<u64> {
         let body = self.admin_get(mesh_tests::agent::ADMIN, "/stats")?;
         let stats: serde_json::Value = serde_json::from_str(&body)?;
         stats["decisions"]["redirected"]
@@ -168,7 +211,8 @@ impl Topology {
     /// services): (v1, v2), summed. Proof that the 90/10 split was applied on the measured
     /// paths: an error if either agent that served requests sent v2 other than 5–15% of them.
     pub fn requests_by_version(&self) -> Result<(f64, f64)> {
-        let mut total = (0.0, 0.0);
+        let (_, v1, v2) = self.stopped_agents.get();
+        let mut total = (v1, v2);
         for (admin, redirect) in [
             (mesh_tests::agent::ADMIN, "ebpf"),
             (ADMIN_IPTABLES, "iptables"),
@@ -228,6 +272,36 @@ fn admin_get(node: &SimNode, admin: &str, path: &str) -> Result<String> {
         bail!("{admin} answered {status}: {body}");
     }
     Ok(body)
+}
+
+/// The agent in `redirect` mode, pinned, enrolling `pod`, ready.
+fn start_agent(
+    node: &SimNode,
+    binary: &Path,
+    config: &ConfigDir,
+    pod: &Pod,
+    redirect: &str,
+    flags: &[&str],
+) -> Result<PodProcess> {
+    let admin = match redirect {
+        "ebpf" => mesh_tests::agent::ADMIN,
+        _ => ADMIN_IPTABLES,
+    };
+    let mut agent = pinned(binary);
+    agent
+        .args(["run", "--redirect", redirect])
+        .arg("--cgroup")
+        .arg(node.cgroup_path())
+        .args(["--admin", admin, "--workers", "1"])
+        .args(flags)
+        .arg("--enroll")
+        .arg(format!("{}={}", pod.name(), pod.netns_path().display()))
+        .arg("--config")
+        .arg(config.path());
+    let agent = node.spawn_on_node(agent)?;
+    wait_ready(node, &agent, admin)
+        .with_context(|| format!("the agent with --redirect {redirect} {flags:?}"))?;
+    Ok(agent)
 }
 
 /// `taskset -c 1 program`: taskset execs the program, so the process id stays the program's.

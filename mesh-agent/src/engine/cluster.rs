@@ -6,6 +6,8 @@ use std::net::SocketAddr;
 use std::sync::atomic::AtomicU32;
 use std::sync::Arc;
 
+use http::uri::Authority;
+
 use super::balance::{self, Cursor, Tried};
 use super::error::EngineError;
 use super::metrics::EngineMetrics;
@@ -26,7 +28,14 @@ pub(crate) struct EndpointState {
 #[derive(Debug)]
 pub(crate) struct ClusterEndpoint {
     pub(crate) addr: SocketAddr,
+    /// `addr` as a URI authority, made once here rather than for every try.
+    pub(crate) authority: Authority,
     pub(crate) state: Arc<EndpointState>,
+}
+
+/// `ip:port` (`[ip]:port` for IPv6) as a URI authority.
+pub(crate) fn authority_of(addr: SocketAddr) -> Authority {
+    Authority::try_from(addr.to_string()).expect("a socket address is a valid authority")
 }
 
 /// A cluster's identity across reloads.
@@ -308,7 +317,11 @@ impl<'a> ClusterSet<'a> {
                             .endpoints
                             .remove(&(key.clone(), addr))
                             .unwrap_or_default();
-                        endpoints.push(ClusterEndpoint { addr, state });
+                        endpoints.push(ClusterEndpoint {
+                            addr,
+                            authority: authority_of(addr),
+                            state,
+                        });
                     }
                 }
             }

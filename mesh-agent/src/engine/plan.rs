@@ -23,6 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::request::Parts;
+use http::uri::Authority;
 use http::HeaderMap;
 
 use super::balance::Tried;
@@ -210,6 +211,11 @@ impl RequestPlan {
         let destination = &route.destinations[usize::from(self.destination)];
         rewrite::apply_header_ops(&destination.headers.response, headers);
         rewrite::apply_header_ops(&route.headers.response, headers);
+    }
+
+    /// The endpoint of `attempt` as a URI authority (`ip:port`), made once per endpoint.
+    pub fn authority(&self, attempt: &Attempt) -> &Authority {
+        &self.snap.clusters[self.cluster as usize].endpoints[attempt.index as usize].authority
     }
 
     /// If this request is mirrored, the mirror endpoint to send a copy to.

@@ -14,6 +14,7 @@ use bytes::Bytes;
 use http::{
     header::{self, HeaderMap, HeaderName, HeaderValue},
     request::Parts,
+    uri::{self, Authority, PathAndQuery, Scheme},
     Method, Request, Response, StatusCode, Uri, Version,
 };
 use http_body_util::{BodyExt, Empty, Full, Limited};
@@ -269,7 +270,7 @@ impl HttpConn {
                 }
             };
             report.endpoint = Some(attempt.endpoint());
-            let request = upstream_request(parts, attempt.endpoint(), body.for_try());
+            let request = upstream_request(parts, plan.authority(&attempt), body.for_try());
             let (outcome, response) = send(client, request, attempt.deadline()).await;
             let verdict = plan.report(attempt, outcome, Instant::now());
             (report.flags, report.attempts) = (plan.flags(), plan.attempts());
@@ -454,7 +455,10 @@ impl HttpConn {
         let Some(endpoint) = plan.mirror_endpoint(Instant::now()) else {
             return;
         };
-        let mut request = upstream_request(parts, endpoint, full(bytes.clone()));
+        let Ok(authority) = Authority::try_from(endpoint.to_string()) else {
+            return;
+        };
+        let mut request = upstream_request(parts, &authority, full(bytes.clone()));
         // Envoy marks shadowed requests by suffixing the host.
         if let Some(host) = request
             .headers()
@@ -537,14 +541,18 @@ fn routing_authority<'a>(authority: &'a str, service_authority: &'a str) -> &'a 
 }
 
 /// The request for one try: same head, sent to the chosen endpoint.
-fn upstream_request(parts: &Parts, endpoint: SocketAddr, body: ProxyBody) -> Request<ProxyBody> {
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let uri = Uri::builder()
-        .scheme("http")
-        .authority(endpoint.to_string())
-        .path_and_query(path)
-        .build()
-        .unwrap_or_default();
+fn upstream_request(parts: &Parts, endpoint: &Authority, body: ProxyBody) -> Request<ProxyBody> {
+    let mut uri = uri::Parts::default();
+    uri.scheme = Some(Scheme::HTTP);
+    uri.authority = Some(endpoint.clone());
+    uri.path_and_query = Some(
+        parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    );
+    let uri = Uri::from_parts(uri).unwrap_or_default();
     let mut request = Request::new(body);
     *request.method_mut() = parts.method.clone();
     *request.uri_mut() = uri;

@@ -12,11 +12,6 @@ use mesh_agent::{
 use mesh_common::{DEFAULT_AGENT_MARK, DEFAULT_LISTEN_PORT};
 use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt, EnvFilter};
 
-/// glibc's malloc spent about a fifth of the proxy's user time per request (consolidating
-/// fastbins among others); mimalloc's thread-local free lists make that a few percent.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Node agent of a sidecarless service mesh: eBPF hands enrolled pods' connections to it, and it
 /// forwards them to where they were going.
 #[derive(Parser)]

@@ -56,8 +56,9 @@ pub(crate) struct ClusterShared {
 
 #[derive(Debug)]
 pub(crate) struct Cluster {
-    /// `outbound|port|subset|host`, as Envoy names it, for logs and metrics.
-    pub(crate) name: Box<str>,
+    /// `outbound|port|subset|host`, as Envoy names it, for logs and metrics; shared, so a
+    /// request can keep it after its plan is gone.
+    pub(crate) name: Arc<str>,
     pub(crate) endpoints: Box<[ClusterEndpoint]>,
     pub(crate) lb: LoadBalancer,
     pub(crate) limits: PoolLimits,

@@ -166,6 +166,11 @@ impl RequestPlan {
         &self.cluster_ref().name
     }
 
+    /// [`Self::cluster_name`], shared (no copy) for telemetry that outlives the plan.
+    pub fn cluster_name_shared(&self) -> Arc<str> {
+        Arc::clone(&self.cluster_ref().name)
+    }
+
     /// The cluster's pool settings (per-connection request limit, timeouts) for the proxy's
     /// connection pool.
     pub fn pool_limits(&self) -> &PoolLimits {

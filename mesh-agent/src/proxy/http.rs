@@ -168,7 +168,8 @@ struct Report {
     flags: ResponseFlags,
     attempts: u32,
     endpoint: Option<SocketAddr>,
-    cluster: String,
+    /// `None` until routed.
+    cluster: Option<Arc<str>>,
     request_bytes: u64,
 }
 
@@ -186,7 +187,7 @@ impl HttpConn {
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
             return response;
         }
-        let started = (Instant::now(), SystemTime::now());
+        let started = Instant::now();
         let snapshot = self.store.snapshot();
         let (mut parts, body) = req.into_parts();
         let trace = trace::continue_or_start(
@@ -212,7 +213,7 @@ impl HttpConn {
             flags: ResponseFlags::NONE,
             attempts: 0,
             endpoint: None,
-            cluster: String::new(),
+            cluster: None,
             request_bytes: 0,
         };
         let response = self
@@ -243,26 +244,31 @@ impl HttpConn {
         };
         report.request_bytes = body.len();
         strip_hop_by_hop(&mut parts.headers);
-        let mut plan = match self.route(snapshot, parts, matches!(body, RequestBody::Buffered(_))) {
+        // The request is in (Envoy's timeouts start here too): one clock read for routing,
+        // the mirror and the first try.
+        let mut now = Instant::now();
+        let replayable = matches!(body, RequestBody::Buffered(_));
+        let mut plan = match self.route(snapshot, parts, replayable, now) {
             Ok(plan) => plan,
             Err(error) => {
                 report.flags = error.flags();
                 return engine_reply(&error);
             }
         };
-        report.cluster = plan.cluster_name().to_owned();
+        report.cluster = Some(plan.cluster_name_shared());
         if let Some(delay) = plan.delay() {
             tokio::time::sleep(delay).await;
+            now = Instant::now();
         }
         plan.rewrite_request(parts);
         trace::inject(trace, &mut parts.headers);
-        self.mirror(&mut plan, parts, &body);
+        self.mirror(&mut plan, parts, &body, now);
         let client = match parts.version {
             Version::HTTP_2 => &self.pod.clients.http2,
             _ => &self.pod.clients.http1,
         };
         loop {
-            let attempt = match plan.next_attempt(Instant::now()) {
+            let attempt = match plan.next_attempt(now) {
                 Ok(attempt) => attempt,
                 Err(error) => {
                     (report.flags, report.attempts) = (plan.flags(), plan.attempts());
@@ -272,7 +278,8 @@ impl HttpConn {
             report.endpoint = Some(attempt.endpoint());
             let request = upstream_request(parts, plan.authority(&attempt), body.for_try());
             let (outcome, response) = send(client, request, attempt.deadline()).await;
-            let verdict = plan.report(attempt, outcome, Instant::now());
+            now = Instant::now();
+            let verdict = plan.report(attempt, outcome, now);
             (report.flags, report.attempts) = (plan.flags(), plan.attempts());
             match verdict {
                 Verdict::Forward => {
@@ -287,6 +294,7 @@ impl HttpConn {
                 Verdict::RetryAt(at) => {
                     drop(response);
                     tokio::time::sleep_until(at.into()).await;
+                    now = Instant::now();
                 }
                 Verdict::Fail(error) => return engine_reply(&error),
             }
@@ -324,6 +332,7 @@ impl HttpConn {
         snapshot: &Snapshot,
         parts: &Parts,
         replayable: bool,
+        now: Instant,
     ) -> Result<RequestPlan, EngineError> {
         let request = |gateway: Option<&str>| {
             let mut info = RequestInfo::from_parts(parts, self.entry.port(), &self.pod.namespace);
@@ -332,7 +341,7 @@ impl HttpConn {
             if let Entry::Service { authority, .. } = &self.entry {
                 info.authority = routing_authority(info.authority, authority);
             }
-            snapshot.engine.route(&info, Instant::now())
+            snapshot.engine.route(&info, now)
         };
         let Entry::Ingress { port } = self.entry else {
             return request(None);
@@ -374,7 +383,7 @@ impl HttpConn {
         response: &Response<ProxyBody>,
         report: &Report,
         trace: &SpanContext,
-        (started, started_at): (Instant, SystemTime),
+        started: Instant,
         (method, path, grpc): (&Method, &str, bool),
     ) {
         let telemetry = &self.telemetry;
@@ -384,7 +393,7 @@ impl HttpConn {
             .endpoint
             .and_then(|e| snapshot.discovered.workload_at(e.ip()))
             .map(|w| &w.identity);
-        let service = self.destination(snapshot, &report.cluster);
+        let service = self.destination(snapshot, report.cluster.as_deref().unwrap_or_default());
         let service_host = service.map_or("unknown", |s| s.host.as_str());
         let peer = self.peer_labels(snapshot, report.endpoint, service, destination);
         let header_number = |name: &str| {
@@ -411,17 +420,18 @@ impl HttpConn {
             },
         );
         if let Some(spans) = &telemetry.spans {
+            let end = SystemTime::now();
             spans.export(ProxySpan {
                 context: trace.clone(),
                 name: ProxySpan::envoy_name(service_host, self.entry.port()),
                 service_name: Arc::clone(&self.span_service),
-                start: started_at,
-                end: started_at + duration,
+                start: end.checked_sub(duration).unwrap_or(end),
+                end,
                 method: method.clone(),
                 url: format!("http://{service_host}:{}{path}", self.entry.port()),
                 protocol: response.version(),
                 status,
-                upstream_cluster: report.cluster.clone(),
+                upstream_cluster: report.cluster.as_deref().unwrap_or_default().to_owned(),
                 response_flags: report.flags.to_string(),
                 peer: report.endpoint,
             });
@@ -448,11 +458,11 @@ impl HttpConn {
     }
 
     /// Sends a copy to the mirror destination, if the engine picked one; the answer is ignored.
-    fn mirror(&self, plan: &mut RequestPlan, parts: &Parts, body: &RequestBody) {
+    fn mirror(&self, plan: &mut RequestPlan, parts: &Parts, body: &RequestBody, now: Instant) {
         let RequestBody::Buffered(bytes) = body else {
             return;
         };
-        let Some(endpoint) = plan.mirror_endpoint(Instant::now()) else {
+        let Some(endpoint) = plan.mirror_endpoint(now) else {
             return;
         };
         let Ok(authority) = Authority::try_from(endpoint.to_string()) else {

@@ -121,7 +121,19 @@ pub fn continue_or_start(
 pub fn inject(context: &SpanContext, headers: &mut HeaderMap) {
     // Every value is written into one buffer and the headers share it: two allocations per
     // request instead of one per value (plus `format!`'s).
-    let mut buf = Vec::with_capacity(INJECT_CAPACITY);
+    // The caller's id, when kept, is usually still there, alone; otherwise it goes in the
+    // buffer too.
+    let request_id = context.request_id.as_bytes();
+    let mut sent = headers
+        .get_all(&X_REQUEST_ID)
+        .iter()
+        .map(HeaderValue::as_bytes);
+    let write_request_id = (sent.next(), sent.next()) != (Some(request_id), None);
+    let mut buf = Vec::with_capacity(INJECT_CAPACITY + request_id.len());
+    let request_id = write_request_id.then(|| {
+        buf.extend_from_slice(request_id);
+        0..buf.len()
+    });
     let trace_id = if context.trace_id_128 {
         push_hex(&mut buf, context.trace_id, 32)
     } else {
@@ -181,21 +193,16 @@ pub fn inject(context: &SpanContext, headers: &mut HeaderMap) {
         Some(tracestate) => headers.insert(TRACESTATE, tracestate.clone()),
         None => headers.remove(TRACESTATE),
     };
-    // The caller's id, when kept, is usually still there, alone.
-    let request_id = context.request_id.as_bytes();
-    let mut sent = headers
-        .get_all(&X_REQUEST_ID)
-        .iter()
-        .map(HeaderValue::as_bytes);
-    if (sent.next(), sent.next()) != (Some(request_id), None) {
-        // Every request id is visible ASCII: checked when read, or generated.
-        if let Ok(value) = HeaderValue::from_bytes(request_id) {
-            headers.insert(X_REQUEST_ID, value);
-        }
+    // Every request id is visible ASCII (checked when read, or generated): a valid value.
+    if let Some(Ok(value)) =
+        request_id.map(|range| HeaderValue::from_maybe_shared(buf.slice(range)))
+    {
+        headers.insert(X_REQUEST_ID, value);
     }
 }
 
-/// Bytes [`inject`] writes at most: ids of 32 + 16 + 16, `b3` of 68, `traceparent` of 55.
+/// Bytes [`inject`] writes at most besides the request id: ids of 32 + 16 + 16, `b3` of 68,
+/// `traceparent` of 55.
 const INJECT_CAPACITY: usize = 192;
 
 const HEX: &[u8; 16] = b"0123456789abcdef";

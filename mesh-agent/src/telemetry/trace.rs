@@ -207,15 +207,22 @@ const INJECT_CAPACITY: usize = 192;
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
-/// Appends the low `digits` hex digits of `value` (lowercase, zero-padded); their range in `buf`.
+/// Appends the low `digits` (even, at most 32) hex digits of `value`, lowercase and
+/// zero-padded; their range in `buf`.
 fn push_hex(buf: &mut Vec<u8>, value: u128, digits: usize) -> std::ops::Range<usize> {
     let start = buf.len();
-    buf.extend(
-        (0..digits)
-            .rev()
-            .map(|i| HEX[(value >> (4 * i)) as usize & 0xf]),
-    );
+    buf.extend_from_slice(&hex32(value)[32 - digits..]);
     start..buf.len()
+}
+
+/// `value` as 32 lowercase hex digits, a byte (two digits) at a time.
+fn hex32(value: u128) -> [u8; 32] {
+    let mut out = [0; 32];
+    for (pair, byte) in out.chunks_exact_mut(2).zip(value.to_be_bytes()) {
+        pair[0] = HEX[usize::from(byte >> 4)];
+        pair[1] = HEX[usize::from(byte & 0xf)];
+    }
+    out
 }
 
 fn header<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a str> {
@@ -375,12 +382,16 @@ fn uuid_v4(rng: &mut fastrand::Rng) -> String {
     // Version 4 (bits 76..80), variant 10 (bits 62..64).
     bits = (bits & !(0xf << 76)) | (0x4 << 76);
     bits = (bits & !(0x3 << 62)) | (0x2 << 62);
+    let hex = hex32(bits);
     let mut text = String::with_capacity(36);
-    for digit in 0..32 {
-        if matches!(digit, 8 | 12 | 16 | 20) {
+    for (i, group) in [0..8, 8..12, 12..16, 16..20, 20..32]
+        .into_iter()
+        .enumerate()
+    {
+        if i > 0 {
             text.push('-');
         }
-        text.push(char::from(HEX[(bits >> (4 * (31 - digit))) as usize & 0xf]));
+        text.extend(hex[group].iter().map(|&digit| char::from(digit)));
     }
     text
 }
@@ -601,6 +612,18 @@ mod tests {
             too_long
         );
         assert_ne!(continued(&[("x-request-id", "")]).request_id, "");
+    }
+
+    #[test]
+    fn hex_is_lowercase_and_zero_padded() {
+        let mut rng = rng();
+        for value in [0, 1, u128::MAX, 0xa2fb4a1d1a96d312, rng.u128(..)] {
+            let mut buf = Vec::new();
+            let range = push_hex(&mut buf, value, 32);
+            assert_eq!(&buf[range], format!("{value:032x}").as_bytes());
+            let range = push_hex(&mut buf, value, 16);
+            assert_eq!(&buf[range], format!("{:016x}", value as u64).as_bytes());
+        }
     }
 
     #[test]

@@ -85,12 +85,19 @@ pub fn continue_or_start(
     sample_ratio: f64,
     rng: &mut fastrand::Rng,
 ) -> SpanContext {
-    let w3c = traceparent(headers);
-    let incoming = b3_multi(headers).or_else(|| b3_single(headers)).or(w3c);
+    // Requests from apps that do not trace carry none of these headers: one pass over the
+    // names then stands for the lookups below.
+    let carried = carries_context(headers);
+    let w3c = carried.then(|| traceparent(headers)).flatten();
+    let incoming = carried
+        .then(|| b3_multi(headers).or_else(|| b3_single(headers)))
+        .flatten()
+        .or(w3c);
     let sampling = match incoming {
         Some(incoming) => incoming.sampling,
         // B3 allows a sampling decision without ids ("b3: 0"): honour it for the new trace.
-        None => b3_sampling_only(headers),
+        None if carried => b3_sampling_only(headers),
+        None => Sampling::Defer,
     };
     let (sampled, debug) = match sampling {
         Sampling::Accept => (true, false),
@@ -111,7 +118,10 @@ pub fn continue_or_start(
         parent_span_id: incoming.map(|i| i.span_id),
         sampled,
         debug,
-        request_id: request_id(headers).unwrap_or_else(|| uuid_v4(rng)),
+        request_id: carried
+            .then(|| request_id(headers))
+            .flatten()
+            .unwrap_or_else(|| uuid_v4(rng)),
         tracestate,
     }
 }
@@ -123,12 +133,15 @@ pub fn inject(context: &SpanContext, headers: &mut HeaderMap) {
     // request instead of one per value (plus `format!`'s).
     // The caller's id, when kept, is usually still there, alone; otherwise it goes in the
     // buffer too.
+    let carried = carries_context(headers);
     let request_id = context.request_id.as_bytes();
-    let mut sent = headers
-        .get_all(&X_REQUEST_ID)
-        .iter()
-        .map(HeaderValue::as_bytes);
-    let write_request_id = (sent.next(), sent.next()) != (Some(request_id), None);
+    let write_request_id = !carried || {
+        let mut sent = headers
+            .get_all(&X_REQUEST_ID)
+            .iter()
+            .map(HeaderValue::as_bytes);
+        (sent.next(), sent.next()) != (Some(request_id), None)
+    };
     let mut buf = Vec::with_capacity(INJECT_CAPACITY + request_id.len());
     let request_id = write_request_id.then(|| {
         buf.extend_from_slice(request_id);
@@ -172,27 +185,42 @@ pub fn inject(context: &SpanContext, headers: &mut HeaderMap) {
         HeaderValue::from_maybe_shared(buf.slice(range)).expect("hex digits and '-' only")
     };
 
-    // `insert` replaces every value of a name; only names not written are removed.
+    // `insert` replaces every value of a name; only names not written are removed, and only
+    // if the request carried any.
     if context.debug {
-        headers.remove(X_B3_SAMPLED);
+        if carried {
+            headers.remove(X_B3_SAMPLED);
+        }
         headers.insert(X_B3_FLAGS, HeaderValue::from_static("1"));
     } else {
-        headers.remove(X_B3_FLAGS);
+        if carried {
+            headers.remove(X_B3_FLAGS);
+        }
         let sampled = if context.sampled { "1" } else { "0" };
         headers.insert(X_B3_SAMPLED, HeaderValue::from_static(sampled));
     }
     match parent {
-        Some(parent) => headers.insert(X_B3_PARENTSPANID, value(parent)),
-        None => headers.remove(X_B3_PARENTSPANID),
-    };
+        Some(parent) => {
+            headers.insert(X_B3_PARENTSPANID, value(parent));
+        }
+        None if carried => {
+            headers.remove(X_B3_PARENTSPANID);
+        }
+        None => {}
+    }
     headers.insert(X_B3_TRACEID, value(trace_id));
     headers.insert(X_B3_SPANID, value(span_id));
     headers.insert(B3, value(single));
     headers.insert(TRACEPARENT, value(traceparent));
     match &context.tracestate {
-        Some(tracestate) => headers.insert(TRACESTATE, tracestate.clone()),
-        None => headers.remove(TRACESTATE),
-    };
+        Some(tracestate) => {
+            headers.insert(TRACESTATE, tracestate.clone());
+        }
+        None if carried => {
+            headers.remove(TRACESTATE);
+        }
+        None => {}
+    }
     // Every request id is visible ASCII (checked when read, or generated): a valid value.
     if let Some(Ok(value)) =
         request_id.map(|range| HeaderValue::from_maybe_shared(buf.slice(range)))
@@ -223,6 +251,25 @@ fn hex32(value: u128) -> [u8; 32] {
         pair[1] = HEX[usize::from(byte & 0xf)];
     }
     out
+}
+
+/// Whether any header of the trace context (or `x-request-id`) is present: a comparison per
+/// header name, no hashing.
+fn carries_context(headers: &HeaderMap) -> bool {
+    headers.keys().any(|name| {
+        matches!(
+            name.as_str(),
+            "x-b3-traceid"
+                | "x-b3-spanid"
+                | "x-b3-parentspanid"
+                | "x-b3-sampled"
+                | "x-b3-flags"
+                | "b3"
+                | "traceparent"
+                | "tracestate"
+                | "x-request-id"
+        )
+    })
 }
 
 fn header<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a str> {
@@ -623,6 +670,29 @@ mod tests {
             assert_eq!(&buf[range], format!("{value:032x}").as_bytes());
             let range = push_hex(&mut buf, value, 16);
             assert_eq!(&buf[range], format!("{:016x}", value as u64).as_bytes());
+        }
+    }
+
+    #[test]
+    fn every_context_header_counts_as_carried() {
+        assert!(!carries_context(&headers(&[
+            ("host", "a"),
+            ("accept", "*/*")
+        ])));
+        for name in [
+            X_B3_TRACEID,
+            X_B3_SPANID,
+            X_B3_PARENTSPANID,
+            X_B3_SAMPLED,
+            X_B3_FLAGS,
+            B3,
+            TRACEPARENT,
+            TRACESTATE,
+            X_REQUEST_ID,
+        ] {
+            let mut map = headers(&[("host", "a")]);
+            map.insert(name.clone(), HeaderValue::from_static("1"));
+            assert!(carries_context(&map), "{name}");
         }
     }
 

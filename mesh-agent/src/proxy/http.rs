@@ -47,6 +47,8 @@ use crate::{
 
 /// Largest request head accepted; larger gets 431 (Envoy's default is 60 KiB too).
 pub const MAX_HEADER_BYTES: usize = 60 * 1024;
+/// Read from responses for metrics and retries; a constant, so a lookup does not parse the name.
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 /// Bodies up to this size are buffered so the request can be retried and mirrored.
 const MAX_REPLAY_BODY: u64 = 64 * 1024;
 
@@ -396,13 +398,13 @@ impl HttpConn {
         let service = self.destination(snapshot, report.cluster.as_deref().unwrap_or_default());
         let service_host = service.map_or("unknown", |s| s.host.as_str());
         let peer = self.peer_labels(snapshot, report.endpoint, service, destination);
-        let header_number = |name: &str| {
+        let header_number = |name: &HeaderName| {
             response
                 .headers()
                 .get(name)
                 .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
         };
-        let response_bytes = header_number("content-length").unwrap_or(0);
+        let response_bytes = header_number(&header::CONTENT_LENGTH).unwrap_or(0);
         telemetry.metrics.record_request(
             &peer,
             &RequestOutcome {
@@ -412,7 +414,7 @@ impl HttpConn {
                     MetricsProtocol::Http
                 },
                 status,
-                grpc_status: header_number("grpc-status").map(|s| s as u32),
+                grpc_status: header_number(&GRPC_STATUS).map(|s| s as u32),
                 flags: &report.flags,
                 duration,
                 request_bytes: report.request_bytes,
@@ -504,7 +506,7 @@ async fn send(
         Ok(response) => {
             let grpc_status = response
                 .headers()
-                .get("grpc-status")
+                .get(&GRPC_STATUS)
                 .and_then(|v| v.to_str().ok()?.parse().ok());
             let outcome = Outcome::Response {
                 status: response.status().as_u16(),

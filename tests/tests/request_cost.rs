@@ -29,15 +29,16 @@ const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
 const CONNECTIONS: &str = "16";
 const WARM_UP: &str = "2000";
 
-/// Allocation entry points of the agent's allocator (mimalloc's, as `GlobalAlloc` calls them)
-/// and of libc's, counted when called from outside the allocator.
-const ALLOCATING: [&str; 6] = [
-    "mi_malloc_aligned",
-    "mi_zalloc_aligned",
-    "mi_realloc_aligned",
+/// Allocation entry points of libc's allocator and of mimalloc's (as its `GlobalAlloc` calls
+/// them), counted when called from outside the allocator.
+const ALLOCATING: [&str; 7] = [
     "malloc",
     "calloc",
     "realloc",
+    "posix_memalign",
+    "mi_malloc_aligned",
+    "mi_zalloc_aligned",
+    "mi_realloc_aligned",
 ];
 
 #[test]
@@ -130,8 +131,10 @@ fn instructions_and_allocations_per_request() {
             println!("  {function}: {:.2}", per_request(*n));
         }
     }
-    if let Some(frees) = calls.get("mi_free") {
-        println!("  mi_free: {:.2}", per_request(*frees));
+    for function in ["free", "mi_free"] {
+        if let Some(n) = calls.get(function) {
+            println!("  {function}: {:.2}", per_request(*n));
+        }
     }
 }
 

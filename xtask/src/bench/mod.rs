@@ -11,6 +11,7 @@ mod hello;
 mod load;
 mod proxies;
 mod report;
+mod request_cost;
 mod rounds;
 mod scenarios;
 mod summary;
@@ -67,6 +68,7 @@ pub fn run(args: Args) -> Result<()> {
     let release = root.join("target/release");
     let binaries = Binaries {
         agent: release.join("mesh-agent"),
+        upstream: release.join("upstream"),
         xtask: release.join("xtask"),
     };
     let durations = Durations {
@@ -84,6 +86,19 @@ pub fn run(args: Args) -> Result<()> {
 
     // The processes' output would drown the progress lines; errors still carry it.
     mesh_tests::set_echo(false);
+    let cost_requests = if args.quick { 2_000 } else { 20_000 };
+    println!("agent under callgrind: {cost_requests} requests");
+    let request_cost = request_cost::measure(
+        &binaries.agent,
+        &binaries.upstream,
+        &root.join("target/bench/request-cost"),
+        cost_requests,
+    )
+    .context("measuring instructions and allocations per request")?;
+    println!(
+        "  {:.0} instructions and {:.1} allocations per request in the agent's user space",
+        request_cost.instructions_per_request, request_cost.allocations_per_request
+    );
     let topology = Topology::start(&binaries, &tools)?;
     let node_id = topology.node.id();
     let agent_idle_rss_kib = cpu::memory_kib(
@@ -122,6 +137,7 @@ pub fn run(args: Args) -> Result<()> {
         durations,
         oha,
         agent_idle_rss_kib,
+        request_cost,
         v2_share,
         rounds: &done,
         figures: &figures,

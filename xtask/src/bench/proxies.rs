@@ -81,7 +81,7 @@ fn service(name: &str, vip: Ipv4Addr, port: u16, port_name: &str, pods: &[&Pod])
     text
 }
 
-fn mesh_rules(host: &str) -> String {
+pub fn mesh_rules(host: &str) -> String {
     format!(
         "apiVersion: networking.istio.io/v1beta1
 kind: VirtualService

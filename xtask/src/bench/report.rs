@@ -71,6 +71,8 @@ pub struct Report<'a> {
     pub durations: Durations,
     pub oha: String,
     pub agent_idle_rss_kib: u64,
+    /// The agent's user-space instructions and allocations per `mesh-l7` request (callgrind).
+    pub request_cost: super::request_cost::RequestCost,
     /// Share of the mesh's HTTP requests the agent sent to subset v2 (90/10 configured).
     pub v2_share: f64,
     pub rounds: &'a [Round],
@@ -232,6 +234,15 @@ fn markdown(report: &Report) -> String {
          own): the split was applied on the measured paths.\n",
         report.agent_idle_rss_kib as f64 / 1024.0,
         report.v2_share * 100.0
+    );
+    let cost = &report.request_cost;
+    let _ = writeln!(
+        out,
+        "In user space the agent spends **{:.0} instructions and {:.1} heap allocations per \
+         request** on the `mesh-l7` path (callgrind, exact whatever the machine is doing: \
+         {} keep-alive requests on 16 connections after a warm-up, `--workers 1`; profile in \
+         `target/bench/request-cost/`, read it with `callgrind_annotate --inclusive=yes`).\n",
+        cost.instructions_per_request, cost.allocations_per_request, cost.requests
     );
 
     targets(&mut out, report);

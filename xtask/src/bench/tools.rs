@@ -12,6 +12,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("haproxy", "haproxy"),
     // For the iptables-mode agent of `mesh-iptables`.
     ("iptables-restore", "iptables"),
+    // callgrind, for the agent's instructions and allocations per request.
+    ("callgrind_control", "valgrind"),
 ];
 
 /// Absolute paths of the tools, so processes started inside pods find them whatever their PATH.

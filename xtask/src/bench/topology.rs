@@ -64,6 +64,8 @@ struct EbpfAgent {
 /// Binaries built by the bench in release mode.
 pub struct Binaries {
     pub agent: PathBuf,
+    /// The tests' HTTP server and client (`mesh-tests`'s `upstream`).
+    pub upstream: PathBuf,
     pub xtask: PathBuf,
 }
 

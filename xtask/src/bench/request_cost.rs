@@ -1,0 +1,226 @@
+//! What one proxied HTTP/1.1 keep-alive request costs the agent in user space: instructions and
+//! heap allocations, counted exactly by callgrind whatever else the machine is doing (wall-clock
+//! figures are not), on `mesh-l7`'s path: a 90/10 VirtualService with retries, a DestinationRule
+//! with a pool and outlier detection, one worker.
+//!
+//! The release agent runs under `valgrind --tool=callgrind` on a node of its own; after a
+//! warm-up the counters are zeroed, `requests` keep-alive GETs go through it on 16 connections,
+//! and the profile of exactly those is dumped (kept under `target/bench/request-cost/` for
+//! `callgrind_annotate --inclusive=yes`).
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use mesh_tests::{agent, Backend, ConfigDir, Pod, PodProcess, SimNode};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::proxies;
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
+const CONNECTIONS: &str = "16";
+
+/// Allocation entry points of the C library's allocator, counted when called from outside it.
+const ALLOCATING: [&str; 4] = ["malloc", "calloc", "realloc", "posix_memalign"];
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RequestCost {
+    pub requests: u64,
+    pub instructions_per_request: f64,
+    pub allocations_per_request: f64,
+    pub profile: PathBuf,
+}
+
+pub fn measure(
+    agent_bin: &Path,
+    upstream_bin: &Path,
+    out_dir: &Path,
+    requests: u64,
+) -> Result<RequestCost> {
+    let _ = std::fs::remove_dir_all(out_dir);
+    std::fs::create_dir_all(out_dir)?;
+    let node = SimNode::new()?;
+    let client = node.add_pod("client")?;
+    let v1 = node.add_pod("hello-v1")?;
+    let v2 = node.add_pod("hello-v2")?;
+    node.add_host("hello", VIP)?;
+    let _servers = [
+        serve(&node, upstream_bin, &v1, "v1")?,
+        serve(&node, upstream_bin, &v2, "v2")?,
+    ];
+    let config = ConfigDir::new()?;
+    config.service(
+        "hello",
+        VIP,
+        proxies::HELLO_PORT,
+        "http",
+        &[
+            Backend {
+                pod: &v1,
+                labels: &[("app", "hello"), ("version", "v1")],
+            },
+            Backend {
+                pod: &v2,
+                labels: &[("app", "hello"), ("version", "v2")],
+            },
+        ],
+    )?;
+    config.write("rules.yml", &proxies::mesh_rules("hello"))?;
+
+    let mut command = Command::new("valgrind");
+    command
+        .args(["--tool=callgrind", "--dump-instr=no"])
+        .arg(format!(
+            "--callgrind-out-file={}",
+            out_dir.join("callgrind.out").display()
+        ))
+        .arg(agent_bin)
+        .arg("run")
+        .arg("--cgroup")
+        .arg(node.cgroup_path())
+        .args(["--admin", agent::ADMIN, "--workers", "1"])
+        .arg("--enroll")
+        .arg(format!(
+            "{}={}",
+            client.name(),
+            client.netns_path().display()
+        ))
+        .arg("--config")
+        .arg(config.path());
+    let mut agent = node.spawn_on_node(command)?;
+    wait_ready(&node, &agent)?;
+
+    let warm_up = get(&node, upstream_bin, &client, requests / 10)?;
+    ensure!(warm_up["errors"] == 0, "warm-up failed: {warm_up}");
+    callgrind_control(&["-z"], agent.pid())?;
+    let run = get(&node, upstream_bin, &client, requests)?;
+    callgrind_control(&["-d"], agent.pid())?;
+    ensure!(
+        run["errors"] == 0 && run["by_status"]["200"] == requests,
+        "not every request answered 200: {run}"
+    );
+    let v2_share = run["by_body"]["v2"].as_f64().unwrap_or(0.0) / requests as f64;
+    ensure!((0.05..=0.15).contains(&v2_share), "not split 90/10: {run}");
+    agent.stop(Duration::from_secs(60))?;
+
+    // `callgrind_control -d` writes `callgrind.out.1`; the final dump at exit is `.out`.
+    let profile = out_dir.join("callgrind.out.1");
+    let (instructions, calls) = read_profile(&profile)?;
+    let allocations: u64 = ALLOCATING.iter().filter_map(|f| calls.get(*f)).sum();
+    Ok(RequestCost {
+        requests,
+        instructions_per_request: instructions as f64 / requests as f64,
+        allocations_per_request: allocations as f64 / requests as f64,
+        profile,
+    })
+}
+
+fn serve(node: &SimNode, upstream_bin: &Path, pod: &Pod, name: &str) -> Result<PodProcess> {
+    let mut command = Command::new(upstream_bin);
+    command.args(["serve", "--listen", "0.0.0.0:8080", "--name", name]);
+    let server = node.spawn_in_pod(pod, command)?;
+    server.stdout().wait_for_json(
+        |line| line["listening"].is_string(),
+        Duration::from_secs(10),
+    )?;
+    Ok(server)
+}
+
+/// `count` keep-alive GETs of the service from the client pod; the client's summary.
+fn get(node: &SimNode, upstream_bin: &Path, client: &Pod, count: u64) -> Result<Value> {
+    let mut command = Command::new(upstream_bin);
+    command.args(["get", "--url", "http://hello:8080/", "--quiet"]);
+    command.args(["--count", &count.to_string(), "--concurrency", CONNECTIONS]);
+    command.args(["--timeout-secs", "60"]);
+    let mut process = node.spawn_in_pod(client, command)?;
+    let status = process.finish(Duration::from_secs(3600))?;
+    ensure!(
+        status.success(),
+        "the client failed: {}",
+        process.stderr().text()
+    );
+    process
+        .stdout()
+        .json_lines()
+        .last()
+        .cloned()
+        .context("the client printed no summary")
+}
+
+/// The agent starts some 50 times slower under callgrind.
+fn wait_ready(node: &SimNode, agent: &PodProcess) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !matches!(
+        agent::admin_request(&node.netns_path(), "GET", "/ready", ""),
+        Ok((200, _))
+    ) {
+        if agent.stderr().is_closed() {
+            bail!("the agent exited:\n{}", agent.stderr().text());
+        }
+        if Instant::now() > deadline {
+            bail!("the agent under callgrind was not ready in 300 s");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}
+
+fn callgrind_control(args: &[&str], pid: u32) -> Result<()> {
+    let status = Command::new("callgrind_control")
+        .args(args)
+        .arg(pid.to_string())
+        .status()
+        .context("running callgrind_control")?;
+    ensure!(status.success(), "callgrind_control {args:?} failed");
+    Ok(())
+}
+
+/// Total instructions, and calls per callee made from outside the allocator.
+fn read_profile(path: &Path) -> Result<(u64, HashMap<String, u64>)> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the profile {}", path.display()))?;
+    let mut names: HashMap<String, String> = HashMap::new();
+    // `fn=(12) name` defines id 12; later `fn=(12)` refers to it (cfn shares the ids).
+    let mut name_of = |spec: &str| -> String {
+        let spec = spec.trim();
+        match spec.strip_prefix('(').and_then(|s| s.split_once(')')) {
+            Some((id, rest)) => {
+                let rest = rest.trim();
+                if !rest.is_empty() {
+                    names.insert(id.to_owned(), rest.to_owned());
+                }
+                names.get(id).cloned().unwrap_or_default()
+            }
+            None => spec.to_owned(),
+        }
+    };
+    let (mut total, mut caller, mut callee) = (0, String::new(), String::new());
+    let mut calls: HashMap<String, u64> = HashMap::new();
+    for line in text.lines() {
+        if let Some(spec) = line.strip_prefix("fn=") {
+            caller = name_of(spec);
+        } else if let Some(spec) = line.strip_prefix("cfn=") {
+            callee = name_of(spec);
+        } else if let Some(rest) = line.strip_prefix("calls=") {
+            let count: u64 = rest
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse().ok())
+                .context("a calls= line without a count")?;
+            // Calls the allocator makes to itself (realloc → malloc) are not the agent's.
+            if !ALLOCATING.contains(&caller.as_str()) && !caller.starts_with("_int_") {
+                *calls.entry(callee.clone()).or_default() += count;
+            }
+        } else if let Some(n) = line
+            .strip_prefix("summary:")
+            .or_else(|| line.strip_prefix("totals:"))
+        {
+            total = n.trim().parse().context("the profile's total")?;
+        }
+    }
+    Ok((total, calls))
+}

@@ -114,10 +114,17 @@ pub fn run(settings: Settings) -> Result<()> {
         })?,
     );
     metrics.register_engine(store.snapshot().engine.shared_metrics());
-    // Loading the programs parses the kernel's BTF (megabytes, all freed by now): hand those
-    // pages back, or they stay in the agent's RSS for its whole life.
-    // SAFETY: malloc_trim only walks glibc's own heap; no pointer of ours is involved.
-    unsafe { libc::malloc_trim(0) };
+    // Loading the programs parses the kernel's BTF (megabytes, all freed by now), and a burst
+    // of connections leaves freed buffers behind: glibc keeps both resident unless asked.
+    trim_heap();
+    runtime.spawn(async {
+        let mut every = tokio::time::interval(HEAP_TRIM_INTERVAL);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            trim_heap();
+        }
+    });
     let _watcher = state::watch(Arc::clone(&store)).context("watching the config folder")?;
     let (spans, span_task) = match &settings.otlp_endpoint {
         Some(endpoint) => {
@@ -251,4 +258,12 @@ fn node_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|name| format!("mesh-agent~{}", name.trim()))
         .unwrap_or_else(|_| "mesh-agent".to_owned())
+}
+
+/// How often freed heap pages go back to the kernel. A trim takes well under a millisecond.
+const HEAP_TRIM_INTERVAL: Duration = Duration::from_secs(5);
+
+fn trim_heap() {
+    // SAFETY: malloc_trim only walks glibc's own heap; no pointer of ours is involved.
+    unsafe { libc::malloc_trim(0) };
 }

@@ -173,6 +173,7 @@ fn callgrind_control(args: &[&str], pid: u32) -> Result<()> {
     let status = Command::new("callgrind_control")
         .args(args)
         .arg(pid.to_string())
+        .stdout(std::process::Stdio::null())
         .status()
         .context("running callgrind_control")?;
     ensure!(status.success(), "callgrind_control {args:?} failed");

@@ -35,6 +35,7 @@ pub mod http;
 pub mod kube_api;
 pub mod mesh_config;
 mod netns;
+pub mod probe;
 mod process;
 mod simnode;
 pub mod tutorial;

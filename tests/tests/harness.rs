@@ -8,29 +8,15 @@ use std::sync::Mutex;
 use std::thread;
 use std::time::Duration;
 
-use mesh_tests::{leftovers_of, require_root, Pod, PodProcess, SimNode};
+use mesh_tests::probe::{probe, start_server};
+use mesh_tests::{leftovers_of, require_root, Pod, SimNode};
 
-const PROBE: &str = env!("CARGO_BIN_EXE_probe");
 const TIMEOUT: Duration = Duration::from_secs(20);
 
 fn command(program: &str, args: &[&str]) -> Command {
     let mut command = Command::new(program);
     command.args(args);
     command
-}
-
-fn probe(args: &[&str]) -> Command {
-    command(PROBE, args)
-}
-
-/// Starts a probe server in `pod` and waits until it listens.
-fn start_server(node: &SimNode, pod: &Pod, args: &[&str]) -> PodProcess {
-    let server = node.spawn_in_pod(pod, probe(args)).unwrap();
-    server
-        .stdout()
-        .wait_for_json(|line| line["listening"].is_string(), TIMEOUT)
-        .unwrap();
-    server
 }
 
 /// Runs `probe echo-client` from `client` to `to` and checks every connection's hashes.

@@ -7,36 +7,13 @@ use std::{
     time::{Duration, Instant},
 };
 
+use mesh_tests::probe::{curl, probe, start_server};
 use mesh_tests::{
     agent::attached_programs, leftovers_of, require_root, Agent, Pod, PodProcess, SimNode,
 };
 use serde_json::Value;
 
-const PROBE: &str = env!("CARGO_BIN_EXE_probe");
 const TIMEOUT: Duration = Duration::from_secs(60);
-
-fn probe(args: &[&str]) -> Command {
-    let mut command = Command::new(PROBE);
-    command.args(args);
-    command
-}
-
-fn curl(args: &[&str]) -> Command {
-    let mut command = Command::new("curl");
-    command
-        .args(["-sS", "--noproxy", "*", "--max-time", "5"])
-        .args(args);
-    command
-}
-
-fn start_server(node: &SimNode, pod: &Pod, args: &[&str]) -> PodProcess {
-    let server = node.spawn_in_pod(pod, probe(args)).unwrap();
-    server
-        .stdout()
-        .wait_for_json(|line| line["listening"].is_string(), TIMEOUT)
-        .unwrap();
-    server
-}
 
 /// A node with a `client` pod and a `server` pod answering `ok` on :8080.
 fn client_and_ok_server() -> (SimNode, Pod, Pod, PodProcess) {

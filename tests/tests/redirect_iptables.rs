@@ -4,40 +4,16 @@
 
 use std::{net::Ipv4Addr, process::Command, time::Duration};
 
+use mesh_tests::probe::{curl, probe, start_server};
 use mesh_tests::{
     agent::attached_programs, require_root, Agent, Backend, ConfigDir, Pod, PodProcess, SimNode,
 };
 use serde_json::Value;
 
-const PROBE: &str = env!("CARGO_BIN_EXE_probe");
 const UPSTREAM: &str = env!("CARGO_BIN_EXE_upstream");
 const TIMEOUT: Duration = Duration::from_secs(60);
 const SERVICE_C: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
 const IPTABLES: &[&str] = &["--redirect", "iptables"];
-
-fn probe(args: &[&str]) -> Command {
-    let mut command = Command::new(PROBE);
-    command.args(args);
-    command
-}
-
-fn curl(args: &[&str]) -> Command {
-    let mut command = Command::new("curl");
-    command
-        .args(["-sS", "--noproxy", "*", "--max-time", "5"])
-        .args(args);
-    command
-}
-
-/// Starts a `probe` server in `pod` and waits until it listens.
-fn start_server(node: &SimNode, pod: &Pod, args: &[&str]) -> PodProcess {
-    let server = node.spawn_in_pod(pod, probe(args)).unwrap();
-    server
-        .stdout()
-        .wait_for_json(|line| line["listening"].is_string(), TIMEOUT)
-        .unwrap();
-    server
-}
 
 /// Runs `command` in `pod` to completion: (success, stdout, stderr).
 fn attempt(node: &SimNode, pod: &Pod, command: Command) -> (bool, String, String) {

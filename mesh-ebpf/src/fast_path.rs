@@ -47,11 +47,9 @@ fn key(ctx: &SockOpsContext, netns_cookie: u64) -> SockKey {
 /// The app's end: called for connections `connect4` redirected, once established.
 pub fn add_app_socket(ctx: &SockOpsContext, netns_cookie: u64) {
     if enabled() {
-        let _ = SOCKETS.update(
-            key(ctx, netns_cookie),
-            unsafe { &mut *ctx.ops },
-            BPF_NOEXIST as u64,
-        );
+        // SAFETY: `ops` is the program's valid context for the whole run.
+        let ops = unsafe { &mut *ctx.ops };
+        let _ = SOCKETS.update(key(ctx, netns_cookie), ops, BPF_NOEXIST as u64);
     }
 }
 

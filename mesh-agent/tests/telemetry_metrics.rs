@@ -3,10 +3,10 @@
 
 use std::{collections::BTreeMap, fmt, sync::Arc, time::Duration};
 
+use mesh_agent::identity::{ServiceIdentity, WorkloadIdentity};
 use mesh_agent::telemetry::metrics::{
     FlagsLabel, Metrics, NoFlags, Protocol, ReloadResult, RequestOutcome, ServiceEvent,
-    ServiceIdentity, WorkloadIdentity, MAX_SERIES_PER_FAMILY, OPENMETRICS_CONTENT_TYPE,
-    PROMETHEUS_CONTENT_TYPE,
+    MAX_SERIES_PER_FAMILY, OPENMETRICS_CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE,
 };
 use prometheus_parse::{Scrape, Value};
 

@@ -18,7 +18,7 @@ use serde::Serialize;
 pub use objects::discover;
 
 use crate::engine::Registry;
-pub use crate::telemetry::metrics::{ServiceIdentity, WorkloadIdentity};
+use crate::identity::{ServiceIdentity, WorkloadIdentity};
 
 /// Everything discovery knows at one moment.
 #[derive(Clone, Debug, Default)]

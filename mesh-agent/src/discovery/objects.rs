@@ -19,10 +19,11 @@ use k8s_openapi::{
 };
 use serde::de::DeserializeOwned;
 
-use super::{Discovered, Protocol, ServiceIdentity, ServiceTarget, Workload, WorkloadIdentity};
+use super::{Discovered, Protocol, ServiceTarget, Workload};
 use crate::{
     config::{Diagnostic, RawObject, Severity},
     engine::registry::{self, Endpoint, ServicePort},
+    identity::{ServiceIdentity, WorkloadIdentity},
 };
 
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";

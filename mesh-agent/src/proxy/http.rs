@@ -34,8 +34,9 @@ use super::{
 };
 use crate::{
     config::model::Gateway,
-    discovery::{ServiceIdentity, ServiceTarget, WorkloadIdentity},
+    discovery::ServiceTarget,
     engine::{EngineError, Outcome, RequestInfo, RequestPlan, ResponseFlags, Verdict},
+    identity::{ServiceIdentity, WorkloadIdentity},
     state::{Snapshot, Store},
     telemetry::{
         metrics::{PeerLabels, Protocol as MetricsProtocol, RequestOutcome},

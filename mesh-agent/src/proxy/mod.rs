@@ -19,7 +19,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
 use crate::{
-    discovery::{Protocol, WorkloadIdentity},
+    discovery::Protocol,
+    identity::WorkloadIdentity,
     redirect::{netns::NetNs, Redirect},
     state::{Snapshot, Store},
     telemetry::Telemetry,

@@ -14,7 +14,7 @@
 //! counts the folded recordings.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     fmt,
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -39,7 +39,10 @@ use prometheus_client::{
 };
 
 use super::otlp::ExportStats;
-use crate::engine::{EngineMetrics, ResponseFlags};
+use crate::{
+    engine::{EngineMetrics, ResponseFlags},
+    identity::{ServiceIdentity, WorkloadIdentity, UNKNOWN},
+};
 
 /// `Content-Type` of [`Metrics::encode`] (OpenMetrics text, which Prometheus prefers).
 pub const OPENMETRICS_CONTENT_TYPE: &str =
@@ -57,7 +60,6 @@ pub const MAX_SERIES_PER_FAMILY: usize = 10_000;
 /// waypoint proxy in the graph).
 const REPORTER: &str = "source";
 /// What Istio reports without mTLS; the mesh has no identities yet.
-const UNKNOWN: &str = "unknown";
 const CONNECTION_SECURITY_POLICY: &str = "none";
 const OVERFLOW: &str = "overflow";
 /// Istio's default cluster name (`values.global.multiCluster.clusterName`).
@@ -70,60 +72,6 @@ const DURATION_BUCKETS_MS: [f64; 19] = [
 ];
 /// Istio's `istio_request_bytes` / `istio_response_bytes` buckets.
 const BYTES_BUCKETS: [f64; 9] = [1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8];
-
-/// A workload (the pods of one Deployment, say) as Istio's `*_workload*`, `*_app` and
-/// `*_version` labels name it.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct WorkloadIdentity {
-    pub workload: String,
-    pub namespace: String,
-    pub app: String,
-    pub version: String,
-}
-
-impl WorkloadIdentity {
-    /// Takes `app` and `version` from the pod's labels as Istio does (`app`, then
-    /// `app.kubernetes.io/name`; `version`, then `app.kubernetes.io/version`), `unknown` if absent.
-    pub fn from_pod_labels(
-        workload: impl Into<String>,
-        namespace: impl Into<String>,
-        labels: &BTreeMap<String, String>,
-    ) -> Self {
-        let first = |keys: [&str; 2]| {
-            keys.iter()
-                .find_map(|key| labels.get(*key))
-                .cloned()
-                .unwrap_or_else(|| UNKNOWN.to_owned())
-        };
-        WorkloadIdentity {
-            workload: workload.into(),
-            namespace: namespace.into(),
-            app: first(["app", "app.kubernetes.io/name"]),
-            version: first(["version", "app.kubernetes.io/version"]),
-        }
-    }
-}
-
-/// A service of the mesh's registry, for the `destination_service*` labels.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct ServiceIdentity {
-    /// The fully qualified host, `name.namespace.svc.cluster.local` (Istio's
-    /// `destination_service`).
-    pub host: String,
-    pub name: String,
-    pub namespace: String,
-}
-
-impl ServiceIdentity {
-    pub fn new(name: impl Into<String>, namespace: impl Into<String>) -> Self {
-        let (name, namespace) = (name.into(), namespace.into());
-        ServiceIdentity {
-            host: format!("{name}.{namespace}.svc.cluster.local"),
-            name,
-            namespace,
-        }
-    }
-}
 
 /// Envoy response flags as the metrics see them. `key` identifies the set and must be
 /// one-to-one with its text (series are cached by it); `Display` renders the label (`-` when
@@ -1105,6 +1053,8 @@ impl Collector for ScrapeTimeCollector {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
 
     #[test]
@@ -1135,21 +1085,6 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("mesh_engine_events_total{event=\"ejection\"} 0"));
-    }
-
-    #[test]
-    fn workload_identity_reads_istio_labels() {
-        let labels = BTreeMap::from([
-            ("app.kubernetes.io/name".to_owned(), "reviews".to_owned()),
-            ("version".to_owned(), "v2".to_owned()),
-        ]);
-        let id = WorkloadIdentity::from_pod_labels("reviews-v2", "bookinfo", &labels);
-        assert_eq!((id.app.as_str(), id.version.as_str()), ("reviews", "v2"));
-        let bare = WorkloadIdentity::from_pod_labels("x", "default", &BTreeMap::new());
-        assert_eq!(
-            (bare.app.as_str(), bare.version.as_str()),
-            ("unknown", "unknown")
-        );
     }
 
     #[test]

@@ -56,7 +56,7 @@ pub fn get(admin: SocketAddr, kind: &str, name: Option<&str>, yaml: bool) -> Res
         .collect();
     if yaml {
         for object in &objects {
-            println!("---\n{}", serde_yaml::to_string(object)?.trim_end());
+            println!("---\n{}", yaml_serde::to_string(object)?.trim_end());
         }
         return Ok(());
     }

@@ -15,7 +15,7 @@ use crate::{
     admin::{self, AdminState},
     discovery::kubernetes::{self, KubeSettings},
     engine::EngineSettings,
-    enrollment::{Enrollments, PodSpec},
+    enrollment::{by_label, Enrollments, PodSpec},
     proxy::{PodContext, Proxy},
     redirect::{netns::NetNs, Redirect, RedirectMode},
     state::{self, Store},
@@ -159,15 +159,18 @@ pub fn run(settings: Settings) -> Result<()> {
         enrollments.enroll(pod)?;
     }
     let kubernetes_task = match settings.kubernetes {
-        Some(kube) => Some(
-            runtime
-                .block_on(kubernetes::start(
-                    kube,
-                    Arc::clone(&store),
-                    Arc::clone(&enrollments),
-                ))
-                .context("kubernetes mode")?,
-        ),
+        Some(kube) => {
+            let watches = runtime
+                .block_on(kubernetes::start(&kube))
+                .context("kubernetes mode")?;
+            // An invalid first state is logged by the store; it is tried again with the next
+            // change, and traffic flows meanwhile.
+            let cluster = by_label::Cluster::new(&watches, &kube);
+            let _ = store.change(watches.initial);
+            runtime.spawn(Arc::clone(&store).follow(watches.changes));
+            let _runtime = runtime.enter();
+            Some(by_label::follow(cluster, Arc::clone(&enrollments)))
+        }
         None => None,
     };
     if let Some(addr) = settings.ingress {

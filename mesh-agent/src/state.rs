@@ -1,29 +1,30 @@
-//! The one store everything the data path reads comes from: discovery writes whole validated
-//! snapshots, the proxy loads the current one per request (lock-free), admin reads it.
+//! The one store everything the data path reads comes from. Sources change a set of typed
+//! objects — the config folder (local mode) or the API server's watches (Kubernetes mode) as
+//! the base, `mesh-agent apply`/`delete` as an overlay on it — and the store puts the result in
+//! force as one immutable [`Snapshot`]: validated, indexed, compiled into the engine. The proxy
+//! loads the current snapshot per request (lock-free); admin reads it.
 //!
-//! A change is all or nothing: an invalid folder edit or `apply` is rejected with every
-//! diagnostic and the last good snapshot stays in force.
+//! A change is all or nothing: one that breaks a rule is refused with every diagnostic and the
+//! last good snapshot stays in force. A change costs what it touches: only the objects that
+//! differ are indexed again, and the engine is recompiled only when its input changed.
 
 use std::{
-    collections::BTreeMap,
-    path::PathBuf,
+    collections::BTreeSet,
+    path::{Path, PathBuf},
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc, Mutex,
+        Arc, Mutex, MutexGuard, PoisonError,
     },
     time::{Duration, Instant},
 };
 
 use arc_swap::ArcSwap;
-use serde_json::Value;
+use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::{
-    config::{model::MeshConfig, Diagnostic},
-    discovery::{
-        local::{self, LocalSource, ObjectKey},
-        Discovered,
-    },
+    config::{self, model::MeshConfig, Diagnostic, ObjectKey, ObjectSet, Severity, Sourced},
+    discovery::{folder::Folder, Discovered, Index, SourceChange},
     engine::{Engine, EngineSettings},
     telemetry::{metrics::ReloadResult, Metrics},
 };
@@ -33,9 +34,15 @@ pub struct Snapshot {
     pub version: u64,
     pub engine: Engine,
     pub discovered: Discovered,
-    pub config: MeshConfig,
-    pub objects: BTreeMap<ObjectKey, Value>,
-    pub warnings: Vec<Diagnostic>,
+    /// Every object in force, for `get` and `/config_dump`.
+    pub objects: ObjectSet,
+}
+
+impl Snapshot {
+    /// What was worth a warning in the objects in force.
+    pub fn warnings(&self) -> impl Iterator<Item = &Diagnostic> {
+        self.objects.values().flat_map(|o| o.warnings.iter())
+    }
 }
 
 #[derive(Debug, Default)]
@@ -44,11 +51,48 @@ pub struct ReloadCounts {
     pub rejected: AtomicU64,
 }
 
+/// How many source changes one compile takes at most; a longer burst is compiled in steps.
+const MAX_BATCH: usize = 1024;
+/// A burst of watch events is compiled once: wait this long for the rest of it.
+const COALESCE: Duration = Duration::from_millis(20);
+
 pub struct Store {
     current: ArcSwap<Snapshot>,
-    source: Mutex<LocalSource>,
+    state: Mutex<State>,
     pub reloads: ReloadCounts,
     metrics: Arc<Metrics>,
+}
+
+/// What the sources want, and what is in force.
+struct State {
+    folder: Option<Folder>,
+    /// The source's objects: the folder's, or the API server's.
+    base: ObjectSet,
+    /// Applied objects; they replace the base's of the same identity.
+    applied: ObjectSet,
+    /// Deleted base objects, hidden until applied again or the agent restarts.
+    deleted: imbl::OrdSet<ObjectKey>,
+    /// Objects whose wanted version may differ from the one in force: a refused base change
+    /// leaves them here, and the next change tries them again.
+    pending: BTreeSet<ObjectKey>,
+    in_force: InForce,
+}
+
+/// The objects in force and what was derived from them.
+#[derive(Clone, Default)]
+struct InForce {
+    objects: ObjectSet,
+    index: Index,
+    config: MeshConfig,
+}
+
+/// A change that passed every rule, ready to be put in force.
+struct Accepted {
+    next: InForce,
+    /// Whether the engine's input changed.
+    recompile: bool,
+    /// Warnings of the objects it brings in.
+    warnings: Vec<Diagnostic>,
 }
 
 impl Store {
@@ -58,24 +102,39 @@ impl Store {
         settings: EngineSettings,
         metrics: Arc<Metrics>,
     ) -> Result<Store, Vec<Diagnostic>> {
-        let source = LocalSource::new(dir);
-        let loaded = source.load()?;
-        log_warnings(&loaded.warnings);
+        let mut folder = dir.map(Folder::new);
+        let base = match &mut folder {
+            Some(folder) => folder.read()?,
+            None => ObjectSet::new(),
+        };
+        let mut state = State {
+            folder,
+            base,
+            applied: ObjectSet::new(),
+            deleted: imbl::OrdSet::new(),
+            pending: BTreeSet::new(),
+            in_force: InForce::default(),
+        };
+        let keys: Vec<ObjectKey> = state.base.keys().cloned().collect();
+        let accepted = state.check(keys)?;
+        log_warnings(&accepted.warnings);
         let engine = Engine::new(
-            &loaded.config,
-            &loaded.discovered.registry,
+            &accepted.next.config,
+            &accepted.next.index.registry(),
             settings,
             Instant::now(),
         );
-        let store = Store {
-            current: ArcSwap::from_pointee(snapshot(1, engine, loaded)),
-            source: Mutex::new(source),
-            reloads: ReloadCounts::default(),
+        let snapshot = state.put_in_force(accepted.next, 1, engine);
+        metrics.record_config_reload(ReloadResult::Ok);
+        Ok(Store {
+            current: ArcSwap::from_pointee(snapshot),
+            state: Mutex::new(state),
+            reloads: ReloadCounts {
+                ok: AtomicU64::new(1),
+                rejected: AtomicU64::new(0),
+            },
             metrics,
-        };
-        store.reloads.ok.fetch_add(1, Ordering::Relaxed);
-        store.metrics.record_config_reload(ReloadResult::Ok);
-        Ok(store)
+        })
     }
 
     /// The snapshot in force. Cheap: an atomic load and an `Arc` clone.
@@ -83,60 +142,160 @@ impl Store {
         self.current.load_full()
     }
 
-    /// Re-reads the folder; on error the current snapshot stays.
-    pub fn reload(&self) -> Result<u64, Vec<Diagnostic>> {
-        let source = self.source.lock().expect("config source lock");
-        let result = source.load();
-        self.settle(result.map(|loaded| (loaded, Vec::new())))
-            .map(|(version, _)| version)
+    /// The config folder, if the store reads one.
+    pub fn folder(&self) -> Option<PathBuf> {
+        self.lock().folder.as_ref().map(|f| f.dir().to_path_buf())
     }
 
-    /// Kubernetes mode: the watched objects changed.
-    pub fn set_watched(&self, source: &str, objects: Vec<Value>) -> Result<u64, Vec<Diagnostic>> {
-        let mut local = self.source.lock().expect("config source lock");
-        let result = local.set_watched(source, objects);
-        self.settle(result.map(|loaded| (loaded, Vec::new())))
-            .map(|(version, _)| version)
+    /// Re-reads the folder; on error the current snapshot stays.
+    pub fn reload(&self) -> Result<u64, Vec<Diagnostic>> {
+        let mut state = self.lock();
+        let Some(folder) = &mut state.folder else {
+            return Ok(self.current.load().version);
+        };
+        let result = folder.read().map(|base| {
+            let touched = changed_keys(&state.base, &base);
+            state.base = base;
+            touched
+        });
+        let result = result.and_then(|touched| self.settle(&mut state, touched));
+        self.count(result)
+    }
+
+    /// Kubernetes mode: what the API server's watches reported.
+    pub fn change(&self, changes: Vec<SourceChange>) -> Result<u64, Vec<Diagnostic>> {
+        let mut state = self.lock();
+        let mut touched = Vec::new();
+        for change in changes {
+            match change {
+                SourceChange::Upsert(sourced) => {
+                    touched.push(sourced.key.clone());
+                    state.base.insert(sourced.key.clone(), sourced);
+                }
+                SourceChange::Remove(key) => {
+                    state.base.remove(&key);
+                    touched.push(key);
+                }
+                SourceChange::Replace { kind, objects } => {
+                    let mut replacement = ObjectSet::new();
+                    for sourced in objects {
+                        replacement.insert(sourced.key.clone(), sourced);
+                    }
+                    let gone: Vec<ObjectKey> = config::of_kind(&state.base, &kind)
+                        .map(|o| o.key.clone())
+                        .filter(|key| !replacement.contains_key(key))
+                        .collect();
+                    for key in gone {
+                        state.base.remove(&key);
+                        touched.push(key);
+                    }
+                    for (key, sourced) in replacement {
+                        touched.push(key.clone());
+                        state.base.insert(key, sourced);
+                    }
+                }
+            }
+        }
+        let result = self.settle(&mut state, touched);
+        self.count(result)
+    }
+
+    /// Kubernetes mode: puts what the watches report in force until they end, a burst of
+    /// events at a time.
+    pub async fn follow(self: Arc<Self>, mut changes: mpsc::Receiver<SourceChange>) {
+        let mut batch = Vec::new();
+        while changes.recv_many(&mut batch, MAX_BATCH).await > 0 {
+            tokio::time::sleep(COALESCE).await;
+            while batch.len() < MAX_BATCH {
+                match changes.try_recv() {
+                    Ok(change) => batch.push(change),
+                    Err(_) => break,
+                }
+            }
+            let store = Arc::clone(&self);
+            let changes = std::mem::take(&mut batch);
+            // Compiling takes milliseconds at worst: off the data path's threads. A refused
+            // change is logged; its objects are tried again with the next one.
+            let _ = tokio::task::spawn_blocking(move || store.change(changes)).await;
+        }
     }
 
     /// `mesh-agent apply -f`: all objects of `text` or none.
     pub fn apply(&self, label: &str, text: &str) -> Result<(u64, Vec<ObjectKey>), Vec<Diagnostic>> {
-        let mut source = self.source.lock().expect("config source lock");
-        let result = source.apply(label, text);
-        self.settle(result)
+        let objects = read_all(label, text);
+        let mut state = self.lock();
+        let result = objects.and_then(|objects| {
+            let (applied, deleted) = (state.applied.clone(), state.deleted.clone());
+            let mut keys = Vec::new();
+            for sourced in objects {
+                state.deleted.remove(&sourced.key);
+                keys.push(sourced.key.clone());
+                state.applied.insert(sourced.key.clone(), Arc::new(sourced));
+            }
+            self.settle(&mut state, keys.clone())
+                .map(|version| (version, keys))
+                .inspect_err(|_| (state.applied, state.deleted) = (applied, deleted))
+        });
+        self.count(result)
     }
 
-    /// `mesh-agent delete -f`.
+    /// `mesh-agent delete -f`: the objects named in `text` (only kind, namespace and name
+    /// matter); one that does not exist is an error and nothing changes.
     pub fn delete(
         &self,
         label: &str,
         text: &str,
     ) -> Result<(u64, Vec<ObjectKey>), Vec<Diagnostic>> {
-        let mut source = self.source.lock().expect("config source lock");
-        let result = source.delete(label, text);
-        self.settle(result)
+        let keys = keys_of(label, text);
+        let mut state = self.lock();
+        let result = keys.and_then(|keys| {
+            let (applied, deleted) = (state.applied.clone(), state.deleted.clone());
+            let mut missing = Vec::new();
+            for key in &keys {
+                let in_base = state.base.contains_key(key) && !state.deleted.contains(key);
+                if state.applied.remove(key).is_none() && !in_base {
+                    missing.push(config_error(label, key.to_string(), "not found"));
+                }
+                if state.base.contains_key(key) {
+                    state.deleted.insert(key.clone());
+                }
+            }
+            let result = if missing.is_empty() {
+                self.settle(&mut state, keys.clone())
+                    .map(|version| (version, keys))
+            } else {
+                Err(missing)
+            };
+            result.inspect_err(|_| (state.applied, state.deleted) = (applied, deleted))
+        });
+        self.count(result)
     }
 
-    fn settle(
-        &self,
-        result: Result<(local::Loaded, Vec<ObjectKey>), Vec<Diagnostic>>,
-    ) -> Result<(u64, Vec<ObjectKey>), Vec<Diagnostic>> {
-        match result {
-            Ok((loaded, keys)) => {
-                log_warnings(&loaded.warnings);
-                let current = self.current.load();
-                let engine = current.engine.reload(
-                    &loaded.config,
-                    &loaded.discovered.registry,
-                    Instant::now(),
-                );
-                let version = current.version + 1;
-                self.current
-                    .store(Arc::new(snapshot(version, engine, loaded)));
+    /// Checks what `touched` changed and, if every rule holds, puts it in force.
+    fn settle(&self, state: &mut State, touched: Vec<ObjectKey>) -> Result<u64, Vec<Diagnostic>> {
+        let accepted = state.check(touched)?;
+        log_warnings(&accepted.warnings);
+        let current = self.current.load();
+        let engine = if accepted.recompile {
+            let next = &accepted.next;
+            current
+                .engine
+                .reload(&next.config, &next.index.registry(), Instant::now())
+        } else {
+            current.engine.clone()
+        };
+        let version = current.version + 1;
+        let snapshot = state.put_in_force(accepted.next, version, engine);
+        self.current.store(Arc::new(snapshot));
+        info!(version, "config in force");
+        Ok(version)
+    }
+
+    fn count<T>(&self, result: Result<T, Vec<Diagnostic>>) -> Result<T, Vec<Diagnostic>> {
+        match &result {
+            Ok(_) => {
                 self.reloads.ok.fetch_add(1, Ordering::Relaxed);
                 self.metrics.record_config_reload(ReloadResult::Ok);
-                info!(version, "config in force");
-                Ok((version, keys))
             }
             Err(diagnostics) => {
                 self.reloads.rejected.fetch_add(1, Ordering::Relaxed);
@@ -144,20 +303,144 @@ impl Store {
                 for diagnostic in diagnostics.iter().filter(|d| d.is_error()) {
                     warn!("config rejected, last good config stays: {diagnostic}");
                 }
-                Err(diagnostics)
             }
         }
+        result
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
-fn snapshot(version: u64, engine: Engine, loaded: local::Loaded) -> Snapshot {
-    Snapshot {
-        version,
-        engine,
-        discovered: loaded.discovered,
-        config: loaded.config,
-        objects: loaded.objects,
-        warnings: loaded.warnings,
+impl State {
+    /// The object the sources want for `key`.
+    fn wanted(&self, key: &ObjectKey) -> Option<&Arc<Sourced>> {
+        match self.applied.get(key) {
+            Some(applied) => Some(applied),
+            None if self.deleted.contains(key) => None,
+            None => self.base.get(key),
+        }
+    }
+
+    /// What is in force once `touched` (and anything still pending) takes what the sources
+    /// want, if that breaks no rule. Changes nothing in force either way.
+    fn check(&mut self, touched: Vec<ObjectKey>) -> Result<Accepted, Vec<Diagnostic>> {
+        let mut keys = std::mem::take(&mut self.pending);
+        keys.extend(touched);
+        let mut next = self.in_force.clone();
+        let (mut registry_changed, mut rules_changed) = (false, false);
+        let mut warnings = Vec::new();
+        for key in &keys {
+            let wanted = self.wanted(key);
+            match (wanted, next.objects.get(key)) {
+                (Some(wanted), Some(current)) if Arc::ptr_eq(wanted, current) => continue,
+                (None, None) => continue,
+                _ => {}
+            }
+            registry_changed |= next.index.apply(key, wanted.map(|w| &w.object));
+            rules_changed |= config::is_istio_kind(&key.kind);
+            match wanted {
+                Some(wanted) => {
+                    warnings.extend(wanted.warnings.iter().cloned());
+                    next.objects.insert(key.clone(), Arc::clone(wanted));
+                }
+                None => {
+                    next.objects.remove(key);
+                }
+            }
+        }
+        if rules_changed {
+            let rules: Vec<&Sourced> = ["DestinationRule", "VirtualService"]
+                .into_iter()
+                .flat_map(|kind| config::of_kind(&next.objects, kind))
+                .map(|o| &**o)
+                .collect();
+            let errors = config::check_subsets(&rules, &[]);
+            if !errors.is_empty() {
+                self.pending = keys;
+                return Err(errors.into_iter().map(|e| e.diagnostic).collect());
+            }
+            next.config = config::mesh_config(&next.objects);
+        }
+        Ok(Accepted {
+            next,
+            recompile: registry_changed || rules_changed,
+            warnings,
+        })
+    }
+
+    fn put_in_force(&mut self, next: InForce, version: u64, engine: Engine) -> Snapshot {
+        let snapshot = Snapshot {
+            version,
+            engine,
+            discovered: next.index.discovered().clone(),
+            objects: next.objects.clone(),
+        };
+        self.in_force = next;
+        snapshot
+    }
+}
+
+/// Keys whose object differs between two versions of a source's set.
+fn changed_keys(old: &ObjectSet, new: &ObjectSet) -> Vec<ObjectKey> {
+    let mut keys: Vec<ObjectKey> = new
+        .iter()
+        .filter(|(key, object)| !old.get(*key).is_some_and(|o| Arc::ptr_eq(o, object)))
+        .map(|(key, _)| key.clone())
+        .collect();
+    keys.extend(old.keys().filter(|key| !new.contains_key(*key)).cloned());
+    keys
+}
+
+/// Every object of `text`, or every problem with it.
+fn read_all(label: &str, text: &str) -> Result<Vec<Sourced>, Vec<Diagnostic>> {
+    let documents = config::documents(label, text).map_err(|error| vec![error])?;
+    let mut objects = Vec::new();
+    let mut errors = Vec::new();
+    for document in documents {
+        match config::read(label, document) {
+            Ok(sourced) => objects.push(sourced),
+            Err(diagnostics) => errors.extend(diagnostics),
+        }
+    }
+    if errors.is_empty() {
+        Ok(objects)
+    } else {
+        Err(errors)
+    }
+}
+
+/// The identities named in `text`.
+fn keys_of(label: &str, text: &str) -> Result<Vec<ObjectKey>, Vec<Diagnostic>> {
+    let documents = config::documents(label, text).map_err(|error| vec![error])?;
+    documents
+        .iter()
+        .map(|document| {
+            let value = &document.value;
+            match (value["kind"].as_str(), value["metadata"]["name"].as_str()) {
+                (Some(kind), Some(name)) => Ok(ObjectKey::new(
+                    kind,
+                    value["metadata"]["namespace"].as_str(),
+                    name,
+                )),
+                _ => Err(vec![config_error(
+                    label,
+                    String::new(),
+                    "every object needs kind and metadata.name",
+                )]),
+            }
+        })
+        .collect()
+}
+
+fn config_error(file: &str, object: String, reason: &str) -> Diagnostic {
+    Diagnostic {
+        severity: Severity::Error,
+        file: file.to_owned(),
+        object,
+        field: String::new(),
+        reason: reason.to_owned(),
     }
 }
 
@@ -172,13 +455,7 @@ fn log_warnings(warnings: &[Diagnostic]) {
 pub fn watch(store: Arc<Store>) -> notify::Result<Option<notify::RecommendedWatcher>> {
     use notify::{RecursiveMode, Watcher};
 
-    let Some(dir) = store
-        .source
-        .lock()
-        .expect("config source lock")
-        .dir()
-        .map(|d| d.to_path_buf())
-    else {
+    let Some(dir) = store.folder() else {
         return Ok(None);
     };
     let (changed, changes) = std::sync::mpsc::channel();
@@ -187,7 +464,7 @@ pub fn watch(store: Arc<Store>) -> notify::Result<Option<notify::RecommendedWatc
             let _ = changed.send(());
         }
     })?;
-    watcher.watch(&dir, RecursiveMode::Recursive)?;
+    watcher.watch(Path::new(&dir), RecursiveMode::Recursive)?;
     std::thread::Builder::new()
         .name("config-watch".into())
         .spawn(move || {
@@ -199,4 +476,180 @@ pub fn watch(store: Arc<Store>) -> notify::Result<Option<notify::RecommendedWatc
         })
         .map_err(notify::Error::io)?;
     Ok(Some(watcher))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Object;
+
+    const SERVICE: &str = "
+apiVersion: v1
+kind: Service
+metadata: {name: service-c}
+spec: {clusterIP: 10.96.0.30, ports: [{name: http, port: 8080}]}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {name: service-c}
+spec:
+  host: service-c
+  subsets:
+  - {name: version-v1, labels: {version: v1}}
+  - {name: version-v2, labels: {version: v2}}
+";
+
+    fn vs(weight_v1: u32, weight_v2: u32) -> String {
+        format!(
+            "apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {{name: service-c}}
+spec:
+  hosts: [service-c]
+  http:
+  - route:
+    - {{destination: {{host: service-c, subset: version-v1}}, weight: {weight_v1}}}
+    - {{destination: {{host: service-c, subset: version-v2}}, weight: {weight_v2}}}
+"
+        )
+    }
+
+    fn folder(files: &[(&str, &str)]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
+        dir
+    }
+
+    fn open(dir: Option<&tempfile::TempDir>) -> Result<Store, Vec<Diagnostic>> {
+        Store::open(
+            dir.map(|d| d.path().to_path_buf()),
+            EngineSettings::default(),
+            Arc::default(),
+        )
+    }
+
+    /// The weights of the VirtualService in force.
+    fn weights(store: &Store) -> Option<Vec<u32>> {
+        let snapshot = store.snapshot();
+        let weights =
+            config::of_kind(&snapshot.objects, "VirtualService").find_map(|o| match &o.object {
+                Object::VirtualService(vs) => {
+                    Some(vs.rule.http[0].route.iter().map(|r| r.weight).collect())
+                }
+                _ => None,
+            });
+        weights
+    }
+
+    fn kinds(store: &Store) -> Vec<String> {
+        let snapshot = store.snapshot();
+        snapshot
+            .objects
+            .keys()
+            .map(|k| k.kind.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn apply_replaces_and_delete_removes_by_identity() {
+        let dir = folder(&[("service.yml", SERVICE)]);
+        let store = open(Some(&dir)).unwrap();
+        assert_eq!(kinds(&store), ["DestinationRule", "Service"]);
+        assert_eq!(weights(&store), None);
+
+        let (version, keys) = store.apply("1-vs.yml", &vs(100, 0)).unwrap();
+        assert_eq!(
+            (version, keys[0].to_string()),
+            (2, "VirtualService default/service-c".into())
+        );
+        assert_eq!(weights(&store), Some(vec![100, 0]));
+        store.apply("2-vs.yml", &vs(90, 10)).unwrap();
+        assert_eq!(weights(&store), Some(vec![90, 10]));
+
+        store.delete("2-vs.yml", &vs(90, 10)).unwrap();
+        assert_eq!(weights(&store), None);
+        let missing = store.delete("2-vs.yml", &vs(90, 10)).unwrap_err();
+        assert_eq!(missing[0].reason, "not found");
+        // A folder object can be deleted too, and re-applied.
+        store.delete("dr.yml", SERVICE).unwrap();
+        assert!(kinds(&store).is_empty());
+        assert!(store
+            .snapshot()
+            .discovered
+            .service_at("10.96.0.30:8080".parse().unwrap())
+            .is_none());
+        store.apply("dr.yml", SERVICE).unwrap();
+        assert_eq!(kinds(&store), ["DestinationRule", "Service"]);
+    }
+
+    #[test]
+    fn an_invalid_apply_changes_nothing_and_names_file_object_field() {
+        let dir = folder(&[("service.yml", SERVICE)]);
+        let store = open(Some(&dir)).unwrap();
+        store.apply("good.yml", &vs(90, 10)).unwrap();
+        let version = store.snapshot().version;
+        let errors = store.apply("bad.yml", &vs(90, 20)).unwrap_err();
+        let error = errors.iter().find(|d| d.is_error()).unwrap();
+        assert_eq!(error.file, "bad.yml");
+        assert_eq!(error.object, "VirtualService default/service-c");
+        assert!(error.field.starts_with("spec.http[0].route"), "{error}");
+
+        // A subset nobody defines is refused too, across objects.
+        let unknown = vs(90, 10).replace("version-v2", "version-v3");
+        let errors = store.apply("bad.yml", &unknown).unwrap_err();
+        assert!(errors[0].reason.contains("unknown subset"), "{errors:?}");
+        assert_eq!(store.snapshot().version, version);
+        assert_eq!(weights(&store), Some(vec![90, 10]));
+        assert_eq!(store.reloads.rejected.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn a_bad_folder_is_refused_whole_and_its_fix_is_taken() {
+        let dir = folder(&[("a.yml", SERVICE), ("b.yml", SERVICE)]);
+        let errors = open(Some(&dir)).err().unwrap();
+        assert!(
+            errors.iter().any(|d| d.reason.contains("defined again")),
+            "{errors:?}"
+        );
+        std::fs::remove_file(dir.path().join("b.yml")).unwrap();
+        let store = open(Some(&dir)).unwrap();
+        std::fs::write(dir.path().join("vs.yml"), vs(90, 20)).unwrap();
+        assert!(store.reload().is_err());
+        assert_eq!(weights(&store), None);
+        std::fs::write(dir.path().join("vs.yml"), vs(90, 10)).unwrap();
+        store.reload().unwrap();
+        assert_eq!(weights(&store), Some(vec![90, 10]));
+    }
+
+    /// A change from the API server that breaks a rule waits, and goes in with the change
+    /// that mends it.
+    #[test]
+    fn a_refused_source_change_stays_pending_until_mended() {
+        let store = open(None).unwrap();
+        let sourced = |label: &str, text: &str| {
+            let mut found = read_all(label, text).unwrap();
+            found.drain(..).map(Arc::new).collect::<Vec<_>>()
+        };
+        let rule = sourced("kubernetes", SERVICE);
+        let route = sourced("kubernetes", &vs(90, 10));
+        // The route names subsets no rule defines yet.
+        let changes = route.iter().cloned().map(SourceChange::Upsert).collect();
+        assert!(store.change(changes).is_err());
+        assert_eq!(weights(&store), None);
+        let changes = rule.iter().cloned().map(SourceChange::Upsert).collect();
+        store.change(changes).unwrap();
+        assert_eq!(weights(&store), Some(vec![90, 10]));
+
+        // A relist without the route removes it.
+        store
+            .change(vec![SourceChange::Replace {
+                kind: "VirtualService".into(),
+                objects: vec![],
+            }])
+            .unwrap();
+        assert_eq!(weights(&store), None);
+        assert_eq!(kinds(&store), ["DestinationRule", "Service"]);
+    }
 }

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mesh_agent::config;
@@ -24,7 +25,7 @@ fn registry(v1: u8, v2: u8) -> Registry {
         workload: Some(format!("service-c-v{v}")),
     };
     Registry {
-        services: vec![Service {
+        services: vec![Arc::new(Service {
             name: "service-c".into(),
             namespace: "default".into(),
             ports: vec![ServicePort {
@@ -35,7 +36,7 @@ fn registry(v1: u8, v2: u8) -> Registry {
                 .map(|i| pod(1, i))
                 .chain((1..=v2).map(|i| pod(2, i)))
                 .collect(),
-        }],
+        })],
     }
 }
 

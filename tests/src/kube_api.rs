@@ -203,7 +203,7 @@ impl FakeApiServer {
     /// Re-applying an unchanged object is a no-op, as with `kubectl apply`.
     pub fn apply_yaml(&self, yaml: &str) -> Result<()> {
         let mut objects = Vec::new();
-        for document in serde_yaml::Deserializer::from_str(yaml) {
+        for document in yaml_serde::Deserializer::from_str(yaml) {
             match Value::deserialize(document).context("parsing YAML")? {
                 Value::Null => {}
                 Value::Object(list) if list.get("kind").and_then(Value::as_str) == Some("List") => {

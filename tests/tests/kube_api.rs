@@ -517,7 +517,7 @@ async fn discovery_version_errors_and_kubeconfig() -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let path = dir.join("kubeconfig");
     api.kubeconfig(&path)?;
-    let config: Value = serde_yaml::from_str(&std::fs::read_to_string(&path)?)?;
+    let config: Value = yaml_serde::from_str(&std::fs::read_to_string(&path)?)?;
     std::fs::remove_dir_all(&dir)?;
     assert_eq!(config["current-context"], "fake");
     assert_eq!(

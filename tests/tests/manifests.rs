@@ -20,7 +20,7 @@ use std::{
 
 use anyhow::{bail, ensure, Context, Result};
 use serde::Deserialize;
-use serde_yaml::Value;
+use yaml_serde::Value;
 
 /// `kubernetes-validate` release used for the schemas (installed when another or none is).
 const KUBERNETES_VALIDATE_VERSION: &str = "1.33.1";
@@ -170,7 +170,7 @@ fn manifest_files() -> Result<Vec<PathBuf>> {
 /// The objects in a multi-document YAML text (empty documents left out).
 fn parse_objects(text: &str, origin: &str) -> Result<Vec<Value>> {
     let mut objects = Vec::new();
-    for document in serde_yaml::Deserializer::from_str(text) {
+    for document in yaml_serde::Deserializer::from_str(text) {
         let value = Value::deserialize(document).with_context(|| format!("parsing {origin}"))?;
         if !value.is_null() {
             objects.push(value);

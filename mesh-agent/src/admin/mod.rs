@@ -23,8 +23,7 @@ use tokio::net::TcpListener;
 use tracing::warn;
 
 use crate::{
-    config::Diagnostic,
-    discovery::local::ObjectKey,
+    config::{Diagnostic, ObjectKey},
     enrollment::{Enrollments, PodSpec},
     redirect::Redirect,
     state::Store,
@@ -252,11 +251,11 @@ fn change_response(
 /// The config in force: every object with its identity, and the warnings it was loaded with.
 fn config_dump(state: &AdminState) -> serde_json::Value {
     let snapshot = state.store.snapshot();
-    let objects: Vec<&serde_json::Value> = snapshot.objects.values().collect();
+    let objects: Vec<serde_json::Value> = snapshot.objects.values().map(|o| o.manifest()).collect();
     json!({
         "version": snapshot.version,
         "objects": objects,
-        "warnings": snapshot.warnings.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "warnings": snapshot.warnings().map(ToString::to_string).collect::<Vec<_>>(),
         "reloads": {
             "ok": state.store.reloads.ok.load(Ordering::Relaxed),
             "rejected": state.store.reloads.rejected.load(Ordering::Relaxed),

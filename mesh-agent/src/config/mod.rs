@@ -1,10 +1,13 @@
-//! Raw Kubernetes/Istio objects in, validated `model` out.
+//! The agent's input, read once and typed: text (YAML or JSON, one or many documents per file,
+//! or a `kind: List`) becomes [`Document`]s, and each document one typed [`Sourced`] object —
+//! `networking.istio.io` `VirtualService`, `DestinationRule` and `Gateway` (`v1alpha3`,
+//! `v1beta1`, `v1`) validated into [`model`], Kubernetes `Service`, `EndpointSlice` and `Pod` as
+//! k8s-openapi types, any other kind kept as read. Objects live in an [`ObjectSet`] keyed by
+//! kind, namespace and name; [`rules`](check_subsets) span objects, and [`mesh_config`] hands the
+//! Istio rules of a set to the engine.
 //!
-//! Reads `networking.istio.io` `VirtualService`, `DestinationRule` and `Gateway` (`v1alpha3`,
-//! `v1beta1`, `v1`) from YAML or JSON, one or many documents per file, or a `kind: List`.
-//! Objects of every other kind are handed back untouched in [`Loaded::other_objects`], so one
-//! loader reads a whole folder. Every problem becomes a [`Diagnostic`]: unknown or unsupported
-//! fields are warnings, invalid values are errors, and all of them are reported, not the first.
+//! Every problem becomes a [`Diagnostic`] naming file, object, field and reason: unknown or
+//! unsupported fields are warnings, invalid values are errors, and all of them are reported.
 //!
 //! ```
 //! use mesh_agent::config;
@@ -24,45 +27,35 @@
 
 mod destination_rule;
 mod diagnostic;
+mod document;
 mod fields;
 mod gateway;
-mod loader;
 pub mod model;
+mod object;
 mod raw;
+mod rules;
 pub mod values;
 mod virtual_service;
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 pub use diagnostic::{Diagnostic, Severity};
-use model::MeshConfig;
+pub use document::{documents, Document};
+use model::{Host, MeshConfig};
+pub use object::{read, IstioObject, Object, ObjectKey, ObjectSet, Sourced, DEFAULT_NAMESPACE};
+pub use rules::{check_subsets, is_istio_kind, mesh_config, of_kind, SubsetError};
 
-/// A Kubernetes object of a kind this module does not interpret (Service, EndpointSlice, Pod,
-/// ServiceEntry, ...), as read, with the file it came from.
-#[derive(Clone, Debug, PartialEq)]
-pub struct RawObject {
-    pub file: String,
-    pub value: serde_json::Value,
-}
-
-impl RawObject {
-    pub fn kind(&self) -> Option<&str> {
-        self.value.get("kind")?.as_str()
-    }
-
-    pub fn api_version(&self) -> Option<&str> {
-        self.value.get("apiVersion")?.as_str()
-    }
-}
-
-/// The result of one load. `config` holds only the objects that had no error; when
+/// The result of one load. `config` holds only the Istio objects that had no error; when
 /// [`Loaded::is_ok`] is false the load as a whole must not be put in force, because the
 /// objects left out (or their subsets) would silently change routing.
 #[derive(Debug, Default)]
 pub struct Loaded {
     pub config: MeshConfig,
-    pub other_objects: Vec<RawObject>,
+    /// Every object read without error, of every kind (a later definition replaces an earlier
+    /// one of the same identity).
+    pub objects: ObjectSet,
     /// Errors and warnings, in the order found (files in load order, then cross-object checks).
     pub diagnostics: Vec<Diagnostic>,
     /// The files read, in order.
@@ -82,6 +75,103 @@ impl Loaded {
     pub fn warnings(&self) -> impl Iterator<Item = &Diagnostic> {
         self.diagnostics.iter().filter(|d| !d.is_error())
     }
+
+    /// The objects of kinds other than Istio's.
+    pub fn other_objects(&self) -> impl Iterator<Item = &Sourced> {
+        self.objects
+            .values()
+            .map(|o| &**o)
+            .filter(|o| !is_istio_kind(&o.key.kind))
+    }
+}
+
+/// Reads texts into one set, as `kubectl apply -f` over them would leave it.
+#[derive(Default)]
+struct Collector {
+    objects: ObjectSet,
+    diagnostics: Vec<Diagnostic>,
+    /// Hosts of DestinationRules rejected for errors: their subsets are unknown, not missing,
+    /// so references to them are not reported a second time.
+    unknown_rule_hosts: Vec<Host>,
+}
+
+impl Collector {
+    fn add_source(&mut self, file: &str, text: &str) {
+        match documents(file, text) {
+            Ok(documents) => documents.into_iter().for_each(|d| self.add(file, d)),
+            Err(error) => self.diagnostics.push(error),
+        }
+    }
+
+    fn add(&mut self, file: &str, document: Document) {
+        let rule_host = rule_host(&document);
+        match read(file, document) {
+            Ok(sourced) => {
+                self.diagnostics.extend(sourced.warnings.iter().cloned());
+                let key = sourced.key.clone();
+                if let Some(earlier) = self.objects.insert(key.clone(), Arc::new(sourced)) {
+                    // Inside one folder it is usually a copy-paste slip.
+                    self.diagnostics.push(Diagnostic {
+                        severity: Severity::Warning,
+                        file: file.to_owned(),
+                        object: key.to_string(),
+                        field: String::new(),
+                        reason: format!(
+                            "replaces the definition in {}; only the last one is used",
+                            earlier.origin
+                        ),
+                    });
+                }
+            }
+            Err(diagnostics) => {
+                self.diagnostics.extend(diagnostics);
+                self.unknown_rule_hosts.extend(rule_host);
+            }
+        }
+    }
+
+    fn file_diagnostic(&mut self, file: &str, severity: Severity, reason: impl std::fmt::Display) {
+        self.diagnostics
+            .push(object::diagnostic(file, "", "", severity, reason));
+    }
+
+    /// Applies the rules that span objects and files, then hands out the result.
+    fn finish(mut self, files: Vec<String>) -> Loaded {
+        let objects: Vec<&Sourced> = self.objects.values().map(|o| &**o).collect();
+        let errors = check_subsets(&objects, &self.unknown_rule_hosts);
+        // A VirtualService naming a missing subset stays out of the config (the load as a whole
+        // is refused anyway).
+        let mut usable = self.objects.clone();
+        for error in errors {
+            usable.remove(&error.key);
+            self.diagnostics.push(error.diagnostic);
+        }
+        Loaded {
+            config: mesh_config(&usable),
+            objects: self.objects,
+            diagnostics: self.diagnostics,
+            files,
+        }
+    }
+}
+
+/// The host of a DestinationRule as written, read before the rule is validated (so it is
+/// known even when the rule is rejected).
+fn rule_host(document: &Document) -> Option<Host> {
+    let value = &document.value;
+    let istio = value["apiVersion"]
+        .as_str()
+        .is_some_and(|v| v.starts_with("networking.istio.io/"));
+    if !istio || value["kind"] != "DestinationRule" {
+        return None;
+    }
+    Some(Host {
+        name: value["spec"]["host"].as_str()?.trim().to_owned(),
+        namespace: value["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or(DEFAULT_NAMESPACE)
+            .to_owned(),
+    })
 }
 
 /// Loads one text; `file_label` names it in diagnostics (a `.json` suffix selects JSON).
@@ -92,7 +182,7 @@ pub fn load_str(file_label: &str, text: &str) -> Loaded {
 /// Loads several texts as one set: cross-object rules (subsets named by a VirtualService in
 /// one source and defined by a DestinationRule in another, redefinitions) span all of them.
 pub fn load_sources<L: AsRef<str>, T: AsRef<str>>(sources: &[(L, T)]) -> Loaded {
-    let mut collector = loader::Collector::default();
+    let mut collector = Collector::default();
     for (label, text) in sources {
         collector.add_source(label.as_ref(), text.as_ref());
     }
@@ -107,7 +197,7 @@ pub fn load_path(path: &Path) -> Loaded {
 
 /// Loads files and directories as one set, in the order given.
 pub fn load_paths(paths: &[PathBuf]) -> Loaded {
-    let mut collector = loader::Collector::default();
+    let mut collector = Collector::default();
     let mut files = Vec::new();
     for path in paths {
         let label = path.display().to_string();
@@ -192,7 +282,7 @@ pub fn run_validate(paths: &[PathBuf], out: &mut impl Write) -> io::Result<bool>
         config.virtual_services.len(),
         config.destination_rules.len(),
         config.gateways.len(),
-        loaded.other_objects.len(),
+        loaded.other_objects().count(),
         loaded.errors().count(),
         loaded.warnings().count(),
     )?;

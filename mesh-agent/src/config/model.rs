@@ -8,6 +8,7 @@
 //! filled in here and documented in `docs/configuration.md`.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue};
@@ -41,12 +42,12 @@ impl Percent {
     };
 }
 
-/// Everything in force at one moment. Replaced as a whole on every accepted change.
+/// The Istio rules in force at one moment, shared with the objects they were read from.
 #[derive(Clone, Debug, Default)]
 pub struct MeshConfig {
-    pub virtual_services: Vec<VirtualService>,
-    pub destination_rules: Vec<DestinationRule>,
-    pub gateways: Vec<Gateway>,
+    pub virtual_services: Vec<Arc<VirtualService>>,
+    pub destination_rules: Vec<Arc<DestinationRule>>,
+    pub gateways: Vec<Arc<Gateway>>,
 }
 
 // ---------------------------------------------------------------- VirtualService

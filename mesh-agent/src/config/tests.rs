@@ -136,12 +136,9 @@ fn the_whole_examples_folder_loads_as_one_set_without_errors() {
         let cb_field = warning.field == "spec.trafficPolicy.connectionPool.http.maxConnections";
         assert!(replaces || cb_field, "unexpected {warning}");
     }
-    assert_eq!(
-        loaded.other_objects.len(),
-        1,
-        "the Service in features/list.json"
-    );
-    assert_eq!(loaded.other_objects[0].kind(), Some("Service"));
+    let others: Vec<_> = loaded.other_objects().collect();
+    assert_eq!(others.len(), 1, "the Service in features/list.json");
+    assert_eq!(&*others[0].key.kind, "Service");
 }
 
 #[test]
@@ -220,7 +217,13 @@ fn canary_split_and_subsets() {
 fn retry_vs_and_gateway() {
     let loaded = load_examples(&["circuit-breaker/3-vs-retry.yml", "gateway.yml"]);
     assert!(loaded.diagnostics.is_empty(), "{}", describe(&loaded));
-    let retry = loaded.config.virtual_services[0].http[0]
+    // Rules are kept in key order (kind, namespace, name), whatever the load order.
+    let retried = loaded.config.virtual_services.iter();
+    let retry = retried
+        .into_iter()
+        .find(|vs| vs.id.name == "service-c")
+        .expect("service-c")
+        .http[0]
         .retries
         .as_ref()
         .expect("retries");
@@ -245,7 +248,7 @@ fn retry_vs_and_gateway() {
         (80, "HTTP", "http")
     );
     assert_eq!(server.hosts, ["*"]);
-    let vs = &loaded.config.virtual_services[1];
+    let vs = &loaded.config.virtual_services[0];
     assert_eq!(vs.id.name, "service-a");
     assert_eq!(vs.gateways, ["service-gateway"]);
     assert_eq!(vs.hosts[0].name, "*");
@@ -844,8 +847,9 @@ fn json_multi_document_list_and_other_kinds() {
             .load_balancer,
         Some(LoadBalancer::Random)
     );
-    assert_eq!(loaded.other_objects[0].kind(), Some("Namespace"));
-    assert_eq!(loaded.other_objects[0].file, "objects.json");
+    let others: Vec<_> = loaded.other_objects().collect();
+    assert_eq!(&*others[0].key.kind, "Namespace");
+    assert_eq!(&*others[0].origin, "objects.json");
 
     let yaml = "\
 apiVersion: v1
@@ -856,6 +860,7 @@ spec: {ports: [{port: 80}]}
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata: {name: svc-abc}
+addressType: IPv4
 endpoints: []
 ---
 apiVersion: v1
@@ -876,13 +881,9 @@ items:
 ";
     let loaded = load_str("many.yaml", yaml);
     assert!(loaded.diagnostics.is_empty(), "{}", describe(&loaded));
-    let kinds: Vec<_> = loaded
-        .other_objects
-        .iter()
-        .filter_map(RawObject::kind)
-        .collect();
-    assert_eq!(kinds, ["Service", "EndpointSlice", "Pod"]);
-    assert_eq!(loaded.other_objects[0].api_version(), Some("v1"));
+    let mut kinds: Vec<_> = loaded.other_objects().map(|o| &*o.key.kind).collect();
+    kinds.sort();
+    assert_eq!(kinds, ["EndpointSlice", "Pod", "Service"]);
     assert_eq!(loaded.config.gateways[0].id.name, "gw");
     assert_eq!(loaded.config.gateways[0].id.namespace, "default");
 }

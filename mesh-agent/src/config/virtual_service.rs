@@ -16,7 +16,7 @@ use super::values;
 
 /// A subset named by a route or mirror, checked once every DestinationRule of the load is known.
 #[derive(Clone, Debug)]
-pub(super) struct SubsetRef {
+pub(crate) struct SubsetRef {
     pub field: String,
     pub host: Host,
     pub subset: String,

@@ -1,58 +1,44 @@
-//! Kubernetes mode: the API server is the source. Reflectors watch `Service`, `EndpointSlice`,
-//! `Pod`, `Namespace` and Istio's `VirtualService`/`DestinationRule`/`Gateway`; every change
-//! feeds the same store local mode feeds, so engine and proxy do not know the difference.
+//! Kubernetes mode's source: watches on the API server for `Service`, `EndpointSlice`, `Pod` and
+//! Istio's `VirtualService`/`DestinationRule`/`Gateway`. Every event becomes a typed
+//! [`SourceChange`] for the store — the object as the API gave it, never re-encoded — so engine
+//! and proxy do not know the difference from local mode. `Pod` and `Namespace` are also kept in
+//! reflector stores, which label enrollment reads.
 //!
-//! Enrollment by label: a pod on this node joins the mesh when it carries
-//! `sidecarless.io/mesh: enabled`, or its namespace does and the pod does not say `disabled`.
-//! Its network namespace is found without a CNI plugin: pod UID → the pod's cgroup in
-//! `/proc/*/cgroup` (cgroupfs and systemd drivers) → `/proc/PID/ns/net`.
-//!
-//! Watches recover by themselves (backoff, relist on 410); until they do, the last good state
-//! stays in force and traffic keeps flowing.
+//! Watches recover by themselves (backoff, relist on 410; a relist replaces the kind's objects
+//! as a whole); until they do, the last good state stays in force and traffic keeps flowing. An
+//! Istio object that fails validation is logged and its last good version stays.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    fmt::Debug,
-    hash::Hash,
-    path::{Path, PathBuf},
-    sync::Arc,
-    time::Duration,
-};
+use std::{fmt::Debug, future::Future, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
-use futures_util::StreamExt;
-use k8s_openapi::{
-    api::{
-        core::v1::{Namespace, Pod, Service},
-        discovery::v1::EndpointSlice,
-    },
-    serde::{de::DeserializeOwned, Serialize},
-    Metadata, Resource,
+use futures_util::{Stream, StreamExt};
+use k8s_openapi::api::{
+    core::v1::{Namespace, Pod, Service},
+    discovery::v1::EndpointSlice,
 };
 use kube::{
     api::{ApiResource, DynamicObject},
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{
-        reflector::{self, store::Writer, Store},
-        watcher, WatchStreamExt,
+        reflector::{self, store::Writer, ObjectRef, Store},
+        watcher::{self, Event},
+        WatchStreamExt,
     },
     Api, Client, Config,
 };
-use serde_json::Value;
-use tokio::sync::Notify;
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, watch, Notify};
 use tracing::{info, warn};
 
-use crate::{
-    enrollment::{Enrollments, PodSpec},
-    state::Store as ConfigStore,
-};
+use super::SourceChange;
+use crate::config::{self, Document, Object, ObjectKey, Sourced};
 
-/// The label that enrolls a pod or a namespace: `enabled`, or `disabled` on a pod to opt out.
-pub const MESH_LABEL: &str = "sidecarless.io/mesh";
-
-/// How often enrollment is checked even without a watch event: a pod's containers may start
-/// after the event that made it Running.
-const RECONCILE_EVERY: Duration = Duration::from_millis(500);
+/// How objects from the API server are labelled in diagnostics and `/config_dump`.
+const ORIGIN: &str = "kubernetes";
+/// Events waiting for the store; a watch waits when it is full.
+const CHANGES_BOUND: usize = 4096;
+/// How long start-up waits for every watch's first list.
+const FIRST_LIST_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct KubeSettings {
     /// Kubeconfig file; none: in-cluster service account, or `$KUBECONFIG`/`~/.kube/config`.
@@ -70,64 +56,98 @@ const ISTIO_KINDS: [(&str, &str); 3] = [
 ];
 const ISTIO_VERSION: &str = "v1beta1";
 
-struct Watched {
-    services: Store<Service>,
-    slices: Store<EndpointSlice>,
-    pods: Store<Pod>,
-    namespaces: Store<Namespace>,
-    istio: Vec<(ApiResource, Store<DynamicObject>)>,
+/// The running watches.
+pub struct Watches {
+    /// Every watch's first list (and whatever followed while the others were listing): put
+    /// it in force before the agent says it is ready.
+    pub initial: Vec<SourceChange>,
+    /// Everything after, for [`Store::follow`](crate::state::Store::follow).
+    pub changes: mpsc::Receiver<SourceChange>,
+    /// Every pod, for enrollment.
+    pub pods: Store<Pod>,
+    /// Every namespace (its labels enroll its pods), for enrollment.
+    pub namespaces: Store<Namespace>,
+    /// Notified when a pod or a namespace changed.
+    pub enrollment_changed: Arc<Notify>,
 }
 
-/// Starts the watches, waits for their first lists, puts the first state in force, then keeps
-/// config and enrollment in step with the cluster until the task is dropped.
-pub async fn start(
-    settings: KubeSettings,
-    store: Arc<ConfigStore>,
-    enrollments: Arc<Enrollments>,
-) -> Result<tokio::task::JoinHandle<()>> {
-    let client = client(&settings).await?;
-    let changed = Arc::new(Notify::new());
-    let watched = Watched {
-        services: reflect(Api::all(client.clone()), (), &changed),
-        slices: reflect(Api::all(client.clone()), (), &changed),
-        pods: reflect(Api::all(client.clone()), (), &changed),
-        namespaces: reflect(Api::all(client.clone()), (), &changed),
-        istio: ISTIO_KINDS
-            .iter()
-            .map(|(kind, plural)| {
-                let resource = ApiResource {
-                    group: "networking.istio.io".into(),
-                    version: ISTIO_VERSION.into(),
-                    api_version: format!("networking.istio.io/{ISTIO_VERSION}"),
-                    kind: (*kind).into(),
-                    plural: (*plural).into(),
-                };
-                let api = Api::all_with(client.clone(), &resource);
-                let store = reflect(api, resource.clone(), &changed);
-                (resource, store)
-            })
-            .collect(),
+/// Starts the watches and waits for each one's first list.
+pub async fn start(settings: &KubeSettings) -> Result<Watches> {
+    let client = client(settings).await?;
+    let (sender, mut changes) = mpsc::channel(CHANGES_BOUND);
+    let (listed, mut lists) = watch::channel(0usize);
+    let listed = Arc::new(listed);
+    let enrollment_changed = Arc::new(Notify::new());
+    let origin: Arc<str> = ORIGIN.into();
+
+    let watch = |kind: &'static str| Watch {
+        kind,
+        sender: sender.clone(),
+        listed: Arc::clone(&listed),
+        origin: Arc::clone(&origin),
     };
-    tokio::time::timeout(Duration::from_secs(30), watched.ready())
-        .await
-        .context("the API server did not answer the first lists within 30 s")?;
-    sync(&watched, &store);
-    reconcile(&watched, &settings, &enrollments);
-    info!(node = %settings.node_name, "kubernetes state in force");
-    Ok(tokio::spawn(async move {
-        let mut tick = tokio::time::interval(RECONCILE_EVERY);
+    let mut kinds = 0;
+    tokio::spawn(
+        watch("Service").run(plain(Api::<Service>::all(client.clone())), |o| {
+            Some(Object::Service(Arc::new(o)))
+        }),
+    );
+    tokio::spawn(
+        watch("EndpointSlice").run(plain(Api::<EndpointSlice>::all(client.clone())), |o| {
+            Some(Object::EndpointSlice(Arc::new(o)))
+        }),
+    );
+    kinds += 2;
+    let (pods, pod_events) = reflect(Api::<Pod>::all(client.clone()), &enrollment_changed);
+    let pod_store = pods.clone();
+    tokio::spawn(watch("Pod").run(pod_events, move |pod: Pod| {
+        // The reflector holds the pod already: share it rather than keep a second copy.
+        let shared = pod_store.get(&ObjectRef::from_obj(&pod));
+        Some(Object::Pod(shared.unwrap_or_else(|| Arc::new(pod))))
+    }));
+    kinds += 1;
+    for (kind, plural) in ISTIO_KINDS {
+        let resource = ApiResource {
+            group: "networking.istio.io".into(),
+            version: ISTIO_VERSION.into(),
+            api_version: format!("networking.istio.io/{ISTIO_VERSION}"),
+            kind: kind.into(),
+            plural: plural.into(),
+        };
+        let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
+        tokio::spawn(watch(kind).run_sourced(plain(api), move |object| istio(&resource, object)));
+        kinds += 1;
+    }
+    let (namespaces, namespace_events) =
+        reflect(Api::<Namespace>::all(client.clone()), &enrollment_changed);
+    tokio::spawn(namespace_events.for_each(|_| async {}));
+
+    // Keep taking changes while waiting, so a watch that is done listing never blocks on a
+    // full channel while another one is still listing.
+    let mut initial = Vec::new();
+    let first_lists = async {
         loop {
             tokio::select! {
-                _ = changed.notified() => {
-                    // Coalesce a burst of events into one rebuild.
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    sync(&watched, &store);
-                }
-                _ = tick.tick() => {}
+                Some(change) = changes.recv() => initial.push(change),
+                _ = lists.wait_for(|&n| n >= kinds) => break,
             }
-            reconcile(&watched, &settings, &enrollments);
         }
-    }))
+        let _ = namespaces.wait_until_ready().await;
+        while let Ok(change) = changes.try_recv() {
+            initial.push(change);
+        }
+    };
+    tokio::time::timeout(FIRST_LIST_TIMEOUT, first_lists)
+        .await
+        .context("the API server did not answer the first lists within 30 s")?;
+    info!(node = %settings.node_name, "kubernetes watches listed");
+    Ok(Watches {
+        initial,
+        changes,
+        pods,
+        namespaces,
+        enrollment_changed,
+    })
 }
 
 async fn client(settings: &KubeSettings) -> Result<Client> {
@@ -142,273 +162,150 @@ async fn client(settings: &KubeSettings) -> Result<Client> {
     Ok(Client::try_from(config)?)
 }
 
-/// A reflector kept up to date by a watcher task that retries with backoff forever.
-fn reflect<K>(api: Api<K>, dyntype: K::DynamicType, changed: &Arc<Notify>) -> Store<K>
+type Events<K> = std::pin::Pin<Box<dyn Stream<Item = Result<Event<K>, watcher::Error>> + Send>>;
+
+/// A watch that retries with backoff forever.
+fn plain<K>(api: Api<K>) -> Events<K>
 where
-    K: kube::Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
-    K::DynamicType: Eq + Hash + Clone + Send + Sync,
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + Debug + Send + 'static,
 {
-    let writer = Writer::new(dyntype);
-    let reader = writer.as_reader();
+    Box::pin(watcher::watcher(api, watcher::Config::default()).default_backoff())
+}
+
+/// A watch whose objects are also kept in a reflector store; each event notifies `changed`.
+fn reflect<K>(api: Api<K>, changed: &Arc<Notify>) -> (Store<K>, Events<K>)
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let writer = Writer::default();
+    let store = writer.as_reader();
     let changed = Arc::clone(changed);
-    tokio::spawn(async move {
-        let events = reflector::reflector(writer, watcher(api, watcher::Config::default()))
-            .default_backoff();
-        futures_util::pin_mut!(events);
+    let events = reflector::reflector(writer, watcher::watcher(api, watcher::Config::default()))
+        .default_backoff()
+        .inspect(move |event| {
+            if event.is_ok() {
+                changed.notify_one();
+            }
+        });
+    (store, Box::pin(events))
+}
+
+/// One kind's watch, turning its events into changes for the store.
+struct Watch {
+    kind: &'static str,
+    sender: mpsc::Sender<SourceChange>,
+    /// Counts the watches that sent their first list.
+    listed: Arc<watch::Sender<usize>>,
+    origin: Arc<str>,
+}
+
+impl Watch {
+    /// For kinds that arrive typed: the object needs no validation.
+    fn run<K>(
+        self,
+        events: Events<K>,
+        typed: impl Fn(K) -> Option<Object> + Send + 'static,
+    ) -> impl Future<Output = ()> + Send
+    where
+        K: kube::Resource + Send + 'static,
+    {
+        let origin = Arc::clone(&self.origin);
+        self.run_sourced(events, move |object| {
+            Sourced::typed(&origin, typed(object)?).map(Arc::new)
+        })
+    }
+
+    async fn run_sourced<K>(
+        self,
+        mut events: Events<K>,
+        sourced: impl Fn(K) -> Option<Arc<Sourced>> + Send + 'static,
+    ) where
+        K: kube::Resource + Send + 'static,
+    {
+        // Objects of a (re)list are turned into changes only when the list is complete, so a
+        // reflector behind `events` already holds them (see the `Pod` watch).
+        let mut listing: Option<Vec<K>> = None;
+        let mut first = true;
         while let Some(event) = events.next().await {
-            match event {
-                Ok(_) => changed.notify_one(),
-                Err(error) => warn!(%error, "watch failed; retrying, the last good state stays"),
+            let change = match event {
+                Ok(Event::Init) => {
+                    listing = Some(Vec::new());
+                    continue;
+                }
+                Ok(Event::InitApply(object)) => {
+                    listing.get_or_insert_default().push(object);
+                    continue;
+                }
+                Ok(Event::InitDone) => SourceChange::Replace {
+                    kind: self.kind.into(),
+                    objects: listing
+                        .take()
+                        .unwrap_or_default()
+                        .into_iter()
+                        .filter_map(&sourced)
+                        .collect(),
+                },
+                Ok(Event::Apply(object)) => match sourced(object) {
+                    Some(object) => SourceChange::Upsert(object),
+                    None => continue,
+                },
+                Ok(Event::Delete(object)) => {
+                    let metadata = object.meta();
+                    let Some(name) = metadata.name.as_deref() else {
+                        continue;
+                    };
+                    SourceChange::Remove(ObjectKey::new(
+                        self.kind,
+                        metadata.namespace.as_deref(),
+                        name,
+                    ))
+                }
+                Err(error) => {
+                    warn!(kind = self.kind, %error, "watch failed; retrying, the last good state stays");
+                    continue;
+                }
+            };
+            let replaced = matches!(change, SourceChange::Replace { .. });
+            if self.sender.send(change).await.is_err() {
+                return; // the agent is shutting down
+            }
+            if replaced && std::mem::take(&mut first) {
+                self.listed.send_modify(|n| *n += 1);
             }
         }
+    }
+}
+
+/// An Istio object as the API served it, validated like a file's.
+fn istio(resource: &ApiResource, object: DynamicObject) -> Option<Arc<Sourced>> {
+    let mut metadata = serde_json::to_value(&object.metadata).ok()?;
+    if let Some(metadata) = metadata.as_object_mut() {
+        // Fields the server manages carry nothing for us.
+        metadata.remove("managedFields");
+    }
+    let value = json!({
+        "apiVersion": resource.api_version,
+        "kind": resource.kind,
+        "metadata": metadata,
+        "spec": object.data.get("spec").cloned().unwrap_or(Value::Null),
     });
-    reader
-}
-
-impl Watched {
-    async fn ready(&self) {
-        let _ = self.services.wait_until_ready().await;
-        let _ = self.slices.wait_until_ready().await;
-        let _ = self.pods.wait_until_ready().await;
-        let _ = self.namespaces.wait_until_ready().await;
-        for (_, store) in &self.istio {
-            let _ = store.wait_until_ready().await;
-        }
-    }
-
-    fn objects(&self) -> Vec<Value> {
-        let mut objects = typed(&self.services);
-        objects.extend(typed(&self.slices));
-        objects.extend(typed(&self.pods));
-        for (resource, store) in &self.istio {
-            objects.extend(store.state().iter().filter_map(|object| {
-                let mut value = serde_json::to_value(&**object).ok()?;
-                value["apiVersion"] = resource.api_version.clone().into();
-                value["kind"] = resource.kind.clone().into();
-                Some(without_server_fields(value))
-            }));
-        }
-        objects
-    }
-}
-
-fn typed<K>(store: &Store<K>) -> Vec<Value>
-where
-    K: Resource + Serialize + kube::Resource<DynamicType = ()> + Clone,
-{
-    store
-        .state()
-        .iter()
-        .filter_map(|object| {
-            let mut value = serde_json::to_value(&**object).ok()?;
-            value["apiVersion"] = K::API_VERSION.into();
-            value["kind"] = K::KIND.into();
-            Some(without_server_fields(value))
-        })
-        .collect()
-}
-
-/// Fields the server manages carry nothing for us and would only be warned about.
-fn without_server_fields(mut value: Value) -> Value {
-    if let Some(metadata) = value["metadata"].as_object_mut() {
-        for field in [
-            "managedFields",
-            "resourceVersion",
-            "uid",
-            "generation",
-            "creationTimestamp",
-            "annotations",
-        ] {
-            metadata.remove(field);
-        }
-    }
-    value
-}
-
-fn sync(watched: &Watched, store: &ConfigStore) {
-    // An invalid object is logged by the store and the last good state stays in force.
-    let _ = store.set_watched("kubernetes", watched.objects());
-}
-
-/// Enrolls this node's labelled, running pods and unenrolls the rest.
-fn reconcile(watched: &Watched, settings: &KubeSettings, enrollments: &Enrollments) {
-    let namespaces: BTreeMap<String, Option<String>> = watched
-        .namespaces
-        .state()
-        .iter()
-        .map(|ns| {
-            let label = ns
-                .metadata()
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(MESH_LABEL))
-                .cloned();
-            (ns.metadata().name.clone().unwrap_or_default(), label)
-        })
-        .collect();
-    let mut wanted = BTreeSet::new();
-    for pod in watched.pods.state() {
-        if !should_enroll(&pod, &settings.node_name, &namespaces) {
-            continue;
-        }
-        let namespace = pod
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into());
-        let name = pod.metadata.name.clone().unwrap_or_default();
-        let spec = PodSpec {
-            name: name.clone(),
-            namespace: namespace.clone(),
-            netns: PathBuf::new(),
-        };
-        wanted.insert(spec.key());
-        if enrollments
-            .list()
-            .iter()
-            .any(|p| p.name == name && p.namespace == namespace)
-        {
-            continue;
-        }
-        let Some(uid) = pod.metadata.uid.as_deref() else {
-            continue;
-        };
-        // Containers may not have started yet: the next reconcile tries again.
-        let Some(netns) = pod_netns(&settings.proc_root, uid) else {
-            continue;
-        };
-        let spec = PodSpec { netns, ..spec };
-        if let Err(error) = enrollments.enroll(&spec) {
-            warn!(pod = %spec.key(), %error, "cannot enroll");
-        }
-    }
-    for pod in enrollments.list() {
-        let key = format!("{}/{}", pod.namespace, pod.name);
-        if !wanted.contains(&key) {
-            let _ = enrollments.unenroll(&key);
-        }
-    }
-}
-
-/// The pod's label wins over its namespace's; only running pods of this node, never
-/// host-network pods (they share the node's namespace).
-fn should_enroll(pod: &Pod, node: &str, namespaces: &BTreeMap<String, Option<String>>) -> bool {
-    let spec = pod.spec.as_ref();
-    let on_node = spec.and_then(|s| s.node_name.as_deref()) == Some(node);
-    let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
-    let running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
-    if !on_node || host_network || !running || pod.metadata.deletion_timestamp.is_some() {
-        return false;
-    }
-    match pod
-        .metadata
-        .labels
-        .as_ref()
-        .and_then(|l| l.get(MESH_LABEL))
-        .map(String::as_str)
-    {
-        Some("enabled") => true,
-        Some(_) => false,
-        None => {
-            let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
-            namespaces.get(namespace).and_then(|l| l.as_deref()) == Some("enabled")
-        }
-    }
-}
-
-/// `/proc/PID/ns/net` of a process in the pod's cgroup. The kubelet names that cgroup
-/// `pod<uid>` (cgroupfs driver) or `kubepods-<qos>-pod<uid with _ for ->.slice` (systemd).
-pub fn pod_netns(proc_root: &Path, uid: &str) -> Option<PathBuf> {
-    let cgroupfs = format!("pod{uid}");
-    let systemd = format!("pod{}.slice", uid.replace('-', "_"));
-    let entries = std::fs::read_dir(proc_root).ok()?;
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
-            continue;
-        }
-        let Ok(cgroups) = std::fs::read_to_string(entry.path().join("cgroup")) else {
-            continue;
-        };
-        let in_pod = cgroups.lines().any(|line| {
-            line.split('/')
-                .any(|part| part == cgroupfs || part.ends_with(&systemd))
-        });
-        if in_pod {
-            return Some(entry.path().join("ns/net"));
-        }
-    }
-    None
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn pod(labels: &[(&str, &str)], namespace: &str, node: &str, phase: &str) -> Pod {
-        serde_json::from_value(serde_json::json!({
-            "metadata": {
-                "name": "p", "namespace": namespace,
-                "labels": labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>(),
-            },
-            "spec": {"nodeName": node, "containers": []},
-            "status": {"phase": phase},
-        }))
-        .unwrap()
-    }
-
-    #[test]
-    fn the_pod_label_wins_over_the_namespace() {
-        let namespaces = BTreeMap::from([
-            ("meshed".to_owned(), Some("enabled".to_owned())),
-            ("plain".to_owned(), None),
-        ]);
-        let cases = [
-            (pod(&[], "meshed", "n1", "Running"), true),
-            (
-                pod(&[(MESH_LABEL, "disabled")], "meshed", "n1", "Running"),
-                false,
-            ),
-            (
-                pod(&[(MESH_LABEL, "enabled")], "plain", "n1", "Running"),
-                true,
-            ),
-            (pod(&[], "plain", "n1", "Running"), false),
-            (
-                pod(&[(MESH_LABEL, "enabled")], "plain", "other-node", "Running"),
-                false,
-            ),
-            (
-                pod(&[(MESH_LABEL, "enabled")], "plain", "n1", "Pending"),
-                false,
-            ),
-        ];
-        for (i, (pod, want)) in cases.iter().enumerate() {
-            assert_eq!(should_enroll(pod, "n1", &namespaces), *want, "case {i}");
-        }
-    }
-
-    #[test]
-    fn finds_a_pods_netns_by_cgroup_in_both_driver_layouts() {
-        let root = std::env::temp_dir().join(format!("mesh-proc-{}", std::process::id()));
-        let uid = "8f7d2c1a-0b3e-4d5f-9a6b-1c2d3e4f5a6b";
-        for (pid, cgroup) in [
-            ("100", "0::/kubepods/besteffort/podffff/abc\n".to_owned()),
-            ("200", format!("0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-1.scope\n", uid.replace('-', "_"))),
-            ("300", format!("0::/kubepods/burstable/pod{uid}/c1\n")),
-        ] {
-            std::fs::create_dir_all(root.join(pid)).unwrap();
-            std::fs::write(root.join(pid).join("cgroup"), cgroup).unwrap();
-        }
-        let found = pod_netns(&root, uid).unwrap();
-        assert!(
-            found == root.join("200/ns/net") || found == root.join("300/ns/net"),
-            "{found:?}"
-        );
-        assert_eq!(
-            pod_netns(&root, "00000000-0000-0000-0000-000000000000"),
+    let document = Document {
+        location: String::new(),
+        value,
+    };
+    match config::read(ORIGIN, document) {
+        Ok(sourced) => Some(Arc::new(sourced)),
+        Err(diagnostics) => {
+            for diagnostic in diagnostics.iter().filter(|d| d.is_error()) {
+                warn!("object rejected, its last good version stays: {diagnostic}");
+            }
             None
-        );
-        std::fs::remove_dir_all(&root).unwrap();
+        }
     }
 }

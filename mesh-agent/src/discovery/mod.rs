@@ -1,35 +1,52 @@
-//! Service discovery: Kubernetes `Service`, `EndpointSlice` and `Pod` objects become the
-//! engine's registry plus the indexes the proxy needs (which VIP:port is which service, which
-//! pod IP is which workload). Local mode reads them from a folder (`local`); Kubernetes mode
-//! will watch the API server; both produce the same [`Discovered`].
+//! Service discovery: where objects come from, and what they tell about services and pods.
+//!
+//! Sources: a folder of Kubernetes-shaped YAML/JSON in local mode ([`folder`]), the API
+//! server's watches in Kubernetes mode ([`kubernetes`]); both hand typed objects to the store.
+//! From `Service`, `EndpointSlice` and `Pod` objects the [`Index`] keeps the engine's registry
+//! and the lookups the proxy makes ([`Discovered`]: which VIP:port is which service, which pod
+//! IP is which workload), one object at a time.
 
+pub mod folder;
+mod index;
 pub mod kubernetes;
-pub mod local;
-mod objects;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     net::{IpAddr, SocketAddr},
     sync::Arc,
 };
 
 use serde::Serialize;
 
-pub use objects::discover;
+use crate::{
+    config::{ObjectKey, Sourced},
+    identity::{ServiceIdentity, WorkloadIdentity},
+};
+pub use index::{Index, Name};
 
-use crate::engine::Registry;
-use crate::identity::{ServiceIdentity, WorkloadIdentity};
+/// What a source of objects (the API server's watches) reports.
+#[derive(Debug)]
+pub enum SourceChange {
+    /// This object is new or changed.
+    Upsert(Arc<Sourced>),
+    /// This object is gone.
+    Remove(ObjectKey),
+    /// These are all the objects of this kind (after a (re)list): any other is gone.
+    Replace {
+        kind: Arc<str>,
+        objects: Vec<Arc<Sourced>>,
+    },
+}
 
-/// Everything discovery knows at one moment.
+/// The lookups the data path makes, as of one snapshot. Cloning is O(1) (persistent maps).
 #[derive(Clone, Debug, Default)]
 pub struct Discovered {
-    pub registry: Registry,
     /// Service VIP and port → the service behind it.
-    pub services: HashMap<SocketAddr, ServiceTarget>,
+    services: imbl::HashMap<SocketAddr, ServiceTarget>,
     /// Pod IP → the workload running there (for telemetry and subsets).
-    pub workloads: HashMap<IpAddr, Arc<Workload>>,
-    /// (namespace, pod name) → the same workloads, for enrolled pods known by name.
-    pub pods: HashMap<(String, String), Arc<Workload>>,
+    workloads: imbl::HashMap<IpAddr, Arc<Workload>>,
+    /// `namespace/name` → the same workloads, for enrolled pods known by name.
+    pods: imbl::HashMap<Arc<str>, Arc<Workload>>,
 }
 
 impl Discovered {
@@ -50,7 +67,7 @@ impl Discovered {
     }
 
     pub fn pod(&self, namespace: &str, name: &str) -> Option<&Arc<Workload>> {
-        self.pods.get(&(namespace.to_owned(), name.to_owned()))
+        self.pods.get(format!("{namespace}/{name}").as_str())
     }
 }
 

@@ -251,7 +251,7 @@ impl<'a> ClusterSet<'a> {
 
     pub(crate) fn service(&self, fqdn: &str) -> Option<&'a Service> {
         let registry = self.registry;
-        self.services.get(fqdn).map(|&i| &registry.services[i])
+        self.services.get(fqdn).map(|&i| &*registry.services[i])
     }
 
     /// The target for a destination `fqdn` with optional `port` and `subset`.

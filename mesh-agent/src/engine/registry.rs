@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 /// The cluster DNS suffix short service names expand to.
 pub const CLUSTER_SUFFIX: &str = "svc.cluster.local";
@@ -13,12 +14,12 @@ pub const CLUSTER_SUFFIX: &str = "svc.cluster.local";
 /// Every service the mesh knows about.
 #[derive(Clone, Debug, Default)]
 pub struct Registry {
-    pub services: Vec<Service>,
+    pub services: Vec<Arc<Service>>,
 }
 
 /// A Kubernetes `Service`: its ports and all its ready endpoints (the "default" set a request
 /// goes to when no rule narrows it down).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Service {
     pub name: String,
     pub namespace: String,
@@ -34,7 +35,7 @@ pub struct ServicePort {
 }
 
 /// One ready backend (a pod IP) with the pod's labels, which subsets select on.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Endpoint {
     pub ip: IpAddr,
     pub labels: BTreeMap<String, String>,

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 
 use http::request::Parts;
 use http::{HeaderName, Request};
@@ -57,7 +58,7 @@ pub fn mesh(routes: usize, endpoints: usize) -> (MeshConfig, Registry) {
         })
         .collect();
     let config = MeshConfig {
-        virtual_services: vec![VirtualService {
+        virtual_services: vec![Arc::new(VirtualService {
             id: ObjectRef {
                 namespace: "default".into(),
                 name: "service-c".into(),
@@ -65,8 +66,8 @@ pub fn mesh(routes: usize, endpoints: usize) -> (MeshConfig, Registry) {
             hosts: vec![host("service-c")],
             gateways: vec![],
             http,
-        }],
-        destination_rules: vec![DestinationRule {
+        })],
+        destination_rules: vec![Arc::new(DestinationRule {
             id: ObjectRef {
                 namespace: "default".into(),
                 name: "service-c".into(),
@@ -77,7 +78,7 @@ pub fn mesh(routes: usize, endpoints: usize) -> (MeshConfig, Registry) {
                 ..TrafficPolicy::default()
             },
             subsets: vec![subset("version-v1", "v1"), subset("version-v2", "v2")],
-        }],
+        })],
         gateways: vec![],
     };
     let endpoints = (0..endpoints)
@@ -91,7 +92,7 @@ pub fn mesh(routes: usize, endpoints: usize) -> (MeshConfig, Registry) {
         })
         .collect();
     let registry = Registry {
-        services: vec![Service {
+        services: vec![Arc::new(Service {
             name: "service-c".into(),
             namespace: "default".into(),
             ports: vec![ServicePort {
@@ -99,7 +100,7 @@ pub fn mesh(routes: usize, endpoints: usize) -> (MeshConfig, Registry) {
                 target_port: 8080,
             }],
             endpoints,
-        }],
+        })],
     };
     (config, registry)
 }

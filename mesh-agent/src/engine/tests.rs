@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri};
@@ -169,11 +170,13 @@ fn fixture_with(
     settings: EngineSettings,
 ) -> Fixture {
     let config = MeshConfig {
-        virtual_services: vs,
-        destination_rules: dr,
+        virtual_services: vs.into_iter().map(Arc::new).collect(),
+        destination_rules: dr.into_iter().map(Arc::new).collect(),
         gateways: vec![],
     };
-    let registry = Registry { services };
+    let registry = Registry {
+        services: services.into_iter().map(Arc::new).collect(),
+    };
     let t0 = Instant::now();
     Fixture {
         engine: Engine::new(&config, &registry, settings, t0),
@@ -1069,14 +1072,14 @@ fn outlier_state_survives_a_reload() {
     f.fail_on(f.t0, crashed);
     let config = MeshConfig {
         virtual_services: vec![],
-        destination_rules: vec![destination_rule(
+        destination_rules: vec![Arc::new(destination_rule(
             "service-c",
             outlier_policy(tutorial_outlier()),
-        )],
+        ))],
         gateways: vec![],
     };
     let registry = Registry {
-        services: vec![service("service-c", 0, 3)],
+        services: vec![Arc::new(service("service-c", 0, 3))],
     };
     let reloaded = Fixture {
         engine: f.engine.reload(&config, &registry, f.at(1.0)),

@@ -349,9 +349,14 @@ impl HttpConn {
         let Entry::Ingress { port } = self.entry else {
             return request(None);
         };
-        let gateways = &snapshot.config.gateways;
+        let gateways: Vec<&Gateway> = crate::config::of_kind(&snapshot.objects, "Gateway")
+            .filter_map(|o| match &o.object {
+                crate::config::Object::Gateway(gateway) => Some(&*gateway.rule),
+                _ => None,
+            })
+            .collect();
         let on_port = |g: &&Gateway| g.servers.iter().any(|s| s.port == port);
-        let any_on_port = gateways.iter().any(|g| on_port(&g));
+        let any_on_port = gateways.iter().any(on_port);
         for gateway in gateways.iter().filter(|g| !any_on_port || on_port(g)) {
             let name = format!("{}/{}", gateway.id.namespace, gateway.id.name);
             match request(Some(&name)) {

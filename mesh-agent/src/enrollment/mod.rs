@@ -1,6 +1,9 @@
 //! Enrolled pods. For each: a listener the agent opens inside the pod's own network namespace,
 //! then the kernel enrollment that sends the pod's connections to it. Every source of
-//! enrollment (command-line flags, the admin API, Kubernetes labels later) goes through here.
+//! enrollment (command-line flags, the admin API, Kubernetes labels: [`by_label`]) goes
+//! through here.
+
+pub mod by_label;
 
 use std::{
     collections::BTreeMap,
@@ -16,11 +19,10 @@ use tokio::task::JoinHandle;
 use tracing::info;
 
 use crate::{
+    config::DEFAULT_NAMESPACE,
     proxy::{self, PodContext, Proxy},
     redirect::{netns::NetNs, Redirect, RedirectError},
 };
-
-const DEFAULT_NAMESPACE: &str = "default";
 
 #[derive(Debug, Error)]
 pub enum EnrollError {

@@ -515,9 +515,14 @@ pub enum Measure {
         count: usize,
         check: fn(&Tally) -> bool,
     },
-    /// Calls through the gateway until `pod` answers again; passes if that takes less than
-    /// `within`.
-    UntilServes { pod: &'static str, within: Duration },
+    /// Calls through the gateway until `pod`, just repaired, answers again. Istio (Envoy) brings
+    /// an ejected endpoint back at the first outlier sweep after its ejection ends, and each
+    /// ejection lasts `baseEjectionTime` × the number of times the endpoint was ejected (less
+    /// the sweeps that found it healthy since). So the bound is the ejection left when the
+    /// replica is repaired, as the agent's `/clusters` shows it, plus one `interval` and
+    /// `BACK_SLACK`; and that ejection left must itself be one Envoy could be in (at most
+    /// `baseEjectionTime` × the agent's ejection count).
+    BackAfterEjection { pod: &'static str },
 }
 
 /// One step of the tutorial: what to do, how to measure it, and what the tutorial promises.
@@ -545,9 +550,15 @@ pub struct Outcome {
 /// The crashed (and later repaired) replica: the first of the two `service-c-v2` replicas.
 pub const CRASHED_POD: &str = "service-c-v2-0";
 
-/// `baseEjectionTime` (10 s) + `interval` (2 s) of `circuit-breaker/2-destination-rules.yml`,
-/// plus 2 s of slack: the repaired replica must serve again within this.
-const BACK_WITHIN: Duration = Duration::from_secs(10 + 2 + 2);
+/// `interval` and `baseEjectionTime` of `circuit-breaker/2-destination-rules.yml`, the outlier
+/// detection in force when the replica is repaired (a unit test holds them to the file).
+const OUTLIER_INTERVAL: Duration = Duration::from_secs(2);
+const BASE_EJECTION_TIME: Duration = Duration::from_secs(10);
+/// How much later than its sweep the repaired replica may serve: it is probed every
+/// `BACK_PROBE_EVERY` and each call reaches it with even odds (one of two replicas), so 2 s
+/// leave over a dozen calls (a miss of all of them: 1 in 10,000), and a busy machine's delays.
+const BACK_SLACK: Duration = Duration::from_secs(2);
+const BACK_PROBE_EVERY: Duration = Duration::from_millis(100);
 
 /// The tutorial in order, from the baseline to the repaired replica. Shared by the end-to-end
 /// test (`Pace::Full`) and `cargo xtask demo --steps` (`Pace::Quick`).
@@ -626,11 +637,8 @@ pub fn steps(pace: Pace) -> Vec<Step> {
         Step {
             name: "repaired replica back",
             actions: vec![Action::Repair(CRASHED_POD)],
-            measure: Measure::UntilServes {
-                pod: CRASHED_POD,
-                within: BACK_WITHIN,
-            },
-            expected: "back within 14 s",
+            measure: Measure::BackAfterEjection { pod: CRASHED_POD },
+            expected: "≤ ejection left + 4 s",
         },
     ]
 }
@@ -660,7 +668,7 @@ impl Tutorial {
         }
         match &step.measure {
             Measure::Load { count, check } => self.measure_load(*count, *check),
-            Measure::UntilServes { pod, within } => self.measure_until_serves(pod, *within),
+            Measure::BackAfterEjection { pod } => self.measure_back_after_ejection(pod),
         }
     }
 
@@ -683,34 +691,113 @@ impl Tutorial {
         })
     }
 
-    fn measure_until_serves(&self, pod: &str, within: Duration) -> Result<Outcome> {
+    fn measure_back_after_ejection(&self, pod: &str) -> Result<Outcome> {
         let marker = replica_marker(pod)?;
         let start = Instant::now();
-        // Keep calling a little past the limit, so a late return is still measured and shown.
-        while start.elapsed() < within + Duration::from_secs(5) {
+        let left = self.ejection_left(pod)?;
+        let ejections = self.ejection_count()?;
+        let bound = left + OUTLIER_INTERVAL + BACK_SLACK;
+        let left_text = format!("ejection left {:.1} s", left.as_secs_f64());
+        let outcome = |shown: String, passed: bool, elapsed: Option<Duration>| Outcome {
+            shown,
+            passed,
+            tally: None,
+            elapsed,
+            error_samples: vec![],
+        };
+        // Envoy's ejection is baseEjectionTime × a multiplier that grows by one per ejection: an
+        // ejection longer than that would be the agent's fault, not a bound to wait for.
+        if left > BASE_EJECTION_TIME * ejections {
+            return Ok(outcome(
+                format!(
+                    "{left_text}, more than {} s × {ejections} ejections",
+                    BASE_EJECTION_TIME.as_secs()
+                ),
+                false,
+                None,
+            ));
+        }
+        // Keep calling a little past the bound, so a late return is still measured and shown.
+        while start.elapsed() < bound + Duration::from_secs(5) {
             let (_, body) = self.call()?;
             if body.contains(&marker) {
                 let elapsed = start.elapsed();
-                return Ok(Outcome {
-                    shown: format!("{pod} serves again after {:.1} s", elapsed.as_secs_f64()),
-                    passed: elapsed < within,
-                    tally: None,
-                    elapsed: Some(elapsed),
-                    error_samples: vec![],
-                });
+                return Ok(outcome(
+                    format!(
+                        "{pod} back after {:.1} s; {left_text}",
+                        elapsed.as_secs_f64()
+                    ),
+                    elapsed <= bound,
+                    Some(elapsed),
+                ));
             }
-            std::thread::sleep(Duration::from_millis(250));
+            std::thread::sleep(BACK_PROBE_EVERY);
         }
-        Ok(Outcome {
-            shown: format!(
-                "{pod} not back after {:.0} s",
+        Ok(outcome(
+            format!(
+                "{pod} not back after {:.0} s; {left_text}",
                 start.elapsed().as_secs_f64()
             ),
-            passed: false,
-            tally: None,
-            elapsed: None,
-            error_samples: vec![],
-        })
+            false,
+            None,
+        ))
+    }
+
+    /// How long `pod` stays ejected from now on, as the agent's `/clusters` shows it: the
+    /// longest ejection left in any cluster that has it, zero if it is in service everywhere.
+    pub fn ejection_left(&self, pod: &str) -> Result<Duration> {
+        #[derive(serde::Deserialize)]
+        struct Cluster {
+            endpoints: Vec<Endpoint>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Endpoint {
+            address: SocketAddr,
+            ejected_for: Option<Duration>,
+        }
+        let address = SocketAddr::from((self.pod_ip(pod)?, APP_PORT));
+        let (status, body) = self.agent.admin_get("/clusters")?;
+        if status != 200 {
+            bail!("/clusters answered {status}: {body}");
+        }
+        let clusters: Vec<Cluster> = serde_json::from_str(&body).context("parsing /clusters")?;
+        let mine: Vec<&Endpoint> = clusters
+            .iter()
+            .flat_map(|c| &c.endpoints)
+            .filter(|e| e.address == address)
+            .collect();
+        if mine.is_empty() {
+            bail!("{pod} ({address}) is in no cluster of the agent: {body}");
+        }
+        Ok(mine
+            .iter()
+            .filter_map(|e| e.ejected_for)
+            .max()
+            .unwrap_or_default())
+    }
+
+    /// How many ejections outlier detection made so far, all endpoints together (`/metrics`).
+    fn ejection_count(&self) -> Result<u32> {
+        let (status, text) = self.agent.admin_get("/metrics")?;
+        if status != 200 {
+            bail!("/metrics answered {status}: {text}");
+        }
+        let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+            .context("parsing /metrics")?;
+        let sample = scrape
+            .samples
+            .iter()
+            .find(|s| {
+                s.metric.starts_with("mesh_engine_events")
+                    && s.labels.get("event") == Some("ejection")
+            })
+            .context("/metrics has no mesh_engine_events{event=\"ejection\"}")?;
+        match sample.value {
+            prometheus_parse::Value::Counter(n) | prometheus_parse::Value::Untyped(n) => {
+                Ok(n as u32)
+            }
+            _ => bail!("mesh_engine_events{{event=\"ejection\"}} is not a counter"),
+        }
     }
 }
 
@@ -723,4 +810,32 @@ fn replica_marker(pod: &str) -> Result<String> {
         .find(|(name, ..)| *name == deployment)
         .with_context(|| format!("{pod} is not a pod of the tutorial's deployments"))?;
     Ok(format!("| {version} | {suffix} |"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_repaired_steps_bound_uses_the_circuit_breakers_own_durations() {
+        let file = examples_dir().join("circuit-breaker/2-destination-rules.yml");
+        let yaml = std::fs::read_to_string(&file).unwrap();
+        let lines: Vec<&str> = yaml.lines().map(str::trim).collect();
+        for expected in [
+            format!("interval: {}s", OUTLIER_INTERVAL.as_secs()),
+            format!("baseEjectionTime: {}s", BASE_EJECTION_TIME.as_secs()),
+        ] {
+            assert!(
+                lines.contains(&expected.as_str()),
+                "{expected:?} not in {yaml}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_replica_is_recognised_by_its_version_and_pod_suffix() {
+        assert_eq!(replica_marker("service-c-v2-0").unwrap(), "| v2 | 0 |");
+        assert_eq!(replica_marker("service-c-v1-1").unwrap(), "| v1 | 1 |");
+        assert!(replica_marker("service-d-0").is_err());
+    }
 }

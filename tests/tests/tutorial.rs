@@ -10,7 +10,8 @@ fn the_tutorial_end_to_end() {
     // This test runs uncaptured in CI to show its figures; the apps' and agent's own output
     // would drown them.
     mesh_tests::set_echo(false);
-    let tutorial = Tutorial::start().unwrap();
+    // On a fresh machine starting takes minutes (Deno from npm, perhaps a JDK): say what it does.
+    let tutorial = Tutorial::start(&|line| println!("start: {line}")).unwrap();
 
     // Baseline: the whole chain through the gateway.
     let (status, body) = tutorial.call().unwrap();

@@ -4,7 +4,9 @@
 #     ${MESH_CACHE:-$HOME/.cache/mesh}/deno, unless it is already there;
 #   - a Java runtime (service-c) with apt-get, if `java` is missing (needs root);
 #   - python3 (service-a) is assumed to be present.
-# Progress goes to stderr; the LAST line on stdout is the absolute path of the deno binary.
+# Progress goes to stderr, one `install-runtimes: ...` line per phase (what it found, what it
+# installs, and how long an install took; `cargo xtask demo` shows these lines) amid the output
+# of apt-get and npm. The LAST line on stdout is the absolute path of the deno binary.
 #
 # Environment: MESH_CACHE (cache root), DENO_VERSION (default: the pinned version below).
 set -euo pipefail
@@ -47,7 +49,7 @@ install_deno() {
         log "npm is missing; installing it with apt-get"
         apt_install npm
     fi
-    log "installing deno@$DENO_VERSION from npm into $DENO_PREFIX"
+    log "installing deno@$DENO_VERSION from npm into $DENO_PREFIX (once) ..."
     mkdir -p "$DENO_PREFIX"
     # The platform package is named explicitly so the binary lands even if npm skips
     # optional dependencies or the postinstall script.
@@ -67,9 +69,11 @@ apt_install() {
     fi
     export DEBIAN_FRONTEND=noninteractive
     if [[ "$APT_UPDATED" == 0 ]]; then
+        log "apt-get update ..."
         "${sudo[@]}" apt-get update -q >&2
         APT_UPDATED=1
     fi
+    log "apt-get install $* ..."
     "${sudo[@]}" apt-get install -y -q --no-install-recommends "$@" >&2
 }
 
@@ -90,22 +94,26 @@ java_ok() {
 if java_ok; then
     log "java present: $(java -version 2>&1 | head -n1)"
 else
+    started=$SECONDS
     if command -v java >/dev/null 2>&1; then
-        log "java lacks jdk.compiler or jdk.httpserver; installing a headless JDK with apt-get"
+        log "java lacks jdk.compiler or jdk.httpserver; installing a headless JDK with apt-get (once) ..."
         apt_install default-jdk-headless || apt_install openjdk-17-jdk-headless
     else
-        log "java missing; installing a headless JRE with apt-get"
+        log "java missing; installing a headless JRE with apt-get (once) ..."
         apt_install default-jre-headless || apt_install openjdk-17-jre-headless
     fi
     java_ok || { log "no usable java (with jdk.compiler and jdk.httpserver) after apt-get"; exit 1; }
+    log "java installed in $((SECONDS - started)) s: $(java -version 2>&1 | head -n1)"
 fi
 
 # --- deno --------------------------------------------------------------------------------------
 if DENO_BIN="$(find_deno)"; then
     log "deno $DENO_VERSION already installed"
 else
+    started=$SECONDS
     install_deno
     DENO_BIN="$(find_deno)" || { log "deno $DENO_VERSION not found in $DENO_PREFIX after npm install"; exit 1; }
+    log "deno $DENO_VERSION installed in $((SECONDS - started)) s"
 fi
 
 echo "$DENO_BIN"

@@ -3,7 +3,12 @@
 #
 #   run-app.sh service-a     python3 service-a/app.py
 #   run-app.sh service-b     deno run --allow-net --allow-env service-b/main.ts
-#   run-app.sh service-c     java service-c/ServiceC.java
+#   run-app.sh service-c     java -cp <compiled> ServiceC   (see below)
+#   run-app.sh prepare       compiles service-c now if needed, says so on stderr, and exits
+#
+# Service C is compiled once per source and JDK into ${MESH_CACHE:-$HOME/.cache/mesh}/service-c/
+# (`java ServiceC.java`, the source launcher, would compile it in memory at every start: seconds
+# of CPU per replica on a busy machine). `prepare` lets a caller show that step on its own.
 #
 # The apps read PORT (default 8080) and SERVICE_B_HOST / SERVICE_C_HOST / VERSION / HOSTNAME
 # from the environment (see README.md). HTTP proxy variables are removed from the app's
@@ -28,7 +33,31 @@ find_deno() {
     exit 1
 }
 
+# Prints the directory holding ServiceC.class for this source and this JDK, compiling it first
+# if it is not there. Uses the jdk.compiler module through `java` (install-runtimes.sh checks it
+# is there), so a JRE with that module is enough.
+compiled_service_c() {
+    local source="$HERE/service-c/ServiceC.java" java key dir tmp started=$SECONDS
+    java="$(readlink -f "$(command -v java)")"
+    key="$( { sha256sum <"$source"; echo "$java"; } | sha256sum | cut -c1-16)"
+    dir="${MESH_CACHE:-${HOME:-/root}/.cache/mesh}/service-c/$key"
+    if [[ ! -f "$dir/ServiceC.class" ]]; then
+        echo "run-app: compiling service-c/ServiceC.java into $dir (once) ..." >&2
+        mkdir -p "$(dirname "$dir")"
+        tmp="$(mktemp -d "$dir.XXXXXX")" && chmod 755 "$tmp"
+        java -m jdk.compiler/com.sun.tools.javac.Main -d "$tmp" "$source" >&2
+        # Replicas starting together may both compile: the first rename wins, the others find
+        # the directory there (rename onto a non-empty directory fails) and drop their copy.
+        mv -T "$tmp" "$dir" 2>/dev/null || rm -rf "$tmp"
+        echo "run-app: service-c compiled in $((SECONDS - started)) s" >&2
+    fi
+    echo "$dir"
+}
+
 case "${1:-}" in
+    prepare)
+        compiled_service_c >/dev/null
+        ;;
     service-a | a)
         exec python3 -u "$HERE/service-a/app.py"
         ;;
@@ -38,10 +67,10 @@ case "${1:-}" in
         exec "$(find_deno)" run --no-prompt --allow-net --allow-env "$HERE/service-b/main.ts"
         ;;
     service-c | c)
-        exec java "$HERE/service-c/ServiceC.java"
+        exec java -cp "$(compiled_service_c)" ServiceC
         ;;
     *)
-        echo "usage: $0 service-a|service-b|service-c   (env: PORT, SERVICE_B_HOST, SERVICE_C_HOST, VERSION, HOSTNAME)" >&2
+        echo "usage: $0 service-a|service-b|service-c|prepare   (env: PORT, SERVICE_B_HOST, SERVICE_C_HOST, VERSION, HOSTNAME)" >&2
         exit 2
         ;;
 esac

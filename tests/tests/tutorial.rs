@@ -10,7 +10,8 @@ fn the_tutorial_end_to_end() {
     // This test runs uncaptured in CI to show its figures; the apps' and agent's own output
     // would drown them.
     mesh_tests::set_echo(false);
-    let tutorial = Tutorial::start().unwrap();
+    // On a fresh machine starting takes minutes (Deno from npm, perhaps a JDK): say what it does.
+    let tutorial = Tutorial::start(&|line| println!("start: {line}")).unwrap();
 
     // Baseline: the whole chain through the gateway.
     let (status, body) = tutorial.call().unwrap();
@@ -50,8 +51,9 @@ fn the_tutorial_end_to_end() {
     // The tutorial's steps in order (see `mesh_tests::tutorial::steps`): canary 1-4 over 1,000
     // requests each (v2 exactly 0%, 10% ± 2, 50% ± 3, exactly 100%), then v1 scaled to 0 and v2
     // to 2 replicas with one crashed: errors 35-65% with no policy, at most 5% with outlier
-    // detection, none of 1,000 with retries; the repaired replica back within
-    // baseEjectionTime + interval + 2 s.
+    // detection, none of 1,000 with retries; the repaired replica back within the ejection it
+    // still had at repair (each ejection is baseEjectionTime × how many it has had) + interval
+    // + 2 s.
     for step in steps(Pace::Full) {
         let outcome = tutorial.run_step(&step).unwrap();
         println!("{:<40} {}", step.name, outcome.shown);

@@ -126,8 +126,9 @@ pub fn send(command: &Command) -> Result<()> {
             path.display()
         );
     };
-    // Scaling up waits for the new replica to become healthy (Java compiles at start).
-    stream.set_read_timeout(Some(Duration::from_secs(90)))?;
+    // Scaling up waits for the new replica to become healthy (Java compiles at start): up to
+    // two minutes on a busy machine before the demo gives up and answers.
+    stream.set_read_timeout(Some(Duration::from_secs(150)))?;
     (&stream).write_all(format!("{command}\n").as_bytes())?;
     let mut answer = String::new();
     BufReader::new(&stream)

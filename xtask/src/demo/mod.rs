@@ -62,8 +62,13 @@ pub fn run(mode: Mode) -> Result<()> {
 
     mesh_tests::set_echo(false);
     println!("starting the tutorial's node: 4 pods (Python, Deno, Java ×2) and the agent ...");
-    let tutorial = Tutorial::start()?;
-    println!("ready after {:.1} s", began.elapsed().as_secs_f64());
+    let starting = Instant::now();
+    let tutorial = Tutorial::start(&|line| println!("  {line}"))?;
+    println!(
+        "ready after {:.1} s (the node and its pods: {:.1} s)",
+        began.elapsed().as_secs_f64(),
+        starting.elapsed().as_secs_f64()
+    );
 
     let result = match (mode, &server) {
         (Mode::Live { rounds }, Some(server)) => live::run(&tutorial, server, rounds, &stop),

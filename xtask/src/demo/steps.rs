@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::{bail, Result};
 use mesh_tests::tutorial::{steps, Outcome, Pace, Step, Tutorial};
 
-const WIDTHS: [usize; 4] = [34, 60, 45, 22];
+const WIDTHS: [usize; 4] = [34, 60, 54, 22];
 
 pub fn run(tutorial: &Tutorial, stop: &AtomicBool) -> Result<()> {
     let steps = steps(Pace::Quick);

@@ -18,8 +18,13 @@ use mesh_common::{
     global_name, map_name, program_name, ConnKey, Decision, Enrollment, OriginalDst, SockKey,
 };
 
-/// The kernel object built by `cargo xtask build-ebpf`.
+/// The kernel object built by `cargo xtask build-ebpf`, embedded by `build.rs`; empty when the
+/// agent was built without it.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf.o"));
+
+/// Why `build.rs` embedded no object (missing, or older than the kernel sources); `None` when it
+/// embedded one.
+const NOT_EMBEDDED: Option<&str> = option_env!("MESH_EBPF_NOT_EMBEDDED");
 
 /// Program names in the object, and the hook each one needs.
 const PROGRAMS: [(&str, &str); 3] = [
@@ -50,6 +55,8 @@ impl EbpfRedirect {
         agent_mark: u32,
         socket_fast_path: bool,
     ) -> Result<EbpfRedirect, RedirectError> {
+        // First: without programs there is nothing to check the host for.
+        let object = embedded_object(EBPF_OBJECT, NOT_EMBEDDED)?;
         let cgroup = preflight::check(cgroup)?;
         let cgroup_file = File::open(&cgroup).map_err(|source| RedirectError::Cgroup {
             path: cgroup.clone(),
@@ -58,7 +65,7 @@ impl EbpfRedirect {
         let mut ebpf = EbpfLoader::new()
             .override_global(global_name::AGENT_MARK, &agent_mark, true)
             .override_global(global_name::FAST_PATH, &u32::from(socket_fast_path), true)
-            .load(EBPF_OBJECT)?;
+            .load(object)?;
         // The message verdict goes on the socket map before any socket can join it.
         let sockets: SockHash<MapData, SockKey> = ebpf
             .take_map(map_name::SOCKETS)
@@ -197,6 +204,17 @@ impl EbpfRedirect {
     }
 }
 
+/// The embedded object, or the refusal to start when the build had none to embed.
+fn embedded_object(
+    object: &'static [u8],
+    not_embedded: Option<&'static str>,
+) -> Result<&'static [u8], RedirectError> {
+    match not_embedded {
+        Some(reason) => Err(RedirectError::NotBuilt { reason }),
+        None => Ok(object),
+    }
+}
+
 fn take_hash_map<K: aya::Pod, V: aya::Pod>(
     ebpf: &mut Ebpf,
     name: &'static str,
@@ -205,3 +223,20 @@ fn take_hash_map<K: aya::Pod, V: aya::Pod>(
     HashMap::try_from(map).map_err(|source| RedirectError::Map { map: name, source })
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_agent_built_without_the_object_refuses_and_says_what_to_run() {
+        let error = embedded_object(&[], Some("no eBPF object at /src/mesh-ebpf/target/x"))
+            .expect_err("no object, no start");
+        assert_eq!(
+            error.to_string(),
+            "this mesh-agent was built without its eBPF programs (no eBPF object at \
+             /src/mesh-ebpf/target/x): run `cargo xtask build-ebpf`, then build again"
+        );
+        let object: &'static [u8] = b"\x7fELF";
+        assert_eq!(embedded_object(object, None).unwrap(), object);
+    }
+}

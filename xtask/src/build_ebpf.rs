@@ -66,6 +66,14 @@ pub fn run() -> Result<PathBuf> {
         bail!("building mesh-ebpf failed ({status})");
     }
     let object = target_dir.join("bpfel-unknown-none/release/mesh-ebpf");
+    // The object is now built from the current inputs, but cargo leaves it untouched when no
+    // change mattered to it (a comment in Cargo.toml, a touched file). mesh-agent/build.rs
+    // refuses an object older than its inputs, so date it now.
+    std::fs::File::options()
+        .write(true)
+        .open(&object)
+        .and_then(|file| file.set_modified(std::time::SystemTime::now()))
+        .with_context(|| format!("dating {}", object.display()))?;
     println!("eBPF object: {}", object.display());
     Ok(object)
 }

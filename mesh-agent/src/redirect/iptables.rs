@@ -357,6 +357,10 @@ mod tests {
     }
 
     #[test]
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "a test thread, and a plain connected pair is what it needs"
+    )]
     fn an_accepted_socket_without_nat_has_no_original_destination() {
         // Whether or not conntrack tracks loopback here, a plain connection is not redirected.
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -106,7 +106,9 @@ fn find_cgroup2(table: &str) -> Option<PathBuf> {
 }
 
 fn is_cgroup2(path: &Path) -> bool {
-    rustix::fs::statfs(path).is_ok_and(|stat| i64::from(stat.f_type) == CGROUP2_SUPER_MAGIC)
+    // `f_type`'s integer type differs between architectures; i128 holds each of them.
+    rustix::fs::statfs(path)
+        .is_ok_and(|stat| i128::from(stat.f_type) == i128::from(CGROUP2_SUPER_MAGIC))
 }
 
 #[cfg(test)]

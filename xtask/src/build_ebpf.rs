@@ -1,7 +1,7 @@
 //! Builds `mesh-ebpf` for `bpfel-unknown-none` with the toolchain `mesh-ebpf/rust-toolchain.toml`
-//! names (nightly, with rust-src) and a `bpf-linker` that uses that compiler's own LLVM (see
-//! docs/development.md). Tools are cached per LLVM build under `~/.cache/mesh`, so only the first
-//! run installs anything.
+//! names (nightly, with rust-src) and a `bpf-linker` linked against that compiler's own LLVM (it
+//! must read the bitcode the compiler emits). Tools are cached per LLVM build under
+//! `~/.cache/mesh`, so only the first run installs anything.
 
 use std::{
     env,

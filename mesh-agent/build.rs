@@ -1,23 +1,59 @@
-//! Embeds the kernel object built by `cargo xtask build-ebpf`.
+//! Embeds the kernel object built by `cargo xtask build-ebpf`, or a prebuilt one named by
+//! `MESH_EBPF_OBJECT`. Never fails: without an up-to-date object the agent builds without its
+//! eBPF programs (one warning says why), and `mesh-agent run` in eBPF mode refuses to start with
+//! the same reason. Everything else (validate, apply, the iptables mode) works either way.
 
-use std::{env, path::PathBuf};
+use std::{env, fs, path::PathBuf};
+
+#[path = "src/redirect/ebpf_object.rs"]
+mod ebpf_object;
+
+use ebpf_object::{Choice, INPUTS};
 
 fn main() {
+    let root = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets it"))
+        .parent()
+        .expect("mesh-agent lives in the workspace")
+        .to_path_buf();
+    let out =
+        PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join("mesh-ebpf.o");
     println!("cargo:rerun-if-env-changed=MESH_EBPF_OBJECT");
-    let object = env::var_os("MESH_EBPF_OBJECT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../target/ebpf/bpfel-unknown-none/release/mesh-ebpf")
-        });
-    println!("cargo:rerun-if-changed={}", object.display());
-    if !object.exists() {
-        panic!(
-            "the eBPF object {} does not exist: run `cargo xtask build-ebpf` first \
-             (or set MESH_EBPF_OBJECT)",
-            object.display()
-        );
+    let explicit = env::var_os("MESH_EBPF_OBJECT").map(PathBuf::from);
+    match &explicit {
+        // Watching a path that does not exist would rerun this script, and rebuild the agent,
+        // on every build; a mistyped MESH_EBPF_OBJECT is the one case where that is accepted.
+        Some(object) => println!("cargo:rerun-if-changed={}", object.display()),
+        None => {
+            // The whole eBPF crate: its sources, and its target directory, where the object
+            // appears once `cargo xtask build-ebpf` has run. It always exists, unlike the object.
+            println!(
+                "cargo:rerun-if-changed={}",
+                root.join("mesh-ebpf").display()
+            );
+            for input in INPUTS
+                .iter()
+                .filter(|input| !input.starts_with("mesh-ebpf/"))
+            {
+                println!("cargo:rerun-if-changed={}", root.join(input).display());
+            }
+        }
     }
-    let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
-    std::fs::copy(&object, out.join("mesh-ebpf.o")).expect("copy the eBPF object into OUT_DIR");
+    let embedded = match ebpf_object::choose(&root, explicit) {
+        Choice::Embed(object) => fs::copy(&object, &out)
+            .map(drop)
+            .map_err(|error| format!("cannot copy {}: {error}", object.display())),
+        Choice::Without(reason) => Err(reason),
+    };
+    if let Err(reason) = embedded {
+        // One line: cargo takes the value up to the end of the line.
+        let reason = reason.replace(['\n', '\r'], " ");
+        println!(
+            "cargo:warning=building mesh-agent without its eBPF programs ({reason}): run \
+             `cargo xtask build-ebpf`, then build again (until then `mesh-agent run` works \
+             only with --redirect iptables)"
+        );
+        println!("cargo:rustc-env=MESH_EBPF_NOT_EMBEDDED={reason}");
+        // `include_bytes!` needs a file either way; the agent never loads this one.
+        fs::write(&out, []).expect("writing into OUT_DIR");
+    }
 }

@@ -17,7 +17,10 @@ pub fn change(admin: SocketAddr, files: &[PathBuf], delete: bool) -> Result<()> 
         let text = std::fs::read_to_string(&file)
             .with_context(|| format!("reading {}", file.display()))?;
         let label = file.display().to_string();
-        let path = format!("{endpoint}?file={}", label.replace(' ', "%20"));
+        let query = form_urlencoded::Serializer::new(String::new())
+            .append_pair("file", &label)
+            .finish();
+        let path = format!("{endpoint}?{query}");
         let (status, body) = client::request(admin, Method::POST, &path, text)?;
         let answer: Value = serde_json::from_slice(&body).unwrap_or_default();
         if status != StatusCode::OK {

@@ -24,6 +24,64 @@ pub const ORIGINAL_DST_CAPACITY: u32 = 65_536;
 /// Capacity of the enrollment map: pods (network namespaces) one node can enroll.
 pub const ENROLLED_CAPACITY: u32 = 4_096;
 
+/// Names of the kernel maps, as the agent looks them up in the loaded object. The kernel side
+/// defines each map under the same Rust name and checks it at compile time (`shared_name!` in
+/// `mesh-ebpf`), so the two cannot drift apart.
+pub mod map_name {
+    /// Enrolled pods by network-namespace cookie ([`Enrollment`](super::Enrollment)).
+    pub const ENROLLED: &str = "ENROLLED";
+    /// Original destinations by socket cookie, before the connection is established.
+    pub const PENDING: &str = "PENDING";
+    /// Original destinations by [`ConnKey`](super::ConnKey): what the agent reads after `accept`.
+    pub const ORIGINAL_DST: &str = "ORIGINAL_DST";
+    /// Both ends of redirected connections, for the socket fast path.
+    pub const SOCKETS: &str = "SOCKETS";
+    /// Per-CPU counters, one per [`Decision`](super::Decision).
+    pub const DECISIONS: &str = "DECISIONS";
+}
+
+/// Names of the kernel programs (their function names in `mesh-ebpf`).
+pub mod program_name {
+    /// `cgroup/connect4`: the redirect decision.
+    pub const CONNECT4: &str = "mesh_connect4";
+    /// `cgroup/connect6`: counts IPv6 connections, which are not redirected yet.
+    pub const CONNECT6: &str = "mesh_connect6";
+    /// `sockops`: moves the original destination to its final key once established.
+    pub const SOCK_OPS: &str = "mesh_sock_ops";
+    /// `sk_msg` on the socket map: the socket fast path.
+    pub const SK_MSG: &str = "mesh_sk_msg";
+}
+
+/// Names of the kernel programs' globals that the loader sets before loading.
+pub mod global_name {
+    /// `u32`: the socket mark of the agent's own sockets, never redirected.
+    pub const AGENT_MARK: &str = "AGENT_MARK";
+    /// `u32`: 1 puts redirected connections on the socket fast path.
+    pub const FAST_PATH: &str = "FAST_PATH";
+}
+
+/// Whether two names are equal, usable in constants: the kernel side asserts with it that each
+/// map, program and global carries the name the agent looks it up by.
+pub const fn names_match(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+const _: () = assert!(
+    names_match("ENROLLED", map_name::ENROLLED)
+        && !names_match("ENROLLED", "ENROLLEE")
+        && !names_match("ENROLLED", "ENROLLED_")
+);
+
 /// What an enrolled pod's outbound connections are redirected to, inside the pod's own network
 /// namespace. Addresses and ports are in network byte order, as the kernel hands them over.
 #[repr(C)]

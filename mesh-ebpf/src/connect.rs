@@ -11,13 +11,14 @@ use aya_ebpf::{
     programs::SockAddrContext,
     EbpfContext,
 };
-use mesh_common::{Decision, OriginalDst, DEFAULT_AGENT_MARK};
+use mesh_common::{global_name, program_name, Decision, OriginalDst, DEFAULT_AGENT_MARK};
 
 use crate::maps::{count, ENROLLED, PENDING};
 
 /// Mark on the agent's own sockets; set by the loader (`EbpfLoader::set_global`).
 #[unsafe(no_mangle)]
 static AGENT_MARK: u32 = DEFAULT_AGENT_MARK;
+shared_name!(AGENT_MARK, global_name::AGENT_MARK);
 
 /// Return value that lets `connect` proceed. The hooks never refuse a connection.
 const ALLOW: i32 = 1;
@@ -28,6 +29,7 @@ pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
     count(redirect4(&ctx));
     ALLOW
 }
+shared_name!(mesh_connect4, program_name::CONNECT4);
 
 #[cgroup_sock_addr(connect6)]
 pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
@@ -37,6 +39,7 @@ pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
     count(Decision::Ipv6);
     ALLOW
 }
+shared_name!(mesh_connect6, program_name::CONNECT6);
 
 fn redirect4(ctx: &SockAddrContext) -> Decision {
     // SAFETY: the kernel hands a valid `bpf_sock_addr` to this hook for its whole run.

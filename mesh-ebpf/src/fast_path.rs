@@ -14,7 +14,7 @@ use aya_ebpf::{
     programs::{SkMsgContext, SockOpsContext},
     EbpfContext,
 };
-use mesh_common::SockKey;
+use mesh_common::{global_name, program_name, SockKey};
 
 use crate::maps::{ENROLLED, SOCKETS};
 
@@ -22,6 +22,7 @@ use crate::maps::{ENROLLED, SOCKETS};
 /// loader (`--socket-fast-path`).
 #[unsafe(no_mangle)]
 static FAST_PATH: u32 = 0;
+shared_name!(FAST_PATH, global_name::FAST_PATH);
 
 /// The kernel keeps the remote port in network order in the upper 16 bits of the field (on
 /// little-endian hosts), the local port in host order.
@@ -89,3 +90,4 @@ pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
     let _ = SOCKETS.redirect_msg(&ctx, own.peer(), BPF_F_INGRESS as u64);
     SK_PASS
 }
+shared_name!(mesh_sk_msg, program_name::SK_MSG);

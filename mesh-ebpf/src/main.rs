@@ -6,6 +6,28 @@
 #![no_std]
 #![no_main]
 
+/// Fails the build unless `$item` (a map, program or loader-set global) has the name the agent
+/// looks it up by in `mesh_common`. The loader finds each by its symbol, which aya's `#[map]`
+/// and program macros and `#[no_mangle]` take from the Rust name; the reference to `$item`
+/// makes a rename that forgets the constant fail here too.
+macro_rules! shared_name {
+    ($item:ident, $name:path) => {
+        const _: () = {
+            let _ = &$item;
+            assert!(
+                mesh_common::names_match(stringify!($item), $name),
+                concat!(
+                    "`",
+                    stringify!($item),
+                    "` must carry the name in `",
+                    stringify!($name),
+                    "`: the agent looks it up by that name"
+                )
+            );
+        };
+    };
+}
+
 mod connect;
 mod fast_path;
 mod maps;

@@ -5,34 +5,39 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
 };
 use mesh_common::{
-    ConnKey, Decision, Enrollment, OriginalDst, SockKey, ENROLLED_CAPACITY, ORIGINAL_DST_CAPACITY,
-    PENDING_CAPACITY, SOCKETS_CAPACITY,
+    map_name, ConnKey, Decision, Enrollment, OriginalDst, SockKey, ENROLLED_CAPACITY,
+    ORIGINAL_DST_CAPACITY, PENDING_CAPACITY, SOCKETS_CAPACITY,
 };
 
 /// Enrolled pods, keyed by network-namespace cookie. Filled by the agent.
-#[map(name = "ENROLLED")]
+#[map]
 pub static ENROLLED: HashMap<u64, Enrollment> = HashMap::with_max_entries(ENROLLED_CAPACITY, 0);
+shared_name!(ENROLLED, map_name::ENROLLED);
 
 /// Original destination keyed by socket cookie, written by `connect4` before the local port is
 /// known and moved to `ORIGINAL_DST` once the connection is established.
-#[map(name = "PENDING")]
+#[map]
 pub static PENDING: LruHashMap<u64, OriginalDst> =
     LruHashMap::with_max_entries(PENDING_CAPACITY, 0);
+shared_name!(PENDING, map_name::PENDING);
 
 /// Original destination keyed by (netns cookie, client port): what the agent reads after
 /// `accept`. Removed when the client socket closes.
-#[map(name = "ORIGINAL_DST")]
+#[map]
 pub static ORIGINAL_DST: LruHashMap<ConnKey, OriginalDst> =
     LruHashMap::with_max_entries(ORIGINAL_DST_CAPACITY, 0);
+shared_name!(ORIGINAL_DST, map_name::ORIGINAL_DST);
 
 /// Both ends of redirected connections, for the fast path (`fast_path.rs`). The kernel removes
 /// a socket when it closes.
-#[map(name = "SOCKETS")]
+#[map]
 pub static SOCKETS: SockHash<SockKey> = SockHash::with_max_entries(SOCKETS_CAPACITY, 0);
+shared_name!(SOCKETS, map_name::SOCKETS);
 
 /// How often each `Decision` was taken, per CPU.
-#[map(name = "DECISIONS")]
+#[map]
 pub static DECISIONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Decision::COUNT, 0);
+shared_name!(DECISIONS, map_name::DECISIONS);
 
 pub fn count(decision: Decision) {
     if let Some(counter) = DECISIONS.get_ptr_mut(decision as u32) {

@@ -13,7 +13,7 @@ use aya_ebpf::{
     programs::SockOpsContext,
     EbpfContext,
 };
-use mesh_common::ConnKey;
+use mesh_common::{program_name, ConnKey};
 
 use crate::{
     fast_path,
@@ -33,6 +33,7 @@ pub fn mesh_sock_ops(ctx: SockOpsContext) -> u32 {
     }
     0
 }
+shared_name!(mesh_sock_ops, program_name::SOCK_OPS);
 
 fn conn_key(ctx: &SockOpsContext) -> ConnKey {
     ConnKey {

@@ -94,8 +94,9 @@ fn kill_all(path: &Path) {
         return;
     }
     let procs = fs::read_to_string(path.join("cgroup.procs")).unwrap_or_default();
-    for pid in procs.split_whitespace().filter_map(|p| p.parse().ok()) {
-        // SAFETY: kill(2) takes plain integers and touches no memory of ours.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
+    let pids = procs.split_whitespace().filter_map(|p| p.parse().ok());
+    for pid in pids.filter_map(rustix::process::Pid::from_raw) {
+        // It may have exited since the list was read.
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
     }
 }

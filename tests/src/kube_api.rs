@@ -438,10 +438,8 @@ fn error(code: StatusCode, reason: &str, message: &str) -> Response<ResponseBody
 /// pairs lets a test match "GET /api/v1/pods?watch=true".
 fn request_line(request: &Request<Incoming>) -> String {
     let query = request.uri().query().unwrap_or_default();
-    let pairs: Vec<String> = query
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(percent_decode)
+    let pairs: Vec<String> = form_urlencoded::parse(query.as_bytes())
+        .map(|(key, value)| format!("{key}={value}"))
         .collect();
     let query = if pairs.is_empty() {
         String::new()
@@ -803,38 +801,11 @@ fn parse_label_term(term: &str) -> Option<LabelTerm> {
     }
 }
 
+/// The query's pairs, decoded (kube encodes `=` in selectors as `%3D`).
 fn parse_query(query: &str) -> BTreeMap<String, String> {
-    query
-        .split('&')
-        .filter(|pair| !pair.is_empty())
-        .map(|pair| {
-            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            (percent_decode(key), percent_decode(value))
-        })
+    form_urlencoded::parse(query.as_bytes())
+        .into_owned()
         .collect()
-}
-
-/// Decodes `application/x-www-form-urlencoded` (kube encodes `=` in selectors as `%3D`).
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok());
-        match (bytes[i], hex) {
-            (b'%', Some(byte)) => {
-                out.push(byte);
-                i += 3;
-                continue;
-            }
-            (b'+', _) => out.push(b' '),
-            (byte, _) => out.push(byte),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// A streaming response body fed by a channel; the stream ends when the sender is dropped.

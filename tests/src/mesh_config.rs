@@ -5,7 +5,6 @@ use std::{
     fmt::Write as _,
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    sync::atomic::{AtomicU32, Ordering},
 };
 
 use anyhow::{Context, Result};
@@ -14,7 +13,7 @@ use crate::Pod;
 
 /// A config folder under the system temp dir, removed on drop.
 pub struct ConfigDir {
-    path: PathBuf,
+    dir: tempfile::TempDir,
 }
 
 /// A pod behind a service, with the labels subsets select on.
@@ -25,24 +24,21 @@ pub struct Backend<'a> {
 
 impl ConfigDir {
     pub fn new() -> Result<ConfigDir> {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "mesh-config-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
-        Ok(ConfigDir { path })
+        let dir = tempfile::Builder::new()
+            .prefix("mesh-config-")
+            .tempdir()
+            .context("creating a config folder")?;
+        Ok(ConfigDir { dir })
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        self.dir.path()
     }
 
     pub fn write(&self, name: &str, text: &str) -> Result<()> {
-        let file = self.path.join(name);
+        let file = self.path().join(name);
         // Write then rename, so the agent's watcher never reads half a file.
-        let tmp = self.path.join(format!(".{name}.tmp"));
+        let tmp = self.path().join(format!(".{name}.tmp"));
         std::fs::write(&tmp, text)?;
         std::fs::rename(&tmp, &file)?;
         Ok(())
@@ -95,12 +91,6 @@ impl ConfigDir {
             );
         }
         self.write(&format!("service-{name}.yml"), &text)
-    }
-}
-
-impl Drop for ConfigDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.path);
     }
 }
 

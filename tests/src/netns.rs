@@ -2,7 +2,7 @@
 
 use std::fs::{self, File};
 use std::io::ErrorKind;
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::thread::{self, JoinHandle};
@@ -77,10 +77,10 @@ pub(crate) fn entries(dir: &str) -> Vec<String> {
 
 /// Moves the calling thread into the network namespace behind `ns`.
 fn enter(ns: &File) -> std::io::Result<()> {
-    // SAFETY: setns(2) only reads the fd, which `ns` keeps open for the duration of the call.
-    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    rustix::thread::move_into_link_name_space(
+        ns.as_fd(),
+        Some(rustix::thread::LinkNameSpaceType::Network),
+    )?;
     Ok(())
 }
 

@@ -3,7 +3,7 @@
 use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read};
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -50,15 +50,15 @@ pub(crate) fn spawn(mut command: Command, placement: Placement) -> Result<PodPro
         .with_context(|| format!("opening network namespace {}", placement.netns.display()))?;
     let etc_mounts = placement.etc_overrides.map(etc_mounts).transpose()?;
     let setup = ChildSetup {
-        cgroup_procs: cgroup_procs.as_raw_fd(),
-        netns: netns.as_raw_fd(),
+        cgroup_procs,
+        netns,
         etc_mounts,
-        // SAFETY: getpid(2) has no preconditions.
-        parent: unsafe { libc::getpid() },
+        parent: rustix::process::getpid(),
     };
     command.stdout(Stdio::piped()).stderr(Stdio::piped());
-    // SAFETY: `ChildSetup::run` makes only async-signal-safe system calls on fds and strings that
-    // were prepared above and stay open/alive until `spawn` returns; it allocates nothing.
+    // SAFETY: `ChildSetup::run` makes only async-signal-safe system calls, on files and strings
+    // the closure owns (they close when `command` drops, and the child's copies on exec); it
+    // allocates nothing.
     unsafe { command.pre_exec(move || setup.run()) };
     let mut child = command.spawn().with_context(|| {
         format!(
@@ -67,7 +67,6 @@ pub(crate) fn spawn(mut command: Command, placement: Placement) -> Result<PodPro
             placement.label
         )
     })?;
-    drop((cgroup_procs, netns));
 
     let stdout = OutputLines::capture(child.stdout.take(), &placement.label, "stdout");
     let stderr = OutputLines::capture(child.stderr.take(), &placement.label, "stderr");
@@ -82,7 +81,6 @@ pub(crate) fn spawn(mut command: Command, placement: Placement) -> Result<PodPro
 
 /// Bind mounts over `/etc` files, prepared before fork.
 struct EtcMounts {
-    root: CString,
     /// (source, target) pairs.
     files: Vec<(CString, CString)>,
 }
@@ -98,71 +96,50 @@ fn etc_mounts(dir: &Path) -> Result<EtcMounts> {
             files.push((c_string(&source)?, c_string(&target)?));
         }
     }
-    Ok(EtcMounts {
-        root: CString::new("/")?,
-        files,
-    })
+    Ok(EtcMounts { files })
 }
 
 /// What the forked child does before exec.
 struct ChildSetup {
-    cgroup_procs: libc::c_int,
-    netns: libc::c_int,
+    cgroup_procs: File,
+    netns: File,
     etc_mounts: Option<EtcMounts>,
-    parent: libc::pid_t,
+    parent: rustix::process::Pid,
 }
 
 impl ChildSetup {
-    /// Runs in the forked child: only raw system calls, no allocation.
+    /// Runs in the forked child: only system calls, no allocation (rustix passes the prepared
+    /// C strings and fds straight to the kernel).
     fn run(&self) -> io::Result<()> {
-        fn check(ret: libc::c_int) -> io::Result<()> {
-            if ret == -1 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
+        // cgroup v2 reads "0" as "the writing process".
+        if rustix::io::write(&self.cgroup_procs, b"0")? != 1 {
+            return Err(io::ErrorKind::WriteZero.into());
         }
-        // SAFETY: every call gets fds opened before fork and NUL-terminated strings owned by
-        // `self`, which lives as long as the `Command`; none of them touches our memory otherwise.
-        unsafe {
-            // cgroup v2 reads "0" as "the writing process".
-            if libc::write(self.cgroup_procs, b"0".as_ptr().cast(), 1) != 1 {
-                return Err(io::Error::last_os_error());
+        rustix::thread::move_into_link_name_space(
+            self.netns.as_fd(),
+            Some(rustix::thread::LinkNameSpaceType::Network),
+        )?;
+        if let Some(mounts) = &self.etc_mounts {
+            // A private mount namespace whose mounts stay invisible to the host, while host
+            // mounts still propagate in (rslave), as `ip netns exec` does.
+            // SAFETY: only NEWNS: the file descriptor table stays shared, which is what makes
+            // `unshare` unsafe in general.
+            unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNS) }?;
+            rustix::mount::mount_change(
+                c"/",
+                rustix::mount::MountPropagationFlags::REC
+                    | rustix::mount::MountPropagationFlags::DOWNSTREAM,
+            )?;
+            for (source, target) in &mounts.files {
+                rustix::mount::mount_bind(source.as_c_str(), target.as_c_str())?;
             }
-            check(libc::setns(self.netns, libc::CLONE_NEWNET))?;
-            if let Some(mounts) = &self.etc_mounts {
-                // A private mount namespace whose mounts stay invisible to the host, while host
-                // mounts still propagate in (rslave), as `ip netns exec` does.
-                check(libc::unshare(libc::CLONE_NEWNS))?;
-                check(libc::mount(
-                    std::ptr::null(),
-                    mounts.root.as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_REC | libc::MS_SLAVE,
-                    std::ptr::null(),
-                ))?;
-                for (source, target) in &mounts.files {
-                    check(libc::mount(
-                        source.as_ptr(),
-                        target.as_ptr(),
-                        std::ptr::null(),
-                        libc::MS_BIND,
-                        std::ptr::null(),
-                    ))?;
-                }
-            }
-            // The kernel kills the child when the spawning *thread* exits, so nothing outlives a
-            // test that is killed or that spawned from a short-lived thread.
-            check(libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                libc::SIGKILL as libc::c_ulong,
-                0,
-                0,
-                0,
-            ))?;
-            // The parent may have died before prctl took effect.
-            if libc::getppid() != self.parent {
-                return Err(io::Error::from_raw_os_error(libc::ESRCH));
-            }
+        }
+        // The kernel kills the child when the spawning *thread* exits, so nothing outlives a
+        // test that is killed or that spawned from a short-lived thread.
+        rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
+        // The parent may have died before the death signal was set.
+        if rustix::process::getppid() != Some(self.parent) {
+            return Err(rustix::io::Errno::SRCH.into());
         }
         Ok(())
     }
@@ -203,12 +180,11 @@ impl PodProcess {
             bail!("{} has already exited", self.label);
         }
         // Not reaped yet, so the pid still names our child (at worst a zombie).
-        let pid = self.child.id() as libc::pid_t;
-        // SAFETY: kill(2) takes plain integers and touches no memory of ours.
-        if unsafe { libc::kill(pid, signal) } != 0 {
-            return Err(io::Error::last_os_error()).context(format!("signalling {}", self.label));
-        }
-        Ok(())
+        let pid = rustix::process::Pid::from_child(&self.child);
+        let signal = rustix::process::Signal::from_named_raw(signal)
+            .with_context(|| format!("signal {signal} is not one of the named signals"))?;
+        rustix::process::kill_process(pid, signal)
+            .with_context(|| format!("signalling {}", self.label))
     }
 
     /// The exit status if the process has exited (reaping it), without waiting.

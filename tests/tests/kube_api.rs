@@ -513,12 +513,10 @@ async fn discovery_version_errors_and_kubeconfig() -> Result<()> {
         .is_err());
     assert!(api.delete("Pod", Some("demo"), "nope").is_err());
 
-    let dir = std::env::temp_dir().join(format!("kube-api-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let path = dir.join("kubeconfig");
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("kubeconfig");
     api.kubeconfig(&path)?;
     let config: Value = yaml_serde::from_str(&std::fs::read_to_string(&path)?)?;
-    std::fs::remove_dir_all(&dir)?;
     assert_eq!(config["current-context"], "fake");
     assert_eq!(
         config["clusters"][0]["cluster"]["server"],

@@ -20,6 +20,8 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 struct Cluster {
     node: SimNode,
     api: FakeApiServer,
+    /// Holds `kubeconfig`; removed on drop.
+    _kubeconfig_dir: tempfile::TempDir,
     kubeconfig: std::path::PathBuf,
     _processes: Vec<PodProcess>,
 }
@@ -60,11 +62,8 @@ fn start_cluster() -> Cluster {
         .run_on_node(|| FakeApiServer::start("127.0.0.1:0".parse().unwrap()))
         .unwrap()
         .unwrap();
-    let kubeconfig = std::env::temp_dir().join(format!(
-        "mesh-kubeconfig-{}-{}",
-        std::process::id(),
-        node.id()
-    ));
+    let kubeconfig_dir = tempfile::tempdir().unwrap();
+    let kubeconfig = kubeconfig_dir.path().join("kubeconfig");
     api.kubeconfig(&kubeconfig).unwrap();
     api.apply_yaml(
         "apiVersion: v1\nkind: Namespace\nmetadata: {name: meshed, labels: {sidecarless.io/mesh: enabled}}\n---\n\
@@ -74,6 +73,7 @@ fn start_cluster() -> Cluster {
     Cluster {
         node,
         api,
+        _kubeconfig_dir: kubeconfig_dir,
         kubeconfig,
         _processes: Vec::new(),
     }
@@ -173,12 +173,6 @@ impl Cluster {
         let mut process = self.node.spawn_in_pod(&client.pod, command).unwrap();
         assert!(process.finish(TIMEOUT).unwrap().success());
         process.stdout().json_lines().pop().unwrap()
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.kubeconfig);
     }
 }
 

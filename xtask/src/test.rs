@@ -1,17 +1,24 @@
 //! `cargo xtask test`: everything CI runs, in order.
 
-use anyhow::Result;
+use std::{ffi::OsString, path::Path, process::Command};
+
+use anyhow::{bail, Context, Result};
 
 use crate::{bench, build_ebpf, cargo};
 
 /// The end-to-end replay of the tutorial (tests/tests/tutorial.rs).
 const TUTORIAL: &str = "the_tutorial_end_to_end";
 
+/// cargo-deny, pinned so CI checks with the same rules every time; 0.20.2 builds with rustc 1.88
+/// and later.
+const CARGO_DENY_VERSION: &str = "0.20.2";
+
 pub fn run(cargo_args: &[String]) -> Result<()> {
     mesh_tests::require_root();
     let root = build_ebpf::workspace_root();
     build_ebpf::run()?;
     cargo(&root, &["fmt", "--all", "--", "--check"])?;
+    cargo_deny(&root)?;
     cargo(
         &root,
         &[
@@ -62,6 +69,53 @@ pub fn run(cargo_args: &[String]) -> Result<()> {
         // A smoke check of the benchmark harness: every scenario answers without errors. It
         // asserts nothing about speed; the full bench is run by hand.
         bench::quick()?;
+    }
+    Ok(())
+}
+
+/// `cargo deny check licenses bans sources` against deny.toml, installing the pinned cargo-deny
+/// into `~/.cache/mesh/tools` first if it is not there. Advisories are left out: their database
+/// cannot be fetched where CI runs, and no other check fetches it.
+fn cargo_deny(root: &Path) -> Result<()> {
+    let tools = build_ebpf::cache_dir()?.join("tools");
+    let binary = tools.join("bin/cargo-deny");
+    let installed = Command::new(&binary)
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned());
+    let wanted = format!("cargo-deny {CARGO_DENY_VERSION}");
+    if installed.as_deref() != Some(wanted.as_str()) {
+        println!(
+            "installing {wanted} into {} (a few minutes, once)",
+            tools.display()
+        );
+        cargo(
+            root,
+            &[
+                "install",
+                "--locked",
+                "cargo-deny",
+                "--version",
+                CARGO_DENY_VERSION,
+                "--root",
+                tools.to_str().context("the cache directory is not UTF-8")?,
+            ],
+        )?;
+    }
+    let mut path = OsString::from(tools.join("bin"));
+    path.push(":");
+    path.push(std::env::var_os("PATH").unwrap_or_default());
+    let args = ["deny", "--locked", "check", "licenses", "bans", "sources"];
+    println!("+ cargo {}", args.join(" "));
+    let status = Command::new(env!("CARGO"))
+        .args(args)
+        .current_dir(root)
+        .env("PATH", path)
+        .status()
+        .context("running cargo deny")?;
+    if !status.success() {
+        bail!("cargo deny found licenses, crates or sources deny.toml does not allow ({status})");
     }
     Ok(())
 }

@@ -219,11 +219,11 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byte
     }
 }
 
+/// The first value of `name` in the URI's query, decoded (`application/x-www-form-urlencoded`).
 fn query_param(uri: &http::Uri, name: &str) -> Option<String> {
-    uri.query()?.split('&').find_map(|pair| {
-        let (key, value) = pair.split_once('=')?;
-        (key == name).then(|| value.replace("%2F", "/").replace("%20", " "))
-    })
+    form_urlencoded::parse(uri.query()?.as_bytes())
+        .find(|(key, _)| key == name)
+        .map(|(_, value)| value.into_owned())
 }
 
 /// The answer to `apply`/`delete`: what changed, or every diagnostic and nothing changed.
@@ -306,4 +306,27 @@ fn json_response<T: serde::Serialize>(status: StatusCode, value: &T) -> Response
         http::HeaderValue::from_static("application/json"),
     );
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_parameters_are_fully_decoded() {
+        let uri: http::Uri = "/apply?x=1&file=deploy%2Fmy%20rules%26more%25.yml&file=second"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            query_param(&uri, "file").as_deref(),
+            Some("deploy/my rules&more%.yml")
+        );
+        let uri: http::Uri = "/logging?level=mesh_agent%3Ddebug,info".parse().unwrap();
+        assert_eq!(
+            query_param(&uri, "level").as_deref(),
+            Some("mesh_agent=debug,info")
+        );
+        assert_eq!(query_param(&uri, "file"), None);
+        assert_eq!(query_param(&"/logging".parse().unwrap(), "level"), None);
+    }
 }

@@ -14,16 +14,23 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSockAddr, SkMsg, SockOps},
     Ebpf, EbpfLoader,
 };
-use mesh_common::{ConnKey, Decision, Enrollment, OriginalDst, SockKey};
+use mesh_common::{
+    global_name, map_name, program_name, ConnKey, Decision, Enrollment, OriginalDst, SockKey,
+};
 
-/// The kernel object built by `cargo xtask build-ebpf`.
+/// The kernel object built by `cargo xtask build-ebpf`, embedded by `build.rs`; empty when the
+/// agent was built without it.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf.o"));
+
+/// Why `build.rs` embedded no object (missing, or older than the kernel sources); `None` when it
+/// embedded one.
+const NOT_EMBEDDED: Option<&str> = option_env!("MESH_EBPF_NOT_EMBEDDED");
 
 /// Program names in the object, and the hook each one needs.
 const PROGRAMS: [(&str, &str); 3] = [
-    ("mesh_connect4", "cgroup/connect4"),
-    ("mesh_connect6", "cgroup/connect6"),
-    ("mesh_sock_ops", "sockops"),
+    (program_name::CONNECT4, "cgroup/connect4"),
+    (program_name::CONNECT6, "cgroup/connect6"),
+    (program_name::SOCK_OPS, "sockops"),
 ];
 
 /// Loaded and attached programs plus their maps. Dropping it detaches everything; nothing is
@@ -48,32 +55,34 @@ impl EbpfRedirect {
         agent_mark: u32,
         socket_fast_path: bool,
     ) -> Result<EbpfRedirect, RedirectError> {
+        // First: without programs there is nothing to check the host for.
+        let object = embedded_object(EBPF_OBJECT, NOT_EMBEDDED)?;
         let cgroup = preflight::check(cgroup)?;
         let cgroup_file = File::open(&cgroup).map_err(|source| RedirectError::Cgroup {
             path: cgroup.clone(),
             source,
         })?;
         let mut ebpf = EbpfLoader::new()
-            .override_global("AGENT_MARK", &agent_mark, true)
-            .override_global("FAST_PATH", &u32::from(socket_fast_path), true)
-            .load(EBPF_OBJECT)?;
+            .override_global(global_name::AGENT_MARK, &agent_mark, true)
+            .override_global(global_name::FAST_PATH, &u32::from(socket_fast_path), true)
+            .load(object)?;
         // The message verdict goes on the socket map before any socket can join it.
         let sockets: SockHash<MapData, SockKey> = ebpf
-            .take_map("SOCKETS")
-            .ok_or(RedirectError::Missing("SOCKETS"))?
+            .take_map(map_name::SOCKETS)
+            .ok_or(RedirectError::Missing(map_name::SOCKETS))?
             .try_into()
             .map_err(|source| RedirectError::Map {
-                map: "SOCKETS",
+                map: map_name::SOCKETS,
                 source,
             })?;
         let hook_error = |source| RedirectError::Hook {
             hook: "sk_msg",
-            program: "mesh_sk_msg",
+            program: program_name::SK_MSG,
             source,
         };
         let sk_msg: &mut SkMsg = ebpf
-            .program_mut("mesh_sk_msg")
-            .ok_or(RedirectError::Missing("mesh_sk_msg"))?
+            .program_mut(program_name::SK_MSG)
+            .ok_or(RedirectError::Missing(program_name::SK_MSG))?
             .try_into()
             .map_err(hook_error)?;
         sk_msg.load().map_err(hook_error)?;
@@ -101,15 +110,15 @@ impl EbpfRedirect {
         }
         Ok(EbpfRedirect {
             cgroup,
-            enrolled: Mutex::new(take_hash_map(&mut ebpf, "ENROLLED")?),
-            pending: take_hash_map(&mut ebpf, "PENDING")?,
-            original_dst: take_hash_map(&mut ebpf, "ORIGINAL_DST")?,
+            enrolled: Mutex::new(take_hash_map(&mut ebpf, map_name::ENROLLED)?),
+            pending: take_hash_map(&mut ebpf, map_name::PENDING)?,
+            original_dst: take_hash_map(&mut ebpf, map_name::ORIGINAL_DST)?,
             decisions: PerCpuArray::try_from(
-                ebpf.take_map("DECISIONS")
-                    .ok_or(RedirectError::Missing("DECISIONS"))?,
+                ebpf.take_map(map_name::DECISIONS)
+                    .ok_or(RedirectError::Missing(map_name::DECISIONS))?,
             )
             .map_err(|source| RedirectError::Map {
-                map: "DECISIONS",
+                map: map_name::DECISIONS,
                 source,
             })?,
             sockets,
@@ -134,7 +143,7 @@ impl EbpfRedirect {
             .expect("enrollment map lock")
             .insert(netns_cookie, value, 0)
             .map_err(|source| RedirectError::Map {
-                map: "ENROLLED",
+                map: map_name::ENROLLED,
                 source,
             })
     }
@@ -149,7 +158,7 @@ impl EbpfRedirect {
         {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(source) => Err(RedirectError::Map {
-                map: "ENROLLED",
+                map: map_name::ENROLLED,
                 source,
             }),
         }
@@ -195,10 +204,39 @@ impl EbpfRedirect {
     }
 }
 
+/// The embedded object, or the refusal to start when the build had none to embed.
+fn embedded_object(
+    object: &'static [u8],
+    not_embedded: Option<&'static str>,
+) -> Result<&'static [u8], RedirectError> {
+    match not_embedded {
+        Some(reason) => Err(RedirectError::NotBuilt { reason }),
+        None => Ok(object),
+    }
+}
+
 fn take_hash_map<K: aya::Pod, V: aya::Pod>(
     ebpf: &mut Ebpf,
     name: &'static str,
 ) -> Result<HashMap<MapData, K, V>, RedirectError> {
     let map = ebpf.take_map(name).ok_or(RedirectError::Missing(name))?;
     HashMap::try_from(map).map_err(|source| RedirectError::Map { map: name, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_agent_built_without_the_object_refuses_and_says_what_to_run() {
+        let error = embedded_object(&[], Some("no eBPF object at /src/mesh-ebpf/target/x"))
+            .expect_err("no object, no start");
+        assert_eq!(
+            error.to_string(),
+            "this mesh-agent was built without its eBPF programs (no eBPF object at \
+             /src/mesh-ebpf/target/x): run `cargo xtask build-ebpf`, then build again"
+        );
+        let object: &'static [u8] = b"\x7fELF";
+        assert_eq!(embedded_object(object, None).unwrap(), object);
+    }
 }

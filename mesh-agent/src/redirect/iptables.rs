@@ -10,8 +10,8 @@
 use std::{
     collections::HashMap,
     io::Write as _,
-    net::{Ipv4Addr, SocketAddrV4},
-    os::fd::{AsFd, AsRawFd},
+    net::SocketAddrV4,
+    os::fd::AsFd,
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
     sync::Mutex,
@@ -96,24 +96,7 @@ impl IptablesRedirect {
     /// the listener itself) or conntrack has no entry.
     pub fn original_dst(stream: impl AsFd) -> Option<SocketAddrV4> {
         let fd = stream.as_fd();
-        // SAFETY: sockaddr_in is plain data, valid when zeroed.
-        let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-        let mut len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-        // SAFETY: `addr` and `len` are valid for writes of the sizes given; the fd is open for
-        // the duration of the call.
-        let rc = unsafe {
-            libc::getsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_IP,
-                libc::SO_ORIGINAL_DST,
-                (&raw mut addr).cast(),
-                &mut len,
-            )
-        };
-        if rc != 0 {
-            return None;
-        }
-        let original = sockaddr_v4(&addr)?;
+        let original = rustix::net::sockopt::ip_original_dst(fd).ok()?;
         let local = socket2::SockRef::from(&fd)
             .local_addr()
             .ok()?
@@ -277,16 +260,6 @@ fn remove_script(installed: &Installed) -> Option<String> {
     Some(script)
 }
 
-fn sockaddr_v4(addr: &libc::sockaddr_in) -> Option<SocketAddrV4> {
-    (i32::from(addr.sin_family) == libc::AF_INET).then(|| {
-        SocketAddrV4::new(
-            // Both fields are in network byte order.
-            Ipv4Addr::from(addr.sin_addr.s_addr.to_ne_bytes()),
-            u16::from_be(addr.sin_port),
-        )
-    })
-}
-
 /// A connection whose original destination is the socket's own address was not NATed.
 fn redirected(original: SocketAddrV4, local: Option<SocketAddrV4>) -> Option<SocketAddrV4> {
     (Some(original) != local).then_some(original)
@@ -376,19 +349,6 @@ mod tests {
     }
 
     #[test]
-    fn original_destination_is_read_in_network_byte_order() {
-        // SAFETY: sockaddr_in is plain data, valid when zeroed.
-        let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-        addr.sin_family = libc::AF_INET as libc::sa_family_t;
-        addr.sin_port = 8080u16.to_be();
-        addr.sin_addr.s_addr = u32::from_ne_bytes([10, 96, 0, 30]);
-        let dst = sockaddr_v4(&addr).unwrap();
-        assert_eq!(dst, "10.96.0.30:8080".parse().unwrap());
-        addr.sin_family = libc::AF_INET6 as libc::sa_family_t;
-        assert_eq!(sockaddr_v4(&addr), None);
-    }
-
-    #[test]
     fn a_connection_straight_to_the_listener_has_no_original_destination() {
         let listener: SocketAddrV4 = "127.0.0.1:15001".parse().unwrap();
         assert_eq!(redirected(listener, Some(listener)), None);
@@ -397,6 +357,10 @@ mod tests {
     }
 
     #[test]
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "a test thread, and a plain connected pair is what it needs"
+    )]
     fn an_accepted_socket_without_nat_has_no_original_destination() {
         // Whether or not conntrack tracks loopback here, a plain connection is not redirected.
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

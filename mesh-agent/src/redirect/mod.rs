@@ -4,6 +4,8 @@
 //! BPF hooks).
 
 pub mod ebpf;
+#[cfg(test)]
+mod ebpf_object;
 pub mod iptables;
 pub mod netns;
 pub mod preflight;
@@ -28,6 +30,11 @@ pub enum RedirectError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "this mesh-agent was built without its eBPF programs ({reason}): run `cargo xtask \
+         build-ebpf`, then build again"
+    )]
+    NotBuilt { reason: &'static str },
     #[error("cannot load the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("this kernel cannot load or attach the {hook} hook ({program}): {source}")]

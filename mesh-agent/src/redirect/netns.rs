@@ -103,10 +103,9 @@ impl Drop for NetNsGuard {
 }
 
 fn setns(file: &File) -> io::Result<()> {
-    // SAFETY: the fd is a valid, open namespace file for the duration of the call.
-    let rc = unsafe { libc::setns(file.as_fd().as_raw_fd(), libc::CLONE_NEWNET) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    rustix::thread::move_into_link_name_space(
+        file.as_fd(),
+        Some(rustix::thread::LinkNameSpaceType::Network),
+    )?;
     Ok(())
 }

@@ -9,7 +9,8 @@ use std::{
 
 use thiserror::Error;
 
-const CGROUP2_SUPER_MAGIC: libc::c_long = 0x6367_7270;
+/// `statfs` type of a cgroup v2 file system (linux/magic.h).
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 
 #[derive(Debug, Error)]
 pub enum PreflightError {
@@ -67,8 +68,7 @@ pub fn check_iptables() -> Result<(PathBuf, PathBuf), PreflightError> {
 }
 
 fn check_root() -> Result<(), PreflightError> {
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
+    let euid = rustix::process::geteuid().as_raw();
     if euid != 0 {
         return Err(PreflightError::NotRoot(euid));
     }
@@ -106,14 +106,9 @@ fn find_cgroup2(table: &str) -> Option<PathBuf> {
 }
 
 fn is_cgroup2(path: &Path) -> bool {
-    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
-    // SAFETY: statfs is plain data, valid when zeroed.
-    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c_path` is NUL-terminated and `stat` is valid for writes.
-    let rc = unsafe { libc::statfs(c_path.as_ptr(), &mut stat) };
-    rc == 0 && stat.f_type as libc::c_long == CGROUP2_SUPER_MAGIC
+    // `f_type`'s integer type differs between architectures; i128 holds each of them.
+    rustix::fs::statfs(path)
+        .is_ok_and(|stat| i128::from(stat.f_type) == i128::from(CGROUP2_SUPER_MAGIC))
 }
 
 #[cfg(test)]
@@ -141,11 +136,11 @@ mod tests {
 
     #[test]
     fn tools_are_found_on_path_and_only_when_executable() {
-        let dir = std::env::temp_dir().join(format!("mesh-preflight-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let dir = dir.path();
         let tool = dir.join("iptables-restore");
         fs::write(&tool, "#!/bin/sh\n").unwrap();
-        let path = std::env::join_paths([Path::new("/nonexistent"), &dir]).unwrap();
+        let path = std::env::join_paths([Path::new("/nonexistent"), dir]).unwrap();
         assert_eq!(
             find_in_path(&path, "iptables-restore"),
             None,
@@ -156,11 +151,12 @@ mod tests {
         assert_eq!(find_in_path(&path, "iptables-restore"), Some(tool));
         assert_eq!(find_in_path(&path, "iptables-save"), None);
         assert_eq!(find_in_path("".as_ref(), "iptables-restore"), None);
-        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
-    fn a_plain_directory_is_not_cgroup2() {
+    fn a_plain_directory_is_not_cgroup2_and_the_hosts_cgroup2_mount_is() {
         assert!(!is_cgroup2(Path::new("/tmp")));
+        let mount = cgroup2_mount("/proc/mounts").expect("the tests run on a host with cgroup v2");
+        assert!(is_cgroup2(&mount), "{}", mount.display());
     }
 }

@@ -132,7 +132,7 @@ pub fn discover(objects: &[RawObject]) -> (Discovered, Vec<Diagnostic>) {
                     endpoints.push(Endpoint {
                         ip,
                         labels: workload.map(|w| w.labels.clone()).unwrap_or_default(),
-                        workload: workload.map(|w| w.identity.workload.clone()),
+                        workload: workload.map(|w| Arc::new(w.identity.clone())),
                     });
                 }
             }
@@ -140,8 +140,7 @@ pub fn discover(objects: &[RawObject]) -> (Discovered, Vec<Diagnostic>) {
         endpoints.sort_by_key(|e| e.ip);
         endpoints.dedup_by_key(|e| e.ip);
         discovered.registry.services.push(registry::Service {
-            name,
-            namespace,
+            identity,
             ports,
             endpoints,
         });
@@ -302,7 +301,10 @@ status: {podIP: 10.77.0.5}
         assert!(diagnostics.is_empty(), "{diagnostics:?}");
         let service = &discovered.registry.services[0];
         assert_eq!(
-            (service.name.as_str(), service.namespace.as_str()),
+            (
+                service.identity.name.as_str(),
+                service.identity.namespace.as_str()
+            ),
             ("service-c", "demo")
         );
         assert_eq!(
@@ -320,7 +322,7 @@ status: {podIP: 10.77.0.5}
                 (
                     e.ip.to_string(),
                     e.labels.get("version").cloned(),
-                    e.workload.clone(),
+                    e.workload.as_ref().map(|w| w.workload.clone()),
                 )
             })
             .collect();

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri};
@@ -11,6 +12,9 @@ use regex::Regex;
 use super::registry::{Endpoint, Service, ServicePort};
 use super::*;
 use crate::config::model::*;
+// The rule's destination, not the engine's `Destination` (both are glob-imported).
+use crate::config::model::Destination;
+use crate::identity::ServiceIdentity;
 
 // ---------------------------------------------------------------- builders
 
@@ -122,8 +126,7 @@ fn service(name: &str, v1: u8, v2: u8) -> Service {
         .chain((1..=v2).map(|i| endpoint(2, i)))
         .collect();
     Service {
-        name: name.into(),
-        namespace: "default".into(),
+        identity: Arc::new(ServiceIdentity::new(name, "default")),
         ports: vec![ServicePort {
             port: 80,
             target_port: 8080,

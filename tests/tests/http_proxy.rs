@@ -18,9 +18,8 @@ fn upstream(args: &[&str]) -> Command {
     command
 }
 
-fn serve(node: &SimNode, pod: &Pod, name: &str, extra: &[&str]) -> PodProcess {
-    let mut args = vec!["serve", "--listen", "0.0.0.0:8080", "--name", name];
-    args.extend(extra);
+fn serve(node: &SimNode, pod: &Pod, name: &str) -> PodProcess {
+    let args = ["serve", "--listen", "0.0.0.0:8080", "--name", name];
     let server = node.spawn_in_pod(pod, upstream(&args)).unwrap();
     server
         .stdout()
@@ -49,23 +48,20 @@ fn count(summary: &Value, field: &str, key: &str) -> u64 {
 struct Mesh {
     node: SimNode,
     client: Pod,
-    c_v1: Pod,
-    c_v2: Pod,
+    /// Kept alive with the node: service-c v1 and v2.
+    _backends: [Pod; 2],
     config: ConfigDir,
     _servers: Vec<PodProcess>,
 }
 
-fn mesh(v2_args: &[&str]) -> Mesh {
+fn mesh() -> Mesh {
     require_root();
     let node = SimNode::new().unwrap();
     let client = node.add_pod("client").unwrap();
     let c_v1 = node.add_pod("service-c-v1-0").unwrap();
     let c_v2 = node.add_pod("service-c-v2-0").unwrap();
     node.add_host("service-c", SERVICE_C).unwrap();
-    let servers = vec![
-        serve(&node, &c_v1, "v1", &[]),
-        serve(&node, &c_v2, "v2", v2_args),
-    ];
+    let servers = vec![serve(&node, &c_v1, "v1"), serve(&node, &c_v2, "v2")];
     let config = ConfigDir::new().unwrap();
     config
         .service(
@@ -91,8 +87,7 @@ fn mesh(v2_args: &[&str]) -> Mesh {
     Mesh {
         node,
         client,
-        c_v1,
-        c_v2,
+        _backends: [c_v1, c_v2],
         config,
         _servers: servers,
     }
@@ -130,7 +125,7 @@ fn example(path: &str) -> std::path::PathBuf {
 
 #[test]
 fn tcp_to_a_service_goes_through_the_real_redirect_and_the_agent_as_l4() {
-    let mesh = mesh(&[]);
+    let mesh = mesh();
     // A raw TCP echo service on a port that declares no protocol: detected as not HTTP.
     let echo_pod = mesh.node.add_pod("echo-0").unwrap();
     let echo_vip = Ipv4Addr::new(10, 96, 0, 40);
@@ -203,7 +198,7 @@ fn tcp_to_a_service_goes_through_the_real_redirect_and_the_agent_as_l4() {
 
 #[test]
 fn canary_steps_applied_under_load_fail_no_request_and_a_bad_file_changes_nothing() {
-    let mesh = mesh(&[]);
+    let mesh = mesh();
     let _agent = mesh.agent();
     let mut load = mesh
         .node
@@ -259,7 +254,7 @@ fn canary_steps_applied_under_load_fail_no_request_and_a_bad_file_changes_nothin
 
 #[test]
 fn sigterm_lets_fifty_slow_requests_finish_then_the_agent_exits() {
-    let mesh = mesh(&[]);
+    let mesh = mesh();
     mesh.config
         .copy_example("canary/1-vs-v1.yml", "vs.yml")
         .unwrap();
@@ -304,7 +299,7 @@ fn sigterm_lets_fifty_slow_requests_finish_then_the_agent_exits() {
 
 #[test]
 fn a_folder_change_applies_within_a_second_and_a_bad_one_is_rejected() {
-    let mesh = mesh(&[]);
+    let mesh = mesh();
     mesh.config
         .copy_example("canary/1-vs-v1.yml", "vs.yml")
         .unwrap();

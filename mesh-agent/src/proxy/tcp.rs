@@ -53,15 +53,12 @@ pub async fn forward(
         let snapshot = store.snapshot();
         let source = pod.identity(&snapshot);
         // Outside a service, the destination may still be a pod the mesh knows.
-        let workload = workload.or_else(|| {
-            let known = snapshot.discovered.workload_at(endpoint.ip())?;
-            Some(Arc::new(known.identity.clone()))
-        });
+        let known = || Some(&snapshot.discovered.workload_at(endpoint.ip())?.identity);
         record.connected(
             endpoint,
             &source,
             service.map(|s| &*s.service),
-            workload.as_deref(),
+            workload.as_deref().or_else(known),
         );
     }
     match tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {

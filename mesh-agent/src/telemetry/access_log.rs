@@ -194,7 +194,6 @@ impl AccessLog {
         out: impl Write + Send + 'static,
         capacity: usize,
     ) -> (Self, AccessLogWriter) {
-        let dropped = Arc::default();
         if !options.enabled {
             return (AccessLog::formatting_only(options), AccessLogWriter(None));
         }
@@ -206,7 +205,7 @@ impl AccessLog {
         let log = AccessLog {
             options,
             queue: Some(queue),
-            dropped,
+            dropped: Arc::default(),
         };
         (log, AccessLogWriter(Some(thread)))
     }

@@ -120,7 +120,7 @@ impl Proxy {
         entry: http::Entry,
         snapshot: &Snapshot,
     ) -> http::HttpConn {
-        let caller = Caller::new(&pod.name, pod.identity(snapshot));
+        let caller = Caller::new(pod.identity(snapshot));
         http::HttpConn::new(
             pod,
             entry,

@@ -30,7 +30,6 @@ pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 /// The calling pod of one downstream connection, shared by its requests' records.
 pub struct Caller {
-    pod: Box<str>,
     identity: WorkloadIdentity,
     /// `workload.namespace`, the service name spans are grouped under (as Istio's).
     span_service: Arc<str>,
@@ -46,11 +45,10 @@ struct Peer {
 }
 
 impl Caller {
-    /// `pod` is the enrolled pod's name; `identity` its workload as telemetry names it.
-    pub fn new(pod: &str, identity: WorkloadIdentity) -> Self {
+    /// `identity`: the calling pod's workload as telemetry names it.
+    pub fn new(identity: WorkloadIdentity) -> Self {
         Caller {
             span_service: Arc::from(format!("{}.{}", identity.workload, identity.namespace)),
-            pod: pod.into(),
             identity,
             peers: Mutex::default(),
         }
@@ -120,6 +118,8 @@ struct Answer {
 /// the request is routed and tried, and let it drop: that emits it.
 pub struct RequestRecord<'a> {
     telemetry: &'a Telemetry,
+    /// The calling pod's name.
+    source_pod: &'a str,
     caller: &'a Caller,
     started: Instant,
     /// The port the client dialled (or the ingress listener's).
@@ -147,6 +147,7 @@ impl<'a> RequestRecord<'a> {
     /// starts one (see [`Self::trace`]).
     pub fn start(
         telemetry: &'a Telemetry,
+        source_pod: &'a str,
         caller: &'a Caller,
         head: &http::request::Parts,
         port: u16,
@@ -165,6 +166,7 @@ impl<'a> RequestRecord<'a> {
             .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
         RequestRecord {
             telemetry,
+            source_pod,
             caller,
             started: Instant::now(),
             port,
@@ -295,7 +297,7 @@ impl Drop for RequestRecord<'_> {
             });
         }
         telemetry.access_log.http(&HttpRecord {
-            source_pod: &self.caller.pod,
+            source_pod: self.source_pod,
             source_workload: &self.caller.identity.workload,
             destination_service: service_host,
             destination_subset: self.destination.as_ref().and_then(|d| d.subset.as_deref()),

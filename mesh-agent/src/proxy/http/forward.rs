@@ -40,6 +40,7 @@ pub(super) async fn request(conn: &HttpConn, req: Request<Incoming>) -> Response
     };
     let mut record = RequestRecord::start(
         &conn.telemetry,
+        &conn.pod.name,
         &conn.caller,
         &parts,
         conn.entry.port(),

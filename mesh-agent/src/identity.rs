@@ -7,6 +7,9 @@ use std::collections::BTreeMap;
 /// What a label is when its source does not say (Istio's word for it).
 pub const UNKNOWN: &str = "unknown";
 
+/// The cluster DNS suffix of service hosts (`name.namespace.svc.cluster.local`).
+pub const CLUSTER_SUFFIX: &str = "svc.cluster.local";
+
 /// A workload (the pods of one Deployment, say) as Istio's `*_workload*`, `*_app` and
 /// `*_version` labels name it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -54,7 +57,7 @@ impl ServiceIdentity {
     pub fn new(name: impl Into<String>, namespace: impl Into<String>) -> Self {
         let (name, namespace) = (name.into(), namespace.into());
         ServiceIdentity {
-            host: format!("{name}.{namespace}.svc.cluster.local"),
+            host: format!("{name}.{namespace}.{CLUSTER_SUFFIX}"),
             name,
             namespace,
         }

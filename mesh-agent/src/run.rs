@@ -17,7 +17,7 @@ use crate::{
     engine::EngineSettings,
     enrollment::{by_label, Enrollments, PodSpec},
     proxy::{PodContext, Proxy},
-    redirect::{netns::NetNs, Redirect, RedirectMode},
+    redirect::{Redirect, RedirectMode},
     state::{self, Store},
     telemetry::{
         otlp::{OtlpConfig, SpanExporter},
@@ -137,22 +137,20 @@ pub fn run(settings: Settings) -> Result<()> {
         }
         None => (None, None),
     };
+    let (access_log, access_log_writer) = AccessLog::new(settings.access_log);
+    metrics.register_access_log(Arc::clone(access_log.dropped()));
     let telemetry = Arc::new(Telemetry {
         metrics: Arc::clone(&metrics),
-        access_log: AccessLog::new(settings.access_log),
+        access_log,
         spans,
         trace_sample_ratio: settings.trace_sample_ratio,
     });
-    let proxy = Arc::new(Proxy::new(
-        Arc::clone(&redirect),
-        Arc::clone(&store),
-        settings.agent_mark,
-        Arc::clone(&telemetry),
-    ));
+    let proxy = Arc::new(Proxy::new(Arc::clone(&store), Arc::clone(&telemetry)));
     let enrollments = Arc::new(Enrollments::new(
         Arc::clone(&redirect),
         Arc::clone(&proxy),
         settings.listen,
+        settings.agent_mark,
         runtime.handle().clone(),
     ));
     for pod in &settings.enroll {
@@ -179,11 +177,11 @@ pub fn run(settings: Settings) -> Result<()> {
         listener.set_nonblocking(true)?;
         let _runtime = runtime.enter();
         let listener = tokio::net::TcpListener::from_std(listener)?;
+        // Upstreams are dialled from the agent's own namespace, marked like a pod's.
         let gateway = Arc::new(PodContext::new(
             "istio-ingressgateway".to_owned(),
             "istio-system".to_owned(),
-            NetNs::current()?,
-            0,
+            None,
             settings.agent_mark,
         ));
         runtime.spawn(Arc::clone(&proxy).serve_ingress(listener, gateway));
@@ -231,6 +229,8 @@ pub fn run(settings: Settings) -> Result<()> {
     runtime.shutdown_timeout(Duration::from_millis(100));
     drop(state);
     drop(enrollments);
+    // The proxy's connections and the enrollments held the last clones of the access log.
+    access_log_writer.finish(Duration::from_secs(2));
     match Arc::try_unwrap(redirect) {
         Ok(redirect) => {
             let mode = redirect.mode();

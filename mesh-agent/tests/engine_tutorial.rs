@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use mesh_agent::config;
 use mesh_agent::engine::registry::{Endpoint, Registry, Service, ServicePort};
 use mesh_agent::engine::{Engine, EngineSettings, Outcome, RequestInfo, Verdict};
+use mesh_agent::identity::{ServiceIdentity, WorkloadIdentity};
 
 fn example(path: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -22,12 +23,15 @@ fn registry(v1: u8, v2: u8) -> Registry {
     let pod = |v: u8, i: u8| Endpoint {
         ip: IpAddr::V4(Ipv4Addr::new(10, 0, v, i)),
         labels: BTreeMap::from([("version".to_owned(), format!("v{v}"))]),
-        workload: Some(format!("service-c-v{v}")),
+        workload: Some(Arc::new(WorkloadIdentity::from_pod_labels(
+            format!("service-c-v{v}"),
+            "default",
+            &BTreeMap::new(),
+        ))),
     };
     Registry {
         services: vec![Arc::new(Service {
-            name: "service-c".into(),
-            namespace: "default".into(),
+            identity: Arc::new(ServiceIdentity::new("service-c", "default")),
             ports: vec![ServicePort {
                 port: 80,
                 target_port: 8080,

@@ -57,6 +57,13 @@ impl Name {
     }
 }
 
+/// A service as discovery keeps it: the object and the identity every view of it shares.
+#[derive(Clone, Debug)]
+struct ServiceEntry {
+    object: Arc<Service>,
+    identity: Arc<ServiceIdentity>,
+}
+
 /// A pod as discovery keeps it: its workload and the addresses it had when last seen.
 #[derive(Clone, Debug)]
 struct PodEntry {
@@ -67,7 +74,7 @@ struct PodEntry {
 /// What discovery knows, and the reverse links that say what a change affects.
 #[derive(Clone, Debug, Default)]
 pub struct Index {
-    services: OrdMap<Name, Arc<Service>>,
+    services: OrdMap<Name, ServiceEntry>,
     slices: OrdMap<Name, Arc<EndpointSlice>>,
     pods: OrdMap<Name, PodEntry>,
     /// Service → the slices labelled with its name.
@@ -112,7 +119,7 @@ impl Index {
 
     fn set_service(&mut self, name: &Name, service: Option<Arc<Service>>) -> Vec<Name> {
         if let Some(old) = self.services.remove(name) {
-            for address in service_addresses(&old) {
+            for address in service_addresses(&old.object) {
                 self.discovered.services.remove(&address);
             }
         }
@@ -136,7 +143,13 @@ impl Index {
                     );
                 }
             }
-            self.services.insert(name.clone(), service);
+            self.services.insert(
+                name.clone(),
+                ServiceEntry {
+                    object: service,
+                    identity,
+                },
+            );
         }
         vec![name.clone()]
     }
@@ -242,7 +255,7 @@ impl Index {
             .flatten()
             .filter_map(|slice| self.slices.get(slice).map(|s| &**s))
             .collect();
-        let spec = service.spec.as_ref();
+        let spec = service.object.spec.as_ref();
         let ports = spec
             .and_then(|s| s.ports.as_ref())
             .into_iter()
@@ -278,7 +291,7 @@ impl Index {
                     endpoints.push(Endpoint {
                         ip,
                         labels: workload.map(|w| w.labels.clone()).unwrap_or_default(),
-                        workload: workload.map(|w| w.identity.workload.clone()),
+                        workload: workload.map(|w| Arc::clone(&w.identity)),
                     });
                 }
             }
@@ -286,8 +299,7 @@ impl Index {
         endpoints.sort_by_key(|e| e.ip);
         endpoints.dedup_by_key(|e| e.ip);
         let entry = registry::Service {
-            name: name.name.to_string(),
-            namespace: name.namespace.to_string(),
+            identity: Arc::clone(&service.identity),
             ports,
             endpoints,
         };
@@ -419,7 +431,11 @@ fn pod_entry(name: &Name, pod: &Pod) -> Option<PodEntry> {
     ips.dedup();
     Some(PodEntry {
         workload: Arc::new(Workload {
-            identity: WorkloadIdentity::from_pod_labels(workload, &*name.namespace, &labels),
+            identity: Arc::new(WorkloadIdentity::from_pod_labels(
+                workload,
+                &*name.namespace,
+                &labels,
+            )),
             pod: name.name.to_string(),
             labels,
         }),
@@ -492,7 +508,7 @@ status: {podIP: 10.77.0.5}
                 (
                     e.ip.to_string(),
                     e.labels.get("version").cloned(),
-                    e.workload.clone(),
+                    e.workload.as_ref().map(|w| w.workload.clone()),
                 )
             })
             .collect()
@@ -508,7 +524,10 @@ status: {podIP: 10.77.0.5}
         let registry = index.registry();
         let service = &registry.services[0];
         assert_eq!(
-            (service.name.as_str(), service.namespace.as_str()),
+            (
+                service.identity.name.as_str(),
+                service.identity.namespace.as_str()
+            ),
             ("service-c", "demo")
         );
         assert_eq!(

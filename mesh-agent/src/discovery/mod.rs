@@ -85,7 +85,8 @@ pub struct ServiceTarget {
 pub struct Workload {
     pub pod: String,
     pub labels: BTreeMap<String, String>,
-    pub identity: WorkloadIdentity,
+    /// Shared with the registry's endpoints of this pod.
+    pub identity: Arc<WorkloadIdentity>,
 }
 
 /// How the proxy treats a service port, decided as Istio does: `appProtocol` first, then the

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use super::cluster::ClusterEndpoint;
+use super::endpoint::ClusterEndpoint;
 use crate::config::model::LoadBalancer;
 
 /// The endpoints a request already tried, most recent last; remembers the last

@@ -3,40 +3,18 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU32;
 use std::sync::Arc;
 
-use http::uri::Authority;
-
 use super::balance::{self, Cursor, Tried};
+use super::endpoint::{authority_of, ClusterEndpoint, EndpointState};
 use super::error::EngineError;
 use super::metrics::EngineMetrics;
-use super::outlier::{self, ClusterHealth, EndpointHealth, Observation, OutlierPolicy};
+use super::outlier::{self, ClusterHealth, Observation, OutlierPolicy};
 use super::pool::{PoolCounters, PoolLimits};
 use super::registry::{resolve_host_owned, Registry, Service};
 use super::retry::BudgetState;
 use crate::config::model::{DestinationRule, LoadBalancer, MeshConfig, TrafficPolicy};
-
-/// Live state of one endpoint in one cluster; kept across reloads while the endpoint stays.
-#[derive(Debug, Default)]
-pub(crate) struct EndpointState {
-    /// Attempts in flight (LEAST_REQUEST's load).
-    pub(crate) active: AtomicU32,
-    pub(crate) health: EndpointHealth,
-}
-
-#[derive(Debug)]
-pub(crate) struct ClusterEndpoint {
-    pub(crate) addr: SocketAddr,
-    /// `addr` as a URI authority, made once here rather than for every try.
-    pub(crate) authority: Authority,
-    pub(crate) state: Arc<EndpointState>,
-}
-
-/// `ip:port` (`[ip]:port` for IPv6) as a URI authority.
-pub(crate) fn authority_of(addr: SocketAddr) -> Authority {
-    Authority::try_from(addr.to_string()).expect("a socket address is a valid authority")
-}
+use crate::identity::ServiceIdentity;
 
 /// A cluster's identity across reloads.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -54,11 +32,23 @@ pub(crate) struct ClusterShared {
     health: ClusterHealth,
 }
 
+/// Where a request routed to a cluster goes, as telemetry names it. Shared parts only, so a
+/// request can keep it after its plan is gone without copying a string.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Destination {
+    /// The destination service; `None` when the host is not a service of the registry (an
+    /// external host, or one whose `Service` is gone).
+    pub service: Option<Arc<ServiceIdentity>>,
+    /// The `DestinationRule` subset, if the route names one.
+    pub subset: Option<Arc<str>>,
+    /// `outbound|port|subset|host`, as Envoy names the cluster.
+    pub cluster: Arc<str>,
+}
+
 #[derive(Debug)]
 pub(crate) struct Cluster {
-    /// `outbound|port|subset|host`, as Envoy names it, for logs and metrics; shared, so a
-    /// request can keep it after its plan is gone.
-    pub(crate) name: Arc<str>,
+    /// The cluster's name and what it routes to, for logs and metrics.
+    pub(crate) destination: Destination,
     pub(crate) endpoints: Box<[ClusterEndpoint]>,
     pub(crate) lb: LoadBalancer,
     pub(crate) limits: PoolLimits,
@@ -230,7 +220,7 @@ impl<'a> ClusterSet<'a> {
             .services
             .iter()
             .enumerate()
-            .map(|(i, s)| (s.fqdn(), i))
+            .map(|(i, s)| (s.fqdn().to_owned(), i))
             .collect();
         let mut rules: HashMap<String, Vec<&DestinationRule>> = HashMap::new();
         for rule in &config.destination_rules {
@@ -321,6 +311,7 @@ impl<'a> ClusterSet<'a> {
                         endpoints.push(ClusterEndpoint {
                             addr,
                             authority: authority_of(addr),
+                            workload: endpoint.workload.clone(),
                             state,
                         });
                     }
@@ -346,14 +337,19 @@ impl<'a> ClusterSet<'a> {
             .entry(key.host.clone())
             .or_insert_with(|| Arc::new(BudgetState::new()))
             .clone();
-        Cluster {
-            name: format!(
+        let destination = Destination {
+            service: self.service(&key.host).map(|s| Arc::clone(&s.identity)),
+            subset: key.subset.as_deref().map(Arc::from),
+            cluster: format!(
                 "outbound|{}|{}|{}",
                 key.port,
                 key.subset.as_deref().unwrap_or(""),
                 key.host
             )
             .into(),
+        };
+        Cluster {
+            destination,
             endpoints: endpoints.into_boxed_slice(),
             lb: policy.load_balancer.unwrap_or_default(),
             limits: PoolLimits::new(policy.connection_pool.as_ref()),

@@ -145,8 +145,11 @@ impl ResponseFlags {
     pub const DI: ResponseFlags = ResponseFlags(1 << 7);
     /// Upstream connection termination (reset).
     pub const UC: ResponseFlags = ResponseFlags(1 << 8);
+    /// Downstream connection termination: the client went away before the response. Set by
+    /// the proxy, never by the engine.
+    pub const DC: ResponseFlags = ResponseFlags(1 << 9);
 
-    const NAMES: [(ResponseFlags, &'static str); 9] = [
+    const NAMES: [(ResponseFlags, &'static str); 10] = [
         (ResponseFlags::UH, "UH"),
         (ResponseFlags::UF, "UF"),
         (ResponseFlags::UO, "UO"),
@@ -156,6 +159,7 @@ impl ResponseFlags {
         (ResponseFlags::FI, "FI"),
         (ResponseFlags::UT, "UT"),
         (ResponseFlags::UC, "UC"),
+        (ResponseFlags::DC, "DC"),
     ];
 
     pub fn contains(self, other: ResponseFlags) -> bool {

@@ -19,17 +19,21 @@
 mod balance;
 mod clock;
 mod cluster;
+mod endpoint;
 mod error;
 mod fault;
+mod gateway;
 mod metrics;
 mod mirror;
 mod outlier;
 mod plan;
 mod pool;
 pub mod registry;
+mod request;
 mod retry;
 mod rewrite;
 mod routing;
+mod settings;
 mod snapshot;
 mod split;
 
@@ -43,95 +47,21 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::request::Parts;
-use http::{HeaderMap, Method, Uri};
-
+pub use cluster::Destination;
 pub use error::{Cause, EngineError, ResponseFlags, TryFailure};
 pub use metrics::EngineMetrics;
 pub use plan::{Attempt, RequestPlan, Verdict};
 pub use pool::{Permit, PoolLimits};
 pub use registry::Registry;
+pub use request::RequestInfo;
 pub use retry::{Outcome, RetryBudget};
+pub use settings::EngineSettings;
 
 use crate::config::model::MeshConfig;
 use clock::Epoch;
 use cluster::Carried;
 use routing::UriMatched;
 use snapshot::{Lineage, Snapshot};
-
-/// Engine-wide settings that are not part of Istio's API.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct EngineSettings {
-    /// Retry budget per destination service. Default: 20% of requests + 3/s over 10 s.
-    pub retry_budget: RetryBudget,
-    /// Backoff base (Envoy: 25 ms).
-    pub retry_base_interval: Duration,
-    /// Backoff ceiling (Envoy: 10 × base = 250 ms).
-    pub retry_max_interval: Duration,
-    /// Largest request body the proxy buffers so the request can be retried (64 KiB).
-    /// Larger or streamed bodies make the request non-replayable.
-    pub max_replay_body: usize,
-    /// When every endpoint of a cluster is ejected, route to all of them (panic) instead of
-    /// failing with `UH`. Default `true` (see `docs/configuration.md`, Engine semantics).
-    pub panic_when_all_ejected: bool,
-    /// Seed for the per-request random generators.
-    pub seed: u64,
-}
-
-impl Default for EngineSettings {
-    fn default() -> Self {
-        EngineSettings {
-            retry_budget: RetryBudget::default(),
-            retry_base_interval: Duration::from_millis(25),
-            retry_max_interval: Duration::from_millis(250),
-            max_replay_body: 64 * 1024,
-            panic_when_all_ejected: true,
-            seed: 0x5eed,
-        }
-    }
-}
-
-/// What the engine needs to know about a request. Borrowed: building one allocates nothing.
-#[derive(Clone, Copy, Debug)]
-pub struct RequestInfo<'a> {
-    pub method: &'a Method,
-    /// Path and query (an absolute URI is fine too).
-    pub uri: &'a Uri,
-    /// The `:authority` / `Host` as sent, port included.
-    pub authority: &'a str,
-    pub headers: &'a HeaderMap,
-    /// The destination port the client connected to.
-    pub port: u16,
-    /// `namespace/name` of the gateway the request came through; `None` for mesh traffic.
-    pub gateway: Option<&'a str>,
-    /// The client's namespace, which short host names resolve against.
-    pub namespace: &'a str,
-    /// Whether the request can be sent again: no body, or a body fully buffered within
-    /// [`EngineSettings::max_replay_body`]. Non-replayable requests are never retried.
-    pub replayable: bool,
-}
-
-impl<'a> RequestInfo<'a> {
-    /// From a request's head: authority from the URI or else the `Host` header; replayable.
-    pub fn from_parts(parts: &'a Parts, port: u16, namespace: &'a str) -> Self {
-        let authority = parts
-            .uri
-            .authority()
-            .map(|a| a.as_str())
-            .or_else(|| parts.headers.get(http::header::HOST)?.to_str().ok())
-            .unwrap_or("");
-        RequestInfo {
-            method: &parts.method,
-            uri: &parts.uri,
-            authority,
-            headers: &parts.headers,
-            port,
-            gateway: None,
-            namespace,
-            replayable: true,
-        }
-    }
-}
 
 /// One cluster (`outbound|port|subset|host`) as the admin API shows it.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -212,6 +142,25 @@ impl Engine {
             return Err(EngineError::NoRoute);
         };
         self.plan(route_id, matched, req.port, req.replayable, true, now)
+    }
+
+    /// Decides a request that came in through the ingress gateway's listener on `req.port`:
+    /// routed by the rules bound to the gateways with a server on that port, tried in order
+    /// until one routes it (all gateways if none names that port). `req.gateway` is ignored.
+    pub fn route_ingress(
+        &self,
+        req: &RequestInfo<'_>,
+        now: Instant,
+    ) -> Result<RequestPlan, EngineError> {
+        let mut req = *req;
+        for gateway in self.snap.gateways.for_port(req.port) {
+            req.gateway = Some(gateway);
+            match self.route(&req, now) {
+                Err(EngineError::NoRoute) => continue,
+                decided => return decided,
+            }
+        }
+        Err(EngineError::NoRoute)
     }
 
     /// Decides an opaque TCP connection to a service (`authority` is `host:port` as a rule
@@ -322,7 +271,7 @@ impl Engine {
         snap.clusters
             .iter()
             .map(|cluster| ClusterHealth {
-                cluster: cluster.name.to_string(),
+                cluster: cluster.destination.cluster.to_string(),
                 endpoints: cluster
                     .health()
                     .map(|(address, until)| EndpointHealth {

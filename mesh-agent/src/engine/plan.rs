@@ -27,7 +27,7 @@ use http::uri::Authority;
 use http::HeaderMap;
 
 use super::balance::Tried;
-use super::cluster::Cluster;
+use super::cluster::{Cluster, Destination};
 use super::error::{EngineError, ResponseFlags, TryFailure};
 use super::metrics::EngineMetrics;
 use super::outlier::Observation;
@@ -36,6 +36,7 @@ use super::retry::{self, Outcome};
 use super::rewrite;
 use super::routing::UriMatched;
 use super::snapshot::{Route, Snapshot};
+use crate::identity::WorkloadIdentity;
 
 /// A request's routing decision and retry state. Holds the snapshot it was routed on, so a
 /// reload mid-request does not change its route.
@@ -67,6 +68,8 @@ pub struct RequestPlan {
 #[must_use = "report the attempt's outcome to the plan"]
 pub struct Attempt {
     endpoint: SocketAddr,
+    /// The workload at `endpoint`, if discovery knows its pod.
+    workload: Option<Arc<WorkloadIdentity>>,
     index: u32,
     number: u32,
     deadline: Option<Instant>,
@@ -79,6 +82,11 @@ impl Attempt {
     /// The endpoint to send this try to.
     pub fn endpoint(&self) -> SocketAddr {
         self.endpoint
+    }
+
+    /// The workload serving at [`Self::endpoint`] (for telemetry), if discovery knows its pod.
+    pub fn workload(&self) -> Option<&Arc<WorkloadIdentity>> {
+        self.workload.as_ref()
     }
 
     /// 1 for the first try, 2 for the first retry, …
@@ -163,12 +171,13 @@ impl RequestPlan {
 
     /// The destination cluster, `outbound|port|subset|host`.
     pub fn cluster_name(&self) -> &str {
-        &self.cluster_ref().name
+        &self.cluster_ref().destination.cluster
     }
 
-    /// [`Self::cluster_name`], shared (no copy) for telemetry that outlives the plan.
-    pub fn cluster_name_shared(&self) -> Arc<str> {
-        Arc::clone(&self.cluster_ref().name)
+    /// Where the request goes: service, subset and cluster (clone it, no copy, for telemetry
+    /// that outlives the plan).
+    pub fn destination(&self) -> &Destination {
+        &self.cluster_ref().destination
     }
 
     /// The cluster's pool settings (per-connection request limit, timeouts) for the proxy's
@@ -284,6 +293,7 @@ impl RequestPlan {
         };
         Ok(Attempt {
             endpoint: endpoint.addr,
+            workload: endpoint.workload.clone(),
             index,
             number: self.attempts,
             request_bound: deadline.is_some() && deadline == self.deadline,

@@ -9,20 +9,17 @@
 //! - `http.http2MaxRequests` ⇒ concurrent attempts in flight (taken by `next_attempt`);
 //! - `http.maxRetries` ⇒ concurrent retries (taken when a retry is granted, held until that
 //!   retry's outcome is reported);
-//! - `tcp.maxConnections` ⇒ open upstream connections ([`Attempt::try_connection`]);
+//! - `tcp.maxConnections` ⇒ open upstream connections (`RequestPlan::try_connection`);
 //! - `http.http1MaxPendingRequests` ⇒ requests waiting for a connection
-//!   ([`Attempt::try_pending`]);
+//!   (`RequestPlan::try_pending`);
 //! - `http.maxRequestsPerConnection`, `tcp.connectTimeout`, idle timeouts ⇒ passed to the
 //!   proxy's connection pool in [`PoolLimits`].
-//!
-//! [`Attempt::try_connection`]: super::Attempt::try_connection
-//! [`Attempt::try_pending`]: super::Attempt::try_pending
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::cluster::EndpointState;
+use super::endpoint::EndpointState;
 use super::error::EngineError;
 use crate::config::model::ConnectionPool;
 

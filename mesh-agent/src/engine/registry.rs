@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-/// The cluster DNS suffix short service names expand to.
-pub const CLUSTER_SUFFIX: &str = "svc.cluster.local";
+pub use crate::identity::CLUSTER_SUFFIX;
+use crate::identity::{ServiceIdentity, WorkloadIdentity};
 
 /// Every service the mesh knows about.
 #[derive(Clone, Debug, Default)]
@@ -21,8 +21,9 @@ pub struct Registry {
 /// goes to when no rule narrows it down).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Service {
-    pub name: String,
-    pub namespace: String,
+    /// Its name, namespace and host; shared with every cluster of the service, which hands it
+    /// to telemetry as the request's destination.
+    pub identity: Arc<ServiceIdentity>,
     pub ports: Vec<ServicePort>,
     pub endpoints: Vec<Endpoint>,
 }
@@ -39,13 +40,14 @@ pub struct ServicePort {
 pub struct Endpoint {
     pub ip: IpAddr,
     pub labels: BTreeMap<String, String>,
-    pub workload: Option<String>,
+    /// The workload serving there (its pod's), for telemetry; `None` when its pod is unknown.
+    pub workload: Option<Arc<WorkloadIdentity>>,
 }
 
 impl Service {
     /// `name.namespace.svc.cluster.local`.
-    pub fn fqdn(&self) -> String {
-        format!("{}.{}.{CLUSTER_SUFFIX}", self.name, self.namespace)
+    pub fn fqdn(&self) -> &str {
+        &self.identity.host
     }
 
     /// The service port a request on `port` uses: that port if the service has it, otherwise

@@ -21,7 +21,7 @@ pub enum Outcome {
     RefusedStream,
     /// The connection or stream was reset before the response headers.
     Reset,
-    /// The try's deadline ([`Attempt::deadline`](super::Attempt::deadline)) passed first.
+    /// The try's deadline (`Attempt::deadline`) passed first.
     Timeout,
 }
 

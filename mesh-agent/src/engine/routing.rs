@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use http::HeaderMap;
 
 use super::registry::{authority_host, resolve_host, HostBuf};
-use super::RequestInfo;
+use super::request::RequestInfo;
 use crate::config::model::{RequestMatch, StringMatch};
 
 /// Routes grouped by the host they serve.

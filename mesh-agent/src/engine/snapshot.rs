@@ -6,13 +6,14 @@ use std::sync::Arc;
 use super::clock::Epoch;
 use super::cluster::{Carried, Cluster, ClusterKey, ClusterSet, Target};
 use super::fault::FaultRule;
+use super::gateway::Gateways;
 use super::metrics::EngineMetrics;
 use super::mirror::MirrorRule;
 use super::registry::{resolve_host_owned, Registry};
 use super::retry::{self, ResolvedRetry};
 use super::routing::{Match, RouteTable};
+use super::settings::EngineSettings;
 use super::split::{Split, MAX_DESTINATIONS};
-use super::EngineSettings;
 use crate::config::model::{Headers, Host, HttpRoute, MeshConfig, Rewrite, VirtualService};
 
 /// Everything a decision reads. Mutable state lives behind atomics inside (`Cluster::shared`,
@@ -28,6 +29,7 @@ pub(crate) struct Snapshot {
     pub(crate) routes: Vec<Route>,
     pub(crate) clusters: Vec<Cluster>,
     pub(crate) cluster_keys: Vec<ClusterKey>,
+    pub(crate) gateways: Gateways,
 }
 
 /// A compiled `http[]` entry (or a service's default route).
@@ -87,10 +89,10 @@ impl Snapshot {
         }
         for service in &registry.services {
             let fqdn = service.fqdn();
-            let target = clusters.target(&fqdn, None, None);
+            let target = clusters.target(fqdn, None, None);
             let id = routes.len() as u32;
             routes.push(default_route(target));
-            table.vhost_mut(&fqdn).default = Some(id);
+            table.vhost_mut(fqdn).default = Some(id);
         }
 
         Snapshot {
@@ -102,6 +104,7 @@ impl Snapshot {
             routes,
             clusters: clusters.clusters,
             cluster_keys: clusters.keys,
+            gateways: Gateways::compile(&config.gateways),
         }
     }
 

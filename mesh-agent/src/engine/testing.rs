@@ -9,6 +9,7 @@ use http::{HeaderName, Request};
 
 use super::registry::{Endpoint, Registry, Service, ServicePort};
 use crate::config::model::*;
+use crate::identity::ServiceIdentity;
 
 /// `service-c` with `endpoints` endpoints (half `version: v1`, half `v2`) and one virtual
 /// service of `routes` routes: route `i` matches `GET /r{i}/…` (every fifth also needs header
@@ -93,8 +94,7 @@ pub fn mesh(routes: usize, endpoints: usize) -> (MeshConfig, Registry) {
         .collect();
     let registry = Registry {
         services: vec![Arc::new(Service {
-            name: "service-c".into(),
-            namespace: "default".into(),
+            identity: Arc::new(ServiceIdentity::new("service-c", "default")),
             ports: vec![ServicePort {
                 port: 80,
                 target_port: 8080,

@@ -12,6 +12,9 @@ use regex::Regex;
 use super::registry::{Endpoint, Service, ServicePort};
 use super::*;
 use crate::config::model::*;
+// The rule's destination, not the engine's `Destination` (both are glob-imported).
+use crate::config::model::Destination;
+use crate::identity::ServiceIdentity;
 
 // ---------------------------------------------------------------- builders
 
@@ -123,8 +126,7 @@ fn service(name: &str, v1: u8, v2: u8) -> Service {
         .chain((1..=v2).map(|i| endpoint(2, i)))
         .collect();
     Service {
-        name: name.into(),
-        namespace: "default".into(),
+        identity: Arc::new(ServiceIdentity::new(name, "default")),
         ports: vec![ServicePort {
             port: 80,
             target_port: 8080,
@@ -701,6 +703,86 @@ fn virtual_service_gateways_limit_where_it_applies() {
         ..get("service-c", "/")
     };
     assert_eq!(f.route_name(&via_gateway), "default/vs/r");
+}
+
+#[test]
+fn the_ingress_tries_the_gateways_on_its_port_in_order_then_all_of_them() {
+    let gateway = |name: &str, port: u16| Gateway {
+        id: ObjectRef {
+            namespace: "default".into(),
+            name: name.into(),
+        },
+        selector: BTreeMap::new(),
+        servers: vec![GatewayServer {
+            port,
+            protocol: "HTTP".into(),
+            port_name: "http".into(),
+            hosts: vec!["*".into()],
+        }],
+    };
+    let bound = |gateway: &str, prefix: &str, service: &str| {
+        let mut vs = virtual_service(
+            &["*"],
+            vec![http_route(
+                prefix,
+                vec![RequestMatch {
+                    uri: Some(self::prefix(&format!("/{prefix}"))),
+                    ..RequestMatch::default()
+                }],
+                to(service),
+            )],
+        );
+        vs.id.name = prefix.into();
+        vs.gateways = vec![gateway.into()];
+        vs
+    };
+    let config = MeshConfig {
+        virtual_services: vec![
+            Arc::new(bound("public", "a", "service-a")),
+            Arc::new(bound("internal", "b", "service-b")),
+        ],
+        destination_rules: vec![],
+        gateways: vec![
+            Arc::new(gateway("public", 80)),
+            Arc::new(gateway("internal", 80)),
+        ],
+    };
+    let registry = Registry {
+        services: vec![
+            Arc::new(service("service-a", 1, 0)),
+            Arc::new(service("service-b", 1, 0)),
+        ],
+    };
+    let t0 = Instant::now();
+    let engine = Engine::new(&config, &registry, EngineSettings::default(), t0);
+    let ingress = |port: u16, path: &str| {
+        let req = Req {
+            port,
+            ..get("gateway.example", path)
+        };
+        engine.route_ingress(&req.info(), t0)
+    };
+    let plan = ingress(80, "/b").expect("the second gateway routes it");
+    assert_eq!(plan.route_name(), "default/b/b");
+    let destination = plan.destination();
+    let service = destination.service.as_ref().expect("a registry service");
+    assert_eq!(service.host, "service-b.default.svc.cluster.local");
+    assert_eq!(destination.subset, None);
+    assert_eq!(
+        &*destination.cluster,
+        "outbound|80||service-b.default.svc.cluster.local"
+    );
+    // A port no gateway names: every gateway is tried.
+    assert_eq!(
+        ingress(8081, "/a").expect("routes").route_name(),
+        "default/a/a"
+    );
+    assert!(matches!(ingress(80, "/c"), Err(EngineError::NoRoute)));
+    // Mesh traffic is not routed by gateway-bound rules.
+    assert!(matches!(
+        engine.route(&get("gateway.example", "/a").info(), t0),
+        Err(EngineError::NoRoute)
+    ));
 }
 
 // ---------------------------------------------------------------- splits and balancing

@@ -2,25 +2,28 @@
 //! then the kernel enrollment that sends the pod's connections to it. Every source of
 //! enrollment (command-line flags, the admin API, Kubernetes labels: [`by_label`]) goes
 //! through here.
+//!
+//! This is the accept layer: it asks the redirect where each accepted connection was going and
+//! hands (stream, original destination, pod) to the proxy.
 
 pub mod by_label;
 
 use std::{
     collections::BTreeMap,
     io,
-    net::SocketAddrV4,
+    net::{SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
 
 use serde::Serialize;
 use thiserror::Error;
-use tokio::task::JoinHandle;
-use tracing::info;
+use tokio::{net::TcpListener, task::JoinHandle};
+use tracing::{debug, info, warn};
 
 use crate::{
     config::DEFAULT_NAMESPACE,
-    proxy::{self, PodContext, Proxy},
+    proxy::{PodContext, Proxy},
     redirect::{netns::NetNs, Redirect, RedirectError},
 };
 
@@ -114,6 +117,8 @@ pub struct Enrollments {
     redirect: Arc<Redirect>,
     proxy: Arc<Proxy>,
     listen: SocketAddrV4,
+    /// `SO_MARK` of upstream connections, which the kernel programs let pass.
+    agent_mark: u32,
     /// The data-path runtime: accept loops run there whoever asks to enroll.
     runtime: tokio::runtime::Handle,
     pods: Mutex<BTreeMap<String, Entry>>,
@@ -124,12 +129,14 @@ impl Enrollments {
         redirect: Arc<Redirect>,
         proxy: Arc<Proxy>,
         listen: SocketAddrV4,
+        agent_mark: u32,
         runtime: tokio::runtime::Handle,
     ) -> Self {
         Enrollments {
             redirect,
             proxy,
             listen,
+            agent_mark,
             runtime,
             pods: Mutex::new(BTreeMap::new()),
         }
@@ -162,30 +169,32 @@ impl Enrollments {
             self.release(old)?;
         }
         // Listener first: the kernel only redirects to a listener that exists.
-        let listener =
-            proxy::listen_in(&netns, self.listen).map_err(|source| EnrollError::Listen {
-                pod: spec.name.clone(),
-                listen: self.listen,
-                path: spec.netns.clone(),
-                source,
-            })?;
+        let listener = listen_in(&netns, self.listen).map_err(|source| EnrollError::Listen {
+            pod: spec.name.clone(),
+            listen: self.listen,
+            path: spec.netns.clone(),
+            source,
+        })?;
         let pod = EnrolledPod {
             name: spec.name.clone(),
             namespace: spec.namespace.clone(),
             netns: spec.netns.clone(),
             netns_cookie: cookie,
         };
+        let netns = Arc::new(netns);
         let context = Arc::new(PodContext::new(
             spec.name.clone(),
             spec.namespace.clone(),
-            netns,
-            cookie,
-            self.proxy.agent_mark(),
+            Some(Arc::clone(&netns)),
+            self.agent_mark,
         ));
-        let netns = Arc::clone(&context.netns);
-        let accept_loop = self
-            .runtime
-            .spawn(Arc::clone(&self.proxy).serve_pod(listener, context));
+        let accept_loop = self.runtime.spawn(accept(
+            Arc::clone(&self.proxy),
+            Arc::clone(&self.redirect),
+            listener,
+            context,
+            cookie,
+        ));
         if let Err(error) = self.redirect.enroll(&netns, cookie, self.listen) {
             accept_loop.abort();
             return Err(error.into());
@@ -239,6 +248,49 @@ impl Enrollments {
         self.redirect.unenroll(entry.pod.netns_cookie)?;
         entry.accept_loop.abort();
         Ok(())
+    }
+}
+
+/// Opens a listening socket at `addr` inside `netns`.
+fn listen_in(netns: &NetNs, addr: SocketAddrV4) -> io::Result<TcpListener> {
+    let listener = netns.run(|| {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&SocketAddr::V4(addr).into())?;
+        socket.listen(1024)?;
+        Ok(std::net::TcpListener::from(socket))
+    })?;
+    TcpListener::from_std(listener)
+}
+
+/// Accepts the pod's redirected connections until the task is aborted (unenroll) or the proxy
+/// drains, and hands each to the proxy with where it was going.
+async fn accept(
+    proxy: Arc<Proxy>,
+    redirect: Arc<Redirect>,
+    listener: TcpListener,
+    pod: Arc<PodContext>,
+    netns_cookie: u64,
+) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = proxy.drain().started() => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                warn!(pod = %pod.name, %error, "accept failed");
+                continue;
+            }
+        };
+        let Some(original) = redirect.original_dst(&stream, netns_cookie, peer.port()) else {
+            // Someone dialled the listener directly: there is nowhere known to forward to.
+            debug!(pod = %pod.name, %peer, "connection without an original destination");
+            continue;
+        };
+        proxy.serve(stream, original, Arc::clone(&pod));
     }
 }
 

@@ -1,69 +1,34 @@
-//! The agent's data path: in-pod listeners accept redirected connections, look up where each
-//! was going, and carry it there from the pod's own network namespace: through the L7 engine
-//! when it is HTTP to a known service, as opaque bytes otherwise.
+//! The agent's data path: the accept layer (enrollment's in-pod listeners, the ingress
+//! listener) hands each connection over with where it was going and which pod it came from; the
+//! proxy carries it there from the pod's own network namespace: through the L7 engine when it
+//! is HTTP to a known service, as opaque bytes otherwise.
+//!
+//! Nothing here needs the kernel redirect: give [`Proxy::serve`] an accepted stream and an
+//! original destination and it proxies it, which is how the in-process tests drive it.
 
 mod detect;
 pub mod http;
-mod smuggling;
+mod pod;
 mod tcp;
 pub mod upstream;
 
-use std::{
-    io,
-    net::{SocketAddr, SocketAddrV4},
-    sync::Arc,
-    time::Duration,
-};
+use std::{net::SocketAddrV4, sync::Arc, time::Duration};
 
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, warn};
 
 use crate::{
     discovery::Protocol,
-    identity::WorkloadIdentity,
-    redirect::{netns::NetNs, Redirect},
     state::{Snapshot, Store},
-    telemetry::Telemetry,
+    telemetry::{Caller, Telemetry},
 };
 use detect::Detected;
-use upstream::UpstreamClients;
+pub use pod::PodContext;
 
 /// How long to wait for a client's first bytes on a port that declares no protocol.
 const DETECT_TIMEOUT: Duration = Duration::from_millis(100);
 
-/// What the proxy knows about the pod a listener serves.
-pub struct PodContext {
-    pub name: String,
-    /// Short host names in rules and requests resolve against it.
-    pub namespace: String,
-    pub netns: Arc<NetNs>,
-    pub netns_cookie: u64,
-    pub clients: UpstreamClients,
-}
-
-impl PodContext {
-    pub fn new(
-        name: String,
-        namespace: String,
-        netns: NetNs,
-        netns_cookie: u64,
-        mark: u32,
-    ) -> Self {
-        let netns = Arc::new(netns);
-        PodContext {
-            clients: UpstreamClients::new(Arc::clone(&netns), mark),
-            name,
-            namespace,
-            netns,
-            netns_cookie,
-        }
-    }
-}
-
 pub struct Proxy {
-    redirect: Arc<Redirect>,
     store: Arc<Store>,
-    agent_mark: u32,
     telemetry: Arc<Telemetry>,
     drain: Drain,
 }
@@ -82,6 +47,11 @@ impl Drain {
         self.connections.close();
     }
 
+    /// Resolves once draining has started: accept loops stop then.
+    pub async fn started(&self) {
+        self.started.cancelled().await;
+    }
+
     pub async fn wait(&self) {
         self.connections.wait().await;
     }
@@ -91,73 +61,42 @@ impl Drain {
     }
 }
 
-/// Opens a listening socket at `addr` inside `netns`.
-pub fn listen_in(netns: &NetNs, addr: SocketAddrV4) -> io::Result<TcpListener> {
-    let listener = netns.run(|| {
-        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-        socket.set_reuse_address(true)?;
-        socket.set_nonblocking(true)?;
-        socket.bind(&SocketAddr::V4(addr).into())?;
-        socket.listen(1024)?;
-        Ok(std::net::TcpListener::from(socket))
-    })?;
-    TcpListener::from_std(listener)
-}
-
 impl Proxy {
-    pub fn new(
-        redirect: Arc<Redirect>,
-        store: Arc<Store>,
-        agent_mark: u32,
-        telemetry: Arc<Telemetry>,
-    ) -> Self {
+    pub fn new(store: Arc<Store>, telemetry: Arc<Telemetry>) -> Self {
         Proxy {
-            redirect,
             store,
-            agent_mark,
             telemetry,
             drain: Drain::default(),
         }
-    }
-
-    pub fn agent_mark(&self) -> u32 {
-        self.agent_mark
     }
 
     pub fn drain(&self) -> &Drain {
         &self.drain
     }
 
-    /// Accepts the pod's redirected connections until the task is aborted (unenroll).
-    pub async fn serve_pod(self: Arc<Self>, listener: TcpListener, pod: Arc<PodContext>) {
-        loop {
-            let accepted = tokio::select! {
-                accepted = listener.accept() => accepted,
-                _ = self.drain.started.cancelled() => return,
-            };
-            let (stream, peer) = match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    warn!(pod = %pod.name, %error, "accept failed");
-                    continue;
-                }
-            };
-            let proxy = Arc::clone(&self);
-            let pod = Arc::clone(&pod);
-            self.drain
-                .connections
-                .spawn(async move { proxy.handle(stream, peer, pod).await });
-        }
+    /// Takes over a connection the accept layer accepted from `pod`, which was dialling
+    /// `original_dst`: proxies it on a task of its own (tracked for the drain) until it ends.
+    pub fn serve(
+        self: &Arc<Self>,
+        stream: TcpStream,
+        original_dst: SocketAddrV4,
+        pod: Arc<PodContext>,
+    ) {
+        let proxy = Arc::clone(self);
+        self.drain
+            .connections
+            .spawn(async move { proxy.carry(stream, original_dst, pod).await });
     }
 
     /// The ingress gateway: every connection to `listener` (in the agent's own namespace) is
-    /// HTTP routed by `Gateway`-bound rules; upstreams are dialled from the agent's namespace.
+    /// HTTP routed by `Gateway`-bound rules; upstreams are dialled as `gateway`. Accepts until
+    /// the drain starts.
     pub async fn serve_ingress(self: Arc<Self>, listener: TcpListener, gateway: Arc<PodContext>) {
         let port = listener.local_addr().map_or(80, |a| a.port());
         loop {
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
-                _ = self.drain.started.cancelled() => return,
+                _ = self.drain.started() => return,
             };
             let Ok((stream, _)) = accepted else {
                 continue;
@@ -181,25 +120,17 @@ impl Proxy {
         entry: http::Entry,
         snapshot: &Snapshot,
     ) -> http::HttpConn {
-        let source = source_identity(snapshot, &pod);
+        let caller = Caller::new(pod.identity(snapshot));
         http::HttpConn::new(
             pod,
             entry,
             Arc::clone(&self.store),
             Arc::clone(&self.telemetry),
-            source,
+            caller,
         )
     }
 
-    async fn handle(&self, stream: TcpStream, peer: SocketAddr, pod: Arc<PodContext>) {
-        let Some(original) = self
-            .redirect
-            .original_dst(&stream, pod.netns_cookie, peer.port())
-        else {
-            // Someone dialled the listener directly: there is nowhere known to forward to.
-            debug!(pod = %pod.name, %peer, "connection without an original destination");
-            return;
-        };
+    async fn carry(&self, stream: TcpStream, original: SocketAddrV4, pod: Arc<PodContext>) {
         let _ = stream.set_nodelay(true);
         let snapshot = self.store.snapshot();
         let target = snapshot.discovered.service_at(original.into()).cloned();
@@ -218,18 +149,19 @@ impl Proxy {
                     target: target.clone(),
                 };
                 let conn = self.http_conn(pod, entry, &snapshot);
+                drop(snapshot);
                 return http::serve(stream, Arc::new(conn), &self.drain.started).await;
             }
         }
         drop(snapshot);
-        tcp::forward(self, stream, peer, original, &pod, target.as_ref()).await;
-    }
-}
-
-/// The enrolled pod as telemetry names it: from its `Pod` object if discovery has one.
-pub fn source_identity(snapshot: &Snapshot, pod: &PodContext) -> WorkloadIdentity {
-    match snapshot.discovered.pod(&pod.namespace, &pod.name) {
-        Some(workload) => workload.identity.clone(),
-        None => WorkloadIdentity::from_pod_labels(&pod.name, &pod.namespace, &Default::default()),
+        tcp::forward(
+            &self.store,
+            &self.telemetry,
+            &pod,
+            stream,
+            original,
+            target.as_ref(),
+        )
+        .await;
     }
 }

@@ -4,90 +4,80 @@
 
 use std::{
     net::{SocketAddr, SocketAddrV4},
+    sync::Arc,
     time::Instant,
 };
 
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::{upstream, PodContext, Proxy};
+use super::pod::PodContext;
 use crate::{
     discovery::ServiceTarget,
     engine::{EngineError, Outcome, Verdict},
-    telemetry::TcpRecord,
+    identity::WorkloadIdentity,
+    state::Store,
+    telemetry::{ConnectionRecord, Telemetry},
 };
 
+/// Carries `downstream` to the service's endpoint (`service`) or else to `original`, and
+/// records the connection.
 pub async fn forward(
-    proxy: &Proxy,
-    mut downstream: TcpStream,
-    peer: SocketAddr,
-    original: SocketAddrV4,
+    store: &Store,
+    telemetry: &Telemetry,
     pod: &PodContext,
+    mut downstream: TcpStream,
+    original: SocketAddrV4,
     service: Option<&ServiceTarget>,
 ) {
-    let started = Instant::now();
-    let mut record = TcpRecord {
-        source_pod: &pod.name,
-        client_port: peer.port(),
-        original_dst: original,
-        upstream: None,
-        sent_bytes: 0,
-        received_bytes: 0,
-        duration: started.elapsed(),
-        error: None,
-    };
+    let client_port = downstream.peer_addr().map_or(0, |peer| peer.port());
+    let mut record = ConnectionRecord::start(telemetry, &pod.name, client_port, original);
     let connected = match service {
-        Some(service) => connect_service(proxy, pod, service).await,
-        None => upstream::connect(&pod.netns, proxy.agent_mark, original.into())
+        Some(service) => connect_service(store, pod, service).await,
+        None => pod
+            .dialer
+            .connect(original.into())
             .await
-            .map(|stream| (stream, SocketAddr::V4(original)))
+            .map(|stream| (stream, SocketAddr::V4(original), None))
             .map_err(|error| format!("connect: {error}")),
     };
-    match connected {
-        Ok((mut upstream, endpoint)) => {
-            record.upstream = Some(endpoint);
-            let metrics = &proxy.telemetry.metrics;
-            let snapshot = proxy.store.snapshot();
-            let source = super::source_identity(&snapshot, pod);
-            let destination = snapshot
-                .discovered
-                .workload_at(endpoint.ip())
-                .map(|w| &w.identity);
-            let peer = metrics.peer_labels(&source, service.map(|s| &*s.service), destination);
-            drop(snapshot);
-            let connection = metrics.tcp_connection(&peer);
-            let copied = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await;
-            match copied {
-                Ok((sent, received)) => {
-                    connection.add_sent(sent);
-                    connection.add_received(received);
-                    connection.close(metrics, &crate::telemetry::metrics::NoFlags);
-                    record.sent_bytes = sent;
-                    record.received_bytes = received;
-                }
-                Err(error) => {
-                    debug!(pod = %pod.name, %original, %error, "connection ended with an error");
-                    record.error = Some(error.kind().to_string());
-                }
-            }
-        }
+    let (mut upstream, endpoint, workload) = match connected {
+        Ok(connected) => connected,
         Err(error) => {
             debug!(pod = %pod.name, %original, %error, "no upstream connection");
-            record.error = Some(error);
+            record.failed(error);
+            return;
+        }
+    };
+    {
+        let snapshot = store.snapshot();
+        let source = pod.identity(&snapshot);
+        // Outside a service, the destination may still be a pod the mesh knows.
+        let known = || Some(&*snapshot.discovered.workload_at(endpoint.ip())?.identity);
+        record.connected(
+            endpoint,
+            &source,
+            service.map(|s| &*s.service),
+            workload.as_deref().or_else(known),
+        );
+    }
+    match tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
+        Ok((sent, received)) => record.transferred(sent, received),
+        Err(error) => {
+            debug!(pod = %pod.name, %original, %error, "connection ended with an error");
+            record.failed(error.kind().to_string());
         }
     }
-    record.duration = started.elapsed();
-    proxy.telemetry.access_log.tcp(&record);
 }
 
 /// Connects to an endpoint of `service` chosen by the engine, retrying connect failures as the
-/// service's policy allows.
+/// service's policy allows. Returns the stream, the endpoint and its workload.
 async fn connect_service(
-    proxy: &Proxy,
+    store: &Store,
     pod: &PodContext,
     service: &ServiceTarget,
-) -> Result<(TcpStream, SocketAddr), String> {
-    let snapshot = proxy.store.snapshot();
+) -> Result<(TcpStream, SocketAddr, Option<Arc<WorkloadIdentity>>), String> {
+    let snapshot = store.snapshot();
     let authority = format!("{}:{}", service.service.host, service.port);
     let describe = |error: EngineError| format!("{} ({})", error, error.flags());
     let mut plan = snapshot
@@ -97,7 +87,8 @@ async fn connect_service(
     loop {
         let attempt = plan.next_attempt(Instant::now()).map_err(describe)?;
         let endpoint = attempt.endpoint();
-        let connecting = upstream::connect(&pod.netns, proxy.agent_mark, endpoint);
+        let workload = attempt.workload().cloned();
+        let connecting = pod.dialer.connect(endpoint);
         let connected = match attempt.deadline() {
             Some(deadline) => tokio::time::timeout_at(deadline.into(), connecting)
                 .await
@@ -110,7 +101,7 @@ async fn connect_service(
             Err(_) => Outcome::ConnectFailure,
         };
         match (plan.report(attempt, outcome, Instant::now()), connected) {
-            (Verdict::Forward, Ok(stream)) => return Ok((stream, endpoint)),
+            (Verdict::Forward, Ok(stream)) => return Ok((stream, endpoint, workload)),
             (Verdict::RetryAt(at), _) => tokio::time::sleep_until(at.into()).await,
             (Verdict::Fail(error), _) => return Err(describe(error)),
             (Verdict::Forward, Err(error)) => return Err(format!("connect {endpoint}: {error}")),

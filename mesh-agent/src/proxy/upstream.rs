@@ -1,6 +1,10 @@
 //! Upstream connections, made from the source pod's network namespace so the pod's own IP is
 //! the source, and marked so the kernel programs never redirect them. HTTP upstreams are pooled
 //! per endpoint by hyper's client (one pool per source pod).
+//!
+//! Both are optional, for an agent that needs neither (the ingress dials from its own namespace)
+//! and for tests that run without privileges: entering a namespace needs `CAP_SYS_ADMIN` and
+//! `SO_MARK` needs `CAP_NET_ADMIN`.
 
 use std::{
     future::Future,
@@ -34,25 +38,45 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type ProxyBody = BoxBody<Bytes, BoxError>;
 pub type HttpClient = Client<PodConnector, ProxyBody>;
 
-pub async fn connect(netns: &NetNs, mark: u32, addr: SocketAddr) -> io::Result<TcpStream> {
-    let socket = netns.run(|| {
-        let domain = socket2::Domain::for_address(addr);
-        let socket = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
-        socket.set_mark(mark)?;
-        socket.set_nonblocking(true)?;
-        socket.set_tcp_nodelay(true)?;
-        Ok(socket)
-    })?;
-    TcpSocket::from_std_stream(socket.into())
-        .connect(addr)
-        .await
+/// Where and how upstream connections are made for one source pod.
+#[derive(Clone, Debug)]
+pub struct Dialer {
+    /// The namespace to dial from; `None`: the agent's own (no namespace switch).
+    netns: Option<Arc<NetNs>>,
+    /// `SO_MARK` on every upstream socket, so the kernel programs let it pass; 0: none set.
+    mark: u32,
 }
 
-/// Dials `http://IP:PORT` URIs from a pod's namespace.
+impl Dialer {
+    pub fn new(netns: Option<Arc<NetNs>>, mark: u32) -> Self {
+        Dialer { netns, mark }
+    }
+
+    pub async fn connect(&self, addr: SocketAddr) -> io::Result<TcpStream> {
+        let socket = || {
+            let domain = socket2::Domain::for_address(addr);
+            let socket = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
+            if self.mark != 0 {
+                socket.set_mark(self.mark)?;
+            }
+            socket.set_nonblocking(true)?;
+            socket.set_tcp_nodelay(true)?;
+            Ok(socket)
+        };
+        let socket = match &self.netns {
+            Some(netns) => netns.run(socket)?,
+            None => socket()?,
+        };
+        TcpSocket::from_std_stream(socket.into())
+            .connect(addr)
+            .await
+    }
+}
+
+/// Dials `http://IP:PORT` URIs with a pod's [`Dialer`].
 #[derive(Clone)]
 pub struct PodConnector {
-    netns: Arc<NetNs>,
-    mark: u32,
+    dialer: Dialer,
 }
 
 impl tower::Service<Uri> for PodConnector {
@@ -65,14 +89,14 @@ impl tower::Service<Uri> for PodConnector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let netns = Arc::clone(&self.netns);
-        let mark = self.mark;
+        let dialer = self.dialer.clone();
         Box::pin(async move {
             let addr: SocketAddr = uri
                 .authority()
                 .and_then(|a| a.as_str().parse().ok())
                 .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "endpoint URI"))?;
-            connect(&netns, mark, addr)
+            dialer
+                .connect(addr)
                 .await
                 .map(|stream| TokioIo::new(UpstreamStream(stream)))
         })
@@ -137,8 +161,8 @@ pub struct UpstreamClients {
 }
 
 impl UpstreamClients {
-    pub fn new(netns: Arc<NetNs>, mark: u32) -> Self {
-        let connector = PodConnector { netns, mark };
+    pub fn new(dialer: Dialer) -> Self {
+        let connector = PodConnector { dialer };
         let builder = || {
             let mut builder = Client::builder(TokioExecutor::new());
             builder.pool_idle_timeout(Duration::from_secs(60));

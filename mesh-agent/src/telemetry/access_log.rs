@@ -1,10 +1,21 @@
 //! One structured JSON line per connection (`kind: "tcp"`) or HTTP request (`kind: "http"`) on
 //! stdout, when enabled. Off by default; HTTP lines can be sampled.
+//!
+//! Data-path threads never write to stdout themselves: a line goes into a bounded queue that
+//! a writer thread empties. When stdout cannot keep up (a slow pipe, a stopped terminal) and the
+//! queue is full, the line is dropped and counted (`mesh_access_log_dropped_lines_total`)
+//! rather than stalling requests.
 
 use std::{
     fmt,
-    io::Write,
+    io::{self, Write},
     net::{SocketAddr, SocketAddrV4},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        mpsc::{self, SyncSender, TrySendError},
+        Arc,
+    },
+    thread::JoinHandle,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -31,9 +42,44 @@ impl Default for AccessLogOptions {
     }
 }
 
-#[derive(Clone, Copy, Debug)]
+/// Lines waiting for the writer thread; beyond that they are dropped. At a few hundred bytes
+/// a line, a few MiB at most.
+pub const QUEUE_LINES: usize = 16 * 1024;
+
+/// Decides and formats lines; hands them to the writer thread. Cheap to clone.
+#[derive(Clone, Debug)]
 pub struct AccessLog {
     options: AccessLogOptions,
+    /// `None` when disabled (or for a log that only formats lines, in tests).
+    queue: Option<SyncSender<Vec<u8>>>,
+    dropped: Arc<AtomicU64>,
+}
+
+/// The writer thread. [`finish`](Self::finish) it after the last [`AccessLog`] clone is gone
+/// so queued lines are written before the process exits.
+#[derive(Debug)]
+pub struct AccessLogWriter(Option<JoinHandle<()>>);
+
+impl AccessLogWriter {
+    /// Waits until every queued line is written, for at most `within`: the thread ends only
+    /// once every clone of the log is dropped, and a clone still alive somewhere must not hold
+    /// up the exit.
+    pub fn finish(mut self, within: Duration) {
+        let Some(thread) = self.0.take() else {
+            return;
+        };
+        let deadline = std::time::Instant::now() + within;
+        while !thread.is_finished() && std::time::Instant::now() < deadline {
+            #[expect(
+                clippy::disallowed_methods,
+                reason = "runs once, at exit, after the data path has stopped"
+            )]
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if thread.is_finished() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// A finished L4 connection.
@@ -133,16 +179,54 @@ fn as_parent_span_id<S: Serializer>(id: &Option<u64>, s: S) -> Result<S::Ok, S::
 }
 
 impl AccessLog {
-    /// Enabled or not, every HTTP request logged, no query strings.
-    pub fn new(enabled: bool) -> Self {
-        AccessLog::with_options(AccessLogOptions {
+    /// Enabled or not, every HTTP request logged, no query strings, written to stdout.
+    pub fn new(enabled: bool) -> (Self, AccessLogWriter) {
+        AccessLog::stdout(AccessLogOptions {
             enabled,
             ..AccessLogOptions::default()
         })
     }
 
-    pub fn with_options(options: AccessLogOptions) -> Self {
-        AccessLog { options }
+    /// Lines to stdout, through a queue of [`QUEUE_LINES`].
+    pub fn stdout(options: AccessLogOptions) -> (Self, AccessLogWriter) {
+        AccessLog::with_writer(options, io::stdout(), QUEUE_LINES)
+    }
+
+    /// Lines to `out`, through a queue of `capacity` lines (no thread when disabled).
+    pub fn with_writer(
+        options: AccessLogOptions,
+        out: impl Write + Send + 'static,
+        capacity: usize,
+    ) -> (Self, AccessLogWriter) {
+        if !options.enabled {
+            return (AccessLog::formatting_only(options), AccessLogWriter(None));
+        }
+        let (queue, lines) = mpsc::sync_channel::<Vec<u8>>(capacity);
+        let thread = std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || write_lines(&lines, out))
+            .expect("spawning the access-log writer thread");
+        let log = AccessLog {
+            options,
+            queue: Some(queue),
+            dropped: Arc::default(),
+        };
+        (log, AccessLogWriter(Some(thread)))
+    }
+
+    /// A log that formats lines ([`http_line`](Self::http_line), [`tcp_line`](Self::tcp_line))
+    /// but writes none.
+    pub fn formatting_only(options: AccessLogOptions) -> Self {
+        AccessLog {
+            options,
+            queue: None,
+            dropped: Arc::default(),
+        }
+    }
+
+    /// Lines dropped so far because the queue was full: shared, for the metrics.
+    pub fn dropped(&self) -> &Arc<AtomicU64> {
+        &self.dropped
     }
 
     /// Whether anything is logged at all, so callers can skip gathering a record.
@@ -152,14 +236,27 @@ impl AccessLog {
 
     pub fn tcp(&self, record: &TcpRecord<'_>) {
         if let Some(line) = self.tcp_line(record) {
-            write_line(&line);
+            self.write(line);
         }
     }
 
     /// Logs `record` if enabled and sampled in.
     pub fn http(&self, record: &HttpRecord<'_>) {
         if let Some(line) = self.http_line(record) {
-            write_line(&line);
+            self.write(line);
+        }
+    }
+
+    /// Queues a line for the writer thread; never waits.
+    fn write(&self, line: Vec<u8>) {
+        let Some(queue) = &self.queue else {
+            return;
+        };
+        match queue.try_send(line) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 
@@ -203,18 +300,30 @@ fn line<T: Serialize>(kind: &'static str, record: &T) -> Option<Vec<u8>> {
     Some(line)
 }
 
-#[expect(
-    clippy::disallowed_methods,
-    reason = "until the non-blocking writer of issue 12 lands"
-)]
-fn write_line(line: &[u8]) {
-    // One write per line keeps lines whole when tasks log concurrently.
-    let _ = std::io::stdout().lock().write_all(line);
+/// The writer thread: whole lines, flushed whenever the queue runs empty, until every sender is
+/// gone.
+fn write_lines(lines: &mpsc::Receiver<Vec<u8>>, out: impl Write) {
+    let mut out = io::BufWriter::new(out);
+    while let Ok(line) = lines.recv() {
+        let _ = out.write_all(&line);
+        while let Ok(line) = lines.try_recv() {
+            let _ = out.write_all(&line);
+        }
+        let _ = out.flush();
+    }
+    let _ = out.flush();
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn enabled() -> AccessLogOptions {
+        AccessLogOptions {
+            enabled: true,
+            ..AccessLogOptions::default()
+        }
+    }
 
     fn http_record<'a>(flags: &'a dyn fmt::Display) -> HttpRecord<'a> {
         HttpRecord {
@@ -250,7 +359,7 @@ mod tests {
 
     #[test]
     fn http_line_has_every_field() {
-        let log = AccessLog::new(true);
+        let log = AccessLog::formatting_only(enabled());
         let line = log.http_line(&http_record(&"UF,URX")).expect("logged");
         let json = parse(&line);
         assert_eq!(json["kind"], "http");
@@ -278,7 +387,7 @@ mod tests {
 
     #[test]
     fn query_is_logged_only_when_asked() {
-        let log = AccessLog::with_options(AccessLogOptions {
+        let log = AccessLog::formatting_only(AccessLogOptions {
             enabled: true,
             include_query: true,
             ..AccessLogOptions::default()
@@ -289,16 +398,18 @@ mod tests {
 
     #[test]
     fn off_by_default_and_sampled() {
-        assert!(!AccessLog::with_options(AccessLogOptions::default()).is_enabled());
+        assert!(!AccessLog::formatting_only(AccessLogOptions::default()).is_enabled());
         let record = http_record(&"-");
-        assert!(AccessLog::new(false).http_line(&record).is_none());
-        let never = AccessLog::with_options(AccessLogOptions {
+        assert!(AccessLog::formatting_only(AccessLogOptions::default())
+            .http_line(&record)
+            .is_none());
+        let never = AccessLog::formatting_only(AccessLogOptions {
             enabled: true,
             sample_ratio: 0.0,
             ..AccessLogOptions::default()
         });
         assert!(never.http_line(&record).is_none());
-        let tenth = AccessLog::with_options(AccessLogOptions {
+        let tenth = AccessLog::formatting_only(AccessLogOptions {
             enabled: true,
             sample_ratio: 0.1,
             ..AccessLogOptions::default()
@@ -311,7 +422,7 @@ mod tests {
 
     #[test]
     fn tcp_line_keeps_its_shape() {
-        let log = AccessLog::new(true);
+        let log = AccessLog::formatting_only(enabled());
         let record = TcpRecord {
             source_pod: "client-7d9f",
             client_port: 40_000,
@@ -326,6 +437,71 @@ mod tests {
         assert_eq!(json["kind"], "tcp");
         assert_eq!(json["original_dst"], "10.77.0.3:9000");
         assert_eq!(json["duration_us"], 2000);
-        assert!(AccessLog::new(false).tcp_line(&record).is_none());
+        assert!(AccessLog::formatting_only(AccessLogOptions::default())
+            .tcp_line(&record)
+            .is_none());
+    }
+
+    /// A writer that holds its first write until the test opens the gate.
+    struct Gated {
+        gate: Option<mpsc::Receiver<()>>,
+        written: Arc<std::sync::Mutex<Vec<u8>>>,
+    }
+
+    impl Write for Gated {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if let Some(gate) = self.gate.take() {
+                let _ = gate.recv();
+            }
+            self.written.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_stalled_writer_drops_and_counts_lines_instead_of_blocking() {
+        let (open, gate) = mpsc::channel();
+        let written = Arc::default();
+        let out = Gated {
+            gate: Some(gate),
+            written: Arc::clone(&written),
+        };
+        let capacity = 4;
+        let (log, writer) = AccessLog::with_writer(enabled(), out, capacity);
+        let record = TcpRecord {
+            source_pod: "client",
+            client_port: 40_000,
+            original_dst: "10.77.0.3:9000".parse().expect("addr"),
+            upstream: None,
+            sent_bytes: 0,
+            received_bytes: 0,
+            duration: Duration::ZERO,
+            error: None,
+        };
+        let sent = 50;
+        // The writer is stuck on its first line: these return at once all the same.
+        for _ in 0..sent {
+            log.tcp(&record);
+        }
+        let dropped = log.dropped().load(Ordering::Relaxed);
+        // At most the queue plus the line the writer holds got through.
+        assert!(dropped >= sent - capacity as u64 - 1, "{dropped}");
+        open.send(()).expect("writer waiting");
+        drop(log);
+        writer.finish(Duration::from_secs(10));
+        let written = written.lock().unwrap();
+        let lines: Vec<&[u8]> = written.split_inclusive(|b| *b == b'\n').collect();
+        assert_eq!(
+            lines.len() as u64,
+            sent - dropped,
+            "every queued line is written"
+        );
+        for line in lines {
+            parse(line);
+        }
     }
 }

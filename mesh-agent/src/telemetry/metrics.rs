@@ -17,7 +17,7 @@ use std::{
     collections::HashMap,
     fmt,
     sync::{
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex, OnceLock, PoisonError, RwLock,
     },
     time::Duration,
@@ -93,7 +93,7 @@ impl FlagsLabel for ResponseFlags {
     }
 }
 
-const ENGINE_FLAGS: [ResponseFlags; 9] = [
+const ENGINE_FLAGS: [ResponseFlags; 10] = [
     ResponseFlags::UH,
     ResponseFlags::UF,
     ResponseFlags::UO,
@@ -103,6 +103,7 @@ const ENGINE_FLAGS: [ResponseFlags; 9] = [
     ResponseFlags::FI,
     ResponseFlags::DI,
     ResponseFlags::UC,
+    ResponseFlags::DC,
 ];
 
 /// No response flags: `-`.
@@ -524,6 +525,16 @@ impl Metrics {
             .spans
             .write()
             .unwrap_or_else(PoisonError::into_inner) = Some(stats);
+    }
+
+    /// Serves `mesh_access_log_dropped_lines_total` from the access log's drop counter
+    /// ([`AccessLog::dropped`](super::access_log::AccessLog::dropped)).
+    pub fn register_access_log(&self, dropped: Arc<AtomicU64>) {
+        *self
+            .scraped
+            .access_log_dropped
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Some(dropped);
     }
 
     /// All metrics in OpenMetrics text, ending with `# EOF`; serve with
@@ -964,6 +975,7 @@ struct ScrapeTimeCollector {
     decisions: RwLock<Option<DecisionSource>>,
     spans: RwLock<Option<Arc<ExportStats>>>,
     engine: RwLock<Option<Arc<EngineMetrics>>>,
+    access_log_dropped: RwLock<Option<Arc<AtomicU64>>>,
 }
 
 impl fmt::Debug for ScrapeTimeCollector {
@@ -1047,6 +1059,20 @@ impl Collector for ScrapeTimeCollector {
                 ],
             )?;
         }
+        let dropped = self
+            .access_log_dropped
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(dropped) = dropped.as_ref() {
+            ConstCounter::new(dropped.load(Ordering::Relaxed)).encode(
+                encoder.encode_descriptor(
+                    "mesh_access_log_dropped_lines",
+                    "Access-log lines dropped because the writer could not keep up",
+                    None,
+                    MetricType::Counter,
+                )?,
+            )?;
+        }
         Ok(())
     }
 }
@@ -1085,6 +1111,19 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("mesh_engine_events_total{event=\"ejection\"} 0"));
+    }
+
+    #[test]
+    fn access_log_drops_are_read_at_scrape_time() {
+        let metrics = Metrics::default();
+        let dropped = Arc::new(AtomicU64::new(0));
+        metrics.register_access_log(Arc::clone(&dropped));
+        dropped.fetch_add(3, Ordering::Relaxed);
+        let text = metrics.encode_prometheus();
+        assert!(
+            text.contains("mesh_access_log_dropped_lines_total 3"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -1,0 +1,65 @@
+//! One downstream HTTP connection and how it entered the mesh: what every request on it shares.
+
+use std::sync::Arc;
+
+use super::smuggling::Verdicts;
+use crate::{
+    discovery::ServiceTarget,
+    proxy::pod::PodContext,
+    state::Store,
+    telemetry::{Caller, Telemetry},
+};
+
+/// One downstream HTTP connection: a pod's redirected connection to a service port, or a
+/// connection to the ingress gateway.
+pub struct HttpConn {
+    pub pod: Arc<PodContext>,
+    pub entry: Entry,
+    pub store: Arc<Store>,
+    pub telemetry: Arc<Telemetry>,
+    /// The calling pod as telemetry names it, with its interned metric labels.
+    pub caller: Caller,
+    /// The smuggling guard's verdict on each request head, in order.
+    pub(super) verdicts: Verdicts,
+}
+
+/// How the request entered the mesh.
+pub enum Entry {
+    /// A pod dialled this service port (its VIP).
+    Service {
+        target: ServiceTarget,
+        /// `fqdn:port`, the authority used for routing when the client sent an IP as `Host`.
+        authority: String,
+    },
+    /// The ingress gateway's listener on this port: routed by `Gateway`-bound rules.
+    Ingress { port: u16 },
+}
+
+impl Entry {
+    /// The port the client dialled (the service's, or the ingress listener's).
+    pub fn port(&self) -> u16 {
+        match self {
+            Entry::Service { target, .. } => target.port,
+            Entry::Ingress { port } => *port,
+        }
+    }
+}
+
+impl HttpConn {
+    pub fn new(
+        pod: Arc<PodContext>,
+        entry: Entry,
+        store: Arc<Store>,
+        telemetry: Arc<Telemetry>,
+        caller: Caller,
+    ) -> Self {
+        HttpConn {
+            pod,
+            entry,
+            store,
+            telemetry,
+            caller,
+            verdicts: Verdicts::default(),
+        }
+    }
+}

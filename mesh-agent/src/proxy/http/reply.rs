@@ -1,0 +1,54 @@
+//! Responses the proxy makes itself, worded as Envoy words them.
+
+use bytes::Bytes;
+use http::{
+    header::{self, HeaderName, HeaderValue},
+    Response, StatusCode,
+};
+use http_body_util::{BodyExt, Empty, Full};
+
+use crate::{engine::EngineError, proxy::upstream::ProxyBody};
+
+/// The answer to a request the engine refused or could not complete: its status, Envoy's text
+/// and the response flags in `x-mesh-response-flags`.
+pub fn engine_reply(error: &EngineError) -> Response<ProxyBody> {
+    let status = StatusCode::from_u16(error.status()).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+    let mut response = local_reply(status, reply_text(error));
+    if let Ok(flags) = HeaderValue::from_str(&error.flags().to_string()) {
+        response
+            .headers_mut()
+            .insert(HeaderName::from_static("x-mesh-response-flags"), flags);
+    }
+    response
+}
+
+/// Envoy's wording, so users' existing runbooks and searches still match.
+fn reply_text(error: &EngineError) -> &'static str {
+    match error {
+        EngineError::NoRoute => "no route",
+        EngineError::NoHealthyUpstream => "no healthy upstream",
+        EngineError::Overflow => {
+            "upstream connect error or disconnect/reset before headers. reset reason: overflow"
+        }
+        EngineError::PerTryTimeout | EngineError::RequestTimeout => "upstream request timeout",
+        EngineError::FaultAbort { .. } => "fault filter abort",
+        _ => "upstream connect error or disconnect/reset before headers",
+    }
+}
+
+pub fn local_reply(status: StatusCode, text: &str) -> Response<ProxyBody> {
+    let mut response = Response::new(full(Bytes::from(text.to_owned())));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    response
+}
+
+pub fn full(bytes: Bytes) -> ProxyBody {
+    Full::new(bytes).map_err(|never| match never {}).boxed()
+}
+
+pub fn empty() -> ProxyBody {
+    Empty::new().map_err(|never| match never {}).boxed()
+}

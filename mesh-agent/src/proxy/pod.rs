@@ -1,0 +1,43 @@
+//! The pod a connection comes from, as the proxy carries its traffic.
+
+use std::sync::Arc;
+
+use super::upstream::{Dialer, UpstreamClients};
+use crate::{identity::WorkloadIdentity, redirect::netns::NetNs, state::Snapshot};
+
+/// What the proxy knows about the pod a listener serves.
+pub struct PodContext {
+    pub name: String,
+    /// Short host names in rules and requests resolve against it.
+    pub namespace: String,
+    /// Dials upstreams as the pod would: from its network namespace, marked.
+    pub dialer: Dialer,
+    pub clients: UpstreamClients,
+}
+
+impl PodContext {
+    /// `netns`: where the pod's upstream connections are made from (`None`: the agent's own
+    /// namespace); `mark`: the `SO_MARK` they carry so the kernel redirect lets them pass (0:
+    /// none, for a proxy that no redirect sees, as in tests).
+    pub fn new(name: String, namespace: String, netns: Option<Arc<NetNs>>, mark: u32) -> Self {
+        let dialer = Dialer::new(netns, mark);
+        PodContext {
+            clients: UpstreamClients::new(dialer.clone()),
+            dialer,
+            name,
+            namespace,
+        }
+    }
+}
+
+impl PodContext {
+    /// The pod as telemetry names it: from its `Pod` object if discovery has one.
+    pub fn identity(&self, snapshot: &Snapshot) -> WorkloadIdentity {
+        match snapshot.discovered.pod(&self.namespace, &self.name) {
+            Some(workload) => (*workload.identity).clone(),
+            None => {
+                WorkloadIdentity::from_pod_labels(&self.name, &self.namespace, &Default::default())
+            }
+        }
+    }
+}

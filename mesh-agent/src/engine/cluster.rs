@@ -56,6 +56,7 @@ pub(crate) struct Cluster {
     pub(crate) shared: Arc<ClusterShared>,
     /// The destination service's retry budget (shared by all its clusters).
     pub(crate) budget: Arc<BudgetState>,
+    pub(crate) inputs: Inputs,
 }
 
 impl Cluster {
@@ -167,81 +168,201 @@ impl Target {
     }
 }
 
-/// Live state of a previous snapshot, to carry over into the next one.
-#[derive(Default)]
-pub(crate) struct Carried {
-    pub(crate) clusters: HashMap<ClusterKey, Arc<ClusterShared>>,
-    pub(crate) endpoints: HashMap<(ClusterKey, SocketAddr), Arc<EndpointState>>,
-    pub(crate) budgets: HashMap<Box<str>, Arc<BudgetState>>,
+/// What a cluster was built from. A new snapshot reuses a cluster whose inputs are the very same
+/// objects (compared by address), so a change rebuilds only the clusters it touches.
+#[derive(Debug)]
+pub(crate) struct Inputs {
+    /// The destination service, when the host is one.
+    pub(crate) service: Option<Arc<Service>>,
+    /// Every DestinationRule for the host, oldest first.
+    pub(crate) rules: Vec<Arc<DestinationRule>>,
 }
 
-impl Carried {
-    pub(crate) fn from_clusters(keys: &[ClusterKey], clusters: &[Cluster]) -> Carried {
-        let mut carried = Carried::default();
-        for (key, cluster) in keys.iter().zip(clusters) {
-            carried
-                .clusters
-                .insert(key.clone(), Arc::clone(&cluster.shared));
-            carried
-                .budgets
-                .insert(key.host.clone(), Arc::clone(&cluster.budget));
-            for endpoint in cluster.endpoints.iter() {
-                carried
-                    .endpoints
-                    .insert((key.clone(), endpoint.addr), Arc::clone(&endpoint.state));
-            }
-        }
-        carried
+impl Inputs {
+    fn same_as(&self, other: &Inputs) -> bool {
+        let service = match (&self.service, &other.service) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        service
+            && self.rules.len() == other.rules.len()
+            && self
+                .rules
+                .iter()
+                .zip(&other.rules)
+                .all(|(a, b)| Arc::ptr_eq(a, b))
     }
 }
 
-/// Builds clusters on demand while routes are compiled, one per distinct key.
+impl Cluster {
+    /// Builds the cluster `key` from its inputs. Live state comes from `previous`, the cluster
+    /// of the same key in the snapshot this one replaces: its pool counters, balancer cursor and
+    /// sweep schedule, and the state of each endpoint that is still there. `now` is the current
+    /// tick: a new cluster's first outlier sweep is one interval later.
+    pub(crate) fn build(
+        key: &ClusterKey,
+        inputs: Inputs,
+        previous: Option<&Cluster>,
+        budget: Arc<BudgetState>,
+        now: u64,
+    ) -> Cluster {
+        // Several rules for one host merge as in Istio: the oldest rule's traffic policy,
+        // subsets from all of them (the first definition of a name wins).
+        let subset = key.subset.as_deref().and_then(|name| {
+            inputs
+                .rules
+                .iter()
+                .find_map(|r| r.subsets.iter().find(|s| s.name == name))
+        });
+        let policy = effective_policy(
+            inputs.rules.first().map(|r| &r.traffic_policy),
+            subset.map(|s| &s.traffic_policy),
+        );
+        let carried: HashMap<SocketAddr, &Arc<EndpointState>> = previous
+            .into_iter()
+            .flat_map(|p| p.endpoints.iter().map(|e| (e.addr, &e.state)))
+            .collect();
+
+        let mut endpoints = Vec::new();
+        let subset_missing = key.subset.is_some() && subset.is_none();
+        if let (Some(service), false) = (&inputs.service, subset_missing) {
+            if let Some(port) = service.port_for(key.port) {
+                for endpoint in &service.endpoints {
+                    let selected = subset.is_none_or(|s| {
+                        s.labels
+                            .iter()
+                            .all(|(k, v)| endpoint.labels.get(k) == Some(v))
+                    });
+                    if selected {
+                        let addr = SocketAddr::new(endpoint.ip, port.target_port);
+                        endpoints.push(ClusterEndpoint {
+                            addr,
+                            authority: authority_of(addr),
+                            workload: endpoint.workload.clone(),
+                            state: carried
+                                .get(&addr)
+                                .map_or_else(Arc::default, |s| Arc::clone(s)),
+                        });
+                    }
+                }
+            }
+        }
+
+        let outlier = policy.outlier_detection.as_ref().map(OutlierPolicy::new);
+        let first_sweep = now + outlier.as_ref().map_or(0, OutlierPolicy::interval);
+        let shared = previous.map_or_else(
+            || {
+                Arc::new(ClusterShared {
+                    pool: Arc::default(),
+                    cursor: Cursor::default(),
+                    health: ClusterHealth::new(first_sweep),
+                })
+            },
+            |p| Arc::clone(&p.shared),
+        );
+        shared
+            .health
+            .recount(endpoints.iter().map(|e| &e.state.health));
+        let destination = Destination {
+            service: inputs.service.as_ref().map(|s| Arc::clone(&s.identity)),
+            subset: key.subset.as_deref().map(Arc::from),
+            cluster: format!(
+                "outbound|{}|{}|{}",
+                key.port,
+                key.subset.as_deref().unwrap_or(""),
+                key.host
+            )
+            .into(),
+        };
+        Cluster {
+            destination,
+            endpoints: endpoints.into_boxed_slice(),
+            lb: policy.load_balancer.unwrap_or_default(),
+            limits: PoolLimits::new(policy.connection_pool.as_ref()),
+            outlier,
+            shared,
+            budget,
+            inputs,
+        }
+    }
+
+    /// This cluster with `service` in place of its service (same rules, same key).
+    pub(crate) fn with_service(
+        &self,
+        key: &ClusterKey,
+        service: &Arc<Service>,
+        now: u64,
+    ) -> Cluster {
+        let inputs = Inputs {
+            service: Some(Arc::clone(service)),
+            rules: self.inputs.rules.clone(),
+        };
+        Cluster::build(key, inputs, Some(self), Arc::clone(&self.budget), now)
+    }
+}
+
+/// Builds clusters on demand while routes are compiled, one per distinct key, reusing the
+/// previous snapshot's cluster where its inputs did not change.
 pub(crate) struct ClusterSet<'a> {
     registry: &'a Registry,
-    services: HashMap<String, usize>,
+    services: HashMap<&'a str, usize>,
     /// Every DestinationRule per host, oldest first.
-    rules: HashMap<String, Vec<&'a DestinationRule>>,
-    carried: Carried,
-    first_sweep: u64,
+    rules: HashMap<String, Vec<Arc<DestinationRule>>>,
+    /// The previous snapshot's clusters, by key.
+    previous: HashMap<&'a ClusterKey, &'a Arc<Cluster>>,
+    /// Retry budgets per destination host: the previous snapshot's, and those of hosts new in
+    /// this one.
+    previous_budgets: HashMap<&'a str, &'a Arc<BudgetState>>,
+    new_budgets: HashMap<Box<str>, Arc<BudgetState>>,
+    now: u64,
     index: HashMap<ClusterKey, u32>,
     pub(crate) keys: Vec<ClusterKey>,
-    pub(crate) clusters: Vec<Cluster>,
+    pub(crate) clusters: Vec<Arc<Cluster>>,
 }
 
 impl<'a> ClusterSet<'a> {
-    /// `now` is the current tick: a new cluster's first outlier sweep is one interval later.
+    /// `previous` are the keys and clusters of the snapshot being replaced.
     pub(crate) fn new(
-        config: &'a MeshConfig,
+        config: &MeshConfig,
         registry: &'a Registry,
-        carried: Carried,
+        previous: (&'a [ClusterKey], &'a [Arc<Cluster>]),
         now: u64,
     ) -> Self {
         let services = registry
             .services
             .iter()
             .enumerate()
-            .map(|(i, s)| (s.fqdn().to_owned(), i))
+            .map(|(i, s)| (s.fqdn(), i))
             .collect();
-        let mut rules: HashMap<String, Vec<&DestinationRule>> = HashMap::new();
+        let mut rules: HashMap<String, Vec<Arc<DestinationRule>>> = HashMap::new();
         for rule in &config.destination_rules {
             let host = resolve_host_owned(&rule.host.name, &rule.host.namespace);
-            rules.entry(host).or_default().push(rule);
+            rules.entry(host).or_default().push(Arc::clone(rule));
         }
+        let (keys, clusters) = previous;
+        let previous_budgets = keys
+            .iter()
+            .zip(clusters)
+            .map(|(key, cluster)| (&*key.host, &cluster.budget))
+            .collect();
         ClusterSet {
             registry,
             services,
             rules,
-            carried,
-            first_sweep: now,
+            previous: keys.iter().zip(clusters).collect(),
+            previous_budgets,
+            new_budgets: HashMap::new(),
+            now,
             index: HashMap::new(),
             keys: Vec::new(),
             clusters: Vec::new(),
         }
     }
 
-    pub(crate) fn service(&self, fqdn: &str) -> Option<&'a Service> {
+    pub(crate) fn service(&self, fqdn: &str) -> Option<&'a Arc<Service>> {
         let registry = self.registry;
-        self.services.get(fqdn).map(|&i| &*registry.services[i])
+        self.services.get(fqdn).map(|&i| &registry.services[i])
     }
 
     /// The target for a destination `fqdn` with optional `port` and `subset`.
@@ -269,94 +390,36 @@ impl<'a> ClusterSet<'a> {
         if let Some(&index) = self.index.get(&key) {
             return index;
         }
-        let cluster = self.build(&key);
+        let inputs = Inputs {
+            service: self.service(fqdn).cloned(),
+            rules: self.rules.get(fqdn).cloned().unwrap_or_default(),
+        };
+        let previous = self.previous.get(&key).copied();
+        let cluster = match previous {
+            Some(previous) if previous.inputs.same_as(&inputs) => Arc::clone(previous),
+            _ => {
+                let budget = match self.previous_budgets.get(fqdn) {
+                    Some(budget) => Arc::clone(budget),
+                    None => Arc::clone(
+                        self.new_budgets
+                            .entry(fqdn.into())
+                            .or_insert_with(|| Arc::new(BudgetState::new())),
+                    ),
+                };
+                Arc::new(Cluster::build(
+                    &key,
+                    inputs,
+                    previous.map(|p| &**p),
+                    budget,
+                    self.now,
+                ))
+            }
+        };
         let index = u32::try_from(self.clusters.len()).expect("fewer than 2^32 clusters");
         self.clusters.push(cluster);
         self.keys.push(key.clone());
         self.index.insert(key, index);
         index
-    }
-
-    fn build(&mut self, key: &ClusterKey) -> Cluster {
-        // Several rules for one host merge as in Istio: the oldest rule's traffic policy,
-        // subsets from all of them (the first definition of a name wins).
-        let rules = self.rules.get(&*key.host).map_or(&[][..], Vec::as_slice);
-        let subset = key.subset.as_deref().and_then(|name| {
-            rules
-                .iter()
-                .find_map(|r| r.subsets.iter().find(|s| s.name == name))
-        });
-        let policy = effective_policy(
-            rules.first().map(|r| &r.traffic_policy),
-            subset.map(|s| &s.traffic_policy),
-        );
-
-        let mut endpoints = Vec::new();
-        let subset_missing = key.subset.is_some() && subset.is_none();
-        if let (Some(service), false) = (self.service(&key.host), subset_missing) {
-            if let Some(port) = service.port_for(key.port) {
-                for endpoint in &service.endpoints {
-                    let selected = subset.is_none_or(|s| {
-                        s.labels
-                            .iter()
-                            .all(|(k, v)| endpoint.labels.get(k) == Some(v))
-                    });
-                    if selected {
-                        let addr = SocketAddr::new(endpoint.ip, port.target_port);
-                        let state = self
-                            .carried
-                            .endpoints
-                            .remove(&(key.clone(), addr))
-                            .unwrap_or_default();
-                        endpoints.push(ClusterEndpoint {
-                            addr,
-                            authority: authority_of(addr),
-                            workload: endpoint.workload.clone(),
-                            state,
-                        });
-                    }
-                }
-            }
-        }
-
-        let outlier = policy.outlier_detection.as_ref().map(OutlierPolicy::new);
-        let first_sweep = self.first_sweep + outlier.as_ref().map_or(0, OutlierPolicy::interval);
-        let shared = self.carried.clusters.get(key).cloned().unwrap_or_else(|| {
-            Arc::new(ClusterShared {
-                pool: Arc::default(),
-                cursor: Cursor::default(),
-                health: ClusterHealth::new(first_sweep),
-            })
-        });
-        shared
-            .health
-            .recount(endpoints.iter().map(|e| &e.state.health));
-        let budget = self
-            .carried
-            .budgets
-            .entry(key.host.clone())
-            .or_insert_with(|| Arc::new(BudgetState::new()))
-            .clone();
-        let destination = Destination {
-            service: self.service(&key.host).map(|s| Arc::clone(&s.identity)),
-            subset: key.subset.as_deref().map(Arc::from),
-            cluster: format!(
-                "outbound|{}|{}|{}",
-                key.port,
-                key.subset.as_deref().unwrap_or(""),
-                key.host
-            )
-            .into(),
-        };
-        Cluster {
-            destination,
-            endpoints: endpoints.into_boxed_slice(),
-            lb: policy.load_balancer.unwrap_or_default(),
-            limits: PoolLimits::new(policy.connection_pool.as_ref()),
-            outlier,
-            shared,
-            budget,
-        }
     }
 }
 

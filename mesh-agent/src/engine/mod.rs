@@ -59,7 +59,6 @@ pub use settings::EngineSettings;
 
 use crate::config::model::MeshConfig;
 use clock::Epoch;
-use cluster::Carried;
 use routing::UriMatched;
 use snapshot::{Lineage, Snapshot};
 
@@ -98,7 +97,7 @@ impl Engine {
             epoch: Epoch::new(now),
             metrics: Arc::default(),
             seeds: Arc::new(AtomicU64::new(0)),
-            carried: Carried::default(),
+            previous: None,
         };
         Engine {
             snap: Arc::new(Snapshot::compile(config, registry, lineage, 0)),
@@ -108,8 +107,10 @@ impl Engine {
     /// Compiles a new snapshot for changed config or endpoints, keeping live state where the
     /// same thing still exists: per-endpoint outlier state and load by (cluster, address),
     /// pool counters and sweep schedule by cluster (`host`, port, subset), retry budgets by
-    /// service, and all metrics. Split and spread positions restart. Requests in flight keep
-    /// the snapshot they were routed on.
+    /// service, and all metrics. Only what changed is built again (see `Snapshot::compile`):
+    /// when only endpoints changed, routes and their split positions carry on; otherwise
+    /// routes are compiled anew and split positions restart. Requests in flight keep the
+    /// snapshot they were routed on.
     pub fn reload(&self, config: &MeshConfig, registry: &Registry, now: Instant) -> Engine {
         let settings = self.snap.settings.clone();
         let lineage = self.snap.lineage(settings);
@@ -289,6 +290,6 @@ impl Engine {
         snap.cluster_keys
             .iter()
             .position(|k| *k.host == *fqdn && k.port == port && k.subset.as_deref() == subset)
-            .map(|i| &snap.clusters[i])
+            .map(|i| &*snap.clusters[i])
     }
 }

@@ -1,15 +1,16 @@
 //! Compiling the config and registry into one immutable snapshot the hot path only reads.
 
+use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use super::clock::Epoch;
-use super::cluster::{Carried, Cluster, ClusterKey, ClusterSet, Target};
+use super::cluster::{Cluster, ClusterKey, ClusterSet, Target};
 use super::fault::FaultRule;
 use super::gateway::Gateways;
 use super::metrics::EngineMetrics;
 use super::mirror::MirrorRule;
-use super::registry::{resolve_host_owned, Registry};
+use super::registry::{resolve_host_owned, Registry, Service};
 use super::retry::{self, ResolvedRetry};
 use super::routing::{Match, RouteTable};
 use super::settings::EngineSettings;
@@ -25,11 +26,16 @@ pub(crate) struct Snapshot {
     pub(crate) epoch: Epoch,
     pub(crate) metrics: Arc<EngineMetrics>,
     pub(crate) seeds: Arc<AtomicU64>,
-    pub(crate) table: RouteTable,
-    pub(crate) routes: Vec<Route>,
-    pub(crate) clusters: Vec<Cluster>,
-    pub(crate) cluster_keys: Vec<ClusterKey>,
-    pub(crate) gateways: Gateways,
+    /// What this snapshot was compiled from, so the next one can tell what changed.
+    config: MeshConfig,
+    registry: Registry,
+    // Routes and what selects them depend on the rules and on which services exist with which
+    // ports, not on endpoints: a change of endpoints alone shares them with the next snapshot.
+    pub(crate) table: Arc<RouteTable>,
+    pub(crate) routes: Arc<[Route]>,
+    pub(crate) gateways: Arc<Gateways>,
+    pub(crate) clusters: Vec<Arc<Cluster>>,
+    pub(crate) cluster_keys: Arc<[ClusterKey]>,
 }
 
 /// A compiled `http[]` entry (or a service's default route).
@@ -56,22 +62,36 @@ pub(crate) struct RouteDestination {
 }
 
 /// State and identity carried from one snapshot to the next.
-pub(crate) struct Lineage {
+pub(crate) struct Lineage<'a> {
     pub(crate) settings: EngineSettings,
     pub(crate) epoch: Epoch,
     pub(crate) metrics: Arc<EngineMetrics>,
     pub(crate) seeds: Arc<AtomicU64>,
-    pub(crate) carried: Carried,
+    /// The snapshot being replaced: its clusters' live state carries over.
+    pub(crate) previous: Option<&'a Snapshot>,
 }
 
 impl Snapshot {
+    /// Compiles `config` and `registry`. Against a previous snapshot, only what changed is
+    /// built again: when the rules and the services (names and ports) are the same, only the
+    /// clusters of services whose endpoints changed; otherwise routes are compiled anew and
+    /// each cluster whose service and rules are the very same objects is reused.
     pub(crate) fn compile(
         config: &MeshConfig,
         registry: &Registry,
-        lineage: Lineage,
+        lineage: Lineage<'_>,
         now: u64,
     ) -> Snapshot {
-        let mut clusters = ClusterSet::new(config, registry, lineage.carried, now);
+        if let Some(previous) = lineage.previous {
+            if same_rules(&previous.config, config) && same_services(&previous.registry, registry) {
+                return previous.with_endpoints(registry, lineage, now);
+            }
+        }
+        let (keys, clusters): (&[ClusterKey], &[Arc<Cluster>]) = match lineage.previous {
+            Some(previous) => (&previous.cluster_keys, &previous.clusters),
+            None => (&[], &[]),
+        };
+        let mut clusters = ClusterSet::new(config, registry, (keys, clusters), now);
         let mut table = RouteTable::default();
         let mut routes = Vec::new();
 
@@ -100,24 +120,84 @@ impl Snapshot {
             epoch: lineage.epoch,
             metrics: lineage.metrics,
             seeds: lineage.seeds,
-            table,
-            routes,
+            config: config.clone(),
+            registry: registry.clone(),
+            table: Arc::new(table),
+            routes: routes.into(),
+            gateways: Arc::new(Gateways::compile(&config.gateways)),
             clusters: clusters.clusters,
-            cluster_keys: clusters.keys,
-            gateways: Gateways::compile(&config.gateways),
+            cluster_keys: clusters.keys.into(),
+        }
+    }
+
+    /// This snapshot with `registry`'s endpoints, when only endpoints changed: the clusters of
+    /// each service that is not the very same object are rebuilt, everything else is shared.
+    fn with_endpoints(&self, registry: &Registry, lineage: Lineage<'_>, now: u64) -> Snapshot {
+        let changed: HashMap<*const Service, &Arc<Service>> = self
+            .registry
+            .services
+            .iter()
+            .zip(&registry.services)
+            .filter(|(old, new)| !Arc::ptr_eq(old, new))
+            .map(|(old, new)| (Arc::as_ptr(old), new))
+            .collect();
+        let clusters = self
+            .clusters
+            .iter()
+            .zip(self.cluster_keys.iter())
+            .map(|(cluster, key)| {
+                let service = cluster.inputs.service.as_ref();
+                match service.and_then(|s| changed.get(&Arc::as_ptr(s))) {
+                    Some(service) => Arc::new(cluster.with_service(key, service, now)),
+                    None => Arc::clone(cluster),
+                }
+            })
+            .collect();
+        Snapshot {
+            settings: lineage.settings,
+            epoch: lineage.epoch,
+            metrics: lineage.metrics,
+            seeds: lineage.seeds,
+            config: self.config.clone(),
+            registry: registry.clone(),
+            table: Arc::clone(&self.table),
+            routes: Arc::clone(&self.routes),
+            gateways: Arc::clone(&self.gateways),
+            clusters,
+            cluster_keys: Arc::clone(&self.cluster_keys),
         }
     }
 
     /// The live state to hand to the next snapshot.
-    pub(crate) fn lineage(&self, settings: EngineSettings) -> Lineage {
+    pub(crate) fn lineage(&self, settings: EngineSettings) -> Lineage<'_> {
         Lineage {
             settings,
             epoch: self.epoch,
             metrics: Arc::clone(&self.metrics),
             seeds: Arc::clone(&self.seeds),
-            carried: Carried::from_clusters(&self.cluster_keys, &self.clusters),
+            previous: Some(self),
         }
     }
+}
+
+/// The same rules: every VirtualService, DestinationRule and Gateway is the very same object.
+fn same_rules(a: &MeshConfig, b: &MeshConfig) -> bool {
+    fn same<T>(a: &[Arc<T>], b: &[Arc<T>]) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(a, b)| Arc::ptr_eq(a, b))
+    }
+    same(&a.virtual_services, &b.virtual_services)
+        && same(&a.destination_rules, &b.destination_rules)
+        && same(&a.gateways, &b.gateways)
+}
+
+/// The same services, in the same order, with the same ports: routes and cluster keys depend
+/// on nothing else of the registry.
+fn same_services(a: &Registry, b: &Registry) -> bool {
+    a.services.len() == b.services.len()
+        && a.services
+            .iter()
+            .zip(&b.services)
+            .all(|(a, b)| a.fqdn() == b.fqdn() && a.ports == b.ports)
 }
 
 /// A rule's host as a lookup key: the resolved service name, except that a one-dot name that is

@@ -1172,6 +1172,91 @@ fn outlier_state_survives_a_reload() {
     assert!(reloaded.picks(f.at(10.0), 60).contains(&crashed));
 }
 
+#[test]
+fn a_reload_rebuilds_only_what_changed_and_keeps_live_state() {
+    let rule = Arc::new(destination_rule(
+        "service-c",
+        outlier_policy(tutorial_outlier()),
+    ));
+    let config = MeshConfig {
+        virtual_services: vec![],
+        destination_rules: vec![Arc::clone(&rule)],
+        gateways: vec![],
+    };
+    let (a, c) = (
+        Arc::new(service("service-a", 2, 0)),
+        Arc::new(service("service-c", 0, 3)),
+    );
+    let registry = Registry {
+        services: vec![Arc::clone(&a), Arc::clone(&c)],
+    };
+    let t0 = Instant::now();
+    let f = Fixture {
+        engine: Engine::new(&config, &registry, EngineSettings::default(), t0),
+        t0,
+    };
+    let crashed = addr(2, 1);
+    f.fail_on(t0, crashed);
+    let cluster_of = |engine: &Engine, host: &str| {
+        let snap = &engine.snap;
+        let index = snap
+            .cluster_keys
+            .iter()
+            .position(|k| k.host.starts_with(host));
+        Arc::clone(&snap.clusters[index.expect("a cluster")])
+    };
+
+    // service-c gains an endpoint: only its cluster is rebuilt; routes stay shared.
+    let mut grown = service("service-c", 0, 4);
+    grown.identity = Arc::clone(&c.identity);
+    let registry = Registry {
+        services: vec![Arc::clone(&a), Arc::new(grown)],
+    };
+    let reloaded = f.engine.reload(&config, &registry, f.at(1.0));
+    assert!(Arc::ptr_eq(&reloaded.snap.routes, &f.engine.snap.routes));
+    assert!(Arc::ptr_eq(
+        &cluster_of(&reloaded, "service-a"),
+        &cluster_of(&f.engine, "service-a")
+    ));
+    let (before, after) = (
+        cluster_of(&f.engine, "service-c"),
+        cluster_of(&reloaded, "service-c"),
+    );
+    assert!(!Arc::ptr_eq(&before, &after));
+    assert_eq!(after.endpoints.len(), 4);
+    assert!(Arc::ptr_eq(&before.shared, &after.shared));
+    let reloaded = Fixture {
+        engine: reloaded,
+        t0,
+    };
+    assert_eq!(
+        ejected(&reloaded),
+        vec![crashed],
+        "the ejection carries over"
+    );
+    assert!(reloaded.picks(f.at(5.0), 80).contains(&addr(2, 4)));
+
+    // A new rule for service-c recompiles routes; service-a's cluster is still reused.
+    let config = MeshConfig {
+        destination_rules: vec![Arc::new((*rule).clone())],
+        ..config
+    };
+    let recompiled = reloaded.engine.reload(&config, &registry, f.at(6.0));
+    assert!(!Arc::ptr_eq(
+        &recompiled.snap.routes,
+        &reloaded.engine.snap.routes
+    ));
+    assert!(Arc::ptr_eq(
+        &cluster_of(&recompiled, "service-a"),
+        &cluster_of(&reloaded.engine, "service-a")
+    ));
+    let recompiled = Fixture {
+        engine: recompiled,
+        t0,
+    };
+    assert_eq!(ejected(&recompiled), vec![crashed], "and again");
+}
+
 // ---------------------------------------------------------------- retries and timeouts
 
 fn with_retries(retries: Option<RetryPolicy>, timeout: Option<Duration>, endpoints: u8) -> Fixture {

@@ -10,14 +10,12 @@
 use std::{
     alloc::{GlobalAlloc, Layout, System},
     fmt::Write as _,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
+    sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
 };
 
-use mesh_agent::{engine::EngineSettings, state::Store, telemetry::Metrics};
+use mesh_agent::{engine::EngineSettings, state::Store};
+use prometheus_client::registry::Registry;
 
 struct Counting;
 
@@ -61,12 +59,9 @@ const CHANGES: usize = 50;
 fn main() {
     let world = world();
     let started = Instant::now();
-    let store = Store::open(
-        None,
-        EngineSettings::default(),
-        Arc::new(Metrics::default()),
-    )
-    .expect("an empty store opens");
+    let mut registry = Registry::default();
+    let store =
+        Store::open(None, EngineSettings::default(), &mut registry).expect("an empty store opens");
     store
         .apply("world.yml", &world)
         .expect("the world is valid");

@@ -11,6 +11,7 @@ pub mod config;
 pub mod discovery;
 pub mod engine;
 pub mod enrollment;
+pub mod exposition;
 pub mod identity;
 pub mod proxy;
 pub mod redirect;

@@ -8,6 +8,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
+use prometheus_client::registry::Registry;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::info;
 
@@ -20,6 +21,7 @@ use crate::{
     redirect::{Redirect, RedirectMode},
     state::{self, Store},
     telemetry::{
+        metrics::DEFAULT_CLUSTER,
         otlp::{OtlpConfig, SpanExporter},
         AccessLog, Metrics, Telemetry,
     },
@@ -81,39 +83,23 @@ pub fn run(settings: Settings) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the data-path runtime")?;
-    let metrics = Arc::new(Metrics::default());
-    // Weak: the metrics must not keep the programs attached after shutdown. iptables mode has
-    // no decision counters, so no such metric.
-    if redirect.mode() == RedirectMode::Ebpf {
-        let decisions = Arc::downgrade(&redirect);
-        metrics.register_decision_source(Box::new(move || {
-            decisions
-                .upgrade()
-                .and_then(|redirect| redirect.decision_counts())
-                .map(|counts| {
-                    counts
-                        .iter()
-                        .map(|(decision, count)| (decision.name(), *count))
-                        .collect()
-                })
-                .unwrap_or_default()
-        }));
-    }
+    // One registry; each subsystem registers its own metrics on it, Istio's at the root and the
+    // agent's own under `mesh_`.
+    let mut registry = Registry::default();
+    let metrics = Arc::new(Metrics::new(DEFAULT_CLUSTER, &mut registry));
+    let mesh = registry.sub_registry_with_prefix("mesh");
+    redirect.register_metrics(mesh.sub_registry_with_prefix("redirect"));
     let store = Arc::new(
-        Store::open(
-            settings.config.clone(),
-            EngineSettings::default(),
-            Arc::clone(&metrics),
-        )
-        .map_err(|diagnostics| {
-            let lines: Vec<String> = diagnostics
-                .iter()
-                .map(|d| format!("  {}: {d}", d.severity))
-                .collect();
-            anyhow::anyhow!("the config folder is invalid:\n{}", lines.join("\n"))
-        })?,
+        Store::open(settings.config.clone(), EngineSettings::default(), mesh).map_err(
+            |diagnostics| {
+                let lines: Vec<String> = diagnostics
+                    .iter()
+                    .map(|d| format!("  {}: {d}", d.severity))
+                    .collect();
+                anyhow::anyhow!("the config folder is invalid:\n{}", lines.join("\n"))
+            },
+        )?,
     );
-    metrics.register_engine(store.snapshot().engine.shared_metrics());
     // Loading the programs parses the kernel's BTF (megabytes, all freed by now), and a burst
     // of connections leaves freed buffers behind: glibc keeps both resident unless asked.
     trim_heap();
@@ -132,13 +118,13 @@ pub fn run(settings: Settings) -> Result<()> {
                 .with_context(|| format!("--otlp-endpoint {endpoint}"))?;
             let _runtime = runtime.enter();
             let (exporter, task) = SpanExporter::start(config);
-            metrics.register_span_export(Arc::clone(exporter.stats()));
+            exporter.register_metrics(mesh.sub_registry_with_prefix("trace"));
             (Some(exporter), Some(task))
         }
         None => (None, None),
     };
     let (access_log, access_log_writer) = AccessLog::new(settings.access_log);
-    metrics.register_access_log(Arc::clone(access_log.dropped()));
+    access_log.register_metrics(mesh.sub_registry_with_prefix("access_log"));
     let telemetry = Arc::new(Telemetry {
         metrics: Arc::clone(&metrics),
         access_log,
@@ -152,6 +138,7 @@ pub fn run(settings: Settings) -> Result<()> {
         settings.listen,
         settings.agent_mark,
         runtime.handle().clone(),
+        mesh,
     ));
     for pod in &settings.enroll {
         enrollments.enroll(pod)?;
@@ -191,7 +178,7 @@ pub fn run(settings: Settings) -> Result<()> {
         redirect: Arc::clone(&redirect),
         enrollments: Arc::clone(&enrollments),
         store: Arc::clone(&store),
-        metrics: Arc::clone(&metrics),
+        metrics: Arc::new(registry),
         log_level: settings.log_level,
         writable: kubernetes_task.is_none(),
         ready: Default::default(),

@@ -11,14 +11,15 @@
 use std::{
     collections::BTreeSet,
     path::{Path, PathBuf},
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc, Mutex, MutexGuard, PoisonError,
-    },
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
     time::{Duration, Instant},
 };
 
 use arc_swap::ArcSwap;
+use prometheus_client::{
+    metrics::{counter::Counter, family::Family},
+    registry::Registry,
+};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
@@ -26,7 +27,6 @@ use crate::{
     config::{self, model::MeshConfig, Diagnostic, ObjectKey, ObjectSet, Severity, Sourced},
     discovery::{folder::Folder, Discovered, Index, SourceChange},
     engine::{Engine, EngineSettings},
-    telemetry::{metrics::ReloadResult, Metrics},
 };
 
 /// Everything in force at one moment.
@@ -45,10 +45,26 @@ impl Snapshot {
     }
 }
 
+/// Changes applied and refused, served as `mesh_config_reloads_total{result}`.
 #[derive(Debug, Default)]
 pub struct ReloadCounts {
-    pub ok: AtomicU64,
-    pub rejected: AtomicU64,
+    pub ok: Counter,
+    pub rejected: Counter,
+}
+
+impl ReloadCounts {
+    /// Registers `reloads_total{result}` (under the caller's prefix: `mesh_config_`).
+    fn registered(registry: &mut Registry) -> ReloadCounts {
+        let family = Family::<[(&'static str, &'static str); 1], Counter>::default();
+        registry.register(
+            "reloads",
+            "Config changes, applied (ok) or refused (rejected)",
+            family.clone(),
+        );
+        let ok = family.get_or_create(&[("result", "ok")]).clone();
+        let rejected = family.get_or_create(&[("result", "rejected")]).clone();
+        ReloadCounts { ok, rejected }
+    }
 }
 
 /// How many source changes one compile takes at most; a longer burst is compiled in steps.
@@ -60,7 +76,6 @@ pub struct Store {
     current: ArcSwap<Snapshot>,
     state: Mutex<State>,
     pub reloads: ReloadCounts,
-    metrics: Arc<Metrics>,
 }
 
 /// What the sources want, and what is in force.
@@ -97,10 +112,12 @@ struct Accepted {
 
 impl Store {
     /// Loads the folder (if any); start-up fails on an invalid folder, naming every problem.
+    /// The store's metrics (`mesh_config_*`) and the engine's (`mesh_engine_*`, per-service
+    /// counters) are registered on `registry`, the agent's `mesh` sub-registry.
     pub fn open(
         dir: Option<PathBuf>,
         settings: EngineSettings,
-        metrics: Arc<Metrics>,
+        registry: &mut Registry,
     ) -> Result<Store, Vec<Diagnostic>> {
         let mut folder = dir.map(Folder::new);
         let base = match &mut folder {
@@ -124,16 +141,14 @@ impl Store {
             settings,
             Instant::now(),
         );
+        engine.shared_metrics().register(registry);
         let snapshot = state.put_in_force(accepted.next, 1, engine);
-        metrics.record_config_reload(ReloadResult::Ok);
+        let reloads = ReloadCounts::registered(registry.sub_registry_with_prefix("config"));
+        reloads.ok.inc();
         Ok(Store {
             current: ArcSwap::from_pointee(snapshot),
             state: Mutex::new(state),
-            reloads: ReloadCounts {
-                ok: AtomicU64::new(1),
-                rejected: AtomicU64::new(0),
-            },
-            metrics,
+            reloads,
         })
     }
 
@@ -294,12 +309,10 @@ impl Store {
     fn count<T>(&self, result: Result<T, Vec<Diagnostic>>) -> Result<T, Vec<Diagnostic>> {
         match &result {
             Ok(_) => {
-                self.reloads.ok.fetch_add(1, Ordering::Relaxed);
-                self.metrics.record_config_reload(ReloadResult::Ok);
+                self.reloads.ok.inc();
             }
             Err(diagnostics) => {
-                self.reloads.rejected.fetch_add(1, Ordering::Relaxed);
-                self.metrics.record_config_reload(ReloadResult::Rejected);
+                self.reloads.rejected.inc();
                 for diagnostic in diagnostics.iter().filter(|d| d.is_error()) {
                     warn!("config rejected, last good config stays: {diagnostic}");
                 }
@@ -526,7 +539,7 @@ spec:
         Store::open(
             dir.map(|d| d.path().to_path_buf()),
             EngineSettings::default(),
-            Arc::default(),
+            &mut Registry::default(),
         )
     }
 
@@ -602,7 +615,7 @@ spec:
         assert!(errors[0].reason.contains("unknown subset"), "{errors:?}");
         assert_eq!(store.snapshot().version, version);
         assert_eq!(weights(&store), Some(vec![90, 10]));
-        assert_eq!(store.reloads.rejected.load(Ordering::Relaxed), 2);
+        assert_eq!(store.reloads.rejected.get(), 2);
     }
 
     #[test]

@@ -119,6 +119,16 @@ async fn one_failing_endpoint_fails_half_the_requests_until_outlier_detection_an
     }
     let engine = c.mesh.store.snapshot().engine.clone();
     assert_eq!(engine.ejected("service-c", 8080, None), vec![c.v2.addr]);
+    // The engine counts what it did per destination service, and `/metrics` serves it.
+    let service = [("destination_service", "service-c.default.svc.cluster.local")];
+    assert!(c.mesh.metric("mesh_outlier_ejections_total", &service) >= 1.0);
+    assert!(c.mesh.metric("mesh_retries_total", &service) >= 1.0);
+    assert_eq!(c.mesh.metric("mesh_pool_overflows_total", &service), 0.0);
+    assert!(
+        c.mesh
+            .metric("mesh_engine_events_total", &[("event", "retry")])
+            >= 1.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,14 +1,56 @@
 //! `/metrics` as a scraper sees it: record known traffic, encode, parse with a Prometheus text
 //! parser, and check the counts per `destination_version` and `response_code`.
 
-use std::{collections::BTreeMap, fmt, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, fmt, time::Duration};
 
+use mesh_agent::exposition::{self, OPENMETRICS_CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE};
 use mesh_agent::identity::{ServiceIdentity, WorkloadIdentity};
 use mesh_agent::telemetry::metrics::{
-    FlagsLabel, Metrics, NoFlags, Protocol, ReloadResult, RequestOutcome, ServiceEvent,
-    MAX_SERIES_PER_FAMILY, OPENMETRICS_CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE,
+    FlagsLabel, Metrics, NoFlags, Protocol, RequestOutcome, DEFAULT_CLUSTER, MAX_SERIES_PER_FAMILY,
 };
+use prometheus_client::registry::Registry;
 use prometheus_parse::{Scrape, Value};
+
+/// The telemetry metrics on a registry of their own, served as `/metrics` serves them.
+struct Served {
+    registry: Registry,
+    metrics: Metrics,
+}
+
+impl Served {
+    fn new() -> Served {
+        Served::capped(MAX_SERIES_PER_FAMILY)
+    }
+
+    /// With at most `cap` series per family.
+    fn capped(cap: usize) -> Served {
+        let mut registry = Registry::default();
+        let metrics = Metrics::new(DEFAULT_CLUSTER, &mut registry).with_max_series(cap);
+        Served { registry, metrics }
+    }
+
+    fn render(&self, accept: Option<&str>) -> (&'static str, String) {
+        exposition::render(&self.registry, accept)
+    }
+
+    /// OpenMetrics text.
+    fn encode(&self) -> String {
+        self.render(Some("application/openmetrics-text")).1
+    }
+
+    /// The classic text format.
+    fn encode_prometheus(&self) -> String {
+        self.render(None).1
+    }
+}
+
+impl std::ops::Deref for Served {
+    type Target = Metrics;
+
+    fn deref(&self) -> &Metrics {
+        &self.metrics
+    }
+}
 
 /// Stands in for the engine's flag set.
 struct Flags(&'static str, u32);
@@ -68,13 +110,13 @@ fn sum(scrape: &Scrape, metric: &str, want: &[(&str, &str)]) -> f64 {
 }
 
 struct Canary {
-    metrics: Metrics,
+    metrics: Served,
 }
 
 impl Canary {
     /// 90 requests to v1 (2 of them 503 UH), 10 to v2, 3 to an unknown host: all from `client`.
     fn record() -> Self {
-        let metrics = Metrics::default();
+        let metrics = Served::new();
         let client = workload("client", "client", "v1");
         let service = ServiceIdentity::new("service-c", "default");
         let v1 = metrics.peer_labels(
@@ -176,7 +218,7 @@ fn prometheus_text_scrape_parses_and_counts_match() {
 
 #[test]
 fn render_negotiates_the_format() {
-    let metrics = Metrics::default();
+    let metrics = Served::new();
     let (content_type, body) = metrics.render(Some(
         "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
     ));
@@ -219,19 +261,19 @@ fn histograms_use_istio_buckets() {
 
 #[test]
 fn tcp_connections_are_counted_with_the_tcp_label_subset() {
-    let metrics = Metrics::default();
+    let metrics = Served::new();
     let client = workload("client", "client", "v1");
     let echo = ServiceIdentity::new("echo", "default");
     let peer = metrics.peer_labels(&client, Some(&echo), None);
     let first = metrics.tcp_connection(&peer);
     first.add_sent(100);
     first.add_received(40);
-    first.close(&metrics, &NoFlags);
+    first.close(&metrics.metrics, &NoFlags);
     let second = metrics.tcp_connection(&peer);
     second.add_sent(5);
     drop(second);
     let failed = metrics.tcp_connection(&peer);
-    failed.close(&metrics, &Flags("UF", 2));
+    failed.close(&metrics.metrics, &Flags("UF", 2));
 
     let scrape = parse(&metrics.encode_prometheus());
     let echo_host = ("destination_service", "echo.default.svc.cluster.local");
@@ -278,90 +320,9 @@ fn tcp_connections_are_counted_with_the_tcp_label_subset() {
 }
 
 #[test]
-fn agent_metrics_are_served_with_the_mesh_prefix() {
-    let metrics = Metrics::default();
-    let reviews = ServiceIdentity::new("reviews", "default");
-    metrics.record_service_event(ServiceEvent::OutlierEjection, Some(&reviews));
-    metrics.record_service_event(ServiceEvent::Retry, Some(&reviews));
-    metrics.record_service_event(ServiceEvent::Retry, Some(&reviews));
-    metrics.record_service_event(ServiceEvent::RetryBudgetExhausted, None);
-    metrics.record_service_event(ServiceEvent::PoolOverflow, Some(&reviews));
-    metrics.record_service_event(ServiceEvent::PanicRouting, Some(&reviews));
-    metrics.record_config_reload(ReloadResult::Ok);
-    metrics.record_config_reload(ReloadResult::Ok);
-    metrics.record_config_reload(ReloadResult::Rejected);
-    metrics.set_enrolled_pods(7);
-    // The kernel's counters, read at scrape time: each scrape sees the latest values.
-    let redirected = Arc::new(std::sync::atomic::AtomicU64::new(41));
-    let source = Arc::clone(&redirected);
-    metrics.register_decision_source(Box::new(move || {
-        vec![
-            (
-                "redirected",
-                source.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1,
-            ),
-            ("not_enrolled", 3),
-        ]
-    }));
-
-    let scrape = parse(&metrics.encode());
-    let svc = [("destination_service", "reviews.default.svc.cluster.local")];
-    assert_eq!(sum(&scrape, "mesh_outlier_ejections_total", &svc), 1.0);
-    assert_eq!(sum(&scrape, "mesh_retries_total", &svc), 2.0);
-    assert_eq!(
-        sum(
-            &scrape,
-            "mesh_retry_budget_exhausted_total",
-            &[("destination_service", "unknown")]
-        ),
-        1.0
-    );
-    assert_eq!(sum(&scrape, "mesh_pool_overflows_total", &svc), 1.0);
-    assert_eq!(sum(&scrape, "mesh_panic_routing_total", &svc), 1.0);
-    assert_eq!(
-        sum(&scrape, "mesh_config_reloads_total", &[("result", "ok")]),
-        2.0
-    );
-    assert_eq!(
-        sum(
-            &scrape,
-            "mesh_config_reloads_total",
-            &[("result", "rejected")]
-        ),
-        1.0
-    );
-    assert_eq!(sum(&scrape, "mesh_enrolled_pods", &[]), 7.0);
-    assert_eq!(
-        sum(
-            &scrape,
-            "mesh_redirect_decisions_total",
-            &[("decision", "redirected")]
-        ),
-        42.0
-    );
-    let again = parse(&metrics.encode_prometheus());
-    assert_eq!(
-        sum(
-            &again,
-            "mesh_redirect_decisions_total",
-            &[("decision", "redirected")]
-        ),
-        43.0
-    );
-    assert_eq!(
-        sum(
-            &again,
-            "mesh_redirect_decisions_total",
-            &[("decision", "not_enrolled")]
-        ),
-        3.0
-    );
-}
-
-#[test]
 fn series_beyond_the_cap_fold_into_one_overflow_series() {
     let cap = 50;
-    let metrics = Metrics::default().with_max_series(cap);
+    let metrics = Served::capped(cap);
     let client = workload("client", "client", "v1");
     let service = ServiceIdentity::new("service-c", "default");
     let peer = metrics.peer_labels(&client, Some(&service), None);
@@ -424,7 +385,7 @@ fn the_default_cap_is_ten_thousand_series() {
 
 #[test]
 fn grpc_requests_carry_their_status() {
-    let metrics = Metrics::default();
+    let metrics = Served::new();
     let client = workload("client", "client", "v1");
     let service = ServiceIdentity::new("greeter", "default");
     let peer = metrics.peer_labels(&client, Some(&service), None);
@@ -458,7 +419,7 @@ fn grpc_requests_carry_their_status() {
 /// Not a benchmark: prints what recording costs so a regression is visible in test output.
 #[test]
 fn recording_cost() {
-    let metrics = Metrics::default();
+    let metrics = Served::new();
     let client = workload("client", "client", "v1");
     let service = ServiceIdentity::new("service-c", "default");
     let peer = metrics.peer_labels(&client, Some(&service), None);

@@ -12,16 +12,19 @@ use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Full};
 use hyper::{body::Incoming, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
-use mesh_agent::telemetry::{
-    metrics::Metrics,
-    otlp::{OtlpConfig, ProxySpan, SpanExporter},
-    trace::{continue_or_start, inject, SpanContext},
+use mesh_agent::{
+    exposition,
+    telemetry::{
+        otlp::{OtlpConfig, ProxySpan, SpanExporter},
+        trace::{continue_or_start, inject, SpanContext},
+    },
 };
 use opentelemetry_proto::tonic::{
     collector::trace::v1::ExportTraceServiceRequest,
     common::v1::any_value,
     trace::v1::{span::SpanKind, Span},
 };
+use prometheus_client::registry::Registry;
 use prost::Message;
 use tokio::{net::TcpListener, sync::mpsc};
 
@@ -263,6 +266,12 @@ async fn a_full_queue_drops_and_counts_without_waiting() {
     let mut config = config(addr);
     config.queue_capacity = 3;
     let (exporter, task) = SpanExporter::start(config);
+    let mut registry = Registry::default();
+    exporter.register_metrics(
+        registry
+            .sub_registry_with_prefix("mesh")
+            .sub_registry_with_prefix("trace"),
+    );
     let mut rng = fastrand::Rng::with_seed(3);
     // The test runtime has one thread: the export task cannot run until we yield, so the queue
     // fills after three spans.
@@ -277,9 +286,7 @@ async fn a_full_queue_drops_and_counts_without_waiting() {
     assert_eq!(stats.exported(), 3);
 
     // `/metrics` serves the same counts.
-    let metrics = Metrics::default();
-    metrics.register_span_export(stats);
-    let text = metrics.encode_prometheus();
+    let (_, text) = exposition::render(&registry, None);
     assert!(
         text.contains("mesh_trace_spans_total{outcome=\"dropped\"} 7"),
         "{text}"

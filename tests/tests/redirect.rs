@@ -486,6 +486,8 @@ each_mode! {
             mode == Mode::Ebpf,
             "{metrics}"
         );
+        // Enrollment keeps its own gauge: the one enrolled client pod.
+        assert!(metrics.contains("mesh_enrolled_pods 1"), "{metrics}");
     }
 }
 

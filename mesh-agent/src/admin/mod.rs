@@ -17,6 +17,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::{body::Incoming, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
+use prometheus_client::registry::Registry;
 use serde::Deserialize;
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -25,16 +26,17 @@ use tracing::warn;
 use crate::{
     config::{Diagnostic, ObjectKey},
     enrollment::{Enrollments, PodSpec},
+    exposition,
     redirect::Redirect,
     state::Store,
-    telemetry::Metrics,
 };
 
 pub struct AdminState {
     pub redirect: Arc<Redirect>,
     pub enrollments: Arc<Enrollments>,
     pub store: Arc<Store>,
-    pub metrics: Arc<Metrics>,
+    /// Every metric of the agent, registered by each subsystem at start-up.
+    pub metrics: Arc<Registry>,
     /// Changes the log filter at run time (`/logging?level=...`).
     pub log_level: Option<LogLevelSetter>,
     /// Whether `/apply`, `/delete` and `/pods` may change anything. Off in Kubernetes mode:
@@ -141,10 +143,7 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byte
                 .headers()
                 .get(http::header::ACCEPT)
                 .and_then(|v| v.to_str().ok());
-            state
-                .metrics
-                .set_enrolled_pods(state.enrollments.list().len());
-            let (content_type, body) = state.metrics.render(accept);
+            let (content_type, body) = exposition::render(&state.metrics, accept);
             let mut response = Response::new(Full::new(Bytes::from(body)));
             response.headers_mut().insert(
                 http::header::CONTENT_TYPE,
@@ -257,8 +256,8 @@ fn config_dump(state: &AdminState) -> serde_json::Value {
         "objects": objects,
         "warnings": snapshot.warnings().map(ToString::to_string).collect::<Vec<_>>(),
         "reloads": {
-            "ok": state.store.reloads.ok.load(Ordering::Relaxed),
-            "rejected": state.store.reloads.rejected.load(Ordering::Relaxed),
+            "ok": state.store.reloads.ok.get(),
+            "rejected": state.store.reloads.rejected.get(),
         },
     })
 }

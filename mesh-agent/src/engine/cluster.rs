@@ -8,13 +8,13 @@ use std::sync::Arc;
 use super::balance::{self, Cursor, Tried};
 use super::endpoint::{authority_of, ClusterEndpoint, EndpointState};
 use super::error::EngineError;
-use super::metrics::EngineMetrics;
+use super::metrics::{EngineMetrics, ServiceEvents};
 use super::outlier::{self, ClusterHealth, Observation, OutlierPolicy};
 use super::pool::{PoolCounters, PoolLimits};
 use super::registry::{resolve_host_owned, Registry, Service};
 use super::retry::BudgetState;
 use crate::config::model::{DestinationRule, LoadBalancer, MeshConfig, TrafficPolicy};
-use crate::identity::ServiceIdentity;
+use crate::identity::{ServiceIdentity, UNKNOWN};
 
 /// A cluster's identity across reloads.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -56,6 +56,8 @@ pub(crate) struct Cluster {
     pub(crate) shared: Arc<ClusterShared>,
     /// The destination service's retry budget (shared by all its clusters).
     pub(crate) budget: Arc<BudgetState>,
+    /// The destination service's counters (shared by all its clusters).
+    pub(crate) events: Arc<ServiceEvents>,
     pub(crate) inputs: Inputs,
 }
 
@@ -89,6 +91,7 @@ impl Cluster {
         });
         if panic {
             EngineMetrics::inc(&metrics.panic_routing);
+            EngineMetrics::inc(&self.events.panic_routing);
         }
         let picked = balance::pick(
             self.lb,
@@ -118,15 +121,20 @@ impl Cluster {
         };
         self.sweep(now, metrics);
         let total = self.endpoints.len();
+        let health = &endpoint.state.health;
+        let was_ejected = health.is_ejected();
         outlier::record(
             policy,
             &self.shared.health,
-            &endpoint.state.health,
+            health,
             total,
             observation,
             now,
             metrics,
         );
+        if !was_ejected && health.is_ejected() {
+            EngineMetrics::inc(&self.events.ejections);
+        }
     }
 
     /// Endpoints currently ejected (for tests and the admin page).
@@ -204,7 +212,7 @@ impl Cluster {
         key: &ClusterKey,
         inputs: Inputs,
         previous: Option<&Cluster>,
-        budget: Arc<BudgetState>,
+        (budget, events): (Arc<BudgetState>, Arc<ServiceEvents>),
         now: u64,
     ) -> Cluster {
         // Several rules for one host merge as in Istio: the oldest rule's traffic policy,
@@ -283,6 +291,7 @@ impl Cluster {
             outlier,
             shared,
             budget,
+            events,
             inputs,
         }
     }
@@ -298,7 +307,8 @@ impl Cluster {
             service: Some(Arc::clone(service)),
             rules: self.inputs.rules.clone(),
         };
-        Cluster::build(key, inputs, Some(self), Arc::clone(&self.budget), now)
+        let per_service = (Arc::clone(&self.budget), Arc::clone(&self.events));
+        Cluster::build(key, inputs, Some(self), per_service, now)
     }
 }
 
@@ -306,6 +316,7 @@ impl Cluster {
 /// previous snapshot's cluster where its inputs did not change.
 pub(crate) struct ClusterSet<'a> {
     registry: &'a Registry,
+    metrics: &'a EngineMetrics,
     services: HashMap<&'a str, usize>,
     /// Every DestinationRule per host, oldest first.
     rules: HashMap<String, Vec<Arc<DestinationRule>>>,
@@ -327,6 +338,7 @@ impl<'a> ClusterSet<'a> {
         config: &MeshConfig,
         registry: &'a Registry,
         previous: (&'a [ClusterKey], &'a [Arc<Cluster>]),
+        metrics: &'a EngineMetrics,
         now: u64,
     ) -> Self {
         let services = registry
@@ -348,6 +360,7 @@ impl<'a> ClusterSet<'a> {
             .collect();
         ClusterSet {
             registry,
+            metrics,
             services,
             rules,
             previous: keys.iter().zip(clusters).collect(),
@@ -406,11 +419,12 @@ impl<'a> ClusterSet<'a> {
                             .or_insert_with(|| Arc::new(BudgetState::new())),
                     ),
                 };
+                let events = self.metrics.service_events(service_label(&inputs));
                 Arc::new(Cluster::build(
                     &key,
                     inputs,
                     previous.map(|p| &**p),
-                    budget,
+                    (budget, events),
                     self.now,
                 ))
             }
@@ -421,6 +435,15 @@ impl<'a> ClusterSet<'a> {
         self.index.insert(key, index);
         index
     }
+}
+
+/// How the per-service counters name a cluster's destination: its service's host, or `unknown`
+/// for a host that is not a service of the registry.
+pub(crate) fn service_label(inputs: &Inputs) -> &str {
+    inputs
+        .service
+        .as_ref()
+        .map_or(UNKNOWN, |s| s.identity.host.as_str())
 }
 
 /// Istio's override rule: each section a subset sets replaces the host-level one.

@@ -283,7 +283,10 @@ impl RequestPlan {
             cluster.limits.max_requests,
             Some(&endpoint.state),
         )
-        .inspect_err(|_| EngineMetrics::inc(&metrics.pool_overflow))?;
+        .inspect_err(|_| {
+            EngineMetrics::inc(&metrics.pool_overflow);
+            EngineMetrics::inc(&cluster.events.pool_overflows);
+        })?;
         self.tried.push(index);
         self.attempts += 1;
         let per_try = self.route_ref().retry.per_try_timeout.map(|t| now + t);
@@ -351,12 +354,14 @@ impl RequestPlan {
         };
         if !cluster.budget.try_retry(&settings.retry_budget, ticks) {
             EngineMetrics::inc(&metrics.retry_budget_exhausted);
+            EngineMetrics::inc(&cluster.events.retry_budget_exhausted);
             self.flags |= ResponseFlags::UO;
             return self.finish(outcome, false);
         }
         self.retry_permit = Some(permit);
         self.retries += 1;
         EngineMetrics::inc(&metrics.retries);
+        EngineMetrics::inc(&cluster.events.retries);
         Verdict::RetryAt(at)
     }
 
@@ -401,8 +406,11 @@ impl RequestPlan {
     }
 
     fn take(&self, slot: Slot, limit: u32) -> Result<Permit, EngineError> {
-        pool::acquire(&self.cluster_ref().shared.pool, slot, limit, None)
-            .inspect_err(|_| EngineMetrics::inc(&self.snap.metrics.pool_overflow))
+        let cluster = self.cluster_ref();
+        pool::acquire(&cluster.shared.pool, slot, limit, None).inspect_err(|_| {
+            EngineMetrics::inc(&self.snap.metrics.pool_overflow);
+            EngineMetrics::inc(&cluster.events.pool_overflows);
+        })
     }
 }
 

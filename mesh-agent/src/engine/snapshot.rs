@@ -1,11 +1,11 @@
 //! Compiling the config and registry into one immutable snapshot the hot path only reads.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use super::clock::Epoch;
-use super::cluster::{Cluster, ClusterKey, ClusterSet, Target};
+use super::cluster::{service_label, Cluster, ClusterKey, ClusterSet, Target};
 use super::fault::FaultRule;
 use super::gateway::Gateways;
 use super::metrics::EngineMetrics;
@@ -91,7 +91,8 @@ impl Snapshot {
             Some(previous) => (&previous.cluster_keys, &previous.clusters),
             None => (&[], &[]),
         };
-        let mut clusters = ClusterSet::new(config, registry, (keys, clusters), now);
+        let metrics = Arc::clone(&lineage.metrics);
+        let mut clusters = ClusterSet::new(config, registry, (keys, clusters), &metrics, now);
         let mut table = RouteTable::default();
         let mut routes = Vec::new();
 
@@ -115,6 +116,12 @@ impl Snapshot {
             table.vhost_mut(fqdn).default = Some(id);
         }
 
+        let destinations: HashSet<&str> = clusters
+            .clusters
+            .iter()
+            .map(|c| service_label(&c.inputs))
+            .collect();
+        metrics.keep_services(&destinations);
         Snapshot {
             settings: lineage.settings,
             epoch: lineage.epoch,

@@ -16,6 +16,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
+use prometheus_client::{metrics::gauge::Gauge, registry::Registry};
 use serde::Serialize;
 use thiserror::Error;
 use tokio::{net::TcpListener, task::JoinHandle};
@@ -122,16 +123,26 @@ pub struct Enrollments {
     /// The data-path runtime: accept loops run there whoever asks to enroll.
     runtime: tokio::runtime::Handle,
     pods: Mutex<BTreeMap<String, Entry>>,
+    /// `mesh_enrolled_pods`: how many `pods` holds.
+    enrolled: Gauge,
 }
 
 impl Enrollments {
+    /// Registers `enrolled_pods` on `registry` (the agent's `mesh` sub-registry).
     pub fn new(
         redirect: Arc<Redirect>,
         proxy: Arc<Proxy>,
         listen: SocketAddrV4,
         agent_mark: u32,
         runtime: tokio::runtime::Handle,
+        registry: &mut Registry,
     ) -> Self {
+        let enrolled = Gauge::default();
+        registry.register(
+            "enrolled_pods",
+            "Pods whose connections the agent currently intercepts",
+            enrolled.clone(),
+        );
         Enrollments {
             redirect,
             proxy,
@@ -139,7 +150,13 @@ impl Enrollments {
             agent_mark,
             runtime,
             pods: Mutex::new(BTreeMap::new()),
+            enrolled,
         }
+    }
+
+    fn count(&self, pods: &BTreeMap<String, Entry>) {
+        self.enrolled
+            .set(i64::try_from(pods.len()).unwrap_or(i64::MAX));
     }
 
     /// Enrolls a pod, or re-enrolls it if its namespace changed.
@@ -207,6 +224,7 @@ impl Enrollments {
                 accept_loop,
             },
         );
+        self.count(&pods);
         Ok(pod)
     }
 
@@ -218,12 +236,12 @@ impl Enrollments {
         } else {
             format!("{DEFAULT_NAMESPACE}/{pod}")
         };
-        let entry = self
-            .pods
-            .lock()
-            .expect("enrollments lock")
-            .remove(&key)
-            .ok_or_else(|| EnrollError::NotEnrolled(key.clone()))?;
+        let entry = {
+            let mut pods = self.pods.lock().expect("enrollments lock");
+            let entry = pods.remove(&key);
+            self.count(&pods);
+            entry.ok_or_else(|| EnrollError::NotEnrolled(key.clone()))?
+        };
         self.release(entry)?;
         info!(pod = key, "unenrolled");
         Ok(())
@@ -231,6 +249,7 @@ impl Enrollments {
 
     pub fn unenroll_all(&self) {
         let pods = std::mem::take(&mut *self.pods.lock().expect("enrollments lock"));
+        self.enrolled.set(0);
         for (name, entry) in pods {
             if let Err(error) = self.release(entry) {
                 tracing::warn!(pod = %name, %error, "unenroll failed");

@@ -14,12 +14,15 @@ use std::{
     net::SocketAddrV4,
     os::fd::AsFd,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use mesh_common::Decision;
+use prometheus_client::registry::Registry;
 use thiserror::Error;
 
 use self::{ebpf::EbpfRedirect, iptables::IptablesRedirect, netns::NetNs};
+use crate::exposition::ScrapedCounters;
 
 #[derive(Debug, Error)]
 pub enum RedirectError {
@@ -158,6 +161,29 @@ impl Redirect {
             Redirect::Ebpf(ebpf) => ebpf.original_dst(netns_cookie, client_port),
             Redirect::Iptables(_) => IptablesRedirect::original_dst(stream),
         }
+    }
+
+    /// Serves `decisions_total{decision}` (under the caller's prefix: `mesh_redirect_`) from the
+    /// kernel's per-CPU counters, read at each scrape. Only eBPF mode counts decisions; the
+    /// metric holds the redirect weakly, so it never keeps the programs attached.
+    pub fn register_metrics(self: &Arc<Self>, registry: &mut Registry) {
+        if self.mode() != RedirectMode::Ebpf {
+            return;
+        }
+        let redirect = Arc::downgrade(self);
+        registry.register_collector(Box::new(ScrapedCounters {
+            name: "decisions",
+            help: "Connections seen by the kernel redirect, by decision",
+            label: "decision",
+            read: move || {
+                let counts = redirect.upgrade().and_then(|r| r.decision_counts());
+                counts
+                    .into_iter()
+                    .flatten()
+                    .map(|(d, n)| (d.name(), n))
+                    .collect()
+            },
+        }));
     }
 
     /// Each decision's count, summed over CPUs, in `Decision::ALL` order. `None` in iptables

@@ -10,15 +10,12 @@ use std::{
     fmt,
     io::{self, Write},
     net::{SocketAddr, SocketAddrV4},
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        mpsc::{self, SyncSender, TrySendError},
-        Arc,
-    },
+    sync::mpsc::{self, SyncSender, TrySendError},
     thread::JoinHandle,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
+use prometheus_client::{metrics::counter::Counter, registry::Registry};
 use serde::{Serialize, Serializer};
 
 /// How the access log behaves.
@@ -52,7 +49,7 @@ pub struct AccessLog {
     options: AccessLogOptions,
     /// `None` when disabled (or for a log that only formats lines, in tests).
     queue: Option<SyncSender<Vec<u8>>>,
-    dropped: Arc<AtomicU64>,
+    dropped: Counter,
 }
 
 /// The writer thread. [`finish`](Self::finish) it after the last [`AccessLog`] clone is gone
@@ -209,7 +206,7 @@ impl AccessLog {
         let log = AccessLog {
             options,
             queue: Some(queue),
-            dropped: Arc::default(),
+            dropped: Counter::default(),
         };
         (log, AccessLogWriter(Some(thread)))
     }
@@ -220,13 +217,22 @@ impl AccessLog {
         AccessLog {
             options,
             queue: None,
-            dropped: Arc::default(),
+            dropped: Counter::default(),
         }
     }
 
-    /// Lines dropped so far because the queue was full: shared, for the metrics.
-    pub fn dropped(&self) -> &Arc<AtomicU64> {
-        &self.dropped
+    /// Lines dropped so far because the queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.get()
+    }
+
+    /// Serves `dropped_lines_total` (under the caller's prefix: `mesh_access_log_`).
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        registry.register(
+            "dropped_lines",
+            "Access-log lines dropped because the writer could not keep up",
+            self.dropped.clone(),
+        );
     }
 
     /// Whether anything is logged at all, so callers can skip gathering a record.
@@ -255,7 +261,7 @@ impl AccessLog {
         match queue.try_send(line) {
             Ok(()) => {}
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
+                self.dropped.inc();
             }
         }
     }
@@ -317,6 +323,7 @@ fn write_lines(lines: &mpsc::Receiver<Vec<u8>>, out: impl Write) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     fn enabled() -> AccessLogOptions {
         AccessLogOptions {
@@ -487,9 +494,14 @@ mod tests {
         for _ in 0..sent {
             log.tcp(&record);
         }
-        let dropped = log.dropped().load(Ordering::Relaxed);
+        let dropped = log.dropped();
         // At most the queue plus the line the writer holds got through.
         assert!(dropped >= sent - capacity as u64 - 1, "{dropped}");
+        let mut registry = prometheus_client::registry::Registry::default();
+        log.register_metrics(registry.sub_registry_with_prefix("mesh_access_log"));
+        let (_, text) = crate::exposition::render(&registry, None);
+        let served = format!("mesh_access_log_dropped_lines_total {dropped}");
+        assert!(text.contains(&served), "{text}");
         open.send(()).expect("writer waiting");
         drop(log);
         writer.finish(Duration::from_secs(10));

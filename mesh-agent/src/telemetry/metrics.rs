@@ -17,40 +17,22 @@ use std::{
     collections::HashMap,
     fmt,
     sync::{
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicUsize, Ordering},
         Arc, Mutex, OnceLock, PoisonError, RwLock,
     },
     time::Duration,
 };
 
 use prometheus_client::{
-    collector::Collector,
-    encoding::{
-        text, DescriptorEncoder, EncodeLabel, EncodeLabelSet, EncodeMetric, LabelSetEncoder,
-    },
-    metrics::{
-        counter::{ConstCounter, Counter},
-        family::Family,
-        gauge::Gauge,
-        histogram::Histogram,
-        MetricType,
-    },
+    encoding::{EncodeLabel, EncodeLabelSet, LabelSetEncoder},
+    metrics::{counter::Counter, family::Family, histogram::Histogram},
     registry::Registry,
 };
 
-use super::otlp::ExportStats;
 use crate::{
-    engine::{EngineMetrics, ResponseFlags},
+    engine::ResponseFlags,
     identity::{ServiceIdentity, WorkloadIdentity, UNKNOWN},
 };
-
-/// `Content-Type` of [`Metrics::encode`] (OpenMetrics text, which Prometheus prefers).
-pub const OPENMETRICS_CONTENT_TYPE: &str =
-    "application/openmetrics-text; version=1.0.0; charset=utf-8";
-/// `Content-Type` of [`Metrics::encode_prometheus`] (the classic text format, for `curl` and
-/// scrapers that do not ask for OpenMetrics).
-pub const PROMETHEUS_CONTENT_TYPE: &str =
-    prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 
 /// Most series one metric family holds; later label sets go to the `overflow` series.
 pub const MAX_SERIES_PER_FAMILY: usize = 10_000;
@@ -152,35 +134,9 @@ pub struct RequestOutcome<'a> {
     pub response_bytes: u64,
 }
 
-/// Events the engine and proxy count per destination service (`mesh_*_total`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ServiceEvent {
-    /// An endpoint was ejected by outlier detection.
-    OutlierEjection,
-    /// A retry attempt was made.
-    Retry,
-    /// A retry was skipped because the retry budget was spent.
-    RetryBudgetExhausted,
-    /// A request was refused by a connection-pool limit.
-    PoolOverflow,
-    /// Too many endpoints were ejected, so the balancer used all of them (Envoy's panic mode).
-    PanicRouting,
-}
-
-/// Whether a config change was applied.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ReloadResult {
-    Ok,
-    Rejected,
-}
-
-/// Reads the kernel's redirect decision counters at scrape time: `(decision, count)` pairs with
-/// monotonic counts, e.g. from `Redirect::decision_counts`.
-pub type DecisionSource = Box<dyn Fn() -> Vec<(&'static str, u64)> + Send + Sync>;
-
-/// Every metric the agent serves. Create one, share it (`Arc<Metrics>`), encode it at `/metrics`.
+/// Istio's request and TCP metrics, registered on the agent's registry. Create one, share it
+/// (`Arc<Metrics>`) with the data path.
 pub struct Metrics {
-    registry: Registry,
     requests: Family<RequestKey, Counter>,
     request_duration: Family<RequestKey, Histogram, fn() -> Histogram>,
     request_bytes: Family<RequestKey, Histogram, fn() -> Histogram>,
@@ -197,11 +153,6 @@ pub struct Metrics {
     peers: Mutex<HashMap<Arc<PeerValues>, Arc<PeerLabels>>>,
     overflow_peer: Arc<PeerLabels>,
     series_overflow: Family<[(&'static str, &'static str); 1], Counter>,
-    /// Per [`ServiceEvent`]: the family and how many series it holds.
-    service_events: [(Family<ServiceKey, Counter>, AtomicUsize); 5],
-    config_reloads: Family<[(&'static str, &'static str); 1], Counter>,
-    enrolled_pods: Gauge,
-    scraped: Arc<ScrapeTimeCollector>,
     cluster: Arc<str>,
     max_series: usize,
 }
@@ -215,16 +166,11 @@ impl fmt::Debug for Metrics {
     }
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        Metrics::new(DEFAULT_CLUSTER)
-    }
-}
-
 impl Metrics {
-    /// `cluster` fills `source_cluster` and `destination_cluster`.
-    pub fn new(cluster: &str) -> Self {
-        let mut registry = Registry::default();
+    /// Registers the `istio_*` families on `registry` (the agent's root: Istio's names have no
+    /// prefix) and `mesh_telemetry_series_overflow_total`. `cluster` fills `source_cluster` and
+    /// `destination_cluster`.
+    pub fn new(cluster: &str, registry: &mut Registry) -> Self {
         let requests = Family::<RequestKey, Counter>::default();
         let request_duration: Family<RequestKey, Histogram, fn() -> Histogram> =
             Family::new_with_constructor(|| Histogram::new(DURATION_BUCKETS_MS));
@@ -280,34 +226,15 @@ impl Metrics {
         );
 
         let series_overflow = Family::default();
-        registry.register(
-            "mesh_telemetry_series_overflow",
+        registry.sub_registry_with_prefix("mesh").register(
+            "telemetry_series_overflow",
             "Recordings folded into the overflow series because a family reached its series cap",
             series_overflow.clone(),
         );
-        let service_events: [(Family<ServiceKey, Counter>, AtomicUsize); 5] = Default::default();
-        for (event, (family, _)) in SERVICE_EVENTS.iter().zip(&service_events) {
-            registry.register(event.metric_name(), event.help(), family.clone());
-        }
-        let config_reloads = Family::default();
-        registry.register(
-            "mesh_config_reloads",
-            "Config changes, applied (ok) or refused (rejected)",
-            config_reloads.clone(),
-        );
-        let enrolled_pods = Gauge::default();
-        registry.register(
-            "mesh_enrolled_pods",
-            "Pods whose connections the agent currently intercepts",
-            enrolled_pods.clone(),
-        );
-        let scraped = Arc::new(ScrapeTimeCollector::default());
-        registry.register_collector(Box::new(Arc::clone(&scraped)));
 
         let overflow_peer = Arc::new(PeerLabels::new(Arc::new(PeerValues::overflow())));
 
         Metrics {
-            registry,
             requests,
             request_duration,
             request_bytes,
@@ -323,10 +250,6 @@ impl Metrics {
             peers: Mutex::default(),
             overflow_peer,
             series_overflow,
-            service_events,
-            config_reloads,
-            enrolled_pods,
-            scraped,
             cluster: Arc::from(cluster),
             max_series: MAX_SERIES_PER_FAMILY,
         }
@@ -462,111 +385,6 @@ impl Metrics {
         );
         cached.insert(key, series.clone());
         series
-    }
-
-    /// Counts an engine or proxy event for a destination service (`None`: not a mesh service).
-    pub fn record_service_event(&self, event: ServiceEvent, service: Option<&ServiceIdentity>) {
-        let (family, series) = &self.service_events[event as usize];
-        let key = ServiceKey(Arc::from(service.map_or(UNKNOWN, |s| s.host.as_str())));
-        if let Some(counter) = family.get(&key) {
-            counter.inc();
-            return;
-        }
-        // Two racing first recordings may both reserve: the count stays an upper bound.
-        if self.reserve(series) {
-            family.get_or_create(&key).inc();
-        } else {
-            self.count_overflow(event.metric_name());
-            family.get_or_create(&ServiceKey(Arc::from(OVERFLOW))).inc();
-        }
-    }
-
-    pub fn record_config_reload(&self, result: ReloadResult) {
-        let value = match result {
-            ReloadResult::Ok => "ok",
-            ReloadResult::Rejected => "rejected",
-        };
-        self.config_reloads
-            .get_or_create(&[("result", value)])
-            .inc();
-    }
-
-    pub fn set_enrolled_pods(&self, count: usize) {
-        self.enrolled_pods
-            .set(i64::try_from(count).unwrap_or(i64::MAX));
-    }
-
-    /// Serves `mesh_redirect_decisions_total{decision}` from `source`, called at each scrape
-    /// (so the kernel's per-CPU counters are read only when someone looks). Replaces any
-    /// previous source.
-    pub fn register_decision_source(&self, source: DecisionSource) {
-        *self
-            .scraped
-            .decisions
-            .write()
-            .unwrap_or_else(PoisonError::into_inner) = Some(source);
-    }
-
-    /// Serves the engine's own counters as `mesh_engine_events_total{event}` (no per-service
-    /// label: the engine counts globally), read at each scrape.
-    pub fn register_engine(&self, engine: Arc<EngineMetrics>) {
-        *self
-            .scraped
-            .engine
-            .write()
-            .unwrap_or_else(PoisonError::into_inner) = Some(engine);
-    }
-
-    /// Serves `mesh_trace_spans_total{outcome="exported"|"dropped"|"failed"}` from the span
-    /// exporter's counters ([`SpanExporter::stats`](super::otlp::SpanExporter::stats)).
-    pub fn register_span_export(&self, stats: Arc<ExportStats>) {
-        *self
-            .scraped
-            .spans
-            .write()
-            .unwrap_or_else(PoisonError::into_inner) = Some(stats);
-    }
-
-    /// Serves `mesh_access_log_dropped_lines_total` from the access log's drop counter
-    /// ([`AccessLog::dropped`](super::access_log::AccessLog::dropped)).
-    pub fn register_access_log(&self, dropped: Arc<AtomicU64>) {
-        *self
-            .scraped
-            .access_log_dropped
-            .write()
-            .unwrap_or_else(PoisonError::into_inner) = Some(dropped);
-    }
-
-    /// All metrics in OpenMetrics text, ending with `# EOF`; serve with
-    /// [`OPENMETRICS_CONTENT_TYPE`].
-    pub fn encode(&self) -> String {
-        let mut out = String::new();
-        // Writing to a String cannot fail; an encoder error would be a bug in a label set.
-        if let Err(error) = text::encode(&mut out, &self.registry) {
-            tracing::warn!(%error, "encoding metrics failed");
-        }
-        out
-    }
-
-    /// All metrics in the Prometheus text format 0.0.4; serve with [`PROMETHEUS_CONTENT_TYPE`].
-    pub fn encode_prometheus(&self) -> String {
-        let mut out = String::new();
-        if let Err(error) =
-            prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)
-        {
-            tracing::warn!(%error, "encoding metrics failed");
-        }
-        out
-    }
-
-    /// The body and `Content-Type` for a scrape with this `Accept` header: OpenMetrics when the
-    /// client asks for it (Prometheus does), the classic text format otherwise.
-    pub fn render(&self, accept: Option<&str>) -> (&'static str, String) {
-        if accept.is_some_and(|accept| accept.contains("application/openmetrics-text")) {
-            (OPENMETRICS_CONTENT_TYPE, self.encode())
-        } else {
-            (PROMETHEUS_CONTENT_TYPE, self.encode_prometheus())
-        }
     }
 
     fn count_overflow(&self, family: &'static str) {
@@ -832,49 +650,6 @@ impl EncodeLabelSet for TcpKey {
     }
 }
 
-/// `destination_service` of the `mesh_*` per-service counters.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct ServiceKey(Arc<str>);
-
-impl EncodeLabelSet for ServiceKey {
-    fn encode(&self, encoder: &mut LabelSetEncoder) -> fmt::Result {
-        encode_pairs(encoder, &[("destination_service", &self.0)])
-    }
-}
-
-const SERVICE_EVENTS: [ServiceEvent; 5] = [
-    ServiceEvent::OutlierEjection,
-    ServiceEvent::Retry,
-    ServiceEvent::RetryBudgetExhausted,
-    ServiceEvent::PoolOverflow,
-    ServiceEvent::PanicRouting,
-];
-
-impl ServiceEvent {
-    /// The family name without prometheus-client's `_total` suffix.
-    fn metric_name(self) -> &'static str {
-        match self {
-            ServiceEvent::OutlierEjection => "mesh_outlier_ejections",
-            ServiceEvent::Retry => "mesh_retries",
-            ServiceEvent::RetryBudgetExhausted => "mesh_retry_budget_exhausted",
-            ServiceEvent::PoolOverflow => "mesh_pool_overflows",
-            ServiceEvent::PanicRouting => "mesh_panic_routing",
-        }
-    }
-
-    fn help(self) -> &'static str {
-        match self {
-            ServiceEvent::OutlierEjection => "Endpoints ejected by outlier detection",
-            ServiceEvent::Retry => "Retry attempts made",
-            ServiceEvent::RetryBudgetExhausted => "Retries skipped because the budget was spent",
-            ServiceEvent::PoolOverflow => "Requests refused by a connection-pool limit",
-            ServiceEvent::PanicRouting => {
-                "Requests balanced over all endpoints because too many were ejected"
-            }
-        }
-    }
-}
-
 /// Handles to one request series in each `istio_request*` family (clones share the values).
 #[derive(Clone)]
 struct RequestSeries {
@@ -969,114 +744,6 @@ impl Drop for TcpConnectionMetrics {
     }
 }
 
-/// Counters owned elsewhere (the kernel, the span exporter), read when `/metrics` is scraped.
-#[derive(Default)]
-struct ScrapeTimeCollector {
-    decisions: RwLock<Option<DecisionSource>>,
-    spans: RwLock<Option<Arc<ExportStats>>>,
-    engine: RwLock<Option<Arc<EngineMetrics>>>,
-    access_log_dropped: RwLock<Option<Arc<AtomicU64>>>,
-}
-
-impl fmt::Debug for ScrapeTimeCollector {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ScrapeTimeCollector")
-            .finish_non_exhaustive()
-    }
-}
-
-impl ScrapeTimeCollector {
-    fn encode_counters(
-        encoder: &mut DescriptorEncoder,
-        name: &str,
-        help: &str,
-        label: &str,
-        counts: &[(&str, u64)],
-    ) -> fmt::Result {
-        let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
-        for (value, count) in counts {
-            ConstCounter::new(*count).encode(family.encode_family(&[(label, *value)])?)?;
-        }
-        Ok(())
-    }
-}
-
-impl Collector for ScrapeTimeCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
-        let decisions = self
-            .decisions
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let Some(source) = decisions.as_ref() {
-            Self::encode_counters(
-                &mut encoder,
-                "mesh_redirect_decisions",
-                "Connections seen by the kernel redirect, by decision",
-                "decision",
-                &source(),
-            )?;
-        }
-        let engine = self.engine.read().unwrap_or_else(PoisonError::into_inner);
-        if let Some(engine) = engine.as_ref() {
-            let get = EngineMetrics::get;
-            Self::encode_counters(
-                &mut encoder,
-                "mesh_engine_events",
-                "Decisions of the L7 engine, by kind",
-                "event",
-                &[
-                    ("request", get(&engine.requests)),
-                    ("no_route", get(&engine.no_route)),
-                    ("no_healthy_upstream", get(&engine.no_healthy_upstream)),
-                    ("ejection", get(&engine.ejections)),
-                    ("ejection_overflow", get(&engine.ejections_overflow)),
-                    ("unejection", get(&engine.unejections)),
-                    ("panic_routing", get(&engine.panic_routing)),
-                    ("retry", get(&engine.retries)),
-                    (
-                        "retry_budget_exhausted",
-                        get(&engine.retry_budget_exhausted),
-                    ),
-                    ("retry_overflow", get(&engine.retry_overflow)),
-                    ("pool_overflow", get(&engine.pool_overflow)),
-                    ("fault_abort", get(&engine.fault_aborts)),
-                    ("fault_delay", get(&engine.fault_delays)),
-                    ("mirrored", get(&engine.mirrored)),
-                ],
-            )?;
-        }
-        let spans = self.spans.read().unwrap_or_else(PoisonError::into_inner);
-        if let Some(stats) = spans.as_ref() {
-            Self::encode_counters(
-                &mut encoder,
-                "mesh_trace_spans",
-                "Spans handed to the OTLP exporter, by outcome",
-                "outcome",
-                &[
-                    ("exported", stats.exported()),
-                    ("dropped", stats.dropped()),
-                    ("failed", stats.failed()),
-                ],
-            )?;
-        }
-        let dropped = self
-            .access_log_dropped
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let Some(dropped) = dropped.as_ref() {
-            ConstCounter::new(dropped.load(Ordering::Relaxed)).encode(
-                encoder.encode_descriptor(
-                    "mesh_access_log_dropped_lines",
-                    "Access-log lines dropped because the writer could not keep up",
-                    None,
-                    MetricType::Counter,
-                )?,
-            )?;
-        }
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -1100,35 +767,8 @@ mod tests {
     }
 
     #[test]
-    fn engine_counters_are_read_at_scrape_time() {
-        let metrics = Metrics::default();
-        let engine = Arc::new(EngineMetrics::default());
-        metrics.register_engine(Arc::clone(&engine));
-        engine.retries.fetch_add(4, Ordering::Relaxed);
-        let text = metrics.encode_prometheus();
-        assert!(
-            text.contains("mesh_engine_events_total{event=\"retry\"} 4"),
-            "{text}"
-        );
-        assert!(text.contains("mesh_engine_events_total{event=\"ejection\"} 0"));
-    }
-
-    #[test]
-    fn access_log_drops_are_read_at_scrape_time() {
-        let metrics = Metrics::default();
-        let dropped = Arc::new(AtomicU64::new(0));
-        metrics.register_access_log(Arc::clone(&dropped));
-        dropped.fetch_add(3, Ordering::Relaxed);
-        let text = metrics.encode_prometheus();
-        assert!(
-            text.contains("mesh_access_log_dropped_lines_total 3"),
-            "{text}"
-        );
-    }
-
-    #[test]
     fn the_same_labels_intern_to_one_peer() {
-        let metrics = Metrics::default();
+        let metrics = Metrics::new(DEFAULT_CLUSTER, &mut Registry::default());
         let source = WorkloadIdentity::from_pod_labels("a", "default", &BTreeMap::new());
         let service = ServiceIdentity::new("b", "default");
         let first = metrics.peer_labels(&source, Some(&service), None);

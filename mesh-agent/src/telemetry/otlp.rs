@@ -36,8 +36,11 @@ use opentelemetry_proto::tonic::{
     resource::v1::Resource,
     trace::v1::{span::SpanKind, status::StatusCode, ResourceSpans, ScopeSpans, Span, Status},
 };
+use prometheus_client::registry::Registry;
 use prost::Message;
 use tokio::{sync::mpsc, task::JoinHandle};
+
+use crate::exposition::ScrapedCounters;
 
 use super::trace::SpanContext;
 
@@ -195,6 +198,24 @@ impl SpanExporter {
 
     pub fn stats(&self) -> &Arc<ExportStats> {
         &self.stats
+    }
+
+    /// Serves `spans_total{outcome="exported"|"dropped"|"failed"}` (under the caller's prefix:
+    /// `mesh_trace_`) from the exporter's counters.
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        let stats = Arc::clone(&self.stats);
+        registry.register_collector(Box::new(ScrapedCounters {
+            name: "spans",
+            help: "Spans handed to the OTLP exporter, by outcome",
+            label: "outcome",
+            read: move || {
+                vec![
+                    ("exported", stats.exported()),
+                    ("dropped", stats.dropped()),
+                    ("failed", stats.failed()),
+                ]
+            },
+        }));
     }
 }
 

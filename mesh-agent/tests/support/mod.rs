@@ -29,13 +29,16 @@ use hyper_util::{
 };
 use mesh_agent::{
     engine::EngineSettings,
+    exposition,
     proxy::{PodContext, Proxy},
     state::Store,
     telemetry::{
+        metrics::DEFAULT_CLUSTER,
         otlp::{OtlpConfig, SpanExporter},
         AccessLog, AccessLogOptions, Metrics, Telemetry,
     },
 };
+use prometheus_client::registry::Registry;
 use serde_json::Value;
 use tokio::net::{TcpListener, TcpStream};
 
@@ -132,7 +135,8 @@ impl Write for Captured {
 pub struct Mesh {
     pub proxy: Arc<Proxy>,
     pub store: Arc<Store>,
-    pub metrics: Arc<Metrics>,
+    /// Every metric, as `/metrics` serves them.
+    pub registry: Registry,
     pub pod: Arc<PodContext>,
     listener: TcpListener,
     log: Captured,
@@ -145,12 +149,12 @@ impl Mesh {
     }
 
     pub async fn with(yaml: &str, options: Options) -> Mesh {
-        let metrics = Arc::new(Metrics::default());
+        let mut registry = Registry::default();
+        let metrics = Arc::new(Metrics::new(DEFAULT_CLUSTER, &mut registry));
+        let mesh_registry = registry.sub_registry_with_prefix("mesh");
         let store = Arc::new(
-            Store::open(None, EngineSettings::default(), Arc::clone(&metrics))
-                .expect("empty store"),
+            Store::open(None, EngineSettings::default(), mesh_registry).expect("empty store"),
         );
-        metrics.register_engine(store.snapshot().engine.shared_metrics());
         let log = Captured::default();
         let (access_log, _writer) = AccessLog::with_writer(
             AccessLogOptions {
@@ -162,7 +166,7 @@ impl Mesh {
         );
         let spans = options.otlp.map(|config| {
             let (exporter, _task) = SpanExporter::start(config);
-            metrics.register_span_export(Arc::clone(exporter.stats()));
+            exporter.register_metrics(mesh_registry.sub_registry_with_prefix("trace"));
             exporter
         });
         let telemetry = Arc::new(Telemetry {
@@ -174,7 +178,7 @@ impl Mesh {
         let mesh = Mesh {
             proxy: Arc::new(Proxy::new(Arc::clone(&store), telemetry)),
             store,
-            metrics,
+            registry,
             pod: Arc::new(PodContext::new(
                 "client-0".into(),
                 "default".into(),
@@ -239,7 +243,7 @@ impl Mesh {
 
     /// `/metrics` as Prometheus scrapes it.
     pub fn scrape(&self) -> prometheus_parse::Scrape {
-        let text = self.metrics.encode_prometheus();
+        let (_, text) = exposition::render(&self.registry, None);
         prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).expect("parses")
     }
 

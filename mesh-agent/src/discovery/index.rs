@@ -25,7 +25,7 @@ use k8s_openapi::{
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
 
-use super::{Discovered, Protocol, ServiceTarget, Workload};
+use super::lookups::{Discovered, Protocol, ServiceTarget, Workload};
 use crate::{
     config::{Object, ObjectKey},
     engine::registry::{self, Endpoint, Registry, ServicePort},

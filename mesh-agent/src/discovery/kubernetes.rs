@@ -30,8 +30,21 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch, Notify};
 use tracing::{info, warn};
 
-use super::SourceChange;
 use crate::config::{self, Document, Object, ObjectKey, Sourced};
+
+/// What the watches report to the store.
+#[derive(Debug)]
+pub enum SourceChange {
+    /// This object is new or changed.
+    Upsert(Arc<Sourced>),
+    /// This object is gone.
+    Remove(ObjectKey),
+    /// These are all the objects of this kind (after a (re)list): any other is gone.
+    Replace {
+        kind: Arc<str>,
+        objects: Vec<Arc<Sourced>>,
+    },
+}
 
 /// How objects from the API server are labelled in diagnostics and `/config_dump`.
 const ORIGIN: &str = "kubernetes";

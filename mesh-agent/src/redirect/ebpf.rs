@@ -8,7 +8,7 @@ use std::{
     sync::Mutex,
 };
 
-use super::{preflight, RedirectError};
+use super::{error::RedirectError, preflight};
 use aya::{
     maps::{HashMap, MapData, PerCpuArray, SockHash},
     programs::{CgroupAttachMode, CgroupSockAddr, SkMsg, SockOps},

@@ -19,7 +19,7 @@ use std::{
 
 use tracing::warn;
 
-use super::{netns::NetNs, preflight, RedirectError};
+use super::{error::RedirectError, netns::NetNs, preflight};
 
 /// The agent's chain in each enrolled pod's `nat` table.
 pub const CHAIN: &str = "MESH_OUTPUT";

@@ -6,6 +6,7 @@
 pub mod ebpf;
 #[cfg(test)]
 mod ebpf_object;
+mod error;
 pub mod iptables;
 pub mod netns;
 pub mod preflight;
@@ -13,58 +14,16 @@ pub mod preflight;
 use std::{
     net::SocketAddrV4,
     os::fd::AsFd,
-    path::{Path, PathBuf},
+    path::Path,
     sync::Arc,
 };
 
 use mesh_common::Decision;
 use prometheus_client::registry::Registry;
-use thiserror::Error;
 
+pub use self::error::RedirectError;
 use self::{ebpf::EbpfRedirect, iptables::IptablesRedirect, netns::NetNs};
 use crate::exposition::ScrapedCounters;
-
-#[derive(Debug, Error)]
-pub enum RedirectError {
-    #[error(transparent)]
-    Preflight(#[from] preflight::PreflightError),
-    #[error("cannot open cgroup {path}: {source}")]
-    Cgroup {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error(
-        "this mesh-agent was built without its eBPF programs ({reason}): run `cargo xtask \
-         build-ebpf`, then build again"
-    )]
-    NotBuilt { reason: &'static str },
-    #[error("cannot load the eBPF object: {0}")]
-    Load(#[from] aya::EbpfError),
-    #[error("this kernel cannot load or attach the {hook} hook ({program}): {source}")]
-    Hook {
-        hook: &'static str,
-        program: &'static str,
-        source: aya::programs::ProgramError,
-    },
-    #[error("the eBPF object has no {0}")]
-    Missing(&'static str),
-    #[error("kernel map {map}: {source}")]
-    Map {
-        map: &'static str,
-        source: aya::maps::MapError,
-    },
-    #[error("`{command}` in network namespace {netns}: {reason}")]
-    Iptables {
-        command: &'static str,
-        netns: PathBuf,
-        reason: String,
-    },
-    #[error("network namespace {path}: {source}")]
-    Netns {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-}
 
 /// How enrolled pods' connections are handed to the agent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,0 +1,120 @@
+//! What the data path looks up in discovery: which service a VIP:port is, which workload a pod
+//! IP or an enrolled pod is, and how a service port is spoken.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
+
+use serde::Serialize;
+
+use crate::identity::{ServiceIdentity, WorkloadIdentity};
+
+/// The lookups the data path makes, as of one snapshot. Cloning is O(1) (persistent maps).
+#[derive(Clone, Debug, Default)]
+pub struct Discovered {
+    /// Service VIP and port → the service behind it.
+    pub(super) services: imbl::HashMap<SocketAddr, ServiceTarget>,
+    /// Pod IP → the workload running there (for telemetry and subsets).
+    pub(super) workloads: imbl::HashMap<IpAddr, Arc<Workload>>,
+    /// `namespace/name` → the same workloads, for enrolled pods known by name.
+    pub(super) pods: imbl::HashMap<Arc<str>, Arc<Workload>>,
+}
+
+impl Discovered {
+    pub fn service_at(&self, addr: SocketAddr) -> Option<&ServiceTarget> {
+        self.services.get(&addr)
+    }
+
+    pub fn workload_at(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
+        self.workloads.get(&ip)
+    }
+
+    /// The service with this fully qualified host name.
+    pub fn service_named(&self, host: &str) -> Option<&ServiceIdentity> {
+        self.services
+            .values()
+            .map(|target| &*target.service)
+            .find(|service| service.host == host)
+    }
+
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<&Arc<Workload>> {
+        self.pods.get(format!("{namespace}/{name}").as_str())
+    }
+}
+
+/// A service port as a client dials it.
+#[derive(Clone, Debug)]
+pub struct ServiceTarget {
+    pub service: Arc<ServiceIdentity>,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+/// A pod: its name, labels (which subsets select on) and its identity as telemetry names it,
+/// Istio style (the workload is the owning Deployment, or the pod itself).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Workload {
+    pub pod: String,
+    pub labels: BTreeMap<String, String>,
+    /// Shared with the registry's endpoints of this pod.
+    pub identity: Arc<WorkloadIdentity>,
+}
+
+/// How the proxy treats a service port, decided as Istio does: `appProtocol` first, then the
+/// port name's prefix (`http-web`, `grpc`, `tcp-db`), otherwise detected from the first bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Http,
+    Http2,
+    Grpc,
+    Tcp,
+    Detect,
+}
+
+impl Protocol {
+    pub fn from_port(app_protocol: Option<&str>, name: Option<&str>) -> Protocol {
+        if let Some(protocol) = app_protocol.and_then(Protocol::from_name) {
+            return protocol;
+        }
+        name.and_then(|name| {
+            let prefix = name.split(['-', '_']).next().unwrap_or(name);
+            Protocol::from_name(prefix)
+        })
+        .unwrap_or(Protocol::Detect)
+    }
+
+    fn from_name(name: &str) -> Option<Protocol> {
+        Some(match name.to_ascii_lowercase().as_str() {
+            "http" | "http1" => Protocol::Http,
+            "http2" | "h2c" | "kubernetes.io/h2c" => Protocol::Http2,
+            "grpc" | "grpc-web" => Protocol::Grpc,
+            "tcp" | "mongo" | "mysql" | "redis" | "tls" | "https" => Protocol::Tcp,
+            _ => return None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Protocol;
+
+    #[test]
+    fn protocol_from_app_protocol_then_name() {
+        let cases = [
+            (Some("http"), Some("tcp-x"), Protocol::Http),
+            (Some("kubernetes.io/h2c"), None, Protocol::Http2),
+            (None, Some("http-web"), Protocol::Http),
+            (None, Some("grpc"), Protocol::Grpc),
+            (None, Some("tcp-db"), Protocol::Tcp),
+            (None, Some("web"), Protocol::Detect),
+            (None, None, Protocol::Detect),
+            (Some("custom"), Some("http"), Protocol::Http),
+        ];
+        for (app, name, want) in cases {
+            assert_eq!(Protocol::from_port(app, name), want, "{app:?} {name:?}");
+        }
+    }
+}

@@ -11,12 +11,7 @@ pub mod iptables;
 pub mod netns;
 pub mod preflight;
 
-use std::{
-    net::SocketAddrV4,
-    os::fd::AsFd,
-    path::Path,
-    sync::Arc,
-};
+use std::{net::SocketAddrV4, os::fd::AsFd, path::Path, sync::Arc};
 
 use mesh_common::Decision;
 use prometheus_client::registry::Registry;

@@ -40,6 +40,11 @@ pub struct Args {
     /// profiling; the docs are then left alone.
     #[arg(long, value_name = "SCENARIO")]
     only: Vec<String>,
+    /// Measure only the agent's instructions and allocations per request under callgrind
+    /// (20,000 requests), e.g. to judge a change to the request path; no rounds, no peers,
+    /// the docs are left alone.
+    #[arg(long, conflicts_with_all = ["quick", "only"])]
+    request_cost: bool,
     /// Internal: be the benchmark's hello server on PORT=BYTES (repeatable).
     #[arg(long, hide = true, value_name = "PORT=BYTES", value_parser = hello::Listener::parse)]
     serve: Vec<hello::Listener>,
@@ -52,6 +57,7 @@ pub fn quick() -> Result<()> {
         seconds: None,
         quick: true,
         only: Vec::new(),
+        request_cost: false,
         serve: Vec::new(),
     })
 }
@@ -62,7 +68,14 @@ pub fn run(args: Args) -> Result<()> {
     }
     mesh_tests::require_root();
     let root = build_ebpf::workspace_root();
-    let tools = tools::ensure()?;
+    if args.request_cost {
+        tools::ensure_callgrind()?;
+    }
+    let tools = if args.request_cost {
+        None
+    } else {
+        Some(tools::ensure()?)
+    };
     build_ebpf::run()?;
     cargo(&root, &["build", "--release", "--workspace", "--bins"])?;
     let release = root.join("target/release");
@@ -78,11 +91,6 @@ pub fn run(args: Args) -> Result<()> {
     let rounds = if args.quick { 1 } else { args.rounds.max(1) };
     let scenarios = scenarios::select(&args.only)?;
     let through_agent = scenarios.iter().any(|s| s.through_ebpf_agent());
-    let oha = std::process::Command::new(&tools.oha)
-        .arg("--version")
-        .output()
-        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
-        .unwrap_or_default();
 
     // The processes' output would drown the progress lines; errors still carry it.
     mesh_tests::set_echo(false);
@@ -99,6 +107,14 @@ pub fn run(args: Args) -> Result<()> {
         "  {:.0} instructions and {:.1} allocations per request in the agent's user space",
         request_cost.instructions_per_request, request_cost.allocations_per_request
     );
+    let Some(tools) = tools else {
+        return Ok(());
+    };
+    let oha = std::process::Command::new(&tools.oha)
+        .arg("--version")
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        .unwrap_or_default();
     let topology = Topology::start(&binaries, &tools)?;
     let node_id = topology.node.id();
     let agent_idle_rss_kib = cpu::memory_kib(

@@ -25,14 +25,7 @@ pub struct Tools {
 }
 
 pub fn ensure() -> Result<Tools> {
-    let missing: Vec<&str> = APT_PACKAGES
-        .iter()
-        .filter(|(binary, _)| which(binary).is_none())
-        .map(|(_, package)| *package)
-        .collect();
-    if !missing.is_empty() {
-        apt_install(&missing)?;
-    }
+    ensure_packages(APT_PACKAGES)?;
     let found = |name: &str| which(name).with_context(|| format!("{name} is still missing"));
     Ok(Tools {
         wrk: found("wrk")?,
@@ -40,6 +33,24 @@ pub fn ensure() -> Result<Tools> {
         haproxy: found("haproxy")?,
         oha: oha()?,
     })
+}
+
+/// Just valgrind, for `--request-cost`.
+pub fn ensure_callgrind() -> Result<()> {
+    ensure_packages(&APT_PACKAGES[APT_PACKAGES.len() - 1..])
+}
+
+/// Installs the package of each `(binary, package)` whose binary is not on `PATH`.
+fn ensure_packages(packages: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .filter(|(binary, _)| which(binary).is_none())
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    apt_install(&missing)
 }
 
 fn apt_install(packages: &[&str]) -> Result<()> {

@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::{
-    config::{self, model::MeshConfig, Diagnostic, ObjectKey, ObjectSet, Severity, Sourced},
+    config::{self, model::MeshConfig, Diagnostic, ObjectKey, ObjectSet, Sourced},
     discovery::{folder::Folder, Discovered, Index, SourceChange},
     engine::{Engine, EngineSettings},
 };
@@ -237,7 +237,7 @@ impl Store {
 
     /// `mesh-agent apply -f`: all objects of `text` or none.
     pub fn apply(&self, label: &str, text: &str) -> Result<(u64, Vec<ObjectKey>), Vec<Diagnostic>> {
-        let objects = read_all(label, text);
+        let objects = config::read_text(label, text);
         let mut state = self.lock();
         let result = objects.and_then(|objects| {
             let (applied, deleted) = (state.applied.clone(), state.deleted.clone());
@@ -269,7 +269,7 @@ impl Store {
             for key in &keys {
                 let in_base = state.base.contains_key(key) && !state.deleted.contains(key);
                 if state.applied.remove(key).is_none() && !in_base {
-                    missing.push(config_error(label, key.to_string(), "not found"));
+                    missing.push(Diagnostic::error(label, &key.to_string(), "not found"));
                 }
                 if state.base.contains_key(key) {
                     state.deleted.insert(key.clone());
@@ -406,24 +406,6 @@ fn changed_keys(old: &ObjectSet, new: &ObjectSet) -> Vec<ObjectKey> {
     keys
 }
 
-/// Every object of `text`, or every problem with it.
-fn read_all(label: &str, text: &str) -> Result<Vec<Sourced>, Vec<Diagnostic>> {
-    let documents = config::documents(label, text).map_err(|error| vec![error])?;
-    let mut objects = Vec::new();
-    let mut errors = Vec::new();
-    for document in documents {
-        match config::read(label, document) {
-            Ok(sourced) => objects.push(sourced),
-            Err(diagnostics) => errors.extend(diagnostics),
-        }
-    }
-    if errors.is_empty() {
-        Ok(objects)
-    } else {
-        Err(errors)
-    }
-}
-
 /// The identities named in `text`.
 fn keys_of(label: &str, text: &str) -> Result<Vec<ObjectKey>, Vec<Diagnostic>> {
     let documents = config::documents(label, text).map_err(|error| vec![error])?;
@@ -437,24 +419,14 @@ fn keys_of(label: &str, text: &str) -> Result<Vec<ObjectKey>, Vec<Diagnostic>> {
                     value["metadata"]["namespace"].as_str(),
                     name,
                 )),
-                _ => Err(vec![config_error(
+                _ => Err(vec![Diagnostic::error(
                     label,
-                    String::new(),
+                    "",
                     "every object needs kind and metadata.name",
                 )]),
             }
         })
         .collect()
-}
-
-fn config_error(file: &str, object: String, reason: &str) -> Diagnostic {
-    Diagnostic {
-        severity: Severity::Error,
-        file: file.to_owned(),
-        object,
-        field: String::new(),
-        reason: reason.to_owned(),
-    }
 }
 
 fn log_warnings(warnings: &[Diagnostic]) {
@@ -642,7 +614,7 @@ spec:
     fn a_refused_source_change_stays_pending_until_mended() {
         let store = open(None).unwrap();
         let sourced = |label: &str, text: &str| {
-            let mut found = read_all(label, text).unwrap();
+            let mut found = config::read_text(label, text).unwrap();
             found.drain(..).map(Arc::new).collect::<Vec<_>>()
         };
         let rule = sourced("kubernetes", SERVICE);

@@ -4,17 +4,17 @@
 mod support;
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::Ipv4Addr,
     time::{Duration, Instant},
 };
 
 use bytes::Bytes;
 use http::{Request, StatusCode, Version};
-use support::{example, get, loopback, service, Backend, Body, Http1, Mesh, Upstream};
+use support::{
+    example, get, loopback, service, service_c_yaml, Backend, Body, Http1, Mesh, Upstream,
+    SERVICE_C,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-const SERVICE_C_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
-const SERVICE_C: SocketAddrV4 = SocketAddrV4::new(SERVICE_C_VIP, 8080);
 
 /// `service-c` with a v1 and a v2 pod (subsets `version-v1`, `version-v2`), plus `rules`.
 struct ServiceC {
@@ -27,26 +27,7 @@ async fn service_c(rules: &[&str]) -> ServiceC {
     let (ip1, ip2) = (loopback(), loopback());
     let v1 = Upstream::start(ip1, "v1").await;
     let v2 = Upstream::start(ip2, "v2").await;
-    let mut yaml = service(
-        "service-c",
-        SERVICE_C_VIP,
-        8080,
-        "http",
-        &[
-            Backend {
-                pod: "service-c-v1-0",
-                ip: ip1,
-                labels: &[("app", "service-c"), ("version", "v1")],
-            },
-            Backend {
-                pod: "service-c-v2-0",
-                ip: ip2,
-                labels: &[("app", "service-c"), ("version", "v2")],
-            },
-        ],
-    );
-    yaml.push_str("---\n");
-    yaml.push_str(&example("destination-rules.yml"));
+    let mut yaml = service_c_yaml(ip1, ip2);
     for rule in rules {
         yaml.push_str("\n---\n");
         yaml.push_str(rule);

@@ -4,19 +4,14 @@
 
 mod support;
 
-use std::{
-    net::{Ipv4Addr, SocketAddrV4},
-    time::Duration,
-};
+use std::time::Duration;
 
 use http::{Request, StatusCode};
 use mesh_agent::telemetry::otlp::OtlpConfig;
 use opentelemetry_proto::tonic::common::v1::any_value;
-use support::{example, loopback, service, Backend, Body, Mesh, Options, Upstream};
+use support::{example, loopback, service_c_yaml, Body, Mesh, Options, Upstream, SERVICE_C};
 use tokio::io::AsyncWriteExt;
 
-const SERVICE_C_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
-const SERVICE_C: SocketAddrV4 = SocketAddrV4::new(SERVICE_C_VIP, 8080);
 const HOST: &str = "service-c.default.svc.cluster.local";
 
 /// `service-c` v1 and v2, the subsets, `rules`; the upstreams are kept alive with the mesh.
@@ -26,26 +21,7 @@ async fn service_c(rules: &str, options: Options) -> (Mesh, [Upstream; 2]) {
         Upstream::start(ip1, "v1").await,
         Upstream::start(ip2, "v2").await,
     ];
-    let mut yaml = service(
-        "service-c",
-        SERVICE_C_VIP,
-        8080,
-        "http",
-        &[
-            Backend {
-                pod: "service-c-v1-0",
-                ip: ip1,
-                labels: &[("app", "service-c"), ("version", "v1")],
-            },
-            Backend {
-                pod: "service-c-v2-0",
-                ip: ip2,
-                labels: &[("app", "service-c"), ("version", "v2")],
-            },
-        ],
-    );
-    yaml.push_str("---\n");
-    yaml.push_str(&example("destination-rules.yml"));
+    let mut yaml = service_c_yaml(ip1, ip2);
     yaml.push_str("\n---\n");
     yaml.push_str(&example(rules));
     (Mesh::with(&yaml, options).await, upstreams)

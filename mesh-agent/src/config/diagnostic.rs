@@ -33,6 +33,17 @@ pub struct Diagnostic {
 }
 
 impl Diagnostic {
+    /// An error about a whole file (`object` empty) or one object, no particular field.
+    pub fn error(file: &str, object: &str, reason: impl fmt::Display) -> Diagnostic {
+        Diagnostic {
+            severity: Severity::Error,
+            file: file.to_owned(),
+            object: object.to_owned(),
+            field: String::new(),
+            reason: reason.to_string(),
+        }
+    }
+
     pub fn is_error(&self) -> bool {
         self.severity == Severity::Error
     }

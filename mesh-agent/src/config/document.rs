@@ -4,7 +4,7 @@
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::diagnostic::{Diagnostic, Severity};
+use super::diagnostic::Diagnostic;
 
 /// One object as written: a document of a file, or an item of a `kind: List`.
 #[derive(Clone, Debug, PartialEq)]
@@ -28,13 +28,14 @@ pub fn documents(file: &str, text: &str) -> Result<Vec<Document>, Diagnostic> {
             .into_iter::<Value>()
             .enumerate()
         {
-            let value = value.map_err(|e| syntax_error(file, format!("invalid JSON: {e}")))?;
+            let value =
+                value.map_err(|e| Diagnostic::error(file, "", format!("invalid JSON: {e}")))?;
             add(index, value);
         }
     } else {
         for (index, document) in yaml_serde::Deserializer::from_str(text).enumerate() {
             let value = Value::deserialize(document)
-                .map_err(|e| syntax_error(file, format!("invalid YAML: {e}")))?;
+                .map_err(|e| Diagnostic::error(file, "", format!("invalid YAML: {e}")))?;
             add(index, value);
         }
     }
@@ -55,16 +56,6 @@ fn expand(documents: &mut Vec<Document>, location: String, mut value: Value) {
         }
     }
     documents.push(Document { location, value });
-}
-
-fn syntax_error(file: &str, reason: String) -> Diagnostic {
-    Diagnostic {
-        severity: Severity::Error,
-        file: file.to_owned(),
-        object: String::new(),
-        field: String::new(),
-        reason,
-    }
 }
 
 #[cfg(test)]

@@ -44,7 +44,9 @@ use std::sync::Arc;
 pub use diagnostic::{Diagnostic, Severity};
 pub use document::{documents, Document};
 use model::{Host, MeshConfig};
-pub use object::{read, IstioObject, Object, ObjectKey, ObjectSet, Sourced, DEFAULT_NAMESPACE};
+pub use object::{
+    read, read_text, IstioObject, Object, ObjectKey, ObjectSet, Sourced, DEFAULT_NAMESPACE,
+};
 pub use rules::{check_subsets, is_istio_kind, mesh_config, of_kind, SubsetError};
 
 /// The result of one load. `config` holds only the Istio objects that had no error; when

@@ -223,6 +223,25 @@ pub fn read(file: &str, document: Document) -> Result<Sourced, Vec<Diagnostic>> 
     })
 }
 
+/// Every object of `text` (read as [`documents`](super::documents) reads it), or every problem
+/// with it: all or nothing.
+pub fn read_text(file: &str, text: &str) -> Result<Vec<Sourced>, Vec<Diagnostic>> {
+    let documents = super::documents(file, text).map_err(|error| vec![error])?;
+    let mut objects = Vec::new();
+    let mut errors = Vec::new();
+    for document in documents {
+        match read(file, document) {
+            Ok(sourced) => objects.push(sourced),
+            Err(diagnostics) => errors.extend(diagnostics),
+        }
+    }
+    if errors.is_empty() {
+        Ok(objects)
+    } else {
+        Err(errors)
+    }
+}
+
 /// Validates an Istio object into its model; warnings go to `warnings`, and on any error every
 /// diagnostic found is returned instead.
 fn istio(

@@ -10,7 +10,7 @@ use std::{
     sync::Arc,
 };
 
-use crate::config::{self, Diagnostic, ObjectSet, Severity, Sourced};
+use crate::config::{self, Diagnostic, ObjectSet, Sourced};
 
 pub struct Folder {
     dir: PathBuf,
@@ -38,8 +38,9 @@ impl Folder {
     pub fn read(&mut self) -> Result<ObjectSet, Vec<Diagnostic>> {
         let mut files = Vec::new();
         config::config_files(&self.dir, &mut files).map_err(|e| {
-            vec![file_error(
+            vec![Diagnostic::error(
                 &self.dir.display().to_string(),
+                "",
                 format!("cannot read the config folder: {e}"),
             )]
         })?;
@@ -51,7 +52,7 @@ impl Folder {
             let text = match std::fs::read_to_string(&file) {
                 Ok(text) => text,
                 Err(e) => {
-                    errors.push(file_error(&label, format!("cannot read: {e}")));
+                    errors.push(Diagnostic::error(&label, "", format!("cannot read: {e}")));
                     continue;
                 }
             };
@@ -68,13 +69,11 @@ impl Folder {
                 Ok(found) => {
                     for sourced in found {
                         if let Some(first) = objects.get(&sourced.key) {
-                            errors.push(Diagnostic {
-                                severity: Severity::Error,
-                                file: label.clone(),
-                                object: sourced.key.to_string(),
-                                field: String::new(),
-                                reason: format!("defined again (first in {})", first.origin),
-                            });
+                            errors.push(Diagnostic::error(
+                                &label,
+                                &sourced.key.to_string(),
+                                format!("defined again (first in {})", first.origin),
+                            ));
                             continue;
                         }
                         objects.insert(sourced.key.clone(), Arc::clone(sourced));
@@ -93,36 +92,13 @@ impl Folder {
 
 /// Every object of one file, or every problem with it.
 fn parse(label: &str, text: &str) -> Parsed {
-    let documents = config::documents(label, text).map_err(|error| vec![error])?;
-    let mut objects = Vec::new();
-    let mut errors = Vec::new();
-    for document in documents {
-        match config::read(label, document) {
-            Ok(sourced) => objects.push(Arc::new(sourced)),
-            Err(diagnostics) => errors.extend(diagnostics),
-        }
-    }
-    if errors.iter().any(Diagnostic::is_error) {
-        Err(errors)
-    } else {
-        Ok(objects)
-    }
+    config::read_text(label, text).map(|objects| objects.into_iter().map(Arc::new).collect())
 }
 
 fn digest(text: &str) -> u64 {
     let mut hasher = DefaultHasher::new();
     text.hash(&mut hasher);
     hasher.finish()
-}
-
-fn file_error(file: &str, reason: String) -> Diagnostic {
-    Diagnostic {
-        severity: Severity::Error,
-        file: file.to_owned(),
-        object: String::new(),
-        field: String::new(),
-        reason,
-    }
 }
 
 #[cfg(test)]

@@ -131,6 +131,36 @@ impl Write for Captured {
     }
 }
 
+/// The tutorial's service C: its VIP and the port clients dial.
+pub const SERVICE_C_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
+pub const SERVICE_C: SocketAddrV4 = SocketAddrV4::new(SERVICE_C_VIP, 8080);
+
+/// `service-c` with a v1 pod at `ip1` and a v2 pod at `ip2`, and the tutorial's DestinationRule
+/// (subsets `version-v1`, `version-v2`).
+pub fn service_c_yaml(ip1: Ipv4Addr, ip2: Ipv4Addr) -> String {
+    let mut yaml = service(
+        "service-c",
+        SERVICE_C_VIP,
+        8080,
+        "http",
+        &[
+            Backend {
+                pod: "service-c-v1-0",
+                ip: ip1,
+                labels: &[("app", "service-c"), ("version", "v1")],
+            },
+            Backend {
+                pod: "service-c-v2-0",
+                ip: ip2,
+                labels: &[("app", "service-c"), ("version", "v2")],
+            },
+        ],
+    );
+    yaml.push_str("---\n");
+    yaml.push_str(&example("destination-rules.yml"));
+    yaml
+}
+
 /// A proxy, its store and telemetry, and the pod its connections come from.
 pub struct Mesh {
     pub proxy: Arc<Proxy>,

@@ -133,18 +133,22 @@ impl Sourced {
         })
     }
 
-    /// The object as JSON, for `get` and `/config_dump`.
+    /// The object as JSON, for `get` and `/config_dump`. Like `kubectl get`, without the
+    /// server's `managedFields`.
     pub fn manifest(&self) -> Value {
-        let typed = match &self.object {
-            Object::Service(o) => serde_json::to_value(&**o),
-            Object::EndpointSlice(o) => serde_json::to_value(&**o),
-            Object::Pod(o) => serde_json::to_value(&**o),
-            Object::VirtualService(o) => return (*o.manifest).clone(),
-            Object::DestinationRule(o) => return (*o.manifest).clone(),
-            Object::Gateway(o) => return (*o.manifest).clone(),
-            Object::Other(value) => return (**value).clone(),
+        let mut value = match &self.object {
+            Object::Service(o) => serde_json::to_value(&**o).unwrap_or(Value::Null),
+            Object::EndpointSlice(o) => serde_json::to_value(&**o).unwrap_or(Value::Null),
+            Object::Pod(o) => serde_json::to_value(&**o).unwrap_or(Value::Null),
+            Object::VirtualService(o) => (*o.manifest).clone(),
+            Object::DestinationRule(o) => (*o.manifest).clone(),
+            Object::Gateway(o) => (*o.manifest).clone(),
+            Object::Other(value) => (**value).clone(),
         };
-        typed.unwrap_or(Value::Null)
+        if let Some(metadata) = value.get_mut("metadata").and_then(Value::as_object_mut) {
+            metadata.remove("managedFields");
+        }
+        value
     }
 }
 

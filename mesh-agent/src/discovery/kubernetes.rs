@@ -297,11 +297,7 @@ impl Watch {
 
 /// An Istio object as the API served it, validated like a file's.
 fn istio(resource: &ApiResource, object: DynamicObject) -> Option<Arc<Sourced>> {
-    let mut metadata = serde_json::to_value(&object.metadata).ok()?;
-    if let Some(metadata) = metadata.as_object_mut() {
-        // Fields the server manages carry nothing for us.
-        metadata.remove("managedFields");
-    }
+    let metadata = serde_json::to_value(&object.metadata).ok()?;
     let value = json!({
         "apiVersion": resource.api_version,
         "kind": resource.kind,

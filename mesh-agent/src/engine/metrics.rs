@@ -57,6 +57,9 @@ pub struct EngineMetrics {
     pub fault_delays: AtomicU64,
     /// Requests chosen for mirroring.
     pub mirrored: AtomicU64,
+    /// Mirrored copies not sent: no upstream connection was free at once, or too many copies
+    /// were in flight (a copy never waits).
+    pub mirror_dropped: AtomicU64,
     /// Per destination service, what happened to its requests.
     services: Mutex<HashMap<Arc<str>, Arc<ServiceEvents>>>,
 }
@@ -167,6 +170,7 @@ impl Collector for Export {
             ("fault_abort", get(&engine.fault_aborts)),
             ("fault_delay", get(&engine.fault_delays)),
             ("mirrored", get(&engine.mirrored)),
+            ("mirror_dropped", get(&engine.mirror_dropped)),
         ];
         encode_counters(
             &mut encoder,

@@ -6,10 +6,13 @@
 //! let mut plan = engine.route(&info, now)?;           // Err: local reply (NR)
 //! if let Some(d) = plan.delay() { sleep(d) }          // fault delay (DI)
 //! plan.rewrite_request(&mut parts);
-//! if let Some(addr) = plan.mirror_endpoint(now) { spawn copy to addr }
+//! if let Some(mirror) = plan.mirror(now) { spawn copy to mirror.endpoint() }
 //! loop {
 //!     let attempt = plan.next_attempt(now)?;          // Err: local reply (UH, UO, FI, UT)
+//!     // through the pool of plan.pool(): a connection, or wait for one (pending)
 //!     let outcome = send(attempt.endpoint(), attempt.deadline()).await;
+//!     // refused by the pool: plan.overflowed(attempt); timed out while waiting for a
+//!     // connection: plan.report_unsent(attempt, Outcome::Timeout, now)
 //!     match plan.report(attempt, outcome, now) {
 //!         Verdict::Forward => { plan.rewrite_response(&mut resp.headers); return resp }
 //!         Verdict::RetryAt(at) => sleep_until(at),
@@ -31,7 +34,7 @@ use super::cluster::{Cluster, Destination};
 use super::error::{EngineError, ResponseFlags, TryFailure};
 use super::metrics::EngineMetrics;
 use super::outlier::Observation;
-use super::pool::{self, Permit, PoolLimits, Slot};
+use super::pool::{self, ClusterPool, Permit, PoolLimits, Slot};
 use super::retry::{self, Outcome};
 use super::rewrite;
 use super::routing::UriMatched;
@@ -186,6 +189,16 @@ impl RequestPlan {
         &self.cluster_ref().limits
     }
 
+    /// The destination cluster's pool: its limits and connection and pending slots.
+    pub fn pool(&self) -> ClusterPool<'_> {
+        cluster_pool(&self.snap, self.cluster)
+    }
+
+    /// The route's `timeout`, if it has one.
+    pub fn timeout(&self) -> Option<Duration> {
+        self.route_ref().timeout
+    }
+
     /// Response flags so far (`DI`, `UO`, `URX`, …) for the access log.
     pub fn flags(&self) -> ResponseFlags {
         self.flags
@@ -234,14 +247,31 @@ impl RequestPlan {
 
     /// If this request is mirrored, the mirror endpoint to send a copy to.
     pub fn mirror_endpoint(&mut self, now: Instant) -> Option<SocketAddr> {
-        let cluster = &self.snap.clusters[self.mirror? as usize];
-        let ticks = self.snap.epoch.ticks(now);
-        let metrics = &self.snap.metrics;
-        let panic_ok = self.snap.settings.panic_when_all_ejected;
-        let index = cluster
-            .pick(&mut self.rng, &Tried::default(), panic_ok, ticks, metrics)
+        self.mirror(now).map(|mirror| mirror.endpoint())
+    }
+
+    /// If this request is mirrored, where the copy goes: an endpoint picked by the mirror
+    /// cluster's own balancer, and that cluster's pool. It owns what it refers to, so the copy
+    /// can outlive the request.
+    pub fn mirror(&mut self, now: Instant) -> Option<MirrorTarget> {
+        let cluster = self.mirror?;
+        let snap = &self.snap;
+        let ticks = snap.epoch.ticks(now);
+        let panic_ok = snap.settings.panic_when_all_ejected;
+        let endpoint = snap.clusters[cluster as usize]
+            .pick(
+                &mut self.rng,
+                &Tried::default(),
+                panic_ok,
+                ticks,
+                &snap.metrics,
+            )
             .ok()?;
-        Some(cluster.endpoints[index as usize].addr)
+        Some(MirrorTarget {
+            snap: Arc::clone(snap),
+            cluster,
+            endpoint,
+        })
     }
 
     /// Starts the next try: picks an endpoint (not ejected, preferring ones not tried yet),
@@ -308,6 +338,33 @@ impl RequestPlan {
     /// Reports how a try ended and says what to do next. Feeds outlier detection, releases the
     /// try's pool slot and applies the retry policy, the retry budget and `maxRetries`.
     pub fn report(&mut self, attempt: Attempt, outcome: Outcome, now: Instant) -> Verdict {
+        self.conclude(attempt, outcome, now, true)
+    }
+
+    /// As [`Self::report`], for a try that never reached its endpoint: it timed out while
+    /// waiting in the pool for a connection. Retries and timeouts apply as usual, but outlier
+    /// detection learns nothing: the endpoint was never asked (Envoy reports no result for a
+    /// request still pending either).
+    pub fn report_unsent(&mut self, attempt: Attempt, outcome: Outcome, now: Instant) -> Verdict {
+        self.conclude(attempt, outcome, now, false)
+    }
+
+    /// Ends a try the pool refused (over `http1MaxPendingRequests`; the pool counted it): the
+    /// request fails with 503 `UO`, without a retry (as Envoy never retries an overflow) and
+    /// without a word to outlier detection.
+    pub fn overflowed(&mut self, attempt: Attempt) -> Verdict {
+        drop(attempt);
+        self.retry_permit = None;
+        self.fail(EngineError::Overflow)
+    }
+
+    fn conclude(
+        &mut self,
+        attempt: Attempt,
+        outcome: Outcome,
+        now: Instant,
+        observe: bool,
+    ) -> Verdict {
         let request_bound = attempt.request_bound;
         let index = attempt.index;
         drop(attempt);
@@ -318,7 +375,9 @@ impl RequestPlan {
         let cluster = &snap.clusters[self.cluster as usize];
         let metrics = &snap.metrics;
         let ticks = snap.epoch.ticks(now);
-        cluster.observe(index, observation(outcome), ticks, metrics);
+        if observe {
+            cluster.observe(index, observation(outcome), ticks, metrics);
+        }
 
         if outcome == Outcome::Timeout && request_bound {
             return self.fail(EngineError::RequestTimeout);
@@ -393,24 +452,56 @@ impl RequestPlan {
     /// Takes a connection slot (`tcp.maxConnections`) for a new upstream connection of this
     /// request's cluster; hold it as long as the connection is open.
     pub fn try_connection(&self) -> Result<Permit, EngineError> {
-        self.take(Slot::Connection, self.cluster_ref().limits.max_connections)
+        self.pool().try_connection().ok_or(EngineError::Overflow)
     }
 
     /// Takes a pending slot (`http.http1MaxPendingRequests`) while waiting for a connection;
     /// drop it once a connection is assigned.
     pub fn try_pending(&self) -> Result<Permit, EngineError> {
-        self.take(
-            Slot::Pending,
-            self.cluster_ref().limits.max_pending_requests,
-        )
+        self.pool().try_pending()
+    }
+}
+
+/// Where a mirrored copy goes (see [`RequestPlan::mirror`]).
+#[derive(Debug)]
+pub struct MirrorTarget {
+    snap: Arc<Snapshot>,
+    cluster: u32,
+    endpoint: u32,
+}
+
+impl MirrorTarget {
+    fn endpoint_ref(&self) -> &super::endpoint::ClusterEndpoint {
+        &self.snap.clusters[self.cluster as usize].endpoints[self.endpoint as usize]
     }
 
-    fn take(&self, slot: Slot, limit: u32) -> Result<Permit, EngineError> {
-        let cluster = self.cluster_ref();
-        pool::acquire(&cluster.shared.pool, slot, limit, None).inspect_err(|_| {
-            EngineMetrics::inc(&self.snap.metrics.pool_overflow);
-            EngineMetrics::inc(&cluster.events.pool_overflows);
-        })
+    pub fn endpoint(&self) -> SocketAddr {
+        self.endpoint_ref().addr
+    }
+
+    /// The endpoint as a URI authority (`ip:port`).
+    pub fn authority(&self) -> &Authority {
+        &self.endpoint_ref().authority
+    }
+
+    /// The mirror cluster's pool.
+    pub fn pool(&self) -> ClusterPool<'_> {
+        cluster_pool(&self.snap, self.cluster)
+    }
+
+    /// Counts a copy the proxy did not send: no connection was free at once, or too many
+    /// copies were in flight already.
+    pub fn dropped(&self) {
+        EngineMetrics::inc(&self.snap.metrics.mirror_dropped);
+    }
+}
+
+fn cluster_pool(snap: &Snapshot, cluster: u32) -> ClusterPool<'_> {
+    let cluster = &snap.clusters[cluster as usize];
+    ClusterPool {
+        limits: &cluster.limits,
+        counters: &cluster.shared.pool,
+        overflows: [&snap.metrics.pool_overflow, &cluster.events.pool_overflows],
     }
 }
 

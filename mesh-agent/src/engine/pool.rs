@@ -2,25 +2,29 @@
 //!
 //! Each limit is a counter with a ceiling. Taking a slot returns a [`Permit`] that gives it back
 //! when dropped, so the proxy cannot leak a slot on any path (errors, cancellation, panics).
-//! Over a limit the caller gets [`EngineError::Overflow`] (`UO`, 503) at once: nothing here
-//! queues, so nothing queues without bound.
+//! The counters are per destination cluster and shared by every snapshot (a reload changes the
+//! limits in force, never the counts); they are their one home: the proxy's upstream pool takes
+//! its connection and pending slots here, through [`ClusterPool`].
 //!
 //! Mapping (all per destination cluster, as Envoy's thresholds are):
-//! - `http.http2MaxRequests` ⇒ concurrent attempts in flight (taken by `next_attempt`);
+//! - `http.http2MaxRequests` ⇒ concurrent attempts in flight (taken by `next_attempt`; over it
+//!   the request fails at once with `UO`);
 //! - `http.maxRetries` ⇒ concurrent retries (taken when a retry is granted, held until that
 //!   retry's outcome is reported);
-//! - `tcp.maxConnections` ⇒ open upstream connections (`RequestPlan::try_connection`);
+//! - `tcp.maxConnections` ⇒ open upstream connections ([`ClusterPool::try_connection`], held
+//!   by the connection while it is open). At the limit an HTTP request waits for a connection;
 //! - `http.http1MaxPendingRequests` ⇒ requests waiting for a connection
-//!   (`RequestPlan::try_pending`);
-//! - `http.maxRequestsPerConnection`, `tcp.connectTimeout`, idle timeouts ⇒ passed to the
-//!   proxy's connection pool in [`PoolLimits`].
+//!   ([`ClusterPool::try_pending`]); past it the request fails at once with `UO`;
+//! - `http.maxRequestsPerConnection`, `tcp.connectTimeout`, idle timeouts ⇒ read by the
+//!   proxy's connection pool from [`PoolLimits`].
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::endpoint::EndpointState;
 use super::error::EngineError;
+use super::metrics::EngineMetrics;
 use crate::config::model::ConnectionPool;
 
 /// A cluster's limits; absent settings are unlimited, as Istio's effective defaults.
@@ -127,4 +131,78 @@ pub(crate) fn acquire(
         slot,
         endpoint: endpoint.cloned(),
     })
+}
+
+/// One destination cluster's pool as the proxy's upstream pool uses it: the limits of the
+/// snapshot the request was routed on, and the cluster's counters.
+#[derive(Clone, Copy, Debug)]
+pub struct ClusterPool<'a> {
+    pub(crate) limits: &'a PoolLimits,
+    pub(crate) counters: &'a Arc<PoolCounters>,
+    /// Refusals are counted engine-wide and for the destination service.
+    pub(crate) overflows: [&'a AtomicU64; 2],
+}
+
+/// Which cluster pooled connections belong to: the same across snapshots for as long as the
+/// cluster exists (holding it keeps its [`ClusterPool::key`] from being reused).
+#[derive(Clone, Debug)]
+pub struct ClusterId(
+    #[expect(dead_code, reason = "held only to keep the key unique")] Arc<PoolCounters>,
+);
+
+impl<'a> ClusterPool<'a> {
+    pub fn limits(&self) -> &'a PoolLimits {
+        self.limits
+    }
+
+    /// The cluster as a map key: unique among the clusters alive, stable across snapshots.
+    pub fn key(&self) -> usize {
+        Arc::as_ptr(self.counters) as usize
+    }
+
+    pub fn id(&self) -> ClusterId {
+        ClusterId(Arc::clone(self.counters))
+    }
+
+    /// A slot for one more open connection (`tcp.maxConnections`), if the cluster is below
+    /// its limit. Hold it while the connection is open. `None` is not a refusal by itself: an
+    /// HTTP request then waits for a connection (see [`Self::try_pending`]).
+    pub fn try_connection(&self) -> Option<Permit> {
+        acquire(
+            self.counters,
+            Slot::Connection,
+            self.limits.max_connections,
+            None,
+        )
+        .ok()
+    }
+
+    /// A connection slot even at the limit: Envoy's guarantee that an endpoint the balancer
+    /// picked can have one connection, so its pool never waits on other pools' connections.
+    pub fn connection_beyond_limit(&self) -> Permit {
+        acquire(self.counters, Slot::Connection, u32::MAX, None)
+            .expect("fewer than 2^32 connections")
+    }
+
+    /// A pending slot (`http1MaxPendingRequests`), held while a request waits for a connection
+    /// (its own opening, or one coming back). Past the limit the request is refused: counted,
+    /// and [`EngineError::Overflow`] (`UO`).
+    pub fn try_pending(&self) -> Result<Permit, EngineError> {
+        acquire(
+            self.counters,
+            Slot::Pending,
+            self.limits.max_pending_requests,
+            None,
+        )
+        .map_err(|_| self.overflowed())
+    }
+
+    /// Counts a refusal by a pool limit (an opaque TCP connection over `tcp.maxConnections`,
+    /// say) and returns the error to answer it with.
+    pub fn overflowed(&self) -> EngineError {
+        for counter in self.overflows {
+            EngineMetrics::inc(counter);
+        }
+        EngineError::Overflow
+    }
 }

@@ -132,11 +132,11 @@ fn connection_pool(cx: &mut ObjectContext, path: &str, raw: raw::ConnectionPool)
                 Some(t) => fields::positive_duration(cx, &format!("{p}.connectTimeout"), &t),
                 None => TcpPool::default().connect_timeout,
             },
-            idle_timeout: fields::optional_timeout(
-                cx,
-                &format!("{p}.idleTimeout"),
-                tcp.idle_timeout.as_deref(),
-            ),
+            // Absent ⇒ Istio's 1 h; an explicit 0s turns the idle timeout off.
+            idle_timeout: match tcp.idle_timeout {
+                Some(t) => fields::optional_timeout(cx, &format!("{p}.idleTimeout"), Some(&t)),
+                None => TcpPool::default().idle_timeout,
+            },
         };
     }
     if let Some(http) = raw.http {

@@ -270,6 +270,7 @@ pub struct TcpPool {
     pub max_connections: Option<u32>,
     /// Default 10 s, as Istio.
     pub connect_timeout: Duration,
+    /// Default 1 h, as Istio.
     pub idle_timeout: Option<Duration>,
 }
 
@@ -278,7 +279,7 @@ impl Default for TcpPool {
         TcpPool {
             max_connections: None,
             connect_timeout: Duration::from_secs(10),
-            idle_timeout: None,
+            idle_timeout: Some(Duration::from_secs(3600)),
         }
     }
 }

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use super::upstream::{Dialer, UpstreamClients};
+use super::upstream::{Dialer, UpstreamPool};
 use crate::{identity::WorkloadIdentity, redirect::netns::NetNs, state::Snapshot};
 
 /// What the proxy knows about the pod a listener serves.
@@ -12,7 +12,8 @@ pub struct PodContext {
     pub namespace: String,
     /// Dials upstreams as the pod would: from its network namespace, marked.
     pub dialer: Dialer,
-    pub clients: UpstreamClients,
+    /// The pod's HTTP connections to its upstreams.
+    pub upstream: UpstreamPool,
 }
 
 impl PodContext {
@@ -22,7 +23,7 @@ impl PodContext {
     pub fn new(name: String, namespace: String, netns: Option<Arc<NetNs>>, mark: u32) -> Self {
         let dialer = Dialer::new(netns, mark);
         PodContext {
-            clients: UpstreamClients::new(dialer.clone()),
+            upstream: UpstreamPool::new(dialer.clone()),
             dialer,
             name,
             namespace,

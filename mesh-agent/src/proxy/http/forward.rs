@@ -1,9 +1,10 @@
 //! The try loop: every request on a downstream connection is decided by the engine and carried
 //! out here: buffer the body, route, fault, rewrites, mirror, then tries with per-try deadlines
-//! and backoff until a response is forwarded or the engine gives up. Its telemetry record is
-//! filled along the way and emitted when this returns (or when the client goes away).
+//! and backoff until a response is forwarded or the engine gives up. Each try goes through the
+//! pod's upstream pool under the destination cluster's limits. Its telemetry record is filled
+//! along the way and emitted when this returns (or when the client goes away).
 
-use std::{net::IpAddr, time::Instant};
+use std::{net::IpAddr, sync::Arc, time::Instant};
 
 use bytes::Bytes;
 use http::{
@@ -14,7 +15,6 @@ use http::{
 };
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use tracing::debug;
 
 use super::{
     conn::{Entry, HttpConn},
@@ -23,8 +23,13 @@ use super::{
     reply::{empty, engine_reply, full, local_reply},
 };
 use crate::{
-    engine::{EngineError, Outcome, RequestInfo, RequestPlan, Verdict},
-    proxy::upstream::{BoxError, HttpClient, ProxyBody},
+    engine::{Attempt, EngineError, Outcome, RequestInfo, RequestPlan, Verdict},
+    proxy::{
+        pod::PodContext,
+        upstream::{
+            BoxError, Progress, Protocol, ProxyBody, ResponseBody, SendError, UpstreamPool, Waiting,
+        },
+    },
     state::Snapshot,
     telemetry::{trace, RequestRecord, GRPC_STATUS},
 };
@@ -66,7 +71,7 @@ async fn forward(
     strip_hop_by_hop(&mut parts.headers);
     // The request is in (Envoy's timeouts start here too): one clock read for routing,
     // the mirror and the first try.
-    let mut now = Instant::now();
+    let mut now = clock();
     let replayable = matches!(body, RequestBody::Buffered(_));
     let mut plan = match route(conn, snapshot, parts, replayable, now) {
         Ok(plan) => plan,
@@ -78,15 +83,15 @@ async fn forward(
     record.routed(plan.destination());
     if let Some(delay) = plan.delay() {
         tokio::time::sleep(delay).await;
-        now = Instant::now();
+        now = clock();
     }
     plan.rewrite_request(parts);
     trace::inject(record.trace(), &mut parts.headers);
-    mirror(conn, &mut plan, parts, &body, now);
-    let client = match parts.version {
-        Version::HTTP_2 => &conn.pod.clients.http2,
-        _ => &conn.pod.clients.http1,
+    let protocol = match parts.version {
+        Version::HTTP_2 => Protocol::Http2,
+        _ => Protocol::Http1,
     };
+    mirror(&conn.pod, &mut plan, parts, protocol, &body, now);
     loop {
         let attempt = match plan.next_attempt(now) {
             Ok(attempt) => attempt,
@@ -96,10 +101,15 @@ async fn forward(
             }
         };
         record.attempt(attempt.endpoint(), attempt.workload());
-        let request = upstream_request(parts, plan.authority(&attempt), body.for_try());
-        let (outcome, response) = send(client, request, attempt.deadline()).await;
-        now = Instant::now();
-        let verdict = plan.report(attempt, outcome, now);
+        let request = upstream_request(parts, plan.authority(&attempt), protocol, body.for_try());
+        let tried = send(&conn.pod.upstream, &plan, &attempt, protocol, request).await;
+        now = clock();
+        let (verdict, response) = match tried {
+            Ok((outcome, response)) => (plan.report(attempt, outcome, now), Some(response)),
+            Err(Unanswered::Failed(outcome)) => (plan.report(attempt, outcome, now), None),
+            Err(Unanswered::Unsent(outcome)) => (plan.report_unsent(attempt, outcome, now), None),
+            Err(Unanswered::Refused) => (plan.overflowed(attempt), None),
+        };
         record.progress(plan.flags(), plan.attempts());
         match verdict {
             Verdict::Forward => {
@@ -109,12 +119,12 @@ async fn forward(
                 let (mut head, body) = response.into_parts();
                 strip_hop_by_hop(&mut head.headers);
                 plan.rewrite_response(&mut head.headers);
-                return Response::from_parts(head, body.map_err(BoxError::from).boxed());
+                return Response::from_parts(head, body.boxed());
             }
             Verdict::RetryAt(at) => {
                 drop(response);
                 tokio::time::sleep_until(at.into()).await;
-                now = Instant::now();
+                now = clock();
             }
             Verdict::Fail(error) => return engine_reply(&error),
         }
@@ -142,23 +152,27 @@ fn route(
 }
 
 /// Sends a copy to the mirror destination, if the engine picked one; the answer is ignored.
+/// A copy never waits for a connection and a pod has a bounded number in flight: past either,
+/// it is dropped and counted (`mesh_engine_events_total{event="mirror_dropped"}`).
 fn mirror(
-    conn: &HttpConn,
+    pod: &Arc<PodContext>,
     plan: &mut RequestPlan,
     parts: &Parts,
+    protocol: Protocol,
     body: &RequestBody,
     now: Instant,
 ) {
     let RequestBody::Buffered(bytes) = body else {
         return;
     };
-    let Some(endpoint) = plan.mirror_endpoint(now) else {
+    let Some(mirror) = plan.mirror(now) else {
         return;
     };
-    let Ok(authority) = Authority::try_from(endpoint.to_string()) else {
+    let Some(in_flight) = pod.upstream.mirror_slot() else {
+        mirror.dropped();
         return;
     };
-    let mut request = upstream_request(parts, &authority, full(bytes.clone()));
+    let mut request = upstream_request(parts, mirror.authority(), protocol, full(bytes.clone()));
     // Envoy marks shadowed requests by suffixing the host.
     if let Some(host) = request
         .headers()
@@ -169,9 +183,40 @@ fn mirror(
             request.headers_mut().insert(header::HOST, shadow);
         }
     }
-    let client = conn.pod.clients.http1.clone();
+    // As Envoy's shadow, the copy is bounded by the route's timeout.
+    let deadline = plan
+        .timeout()
+        .map(|t| tokio::time::Instant::from_std(now) + t);
+    let pod = Arc::clone(pod);
     tokio::spawn(async move {
-        let _ = client.request(request).await;
+        let _in_flight = in_flight;
+        let copy = async {
+            let mut progress = Progress::default();
+            let sent = pod.upstream.send(
+                mirror.pool(),
+                mirror.endpoint(),
+                protocol,
+                request,
+                Waiting::Refused,
+                &mut progress,
+            );
+            match sent.await {
+                // Read the answer through (keeping none of it), so its connection can serve
+                // the next copy.
+                Ok(response) => {
+                    let mut body = response.into_body();
+                    while let Some(Ok(_)) = body.frame().await {}
+                }
+                Err(SendError::Overflow) => mirror.dropped(),
+                Err(_) => {}
+            }
+        };
+        match deadline {
+            Some(deadline) => {
+                let _ = tokio::time::timeout_at(deadline, copy).await;
+            }
+            None => copy.await,
+        }
     });
 }
 
@@ -201,17 +246,41 @@ impl RequestBody {
     }
 }
 
-/// Runs one try until its deadline.
+/// How a try ended without a response head.
+enum Unanswered {
+    /// Connect failure, reset, or the deadline passed on the way.
+    Failed(Outcome),
+    /// The deadline passed while the request waited for a connection: the endpoint never
+    /// saw it.
+    Unsent(Outcome),
+    /// The pool refused it (`UO`).
+    Refused,
+}
+
+/// Runs one try through the pod's pool until the try's deadline.
 async fn send(
-    client: &HttpClient,
+    upstream: &UpstreamPool,
+    plan: &RequestPlan,
+    attempt: &Attempt,
+    protocol: Protocol,
     request: Request<ProxyBody>,
-    deadline: Option<Instant>,
-) -> (Outcome, Option<Response<Incoming>>) {
-    let sent = client.request(request);
-    let result = match deadline {
+) -> Result<(Outcome, Response<ResponseBody>), Unanswered> {
+    let mut progress = Progress::default();
+    let sent = upstream.send(
+        plan.pool(),
+        attempt.endpoint(),
+        protocol,
+        request,
+        Waiting::Allowed,
+        &mut progress,
+    );
+    let result = match attempt.deadline() {
         Some(deadline) => match tokio::time::timeout_at(deadline.into(), sent).await {
             Ok(result) => result,
-            Err(_) => return (Outcome::Timeout, None),
+            Err(_) if progress == Progress::Waiting => {
+                return Err(Unanswered::Unsent(Outcome::Timeout))
+            }
+            Err(_) => return Err(Unanswered::Failed(Outcome::Timeout)),
         },
         None => sent.await,
     };
@@ -225,14 +294,18 @@ async fn send(
                 status: response.status().as_u16(),
                 grpc_status,
             };
-            (outcome, Some(response))
+            Ok((outcome, response))
         }
-        Err(error) if error.is_connect() => (Outcome::ConnectFailure, None),
-        Err(error) => {
-            debug!(%error, "upstream reset before the response");
-            (Outcome::Reset, None)
-        }
+        Err(SendError::Overflow) => Err(Unanswered::Refused),
+        Err(SendError::ConnectFailure) => Err(Unanswered::Failed(Outcome::ConnectFailure)),
+        Err(SendError::Reset) => Err(Unanswered::Failed(Outcome::Reset)),
     }
+}
+
+/// Now, by tokio's clock: the same as `Instant::now()` in the agent, and the paused clock in
+/// tests, so the engine's deadlines and tokio's timers agree.
+fn clock() -> Instant {
+    tokio::time::Instant::now().into_std()
 }
 
 /// Buffers a small body so it can be replayed; a large or unbounded one is streamed once.
@@ -265,28 +338,38 @@ fn routing_authority<'a>(authority: &'a str, service_authority: &'a str) -> &'a 
     }
 }
 
-/// The request for one try: same head, sent to the chosen endpoint.
-fn upstream_request(parts: &Parts, endpoint: &Authority, body: ProxyBody) -> Request<ProxyBody> {
-    let mut uri = uri::Parts::default();
-    uri.scheme = Some(Scheme::HTTP);
-    uri.authority = Some(endpoint.clone());
-    uri.path_and_query = Some(
-        parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/")),
-    );
-    let uri = Uri::from_parts(uri).unwrap_or_default();
+/// The request for one try: same head, sent to the chosen endpoint. HTTP/1.1 takes the path
+/// alone (origin form), with the client's `Host`; HTTP/2 the absolute URI.
+fn upstream_request(
+    parts: &Parts,
+    endpoint: &Authority,
+    protocol: Protocol,
+    body: ProxyBody,
+) -> Request<ProxyBody> {
+    let path = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let uri = match protocol {
+        Protocol::Http1 => Uri::from(path),
+        Protocol::Http2 => {
+            let mut uri = uri::Parts::default();
+            uri.scheme = Some(Scheme::HTTP);
+            uri.authority = Some(endpoint.clone());
+            uri.path_and_query = Some(path);
+            Uri::from_parts(uri).unwrap_or_default()
+        }
+    };
     let mut request = Request::new(body);
     *request.method_mut() = parts.method.clone();
     *request.uri_mut() = uri;
-    *request.version_mut() = match parts.version {
-        Version::HTTP_2 => Version::HTTP_2,
-        _ => Version::HTTP_11,
+    *request.version_mut() = match protocol {
+        Protocol::Http2 => Version::HTTP_2,
+        Protocol::Http1 => Version::HTTP_11,
     };
     *request.headers_mut() = parts.headers.clone();
-    if parts.version == Version::HTTP_2 {
+    if protocol == Protocol::Http2 {
         // HTTP/2 carries the authority as a pseudo-header; an HTTP/1 upstream needs Host.
         request.headers_mut().remove(header::HOST);
     } else if !request.headers().contains_key(header::HOST) {

@@ -1,0 +1,85 @@
+//! The task that drives one pooled upstream connection: hyper's connection future until it
+//! ends, the connection's idle timeout, and what its end gives back (its slot of
+//! `tcp.maxConnections`, its place in the pool).
+
+use std::{future::Future, sync::Weak, time::Duration};
+
+use tokio::time::Instant;
+
+use crate::engine::Permit;
+
+/// How opening a connection ended, for the pool that counted it while it opened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Dial {
+    /// It is open: its task forgets it when it closes.
+    Open,
+    /// The dial failed: the requests waiting for it fail too.
+    Failed,
+    /// The request that opened it went away first: another may open one.
+    Cancelled,
+}
+
+/// What a connection's task asks of the pool that holds the connection.
+pub(super) trait Owner: Send + Sync + 'static {
+    /// At an idle check, `now`: `Ok` when connection `id` has been idle for `timeout` and was
+    /// taken out of the pool (no request can pick it any more); otherwise when to check again.
+    fn expire_idle(&self, id: u64, timeout: Duration, now: Instant) -> Result<(), Instant>;
+
+    /// Connection `id` is closed: forget it, and let a waiting request open another.
+    fn closed(&self, id: u64);
+}
+
+/// Drives `connection` on a task of its own until it ends or stays idle for `idle_timeout`
+/// (`http.idleTimeout`; `None`: never closed for idleness). `slot` is released when it ends.
+pub(super) fn spawn<C, O>(
+    connection: C,
+    owner: Weak<O>,
+    id: u64,
+    idle_timeout: Option<Duration>,
+    slot: Permit,
+) where
+    C: Future + Send + 'static,
+    C::Output: Send,
+    O: Owner,
+{
+    tokio::spawn(async move {
+        drive(connection, &owner, id, idle_timeout).await;
+        // The slot first, so the request this wakes can take it.
+        drop(slot);
+        if let Some(owner) = owner.upgrade() {
+            owner.closed(id);
+        }
+    });
+}
+
+async fn drive<C: Future, O: Owner>(
+    connection: C,
+    owner: &Weak<O>,
+    id: u64,
+    idle_timeout: Option<Duration>,
+) {
+    let Some(timeout) = idle_timeout else {
+        connection.await;
+        return;
+    };
+    tokio::pin!(connection);
+    let mut check = Instant::now() + timeout;
+    loop {
+        tokio::select! {
+            _ = &mut connection => return,
+            () = tokio::time::sleep_until(check) => {
+                let Some(pool) = owner.upgrade() else {
+                    // The pool is gone with its handles, so hyper ends the connection once
+                    // its requests in flight are done.
+                    (&mut connection).await;
+                    return;
+                };
+                match pool.expire_idle(id, timeout, Instant::now()) {
+                    // Dropping hyper's connection closes the socket.
+                    Ok(()) => return,
+                    Err(next) => check = next,
+                }
+            }
+        }
+    }
+}

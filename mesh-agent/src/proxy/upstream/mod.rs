@@ -1,0 +1,26 @@
+//! Upstream connections, made from the source pod's network namespace so the pod's own IP is
+//! the source, and marked so the kernel programs never redirect them (`dial`).
+//!
+//! HTTP goes through the pod's [`UpstreamPool`] (`pool`): per destination cluster and endpoint,
+//! hyper HTTP/1.1 connections (`http1`: reused one request at a time) or one multiplexed HTTP/2
+//! connection (`http2`), under the cluster's `connectionPool` settings with Envoy's semantics:
+//! `tcp.maxConnections` caps the cluster's open connections, a request that finds none free
+//! waits (counted against `http1MaxPendingRequests`, past which it is refused with `UO`),
+//! `maxRequestsPerConnection` retires a connection, `tcp.connectTimeout` bounds every dial and
+//! `http.idleTimeout` closes idle connections (`connection`). The response body (`response`)
+//! gives its connection back when it has been read to its end.
+
+mod body;
+mod connection;
+mod dial;
+mod error;
+mod http1;
+mod http2;
+mod pool;
+mod response;
+
+pub use body::{BoxError, ProxyBody};
+pub use dial::Dialer;
+pub use error::{Progress, SendError};
+pub use pool::{Protocol, UpstreamPool, Waiting};
+pub use response::ResponseBody;

@@ -1,0 +1,83 @@
+//! An upstream response's body, holding its connection until the body is read to its end: an
+//! HTTP/1.1 connection goes back to the pool then (or is closed if the body was not read
+//! whole), an HTTP/2 stream stops counting toward its connection's idleness.
+
+use std::{
+    pin::Pin,
+    task::{ready, Context, Poll},
+};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+
+use super::{body::BoxError, http1, http2};
+
+/// What a response body holds of the pool.
+pub(super) enum Lease {
+    Http1(http1::Lease),
+    Http2(http2::Lease),
+}
+
+/// The body of a response from the pool.
+pub struct ResponseBody {
+    inner: Incoming,
+    lease: Option<Lease>,
+}
+
+impl ResponseBody {
+    pub(super) fn new(inner: Incoming, lease: Lease) -> Self {
+        let mut body = ResponseBody {
+            inner,
+            lease: Some(lease),
+        };
+        // No body at all (204, 304, a response to HEAD, `content-length: 0`): done already.
+        if body.inner.is_end_stream() {
+            body.release(true);
+        }
+        body
+    }
+
+    fn release(&mut self, complete: bool) {
+        match self.lease.take() {
+            Some(Lease::Http1(lease)) => lease.finish(complete),
+            Some(Lease::Http2(lease)) => drop(lease),
+            None => {}
+        }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        match &frame {
+            None => this.release(true),
+            Some(Err(_)) => this.release(false),
+            Some(Ok(_)) if this.inner.is_end_stream() => this.release(true),
+            Some(Ok(_)) => {}
+        }
+        Poll::Ready(frame.map(|frame| frame.map_err(Into::into)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        // Read whole only if nothing is left; otherwise hyper closes an HTTP/1.1 connection.
+        let complete = self.inner.is_end_stream();
+        self.release(complete);
+    }
+}

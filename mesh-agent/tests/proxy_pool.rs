@@ -273,16 +273,21 @@ async fn a_pending_request_whose_client_goes_away_gives_its_slot_back() {
     let mut third = mesh.connect(SERVICE).await;
     third.write_all(request).await.expect("write");
     let (mut head2, mut head3) = ([0; 12], [0; 12]);
-    let second_refused = tokio::select! {
-        read = second.read_exact(&mut head2) => {
-            read.expect("an answer");
-            true
-        }
-        read = third.read_exact(&mut head3) => {
-            read.expect("an answer");
-            false
+    let first_answer = async {
+        tokio::select! {
+            read = second.read_exact(&mut head2) => {
+                read.expect("an answer");
+                true
+            }
+            read = third.read_exact(&mut head3) => {
+                read.expect("an answer");
+                false
+            }
         }
     };
+    let second_refused = tokio::time::timeout(Duration::from_secs(5), first_answer)
+        .await
+        .expect("one of the two refused at once");
     let (refused, pending) = match second_refused {
         true => (head2, third),
         false => (head3, second),

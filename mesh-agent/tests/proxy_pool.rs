@@ -682,3 +682,24 @@ async fn opaque_tcp_honours_max_connections_and_connect_timeout() {
         "took {took:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_max_requests_refuses_tries_over_the_limit_with_uo() {
+    let upstream = Counted::start().await;
+    let mesh = mesh(
+        &upstream,
+        "http",
+        &pool_rule("{http: {http2MaxRequests: 1}}"),
+    )
+    .await;
+    let mut first = mesh.http1(SERVICE).await;
+    let held = tokio::spawn(async move { first.get("pool", "/held").await });
+    upstream.held(1).await;
+    // No connection limit, but one try in flight at most: refused, not queued.
+    let refused = get_alone(&mesh, "/held").await;
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(flags(&refused), "UO");
+    upstream.release();
+    assert_eq!(held.await.unwrap().status, StatusCode::OK);
+    assert_eq!(get_alone(&mesh, "/").await.status, StatusCode::OK);
+}

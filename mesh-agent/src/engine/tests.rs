@@ -1395,7 +1395,7 @@ fn per_try_timeout_bounds_each_try_and_is_retried() {
             TryFailure::Timeout
         )))
     );
-    assert_eq!(run.flags.to_string(), "URX,UT");
+    assert_eq!(run.flags.to_string(), "UT,URX");
 }
 
 #[test]

@@ -573,6 +573,14 @@ fn error_cases() -> Vec<ErrorCase> {
             "spec.servers[0].port.protocol", "unknown protocol \"GOPHER\""),
         case("gateway server without hosts", gw("servers:\n- port: {number: 80, name: http, protocol: HTTP}"),
             "spec.servers[0].hosts", "missing required field"),
+        case("gateway host with two slashes", gw("servers:\n- port: {number: 80, name: http, protocol: HTTP}\n  hosts: [\"*\", \"a/b/c\"]"),
+            "spec.servers[0].hosts[1]", "\"a/b/c\" is not [namespace/]host"),
+        case("gateway host without a name", gw("servers:\n- port: {number: 80, name: http, protocol: HTTP}\n  hosts: [\"shop/\"]"),
+            "spec.servers[0].hosts[0]", "is not [namespace/]host"),
+        case("gateway host with an inner wildcard", gw("servers:\n- port: {number: 80, name: http, protocol: HTTP}\n  hosts: [\"a.*.com\"]"),
+            "spec.servers[0].hosts[0]", "a wildcard is allowed only at the start"),
+        case("gateway host with a wildcard namespace part", gw("servers:\n- port: {number: 80, name: http, protocol: HTTP}\n  hosts: [\"sh*/a.com\"]"),
+            "spec.servers[0].hosts[0]", "the namespace is a name"),
     ]
 }
 
@@ -736,6 +744,19 @@ fn a_route_with_only_a_redirect_is_left_out_with_a_warning() {
     assert_eq!(warning.field, "spec.http[0].redirect");
     assert!(warning.reason.contains("this http route is ignored"));
     assert_eq!(loaded.config.virtual_services[0].http.len(), 1);
+}
+
+#[test]
+fn gateway_hosts_load_in_every_istio_form() {
+    let hosts = r#"["*", "a.example.com", "*.example.com", "*/a.example.com", "./*", "shop/*.example.com", "*foo.com"]"#;
+    let loaded = load_str(
+        "gw.yml",
+        &gw(&format!(
+            "servers:\n- port: {{number: 80, name: http, protocol: HTTP}}\n  hosts: {hosts}"
+        )),
+    );
+    assert!(loaded.diagnostics.is_empty(), "{}", describe(&loaded));
+    assert_eq!(loaded.config.gateways[0].servers[0].hosts.len(), 7);
 }
 
 /// A policy kind of Istio's that the mesh does not enforce is kept, named in one warning (file and

@@ -91,8 +91,9 @@ pub fn run(settings: Settings) -> Result<()> {
     let metrics = Arc::new(Metrics::new(DEFAULT_CLUSTER, &mut registry));
     let mesh = registry.sub_registry_with_prefix("mesh");
     redirect.register_metrics(mesh.sub_registry_with_prefix("redirect"));
+    // Without an ingress listener no Gateway is served, and the store says so.
     let engine_settings = EngineSettings {
-        gateway_labels: settings.gateway_labels.clone(),
+        gateway_labels: settings.ingress.map(|_| settings.gateway_labels.clone()),
         ..EngineSettings::default()
     };
     let store = Arc::new(

@@ -43,7 +43,7 @@ pub struct Snapshot {
 impl Snapshot {
     /// What is worth a warning in the objects in force.
     pub fn warnings(&self) -> Vec<Diagnostic> {
-        let labels = &self.engine.settings().gateway_labels;
+        let labels = self.engine.settings().gateway_labels.as_ref();
         self.objects
             .values()
             .flat_map(|o| warnings(o, labels))
@@ -52,7 +52,7 @@ impl Snapshot {
 
     /// The warnings about one object in force (none if it is not in force).
     pub fn warnings_of(&self, key: &ObjectKey) -> Vec<Diagnostic> {
-        let labels = &self.engine.settings().gateway_labels;
+        let labels = self.engine.settings().gateway_labels.as_ref();
         self.objects
             .get(key)
             .map(|o| warnings(o, labels))
@@ -62,34 +62,40 @@ impl Snapshot {
     /// The objects in force that have no effect at all, each with the reason: kinds of Istio's
     /// API groups the mesh does not implement, and Gateways the agent's ingress does not serve.
     pub fn ignored(&self) -> impl Iterator<Item = (&Sourced, String)> {
-        let labels = &self.engine.settings().gateway_labels;
+        let labels = self.engine.settings().gateway_labels.as_ref();
         self.objects
             .values()
             .filter_map(move |o| Some((&**o, ignored(o, labels)?)))
     }
 }
 
-/// Why an object in force has no effect, if it has none.
-fn ignored(object: &Sourced, labels: &GatewayLabels) -> Option<String> {
-    match &object.object {
-        Object::Gateway(gateway) if !labels.selects(&gateway.rule.selector) => {
-            let selector: Vec<String> = gateway
-                .rule
-                .selector
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect();
-            Some(format!(
-                "selector {} does not match the ingress gateway's labels ({labels}): not served",
-                selector.join(", ")
-            ))
-        }
-        _ => object.ignored(),
+/// Why an object in force has no effect, if it has none. `labels`: the ingress gateway's, `None`
+/// when the agent runs none.
+fn ignored(object: &Sourced, labels: Option<&GatewayLabels>) -> Option<String> {
+    let Object::Gateway(gateway) = &object.object else {
+        return object.ignored();
+    };
+    let Some(labels) = labels else {
+        return Some("this agent runs no ingress gateway (run --ingress): not served".to_owned());
+    };
+    if labels.selects(&gateway.rule.selector) {
+        return None;
     }
+    let selector: Vec<String> = gateway
+        .rule
+        .selector
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    Some(format!(
+        "selector {} does not match the labels of this agent's ingress gateway ({labels}): \
+         not served",
+        selector.join(", ")
+    ))
 }
 
 /// An object's warnings: those its reading found, and that the ingress does not serve it.
-fn warnings(object: &Sourced, labels: &GatewayLabels) -> Vec<Diagnostic> {
+fn warnings(object: &Sourced, labels: Option<&GatewayLabels>) -> Vec<Diagnostic> {
     let mut warnings = object.warnings.clone();
     if matches!(object.object, Object::Gateway(_)) {
         warnings.extend(ignored(object, labels).map(|reason| Diagnostic {
@@ -149,8 +155,9 @@ struct State {
     /// leaves them here, and the next change tries them again.
     pending: BTreeSet<ObjectKey>,
     in_force: InForce,
-    /// The ingress gateway's labels, which decide whether a Gateway is worth a warning.
-    gateway_labels: GatewayLabels,
+    /// The ingress gateway's labels (`None`: no ingress), which decide whether a Gateway is
+    /// worth a warning.
+    gateway_labels: Option<GatewayLabels>,
 }
 
 /// The objects in force and what was derived from them.
@@ -418,8 +425,9 @@ impl State {
             rules_changed |= config::is_istio_kind(&key.kind);
             match wanted {
                 Some(wanted) => {
-                    let found = self::warnings(wanted, &self.gateway_labels);
-                    let known = current.map(|c| self::warnings(c, &self.gateway_labels));
+                    let labels = self.gateway_labels.as_ref();
+                    let found = self::warnings(wanted, labels);
+                    let known = current.map(|c| self::warnings(c, labels));
                     if known.as_ref() != Some(&found) {
                         warnings.extend(found);
                     }
@@ -707,15 +715,16 @@ spec: {}
             gateway("egress", "{istio: egressgateway}")
         );
         let labels = GatewayLabels::new([("istio".to_owned(), "egressgateway".to_owned())]);
-        for (settings, not_served) in [
-            (EngineSettings::default(), "egress"),
-            (
-                EngineSettings {
-                    gateway_labels: labels,
-                    ..EngineSettings::default()
-                },
-                "tutorial",
-            ),
+        let with_labels = |labels| EngineSettings {
+            gateway_labels: labels,
+            ..EngineSettings::default()
+        };
+        let no_match = "does not match the labels of this agent's ingress gateway";
+        let no_ingress = "this agent runs no ingress gateway (run --ingress): not served";
+        for (settings, not_served, reason) in [
+            (EngineSettings::default(), &["egress"][..], no_match),
+            (with_labels(Some(labels)), &["tutorial"][..], no_match),
+            (with_labels(None), &["egress", "tutorial"][..], no_ingress),
         ] {
             let store = Store::open(None, settings, &mut Registry::default()).unwrap();
             store.apply("objects.yml", &text).unwrap();
@@ -724,10 +733,16 @@ spec: {}
                 .ignored()
                 .map(|(o, reason)| (o.key.to_string(), reason))
                 .collect();
-            assert_eq!(ignored.len(), 2, "{ignored:?}");
-            assert_eq!(ignored[0].0, "AuthorizationPolicy shop/deny-all");
-            assert_eq!(ignored[1].0, format!("Gateway default/{not_served}"));
-            assert!(ignored[1].1.ends_with(": not served"), "{ignored:?}");
+            let mut expected = vec!["AuthorizationPolicy shop/deny-all".to_owned()];
+            expected.extend(not_served.iter().map(|n| format!("Gateway default/{n}")));
+            let keys: Vec<&str> = ignored.iter().map(|(k, _)| k.as_str()).collect();
+            assert_eq!(keys, expected);
+            for (_, why) in &ignored[1..] {
+                assert!(
+                    why.contains(reason) && why.ends_with(": not served"),
+                    "{why}"
+                );
+            }
         }
     }
 

@@ -389,9 +389,9 @@ spec:
                     "namespace": "istio-system",
                     "name": "egress",
                     "source": "gateways.yml",
-                    "reason": "selector istio=egressgateway, zone=b does not match the ingress \
-                               gateway's labels (app=istio-ingressgateway, istio=ingressgateway): \
-                               not served",
+                    "reason": "selector istio=egressgateway, zone=b does not match the labels of \
+                               this agent's ingress gateway (app=istio-ingressgateway, \
+                               istio=ingressgateway): not served",
                 },
             ])
         );

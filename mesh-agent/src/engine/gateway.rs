@@ -93,14 +93,15 @@ pub(crate) struct Gateways {
 }
 
 impl Gateways {
+    /// `labels`: the ingress gateway's; `None` when the agent runs none (it serves nothing).
     pub(crate) fn compile(
         gateways: &[Arc<Gateway>],
-        labels: &GatewayLabels,
+        labels: Option<&GatewayLabels>,
         rules: &[BoundRules<'_>],
     ) -> Gateways {
         let served: Vec<(Arc<str>, &Gateway)> = gateways
             .iter()
-            .filter(|g| labels.selects(&g.selector))
+            .filter(|g| labels.is_some_and(|l| l.selects(&g.selector)))
             .map(|g| (format!("{}/{}", g.id.namespace, g.id.name).into(), &**g))
             .collect();
         let mut ports: Vec<u16> = served
@@ -259,7 +260,7 @@ mod tests {
                 gateway("internal", &[], &[(8080, everything)]),
                 gateway("tls", &[], &[(443, everything)]),
             ],
-            &GatewayLabels::default(),
+            Some(&GatewayLabels::default()),
             &[],
         );
         let on = |port| names(gateways.for_port(port));
@@ -273,7 +274,7 @@ mod tests {
                 "istio-system/tls"
             ]
         );
-        let none = Gateways::compile(&[], &GatewayLabels::default(), &[]);
+        let none = Gateways::compile(&[], Some(&GatewayLabels::default()), &[]);
         assert!(none.for_port(80).is_empty());
     }
 
@@ -313,15 +314,18 @@ mod tests {
                 &[(8080, everything)],
             ),
         ];
-        let served = Gateways::compile(&gateways, &GatewayLabels::default(), &[]);
+        let served = Gateways::compile(&gateways, Some(&GatewayLabels::default()), &[]);
         let expected = ["tutorial", "by-app", "both", "any"].map(|n| format!("istio-system/{n}"));
         assert_eq!(names(served.for_port(80)), expected);
         // A port only an unserved gateway names is like a port nobody names.
         assert_eq!(names(served.for_port(8080)), expected);
 
         let custom = GatewayLabels::new([("zone".to_owned(), "b".to_owned())]);
-        let served = Gateways::compile(&gateways, &custom, &[]);
+        let served = Gateways::compile(&gateways, Some(&custom), &[]);
         assert_eq!(names(served.for_port(80)), ["istio-system/any"]);
+        // An agent without an ingress gateway serves none, not even `{}`.
+        let served = Gateways::compile(&gateways, None, &[]);
+        assert!(served.for_port(80).is_empty());
     }
 
     #[test]
@@ -418,7 +422,7 @@ mod tests {
                 5..6,
             ),
         ];
-        let compiled = Gateways::compile(&gateways, &GatewayLabels::default(), &rules);
+        let compiled = Gateways::compile(&gateways, Some(&GatewayLabels::default()), &rules);
         let routes = |port: u16, host: &str| -> Option<Vec<u32>> {
             let table = &compiled.for_port(port)[0].table;
             table.lookup(host, "istio-system").map(|v| v.routes.clone())

@@ -140,8 +140,11 @@ impl Snapshot {
             .map(|c| service_label(&c.inputs))
             .collect();
         metrics.keep_services(&destinations);
-        let gateways =
-            Gateways::compile(&config.gateways, &lineage.settings.gateway_labels, &bound);
+        let gateways = Gateways::compile(
+            &config.gateways,
+            lineage.settings.gateway_labels.as_ref(),
+            &bound,
+        );
         Snapshot {
             settings: lineage.settings,
             epoch: lineage.epoch,

@@ -98,12 +98,20 @@ fn ignored(object: &Sourced, labels: Option<&GatewayLabels>) -> Option<String> {
 fn warnings(object: &Sourced, labels: Option<&GatewayLabels>) -> Vec<Diagnostic> {
     let mut warnings = object.warnings.clone();
     if matches!(object.object, Object::Gateway(_)) {
-        warnings.extend(ignored(object, labels).map(|reason| Diagnostic {
-            severity: Severity::Warning,
-            file: object.origin.to_string(),
-            object: object.key.to_string(),
-            field: "spec.selector".to_owned(),
-            reason,
+        warnings.extend(ignored(object, labels).map(|reason| {
+            Diagnostic {
+                severity: Severity::Warning,
+                file: object.origin.to_string(),
+                object: object.key.to_string(),
+                // Without an ingress there is nothing in the object to fix.
+                field: if labels.is_some() {
+                    "spec.selector"
+                } else {
+                    ""
+                }
+                .to_owned(),
+                reason,
+            }
         }));
     }
     warnings

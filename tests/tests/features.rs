@@ -3,9 +3,9 @@
 //! agent's proxy, and `upstream` servers in their own pods that log every request they receive.
 //! What the engine decides is unit-tested in `mesh-agent/src/engine/tests.rs`; these tests prove
 //! the proxy carries it out: fault injection, mirroring, request matching, route and per-try
-//! timeouts with retries.
+//! timeouts with retries, header rules and rewrites.
 //!
-//! One simulated node and one agent per example file, so the four tests run side by side.
+//! One simulated node and one agent per example file, so the tests run side by side.
 
 use std::{
     collections::BTreeMap,
@@ -695,4 +695,74 @@ fn route_and_per_try_timeouts_answer_in_time_and_retries_are_counted() {
     assert_eq!(line["status"], 500, "{line}");
     assert_eq!(logged(&agent, "/status/500", 1)[0]["attempts"], 1);
     assert_eq!(mesh.received("service-e-0", "/status/500").len(), 1);
+}
+
+// ------------------------------------------------------------------- headers and rewrites
+
+/// `headers-and-rewrite.yml`: the `/legacy/` route rewrites the path prefix and the authority,
+/// sets, adds and removes request headers, sets and removes response headers, splits 70/30 and
+/// adds per-destination headers; the catch-all route touches nothing (the control: what the
+/// rules remove is there without them). The upstream answers `…/headers` with the request it
+/// received.
+#[test]
+fn header_rules_and_rewrites_reach_the_upstream_and_the_client_per_destination() {
+    let mut mesh = Mesh::new();
+    for name in ["service-d", "service-d-next"] {
+        mesh.service(
+            name,
+            &[Replica {
+                pod: &format!("{name}-0"),
+                labels: &[("app", name)],
+                serve: &[],
+            }],
+        );
+    }
+    mesh.example("headers-and-rewrite.yml");
+    let _agent = mesh.agent();
+
+    let (lines, summary) = mesh.get(&[
+        "--url",
+        "http://service-d:8080/legacy/headers",
+        "--count",
+        "20",
+        "--header",
+        "x-internal-debug: 1",
+    ]);
+    assert_eq!(summary["errors"], 0, "{summary}");
+    let mut served = BTreeMap::<String, u32>::new();
+    for line in &lines {
+        assert_eq!(line["status"], 200, "{line}");
+        let received: Value = serde_json::from_str(line["body"].as_str().unwrap()).unwrap();
+        assert_eq!(received[":path"], "/v2/headers", "{received}");
+        assert_eq!(
+            received["host"], "service-d.default.svc.cluster.local",
+            "{received}"
+        );
+        assert_eq!(received["x-mesh-route"], "legacy", "{received}");
+        assert_eq!(received["x-forwarded-prefix"], "/legacy", "{received}");
+        assert!(received.get("x-internal-debug").is_none(), "{received}");
+        let headers = &line["headers"];
+        assert_eq!(headers["cache-control"], "no-store", "{line}");
+        assert!(headers.get("server").is_none(), "{line}");
+        let by = headers["x-served-by"].as_str().unwrap();
+        match by {
+            "service-d-0" => assert_eq!(received["x-destination"], "primary", "{received}"),
+            "service-d-next-0, next" => {
+                assert!(received.get("x-destination").is_none(), "{received}")
+            }
+            other => panic!("served by {other:?}: {line}"),
+        }
+        *served.entry(by.to_owned()).or_default() += 1;
+    }
+    // Weights 70/30 are a smooth round-robin of period 10: exact over 20 requests.
+    assert_eq!(served["service-d-0"], 14, "{served:?}");
+    assert_eq!(served["service-d-next-0, next"], 6, "{served:?}");
+
+    let line = mesh.one("http://service-d:8080/other/headers", &[]);
+    let received: Value = serde_json::from_str(line["body"].as_str().unwrap()).unwrap();
+    assert_eq!(received[":path"], "/other/headers", "{received}");
+    assert_eq!(received["host"], "service-d:8080", "{received}");
+    assert!(received.get("x-mesh-route").is_none(), "{received}");
+    assert_eq!(line["headers"]["server"], "upstream", "{line}");
+    assert!(line["headers"].get("cache-control").is_none(), "{line}");
 }

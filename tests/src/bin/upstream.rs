@@ -235,6 +235,8 @@ async fn handle(
     };
     let headers = response.headers_mut();
     headers.insert("x-served-by", server.name_header.clone());
+    // As most servers do; the mesh's response header rules can then be seen to remove it.
+    headers.insert("server", HeaderValue::from_static("upstream"));
     headers.insert("x-peer", header_value(&peer.to_string()));
     headers.insert("x-request-count", header_value(&count.to_string()));
     Ok(response)
@@ -252,8 +254,12 @@ async fn route(server: &Server, parts: &Parts, body_len: usize) -> Response<Body
             return text(StatusCode::OK, "repaired");
         }
         "/health" => return text(StatusCode::OK, "UP"),
-        "/headers" => return text(StatusCode::OK, headers_json(parts, body_len).to_string()),
         _ => {}
+    }
+    // Any path ending in `/headers`, so a request whose path the mesh rewrote still shows
+    // what arrived.
+    if path.ends_with("/headers") {
+        return text(StatusCode::OK, headers_json(parts, body_len).to_string());
     }
     if let Some(code) = path.strip_prefix("/status/") {
         return match StatusCode::from_bytes(code.as_bytes()) {

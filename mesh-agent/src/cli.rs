@@ -33,6 +33,10 @@ pub fn change(admin: SocketAddr, files: &[PathBuf], delete: bool) -> Result<()> 
         for object in answer["objects"].as_array().into_iter().flatten() {
             println!("{} {verb}", object.as_str().unwrap_or_default());
         }
+        // As kubectl does: accepted, but something in it has no effect.
+        for line in answer["warnings"].as_array().into_iter().flatten() {
+            eprintln!("{}", line.as_str().unwrap_or_default());
+        }
     }
     Ok(())
 }

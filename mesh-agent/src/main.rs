@@ -7,7 +7,8 @@ use std::{
 
 use clap::{Parser, Subcommand, ValueEnum};
 use mesh_agent::{
-    discovery::kubernetes::KubeSettings, enrollment::PodSpec, redirect::RedirectMode, run,
+    discovery::kubernetes::KubeSettings, engine::GatewayLabels, enrollment::PodSpec,
+    redirect::RedirectMode, run,
 };
 use mesh_common::{DEFAULT_AGENT_MARK, DEFAULT_LISTEN_PORT};
 use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt, EnvFilter};
@@ -134,6 +135,11 @@ struct RunArgs {
     /// `Gateway`s and the `VirtualService`s bound to them (`gateways:`), e.g. 0.0.0.0:80.
     #[arg(long, value_name = "ADDR")]
     ingress: Option<SocketAddr>,
+    /// A label of the ingress gateway: it serves the Gateways whose `selector` its labels
+    /// satisfy. Repeatable; replaces the default labels, those of Istio's own ingress gateway
+    /// (istio=ingressgateway, app=istio-ingressgateway).
+    #[arg(long = "gateway-label", value_name = "KEY=VALUE", value_parser = GatewayLabels::parse_label)]
+    gateway_labels: Vec<(String, String)>,
     /// Share of new traces sampled (0.0 to 1.0); a caller's decision is always kept.
     #[arg(long, default_value_t = 1.0)]
     trace_sample_ratio: f64,
@@ -244,6 +250,11 @@ fn main() -> ExitCode {
                 otlp_endpoint: args.otlp_endpoint,
                 trace_sample_ratio: args.trace_sample_ratio.clamp(0.0, 1.0),
                 ingress: args.ingress,
+                gateway_labels: if args.gateway_labels.is_empty() {
+                    GatewayLabels::default()
+                } else {
+                    GatewayLabels::new(args.gateway_labels)
+                },
                 kubernetes,
                 log_level: Some(log_level),
             })

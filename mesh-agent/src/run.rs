@@ -15,7 +15,7 @@ use tracing::info;
 use crate::{
     admin::{self, AdminState},
     discovery::kubernetes::{self, KubeSettings},
-    engine::EngineSettings,
+    engine::{EngineSettings, GatewayLabels},
     enrollment::{by_label, Enrollments, PodSpec},
     proxy::{PodContext, Proxy},
     redirect::{Redirect, RedirectMode},
@@ -53,6 +53,8 @@ pub struct Settings {
     pub kubernetes: Option<KubeSettings>,
     /// Serve the mesh's ingress gateway (Istio `Gateway` + bound `VirtualService`s) here.
     pub ingress: Option<SocketAddr>,
+    /// The ingress gateway's labels, which `Gateway` selectors are matched against.
+    pub gateway_labels: GatewayLabels,
     /// Changes the log filter at run time, for the admin API.
     pub log_level: Option<admin::LogLevelSetter>,
 }
@@ -89,16 +91,19 @@ pub fn run(settings: Settings) -> Result<()> {
     let metrics = Arc::new(Metrics::new(DEFAULT_CLUSTER, &mut registry));
     let mesh = registry.sub_registry_with_prefix("mesh");
     redirect.register_metrics(mesh.sub_registry_with_prefix("redirect"));
+    // Without an ingress listener no Gateway is served, and the store says so.
+    let engine_settings = EngineSettings {
+        gateway_labels: settings.ingress.map(|_| settings.gateway_labels.clone()),
+        ..EngineSettings::default()
+    };
     let store = Arc::new(
-        Store::open(settings.config.clone(), EngineSettings::default(), mesh).map_err(
-            |diagnostics| {
-                let lines: Vec<String> = diagnostics
-                    .iter()
-                    .map(|d| format!("  {}: {d}", d.severity))
-                    .collect();
-                anyhow::anyhow!("the config folder is invalid:\n{}", lines.join("\n"))
-            },
-        )?,
+        Store::open(settings.config.clone(), engine_settings, mesh).map_err(|diagnostics| {
+            let lines: Vec<String> = diagnostics
+                .iter()
+                .map(|d| format!("  {}: {d}", d.severity))
+                .collect();
+            anyhow::anyhow!("the config folder is invalid:\n{}", lines.join("\n"))
+        })?,
     );
     // Loading the programs parses the kernel's BTF (megabytes, all freed by now), and a burst
     // of connections leaves freed buffers behind: glibc keeps both resident unless asked.
@@ -172,7 +177,7 @@ pub fn run(settings: Settings) -> Result<()> {
             settings.agent_mark,
         ));
         runtime.spawn(Arc::clone(&proxy).serve_ingress(listener, gateway));
-        info!(%addr, "ingress gateway listening");
+        info!(%addr, labels = %settings.gateway_labels, "ingress gateway listening");
     }
     let state = Arc::new(AdminState {
         redirect: Arc::clone(&redirect),

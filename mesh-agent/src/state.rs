@@ -24,9 +24,11 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::{
-    config::{self, model::MeshConfig, Diagnostic, ObjectKey, ObjectSet, Sourced},
+    config::{
+        self, model::MeshConfig, Diagnostic, Object, ObjectKey, ObjectSet, Severity, Sourced,
+    },
     discovery::{folder::Folder, Discovered, Index, SourceChange},
-    engine::{Engine, EngineSettings},
+    engine::{Engine, EngineSettings, GatewayLabels},
 };
 
 /// Everything in force at one moment.
@@ -39,10 +41,80 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// What was worth a warning in the objects in force.
-    pub fn warnings(&self) -> impl Iterator<Item = &Diagnostic> {
-        self.objects.values().flat_map(|o| o.warnings.iter())
+    /// What is worth a warning in the objects in force.
+    pub fn warnings(&self) -> Vec<Diagnostic> {
+        let labels = self.engine.settings().gateway_labels.as_ref();
+        self.objects
+            .values()
+            .flat_map(|o| warnings(o, labels))
+            .collect()
     }
+
+    /// The warnings about one object in force (none if it is not in force).
+    pub fn warnings_of(&self, key: &ObjectKey) -> Vec<Diagnostic> {
+        let labels = self.engine.settings().gateway_labels.as_ref();
+        self.objects
+            .get(key)
+            .map(|o| warnings(o, labels))
+            .unwrap_or_default()
+    }
+
+    /// The objects in force that have no effect at all, each with the reason: kinds of Istio's
+    /// API groups the mesh does not implement, and Gateways the agent's ingress does not serve.
+    pub fn ignored(&self) -> impl Iterator<Item = (&Sourced, String)> {
+        let labels = self.engine.settings().gateway_labels.as_ref();
+        self.objects
+            .values()
+            .filter_map(move |o| Some((&**o, ignored(o, labels)?)))
+    }
+}
+
+/// Why an object in force has no effect, if it has none. `labels`: the ingress gateway's, `None`
+/// when the agent runs none.
+fn ignored(object: &Sourced, labels: Option<&GatewayLabels>) -> Option<String> {
+    let Object::Gateway(gateway) = &object.object else {
+        return object.ignored();
+    };
+    let Some(labels) = labels else {
+        return Some("this agent runs no ingress gateway (run --ingress): not served".to_owned());
+    };
+    if labels.selects(&gateway.rule.selector) {
+        return None;
+    }
+    let selector: Vec<String> = gateway
+        .rule
+        .selector
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    Some(format!(
+        "selector {} does not match the labels of this agent's ingress gateway ({labels}): \
+         not served",
+        selector.join(", ")
+    ))
+}
+
+/// An object's warnings: those its reading found, and that the ingress does not serve it.
+fn warnings(object: &Sourced, labels: Option<&GatewayLabels>) -> Vec<Diagnostic> {
+    let mut warnings = object.warnings.clone();
+    if matches!(object.object, Object::Gateway(_)) {
+        warnings.extend(ignored(object, labels).map(|reason| {
+            Diagnostic {
+                severity: Severity::Warning,
+                file: object.origin.to_string(),
+                object: object.key.to_string(),
+                // Without an ingress there is nothing in the object to fix.
+                field: if labels.is_some() {
+                    "spec.selector"
+                } else {
+                    ""
+                }
+                .to_owned(),
+                reason,
+            }
+        }));
+    }
+    warnings
 }
 
 /// Changes applied and refused, served as `mesh_config_reloads_total{result}`.
@@ -91,6 +163,9 @@ struct State {
     /// leaves them here, and the next change tries them again.
     pending: BTreeSet<ObjectKey>,
     in_force: InForce,
+    /// The ingress gateway's labels (`None`: no ingress), which decide whether a Gateway is
+    /// worth a warning.
+    gateway_labels: Option<GatewayLabels>,
 }
 
 /// The objects in force and what was derived from them.
@@ -106,7 +181,8 @@ struct Accepted {
     next: InForce,
     /// Whether the engine's input changed.
     recompile: bool,
-    /// Warnings of the objects it brings in.
+    /// Warnings the objects it brings in did not have in force already: each is logged once,
+    /// when an object appears or its warnings change, not again on every reload or relist.
     warnings: Vec<Diagnostic>,
 }
 
@@ -131,6 +207,7 @@ impl Store {
             deleted: imbl::OrdSet::new(),
             pending: BTreeSet::new(),
             in_force: InForce::default(),
+            gateway_labels: settings.gateway_labels.clone(),
         };
         let keys: Vec<ObjectKey> = state.base.keys().cloned().collect();
         let accepted = state.check(keys)?;
@@ -346,7 +423,8 @@ impl State {
         let mut warnings = Vec::new();
         for key in &keys {
             let wanted = self.wanted(key);
-            match (wanted, next.objects.get(key)) {
+            let current = next.objects.get(key);
+            match (wanted, current) {
                 (Some(wanted), Some(current)) if Arc::ptr_eq(wanted, current) => continue,
                 (None, None) => continue,
                 _ => {}
@@ -355,7 +433,12 @@ impl State {
             rules_changed |= config::is_istio_kind(&key.kind);
             match wanted {
                 Some(wanted) => {
-                    warnings.extend(wanted.warnings.iter().cloned());
+                    let labels = self.gateway_labels.as_ref();
+                    let found = self::warnings(wanted, labels);
+                    let known = current.map(|c| self::warnings(c, labels));
+                    if known.as_ref() != Some(&found) {
+                        warnings.extend(found);
+                    }
                     next.objects.insert(key.clone(), Arc::clone(wanted));
                 }
                 None => {
@@ -535,6 +618,140 @@ spec:
             .keys()
             .map(|k| k.kind.to_string())
             .collect()
+    }
+
+    const POLICY: &str = "
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-all, namespace: shop}
+spec: {}
+";
+
+    /// The `warn!` lines `f` logs on this thread.
+    fn logged_warnings(f: impl FnOnce()) -> Vec<String> {
+        #[derive(Clone, Default)]
+        struct Lines(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Lines {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        text.lines().map(str::to_owned).collect()
+    }
+
+    /// A warning is logged when its object appears (or its warnings change), not again when an
+    /// edit elsewhere in its file or a relist hands over an equal copy.
+    #[test]
+    fn an_object_not_enforced_is_warned_about_once_as_it_appears() {
+        let dir = folder(&[("policy.yml", POLICY), ("service.yml", SERVICE)]);
+        let mut store = None;
+        let at_start = logged_warnings(|| store = Some(open(Some(&dir)).unwrap()));
+        let store = store.unwrap();
+        assert_eq!(at_start.len(), 1, "{at_start:?}");
+        assert!(
+            at_start[0].ends_with(
+                "policy.yml: AuthorizationPolicy shop/deny-all: kind AuthorizationPolicy is not \
+                 implemented by this mesh: not enforced"
+            ),
+            "{at_start:?}"
+        );
+
+        let quiet = logged_warnings(|| {
+            store.reload().unwrap();
+            // The file is parsed again: a new object, the same warnings.
+            std::fs::write(dir.path().join("policy.yml"), format!("{POLICY}# edited\n")).unwrap();
+            store.reload().unwrap();
+            std::fs::write(dir.path().join("vs.yml"), vs(90, 10)).unwrap();
+            store.reload().unwrap();
+        });
+        assert_eq!(quiet, Vec::<String>::new());
+        assert_eq!(store.snapshot().version, 4);
+
+        // Kubernetes mode: a relist reads every object again.
+        let watched = open(None).unwrap();
+        let relist = || {
+            let objects = config::read_text("kubernetes", POLICY).unwrap();
+            vec![SourceChange::Replace {
+                kind: "AuthorizationPolicy".into(),
+                objects: objects.into_iter().map(Arc::new).collect(),
+            }]
+        };
+        let listed = logged_warnings(|| {
+            watched.change(relist()).unwrap();
+        });
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        let relisted = logged_warnings(|| {
+            watched.change(relist()).unwrap();
+            watched.change(relist()).unwrap();
+        });
+        assert_eq!(relisted, Vec::<String>::new());
+
+        let another = logged_warnings(|| {
+            let second = POLICY.replace("deny-all", "allow-some");
+            std::fs::write(dir.path().join("second.yml"), second).unwrap();
+            store.reload().unwrap();
+        });
+        assert_eq!(another.len(), 1, "{another:?}");
+        assert!(another[0].contains("shop/allow-some"), "{another:?}");
+    }
+
+    #[test]
+    fn ignored_lists_kinds_not_implemented_and_gateways_not_served() {
+        let gateway = |name: &str, selector: &str| {
+            format!(
+                "apiVersion: networking.istio.io/v1\nkind: Gateway\n\
+                 metadata: {{name: {name}}}\nspec:\n  selector: {selector}\n  servers:\n  \
+                 - port: {{number: 80, name: http, protocol: HTTP}}\n    hosts: ['*']\n"
+            )
+        };
+        let text = format!(
+            "{POLICY}---\n{}---\n{}",
+            gateway("tutorial", "{istio: ingressgateway}"),
+            gateway("egress", "{istio: egressgateway}")
+        );
+        let labels = GatewayLabels::new([("istio".to_owned(), "egressgateway".to_owned())]);
+        let with_labels = |labels| EngineSettings {
+            gateway_labels: labels,
+            ..EngineSettings::default()
+        };
+        let no_match = "does not match the labels of this agent's ingress gateway";
+        let no_ingress = "this agent runs no ingress gateway (run --ingress): not served";
+        for (settings, not_served, reason) in [
+            (EngineSettings::default(), &["egress"][..], no_match),
+            (with_labels(Some(labels)), &["tutorial"][..], no_match),
+            (with_labels(None), &["egress", "tutorial"][..], no_ingress),
+        ] {
+            let store = Store::open(None, settings, &mut Registry::default()).unwrap();
+            store.apply("objects.yml", &text).unwrap();
+            let snapshot = store.snapshot();
+            let ignored: Vec<(String, String)> = snapshot
+                .ignored()
+                .map(|(o, reason)| (o.key.to_string(), reason))
+                .collect();
+            let mut expected = vec!["AuthorizationPolicy shop/deny-all".to_owned()];
+            expected.extend(not_served.iter().map(|n| format!("Gateway default/{n}")));
+            let keys: Vec<&str> = ignored.iter().map(|(k, _)| k.as_str()).collect();
+            assert_eq!(keys, expected);
+            for (_, why) in &ignored[1..] {
+                assert!(
+                    why.contains(reason) && why.ends_with(": not served"),
+                    "{why}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -60,3 +60,33 @@ fn an_invalid_file_fails_with_file_object_field_and_reason() {
         "{out}"
     );
 }
+
+/// A kind Istio enforces and this mesh does not is a warning, not an error: the file is valid
+/// Istio and the rest of the set can be put in force, but the user learns the policy is not
+/// enforced.
+#[test]
+fn an_authorization_policy_is_reported_as_not_enforced_and_passes() {
+    let dir = std::env::temp_dir().join(format!("mesh-validate-authz-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("authz.yml");
+    std::fs::write(
+        &file,
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+         metadata: {name: deny-all, namespace: shop}\nspec: {}\n",
+    )
+    .unwrap();
+    let label = file.to_str().unwrap();
+    let (ok, out) = validate(&["-f", label]);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(ok, "a warning only, exit 0: {out}");
+    let warnings: Vec<&str> = out.lines().filter(|l| l.starts_with("warning:")).collect();
+    assert_eq!(
+        warnings,
+        [format!(
+            "warning: {label}: AuthorizationPolicy shop/deny-all: kind AuthorizationPolicy is \
+             not implemented by this mesh: not enforced"
+        )],
+        "{out}"
+    );
+    assert!(out.contains("0 error(s), 1 warning(s)"), "{out}");
+}

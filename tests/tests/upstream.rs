@@ -2,7 +2,7 @@
 //! end-to-end tests rely on keeps working. Needs no root and no simulated node.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -13,6 +13,8 @@ const UPSTREAM: &str = env!("CARGO_BIN_EXE_upstream");
 struct Server {
     child: Child,
     addr: String,
+    /// The rest of its output (request lines with `--log`).
+    stdout: BufReader<ChildStdout>,
 }
 
 impl Server {
@@ -23,17 +25,26 @@ impl Server {
             .stdout(Stdio::piped())
             .spawn()
             .expect("spawn upstream serve");
-        let stdout = child.stdout.take().expect("piped stdout");
+        let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
         let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("read listening line");
+        stdout.read_line(&mut line).expect("read listening line");
         let listening: Value = serde_json::from_str(&line).expect("listening line is JSON");
         let addr = listening["listening"]
             .as_str()
             .expect("listening address")
             .to_owned();
-        Server { child, addr }
+        Server {
+            child,
+            addr,
+            stdout,
+        }
+    }
+
+    /// The next line the server prints, as JSON (blocks until there is one).
+    fn next_line(&mut self) -> Value {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).expect("read a line");
+        serde_json::from_str(&line).expect("the server prints JSON lines")
     }
 
     fn url(&self, path: &str) -> String {
@@ -196,4 +207,114 @@ fn paced_concurrent_load_status_and_fail_status() {
     assert_eq!(lines[0]["status"], 0);
     assert!(lines[0]["error"].is_string());
     assert_eq!(lines[2]["errors"], 2);
+}
+
+#[test]
+fn delay_by_query_holds_only_the_first_tries_of_a_request_id() {
+    let server = Server::start(&[]);
+    let url = server.url("/any/path?delay_ms=300");
+    let lines = run(&["get", "--url", &url]);
+    assert_eq!(lines[0]["status"], 200);
+    assert_eq!(lines[0]["body"], "v1");
+    assert!(
+        lines[0]["elapsed_ms"].as_f64().unwrap() >= 300.0,
+        "{}",
+        lines[0]
+    );
+
+    // The first try of request "a" is held, its second answers at once, as a retry would.
+    let url = server.url("/?delay_ms=300&delay_tries=1");
+    let once = ["get", "--url", &url, "--header", "x-request-id: a"];
+    let first = run(&once);
+    assert!(
+        first[0]["elapsed_ms"].as_f64().unwrap() >= 300.0,
+        "{}",
+        first[0]
+    );
+    let second = run(&once);
+    assert!(
+        second[0]["elapsed_ms"].as_f64().unwrap() < 250.0,
+        "{}",
+        second[0]
+    );
+    // Another request id is held again.
+    let other = run(&["get", "--url", &url, "--header", "x-request-id: b"]);
+    assert!(
+        other[0]["elapsed_ms"].as_f64().unwrap() >= 300.0,
+        "{}",
+        other[0]
+    );
+
+    let missing_id = run(&["get", "--url", &url]);
+    assert_eq!(missing_id[0]["status"], 400);
+    assert_eq!(
+        run(&["get", "--url", &server.url("/?delay_ms=x")])[0]["status"],
+        400
+    );
+}
+
+#[test]
+fn a_slow_server_holds_every_answer_and_logs_each_request_as_it_arrives() {
+    let mut server = Server::start(&["--delay-ms", "300", "--log"]);
+    let lines = run(&[
+        "get",
+        "--url",
+        &server.url("/checkout?x=1"),
+        "--method",
+        "POST",
+        "--header",
+        "host: shop-shadow",
+        "--header",
+        "x-request-id: r1",
+    ]);
+    assert_eq!(lines[0]["status"], 200);
+    assert!(
+        lines[0]["elapsed_ms"].as_f64().unwrap() >= 300.0,
+        "{}",
+        lines[0]
+    );
+    let logged = server.next_line();
+    assert_eq!(logged["request"], 1, "{logged}");
+    assert_eq!(logged["method"], "POST", "{logged}");
+    assert_eq!(logged["path"], "/checkout?x=1", "{logged}");
+    assert_eq!(logged["host"], "shop-shadow", "{logged}");
+    assert_eq!(logged["request_id"], "r1", "{logged}");
+
+    // HTTP/2 names the host in :authority; a request without an id logs null.
+    run(&["get", "--url", &server.url("/"), "--h2"]);
+    let logged = server.next_line();
+    assert_eq!(logged["request"], 2, "{logged}");
+    assert_eq!(logged["host"], server.addr.as_str(), "{logged}");
+    assert_eq!(logged["request_id"], Value::Null, "{logged}");
+
+    // Numbered request ids: loop and request number, on the request and on its line.
+    let lines = run(&[
+        "get",
+        "--url",
+        &server.url("/"),
+        "--count",
+        "3",
+        "--concurrency",
+        "2",
+        "--request-ids",
+        "t",
+    ]);
+    let mut ids: Vec<&str> = lines[..3]
+        .iter()
+        .map(|l| l["request_id"].as_str().unwrap())
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["t-0-0", "t-0-1", "t-1-0"]);
+    let mut logged: Vec<Value> = (0..3)
+        .map(|_| server.next_line()["request_id"].clone())
+        .collect();
+    logged.sort_by_key(|id| id.to_string());
+    assert_eq!(logged, ["t-0-0", "t-0-1", "t-1-0"]);
+
+    let output = Command::new(UPSTREAM)
+        .args(["get", "--url", &server.url("/"), "--method", "NOT A METHOD"])
+        .output()
+        .expect("run upstream");
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--method"));
 }

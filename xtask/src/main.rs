@@ -1,7 +1,9 @@
-//! Developer commands: `cargo xtask build-ebpf`, `cargo xtask test`, `cargo xtask demo`.
+//! Developer commands: `cargo xtask build-ebpf`, `cargo xtask test`, `cargo xtask demo`,
+//! `cargo xtask cluster`.
 
 mod bench;
 mod build_ebpf;
+mod cluster;
 mod demo;
 mod test;
 
@@ -45,6 +47,10 @@ enum Command {
     },
     /// Benchmark one mesh hop against direct, nginx and HAProxy (release build, as root).
     Bench(bench::Args),
+    /// A real Kubernetes control plane (1.20) on loopback: etcd, kube-apiserver,
+    /// kube-controller-manager and kube-scheduler, built once from Debian's source package.
+    #[command(subcommand)]
+    Cluster(cluster::Command),
 }
 
 /// Commands for a running `cargo xtask demo`, from another terminal.
@@ -85,6 +91,7 @@ fn main() -> Result<()> {
         }),
         Command::Test { cargo_args } => test::run(&cargo_args),
         Command::Bench(args) => bench::run(args),
+        Command::Cluster(command) => cluster::run(command),
     }
 }
 

@@ -1,6 +1,6 @@
 //! `cargo xtask test`: everything CI runs, in order.
 
-use std::{ffi::OsString, path::Path, process::Command};
+use std::{ffi::OsString, path::Path, process::Command, time::Instant};
 
 use anyhow::{bail, Context, Result};
 
@@ -32,6 +32,18 @@ pub fn run(cargo_args: &[String]) -> Result<()> {
     )?;
     // Binaries first: end-to-end tests start the agent and the probe as processes.
     cargo(&root, &["build", "--workspace", "--bins"])?;
+    // The Kubernetes tests' control plane: built here, on first use, rather than inside the first
+    // test that starts one, so its progress is on screen and its time reported on its own. It
+    // fails, saying why, where apt or Debian's archive cannot be reached.
+    let started = Instant::now();
+    mesh_tests::control_plane::ensure_binaries()
+        .context("building the Kubernetes control plane for the tests")?;
+    println!(
+        "Kubernetes {} control plane binaries ready ({:.0} s)",
+        mesh_tests::control_plane::KUBERNETES_VERSION,
+        started.elapsed().as_secs_f64()
+    );
+    let started = Instant::now();
     let result = if cargo_args.is_empty() {
         // The tutorial runs last and uncaptured, so CI shows the shares and error counts it
         // measured at every step.
@@ -54,17 +66,22 @@ pub fn run(cargo_args: &[String]) -> Result<()> {
         test.extend(cargo_args.iter().map(String::as_str));
         cargo(&root, &test)
     };
+    println!("tests ran in {:.0} s", started.elapsed().as_secs_f64());
     // Tests clean up after themselves, even when they fail; this catches processes that were
     // killed outright.
-    for leftover in mesh_tests::sweep_all_stale()? {
+    for leftover in mesh_tests::sweep_all_stale()?
+        .into_iter()
+        .chain(mesh_tests::control_plane::sweep_stale()?)
+    {
         println!("removed a leftover of a killed test: {leftover}");
     }
     result?;
-    let leftovers = mesh_tests::leftovers();
+    let mut leftovers = mesh_tests::leftovers();
+    leftovers.extend(mesh_tests::control_plane::leftovers());
     if !leftovers.is_empty() {
         anyhow::bail!("the tests left these behind: {leftovers:?}");
     }
-    println!("no namespace, link, cgroup or pin of the tests remains");
+    println!("no namespace, link, cgroup, pin or control plane of the tests remains");
     if cargo_args.is_empty() {
         // A smoke check of the benchmark harness: every scenario answers without errors. It
         // asserts nothing about speed; the full bench is run by hand.

@@ -152,7 +152,7 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byte
             response
         }
         (Method::GET, "/pods") => json_response(StatusCode::OK, &state.enrollments.list()),
-        (Method::GET, "/config_dump") => json_response(StatusCode::OK, &config_dump(state)),
+        (Method::GET, "/config_dump") => json_response(StatusCode::OK, &config_dump(&state.store)),
         (Method::GET, "/clusters") => {
             let snapshot = state.store.snapshot();
             let health = snapshot.engine.endpoint_health(std::time::Instant::now());
@@ -182,7 +182,8 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byte
             } else {
                 state.store.delete(&label, &text_body)
             };
-            change_response(result)
+            let (status, answer) = change_answer(&state.store, result);
+            json_response(status, &answer)
         }
         (Method::POST, "/pods") => {
             let body = match req.into_body().collect().await {
@@ -225,10 +226,13 @@ fn query_param(uri: &http::Uri, name: &str) -> Option<String> {
         .map(|(_, value)| value.into_owned())
 }
 
-/// The answer to `apply`/`delete`: what changed, or every diagnostic and nothing changed.
-fn change_response(
+/// The answer to `apply`/`delete`: what changed and the warnings about the objects now in force
+/// (an `AuthorizationPolicy` applied is not enforced: the user must hear it), or every
+/// diagnostic and nothing changed.
+fn change_answer(
+    store: &Store,
     result: Result<(u64, Vec<ObjectKey>), Vec<Diagnostic>>,
-) -> Response<Full<Bytes>> {
+) -> (StatusCode, serde_json::Value) {
     let lines = |diagnostics: &[Diagnostic]| -> Vec<String> {
         diagnostics
             .iter()
@@ -236,28 +240,51 @@ fn change_response(
             .collect()
     };
     match result {
-        Ok((version, keys)) => json_response(
-            StatusCode::OK,
-            &json!({ "version": version, "objects": keys.iter().map(ToString::to_string).collect::<Vec<_>>() }),
-        ),
-        Err(diagnostics) => json_response(
+        Ok((version, keys)) => {
+            let snapshot = store.snapshot();
+            let warnings: Vec<Diagnostic> =
+                keys.iter().flat_map(|k| snapshot.warnings_of(k)).collect();
+            (
+                StatusCode::OK,
+                json!({
+                    "version": version,
+                    "objects": keys.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    "warnings": lines(&warnings),
+                }),
+            )
+        }
+        Err(diagnostics) => (
             StatusCode::UNPROCESSABLE_ENTITY,
-            &json!({ "diagnostics": lines(&diagnostics) }),
+            json!({ "diagnostics": lines(&diagnostics) }),
         ),
     }
 }
 
-/// The config in force: every object with its identity, and the warnings it was loaded with.
-fn config_dump(state: &AdminState) -> serde_json::Value {
-    let snapshot = state.store.snapshot();
+/// The config in force: every object with its identity, the warnings it was loaded with, and
+/// the objects that have no effect at all (`ignored`: kind, namespace, name, source, reason).
+fn config_dump(store: &Store) -> serde_json::Value {
+    let snapshot = store.snapshot();
     let objects: Vec<serde_json::Value> = snapshot.objects.values().map(|o| o.manifest()).collect();
+    let ignored: Vec<serde_json::Value> = snapshot
+        .ignored()
+        .map(|(object, reason)| {
+            json!({
+                "kind": &*object.key.kind,
+                "namespace": &*object.key.namespace,
+                "name": &*object.key.name,
+                "source": &*object.origin,
+                "reason": reason,
+            })
+        })
+        .collect();
     json!({
         "version": snapshot.version,
         "objects": objects,
-        "warnings": snapshot.warnings().map(ToString::to_string).collect::<Vec<_>>(),
+        "ignored": ignored,
+        "warnings": snapshot.warnings().iter().map(ToString::to_string).collect::<Vec<_>>(),
         "reloads": {
-            "ok": state.store.reloads.ok.get(),
-            "rejected": state.store.reloads.rejected.get(),
+            "ok": store.reloads.ok.get(),
+            "rejected": store.reloads.rejected.get(),
         },
     })
 }
@@ -310,6 +337,101 @@ fn json_response<T: serde::Serialize>(status: StatusCode, value: &T) -> Response
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::EngineSettings;
+
+    const POLICY: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-all, namespace: shop}
+spec: {}
+";
+
+    fn gateway(name: &str, selector: &str) -> String {
+        format!(
+            "apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: {name}, namespace: istio-system}}
+spec:
+  selector: {selector}
+  servers:
+  - port: {{number: 80, name: http, protocol: HTTP}}
+    hosts: ['*']
+"
+        )
+    }
+
+    #[test]
+    fn config_dump_lists_what_has_no_effect_under_ignored() {
+        let store = Store::open(None, EngineSettings::default(), &mut Registry::default())
+            .expect("an empty store");
+        let served = gateway("public", "{istio: ingressgateway}");
+        let elsewhere = gateway("egress", "{istio: egressgateway, zone: b}");
+        let other = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: settings}\n";
+        store.apply("policy.yml", POLICY).expect("accepted");
+        store
+            .apply(
+                "gateways.yml",
+                &format!("{served}---\n{elsewhere}---\n{other}"),
+            )
+            .expect("accepted");
+        let dump = config_dump(&store);
+        assert_eq!(
+            dump["ignored"],
+            json!([
+                {
+                    "kind": "AuthorizationPolicy",
+                    "namespace": "shop",
+                    "name": "deny-all",
+                    "source": "policy.yml",
+                    "reason": "kind AuthorizationPolicy is not implemented by this mesh: not enforced",
+                },
+                {
+                    "kind": "Gateway",
+                    "namespace": "istio-system",
+                    "name": "egress",
+                    "source": "gateways.yml",
+                    "reason": "selector istio=egressgateway, zone=b does not match the labels of \
+                               this agent's ingress gateway (app=istio-ingressgateway, \
+                               istio=ingressgateway): not served",
+                },
+            ])
+        );
+        assert_eq!(dump["objects"].as_array().map(Vec::len), Some(4));
+        let warnings = dump["warnings"].as_array().expect("warnings");
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert_eq!(
+            warnings[0],
+            "policy.yml: AuthorizationPolicy shop/deny-all: kind AuthorizationPolicy is not \
+             implemented by this mesh: not enforced"
+        );
+        assert!(
+            warnings[1].as_str().is_some_and(|w| w
+                .starts_with("gateways.yml: Gateway istio-system/egress: spec.selector: selector")),
+            "{warnings:?}"
+        );
+    }
+
+    /// `mesh-agent apply` prints them: the user who applies a policy learns it is not enforced.
+    #[test]
+    fn an_apply_answers_the_warnings_of_the_objects_it_brought_in() {
+        let store = Store::open(None, EngineSettings::default(), &mut Registry::default())
+            .expect("an empty store");
+        let (status, answer) = change_answer(&store, store.apply("policy.yml", POLICY));
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            answer["objects"],
+            json!(["AuthorizationPolicy shop/deny-all"])
+        );
+        assert_eq!(
+            answer["warnings"],
+            json!([
+                "warning: policy.yml: AuthorizationPolicy shop/deny-all: kind \
+                    AuthorizationPolicy is not implemented by this mesh: not enforced"
+            ])
+        );
+        let (_, answer) = change_answer(&store, store.delete("policy.yml", POLICY));
+        assert_eq!(answer["warnings"], json!([]));
+        assert_eq!(config_dump(&store)["ignored"], json!([]));
+    }
 
     #[test]
     fn query_parameters_are_fully_decoded() {

@@ -37,6 +37,11 @@ fn server(cx: &mut ObjectContext, path: &str, raw: raw::Server) -> GatewayServer
     if hosts.is_empty() {
         cx.error(&format!("{path}.hosts"), MISSING);
     }
+    for (i, host) in hosts.iter().enumerate() {
+        if let Err(reason) = check_host(host) {
+            cx.error(&format!("{path}.hosts[{i}]"), reason);
+        }
+    }
     let Some(port) = raw.port else {
         cx.error(&format!("{path}.port"), MISSING);
         return GatewayServer {
@@ -73,4 +78,24 @@ fn server(cx: &mut ObjectContext, path: &str, raw: raw::Server) -> GatewayServer
         port_name: port.name.unwrap_or_default(),
         hosts,
     }
+}
+
+/// A server host as Istio writes it: `[namespace/]dns`, where namespace is a name, `*` (any) or
+/// `.` (the Gateway's), and dns a name, `*.suffix` or `*` (the wildcard only in front).
+fn check_host(host: &str) -> Result<(), String> {
+    let (namespace, dns) = host.split_once('/').unwrap_or(("*", host));
+    if namespace.is_empty() || dns.is_empty() || dns.contains('/') {
+        return Err(format!(
+            "{host:?} is not [namespace/]host (e.g. \"*\", \"shop/*.example.com\")"
+        ));
+    }
+    if namespace.contains('*') && namespace != "*" {
+        return Err(format!("{host:?}: the namespace is a name, \"*\" or \".\""));
+    }
+    if dns.strip_prefix('*').unwrap_or(dns).contains('*') {
+        return Err(format!(
+            "{host:?}: a wildcard is allowed only at the start of the host"
+        ));
+    }
+    Ok(())
 }

@@ -2,9 +2,11 @@
 //! or a `kind: List`) becomes [`Document`]s, and each document one typed [`Sourced`] object —
 //! `networking.istio.io` `VirtualService`, `DestinationRule` and `Gateway` (`v1alpha3`,
 //! `v1beta1`, `v1`) validated into [`model`], Kubernetes `Service`, `EndpointSlice` and `Pod` as
-//! k8s-openapi types, any other kind kept as read. Objects live in an [`ObjectSet`] keyed by
-//! kind, namespace and name; [`rules`](check_subsets) span objects, and [`mesh_config`] hands the
-//! Istio rules of a set to the engine.
+//! k8s-openapi types, the kinds of Istio's API groups the mesh does not implement kept as read
+//! with a warning (`AuthorizationPolicy`, `ServiceEntry`, ...: not enforced), any other kind kept
+//! as read. Objects live in an [`ObjectSet`] keyed by kind, namespace and name;
+//! [`rules`](check_subsets) span objects, and [`mesh_config`] hands the Istio rules of a set to
+//! the engine.
 //!
 //! Every problem becomes a [`Diagnostic`] naming file, object, field and reason: unknown or
 //! unsupported fields are warnings, invalid values are errors, and all of them are reported.
@@ -45,7 +47,8 @@ pub use diagnostic::{Diagnostic, Severity};
 pub use document::{documents, Document};
 use model::{Host, MeshConfig};
 pub use object::{
-    read, read_text, IstioObject, Object, ObjectKey, ObjectSet, Sourced, DEFAULT_NAMESPACE,
+    not_implemented, read, read_text, IstioObject, Object, ObjectKey, ObjectSet, Sourced,
+    DEFAULT_NAMESPACE, ISTIO_API_GROUPS,
 };
 pub use rules::{check_subsets, is_istio_kind, mesh_config, of_kind, SubsetError};
 

@@ -1,7 +1,8 @@
 //! One object of the agent's input, typed once when it is read and never parsed again: Istio's
 //! `VirtualService`, `DestinationRule` and `Gateway` (validated into [`model`](super::model)),
-//! Kubernetes' `Service`, `EndpointSlice` and `Pod` (as k8s-openapi types), and any other kind
-//! as read (kept for `get` and `/config_dump`, interpreted by nothing).
+//! Kubernetes' `Service`, `EndpointSlice` and `Pod` (as k8s-openapi types), the other kinds of
+//! Istio's API groups as read with a warning that they are not enforced, and any other kind as
+//! read (kept for `get` and `/config_dump`, interpreted by nothing).
 //!
 //! Objects are identified as Kubernetes does, by kind, namespace and name ([`ObjectKey`]); an
 //! [`ObjectSet`] holds them. The set is a persistent map: cloning it is O(1) and a change copies
@@ -31,6 +32,14 @@ use super::{
 pub type ObjectSet = imbl::OrdMap<ObjectKey, Arc<Sourced>>;
 
 const ISTIO_GROUP: &str = "networking.istio.io";
+/// Istio's API groups: a kind of these that the mesh does not implement is a policy the user
+/// expects enforced, so it is reported rather than kept silently like any unknown kind.
+pub const ISTIO_API_GROUPS: &[&str] = &[
+    ISTIO_GROUP,
+    "security.istio.io",
+    "telemetry.istio.io",
+    "extensions.istio.io",
+];
 const ISTIO_VERSIONS: &[&str] = &["v1alpha3", "v1beta1", "v1"];
 const TOP_LEVEL_FIELDS: &[&str] = &["apiVersion", "kind", "metadata", "spec", "status"];
 /// The namespace of an object that names none, as `kubectl` assumes.
@@ -78,8 +87,16 @@ pub enum Object {
     VirtualService(IstioObject<VirtualService>),
     DestinationRule(IstioObject<DestinationRule>),
     Gateway(IstioObject<Gateway>),
+    /// A kind of Istio's API groups the mesh does not implement (`AuthorizationPolicy`,
+    /// `ServiceEntry`, ...), as read: listed as ignored, never enforced.
+    NotImplemented(Arc<Value>),
     /// A kind the mesh does not interpret, as read.
     Other(Arc<Value>),
+}
+
+/// Why an object of `kind` has no effect, for warnings and `/config_dump`.
+pub fn not_implemented(kind: &str) -> String {
+    format!("kind {kind} is not implemented by this mesh: not enforced")
 }
 
 /// A validated Istio object with the text it was read from (for `get` and `/config_dump`).
@@ -133,6 +150,12 @@ impl Sourced {
         })
     }
 
+    /// Why the mesh ignores this object as a whole, if it does: a kind of Istio's API groups
+    /// that it does not implement.
+    pub fn ignored(&self) -> Option<String> {
+        matches!(self.object, Object::NotImplemented(_)).then(|| not_implemented(&self.key.kind))
+    }
+
     /// The object as JSON, for `get` and `/config_dump`. Like `kubectl get`, without the
     /// server's `managedFields`.
     pub fn manifest(&self) -> Value {
@@ -143,7 +166,7 @@ impl Sourced {
             Object::VirtualService(o) => (*o.manifest).clone(),
             Object::DestinationRule(o) => (*o.manifest).clone(),
             Object::Gateway(o) => (*o.manifest).clone(),
-            Object::Other(value) => (**value).clone(),
+            Object::NotImplemented(value) | Object::Other(value) => (**value).clone(),
         };
         if let Some(metadata) = value.get_mut("metadata").and_then(Value::as_object_mut) {
             metadata.remove("managedFields");
@@ -217,6 +240,16 @@ pub fn read(file: &str, document: Document) -> Result<Sourced, Vec<Diagnostic>> 
         (_, "Service") => Object::Service(kubernetes(file, &key, map)?),
         (_, "EndpointSlice") => Object::EndpointSlice(kubernetes(file, &key, map)?),
         (_, "Pod") => Object::Pod(kubernetes(file, &key, map)?),
+        (group, kind) if ISTIO_API_GROUPS.contains(&group) => {
+            warnings.push(diagnostic(
+                file,
+                &key.to_string(),
+                "",
+                Severity::Warning,
+                not_implemented(kind),
+            ));
+            Object::NotImplemented(Arc::new(Value::Object(map)))
+        }
         _ => Object::Other(Arc::new(Value::Object(map))),
     };
     Ok(Sourced {

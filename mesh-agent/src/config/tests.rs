@@ -573,6 +573,14 @@ fn error_cases() -> Vec<ErrorCase> {
             "spec.servers[0].port.protocol", "unknown protocol \"GOPHER\""),
         case("gateway server without hosts", gw("servers:\n- port: {number: 80, name: http, protocol: HTTP}"),
             "spec.servers[0].hosts", "missing required field"),
+        case("gateway host with two slashes", gw("servers:\n- port: {number: 80, name: http, protocol: HTTP}\n  hosts: [\"*\", \"a/b/c\"]"),
+            "spec.servers[0].hosts[1]", "\"a/b/c\" is not [namespace/]host"),
+        case("gateway host without a name", gw("servers:\n- port: {number: 80, name: http, protocol: HTTP}\n  hosts: [\"shop/\"]"),
+            "spec.servers[0].hosts[0]", "is not [namespace/]host"),
+        case("gateway host with an inner wildcard", gw("servers:\n- port: {number: 80, name: http, protocol: HTTP}\n  hosts: [\"a.*.com\"]"),
+            "spec.servers[0].hosts[0]", "a wildcard is allowed only at the start"),
+        case("gateway host with a wildcard namespace part", gw("servers:\n- port: {number: 80, name: http, protocol: HTTP}\n  hosts: [\"sh*/a.com\"]"),
+            "spec.servers[0].hosts[0]", "the namespace is a name"),
     ]
 }
 
@@ -736,6 +744,84 @@ fn a_route_with_only_a_redirect_is_left_out_with_a_warning() {
     assert_eq!(warning.field, "spec.http[0].redirect");
     assert!(warning.reason.contains("this http route is ignored"));
     assert_eq!(loaded.config.virtual_services[0].http.len(), 1);
+}
+
+#[test]
+fn gateway_hosts_load_in_every_istio_form() {
+    let hosts = r#"["*", "a.example.com", "*.example.com", "*/a.example.com", "./*", "shop/*.example.com", "*foo.com"]"#;
+    let loaded = load_str(
+        "gw.yml",
+        &gw(&format!(
+            "servers:\n- port: {{number: 80, name: http, protocol: HTTP}}\n  hosts: {hosts}"
+        )),
+    );
+    assert!(loaded.diagnostics.is_empty(), "{}", describe(&loaded));
+    assert_eq!(loaded.config.gateways[0].servers[0].hosts.len(), 7);
+}
+
+/// A policy kind of Istio's that the mesh does not enforce is kept, named in one warning (file and
+/// object, no field) and reported as ignored; the load stays good. Other kinds stay silent.
+#[test]
+fn istio_kinds_not_implemented_warn_and_are_ignored() {
+    let kinds = [
+        ("security.istio.io/v1", "AuthorizationPolicy"),
+        ("security.istio.io/v1beta1", "PeerAuthentication"),
+        ("security.istio.io/v1", "RequestAuthentication"),
+        ("networking.istio.io/v1", "ServiceEntry"),
+        ("networking.istio.io/v1beta1", "Sidecar"),
+        ("networking.istio.io/v1alpha3", "EnvoyFilter"),
+        ("networking.istio.io/v1", "WorkloadEntry"),
+        ("networking.istio.io/v1", "WorkloadGroup"),
+        ("networking.istio.io/v1beta1", "ProxyConfig"),
+        ("telemetry.istio.io/v1", "Telemetry"),
+        ("extensions.istio.io/v1alpha1", "WasmPlugin"),
+        // A kind Istio may add later is not enforced either.
+        ("security.istio.io/v2", "FuturePolicy"),
+    ];
+    let mut text = String::new();
+    for (api_version, kind) in kinds {
+        text.push_str(&format!(
+            "---\napiVersion: {api_version}\nkind: {kind}\nmetadata: {{name: p, namespace: shop}}\n\
+             spec: {{anything: [1]}}\n"
+        ));
+    }
+    text.push_str("---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata: {a: b}\n");
+    text.push_str(
+        "---\napiVersion: example.com/v1\nkind: AuthorizationPolicy\nmetadata: {name: x}\n",
+    );
+    let loaded = load_str("policies.yml", &text);
+    assert!(loaded.is_ok(), "{}", describe(&loaded));
+    let warnings: Vec<String> = loaded.warnings().map(ToString::to_string).collect();
+    let expected: Vec<String> = kinds
+        .iter()
+        .map(|(_, kind)| {
+            format!(
+                "policies.yml: {kind} shop/p: kind {kind} is not implemented by this mesh: \
+                 not enforced"
+            )
+        })
+        .collect();
+    assert_eq!(warnings, expected);
+    let ignored: Vec<(String, String)> = loaded
+        .objects
+        .values()
+        .filter_map(|o| Some((o.key.to_string(), o.ignored()?)))
+        .collect();
+    assert_eq!(ignored.len(), kinds.len(), "{ignored:?}");
+    let policy = ObjectKey::new("AuthorizationPolicy", Some("shop"), "p");
+    let sourced = &loaded.objects[&policy];
+    assert_eq!(
+        sourced.ignored().as_deref(),
+        Some("kind AuthorizationPolicy is not implemented by this mesh: not enforced")
+    );
+    assert_eq!(sourced.manifest()["spec"]["anything"][0], 1, "kept as read");
+    for quiet in [
+        ObjectKey::new("ConfigMap", None, "c"),
+        ObjectKey::new("AuthorizationPolicy", None, "x"),
+    ] {
+        assert_eq!(loaded.objects[&quiet].ignored(), None, "{quiet}");
+    }
+    assert_eq!(loaded.other_objects().count(), kinds.len() + 2);
 }
 
 // ---------------------------------------------------------------- cross-object rules

@@ -4,6 +4,12 @@
 //! and proxy do not know the difference from local mode. `Pod` and `Namespace` are also kept in
 //! reflector stores, which label enrollment reads.
 //!
+//! The Istio kinds the mesh does not implement ([`NOT_IMPLEMENTED`]: `AuthorizationPolicy`,
+//! `PeerAuthentication`, `ServiceEntry`, ...) are watched too, only so that each one applied is
+//! reported (a warning, `/config_dump`'s `ignored`) instead of passing unnoticed. Their CRDs may
+//! well not be installed: only the kinds the API server serves at start-up are watched, and
+//! they never hold up start-up.
+//!
 //! Watches recover by themselves (backoff, relist on 410; a relist replaces the kind's objects
 //! as a whole); until they do, the last good state stays in force and traffic keeps flowing. An
 //! Istio object that fails validation is logged and its last good version stays.
@@ -19,6 +25,7 @@ use k8s_openapi::api::{
 use kube::{
     api::{ApiResource, DynamicObject},
     config::{KubeConfigOptions, Kubeconfig},
+    discovery::{verbs, Discovery},
     runtime::{
         reflector::{self, store::Writer, ObjectRef, Store},
         watcher::{self, Event},
@@ -28,7 +35,7 @@ use kube::{
 };
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch, Notify};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::{self, Document, Object, ObjectKey, Sourced};
 
@@ -69,6 +76,34 @@ const ISTIO_KINDS: [(&str, &str); 3] = [
 ];
 const ISTIO_VERSION: &str = "v1beta1";
 
+/// The kinds of Istio's API groups the mesh does not implement, as (group, kind, plural): each
+/// needs its own `list`/`watch` grant in `deploy/base/clusterrole.yaml` (no wildcards there).
+pub const NOT_IMPLEMENTED: [(&str, &str, &str); 11] = [
+    ("networking.istio.io", "ServiceEntry", "serviceentries"),
+    ("networking.istio.io", "Sidecar", "sidecars"),
+    ("networking.istio.io", "EnvoyFilter", "envoyfilters"),
+    ("networking.istio.io", "WorkloadEntry", "workloadentries"),
+    ("networking.istio.io", "WorkloadGroup", "workloadgroups"),
+    ("networking.istio.io", "ProxyConfig", "proxyconfigs"),
+    (
+        "security.istio.io",
+        "AuthorizationPolicy",
+        "authorizationpolicies",
+    ),
+    (
+        "security.istio.io",
+        "PeerAuthentication",
+        "peerauthentications",
+    ),
+    (
+        "security.istio.io",
+        "RequestAuthentication",
+        "requestauthentications",
+    ),
+    ("telemetry.istio.io", "Telemetry", "telemetries"),
+    ("extensions.istio.io", "WasmPlugin", "wasmplugins"),
+];
+
 /// The running watches.
 pub struct Watches {
     /// Every watch's first list (and whatever followed while the others were listing): put
@@ -96,7 +131,7 @@ pub async fn start(settings: &KubeSettings) -> Result<Watches> {
     let watch = |kind: &'static str| Watch {
         kind,
         sender: sender.clone(),
-        listed: Arc::clone(&listed),
+        listed: Some(Arc::clone(&listed)),
         origin: Arc::clone(&origin),
     };
     let mut kinds = 0;
@@ -130,6 +165,13 @@ pub async fn start(settings: &KubeSettings) -> Result<Watches> {
         let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
         tokio::spawn(watch(kind).run_sourced(plain(api), move |object| istio(&resource, object)));
         kinds += 1;
+    }
+    let reported = watch_not_implemented(&client, &sender, &origin).await;
+    if !reported.is_empty() {
+        info!(
+            kinds = reported.join(", "),
+            "watching Istio kinds this mesh does not implement, to report them"
+        );
     }
     let (namespaces, namespace_events) =
         reflect(Api::<Namespace>::all(client.clone()), &enrollment_changed);
@@ -175,6 +217,49 @@ async fn client(settings: &KubeSettings) -> Result<Client> {
     Ok(Client::try_from(config)?)
 }
 
+/// Watches each kind of [`NOT_IMPLEMENTED`] the API server serves (at its most stable version);
+/// returns the kinds watched. Their first lists are not waited for.
+async fn watch_not_implemented(
+    client: &Client,
+    sender: &mpsc::Sender<SourceChange>,
+    origin: &Arc<str>,
+) -> Vec<&'static str> {
+    let mut groups: Vec<&str> = NOT_IMPLEMENTED.iter().map(|(group, _, _)| *group).collect();
+    groups.dedup();
+    let discovery = match Discovery::new(client.clone()).filter(&groups).run().await {
+        Ok(discovery) => discovery,
+        Err(error) => {
+            warn!(%error, "cannot discover Istio's API groups: the Istio kinds this mesh does not implement are not watched, so not reported");
+            return Vec::new();
+        }
+    };
+    let mut watched = Vec::new();
+    for group in discovery.groups() {
+        for (resource, capabilities) in group.resources_by_stability() {
+            let known = NOT_IMPLEMENTED.iter().find(|(group, kind, plural)| {
+                *group == resource.group && *kind == resource.kind && *plural == resource.plural
+            });
+            let Some(&(_, kind, _)) = known else {
+                continue; // not granted by the ClusterRole
+            };
+            if !capabilities.supports_operation(verbs::WATCH) {
+                continue;
+            }
+            let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
+            let watch = Watch {
+                kind,
+                sender: sender.clone(),
+                listed: None,
+                origin: Arc::clone(origin),
+            };
+            tokio::spawn(watch.run_sourced(plain(api), move |object| istio(&resource, object)));
+            watched.push(kind);
+        }
+    }
+    watched.sort_unstable();
+    watched
+}
+
 type Events<K> = std::pin::Pin<Box<dyn Stream<Item = Result<Event<K>, watcher::Error>> + Send>>;
 
 /// A watch that retries with backoff forever.
@@ -213,8 +298,9 @@ where
 struct Watch {
     kind: &'static str,
     sender: mpsc::Sender<SourceChange>,
-    /// Counts the watches that sent their first list.
-    listed: Arc<watch::Sender<usize>>,
+    /// Counts the watches that sent their first list; `None` for a watch start-up does not
+    /// wait for.
+    listed: Option<Arc<watch::Sender<usize>>>,
     origin: Arc<str>,
 }
 
@@ -245,7 +331,11 @@ impl Watch {
         // reflector behind `events` already holds them (see the `Pod` watch).
         let mut listing: Option<Vec<K>> = None;
         let mut first = true;
+        // A watch start-up does not wait for (a kind the mesh only reports) says once that it
+        // fails, not on every retry: the ClusterRole may lag behind the agent's version.
+        let mut failing = false;
         while let Some(event) = events.next().await {
+            failing &= event.is_err();
             let change = match event {
                 Ok(Event::Init) => {
                     listing = Some(Vec::new());
@@ -279,8 +369,13 @@ impl Watch {
                         name,
                     ))
                 }
+                Err(error) if self.listed.is_none() && failing => {
+                    debug!(kind = self.kind, %error, "watch failed again; retrying");
+                    continue;
+                }
                 Err(error) => {
                     warn!(kind = self.kind, %error, "watch failed; retrying, the last good state stays");
+                    failing = true;
                     continue;
                 }
             };
@@ -289,13 +384,16 @@ impl Watch {
                 return; // the agent is shutting down
             }
             if replaced && std::mem::take(&mut first) {
-                self.listed.send_modify(|n| *n += 1);
+                if let Some(listed) = &self.listed {
+                    listed.send_modify(|n| *n += 1);
+                }
             }
         }
     }
 }
 
-/// An Istio object as the API served it, validated like a file's.
+/// An Istio object as the API served it, validated like a file's (a kind the mesh does not
+/// implement is kept with its warning).
 fn istio(resource: &ApiResource, object: DynamicObject) -> Option<Arc<Sourced>> {
     let metadata = serde_json::to_value(&object.metadata).ok()?;
     let value = json!({
@@ -316,5 +414,134 @@ fn istio(resource: &ApiResource, object: DynamicObject) -> Option<Arc<Sourced>> 
             }
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{convert::Infallible, sync::Mutex, time::Duration};
+
+    use bytes::Bytes;
+    use http::{Request, Response, StatusCode};
+    use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+    use hyper::{body::Frame, server::conn::http1, service::service_fn};
+    use hyper_util::rt::TokioIo;
+
+    use super::*;
+
+    /// Just enough of an API server: discovery of `security.istio.io` (if `serve_security`),
+    /// a list of one AuthorizationPolicy, and a watch that stays open without events. Records
+    /// the paths asked for.
+    async fn api_server(serve_security: bool) -> (Client, Arc<Mutex<Vec<String>>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::clone(&asked);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let seen = Arc::clone(&seen);
+                let service = service_fn(move |request: Request<hyper::body::Incoming>| {
+                    let uri = request.uri().clone();
+                    seen.lock().unwrap().push(uri.to_string());
+                    let watching = uri.query().is_some_and(|q| q.contains("watch=true"));
+                    let body = answer(serve_security, uri.path(), watching);
+                    async move { Ok::<_, Infallible>(body) }
+                });
+                tokio::spawn(http1::Builder::new().serve_connection(TokioIo::new(stream), service));
+            }
+        });
+        let config = Config::new(url.parse().unwrap());
+        (Client::try_from(config).unwrap(), asked)
+    }
+
+    type Body = BoxBody<Bytes, Infallible>;
+
+    fn answer(serve_security: bool, path: &str, watching: bool) -> Response<Body> {
+        let json = |value: Value| {
+            let mut response = Response::new(Full::new(Bytes::from(value.to_string())).boxed());
+            response.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+            response
+        };
+        let version =
+            |v: &str| json!({"groupVersion": format!("security.istio.io/{v}"), "version": v});
+        let resource = |plural: &str, kind: &str| {
+            json!({"name": plural, "singularName": "", "namespaced": true, "kind": kind,
+                   "verbs": ["get", "list", "watch"]})
+        };
+        match path {
+            "/apis" if serve_security => json(json!({"kind": "APIGroupList", "apiVersion": "v1",
+                "groups": [{"name": "security.istio.io", "versions": [version("v1"), version("v1beta1")],
+                            "preferredVersion": version("v1")}]})),
+            "/apis" => json(json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": []})),
+            "/apis/security.istio.io/v1" | "/apis/security.istio.io/v1beta1" => {
+                json(json!({"kind": "APIResourceList", "apiVersion": "v1",
+                    "groupVersion": format!("security.istio.io/{}", path.rsplit('/').next().unwrap_or_default()),
+                    "resources": [resource("authorizationpolicies", "AuthorizationPolicy"),
+                                  // Not in the ClusterRole: never watched.
+                                  resource("futurepolicies", "FuturePolicy")]}))
+            }
+            "/apis/security.istio.io/v1/authorizationpolicies" if watching => {
+                let pending = futures_util::stream::pending::<Result<Frame<Bytes>, Infallible>>();
+                let mut response = Response::new(BodyExt::boxed(StreamBody::new(pending)));
+                response.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("application/json"),
+                );
+                response
+            }
+            "/apis/security.istio.io/v1/authorizationpolicies" => json(json!({
+                "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicyList",
+                "metadata": {"resourceVersion": "7"},
+                "items": [{"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+                           "metadata": {"name": "deny-all", "namespace": "shop", "resourceVersion": "7"},
+                           "spec": {}}]})),
+            _ => {
+                let mut response = Response::new(Full::new(Bytes::from("{}")).boxed());
+                *response.status_mut() = StatusCode::NOT_FOUND;
+                response
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_kind_not_implemented_that_the_server_serves_is_watched_and_reported() {
+        let (client, asked) = api_server(true).await;
+        let (sender, mut changes) = mpsc::channel(16);
+        let watched = watch_not_implemented(&client, &sender, &ORIGIN.into()).await;
+        assert_eq!(watched, ["AuthorizationPolicy"]);
+        let change = tokio::time::timeout(Duration::from_secs(10), changes.recv())
+            .await
+            .expect("the first list in time")
+            .expect("a change");
+        let SourceChange::Replace { kind, objects } = change else {
+            panic!("expected the list, got {change:?}");
+        };
+        assert_eq!(&*kind, "AuthorizationPolicy");
+        assert_eq!(objects.len(), 1);
+        let policy = &objects[0];
+        assert_eq!(policy.key.to_string(), "AuthorizationPolicy shop/deny-all");
+        assert_eq!(&*policy.origin, "kubernetes");
+        assert_eq!(
+            policy.ignored().as_deref(),
+            Some("kind AuthorizationPolicy is not implemented by this mesh: not enforced")
+        );
+        assert_eq!(policy.warnings.len(), 1);
+        let asked = asked.lock().unwrap();
+        assert!(
+            !asked.iter().any(|path| path.contains("futurepolicies")),
+            "{asked:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn without_the_crds_nothing_more_is_watched() {
+        let (client, asked) = api_server(false).await;
+        let (sender, _changes) = mpsc::channel(16);
+        let watched = watch_not_implemented(&client, &sender, &ORIGIN.into()).await;
+        assert!(watched.is_empty());
+        assert_eq!(*asked.lock().unwrap(), ["/apis"]);
     }
 }

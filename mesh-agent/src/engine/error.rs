@@ -149,17 +149,20 @@ impl ResponseFlags {
     /// the proxy, never by the engine.
     pub const DC: ResponseFlags = ResponseFlags(1 << 9);
 
+    /// In the order of Envoy's `ResponseFlag` enum, which is the order `%RESPONSE_FLAGS%` and
+    /// Istio's `response_flags` label list them in (`UT,URX`, `DI,FI`): dashboards and alerts
+    /// match these strings whole.
     const NAMES: [(ResponseFlags, &'static str); 10] = [
         (ResponseFlags::UH, "UH"),
+        (ResponseFlags::UT, "UT"),
         (ResponseFlags::UF, "UF"),
+        (ResponseFlags::UC, "UC"),
         (ResponseFlags::UO, "UO"),
         (ResponseFlags::NR, "NR"),
-        (ResponseFlags::URX, "URX"),
         (ResponseFlags::DI, "DI"),
         (ResponseFlags::FI, "FI"),
-        (ResponseFlags::UT, "UT"),
-        (ResponseFlags::UC, "UC"),
         (ResponseFlags::DC, "DC"),
+        (ResponseFlags::URX, "URX"),
     ];
 
     pub fn contains(self, other: ResponseFlags) -> bool {
@@ -263,5 +266,17 @@ mod tests {
             assert_eq!(err.is_retryable(), retryable, "{err}");
         }
         assert_eq!(ResponseFlags::NONE.to_string(), "-");
+        // Envoy's order, whichever flag was raised first.
+        let combined = |flags: &[ResponseFlags]| {
+            flags
+                .iter()
+                .fold(ResponseFlags::NONE, |all, &f| all | f)
+                .to_string()
+        };
+        assert_eq!(combined(&[ResponseFlags::URX, ResponseFlags::UT]), "UT,URX");
+        assert_eq!(combined(&[ResponseFlags::URX, ResponseFlags::UC]), "UC,URX");
+        assert_eq!(combined(&[ResponseFlags::URX, ResponseFlags::UO]), "UO,URX");
+        assert_eq!(combined(&[ResponseFlags::FI, ResponseFlags::DI]), "DI,FI");
+        assert_eq!(combined(&[ResponseFlags::DC, ResponseFlags::UT]), "UT,DC");
     }
 }

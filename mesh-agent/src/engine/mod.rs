@@ -49,6 +49,7 @@ use std::time::{Duration, Instant};
 
 pub use cluster::Destination;
 pub use error::{Cause, EngineError, ResponseFlags, TryFailure};
+pub use gateway::GatewayLabels;
 pub use metrics::EngineMetrics;
 pub use plan::{Attempt, MirrorTarget, RequestPlan, Verdict};
 pub use pool::{ClusterId, ClusterPool, Permit, PoolLimits};
@@ -59,7 +60,7 @@ pub use settings::EngineSettings;
 
 use crate::config::model::MeshConfig;
 use clock::Epoch;
-use routing::UriMatched;
+use routing::{UriMatched, VirtualHost};
 use snapshot::{Lineage, Snapshot};
 
 /// One cluster (`outbound|port|subset|host`) as the admin API shows it.
@@ -146,21 +147,29 @@ impl Engine {
     }
 
     /// Decides a request that came in through the ingress gateway's listener on `req.port`:
-    /// routed by the rules bound to the gateways with a server on that port, tried in order
-    /// until one routes it (all gateways if none names that port). `req.gateway` is ignored.
+    /// routed by the rules bound to the served gateways with a server on that port (all served
+    /// gateways if none names that port), tried in order until one routes it, each admitting
+    /// only the hosts its servers name (see `gateway`). No service's default route applies:
+    /// a host no gateway admits, or no route of it matches, is `NR`. `req.gateway` is ignored.
     pub fn route_ingress(
         &self,
         req: &RequestInfo<'_>,
         now: Instant,
     ) -> Result<RequestPlan, EngineError> {
+        let snap = &self.snap;
+        EngineMetrics::inc(&snap.metrics.requests);
         let mut req = *req;
-        for gateway in self.snap.gateways.for_port(req.port) {
-            req.gateway = Some(gateway);
-            match self.route(&req, now) {
-                Err(EngineError::NoRoute) => continue,
-                decided => return decided,
+        for gateway in snap.gateways.for_port(req.port) {
+            req.gateway = Some(&gateway.name);
+            let matched = gateway
+                .table
+                .lookup(req.authority, req.namespace)
+                .and_then(|vhost| self.first_match(vhost, &req));
+            if let Some((route_id, matched)) = matched {
+                return self.plan(route_id, matched, req.port, req.replayable, true, now);
             }
         }
+        EngineMetrics::inc(&snap.metrics.no_route);
         Err(EngineError::NoRoute)
     }
 
@@ -245,16 +254,17 @@ impl Engine {
     }
 
     fn match_route(&self, req: &RequestInfo<'_>) -> Option<(u32, UriMatched)> {
-        let snap = &self.snap;
-        let vhost = snap.table.lookup(req.authority, req.namespace)?;
-        vhost
-            .routes
-            .iter()
-            .find_map(|&id| {
-                let route = &snap.routes[id as usize];
-                routing::route_matches(&route.matches, &route.gateways, req).map(|m| (id, m))
-            })
+        let vhost = self.snap.table.lookup(req.authority, req.namespace)?;
+        self.first_match(vhost, req)
             .or_else(|| vhost.default.map(|id| (id, UriMatched::Whole)))
+    }
+
+    /// The first of the virtual host's routes that matches the request.
+    fn first_match(&self, vhost: &VirtualHost, req: &RequestInfo<'_>) -> Option<(u32, UriMatched)> {
+        vhost.routes.iter().find_map(|&id| {
+            let route = &self.snap.routes[id as usize];
+            routing::route_matches(&route.matches, &route.gateways, req).map(|m| (id, m))
+        })
     }
 
     /// Endpoints of a destination that outlier detection has ejected right now (for the admin

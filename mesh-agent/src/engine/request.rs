@@ -11,6 +11,9 @@ pub struct RequestInfo<'a> {
     pub uri: &'a Uri,
     /// The `:authority` / `Host` as sent, port included.
     pub authority: &'a str,
+    /// `:scheme`: HTTP/2's pseudo-header or an absolute-form URI's, else `http` (the mesh
+    /// carries plain HTTP: no listener of the agent terminates TLS).
+    pub scheme: &'a str,
     pub headers: &'a HeaderMap,
     /// The destination port the client connected to.
     pub port: u16,
@@ -24,7 +27,8 @@ pub struct RequestInfo<'a> {
 }
 
 impl<'a> RequestInfo<'a> {
-    /// From a request's head: authority from the URI or else the `Host` header; replayable.
+    /// From a request's head: authority from the URI or else the `Host` header, scheme from the
+    /// URI or else `http`; replayable.
     pub fn from_parts(parts: &'a Parts, port: u16, namespace: &'a str) -> Self {
         let authority = parts
             .uri
@@ -36,6 +40,7 @@ impl<'a> RequestInfo<'a> {
             method: &parts.method,
             uri: &parts.uri,
             authority,
+            scheme: parts.uri.scheme_str().unwrap_or("http"),
             headers: &parts.headers,
             port,
             gateway: None,

@@ -133,6 +133,10 @@ fn request_matches(m: &RequestMatch, req: &RequestInfo<'_>) -> Option<UriMatched
         Some(StringMatch::Regex(re)) => re.is_match(path).then_some(UriMatched::Whole)?,
     };
     let port_ok = m.port.is_none_or(|p| p == req.port);
+    let scheme_ok = m
+        .scheme
+        .as_ref()
+        .is_none_or(|s| string_matches(s, req.scheme));
     let method_ok = m
         .method
         .as_ref()
@@ -153,7 +157,8 @@ fn request_matches(m: &RequestMatch, req: &RequestInfo<'_>) -> Option<UriMatched
     let query_ok = m.query_params.iter().all(|(name, s)| {
         query_param(req.uri.query().unwrap_or(""), name).is_some_and(|v| string_matches(s, v))
     });
-    (port_ok && method_ok && authority_ok && headers_ok && without_ok && query_ok).then_some(uri)
+    let all = port_ok && scheme_ok && method_ok && authority_ok && headers_ok && without_ok;
+    (all && query_ok).then_some(uri)
 }
 
 /// The first value of a header, if it is valid text (Envoy matches non-UTF-8 values never).

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use super::gateway::GatewayLabels;
 use super::retry::RetryBudget;
 
 /// Engine-wide settings that are not part of Istio's API.
@@ -21,6 +22,10 @@ pub struct EngineSettings {
     pub panic_when_all_ejected: bool,
     /// Seed for the per-request random generators.
     pub seed: u64,
+    /// The labels of the agent's built-in ingress gateway: it serves the `Gateway`s whose
+    /// selector they satisfy. Default `istio: ingressgateway`, `app: istio-ingressgateway`;
+    /// `None`: the agent runs no ingress gateway (no `--ingress`) and serves no `Gateway`.
+    pub gateway_labels: Option<GatewayLabels>,
 }
 
 impl Default for EngineSettings {
@@ -32,6 +37,7 @@ impl Default for EngineSettings {
             max_replay_body: 64 * 1024,
             panic_when_all_ejected: true,
             seed: 0x5eed,
+            gateway_labels: Some(GatewayLabels::default()),
         }
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use super::clock::Epoch;
 use super::cluster::{service_label, Cluster, ClusterKey, ClusterSet, Target};
 use super::fault::FaultRule;
-use super::gateway::Gateways;
+use super::gateway::{BoundRules, Gateways};
 use super::metrics::EngineMetrics;
 use super::mirror::MirrorRule;
 use super::registry::{resolve_host_owned, Registry, Service};
@@ -96,6 +96,7 @@ impl Snapshot {
         let mut table = RouteTable::default();
         let mut routes = Vec::new();
 
+        let mut bound = Vec::new();
         for vs in &config.virtual_services {
             let gateways = normalize_gateways(&vs.gateways, &vs.id.namespace);
             let first = routes.len() as u32;
@@ -103,9 +104,26 @@ impl Snapshot {
                 routes.push(compile_route(vs, index, http, &gateways, &mut clusters));
             }
             let ids = first..routes.len() as u32;
-            for host in &vs.hosts {
-                let fqdn = rule_host(host, &clusters);
-                table.vhost_mut(&fqdn).routes.extend(ids.clone());
+            let hosts: Vec<String> = vs.hosts.iter().map(|h| rule_host(h, &clusters)).collect();
+            for fqdn in &hosts {
+                table.vhost_mut(fqdn).routes.extend(ids.clone());
+            }
+            let mut named: Vec<Box<str>> = routes[first as usize..]
+                .iter()
+                .flat_map(|r| r.matches.iter().flat_map(|m| m.gateways.iter().flatten()))
+                .chain(gateways.iter())
+                .filter(|g| &***g != "mesh")
+                .cloned()
+                .collect();
+            if !named.is_empty() {
+                named.sort_unstable();
+                named.dedup();
+                bound.push(BoundRules {
+                    namespace: &vs.id.namespace,
+                    gateways: named,
+                    hosts,
+                    routes: ids,
+                });
             }
         }
         for service in &registry.services {
@@ -122,6 +140,11 @@ impl Snapshot {
             .map(|c| service_label(&c.inputs))
             .collect();
         metrics.keep_services(&destinations);
+        let gateways = Gateways::compile(
+            &config.gateways,
+            lineage.settings.gateway_labels.as_ref(),
+            &bound,
+        );
         Snapshot {
             settings: lineage.settings,
             epoch: lineage.epoch,
@@ -131,7 +154,7 @@ impl Snapshot {
             registry: registry.clone(),
             table: Arc::new(table),
             routes: routes.into(),
-            gateways: Arc::new(Gateways::compile(&config.gateways)),
+            gateways: Arc::new(gateways),
             clusters: clusters.clusters,
             cluster_keys: clusters.keys.into(),
         }

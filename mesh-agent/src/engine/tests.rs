@@ -192,6 +192,7 @@ struct Req {
     method: Method,
     uri: Uri,
     authority: String,
+    scheme: String,
     headers: HeaderMap,
     port: u16,
     gateway: Option<String>,
@@ -204,6 +205,7 @@ fn get(authority: &str, uri: &str) -> Req {
         method: Method::GET,
         uri: uri.parse().unwrap(),
         authority: authority.into(),
+        scheme: "http".into(),
         headers: HeaderMap::new(),
         port: 80,
         gateway: None,
@@ -224,6 +226,7 @@ impl Req {
             method: &self.method,
             uri: &self.uri,
             authority: &self.authority,
+            scheme: &self.scheme,
             headers: &self.headers,
             port: self.port,
             gateway: self.gateway.as_deref(),
@@ -459,6 +462,27 @@ fn each_match_kind_selects_or_skips_the_route() {
             m(|m| m.authority = Some(exact("service-d"))),
             base(),
             false,
+        ),
+        (
+            "scheme hit",
+            m(|m| m.scheme = Some(exact("http"))),
+            base(),
+            true,
+        ),
+        (
+            "scheme miss",
+            m(|m| m.scheme = Some(exact("https"))),
+            base(),
+            false,
+        ),
+        (
+            "scheme of an h2 request",
+            m(|m| m.scheme = Some(exact("https"))),
+            Req {
+                scheme: "https".into(),
+                ..base()
+            },
+            true,
         ),
         (
             "header exact hit",
@@ -1371,7 +1395,7 @@ fn per_try_timeout_bounds_each_try_and_is_retried() {
             TryFailure::Timeout
         )))
     );
-    assert_eq!(run.flags.to_string(), "URX,UT");
+    assert_eq!(run.flags.to_string(), "UT,URX");
 }
 
 #[test]
@@ -1831,6 +1855,20 @@ fn mirror_copies_an_exact_share_to_the_mirror_destination() {
         plan.report(a, Outcome::status(200), f.t0);
     }
     assert_eq!(mirrored, 300);
+}
+
+#[test]
+fn the_scheme_is_the_uris_or_else_http() {
+    let parts = |uri: &str| Request::get(uri).body(()).unwrap().into_parts().0;
+    // HTTP/1 origin form, as the mesh receives it: plain HTTP.
+    let origin = parts("/a");
+    assert_eq!(
+        RequestInfo::from_parts(&origin, 80, "default").scheme,
+        "http"
+    );
+    // HTTP/2 (`:scheme`) or an absolute-form URI says it.
+    let h2 = parts("https://service-c/a");
+    assert_eq!(RequestInfo::from_parts(&h2, 80, "default").scheme, "https");
 }
 
 #[test]

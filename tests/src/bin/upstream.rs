@@ -3,14 +3,23 @@
 //! Every subcommand prints JSON lines on stdout so tests can parse them.
 //!
 //! ```text
-//! upstream serve --listen ADDR --name NAME [--fail-status CODE]
+//! upstream serve --listen ADDR --name NAME [--fail-status CODE] [--delay-ms MS] [--log]
 //! upstream get  --url URL [--count N] [--h2] [--close] [--header 'name: value']...
-//!               [--rate RPS] [--concurrency C] [--quiet] [--timeout-secs T]
+//!               [--method METHOD] [--request-ids PREFIX] [--rate RPS] [--concurrency C]
+//!               [--quiet] [--timeout-secs T]
 //! upstream grpc --url URL [--count N] [same pacing flags as get]
 //! ```
 //!
 //! The server speaks HTTP/1.1 and HTTP/2 with prior knowledge (h2c) on one port; see `route` for
-//! its paths. The clients print one line per response (unless `--quiet`) and then a summary.
+//! its paths. On any path, the query parameter `delay_ms=N` holds the answer N ms, and with
+//! `delay_tries=K` only the first K requests carrying the same `x-request-id` are held (so a
+//! proxy's retry of a held try answers at once); `--delay-ms` holds every answer (a slow
+//! replica). `--log` prints one line per request as it arrives (method, path, host, request
+//! id), so a test can count what reached this server and see how it was addressed.
+//! The clients print one line per response (unless `--quiet`), with its latency, and then a
+//! summary. With `--request-ids PREFIX` every request carries its own `x-request-id`
+//! (`PREFIX-<loop>-<n>`), also printed on its line, so a test can follow each request through a
+//! proxy's access log and to the server.
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
@@ -18,7 +27,7 @@ use std::io::Write;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -36,7 +45,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{sleep, sleep_until, timeout, Instant};
 
 /// Flags that take no value; every other `--flag` takes one.
-const SWITCHES: &[&str] = &["h2", "close", "quiet"];
+const SWITCHES: &[&str] = &["h2", "close", "quiet", "log"];
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -142,6 +151,12 @@ struct Server {
     /// 0 when healthy; otherwise the status `/` answers with (500 after `/crash`).
     failing: AtomicU16,
     requests: AtomicU64,
+    /// Held before every answer (`--delay-ms`).
+    delay: Duration,
+    /// Print each request as it arrives (`--log`).
+    log: bool,
+    /// Requests seen per `x-request-id`, kept only for requests that ask for `delay_tries`.
+    tries: Mutex<HashMap<String, u32>>,
 }
 
 async fn serve(options: &Options) -> Result<()> {
@@ -159,6 +174,9 @@ async fn serve(options: &Options) -> Result<()> {
         name_header,
         failing: AtomicU16::new(failing),
         requests: AtomicU64::new(0),
+        delay: Duration::from_millis(options.number("delay-ms", 0)?),
+        log: options.has("log"),
+        tries: Mutex::default(),
     });
     let listen = options.required("listen")?;
     let listener = TcpListener::bind(listen)
@@ -198,15 +216,27 @@ async fn handle(
         .get(CONTENT_TYPE)
         .is_some_and(|value| value.as_bytes().starts_with(b"application/grpc"));
     let (parts, body) = request.into_parts();
+    if server.log {
+        emit(&request_line(count, &parts));
+    }
     // Read the whole request body before answering, whatever its size, so a proxy never sees
     // an early response to a half-sent request.
-    let mut response = match drain(body).await {
+    let drained = drain(body).await;
+    let delay = match held(&server, &parts) {
+        Ok(delay) => delay,
+        Err(message) => return Ok(text(StatusCode::BAD_REQUEST, message)),
+    };
+    // An async sleep: other connections and streams go on meanwhile.
+    sleep(delay).await;
+    let mut response = match drained {
         Err(error) => text(StatusCode::BAD_REQUEST, format!("request body: {error}")),
         Ok(_) if grpc => grpc_reply(&server),
         Ok(body_len) => route(&server, &parts, body_len).await,
     };
     let headers = response.headers_mut();
     headers.insert("x-served-by", server.name_header.clone());
+    // As most servers do; the mesh's response header rules can then be seen to remove it.
+    headers.insert("server", HeaderValue::from_static("upstream"));
     headers.insert("x-peer", header_value(&peer.to_string()));
     headers.insert("x-request-count", header_value(&count.to_string()));
     Ok(response)
@@ -224,8 +254,12 @@ async fn route(server: &Server, parts: &Parts, body_len: usize) -> Response<Body
             return text(StatusCode::OK, "repaired");
         }
         "/health" => return text(StatusCode::OK, "UP"),
-        "/headers" => return text(StatusCode::OK, headers_json(parts, body_len).to_string()),
         _ => {}
+    }
+    // Any path ending in `/headers`, so a request whose path the mesh rewrote still shows
+    // what arrived.
+    if path.ends_with("/headers") {
+        return text(StatusCode::OK, headers_json(parts, body_len).to_string());
     }
     if let Some(code) = path.strip_prefix("/status/") {
         return match StatusCode::from_bytes(code.as_bytes()) {
@@ -248,6 +282,63 @@ async fn route(server: &Server, parts: &Parts, body_len: usize) -> Response<Body
             text(status, format!("Error {code} (Hostname: {})", server.name))
         }
     }
+}
+
+/// What `--log` prints for a request: enough to count requests and see how they were addressed.
+fn request_line(count: u64, parts: &Parts) -> Value {
+    let header = |name: HeaderName| {
+        parts
+            .headers
+            .get(name)
+            .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned())
+    };
+    // HTTP/2 carries the host in `:authority` rather than a `host` header.
+    let host = header(HOST).or_else(|| parts.uri.authority().map(|a| a.as_str().to_owned()));
+    json!({
+        "request": count,
+        "method": parts.method.as_str(),
+        "path": parts.uri.path_and_query().map_or("/", |p| p.as_str()),
+        "host": host,
+        "request_id": header(HeaderName::from_static("x-request-id")),
+    })
+}
+
+/// How long to hold this request: `--delay-ms` plus the query's `delay_ms`, the latter only for
+/// the first `delay_tries` requests with this `x-request-id` when that is given.
+fn held(server: &Server, parts: &Parts) -> Result<Duration, String> {
+    let query = parts.uri.query().unwrap_or("");
+    let param = |name: &str| {
+        form_urlencoded::parse(query.as_bytes())
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| {
+                value
+                    .parse::<u64>()
+                    .map_err(|_| format!("{name}: not a number: {value:?}"))
+            })
+            .transpose()
+    };
+    let mut delay = server.delay;
+    let Some(ms) = param("delay_ms")? else {
+        return Ok(delay);
+    };
+    let hold = match param("delay_tries")? {
+        None => true,
+        Some(tries) => {
+            let id = parts
+                .headers
+                .get("x-request-id")
+                .ok_or("delay_tries needs an x-request-id header")?;
+            let id = String::from_utf8_lossy(id.as_bytes()).into_owned();
+            let mut seen = server.tries.lock().unwrap_or_else(|e| e.into_inner());
+            let seen = seen.entry(id).or_default();
+            *seen += 1;
+            u64::from(*seen) <= tries
+        }
+    };
+    if hold {
+        delay += Duration::from_millis(ms);
+    }
+    Ok(delay)
 }
 
 /// The request's headers as a JSON object, plus pseudo-headers and the body length.
@@ -354,6 +445,10 @@ struct Plan {
     h2: bool,
     close: bool,
     headers: Vec<(HeaderName, HeaderValue)>,
+    /// `get`'s method (`--method`, GET by default); gRPC calls are always POST.
+    method: Method,
+    /// Gives each request the `x-request-id` `PREFIX-<loop>-<n>` (`--request-ids`).
+    request_ids: Option<String>,
     quiet: bool,
     timeout: Duration,
     /// Seconds between two requests of the whole run (all loops together), when paced.
@@ -388,6 +483,9 @@ async fn client(options: &Options, call: Call) -> Result<()> {
         ));
     }
     let rate: f64 = options.number("rate", 0.0)?;
+    let method = options.get("method").unwrap_or("GET");
+    let method = Method::from_bytes(method.as_bytes())
+        .map_err(|_| anyhow!("--method {method:?}: not an HTTP method"))?;
     let plan = Arc::new(Plan {
         call,
         uri,
@@ -396,6 +494,8 @@ async fn client(options: &Options, call: Call) -> Result<()> {
         h2: options.has("h2") || call == Call::Grpc,
         close: options.has("close"),
         headers,
+        method,
+        request_ids: options.get("request-ids").map(str::to_owned),
         quiet: options.has("quiet"),
         timeout: Duration::from_secs_f64(options.number("timeout-secs", 10.0)?),
         interval: (rate > 0.0).then(|| 1.0 / rate),
@@ -463,11 +563,20 @@ async fn run_loop(plan: Arc<Plan>, index: u64, count: u64, start: Instant) -> Ta
             let slot = (i * plan.concurrency + index) as f64;
             sleep_until(start + Duration::from_secs_f64(slot * interval)).await;
         }
-        let outcome = timeout(plan.timeout, exchange(&plan, &mut connection))
-            .await
-            .unwrap_or_else(|_| Err(anyhow!("timed out after {:?}", plan.timeout)));
+        let request_id = plan
+            .request_ids
+            .as_ref()
+            .map(|prefix| format!("{prefix}-{index}-{i}"));
+        let sent = Instant::now();
+        let outcome = timeout(
+            plan.timeout,
+            exchange(&plan, request_id.as_deref(), &mut connection),
+        )
+        .await
+        .unwrap_or_else(|_| Err(anyhow!("timed out after {:?}", plan.timeout)));
+        let elapsed = sent.elapsed();
         tally.sent += 1;
-        let line = match outcome {
+        let mut line = match outcome {
             Ok(reply) => reply.record(&plan, &mut tally),
             Err(error) => {
                 // Drop the connection: the next request starts on a fresh one.
@@ -482,6 +591,11 @@ async fn run_loop(plan: Arc<Plan>, index: u64, count: u64, start: Instant) -> Ta
             }
         };
         if !plan.quiet {
+            // From sending the request (connecting first if needed) to the end of the response.
+            line["elapsed_ms"] = json!(elapsed.as_secs_f64() * 1000.0);
+            if let Some(id) = request_id {
+                line["request_id"] = json!(id);
+            }
             emit(&line);
         }
     }
@@ -537,7 +651,11 @@ struct Reply {
 }
 
 /// One request/response on the loop's connection, (re)connecting first when needed.
-async fn exchange(plan: &Plan, connection: &mut Option<Sender>) -> Result<Reply> {
+async fn exchange(
+    plan: &Plan,
+    request_id: Option<&str>,
+    connection: &mut Option<Sender>,
+) -> Result<Reply> {
     let mut sender = match connection.take() {
         Some(mut sender) => {
             // A keep-alive connection the server closed in between is not an error: reconnect.
@@ -549,7 +667,7 @@ async fn exchange(plan: &Plan, connection: &mut Option<Sender>) -> Result<Reply>
         }
         None => Sender::connect(plan).await?,
     };
-    let response = sender.send(request(plan)?).await?;
+    let response = sender.send(request(plan, request_id)?).await?;
     let (parts, body) = response.into_parts();
     let collected = body.collect().await.context("response body")?;
     if !plan.close {
@@ -564,7 +682,7 @@ async fn exchange(plan: &Plan, connection: &mut Option<Sender>) -> Result<Reply>
     })
 }
 
-fn request(plan: &Plan) -> Result<Request<Full<Bytes>>> {
+fn request(plan: &Plan, request_id: Option<&str>) -> Result<Request<Full<Bytes>>> {
     let mut builder = Request::builder();
     if plan.h2 {
         // HTTP/2 takes scheme and authority from the absolute URI (`:scheme`, `:authority`).
@@ -580,7 +698,9 @@ fn request(plan: &Plan) -> Result<Request<Full<Bytes>>> {
         }
     }
     let mut request = match plan.call {
-        Call::Get => builder.method(Method::GET).body(Full::new(Bytes::new()))?,
+        Call::Get => builder
+            .method(plan.method.clone())
+            .body(Full::new(Bytes::new()))?,
         Call::Grpc => builder
             .method(Method::POST)
             .header(CONTENT_TYPE, "application/grpc")
@@ -595,6 +715,9 @@ fn request(plan: &Plan) -> Result<Request<Full<Bytes>>> {
         } else {
             headers.append(name.clone(), value.clone());
         }
+    }
+    if let Some(id) = request_id {
+        headers.insert("x-request-id", HeaderValue::from_str(id)?);
     }
     Ok(request)
 }

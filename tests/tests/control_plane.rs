@@ -1,0 +1,395 @@
+//! Against a real Kubernetes 1.20 control plane (`mesh_tests::control_plane`): `deploy/` applies
+//! with kubectl, the agent's ServiceAccount can list and watch everything the agent watches and
+//! nothing more, and the controller-manager and scheduler turn a Deployment into a Pod bound to
+//! a Node.
+//!
+//! The first run builds the control plane's binaries (tens of minutes, once; `cargo xtask test`
+//! does it before the tests). Each test starts a control plane of its own.
+
+use std::{
+    collections::BTreeSet,
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context, Result};
+use mesh_tests::control_plane::ControlPlane;
+use serde_json::Value;
+
+const MESH_NAMESPACE: &str = "sidecarless-system";
+const AGENT: &str = "mesh-agent";
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+/// What the agent watches (mesh-agent/src/discovery/kubernetes.rs), by (API group, resource).
+const WATCHED: [(&str, &str); 7] = [
+    ("", "services"),
+    ("", "pods"),
+    ("", "namespaces"),
+    ("discovery.k8s.io", "endpointslices"),
+    ("networking.istio.io", "virtualservices"),
+    ("networking.istio.io", "destinationrules"),
+    ("networking.istio.io", "gateways"),
+];
+
+/// The Istio kinds the agent does not implement but watches, where served, only to report each
+/// one applied as not enforced (`NOT_IMPLEMENTED` there). No CRD of `deploy/crds` serves them,
+/// so the role's grant is checked, not a list.
+const REPORTED_ONLY: [(&str, &str); 11] = [
+    ("networking.istio.io", "serviceentries"),
+    ("networking.istio.io", "sidecars"),
+    ("networking.istio.io", "envoyfilters"),
+    ("networking.istio.io", "workloadentries"),
+    ("networking.istio.io", "workloadgroups"),
+    ("networking.istio.io", "proxyconfigs"),
+    ("security.istio.io", "authorizationpolicies"),
+    ("security.istio.io", "peerauthentications"),
+    ("security.istio.io", "requestauthentications"),
+    ("telemetry.istio.io", "telemetries"),
+    ("extensions.istio.io", "wasmplugins"),
+];
+
+fn deploy_dir() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ lives in the workspace")
+        .join("deploy")
+        .display()
+        .to_string()
+}
+
+/// Polls `check` until it returns `Some`, or fails after [`TIMEOUT`] with `what` and the last
+/// error.
+fn wait_for<T>(what: &str, mut check: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let last = match check() {
+            Ok(Some(value)) => return Ok(value),
+            Ok(None) => String::from("not yet"),
+            Err(error) => format!("{error:#}"),
+        };
+        if Instant::now() >= deadline {
+            bail!("{what}: not within {TIMEOUT:?} (last: {last})");
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn json(text: &str) -> Result<Value> {
+    serde_json::from_str(text).context("kubectl printed no JSON")
+}
+
+/// The HTTP status of `method path` with `token`, straight from the API server (curl: the exact
+/// status, not kubectl's reading of it). `body` is sent as JSON.
+fn status(
+    control_plane: &ControlPlane,
+    token: &str,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> Result<u16> {
+    let url = format!("{}{path}", control_plane.server());
+    let mut curl = Command::new("curl");
+    curl.args([
+        "-sS",
+        "--max-time",
+        "30",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+    ])
+    .arg("--cacert")
+    .arg(control_plane.ca_cert())
+    .args(["-X", method])
+    .args(["-H", &format!("Authorization: Bearer {token}")]);
+    if !body.is_empty() {
+        curl.args(["-H", "Content-Type: application/json", "--data", body]);
+    }
+    let out = curl.arg(&url).output().context("running curl")?;
+    ensure!(
+        out.status.success(),
+        "curl {method} {url} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .with_context(|| format!("curl printed no status for {method} {url}"))
+}
+
+/// The versions of `group` the API server serves, from discovery (the core group is `v1`).
+fn served_versions(control_plane: &ControlPlane, group: &str) -> Result<Vec<String>> {
+    if group.is_empty() {
+        return Ok(vec!["v1".to_owned()]);
+    }
+    let discovery = json(&control_plane.kubectl(&["get", "--raw", &format!("/apis/{group}")])?)?;
+    let versions: Vec<String> = discovery["versions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|version| version["version"].as_str().map(str::to_owned))
+        .collect();
+    ensure!(
+        !versions.is_empty(),
+        "{group} serves no version: {discovery}"
+    );
+    Ok(versions)
+}
+
+/// The URL path of every object of `resource` in all namespaces.
+fn collection(group: &str, version: &str, resource: &str) -> String {
+    if group.is_empty() {
+        format!("/api/{version}/{resource}")
+    } else {
+        format!("/apis/{group}/{version}/{resource}")
+    }
+}
+
+/// `deploy/` applied with kubectl; then, with the agent's own tokens (a TokenRequest token, as
+/// current kubelets mount, and the token Secret 1.20's token controller made, as a 1.20 kubelet
+/// mounts), list and watch of each kind the ClusterRole grants — at every version the server
+/// serves — answer 200, and the role grants exactly what the agent watches; secrets, other kinds
+/// and any write answer 403.
+#[test]
+fn the_agents_role_lets_it_watch_what_it_watches_and_nothing_more() -> Result<()> {
+    let control_plane = ControlPlane::start()?;
+    control_plane
+        .kubectl(&["apply", "-k", &deploy_dir()])
+        .context("kubectl apply -k deploy on Kubernetes 1.20")?;
+
+    let bound_token = control_plane
+        .kubectl(&["-n", MESH_NAMESPACE, "create", "token", AGENT])?
+        .trim()
+        .to_owned();
+    let secret_token = wait_for("the agent's ServiceAccount token Secret", || {
+        let secret = control_plane.kubectl(&[
+            "-n",
+            MESH_NAMESPACE,
+            "get",
+            "serviceaccount",
+            AGENT,
+            "-o",
+            "jsonpath={.secrets[0].name}",
+        ])?;
+        if secret.trim().is_empty() {
+            return Ok(None);
+        }
+        let token = control_plane.kubectl(&[
+            "-n",
+            MESH_NAMESPACE,
+            "get",
+            "secret",
+            secret.trim(),
+            "-o",
+            "go-template={{.data.token | base64decode}}",
+        ])?;
+        Ok(Some(token))
+    })?;
+
+    // What the role grants, as the server has it.
+    let role = json(&control_plane.kubectl(&["get", "clusterrole", AGENT, "-o", "json"])?)?;
+    let mut granted = BTreeSet::new();
+    for rule in role["rules"].as_array().context("the role has no rules")? {
+        for group in rule["apiGroups"].as_array().into_iter().flatten() {
+            for resource in rule["resources"].as_array().into_iter().flatten() {
+                granted.insert((
+                    group.as_str().unwrap_or_default().to_owned(),
+                    resource.as_str().unwrap_or_default().to_owned(),
+                ));
+            }
+        }
+    }
+    let watched: BTreeSet<(String, String)> = WATCHED
+        .iter()
+        .chain(&REPORTED_ONLY)
+        .map(|(group, resource)| ((*group).to_owned(), (*resource).to_owned()))
+        .collect();
+    ensure!(
+        granted == watched,
+        "the role grants {granted:?}, the agent watches {watched:?}"
+    );
+
+    let mut checked = Vec::new();
+    for (group, resource) in WATCHED {
+        for version in served_versions(&control_plane, group)? {
+            checked.push(collection(group, &version, resource));
+        }
+    }
+    // Each watch lasts its timeout (1 s): all at once.
+    std::thread::scope(|scope| {
+        let requests: Vec<_> = checked
+            .iter()
+            .flat_map(|path| [path.clone(), format!("{path}?watch=1&timeoutSeconds=1")])
+            .flat_map(|request| {
+                [("bound", &bound_token), ("secret", &secret_token)]
+                    .map(|(which, token)| (request.clone(), which, token))
+            })
+            .map(|(request, which, token)| {
+                let control_plane = &control_plane;
+                scope.spawn(move || -> Result<()> {
+                    let code = status(control_plane, token, "GET", &request, "")?;
+                    ensure!(
+                        code == 200,
+                        "GET {request} with the agent's {which} token: {code}, expected 200"
+                    );
+                    Ok(())
+                })
+            })
+            .collect();
+        requests
+            .into_iter()
+            .try_for_each(|request| request.join().expect("request thread panicked"))
+    })?;
+    // 1.20 serves EndpointSlices only as v1beta1 (the role's grant is for the group, whatever
+    // the version); the agent watches the Istio kinds as v1beta1.
+    for expected in [
+        "/apis/discovery.k8s.io/v1beta1/endpointslices",
+        "/apis/networking.istio.io/v1beta1/virtualservices",
+    ] {
+        ensure!(
+            checked.iter().any(|path| path == expected),
+            "{expected} not among {checked:?}"
+        );
+    }
+    eprintln!("list and watch answered 200 with the agent's tokens: {checked:?}");
+
+    let pod = r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"intruder"},
+                  "spec":{"containers":[{"name":"c","image":"x"}]}}"#;
+    for (method, path, body) in [
+        ("GET", "/api/v1/secrets".to_owned(), ""),
+        (
+            "GET",
+            format!("/api/v1/namespaces/{MESH_NAMESPACE}/secrets"),
+            "",
+        ),
+        ("GET", "/api/v1/configmaps".to_owned(), ""),
+        ("GET", "/api/v1/nodes".to_owned(), ""),
+        ("GET", "/apis/apps/v1/daemonsets".to_owned(), ""),
+        ("POST", "/api/v1/namespaces/default/pods".to_owned(), pod),
+        ("DELETE", format!("/api/v1/namespaces/{MESH_NAMESPACE}"), ""),
+        (
+            "POST",
+            format!("/api/v1/namespaces/{MESH_NAMESPACE}/serviceaccounts/{AGENT}/token"),
+            r#"{"apiVersion":"authentication.k8s.io/v1","kind":"TokenRequest","spec":{}}"#,
+        ),
+    ] {
+        for (which, token) in [("bound", &bound_token), ("secret", &secret_token)] {
+            let code = status(&control_plane, token, method, &path, body)?;
+            ensure!(
+                code == 403,
+                "{method} {path} with the agent's {which} token: {code}, expected 403"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A Node registered by hand (as a kubelet would: the object, then a Ready status), and a
+/// Deployment applied with kubectl: the controller-manager makes its ReplicaSet and Pod, the
+/// scheduler binds the Pod to the Node. (Nothing runs it: there is no kubelet.)
+#[test]
+fn a_deployment_gets_a_replica_set_and_a_pod_bound_to_a_node() -> Result<()> {
+    let control_plane = ControlPlane::start()?;
+    let node = "node-1";
+    let apply = |yaml: &str| -> Result<()> {
+        let mut kubectl = control_plane.kubectl_command();
+        let mut child = kubectl
+            .args(["apply", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        std::io::Write::write_all(&mut child.stdin.take().expect("piped"), yaml.as_bytes())?;
+        let out = child.wait_with_output()?;
+        ensure!(
+            out.status.success(),
+            "kubectl apply failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    apply(&format!(
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: {node}\n  labels:\n    \
+         kubernetes.io/os: linux\n    kubernetes.io/hostname: {node}\n"
+    ))?;
+    let now = Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()?;
+    let now = String::from_utf8(now.stdout)?.trim().to_owned();
+    let status = serde_json::json!({
+        "status": {
+            "capacity": {"cpu": "2", "memory": "4Gi", "pods": "110"},
+            "allocatable": {"cpu": "2", "memory": "4Gi", "pods": "110"},
+            "conditions": [{
+                "type": "Ready", "status": "True", "reason": "KubeletReady",
+                "message": "a test registered this node",
+                "lastHeartbeatTime": now, "lastTransitionTime": now,
+            }],
+            "addresses": [{"type": "InternalIP", "address": "10.0.0.11"}],
+        }
+    });
+    control_plane.kubectl(&[
+        "patch",
+        "node",
+        node,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        &status.to_string(),
+    ])?;
+
+    control_plane.kubectl(&["create", "namespace", "smoke"])?;
+    apply(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\n  namespace: smoke\n\
+         spec:\n  replicas: 1\n  selector:\n    matchLabels: {app: web}\n  template:\n    \
+         metadata:\n      labels: {app: web}\n    spec:\n      containers:\n      \
+         - {name: web, image: example.com/web:1}\n",
+    )?;
+
+    let started = Instant::now();
+    let replica_set = wait_for("the Deployment's ReplicaSet", || {
+        let sets = json(&control_plane.kubectl(&[
+            "-n",
+            "smoke",
+            "get",
+            "replicasets",
+            "-l",
+            "app=web",
+            "-o",
+            "json",
+        ])?)?;
+        Ok(sets["items"].as_array().and_then(|items| {
+            items
+                .iter()
+                .find(|set| set["metadata"]["ownerReferences"][0]["name"] == "web")
+                .and_then(|set| set["metadata"]["name"].as_str().map(str::to_owned))
+        }))
+    })?;
+    let (pod, bound_to) = wait_for("a Pod of the ReplicaSet bound to a node", || {
+        let pods = json(
+            &control_plane
+                .kubectl(&["-n", "smoke", "get", "pods", "-l", "app=web", "-o", "json"])?,
+        )?;
+        Ok(pods["items"].as_array().and_then(|items| {
+            items
+                .iter()
+                .filter(|pod| pod["metadata"]["ownerReferences"][0]["name"] == replica_set.as_str())
+                .find_map(|pod| {
+                    let node = pod["spec"]["nodeName"].as_str()?;
+                    let name = pod["metadata"]["name"].as_str()?;
+                    Some((name.to_owned(), node.to_owned()))
+                })
+        }))
+    })?;
+    ensure!(
+        bound_to == node,
+        "pod {pod} bound to {bound_to}, expected {node}"
+    );
+    eprintln!(
+        "deployment -> replica set {replica_set} -> pod {pod} on {bound_to} in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}

@@ -397,18 +397,10 @@ fn mirroring_copies_to_the_shadow_with_a_shadow_host_and_the_client_never_waits_
     mesh.example("mirroring.yml");
     let agent = mesh.agent();
 
-    // Every request of the last route is mirrored to the slow shadow. The client names the
-    // host without a port: for `host:port` the proxy appends the suffix after the port today
-    // (`service-g:8080-shadow`) where Envoy puts it before (`service-g-shadow:8080`).
+    // Every request of the last route is mirrored to the slow shadow. Envoy puts the suffix on
+    // the host, before the port: `service-g:8080` is copied as `service-g-shadow:8080`.
     let started = Instant::now();
-    let (lines, summary) = mesh.get(&[
-        "--url",
-        "http://service-g:8080/orders",
-        "--count",
-        "20",
-        "--header",
-        "host: service-g",
-    ]);
+    let (lines, summary) = mesh.get(&["--url", "http://service-g:8080/orders", "--count", "20"]);
     let took = started.elapsed();
     println!("20 mirrored requests in {took:?} with a shadow answering after {shadow_delay} ms");
     assert_eq!(
@@ -431,13 +423,13 @@ fn mirroring_copies_to_the_shadow_with_a_shadow_host_and_the_client_never_waits_
     let copies = mesh.wait_received("service-g-shadow-0", "/orders", 20, Duration::ZERO);
     assert_eq!(copies.len(), 20);
     for copy in &copies {
-        assert_eq!(copy["host"], "service-g-shadow", "{copy}");
+        assert_eq!(copy["host"], "service-g-shadow:8080", "{copy}");
         assert_eq!(copy["method"], "GET", "{copy}");
     }
     let primaries = mesh.received("service-g-stable-0", "/orders");
     assert_eq!(primaries.len(), 20);
     assert!(
-        primaries.iter().all(|r| r["host"] == "service-g"),
+        primaries.iter().all(|r| r["host"] == "service-g:8080"),
         "{primaries:?}"
     );
     // A copy is the same request: the trace's request id travels with it.
@@ -463,8 +455,6 @@ fn mirroring_copies_to_the_shadow_with_a_shadow_host_and_the_client_never_waits_
         "--concurrency",
         "10",
         "--quiet",
-        "--header",
-        "host: service-g",
     ]);
     assert_eq!(
         count(&summary, "by_body", "service-g-stable-0"),
@@ -479,7 +469,7 @@ fn mirroring_copies_to_the_shadow_with_a_shadow_host_and_the_client_never_waits_
     );
     assert_eq!(copies.len(), 51);
     assert!(
-        copies.iter().all(|c| c["host"] == "service-g-shadow"),
+        copies.iter().all(|c| c["host"] == "service-g-shadow:8080"),
         "{copies:?}"
     );
     assert_eq!(mesh.received("service-g-stable-0", "/checkout").len(), 200);
@@ -488,6 +478,48 @@ fn mirroring_copies_to_the_shadow_with_a_shadow_host_and_the_client_never_waits_
     let records = logged(&agent, "/checkout", 200);
     assert_eq!(records.len(), 200);
     assert!(records.iter().all(|r| r["destination_subset"] == "stable"));
+}
+
+/// HTTP/2 (and so gRPC) requests are mirrored like HTTP/1.1 ones, and every HTTP/2 try
+/// carries the client's `:authority`, not the endpoint's address.
+#[test]
+fn http2_requests_keep_their_authority_and_are_mirrored_too() {
+    let mut mesh = Mesh::new();
+    mesh.service(
+        "service-g",
+        &[Replica {
+            pod: "service-g-stable-0",
+            labels: &[("app", "service-g"), ("track", "stable")],
+            serve: &[],
+        }],
+    );
+    mesh.service(
+        "service-g-shadow",
+        &[Replica {
+            pod: "service-g-shadow-0",
+            labels: &[("app", "service-g-shadow")],
+            serve: &[],
+        }],
+    );
+    mesh.example("mirroring.yml");
+    let _agent = mesh.agent();
+    let line = mesh.one(
+        "http://service-g:8080/orders",
+        &["--h2", "--header", "x-request-id: h2-copy"],
+    );
+    assert_eq!(line["status"], 200, "{line}");
+    let primaries = mesh.received("service-g-stable-0", "/orders");
+    assert_eq!(primaries.len(), 1, "{primaries:?}");
+    assert_eq!(primaries[0]["host"], "service-g:8080", "{}", primaries[0]);
+    let copies = mesh.wait_received(
+        "service-g-shadow-0",
+        "/orders",
+        1,
+        Duration::from_millis(300),
+    );
+    assert_eq!(copies.len(), 1, "{copies:?}");
+    assert_eq!(copies[0]["request_id"], "h2-copy", "{}", copies[0]);
+    assert_eq!(copies[0]["host"], "service-g-shadow:8080", "{}", copies[0]);
 }
 
 // -------------------------------------------------------------------------------- matching

@@ -173,16 +173,7 @@ fn mirror(
         return;
     };
     let mut request = upstream_request(parts, mirror.authority(), protocol, full(bytes.clone()));
-    // Envoy marks shadowed requests by suffixing the host.
-    if let Some(host) = request
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-    {
-        if let Ok(shadow) = HeaderValue::from_str(&format!("{host}-shadow")) {
-            request.headers_mut().insert(header::HOST, shadow);
-        }
-    }
+    shadow_authority(&mut request);
     // As Envoy's shadow, the copy is bounded by the route's timeout.
     let deadline = plan
         .timeout()
@@ -338,8 +329,55 @@ fn routing_authority<'a>(authority: &'a str, service_authority: &'a str) -> &'a 
     }
 }
 
+/// The authority the client addressed: HTTP/2's `:authority` (in the URI), else `Host`.
+fn client_authority(parts: &Parts) -> Option<Authority> {
+    if let Some(authority) = parts.uri.authority() {
+        return Some(authority.clone());
+    }
+    let host = parts.headers.get(header::HOST)?;
+    Authority::try_from(host.as_bytes()).ok()
+}
+
+/// Envoy marks a mirrored request by suffixing its host, before the port
+/// (`service-g:8080` → `service-g-shadow:8080`): in `Host` for HTTP/1.1, in `:authority` for
+/// HTTP/2.
+fn shadow_authority(request: &mut Request<ProxyBody>) {
+    if let Some(host) = request.headers().get(header::HOST) {
+        let shadow = host
+            .to_str()
+            .ok()
+            .and_then(|host| HeaderValue::from_str(&with_shadow_suffix(host)).ok());
+        if let Some(shadow) = shadow {
+            request.headers_mut().insert(header::HOST, shadow);
+        }
+        return;
+    }
+    let Some(authority) = request.uri().authority() else {
+        return;
+    };
+    let Ok(shadow) = Authority::try_from(with_shadow_suffix(authority.as_str())) else {
+        return;
+    };
+    let mut uri = uri::Parts::from(request.uri().clone());
+    uri.authority = Some(shadow);
+    if let Ok(uri) = Uri::from_parts(uri) {
+        *request.uri_mut() = uri;
+    }
+}
+
+fn with_shadow_suffix(authority: &str) -> String {
+    // A port follows the last `:` unless that colon is inside an IPv6 literal.
+    match authority.rsplit_once(':') {
+        Some((host, port)) if !port.contains(']') && port.bytes().all(|b| b.is_ascii_digit()) => {
+            format!("{host}-shadow:{port}")
+        }
+        _ => format!("{authority}-shadow"),
+    }
+}
+
 /// The request for one try: same head, sent to the chosen endpoint. HTTP/1.1 takes the path
-/// alone (origin form), with the client's `Host`; HTTP/2 the absolute URI.
+/// alone (origin form), with the client's `Host`; HTTP/2 the absolute URI with the client's
+/// authority (after any rewrite), or the endpoint's if the client sent none.
 fn upstream_request(
     parts: &Parts,
     endpoint: &Authority,
@@ -356,7 +394,7 @@ fn upstream_request(
         Protocol::Http2 => {
             let mut uri = uri::Parts::default();
             uri.scheme = Some(Scheme::HTTP);
-            uri.authority = Some(endpoint.clone());
+            uri.authority = Some(client_authority(parts).unwrap_or_else(|| endpoint.clone()));
             uri.path_and_query = Some(path);
             Uri::from_parts(uri).unwrap_or_default()
         }
@@ -380,4 +418,55 @@ fn upstream_request(
         }
     }
     request
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shadow_suffix_goes_on_the_host_before_any_port() {
+        assert_eq!(
+            with_shadow_suffix("service-g:8080"),
+            "service-g-shadow:8080"
+        );
+        assert_eq!(with_shadow_suffix("service-g"), "service-g-shadow");
+        assert_eq!(with_shadow_suffix("10.0.0.1:80"), "10.0.0.1-shadow:80");
+        assert_eq!(with_shadow_suffix("[::1]:80"), "[::1]-shadow:80");
+        assert_eq!(with_shadow_suffix("[::1]"), "[::1]-shadow");
+    }
+
+    #[test]
+    fn http2_tries_carry_the_clients_authority_not_the_endpoints() {
+        let endpoint = Authority::from_static("10.77.0.9:8080");
+        let (parts, ()) = Request::get("http://service-g:8080/orders?x=1")
+            .version(Version::HTTP_2)
+            .body(())
+            .unwrap()
+            .into_parts();
+        let request = upstream_request(&parts, &endpoint, Protocol::Http2, empty());
+        assert_eq!(request.uri(), "http://service-g:8080/orders?x=1");
+        let mut mirrored = upstream_request(&parts, &endpoint, Protocol::Http2, empty());
+        shadow_authority(&mut mirrored);
+        assert_eq!(mirrored.uri(), "http://service-g-shadow:8080/orders?x=1");
+
+        // No authority at all: the endpoint's keeps the HTTP/2 request well formed.
+        let (parts, ()) = Request::get("/orders").body(()).unwrap().into_parts();
+        let request = upstream_request(&parts, &endpoint, Protocol::Http2, empty());
+        assert_eq!(request.uri(), "http://10.77.0.9:8080/orders");
+    }
+
+    #[test]
+    fn http1_mirrors_suffix_the_host_header() {
+        let endpoint = Authority::from_static("10.77.0.9:8080");
+        let (parts, ()) = Request::get("/orders")
+            .header(header::HOST, "service-g:8080")
+            .body(())
+            .unwrap()
+            .into_parts();
+        let mut mirrored = upstream_request(&parts, &endpoint, Protocol::Http1, empty());
+        shadow_authority(&mut mirrored);
+        assert_eq!(mirrored.headers()[header::HOST], "service-g-shadow:8080");
+        assert_eq!(mirrored.uri(), "/orders");
+    }
 }

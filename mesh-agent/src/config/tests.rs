@@ -1087,3 +1087,39 @@ fn defaults_follow_istio_and_envoy() {
         Some(model::RetryOn::istio_default())
     );
 }
+
+#[test]
+fn deprecated_outlier_and_balancer_names_mean_what_istio_makes_of_them() {
+    let outlier = |spec: &str| {
+        let loaded = load_str(
+            "d.yml",
+            &dr(&format!("host: svc\ntrafficPolicy:\n  outlierDetection: {spec}")),
+        );
+        assert!(loaded.diagnostics.is_empty(), "{}", describe(&loaded));
+        loaded.config.destination_rules[0]
+            .traffic_policy
+            .outlier_detection
+            .clone()
+            .expect("outlier detection")
+    };
+    let old = outlier("{consecutiveErrors: 3}");
+    assert_eq!(old.consecutive_gateway_errors, Some(3));
+    assert_eq!(old.consecutive_5xx_errors, 0, "plain 5xx counting is off");
+    let both = outlier("{consecutiveErrors: 3, consecutive5xxErrors: 2}");
+    assert_eq!(both.consecutive_gateway_errors, Some(3));
+    assert_eq!(both.consecutive_5xx_errors, 2, "the newer field wins");
+
+    let balancer = |simple: &str| {
+        let loaded = load_str(
+            "d.yml",
+            &dr(&format!(
+                "host: svc\ntrafficPolicy:\n  loadBalancer: {{simple: {simple}}}"
+            )),
+        );
+        assert!(loaded.diagnostics.is_empty(), "{}", describe(&loaded));
+        loaded.config.destination_rules[0].traffic_policy.load_balancer
+    };
+    assert_eq!(balancer("LEAST_CONN"), Some(LoadBalancer::LeastRequest));
+    assert_eq!(balancer("UNSPECIFIED"), None, "the default, LEAST_REQUEST");
+    assert_eq!(balancer("PASSTHROUGH"), Some(LoadBalancer::Passthrough));
+}

@@ -1093,7 +1093,9 @@ fn deprecated_outlier_and_balancer_names_mean_what_istio_makes_of_them() {
     let outlier = |spec: &str| {
         let loaded = load_str(
             "d.yml",
-            &dr(&format!("host: svc\ntrafficPolicy:\n  outlierDetection: {spec}")),
+            &dr(&format!(
+                "host: svc\ntrafficPolicy:\n  outlierDetection: {spec}"
+            )),
         );
         assert!(loaded.diagnostics.is_empty(), "{}", describe(&loaded));
         loaded.config.destination_rules[0]
@@ -1117,7 +1119,9 @@ fn deprecated_outlier_and_balancer_names_mean_what_istio_makes_of_them() {
             )),
         );
         assert!(loaded.diagnostics.is_empty(), "{}", describe(&loaded));
-        loaded.config.destination_rules[0].traffic_policy.load_balancer
+        loaded.config.destination_rules[0]
+            .traffic_policy
+            .load_balancer
     };
     assert_eq!(balancer("LEAST_CONN"), Some(LoadBalancer::LeastRequest));
     assert_eq!(balancer("UNSPECIFIED"), None, "the default, LEAST_REQUEST");

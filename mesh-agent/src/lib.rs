@@ -14,6 +14,7 @@ pub mod enrollment;
 pub mod exposition;
 pub mod identity;
 pub mod proxy;
+pub mod readiness;
 pub mod redirect;
 pub mod run;
 pub mod state;

@@ -3,7 +3,7 @@
 use std::{
     net::{SocketAddr, SocketAddrV4},
     path::PathBuf,
-    sync::{atomic::Ordering, Arc},
+    sync::Arc,
     time::Duration,
 };
 
@@ -14,10 +14,11 @@ use tracing::info;
 
 use crate::{
     admin::{self, AdminState},
-    discovery::kubernetes::{self, KubeSettings},
+    discovery::kubernetes::{self, KubeSettings, WatchMetrics},
     engine::{EngineSettings, GatewayLabels},
     enrollment::{by_label, Enrollments, PodSpec},
     proxy::{PodContext, Proxy},
+    readiness::{Readiness, START_UP},
     redirect::{Redirect, RedirectMode},
     state::{self, Store},
     telemetry::{
@@ -148,18 +149,14 @@ pub fn run(settings: Settings) -> Result<()> {
     for pod in &settings.enroll {
         enrollments.enroll(pod)?;
     }
-    let kubernetes_task = match settings.kubernetes {
+    let kubernetes = match settings.kubernetes {
         Some(kube) => {
-            let watches = runtime
-                .block_on(kubernetes::start(&kube))
+            let client = runtime
+                .block_on(kubernetes::client(&kube))
                 .context("kubernetes mode")?;
-            // An invalid first state is logged by the store; it is tried again with the next
-            // change, and traffic flows meanwhile.
-            let cluster = by_label::Cluster::new(&watches, &kube);
-            let _ = store.change(watches.initial);
-            runtime.spawn(Arc::clone(&store).follow(watches.changes));
-            let _runtime = runtime.enter();
-            Some(by_label::follow(cluster, Arc::clone(&enrollments)))
+            let metrics = WatchMetrics::default();
+            metrics.register(mesh.sub_registry_with_prefix("kubernetes"));
+            Some((kube, client, metrics))
         }
         None => None,
     };
@@ -179,23 +176,36 @@ pub fn run(settings: Settings) -> Result<()> {
         runtime.spawn(Arc::clone(&proxy).serve_ingress(listener, gateway));
         info!(%addr, labels = %settings.gateway_labels, "ingress gateway listening");
     }
+    // The admin API answers `/healthz` from here on, and `/ready` says what is still awaited.
+    let readiness = Arc::new(Readiness::starting());
     let state = Arc::new(AdminState {
         redirect: Arc::clone(&redirect),
         enrollments: Arc::clone(&enrollments),
         store: Arc::clone(&store),
         metrics: Arc::new(registry),
         log_level: settings.log_level,
-        writable: kubernetes_task.is_none(),
-        ready: Default::default(),
+        writable: kubernetes.is_none(),
+        readiness: Arc::clone(&readiness),
     });
     let admin = admin::spawn(settings.admin, Arc::clone(&state))
         .with_context(|| format!("admin API on {}", settings.admin))?;
-    state.ready.store(true, Ordering::Release);
-    info!(admin = %admin.addr, listen = %settings.listen, pods = settings.enroll.len(), "ready");
+    if let Some((kube, client, metrics)) = kubernetes {
+        readiness.waiting(ENROLLMENT, "after the first lists");
+        runtime.spawn(follow_cluster(
+            client,
+            kube,
+            metrics,
+            Arc::clone(&store),
+            Arc::clone(&enrollments),
+            Arc::clone(&readiness),
+        ));
+    }
+    info!(admin = %admin.addr, listen = %settings.listen, pods = settings.enroll.len(), "started");
+    readiness.done(START_UP);
 
     let signal_name = runtime.block_on(shutdown_signal())?;
     info!(signal = signal_name, "shutting down");
-    state.ready.store(false, Ordering::Release);
+    readiness.waiting("shutdown", "draining connections");
     // New connections go direct from here on; those in flight get the drain period.
     enrollments.unenroll_all();
     let drain = proxy.drain().clone();
@@ -237,6 +247,34 @@ pub fn run(settings: Settings) -> Result<()> {
         Err(_) => tracing::warn!("redirect still referenced; eBPF programs detach at exit"),
     }
     Ok(())
+}
+
+/// What Kubernetes mode holds `/ready` on until this node's pods are enrolled.
+const ENROLLMENT: &str = "enrollment";
+
+/// Kubernetes mode once the client is made: waits for the first lists (as long as it takes,
+/// `/ready` saying what for), puts them in force, then follows the cluster's changes and its
+/// labels. Only then are pods enrolled: a pod is never redirected to an agent that does not
+/// know its services yet.
+async fn follow_cluster(
+    client: kube::Client,
+    kube: KubeSettings,
+    metrics: WatchMetrics,
+    store: Arc<Store>,
+    enrollments: Arc<Enrollments>,
+    readiness: Arc<Readiness>,
+) {
+    let watches = kubernetes::start(client, &readiness, &metrics).await;
+    info!(node = %kube.node_name, "kubernetes watches listed");
+    // An invalid first state is logged by the store; it is tried again with the next change,
+    // and traffic flows meanwhile.
+    let cluster = by_label::Cluster::new(&watches, &kube);
+    let _ = store.change(watches.initial);
+    tokio::spawn(store.follow(watches.changes));
+    // The first reconcile runs before this returns; the task keeps following.
+    let following = by_label::follow(cluster, enrollments);
+    readiness.done(ENROLLMENT);
+    let _ = following.await;
 }
 
 async fn shutdown_signal() -> Result<&'static str> {

@@ -3,14 +3,7 @@
 
 pub mod client;
 
-use std::{
-    convert::Infallible,
-    net::SocketAddr,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
-};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -27,6 +20,7 @@ use crate::{
     config::{Diagnostic, ObjectKey},
     enrollment::{Enrollments, PodSpec},
     exposition,
+    readiness::Readiness,
     redirect::Redirect,
     state::Store,
 };
@@ -43,7 +37,7 @@ pub struct AdminState {
     /// there the cluster's objects and labels are the truth, and the admin port is reachable
     /// on the node's address for the kubelet's probes.
     pub writable: bool,
-    pub ready: AtomicBool,
+    pub readiness: Arc<Readiness>,
 }
 
 pub type LogLevelSetter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
@@ -130,13 +124,13 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byte
     }
     match (req.method().clone(), path.as_str()) {
         (Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
-        (Method::GET, "/ready") => {
-            if state.ready.load(Ordering::Acquire) {
-                text(StatusCode::OK, "ready\n")
-            } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
-            }
-        }
+        (Method::GET, "/ready") => match state.readiness.check() {
+            Ok(()) => text(StatusCode::OK, "ready\n"),
+            Err(waiting) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("not ready: waiting for {waiting}\n"),
+            ),
+        },
         (Method::GET, "/stats") => json_response(StatusCode::OK, &stats(state)),
         (Method::GET, "/metrics") | (Method::GET, "/stats/prometheus") => {
             let accept = req

@@ -4,15 +4,24 @@
 //! and proxy do not know the difference from local mode. `Pod` and `Namespace` are also kept in
 //! reflector stores, which label enrollment reads.
 //!
+//! `EndpointSlice` is read at the version the API server serves, found by API discovery:
+//! `discovery.k8s.io/v1` (Kubernetes 1.21 and later) or `v1beta1` (1.17 to 1.24), whose objects
+//! are read into the v1 type (see [`endpoint_slice_from_v1beta1`]).
+//!
 //! The Istio kinds the mesh does not implement ([`NOT_IMPLEMENTED`]: `AuthorizationPolicy`,
 //! `PeerAuthentication`, `ServiceEntry`, ...) are watched too, only so that each one applied is
 //! reported (a warning, `/config_dump`'s `ignored`) instead of passing unnoticed. Their CRDs may
 //! well not be installed: only the kinds the API server serves at start-up are watched, and
 //! they never hold up start-up.
 //!
-//! Watches recover by themselves (backoff, relist on 410; a relist replaces the kind's objects
-//! as a whole); until they do, the last good state stays in force and traffic keeps flowing. An
-//! Istio object that fails validation is logged and its last good version stays.
+//! Start-up waits as long as it takes for API discovery and every watch's first list, and
+//! `/ready` names what it is still waiting for (see [`Readiness`]); the agent never gives up and
+//! exits, which under a kubelet would only be a restart loop. Watches recover by themselves
+//! (backoff, relist on 410; a relist replaces the kind's objects as a whole); until they do, the
+//! last good state stays in force and traffic keeps flowing. The first failure of a streak is
+//! logged with its kind and reason, every one is counted
+//! (`mesh_kubernetes_watch_failures_total{kind}`), and recovery is logged. An Istio object that
+//! fails validation is logged and its last good version stays.
 
 use std::{fmt::Debug, future::Future, path::PathBuf, sync::Arc, time::Duration};
 
@@ -33,11 +42,18 @@ use kube::{
     },
     Api, Client, Config,
 };
+use prometheus_client::{
+    metrics::{counter::Counter, family::Family},
+    registry::Registry,
+};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch, Notify};
 use tracing::{debug, info, warn};
 
-use crate::config::{self, Document, Object, ObjectKey, Sourced};
+use crate::{
+    config::{self, Document, Object, ObjectKey, Sourced},
+    readiness::Readiness,
+};
 
 /// What the watches report to the store.
 #[derive(Debug)]
@@ -57,8 +73,10 @@ pub enum SourceChange {
 const ORIGIN: &str = "kubernetes";
 /// Events waiting for the store; a watch waits when it is full.
 const CHANGES_BOUND: usize = 4096;
-/// How long start-up waits for every watch's first list.
-const FIRST_LIST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often start-up says it is still waiting for the API server.
+const STILL_WAITING_EVERY: Duration = Duration::from_secs(30);
+/// API discovery is retried with this backoff, doubling up to the cap.
+const DISCOVERY_RETRY: (Duration, Duration) = (Duration::from_millis(500), Duration::from_secs(30));
 
 pub struct KubeSettings {
     /// Kubeconfig file; none: in-cluster service account, or `$KUBECONFIG`/`~/.kube/config`.
@@ -75,6 +93,27 @@ const ISTIO_KINDS: [(&str, &str); 3] = [
     ("Gateway", "gateways"),
 ];
 const ISTIO_VERSION: &str = "v1beta1";
+const DISCOVERY_GROUP: &str = "discovery.k8s.io";
+
+/// The failures of every watch, by kind.
+#[derive(Clone, Default)]
+pub struct WatchMetrics {
+    failures: Family<[(&'static str, &'static str); 1], Counter>,
+}
+
+impl WatchMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "watch_failures",
+            "Failed list or watch requests to the API server, by kind (the first of a streak is logged)",
+            self.failures.clone(),
+        );
+    }
+
+    fn of(&self, kind: &'static str) -> Counter {
+        self.failures.get_or_create(&[("kind", kind)]).clone()
+    }
+}
 
 /// The kinds of Istio's API groups the mesh does not implement, as (group, kind, plural): each
 /// needs its own `list`/`watch` grant in `deploy/base/clusterrole.yaml` (no wildcards there).
@@ -119,9 +158,10 @@ pub struct Watches {
     pub enrollment_changed: Arc<Notify>,
 }
 
-/// Starts the watches and waits for each one's first list.
-pub async fn start(settings: &KubeSettings) -> Result<Watches> {
-    let client = client(settings).await?;
+/// Starts the watches and waits, as long as it takes, for API discovery and each one's first
+/// list; meanwhile `readiness` names what is still awaited and why.
+pub async fn start(client: Client, readiness: &Arc<Readiness>, metrics: &WatchMetrics) -> Watches {
+    let endpoint_slices = endpoint_slice_version(&client, readiness).await;
     let (sender, mut changes) = mpsc::channel(CHANGES_BOUND);
     let (listed, mut lists) = watch::channel(0usize);
     let listed = Arc::new(listed);
@@ -133,6 +173,7 @@ pub async fn start(settings: &KubeSettings) -> Result<Watches> {
         sender: sender.clone(),
         listed: Some(Arc::clone(&listed)),
         origin: Arc::clone(&origin),
+        failures: Failures::awaited(kind, readiness, metrics),
     };
     let mut kinds = 0;
     tokio::spawn(
@@ -140,11 +181,28 @@ pub async fn start(settings: &KubeSettings) -> Result<Watches> {
             Some(Object::Service(Arc::new(o)))
         }),
     );
-    tokio::spawn(
-        watch("EndpointSlice").run(plain(Api::<EndpointSlice>::all(client.clone())), |o| {
-            Some(Object::EndpointSlice(Arc::new(o)))
-        }),
-    );
+    match endpoint_slices {
+        EndpointSliceVersion::V1 => tokio::spawn(
+            watch("EndpointSlice").run(plain(Api::<EndpointSlice>::all(client.clone())), |o| {
+                Some(Object::EndpointSlice(Arc::new(o)))
+            }),
+        ),
+        EndpointSliceVersion::V1beta1 => {
+            let resource = ApiResource {
+                group: DISCOVERY_GROUP.into(),
+                version: "v1beta1".into(),
+                api_version: EndpointSliceVersion::V1beta1.api_version().into(),
+                kind: "EndpointSlice".into(),
+                plural: "endpointslices".into(),
+            };
+            let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
+            tokio::spawn(watch("EndpointSlice").run(plain(api), |o| {
+                Some(Object::EndpointSlice(Arc::new(
+                    endpoint_slice_from_v1beta1(o)?,
+                )))
+            }))
+        }
+    };
     kinds += 2;
     let (pods, pod_events) = reflect(Api::<Pod>::all(client.clone()), &enrollment_changed);
     let pod_store = pods.clone();
@@ -166,46 +224,169 @@ pub async fn start(settings: &KubeSettings) -> Result<Watches> {
         tokio::spawn(watch(kind).run_sourced(plain(api), move |object| istio(&resource, object)));
         kinds += 1;
     }
-    let reported = watch_not_implemented(&client, &sender, &origin).await;
+    let reported = watch_not_implemented(&client, &sender, &origin, metrics).await;
     if !reported.is_empty() {
         info!(
             kinds = reported.join(", "),
             "watching Istio kinds this mesh does not implement, to report them"
         );
     }
-    let (namespaces, namespace_events) =
+    let (namespaces, mut namespace_events) =
         reflect(Api::<Namespace>::all(client.clone()), &enrollment_changed);
-    tokio::spawn(namespace_events.for_each(|_| async {}));
+    let mut namespace_failures = Failures::awaited("Namespace", readiness, metrics);
+    tokio::spawn(async move {
+        while let Some(event) = namespace_events.next().await {
+            match event {
+                Ok(Event::InitDone) => namespace_failures.listed(),
+                Ok(Event::Init) => {}
+                Ok(_) => namespace_failures.recovered(),
+                Err(error) => namespace_failures.failed(&error),
+            }
+        }
+    });
 
     // Keep taking changes while waiting, so a watch that is done listing never blocks on a
     // full channel while another one is still listing.
     let mut initial = Vec::new();
-    let first_lists = async {
-        loop {
-            tokio::select! {
-                Some(change) = changes.recv() => initial.push(change),
-                _ = lists.wait_for(|&n| n >= kinds) => break,
+    {
+        let first_lists = async {
+            loop {
+                tokio::select! {
+                    Some(change) = changes.recv() => initial.push(change),
+                    _ = lists.wait_for(|&n| n >= kinds) => break,
+                }
             }
+            let _ = namespaces.wait_until_ready().await;
+            while let Ok(change) = changes.try_recv() {
+                initial.push(change);
+            }
+        };
+        tokio::pin!(first_lists);
+        while tokio::time::timeout(STILL_WAITING_EVERY, &mut first_lists)
+            .await
+            .is_err()
+        {
+            let waiting = readiness.check().err().unwrap_or_default();
+            warn!(%waiting, "still waiting for the API server's first lists: not ready");
         }
-        let _ = namespaces.wait_until_ready().await;
-        while let Ok(change) = changes.try_recv() {
-            initial.push(change);
-        }
-    };
-    tokio::time::timeout(FIRST_LIST_TIMEOUT, first_lists)
-        .await
-        .context("the API server did not answer the first lists within 30 s")?;
-    info!(node = %settings.node_name, "kubernetes watches listed");
-    Ok(Watches {
+    }
+    Watches {
         initial,
         changes,
         pods,
         namespaces,
         enrollment_changed,
-    })
+    }
 }
 
-async fn client(settings: &KubeSettings) -> Result<Client> {
+/// The EndpointSlice versions this agent reads, newest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EndpointSliceVersion {
+    V1,
+    V1beta1,
+}
+
+impl EndpointSliceVersion {
+    fn api_version(self) -> &'static str {
+        match self {
+            EndpointSliceVersion::V1 => "discovery.k8s.io/v1",
+            EndpointSliceVersion::V1beta1 => "discovery.k8s.io/v1beta1",
+        }
+    }
+}
+
+/// Asks the API server which EndpointSlice version it serves, until it answers one this agent
+/// reads.
+async fn endpoint_slice_version(client: &Client, readiness: &Readiness) -> EndpointSliceVersion {
+    const AWAITED: &str = "API discovery";
+    readiness.waiting(
+        AWAITED,
+        format!("asking which {DISCOVERY_GROUP} versions are served"),
+    );
+    let mut backoff = DISCOVERY_RETRY.0;
+    let mut failing = false;
+    loop {
+        let served = client
+            .list_api_groups()
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|list| {
+                let versions: Vec<String> = list
+                    .groups
+                    .into_iter()
+                    .filter(|group| group.name == DISCOVERY_GROUP)
+                    .flat_map(|group| group.versions.into_iter().map(|v| v.version))
+                    .collect();
+                choose_endpoint_slice_version(&versions)
+            });
+        match served {
+            Ok(version) => {
+                info!(
+                    api_version = version.api_version(),
+                    "reading EndpointSlice at the version the API server serves"
+                );
+                readiness.done(AWAITED);
+                return version;
+            }
+            Err(reason) => {
+                if !failing {
+                    warn!(%reason, "API discovery failed; retrying with backoff, not ready until it answers");
+                    failing = true;
+                }
+                readiness.waiting(AWAITED, format!("last error: {reason}"));
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(DISCOVERY_RETRY.1);
+    }
+}
+
+fn choose_endpoint_slice_version(served: &[String]) -> Result<EndpointSliceVersion, String> {
+    if served.iter().any(|v| v == "v1") {
+        Ok(EndpointSliceVersion::V1)
+    } else if served.iter().any(|v| v == "v1beta1") {
+        Ok(EndpointSliceVersion::V1beta1)
+    } else {
+        Err(format!(
+            "the API server serves no EndpointSlice this agent reads ({DISCOVERY_GROUP} v1 or \
+             v1beta1, served from Kubernetes 1.17 on); it serves {served:?}"
+        ))
+    }
+}
+
+/// A `discovery.k8s.io/v1beta1` EndpointSlice read into the v1 type. What the mesh reads is the
+/// same in both; v1beta1's `topology` labels become v1's `nodeName` and `zone`, as the API
+/// server itself converts them.
+fn endpoint_slice_from_v1beta1(object: DynamicObject) -> Option<EndpointSlice> {
+    let mut value = serde_json::to_value(object).ok()?;
+    value["apiVersion"] = json!(EndpointSliceVersion::V1.api_version());
+    value["kind"] = json!("EndpointSlice");
+    if let Some(endpoints) = value.get_mut("endpoints").and_then(Value::as_array_mut) {
+        for endpoint in endpoints {
+            let Some(topology) = endpoint.as_object_mut().and_then(|e| e.remove("topology")) else {
+                continue;
+            };
+            if let Some(node) = topology.get("kubernetes.io/hostname") {
+                endpoint["nodeName"] = node.clone();
+            }
+            if let Some(zone) = topology.get("topology.kubernetes.io/zone") {
+                endpoint["zone"] = zone.clone();
+            }
+        }
+    }
+    let name = value["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    serde_json::from_value(value)
+        .inspect_err(
+            |error| warn!(%name, %error, "EndpointSlice (v1beta1) not understood; left out"),
+        )
+        .ok()
+}
+
+/// The API server's client, from the kubeconfig given or the usual places.
+pub async fn client(settings: &KubeSettings) -> Result<Client> {
     let config = match &settings.kubeconfig {
         Some(path) => {
             let kubeconfig = Kubeconfig::read_from(path)
@@ -223,6 +404,7 @@ async fn watch_not_implemented(
     client: &Client,
     sender: &mpsc::Sender<SourceChange>,
     origin: &Arc<str>,
+    metrics: &WatchMetrics,
 ) -> Vec<&'static str> {
     let mut groups: Vec<&str> = NOT_IMPLEMENTED.iter().map(|(group, _, _)| *group).collect();
     groups.dedup();
@@ -251,6 +433,7 @@ async fn watch_not_implemented(
                 sender: sender.clone(),
                 listed: None,
                 origin: Arc::clone(origin),
+                failures: Failures::reported(kind, metrics),
             };
             tokio::spawn(watch.run_sourced(plain(api), move |object| istio(&resource, object)));
             watched.push(kind);
@@ -302,6 +485,67 @@ struct Watch {
     /// wait for.
     listed: Option<Arc<watch::Sender<usize>>>,
     origin: Arc<str>,
+    failures: Failures,
+}
+
+/// One watch's failures: the first of a streak is logged with the kind and the reason, every
+/// one is counted, recovery is logged; until the first list, `/ready` shows the last reason.
+struct Failures {
+    kind: &'static str,
+    counter: Counter,
+    /// Until the first list, for the watches start-up waits for.
+    awaited: Option<(Arc<Readiness>, String)>,
+    failing: bool,
+}
+
+impl Failures {
+    /// A watch start-up waits for: not ready until its first list.
+    fn awaited(kind: &'static str, readiness: &Arc<Readiness>, metrics: &WatchMetrics) -> Failures {
+        let what = format!("first list of {kind}");
+        readiness.waiting(&what, "listing");
+        Failures {
+            kind,
+            counter: metrics.of(kind),
+            awaited: Some((Arc::clone(readiness), what)),
+            failing: false,
+        }
+    }
+
+    /// A watch that only reports what it sees; readiness does not wait for it.
+    fn reported(kind: &'static str, metrics: &WatchMetrics) -> Failures {
+        Failures {
+            kind,
+            counter: metrics.of(kind),
+            awaited: None,
+            failing: false,
+        }
+    }
+
+    fn failed(&mut self, error: &watcher::Error) {
+        self.counter.inc();
+        if let Some((readiness, what)) = &self.awaited {
+            readiness.waiting(what, format!("last error: {error}"));
+        }
+        if self.failing {
+            debug!(kind = self.kind, %error, "watch failed again; retrying");
+        } else {
+            warn!(kind = self.kind, %error, "watch failed; retrying with backoff, the last good state stays (later failures are counted, not logged, until it recovers)");
+            self.failing = true;
+        }
+    }
+
+    fn recovered(&mut self) {
+        if std::mem::take(&mut self.failing) {
+            info!(kind = self.kind, "watch recovered");
+        }
+    }
+
+    fn listed(&mut self) {
+        self.recovered();
+        if let Some((readiness, what)) = self.awaited.take() {
+            readiness.done(&what);
+        }
+    }
 }
 
 impl Watch {
@@ -321,7 +565,7 @@ impl Watch {
     }
 
     async fn run_sourced<K>(
-        self,
+        mut self,
         mut events: Events<K>,
         sourced: impl Fn(K) -> Option<Arc<Sourced>> + Send + 'static,
     ) where
@@ -331,11 +575,11 @@ impl Watch {
         // reflector behind `events` already holds them (see the `Pod` watch).
         let mut listing: Option<Vec<K>> = None;
         let mut first = true;
-        // A watch start-up does not wait for (a kind the mesh only reports) says once that it
-        // fails, not on every retry: the ClusterRole may lag behind the agent's version.
-        let mut failing = false;
         while let Some(event) = events.next().await {
-            failing &= event.is_err();
+            // `Init` only says a (re)list starts: whether it succeeds is what follows.
+            if matches!(event, Ok(ref e) if !matches!(e, Event::Init)) {
+                self.failures.recovered();
+            }
             let change = match event {
                 Ok(Event::Init) => {
                     listing = Some(Vec::new());
@@ -369,13 +613,8 @@ impl Watch {
                         name,
                     ))
                 }
-                Err(error) if self.listed.is_none() && failing => {
-                    debug!(kind = self.kind, %error, "watch failed again; retrying");
-                    continue;
-                }
                 Err(error) => {
-                    warn!(kind = self.kind, %error, "watch failed; retrying, the last good state stays");
-                    failing = true;
+                    self.failures.failed(&error);
                     continue;
                 }
             };
@@ -384,6 +623,7 @@ impl Watch {
                 return; // the agent is shutting down
             }
             if replaced && std::mem::take(&mut first) {
+                self.failures.listed();
                 if let Some(listed) = &self.listed {
                     listed.send_modify(|n| *n += 1);
                 }
@@ -510,7 +750,8 @@ mod tests {
     async fn a_kind_not_implemented_that_the_server_serves_is_watched_and_reported() {
         let (client, asked) = api_server(true).await;
         let (sender, mut changes) = mpsc::channel(16);
-        let watched = watch_not_implemented(&client, &sender, &ORIGIN.into()).await;
+        let watched =
+            watch_not_implemented(&client, &sender, &ORIGIN.into(), &WatchMetrics::default()).await;
         assert_eq!(watched, ["AuthorizationPolicy"]);
         let change = tokio::time::timeout(Duration::from_secs(10), changes.recv())
             .await
@@ -540,8 +781,68 @@ mod tests {
     async fn without_the_crds_nothing_more_is_watched() {
         let (client, asked) = api_server(false).await;
         let (sender, _changes) = mpsc::channel(16);
-        let watched = watch_not_implemented(&client, &sender, &ORIGIN.into()).await;
+        let watched =
+            watch_not_implemented(&client, &sender, &ORIGIN.into(), &WatchMetrics::default()).await;
         assert!(watched.is_empty());
         assert_eq!(*asked.lock().unwrap(), ["/apis"]);
+    }
+
+    #[test]
+    fn endpoint_slices_are_read_at_the_newest_version_served() {
+        let served = |versions: &[&str]| {
+            let versions: Vec<String> = versions.iter().map(|v| v.to_string()).collect();
+            choose_endpoint_slice_version(&versions)
+        };
+        assert_eq!(served(&["v1", "v1beta1"]), Ok(EndpointSliceVersion::V1));
+        assert_eq!(served(&["v1beta1"]), Ok(EndpointSliceVersion::V1beta1));
+        let error = served(&[]).unwrap_err();
+        assert!(error.contains("serves no EndpointSlice"), "{error}");
+    }
+
+    #[test]
+    fn a_v1beta1_endpoint_slice_reads_as_v1_with_its_topology_as_node_and_zone() {
+        // As Kubernetes 1.20 serves it in a list: items without apiVersion and kind.
+        let object: DynamicObject = serde_json::from_value(json!({
+            "metadata": {"name": "service-c-x1", "namespace": "shop",
+                         "labels": {"kubernetes.io/service-name": "service-c"}},
+            "addressType": "IPv4",
+            "endpoints": [
+                {"addresses": ["10.77.0.5"], "conditions": {"ready": true},
+                 "targetRef": {"kind": "Pod", "name": "service-c-v1-0", "namespace": "shop"},
+                 "topology": {"kubernetes.io/hostname": "node-1",
+                              "topology.kubernetes.io/zone": "zone-a"}},
+                {"addresses": ["10.77.0.6"], "conditions": {"ready": false}}
+            ],
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]
+        }))
+        .unwrap();
+        let slice = endpoint_slice_from_v1beta1(object).expect("read as v1");
+        assert_eq!(slice.metadata.name.as_deref(), Some("service-c-x1"));
+        assert_eq!(slice.address_type, "IPv4");
+        let first = &slice.endpoints[0];
+        assert_eq!(first.addresses, ["10.77.0.5"]);
+        assert_eq!(first.conditions.as_ref().and_then(|c| c.ready), Some(true));
+        assert_eq!(first.node_name.as_deref(), Some("node-1"));
+        assert_eq!(first.zone.as_deref(), Some("zone-a"));
+        assert_eq!(
+            first.target_ref.as_ref().and_then(|r| r.name.as_deref()),
+            Some("service-c-v1-0")
+        );
+        assert_eq!(
+            slice.endpoints[1].conditions.as_ref().and_then(|c| c.ready),
+            Some(false)
+        );
+        let ports = slice.ports.as_deref().unwrap_or_default();
+        assert_eq!(ports[0].port, Some(8080));
+        // An empty slice (no endpoints at all) is still a slice.
+        let empty: DynamicObject = serde_json::from_value(json!({
+            "metadata": {"name": "empty", "namespace": "shop"},
+            "addressType": "IPv4", "endpoints": null
+        }))
+        .unwrap();
+        assert!(endpoint_slice_from_v1beta1(empty)
+            .expect("read")
+            .endpoints
+            .is_empty());
     }
 }

@@ -26,6 +26,13 @@ impl Agent {
     /// Starts `mesh-agent run` on the node with `pods` enrolled and the access log on, and waits
     /// until it is ready.
     pub fn start(node: &SimNode, pods: &[&Pod], extra_args: &[&str]) -> Result<Agent> {
+        let agent = Agent::spawn(node, pods, extra_args)?;
+        agent.wait_ready(Duration::from_secs(20))?;
+        Ok(agent)
+    }
+
+    /// Starts the agent as [`Agent::start`] does, without waiting until it is ready.
+    pub fn spawn(node: &SimNode, pods: &[&Pod], extra_args: &[&str]) -> Result<Agent> {
         let mut command = Command::new(crate::agent_binary()?);
         command
             .arg("run")
@@ -38,12 +45,10 @@ impl Agent {
                 .arg(format!("{}={}", pod.name(), pod.netns_path().display()));
         }
         command.args(extra_args);
-        let agent = Agent {
+        Ok(Agent {
             process: node.spawn_on_node(command)?,
             node_netns: node.netns_path(),
-        };
-        agent.wait_ready(Duration::from_secs(20))?;
-        Ok(agent)
+        })
     }
 
     pub fn process(&mut self) -> &mut PodProcess {

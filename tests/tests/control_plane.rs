@@ -1,7 +1,8 @@
 //! Against a real Kubernetes 1.20 control plane (`mesh_tests::control_plane`): `deploy/` applies
 //! with kubectl, the agent's ServiceAccount can list and watch everything the agent watches and
-//! nothing more, and the controller-manager and scheduler turn a Deployment into a Pod bound to
-//! a Node.
+//! nothing more, the controller-manager and scheduler turn a Deployment into a Pod bound to a
+//! Node, and the agent itself, with its ServiceAccount's token, reads 1.20's `v1beta1`
+//! EndpointSlices and says what it waits for while the API server cannot answer.
 //!
 //! The first run builds the control plane's binaries (tens of minutes, once; `cargo xtask test`
 //! does it before the tests). Each test starts a control plane of its own.
@@ -14,7 +15,7 @@ use std::{
 };
 
 use anyhow::{bail, ensure, Context, Result};
-use mesh_tests::control_plane::ControlPlane;
+use mesh_tests::{control_plane::ControlPlane, require_root, Agent, SimNode};
 use serde_json::Value;
 
 const MESH_NAMESPACE: &str = "sidecarless-system";
@@ -390,6 +391,149 @@ fn a_deployment_gets_a_replica_set_and_a_pod_bound_to_a_node() -> Result<()> {
     eprintln!(
         "deployment -> replica set {replica_set} -> pod {pod} on {bound_to} in {:.1} s",
         started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// The agent as the DaemonSet runs it (its ServiceAccount's token, the role of `deploy/base`),
+/// on a simulated node whose network namespace the control plane runs in, before the Istio CRDs
+/// are installed: `/healthz` answers at once; `/ready` is 503 and names the kinds whose first
+/// list fails, with the API server's reason; each failing watch is logged once, then counted.
+/// Once the CRDs are there it is ready, and a selector-less Service's hand-written `v1beta1`
+/// EndpointSlice (all 1.20 serves) gives the service its endpoints.
+#[test]
+fn the_agent_reads_v1beta1_endpoint_slices_and_says_what_it_waits_for() -> Result<()> {
+    require_root();
+    let node = SimNode::new()?;
+    let control_plane = node.run_on_node(ControlPlane::start)??;
+    let kubectl =
+        |args: &[&str]| -> Result<String> { node.run_on_node(|| control_plane.kubectl(args))? };
+    let deploy = deploy_dir();
+    for file in [
+        "namespace",
+        "serviceaccount",
+        "clusterrole",
+        "clusterrolebinding",
+    ] {
+        kubectl(&["apply", "-f", &format!("{deploy}/base/{file}.yaml")])?;
+    }
+    // The control plane comes with the mesh's CRDs: take them away until the agent has said
+    // that it waits for them.
+    let crds = format!("{deploy}/crds");
+    kubectl(&["delete", "-f", &crds, "--wait"])?;
+    let token = kubectl(&["-n", MESH_NAMESPACE, "create", "token", AGENT])?;
+    let kubeconfig = control_plane.dir().join("agent.kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {}\n    \
+             certificate-authority: {}\nusers:\n- name: {AGENT}\n  user:\n    token: {}\n\
+             contexts:\n- name: test\n  context: {{cluster: test, user: {AGENT}}}\ncurrent-context: test\n",
+            control_plane.server(),
+            control_plane.ca_cert().display(),
+            token.trim(),
+        ),
+    )?;
+
+    let started = Instant::now();
+    let agent = Agent::spawn(
+        &node,
+        &[],
+        &[
+            "--kubernetes",
+            "--kubeconfig",
+            &kubeconfig.display().to_string(),
+            "--node-name",
+            "node-1",
+        ],
+    )?;
+    wait_for("the agent's /healthz", || {
+        Ok(matches!(agent.admin_get("/healthz"), Ok((200, _))).then_some(()))
+    })?;
+    let healthy_after = started.elapsed();
+    // Not ready, and why: no CRD serves VirtualService, DestinationRule or Gateway yet.
+    let reasons = wait_for("/ready to name the Istio kinds it waits for", || {
+        let (code, body) = agent.admin_get("/ready")?;
+        Ok((code == 503
+            && ["VirtualService", "DestinationRule", "Gateway"]
+                .iter()
+                .all(|kind| body.contains(&format!("first list of {kind} (last error: "))))
+        .then_some(body))
+    })?;
+    eprintln!(
+        "/healthz answered after {healthy_after:?}; /ready: {}",
+        reasons.trim()
+    );
+    ensure!(
+        healthy_after < Duration::from_secs(5),
+        "/healthz took {healthy_after:?}"
+    );
+    ensure!(
+        !reasons.contains("first list of Service ") && !reasons.contains("EndpointSlice"),
+        "the kinds the API server serves are listed: {reasons}"
+    );
+    // Backoff retries the failing lists; each kind's first failure is logged, the rest counted.
+    wait_for("three failed lists of VirtualService, counted", || {
+        let (_, metrics) = agent.admin_get("/metrics")?;
+        let failures = metrics
+            .lines()
+            .find(|line| {
+                line.starts_with("mesh_kubernetes_watch_failures_total")
+                    && line.contains("kind=\"VirtualService\"")
+            })
+            .and_then(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        Ok((failures >= 3.0).then_some(()))
+    })?;
+    let logged = |what: &str| {
+        agent
+            .stderr_text()
+            .lines()
+            .filter(|line| line.contains(what) && line.contains("VirtualService"))
+            .count()
+    };
+    ensure!(
+        logged("watch failed") == 1,
+        "one warning for VirtualService's failing watch, then counting:\n{}",
+        agent.stderr_text()
+    );
+    ensure!(
+        agent.stderr_text().contains("v1beta1") && agent.stderr_text().contains("EndpointSlice"),
+        "the agent says it reads EndpointSlice at v1beta1:\n{}",
+        agent.stderr_text()
+    );
+
+    // A Service without a selector and its EndpointSlice, written by hand at 1.20's version.
+    let objects = control_plane.dir().join("service-c.yaml");
+    std::fs::write(
+        &objects,
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {name: service-c, namespace: shop}\n\
+         spec:\n  ports: [{name: http, port: 8080}]\n---\n\
+         apiVersion: discovery.k8s.io/v1beta1\nkind: EndpointSlice\n\
+         metadata:\n  name: service-c-1\n  namespace: shop\n  labels:\n    \
+         kubernetes.io/service-name: service-c\n    endpointslice.kubernetes.io/managed-by: test\n\
+         addressType: IPv4\nports: [{name: http, port: 8080, protocol: TCP}]\n\
+         endpoints:\n- addresses: [10.77.0.41]\n  conditions: {ready: true}\n  \
+         topology: {kubernetes.io/hostname: node-1}\n\
+         - addresses: [10.77.0.42]\n  conditions: {ready: false}\n",
+    )?;
+    kubectl(&["apply", "-f", &objects.display().to_string()])?;
+    kubectl(&["apply", "-f", &crds])?;
+    agent.wait_ready(TIMEOUT)?;
+    eprintln!("ready {:?} after start", started.elapsed());
+    ensure!(
+        logged("watch recovered") == 1,
+        "VirtualService's watch recovered, and says so:\n{}",
+        agent.stderr_text()
+    );
+    let clusters = wait_for("service-c's endpoint in the agent's clusters", || {
+        let (_, clusters) = agent.admin_get("/clusters")?;
+        Ok(clusters.contains("10.77.0.41").then_some(clusters))
+    })?;
+    ensure!(
+        !clusters.contains("10.77.0.42"),
+        "a not-ready endpoint is left out: {clusters}"
     );
     Ok(())
 }

@@ -31,6 +31,7 @@
 pub mod agent;
 mod cgroup;
 mod cleanup;
+pub mod command;
 pub mod control_plane;
 pub mod http;
 pub mod kube_api;

@@ -19,6 +19,7 @@ use std::{
 };
 
 use anyhow::{bail, ensure, Context, Result};
+use mesh_tests::command::stdout_of;
 use serde::Deserialize;
 use yaml_serde::Value;
 
@@ -48,27 +49,12 @@ fn deploy_dir() -> PathBuf {
 // ---------------------------------------------------------------------------------------------
 
 /// Runs a command and returns its stdout, or an error with everything it printed.
-fn run(command: &mut Command) -> Result<String> {
-    let out = command
-        .output()
-        .with_context(|| format!("running {command:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{command:?} failed ({}):\n{}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8(out.stdout)?)
-}
-
 /// Makes sure `python3 -m kubernetes_validate` is the pinned release. Runs once; every test that
 /// validates waits for the first one's install and shares its result.
 fn ensure_kubernetes_validate() -> Result<()> {
     static DONE: OnceLock<Result<(), String>> = OnceLock::new();
     let installed = || {
-        run(Command::new("python3").args([
+        stdout_of(Command::new("python3").args([
             "-c",
             "from kubernetes_validate.version import __version__; print(__version__)",
         ]))
@@ -80,21 +66,23 @@ fn ensure_kubernetes_validate() -> Result<()> {
             return Ok(());
         }
         eprintln!("installing kubernetes-validate=={KUBERNETES_VALIDATE_VERSION} with pip");
-        run(Command::new("python3")
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-            ])
-            .arg(format!(
-                "kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"
-            ))
-            // As root, into the machine's Python: a Debian-managed Python refuses that without
-            // this; older pips ignore both variables.
-            .env("PIP_BREAK_SYSTEM_PACKAGES", "1")
-            .env("PIP_ROOT_USER_ACTION", "ignore"))
+        stdout_of(
+            Command::new("python3")
+                .args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                ])
+                .arg(format!(
+                    "kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"
+                ))
+                // As root, into the machine's Python: a Debian-managed Python refuses that without
+                // this; older pips ignore both variables.
+                .env("PIP_BREAK_SYSTEM_PACKAGES", "1")
+                .env("PIP_ROOT_USER_ACTION", "ignore"),
+        )
         .map_err(|e| format!("{e:#}"))?;
         if installed() {
             Ok(())
@@ -112,7 +100,7 @@ fn ensure_kubernetes_validate() -> Result<()> {
 /// Makes sure `kubectl kustomize` works, installing Debian's `kubernetes-client` if needed.
 fn ensure_kubectl() -> Result<()> {
     static DONE: OnceLock<Result<(), String>> = OnceLock::new();
-    let works = || run(Command::new("kubectl").args(["kustomize", "--help"])).is_ok();
+    let works = || stdout_of(Command::new("kubectl").args(["kustomize", "--help"])).is_ok();
     DONE.get_or_init(|| {
         if works() {
             return Ok(());
@@ -122,9 +110,11 @@ fn ensure_kubectl() -> Result<()> {
             &["update", "-qq"][..],
             &["install", "-y", "-qq", "kubernetes-client"][..],
         ] {
-            run(Command::new("apt-get")
-                .args(args)
-                .env("DEBIAN_FRONTEND", "noninteractive"))
+            stdout_of(
+                Command::new("apt-get")
+                    .args(args)
+                    .env("DEBIAN_FRONTEND", "noninteractive"),
+            )
             .map_err(|e| format!("{e:#}"))?;
         }
         if works() {
@@ -187,9 +177,11 @@ fn read_objects(path: &Path) -> Result<Vec<Value>> {
 /// `kubectl kustomize DIR` (DIR relative to the repository root).
 fn kustomize(dir: &str) -> Result<String> {
     ensure_kubectl()?;
-    run(Command::new("kubectl")
-        .arg("kustomize")
-        .arg(repo_root().join(dir)))
+    stdout_of(
+        Command::new("kubectl")
+            .arg("kustomize")
+            .arg(repo_root().join(dir)),
+    )
 }
 
 fn rendered_base() -> Result<Vec<Value>> {

@@ -208,16 +208,7 @@ fn run_rustup(args: &[String]) -> Result<()> {
 }
 
 fn output(command: &mut Command) -> Result<String> {
-    let out = command
-        .output()
-        .with_context(|| format!("running {command:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{command:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8(out.stdout)?.trim().to_owned())
+    Ok(mesh_tests::command::stdout_of(command)?.trim().to_owned())
 }
 
 /// Installs bpf-linker linked against the nightly compiler's shared LLVM, once per LLVM build.

@@ -22,6 +22,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 
+use crate::command::stdout_of;
+
 /// Upstream version of the tree; the cache directory is named after it.
 pub const KUBERNETES_VERSION: &str = "1.20.2";
 /// The Debian source package version that carries it (bookworm main).
@@ -157,7 +159,7 @@ fn install_packages() -> Result<()> {
             .args(["-q", "-y", "-o", "DPkg::Lock::Timeout=300"])
             .args(args)
             .env("DEBIAN_FRONTEND", "noninteractive");
-        run_quiet(&mut command)
+        stdout_of(&mut command).map(drop)
     };
     // A fresh machine's package lists may be empty or stale; the install says which.
     if apt(&[&["install", "--no-install-recommends"], &missing[..]].concat()).is_err() {
@@ -234,7 +236,7 @@ fn build(cache: &Path) -> Result<()> {
         // Kubernetes' Makefile does (it then compares the report with its exception list).
         .arg("--report-filename")
         .arg(work.join("api-violations.report"));
-    run_quiet(&mut generate)?;
+    stdout_of(&mut generate)?;
     progress(format_args!(
         "openapi-gen built and run over {} API packages ({:.0} s)",
         inputs.len(),
@@ -310,7 +312,7 @@ fn fetch_source(work: &Path) -> Result<PathBuf> {
     };
     let mut update = Command::new("apt-get");
     private(&mut update)?;
-    run_quiet(update.arg("update"))
+    stdout_of(update.arg("update"))
         .context("reading bookworm's source index from deb.debian.org")?;
 
     let source = work.join("source");
@@ -321,7 +323,7 @@ fn fetch_source(work: &Path) -> Result<PathBuf> {
     get.current_dir(&source)
         .arg("source")
         .arg(format!("kubernetes={DEBIAN_VERSION}"));
-    if let Err(error) = run_quiet(&mut get) {
+    if let Err(error) = stdout_of(&mut get) {
         let mut available = Command::new("apt-cache");
         private(&mut available)?;
         let available = available
@@ -562,21 +564,6 @@ fn version_ldflags() -> String {
 }
 
 /// Runs a command with its output captured; on failure, the error carries that output.
-fn run_quiet(command: &mut Command) -> Result<()> {
-    let out = command
-        .output()
-        .with_context(|| format!("running {command:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{command:?} failed ({}):\n{}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
-}
-
 fn path_str(path: &Path) -> Result<&str> {
     path.to_str()
         .with_context(|| format!("{} is not UTF-8", path.display()))

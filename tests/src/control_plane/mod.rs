@@ -40,6 +40,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use rustix::process::{kill_process, Pid, Signal};
 
+use crate::command::stdout_of;
 use build::progress;
 pub use build::{cache_dir, ensure_binaries, Binaries, COMPONENTS, KUBERNETES_VERSION};
 pub use pki::KUBERNETES_SERVICE_IP;
@@ -542,21 +543,11 @@ impl fmt::Debug for ControlPlane {
 
 /// Runs `kubectl ARGS` with `kubeconfig` and returns its stdout; the error has all it printed.
 fn kubectl(kubeconfig: &Path, args: &[&str]) -> Result<String> {
-    let out = Command::new("kubectl")
-        .env("KUBECONFIG", kubeconfig)
-        .args(args)
-        .output()
-        .context("running kubectl (is it installed?)")?;
-    if !out.status.success() {
-        bail!(
-            "kubectl {} failed ({}):\n{}{}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    stdout_of(
+        Command::new("kubectl")
+            .env("KUBECONFIG", kubeconfig)
+            .args(args),
+    )
 }
 
 /// SIGTERM, a grace period, then SIGKILL; reaps the child.

@@ -117,6 +117,10 @@ fn a_deployment_runs_as_processes_becomes_ready_and_reaches_its_endpoints() -> R
              apiVersion: v1\nkind: Pod\nmetadata: {{name: client, namespace: {NAMESPACE}}}\n\
              spec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: client\n    \
              image: mesh-test/upstream\n    args: [serve, --listen, '0.0.0.0:9090', --name, client]\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {{name: unready, namespace: {NAMESPACE}}}\n\
+             spec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: app\n    \
+             image: mesh-test/upstream\n    args: [serve, --listen, '0.0.0.0:8080', --name, unready]\n    \
+             readinessProbe: {{httpGet: {{path: /status/503, port: 8080}}, periodSeconds: 1}}\n---\n\
              apiVersion: v1\nkind: Pod\nmetadata: {{name: no-image, namespace: {NAMESPACE}}}\n\
              spec:\n  containers:\n  - {{name: app, image: example.com/not-in-the-table:1}}\n",
         ),
@@ -237,6 +241,18 @@ fn a_deployment_runs_as_processes_becomes_ready_and_reaches_its_endpoints() -> R
         no_image["status"]
     );
 
+    // A probe answering 503: running, never Ready (it has been probed for as long as the
+    // replicas took to become Ready and be published, several rounds).
+    let unready = pods_of("!app")?
+        .into_iter()
+        .find(|pod| pod["metadata"]["name"] == "unready")
+        .context("the unready pod")?;
+    ensure!(
+        unready["status"]["phase"] == "Running" && !is_ready(&unready),
+        "unready is Running, not Ready: {}",
+        unready["status"]
+    );
+
     // The agent, with its ServiceAccount's token, enrolls the namespace's running pods.
     let deploy = deploy_dir();
     for file in [
@@ -280,7 +296,10 @@ fn a_deployment_runs_as_processes_becomes_ready_and_reaches_its_endpoints() -> R
                 pod["metadata"]["name"].as_str().unwrap_or("")
             )
         })
-        .chain([format!("{NAMESPACE}/client")])
+        .chain([
+            format!("{NAMESPACE}/client"),
+            format!("{NAMESPACE}/unready"),
+        ])
         .collect();
     expected.sort();
     wait_for("the running labelled pods enrolled", || {
@@ -345,15 +364,15 @@ fn a_deployment_runs_as_processes_becomes_ready_and_reaches_its_endpoints() -> R
     })?;
     let processes = kubepods_processes(&node)?;
     ensure!(
-        processes.len() == 2,
-        "the client and one replica run: {processes:?}"
+        processes.len() == 3,
+        "the client, the unready pod and one replica run: {processes:?}"
     );
     ensure!(
         left.1.contains(&left.0[0].pod.ip().to_string()),
         "the endpoint left is the replica left: {left:?}"
     );
     wait_for("the agent follows the scale-down", || {
-        Ok((enrolled(&agent)?.len() == 2).then_some(()))
+        Ok((enrolled(&agent)?.len() == 3).then_some(()))
     })?;
 
     // The namespace deleted: its pods are stopped and their deletion confirmed.

@@ -87,10 +87,13 @@ pub fn start(
             }
         }
         Shape::Latency => {
+            let oha = tools.oha.as_ref().context(
+                "the fixed-rate latency shape needs oha, which this run did not install",
+            )?;
             let rate = FIXED_RPS.to_string();
             // A few connections, so one slow answer delays the next requests (which the latency
             // correction then counts) without stalling the whole schedule.
-            command.arg(&tools.oha).args([
+            command.arg(oha).args([
                 "-q",
                 &rate,
                 "--latency-correction",

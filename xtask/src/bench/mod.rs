@@ -4,6 +4,7 @@
 //! Build in release → install missing tools → start the node ([`topology`]) → rounds of every
 //! scenario ([`scenarios`]) under every load shape ([`load`]) → figures ([`summary`]) → JSON,
 //! and for full runs `docs/performance.md` + `docs/performance.svg` ([`report`], [`chart`]).
+//! `cargo xtask test` ends with a cut-down run of the same path, [`Mode::CiSmoke`].
 
 mod chart;
 mod cpu;
@@ -18,10 +19,14 @@ mod summary;
 mod tools;
 mod topology;
 
+use std::path::Path;
+
 use anyhow::{bail, Context, Result};
+use serde::Serialize;
 
 use crate::{build_ebpf, cargo};
 use rounds::Durations;
+use summary::Spread;
 use topology::{Binaries, Topology};
 
 #[derive(clap::Args)]
@@ -38,7 +43,7 @@ pub struct Args {
     quick: bool,
     /// Run only these scenarios (repeatable), e.g. `--only direct --only mesh-l7` while
     /// profiling; the docs are then left alone.
-    #[arg(long, value_name = "SCENARIO")]
+    #[arg(long, value_name = "SCENARIO", conflicts_with = "ci_smoke")]
     only: Vec<String>,
     /// Measure only the agent's instructions and allocations per request under callgrind
     /// (20,000 requests), e.g. to judge a change to the request path; no rounds, no peers,
@@ -48,17 +53,102 @@ pub struct Args {
     /// Internal: be the benchmark's hello server on PORT=BYTES (repeatable).
     #[arg(long, hide = true, value_name = "PORT=BYTES", value_parser = hello::Listener::parse)]
     serve: Vec<hello::Listener>,
+    /// Internal: only the smoke `cargo xtask test` ends with ([`Mode::CiSmoke`]), to time or
+    /// debug it alone; needs `cargo build --workspace --bins` done.
+    #[arg(long, hide = true, conflicts_with_all = ["quick", "seconds", "request_cost"])]
+    ci_smoke: bool,
 }
 
-/// The smoke check `cargo xtask test` ends with.
-pub fn quick() -> Result<()> {
+/// How much a run does, and on which binaries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// `cargo xtask bench`: every shape, `--rounds` rounds, request cost; rewrites the docs.
+    Full,
+    /// `cargo xtask bench --quick`, by hand: one round of 2 s shapes (no single connection) on
+    /// release binaries, request cost included: figures worth a glance, written to JSON only.
+    Quick,
+    /// The end of `cargo xtask test`: does the harness still work, not how fast anything is.
+    /// It runs the debug binaries CI has just built and only wrk's shapes (throughput, churn),
+    /// 1 s each: the release build (~5 min on CI's 2 cores), oha (~8 min to install on a fresh
+    /// machine) and callgrind would cost every CI run more than they tell it. It checks what
+    /// `--quick` checks: no errors, connections redirected, the 90/10 split, nothing left.
+    CiSmoke,
+}
+
+impl Mode {
+    fn of(args: &Args) -> Mode {
+        if args.ci_smoke {
+            Mode::CiSmoke
+        } else if args.quick {
+            Mode::Quick
+        } else {
+            Mode::Full
+        }
+    }
+
+    fn durations(self, seconds: Option<u32>) -> Durations {
+        let default = match self {
+            Mode::Full => 4,
+            Mode::Quick => 2,
+            Mode::CiSmoke => 1,
+        };
+        Durations {
+            seconds: seconds.unwrap_or(default),
+            single: self == Mode::Full,
+            latency: self != Mode::CiSmoke,
+        }
+    }
+
+    /// What runs it, for the console.
+    fn command(self) -> &'static str {
+        match self {
+            Mode::Full => "cargo xtask bench",
+            Mode::Quick => "cargo xtask bench --quick",
+            Mode::CiSmoke => "the CI smoke of the bench (cargo xtask test)",
+        }
+    }
+
+    /// Requests the agent serves under callgrind.
+    fn request_cost_requests(self) -> Option<u64> {
+        match self {
+            Mode::Full => Some(20_000),
+            Mode::Quick => Some(2_000),
+            Mode::CiSmoke => None,
+        }
+    }
+
+    /// Builds what the run needs and says where the binaries are.
+    fn build(self, root: &Path) -> Result<Binaries> {
+        let profile = if self == Mode::CiSmoke {
+            // `cargo xtask test` built the eBPF object and these binaries before its tests: this
+            // build has nothing to do then, and guards a smoke run on its own.
+            cargo(root, &["build", "--workspace", "--bins"])?;
+            "debug"
+        } else {
+            build_ebpf::run()?;
+            cargo(root, &["build", "--release", "--workspace", "--bins"])?;
+            "release"
+        };
+        let dir = root.join("target").join(profile);
+        Ok(Binaries {
+            agent: dir.join("mesh-agent"),
+            upstream: dir.join("upstream"),
+            xtask: dir.join("xtask"),
+        })
+    }
+}
+
+/// The smoke check `cargo xtask test` ends with: [`Mode::CiSmoke`].
+pub fn ci_smoke() -> Result<()> {
     run(Args {
         rounds: 1,
         seconds: None,
-        quick: true,
+        quick: false,
         only: Vec::new(),
         request_cost: false,
         serve: Vec::new(),
+        ci_smoke: true,
     })
 }
 
@@ -68,53 +158,55 @@ pub fn run(args: Args) -> Result<()> {
     }
     mesh_tests::require_root();
     let root = build_ebpf::workspace_root();
-    if args.request_cost {
+    let mode = Mode::of(&args);
+    let durations = mode.durations(args.seconds);
+    let cost_requests = mode.request_cost_requests();
+    if cost_requests.is_some() {
         tools::ensure_callgrind()?;
     }
     let tools = if args.request_cost {
         None
     } else {
-        Some(tools::ensure()?)
+        Some(tools::ensure(durations.latency)?)
     };
-    build_ebpf::run()?;
-    cargo(&root, &["build", "--release", "--workspace", "--bins"])?;
-    let release = root.join("target/release");
-    let binaries = Binaries {
-        agent: release.join("mesh-agent"),
-        upstream: release.join("upstream"),
-        xtask: release.join("xtask"),
+    let binaries = mode.build(&root)?;
+    let rounds = if mode == Mode::Full {
+        args.rounds.max(1)
+    } else {
+        1
     };
-    let durations = Durations {
-        seconds: args.seconds.unwrap_or(if args.quick { 2 } else { 4 }),
-        single: !args.quick,
-    };
-    let rounds = if args.quick { 1 } else { args.rounds.max(1) };
     let scenarios = scenarios::select(&args.only)?;
     let through_agent = scenarios.iter().any(|s| s.through_ebpf_agent());
 
     // The processes' output would drown the progress lines; errors still carry it.
     mesh_tests::set_echo(false);
-    let cost_requests = if args.quick { 2_000 } else { 20_000 };
-    println!("agent under callgrind: {cost_requests} requests");
-    let request_cost = request_cost::measure(
-        &binaries.agent,
-        &binaries.upstream,
-        &root.join("target/bench/request-cost"),
-        cost_requests,
-    )
-    .context("measuring instructions and allocations per request")?;
-    println!(
-        "  {:.0} instructions and {:.1} allocations per request in the agent's user space",
-        request_cost.instructions_per_request, request_cost.allocations_per_request
-    );
+    let request_cost = cost_requests
+        .map(|requests| {
+            println!("agent under callgrind: {requests} requests");
+            let cost = request_cost::measure(
+                &binaries.agent,
+                &binaries.upstream,
+                &root.join("target/bench/request-cost"),
+                requests,
+            )
+            .context("measuring instructions and allocations per request")?;
+            println!(
+                "  {:.0} instructions and {:.1} allocations per request in the agent's user space",
+                cost.instructions_per_request, cost.allocations_per_request
+            );
+            anyhow::Ok(cost)
+        })
+        .transpose()?;
     let Some(tools) = tools else {
         return Ok(());
     };
-    let oha = std::process::Command::new(&tools.oha)
-        .arg("--version")
-        .output()
-        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
-        .unwrap_or_default();
+    let oha = tools.oha.as_ref().map(|oha| {
+        std::process::Command::new(oha)
+            .arg("--version")
+            .output()
+            .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+            .unwrap_or_default()
+    });
     let topology = Topology::start(&binaries, &tools)?;
     let node_id = topology.node.id();
     let agent_idle_rss_kib = cpu::memory_kib(
@@ -150,6 +242,7 @@ pub fn run(args: Args) -> Result<()> {
     let figures = summary::figures(&scenarios, &used);
     let report = report::Report {
         machine: report::Machine::probe(&root),
+        mode,
         durations,
         oha,
         agent_idle_rss_kib,
@@ -161,14 +254,20 @@ pub fn run(args: Args) -> Result<()> {
     };
     let json = report::write_json(&root, &report)?;
     println!("raw figures: {}", json.display());
+    if mode == Mode::CiSmoke {
+        println!(
+            "CI smoke: debug binaries, wrk shapes only, so these figures say nothing about speed; \
+             `-`: not measured (no fixed-rate latency shape)"
+        );
+    }
     for fig in &figures {
         println!(
-            "{:<15} ratio {:>6.3}  added CPU-µs {:>6.1}  added p50/p99 {:>5.0}/{:>5.0} µs  errors {}",
+            "{:<15} ratio {:>6}  added CPU-µs {:>6}  added p50/p99 {:>5}/{:>5} µs  errors {}",
             fig.scenario,
-            fig.ratio.map_or(f64::NAN, |s| s.median),
-            fig.added_cpu_us.map_or(f64::NAN, |s| s.median),
-            fig.added_p50_us.map_or(f64::NAN, |s| s.median),
-            fig.added_p99_us.map_or(f64::NAN, |s| s.median),
+            median(fig.ratio, 3),
+            median(fig.added_cpu_us, 1),
+            median(fig.added_p50_us, 0),
+            median(fig.added_p99_us, 0),
             fig.errors
         );
     }
@@ -192,11 +291,14 @@ pub fn run(args: Args) -> Result<()> {
         .filter(|fig| fig.errors > 0)
         .map(|fig| fig.scenario.as_str())
         .collect();
-    if args.quick {
+    if mode != Mode::Full {
         if !failed.is_empty() {
             bail!("scenarios with errors: {failed:?}");
         }
-        println!("bench --quick: every scenario answered without errors; nothing left behind");
+        println!(
+            "{}: every scenario answered without errors; nothing left behind",
+            mode.command()
+        );
         return Ok(());
     }
     if !args.only.is_empty() {
@@ -210,4 +312,10 @@ pub fn run(args: Args) -> Result<()> {
         println!("note: scenarios with errors (reported in the table): {failed:?}");
     }
     Ok(())
+}
+
+/// A figure's median for the console, `-` where there is none (a baseline's added cost, a shape
+/// the run skipped).
+fn median(spread: Option<Spread>, decimals: usize) -> String {
+    spread.map_or_else(|| "-".to_owned(), |s| format!("{:.decimals$}", s.median))
 }

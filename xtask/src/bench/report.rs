@@ -68,11 +68,15 @@ fn output(root: &Path, program: &str, args: &[&str]) -> String {
 #[derive(Serialize)]
 pub struct Report<'a> {
     pub machine: Machine,
+    /// Which run this was: the CI smoke's figures come from debug binaries.
+    pub mode: super::Mode,
     pub durations: Durations,
-    pub oha: String,
+    /// `oha --version`; `None` where the fixed-rate latency shape did not run.
+    pub oha: Option<String>,
     pub agent_idle_rss_kib: u64,
-    /// The agent's user-space instructions and allocations per `mesh-l7` request (callgrind).
-    pub request_cost: super::request_cost::RequestCost,
+    /// The agent's user-space instructions and allocations per `mesh-l7` request (callgrind);
+    /// `None` where not measured (the CI smoke).
+    pub request_cost: Option<super::request_cost::RequestCost>,
     /// Share of the mesh's HTTP requests the agent sent to subset v2 (90/10 configured).
     pub v2_share: f64,
     pub rounds: &'a [Round],
@@ -235,15 +239,17 @@ fn markdown(report: &Report) -> String {
         report.agent_idle_rss_kib as f64 / 1024.0,
         report.v2_share * 100.0
     );
-    let cost = &report.request_cost;
-    let _ = writeln!(
-        out,
-        "In user space the agent spends **{:.0} instructions and {:.1} heap allocations per \
-         request** on the `mesh-l7` path (callgrind, exact whatever the machine is doing: \
-         {} keep-alive requests on 16 connections after a warm-up, `--workers 1`; profile in \
-         `target/bench/request-cost/`, read it with `callgrind_annotate --inclusive=yes`).\n",
-        cost.instructions_per_request, cost.allocations_per_request, cost.requests
-    );
+    if let Some(cost) = &report.request_cost {
+        let _ = writeln!(
+            out,
+            "In user space the agent spends **{:.0} instructions and {:.1} heap allocations per \
+             request** on the `mesh-l7` path (callgrind, exact whatever the machine is doing: \
+             {} keep-alive requests on 16 connections after a warm-up, `--workers 1`; profile \
+             in `target/bench/request-cost/`, read it with `callgrind_annotate \
+             --inclusive=yes`).\n",
+            cost.instructions_per_request, cost.allocations_per_request, cost.requests
+        );
+    }
 
     targets(&mut out, report);
     method(&mut out, report);
@@ -428,7 +434,7 @@ cargo xtask bench --quick                  # smoke check: one round, 2 s, no sin
 Raw figures of every run: `target/bench/<date>.json`.
 ",
         s = report.durations.seconds,
-        oha = report.oha,
+        oha = report.oha.as_deref().unwrap_or("not run"),
         max = MAX_OTHER_SHARE * 100.0,
         rounds = report.rounds.len(),
         tail = report.durations.seconds * 10,

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use super::load::FIXED_RPS;
+use super::load::{Outcome, FIXED_RPS};
 use super::rounds::{Round, Sample};
 use super::scenarios::{Proxy, Scenario};
 
@@ -92,6 +92,19 @@ fn figures_of(scenario: &Scenario, rounds: &[&Round]) -> Figures {
     let mib = |kib: Option<u64>| kib.map(|kib| kib as f64 / 1024.0);
     let is_baseline = scenario.name == scenario.baseline;
     let added = |f: &dyn Fn(&Sample, &Sample) -> f64| if is_baseline { None } else { spread(f) };
+    // Absent, like `single`, where the fixed-rate latency shape did not run.
+    let latency = |pick: fn(&Outcome) -> f64| optional(&|s| s.latency.as_ref().map(pick));
+    let added_latency = |pick: fn(&Outcome) -> f64| {
+        if is_baseline {
+            return None;
+        }
+        Spread::of(
+            pairs
+                .iter()
+                .filter_map(|(s, b)| Some(pick(s.latency.as_ref()?) - pick(b.latency.as_ref()?)))
+                .collect(),
+        )
+    };
     Figures {
         scenario: scenario.name.to_owned(),
         baseline: scenario.baseline.to_owned(),
@@ -103,11 +116,11 @@ fn figures_of(scenario: &Scenario, rounds: &[&Round]) -> Figures {
         single_rtt_us: optional(&|s| s.single.as_ref().map(|single| 1e6 / single.rps)),
         churn_rps: spread(&|s, _| s.churn.rps),
         churn_ratio: spread(&|s, b| s.churn.rps / b.churn.rps),
-        p50_us: spread(&|s, _| s.latency.p50_us),
-        p99_us: spread(&|s, _| s.latency.p99_us),
-        added_p50_us: added(&|s, b| s.latency.p50_us - b.latency.p50_us),
-        added_p90_us: added(&|s, b| s.latency.p90_us - b.latency.p90_us),
-        added_p99_us: added(&|s, b| s.latency.p99_us - b.latency.p99_us),
+        p50_us: latency(|l| l.p50_us),
+        p99_us: latency(|l| l.p99_us),
+        added_p50_us: added_latency(|l| l.p50_us),
+        added_p90_us: added_latency(|l| l.p90_us),
+        added_p99_us: added_latency(|l| l.p99_us),
         vcpu_per_1k_rps: optional(&|s| {
             s.proxy_cores_at_fixed_rate
                 .map(|cores| cores * 1000.0 / f64::from(FIXED_RPS))
@@ -127,7 +140,7 @@ fn error_kinds<'a>(samples: impl Iterator<Item = &'a Sample>) -> BTreeMap<String
             ("throughput", Some(&sample.throughput)),
             ("single", sample.single.as_ref()),
             ("churn", Some(&sample.churn)),
-            ("latency", Some(&sample.latency)),
+            ("latency", sample.latency.as_ref()),
         ];
         for (shape, outcome) in shapes {
             for (kind, n) in outcome.map(|o| &o.error_kinds).into_iter().flatten() {
@@ -136,4 +149,75 @@ fn error_kinds<'a>(samples: impl Iterator<Item = &'a Sample>) -> BTreeMap<String
         }
     }
     kinds
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::scenarios::{self, Scenario};
+
+    fn scenario(name: &str) -> Scenario {
+        *scenarios::ALL.iter().find(|s| s.name == name).unwrap()
+    }
+
+    fn outcome(rps: f64, errors: u64, p50_us: f64) -> Outcome {
+        Outcome {
+            requests: 1000,
+            rps,
+            errors,
+            p50_us,
+            p90_us: p50_us,
+            p99_us: p50_us,
+            error_kinds: BTreeMap::from([("read".to_owned(), errors)]),
+        }
+    }
+
+    fn sample(name: &str, rps: f64, latency: Option<Outcome>) -> Sample {
+        Sample {
+            scenario: name.to_owned(),
+            throughput: outcome(rps, 0, f64::NAN),
+            server_core_us_per_request: 10.0,
+            client_core_us_per_request: 10.0,
+            single: None,
+            churn: outcome(rps / 2.0, 2, f64::NAN),
+            latency,
+            proxy_cores_at_fixed_rate: None,
+            proxy_rss_kib_fixed_rate: None,
+            proxy_rss_kib_throughput: None,
+            proxy_hwm_kib: None,
+        }
+    }
+
+    fn round(samples: Vec<Sample>) -> Round {
+        Round {
+            index: 0,
+            samples,
+            other_share: 0.0,
+            discarded: false,
+            seconds: 1.0,
+        }
+    }
+
+    #[test]
+    fn a_skipped_latency_shape_leaves_its_figures_absent_and_still_counts_errors() {
+        let scenarios = [scenario("direct"), scenario("mesh-l7")];
+        let skipped = round(vec![
+            sample("direct", 1000.0, None),
+            sample("mesh-l7", 500.0, None),
+        ]);
+        let mesh = &figures(&scenarios, &[&skipped])[1];
+        assert!(mesh.p50_us.is_none() && mesh.added_p50_us.is_none());
+        assert!(mesh.added_p99_us.is_none());
+        assert_eq!(mesh.ratio.map(|s| s.median), Some(0.5));
+        assert_eq!(mesh.errors, 2);
+        assert_eq!(mesh.error_kinds.get("churn: read"), Some(&2));
+
+        let measured = round(vec![
+            sample("direct", 1000.0, Some(outcome(1000.0, 0, 100.0))),
+            sample("mesh-l7", 500.0, Some(outcome(1000.0, 1, 250.0))),
+        ]);
+        let mesh = &figures(&scenarios, &[&measured])[1];
+        assert_eq!(mesh.added_p50_us.map(|s| s.median), Some(150.0));
+        assert_eq!(mesh.errors, 3);
+    }
 }

@@ -12,32 +12,36 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("haproxy", "haproxy"),
     // For the iptables-mode agent of `mesh-iptables`.
     ("iptables-restore", "iptables"),
-    // callgrind, for the agent's instructions and allocations per request.
-    ("callgrind_control", "valgrind"),
 ];
+
+/// callgrind, for the agent's instructions and allocations per request.
+const CALLGRIND: (&str, &str) = ("callgrind_control", "valgrind");
 
 /// Absolute paths of the tools, so processes started inside pods find them whatever their PATH.
 pub struct Tools {
     pub wrk: PathBuf,
     pub nginx: PathBuf,
     pub haproxy: PathBuf,
-    pub oha: PathBuf,
+    /// The fixed-rate latency client; `None` when that shape does not run.
+    pub oha: Option<PathBuf>,
 }
 
-pub fn ensure() -> Result<Tools> {
+/// The load generators and peers; `oha` too when `fixed_rate_latency` (it takes minutes to
+/// build on a machine that has not got it yet).
+pub fn ensure(fixed_rate_latency: bool) -> Result<Tools> {
     ensure_packages(APT_PACKAGES)?;
     let found = |name: &str| which(name).with_context(|| format!("{name} is still missing"));
     Ok(Tools {
         wrk: found("wrk")?,
         nginx: found("nginx")?,
         haproxy: found("haproxy")?,
-        oha: oha()?,
+        oha: fixed_rate_latency.then(oha).transpose()?,
     })
 }
 
-/// Just valgrind, for `--request-cost`.
+/// valgrind, for the request cost.
 pub fn ensure_callgrind() -> Result<()> {
-    ensure_packages(&APT_PACKAGES[APT_PACKAGES.len() - 1..])
+    ensure_packages(&[CALLGRIND])
 }
 
 /// Installs the package of each `(binary, package)` whose binary is not on `PATH`.

@@ -61,7 +61,7 @@ struct EbpfAgent {
     socket_fast_path: bool,
 }
 
-/// Binaries built by the bench in release mode.
+/// The binaries the bench runs: release builds, or the debug ones CI has built for the smoke.
 pub struct Binaries {
     pub agent: PathBuf,
     /// The tests' HTTP server and client (`mesh-tests`'s `upstream`).

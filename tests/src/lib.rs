@@ -64,6 +64,27 @@ pub fn require_root() {
     );
 }
 
+/// Polls `check` every 100 ms until it returns `Some`; after `within`, fails naming `what` and
+/// the last error.
+pub fn wait_for<T>(
+    what: &str,
+    within: std::time::Duration,
+    mut check: impl FnMut() -> Result<Option<T>>,
+) -> Result<T> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let last = match check() {
+            Ok(Some(value)) => return Ok(value),
+            Ok(None) => String::from("not yet"),
+            Err(error) => format!("{error:#}"),
+        };
+        if std::time::Instant::now() >= deadline {
+            bail!("{what}: not within {within:?} (last: {last})");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 pub(crate) fn is_root() -> bool {
     std::fs::metadata("/proc/self").is_ok_and(|meta| meta.uid() == 0)
 }

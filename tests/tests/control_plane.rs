@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use mesh_tests::{control_plane::ControlPlane, require_root, Agent, SimNode};
 use serde_json::Value;
 
@@ -59,21 +59,9 @@ fn deploy_dir() -> String {
         .to_string()
 }
 
-/// Polls `check` until it returns `Some`, or fails after [`TIMEOUT`] with `what` and the last
-/// error.
-fn wait_for<T>(what: &str, mut check: impl FnMut() -> Result<Option<T>>) -> Result<T> {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        let last = match check() {
-            Ok(Some(value)) => return Ok(value),
-            Ok(None) => String::from("not yet"),
-            Err(error) => format!("{error:#}"),
-        };
-        if Instant::now() >= deadline {
-            bail!("{what}: not within {TIMEOUT:?} (last: {last})");
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
+/// [`mesh_tests::wait_for`] within [`TIMEOUT`].
+fn wait_for<T>(what: &str, check: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+    mesh_tests::wait_for(what, TIMEOUT, check)
 }
 
 fn json(text: &str) -> Result<Value> {
@@ -408,32 +396,11 @@ fn the_agent_reads_v1beta1_endpoint_slices_and_says_what_it_waits_for() -> Resul
     let control_plane = node.run_on_node(ControlPlane::start)??;
     let kubectl =
         |args: &[&str]| -> Result<String> { node.run_on_node(|| control_plane.kubectl(args))? };
-    let deploy = deploy_dir();
-    for file in [
-        "namespace",
-        "serviceaccount",
-        "clusterrole",
-        "clusterrolebinding",
-    ] {
-        kubectl(&["apply", "-f", &format!("{deploy}/base/{file}.yaml")])?;
-    }
+    let kubeconfig = node.run_on_node(|| control_plane.agent_kubeconfig())??;
     // The control plane comes with the mesh's CRDs: take them away until the agent has said
     // that it waits for them.
-    let crds = format!("{deploy}/crds");
+    let crds = format!("{}/crds", deploy_dir());
     kubectl(&["delete", "-f", &crds, "--wait"])?;
-    let token = kubectl(&["-n", MESH_NAMESPACE, "create", "token", AGENT])?;
-    let kubeconfig = control_plane.dir().join("agent.kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {}\n    \
-             certificate-authority: {}\nusers:\n- name: {AGENT}\n  user:\n    token: {}\n\
-             contexts:\n- name: test\n  context: {{cluster: test, user: {AGENT}}}\ncurrent-context: test\n",
-            control_plane.server(),
-            control_plane.ca_cert().display(),
-            token.trim(),
-        ),
-    )?;
 
     let started = Instant::now();
     let agent = Agent::spawn(

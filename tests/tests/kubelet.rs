@@ -10,40 +10,17 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use mesh_tests::{control_plane::ControlPlane, kubelet::Kubelet, require_root, Agent, SimNode};
 use serde_json::Value;
 
 const NODE: &str = "node-1";
 const NAMESPACE: &str = "shop";
-const MESH_NAMESPACE: &str = "sidecarless-system";
-const AGENT: &str = "mesh-agent";
 const TIMEOUT: Duration = Duration::from_secs(120);
 
-/// Polls `check` every 100 ms until it returns `Some`, or fails after [`TIMEOUT`] with `what`
-/// and the last error.
-fn wait_for<T>(what: &str, mut check: impl FnMut() -> Result<Option<T>>) -> Result<T> {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        let last = match check() {
-            Ok(Some(value)) => return Ok(value),
-            Ok(None) => String::from("not yet"),
-            Err(error) => format!("{error:#}"),
-        };
-        if Instant::now() >= deadline {
-            bail!("{what}: not within {TIMEOUT:?} (last: {last})");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn deploy_dir() -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ lives in the workspace")
-        .join("deploy")
-        .display()
-        .to_string()
+/// [`mesh_tests::wait_for`] within [`TIMEOUT`].
+fn wait_for<T>(what: &str, check: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+    mesh_tests::wait_for(what, TIMEOUT, check)
 }
 
 /// The processes in the node's kubelet cgroups (`kubepods/...`), by cgroup: what runs, whatever
@@ -254,28 +231,7 @@ fn a_deployment_runs_as_processes_becomes_ready_and_reaches_its_endpoints() -> R
     );
 
     // The agent, with its ServiceAccount's token, enrolls the namespace's running pods.
-    let deploy = deploy_dir();
-    for file in [
-        "namespace",
-        "serviceaccount",
-        "clusterrole",
-        "clusterrolebinding",
-    ] {
-        kubectl(&["apply", "-f", &format!("{deploy}/base/{file}.yaml")])?;
-    }
-    let token = kubectl(&["-n", MESH_NAMESPACE, "create", "token", AGENT])?;
-    let kubeconfig = control_plane.dir().join("agent.kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {}\n    \
-             certificate-authority: {}\nusers:\n- name: {AGENT}\n  user:\n    token: {}\n\
-             contexts:\n- name: test\n  context: {{cluster: test, user: {AGENT}}}\ncurrent-context: test\n",
-            control_plane.server(),
-            control_plane.ca_cert().display(),
-            token.trim(),
-        ),
-    )?;
+    let kubeconfig = node.run_on_node(|| control_plane.agent_kubeconfig())??;
     let agent = Agent::spawn(
         &node,
         &[],

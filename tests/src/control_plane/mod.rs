@@ -46,6 +46,9 @@ pub use build::{cache_dir, ensure_binaries, Binaries, COMPONENTS, KUBERNETES_VER
 pub use pki::KUBERNETES_SERVICE_IP;
 use pki::{Credentials, Identity};
 
+/// The agent's namespace and ServiceAccount in `deploy/base`.
+const AGENT_NAMESPACE: &str = "sidecarless-system";
+const AGENT: &str = "mesh-agent";
 /// Prefix of the run directories of tests' control planes (`mesh-cp-<pid>-<n>`).
 const RUN_PREFIX: &str = "mesh-cp-";
 /// The range Services' cluster IPs come from (kubeadm's default).
@@ -354,6 +357,37 @@ impl ControlPlane {
             started.elapsed().as_secs_f64()
         ));
         Ok(())
+    }
+
+    /// What the agent needs to run as the DaemonSet would: `deploy/base`'s namespace,
+    /// ServiceAccount, ClusterRole and binding (not the DaemonSet), and a kubeconfig with a token
+    /// of that ServiceAccount, written to `<dir>/agent.kubeconfig`. Call it where the API server
+    /// is reachable (inside the node's namespace when the control plane runs there).
+    pub fn agent_kubeconfig(&self) -> Result<PathBuf> {
+        let base = repo_root().join("deploy/base");
+        for file in [
+            "namespace",
+            "serviceaccount",
+            "clusterrole",
+            "clusterrolebinding",
+        ] {
+            let path = base.join(format!("{file}.yaml"));
+            let path = path.to_str().context("the repository path is not UTF-8")?;
+            self.kubectl(&["apply", "-f", path])?;
+        }
+        let token = self.kubectl(&["-n", AGENT_NAMESPACE, "create", "token", AGENT])?;
+        let path = self.dir.join("agent.kubeconfig");
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: mesh-test\n  cluster:\n    \
+             server: {}\n    certificate-authority: {}\nusers:\n- name: {AGENT}\n  user:\n    \
+             token: {}\ncontexts:\n- name: mesh-test\n  context: {{cluster: mesh-test, user: {AGENT}}}\n\
+             current-context: mesh-test\n",
+            self.server,
+            self.ca_cert.display(),
+            token.trim(),
+        );
+        fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        Ok(path)
     }
 
     /// Waits until the controller-manager's service-account and token controllers have given the

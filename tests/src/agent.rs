@@ -51,6 +51,22 @@ impl Agent {
         })
     }
 
+    /// Starts the agent in Kubernetes mode on `node`, which the cluster knows as `node_name`,
+    /// with `kubeconfig`, without waiting until it is ready.
+    pub fn spawn_kubernetes(node: &SimNode, kubeconfig: &Path, node_name: &str) -> Result<Agent> {
+        let kubeconfig = kubeconfig
+            .to_str()
+            .context("the kubeconfig path is not UTF-8")?;
+        let args = [
+            "--kubernetes",
+            "--kubeconfig",
+            kubeconfig,
+            "--node-name",
+            node_name,
+        ];
+        Agent::spawn(node, &[], &args)
+    }
+
     pub fn process(&mut self) -> &mut PodProcess {
         &mut self.process
     }

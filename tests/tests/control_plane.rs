@@ -403,17 +403,7 @@ fn the_agent_reads_v1beta1_endpoint_slices_and_says_what_it_waits_for() -> Resul
     kubectl(&["delete", "-f", &crds, "--wait"])?;
 
     let started = Instant::now();
-    let agent = Agent::spawn(
-        &node,
-        &[],
-        &[
-            "--kubernetes",
-            "--kubeconfig",
-            &kubeconfig.display().to_string(),
-            "--node-name",
-            "node-1",
-        ],
-    )?;
+    let agent = Agent::spawn_kubernetes(&node, &kubeconfig, "node-1")?;
     wait_for("the agent's /healthz", || {
         Ok(matches!(agent.admin_get("/healthz"), Ok((200, _))).then_some(()))
     })?;

@@ -232,17 +232,7 @@ fn a_deployment_runs_as_processes_becomes_ready_and_reaches_its_endpoints() -> R
 
     // The agent, with its ServiceAccount's token, enrolls the namespace's running pods.
     let kubeconfig = node.run_on_node(|| control_plane.agent_kubeconfig())??;
-    let agent = Agent::spawn(
-        &node,
-        &[],
-        &[
-            "--kubernetes",
-            "--kubeconfig",
-            &kubeconfig.display().to_string(),
-            "--node-name",
-            NODE,
-        ],
-    )?;
+    let agent = Agent::spawn_kubernetes(&node, &kubeconfig, NODE)?;
     agent.wait_ready(TIMEOUT)?;
     let mut expected: Vec<String> = ready
         .iter()

@@ -119,18 +119,9 @@ impl Cluster {
     }
 
     fn agent(&self) -> Agent {
-        Agent::start(
-            &self.node,
-            &[],
-            &[
-                "--kubernetes",
-                "--kubeconfig",
-                self.kubeconfig.to_str().unwrap(),
-                "--node-name",
-                NODE,
-            ],
-        )
-        .unwrap()
+        let agent = Agent::spawn_kubernetes(&self.node, &self.kubeconfig, NODE).unwrap();
+        agent.wait_ready(Duration::from_secs(20)).unwrap();
+        agent
     }
 
     /// service-c with its endpoints and the subsets' DestinationRule.

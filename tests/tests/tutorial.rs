@@ -1,9 +1,14 @@
-//! The tutorial, replayed in order with the real demo apps (Python → Deno → Java) on a simulated
-//! node, measuring what the tutorial shows at each step.
+//! The tutorial, replayed in order with the real demo apps (Python → Deno → Java), measuring
+//! what the tutorial shows at each step: once in local mode on a simulated node, once in
+//! Kubernetes mode with a real control plane, the kubelet stand-in and kubectl doing every
+//! change. `cargo xtask test` runs them one after the other (`--test-threads 1`): both measure
+//! timings that a second tutorial on this 2-core machine would skew.
 
 use std::time::Duration;
 
-use mesh_tests::tutorial::{answer, steps, Answer, Pace, Tutorial};
+use mesh_tests::tutorial::{
+    answer, kubernetes::KubernetesTutorial, local::LocalTutorial, steps, Answer, Pace, World,
+};
 
 #[test]
 fn the_tutorial_end_to_end() {
@@ -11,31 +16,49 @@ fn the_tutorial_end_to_end() {
     // would drown them.
     mesh_tests::set_echo(false);
     // On a fresh machine starting takes minutes (Deno from npm, perhaps a JDK): say what it does.
-    let tutorial = Tutorial::start(&|line| println!("start: {line}")).unwrap();
+    let tutorial = LocalTutorial::start(&|line| println!("start: {line}")).unwrap();
+    replay(&tutorial, "default", "local");
+}
 
+#[test]
+fn the_tutorial_end_to_end_with_kubectl() {
+    mesh_tests::set_echo(false);
+    let tutorial = KubernetesTutorial::start(&|line| println!("kubernetes start: {line}")).unwrap();
+    replay(
+        &tutorial,
+        mesh_tests::tutorial::kubernetes::NAMESPACE,
+        "kubernetes",
+    );
+}
+
+/// The baseline, a trace through the chain, then every step in order.
+fn replay(tutorial: &impl World, namespace: &str, mode: &str) {
     // Baseline: the whole chain through the gateway.
     let (status, body) = tutorial.call().unwrap();
     assert_eq!(status, 200, "{body}");
     assert!(matches!(answer(&body), Answer::Version(_)), "{body}");
-    println!("baseline: {}", body.trim());
+    println!("{mode} baseline: {}", body.trim());
 
     // Tracing: one request's trace runs through both hops and the gateway, each hop's span a
     // child of the one before (the apps only propagate the headers).
+    let request_id = format!("tutorial-trace-{mode}");
     let (status, _) = tutorial
-        .call_with(&[("x-request-id", "tutorial-trace")])
+        .call_with(&[("x-request-id", &request_id)])
         .unwrap();
     assert_eq!(status, 200);
     let hops = tutorial
         .agent()
         .wait_for_records(
             3,
-            |r| r["request_id"] == "tutorial-trace",
+            |r| r["request_id"] == request_id.as_str(),
             Duration::from_secs(10),
         )
         .unwrap();
     let hop = |service: &str| {
         hops.iter()
-            .find(|r| r["destination_service"] == format!("{service}.default.svc.cluster.local"))
+            .find(|r| {
+                r["destination_service"] == format!("{service}.{namespace}.svc.cluster.local")
+            })
             .unwrap_or_else(|| panic!("no hop to {service}: {hops:?}"))
     };
     let (to_a, to_b, to_c) = (hop("service-a"), hop("service-b"), hop("service-c"));
@@ -44,7 +67,7 @@ fn the_tutorial_end_to_end() {
     assert_eq!(to_b["parent_span_id"], to_a["span_id"], "{hops:?}");
     assert_eq!(to_c["parent_span_id"], to_b["span_id"], "{hops:?}");
     println!(
-        "trace {} spans gateway→A {} → B {} → C {}",
+        "{mode} trace {} spans gateway→A {} → B {} → C {}",
         to_a["trace_id"], to_a["span_id"], to_b["span_id"], to_c["span_id"]
     );
 
@@ -56,13 +79,17 @@ fn the_tutorial_end_to_end() {
     // + 2 s.
     for step in steps(Pace::Full) {
         let outcome = tutorial.run_step(&step).unwrap();
-        println!("{:<40} {}", step.name, outcome.shown);
+        let commands: Vec<String> = step.actions.iter().map(|a| tutorial.command(a)).collect();
+        println!("{mode} {:<40} {}", step.name, outcome.shown);
+        if !commands.is_empty() {
+            println!("    ({})", commands.join("; "));
+        }
         if !outcome.error_samples.is_empty() {
             println!("    e.g. {:?}", outcome.error_samples);
         }
         assert!(
             outcome.passed,
-            "{}: showed {}, expected {}",
+            "{mode} {}: showed {}, expected {}",
             step.name, outcome.shown, step.expected
         );
     }

@@ -27,6 +27,9 @@ enum Command {
     ///
     /// Without a subcommand: the tutorial's request loop, with the steps' commands on screen.
     /// With one: control the demo running in another terminal.
+    ///
+    /// Examples: `cargo xtask demo`, `cargo xtask demo --steps`, `cargo xtask demo --kubernetes`
+    /// (then `kubectl` from another terminal), `cargo xtask demo crash POD`.
     #[command(args_conflicts_with_subcommands = true)]
     Demo {
         /// Stop after this many requests instead of running until Ctrl-C.
@@ -36,6 +39,11 @@ enum Command {
         /// exits non-zero unless every step behaved.
         #[arg(long, conflicts_with = "rounds")]
         steps: bool,
+        /// Kubernetes mode: a real control plane (1.20, built once and cached) and a kubelet
+        /// stand-in on the node, the apps as Deployments, the agent in Kubernetes mode, and
+        /// `kubectl` doing every change, as on a cluster.
+        #[arg(long)]
+        kubernetes: bool,
         #[command(subcommand)]
         control: Option<DemoControl>,
     },
@@ -83,12 +91,20 @@ fn main() -> Result<()> {
         Command::Demo {
             rounds,
             steps,
+            kubernetes,
             control,
-        } => demo::run(match control {
-            Some(control) => demo::Mode::Control(control.into()),
-            None if steps => demo::Mode::Steps,
-            None => demo::Mode::Live { rounds },
-        }),
+        } => demo::run(
+            match control {
+                Some(control) => demo::Mode::Control(control.into()),
+                None if steps => demo::Mode::Steps,
+                None => demo::Mode::Live { rounds },
+            },
+            if kubernetes {
+                demo::Setting::Kubernetes
+            } else {
+                demo::Setting::Local
+            },
+        ),
         Command::Test { cargo_args } => test::run(&cargo_args),
         Command::Bench(args) => bench::run(args),
         Command::Cluster(command) => cluster::run(command),

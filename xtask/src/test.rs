@@ -6,7 +6,8 @@ use anyhow::{bail, Context, Result};
 
 use crate::{bench, build_ebpf, cargo};
 
-/// The end-to-end replay of the tutorial (tests/tests/tutorial.rs).
+/// The end-to-end replays of the tutorial, local and Kubernetes mode (tests/tests/tutorial.rs;
+/// `--skip` matches both by this prefix).
 const TUTORIAL: &str = "the_tutorial_end_to_end";
 
 /// cargo-deny, pinned so CI checks with the same rules every time; 0.20.2 builds with rustc 1.88
@@ -46,7 +47,8 @@ pub fn run(cargo_args: &[String]) -> Result<()> {
     let started = Instant::now();
     let result = if cargo_args.is_empty() {
         // The tutorial runs last and uncaptured, so CI shows the shares and error counts it
-        // measured at every step. `--workspace`, not `-p mesh-tests`: the same features as the
+        // measured at every step; its two modes one after the other, as each measures timings
+        // the other would skew. `--workspace`, not `-p mesh-tests`: the same features as the
         // run before, so nothing is rebuilt.
         cargo(&root, &["test", "--workspace", "--", "--skip", TUTORIAL]).and_then(|()| {
             cargo(
@@ -58,6 +60,8 @@ pub fn run(cargo_args: &[String]) -> Result<()> {
                     "tutorial",
                     "--",
                     "--nocapture",
+                    "--test-threads",
+                    "1",
                 ],
             )
         })

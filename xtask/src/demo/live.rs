@@ -11,13 +11,13 @@ use std::{
 use anyhow::Result;
 use mesh_tests::{
     agent::ADMIN,
-    tutorial::{self, answer, steps, Action, Answer, Pace, Tally, Tutorial, GATEWAY},
+    tutorial::{answer, steps, Action, Answer, Pace, Tally, World, CRASHED},
 };
 
 use super::{
     control::{self, Command},
     relay::Relay,
-    state,
+    state, Demo,
 };
 
 const PERIOD: Duration = Duration::from_millis(500);
@@ -29,14 +29,15 @@ const HOST_ADMIN: &str = "127.0.0.1:15000";
 
 /// Runs the loop until `stop` (Ctrl-C) or `rounds` requests.
 pub fn run(
-    tutorial: &Tutorial,
+    demo: &Demo,
     server: &control::Server,
     rounds: Option<u32>,
     stop: &AtomicBool,
 ) -> Result<()> {
-    let relays = start_relays(tutorial);
+    let tutorial = demo.world();
+    let relays = start_relays(demo);
     state::write(tutorial)?;
-    print_intro(tutorial, relays.iter().any(|r| r.0 == HOST_GATEWAY));
+    print_intro(demo, &relays);
 
     let mut window = VecDeque::with_capacity(WINDOW);
     let mut round = 0;
@@ -62,29 +63,34 @@ pub fn run(
     Ok(())
 }
 
-/// The two relays that could bind; a taken host port is reported and skipped.
-fn start_relays(tutorial: &Tutorial) -> Vec<(&'static str, Relay)> {
-    let mut relays = Vec::new();
-    for (host, node, what, instead) in [
+/// The relays that could bind (host address, relay); a taken host port is reported and
+/// skipped. In Kubernetes mode the API server is relayed too, on its own port, so the admin
+/// kubeconfig works from the host as it is.
+fn start_relays(demo: &Demo) -> Vec<(SocketAddr, Relay)> {
+    let tutorial = demo.world();
+    let gateway = tutorial.gateway();
+    let mut wanted = vec![
         (
-            HOST_GATEWAY,
-            GATEWAY,
+            HOST_GATEWAY.parse().expect("address"),
+            gateway,
             "the gateway",
-            format!("curl {GATEWAY}/service-a"),
+            format!("curl {gateway}/service-a"),
         ),
         (
-            HOST_ADMIN,
-            ADMIN,
+            HOST_ADMIN.parse().expect("address"),
+            ADMIN.parse().expect("address"),
             "the admin API",
             "target/debug/mesh-agent apply -f FILE".to_owned(),
         ),
-    ] {
-        let (listen, target): (SocketAddr, SocketAddr) = (
-            host.parse().expect("address"),
-            node.parse().expect("address"),
-        );
+    ];
+    if let Demo::Kubernetes(kubernetes) = demo {
+        let api_server = SocketAddr::from(([127, 0, 0, 1], kubernetes.control_plane().port()));
+        wanted.push((api_server, api_server, "the API server", "kubectl ...".to_owned()));
+    }
+    let mut relays = Vec::new();
+    for (listen, target, what, instead) in wanted {
         match Relay::start(listen, target, tutorial.dialer()) {
-            Ok(relay) => relays.push((host, relay)),
+            Ok(relay) => relays.push((listen, relay)),
             Err(error) => println!(
                 "no relay for {what}: {error:#} (port taken?). Inside the node instead: \
                  ip netns exec {} {instead}",
@@ -96,18 +102,20 @@ fn start_relays(tutorial: &Tutorial) -> Vec<(&'static str, Relay)> {
 }
 
 /// What the user needs on screen: where things are and the tutorial's steps as commands
-/// (ours first, so a line can be pasted whole; the tutorial's after `#`). At most 25 lines.
-fn print_intro(tutorial: &Tutorial, gateway_relayed: bool) {
+/// (ours first, so a line can be pasted whole; the tutorial's after `#`). At most 27 lines.
+fn print_intro(demo: &Demo, relays: &[(SocketAddr, Relay)]) {
+    let tutorial = demo.world();
+    let relayed = |addr: &str| relays.iter().any(|r| r.0 == addr.parse().expect("address"));
     let netns = tutorial.node().netns_name();
-    let pods: Vec<String> = tutorial
-        .running_pods()
+    let running = tutorial.running_pods().unwrap_or_default();
+    let pods: Vec<String> = running
         .iter()
         .map(|pod| format!("{} {}", pod.name, pod.ip))
         .collect();
     println!();
     println!("The tutorial \"Service Mesh for Developers\": A (Python) → B (Deno) → C v1/v2 (Java), no sidecars.");
     println!("node netns {netns}; pods {}", pods.join(", "));
-    if gateway_relayed {
+    if relayed(HOST_GATEWAY) {
         println!("  curl localhost:8080/service-a      # curl $ROUTE/service-a  (the gateway)");
     }
     println!("  curl localhost:15000/clusters      # endpoints, health, ejections (the agent's admin API)");
@@ -115,16 +123,20 @@ fn print_intro(tutorial: &Tutorial, gateway_relayed: bool) {
         "In another terminal, in {}:",
         super::workspace_root().display()
     );
+    if let Demo::Kubernetes(kubernetes) = demo {
+        let kubeconfig = kubernetes.control_plane().kubeconfig().display().to_string();
+        println!("  export KUBECONFIG={kubeconfig}   # the cluster's admin");
+        println!("  kubectl -n servicemesh-apps get pods,svc,virtualservices,destinationrules");
+    }
     let mut seen = Vec::new();
     for action in steps(Pace::Quick).iter().flat_map(|s| s.actions.clone()) {
-        let ours = action.ours();
+        let ours = tutorial.command(&action);
         if !seen.contains(&ours) {
             println!("  {ours:<88} # {}", tutorial_short(&action));
             seen.push(ours);
         }
     }
-    let pods = tutorial.running_pods();
-    if let Some(pod) = pods.iter().find(|p| p.name == tutorial::CRASHED_POD) {
+    if let Ok(pod) = tutorial.first_pod(CRASHED) {
         println!(
             "  or straight into the pod:  ip netns exec {netns} curl -s {}:8080/crash",
             pod.ip
@@ -149,7 +161,7 @@ fn summary(window: &VecDeque<Answer>) -> Tally {
 }
 
 /// Runs a command from another terminal, on this (the main) thread.
-fn execute(tutorial: &Tutorial, command: &Command) -> Result<String> {
+fn execute(tutorial: &dyn World, command: &Command) -> Result<String> {
     match command {
         Command::Crash(pod) => {
             tutorial.crash(pod)?;
@@ -163,7 +175,7 @@ fn execute(tutorial: &Tutorial, command: &Command) -> Result<String> {
             tutorial.scale(deployment, *count)?;
             state::write(tutorial)?;
             let pods: Vec<String> = tutorial
-                .running_pods()
+                .running_pods()?
                 .into_iter()
                 .filter(|pod| pod.deployment == *deployment)
                 .map(|pod| format!("{} {}", pod.name, pod.ip))

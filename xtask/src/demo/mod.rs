@@ -1,6 +1,8 @@
 //! `cargo xtask demo`: the tutorial "Service Mesh for Developers", live on a simulated node on
 //! this machine. Apps A (Python) → B (Deno) → C v1/v2 (Java) run as pods, the agent enrolls
-//! them and serves the gateway, and the user applies the tutorial's YAML from other terminals.
+//! them and serves the gateway, and the user applies the tutorial's YAML from other terminals:
+//! with `mesh-agent apply` in local mode, with `kubectl` in Kubernetes mode (`--kubernetes`: a
+//! real control plane and the kubelet stand-in on the node, see `mesh_tests::tutorial`).
 //!
 //! - `live`: the tutorial's curl loop with a running summary (the default);
 //! - `steps`: the whole tutorial unattended, as a table (`--steps`);
@@ -23,11 +25,45 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use mesh_tests::{require_root, tutorial::Tutorial};
+use mesh_tests::{
+    require_root,
+    tutorial::{kubernetes::KubernetesTutorial, local::LocalTutorial, World},
+};
 
 pub use control::Command;
 
 use crate::build_ebpf::workspace_root;
+
+/// Where the tutorial runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Setting {
+    /// One simulated node, rules applied with `mesh-agent apply`.
+    Local,
+    /// A real control plane and the kubelet stand-in on the node; `kubectl` does every change.
+    Kubernetes,
+}
+
+/// The running tutorial, in either setting.
+pub enum Demo {
+    Local(LocalTutorial),
+    Kubernetes(KubernetesTutorial),
+}
+
+impl Demo {
+    fn start(setting: Setting, progress: &dyn Fn(&str)) -> Result<Demo> {
+        Ok(match setting {
+            Setting::Local => Demo::Local(LocalTutorial::start(progress)?),
+            Setting::Kubernetes => Demo::Kubernetes(KubernetesTutorial::start(progress)?),
+        })
+    }
+
+    pub fn world(&self) -> &dyn World {
+        match self {
+            Demo::Local(tutorial) => tutorial,
+            Demo::Kubernetes(tutorial) => tutorial,
+        }
+    }
+}
 
 /// What `cargo xtask demo` was asked to do.
 pub enum Mode {
@@ -39,7 +75,7 @@ pub enum Mode {
     Control(Command),
 }
 
-pub fn run(mode: Mode) -> Result<()> {
+pub fn run(mode: Mode, setting: Setting) -> Result<()> {
     if let Mode::Control(command) = &mode {
         // Talks to the running demo only: nothing to build or start. Its refusals are
         // answers for a user, not program faults, so they go out without a backtrace.
@@ -61,9 +97,17 @@ pub fn run(mode: Mode) -> Result<()> {
     let stop = ctrl_c_flag()?;
 
     mesh_tests::set_echo(false);
-    println!("starting the tutorial's node: 4 pods (Python, Deno, Java ×2) and the agent ...");
+    match setting {
+        Setting::Local => println!(
+            "starting the tutorial's node: 4 pods (Python, Deno, Java ×2) and the agent ..."
+        ),
+        Setting::Kubernetes => println!(
+            "starting the tutorial's node with a Kubernetes control plane and a kubelet \
+             stand-in: 4 Deployments (Python, Deno, Java ×2) and the agent in Kubernetes mode ..."
+        ),
+    }
     let starting = Instant::now();
-    let tutorial = Tutorial::start(&|line| println!("  {line}"))?;
+    let demo = Demo::start(setting, &|line| println!("  {line}"))?;
     println!(
         "ready after {:.1} s (the node and its pods: {:.1} s)",
         began.elapsed().as_secs_f64(),
@@ -71,11 +115,11 @@ pub fn run(mode: Mode) -> Result<()> {
     );
 
     let result = match (mode, &server) {
-        (Mode::Live { rounds }, Some(server)) => live::run(&tutorial, server, rounds, &stop),
-        _ => steps::run(&tutorial, &stop),
+        (Mode::Live { rounds }, Some(server)) => live::run(&demo, server, rounds, &stop),
+        _ => steps::run(demo.world(), &stop),
     };
     drop(server);
-    teardown(tutorial);
+    teardown(demo);
     result
 }
 
@@ -90,8 +134,8 @@ fn ctrl_c_flag() -> Result<Arc<AtomicBool>> {
 
 /// Removes the node (its pods, their processes, the cgroup) and `/run/mesh-demo`, says what
 /// went, and checks that nothing of this node is left.
-fn teardown(tutorial: Tutorial) {
-    let node = tutorial.node();
+fn teardown(demo: Demo) {
+    let node = demo.world().node();
     let id = node.id();
     let mut removed = vec![
         format!("node netns {}", node.netns_name()),
@@ -99,17 +143,26 @@ fn teardown(tutorial: Tutorial) {
     ];
     let pods: Vec<String> = node.pods().iter().map(|p| p.name().to_owned()).collect();
     removed.push(format!("{} pods ({})", pods.len(), pods.join(", ")));
+    if let Demo::Kubernetes(tutorial) = &demo {
+        removed.push(format!(
+            "control plane {}",
+            tutorial.control_plane().dir().display()
+        ));
+    }
     println!("\ntearing down ...");
-    drop(tutorial);
+    drop(demo);
     match state::remove() {
         Ok(true) => removed.push(state::RUN_DIR.to_owned()),
         Ok(false) => {}
         Err(error) => println!("{error:#}"),
     }
     println!("removed: {}", removed.join("; "));
-    let left = mesh_tests::leftovers_of(&id);
+    let mut left = mesh_tests::leftovers_of(&id);
+    left.extend(mesh_tests::control_plane::leftovers());
     if left.is_empty() {
-        println!("nothing of the demo is left (no namespace, cgroup or /etc/netns entry)");
+        println!(
+            "nothing of the demo is left (no namespace, cgroup, /etc/netns entry or control plane)"
+        );
     } else {
         println!("LEFT BEHIND: {left:?}");
     }

@@ -7,7 +7,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use mesh_tests::tutorial::Tutorial;
+use mesh_tests::tutorial::World;
 use serde_json::json;
 
 pub const RUN_DIR: &str = "/run/mesh-demo";
@@ -21,18 +21,18 @@ pub fn control_socket() -> PathBuf {
 }
 
 /// Writes `state.json` afresh; called at start and after every scale.
-pub fn write(tutorial: &Tutorial) -> Result<()> {
+pub fn write(world: &dyn World) -> Result<()> {
     fs::create_dir_all(RUN_DIR).with_context(|| format!("creating {RUN_DIR}"))?;
-    let pods: Vec<_> = tutorial
-        .running_pods()
+    let pods: Vec<_> = world
+        .running_pods()?
         .into_iter()
         .map(|pod| json!({"name": pod.name, "deployment": pod.deployment, "ip": pod.ip}))
         .collect();
     let state = json!({
         "pid": std::process::id(),
-        "node_netns": tutorial.node().netns_path(),
-        "node_netns_name": tutorial.node().netns_name(),
-        "gateway_in_node": mesh_tests::tutorial::GATEWAY,
+        "node_netns": world.node().netns_path(),
+        "node_netns_name": world.node().netns_name(),
+        "gateway_in_node": world.gateway(),
         "admin_in_node": mesh_tests::agent::ADMIN,
         "pods": pods,
     });

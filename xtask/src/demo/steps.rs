@@ -3,24 +3,24 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{bail, Result};
-use mesh_tests::tutorial::{steps, Outcome, Pace, Step, Tutorial};
+use mesh_tests::tutorial::{steps, Outcome, Pace, Step, World};
 
 const WIDTHS: [usize; 4] = [34, 60, 54, 22];
 
-pub fn run(tutorial: &Tutorial, stop: &AtomicBool) -> Result<()> {
+pub fn run(world: &dyn World, stop: &AtomicBool) -> Result<()> {
     let steps = steps(Pace::Quick);
-    println!("\nThe tutorial's steps, unattended (mesh-agent = target/debug/mesh-agent; files under deploy/examples/):\n");
+    println!("\nThe tutorial's steps, unattended (mesh-agent = target/debug/mesh-agent; files under deploy/examples/; kubectl -n servicemesh-apps):\n");
     print_row(["step", "command (ours)", "showed", "expected"], "");
     let mut failed = 0;
     for step in &steps {
         if stop.load(Ordering::SeqCst) {
             bail!("stopped by Ctrl-C");
         }
-        let outcome = tutorial.run_step(step);
+        let outcome = world.run_step(step);
         if !matches!(outcome, Ok(Outcome { passed: true, .. })) {
             failed += 1;
         }
-        print_step(step, outcome);
+        print_step(world, step, outcome);
     }
     println!();
     if failed > 0 {
@@ -34,8 +34,12 @@ pub fn run(tutorial: &Tutorial, stop: &AtomicBool) -> Result<()> {
 }
 
 /// The step's row, with each further command on a line of its own under the first.
-fn print_step(step: &Step, outcome: Result<Outcome>) {
-    let commands: Vec<String> = step.actions.iter().map(|a| short(&a.ours())).collect();
+fn print_step(world: &dyn World, step: &Step, outcome: Result<Outcome>) {
+    let commands: Vec<String> = step
+        .actions
+        .iter()
+        .map(|a| short(&world.command(a)))
+        .collect();
     let first = commands
         .first()
         .map_or("curl localhost:8080/service-a", String::as_str);
@@ -66,9 +70,11 @@ fn print_row(cells: [&str; 4], mark: &str) {
     println!("{}", line.trim_end());
 }
 
-/// The table's form of a command: the agent binary and example folder are said once above.
+/// The table's form of a command: the agent binary, example folder and namespace are said once
+/// above.
 fn short(command: &str) -> String {
     command
         .replace("target/debug/mesh-agent", "mesh-agent")
         .replace("deploy/examples/", "")
+        .replace("kubectl -n servicemesh-apps", "kubectl")
 }

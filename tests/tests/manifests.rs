@@ -651,9 +651,15 @@ fn daemonset_has_only_the_privileges_it_needs() -> Result<()> {
         "capabilities must drop ALL, drop {drop:?}"
     );
     let added = strings(context, &["capabilities", "add"]);
-    let expected: BTreeSet<String> = ["BPF", "NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE"]
-        .map(str::to_owned)
-        .into();
+    let expected: BTreeSet<String> = [
+        "BPF",
+        "NET_ADMIN",
+        "SYS_ADMIN",
+        "SYS_PTRACE",
+        "NET_BIND_SERVICE",
+    ]
+    .map(str::to_owned)
+    .into();
     ensure!(
         added == expected,
         "capabilities added {added:?}, expected exactly {expected:?} (see deploy/README.md)"
@@ -716,9 +722,36 @@ fn daemonset_has_only_the_privileges_it_needs() -> Result<()> {
         "--proc-root=/host/proc",
         "--admin=$(HOST_IP):15000",
         "--drain-seconds=$(MESH_DRAIN_SECONDS)",
+        "--ingress=$(HOST_IP):$(MESH_INGRESS_PORT)",
     ] {
         ensure!(args.contains(&expected), "args {args:?} lack {expected}");
     }
+
+    // The ingress gateway: the port declared (so the scheduler sees the host port taken) is the
+    // one the agent listens on, and the mesh-ingress Service reaches it.
+    let ingress_port: u64 = str_at(config, &["data", "MESH_INGRESS_PORT"])
+        .context("MESH_INGRESS_PORT")?
+        .parse()?;
+    let declared = seq(agent, &["ports"])
+        .iter()
+        .find(|p| str_at(p, &["name"]) == Some("ingress"))
+        .and_then(|p| at(p, &["containerPort"]))
+        .and_then(Value::as_u64);
+    ensure!(
+        declared == Some(ingress_port),
+        "the DaemonSet's ingress port {declared:?} is not MESH_INGRESS_PORT {ingress_port}"
+    );
+    let service = find(&base, "Service", "mesh-ingress")?;
+    ensure!(
+        seq(service, &["spec", "ports"])
+            .iter()
+            .any(|p| str_at(p, &["targetPort"]) == Some("ingress")),
+        "the mesh-ingress Service targets the DaemonSet's ingress port"
+    );
+    ensure!(
+        str_at(service, &["spec", "selector", "app.kubernetes.io/name"]) == Some(AGENT),
+        "the mesh-ingress Service selects the agent's pods"
+    );
 
     // Readiness on the admin API's /ready, where the kubelet reaches it: the node's IP.
     let probe = at(agent, &["readinessProbe", "httpGet"]).context("no httpGet readinessProbe")?;

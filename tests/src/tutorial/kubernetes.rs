@@ -358,4 +358,17 @@ mod tests {
         }
         assert_eq!(checked, 4, "one image per Deployment");
     }
+
+    /// The harness's agent serves the gateway where the DaemonSet's does.
+    #[test]
+    fn the_ingress_port_is_the_daemonsets() {
+        let config = demo_dir().join("../base/configmap.yaml");
+        let text = std::fs::read_to_string(&config).unwrap();
+        let expected = format!("MESH_INGRESS_PORT: \"{INGRESS_PORT}\"");
+        assert!(
+            text.lines().any(|line| line.trim() == expected),
+            "{expected} not in {}",
+            config.display()
+        );
+    }
 }

@@ -152,13 +152,17 @@ impl KubernetesTutorial {
         tutorial.agent.wait_ready(ARRIVES_WITHIN)?;
         tutorial.kubectl_apply("create", "gateway.yml")?;
         wait_until_routed(&tutorial, ARRIVES_WITHIN)?;
-        crate::wait_for("the chain answering through the gateway", ARRIVES_WITHIN, || {
-            let (status, body) = tutorial.call()?;
-            match super::answer(&body) {
-                Answer::Version(_) => Ok(Some(())),
-                Answer::Error => bail!("{status} {}", body.trim()),
-            }
-        })?;
+        crate::wait_for(
+            "the chain answering through the gateway",
+            ARRIVES_WITHIN,
+            || {
+                let (status, body) = tutorial.call()?;
+                match super::answer(&body) {
+                    Answer::Version(_) => Ok(Some(())),
+                    Answer::Error => bail!("{status} {}", body.trim()),
+                }
+            },
+        )?;
         Ok(tutorial)
     }
 

@@ -14,8 +14,8 @@ use std::{
 use anyhow::{bail, Context, Result};
 
 use super::{
-    demo_dir, install_runtimes, prepare_apps, wait_until_routed, Action, PodInfo, World,
-    APP_PORT, DEPLOYMENTS,
+    demo_dir, install_runtimes, prepare_apps, wait_until_routed, Action, PodInfo, World, APP_PORT,
+    DEPLOYMENTS,
 };
 use crate::{
     mesh_config::{examples_dir, Backend, ConfigDir},
@@ -132,7 +132,10 @@ impl World for LocalTutorial {
             bail!("{action:?} is not a file to apply");
         };
         let mut command = Command::new(crate::agent_binary()?);
-        command.arg("apply").arg("-f").arg(examples_dir().join(file));
+        command
+            .arg("apply")
+            .arg("-f")
+            .arg(examples_dir().join(file));
         let mut process = self.node.spawn_on_node(command)?;
         let status = process.finish(Duration::from_secs(30))?;
         let out = format!("{}{}", process.stdout().text(), process.stderr().text());
@@ -329,4 +332,3 @@ fn write_services(config: &ConfigDir, replicas: &BTreeMap<String, Vec<Replica>>)
     }
     Ok(())
 }
-

@@ -240,14 +240,18 @@ fn routed_addresses(agent: &Agent) -> Result<std::collections::BTreeSet<SocketAd
 
 /// Waits until the agent routes to exactly the running pods of the tutorial's deployments.
 fn wait_until_routed(world: &(impl World + ?Sized), within: Duration) -> Result<()> {
-    crate::wait_for("the agent routing to exactly the running pods", within, || {
-        let running: std::collections::BTreeSet<SocketAddr> = world
-            .running_pods()?
-            .iter()
-            .map(|pod| SocketAddr::from((pod.ip, APP_PORT)))
-            .collect();
-        Ok((routed_addresses(world.agent())? == running).then_some(()))
-    })
+    crate::wait_for(
+        "the agent routing to exactly the running pods",
+        within,
+        || {
+            let running: std::collections::BTreeSet<SocketAddr> = world
+                .running_pods()?
+                .iter()
+                .map(|pod| SocketAddr::from((pod.ip, APP_PORT)))
+                .collect();
+            Ok((routed_addresses(world.agent())? == running).then_some(()))
+        },
+    )
 }
 /// What one chain answer says: C's version, or that the chain failed somewhere.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -321,7 +325,6 @@ pub fn tally(bodies: &[String]) -> Tally {
     counts
 }
 
-
 /// Connects to addresses inside the node's network namespace (the gateway, the admin API). Each
 /// call enters the namespace on a fresh thread; the socket stays in the node's namespace when
 /// that thread is gone, so the caller can use it anywhere (the demo's relays on the host do).
@@ -338,7 +341,6 @@ impl NodeDialer {
         .with_context(|| format!("connecting to {addr} in the node"))
     }
 }
-
 
 /// How many requests the steps send: the end-to-end test's counts, or fewer for
 /// `cargo xtask demo --steps`. The expectations are shares, so they hold for both.
@@ -545,10 +547,7 @@ fn measure_load(
     })
 }
 
-fn measure_back_after_ejection(
-    world: &(impl World + ?Sized),
-    deployment: &str,
-) -> Result<Outcome> {
+fn measure_back_after_ejection(world: &(impl World + ?Sized), deployment: &str) -> Result<Outcome> {
     let pod = world.first_pod(deployment)?.name;
     let marker = replica_marker(deployment, &pod)?;
     let start = Instant::now();
@@ -733,4 +732,3 @@ mod tests {
         assert!(replica_marker("service-d", "service-d-0").is_err());
     }
 }
-

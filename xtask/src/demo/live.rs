@@ -85,7 +85,12 @@ fn start_relays(demo: &Demo) -> Vec<(SocketAddr, Relay)> {
     ];
     if let Demo::Kubernetes(kubernetes) = demo {
         let api_server = SocketAddr::from(([127, 0, 0, 1], kubernetes.control_plane().port()));
-        wanted.push((api_server, api_server, "the API server", "kubectl ...".to_owned()));
+        wanted.push((
+            api_server,
+            api_server,
+            "the API server",
+            "kubectl ...".to_owned(),
+        ));
     }
     let mut relays = Vec::new();
     for (listen, target, what, instead) in wanted {
@@ -124,7 +129,11 @@ fn print_intro(demo: &Demo, relays: &[(SocketAddr, Relay)]) {
         super::workspace_root().display()
     );
     if let Demo::Kubernetes(kubernetes) = demo {
-        let kubeconfig = kubernetes.control_plane().kubeconfig().display().to_string();
+        let kubeconfig = kubernetes
+            .control_plane()
+            .kubeconfig()
+            .display()
+            .to_string();
         println!("  export KUBECONFIG={kubeconfig}   # the cluster's admin");
         println!("  kubectl -n servicemesh-apps get pods,svc,virtualservices,destinationrules");
     }

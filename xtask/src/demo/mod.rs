@@ -143,11 +143,12 @@ fn teardown(demo: Demo) {
     ];
     let pods: Vec<String> = node.pods().iter().map(|p| p.name().to_owned()).collect();
     removed.push(format!("{} pods ({})", pods.len(), pods.join(", ")));
-    if let Demo::Kubernetes(tutorial) = &demo {
-        removed.push(format!(
-            "control plane {}",
-            tutorial.control_plane().dir().display()
-        ));
+    let control_plane = match &demo {
+        Demo::Kubernetes(tutorial) => Some(tutorial.control_plane().dir().to_owned()),
+        Demo::Local(_) => None,
+    };
+    if let Some(dir) = &control_plane {
+        removed.push(format!("control plane {}", dir.display()));
     }
     println!("\ntearing down ...");
     drop(demo);
@@ -158,7 +159,12 @@ fn teardown(demo: Demo) {
     }
     println!("removed: {}", removed.join("; "));
     let mut left = mesh_tests::leftovers_of(&id);
-    left.extend(mesh_tests::control_plane::leftovers());
+    if let Some(dir) = control_plane {
+        left.extend(mesh_tests::control_plane::running_in(&dir));
+        if dir.exists() {
+            left.push(dir.display().to_string());
+        }
+    }
     if left.is_empty() {
         println!(
             "nothing of the demo is left (no namespace, cgroup, /etc/netns entry or control plane)"

@@ -34,7 +34,6 @@ mod cleanup;
 pub mod command;
 pub mod control_plane;
 pub mod http;
-pub mod kube_api;
 pub mod kubelet;
 pub mod mesh_config;
 mod netns;

@@ -1,361 +1,578 @@
-//! Kubernetes mode against a test API server that speaks the real list/watch protocol: pods are
-//! processes in kubelet-named cgroups on a simulated node; enrollment follows labels; rules and
-//! endpoints arrive through watches; the agent rides out a flaky API server.
+//! Kubernetes mode against a real Kubernetes 1.20 control plane (`mesh_tests::control_plane`),
+//! run inside a simulated node's network namespace, with the kubelet stand-in
+//! (`mesh_tests::kubelet`) running pods as processes in kubelet-named cgroups on the node, and the
+//! agent on the node with its ServiceAccount's token, as the DaemonSet runs it. Every change is
+//! made with kubectl: enrollment follows pod and namespace labels, on the agent's node only; a
+//! killed agent fails open, and one that cannot reach the API server enrolls nothing until it
+//! can; rules and endpoints arrive through watches and take effect on traffic; an invalid
+//! object is rejected and the last good one stays; the agent rides out an API server outage with
+//! its last state, and a watch resumed from a compacted resourceVersion (`410 Gone`) is
+//! recovered by a relist.
+//!
+//! The first run builds the control plane's binaries (tens of minutes, once; `cargo xtask test`
+//! does it before the tests). Each test starts a control plane of its own (~15 s).
 
 use std::{
     net::Ipv4Addr,
+    path::PathBuf,
     process::Command,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
-use mesh_tests::{kube_api::FakeApiServer, require_root, Agent, Pod, PodProcess, SimNode};
+use anyhow::{ensure, Context, Result};
+use mesh_tests::{
+    control_plane::ControlPlane,
+    kubelet::{Kubelet, RunningPod, UPSTREAM_IMAGE},
+    require_root, Agent, Pod, SimNode,
+};
 use serde_json::Value;
 
-const UPSTREAM: &str = env!("CARGO_BIN_EXE_upstream");
 const NODE: &str = "node-1";
+/// A second Node, whose kubelet runs its pods on the same simulated host: their processes are in
+/// the host's `/proc` with kubelet-named cgroups, as this node's are, so only the pod's
+/// `spec.nodeName` keeps the agent from enrolling them.
+const OTHER_NODE: &str = "node-2";
 const MESH_LABEL: &str = "sidecarless.io/mesh";
-const SERVICE_C: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
 const TIMEOUT: Duration = Duration::from_secs(60);
+/// How soon a change made with kubectl takes effect (docs/kubernetes.md promises a second).
+const PROMPTLY: Duration = Duration::from_secs(1);
+/// How long the API server stays down. The longer, the longer the agent's watches back off
+/// (kube's default: doubling from 0.8 s up to 30 s) before they see it back.
+const OUTAGE: Duration = Duration::from_secs(5);
 
+/// [`mesh_tests::wait_for`] within `within`.
+fn wait_for<T>(
+    what: &str,
+    within: Duration,
+    check: impl FnMut() -> Result<Option<T>>,
+) -> Result<T> {
+    mesh_tests::wait_for(what, within, check)
+}
+
+/// A control plane in a simulated node's network namespace and a kubelet stand-in for each of
+/// `nodes`, all on that one simulated node.
 struct Cluster {
-    node: SimNode,
-    api: FakeApiServer,
-    /// Holds `kubeconfig`; removed on drop.
-    _kubeconfig_dir: tempfile::TempDir,
-    kubeconfig: std::path::PathBuf,
-    _processes: Vec<PodProcess>,
-}
-
-/// A pod of the cluster: a process in the node's kubelet-style cgroup for its UID.
-struct KubePod {
-    pod: Pod,
-    namespace: &'static str,
-    uid: String,
-    labels: Vec<(&'static str, &'static str)>,
-    node: &'static str,
-}
-
-impl KubePod {
-    fn yaml(&self) -> String {
-        let labels: Vec<String> = self
-            .labels
-            .iter()
-            .map(|(k, v)| format!("{k}: {v}"))
-            .collect();
-        format!(
-            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  uid: {}\n  labels: {{{}}}\n\
-             spec:\n  nodeName: {}\n  containers: [{{name: app, image: app}}]\nstatus:\n  phase: Running\n  podIP: {}\n",
-            self.pod.name(),
-            self.namespace,
-            self.uid,
-            labels.join(", "),
-            self.node,
-            self.pod.ip()
-        )
-    }
-}
-
-fn start_cluster() -> Cluster {
-    require_root();
-    let node = SimNode::new().unwrap();
-    let api = node
-        .run_on_node(|| FakeApiServer::start("127.0.0.1:0".parse().unwrap()))
-        .unwrap()
-        .unwrap();
-    let kubeconfig_dir = tempfile::tempdir().unwrap();
-    let kubeconfig = kubeconfig_dir.path().join("kubeconfig");
-    api.kubeconfig(&kubeconfig).unwrap();
-    api.apply_yaml(
-        "apiVersion: v1\nkind: Namespace\nmetadata: {name: meshed, labels: {sidecarless.io/mesh: enabled}}\n---\n\
-         apiVersion: v1\nkind: Namespace\nmetadata: {name: plain}\n",
-    )
-    .unwrap();
-    Cluster {
-        node,
-        api,
-        _kubeconfig_dir: kubeconfig_dir,
-        kubeconfig,
-        _processes: Vec::new(),
-    }
+    // Dropped in this order: the pods' processes, then the control plane, then the node.
+    kubelets: Vec<Kubelet>,
+    control_plane: ControlPlane,
+    node: Arc<SimNode>,
+    /// The agent's kubeconfig: its ServiceAccount's token, `deploy/base`'s role.
+    agent_kubeconfig: PathBuf,
 }
 
 impl Cluster {
-    /// Adds a pod running `args` (an `upstream` command) in a kubelet-style cgroup.
-    fn pod(
-        &mut self,
-        name: &str,
-        namespace: &'static str,
-        labels: &[(&'static str, &'static str)],
-        node: &'static str,
-        args: &[&str],
-    ) -> KubePod {
-        let pod = self.node.add_pod(name).unwrap();
-        // Unique across every test of this process: the agent finds pods by UID in /proc.
-        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let uid = format!("{:08x}-1111-2222-3333-{n:012x}", std::process::id());
-        let mut command = Command::new(UPSTREAM);
-        command.args(args);
-        let process = self.node.spawn_in_pod(&pod, command).unwrap();
-        if args.first() == Some(&"serve") {
-            process
-                .stdout()
-                .wait_for_json(|l| l["listening"].is_string(), TIMEOUT)
-                .unwrap();
-        }
-        self.node
-            .move_to_cgroup(process.pid(), &format!("kubepods/besteffort/pod{uid}/app"))
-            .unwrap();
-        self._processes.push(process);
-        let kube_pod = KubePod {
-            pod,
-            namespace,
-            uid,
-            labels: labels.to_vec(),
+    fn start(nodes: &[&str]) -> Result<Cluster> {
+        require_root();
+        let node = Arc::new(SimNode::new()?);
+        let control_plane = node.run_on_node(ControlPlane::start)??;
+        let agent_kubeconfig = node.run_on_node(|| control_plane.agent_kubeconfig())??;
+        let kubelets = nodes
+            .iter()
+            .map(|name| Kubelet::start(node.clone(), &control_plane, name))
+            .collect::<Result<_>>()?;
+        Ok(Cluster {
+            kubelets,
+            control_plane,
             node,
-        };
-        self.api.apply_yaml(&kube_pod.yaml()).unwrap();
-        kube_pod
+            agent_kubeconfig,
+        })
     }
 
-    fn agent(&self) -> Agent {
-        let agent = Agent::spawn_kubernetes(&self.node, &self.kubeconfig, NODE).unwrap();
-        agent.wait_ready(Duration::from_secs(20)).unwrap();
-        agent
+    fn kubectl(&self, args: &[&str]) -> Result<String> {
+        self.node.run_on_node(|| self.control_plane.kubectl(args))?
     }
 
-    /// service-c with its endpoints and the subsets' DestinationRule.
-    fn service_c(&self, endpoints: &[&KubePod]) {
-        let mut yaml = format!(
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: service-c, namespace: meshed}}\n\
-             spec: {{clusterIP: {SERVICE_C}, ports: [{{name: http, port: 8080}}]}}\n---\n\
-             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
-             metadata: {{name: service-c-1, namespace: meshed, labels: {{kubernetes.io/service-name: service-c}}}}\n\
-             addressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n"
-        );
-        for pod in endpoints {
-            yaml.push_str(&format!(
-                "- addresses: [{}]\n  conditions: {{ready: true}}\n  targetRef: {{kind: Pod, name: {}, namespace: meshed}}\n",
-                pod.pod.ip(),
-                pod.pod.name()
-            ));
-        }
-        yaml.push_str(
-            "---\napiVersion: networking.istio.io/v1alpha3\nkind: DestinationRule\nmetadata: {name: service-c, namespace: meshed}\n\
-             spec:\n  host: service-c\n  subsets:\n  - {name: version-v1, labels: {version: v1}}\n  - {name: version-v2, labels: {version: v2}}\n",
-        );
-        self.api.apply_yaml(&yaml).unwrap();
+    /// `kubectl apply` of `yaml`.
+    fn apply(&self, yaml: &str) -> Result<()> {
+        let file = tempfile::Builder::new()
+            .suffix(".yaml")
+            .tempfile_in(self.control_plane.dir())?;
+        std::fs::write(file.path(), yaml)?;
+        let path = file.path().to_str().context("the path is not UTF-8")?;
+        self.kubectl(&["apply", "-f", path])?;
+        Ok(())
     }
 
-    /// `count` GETs of service-c from `client`: the client's summary line.
-    fn get(&self, client: &KubePod, count: usize, extra: &[&str]) -> Value {
-        let count = count.to_string();
-        let mut command = Command::new(UPSTREAM);
+    /// The agent on [`NODE`], once ready.
+    fn agent(&self) -> Result<Agent> {
+        let agent = Agent::spawn_kubernetes(&self.node, &self.agent_kubeconfig, NODE)?;
+        agent.wait_ready(TIMEOUT)?;
+        Ok(agent)
+    }
+
+    /// Waits until a kubelet runs `namespace/name`.
+    fn running(&self, namespace: &str, name: &str) -> Result<RunningPod> {
+        wait_for(&format!("{namespace}/{name} running"), TIMEOUT, || {
+            Ok(self
+                .kubelets
+                .iter()
+                .find_map(|kubelet| kubelet.pod(namespace, name))
+                .filter(|pod| !pod.pids.is_empty()))
+        })
+    }
+
+    /// `count` GETs of `url` from `client` with `upstream get`: its summary line.
+    fn get(&self, client: &Pod, url: &str, count: usize, extra: &[&str]) -> Result<Value> {
+        let mut command = Command::new(mesh_tests::upstream_binary()?);
         command
             .args([
                 "get",
                 "--url",
-                "http://service-c:8080/",
+                url,
                 "--count",
-                &count,
+                &count.to_string(),
                 "--quiet",
             ])
             .args(extra);
-        let mut process = self.node.spawn_in_pod(&client.pod, command).unwrap();
-        assert!(process.finish(TIMEOUT).unwrap().success());
-        process.stdout().json_lines().pop().unwrap()
+        let mut process = self.node.spawn_in_pod(client, command)?;
+        ensure!(
+            process.finish(TIMEOUT)?.success(),
+            "GET {url} from {} failed: {}",
+            client.name(),
+            process.stderr().text()
+        );
+        process
+            .stdout()
+            .json_lines()
+            .pop()
+            .context("upstream get printed no summary")
     }
 }
 
-fn enrolled(agent: &Agent) -> Vec<String> {
-    let (_, body) = agent.admin_get("/pods").unwrap();
-    let pods: Value = serde_json::from_str(&body).unwrap();
+/// A pod bound to `node` running `upstream serve` as `name` on port 8080.
+fn pod(namespace: &str, name: &str, node: &str, labels: &[(&str, &str)]) -> String {
+    let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {namespace}\n  \
+         labels: {{{}}}\nspec:\n  nodeName: {node}\n  terminationGracePeriodSeconds: 1\n  \
+         containers:\n  - name: app\n    image: {UPSTREAM_IMAGE}\n    \
+         args: [serve, --listen, '0.0.0.0:8080', --name, {name}]\n---\n",
+        labels.join(", ")
+    )
+}
+
+/// The pods the agent has enrolled, as `namespace/name`, sorted.
+fn enrolled(agent: &Agent) -> Result<Vec<String>> {
+    let (_, body) = agent.admin_get("/pods")?;
+    let pods: Value = serde_json::from_str(&body).context("/pods")?;
     let mut names: Vec<String> = pods
         .as_array()
-        .unwrap()
+        .context("/pods is no list")?
         .iter()
-        .map(|p| {
-            format!(
-                "{}/{}",
-                p["namespace"].as_str().unwrap(),
-                p["name"].as_str().unwrap()
-            )
-        })
+        .map(|pod| format!("{}/{}", pod["namespace"], pod["name"]).replace('"', ""))
         .collect();
     names.sort();
-    names
+    Ok(names)
 }
 
-fn wait_until(what: &str, within: Duration, mut check: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !check() {
-        assert!(start.elapsed() < within, "{what}: not within {within:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    start.elapsed()
+/// Waits until the agent has enrolled exactly `expected`; how long that took.
+fn wait_enrolled(agent: &Agent, expected: &[&str], within: Duration) -> Result<Duration> {
+    let started = Instant::now();
+    wait_for(&format!("enrolled: {expected:?}"), within, || {
+        Ok((enrolled(agent)? == expected).then_some(()))
+    })?;
+    Ok(started.elapsed())
 }
 
 fn count(summary: &Value, field: &str, key: &str) -> u64 {
     summary[field][key].as_u64().unwrap_or(0)
 }
 
-#[test]
-fn enrollment_follows_pod_and_namespace_labels_on_this_node_only() {
-    let mut cluster = start_cluster();
-    let serve = |name: &'static str| ["serve", "--listen", "0.0.0.0:8080", "--name", name];
-    cluster.pod("by-namespace", "meshed", &[], NODE, &serve("a"));
-    cluster.pod(
-        "opted-out",
-        "meshed",
-        &[(MESH_LABEL, "disabled")],
-        NODE,
-        &serve("b"),
-    );
-    let by_label = cluster.pod(
-        "by-label",
-        "plain",
-        &[(MESH_LABEL, "enabled")],
-        NODE,
-        &serve("c"),
-    );
-    cluster.pod("unlabelled", "plain", &[], NODE, &serve("d"));
-    cluster.pod("other-node", "meshed", &[], "node-2", &serve("e"));
-    let agent = cluster.agent();
-    wait_until("labelled pods enrolled", Duration::from_secs(5), || {
-        enrolled(&agent) == ["meshed/by-namespace", "plain/by-label"]
-    });
-
-    // The cluster is the truth: the admin API does not change config or enrollment here.
-    let (status, _) = agent
-        .admin_request("DELETE", "/pods/meshed/by-namespace", "")
-        .unwrap();
-    assert_eq!(status, 403);
-
-    // Removing the label unenrolls the pod within a second, without restarting it.
-    let unlabelled = KubePod {
-        labels: vec![],
-        ..by_label
-    };
-    cluster.api.apply_yaml(&unlabelled.yaml()).unwrap();
-    let took = wait_until("label removal", Duration::from_secs(1), || {
-        enrolled(&agent) == ["meshed/by-namespace"]
-    });
-    println!("unenrolled {took:?} after the label was removed");
-    // And labelling it again enrolls it again.
-    let relabelled = KubePod {
-        labels: vec![(MESH_LABEL, "enabled")],
-        ..unlabelled
-    };
-    cluster.api.apply_yaml(&relabelled.yaml()).unwrap();
-    let took = wait_until("label added", Duration::from_secs(1), || {
-        enrolled(&agent).len() == 2
-    });
-    println!("enrolled {took:?} after the label was added");
+/// `mesh_kubernetes_watch_failures_total{kind}`.
+fn watch_failures(agent: &Agent, kind: &str) -> Result<f64> {
+    let (_, metrics) = agent.admin_get("/metrics")?;
+    Ok(metrics
+        .lines()
+        .find(|line| {
+            line.starts_with("mesh_kubernetes_watch_failures_total")
+                && line.contains(&format!("kind=\"{kind}\""))
+        })
+        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0))
 }
 
+/// How many lines the agent logged that contain every one of `parts`.
+fn logged(agent: &Agent, parts: &[&str]) -> usize {
+    agent
+        .stderr_text()
+        .lines()
+        .filter(|line| parts.iter().all(|part| line.contains(part)))
+        .count()
+}
+
+/// A request from `client` to `url` succeeds, and the agent carried it (its access log says so).
+fn through_the_agent(cluster: &Cluster, agent: &Agent, client: &Pod, url: &str) -> Result<()> {
+    let before = agent.access_log().len();
+    let summary = cluster.get(client, url, 1, &[])?;
+    ensure!(count(&summary, "by_status", "200") == 1, "{summary}");
+    agent.wait_for_records(before + 1, |_| true, TIMEOUT)?;
+    Ok(())
+}
+
+/// Pods in a namespace labelled for the mesh, in one that is not, and on another node; the agent
+/// enrolls exactly the labelled ones on its node, and follows `kubectl label` of pods and
+/// namespaces within a second. Killed, it fails open: the next request goes straight to its
+/// destination. Restarted while the API server is down, it is not ready, says why, and enrolls
+/// nothing (requests still go straight through); once the API server is back it enrolls the
+/// labelled pods again and carries their requests.
 #[test]
-fn rules_and_endpoints_arrive_through_watches_and_survive_a_flaky_api_server() {
-    let mut cluster = start_cluster();
-    cluster.node.add_host("service-c", SERVICE_C).unwrap();
-    let serve = |name: &'static str| ["serve", "--listen", "0.0.0.0:8080", "--name", name];
-    let v1 = cluster.pod(
-        "service-c-v1-0",
-        "meshed",
-        &[("app", "service-c"), ("version", "v1")],
-        NODE,
-        &serve("v1"),
+fn enrollment_follows_pod_and_namespace_labels_on_this_node_only_and_fails_open() -> Result<()> {
+    let started = Instant::now();
+    let mut cluster = Cluster::start(&[NODE, OTHER_NODE])?;
+    let mut yaml = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: meshed, labels: {{{MESH_LABEL}: enabled}}}}\n---\n\
+         apiVersion: v1\nkind: Namespace\nmetadata: {{name: plain}}\n---\n"
     );
-    let v2 = cluster.pod(
-        "service-c-v2-0",
-        "meshed",
-        &[("app", "service-c"), ("version", "v2")],
-        NODE,
-        &serve("v2"),
-    );
-    let client = cluster.pod(
-        "client",
-        "meshed",
-        &[],
-        NODE,
-        &["serve", "--listen", "0.0.0.0:9", "--name", "client"],
-    );
-    cluster.service_c(&[&v1, &v2]);
-    let agent = cluster.agent();
-    wait_until("client enrolled", Duration::from_secs(5), || {
-        enrolled(&agent).contains(&"meshed/client".to_owned())
-    });
-    let both = cluster.get(&client, 40, &[]);
-    assert_eq!(count(&both, "by_status", "200"), 40, "{both}");
+    yaml += &pod("meshed", "by-namespace", NODE, &[]);
+    yaml += &pod("meshed", "opted-out", NODE, &[(MESH_LABEL, "disabled")]);
+    yaml += &pod("plain", "by-label", NODE, &[(MESH_LABEL, "enabled")]);
+    yaml += &pod("plain", "unlabelled", NODE, &[]);
+    yaml += &pod("meshed", "other-node", OTHER_NODE, &[]);
+    cluster.apply(&yaml)?;
+    let client = cluster.running("meshed", "by-namespace")?;
+    let server = cluster.running("meshed", "opted-out")?;
+    for (namespace, name) in [
+        ("plain", "by-label"),
+        ("plain", "unlabelled"),
+        ("meshed", "other-node"),
+    ] {
+        cluster.running(namespace, name)?;
+    }
+    let cluster_up = started.elapsed();
 
-    // The tutorial's canary VirtualService, added through a watch event: in force within 1 s.
-    let canary =
-        std::fs::read_to_string(mesh_tests::mesh_config::examples_dir().join("canary/4-vs-v2.yml"))
-            .unwrap()
-            .replace(
-                "name: service-c\n",
-                "name: service-c\n  namespace: meshed\n",
-            );
-    cluster.api.apply_yaml(&canary).unwrap();
-    let took = wait_until("canary applied", Duration::from_secs(1), || {
-        count(&cluster.get(&client, 1, &[]), "by_body", "v2") == 1
-    });
-    println!("canary VirtualService in force {took:?} after the watch event");
-    assert_eq!(count(&cluster.get(&client, 20, &[]), "by_body", "v2"), 20);
+    let mut agent = cluster.agent()?;
+    let both = ["meshed/by-namespace", "plain/by-label"];
+    wait_enrolled(&agent, &both, TIMEOUT)?;
 
-    // An EndpointSlice change (a replica removed) under load: no request fails.
-    let mut load = cluster
-        .node
-        .spawn_in_pod(&client.pod, {
-            let mut c = Command::new(UPSTREAM);
-            c.args([
-                "get",
-                "--url",
-                "http://service-c:8080/",
-                "--count",
-                "600",
-                "--rate",
-                "200",
-                "--concurrency",
-                "4",
-                "--quiet",
-            ]);
-            c
-        })
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(1000));
+    // The cluster is the truth: the admin API does not change enrollment here.
+    let (status, _) = agent.admin_request("DELETE", "/pods/meshed/by-namespace", "")?;
+    ensure!(status == 403, "DELETE /pods answered {status}");
+
+    // The pod's label, removed and added again; then the namespace's, added and removed.
+    let relabel = |args: &[&str], expected: &[&str]| -> Result<Duration> {
+        let started = Instant::now();
+        cluster.kubectl(args)?;
+        wait_enrolled(&agent, expected, PROMPTLY)?;
+        Ok(started.elapsed())
+    };
+    let (pod_label, namespace_label) = (
+        ["-n", "plain", "label", "pod", "by-label"],
+        ["label", "namespace", "plain"],
+    );
+    let all = ["meshed/by-namespace", "plain/by-label", "plain/unlabelled"];
+    let took = [
+        relabel(
+            &[&pod_label[..], &[&format!("{MESH_LABEL}-")]].concat(),
+            &["meshed/by-namespace"],
+        )?,
+        relabel(
+            &[&pod_label[..], &[&format!("{MESH_LABEL}=enabled")]].concat(),
+            &both,
+        )?,
+        relabel(
+            &[&namespace_label[..], &[&format!("{MESH_LABEL}=enabled")]].concat(),
+            &all,
+        )?,
+        relabel(
+            &[&namespace_label[..], &[&format!("{MESH_LABEL}-")]].concat(),
+            &both,
+        )?,
+    ];
+    eprintln!(
+        "from the start of kubectl label (its own run included): pod unenrolled in {:?}, \
+         enrolled in {:?}; the namespace's pods enrolled in {:?}, unenrolled in {:?}",
+        took[0], took[1], took[2], took[3]
+    );
+
+    // An enrolled pod's request to another pod goes through the agent.
+    let url = format!("http://{}/", server.pod.addr(8080));
+    through_the_agent(&cluster, &agent, &client.pod, &url)?;
+
+    // Killed: the next request goes straight to its destination.
+    agent.process().signal(libc::SIGKILL)?;
+    let killed = Instant::now();
+    agent.process().wait_timeout(TIMEOUT)?;
+    let summary = cluster.get(&client.pod, &url, 1, &["--timeout-secs", "1"])?;
+    ensure!(count(&summary, "by_status", "200") == 1, "{summary}");
+    let fail_open = killed.elapsed();
+    drop(agent);
+
+    // A new agent while the API server is down: alive, not ready (and why), nothing enrolled,
+    // requests go straight through.
     cluster
-        .api
-        .delete("VirtualService", Some("meshed"), "service-c")
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
-    cluster.service_c(&[&v1]);
-    assert!(load.finish(TIMEOUT).unwrap().success());
-    let summary = load.stdout().json_lines().pop().unwrap();
-    println!("endpoint change under 200 rps: {summary}");
-    assert_eq!(count(&summary, "by_status", "200"), 600, "{summary}");
-    assert_eq!(count(&cluster.get(&client, 20, &[]), "by_body", "v1"), 20);
+        .node
+        .clone()
+        .run_on_node(|| cluster.control_plane.stop_apiserver())??;
+    let agent = Agent::spawn_kubernetes(&cluster.node, &cluster.agent_kubeconfig, NODE)?;
+    let reasons = wait_for(
+        "/ready to say it cannot reach the API server",
+        TIMEOUT,
+        || {
+            let (code, body) = agent.admin_get("/ready")?;
+            Ok((code == 503 && body.contains("last error")).then_some(body))
+        },
+    )?;
+    eprintln!("while the API server is down, /ready: {}", reasons.trim());
+    ensure!(enrolled(&agent)?.is_empty(), "{:?}", enrolled(&agent)?);
+    let summary = cluster.get(&client.pod, &url, 1, &[])?;
+    ensure!(count(&summary, "by_status", "200") == 1, "{summary}");
+    ensure!(
+        agent.access_log().is_empty(),
+        "an agent that is not ready carried a request: {:?}",
+        agent.access_log()
+    );
 
-    // The API server closes every watch, then forgets history (410 Gone), then goes away for
-    // 10 s: routing goes on with the last good state, and changes made after it is back apply.
-    cluster.api.close_watches();
-    cluster.api.expire_history();
-    cluster.api.set_available(false);
+    // The API server back: ready, the labelled pods enrolled again, requests through it.
+    let node = cluster.node.clone();
+    node.run_on_node(|| cluster.control_plane.start_apiserver())??;
+    let back = Instant::now();
+    agent.wait_ready(TIMEOUT)?;
+    wait_enrolled(&agent, &both, TIMEOUT)?;
+    let reenrolled = back.elapsed();
+    through_the_agent(&cluster, &agent, &client.pod, &url)?;
+    eprintln!(
+        "cluster up in {:.1} s; fail-open: a request succeeded {fail_open:?} after SIGKILL; \
+         re-enrolled {reenrolled:?} after the API server was back; test took {:.1} s",
+        cluster_up.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// service-c's two versions as pods behind a real Service (the EndpointSlice controller
+/// publishes them), its DestinationRule's subsets, and a client pod. Through watches: the
+/// tutorial's canary VirtualService takes effect within a second; an invalid VirtualService is
+/// rejected with its name, field and reason and the last good one stays in force; an endpoint
+/// removed under 200 rps fails no request. The API server stopped: requests go on with the last
+/// state, the agent stays ready and counts each kind's failed watches; etcd compacted
+/// meanwhile, so the watches resume into `410 Gone`; once the API server is back, changes made
+/// with kubectl arrive again.
+#[test]
+fn rules_and_endpoints_arrive_through_watches_and_survive_an_api_server_outage() -> Result<()> {
+    let started = Instant::now();
+    let mut cluster = Cluster::start(&[NODE])?;
+    let app = |version: &'static str| [("app", "service-c"), ("version", version)];
+    let mut yaml = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: meshed, labels: {{{MESH_LABEL}: enabled}}}}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {{name: service-c, namespace: meshed}}\n\
+         spec:\n  selector: {{app: service-c}}\n  ports: [{{name: http, port: 8080, targetPort: 8080}}]\n---\n\
+         apiVersion: networking.istio.io/v1beta1\nkind: DestinationRule\n\
+         metadata: {{name: service-c, namespace: meshed}}\nspec:\n  host: service-c\n  subsets:\n  \
+         - {{name: version-v1, labels: {{version: v1}}}}\n  - {{name: version-v2, labels: {{version: v2}}}}\n---\n"
+    );
+    yaml += &pod("meshed", "service-c-v1", NODE, &app("v1"));
+    yaml += &pod("meshed", "service-c-v2", NODE, &app("v2"));
+    yaml += &pod("meshed", "client", NODE, &[]);
+    cluster.apply(&yaml)?;
+    let v1 = cluster.running("meshed", "service-c-v1")?;
+    let v2 = cluster.running("meshed", "service-c-v2")?;
+    let client = cluster.running("meshed", "client")?.pod;
+    let service: Value = serde_json::from_str(&cluster.kubectl(&[
+        "-n",
+        "meshed",
+        "get",
+        "service",
+        "service-c",
+        "-o",
+        "json",
+    ])?)?;
+    let cluster_ip: Ipv4Addr = service["spec"]["clusterIP"]
+        .as_str()
+        .context("service-c has a clusterIP")?
+        .parse()?;
+    cluster.node.add_host("service-c", cluster_ip)?;
+    let url = "http://service-c:8080/";
+    let cluster_up = started.elapsed();
+
+    let agent = cluster.agent()?;
+    let endpoints = |expected: &[&RunningPod]| -> Result<Duration> {
+        let started = Instant::now();
+        wait_for("service-c's endpoints in the agent", TIMEOUT, || {
+            let (_, clusters) = agent.admin_get("/clusters")?;
+            Ok([&v1, &v2]
+                .iter()
+                .all(|pod| {
+                    let listed = clusters.contains(&pod.pod.ip().to_string());
+                    listed == expected.iter().any(|e| e.name == pod.name)
+                })
+                .then_some(()))
+        })?;
+        Ok(started.elapsed())
+    };
+    endpoints(&[&v1, &v2])?;
+    let both = cluster.get(&client, url, 40, &[])?;
+    ensure!(count(&both, "by_status", "200") == 40, "{both}");
+
+    // The tutorial's canary VirtualService, applied with kubectl: in force within a second.
+    let canary = std::fs::read_to_string(
+        mesh_tests::mesh_config::examples_dir().join("canary/4-vs-v2.yml"),
+    )?
+    .replace(
+        "name: service-c\n",
+        "name: service-c\n  namespace: meshed\n",
+    );
+    cluster.apply(&canary)?;
+    let applied = Instant::now();
+    wait_for("the canary in force", PROMPTLY, || {
+        Ok((count(
+            &cluster.get(&client, url, 1, &[])?,
+            "by_body",
+            "service-c-v2",
+        ) == 1)
+            .then_some(()))
+    })?;
+    let canary_took = applied.elapsed();
+    let all_v2 = cluster.get(&client, url, 20, &[])?;
+    ensure!(count(&all_v2, "by_body", "service-c-v2") == 20, "{all_v2}");
+
+    // An invalid VirtualService (the CRD's schema takes any spec): rejected with its name, field
+    // and reason; the last good one stays in force.
+    let invalid = canary
+        .replace("subset: version-v2", "subset: version-v1")
+        .replace("  - route:", "  - timeout: soon\n    route:");
+    cluster.apply(&invalid)?;
+    let rejection = [
+        "object rejected, its last good version stays",
+        "VirtualService meshed/service-c",
+        "spec.http[0].timeout",
+        "invalid duration",
+    ];
+    wait_for("the invalid VirtualService rejected", TIMEOUT, || {
+        Ok((logged(&agent, &rejection) == 1).then_some(()))
+    })?;
+    let still_v2 = cluster.get(&client, url, 20, &[])?;
+    ensure!(
+        count(&still_v2, "by_body", "service-c-v2") == 20,
+        "{still_v2}"
+    );
+    // Corrected, it is taken.
+    cluster.apply(&invalid.replace("  - timeout: soon\n    route:", "  - route:"))?;
+    wait_for(
+        "the corrected VirtualService in force",
+        PROMPTLY * 5,
+        || {
+            Ok((count(
+                &cluster.get(&client, url, 1, &[])?,
+                "by_body",
+                "service-c-v1",
+            ) == 1)
+                .then_some(()))
+        },
+    )?;
+
+    // Under 200 rps: the VirtualService deleted, then v2 taken out of the Service (the
+    // EndpointSlice controller drops its endpoint; the pod runs on): no request fails.
+    let mut load = cluster.node.spawn_in_pod(&client, {
+        let mut get = Command::new(mesh_tests::upstream_binary()?);
+        get.args(["get", "--url", url, "--count", "600", "--rate", "200"])
+            .args(["--concurrency", "4", "--quiet"]);
+        get
+    })?;
+    std::thread::sleep(Duration::from_millis(1000));
+    cluster.kubectl(&["-n", "meshed", "delete", "virtualservice", "service-c"])?;
+    std::thread::sleep(Duration::from_millis(500));
+    cluster.kubectl(&[
+        "-n",
+        "meshed",
+        "label",
+        "pod",
+        "service-c-v2",
+        "app=retired",
+        "--overwrite",
+    ])?;
+    ensure!(load.finish(TIMEOUT)?.success(), "{}", load.stderr().text());
+    let summary = load.stdout().json_lines().pop().context("no summary")?;
+    eprintln!("endpoint change under 200 rps: {summary}");
+    ensure!(count(&summary, "by_status", "200") == 600, "{summary}");
+    endpoints(&[&v1])?;
+    let all_v1 = cluster.get(&client, url, 20, &[])?;
+    ensure!(count(&all_v1, "by_body", "service-c-v1") == 20, "{all_v1}");
+
+    // The outage: requests go on with the last state, the agent stays ready and counts.
+    let node = cluster.node.clone();
+    let kinds = [
+        "Pod",
+        "Service",
+        "EndpointSlice",
+        "VirtualService",
+        "DestinationRule",
+    ];
+    let failures_before: Vec<f64> = kinds
+        .iter()
+        .map(|kind| watch_failures(&agent, kind))
+        .collect::<Result<_>>()?;
+    node.run_on_node(|| cluster.control_plane.stop_apiserver())??;
     let outage = Instant::now();
-    while outage.elapsed() < Duration::from_secs(10) {
-        let summary = cluster.get(&client, 20, &[]);
-        assert_eq!(
-            count(&summary, "by_body", "v1"),
-            20,
+    while outage.elapsed() < OUTAGE {
+        let summary = cluster.get(&client, url, 20, &[])?;
+        ensure!(
+            count(&summary, "by_body", "service-c-v1") == 20,
             "during the outage: {summary}"
         );
+        let (ready, body) = agent.admin_get("/ready")?;
+        ensure!(ready == 200, "not ready during the outage: {body}");
         std::thread::sleep(Duration::from_millis(500));
     }
-    cluster.api.set_available(true);
-    cluster.service_c(&[&v2]);
-    let took = wait_until(
-        "caught up after the outage",
-        Duration::from_secs(30),
-        || count(&cluster.get(&client, 1, &[]), "by_body", "v2") == 1,
+    for (kind, before) in kinds.iter().zip(&failures_before) {
+        let now = watch_failures(&agent, kind)?;
+        ensure!(
+            now > *before,
+            "{kind}'s watch failures: {before} before the outage, {now} during"
+        );
+        ensure!(
+            logged(&agent, &["watch failed", kind]) >= 1,
+            "{kind}'s failing watch is logged:\n{}",
+            agent.stderr_text()
+        );
+    }
+
+    // etcd compacted past every resourceVersion handed out so far, then the API server back:
+    // a watch from before the outage is 410 Gone.
+    let compacted = node.run_on_node(|| cluster.control_plane.compact_etcd())??;
+    node.run_on_node(|| cluster.control_plane.start_apiserver())??;
+    let back = Instant::now();
+    let expired = cluster.kubectl(&[
+        "get",
+        "--raw",
+        &format!(
+            "/apis/networking.istio.io/v1beta1/virtualservices?watch=1&timeoutSeconds=1&resourceVersion={}",
+            compacted - 1
+        ),
+    ])?;
+    ensure!(
+        expired.contains("\"code\":410"),
+        "a watch from before the compaction: {expired}"
     );
-    println!("caught up {took:?} after the API server came back");
+
+    // Changes after it: v2 back in the Service and a VirtualService sending everything there.
+    cluster.kubectl(&[
+        "-n",
+        "meshed",
+        "label",
+        "pod",
+        "service-c-v2",
+        "app=service-c",
+        "--overwrite",
+    ])?;
+    cluster.apply(&canary)?;
+    wait_for("caught up after the outage", TIMEOUT, || {
+        let summary = cluster.get(&client, url, 20, &[])?;
+        Ok((count(&summary, "by_body", "service-c-v2") == 20).then_some(()))
+    })?;
+    let caught_up = back.elapsed();
+    for kind in ["EndpointSlice", "VirtualService"] {
+        ensure!(
+            logged(&agent, &["watch recovered", kind]) >= 1,
+            "{kind}'s watch recovery is logged:\n{}",
+            agent.stderr_text()
+        );
+    }
+    eprintln!(
+        "cluster up in {:.1} s; canary in force {canary_took:?} after kubectl apply; caught up \
+         {caught_up:?} after the API server was back; test took {:.1} s",
+        cluster_up.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }

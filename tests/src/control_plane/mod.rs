@@ -15,6 +15,11 @@
 //! Nothing runs pods: there is no kubelet. A Node object registered by a test gets pods bound to
 //! it by the scheduler.
 //!
+//! For outages, [`ControlPlane::stop_apiserver`] and [`ControlPlane::start_apiserver`] stop the
+//! API server and start it again on the same port with the same flags and etcd's data, and
+//! [`ControlPlane::compact_etcd`] makes every resourceVersion handed out so far too old to
+//! watch from (`410 Gone`).
+//!
 //! Every [`ControlPlane::start`] is a control plane of its own on free loopback ports, in a
 //! directory named after the process and a counter (`mesh-cp-<pid>-<n>`), so tests in one
 //! process and test processes side by side each run their own. Dropping it stops every process
@@ -24,6 +29,7 @@
 mod build;
 mod pki;
 
+use std::ffi::OsString;
 use std::fmt;
 use std::fs;
 use std::io::{BufRead, BufReader};
@@ -70,6 +76,14 @@ pub struct ControlPlane {
     admin_token: String,
     components: Vec<Component>,
     detached: bool,
+    /// Where etcd serves its clients.
+    etcd: SocketAddr,
+    /// The API server's command line, to start it again the same way.
+    apiserver_command: Option<(PathBuf, Vec<OsString>)>,
+    /// Its place among `components` while stopped (they stop in reverse order).
+    apiserver_slot: Option<usize>,
+    /// Whether the components run in a process group of their own (see [`Placement`]).
+    own_process_group: bool,
 }
 
 /// A process of the control plane.
@@ -157,10 +171,14 @@ impl ControlPlane {
             admin_token: credentials.admin_token.clone(),
             components: Vec::new(),
             detached: false,
+            etcd: SocketAddr::from((Ipv4Addr::LOCALHOST, etcd_client)),
+            apiserver_command: None,
+            apiserver_slot: None,
+            own_process_group: placement.own_process_group,
         };
         // From here on, a failure drops `control_plane`, which stops what was started.
         control_plane.start_etcd(binaries, placement, etcd_client, etcd_peer)?;
-        control_plane.start_apiserver(binaries, placement, &credentials, etcd_client)?;
+        control_plane.launch_apiserver(binaries, &credentials, etcd_client)?;
         control_plane.start_controllers(
             binaries,
             placement,
@@ -213,14 +231,12 @@ impl ControlPlane {
         Ok(())
     }
 
-    fn start_apiserver(
+    fn launch_apiserver(
         &mut self,
         binaries: &Binaries,
-        placement: &Placement,
         credentials: &Credentials,
         etcd: u16,
     ) -> Result<()> {
-        let started = Instant::now();
         let port = self.port();
         let mut apiserver = Command::new(&binaries.kube_apiserver);
         apiserver
@@ -261,7 +277,33 @@ impl ControlPlane {
             // The agent's DaemonSet asks for host namespaces, as real clusters allow.
             .arg("--allow-privileged=true")
             .arg("--profiling=false");
-        self.spawn("kube-apiserver", apiserver, placement)?;
+        self.apiserver_command = Some((
+            apiserver.get_program().into(),
+            apiserver.get_args().map(OsString::from).collect(),
+        ));
+        self.run_apiserver()
+    }
+
+    /// Starts the API server as [`ControlPlane::launch_apiserver`] set it up and waits until it
+    /// is ready.
+    fn run_apiserver(&mut self) -> Result<()> {
+        let started = Instant::now();
+        let (program, args) = self
+            .apiserver_command
+            .clone()
+            .context("the API server was never set up")?;
+        let mut apiserver = Command::new(program);
+        apiserver.args(args);
+        let placement = Placement {
+            dir: self.dir.clone(),
+            own_process_group: self.own_process_group,
+        };
+        self.spawn("kube-apiserver", apiserver, &placement)?;
+        if let Some(slot) = self.apiserver_slot.take() {
+            let component = self.components.pop().expect("spawned above");
+            self.components
+                .insert(slot.min(self.components.len()), component);
+        }
         let kubeconfig = self.kubeconfig.clone();
         self.wait_until("kube-apiserver", || {
             Ok(kubectl(&kubeconfig, &["get", "--raw", "/readyz"])
@@ -273,6 +315,73 @@ impl ControlPlane {
             started.elapsed().as_secs_f64()
         ));
         Ok(())
+    }
+
+    /// Stops the API server (SIGTERM, SIGKILL after a grace period), as an outage: clients'
+    /// connections and watches break, and new ones are refused, until
+    /// [`ControlPlane::start_apiserver`]. etcd and the controllers run on.
+    pub fn stop_apiserver(&mut self) -> Result<()> {
+        let slot = self
+            .components
+            .iter()
+            .position(|component| component.name == "kube-apiserver")
+            .context("the API server is not running")?;
+        let mut component = self.components.remove(slot);
+        self.apiserver_slot = Some(slot);
+        stop_child(&mut component.child).context("stopping kube-apiserver")?;
+        progress(format_args!("kube-apiserver stopped"));
+        Ok(())
+    }
+
+    /// Starts the API server [`ControlPlane::stop_apiserver`] stopped, on the same port with the
+    /// same flags and etcd's data, and waits until it is ready. Call it where the first start
+    /// ran (inside the node's network namespace when the control plane runs there): the new
+    /// process binds loopback in the caller's network namespace.
+    pub fn start_apiserver(&mut self) -> Result<()> {
+        ensure!(
+            !self
+                .components
+                .iter()
+                .any(|component| component.name == "kube-apiserver"),
+            "the API server is running already"
+        );
+        self.run_apiserver()
+    }
+
+    /// Makes every resourceVersion handed out so far too old to watch from: writes a key outside
+    /// the API server's prefix (`/registry`), so that etcd's revision passes all of them, and
+    /// compacts etcd's history up to that revision. Do it while the API server is stopped: its
+    /// watch cache, filled at start from etcd's current revision, then answers a watch resumed
+    /// from any earlier resourceVersion with `410 Gone`, as etcd itself does. Returns the
+    /// compacted revision. Call it where etcd is reachable (inside the node's network namespace
+    /// when the control plane runs there).
+    pub fn compact_etcd(&self) -> Result<u64> {
+        // etcd's JSON gateway wants keys in base64: this is "mesh-test/revision".
+        const KEY: &str = "bWVzaC10ZXN0L3JldmlzaW9u";
+        let call = |path: &str, body: serde_json::Value| -> Result<serde_json::Value> {
+            let (status, answer) = crate::http::request(
+                self.etcd,
+                "POST",
+                path,
+                &[("Content-Type", "application/json")],
+                &body.to_string(),
+            )
+            .with_context(|| format!("etcd {path}"))?;
+            ensure!(status == 200, "etcd {path}: {status} {answer}");
+            serde_json::from_str(&answer).with_context(|| format!("etcd {path} answered {answer}"))
+        };
+        let put = call("/v3/kv/put", serde_json::json!({ "key": KEY, "value": "" }))?;
+        // int64s come as strings in the gateway's JSON.
+        let revision: u64 = put["header"]["revision"]
+            .as_str()
+            .and_then(|revision| revision.parse().ok())
+            .with_context(|| format!("etcd's put answered no revision: {put}"))?;
+        call(
+            "/v3/kv/compaction",
+            serde_json::json!({ "revision": revision.to_string(), "physical": true }),
+        )?;
+        progress(format_args!("etcd compacted at revision {revision}"));
+        Ok(revision)
     }
 
     fn start_controllers(
@@ -505,7 +614,11 @@ impl ControlPlane {
         placement: &Placement,
     ) -> Result<()> {
         let log = self.dir.join(format!("{name}.log"));
-        let file = fs::File::create(&log)?;
+        // Appended to: a component started again keeps its earlier log.
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
         command
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)

@@ -129,12 +129,14 @@ fn print_intro(demo: &Demo, relays: &[(SocketAddr, Relay)]) {
         super::workspace_root().display()
     );
     if let Demo::Kubernetes(kubernetes) = demo {
-        let kubeconfig = kubernetes
-            .control_plane()
-            .kubeconfig()
-            .display()
-            .to_string();
-        println!("  export KUBECONFIG={kubeconfig}   # the cluster's admin");
+        let control_plane = kubernetes.control_plane();
+        // Its own discovery cache: kubectl's default one is keyed by host and port, and a
+        // server that had this port before would answer for this one.
+        println!(
+            "  export KUBECONFIG={} KUBECACHEDIR={}",
+            control_plane.kubeconfig().display(),
+            control_plane.dir().join("kube-cache").display()
+        );
         println!("  kubectl -n servicemesh-apps get pods,svc,virtualservices,destinationrules");
     }
     let mut seen = Vec::new();

@@ -268,14 +268,18 @@ impl Store {
                     state.base.remove(&key);
                     touched.push(key);
                 }
-                SourceChange::Replace { kind, objects } => {
+                SourceChange::Replace {
+                    kind,
+                    objects,
+                    rejected,
+                } => {
                     let mut replacement = ObjectSet::new();
                     for sourced in objects {
                         replacement.insert(sourced.key.clone(), sourced);
                     }
                     let gone: Vec<ObjectKey> = config::of_kind(&state.base, &kind)
                         .map(|o| o.key.clone())
-                        .filter(|key| !replacement.contains_key(key))
+                        .filter(|key| !replacement.contains_key(key) && !rejected.contains(key))
                         .collect();
                     for key in gone {
                         state.base.remove(&key);
@@ -687,6 +691,7 @@ spec: {}
             vec![SourceChange::Replace {
                 kind: "AuthorizationPolicy".into(),
                 objects: objects.into_iter().map(Arc::new).collect(),
+                rejected: vec![],
             }]
         };
         let listed = logged_warnings(|| {
@@ -844,11 +849,23 @@ spec: {}
         store.change(changes).unwrap();
         assert_eq!(weights(&store), Some(vec![90, 10]));
 
-        // A relist without the route removes it.
+        // A relist that finds the route invalid keeps its last good version ...
+        let key = route[0].key.clone();
         store
             .change(vec![SourceChange::Replace {
                 kind: "VirtualService".into(),
                 objects: vec![],
+                rejected: vec![key],
+            }])
+            .unwrap();
+        assert_eq!(weights(&store), Some(vec![90, 10]));
+
+        // ... and a relist without the route removes it.
+        store
+            .change(vec![SourceChange::Replace {
+                kind: "VirtualService".into(),
+                objects: vec![],
+                rejected: vec![],
             }])
             .unwrap();
         assert_eq!(weights(&store), None);

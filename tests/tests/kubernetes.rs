@@ -353,13 +353,14 @@ fn rules_and_endpoints_arrive_through_watches_and_survive_an_api_server_outage()
     let started = Instant::now();
     let mut cluster = Cluster::start(&[NODE])?;
     let app = |version: &'static str| [("app", "service-c"), ("version", version)];
+    let destination_rule = "apiVersion: networking.istio.io/v1beta1\nkind: DestinationRule\n\
+         metadata: {name: service-c, namespace: meshed}\nspec:\n  host: service-c\n  subsets:\n  \
+         - {name: version-v1, labels: {version: v1}}\n  - {name: version-v2, labels: {version: v2}}\n";
     let mut yaml = format!(
         "apiVersion: v1\nkind: Namespace\nmetadata: {{name: meshed, labels: {{{MESH_LABEL}: enabled}}}}\n---\n\
          apiVersion: v1\nkind: Service\nmetadata: {{name: service-c, namespace: meshed}}\n\
          spec:\n  selector: {{app: service-c}}\n  ports: [{{name: http, port: 8080, targetPort: 8080}}]\n---\n\
-         apiVersion: networking.istio.io/v1beta1\nkind: DestinationRule\n\
-         metadata: {{name: service-c, namespace: meshed}}\nspec:\n  host: service-c\n  subsets:\n  \
-         - {{name: version-v1, labels: {{version: v1}}}}\n  - {{name: version-v2, labels: {{version: v2}}}}\n---\n"
+         {destination_rule}---\n"
     );
     yaml += &pod("meshed", "service-c-v1", NODE, &app("v1"));
     yaml += &pod("meshed", "service-c-v2", NODE, &app("v2"));
@@ -489,6 +490,19 @@ fn rules_and_endpoints_arrive_through_watches_and_survive_an_api_server_outage()
     let all_v1 = cluster.get(&client, url, 20, &[])?;
     ensure!(count(&all_v1, "by_body", "service-c-v1") == 20, "{all_v1}");
 
+    // The DestinationRule made invalid: rejected, its last good version (the subsets) stays,
+    // and must outlive the relist after the outage: the canary applied then needs its subsets.
+    cluster.apply(&format!(
+        "{destination_rule}  trafficPolicy: {{connectionPool: {{tcp: {{connectTimeout: soon}}}}}}\n"
+    ))?;
+    wait_for("the invalid DestinationRule rejected", TIMEOUT, || {
+        Ok((logged(
+            &agent,
+            &["DestinationRule meshed/service-c", "connectTimeout"],
+        ) >= 1)
+            .then_some(()))
+    })?;
+
     // The outage: requests go on with the last state, the agent stays ready and counts.
     let node = cluster.node.clone();
     let kinds = [
@@ -555,6 +569,11 @@ fn rules_and_endpoints_arrive_through_watches_and_survive_an_api_server_outage()
         "app=service-c",
         "--overwrite",
     ])?;
+    // The canary's subsets come from the rejected DestinationRule's last good version, which
+    // the relist after `410 Gone` kept (a relist once dropped every object it found invalid).
+    wait_for("the DestinationRule watch relisted", TIMEOUT, || {
+        Ok((logged(&agent, &["watch recovered", "DestinationRule"]) >= 1).then_some(()))
+    })?;
     cluster.apply(&canary)?;
     wait_for("caught up after the outage", TIMEOUT, || {
         let summary = cluster.get(&client, url, 20, &[])?;

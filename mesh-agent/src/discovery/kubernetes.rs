@@ -62,10 +62,12 @@ pub enum SourceChange {
     Upsert(Arc<Sourced>),
     /// This object is gone.
     Remove(ObjectKey),
-    /// These are all the objects of this kind (after a (re)list): any other is gone.
+    /// These are all the objects of this kind (after a (re)list): any other is gone, except
+    /// those `rejected`: listed, but invalid, so their last good version stays.
     Replace {
         kind: Arc<str>,
         objects: Vec<Arc<Sourced>>,
+        rejected: Vec<ObjectKey>,
     },
 }
 
@@ -564,6 +566,17 @@ impl Watch {
         })
     }
 
+    /// The store's key of a watched object; `None` for one without a name.
+    fn key_of(&self, object: &impl kube::Resource) -> Option<ObjectKey> {
+        let metadata = object.meta();
+        let name = metadata.name.as_deref()?;
+        Some(ObjectKey::new(
+            self.kind,
+            metadata.namespace.as_deref(),
+            name,
+        ))
+    }
+
     async fn run_sourced<K>(
         mut self,
         mut events: Events<K>,
@@ -589,30 +602,31 @@ impl Watch {
                     listing.get_or_insert_default().push(object);
                     continue;
                 }
-                Ok(Event::InitDone) => SourceChange::Replace {
-                    kind: self.kind.into(),
-                    objects: listing
-                        .take()
-                        .unwrap_or_default()
-                        .into_iter()
-                        .filter_map(&sourced)
-                        .collect(),
-                },
+                Ok(Event::InitDone) => {
+                    let mut objects = Vec::new();
+                    let mut rejected = Vec::new();
+                    for object in listing.take().unwrap_or_default() {
+                        let key = self.key_of(&object);
+                        match (sourced(object), key) {
+                            (Some(object), _) => objects.push(object),
+                            (None, Some(key)) => rejected.push(key),
+                            (None, None) => {}
+                        }
+                    }
+                    SourceChange::Replace {
+                        kind: self.kind.into(),
+                        objects,
+                        rejected,
+                    }
+                }
                 Ok(Event::Apply(object)) => match sourced(object) {
                     Some(object) => SourceChange::Upsert(object),
                     None => continue,
                 },
-                Ok(Event::Delete(object)) => {
-                    let metadata = object.meta();
-                    let Some(name) = metadata.name.as_deref() else {
-                        continue;
-                    };
-                    SourceChange::Remove(ObjectKey::new(
-                        self.kind,
-                        metadata.namespace.as_deref(),
-                        name,
-                    ))
-                }
+                Ok(Event::Delete(object)) => match self.key_of(&object) {
+                    Some(key) => SourceChange::Remove(key),
+                    None => continue,
+                },
                 Err(error) => {
                     self.failures.failed(&error);
                     continue;
@@ -757,7 +771,7 @@ mod tests {
             .await
             .expect("the first list in time")
             .expect("a change");
-        let SourceChange::Replace { kind, objects } = change else {
+        let SourceChange::Replace { kind, objects, .. } = change else {
             panic!("expected the list, got {change:?}");
         };
         assert_eq!(&*kind, "AuthorizationPolicy");

@@ -1,5 +1,10 @@
 //! How a request sent through the pool can fail, in the terms the engine's outcomes need.
 
+use hyper::{client::conn::TrySendError, Request};
+use tracing::debug;
+
+use super::body::ProxyBody;
+
 /// Why the pool produced no response.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum SendError {
@@ -26,4 +31,20 @@ pub enum Progress {
     Connecting,
     /// On a connection to the endpoint.
     Sent,
+}
+
+/// What a failed send leaves. A connection that had sat open (`reused`) may have closed
+/// meanwhile (the server's keep-alive timeout, say) before the request left: the request comes
+/// back to go on another connection, as hyper-util's client does. Anything else is a reset.
+pub(super) fn unsent(
+    mut error: TrySendError<Request<ProxyBody>>,
+    reused: bool,
+) -> Result<Request<ProxyBody>, SendError> {
+    match error.take_message() {
+        Some(request) if reused => Ok(request),
+        _ => {
+            debug!(error = %error.into_error(), "upstream reset before the response");
+            Err(SendError::Reset)
+        }
+    }
 }

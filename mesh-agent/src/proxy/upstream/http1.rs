@@ -26,7 +26,7 @@ use super::{
     body::{BoxError, ProxyBody},
     connection::{self, Dial, Owner},
     dial::Dialer,
-    error::{Progress, SendError},
+    error::{self, Progress, SendError},
 };
 use crate::engine::{ClusterPool, Permit, PoolLimits};
 
@@ -109,19 +109,10 @@ impl Http1Pool {
             *progress = Progress::Sent;
             match lease.sender.try_send_request(request).await {
                 Ok(response) => return Ok((response, lease)),
-                Err(mut error) => match error.take_message() {
-                    // The connection closed while it sat idle (the server's keep-alive timeout,
-                    // say): the request never left, so it goes on another one, as hyper-util's
-                    // client does.
-                    Some(unsent) if reused => {
-                        request = unsent;
-                        *progress = Progress::Waiting;
-                    }
-                    _ => {
-                        debug!(error = %error.into_error(), "upstream reset before the response");
-                        return Err(SendError::Reset);
-                    }
-                },
+                Err(failed) => {
+                    request = error::unsent(failed, reused)?;
+                    *progress = Progress::Waiting;
+                }
             }
         }
     }

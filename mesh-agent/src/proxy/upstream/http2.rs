@@ -21,7 +21,7 @@ use super::{
     body::{BoxError, ProxyBody},
     connection::{self, Dial, Owner},
     dial::Dialer,
-    error::{Progress, SendError},
+    error::{self, Progress, SendError},
 };
 use crate::engine::{ClusterPool, Permit, PoolLimits};
 
@@ -97,17 +97,10 @@ impl Http2Pool {
             *progress = Progress::Sent;
             match sender.try_send_request(request).await {
                 Ok(response) => return Ok((response, lease)),
-                Err(mut error) => match error.take_message() {
-                    // The connection closed before the stream opened: the request never left.
-                    Some(unsent) if reused => {
-                        request = unsent;
-                        *progress = Progress::Waiting;
-                    }
-                    _ => {
-                        debug!(error = %error.into_error(), "upstream reset before the response");
-                        return Err(SendError::Reset);
-                    }
-                },
+                Err(failed) => {
+                    request = error::unsent(failed, reused)?;
+                    *progress = Progress::Waiting;
+                }
             }
         }
     }

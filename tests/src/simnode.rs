@@ -458,3 +458,31 @@ fn program_name(command: &Command) -> String {
         .to_string_lossy()
         .into_owned()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pod_subnets_hand_out_hosts_below_the_broadcast_address() {
+        let node = PodSubnet {
+            bridge: Ipv4Addr::new(10, 77, 2, 1),
+            prefix_len: 24,
+        };
+        assert_eq!(node.cidr(), "10.77.2.0/24");
+        assert_eq!(node.host(2), Some(Ipv4Addr::new(10, 77, 2, 2)));
+        assert_eq!(node.host(254), Some(Ipv4Addr::new(10, 77, 2, 254)));
+        assert_eq!(node.host(255), None, "the broadcast address");
+        assert_eq!(node.host(0), None, "the network's own address");
+        assert!(node.contains(Ipv4Addr::new(10, 77, 2, 200)));
+        assert!(!node.contains(Ipv4Addr::new(10, 77, 3, 2)));
+
+        assert_eq!(SINGLE_NODE_SUBNET.cidr(), "10.77.0.0/16");
+        assert_eq!(
+            SINGLE_NODE_SUBNET.host(65534),
+            Some(Ipv4Addr::new(10, 77, 255, 254))
+        );
+        assert_eq!(SINGLE_NODE_SUBNET.host(65535), None);
+        assert!(SINGLE_NODE_SUBNET.contains(Ipv4Addr::new(10, 77, 3, 2)));
+    }
+}

@@ -285,6 +285,10 @@ fn a_deployment_spread_over_two_nodes_reaches_across_them() -> Result<()> {
     );
     let requests_took = requests_sent.elapsed();
     let records = agents[0].wait_for_records(REQUESTS, |r| r["kind"] == "http", TIMEOUT)?;
+    let to_node_2 = records
+        .iter()
+        .filter(|record| record["endpoint"] == replicas[1].pod.addr(8080).to_string().as_str())
+        .count();
     let endpoints: BTreeSet<String> = records
         .iter()
         .filter_map(|record| record["endpoint"].as_str().map(str::to_owned))
@@ -329,7 +333,7 @@ fn a_deployment_spread_over_two_nodes_reaches_across_them() -> Result<()> {
     eprintln!(
         "control plane up on {} in {:.1} s; both replicas Ready {:.1} s after apply; both \
          agents ready in {:.1} s and enrolled their pods by {:.1} s; {REQUESTS} requests through \
-         node-1's agent in {:.2} s; node-2's heartbeat renewed within {:.1} s of a first look, \
+         node-1's agent in {:.2} s, {to_node_2} of them to node-2's replica; node-2's heartbeat renewed within {:.1} s of a first look, \
          then {:.1} s later (period {HEARTBEAT_PERIOD:?}, timestamps in whole seconds); {:.1} s \
          in all",
         control_plane.server(),

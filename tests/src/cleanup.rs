@@ -2,7 +2,9 @@
 //!
 //! Every name embeds the creating process's pid and a per-process counter (a [`NodeId`]), so
 //! leftovers of a process that no longer exists (killed before its `Drop` ran) can be recognised
-//! and removed safely while other test processes keep running.
+//! and removed safely while other test processes keep running. A [`crate::SimNetwork`]'s underlay
+//! is named the same way (`mt-<pid>-<n>-underlay`), so all of this covers it too; its links go
+//! with the namespaces (each veth pair with either end's namespace).
 
 use std::fmt;
 use std::path::Path;
@@ -41,6 +43,11 @@ impl NodeId {
 
     pub fn pod_netns(self, pod: &str) -> String {
         format!("{NETNS_PREFIX}{self}-{pod}")
+    }
+
+    /// The namespace of a network's underlay, whose id this is.
+    pub fn underlay_netns(self) -> String {
+        format!("{NETNS_PREFIX}{self}-underlay")
     }
 
     pub fn cgroup_dir(self) -> String {
@@ -139,7 +146,8 @@ pub fn leftovers() -> Vec<String> {
     all_leftovers().iter().map(ToString::to_string).collect()
 }
 
-/// What still exists of the node with this id ([`crate::SimNode::id`]); empty after its drop.
+/// What still exists of the node or network with this id ([`crate::SimNode::id`],
+/// [`crate::SimNetwork::ids`]); empty after its drop.
 pub fn leftovers_of(node_id: &str) -> Vec<String> {
     all_leftovers()
         .iter()

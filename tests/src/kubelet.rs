@@ -1,8 +1,11 @@
 //! A kubelet stand-in: runs the pods that a real control plane ([`crate::control_plane`]) binds
 //! to one simulated node as processes on that node.
 //!
-//! [`Kubelet::start`] registers a `Node` (the object, then a Ready status) and keeps it Ready
-//! with heartbeats; a thread then keeps the node's pods in step with the API server:
+//! [`Kubelet::start`] registers a `Node` (the object, with the node's pod subnet as its
+//! `spec.podCIDR`, then a Ready status with the node's address, [`SimNode::internal_ip`], as its
+//! InternalIP) and keeps it Ready with heartbeats (every [`HEARTBEAT_PERIOD`], or
+//! [`Settings::heartbeat_period`]); a thread then keeps the node's pods in step with the API
+//! server:
 //! - a pod bound to the node gets a pod network namespace ([`SimNode::add_pod`]); each container
 //!   runs as a process there, in a kubelet-named cgroup (`kubepods/besteffort/pod<uid>/<name>`,
 //!   where the agent looks for a pod's network namespace), what runs being looked up in an
@@ -15,9 +18,10 @@
 //! It polls the API server (every [`SYNC_PERIOD`]) rather than watching: a poll is one cheap
 //! `curl` that always sees the whole truth, with no watch to resume after a timeout or a
 //! restart, and a few hundred milliseconds of lag are nothing next to the controllers' own.
-//! Every request goes to the API server from the node's network namespace, where the control
-//! plane is expected to run (`node.run_on_node(ControlPlane::start)`): the agent, on the node,
-//! reaches it there too.
+//! Every request goes to the API server from the node's network namespace: a node of its own
+//! runs the control plane there (`node.run_on_node(ControlPlane::start)`); the nodes of a
+//! [`crate::SimNetwork`] reach one that serves on the first node's underlay address
+//! ([`ControlPlane::start_on`]). Pods' `hostIP` is the node's address too.
 //!
 //! One `Kubelet` serves one node; several nodes each get their own, with their own node name.
 
@@ -39,13 +43,31 @@ use sha2::{Digest, Sha256};
 
 use crate::command::stdout_of;
 use crate::control_plane::ControlPlane;
-use crate::{Pod, PodProcess, SimNode, NODE_IP};
+use crate::{Pod, PodProcess, SimNode};
 
 /// How often the pods on the node are compared with the API server's.
 pub const SYNC_PERIOD: Duration = Duration::from_millis(200);
-/// How often the node's Ready condition is renewed (the node lifecycle controller marks a node
-/// NotReady after 40 s without).
+/// How often the node's Ready condition is renewed by default (the node lifecycle controller marks
+/// a node NotReady after 40 s without).
 pub const HEARTBEAT_PERIOD: Duration = Duration::from_secs(10);
+
+/// What a kubelet may be started with beyond its node: [`Kubelet::start_with_settings`].
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// What runs for each image.
+    pub images: Images,
+    /// How often the node's Ready condition's `lastHeartbeatTime` is renewed.
+    pub heartbeat_period: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            images: Images::default(),
+            heartbeat_period: HEARTBEAT_PERIOD,
+        }
+    }
+}
 /// The longest a container is given to exit after SIGTERM, whatever its pod asks (30 s by
 /// default): tests should not wait that long.
 pub const MAX_GRACE: Duration = Duration::from_secs(3);
@@ -170,20 +192,45 @@ impl Kubelet {
         node_name: &str,
         images: Images,
     ) -> Result<Self> {
+        let settings = Settings {
+            images,
+            ..Settings::default()
+        };
+        Self::start_with_settings(node, control_plane, node_name, settings)
+    }
+
+    /// Like [`Kubelet::start`], with `settings`.
+    pub fn start_with_settings(
+        node: Arc<SimNode>,
+        control_plane: &ControlPlane,
+        node_name: &str,
+        settings: Settings,
+    ) -> Result<Self> {
+        ensure!(
+            !settings.heartbeat_period.is_zero(),
+            "the heartbeat period must be longer than zero"
+        );
         let api = Api {
             server: control_plane.server().to_owned(),
             ca_cert: control_plane.ca_cert().to_owned(),
             token: control_plane.admin_token().to_owned(),
         };
-        node.run_on_node(|| register_node(&api, node_name))?
+        let registration = Registration {
+            node_name: node_name.to_owned(),
+            address: node.internal_ip(),
+            pod_cidr: node.pod_cidr(),
+            registered_at: rfc3339(SystemTime::now()),
+        };
+        node.run_on_node(|| registration.register(&api))?
             .with_context(|| format!("registering node {node_name}"))?;
         let stop = Arc::new(AtomicBool::new(false));
         let running = Arc::new(Mutex::new(Vec::new()));
         let mut sync = PodSync {
             node: node.clone(),
-            node_name: node_name.to_owned(),
+            registration,
             api,
-            images,
+            images: settings.images,
+            heartbeat_period: settings.heartbeat_period,
             pods: BTreeMap::new(),
             running: running.clone(),
             last_heartbeat: Instant::now(),
@@ -287,53 +334,68 @@ impl Api {
     }
 }
 
-fn register_node(api: &Api, node_name: &str) -> Result<()> {
-    let node = json!({
-        "apiVersion": "v1",
-        "kind": "Node",
-        "metadata": {
-            "name": node_name,
-            "labels": {"kubernetes.io/os": "linux", "kubernetes.io/hostname": node_name},
-        },
-    });
-    // 409: registered before (a kubelet restarting), which is fine.
-    api.expect(
-        "POST",
-        "/api/v1/nodes",
-        Some(("application/json", &node)),
-        &[409],
-    )?;
-    heartbeat(api, node_name)
+/// The node as the kubelet registers it and renews it.
+struct Registration {
+    node_name: String,
+    address: Ipv4Addr,
+    pod_cidr: String,
+    /// When the node became Ready: its Ready condition's `lastTransitionTime`, which heartbeats
+    /// leave alone.
+    registered_at: String,
 }
 
-/// Writes the node's status with a fresh Ready condition.
-fn heartbeat(api: &Api, node_name: &str) -> Result<()> {
-    let now = rfc3339(SystemTime::now());
-    let resources = json!({"cpu": "2", "memory": "4Gi", "pods": "110"});
-    let status = json!({
-        "status": {
-            "capacity": resources,
-            "allocatable": resources,
-            "conditions": [{
-                "type": "Ready", "status": "True", "reason": "KubeletReady",
-                "message": "mesh_tests::kubelet is posting ready status",
-                "lastHeartbeatTime": now, "lastTransitionTime": now,
-            }],
-            "addresses": [
-                {"type": "InternalIP", "address": NODE_IP.to_string()},
-                {"type": "Hostname", "address": node_name},
-            ],
-        }
-    });
-    api.merge_patch(&format!("/api/v1/nodes/{node_name}/status"), &status)
+impl Registration {
+    fn register(&self, api: &Api) -> Result<()> {
+        let node_name = &self.node_name;
+        let node = json!({
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {
+                "name": node_name,
+                "labels": {"kubernetes.io/os": "linux", "kubernetes.io/hostname": node_name},
+            },
+            "spec": {"podCIDR": self.pod_cidr, "podCIDRs": [self.pod_cidr]},
+        });
+        // 409: registered before (a kubelet restarting), which is fine.
+        api.expect(
+            "POST",
+            "/api/v1/nodes",
+            Some(("application/json", &node)),
+            &[409],
+        )?;
+        self.heartbeat(api)
+    }
+
+    /// Writes the node's status with a fresh Ready condition.
+    fn heartbeat(&self, api: &Api) -> Result<()> {
+        let now = rfc3339(SystemTime::now());
+        let resources = json!({"cpu": "2", "memory": "4Gi", "pods": "110"});
+        let status = json!({
+            "status": {
+                "capacity": resources,
+                "allocatable": resources,
+                "conditions": [{
+                    "type": "Ready", "status": "True", "reason": "KubeletReady",
+                    "message": "mesh_tests::kubelet is posting ready status",
+                    "lastHeartbeatTime": now, "lastTransitionTime": self.registered_at,
+                }],
+                "addresses": [
+                    {"type": "InternalIP", "address": self.address.to_string()},
+                    {"type": "Hostname", "address": self.node_name},
+                ],
+            }
+        });
+        api.merge_patch(&format!("/api/v1/nodes/{}/status", self.node_name), &status)
+    }
 }
 
 /// The loop of the kubelet's thread and what it keeps between rounds.
 struct PodSync {
     node: Arc<SimNode>,
-    node_name: String,
+    registration: Registration,
     api: Api,
     images: Images,
+    heartbeat_period: Duration,
     /// Pods started, by UID.
     pods: BTreeMap<String, PodState>,
     running: Arc<Mutex<Vec<RunningPod>>>,
@@ -346,6 +408,8 @@ struct PodState {
     namespace: String,
     name: String,
     uid: String,
+    /// The node's address, the pod's `hostIP`.
+    host_ip: Ipv4Addr,
     pod: Pod,
     start_time: String,
     containers: Vec<ContainerState>,
@@ -412,7 +476,7 @@ impl PodSync {
             Err(error) => {
                 let error = format!("{error:#}");
                 if self.last_error.as_ref() != Some(&error) {
-                    eprintln!("kubelet {}: {error}", self.node_name);
+                    eprintln!("kubelet {}: {error}", self.registration.node_name);
                     self.last_error = Some(error);
                 }
             }
@@ -420,15 +484,15 @@ impl PodSync {
     }
 
     fn round(&mut self) -> Result<()> {
-        if self.last_heartbeat.elapsed() >= HEARTBEAT_PERIOD {
-            heartbeat(&self.api, &self.node_name)?;
+        if self.last_heartbeat.elapsed() >= self.heartbeat_period {
+            self.registration.heartbeat(&self.api)?;
             self.last_heartbeat = Instant::now();
         }
         let list = self.api.expect(
             "GET",
             &format!(
                 "/api/v1/pods?fieldSelector=spec.nodeName%3D{}",
-                self.node_name
+                self.registration.node_name
             ),
             None,
             &[],
@@ -528,6 +592,7 @@ impl PodSync {
             namespace: namespace.to_owned(),
             name: name.to_owned(),
             uid: uid.to_owned(),
+            host_ip: self.registration.address,
             pod,
             start_time: now.clone(),
             containers,
@@ -769,7 +834,7 @@ impl PodState {
             .collect();
         json!({
             "phase": phase,
-            "hostIP": NODE_IP.to_string(),
+            "hostIP": self.host_ip.to_string(),
             "podIP": ip,
             "podIPs": [{"ip": ip}],
             "startTime": self.start_time,

@@ -1,9 +1,11 @@
 //! Simulated node harness for end-to-end tests (and `cargo xtask demo`).
 //!
-//! A [`SimNode`] is a network namespace with no uplink, a bridge `br0` (10.77.0.1/16) and pods
-//! behind it, plus a cgroup v2 directory that every process started on the node or in its pods
-//! joins (so the agent can attach its programs to it). Nodes are independent, so tests run in
-//! parallel, within one process and across processes.
+//! A [`SimNode`] is a network namespace with a bridge `br0` (10.77.0.1/16 for a node of its own,
+//! with no uplink) and pods behind it, plus a cgroup v2 directory that every process started on
+//! the node or in its pods joins (so the agent can attach its programs to it). A [`SimNetwork`]
+//! is N nodes, each with a /24 of its own, joined by an underlay with routes between their pod
+//! subnets (see [`network`]). Nodes and networks are independent, so tests run in parallel,
+//! within one process and across processes.
 //!
 //! ```no_run
 //! # fn main() -> anyhow::Result<()> {
@@ -37,6 +39,7 @@ pub mod http;
 pub mod kubelet;
 pub mod mesh_config;
 mod netns;
+pub mod network;
 pub mod probe;
 mod process;
 mod simnode;
@@ -51,8 +54,9 @@ pub use agent::Agent;
 pub use cgroup::cgroup2_mount;
 pub use cleanup::{leftovers, leftovers_of, sweep_all_stale};
 pub use mesh_config::{Backend, ConfigDir};
+pub use network::SimNetwork;
 pub use process::{set_echo, OutputLines, PodProcess};
-pub use simnode::{Pod, SimNode, NODE_IP};
+pub use simnode::{Pod, SimNode};
 
 /// Panics unless running as root: the end-to-end tests need it and never skip silently.
 pub fn require_root() {

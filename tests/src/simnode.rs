@@ -1,5 +1,5 @@
-//! A simulated node: a network namespace with no uplink, a bridge, pods behind it, and a cgroup
-//! holding every process the test starts there.
+//! A simulated node: a network namespace with a bridge, pods behind it, and a cgroup holding
+//! every process the test starts there.
 //!
 //! ```text
 //!   host namespace (untouched: no link, address or route of ours)
@@ -10,7 +10,9 @@
 //!      └─ veth2 ── eth0 10.77.0.3/16  ...
 //! ```
 //!
-//! Every node uses the same addresses: they never meet, each node being its own namespace.
+//! A node of its own ([`SimNode::new`]) has no uplink and the pod subnet 10.77.0.0/16: every such
+//! node uses the same addresses, and they never meet, each being its own namespace. The nodes of
+//! a [`crate::SimNetwork`] each have a /24 of their own and an `eth0` on the network's underlay.
 
 use std::fs;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -25,9 +27,12 @@ use crate::cleanup::{self, NodeId};
 use crate::process::{self, Placement, PodProcess};
 use crate::{cgroup, netns};
 
-/// The node's address on its bridge, the pods' default gateway.
-pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
-const PREFIX_LEN: u8 = 16;
+/// The pod subnet of a node of its own: its bridge's address, the pods' default gateway, and the
+/// prefix length.
+const SINGLE_NODE_SUBNET: PodSubnet = PodSubnet {
+    bridge: Ipv4Addr::new(10, 77, 0, 1),
+    prefix_len: 16,
+};
 /// Pods have no DNS: lookups of names missing from their hosts file go to the pod's own loopback,
 /// get refused and fail fast, and never leave the pod.
 const RESOLV_CONF: &str = "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n";
@@ -38,7 +43,54 @@ pub struct SimNode {
     id: NodeId,
     netns: String,
     cgroup: PathBuf,
+    subnet: PodSubnet,
+    uplink: Option<Uplink>,
     state: Mutex<State>,
+}
+
+/// A node's pod subnet: the bridge's address (its first host) and the prefix length.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PodSubnet {
+    pub bridge: Ipv4Addr,
+    pub prefix_len: u8,
+}
+
+impl PodSubnet {
+    fn mask(self) -> u32 {
+        u32::MAX
+            .checked_shl(32 - u32::from(self.prefix_len))
+            .unwrap_or(0)
+    }
+
+    /// The subnet's own address, e.g. `10.77.1.0`.
+    pub fn network(self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.bridge) & self.mask())
+    }
+
+    /// `10.77.1.0/24`.
+    pub fn cidr(self) -> String {
+        format!("{}/{}", self.network(), self.prefix_len)
+    }
+
+    pub fn contains(self, ip: Ipv4Addr) -> bool {
+        u32::from(ip) & self.mask() == u32::from(self.network())
+    }
+
+    /// Host number `host` of the subnet, if it is below the broadcast address.
+    fn host(self, host: u32) -> Option<Ipv4Addr> {
+        (host > 0 && host < !self.mask()).then(|| Ipv4Addr::from(u32::from(self.network()) | host))
+    }
+}
+
+/// A node's link to an underlay: `eth0` in the node, its peer on the underlay's bridge.
+#[derive(Clone, Debug)]
+pub(crate) struct Uplink {
+    /// The underlay's network namespace.
+    pub underlay_netns: String,
+    /// The peer's name in the underlay (unique there).
+    pub underlay_end: String,
+    pub ip: Ipv4Addr,
+    pub prefix_len: u8,
 }
 
 #[derive(Default)]
@@ -87,9 +139,16 @@ impl Pod {
 }
 
 impl SimNode {
-    /// Creates the node's namespace, bridge and cgroup. Needs root. The first call in a process
-    /// first removes what dead test processes left behind.
+    /// Creates a node of its own: its namespace, bridge (10.77.0.1/16) and cgroup, with no
+    /// uplink. Needs root. The first call in a process first removes what dead test processes
+    /// left behind.
     pub fn new() -> Result<Self> {
+        Self::create(SINGLE_NODE_SUBNET, None)
+    }
+
+    /// Creates a node with `subnet` behind its bridge and, given an `uplink`, an `eth0` on that
+    /// underlay with IP forwarding on (the routes to other nodes are the caller's).
+    pub(crate) fn create(subnet: PodSubnet, uplink: Option<Uplink>) -> Result<Self> {
         if !crate::is_root() {
             bail!("a simulated node needs root (network namespaces, cgroups)");
         }
@@ -99,6 +158,8 @@ impl SimNode {
             id,
             netns: id.netns(),
             cgroup: cgroup::cgroup2_mount()?.join(id.cgroup_dir()),
+            subnet,
+            uplink,
             state: Mutex::default(),
         };
         // If a step fails, dropping `node` removes what the earlier steps made.
@@ -111,11 +172,76 @@ impl SimNode {
         cgroup::create(&self.cgroup)?;
         netns::add(&self.netns)?;
         let ns = self.netns.as_str();
-        let bridge_ip = format!("{NODE_IP}/{PREFIX_LEN}");
+        let bridge_ip = format!("{}/{}", self.subnet.bridge, self.subnet.prefix_len);
         netns::ip(&["-n", ns, "link", "add", "br0", "type", "bridge"])?;
         netns::ip(&["-n", ns, "addr", "add", &bridge_ip, "dev", "br0"])?;
         netns::ip(&["-n", ns, "link", "set", "br0", "up"])?;
+        if let Some(uplink) = &self.uplink {
+            let underlay = uplink.underlay_netns.as_str();
+            let end = uplink.underlay_end.as_str();
+            // Made in the underlay with its peer moved straight into the node, as pods' links
+            // are: nothing appears in the host namespace. Deleting the node's namespace deletes
+            // the pair.
+            netns::ip(&[
+                "-n", underlay, "link", "add", end, "type", "veth", "peer", "name", "eth0",
+                "netns", ns,
+            ])?;
+            netns::ip(&["-n", underlay, "link", "set", end, "master", "br0", "up"])?;
+            let address = format!("{}/{}", uplink.ip, uplink.prefix_len);
+            netns::ip(&["-n", ns, "addr", "add", &address, "dev", "eth0"])?;
+            netns::ip(&["-n", ns, "link", "set", "eth0", "up"])?;
+            // A router between its pods and the underlay, as a host-gateway CNI makes nodes.
+            // /proc/sys/net is the namespace of the thread that opens it.
+            netns::run_in(&self.netns_path(), || {
+                fs::write("/proc/sys/net/ipv4/ip_forward", "1")
+            })?
+            .context("turning IP forwarding on")?;
+        }
         Ok(())
+    }
+
+    /// Routes `subnet` (a CIDR) through `via`, an address on the node's underlay.
+    pub(crate) fn add_route(&self, subnet: &str, via: Ipv4Addr) -> Result<()> {
+        let via = via.to_string();
+        netns::ip(&[
+            "-n",
+            &self.netns,
+            "route",
+            "add",
+            subnet,
+            "via",
+            &via,
+            "dev",
+            "eth0",
+        ])?;
+        Ok(())
+    }
+
+    /// The node's address on its bridge: the pods' default gateway, where they reach the node
+    /// (its ingress gateway, say).
+    pub fn ip(&self) -> Ipv4Addr {
+        self.subnet.bridge
+    }
+
+    /// The node's address on its network's underlay, if it is part of a [`crate::SimNetwork`].
+    pub fn underlay_ip(&self) -> Option<Ipv4Addr> {
+        self.uplink.as_ref().map(|uplink| uplink.ip)
+    }
+
+    /// The address the cluster knows the node by (its `Node`'s InternalIP, its pods' hostIP):
+    /// its underlay address, else its bridge's.
+    pub fn internal_ip(&self) -> Ipv4Addr {
+        self.underlay_ip().unwrap_or(self.ip())
+    }
+
+    /// The node's pod subnet, e.g. `10.77.1.0/24` (a `Node`'s `spec.podCIDR`).
+    pub fn pod_cidr(&self) -> String {
+        self.subnet.cidr()
+    }
+
+    /// Whether `ip` is in the node's pod subnet.
+    pub fn owns_pod_ip(&self, ip: Ipv4Addr) -> bool {
+        self.subnet.contains(ip)
     }
 
     /// `<pid>-<n>`: embedded in every name this node uses; see [`crate::leftovers_of`].
@@ -152,7 +278,8 @@ impl SimNode {
     }
 
     /// Adds a pod `name` (lowercase letters, digits and `-`, unique in this node) with the next
-    /// free address from 10.77.0.2/16.
+    /// free address of the node's subnet, from its second host on (10.77.0.2 for a node of its
+    /// own).
     pub fn add_pod(&self, name: &str) -> Result<Pod> {
         let valid = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-';
         if name.is_empty() || name.len() > 63 || !name.chars().all(valid) {
@@ -162,15 +289,17 @@ impl SimNode {
         if state.pods.iter().any(|pod| pod.name == name) {
             bail!("pod {name:?} already exists on node {}", self.id);
         }
-        // Host numbers from 2 (1 is the node); 65534 is the last one below the broadcast address.
+        // Host numbers from 2 (1 is the node) up to the last one below the broadcast address.
         let index = state.pods.len() + 1;
-        let host = u32::try_from(index + 1).ok().filter(|&n| n <= 65534);
-        let Some(host) = host else {
-            bail!("node {} is full", self.id);
+        let ip = u32::try_from(index + 1)
+            .ok()
+            .and_then(|host| self.subnet.host(host));
+        let Some(ip) = ip else {
+            bail!("node {} is full ({})", self.id, self.subnet.cidr());
         };
         let pod = Pod {
             name: name.to_owned(),
-            ip: Ipv4Addr::from(u32::from(NODE_IP) & 0xffff_0000 | host),
+            ip,
             netns: self.id.pod_netns(name),
         };
         // Recorded first so that drop deletes the namespace even if a later step fails.
@@ -190,8 +319,8 @@ impl SimNode {
         // Created inside the node with its peer moved straight into the pod: no link ever
         // appears in the host namespace, and the node-side names only need to be unique here.
         let node_end = format!("veth{index}");
-        let address = format!("{}/{PREFIX_LEN}", pod.ip);
-        let gateway = NODE_IP.to_string();
+        let address = format!("{}/{}", pod.ip, self.subnet.prefix_len);
+        let gateway = self.subnet.bridge.to_string();
         netns::ip(&[
             "-n", node, "link", "add", &node_end, "type", "veth", "peer", "name", "eth0", "netns",
             pod_ns,
@@ -328,4 +457,32 @@ fn program_name(command: &Command) -> String {
         .unwrap_or(program.as_os_str())
         .to_string_lossy()
         .into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pod_subnets_hand_out_hosts_below_the_broadcast_address() {
+        let node = PodSubnet {
+            bridge: Ipv4Addr::new(10, 77, 2, 1),
+            prefix_len: 24,
+        };
+        assert_eq!(node.cidr(), "10.77.2.0/24");
+        assert_eq!(node.host(2), Some(Ipv4Addr::new(10, 77, 2, 2)));
+        assert_eq!(node.host(254), Some(Ipv4Addr::new(10, 77, 2, 254)));
+        assert_eq!(node.host(255), None, "the broadcast address");
+        assert_eq!(node.host(0), None, "the network's own address");
+        assert!(node.contains(Ipv4Addr::new(10, 77, 2, 200)));
+        assert!(!node.contains(Ipv4Addr::new(10, 77, 3, 2)));
+
+        assert_eq!(SINGLE_NODE_SUBNET.cidr(), "10.77.0.0/16");
+        assert_eq!(
+            SINGLE_NODE_SUBNET.host(65534),
+            Some(Ipv4Addr::new(10, 77, 255, 254))
+        );
+        assert_eq!(SINGLE_NODE_SUBNET.host(65535), None);
+        assert!(SINGLE_NODE_SUBNET.contains(Ipv4Addr::new(10, 77, 3, 2)));
+    }
 }

@@ -1,5 +1,6 @@
 //! The simulated node harness itself: pods reach each other, names resolve, processes land in the
-//! node's cgroup and the pod's namespace, the host is untouched, and teardown leaves nothing.
+//! node's cgroup and the pod's namespace, the host is untouched, and teardown leaves nothing;
+//! and a network of nodes routes pods' traffic between nodes over its underlay.
 
 use std::os::unix::fs::MetadataExt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -8,8 +9,9 @@ use std::sync::Mutex;
 use std::thread;
 use std::time::Duration;
 
-use mesh_tests::probe::{probe, start_server};
-use mesh_tests::{leftovers_of, require_root, Pod, SimNode};
+use mesh_tests::network::host_namespace_is_untouched;
+use mesh_tests::probe::{curl, probe, start_server};
+use mesh_tests::{leftovers_of, require_root, Pod, SimNetwork, SimNode};
 
 const TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -291,4 +293,122 @@ fn leftovers_of_dead_processes_are_swept() {
     let node = SimNode::new().unwrap();
     mesh_tests::sweep_all_stale().unwrap();
     assert!(!leftovers_of(&node.id()).is_empty());
+}
+
+#[test]
+fn pods_on_different_nodes_reach_each_other_by_pod_ip_over_the_underlay() {
+    require_root();
+    let network = SimNetwork::new(3).unwrap();
+    let nodes = network.nodes();
+    let pods: Vec<Pod> = (1..=nodes.len())
+        .zip(nodes)
+        .map(|(n, node)| node.add_pod(&format!("app-{n}")).unwrap())
+        .collect();
+    for (n, (node, pod)) in (1..).zip(nodes.iter().zip(&pods)) {
+        assert_eq!(node.ip().to_string(), format!("10.77.{n}.1"));
+        assert_eq!(node.pod_cidr(), format!("10.77.{n}.0/24"));
+        assert_eq!(
+            node.underlay_ip().map(|ip| ip.to_string()),
+            Some(format!("10.78.0.{n}"))
+        );
+        assert_eq!(node.internal_ip(), node.underlay_ip().unwrap());
+        assert_eq!(pod.ip().to_string(), format!("10.77.{n}.2"));
+        assert!(network
+            .node_of_pod_ip(pod.ip())
+            .is_some_and(|owner| owner.id() == node.id()));
+    }
+
+    // Every pod reaches every other pod by its IP, and the server sees the client's own pod IP:
+    // routed, neither NATed nor tunnelled.
+    let _servers: Vec<_> = nodes
+        .iter()
+        .zip(&pods)
+        .map(|(node, pod)| {
+            let body = format!("hello from {}", pod.name());
+            start_server(
+                node,
+                pod,
+                &["http-server", "--listen", "0.0.0.0:8080", "--body", &body],
+            )
+        })
+        .collect();
+    for (node, client) in nodes.iter().zip(&pods) {
+        for server in pods.iter().filter(|pod| pod.ip() != client.ip()) {
+            let url = format!("http://{}/", server.addr(8080));
+            let mut get = node.spawn_in_pod(client, curl(&["-i", &url])).unwrap();
+            let status = get.finish(TIMEOUT).unwrap();
+            let response = get.stdout().text();
+            assert!(
+                status.success(),
+                "{} → {url}: {}",
+                client.name(),
+                get.stderr().text()
+            );
+            assert!(
+                response.contains(&format!("x-peer: {}:", client.ip())),
+                "{response}"
+            );
+            assert!(
+                response.ends_with(&format!("hello from {}", server.name())),
+                "{response}"
+            );
+        }
+    }
+
+    // The nodes reach each other by their underlay addresses, and a pod reaches another node.
+    let target = nodes[2].underlay_ip().unwrap();
+    let listen = format!("{target}:7000");
+    let node_server = nodes[2]
+        .spawn_on_node(probe(&["echo-server", "--listen", &listen]))
+        .unwrap();
+    node_server
+        .stdout()
+        .wait_for_json(|line| line["listening"].is_string(), TIMEOUT)
+        .unwrap();
+    let mut from_node = nodes[0]
+        .spawn_on_node(probe(&["echo-client", "--to", &listen, "--bytes", "1000"]))
+        .unwrap();
+    assert!(
+        from_node.finish(TIMEOUT).unwrap().success(),
+        "node 1 → node 3"
+    );
+    echo_round_trip(&nodes[1], &pods[1], &listen, 2);
+}
+
+#[test]
+fn a_network_touches_nothing_in_the_host_and_its_drop_removes_everything() {
+    require_root();
+    for nodes in [0, SimNetwork::MAX_NODES + 1] {
+        let error = SimNetwork::new(nodes).err().expect("refused");
+        assert!(format!("{error:#}").contains("1 to 254 nodes"), "{error:#}");
+    }
+    let network = SimNetwork::new(2).unwrap();
+    let ids = network.ids();
+    assert_eq!(ids.len(), 3);
+    let node = network.node(1).unwrap();
+    let pod = node.add_pod("app").unwrap();
+    // Left running on purpose: the network's drop must kill it.
+    std::mem::forget(node.spawn_in_pod(&pod, command("sleep", &["60"])).unwrap());
+    host_namespace_is_untouched().unwrap();
+    // Without sending anything: the host's route to a pod of the network is not ours.
+    let route = Command::new("ip")
+        .args(["route", "get", &pod.ip().to_string()])
+        .output()
+        .unwrap();
+    let route = String::from_utf8(route.stdout).unwrap();
+    assert!(!route.contains("br0") && !route.contains("veth"), "{route}");
+    let underlay = leftovers_of(&network.id());
+    assert!(
+        underlay
+            .iter()
+            .any(|leftover| leftover.contains(network.underlay_netns_name())),
+        "{underlay:?}"
+    );
+    for id in &ids {
+        assert!(!leftovers_of(id).is_empty(), "{id}");
+    }
+    drop(network);
+    for id in &ids {
+        assert_eq!(leftovers_of(id), Vec::<String>::new(), "{id}");
+    }
 }

@@ -146,7 +146,7 @@ fn a_deployment_runs_as_processes_becomes_ready_and_reaches_its_endpoints() -> R
             pod["status"]
         );
         ensure!(
-            pod["status"]["hostIP"] == mesh_tests::NODE_IP.to_string().as_str(),
+            pod["status"]["hostIP"] == node.ip().to_string().as_str(),
             "hostIP: {}",
             pod["status"]
         );

@@ -4,7 +4,9 @@
 //!
 //! What it runs:
 //! - etcd with its data on tmpfs (`/dev/shm`), thrown away at stop;
-//! - kube-apiserver on `https://127.0.0.1:<port>` with a fresh CA, RBAC, static tokens for the
+//! - kube-apiserver on `https://127.0.0.1:<port>` (or on an address given to
+//!   [`ControlPlane::start_on`], which its serving certificate then names too) with a fresh CA,
+//!   RBAC, static tokens for the
 //!   admin (`system:masters`) and the two controllers, service-account tokens signed with a fresh
 //!   key (TokenRequest, `kubectl create token`, as well as 1.20's legacy token Secrets);
 //! - kube-controller-manager (each controller with its own service account, as kubeadm runs it:
@@ -105,6 +107,15 @@ impl ControlPlane {
     /// Builds the binaries if they are not cached, then starts a control plane of its own on
     /// free loopback ports and waits until it is ready (progress lines go to stderr).
     pub fn start() -> Result<Self> {
+        Self::start_on(Ipv4Addr::LOCALHOST)
+    }
+
+    /// Like [`ControlPlane::start`], with the API server serving on `address` only (one of the
+    /// caller's network namespace: a [`crate::SimNetwork`] node's underlay address, so that the
+    /// kubelets and agents of the other nodes reach it). Its certificate names `address`, and
+    /// every kubeconfig (the admin's, the controllers', [`ControlPlane::agent_kubeconfig`]'s)
+    /// points there. etcd stays on loopback.
+    pub fn start_on(address: Ipv4Addr) -> Result<Self> {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         sweep_stale_once();
         let name = format!(
@@ -112,10 +123,11 @@ impl ControlPlane {
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
-        Self::start_at(Placement {
+        let placement = Placement {
             dir: run_root().join(name),
             own_process_group: false,
-        })
+        };
+        Self::start_at(&placement, address)
     }
 
     /// Starts a control plane in `dir` whose processes can outlive this one (`cargo xtask
@@ -131,19 +143,20 @@ impl ControlPlane {
             running.join(", ")
         );
         let _ = fs::remove_dir_all(dir);
-        Self::start_at(Placement {
+        let placement = Placement {
             dir: dir.to_owned(),
             own_process_group: true,
-        })
+        };
+        Self::start_at(&placement, Ipv4Addr::LOCALHOST)
     }
 
-    fn start_at(placement: Placement) -> Result<Self> {
+    fn start_at(placement: &Placement, address: Ipv4Addr) -> Result<Self> {
         let binaries = ensure_binaries()?;
         // Free ports are picked before the processes bind them; another process may take one in
         // between. That shows as an early exit with "address already in use": start again.
         let mut attempt = 1;
         loop {
-            match Self::try_start(&binaries, &placement) {
+            match Self::try_start(&binaries, placement, address) {
                 Ok(control_plane) => return Ok(control_plane),
                 Err(error) if attempt < 3 && format!("{error:#}").contains("already in use") => {
                     progress(format_args!("a port was taken meanwhile; starting again"));
@@ -154,15 +167,15 @@ impl ControlPlane {
         }
     }
 
-    fn try_start(binaries: &Binaries, placement: &Placement) -> Result<Self> {
+    fn try_start(binaries: &Binaries, placement: &Placement, address: Ipv4Addr) -> Result<Self> {
         let started = Instant::now();
         let dir = &placement.dir;
         let _ = fs::remove_dir_all(dir);
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
-        let credentials = pki::write(dir)?;
+        let credentials = pki::write(dir, address)?;
         let [etcd_client, etcd_peer, apiserver, controller_manager, scheduler] = free_ports()?;
-        let server = format!("https://127.0.0.1:{apiserver}");
+        let server = format!("https://{address}:{apiserver}");
         let mut control_plane = Self {
             dir: dir.clone(),
             kubeconfig: credentials.kubeconfig(dir, &server, Identity::Admin)?,
@@ -178,7 +191,7 @@ impl ControlPlane {
         };
         // From here on, a failure drops `control_plane`, which stops what was started.
         control_plane.start_etcd(binaries, placement, etcd_client, etcd_peer)?;
-        control_plane.launch_apiserver(binaries, &credentials, etcd_client)?;
+        control_plane.launch_apiserver(binaries, &credentials, address, etcd_client)?;
         control_plane.start_controllers(
             binaries,
             placement,
@@ -235,12 +248,14 @@ impl ControlPlane {
         &mut self,
         binaries: &Binaries,
         credentials: &Credentials,
+        address: Ipv4Addr,
         etcd: u16,
     ) -> Result<()> {
         let port = self.port();
         let mut apiserver = Command::new(&binaries.kube_apiserver);
         apiserver
-            .args(["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1"])
+            .arg(format!("--bind-address={address}"))
+            .arg(format!("--advertise-address={address}"))
             .arg(format!("--secure-port={port}"))
             // 1.20 otherwise also serves everything unauthenticated on 127.0.0.1:8080.
             .arg("--insecure-port=0")
@@ -272,7 +287,8 @@ impl ControlPlane {
             ))
             .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
             .arg(format!("--service-cluster-ip-range={SERVICE_CIDR}"))
-            // The `kubernetes` Service's endpoints would be 127.0.0.1, which Endpoints refuse.
+            // The `kubernetes` Service's endpoints would be 127.0.0.1 by default, which Endpoints
+            // refuse; in-cluster clients here use kubeconfigs.
             .arg("--endpoint-reconciler-type=none")
             // The agent's DaemonSet asks for host namespaces, as real clusters allow.
             .arg("--allow-privileged=true")
@@ -527,7 +543,8 @@ impl ControlPlane {
         Ok(())
     }
 
-    /// The API server's URL, `https://127.0.0.1:<port>`.
+    /// The API server's URL, `https://127.0.0.1:<port>` (or the address given to
+    /// [`ControlPlane::start_on`]).
     pub fn server(&self) -> &str {
         &self.server
     }

@@ -104,9 +104,9 @@ pub(crate) fn kubeconfig_path(dir: &Path, identity: Identity) -> PathBuf {
     dir.join(format!("{}.kubeconfig", identity.file_stem()))
 }
 
-/// Makes a CA, a serving certificate for the API server on `127.0.0.1` (and the names in-cluster
-/// clients use), the service-account key and the tokens, in `dir`.
-pub(crate) fn write(dir: &Path) -> Result<Credentials> {
+/// Makes a CA, a serving certificate for the API server on `127.0.0.1` and `address` (and the
+/// names in-cluster clients use), the service-account key and the tokens, in `dir`.
+pub(crate) fn write(dir: &Path, address: Ipv4Addr) -> Result<Credentials> {
     let ca_key = KeyPair::generate()?;
     let mut ca_params = CertificateParams::default();
     ca_params
@@ -129,7 +129,11 @@ pub(crate) fn write(dir: &Path) -> Result<Credentials> {
         "kubernetes.default.svc".to_owned(),
         "kubernetes.default.svc.cluster.local".to_owned(),
     ])?;
-    for ip in [Ipv4Addr::LOCALHOST, KUBERNETES_SERVICE_IP] {
+    let mut addresses = vec![Ipv4Addr::LOCALHOST, KUBERNETES_SERVICE_IP];
+    if !addresses.contains(&address) {
+        addresses.push(address);
+    }
+    for ip in addresses {
         serving
             .subject_alt_names
             .push(rcgen::SanType::IpAddress(IpAddr::V4(ip)));

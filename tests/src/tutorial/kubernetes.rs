@@ -34,7 +34,7 @@ use crate::{
     control_plane::ControlPlane,
     kubelet::{Images, Kubelet},
     mesh_config::examples_dir,
-    Agent, SimNode, NODE_IP,
+    Agent, SimNode,
 };
 
 /// The seed's namespace for the apps.
@@ -108,7 +108,7 @@ impl KubernetesTutorial {
         progress("the demo's Deployments created; waiting for their pods to be Ready ...");
         let started = Instant::now();
         let kubeconfig = node.run_on_node(|| control_plane.agent_kubeconfig())??;
-        let gateway = SocketAddr::from((NODE_IP, INGRESS_PORT)).to_string();
+        let gateway = SocketAddr::from((node.ip(), INGRESS_PORT)).to_string();
         let agent = Agent::spawn(
             &node,
             &[],
@@ -254,7 +254,7 @@ impl World for KubernetesTutorial {
     }
 
     fn gateway(&self) -> SocketAddr {
-        SocketAddr::from((NODE_IP, INGRESS_PORT))
+        SocketAddr::from((self.node.ip(), INGRESS_PORT))
     }
 
     /// The pods the API server shows Running and Ready, not terminating, by their labels'

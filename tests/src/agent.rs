@@ -117,6 +117,20 @@ impl Agent {
         admin_request(&self.node_netns, "GET", path, "")
     }
 
+    /// The pods the agent has enrolled (`/pods`), as `namespace/name`, sorted.
+    pub fn enrolled(&self) -> Result<Vec<String>> {
+        let (_, body) = self.admin_get("/pods")?;
+        let pods: Value = serde_json::from_str(&body).context("/pods")?;
+        let mut names: Vec<String> = pods
+            .as_array()
+            .context("/pods is no list")?
+            .iter()
+            .map(|pod| format!("{}/{}", pod["namespace"], pod["name"]).replace('"', ""))
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
     pub fn admin_request(&self, method: &str, path: &str, body: &str) -> Result<(u16, String)> {
         admin_request(&self.node_netns, method, path, body)
     }

@@ -48,19 +48,6 @@ fn kubepods_processes(node: &SimNode) -> Result<Vec<(String, u32)>> {
     Ok(found)
 }
 
-fn enrolled(agent: &Agent) -> Result<Vec<String>> {
-    let (_, body) = agent.admin_get("/pods")?;
-    let pods: Value = serde_json::from_str(&body).context("/pods")?;
-    let mut names: Vec<String> = pods
-        .as_array()
-        .context("/pods is no list")?
-        .iter()
-        .map(|pod| format!("{}/{}", pod["namespace"], pod["name"]).replace('"', ""))
-        .collect();
-    names.sort();
-    Ok(names)
-}
-
 /// A Deployment of two `mesh-test/upstream` replicas behind a Service, run by the kubelet
 /// stand-in: Running, then Ready once the probe answers, then published by the EndpointSlice
 /// controller; the agent enrolls the namespace's pods and carries a client pod's request to a
@@ -249,7 +236,7 @@ fn a_deployment_runs_as_processes_becomes_ready_and_reaches_its_endpoints() -> R
         .collect();
     expected.sort();
     wait_for("the running labelled pods enrolled", || {
-        Ok((enrolled(&agent)? == expected).then_some(()))
+        Ok((agent.enrolled()? == expected).then_some(()))
     })?;
 
     // The client pod calls the Service by name; the agent carries it to a replica.
@@ -318,7 +305,7 @@ fn a_deployment_runs_as_processes_becomes_ready_and_reaches_its_endpoints() -> R
         "the endpoint left is the replica left: {left:?}"
     );
     wait_for("the agent follows the scale-down", || {
-        Ok((enrolled(&agent)?.len() == 3).then_some(()))
+        Ok((agent.enrolled()?.len() == 3).then_some(()))
     })?;
 
     // The namespace deleted: its pods are stopped and their deletion confirmed.

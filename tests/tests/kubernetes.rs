@@ -152,25 +152,11 @@ fn pod(namespace: &str, name: &str, node: &str, labels: &[(&str, &str)]) -> Stri
     )
 }
 
-/// The pods the agent has enrolled, as `namespace/name`, sorted.
-fn enrolled(agent: &Agent) -> Result<Vec<String>> {
-    let (_, body) = agent.admin_get("/pods")?;
-    let pods: Value = serde_json::from_str(&body).context("/pods")?;
-    let mut names: Vec<String> = pods
-        .as_array()
-        .context("/pods is no list")?
-        .iter()
-        .map(|pod| format!("{}/{}", pod["namespace"], pod["name"]).replace('"', ""))
-        .collect();
-    names.sort();
-    Ok(names)
-}
-
 /// Waits until the agent has enrolled exactly `expected`; how long that took.
 fn wait_enrolled(agent: &Agent, expected: &[&str], within: Duration) -> Result<Duration> {
     let started = Instant::now();
     wait_for(&format!("enrolled: {expected:?}"), within, || {
-        Ok((enrolled(agent)? == expected).then_some(()))
+        Ok((agent.enrolled()? == expected).then_some(()))
     })?;
     Ok(started.elapsed())
 }
@@ -314,7 +300,7 @@ fn enrollment_follows_pod_and_namespace_labels_on_this_node_only_and_fails_open(
         },
     )?;
     eprintln!("while the API server is down, /ready: {}", reasons.trim());
-    ensure!(enrolled(&agent)?.is_empty(), "{:?}", enrolled(&agent)?);
+    ensure!(agent.enrolled()?.is_empty(), "{:?}", agent.enrolled()?);
     let summary = cluster.get(&client.pod, &url, 1, &[])?;
     ensure!(count(&summary, "by_status", "200") == 1, "{summary}");
     ensure!(

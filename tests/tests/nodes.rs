@@ -80,17 +80,6 @@ fn wait_for<T>(what: &str, check: impl FnMut() -> Result<Option<T>>) -> Result<T
     mesh_tests::wait_for(what, TIMEOUT, check)
 }
 
-fn enrolled(agent: &Agent) -> Result<BTreeSet<String>> {
-    let (_, body) = agent.admin_get("/pods")?;
-    let pods: Value = serde_json::from_str(&body).context("/pods")?;
-    Ok(pods
-        .as_array()
-        .context("/pods is no list")?
-        .iter()
-        .map(|pod| format!("{}/{}", pod["namespace"], pod["name"]).replace('"', ""))
-        .collect())
-}
-
 fn is_ready(object: &Value) -> bool {
     object["status"]["conditions"]
         .as_array()
@@ -258,7 +247,7 @@ fn a_deployment_spread_over_two_nodes_reaches_across_them() -> Result<()> {
     ];
     for ((agent, expected), name) in agents.iter().zip(&expected).zip(NODE_NAMES) {
         wait_for(&format!("{name}'s agent enrolls {expected:?}"), || {
-            Ok((&enrolled(agent)? == expected).then_some(()))
+            Ok((agent.enrolled()?.into_iter().collect::<BTreeSet<_>>() == *expected).then_some(()))
         })?;
     }
     let enrolled_at = agents_started.elapsed();

@@ -35,8 +35,20 @@ fn assert_refused(output: Output, message: &str) {
 
 #[test]
 fn refuses_to_run_without_root() {
-    let output = agent().uid(65534).gid(65534).output().unwrap();
-    assert_refused(output, "must run as root");
+    // A copy where the other uid may run it: the checkout may sit in a directory only root can
+    // enter (`mktemp -d` makes them 0700).
+    use std::os::unix::fs::PermissionsExt;
+    let copy = std::env::temp_dir().join(format!("mesh-agent-preflight-{}", std::process::id()));
+    std::fs::copy(env!("CARGO_BIN_EXE_mesh-agent"), &copy).unwrap();
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let command = agent();
+    let output = Command::new(&copy)
+        .args(command.get_args())
+        .uid(65534)
+        .gid(65534)
+        .output();
+    let _ = std::fs::remove_file(&copy);
+    assert_refused(output.unwrap(), "must run as root");
 }
 
 #[test]

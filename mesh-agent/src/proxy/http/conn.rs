@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use super::smuggling::Verdicts;
+use super::head_check::Verdicts;
 use crate::{
     discovery::ServiceTarget,
     proxy::pod::PodContext,
@@ -19,7 +19,7 @@ pub struct HttpConn {
     pub telemetry: Arc<Telemetry>,
     /// The calling pod as telemetry names it, with its interned metric labels.
     pub caller: Caller,
-    /// The smuggling guard's verdict on each request head, in order.
+    /// The head checker's verdict on each request head, in order.
     pub(super) verdicts: Verdicts,
 }
 

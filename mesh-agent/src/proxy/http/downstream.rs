@@ -1,14 +1,14 @@
 //! The hyper side of a downstream connection: HTTP/1.1 keep-alive or HTTP/2 (prior knowledge),
-//! read through the smuggling guard, each request handed to the try loop; graceful close on
-//! drain.
+//! read through the head checker, each request it passes handed to the try loop; graceful
+//! close on drain.
 
 use std::{convert::Infallible, sync::Arc, time::Duration};
 
 use http::{
     header::{self, HeaderValue},
-    Request, Response, StatusCode,
+    Request, Response, Version,
 };
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
@@ -21,9 +21,9 @@ use tracing::debug;
 use super::{
     conn::HttpConn,
     forward,
+    head_check::Guarded,
     limits::{MAX_HEADER_BYTES, MAX_REPLAY_BODY},
-    reply::local_reply,
-    smuggling::Guarded,
+    reply::refusal_reply,
 };
 use crate::proxy::upstream::ProxyBody;
 
@@ -55,19 +55,38 @@ pub async fn serve(stream: TcpStream, conn: Arc<HttpConn>, draining: &Cancellati
     }
 }
 
-/// One request: refused with 400 if its head was ambiguous, otherwise carried upstream.
-async fn handle(conn: &HttpConn, req: Request<Incoming>) -> Response<ProxyBody> {
-    if let Some(ambiguity) = conn.verdicts.next() {
-        // Read what the client sent (bounded) so closing does not reset the connection
-        // before it has read the answer.
-        let _ = Limited::new(req.into_body(), MAX_REPLAY_BODY as usize)
-            .collect()
+/// One request: refused with 400 or 431 if the head checker refused it, otherwise carried
+/// upstream.
+async fn handle(conn: &HttpConn, mut req: Request<Incoming>) -> Response<ProxyBody> {
+    if req.version() != Version::HTTP_2 {
+        if let Err(refusal) = conn.verdicts.next() {
+            debug!(reason = refusal.reason(), "downstream request refused");
+            // Read some of what the client sent, so closing does not reset the connection
+            // before it has read the answer; bounded in bytes and time, and kept nowhere.
+            let mut body = req.into_body();
+            let mut read = 0;
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                while let Some(Ok(frame)) = body.frame().await {
+                    read += frame.data_ref().map_or(0, |data| data.len() as u64);
+                    if read > MAX_REPLAY_BODY {
+                        break;
+                    }
+                }
+            })
             .await;
-        let mut response = local_reply(StatusCode::BAD_REQUEST, ambiguity.reason());
-        response
-            .headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        return response;
+            return refusal_reply(refusal);
+        }
+    }
+    // RFC 9112 §3.2.2, as Envoy: an absolute-form target's authority replaces `Host`, so the
+    // request is routed and forwarded by the same name.
+    if let Some(authority) = req.uri().authority() {
+        let host = match authority.port() {
+            Some(port) => format!("{}:{port}", authority.host()),
+            None => authority.host().to_owned(),
+        };
+        if let Ok(host) = HeaderValue::from_str(&host) {
+            req.headers_mut().insert(header::HOST, host);
+        }
     }
     forward::request(conn, req).await
 }

@@ -7,6 +7,7 @@ use http::{
 };
 use http_body_util::{BodyExt, Empty, Full};
 
+use super::head_check::Refusal;
 use crate::{engine::EngineError, proxy::upstream::ProxyBody};
 
 /// The answer to a request the engine refused or could not complete: its status, Envoy's text
@@ -34,6 +35,18 @@ fn reply_text(error: &EngineError) -> &'static str {
         EngineError::FaultAbort { .. } => "fault filter abort",
         _ => "upstream connect error or disconnect/reset before headers",
     }
+}
+
+/// The answer to a request the head checker refused: 400 or 431 with the status's reason as
+/// text, as Envoy answers a codec error, and `Connection: close` (what follows on the
+/// connection cannot be trusted to start a request).
+pub fn refusal_reply(refusal: Refusal) -> Response<ProxyBody> {
+    let status = StatusCode::from_u16(refusal.status()).unwrap_or(StatusCode::BAD_REQUEST);
+    let mut response = local_reply(status, status.canonical_reason().unwrap_or_default());
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
 }
 
 pub fn local_reply(status: StatusCode, text: &str) -> Response<ProxyBody> {

@@ -20,7 +20,7 @@ use super::{
     conn::{Entry, HttpConn},
     hop_by_hop::strip_hop_by_hop,
     limits::MAX_REPLAY_BODY,
-    reply::{empty, engine_reply, full, local_reply},
+    reply::{empty, engine_reply, full, local_reply, protocol_error_reply, refusal_reply},
 };
 use crate::{
     engine::{Attempt, EngineError, Outcome, RequestInfo, RequestPlan, Verdict},
@@ -104,9 +104,16 @@ async fn forward(
         let request = upstream_request(parts, plan.authority(&attempt), protocol, body.for_try());
         let tried = send(&conn.pod.upstream, &plan, &attempt, protocol, request).await;
         now = clock();
+        // The client's body broke the try (malformed chunks, cut short): the client's fault,
+        // answered 400 as Envoy does, and no word to outlier detection about the endpoint.
+        if let (Err(_), Some(refusal)) = (&tried, conn.verdicts.body_refusal()) {
+            return refusal_reply(refusal);
+        }
+        let protocol_error = matches!(tried, Err(Unanswered::Protocol));
         let (verdict, response) = match tried {
             Ok((outcome, response)) => (plan.report(attempt, outcome, now), Some(response)),
             Err(Unanswered::Failed(outcome)) => (plan.report(attempt, outcome, now), None),
+            Err(Unanswered::Protocol) => (plan.report(attempt, Outcome::Reset, now), None),
             Err(Unanswered::Unsent(outcome)) => (plan.report_unsent(attempt, outcome, now), None),
             Err(Unanswered::Refused) => (plan.overflowed(attempt), None),
         };
@@ -114,7 +121,10 @@ async fn forward(
         match verdict {
             Verdict::Forward => {
                 let Some(response) = response else {
-                    return engine_reply(&EngineError::UpstreamReset);
+                    return match protocol_error {
+                        true => protocol_error_reply(&EngineError::UpstreamReset),
+                        false => engine_reply(&EngineError::UpstreamReset),
+                    };
                 };
                 let (mut head, body) = response.into_parts();
                 strip_hop_by_hop(&mut head.headers);
@@ -126,6 +136,7 @@ async fn forward(
                 tokio::time::sleep_until(at.into()).await;
                 now = clock();
             }
+            Verdict::Fail(error) if protocol_error => return protocol_error_reply(&error),
             Verdict::Fail(error) => return engine_reply(&error),
         }
     }
@@ -246,6 +257,8 @@ enum Unanswered {
     Unsent(Outcome),
     /// The pool refused it (`UO`).
     Refused,
+    /// The response was malformed (`UPE`): a reset to the engine, answered 502.
+    Protocol,
 }
 
 /// Runs one try through the pod's pool until the try's deadline.
@@ -290,6 +303,7 @@ async fn send(
         Err(SendError::Overflow) => Err(Unanswered::Refused),
         Err(SendError::ConnectFailure) => Err(Unanswered::Failed(Outcome::ConnectFailure)),
         Err(SendError::Reset) => Err(Unanswered::Failed(Outcome::Reset)),
+        Err(SendError::Protocol) => Err(Unanswered::Protocol),
     }
 }
 

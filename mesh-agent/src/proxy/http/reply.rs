@@ -49,6 +49,22 @@ pub fn refusal_reply(refusal: Refusal) -> Response<ProxyBody> {
     response
 }
 
+/// The answer when an HTTP/1.1 upstream's response is malformed or ambiguous (hyper could not
+/// parse it, or `response::check` refused it): 502, as Envoy answers an upstream protocol
+/// error, with the flags of the engine's verdict plus `UPE`.
+pub fn protocol_error_reply(error: &EngineError) -> Response<ProxyBody> {
+    let mut response = local_reply(
+        StatusCode::BAD_GATEWAY,
+        "upstream connect error or disconnect/reset before headers. reset reason: protocol error",
+    );
+    if let Ok(flags) = HeaderValue::from_str(&format!("{},UPE", error.flags())) {
+        response
+            .headers_mut()
+            .insert(HeaderName::from_static("x-mesh-response-flags"), flags);
+    }
+    response
+}
+
 pub fn local_reply(status: StatusCode, text: &str) -> Response<ProxyBody> {
     let mut response = Response::new(full(Bytes::from(text.to_owned())));
     *response.status_mut() = status;

@@ -19,6 +19,10 @@ pub enum SendError {
     /// The connection failed after it was open, before a whole response head (`UC`).
     #[error("upstream reset before the response")]
     Reset,
+    /// The response head was malformed or ambiguous: hyper could not parse it, or
+    /// `response::check` refused it (`UPE`, answered 502 as Envoy does).
+    #[error("upstream protocol error")]
+    Protocol,
 }
 
 /// How far a request got in the pool; read by the caller when its deadline cut it short.
@@ -43,7 +47,12 @@ pub(super) fn unsent(
     match error.take_message() {
         Some(request) if reused => Ok(request),
         _ => {
-            debug!(error = %error.into_error(), "upstream reset before the response");
+            let error = error.into_error();
+            if error.is_parse() {
+                debug!(%error, "malformed upstream response");
+                return Err(SendError::Protocol);
+            }
+            debug!(%error, "upstream reset before the response");
             Err(SendError::Reset)
         }
     }

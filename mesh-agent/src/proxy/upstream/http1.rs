@@ -27,6 +27,7 @@ use super::{
     connection::{self, Dial, Owner},
     dial::Dialer,
     error::{self, Progress, SendError},
+    response,
 };
 use crate::engine::{ClusterPool, Permit, PoolLimits};
 
@@ -108,7 +109,12 @@ impl Http1Pool {
             let (mut lease, reused) = self.checkout(cluster, may_wait, progress).await?;
             *progress = Progress::Sent;
             match lease.sender.try_send_request(request).await {
-                Ok(response) => return Ok((response, lease)),
+                Ok(response) => {
+                    // A refused response drops the lease unfinished: hyper closes the
+                    // connection, whose next bytes cannot be trusted.
+                    response::check(&response)?;
+                    return Ok((response, lease));
+                }
                 Err(failed) => {
                     request = error::unsent(failed, reused)?;
                     *progress = Progress::Waiting;

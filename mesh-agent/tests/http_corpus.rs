@@ -404,12 +404,18 @@ async fn every_corpus_request_is_answered_as_envoy_answers_it_and_nothing_is_smu
     );
     assert!(failures.is_empty(), "corpus mismatches:\n{failures}");
     assert_eq!(panicked, 0, "the proxy panicked");
-    // Memory is bounded: the second and third rounds cost next to nothing more than the first
-    // (the allocator keeps what the first took).
-    let growth = rss[3].saturating_sub(rss[1]);
+    // Memory is bounded: a round costs little (measured: under 2 MiB; on main, the first
+    // round's panics took 215 MiB), and the next rounds next to nothing more (the allocator
+    // keeps what the first took).
+    let first = rss[1].saturating_sub(rss[0]);
     assert!(
-        growth < 16 * 1024,
-        "RSS grew {growth} KiB over two more rounds: {rss:?}"
+        first < 32 * 1024,
+        "RSS grew {first} KiB in one round: {rss:?}"
+    );
+    let more = rss[3].saturating_sub(rss[1]);
+    assert!(
+        more < 16 * 1024,
+        "RSS grew {more} KiB over two more rounds: {rss:?}"
     );
 }
 

@@ -142,7 +142,6 @@ pub fn run(settings: Settings) -> Result<()> {
         Arc::clone(&redirect),
         Arc::clone(&proxy),
         settings.listen,
-        settings.agent_mark,
         runtime.handle().clone(),
         mesh,
     ));
@@ -166,12 +165,12 @@ pub fn run(settings: Settings) -> Result<()> {
         listener.set_nonblocking(true)?;
         let _runtime = runtime.enter();
         let listener = tokio::net::TcpListener::from_std(listener)?;
-        // Upstreams are dialled from the agent's own namespace, marked like a pod's.
+        // Upstreams are dialled from the agent's own namespace, exempted like a pod's.
         let gateway = Arc::new(PodContext::new(
             "istio-ingressgateway".to_owned(),
             "istio-system".to_owned(),
             None,
-            settings.agent_mark,
+            redirect.exemption(),
         ));
         runtime.spawn(Arc::clone(&proxy).serve_ingress(listener, gateway));
         info!(%addr, labels = %settings.gateway_labels, "ingress gateway listening");

@@ -8,7 +8,7 @@ mod support;
 use std::{net::Ipv4Addr, sync::Arc};
 
 use http::StatusCode;
-use mesh_agent::proxy::PodContext;
+use mesh_agent::{proxy::PodContext, redirect::Exemption};
 use support::{loopback, service, Backend, Http1, Mesh, Upstream};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -68,7 +68,7 @@ fn serve_ingress(mesh: &Mesh, listener: TcpListener) {
         "istio-ingressgateway".into(),
         "istio-system".into(),
         None,
-        0,
+        Exemption::None,
     ));
     tokio::spawn(Arc::clone(&mesh.proxy).serve_ingress(listener, gateway));
 }

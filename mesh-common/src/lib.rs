@@ -2,16 +2,23 @@
 //!
 //! Every map key and value is `#[repr(C)]` with explicit padding and a size assertion, so both
 //! sides agree on the layout byte for byte.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 
 use core::mem::size_of;
 
 /// Port of the agent's in-pod listener when none is configured.
 pub const DEFAULT_LISTEN_PORT: u16 = 15001;
 
-/// Socket mark the agent puts on its own upstream sockets; the kernel programs never redirect
-/// a socket carrying it. Spells "MESH" in ASCII.
+/// Socket mark the agent puts on its own upstream sockets in iptables mode, where the rules let
+/// marked sockets pass. Spells "MESH" in ASCII. Any process with `CAP_NET_ADMIN` in its network
+/// namespace can set it, so the eBPF programs do not trust it: they exempt the agent's sockets
+/// by cookie ([`map_name::AGENT_SOCKETS`]).
 pub const DEFAULT_AGENT_MARK: u32 = 0x4d45_5348;
+
+/// Capacity of the map of the agent's own socket cookies. An entry lives from just before the
+/// agent's `connect` to the hook that consumes it, so only connects in flight hold one; LRU
+/// evicts what a socket closed before connecting left behind.
+pub const AGENT_SOCKETS_CAPACITY: u32 = 8_192;
 
 /// Capacity of the map keyed by socket cookie that `connect4` fills before the local port is
 /// known. LRU: an entry whose connection never establishes is evicted eventually.
@@ -38,13 +45,19 @@ pub mod map_name {
     pub const SOCKETS: &str = "SOCKETS";
     /// Per-CPU counters, one per [`Decision`](super::Decision).
     pub const DECISIONS: &str = "DECISIONS";
+    /// Cookies of the agent's own upstream sockets (`u64` → `u8`, LRU), written by the agent
+    /// between `socket` and `connect`, consumed by `connect4`/`connect6`, which let each such
+    /// socket pass once. Only a process with `CAP_BPF` or `CAP_SYS_ADMIN` in the initial user
+    /// namespace can write it, so a pod cannot exempt its own sockets.
+    pub const AGENT_SOCKETS: &str = "AGENT_SOCKETS";
 }
 
 /// Names of the kernel programs (their function names in `mesh-ebpf`).
 pub mod program_name {
     /// `cgroup/connect4`: the redirect decision.
     pub const CONNECT4: &str = "mesh_connect4";
-    /// `cgroup/connect6`: counts IPv6 connections, which are not redirected yet.
+    /// `cgroup/connect6`: the same decision for IPv4-mapped destinations (`::ffff:a.b.c.d`)
+    /// of dual-stack sockets; native IPv6 is counted and let through.
     pub const CONNECT6: &str = "mesh_connect6";
     /// `sockops`: moves the original destination to its final key once established.
     pub const SOCK_OPS: &str = "mesh_sock_ops";
@@ -54,8 +67,6 @@ pub mod program_name {
 
 /// Names of the kernel programs' globals that the loader sets before loading.
 pub mod global_name {
-    /// `u32`: the socket mark of the agent's own sockets, never redirected.
-    pub const AGENT_MARK: &str = "AGENT_MARK";
     /// `u32`: 1 puts redirected connections on the socket fast path.
     pub const FAST_PATH: &str = "FAST_PATH";
 }
@@ -81,6 +92,37 @@ const _: () = assert!(
         && !names_match("ENROLLED", "ENROLLEE")
         && !names_match("ENROLLED", "ENROLLED_")
 );
+
+/// Addresses as the kernel hands them to the connect hooks: an IPv4 address is a `u32` whose
+/// memory holds the four bytes in network order; an IPv6 address is four such words. Native
+/// byte order conversions keep the meaning the same on the eBPF target and on the host.
+pub mod addr {
+    /// The third word of every IPv4-mapped IPv6 address (`::ffff:0:0/96`).
+    const MAPPED_PREFIX: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+    /// `::1`.
+    pub const LOOPBACK6: [u32; 4] = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
+
+    /// The IPv4 address inside an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), which a
+    /// dual-stack socket connects to when it means IPv4; `None` for any other IPv6 address.
+    pub const fn mapped_ip4(ip6: [u32; 4]) -> Option<u32> {
+        if ip6[0] == 0 && ip6[1] == 0 && ip6[2] == MAPPED_PREFIX {
+            Some(ip6[3])
+        } else {
+            None
+        }
+    }
+
+    /// `::ffff:a.b.c.d` for the IPv4 address `ip4`.
+    pub const fn mapped(ip4: u32) -> [u32; 4] {
+        [0, 0, MAPPED_PREFIX, ip4]
+    }
+
+    /// Whether `ip4` is in 127.0.0.0/8.
+    pub const fn is_loopback4(ip4: u32) -> bool {
+        ip4.to_ne_bytes()[0] == 127
+    }
+}
 
 /// What an enrolled pod's outbound connections are redirected to, inside the pod's own network
 /// namespace. Addresses and ports are in network byte order, as the kernel hands them over.
@@ -160,7 +202,7 @@ pub enum Decision {
     NotEnrolled = 1,
     /// Enrolled, but no agent listener exists in the pod (agent down or restarting): fail-open.
     AgentAbsent = 2,
-    /// The agent's own socket (it carries the agent's mark).
+    /// The agent's own socket: its cookie was in `AGENT_SOCKETS` (and is removed).
     AgentSocket = 3,
     /// Not TCP (UDP, for example).
     NotTcp = 4,
@@ -168,8 +210,11 @@ pub enum Decision {
     Loopback = 5,
     /// The original destination could not be remembered (map full or error): fail-open.
     MapError = 6,
-    /// IPv6 connect: not redirected yet, counted so it is visible.
-    Ipv6 = 7,
+    /// A native IPv6 destination from an enrolled pod: not redirected (the agent listens on
+    /// IPv4 only), a known bypass counted so it is never silent. IPv4-mapped destinations
+    /// (`::ffff:a.b.c.d`) are redirected like IPv4; `::1` counts as [`Decision::Loopback`], and
+    /// a pod that is not enrolled as [`Decision::NotEnrolled`].
+    Ipv6Bypass = 7,
 }
 
 impl Decision {
@@ -182,7 +227,7 @@ impl Decision {
         Decision::NotTcp,
         Decision::Loopback,
         Decision::MapError,
-        Decision::Ipv6,
+        Decision::Ipv6Bypass,
     ];
 
     /// Stable snake_case name, used in metrics and the admin API.
@@ -195,7 +240,7 @@ impl Decision {
             Decision::NotTcp => "not_tcp",
             Decision::Loopback => "loopback",
             Decision::MapError => "map_error",
-            Decision::Ipv6 => "ipv6",
+            Decision::Ipv6Bypass => "ipv6_bypass",
         }
     }
 }
@@ -213,4 +258,49 @@ mod user {
     unsafe impl aya::Pod for ConnKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for SockKey {}
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    use super::addr::*;
+
+    fn ip4(text: &str) -> u32 {
+        u32::from_ne_bytes(text.parse::<Ipv4Addr>().unwrap().octets())
+    }
+
+    fn ip6(text: &str) -> [u32; 4] {
+        let octets = text.parse::<Ipv6Addr>().unwrap().octets();
+        core::array::from_fn(|i| u32::from_ne_bytes(octets[4 * i..4 * i + 4].try_into().unwrap()))
+    }
+
+    #[test]
+    fn mapped_addresses_are_ipv4_and_other_ipv6_ones_are_not() {
+        assert_eq!(
+            mapped_ip4(ip6("::ffff:10.96.0.30")),
+            Some(ip4("10.96.0.30"))
+        );
+        assert_eq!(mapped_ip4(ip6("::ffff:127.0.0.1")), Some(ip4("127.0.0.1")));
+        for native in [
+            "fd00::1",
+            "::1",
+            "::",
+            "::10.96.0.30",
+            "64:ff9b::10.96.0.30",
+            "::fffe:a60:1e",
+        ] {
+            assert_eq!(mapped_ip4(ip6(native)), None, "{native}");
+        }
+        assert_eq!(mapped(ip4("127.0.0.1")), ip6("::ffff:127.0.0.1"));
+        assert_eq!(LOOPBACK6, ip6("::1"));
+    }
+
+    #[test]
+    fn loopback_is_all_of_127_0_0_0_8() {
+        assert!(is_loopback4(ip4("127.0.0.1")));
+        assert!(is_loopback4(ip4("127.255.0.9")));
+        assert!(!is_loopback4(ip4("10.77.0.127")));
+        assert!(!is_loopback4(ip4("128.0.0.1")));
+    }
 }

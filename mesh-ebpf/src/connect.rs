@@ -1,9 +1,14 @@
 //! `cgroup/connect4` and `cgroup/connect6`: the redirect decision.
+//!
+//! Both hooks take the same decision for an IPv4 destination, whether it comes as such
+//! (`connect4`) or IPv4-mapped (`::ffff:a.b.c.d`) through a dual-stack `AF_INET6` socket
+//! (`connect6`: the kernel runs only that hook for such a socket, and carries the connection
+//! over IPv4 to the agent's IPv4 listener). Native IPv6 is let through and counted.
 
-use core::{mem::size_of, ptr::read_volatile};
+use core::mem::size_of;
 
 use aya_ebpf::{
-    bindings::{bpf_sock_tuple, BPF_F_CURRENT_NETNS},
+    bindings::{bpf_sock_addr, bpf_sock_tuple, BPF_F_CURRENT_NETNS},
     helpers::generated::{
         bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_lookup_tcp, bpf_sk_release,
     },
@@ -11,14 +16,9 @@ use aya_ebpf::{
     programs::SockAddrContext,
     EbpfContext,
 };
-use mesh_common::{global_name, program_name, Decision, OriginalDst, DEFAULT_AGENT_MARK};
+use mesh_common::{addr, program_name, Decision, Enrollment, OriginalDst};
 
-use crate::maps::{count, ENROLLED, PENDING};
-
-/// Mark on the agent's own sockets; set by the loader (`EbpfLoader::set_global`).
-#[unsafe(no_mangle)]
-static AGENT_MARK: u32 = DEFAULT_AGENT_MARK;
-shared_name!(AGENT_MARK, global_name::AGENT_MARK);
+use crate::maps::{count, AGENT_SOCKETS, ENROLLED, PENDING};
 
 /// Return value that lets `connect` proceed. The hooks never refuse a connection.
 const ALLOW: i32 = 1;
@@ -26,59 +26,108 @@ const SOCK_STREAM: u32 = 1;
 
 #[cgroup_sock_addr(connect4)]
 pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
-    count(redirect4(&ctx));
+    count(connect4(&ctx));
     ALLOW
 }
 shared_name!(mesh_connect4, program_name::CONNECT4);
 
 #[cgroup_sock_addr(connect6)]
 pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
-    // IPv6 services follow the IPv4 path once the agent listens on [::1]; until then every
-    // IPv6 connection proceeds untouched and is counted.
-    let _ = ctx;
-    count(Decision::Ipv6);
+    count(connect6(&ctx));
     ALLOW
 }
 shared_name!(mesh_connect6, program_name::CONNECT6);
 
-fn redirect4(ctx: &SockAddrContext) -> Decision {
+fn connect4(ctx: &SockAddrContext) -> Decision {
     // SAFETY: the kernel hands a valid `bpf_sock_addr` to this hook for its whole run.
     let addr = unsafe { &mut *ctx.sock_addr };
+    if let Some(passed) = passes_first(ctx, addr) {
+        return passed;
+    }
+    match redirect_ip4(ctx, addr.user_ip4, addr.user_port) {
+        Ok(listener) => {
+            addr.user_ip4 = listener.listen_ip4;
+            addr.user_port = u32::from(listener.listen_port);
+            Decision::Redirected
+        }
+        Err(passed) => passed,
+    }
+}
+
+fn connect6(ctx: &SockAddrContext) -> Decision {
+    // SAFETY: the kernel hands a valid `bpf_sock_addr` to this hook for its whole run.
+    let addr = unsafe { &mut *ctx.sock_addr };
+    if let Some(passed) = passes_first(ctx, addr) {
+        return passed;
+    }
+    let ip6 = addr.user_ip6;
+    let Some(ip4) = addr::mapped_ip4(ip6) else {
+        if ip6 == addr::LOOPBACK6 {
+            return Decision::Loopback;
+        }
+        return match enrollment(ctx) {
+            Some(_) => Decision::Ipv6Bypass,
+            None => Decision::NotEnrolled,
+        };
+    };
+    match redirect_ip4(ctx, ip4, addr.user_port) {
+        Ok(listener) => {
+            // Still a mapped address: the socket stays AF_INET6 and the kernel connects it
+            // over IPv4, so the agent accepts it on its IPv4 listener like any other.
+            addr.user_ip6 = addr::mapped(listener.listen_ip4);
+            addr.user_port = u32::from(listener.listen_port);
+            Decision::Redirected
+        }
+        Err(passed) => passed,
+    }
+}
+
+/// What lets a connection pass before its destination matters: not TCP, or the agent's own
+/// socket. The agent's entry is consumed: each of its sockets connects once.
+fn passes_first(ctx: &SockAddrContext, addr: &bpf_sock_addr) -> Option<Decision> {
     if addr.type_ != SOCK_STREAM {
-        return Decision::NotTcp;
+        return Some(Decision::NotTcp);
     }
-    // SAFETY: `sk` is always set for sock_addr hooks; the verifier checks the access.
-    let mark = unsafe { (*addr.__bindgen_anon_1.sk).mark };
-    // SAFETY: a plain read of a loader-set constant; volatile so the compiler cannot fold it.
-    if mark == unsafe { read_volatile(&AGENT_MARK) } {
-        return Decision::AgentSocket;
+    // SAFETY: helper allowed in sock_addr programs; `ctx` is the program's context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: only whether the entry exists is read.
+    if unsafe { AGENT_SOCKETS.get(&cookie) }.is_some() {
+        let _ = AGENT_SOCKETS.remove(&cookie);
+        return Some(Decision::AgentSocket);
     }
-    // The first octet of a network-order address is its lowest byte on this little-endian target.
-    if addr.user_ip4 & 0xff == 127 {
-        return Decision::Loopback;
-    }
+    None
+}
+
+/// The caller's pod, if its network namespace is enrolled.
+fn enrollment(ctx: &SockAddrContext) -> Option<Enrollment> {
     // SAFETY: helper allowed in sock_addr programs; `ctx` is the program's context.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: the value is copied out at once; the agent only inserts or removes whole entries.
-    let Some(enrollment) = (unsafe { ENROLLED.get(&netns) }).copied() else {
-        return Decision::NotEnrolled;
-    };
+    (unsafe { ENROLLED.get(&netns) }).copied()
+}
+
+/// The decision for a TCP connection to the IPv4 address `ip4` and `port` (both network order,
+/// as the hooks hand them over): the agent's listener to rewrite it to, with the original
+/// destination remembered under the socket's cookie, or why it goes where it was going.
+fn redirect_ip4(ctx: &SockAddrContext, ip4: u32, port: u32) -> Result<Enrollment, Decision> {
+    if addr::is_loopback4(ip4) {
+        return Err(Decision::Loopback);
+    }
+    let enrollment = enrollment(ctx).ok_or(Decision::NotEnrolled)?;
     if !listener_exists(ctx, enrollment.listen_ip4, enrollment.listen_port) {
-        return Decision::AgentAbsent;
+        return Err(Decision::AgentAbsent);
     }
     let original = OriginalDst {
-        ip4: addr.user_ip4,
-        port: addr.user_port as u16,
+        ip4,
+        port: port as u16,
         _pad: 0,
     };
     // SAFETY: helper allowed in sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if PENDING.insert(&cookie, &original, 0).is_err() {
-        return Decision::MapError;
-    }
-    addr.user_ip4 = enrollment.listen_ip4;
-    addr.user_port = u32::from(enrollment.listen_port);
-    Decision::Redirected
+    PENDING
+        .insert(&cookie, &original, 0)
+        .map_err(|_| Decision::MapError)?;
+    Ok(enrollment)
 }
 
 /// Whether the agent listens in the caller's network namespace; if it does not, the connection

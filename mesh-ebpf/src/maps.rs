@@ -5,8 +5,8 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
 };
 use mesh_common::{
-    map_name, ConnKey, Decision, Enrollment, OriginalDst, SockKey, ENROLLED_CAPACITY,
-    ORIGINAL_DST_CAPACITY, PENDING_CAPACITY, SOCKETS_CAPACITY,
+    map_name, ConnKey, Decision, Enrollment, OriginalDst, SockKey, AGENT_SOCKETS_CAPACITY,
+    ENROLLED_CAPACITY, ORIGINAL_DST_CAPACITY, PENDING_CAPACITY, SOCKETS_CAPACITY,
 };
 
 /// Enrolled pods, keyed by network-namespace cookie. Filled by the agent.
@@ -14,7 +14,15 @@ use mesh_common::{
 pub static ENROLLED: HashMap<u64, Enrollment> = HashMap::with_max_entries(ENROLLED_CAPACITY, 0);
 shared_name!(ENROLLED, map_name::ENROLLED);
 
-/// Original destination keyed by socket cookie, written by `connect4` before the local port is
+/// Cookies of the agent's own upstream sockets, each let through once by `connect4`/`connect6`
+/// and removed there. Written by the agent only: a pod cannot put its sockets here.
+#[map]
+pub static AGENT_SOCKETS: LruHashMap<u64, u8> =
+    LruHashMap::with_max_entries(AGENT_SOCKETS_CAPACITY, 0);
+shared_name!(AGENT_SOCKETS, map_name::AGENT_SOCKETS);
+
+/// Original destination keyed by socket cookie, written by `connect4` (or `connect6` for an
+/// IPv4-mapped destination) before the local port is
 /// known and moved to `ORIGINAL_DST` once the connection is established.
 #[map]
 pub static PENDING: LruHashMap<u64, OriginalDst> =

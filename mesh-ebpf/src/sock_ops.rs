@@ -35,6 +35,9 @@ pub fn mesh_sock_ops(ctx: SockOpsContext) -> u32 {
 }
 shared_name!(mesh_sock_ops, program_name::SOCK_OPS);
 
+/// The same key for an `AF_INET6` socket that `connect6` redirected to an IPv4-mapped address:
+/// the netns cookie and local port (`skc_num`, host order) do not depend on the family, and the
+/// agent, accepting on its IPv4 listener, sees that port as an IPv4 peer's.
 fn conn_key(ctx: &SockOpsContext) -> ConnKey {
     ConnKey {
         // SAFETY: helper allowed in sock_ops programs; `ctx` is the program's context.

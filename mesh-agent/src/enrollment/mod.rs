@@ -118,8 +118,6 @@ pub struct Enrollments {
     redirect: Arc<Redirect>,
     proxy: Arc<Proxy>,
     listen: SocketAddrV4,
-    /// `SO_MARK` of upstream connections, which the kernel programs let pass.
-    agent_mark: u32,
     /// The data-path runtime: accept loops run there whoever asks to enroll.
     runtime: tokio::runtime::Handle,
     pods: Mutex<BTreeMap<String, Entry>>,
@@ -133,7 +131,6 @@ impl Enrollments {
         redirect: Arc<Redirect>,
         proxy: Arc<Proxy>,
         listen: SocketAddrV4,
-        agent_mark: u32,
         runtime: tokio::runtime::Handle,
         registry: &mut Registry,
     ) -> Self {
@@ -147,7 +144,6 @@ impl Enrollments {
             redirect,
             proxy,
             listen,
-            agent_mark,
             runtime,
             pods: Mutex::new(BTreeMap::new()),
             enrolled,
@@ -203,7 +199,7 @@ impl Enrollments {
             spec.name.clone(),
             spec.namespace.clone(),
             Some(Arc::clone(&netns)),
-            self.agent_mark,
+            self.redirect.exemption(),
         ));
         let accept_loop = self.runtime.spawn(accept(
             Arc::clone(&self.proxy),

@@ -3,14 +3,18 @@
 use std::sync::Arc;
 
 use super::upstream::{Dialer, UpstreamPool};
-use crate::{identity::WorkloadIdentity, redirect::netns::NetNs, state::Snapshot};
+use crate::{
+    identity::WorkloadIdentity,
+    redirect::{netns::NetNs, Exemption},
+    state::Snapshot,
+};
 
 /// What the proxy knows about the pod a listener serves.
 pub struct PodContext {
     pub name: String,
     /// Short host names in rules and requests resolve against it.
     pub namespace: String,
-    /// Dials upstreams as the pod would: from its network namespace, marked.
+    /// Dials upstreams as the pod would: from its network namespace, exempted from the redirect.
     pub dialer: Dialer,
     /// The pod's HTTP connections to its upstreams.
     pub upstream: UpstreamPool,
@@ -18,10 +22,15 @@ pub struct PodContext {
 
 impl PodContext {
     /// `netns`: where the pod's upstream connections are made from (`None`: the agent's own
-    /// namespace); `mark`: the `SO_MARK` they carry so the kernel redirect lets them pass (0:
-    /// none, for a proxy that no redirect sees, as in tests).
-    pub fn new(name: String, namespace: String, netns: Option<Arc<NetNs>>, mark: u32) -> Self {
-        let dialer = Dialer::new(netns, mark);
+    /// namespace); `exemption`: what lets them pass the redirect ([`Exemption::None`] for a
+    /// proxy that no redirect sees, as in tests).
+    pub fn new(
+        name: String,
+        namespace: String,
+        netns: Option<Arc<NetNs>>,
+        exemption: Exemption,
+    ) -> Self {
+        let dialer = Dialer::new(netns, exemption);
         PodContext {
             upstream: UpstreamPool::new(dialer.clone()),
             dialer,

@@ -2,10 +2,12 @@
 //! original destinations and decision counters from the kernel maps.
 
 use std::{
+    fmt,
     fs::File,
+    io,
     net::{Ipv4Addr, SocketAddrV4},
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{Arc, Mutex},
 };
 
 use super::{error::RedirectError, preflight};
@@ -43,16 +45,45 @@ pub struct EbpfRedirect {
     decisions: PerCpuArray<MapData, u64>,
     /// Sockets on the fast path (both ends of redirected connections).
     sockets: SockHash<MapData, SockKey>,
+    agent_sockets: Arc<AgentSockets>,
     _ebpf: Ebpf,
+}
+
+/// The kernel's `AGENT_SOCKETS` map: the agent's own upstream sockets, by cookie, which
+/// `connect4`/`connect6` let pass once (and remove). One insert per new upstream connection.
+pub struct AgentSockets {
+    cookies: Mutex<HashMap<MapData, u64, u8>>,
+}
+
+impl AgentSockets {
+    /// Puts `socket`'s cookie in the map; call it after creating the socket, before `connect`.
+    pub fn exempt(&self, socket: &socket2::Socket) -> io::Result<()> {
+        let cookie = rustix::net::sockopt::socket_cookie(socket)?;
+        self.cookies
+            .lock()
+            .expect("agent sockets map lock")
+            .insert(cookie, 1, 0)
+            .map_err(|error| {
+                io::Error::other(format!(
+                    "cannot exempt the agent's socket from the redirect (kernel map {}): {error}",
+                    map_name::AGENT_SOCKETS
+                ))
+            })
+    }
+}
+
+impl fmt::Debug for AgentSockets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(map_name::AGENT_SOCKETS)
+    }
 }
 
 impl EbpfRedirect {
     /// Checks the host, loads the programs and attaches them to `cgroup` (default: the root of
-    /// the cgroup v2 mount). `agent_mark` is the socket mark of the agent's own sockets;
-    /// `socket_fast_path` puts redirected connections on the sk_msg fast path.
+    /// the cgroup v2 mount). `socket_fast_path` puts redirected connections on the sk_msg fast
+    /// path.
     pub fn attach(
         cgroup: Option<&Path>,
-        agent_mark: u32,
         socket_fast_path: bool,
     ) -> Result<EbpfRedirect, RedirectError> {
         // First: without programs there is nothing to check the host for.
@@ -63,7 +94,6 @@ impl EbpfRedirect {
             source,
         })?;
         let mut ebpf = EbpfLoader::new()
-            .override_global(global_name::AGENT_MARK, &agent_mark, true)
             .override_global(global_name::FAST_PATH, &u32::from(socket_fast_path), true)
             .load(object)?;
         // The message verdict goes on the socket map before any socket can join it.
@@ -122,6 +152,9 @@ impl EbpfRedirect {
                 source,
             })?,
             sockets,
+            agent_sockets: Arc::new(AgentSockets {
+                cookies: Mutex::new(take_hash_map(&mut ebpf, map_name::AGENT_SOCKETS)?),
+            }),
             _ebpf: ebpf,
         })
     }
@@ -196,6 +229,11 @@ impl EbpfRedirect {
             self.pending.keys().count(),
             self.original_dst.keys().count(),
         )
+    }
+
+    /// The map the agent's upstream sockets are exempted through.
+    pub fn agent_sockets(&self) -> Arc<AgentSockets> {
+        Arc::clone(&self.agent_sockets)
     }
 
     /// Sockets now on the fast path: two per redirected connection.

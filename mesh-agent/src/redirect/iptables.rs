@@ -37,7 +37,8 @@ pub struct IptablesRedirect {
 
 impl IptablesRedirect {
     /// Checks for root and the iptables tools; installs nothing yet. `agent_mark` is the socket
-    /// mark of the agent's own sockets, which the rules let through.
+    /// mark of the agent's own sockets, which the rules let through: forgeable by a pod with
+    /// `CAP_NET_ADMIN` (see [`super::Exemption::Mark`]), the known weakness of this mode.
     pub fn new(agent_mark: u32) -> Result<IptablesRedirect, RedirectError> {
         let (restore, save) = preflight::check_iptables()?;
         Ok(IptablesRedirect {
@@ -81,6 +82,12 @@ impl IptablesRedirect {
             Some(netns) => self.remove(&netns),
             None => Ok(()),
         }
+    }
+
+    /// The mark the rules let pass: the agent's upstream sockets carry it. Any process with
+    /// `CAP_NET_ADMIN` in a pod's namespace can set it too; iptables sees nothing better.
+    pub fn agent_mark(&self) -> u32 {
+        self.agent_mark
     }
 
     /// How many namespaces have rules installed now.

@@ -11,13 +11,17 @@ pub mod iptables;
 pub mod netns;
 pub mod preflight;
 
-use std::{net::SocketAddrV4, os::fd::AsFd, path::Path, sync::Arc};
+use std::{io, net::SocketAddrV4, os::fd::AsFd, path::Path, sync::Arc};
 
 use mesh_common::Decision;
 use prometheus_client::registry::Registry;
 
 pub use self::error::RedirectError;
-use self::{ebpf::EbpfRedirect, iptables::IptablesRedirect, netns::NetNs};
+use self::{
+    ebpf::{AgentSockets, EbpfRedirect},
+    iptables::IptablesRedirect,
+    netns::NetNs,
+};
 use crate::exposition::ScrapedCounters;
 
 /// How enrolled pods' connections are handed to the agent.
@@ -39,6 +43,36 @@ impl RedirectMode {
     }
 }
 
+/// How the agent's own upstream sockets, dialled from inside enrolled pods' namespaces, are told
+/// apart from the pods' sockets so the redirect lets them pass instead of sending them back to
+/// the agent. The network namespace is no proof (the agent dials from the pod's own), so it
+/// must be something a pod cannot set on its own sockets.
+#[derive(Clone, Debug, Default)]
+pub enum Exemption {
+    /// Nothing to do: no redirect sees these sockets (the in-process tests, a proxy without a
+    /// redirect).
+    #[default]
+    None,
+    /// eBPF mode: the socket's cookie goes into the kernel's `AGENT_SOCKETS` map, which only a
+    /// process with `CAP_BPF`/`CAP_SYS_ADMIN` in the initial user namespace can write (a pod
+    /// cannot); `connect4`/`connect6` let that socket pass once and remove the entry.
+    Cookie(Arc<AgentSockets>),
+    /// iptables mode: `SO_MARK`, the only thing the rules can match. Forgeable: any process with
+    /// `CAP_NET_ADMIN` in the pod's namespace can mark its sockets and skip the mesh.
+    Mark(u32),
+}
+
+impl Exemption {
+    /// Marks `socket` (created, not connected yet) as the agent's own.
+    pub fn apply(&self, socket: &socket2::Socket) -> io::Result<()> {
+        match self {
+            Exemption::None => Ok(()),
+            Exemption::Cookie(agent_sockets) => agent_sockets.exempt(socket),
+            Exemption::Mark(mark) => socket.set_mark(*mark),
+        }
+    }
+}
+
 /// The redirect in force. Dropping it undoes it: eBPF programs detach, iptables rules are removed
 /// from every pod still enrolled.
 pub enum Redirect {
@@ -51,7 +85,8 @@ impl Redirect {
     /// Checks the host and sets up the redirect. eBPF: loads the programs and attaches them to
     /// `cgroup` (default: the root of the cgroup v2 mount). iptables: only checks for root and
     /// the tools (`cgroup` is not used); rules go into each pod as it is enrolled.
-    /// `agent_mark` is the socket mark of the agent's own sockets, never redirected.
+    /// `agent_mark` is the socket mark of the agent's own sockets in iptables mode (see
+    /// [`Exemption::Mark`]); eBPF mode exempts them by cookie instead.
     pub fn start(
         mode: RedirectMode,
         cgroup: Option<&Path>,
@@ -59,7 +94,7 @@ impl Redirect {
         socket_fast_path: bool,
     ) -> Result<Redirect, RedirectError> {
         match mode {
-            RedirectMode::Ebpf => EbpfRedirect::attach(cgroup, agent_mark, socket_fast_path)
+            RedirectMode::Ebpf => EbpfRedirect::attach(cgroup, socket_fast_path)
                 .map(|ebpf| Redirect::Ebpf(Box::new(ebpf))),
             RedirectMode::Iptables => IptablesRedirect::new(agent_mark).map(Redirect::Iptables),
         }
@@ -69,6 +104,14 @@ impl Redirect {
         match self {
             Redirect::Ebpf(_) => RedirectMode::Ebpf,
             Redirect::Iptables(_) => RedirectMode::Iptables,
+        }
+    }
+
+    /// What the agent's upstream sockets need so that this redirect lets them pass.
+    pub fn exemption(&self) -> Exemption {
+        match self {
+            Redirect::Ebpf(ebpf) => Exemption::Cookie(ebpf.agent_sockets()),
+            Redirect::Iptables(iptables) => Exemption::Mark(iptables.agent_mark()),
         }
     }
 

@@ -31,6 +31,7 @@ use mesh_agent::{
     engine::EngineSettings,
     exposition,
     proxy::{PodContext, Proxy},
+    redirect::Exemption,
     state::Store,
     telemetry::{
         metrics::DEFAULT_CLUSTER,
@@ -213,7 +214,7 @@ impl Mesh {
                 "client-0".into(),
                 "default".into(),
                 None,
-                0,
+                Exemption::None,
             )),
             listener: TcpListener::bind("127.0.0.1:0").await.expect("listener"),
             log,
@@ -254,7 +255,7 @@ impl Mesh {
             "istio-ingressgateway".into(),
             "istio-system".into(),
             None,
-            0,
+            Exemption::None,
         ));
         tokio::spawn(Arc::clone(&self.proxy).serve_ingress(listener, gateway));
         addr

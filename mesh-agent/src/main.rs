@@ -36,7 +36,7 @@ Enroll or unenroll at run time through the admin socket (root only; the TCP addr
   curl --unix-socket /run/mesh-agent/admin.sock -XPOST localhost/pods \\
     -d '{\"name\":\"client\",\"netns\":\"/var/run/netns/client\"}'
   curl --unix-socket /run/mesh-agent/admin.sock -XDELETE localhost/pods/client")]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Check VirtualService/DestinationRule/Gateway (and Service/EndpointSlice/Pod) files without
     /// starting anything: prints every error and warning, exits 1 on any error.
     #[command(after_help = "Examples:

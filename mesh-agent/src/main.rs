@@ -37,18 +37,14 @@ Enroll or unenroll at run time through the admin socket (root only; the TCP addr
     -d '{\"name\":\"client\",\"netns\":\"/var/run/netns/client\"}'
   curl --unix-socket /run/mesh-agent/admin.sock -XDELETE localhost/pods/client")]
     Run(Box<RunArgs>),
-    /// Check VirtualService/DestinationRule/Gateway (and Service/EndpointSlice/Pod) files without
-    /// starting anything: prints every error and warning, exits 1 on any error.
-    #[command(after_help = "Examples:
-  mesh-agent validate -f deploy/examples/canary/2-vs-v1_and_v2_90_10.yml
-  mesh-agent validate -f deploy/examples/destination-rules.yml -f deploy/examples/canary/")]
     /// Apply Istio/Kubernetes objects to a running agent (local mode), like `kubectl apply -f`.
-    /// All objects of a file take effect together, or none if any is invalid.
+    /// All objects of a file take effect together, or none if any is invalid. Goes through the
+    /// agent's admin socket: run it as root.
     #[command(after_help = "Examples:
   mesh-agent apply -f deploy/examples/destination-rules.yml
   mesh-agent apply -f deploy/examples/canary/2-vs-v1_and_v2_90_10.yml")]
     Apply(ChangeArgs),
-    /// Delete the objects named in files from a running agent (local mode).
+    /// Delete the objects named in files from a running agent (local mode), as root.
     Delete(ChangeArgs),
     /// List the objects in force: `get vs`, `get dr service-c -o yaml`, `get all`.
     Get {
@@ -62,6 +58,11 @@ Enroll or unenroll at run time through the admin socket (root only; the TCP addr
         #[command(flatten)]
         admin: AdminSocketArg,
     },
+    /// Check VirtualService/DestinationRule/Gateway (and Service/EndpointSlice/Pod) files without
+    /// starting anything: prints every error and warning, exits 1 on any error.
+    #[command(after_help = "Examples:
+  mesh-agent validate -f deploy/examples/canary/2-vs-v1_and_v2_90_10.yml
+  mesh-agent validate -f deploy/examples/destination-rules.yml -f deploy/examples/canary/")]
     Validate {
         /// A file or a folder (read recursively); repeat to validate several as one set.
         #[arg(

@@ -45,9 +45,7 @@ pub fn request(
 /// What the user can do about it.
 fn connect_error(socket: &Path, error: std::io::Error) -> anyhow::Error {
     let hint = match error.kind() {
-        std::io::ErrorKind::PermissionDenied => {
-            "admin requests need root (the socket is the agent's user's only)"
-        }
+        std::io::ErrorKind::PermissionDenied => "admin requests need root",
         std::io::ErrorKind::NotFound => {
             "is `mesh-agent run` up? Its socket is set with --admin-socket or MESH_ADMIN_SOCKET"
         }
@@ -57,7 +55,7 @@ fn connect_error(socket: &Path, error: std::io::Error) -> anyhow::Error {
         _ => "see --admin-socket",
     };
     anyhow::Error::new(error).context(format!(
-        "cannot reach the agent's admin socket {} ({hint})",
+        "cannot reach the agent's admin socket {}; {hint}",
         socket.display()
     ))
 }

@@ -1,7 +1,7 @@
 //! `mesh-agent apply`, `delete` and `get`: the tutorial's `oc create/replace/delete -f` and
-//! `oc get` for local mode, talking to a running agent's admin API.
+//! `oc get` for local mode, talking to a running agent's admin API over its Unix socket.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use http::{Method, StatusCode};
@@ -11,7 +11,7 @@ use crate::admin::client;
 
 /// Applies (or deletes) each file in order; a directory means its YAML/JSON files, sorted.
 /// Stops at the first file the agent rejects, after printing why.
-pub fn change(admin: SocketAddr, files: &[PathBuf], delete: bool) -> Result<()> {
+pub fn change(admin_socket: &Path, files: &[PathBuf], delete: bool) -> Result<()> {
     let endpoint = if delete { "/delete" } else { "/apply" };
     for file in expand(files)? {
         let text = std::fs::read_to_string(&file)
@@ -21,11 +21,17 @@ pub fn change(admin: SocketAddr, files: &[PathBuf], delete: bool) -> Result<()> 
             .append_pair("file", &label)
             .finish();
         let path = format!("{endpoint}?{query}");
-        let (status, body) = client::request(admin, Method::POST, &path, text)?;
+        let (status, body) = client::request(admin_socket, Method::POST, &path, text)?;
         let answer: Value = serde_json::from_slice(&body).unwrap_or_default();
         if status != StatusCode::OK {
-            for line in answer["diagnostics"].as_array().into_iter().flatten() {
-                eprintln!("{}", line.as_str().unwrap_or_default());
+            match answer["diagnostics"].as_array() {
+                Some(lines) => {
+                    for line in lines {
+                        eprintln!("{}", line.as_str().unwrap_or_default());
+                    }
+                }
+                // Refused before the file was read (403, 413): the agent says why in text.
+                None => eprint!("{status}: {}", String::from_utf8_lossy(&body)),
             }
             bail!("{label} was rejected; the config in force is unchanged");
         }
@@ -42,8 +48,8 @@ pub fn change(admin: SocketAddr, files: &[PathBuf], delete: bool) -> Result<()> 
 }
 
 /// Prints the objects in force of `kind` (kubectl's names work: `vs`, `virtualservices`, …).
-pub fn get(admin: SocketAddr, kind: &str, name: Option<&str>, yaml: bool) -> Result<()> {
-    let (status, body) = client::request(admin, Method::GET, "/config_dump", String::new())?;
+pub fn get(admin_socket: &Path, kind: &str, name: Option<&str>, yaml: bool) -> Result<()> {
+    let (status, body) = client::request(admin_socket, Method::GET, "/config_dump", String::new())?;
     if status != StatusCode::OK {
         bail!("the agent answered {status}");
     }

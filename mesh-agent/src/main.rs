@@ -32,22 +32,19 @@ enum Command {
   mesh-agent run --cgroup /sys/fs/cgroup/kubepods.slice --admin 127.0.0.1:15000
   mesh-agent run --redirect iptables --enroll client   # kernel without cgroup BPF hooks
 
-Enroll or unenroll at run time through the admin API:
-  curl -XPOST localhost:15000/pods -d '{\"name\":\"client\",\"netns\":\"/var/run/netns/client\"}'
-  curl -XDELETE localhost:15000/pods/client")]
-    Run(RunArgs),
-    /// Check VirtualService/DestinationRule/Gateway (and Service/EndpointSlice/Pod) files without
-    /// starting anything: prints every error and warning, exits 1 on any error.
-    #[command(after_help = "Examples:
-  mesh-agent validate -f deploy/examples/canary/2-vs-v1_and_v2_90_10.yml
-  mesh-agent validate -f deploy/examples/destination-rules.yml -f deploy/examples/canary/")]
+Enroll or unenroll at run time through the admin socket (root only; the TCP address only reads):
+  curl --unix-socket /run/mesh-agent/admin.sock -XPOST localhost/pods \\
+    -d '{\"name\":\"client\",\"netns\":\"/var/run/netns/client\"}'
+  curl --unix-socket /run/mesh-agent/admin.sock -XDELETE localhost/pods/client")]
+    Run(Box<RunArgs>),
     /// Apply Istio/Kubernetes objects to a running agent (local mode), like `kubectl apply -f`.
-    /// All objects of a file take effect together, or none if any is invalid.
+    /// All objects of a file take effect together, or none if any is invalid. Goes through the
+    /// agent's admin socket: run it as root.
     #[command(after_help = "Examples:
   mesh-agent apply -f deploy/examples/destination-rules.yml
   mesh-agent apply -f deploy/examples/canary/2-vs-v1_and_v2_90_10.yml")]
     Apply(ChangeArgs),
-    /// Delete the objects named in files from a running agent (local mode).
+    /// Delete the objects named in files from a running agent (local mode), as root.
     Delete(ChangeArgs),
     /// List the objects in force: `get vs`, `get dr service-c -o yaml`, `get all`.
     Get {
@@ -58,9 +55,14 @@ Enroll or unenroll at run time through the admin API:
         /// `yaml` prints the objects; otherwise a table.
         #[arg(short = 'o', long = "output")]
         output: Option<String>,
-        #[arg(long, default_value = "127.0.0.1:15000")]
-        admin: SocketAddr,
+        #[command(flatten)]
+        admin: AdminSocketArg,
     },
+    /// Check VirtualService/DestinationRule/Gateway (and Service/EndpointSlice/Pod) files without
+    /// starting anything: prints every error and warning, exits 1 on any error.
+    #[command(after_help = "Examples:
+  mesh-agent validate -f deploy/examples/canary/2-vs-v1_and_v2_90_10.yml
+  mesh-agent validate -f deploy/examples/destination-rules.yml -f deploy/examples/canary/")]
     Validate {
         /// A file or a folder (read recursively); repeat to validate several as one set.
         #[arg(
@@ -94,9 +96,13 @@ struct RunArgs {
     /// Where the agent listens inside each enrolled pod's network namespace.
     #[arg(long, default_value_t = SocketAddrV4::new([127, 0, 0, 1].into(), DEFAULT_LISTEN_PORT))]
     listen: SocketAddrV4,
-    /// Admin API address (health, readiness, counters, enrollment), in the agent's namespace.
+    /// Admin API's TCP address, in the agent's namespace. Local mode: reads only (health,
+    /// readiness, metrics, stats, config_dump, pods); changes answer 403. Kubernetes mode: the
+    /// kubelet's probes and Prometheus only (/healthz, /ready, /metrics).
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin: SocketAddr,
+    #[command(flatten)]
+    admin_socket: AdminSocketArg,
     /// Socket mark on the agent's own connections; the kernel never redirects marked sockets.
     #[arg(long, default_value_t = DEFAULT_AGENT_MARK, value_parser = parse_u32)]
     mark: u32,
@@ -174,9 +180,21 @@ struct ChangeArgs {
         required = true
     )]
     files: Vec<PathBuf>,
-    /// The agent's admin API.
-    #[arg(long, default_value = "127.0.0.1:15000")]
-    admin: SocketAddr,
+    #[command(flatten)]
+    admin: AdminSocketArg,
+}
+
+#[derive(clap::Args)]
+struct AdminSocketArg {
+    /// The admin API's Unix socket: all of it, and in local mode the only way to change
+    /// anything (apply, delete, enroll, log level). Created mode 0600: root only.
+    #[arg(
+        long = "admin-socket",
+        env = "MESH_ADMIN_SOCKET",
+        value_name = "PATH",
+        default_value = mesh_agent::admin::socket::DEFAULT_PATH
+    )]
+    path: PathBuf,
 }
 
 fn parse_u32(s: &str) -> Result<u32, String> {
@@ -209,15 +227,15 @@ fn main() -> ExitCode {
                 }
             };
         }
-        Command::Apply(args) => mesh_agent::cli::change(args.admin, &args.files, false),
-        Command::Delete(args) => mesh_agent::cli::change(args.admin, &args.files, true),
+        Command::Apply(args) => mesh_agent::cli::change(&args.admin.path, &args.files, false),
+        Command::Delete(args) => mesh_agent::cli::change(&args.admin.path, &args.files, true),
         Command::Get {
             kind,
             name,
             output,
             admin,
         } => mesh_agent::cli::get(
-            admin,
+            &admin.path,
             &kind,
             name.as_deref(),
             output.as_deref() == Some("yaml"),
@@ -242,6 +260,7 @@ fn main() -> ExitCode {
                 enroll: args.enroll,
                 listen: args.listen,
                 admin: args.admin,
+                admin_socket: args.admin_socket.path,
                 agent_mark: args.mark,
                 workers: args.workers.max(1),
                 access_log: args.access_log,

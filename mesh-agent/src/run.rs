@@ -38,7 +38,11 @@ pub struct Settings {
     pub enroll: Vec<PodSpec>,
     /// Where the agent listens inside every enrolled pod.
     pub listen: SocketAddrV4,
+    /// Admin API's TCP address: reads in local mode, probes and metrics in Kubernetes mode.
     pub admin: SocketAddr,
+    /// Admin API's Unix socket (mode 0600): everything, and in local mode the only way to
+    /// change anything.
+    pub admin_socket: PathBuf,
     pub agent_mark: u32,
     pub workers: usize,
     pub access_log: bool,
@@ -183,11 +187,14 @@ pub fn run(settings: Settings) -> Result<()> {
         store: Arc::clone(&store),
         metrics: Arc::new(registry),
         log_level: settings.log_level,
-        writable: kubernetes.is_none(),
+        mode: if kubernetes.is_some() {
+            admin::Mode::Kubernetes
+        } else {
+            admin::Mode::Local
+        },
         readiness: Arc::clone(&readiness),
     });
-    let admin = admin::spawn(settings.admin, Arc::clone(&state))
-        .with_context(|| format!("admin API on {}", settings.admin))?;
+    let admin = admin::spawn(settings.admin, &settings.admin_socket, Arc::clone(&state))?;
     if let Some((kube, client, metrics)) = kubernetes {
         readiness.waiting(ENROLLMENT, "after the first lists");
         runtime.spawn(follow_cluster(
@@ -199,7 +206,7 @@ pub fn run(settings: Settings) -> Result<()> {
             Arc::clone(&readiness),
         ));
     }
-    info!(admin = %admin.addr, listen = %settings.listen, pods = settings.enroll.len(), "started");
+    info!(admin = %admin.addr, admin_socket = %admin.socket_path().display(), listen = %settings.listen, pods = settings.enroll.len(), "started");
     readiness.done(START_UP);
 
     let signal_name = runtime.block_on(shutdown_signal())?;

@@ -1,5 +1,6 @@
 //! The node agent as the end-to-end tests drive it: started on a simulated node, attached to the
-//! node's cgroup, inspected through its admin API from inside the node's namespace.
+//! node's cgroup, driven and inspected through its admin socket (each agent its own, in its own
+//! temporary directory), or through its admin TCP address from inside the node's namespace.
 
 use std::{
     collections::BTreeMap,
@@ -14,12 +15,16 @@ use serde_json::Value;
 
 use crate::{netns, Pod, PodProcess, SimNode};
 
-/// Where the agent's admin API listens inside the node's namespace.
+/// Where the agent's admin API listens inside the node's namespace (reads only in local mode;
+/// probes and metrics only in Kubernetes mode).
 pub const ADMIN: &str = "127.0.0.1:15000";
 
 pub struct Agent {
     process: PodProcess,
     node_netns: PathBuf,
+    /// Holds the agent's admin socket; 0755, so another user reaches the socket itself and its
+    /// own mode (0600) is what refuses them.
+    socket_dir: tempfile::TempDir,
 }
 
 impl Agent {
@@ -33,12 +38,22 @@ impl Agent {
 
     /// Starts the agent as [`Agent::start`] does, without waiting until it is ready.
     pub fn spawn(node: &SimNode, pods: &[&Pod], extra_args: &[&str]) -> Result<Agent> {
+        let socket_dir = tempfile::Builder::new()
+            .prefix("mesh-agent-admin.")
+            .tempdir()
+            .context("a directory for the admin socket")?;
+        std::fs::set_permissions(
+            socket_dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )?;
         let mut command = Command::new(crate::agent_binary()?);
         command
             .arg("run")
             .arg("--cgroup")
             .arg(node.cgroup_path())
-            .args(["--admin", ADMIN, "--access-log"]);
+            .args(["--admin", ADMIN, "--access-log"])
+            .arg("--admin-socket")
+            .arg(socket_dir.path().join("admin.sock"));
         for pod in pods {
             command
                 .arg("--enroll")
@@ -48,6 +63,7 @@ impl Agent {
         Ok(Agent {
             process: node.spawn_on_node(command)?,
             node_netns: node.netns_path(),
+            socket_dir,
         })
     }
 
@@ -112,9 +128,14 @@ impl Agent {
         }
     }
 
-    /// `GET path` on the admin API: (status, body).
+    /// The agent's admin socket (`--admin-socket`): what `mesh-agent apply` must be given.
+    pub fn admin_socket(&self) -> PathBuf {
+        self.socket_dir.path().join("admin.sock")
+    }
+
+    /// `GET path` on the admin socket: (status, body).
     pub fn admin_get(&self, path: &str) -> Result<(u16, String)> {
-        admin_request(&self.node_netns, "GET", path, "")
+        self.admin_request("GET", path, "")
     }
 
     /// The pods the agent has enrolled (`/pods`), as `namespace/name`, sorted.
@@ -131,7 +152,15 @@ impl Agent {
         Ok(names)
     }
 
+    /// A request on the admin socket, where changes are allowed (in local mode): (status, body).
     pub fn admin_request(&self, method: &str, path: &str, body: &str) -> Result<(u16, String)> {
+        let headers = [("Content-Type", "application/json")];
+        crate::http::request_unix(&self.admin_socket(), method, path, &headers, body)
+    }
+
+    /// A request on the admin TCP address ([`ADMIN`] in the node's namespace), which takes no
+    /// changes: (status, body).
+    pub fn admin_tcp_request(&self, method: &str, path: &str, body: &str) -> Result<(u16, String)> {
         admin_request(&self.node_netns, method, path, body)
     }
 
@@ -156,7 +185,8 @@ impl Agent {
     }
 }
 
-/// A request to the admin API from a thread inside the node's namespace.
+/// A request to the admin TCP address ([`ADMIN`]) from a thread inside the node's namespace;
+/// only reads are answered there (changes go through [`Agent::admin_request`]).
 pub fn admin_request(
     node_netns: &Path,
     method: &str,

@@ -32,6 +32,11 @@ const ISTIO_GROUP: &str = "networking.istio.io";
 const MESH_NAMESPACE: &str = "sidecarless-system";
 const AGENT: &str = "mesh-agent";
 const ADMIN_PORT: u64 = 15000;
+/// What the admin API serves on its TCP address in Kubernetes mode (`Access::Probe` in
+/// mesh-agent/src/admin/mod.rs): everything else there answers 403.
+const NODE_ADDRESS_PATHS: [&str; 4] = ["/healthz", "/ready", "/metrics", "/stats/prometheus"];
+/// The directory of the admin socket's default path (`mesh_agent::admin::socket::DEFAULT_PATH`).
+const ADMIN_SOCKET_DIR: &str = "/run/mesh-agent";
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -753,24 +758,60 @@ fn daemonset_has_only_the_privileges_it_needs() -> Result<()> {
         "the mesh-ingress Service selects the agent's pods"
     );
 
-    // Readiness on the admin API's /ready, where the kubelet reaches it: the node's IP.
-    let probe = at(agent, &["readinessProbe", "httpGet"]).context("no httpGet readinessProbe")?;
+    // Readiness on /ready and liveness on /healthz of the admin API, where the kubelet reaches
+    // it: the node's IP. In Kubernetes mode that address serves only the probes and metrics.
+    for (probe, path) in [("readinessProbe", "/ready"), ("livenessProbe", "/healthz")] {
+        let probe =
+            at(agent, &[probe, "httpGet"]).with_context(|| format!("no httpGet {probe}"))?;
+        ensure!(
+            str_at(probe, &["path"]) == Some(path),
+            "the probe must be {path}"
+        );
+        ensure!(
+            NODE_ADDRESS_PATHS.contains(&path),
+            "{path} is not served on the node address"
+        );
+        let port = match probe.get("port") {
+            Some(Value::Number(n)) => n.as_u64(),
+            Some(Value::String(name)) => seq(agent, &["ports"])
+                .iter()
+                .find(|p| str_at(p, &["name"]) == Some(name))
+                .and_then(|p| at(p, &["containerPort"]))
+                .and_then(Value::as_u64),
+            _ => None,
+        };
+        ensure!(
+            port == Some(ADMIN_PORT),
+            "{path} probes port {port:?}, the admin API is on {ADMIN_PORT}"
+        );
+    }
+    // Prometheus scrapes what the node address serves.
+    let annotations = at(daemonset, &["spec", "template", "metadata", "annotations"])
+        .context("no pod annotations")?;
+    let scrape_path = str_at(annotations, &["prometheus.io/path"]).context("prometheus.io/path")?;
     ensure!(
-        str_at(probe, &["path"]) == Some("/ready"),
-        "readiness must probe /ready"
+        NODE_ADDRESS_PATHS.contains(&scrape_path),
+        "Prometheus scrapes {scrape_path}, which the node address does not serve"
     );
-    let port = match probe.get("port") {
-        Some(Value::Number(n)) => n.as_u64(),
-        Some(Value::String(name)) => seq(agent, &["ports"])
-            .iter()
-            .find(|p| str_at(p, &["name"]) == Some(name))
-            .and_then(|p| at(p, &["containerPort"]))
-            .and_then(Value::as_u64),
-        _ => None,
-    };
     ensure!(
-        port == Some(ADMIN_PORT),
-        "readiness probes port {port:?}, the admin API is on {ADMIN_PORT}"
+        str_at(annotations, &["prometheus.io/port"]) == Some(&ADMIN_PORT.to_string()),
+        "Prometheus scrapes the admin port"
+    );
+    // The admin socket's directory is writable on a read-only root filesystem.
+    let socket_dir = seq(agent, &["volumeMounts"])
+        .iter()
+        .find(|m| str_at(m, &["mountPath"]) == Some(ADMIN_SOCKET_DIR))
+        .and_then(|m| str_at(m, &["name"]))
+        .with_context(|| format!("nothing mounted at {ADMIN_SOCKET_DIR}, the admin socket's"))?;
+    ensure!(
+        seq(pod, &["volumes"]).iter().any(|v| {
+            str_at(v, &["name"]) == Some(socket_dir) && at(v, &["emptyDir"]).is_some()
+        }),
+        "{ADMIN_SOCKET_DIR} must be an emptyDir: private to the agent's container"
+    );
+    ensure!(
+        !args.iter().any(|a| a.starts_with("--admin-socket")),
+        "the admin socket stays at its default, under {ADMIN_SOCKET_DIR}"
     );
 
     // The kubelet waits for the drain before it kills the agent.

@@ -1,24 +1,36 @@
-//! The admin API: health, readiness, kernel counters and run-time enrollment. Served on its own
-//! thread and runtime so it answers even when the data path is saturated.
+//! The admin API: health, readiness, metrics, the config in force and run-time enrollment.
+//! Served on its own thread and runtime so it answers even when the data path is saturated.
+//!
+//! Two listeners, and who can reach each decides what it serves:
+//! - the Unix socket ([`socket`], root only by its file mode): everything; in local mode the
+//!   only way to change anything (`/apply`, `/delete`, `/pods`, `/logging`);
+//! - the TCP address (`--admin`), reachable by every local user, and in Kubernetes mode by every
+//!   pod: in local mode reads only; in Kubernetes mode probes and metrics only.
+//!
+//! Kubernetes mode takes no writes at all: the cluster's objects and labels are the truth.
 
 pub mod client;
+mod server;
+pub mod socket;
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, path::Path, sync::Arc};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper::{body::Incoming, server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
+use http_body_util::Full;
+use hyper::body::Incoming;
 use prometheus_client::registry::Registry;
 use serde::Deserialize;
 use serde_json::json;
-use tokio::net::TcpListener;
-use tracing::warn;
 
+pub use self::server::Limits;
+use self::{
+    server::{read_body, text, Answer, Handler},
+    socket::AdminSocket,
+};
 use crate::{
     config::{Diagnostic, ObjectKey},
-    enrollment::{Enrollments, PodSpec},
+    enrollment::{EnrollError, Enrollments, PodSpec},
     exposition,
     readiness::Readiness,
     redirect::Redirect,
@@ -33,71 +45,146 @@ pub struct AdminState {
     pub metrics: Arc<Registry>,
     /// Changes the log filter at run time (`/logging?level=...`).
     pub log_level: Option<LogLevelSetter>,
-    /// Whether `/apply`, `/delete` and `/pods` may change anything. Off in Kubernetes mode:
-    /// there the cluster's objects and labels are the truth, and the admin port is reachable
-    /// on the node's address for the kubelet's probes.
-    pub writable: bool,
+    pub mode: Mode,
     pub readiness: Arc<Readiness>,
+}
+
+/// Which listener takes what depends on the mode (see the module's documentation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Changes over the Unix socket; reads on the TCP address too.
+    Local,
+    /// No changes anywhere; the TCP address (the node's, for the kubelet) has probes and
+    /// metrics only.
+    Kubernetes,
 }
 
 pub type LogLevelSetter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
-/// The running admin server; `stop` ends it and releases its hold on the agent's state.
+/// Where a request came in, which says who could have sent it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Listener {
+    /// The Unix socket: whoever its file mode lets in (root).
+    Socket,
+    /// The TCP address: any local user; in Kubernetes mode any pod.
+    Tcp,
+}
+
+/// The running admin server; `stop` ends it, removes its socket file and releases its hold on
+/// the agent's state.
 pub struct AdminServer {
     pub addr: SocketAddr,
+    socket: AdminSocket,
     stop: tokio::sync::oneshot::Sender<()>,
     thread: std::thread::JoinHandle<()>,
 }
 
 impl AdminServer {
+    pub fn socket_path(&self) -> &Path {
+        &self.socket.path
+    }
+
     pub fn stop(self) {
         let _ = self.stop.send(());
         let _ = self.thread.join();
+        self.socket.remove();
     }
 }
 
-/// Binds now (so a bad address fails start-up) and serves on a dedicated thread.
-pub fn spawn(addr: SocketAddr, state: Arc<AdminState>) -> std::io::Result<AdminServer> {
-    let listener = std::net::TcpListener::bind(addr)?;
-    listener.set_nonblocking(true)?;
-    let addr = listener.local_addr()?;
+/// Binds both listeners now (so a bad address, or another agent on the socket, fails start-up)
+/// and serves them on a dedicated thread.
+pub fn spawn(
+    addr: SocketAddr,
+    socket_path: &Path,
+    state: Arc<AdminState>,
+) -> anyhow::Result<AdminServer> {
+    use anyhow::Context;
+    let tcp = std::net::TcpListener::bind(addr).with_context(|| format!("admin API on {addr}"))?;
+    tcp.set_nonblocking(true)?;
+    let addr = tcp.local_addr()?;
+    let (socket, unix) = AdminSocket::bind(socket_path)
+        .with_context(|| format!("admin socket {}", socket_path.display()))?;
     let (stop, stopped) = tokio::sync::oneshot::channel();
-    let thread = std::thread::Builder::new()
-        .name("admin".into())
-        .spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("admin runtime");
-            runtime.block_on(async {
+    let socket_shown = socket.path.display().to_string();
+    let thread =
+        std::thread::Builder::new()
+            .name("admin".into())
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("admin runtime");
+                runtime.block_on(async {
+                let limits = Limits::default();
+                let tcp = tokio::net::TcpListener::from_std(tcp).expect("admin listener");
+                let unix = tokio::net::UnixListener::from_std(unix).expect("admin socket");
+                let socket_shown: Arc<str> = socket_shown.into();
+                let handler = |via: Listener| -> Handler {
+                    let (state, socket, limits) =
+                        (Arc::clone(&state), Arc::clone(&socket_shown), limits.clone());
+                    Arc::new(move |request| {
+                        let (state, socket, limits) =
+                            (Arc::clone(&state), Arc::clone(&socket), limits.clone());
+                        Box::pin(async move { route(&state, via, &socket, &limits, request).await })
+                    })
+                };
                 tokio::select! {
-                    _ = serve(listener, state) => {}
+                    _ = server::serve_tcp(tcp, limits.clone(), handler(Listener::Tcp)) => {}
+                    _ = server::serve_unix(unix, limits.clone(), handler(Listener::Socket)) => {}
                     _ = stopped => {}
                 }
             });
-        })?;
-    Ok(AdminServer { addr, stop, thread })
+            })?;
+    Ok(AdminServer {
+        addr,
+        socket,
+        stop,
+        thread,
+    })
 }
 
-async fn serve(listener: std::net::TcpListener, state: Arc<AdminState>) {
-    let listener = TcpListener::from_std(listener).expect("admin listener");
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let state = Arc::clone(&state);
-        tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let state = Arc::clone(&state);
-                async move { Ok::<_, Infallible>(route(&state, req).await) }
-            });
-            if let Err(error) = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                warn!(%error, "admin connection failed");
-            }
-        });
+/// What an endpoint does, for deciding who may call it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Access {
+    /// What the kubelet and Prometheus need: health, readiness, metrics.
+    Probe,
+    /// Everything else that only reads: the config, counters, pods, endpoint health.
+    Read,
+    /// Anything that is not a GET: config changes, enrollment, the log level.
+    Write,
+}
+
+fn access(method: &Method, path: &str) -> Access {
+    if method != Method::GET {
+        return Access::Write;
+    }
+    match path {
+        "/healthz" | "/ready" | "/metrics" | "/stats/prometheus" => Access::Probe,
+        _ => Access::Read,
+    }
+}
+
+/// Why a request is refused where it came in, if it is.
+fn refusal(mode: Mode, via: Listener, access: Access, socket: &str) -> Option<String> {
+    match (mode, via, access) {
+        (_, _, Access::Probe)
+        | (Mode::Local, _, Access::Read)
+        | (_, Listener::Socket, Access::Read) => None,
+        (Mode::Local, Listener::Socket, Access::Write) => None,
+        (Mode::Local, Listener::Tcp, Access::Write) => Some(format!(
+            "changes go through the admin socket {socket} only (mesh-agent apply/delete use it; \
+             root only), not through this TCP address\n"
+        )),
+        (Mode::Kubernetes, _, Access::Write) => Some(
+            "read-only in Kubernetes mode: change the cluster's objects and labels instead \
+             (the log level: RUST_LOG in the mesh-agent ConfigMap)\n"
+                .to_owned(),
+        ),
+        (Mode::Kubernetes, Listener::Tcp, Access::Read) => Some(format!(
+            "in Kubernetes mode this address serves probes and metrics only (/healthz, /ready, \
+             /metrics); the rest is on the admin socket {socket}: \
+             kubectl -n sidecarless-system exec <agent pod> -- mesh-agent get all\n"
+        )),
     }
 }
 
@@ -113,14 +200,16 @@ fn default_namespace() -> String {
     "default".to_owned()
 }
 
-async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn route(
+    state: &AdminState,
+    via: Listener,
+    socket: &str,
+    limits: &Limits,
+    req: Request<Incoming>,
+) -> Answer {
     let path = req.uri().path().to_owned();
-    let writes = req.method() != Method::GET && !path.starts_with("/logging");
-    if writes && !state.writable {
-        return text(
-            StatusCode::FORBIDDEN,
-            "read-only in Kubernetes mode: change the cluster's objects and labels instead\n",
-        );
+    if let Some(why) = refusal(state.mode, via, access(req.method(), &path), socket) {
+        return text(StatusCode::FORBIDDEN, &why);
     }
     match (req.method().clone(), path.as_str()) {
         (Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
@@ -166,9 +255,9 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byte
         }
         (Method::POST, "/apply") | (Method::POST, "/delete") => {
             let label = query_param(req.uri(), "file").unwrap_or_else(|| "admin-api".to_owned());
-            let body = match req.into_body().collect().await {
-                Ok(body) => body.to_bytes(),
-                Err(error) => return text(StatusCode::BAD_REQUEST, &format!("{error}\n")),
+            let body = match read_body(req, limits.max_body_bytes).await {
+                Ok(body) => body,
+                Err(refused) => return refused,
             };
             let text_body = String::from_utf8_lossy(&body);
             let result = if path == "/apply" {
@@ -180,9 +269,9 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byte
             json_response(status, &answer)
         }
         (Method::POST, "/pods") => {
-            let body = match req.into_body().collect().await {
-                Ok(body) => body.to_bytes(),
-                Err(error) => return text(StatusCode::BAD_REQUEST, &format!("{error}\n")),
+            let body = match read_body(req, limits.max_body_bytes).await {
+                Ok(body) => body,
+                Err(refused) => return refused,
             };
             let request: EnrollRequest = match serde_json::from_slice(&body) {
                 Ok(request) => request,
@@ -200,6 +289,11 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byte
             };
             match state.enrollments.enroll(&spec) {
                 Ok(pod) => json_response(StatusCode::OK, &pod),
+                // The path given is no network namespace (or none we may open): the request's
+                // fault.
+                Err(error @ EnrollError::Netns { .. }) => {
+                    text(StatusCode::BAD_REQUEST, &format!("{error}\n"))
+                }
                 Err(error) => text(StatusCode::UNPROCESSABLE_ENTITY, &format!("{error}\n")),
             }
         }
@@ -311,13 +405,7 @@ fn stats(state: &AdminState) -> serde_json::Value {
     stats
 }
 
-fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body.to_owned())));
-    *response.status_mut() = status;
-    response
-}
-
-fn json_response<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Full<Bytes>> {
+fn json_response<T: serde::Serialize>(status: StatusCode, value: &T) -> Answer {
     let body = serde_json::to_vec_pretty(value).unwrap_or_default();
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
@@ -425,6 +513,66 @@ spec:
         let (_, answer) = change_answer(&store, store.delete("policy.yml", POLICY));
         assert_eq!(answer["warnings"], json!([]));
         assert_eq!(config_dump(&store)["ignored"], json!([]));
+    }
+
+    /// The access table of the module's documentation, in full.
+    #[test]
+    fn who_may_do_what_where() {
+        use Access::{Probe, Read, Write};
+        use Listener::{Socket, Tcp};
+        use Mode::{Kubernetes, Local};
+        let allowed = |mode, via, access| refusal(mode, via, access, "/run/a.sock").is_none();
+        for (mode, via, access, expected) in [
+            (Local, Socket, Probe, true),
+            (Local, Socket, Read, true),
+            (Local, Socket, Write, true),
+            (Local, Tcp, Probe, true),
+            (Local, Tcp, Read, true),
+            (Local, Tcp, Write, false),
+            (Kubernetes, Socket, Probe, true),
+            (Kubernetes, Socket, Read, true),
+            (Kubernetes, Socket, Write, false),
+            (Kubernetes, Tcp, Probe, true),
+            (Kubernetes, Tcp, Read, false),
+            (Kubernetes, Tcp, Write, false),
+        ] {
+            assert_eq!(
+                allowed(mode, via, access),
+                expected,
+                "{mode:?} {via:?} {access:?}"
+            );
+        }
+        let why = refusal(Local, Tcp, Write, "/run/a.sock").unwrap();
+        assert!(why.contains("/run/a.sock"), "{why}");
+    }
+
+    #[test]
+    fn every_change_is_a_write_and_only_probes_are_probes() {
+        for (method, path) in [
+            (Method::POST, "/apply"),
+            (Method::POST, "/delete"),
+            (Method::POST, "/pods"),
+            (Method::DELETE, "/pods/client"),
+            (Method::PUT, "/logging"),
+            (Method::POST, "/logging"),
+            (Method::POST, "/healthz"),
+            (Method::HEAD, "/ready"),
+        ] {
+            assert_eq!(access(&method, path), Access::Write, "{method} {path}");
+        }
+        for path in ["/healthz", "/ready", "/metrics", "/stats/prometheus"] {
+            assert_eq!(access(&Method::GET, path), Access::Probe, "{path}");
+        }
+        for path in [
+            "/stats",
+            "/pods",
+            "/config_dump",
+            "/clusters",
+            "/logging",
+            "/x",
+        ] {
+            assert_eq!(access(&Method::GET, path), Access::Read, "{path}");
+        }
     }
 
     #[test]

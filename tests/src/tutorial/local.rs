@@ -134,6 +134,8 @@ impl World for LocalTutorial {
         let mut command = Command::new(crate::agent_binary()?);
         command
             .arg("apply")
+            .arg("--admin-socket")
+            .arg(self.agent.admin_socket())
             .arg("-f")
             .arg(examples_dir().join(file));
         let mut process = self.node.spawn_on_node(command)?;

@@ -83,6 +83,12 @@ pub fn measure(
         .arg("--cgroup")
         .arg(node.cgroup_path())
         .args(["--admin", agent::ADMIN, "--workers", "1"])
+        // Not the default socket, which an agent running on this machine may hold.
+        .arg("--admin-socket")
+        .arg(std::env::temp_dir().join(format!(
+            "mesh-bench-{}-request-cost.sock",
+            std::process::id()
+        )))
         .arg("--enroll")
         .arg(format!(
             "{}={}",

@@ -295,6 +295,11 @@ fn start_agent(
         .arg("--cgroup")
         .arg(node.cgroup_path())
         .args(["--admin", admin, "--workers", "1"])
+        // Each agent its own admin socket: two run on the node at once.
+        .arg("--admin-socket")
+        .arg(
+            std::env::temp_dir().join(format!("mesh-bench-{}-{redirect}.sock", std::process::id())),
+        )
         .args(flags)
         .arg("--enroll")
         .arg(format!("{}={}", pod.name(), pod.netns_path().display()))

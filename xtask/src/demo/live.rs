@@ -23,7 +23,7 @@ use super::{
 const PERIOD: Duration = Duration::from_millis(500);
 const WINDOW: usize = 20;
 /// Host ports of the relays: the tutorial's `curl $ROUTE/service-a` becomes
-/// `curl localhost:8080/service-a`, and `mesh-agent apply` finds the admin API at its default.
+/// `curl localhost:8080/service-a`, and the admin API's reads are at their default address.
 const HOST_GATEWAY: &str = "127.0.0.1:8080";
 const HOST_ADMIN: &str = "127.0.0.1:15000";
 
@@ -80,7 +80,7 @@ fn start_relays(demo: &Demo) -> Vec<(SocketAddr, Relay)> {
             HOST_ADMIN.parse().expect("address"),
             ADMIN.parse().expect("address"),
             "the admin API",
-            "target/debug/mesh-agent apply -f FILE".to_owned(),
+            format!("curl {ADMIN}/clusters"),
         ),
     ];
     if let Demo::Kubernetes(kubernetes) = demo {
@@ -138,6 +138,12 @@ fn print_intro(demo: &Demo, relays: &[(SocketAddr, Relay)]) {
             control_plane.dir().join("kube-cache").display()
         );
         println!("  kubectl -n servicemesh-apps get pods,svc,virtualservices,destinationrules");
+    } else {
+        // `mesh-agent apply` changes the config through the agent's admin socket (root only).
+        println!(
+            "  export MESH_ADMIN_SOCKET={}",
+            tutorial.agent().admin_socket().display()
+        );
     }
     let mut seen = Vec::new();
     for action in steps(Pace::Quick).iter().flat_map(|s| s.actions.clone()) {

@@ -1,6 +1,7 @@
 //! Relays from the host's loopback into the simulated node, so the tutorial's commands work
 //! from any terminal: `curl localhost:8080/service-a` reaches the gateway in the node and
-//! `mesh-agent apply` (default `--admin 127.0.0.1:15000`) reaches the agent's admin API there.
+//! `curl localhost:15000/clusters` the agent's admin API there (reads only: `mesh-agent apply`
+//! goes through the agent's admin socket, a file, which needs no relay).
 
 use std::{
     collections::HashMap,

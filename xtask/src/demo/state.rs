@@ -34,6 +34,7 @@ pub fn write(world: &dyn World) -> Result<()> {
         "node_netns_name": world.node().netns_name(),
         "gateway_in_node": world.gateway(),
         "admin_in_node": mesh_tests::agent::ADMIN,
+        "admin_socket": world.agent().admin_socket(),
         "pods": pods,
     });
     // Write then rename, so a reader never sees half a file.

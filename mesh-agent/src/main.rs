@@ -23,6 +23,10 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "parsed once at start; `run`'s flags are the big one"
+)]
 enum Command {
     /// Set up the redirect (eBPF programs, or iptables rules with --redirect iptables), enroll
     /// pods and proxy their connections until SIGTERM.

@@ -184,6 +184,9 @@ struct LimitArgs {
     /// Request-body bytes all connections may hold buffered for retries; past it, streamed.
     #[arg(long, value_name = "BYTES", default_value_t = limits::DEFAULT_BODY_BUFFER_GLOBAL)]
     body_buffer: usize,
+    /// Mirrored copies in flight, all pods together; more are dropped (and counted).
+    #[arg(long, default_value_t = limits::DEFAULT_MAX_MIRRORS_IN_FLIGHT)]
+    max_mirrors_in_flight: usize,
 }
 
 impl From<LimitArgs> for limits::Limits {
@@ -198,6 +201,7 @@ impl From<LimitArgs> for limits::Limits {
             max_connections_per_pod: args.max_connections_per_pod,
             body_buffer_per_connection: args.body_buffer_per_connection,
             body_buffer_global: args.body_buffer,
+            max_mirrors_in_flight: args.max_mirrors_in_flight,
         }
     }
 }

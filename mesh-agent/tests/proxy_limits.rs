@@ -494,3 +494,53 @@ async fn bodies_over_the_buffer_budgets_are_streamed_once_not_retried() {
         assert_eq!(upstream.requests(), 7);
     }
 }
+
+#[tokio::test]
+async fn mirrored_copies_over_the_node_cap_are_dropped_and_counted() {
+    let shadow_ip = loopback();
+    let shadow = Upstream::start(shadow_ip, "shadow").await;
+    let shadow_vip = std::net::Ipv4Addr::new(10, 96, 0, 61);
+    let mut rules = service(
+        "shadow",
+        shadow_vip,
+        8080,
+        "http",
+        &[Backend {
+            pod: "shadow-0",
+            ip: shadow_ip,
+            labels: &[("app", "shadow")],
+        }],
+    );
+    rules.push_str(
+        "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\n\
+         metadata: {name: service-c, namespace: default}\n\
+         spec:\n  hosts: [service-c]\n  http:\n\
+         \x20 - route: [{destination: {host: service-c}}]\n\
+         \x20   mirror: {host: shadow}\n",
+    );
+    let limits = Limits {
+        max_mirrors_in_flight: 1,
+        ..Limits::default()
+    };
+    let (mesh, upstream) = service_c(limits, &rules).await;
+    // The first copy is in flight at the shadow for a second; the two after it find the node's
+    // one slot taken.
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(mesh.http1(SERVICE_C).await);
+    }
+    let mut first = clients.remove(0);
+    let held = tokio::spawn(async move { first.get("service-c:8080", "/delay/1000").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for mut client in clients {
+        assert_eq!(
+            client.get("service-c:8080", "/").await.status,
+            StatusCode::OK
+        );
+    }
+    assert_eq!(held.await.unwrap().status, StatusCode::OK);
+    assert_eq!(upstream.requests(), 3);
+    assert_eq!(shadow.requests(), 1);
+    let dropped = mesh.metric("mesh_engine_events_total", &[("event", "mirror_dropped")]);
+    assert_eq!(dropped, 2.0);
+}

@@ -47,9 +47,10 @@ pub const DEFAULT_BODY_BUFFER_PER_CONNECTION: usize = 1024 * 1024;
 /// Envoy's router does when its retry buffer overflows.
 pub const DEFAULT_BODY_BUFFER_GLOBAL: usize = 64 * 1024 * 1024;
 
-/// Mirrored copies in flight, all pods together (each pod also has its own bound in its
-/// upstream pool); past it a copy is dropped and counted.
-pub const MAX_MIRRORS_IN_FLIGHT: usize = 1024;
+/// Mirrored copies in flight, all pods together (each pod also has its own bound, 256, in its
+/// upstream pool); past it a copy is dropped and counted. Each holds at most a buffered body
+/// (64 KiB), so copies cost at most 64 MiB.
+pub const DEFAULT_MAX_MIRRORS_IN_FLIGHT: usize = 1024;
 
 /// The data path's settable bounds; see each default for its reason.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -63,6 +64,7 @@ pub struct Limits {
     pub max_connections_per_pod: usize,
     pub body_buffer_per_connection: usize,
     pub body_buffer_global: usize,
+    pub max_mirrors_in_flight: usize,
 }
 
 impl Default for Limits {
@@ -77,6 +79,7 @@ impl Default for Limits {
             max_connections_per_pod: DEFAULT_MAX_CONNECTIONS_PER_POD,
             body_buffer_per_connection: DEFAULT_BODY_BUFFER_PER_CONNECTION,
             body_buffer_global: DEFAULT_BODY_BUFFER_GLOBAL,
+            max_mirrors_in_flight: DEFAULT_MAX_MIRRORS_IN_FLIGHT,
         }
     }
 }

@@ -57,7 +57,7 @@ impl Shared {
         Shared {
             connections: Arc::new(Semaphore::new(limits.max_connections)),
             body_bytes: Arc::new(Semaphore::new(limits.body_buffer_global)),
-            mirrors: Arc::new(Semaphore::new(limits::MAX_MIRRORS_IN_FLIGHT)),
+            mirrors: Arc::new(Semaphore::new(limits.max_mirrors_in_flight)),
             limits,
         }
     }

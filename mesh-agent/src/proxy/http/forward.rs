@@ -151,7 +151,7 @@ fn route(
 
 /// Sends a copy to the mirror destination, if the engine picked one; the answer is ignored.
 /// A copy never waits for a connection, and a pod and the node have a bounded number in
-/// flight (`proxy::limits::MAX_MIRRORS_IN_FLIGHT`): past any, it is dropped and counted
+/// flight (`Limits::max_mirrors_in_flight`): past any, it is dropped and counted
 /// (`mesh_engine_events_total{event="mirror_dropped"}`).
 fn mirror(
     conn: &HttpConn,

@@ -35,7 +35,8 @@ pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(60 * 60);
 pub const DEFAULT_MAX_CONNECTIONS: usize = 100_000;
 
 /// Downstream connections one pod may hold at once: a tenth of the node's, so one noisy pod
-/// cannot take the node's whole budget.
+/// cannot take the node's whole budget. The ingress gateway's clients, outside the mesh, have
+/// only the node's cap.
 pub const DEFAULT_MAX_CONNECTIONS_PER_POD: usize = 10_000;
 
 /// Request-body bytes one connection may hold buffered for retries and mirroring at once:

@@ -66,7 +66,7 @@ impl Shared {
 /// A downstream connection's places in the global and its pod's connection caps.
 struct ConnectionSlot {
     _global: OwnedSemaphorePermit,
-    _pod: OwnedSemaphorePermit,
+    _pod: Option<OwnedSemaphorePermit>,
 }
 
 /// Shutdown in two steps: `start` stops accepting and asks HTTP connections to finish their
@@ -122,17 +122,24 @@ impl Proxy {
         Acceptor::new(listener, name, Arc::clone(&self.telemetry))
     }
 
-    /// A place for one more connection from `pod`, or `None` (counted) when the node or the
-    /// pod is at its cap: the caller closes the connection.
-    fn admit(&self, pod: &PodContext) -> Option<ConnectionSlot> {
+    /// A place for one more connection from `pod` (`None`: the ingress gateway, whose clients
+    /// are outside the mesh and share only the node's cap), or `None` (counted) when the node or
+    /// the pod is at its cap: the caller closes the connection.
+    fn admit(&self, pod: Option<&PodContext>) -> Option<ConnectionSlot> {
         let Ok(global) = Arc::clone(&self.shared.connections).try_acquire_owned() else {
             self.telemetry.metrics.limit_hit("connections");
             return None;
         };
-        let per_pod = pod.connection_cap(self.shared.limits.max_connections_per_pod);
-        let Ok(pod) = per_pod.try_acquire_owned() else {
-            self.telemetry.metrics.limit_hit("connections_per_pod");
-            return None;
+        let pod = match pod {
+            Some(pod) => {
+                let cap = pod.connection_cap(self.shared.limits.max_connections_per_pod);
+                let Ok(permit) = cap.try_acquire_owned() else {
+                    self.telemetry.metrics.limit_hit("connections_per_pod");
+                    return None;
+                };
+                Some(permit)
+            }
+            None => None,
         };
         Some(ConnectionSlot {
             _global: global,
@@ -153,7 +160,7 @@ impl Proxy {
         original_dst: SocketAddrV4,
         pod: Arc<PodContext>,
     ) {
-        let Some(slot) = self.admit(&pod) else {
+        let Some(slot) = self.admit(Some(&pod)) else {
             return;
         };
         let proxy = Arc::clone(self);
@@ -174,7 +181,7 @@ impl Proxy {
                 accepted = acceptor.accept() => accepted,
                 _ = self.drain.started() => return,
             };
-            let Some(slot) = self.admit(&gateway) else {
+            let Some(slot) = self.admit(None) else {
                 continue;
             };
             let _ = stream.set_nodelay(true);

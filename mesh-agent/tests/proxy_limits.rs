@@ -168,12 +168,13 @@ async fn idle_and_half_open_connections_close_at_their_timeouts() {
     ];
     let mut tasks = Vec::new();
     for (kind, sends) in kinds {
+        // Before the proxy's clocks start (at accept, at the preface), so none is early.
+        let start = Instant::now();
         let mut client = mesh.connect(SERVICE_C).await;
         for bytes in sends {
             client.write_all(bytes).await.unwrap();
         }
         tasks.push(tokio::spawn(async move {
-            let start = Instant::now();
             let (received, closed) = until_closed(&mut client).await;
             (kind, closed - start, received)
         }));
@@ -235,6 +236,8 @@ async fn keep_alive_connections_close_once_idle_not_while_a_request_is_in_flight
 async fn http2_pings_a_client_with_a_stream_open_and_closes_it_when_unanswered() {
     let (mesh, _upstream) = service_c(short_limits(), "").await;
     let mut client = mesh.connect(SERVICE_C).await;
+    // Before the last bytes the proxy reads, from which its ping interval runs.
+    let start = Instant::now();
     client.write_all(H2_PREFACE).await.unwrap();
     client.write_all(&frame(SETTINGS, 0, 0, &[])).await.unwrap();
     // A POST whose body never comes: a request in flight, so no idle timeout applies.
@@ -243,7 +246,6 @@ async fn http2_pings_a_client_with_a_stream_open_and_closes_it_when_unanswered()
         .write_all(&frame(HEADERS, END_HEADERS, 1, &block))
         .await
         .unwrap();
-    let start = Instant::now();
     let (received, closed) = until_closed(&mut client).await;
     assert!(
         frames(&received).iter().any(|f| f.0 == PING),
@@ -345,10 +347,11 @@ async fn opaque_tcp_closes_after_the_idle_timeout() {
         unreachable!()
     };
     let mut client = mesh.connect(echo).await;
+    // Before the last byte moves through the proxy, from which its idle clock runs.
+    let start = Instant::now();
     client.write_all(b"hello").await.unwrap();
     let mut buf = [0u8; 5];
     client.read_exact(&mut buf).await.unwrap();
-    let start = Instant::now();
     let (_, closed) = until_closed(&mut client).await;
     let latest = TCP_IDLE_TIMEOUT + SLACK;
     closed_in_time("idle TCP", closed - start, TCP_IDLE_TIMEOUT, latest);

@@ -1,9 +1,15 @@
 //! Every data-path accept loop goes through [`Acceptor`]: an accept error (a full file table,
 //! `EMFILE`/`ENFILE`, above all) backs the loop off instead of spinning on it, and is logged at
-//! most once a second with how many were not. [`raise_fd_limit`] lifts the agent's own file
+//! most once a second (all loops together) with how many were not. [`raise_fd_limit`] lifts the agent's own file
 //! limit as far as it may at start, so the table fills late.
 
-use std::{fmt::Display, io, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    fmt::Display,
+    io,
+    net::SocketAddr,
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
 
 use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
 use tokio::{
@@ -19,8 +25,11 @@ use crate::telemetry::Telemetry;
 pub const MIN_ACCEPT_BACKOFF: Duration = Duration::from_millis(5);
 pub const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
-/// At most one log line per this long per accept loop.
+/// At most one accept-error log line per this long, all accept loops together (a full file
+/// table fails every pod's listener at once).
 pub const ACCEPT_LOG_INTERVAL: Duration = Duration::from_secs(1);
+
+static ACCEPT_LOG: Mutex<LogLimit> = Mutex::new(LogLimit::new(ACCEPT_LOG_INTERVAL));
 
 /// A listener whose errors pause the loop rather than spin it.
 pub struct Acceptor {
@@ -29,7 +38,6 @@ pub struct Acceptor {
     name: String,
     telemetry: Arc<Telemetry>,
     backoff: Duration,
-    log: LogLimit,
 }
 
 impl Acceptor {
@@ -39,7 +47,6 @@ impl Acceptor {
             name: name.to_string(),
             telemetry,
             backoff: Duration::ZERO,
-            log: LogLimit::new(ACCEPT_LOG_INTERVAL),
         }
     }
 
@@ -64,7 +71,11 @@ impl Acceptor {
                         continue;
                     }
                     self.backoff = next_backoff(self.backoff);
-                    if let Some(suppressed) = self.log.allow(Instant::now()) {
+                    let allowed = ACCEPT_LOG
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .allow(Instant::now());
+                    if let Some(suppressed) = allowed {
                         warn!(
                             listener = %self.name,
                             %error,
@@ -92,7 +103,7 @@ struct LogLimit {
 }
 
 impl LogLimit {
-    fn new(interval: Duration) -> Self {
+    const fn new(interval: Duration) -> Self {
         LogLimit {
             interval,
             last: None,

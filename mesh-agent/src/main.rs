@@ -7,7 +7,7 @@ use std::{
 
 use clap::{Parser, Subcommand, ValueEnum};
 use mesh_agent::{
-    discovery::kubernetes::KubeSettings, engine::GatewayLabels, enrollment::PodSpec,
+    discovery::kubernetes::KubeSettings, engine::GatewayLabels, enrollment::PodSpec, proxy::limits,
     redirect::RedirectMode, run,
 };
 use mesh_common::{DEFAULT_AGENT_MARK, DEFAULT_LISTEN_PORT};
@@ -23,6 +23,10 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "parsed once at start; `run`'s flags are the big one"
+)]
 enum Command {
     /// Set up the redirect (eBPF programs, or iptables rules with --redirect iptables), enroll
     /// pods and proxy their connections until SIGTERM.
@@ -149,6 +153,63 @@ struct RunArgs {
     /// Share of new traces sampled (0.0 to 1.0); a caller's decision is always kept.
     #[arg(long, default_value_t = 1.0)]
     trace_sample_ratio: f64,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+/// The data path's bounds (docs/reliability.md says why each default).
+#[derive(clap::Args)]
+#[command(next_help_heading = "Limits")]
+struct LimitArgs {
+    /// Seconds a new HTTP connection has to send its first request head or HTTP/2 preface
+    /// (and an HTTP/1 keep-alive connection its next head).
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..), default_value_t = limits::DEFAULT_HTTP_HEADER_TIMEOUT.as_secs())]
+    http_header_timeout: u64,
+    /// Seconds an HTTP/2 connection may stay open with no request in flight.
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..), default_value_t = limits::DEFAULT_HTTP_IDLE_TIMEOUT.as_secs())]
+    http_idle_timeout: u64,
+    /// Seconds between keep-alive pings on an HTTP/2 client connection.
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..), default_value_t = limits::DEFAULT_H2_KEEPALIVE_INTERVAL.as_secs())]
+    h2_keepalive_interval: u64,
+    /// Seconds a keep-alive ping's answer may take before the connection is closed.
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..), default_value_t = limits::DEFAULT_H2_KEEPALIVE_TIMEOUT.as_secs())]
+    h2_keepalive_timeout: u64,
+    /// Seconds opaque TCP may go without a byte either way (a DestinationRule's
+    /// `connectionPool.tcp.idleTimeout` overrides it for its service).
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..), default_value_t = limits::DEFAULT_TCP_IDLE_TIMEOUT.as_secs())]
+    tcp_idle_timeout: u64,
+    /// Downstream connections held at once, all pods together; more are closed at once.
+    #[arg(long, default_value_t = limits::DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
+    /// Downstream connections one pod may hold at once; more are closed at once.
+    #[arg(long, default_value_t = limits::DEFAULT_MAX_CONNECTIONS_PER_POD)]
+    max_connections_per_pod: usize,
+    /// Request-body bytes one connection may hold buffered for retries; past it, streamed.
+    #[arg(long, value_name = "BYTES", default_value_t = limits::DEFAULT_BODY_BUFFER_PER_CONNECTION)]
+    body_buffer_per_connection: usize,
+    /// Request-body bytes all connections may hold buffered for retries; past it, streamed.
+    #[arg(long, value_name = "BYTES", default_value_t = limits::DEFAULT_BODY_BUFFER_GLOBAL)]
+    body_buffer: usize,
+    /// Mirrored copies in flight, all pods together; more are dropped (and counted).
+    #[arg(long, default_value_t = limits::DEFAULT_MAX_MIRRORS_IN_FLIGHT)]
+    max_mirrors_in_flight: usize,
+}
+
+impl From<LimitArgs> for limits::Limits {
+    fn from(args: LimitArgs) -> Self {
+        limits::Limits {
+            http_header_timeout: Duration::from_secs(args.http_header_timeout),
+            http_idle_timeout: Duration::from_secs(args.http_idle_timeout),
+            h2_keepalive_interval: Duration::from_secs(args.h2_keepalive_interval),
+            h2_keepalive_timeout: Duration::from_secs(args.h2_keepalive_timeout),
+            tcp_idle_timeout: Duration::from_secs(args.tcp_idle_timeout),
+            max_connections: args.max_connections,
+            max_connections_per_pod: args.max_connections_per_pod,
+            body_buffer_per_connection: args.body_buffer_per_connection,
+            body_buffer_global: args.body_buffer,
+            max_mirrors_in_flight: args.max_mirrors_in_flight,
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -276,6 +337,7 @@ fn main() -> ExitCode {
                 },
                 kubernetes,
                 log_level: Some(log_level),
+                limits: args.limits.into(),
             })
         }
     };

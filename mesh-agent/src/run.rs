@@ -17,7 +17,7 @@ use crate::{
     discovery::kubernetes::{self, KubeSettings, WatchMetrics},
     engine::{EngineSettings, GatewayLabels},
     enrollment::{by_label, Enrollments, PodSpec},
-    proxy::{PodContext, Proxy},
+    proxy::{self, Limits, PodContext, Proxy},
     readiness::{Readiness, START_UP},
     redirect::{Redirect, RedirectMode},
     state::{self, Store},
@@ -62,9 +62,12 @@ pub struct Settings {
     pub gateway_labels: GatewayLabels,
     /// Changes the log filter at run time, for the admin API.
     pub log_level: Option<admin::LogLevelSetter>,
+    /// The data path's timeouts, connection caps and buffer budgets.
+    pub limits: Limits,
 }
 
 pub fn run(settings: Settings) -> Result<()> {
+    proxy::raise_fd_limit();
     // Refuse before starting anything: no runtime, no listener, nothing attached.
     let redirect = Arc::new(Redirect::start(
         settings.redirect,
@@ -141,7 +144,11 @@ pub fn run(settings: Settings) -> Result<()> {
         spans,
         trace_sample_ratio: settings.trace_sample_ratio,
     });
-    let proxy = Arc::new(Proxy::new(Arc::clone(&store), Arc::clone(&telemetry)));
+    let proxy = Arc::new(Proxy::with_limits(
+        Arc::clone(&store),
+        Arc::clone(&telemetry),
+        settings.limits.clone(),
+    ));
     let enrollments = Arc::new(Enrollments::new(
         Arc::clone(&redirect),
         Arc::clone(&proxy),

@@ -20,7 +20,7 @@ use prometheus_client::{metrics::gauge::Gauge, registry::Registry};
 use serde::Serialize;
 use thiserror::Error;
 use tokio::{net::TcpListener, task::JoinHandle};
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::{
     config::DEFAULT_NAMESPACE,
@@ -288,17 +288,11 @@ async fn accept(
     pod: Arc<PodContext>,
     netns_cookie: u64,
 ) {
+    let mut acceptor = proxy.acceptor(listener, &pod.name);
     loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
+        let (stream, peer) = tokio::select! {
+            accepted = acceptor.accept() => accepted,
             _ = proxy.drain().started() => return,
-        };
-        let (stream, peer) = match accepted {
-            Ok(accepted) => accepted,
-            Err(error) => {
-                warn!(pod = %pod.name, %error, "accept failed");
-                continue;
-            }
         };
         let Some(original) = redirect.original_dst(&stream, netns_cookie, peer.port()) else {
             // Someone dialled the listener directly: there is nowhere known to forward to.

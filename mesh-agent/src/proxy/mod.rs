@@ -6,22 +6,29 @@
 //! Nothing here needs the kernel redirect: give [`Proxy::serve`] an accepted stream and an
 //! original destination and it proxies it, which is how the in-process tests drive it.
 
+mod accept;
 mod detect;
 pub mod http;
+pub mod limits;
 mod pod;
 mod tcp;
 pub mod upstream;
 
 use std::{net::SocketAddrV4, sync::Arc, time::Duration};
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::{OwnedSemaphorePermit, Semaphore},
+};
 
 use crate::{
     discovery::Protocol,
     state::{Snapshot, Store},
     telemetry::{Caller, Telemetry},
 };
+pub use accept::{raise_fd_limit, Acceptor};
 use detect::Detected;
+pub use limits::Limits;
 pub use pod::PodContext;
 
 /// How long to wait for a client's first bytes on a port that declares no protocol.
@@ -31,6 +38,35 @@ pub struct Proxy {
     store: Arc<Store>,
     telemetry: Arc<Telemetry>,
     drain: Drain,
+    shared: Arc<Shared>,
+}
+
+/// The bounds every connection shares.
+pub(crate) struct Shared {
+    pub(crate) limits: Limits,
+    /// One permit per downstream connection, all pods together.
+    connections: Arc<Semaphore>,
+    /// One permit per request-body byte held buffered, all connections together.
+    pub(crate) body_bytes: Arc<Semaphore>,
+    /// One permit per mirrored copy in flight, all pods together.
+    pub(crate) mirrors: Arc<Semaphore>,
+}
+
+impl Shared {
+    fn new(limits: Limits) -> Self {
+        Shared {
+            connections: Arc::new(Semaphore::new(limits.max_connections)),
+            body_bytes: Arc::new(Semaphore::new(limits.body_buffer_global)),
+            mirrors: Arc::new(Semaphore::new(limits.max_mirrors_in_flight)),
+            limits,
+        }
+    }
+}
+
+/// A downstream connection's places in the global and its pod's connection caps.
+struct ConnectionSlot {
+    _global: OwnedSemaphorePermit,
+    _pod: Option<OwnedSemaphorePermit>,
 }
 
 /// Shutdown in two steps: `start` stops accepting and asks HTTP connections to finish their
@@ -62,12 +98,53 @@ impl Drain {
 }
 
 impl Proxy {
+    /// A proxy with the default [`Limits`].
     pub fn new(store: Arc<Store>, telemetry: Arc<Telemetry>) -> Self {
+        Proxy::with_limits(store, telemetry, Limits::default())
+    }
+
+    pub fn with_limits(store: Arc<Store>, telemetry: Arc<Telemetry>, limits: Limits) -> Self {
         Proxy {
             store,
             telemetry,
             drain: Drain::default(),
+            shared: Arc::new(Shared::new(limits)),
         }
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.shared.limits
+    }
+
+    /// An accept loop's listener, backing off on errors (see [`Acceptor`]); `name` says whose
+    /// in the log.
+    pub fn acceptor(&self, listener: TcpListener, name: impl std::fmt::Display) -> Acceptor {
+        Acceptor::new(listener, name, Arc::clone(&self.telemetry))
+    }
+
+    /// A place for one more connection from `pod` (`None`: the ingress gateway, whose clients
+    /// are outside the mesh and share only the node's cap), or `None` (counted) when the node or
+    /// the pod is at its cap: the caller closes the connection.
+    fn admit(&self, pod: Option<&PodContext>) -> Option<ConnectionSlot> {
+        let Ok(global) = Arc::clone(&self.shared.connections).try_acquire_owned() else {
+            self.telemetry.metrics.limit_hit("connections");
+            return None;
+        };
+        let pod = match pod {
+            Some(pod) => {
+                let cap = pod.connection_cap(self.shared.limits.max_connections_per_pod);
+                let Ok(permit) = cap.try_acquire_owned() else {
+                    self.telemetry.metrics.limit_hit("connections_per_pod");
+                    return None;
+                };
+                Some(permit)
+            }
+            None => None,
+        };
+        Some(ConnectionSlot {
+            _global: global,
+            _pod: pod,
+        })
     }
 
     pub fn drain(&self) -> &Drain {
@@ -76,16 +153,21 @@ impl Proxy {
 
     /// Takes over a connection the accept layer accepted from `pod`, which was dialling
     /// `original_dst`: proxies it on a task of its own (tracked for the drain) until it ends.
+    /// Over the node's or the pod's connection cap it is closed at once (and counted).
     pub fn serve(
         self: &Arc<Self>,
         stream: TcpStream,
         original_dst: SocketAddrV4,
         pod: Arc<PodContext>,
     ) {
+        let Some(slot) = self.admit(Some(&pod)) else {
+            return;
+        };
         let proxy = Arc::clone(self);
-        self.drain
-            .connections
-            .spawn(async move { proxy.carry(stream, original_dst, pod).await });
+        self.drain.connections.spawn(async move {
+            let _slot = slot;
+            proxy.carry(stream, original_dst, pod).await
+        });
     }
 
     /// The ingress gateway: every connection to `listener` (in the agent's own namespace) is
@@ -93,12 +175,13 @@ impl Proxy {
     /// the drain starts.
     pub async fn serve_ingress(self: Arc<Self>, listener: TcpListener, gateway: Arc<PodContext>) {
         let port = listener.local_addr().map_or(80, |a| a.port());
+        let mut acceptor = self.acceptor(listener, "ingress");
         loop {
-            let accepted = tokio::select! {
-                accepted = listener.accept() => accepted,
+            let (stream, _) = tokio::select! {
+                accepted = acceptor.accept() => accepted,
                 _ = self.drain.started() => return,
             };
-            let Ok((stream, _)) = accepted else {
+            let Some(slot) = self.admit(None) else {
                 continue;
             };
             let _ = stream.set_nodelay(true);
@@ -108,9 +191,10 @@ impl Proxy {
                 &self.store.snapshot(),
             ));
             let draining = self.drain.started.clone();
-            self.drain
-                .connections
-                .spawn(async move { http::serve(stream, conn, &draining).await });
+            self.drain.connections.spawn(async move {
+                let _slot = slot;
+                http::serve(stream, conn, &draining).await
+            });
         }
     }
 
@@ -127,6 +211,7 @@ impl Proxy {
             Arc::clone(&self.store),
             Arc::clone(&self.telemetry),
             caller,
+            Arc::clone(&self.shared),
         )
     }
 
@@ -161,6 +246,7 @@ impl Proxy {
             stream,
             original,
             target.as_ref(),
+            self.shared.limits.tcp_idle_timeout,
         )
         .await;
     }

@@ -1,6 +1,8 @@
 //! The pod a connection comes from, as the proxy carries its traffic.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+
+use tokio::sync::Semaphore;
 
 use super::upstream::{Dialer, UpstreamPool};
 use crate::{
@@ -18,6 +20,8 @@ pub struct PodContext {
     pub dialer: Dialer,
     /// The pod's HTTP connections to its upstreams.
     pub upstream: UpstreamPool,
+    /// One permit per downstream connection from this pod; sized by the proxy on first use.
+    connections: OnceLock<Arc<Semaphore>>,
 }
 
 impl PodContext {
@@ -36,11 +40,20 @@ impl PodContext {
             dialer,
             name,
             namespace,
+            connections: OnceLock::new(),
         }
     }
 }
 
 impl PodContext {
+    /// The pod's connection cap, `max` permits the first time it is asked for.
+    pub(super) fn connection_cap(&self, max: usize) -> Arc<Semaphore> {
+        Arc::clone(
+            self.connections
+                .get_or_init(|| Arc::new(Semaphore::new(max))),
+        )
+    }
+
     /// The pod as telemetry names it: from its `Pod` object if discovery has one.
     pub fn identity(&self, snapshot: &Snapshot) -> WorkloadIdentity {
         match snapshot.discovered.pod(&self.namespace, &self.name) {

@@ -2,8 +2,8 @@
 //! known service VIP, the engine picks the endpoint (load balancing, outlier detection, connect
 //! retries) and the cluster's `connectionPool.tcp` applies: `maxConnections` (a connection over
 //! it is closed at once, `UO`), `connectTimeout` and `idleTimeout` (both sides are closed after
-//! that long without a byte either way). To anything else, the connection goes where the
-//! client was going.
+//! that long without a byte either way; without one, `Limits::tcp_idle_timeout`). To anything
+//! else, the connection goes where the client was going, under `Limits::tcp_idle_timeout`.
 
 use std::{
     io,
@@ -34,7 +34,8 @@ use crate::{
 };
 
 /// Carries `downstream` to the service's endpoint (`service`) or else to `original`, and
-/// records the connection.
+/// records the connection. Both sides are closed after `idle_timeout` without a byte either
+/// way, unless the service's cluster sets its own.
 pub async fn forward(
     store: &Store,
     telemetry: &Telemetry,
@@ -42,6 +43,7 @@ pub async fn forward(
     downstream: TcpStream,
     original: SocketAddrV4,
     service: Option<&ServiceTarget>,
+    idle_timeout: Duration,
 ) {
     let client_port = downstream.peer_addr().map_or(0, |peer| peer.port());
     let mut record = ConnectionRecord::start(telemetry, &pod.name, client_port, original);
@@ -87,11 +89,15 @@ pub async fn forward(
             upstream.workload.as_deref().or_else(known),
         );
     }
-    let carried = carry(downstream, &mut upstream.stream, upstream.idle_timeout).await;
+    let idle_timeout = upstream.idle_timeout.unwrap_or(idle_timeout);
+    let carried = carry(downstream, &mut upstream.stream, idle_timeout).await;
     record.transferred(carried.sent, carried.received);
     match carried.end {
         End::Closed => {}
-        End::Idle => record.failed("idle timeout".to_owned()),
+        End::Idle => {
+            telemetry.metrics.limit_hit("tcp_idle_timeout");
+            record.failed("idle timeout".to_owned());
+        }
         End::Error(error) => {
             debug!(pod = %pod.name, %original, %error, "connection ended with an error");
             record.failed(error.kind().to_string());
@@ -183,11 +189,7 @@ struct Carried {
 
 /// Copies both ways until both sides have closed, an error, or `idle_timeout` without a byte
 /// either way.
-async fn carry(
-    downstream: TcpStream,
-    upstream: &mut TcpStream,
-    idle_timeout: Option<Duration>,
-) -> Carried {
+async fn carry(downstream: TcpStream, upstream: &mut TcpStream, idle_timeout: Duration) -> Carried {
     let activity = Activity::new();
     let mut downstream = Watched {
         stream: downstream,
@@ -198,12 +200,9 @@ async fn carry(
     let end = {
         let copy = tokio::io::copy_bidirectional(&mut downstream, upstream);
         let ended = |copied: io::Result<(u64, u64)>| copied.err().map_or(End::Closed, End::Error);
-        match idle_timeout {
-            None => ended(copy.await),
-            Some(timeout) => tokio::select! {
-                copied = copy => ended(copied),
-                () = activity.idle_for(timeout) => End::Idle,
-            },
+        tokio::select! {
+            copied = copy => ended(copied),
+            () = activity.idle_for(idle_timeout) => End::Idle,
         }
     };
     Carried {

@@ -153,6 +153,7 @@ pub struct Metrics {
     peers: Mutex<HashMap<Arc<PeerValues>, Arc<PeerLabels>>>,
     overflow_peer: Arc<PeerLabels>,
     series_overflow: Family<[(&'static str, &'static str); 1], Counter>,
+    limit_hits: Family<[(&'static str, &'static str); 1], Counter>,
     cluster: Arc<str>,
     max_series: usize,
 }
@@ -232,6 +233,14 @@ impl Metrics {
             series_overflow.clone(),
         );
 
+        let limit_hits = Family::default();
+        registry.sub_registry_with_prefix("mesh").register(
+            "proxy_limit_hits",
+            "Connections closed or refused, and requests degraded, because the data path hit one \
+             of its bounds (`limit`: which)",
+            limit_hits.clone(),
+        );
+
         let overflow_peer = Arc::new(PeerLabels::new(Arc::new(PeerValues::overflow())));
 
         Metrics {
@@ -250,9 +259,15 @@ impl Metrics {
             peers: Mutex::default(),
             overflow_peer,
             series_overflow,
+            limit_hits,
             cluster: Arc::from(cluster),
             max_series: MAX_SERIES_PER_FAMILY,
         }
+    }
+
+    /// Counts one hit of the data path's bound `limit` (`mesh_proxy_limit_hits_total`).
+    pub fn limit_hit(&self, limit: &'static str) {
+        self.limit_hits.get_or_create(&[("limit", limit)]).inc();
     }
 
     /// Lowers (or raises) the series cap of each family from [`MAX_SERIES_PER_FAMILY`].

@@ -30,7 +30,7 @@ use hyper_util::{
 use mesh_agent::{
     engine::EngineSettings,
     exposition,
-    proxy::{PodContext, Proxy},
+    proxy::{Limits, PodContext, Proxy},
     redirect::Exemption,
     state::Store,
     telemetry::{
@@ -115,6 +115,8 @@ pub struct Options {
     pub access_log: bool,
     pub otlp: Option<OtlpConfig>,
     pub trace_sample_ratio: f64,
+    /// The proxy's bounds (default: the agent's defaults).
+    pub limits: Limits,
 }
 
 /// Access-log lines as the writer thread writes them.
@@ -207,7 +209,11 @@ impl Mesh {
             trace_sample_ratio: options.trace_sample_ratio,
         });
         let mesh = Mesh {
-            proxy: Arc::new(Proxy::new(Arc::clone(&store), telemetry)),
+            proxy: Arc::new(Proxy::with_limits(
+                Arc::clone(&store),
+                telemetry,
+                options.limits,
+            )),
             store,
             registry,
             pod: Arc::new(PodContext::new(

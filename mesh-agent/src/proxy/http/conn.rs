@@ -2,10 +2,12 @@
 
 use std::sync::Arc;
 
+use tokio::sync::Semaphore;
+
 use super::head_check::Verdicts;
 use crate::{
     discovery::ServiceTarget,
-    proxy::pod::PodContext,
+    proxy::{pod::PodContext, Shared},
     state::Store,
     telemetry::{Caller, Telemetry},
 };
@@ -21,6 +23,10 @@ pub struct HttpConn {
     pub caller: Caller,
     /// The head checker's verdict on each request head, in order.
     pub(super) verdicts: Verdicts,
+    /// The node's bounds and budgets.
+    pub(crate) shared: Arc<Shared>,
+    /// One permit per request-body byte this connection holds buffered.
+    pub(super) body_bytes: Arc<Semaphore>,
 }
 
 /// How the request entered the mesh.
@@ -46,12 +52,13 @@ impl Entry {
 }
 
 impl HttpConn {
-    pub fn new(
+    pub(crate) fn new(
         pod: Arc<PodContext>,
         entry: Entry,
         store: Arc<Store>,
         telemetry: Arc<Telemetry>,
         caller: Caller,
+        shared: Arc<Shared>,
     ) -> Self {
         HttpConn {
             pod,
@@ -60,6 +67,8 @@ impl HttpConn {
             telemetry,
             caller,
             verdicts: Verdicts::default(),
+            body_bytes: Arc::new(Semaphore::new(shared.limits.body_buffer_per_connection)),
+            shared,
         }
     }
 }

@@ -15,6 +15,7 @@ use http::{
 };
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::{
     conn::{Entry, HttpConn},
@@ -24,11 +25,8 @@ use super::{
 };
 use crate::{
     engine::{Attempt, EngineError, Outcome, RequestInfo, RequestPlan, Verdict},
-    proxy::{
-        pod::PodContext,
-        upstream::{
-            BoxError, Progress, Protocol, ProxyBody, ResponseBody, SendError, UpstreamPool, Waiting,
-        },
+    proxy::upstream::{
+        BoxError, Progress, Protocol, ProxyBody, ResponseBody, SendError, UpstreamPool, Waiting,
     },
     state::Snapshot,
     telemetry::{trace, RequestRecord, GRPC_STATUS},
@@ -63,7 +61,7 @@ async fn forward(
     body: Incoming,
     record: &mut RequestRecord<'_>,
 ) -> Response<ProxyBody> {
-    let mut body = match buffer(body).await {
+    let mut body = match buffer(conn, body).await {
         Ok(body) => body,
         Err(status) => return local_reply(status, "request body could not be read"),
     };
@@ -72,7 +70,7 @@ async fn forward(
     // The request is in (Envoy's timeouts start here too): one clock read for routing,
     // the mirror and the first try.
     let mut now = clock();
-    let replayable = matches!(body, RequestBody::Buffered(_));
+    let replayable = matches!(body, RequestBody::Buffered(..));
     let mut plan = match route(conn, snapshot, parts, replayable, now) {
         Ok(plan) => plan,
         Err(error) => {
@@ -91,7 +89,7 @@ async fn forward(
         Version::HTTP_2 => Protocol::Http2,
         _ => Protocol::Http1,
     };
-    mirror(&conn.pod, &mut plan, parts, protocol, &body, now);
+    mirror(conn, &mut plan, parts, protocol, &body, now);
     loop {
         let attempt = match plan.next_attempt(now) {
             Ok(attempt) => attempt,
@@ -163,20 +161,26 @@ fn route(
 }
 
 /// Sends a copy to the mirror destination, if the engine picked one; the answer is ignored.
-/// A copy never waits for a connection and a pod has a bounded number in flight: past either,
-/// it is dropped and counted (`mesh_engine_events_total{event="mirror_dropped"}`).
+/// A copy never waits for a connection, and a pod and the node have a bounded number in
+/// flight (`Limits::max_mirrors_in_flight`): past any, it is dropped and counted
+/// (`mesh_engine_events_total{event="mirror_dropped"}`).
 fn mirror(
-    pod: &Arc<PodContext>,
+    conn: &HttpConn,
     plan: &mut RequestPlan,
     parts: &Parts,
     protocol: Protocol,
     body: &RequestBody,
     now: Instant,
 ) {
-    let RequestBody::Buffered(bytes) = body else {
+    let RequestBody::Buffered(bytes, _) = body else {
         return;
     };
     let Some(mirror) = plan.mirror(now) else {
+        return;
+    };
+    let pod = &conn.pod;
+    let Ok(in_flight_node) = Arc::clone(&conn.shared.mirrors).try_acquire_owned() else {
+        mirror.dropped();
         return;
     };
     let Some(in_flight) = pod.upstream.mirror_slot() else {
@@ -191,7 +195,7 @@ fn mirror(
         .map(|t| tokio::time::Instant::from_std(now) + t);
     let pod = Arc::clone(pod);
     tokio::spawn(async move {
-        let _in_flight = in_flight;
+        let _in_flight = (in_flight, in_flight_node);
         let copy = async {
             let mut progress = Progress::default();
             let sent = pod.upstream.send(
@@ -222,17 +226,27 @@ fn mirror(
     });
 }
 
-/// How the request body travels: buffered (replayable) or streamed once.
+/// How the request body travels: buffered (replayable, holding its bytes' share of the
+/// buffer budgets) or streamed once.
 enum RequestBody {
-    Buffered(Bytes),
+    Buffered(
+        Bytes,
+        #[expect(dead_code, reason = "held for its drop")] Option<BufferPermit>,
+    ),
     Streamed(Option<Incoming>),
+}
+
+/// A buffered body's bytes in the connection's and the node's budgets, given back on drop.
+struct BufferPermit {
+    _connection: OwnedSemaphorePermit,
+    _global: OwnedSemaphorePermit,
 }
 
 impl RequestBody {
     fn for_try(&mut self) -> ProxyBody {
         match self {
-            RequestBody::Buffered(bytes) if bytes.is_empty() => empty(),
-            RequestBody::Buffered(bytes) => full(bytes.clone()),
+            RequestBody::Buffered(bytes, _) if bytes.is_empty() => empty(),
+            RequestBody::Buffered(bytes, _) => full(bytes.clone()),
             RequestBody::Streamed(body) => match body.take() {
                 Some(body) => body.map_err(BoxError::from).boxed(),
                 None => empty(),
@@ -242,7 +256,7 @@ impl RequestBody {
 
     fn len(&self) -> u64 {
         match self {
-            RequestBody::Buffered(bytes) => bytes.len() as u64,
+            RequestBody::Buffered(bytes, _) => bytes.len() as u64,
             RequestBody::Streamed(_) => 0,
         }
     }
@@ -313,20 +327,46 @@ fn clock() -> Instant {
     tokio::time::Instant::now().into_std()
 }
 
-/// Buffers a small body so it can be replayed; a large or unbounded one is streamed once.
-async fn buffer(body: Incoming) -> Result<RequestBody, StatusCode> {
+/// Buffers a small body so it can be replayed, if the connection's and the node's buffer
+/// budgets have room for it; a large or unbounded one, or one over budget, is streamed once
+/// (not retried, not mirrored: what Envoy's router does when its retry buffer overflows). Over
+/// budget is counted (`mesh_proxy_limit_hits_total{limit="body_buffer_connection"}` or
+/// `"body_buffer_global"`).
+async fn buffer(conn: &HttpConn, body: Incoming) -> Result<RequestBody, StatusCode> {
     use hyper::body::Body;
     if body.is_end_stream() {
-        return Ok(RequestBody::Buffered(Bytes::new()));
+        return Ok(RequestBody::Buffered(Bytes::new(), None));
     }
-    match body.size_hint().upper() {
-        Some(len) if len <= MAX_REPLAY_BODY => Limited::new(body, MAX_REPLAY_BODY as usize)
-            .collect()
-            .await
-            .map(|collected| RequestBody::Buffered(collected.to_bytes()))
-            .map_err(|_| StatusCode::BAD_REQUEST),
-        _ => Ok(RequestBody::Streamed(Some(body))),
-    }
+    let len = match body.size_hint().upper() {
+        Some(len) if len <= MAX_REPLAY_BODY => len,
+        _ => return Ok(RequestBody::Streamed(Some(body))),
+    };
+    let Some(permit) = reserve(conn, len) else {
+        return Ok(RequestBody::Streamed(Some(body)));
+    };
+    Limited::new(body, MAX_REPLAY_BODY as usize)
+        .collect()
+        .await
+        .map(|collected| RequestBody::Buffered(collected.to_bytes(), Some(permit)))
+        .map_err(|_| StatusCode::BAD_REQUEST)
+}
+
+/// `len` bytes of the connection's and the node's buffer budgets, or `None` (counted).
+fn reserve(conn: &HttpConn, len: u64) -> Option<BufferPermit> {
+    // At most MAX_REPLAY_BODY, so it fits.
+    let len = u32::try_from(len).unwrap_or(u32::MAX);
+    let Ok(connection) = Arc::clone(&conn.body_bytes).try_acquire_many_owned(len) else {
+        conn.telemetry.metrics.limit_hit("body_buffer_connection");
+        return None;
+    };
+    let Ok(global) = Arc::clone(&conn.shared.body_bytes).try_acquire_many_owned(len) else {
+        conn.telemetry.metrics.limit_hit("body_buffer_global");
+        return None;
+    };
+    Some(BufferPermit {
+        _connection: connection,
+        _global: global,
+    })
 }
 
 /// The authority the engine routes on: the client's, unless it named an IP (then the service).

@@ -6,7 +6,7 @@
 //! Nothing here needs the kernel redirect: give [`Proxy::serve`] an accepted stream and an
 //! original destination and it proxies it, which is how the in-process tests drive it.
 
-mod detect;
+pub mod detect;
 pub mod http;
 mod pod;
 mod tcp;

@@ -83,19 +83,31 @@ struct ToolchainFile {
     toolchain: Toolchain,
 }
 
-/// The `[toolchain]` table of `mesh-ebpf/rust-toolchain.toml`.
+/// The `[toolchain]` table of a `rust-toolchain.toml` (`mesh-ebpf/`'s, `fuzz/`'s): the nightly
+/// those crates build with, while the workspace builds on stable.
 #[derive(Debug, Deserialize, PartialEq)]
-struct Toolchain {
+pub struct Toolchain {
     channel: String,
     #[serde(default)]
     components: Vec<String>,
+    /// The file it was read from, named when the toolchain is missing.
+    #[serde(skip)]
+    file: String,
 }
 
 impl Toolchain {
-    fn read(file: &Path) -> Result<Toolchain> {
+    pub fn read(file: &Path) -> Result<Toolchain> {
         let text =
             std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-        Toolchain::parse(&text).with_context(|| format!("reading {}", file.display()))
+        let mut toolchain =
+            Toolchain::parse(&text).with_context(|| format!("reading {}", file.display()))?;
+        let root = workspace_root();
+        toolchain.file = file
+            .strip_prefix(&root)
+            .unwrap_or(file)
+            .display()
+            .to_string();
+        Ok(toolchain)
     }
 
     fn parse(text: &str) -> Result<Toolchain> {
@@ -122,18 +134,17 @@ impl Toolchain {
 
     /// Makes sure the toolchain and its components are installed (installing them when missing)
     /// and returns its sysroot. Fails with the rustup command to run when they cannot be had.
-    fn ensure(&self) -> Result<PathBuf> {
-        let channel = &self.channel;
+    pub fn ensure(&self) -> Result<PathBuf> {
+        let (channel, file) = (&self.channel, &self.file);
         let install = self.install_command();
         let sysroot = match self.sysroot() {
             Ok(sysroot) => sysroot,
             Err(_) => {
-                println!("installing the {channel} toolchain for the eBPF programs (once)");
+                println!("installing the {channel} toolchain that {file} names (once)");
                 run_rustup(&install).with_context(|| {
                     format!(
-                        "the eBPF programs build with the {channel} toolchain \
-                         (mesh-ebpf/rust-toolchain.toml), which is not installed and could not \
-                         be installed; install it with `{}`",
+                        "{file} names the {channel} toolchain, which is not installed and \
+                         could not be installed; install it with `{}`",
                         install.join(" ")
                     )
                 })?;
@@ -155,9 +166,8 @@ impl Toolchain {
             println!("installing {component} for the {channel} toolchain (once)");
             run_rustup(&add.map(String::from)).with_context(|| {
                 format!(
-                    "the eBPF programs need {component} for the {channel} toolchain \
-                     (mesh-ebpf/rust-toolchain.toml) and it could not be installed; install it \
-                     with `{}`",
+                    "{file} needs {component} for the {channel} toolchain and it could not \
+                     be installed; install it with `{}`",
                     add.join(" ")
                 )
             })?;
@@ -174,7 +184,7 @@ impl Toolchain {
 
     /// `rustup run CHANNEL TOOL`, with the outer cargo's toolchain variables removed so this
     /// toolchain is really used.
-    fn command(&self, tool: &str) -> Command {
+    pub fn command(&self, tool: &str) -> Command {
         let mut command = Command::new("rustup");
         command.args(["run", &self.channel, tool]);
         for var in [
@@ -272,6 +282,7 @@ mod tests {
             Toolchain {
                 channel: "nightly".to_owned(),
                 components: vec!["rust-src".to_owned()],
+                file: "mesh-ebpf/rust-toolchain.toml".to_owned(),
             }
         );
         assert_eq!(

@@ -5,7 +5,9 @@ mod bench;
 mod build_ebpf;
 mod cluster;
 mod demo;
+mod fuzz;
 mod test;
+mod tools;
 
 use std::{path::Path, process};
 
@@ -53,6 +55,11 @@ enum Command {
         #[arg(last = true)]
         cargo_args: Vec<String>,
     },
+    /// Fuzz what reads untrusted bytes (config loader, protocol detection, HTTP head checks)
+    /// with libFuzzer, each target for `--seconds`. Needs nightly (installed when missing).
+    ///
+    /// Examples: `cargo xtask fuzz`, `cargo xtask fuzz --seconds 600 config_loader`.
+    Fuzz(fuzz::Args),
     /// Benchmark one mesh hop against direct, nginx and HAProxy (release build, as root).
     Bench(bench::Args),
     /// A real Kubernetes control plane (1.20) on loopback: etcd, kube-apiserver,
@@ -106,6 +113,7 @@ fn main() -> Result<()> {
             },
         ),
         Command::Test { cargo_args } => test::run(&cargo_args),
+        Command::Fuzz(args) => fuzz::run(&args),
         Command::Bench(args) => bench::run(args),
         Command::Cluster(command) => cluster::run(command),
     }

@@ -1,10 +1,10 @@
 //! `cargo xtask test`: everything CI runs, in order.
 
-use std::{ffi::OsString, path::Path, process::Command, time::Instant};
+use std::{path::Path, process::Command, time::Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::{bench, build_ebpf, cargo};
+use crate::{bench, build_ebpf, cargo, tools};
 
 /// The end-to-end replays of the tutorial, local and Kubernetes mode (tests/tests/tutorial.rs;
 /// `--skip` matches both by this prefix).
@@ -95,39 +95,12 @@ pub fn run(cargo_args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// `cargo deny check licenses bans sources` against deny.toml, installing the pinned cargo-deny
-/// into `~/.cache/mesh/tools` first if it is not there. Advisories are left out: their database
-/// cannot be fetched where CI runs, and no other check fetches it.
+/// `cargo deny check licenses bans sources` against deny.toml, with the pinned cargo-deny.
+/// Advisories are left out: their database cannot be fetched where CI runs, and no other check
+/// fetches it.
 fn cargo_deny(root: &Path) -> Result<()> {
-    let tools = build_ebpf::cache_dir()?.join("tools");
-    let binary = tools.join("bin/cargo-deny");
-    let installed = Command::new(&binary)
-        .arg("--version")
-        .output()
-        .ok()
-        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned());
-    let wanted = format!("cargo-deny {CARGO_DENY_VERSION}");
-    if installed.as_deref() != Some(wanted.as_str()) {
-        println!(
-            "installing {wanted} into {} (a few minutes, once)",
-            tools.display()
-        );
-        cargo(
-            root,
-            &[
-                "install",
-                "--locked",
-                "cargo-deny",
-                "--version",
-                CARGO_DENY_VERSION,
-                "--root",
-                tools.to_str().context("the cache directory is not UTF-8")?,
-            ],
-        )?;
-    }
-    let mut path = OsString::from(tools.join("bin"));
-    path.push(":");
-    path.push(std::env::var_os("PATH").unwrap_or_default());
+    tools::cargo_install("cargo-deny", "cargo-deny", Some(CARGO_DENY_VERSION))?;
+    let path = tools::path_with_tools()?;
     let args = ["deny", "--locked", "check", "licenses", "bans", "sources"];
     println!("+ cargo {}", args.join(" "));
     let status = Command::new(env!("CARGO"))

@@ -46,7 +46,7 @@ pub async fn detect(stream: &TcpStream, wait: Duration) -> Detected {
 }
 
 /// `None` while the prefix could still become either protocol.
-fn classify(bytes: &[u8]) -> Option<Detected> {
+pub fn classify(bytes: &[u8]) -> Option<Detected> {
     if bytes.starts_with(H2_PREFACE) {
         return Some(Detected::Http2);
     }

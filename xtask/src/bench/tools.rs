@@ -1,7 +1,7 @@
 //! The load generators and peer proxies the bench drives, installed when missing: `wrk`, `nginx`
 //! and `haproxy` from the distribution (Debian packages), `oha` from crates.io into a cache.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
@@ -65,23 +65,10 @@ fn apt_install(packages: &[&str]) -> Result<()> {
         .args(packages))
 }
 
-/// `oha` from `~/.cache/mesh/tools/bin`, built there with `cargo install --locked` on first use.
+/// `oha`, built into `~/.cache/mesh/tools` on first use.
 fn oha() -> Result<PathBuf> {
-    let root = cache_dir()?.join("tools");
-    let binary = root.join("bin/oha");
-    if !binary.is_file() {
-        println!("+ cargo install oha --locked --root {}", root.display());
-        run(Command::new(env!("CARGO"))
-            .args(["install", "oha", "--locked", "--root"])
-            .arg(&root))
-        .context("building oha (the fixed-rate latency client)")?;
-    }
-    Ok(binary)
-}
-
-fn cache_dir() -> Result<PathBuf> {
-    let home = std::env::var_os("HOME").context("HOME is not set")?;
-    Ok(Path::new(&home).join(".cache/mesh"))
+    crate::tools::cargo_install("oha", "oha", None)
+        .context("building oha (the fixed-rate latency client)")
 }
 
 fn run(command: &mut Command) -> Result<()> {

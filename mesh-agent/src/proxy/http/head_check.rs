@@ -290,9 +290,14 @@ impl HeadChecker {
     /// Judges the head held if it is complete (looking for its end from `new`, where the
     /// bytes not looked at yet start); returns its length then. Refuses a head too large.
     fn judge_head(&mut self, new: usize, emit: &mut impl FnMut(Checked)) -> Option<usize> {
-        // A head can only end at a line feed: parse again only when one arrived.
-        let ended = self.head.get(new..).is_some_and(|b| b.contains(&b'\n'));
-        let judged = if ended { judge(&self.head) } else { None };
+        // A head can only end at a line feed: parse again only when one arrived, and only up to
+        // the last one, so the verdict cannot depend on how the client cut its writes (a bad
+        // byte after it is judged with the line it belongs to).
+        let last_line_feed = self
+            .head
+            .get(new..)
+            .and_then(|b| b.iter().rposition(|&c| c == b'\n'));
+        let judged = last_line_feed.and_then(|at| judge(&self.head[..new + at + 1]));
         match judged {
             Some((Ok(next), len)) => {
                 emit(Checked::Head(Ok(())));
@@ -636,6 +641,18 @@ mod tests {
 
     fn refused(refusal: Refusal) -> Checked {
         Checked::Head(Err(refusal))
+    }
+
+    /// Found by `cargo xtask fuzz` (http_head_check): a bad byte after the last line feed of a
+    /// read was judged when the read also held a line feed, and not when the cut fell before it.
+    #[test]
+    fn a_bad_byte_is_judged_with_its_line_however_the_reads_are_cut() {
+        let stream = b"\r\n\r\nnH$00 peoH$0\0\0U\x9d\xccGkZ0 p";
+        assert_eq!(check_all_splits(stream), []);
+        assert_eq!(
+            check_all_splits(b"\r\n\r\nnH$00 peoH$0\0\0U\n"),
+            [refused(Refusal::MalformedHead)]
+        );
     }
 
     #[test]

@@ -23,10 +23,6 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "parsed once at start; `run`'s flags are the big one"
-)]
 enum Command {
     /// Set up the redirect (eBPF programs, or iptables rules with --redirect iptables), enroll
     /// pods and proxy their connections until SIGTERM.
@@ -107,7 +103,9 @@ struct RunArgs {
     admin: SocketAddr,
     #[command(flatten)]
     admin_socket: AdminSocketArg,
-    /// Socket mark on the agent's own connections; the kernel never redirects marked sockets.
+    /// iptables mode only: the socket mark on the agent's own connections, which the rules let
+    /// pass (a pod with NET_ADMIN can set it too; eBPF mode exempts the agent's sockets by
+    /// cookie instead).
     #[arg(long, default_value_t = DEFAULT_AGENT_MARK, value_parser = parse_u32)]
     mark: u32,
     /// Data-path worker threads.

@@ -4,11 +4,14 @@ use std::{path::Path, process::Command, time::Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::{bench, build_ebpf, cargo, tools};
+use crate::{bench, build_ebpf, cargo, fuzz, tools};
 
 /// The end-to-end replays of the tutorial, local and Kubernetes mode (tests/tests/tutorial.rs;
 /// `--skip` matches both by this prefix).
 const TUTORIAL: &str = "the_tutorial_end_to_end";
+
+/// Seconds each fuzz target runs in CI.
+const CI_FUZZ_SECONDS: u32 = 10;
 
 /// cargo-deny, pinned so CI checks with the same rules every time; 0.20.2 builds with rustc 1.88
 /// and later.
@@ -87,6 +90,14 @@ pub fn run(cargo_args: &[String]) -> Result<()> {
     }
     println!("no namespace, link, cgroup, pin or control plane of the tests remains");
     if cargo_args.is_empty() {
+        // A short fuzzing run of every target (regressions and shallow finds); long runs are
+        // `cargo xtask fuzz --seconds N` by hand.
+        let started = Instant::now();
+        fuzz::run(&fuzz::Args {
+            seconds: CI_FUZZ_SECONDS,
+            targets: Vec::new(),
+        })?;
+        println!("fuzzing ran in {:.0} s", started.elapsed().as_secs_f64());
         // A smoke check of the benchmark harness: every scenario answers without errors, on the
         // debug binaries built above. It asserts nothing about speed; the bench, `--quick`
         // included, is run by hand.

@@ -108,9 +108,15 @@ impl Mesh {
     }
 }
 
-fn apply(node: &SimNode, file: &std::path::Path) -> (bool, String) {
+/// `mesh-agent apply -f file` on the node, through `agent`'s admin socket.
+fn apply(node: &SimNode, agent: &Agent, file: &std::path::Path) -> (bool, String) {
     let mut command = Command::new(mesh_tests::agent_binary().unwrap());
-    command.arg("apply").arg("-f").arg(file);
+    command
+        .arg("apply")
+        .arg("--admin-socket")
+        .arg(agent.admin_socket())
+        .arg("-f")
+        .arg(file);
     let mut process = node.spawn_on_node(command).unwrap();
     let status = process.finish(TIMEOUT).unwrap();
     (
@@ -199,7 +205,7 @@ fn tcp_to_a_service_goes_through_the_real_redirect_and_the_agent_as_l4() {
 #[test]
 fn canary_steps_applied_under_load_fail_no_request_and_a_bad_file_changes_nothing() {
     let mesh = mesh();
-    let _agent = mesh.agent();
+    let agent = mesh.agent();
     let mut load = mesh
         .node
         .spawn_in_pod(
@@ -232,14 +238,14 @@ fn canary_steps_applied_under_load_fail_no_request_and_a_bad_file_changes_nothin
         "canary/3-vs-v1_and_v2_50_50.yml",
     ] {
         std::thread::sleep(Duration::from_secs(1));
-        let (ok, out) = apply(&mesh.node, &example(step));
+        let (ok, out) = apply(&mesh.node, &agent, &example(step));
         assert!(ok, "{step}: {out}");
     }
     std::thread::sleep(Duration::from_secs(1));
-    let (ok, out) = apply(&mesh.node, &bad);
+    let (ok, out) = apply(&mesh.node, &agent, &bad);
     assert!(!ok);
     assert!(out.contains("bad.yml: VirtualService default/service-c: spec.http[0].route: weights sum to 110, must be 100"), "{out}");
-    let (ok, out) = apply(&mesh.node, &example("canary/4-vs-v2.yml"));
+    let (ok, out) = apply(&mesh.node, &agent, &example("canary/4-vs-v2.yml"));
     assert!(ok, "{out}");
     assert!(load.finish(TIMEOUT).unwrap().success());
     let summary = load.stdout().json_lines().pop().unwrap();

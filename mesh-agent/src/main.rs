@@ -13,6 +13,9 @@ use mesh_agent::{
 use mesh_common::{DEFAULT_AGENT_MARK, DEFAULT_LISTEN_PORT};
 use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt, EnvFilter};
 
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Node agent of a sidecarless service mesh: eBPF hands enrolled pods' connections to it, and it
 /// forwards them to where they were going.
 #[derive(Parser)]

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use tokio::{net::TcpStream, time::timeout};
 
+use super::http::H2_PREFACE;
+
 /// What the first bytes say.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Detected {
@@ -13,7 +15,6 @@ pub enum Detected {
     Other,
 }
 
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const METHODS: [&[u8]; 9] = [
     b"GET ",
     b"POST ",

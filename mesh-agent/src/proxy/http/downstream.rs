@@ -48,14 +48,13 @@ use super::{
         H2_MAX_SEND_BUFFER, H2_STREAM_WINDOW, MAX_HEADER_BYTES, MAX_REPLAY_BODY,
     },
     reply::refusal_reply,
+    H2_PREFACE,
 };
 use crate::proxy::{upstream::ProxyBody, Limits};
 
 /// How long an HTTP/2 connection closed for idleness has to take its GOAWAY before it is
 /// dropped anyway (a client that does not read is not waited for).
 const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(1);
-
-const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Serves the connection until the client closes it, until `draining` (then requests in
 /// flight finish and the connection closes: HTTP/2 sends GOAWAY, HTTP/1 closes when idle), or

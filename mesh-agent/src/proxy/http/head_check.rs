@@ -22,7 +22,7 @@ use std::{
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::limits::MAX_HEADER_BYTES;
+use super::{limits::MAX_HEADER_BYTES, H2_PREFACE};
 
 /// The most header lines a request head may have (Envoy's `max_headers_count`, hyper's
 /// default); more is answered 431.
@@ -30,9 +30,6 @@ pub const MAX_HEADERS: usize = 100;
 
 /// Bytes of chunk extensions a body may carry in all (hyper's limit).
 const MAX_CHUNK_EXTENSION_BYTES: u64 = 16 * 1024;
-
-/// The HTTP/2 connection preface: a connection that starts with it is not HTTP/1.
-const HTTP2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Heads up to this size keep their buffer for the next request on the connection; a larger
 /// one gives it back, so an idle keep-alive connection holds little.
@@ -261,12 +258,12 @@ impl HeadChecker {
 
     /// The connection's first bytes: HTTP/2 if they are its preface, else the first head.
     fn preface(&mut self, bytes: &[u8], emit: &mut impl FnMut(Checked)) -> usize {
-        let take = (HTTP2_PREFACE.len() - self.head.len()).min(bytes.len());
+        let take = (H2_PREFACE.len() - self.head.len()).min(bytes.len());
         self.head.extend_from_slice(&bytes[..take]);
-        if self.head == HTTP2_PREFACE {
+        if self.head == H2_PREFACE {
             self.state = State::Http2;
             self.head = Vec::new();
-        } else if !HTTP2_PREFACE.starts_with(&self.head) {
+        } else if !H2_PREFACE.starts_with(&self.head) {
             // HTTP/1 after all: what was held is the start of the first head.
             let held = std::mem::take(&mut self.head);
             self.state = State::Head;

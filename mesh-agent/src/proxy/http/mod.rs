@@ -12,5 +12,9 @@ mod limits;
 mod reply;
 
 pub use conn::{Entry, HttpConn};
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4): a connection that starts with it is HTTP/2 with
+/// prior knowledge. Detection, the head checker and the connection's timeouts all look for it.
+pub const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 pub use downstream::serve;
 pub use reply::local_reply;

@@ -50,7 +50,7 @@ pub fn refusal_reply(refusal: Refusal) -> Response<ProxyBody> {
 }
 
 /// The answer when an HTTP/1.1 upstream's response is malformed or ambiguous (hyper could not
-/// parse it, or `response::check` refused it): 502, as Envoy answers an upstream protocol
+/// parse it, or `response_check::check` refused it): 502, as Envoy answers an upstream protocol
 /// error, with the flags of the engine's verdict plus `UPE`.
 pub fn protocol_error_reply(error: &EngineError) -> Response<ProxyBody> {
     let mut response = local_reply(

@@ -20,7 +20,7 @@ pub enum SendError {
     #[error("upstream reset before the response")]
     Reset,
     /// The response head was malformed or ambiguous: hyper could not parse it, or
-    /// `response::check` refused it (`UPE`, answered 502 as Envoy does).
+    /// `response_check::check` refused it (`UPE`, answered 502 as Envoy does).
     #[error("upstream protocol error")]
     Protocol,
 }

@@ -27,7 +27,7 @@ use super::{
     connection::{self, Dial, Owner},
     dial::Dialer,
     error::{self, Progress, SendError},
-    response,
+    response_check,
 };
 use crate::engine::{ClusterPool, Permit, PoolLimits};
 
@@ -112,7 +112,7 @@ impl Http1Pool {
                 Ok(response) => {
                     // A refused response drops the lease unfinished: hyper closes the
                     // connection, whose next bytes cannot be trusted.
-                    response::check(&response)?;
+                    response_check::check(&response)?;
                     return Ok((response, lease));
                 }
                 Err(failed) => {

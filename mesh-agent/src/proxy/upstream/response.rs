@@ -1,5 +1,5 @@
-//! An upstream response: the checks on an HTTP/1.1 head hyper's parser does not make, and its
-//! body, holding its connection until the body is read to its end: an HTTP/1.1 connection
+//! An upstream response's body, holding its connection until the body is read to its end: an
+//! HTTP/1.1 connection
 //! goes back to the pool then (or is closed if the body was not read whole), an HTTP/2 stream
 //! stops counting toward its connection's idleness.
 
@@ -9,41 +9,9 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{header, Response};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
-use super::{body::BoxError, error::SendError, http1, http2};
-
-/// The largest response head accepted, counted as Envoy counts it (names and values); larger
-/// is an upstream protocol error (Envoy's `max_response_headers_kb` default).
-pub const MAX_RESPONSE_HEADER_BYTES: usize = 60 * 1024;
-
-/// Refuses an HTTP/1.1 response head hyper parsed but Envoy would not forward (502): both
-/// `Content-Length` and `Transfer-Encoding` (hyper frames it by the encoding and would pass
-/// the length on), `Transfer-Encoding` other than one `chunked`, or a head over
-/// [`MAX_RESPONSE_HEADER_BYTES`]. hyper itself refuses conflicting or invalid lengths, over
-/// 100 headers and malformed lines.
-pub(super) fn check<B>(response: &Response<B>) -> Result<(), SendError> {
-    let headers = response.headers();
-    let mut encodings = headers.get_all(header::TRANSFER_ENCODING).iter();
-    if let Some(encoding) = encodings.next() {
-        let chunked = encoding
-            .as_bytes()
-            .trim_ascii()
-            .eq_ignore_ascii_case(b"chunked");
-        if !chunked || encodings.next().is_some() || headers.contains_key(header::CONTENT_LENGTH) {
-            return Err(SendError::Protocol);
-        }
-    }
-    let size: usize = headers
-        .iter()
-        .map(|(name, value)| name.as_str().len() + value.len())
-        .sum();
-    if size > MAX_RESPONSE_HEADER_BYTES {
-        return Err(SendError::Protocol);
-    }
-    Ok(())
-}
+use super::{body::BoxError, http1, http2};
 
 /// What a response body holds of the pool.
 pub(super) enum Lease {

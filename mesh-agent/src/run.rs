@@ -17,6 +17,7 @@ use crate::{
     discovery::kubernetes::{self, KubeSettings, WatchMetrics},
     engine::{EngineSettings, GatewayLabels},
     enrollment::{by_label, Enrollments, PodSpec},
+    heap,
     proxy::{self, Limits, PodContext, Proxy},
     readiness::{Readiness, START_UP},
     redirect::{Redirect, RedirectMode},
@@ -90,6 +91,7 @@ pub fn run(settings: Settings) -> Result<()> {
     };
     let runtime = runtime
         .thread_name("data-path")
+        .on_thread_park(heap::flush_thread_cache_if_trimmed)
         .enable_all()
         .build()
         .context("starting the data-path runtime")?;
@@ -99,6 +101,7 @@ pub fn run(settings: Settings) -> Result<()> {
     let metrics = Arc::new(Metrics::new(DEFAULT_CLUSTER, &mut registry));
     let mesh = registry.sub_registry_with_prefix("mesh");
     redirect.register_metrics(mesh.sub_registry_with_prefix("redirect"));
+    heap::register_metrics(mesh);
     // Without an ingress listener no Gateway is served, and the store says so.
     let engine_settings = EngineSettings {
         gateway_labels: settings.ingress.map(|_| settings.gateway_labels.clone()),
@@ -115,13 +118,13 @@ pub fn run(settings: Settings) -> Result<()> {
     );
     // Loading the programs parses the kernel's BTF (megabytes, all freed by now), and a burst
     // of connections leaves freed buffers behind: glibc keeps both resident unless asked.
-    trim_heap();
+    heap::trim();
     runtime.spawn(async {
-        let mut every = tokio::time::interval(HEAP_TRIM_INTERVAL);
+        let mut every = tokio::time::interval(heap::TRIM_INTERVAL);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             every.tick().await;
-            trim_heap();
+            heap::trim();
         }
     });
     let _watcher = state::watch(Arc::clone(&store)).context("watching the config folder")?;
@@ -304,28 +307,4 @@ fn node_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|name| format!("mesh-agent~{}", name.trim()))
         .unwrap_or_else(|_| "mesh-agent".to_owned())
-}
-
-/// How often freed heap pages go back to the kernel. A trim takes well under a millisecond.
-const HEAP_TRIM_INTERVAL: Duration = Duration::from_secs(5);
-
-/// Gives freed pages back at once: jemalloc's (the agent's allocator, see `main.rs`; its arenas
-/// would otherwise wait for allocator activity to decay them) and glibc's (what C code and the
-/// in-process tests allocate).
-fn trim_heap() {
-    // Every arena: jemalloc's MALLCTL_ARENAS_ALL.
-    const PURGE_ALL_ARENAS: &[u8] = b"arena.4096.purge\0";
-    // SAFETY: a NUL-terminated name of a command that reads and writes nothing; an allocator
-    // that does not know it (jemalloc not linked in) answers an error, ignored.
-    unsafe {
-        tikv_jemalloc_sys::mallctl(
-            PURGE_ALL_ARENAS.as_ptr().cast(),
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            0,
-        );
-    }
-    // SAFETY: malloc_trim only walks glibc's own heap; no pointer of ours is involved.
-    unsafe { libc::malloc_trim(0) };
 }

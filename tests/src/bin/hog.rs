@@ -162,19 +162,21 @@ async fn idle(options: &HashMap<String, String>) -> Result<()> {
 }
 
 /// Connects, sends `sends`, then reads (and drops) whatever the agent sends until it closes
-/// the connection: the task's result is the kind and how long after opening that was.
+/// the connection: the task's result is the kind and how long after it began to connect that
+/// was. Timed from before `connect`, since the agent's clocks start when it accepts, which may
+/// be long before a loaded client's task runs again after its connect completed.
 async fn open(
     target: String,
     kind: &'static str,
     sends: &'static [&'static [u8]],
 ) -> Result<tokio::task::JoinHandle<(&'static str, Duration)>> {
+    let opened = Instant::now();
     let mut stream = TcpStream::connect(&target)
         .await
         .with_context(|| format!("connect {target}"))?;
     for bytes in sends {
         stream.write_all(bytes).await?;
     }
-    let opened = Instant::now();
     Ok(tokio::spawn(async move {
         let mut buf = [0u8; 1024];
         loop {

@@ -1,15 +1,21 @@
 //! The one store everything the data path reads comes from. Sources change a set of typed
 //! objects — the config folder (local mode) or the API server's watches (Kubernetes mode) as
 //! the base, `mesh-agent apply`/`delete` as an overlay on it — and the store puts the result in
-//! force as one immutable [`Snapshot`]: validated, indexed, compiled into the engine. The proxy
-//! loads the current snapshot per request (lock-free); admin reads it.
+//! force as one immutable [`Snapshot`]: indexed, compiled into the engine. The proxy loads the
+//! current snapshot per request (lock-free); admin reads it.
 //!
-//! A change is all or nothing: one that breaks a rule is refused with every diagnostic and the
-//! last good snapshot stays in force. A change costs what it touches: only the objects that
-//! differ are indexed again, and the engine is recompiled only when its input changed.
+//! One bad object never holds up the rest: what a source holds that is invalid (an object that
+//! fails validation, a file that does not parse) is left out by itself — its earlier version
+//! too, so what is in force depends only on what the sources hold now, the same after a restart
+//! and on every node — and reported: logged once (file, object, field, reason), counted
+//! (`mesh_config_rejected_objects{kind}`) and listed in `/config_dump`. A destination naming a
+//! subset or host that does not exist (yet) is a warning, not an error: objects arrive in any
+//! order. Only `apply` refuses, all or nothing, as an admission check would. A change costs what
+//! it touches: only the objects that differ are indexed again, and the engine is recompiled only
+//! when its input changed.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard, PoisonError},
     time::{Duration, Instant},
@@ -17,7 +23,7 @@ use std::{
 
 use arc_swap::ArcSwap;
 use prometheus_client::{
-    metrics::{counter::Counter, family::Family},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 use tokio::sync::mpsc;
@@ -25,7 +31,8 @@ use tracing::{info, warn};
 
 use crate::{
     config::{
-        self, model::MeshConfig, Diagnostic, Object, ObjectKey, ObjectSet, Severity, Sourced,
+        self, model::MeshConfig, Diagnostic, Object, ObjectKey, ObjectSet, Rejection, Severity,
+        Sourced,
     },
     discovery::{folder::Folder, Discovered, Index, SourceChange},
     engine::{Engine, EngineSettings, GatewayLabels},
@@ -38,25 +45,38 @@ pub struct Snapshot {
     pub discovered: Discovered,
     /// Every object in force, for `get` and `/config_dump`.
     pub objects: ObjectSet,
+    /// What the sources hold that is left out of `objects`, each with why (for `/config_dump`).
+    pub rejected: Arc<[Arc<Rejection>]>,
+    /// Warnings that span objects: destinations naming a subset or host that does not exist.
+    references: Arc<[Diagnostic]>,
 }
 
 impl Snapshot {
-    /// What is worth a warning in the objects in force.
+    /// What is worth a warning in the objects in force, and between them.
     pub fn warnings(&self) -> Vec<Diagnostic> {
         let labels = self.engine.settings().gateway_labels.as_ref();
         self.objects
             .values()
             .flat_map(|o| warnings(o, labels))
+            .chain(self.references.iter().cloned())
             .collect()
     }
 
     /// The warnings about one object in force (none if it is not in force).
     pub fn warnings_of(&self, key: &ObjectKey) -> Vec<Diagnostic> {
         let labels = self.engine.settings().gateway_labels.as_ref();
-        self.objects
-            .get(key)
-            .map(|o| warnings(o, labels))
-            .unwrap_or_default()
+        let Some(object) = self.objects.get(key) else {
+            return Vec::new();
+        };
+        let label = key.to_string();
+        let mut found = warnings(object, labels);
+        found.extend(
+            self.references
+                .iter()
+                .filter(|d| d.object == label)
+                .cloned(),
+        );
+        found
     }
 
     /// The objects in force that have no effect at all, each with the reason: kinds of Istio's
@@ -117,25 +137,55 @@ fn warnings(object: &Sourced, labels: Option<&GatewayLabels>) -> Vec<Diagnostic>
     warnings
 }
 
-/// Changes applied and refused, served as `mesh_config_reloads_total{result}`.
+/// The store's metrics, under the caller's prefix (`mesh_config_`).
 #[derive(Debug, Default)]
-pub struct ReloadCounts {
+pub struct ConfigMetrics {
+    /// `reloads_total{result}`: changes put in force (`ok`), and `apply`/`delete` requests or
+    /// folder reads refused whole (`rejected`: nothing changed).
     pub ok: Counter,
     pub rejected: Counter,
+    /// `rejected_objects{kind}`: what the sources hold that is left out right now.
+    rejected_objects: Family<[(&'static str, &'static str); 1], Gauge>,
 }
 
-impl ReloadCounts {
-    /// Registers `reloads_total{result}` (under the caller's prefix: `mesh_config_`).
-    fn registered(registry: &mut Registry) -> ReloadCounts {
+impl ConfigMetrics {
+    fn registered(registry: &mut Registry) -> ConfigMetrics {
         let family = Family::<[(&'static str, &'static str); 1], Counter>::default();
         registry.register(
             "reloads",
-            "Config changes, applied (ok) or refused (rejected)",
+            "Config changes, put in force (ok) or refused whole (rejected)",
             family.clone(),
         );
         let ok = family.get_or_create(&[("result", "ok")]).clone();
         let rejected = family.get_or_create(&[("result", "rejected")]).clone();
-        ReloadCounts { ok, rejected }
+        let rejected_objects = Family::default();
+        registry.register(
+            "rejected_objects",
+            "Objects (or unreadable files: kind=\"unknown\") the sources hold that are left out \
+             of the config in force because they are invalid, by kind",
+            rejected_objects.clone(),
+        );
+        ConfigMetrics {
+            ok,
+            rejected,
+            rejected_objects,
+        }
+    }
+
+    /// Sets `rejected_objects` to what `rejected` holds, every kind (0 for none).
+    fn count_rejected<'a>(&self, rejected: impl Iterator<Item = &'a Arc<Rejection>>) {
+        let mut counts = [0i64; config::COUNTED_KINDS.len()];
+        for rejection in rejected {
+            let kind = rejection.counted_kind();
+            if let Some(i) = config::COUNTED_KINDS.iter().position(|k| *k == kind) {
+                counts[i] += 1;
+            }
+        }
+        for (kind, count) in config::COUNTED_KINDS.into_iter().zip(counts) {
+            self.rejected_objects
+                .get_or_create(&[("kind", kind)])
+                .set(count);
+        }
     }
 }
 
@@ -147,21 +197,23 @@ const COALESCE: Duration = Duration::from_millis(20);
 pub struct Store {
     current: ArcSwap<Snapshot>,
     state: Mutex<State>,
-    pub reloads: ReloadCounts,
+    pub reloads: ConfigMetrics,
 }
+
+/// What a source holds that is left out, by source and identity (see [`Rejection::id`]).
+type Rejections = BTreeMap<(Arc<str>, String), Arc<Rejection>>;
 
 /// What the sources want, and what is in force.
 struct State {
     folder: Option<Folder>,
-    /// The source's objects: the folder's, or the API server's.
+    /// The source's valid objects: the folder's, or the API server's.
     base: ObjectSet,
+    /// The source's invalid objects: left out of `base`, reported.
+    rejected: Rejections,
     /// Applied objects; they replace the base's of the same identity.
     applied: ObjectSet,
     /// Deleted base objects, hidden until applied again or the agent restarts.
     deleted: imbl::OrdSet<ObjectKey>,
-    /// Objects whose wanted version may differ from the one in force: a refused base change
-    /// leaves them here, and the next change tries them again.
-    pending: BTreeSet<ObjectKey>,
     in_force: InForce,
     /// The ingress gateway's labels (`None`: no ingress), which decide whether a Gateway is
     /// worth a warning.
@@ -174,9 +226,11 @@ struct InForce {
     objects: ObjectSet,
     index: Index,
     config: MeshConfig,
+    /// What the VirtualServices in force name that does not exist.
+    references: Arc<[Diagnostic]>,
 }
 
-/// A change that passed every rule, ready to be put in force.
+/// What a change puts in force.
 struct Accepted {
     next: InForce,
     /// Whether the engine's input changed.
@@ -187,31 +241,33 @@ struct Accepted {
 }
 
 impl Store {
-    /// Loads the folder (if any); start-up fails on an invalid folder, naming every problem.
-    /// The store's metrics (`mesh_config_*`) and the engine's (`mesh_engine_*`, per-service
-    /// counters) are registered on `registry`, the agent's `mesh` sub-registry.
+    /// Loads the folder (if any): its valid objects are put in force, what is invalid is left
+    /// out and reported. Fails only when the folder itself cannot be read. The store's metrics
+    /// (`mesh_config_*`) and the engine's (`mesh_engine_*`, per-service counters) are registered
+    /// on `registry`, the agent's `mesh` sub-registry.
     pub fn open(
         dir: Option<PathBuf>,
         settings: EngineSettings,
         registry: &mut Registry,
-    ) -> Result<Store, Vec<Diagnostic>> {
+    ) -> Result<Store, Diagnostic> {
         let mut folder = dir.map(Folder::new);
-        let base = match &mut folder {
+        let contents = match &mut folder {
             Some(folder) => folder.read()?,
-            None => ObjectSet::new(),
+            None => Default::default(),
         };
         let mut state = State {
             folder,
-            base,
+            base: contents.objects,
+            rejected: rejections(contents.rejected),
             applied: ObjectSet::new(),
             deleted: imbl::OrdSet::new(),
-            pending: BTreeSet::new(),
             in_force: InForce::default(),
             gateway_labels: settings.gateway_labels.clone(),
         };
         let keys: Vec<ObjectKey> = state.base.keys().cloned().collect();
-        let accepted = state.check(keys)?;
+        let accepted = state.check(keys);
         log_warnings(&accepted.warnings);
+        log_rejections(&Rejections::new(), &state.rejected);
         let engine = Engine::new(
             &accepted.next.config,
             &accepted.next.index.registry(),
@@ -220,8 +276,9 @@ impl Store {
         );
         engine.shared_metrics().register(registry);
         let snapshot = state.put_in_force(accepted.next, 1, engine);
-        let reloads = ReloadCounts::registered(registry.sub_registry_with_prefix("config"));
+        let reloads = ConfigMetrics::registered(registry.sub_registry_with_prefix("config"));
         reloads.ok.inc();
+        reloads.count_rejected(snapshot.rejected.iter());
         Ok(Store {
             current: ArcSwap::from_pointee(snapshot),
             state: Mutex::new(state),
@@ -239,32 +296,54 @@ impl Store {
         self.lock().folder.as_ref().map(|f| f.dir().to_path_buf())
     }
 
-    /// Re-reads the folder; on error the current snapshot stays.
-    pub fn reload(&self) -> Result<u64, Vec<Diagnostic>> {
+    /// Re-reads the folder and puts what it holds in force, what is invalid in it left out.
+    /// Fails, and the current snapshot stays, only when the folder cannot be read at all.
+    pub fn reload(&self) -> Result<u64, Diagnostic> {
         let mut state = self.lock();
         let Some(folder) = &mut state.folder else {
             return Ok(self.current.load().version);
         };
-        let result = folder.read().map(|base| {
-            let touched = changed_keys(&state.base, &base);
-            state.base = base;
-            touched
-        });
-        let result = result.and_then(|touched| self.settle(&mut state, touched));
-        self.count(result)
+        match folder.read() {
+            Ok(contents) => {
+                let touched = changed_keys(&state.base, &contents.objects);
+                let before = std::mem::replace(&mut state.rejected, rejections(contents.rejected));
+                state.base = contents.objects;
+                let version = self.settle(&mut state, touched, &before);
+                self.reloads.ok.inc();
+                Ok(version)
+            }
+            Err(error) => {
+                self.reloads.rejected.inc();
+                warn!("config folder not read, the config in force stays: {error}");
+                Err(error)
+            }
+        }
     }
 
-    /// Kubernetes mode: what the API server's watches reported.
-    pub fn change(&self, changes: Vec<SourceChange>) -> Result<u64, Vec<Diagnostic>> {
+    /// Kubernetes mode: what the API server's watches reported. Always taken: an invalid object
+    /// is left out by itself.
+    pub fn change(&self, changes: Vec<SourceChange>) -> u64 {
         let mut state = self.lock();
+        let before = state.rejected.clone();
         let mut touched = Vec::new();
         for change in changes {
             match change {
                 SourceChange::Upsert(sourced) => {
+                    state
+                        .rejected
+                        .retain(|_, r| r.key.as_ref() != Some(&sourced.key));
                     touched.push(sourced.key.clone());
                     state.base.insert(sourced.key.clone(), sourced);
                 }
+                SourceChange::Reject(rejection) => {
+                    if let Some(key) = &rejection.key {
+                        state.base.remove(key);
+                        touched.push(key.clone());
+                    }
+                    state.rejected.insert(rejection.id(), Arc::new(rejection));
+                }
                 SourceChange::Remove(key) => {
+                    state.rejected.retain(|_, r| r.key.as_ref() != Some(&key));
                     state.base.remove(&key);
                     touched.push(key);
                 }
@@ -279,7 +358,7 @@ impl Store {
                     }
                     let gone: Vec<ObjectKey> = config::of_kind(&state.base, &kind)
                         .map(|o| o.key.clone())
-                        .filter(|key| !replacement.contains_key(key) && !rejected.contains(key))
+                        .filter(|key| !replacement.contains_key(key))
                         .collect();
                     for key in gone {
                         state.base.remove(&key);
@@ -289,11 +368,18 @@ impl Store {
                         touched.push(key.clone());
                         state.base.insert(key, sourced);
                     }
+                    state
+                        .rejected
+                        .retain(|_, r| r.key.as_ref().is_none_or(|key| key.kind != kind));
+                    for rejection in rejected {
+                        state.rejected.insert(rejection.id(), Arc::new(rejection));
+                    }
                 }
             }
         }
-        let result = self.settle(&mut state, touched);
-        self.count(result)
+        let version = self.settle(&mut state, touched, &before);
+        self.reloads.ok.inc();
+        version
     }
 
     /// Kubernetes mode: puts what the watches report in force until they end, a burst of
@@ -310,27 +396,26 @@ impl Store {
             }
             let store = Arc::clone(&self);
             let changes = std::mem::take(&mut batch);
-            // Compiling takes milliseconds at worst: off the data path's threads. A refused
-            // change is logged; its objects are tried again with the next one.
+            // Compiling takes milliseconds at worst: off the data path's threads.
             let _ = tokio::task::spawn_blocking(move || store.change(changes)).await;
         }
     }
 
-    /// `mesh-agent apply -f`: all objects of `text` or none.
+    /// `mesh-agent apply -f`: all objects of `text` or none. An object with an error refuses
+    /// the whole request, as an admission check would; a destination naming what does not
+    /// exist yet is only a warning.
     pub fn apply(&self, label: &str, text: &str) -> Result<(u64, Vec<ObjectKey>), Vec<Diagnostic>> {
         let objects = config::read_text(label, text);
         let mut state = self.lock();
-        let result = objects.and_then(|objects| {
-            let (applied, deleted) = (state.applied.clone(), state.deleted.clone());
+        let result = objects.map(|objects| {
             let mut keys = Vec::new();
             for sourced in objects {
                 state.deleted.remove(&sourced.key);
                 keys.push(sourced.key.clone());
                 state.applied.insert(sourced.key.clone(), Arc::new(sourced));
             }
-            self.settle(&mut state, keys.clone())
-                .map(|version| (version, keys))
-                .inspect_err(|_| (state.applied, state.deleted) = (applied, deleted))
+            let unchanged = state.rejected.clone();
+            (self.settle(&mut state, keys.clone(), &unchanged), keys)
         });
         self.count(result)
     }
@@ -345,32 +430,35 @@ impl Store {
         let keys = keys_of(label, text);
         let mut state = self.lock();
         let result = keys.and_then(|keys| {
-            let (applied, deleted) = (state.applied.clone(), state.deleted.clone());
-            let mut missing = Vec::new();
+            let missing: Vec<Diagnostic> = keys
+                .iter()
+                .filter(|key| {
+                    let in_base = state.base.contains_key(*key) && !state.deleted.contains(*key);
+                    !state.applied.contains_key(*key) && !in_base
+                })
+                .map(|key| Diagnostic::error(label, &key.to_string(), "not found"))
+                .collect();
+            if !missing.is_empty() {
+                return Err(missing);
+            }
             for key in &keys {
-                let in_base = state.base.contains_key(key) && !state.deleted.contains(key);
-                if state.applied.remove(key).is_none() && !in_base {
-                    missing.push(Diagnostic::error(label, &key.to_string(), "not found"));
-                }
+                state.applied.remove(key);
                 if state.base.contains_key(key) {
                     state.deleted.insert(key.clone());
                 }
             }
-            let result = if missing.is_empty() {
-                self.settle(&mut state, keys.clone())
-                    .map(|version| (version, keys))
-            } else {
-                Err(missing)
-            };
-            result.inspect_err(|_| (state.applied, state.deleted) = (applied, deleted))
+            let unchanged = state.rejected.clone();
+            Ok((self.settle(&mut state, keys.clone(), &unchanged), keys))
         });
         self.count(result)
     }
 
-    /// Checks what `touched` changed and, if every rule holds, puts it in force.
-    fn settle(&self, state: &mut State, touched: Vec<ObjectKey>) -> Result<u64, Vec<Diagnostic>> {
-        let accepted = state.check(touched)?;
+    /// Puts in force what `touched` changed; `before` is what was rejected until now, so that
+    /// only new rejections are logged.
+    fn settle(&self, state: &mut State, touched: Vec<ObjectKey>, before: &Rejections) -> u64 {
+        let accepted = state.check(touched);
         log_warnings(&accepted.warnings);
+        log_rejections(before, &state.rejected);
         let current = self.current.load();
         let engine = if accepted.recompile {
             let next = &accepted.next;
@@ -382,11 +470,13 @@ impl Store {
         };
         let version = current.version + 1;
         let snapshot = state.put_in_force(accepted.next, version, engine);
+        self.reloads.count_rejected(snapshot.rejected.iter());
         self.current.store(Arc::new(snapshot));
         info!(version, "config in force");
-        Ok(version)
+        version
     }
 
+    /// Counts an `apply`/`delete`: put in force, or refused whole.
     fn count<T>(&self, result: Result<T, Vec<Diagnostic>>) -> Result<T, Vec<Diagnostic>> {
         match &result {
             Ok(_) => {
@@ -395,7 +485,7 @@ impl Store {
             Err(diagnostics) => {
                 self.reloads.rejected.inc();
                 for diagnostic in diagnostics.iter().filter(|d| d.is_error()) {
-                    warn!("config rejected, last good config stays: {diagnostic}");
+                    warn!("config refused, nothing changed: {diagnostic}");
                 }
             }
         }
@@ -417,15 +507,12 @@ impl State {
         }
     }
 
-    /// What is in force once `touched` (and anything still pending) takes what the sources
-    /// want, if that breaks no rule. Changes nothing in force either way.
-    fn check(&mut self, touched: Vec<ObjectKey>) -> Result<Accepted, Vec<Diagnostic>> {
-        let mut keys = std::mem::take(&mut self.pending);
-        keys.extend(touched);
+    /// What is in force once `touched` takes what the sources want. Changes nothing in force.
+    fn check(&self, touched: Vec<ObjectKey>) -> Accepted {
         let mut next = self.in_force.clone();
-        let (mut registry_changed, mut rules_changed) = (false, false);
+        let (mut registry_changed, mut rules_changed, mut services_changed) = (false, false, false);
         let mut warnings = Vec::new();
-        for key in &keys {
+        for key in &touched {
             let wanted = self.wanted(key);
             let current = next.objects.get(key);
             match (wanted, current) {
@@ -435,6 +522,7 @@ impl State {
             }
             registry_changed |= next.index.apply(key, wanted.map(|w| &w.object));
             rules_changed |= config::is_istio_kind(&key.kind);
+            services_changed |= &*key.kind == "Service";
             match wanted {
                 Some(wanted) => {
                     let labels = self.gateway_labels.as_ref();
@@ -451,23 +539,23 @@ impl State {
             }
         }
         if rules_changed {
-            let rules: Vec<&Sourced> = ["DestinationRule", "VirtualService"]
-                .into_iter()
-                .flat_map(|kind| config::of_kind(&next.objects, kind))
-                .map(|o| &**o)
-                .collect();
-            let errors = config::check_subsets(&rules, &[]);
-            if !errors.is_empty() {
-                self.pending = keys;
-                return Err(errors.into_iter().map(|e| e.diagnostic).collect());
-            }
             next.config = config::mesh_config(&next.objects);
         }
-        Ok(Accepted {
+        if rules_changed || services_changed {
+            let references = references(&next);
+            warnings.extend(
+                references
+                    .iter()
+                    .filter(|w| !self.in_force.references.contains(w))
+                    .cloned(),
+            );
+            next.references = references.into();
+        }
+        Accepted {
             next,
             recompile: registry_changed || rules_changed,
             warnings,
-        })
+        }
     }
 
     fn put_in_force(&mut self, next: InForce, version: u64, engine: Engine) -> Snapshot {
@@ -476,10 +564,38 @@ impl State {
             engine,
             discovered: next.index.discovered().clone(),
             objects: next.objects.clone(),
+            rejected: self.rejected.values().cloned().collect(),
+            references: Arc::clone(&next.references),
         };
         self.in_force = next;
         snapshot
     }
+}
+
+/// What the VirtualServices of `in_force` name that does not exist: subsets no DestinationRule
+/// defines, hosts that are no service of the registry.
+fn references(in_force: &InForce) -> Vec<Diagnostic> {
+    let rules: Vec<&Sourced> = ["DestinationRule", "VirtualService"]
+        .into_iter()
+        .flat_map(|kind| config::of_kind(&in_force.objects, kind))
+        .map(|o| &**o)
+        .collect();
+    if rules.is_empty() {
+        return Vec::new();
+    }
+    let services: BTreeSet<String> = in_force
+        .index
+        .registry()
+        .services
+        .iter()
+        .map(|s| s.fqdn().to_owned())
+        .collect();
+    config::check_references(&rules, &[], Some(&services))
+}
+
+/// A source's rejections, by identity.
+fn rejections(rejected: impl IntoIterator<Item = Arc<Rejection>>) -> Rejections {
+    rejected.into_iter().map(|r| (r.id(), r)).collect()
 }
 
 /// Keys whose object differs between two versions of a source's set.
@@ -519,6 +635,22 @@ fn keys_of(label: &str, text: &str) -> Result<Vec<ObjectKey>, Vec<Diagnostic>> {
 fn log_warnings(warnings: &[Diagnostic]) {
     for warning in warnings {
         warn!("{warning}");
+    }
+}
+
+/// Logs each rejection that is new, or whose diagnostics changed, since `before`: once, not
+/// again on every reload or relist.
+fn log_rejections(before: &Rejections, now: &Rejections) {
+    for (id, rejection) in now {
+        if before.get(id).is_some_and(|old| **old == **rejection) {
+            continue;
+        }
+        for diagnostic in &rejection.diagnostics {
+            match diagnostic.severity {
+                Severity::Error => warn!("left out of the config in force: {diagnostic}"),
+                Severity::Warning => warn!("{diagnostic}"),
+            }
+        }
     }
 }
 
@@ -594,7 +726,7 @@ spec:
         dir
     }
 
-    fn open(dir: Option<&tempfile::TempDir>) -> Result<Store, Vec<Diagnostic>> {
+    fn open(dir: Option<&tempfile::TempDir>) -> Result<Store, Diagnostic> {
         Store::open(
             dir.map(|d| d.path().to_path_buf()),
             EngineSettings::default(),
@@ -695,12 +827,12 @@ spec: {}
             }]
         };
         let listed = logged_warnings(|| {
-            watched.change(relist()).unwrap();
+            watched.change(relist());
         });
         assert_eq!(listed.len(), 1, "{listed:?}");
         let relisted = logged_warnings(|| {
-            watched.change(relist()).unwrap();
-            watched.change(relist()).unwrap();
+            watched.change(relist());
+            watched.change(relist());
         });
         assert_eq!(relisted, Vec::<String>::new());
 
@@ -791,6 +923,53 @@ spec: {}
         assert_eq!(kinds(&store), ["DestinationRule", "Service"]);
     }
 
+    /// Where service-c's requests go in `store`'s engine: a 503 `NR` when the destination does
+    /// not exist, the cluster's name otherwise.
+    fn route_of(store: &Store) -> Result<String, crate::engine::EngineError> {
+        let parts = http::Request::get("http://service-c:8080/")
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0;
+        let request = crate::engine::RequestInfo::from_parts(&parts, 8080, "default");
+        let snapshot = store.snapshot();
+        let plan = snapshot.engine.route(&request, Instant::now())?;
+        Ok(plan.destination().cluster.to_string())
+    }
+
+    /// What is left out, as `(key, first error)`.
+    fn rejected(store: &Store) -> Vec<(Option<String>, String)> {
+        store
+            .snapshot()
+            .rejected
+            .iter()
+            .map(|r| {
+                let error = r.errors().next().map(|d| d.to_string()).unwrap_or_default();
+                (r.key.as_ref().map(ToString::to_string), error)
+            })
+            .collect()
+    }
+
+    /// `mesh_config_rejected_objects` as served, by kind (only kinds with some).
+    fn rejected_gauge(store: &Store) -> Vec<(String, i64)> {
+        let mut registry = Registry::default();
+        let family = store.reloads.rejected_objects.clone();
+        registry.register("rejected_objects", "", family);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let mut found: Vec<(String, i64)> = text
+            .lines()
+            .filter_map(|line| {
+                let rest = line.strip_prefix("rejected_objects{kind=\"")?;
+                let (kind, count) = rest.split_once("\"} ")?;
+                let count: i64 = count.parse().ok()?;
+                (count > 0).then(|| (kind.to_owned(), count))
+            })
+            .collect();
+        found.sort();
+        found
+    }
+
     #[test]
     fn an_invalid_apply_changes_nothing_and_names_file_object_field() {
         let dir = folder(&[("service.yml", SERVICE)]);
@@ -802,73 +981,232 @@ spec: {}
         assert_eq!(error.file, "bad.yml");
         assert_eq!(error.object, "VirtualService default/service-c");
         assert!(error.field.starts_with("spec.http[0].route"), "{error}");
-
-        // A subset nobody defines is refused too, across objects.
-        let unknown = vs(90, 10).replace("version-v2", "version-v3");
-        let errors = store.apply("bad.yml", &unknown).unwrap_err();
-        assert!(errors[0].reason.contains("unknown subset"), "{errors:?}");
         assert_eq!(store.snapshot().version, version);
         assert_eq!(weights(&store), Some(vec![90, 10]));
-        assert_eq!(store.reloads.rejected.get(), 2);
+        assert_eq!(store.reloads.rejected.get(), 1);
+        // Nothing the sources hold is left out: a refused apply is not a rejection.
+        assert_eq!(rejected(&store), []);
     }
 
+    /// A subset named before its DestinationRule arrives is not an error: the route is in
+    /// force, requests to that subset are answered 503 `NR`, a warning says why, and the rule
+    /// arriving puts it to work.
     #[test]
-    fn a_bad_folder_is_refused_whole_and_its_fix_is_taken() {
-        let dir = folder(&[("a.yml", SERVICE), ("b.yml", SERVICE)]);
-        let errors = open(Some(&dir)).err().unwrap();
-        assert!(
-            errors.iter().any(|d| d.reason.contains("defined again")),
-            "{errors:?}"
-        );
-        std::fs::remove_file(dir.path().join("b.yml")).unwrap();
+    fn a_subset_not_defined_yet_is_a_warning_and_answers_nr_until_it_is() {
+        let dir = folder(&[("service.yml", SERVICE)]);
         let store = open(Some(&dir)).unwrap();
-        std::fs::write(dir.path().join("vs.yml"), vs(90, 20)).unwrap();
-        assert!(store.reload().is_err());
+        let unknown = vs(0, 100).replace("version-v2", "version-v3");
+        let warned = logged_warnings(|| {
+            store.apply("canary.yml", &unknown).unwrap();
+        });
+        assert_eq!(weights(&store), Some(vec![0, 100]));
+        let key = ObjectKey::new("VirtualService", None, "service-c");
+        let warnings = store.snapshot().warnings_of(&key);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert_eq!(
+            warnings[0].field,
+            "spec.http[0].route[1].destination.subset"
+        );
+        assert_eq!(
+            warnings[0].reason,
+            "subset \"version-v3\" is not defined (yet): the DestinationRule for host service-c \
+             defines version-v1, version-v2; requests routed to it are answered 503 NR until a \
+             DestinationRule defines it"
+        );
+        assert_eq!(warned.len(), 1, "logged once: {warned:?}");
+        assert!(
+            warned[0].contains("canary.yml: VirtualService default/service-c"),
+            "{warned:?}"
+        );
+        let error = route_of(&store).unwrap_err();
+        assert_eq!(error, crate::engine::EngineError::ClusterNotFound);
+        assert_eq!(
+            (error.status(), error.flags().to_string()),
+            (503, "NR".into())
+        );
+
+        let defined = SERVICE.replace(
+            "  - {name: version-v2, labels: {version: v2}}",
+            "  - {name: version-v3, labels: {version: v3}}",
+        );
+        store.apply("rules.yml", &defined).unwrap();
+        assert_eq!(
+            route_of(&store).unwrap(),
+            "outbound|8080|version-v3|service-c.default.svc.cluster.local"
+        );
+        assert!(store.snapshot().warnings().is_empty());
+
+        // A host that is no service yet: a warning too, and NR.
+        let elsewhere = vs(100, 0)
+            .replace("host: service-c, subset: version-v1", "host: service-d")
+            .replace("version-v2", "version-v1");
+        store.apply("elsewhere.yml", &elsewhere).unwrap();
+        let warnings = store.snapshot().warnings_of(&key);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert_eq!(warnings[0].field, "spec.http[0].route[0].destination.host");
+        assert!(
+            warnings[0]
+                .reason
+                .starts_with("host service-d is no known service (yet)"),
+            "{warnings:?}"
+        );
+        assert_eq!(
+            route_of(&store),
+            Err(crate::engine::EngineError::ClusterNotFound)
+        );
+    }
+
+    /// Start-up takes the valid part of a folder: a duplicate, a file that does not parse and
+    /// an invalid object are left out, each by itself, logged once, counted and listed; fixing
+    /// a file puts its objects in force.
+    #[test]
+    fn a_bad_folder_starts_with_its_valid_part_and_its_fix_is_taken() {
+        let dir = folder(&[
+            ("a.yml", SERVICE),
+            ("b.yml", SERVICE),
+            ("c.yml", "kind: [unclosed"),
+            ("vs.yml", &vs(90, 20)),
+        ]);
+        let mut store = None;
+        let logged = logged_warnings(|| store = Some(open(Some(&dir)).unwrap()));
+        let store = store.unwrap();
+        assert_eq!(kinds(&store), ["DestinationRule", "Service"]);
         assert_eq!(weights(&store), None);
+        let found = rejected(&store);
+        let keys: Vec<Option<&str>> = found.iter().map(|(k, _)| k.as_deref()).collect();
+        assert_eq!(
+            keys,
+            [
+                Some("DestinationRule default/service-c"),
+                Some("Service default/service-c"),
+                None,
+                Some("VirtualService default/service-c"),
+            ]
+        );
+        assert!(
+            found[0].1.ends_with(
+                "defined again (first in {}): left out"
+                    .replace("{}", &dir.path().join("a.yml").display().to_string())
+                    .as_str()
+            ),
+            "{found:?}"
+        );
+        assert!(found[2].1.contains("c.yml: invalid YAML"), "{found:?}");
+        assert!(
+            found[3].1.contains(
+                "vs.yml: VirtualService default/service-c: spec.http[0].route: weights sum to 110"
+            ),
+            "{found:?}"
+        );
+        assert_eq!(logged.len(), 4, "{logged:?}");
+        assert!(
+            logged
+                .iter()
+                .all(|l| l.contains("left out of the config in force: ")),
+            "{logged:?}"
+        );
+        assert_eq!(
+            rejected_gauge(&store),
+            [
+                ("DestinationRule".to_owned(), 1),
+                ("Service".to_owned(), 1),
+                ("VirtualService".to_owned(), 1),
+                ("unknown".to_owned(), 1),
+            ]
+        );
+
+        // Reloads with the same problems log nothing again.
+        let again = logged_warnings(|| {
+            store.reload().unwrap();
+        });
+        assert_eq!(again, Vec::<String>::new());
+
+        std::fs::remove_file(dir.path().join("b.yml")).unwrap();
+        std::fs::write(dir.path().join("c.yml"), "").unwrap();
         std::fs::write(dir.path().join("vs.yml"), vs(90, 10)).unwrap();
         store.reload().unwrap();
         assert_eq!(weights(&store), Some(vec![90, 10]));
-    }
+        assert_eq!(rejected(&store), []);
+        assert_eq!(rejected_gauge(&store), []);
 
-    /// A change from the API server that breaks a rule waits, and goes in with the change
-    /// that mends it.
-    #[test]
-    fn a_refused_source_change_stays_pending_until_mended() {
-        let store = open(None).unwrap();
-        let sourced = |label: &str, text: &str| {
-            let mut found = config::read_text(label, text).unwrap();
-            found.drain(..).map(Arc::new).collect::<Vec<_>>()
-        };
-        let rule = sourced("kubernetes", SERVICE);
-        let route = sourced("kubernetes", &vs(90, 10));
-        // The route names subsets no rule defines yet.
-        let changes = route.iter().cloned().map(SourceChange::Upsert).collect();
-        assert!(store.change(changes).is_err());
-        assert_eq!(weights(&store), None);
-        let changes = rule.iter().cloned().map(SourceChange::Upsert).collect();
-        store.change(changes).unwrap();
-        assert_eq!(weights(&store), Some(vec![90, 10]));
-
-        // A relist that finds the route invalid keeps its last good version ...
-        let key = route[0].key.clone();
-        store
-            .change(vec![SourceChange::Replace {
-                kind: "VirtualService".into(),
-                objects: vec![],
-                rejected: vec![key],
-            }])
-            .unwrap();
-        assert_eq!(weights(&store), Some(vec![90, 10]));
-
-        // ... and a relist without the route removes it.
-        store
-            .change(vec![SourceChange::Replace {
-                kind: "VirtualService".into(),
-                objects: vec![],
-                rejected: vec![],
-            }])
-            .unwrap();
+        // An invalid edit leaves that object out (its earlier version too), nothing else.
+        std::fs::write(dir.path().join("vs.yml"), vs(90, 20)).unwrap();
+        store.reload().unwrap();
         assert_eq!(weights(&store), None);
         assert_eq!(kinds(&store), ["DestinationRule", "Service"]);
+        assert_eq!(rejected(&store).len(), 1);
+    }
+
+    /// Kubernetes mode: an invalid object is left out by itself and every other change keeps
+    /// coming in; a relist that still finds it invalid keeps it out, one without it forgets it.
+    #[test]
+    fn an_invalid_watched_object_is_left_out_alone_and_the_rest_keeps_updating() {
+        let store = open(None).unwrap();
+        let sourced = |text: &str| {
+            let mut found = config::read_text("kubernetes", text).unwrap();
+            found.drain(..).map(Arc::new).collect::<Vec<_>>()
+        };
+        let rejection = |text: &str| {
+            let (_, mut rejected) = config::read_each("kubernetes", text);
+            rejected.remove(0)
+        };
+        // The route first, its subsets' rule later: both taken.
+        let canary = sourced(&vs(90, 10));
+        store.change(canary.iter().cloned().map(SourceChange::Upsert).collect());
+        assert_eq!(weights(&store), Some(vec![90, 10]));
+        assert_eq!(
+            route_of(&store).unwrap_err(),
+            crate::engine::EngineError::ClusterNotFound
+        );
+        store.change(
+            sourced(SERVICE)
+                .into_iter()
+                .map(SourceChange::Upsert)
+                .collect(),
+        );
+        assert!(route_of(&store).is_ok());
+
+        // The route made invalid: left out with its earlier version, reported.
+        store.change(vec![SourceChange::Reject(rejection(&vs(90, 20)))]);
+        assert_eq!(weights(&store), None);
+        assert_eq!(rejected(&store).len(), 1);
+        assert_eq!(rejected_gauge(&store), [("VirtualService".to_owned(), 1)]);
+        // Everything else still comes in: a route in another namespace.
+        let other = vs(100, 0).replace(
+            "metadata: {name: service-c}",
+            "metadata: {name: other, namespace: shop}",
+        );
+        store.change(
+            sourced(&other)
+                .into_iter()
+                .map(SourceChange::Upsert)
+                .collect(),
+        );
+        assert_eq!(
+            kinds(&store),
+            ["DestinationRule", "Service", "VirtualService"]
+        );
+
+        // A relist that finds it invalid again keeps it out (and the other route in) ...
+        let relist = |rejected: Vec<Rejection>| {
+            vec![SourceChange::Replace {
+                kind: "VirtualService".into(),
+                objects: sourced(&other),
+                rejected,
+            }]
+        };
+        store.change(relist(vec![rejection(&vs(90, 20))]));
+        assert_eq!(rejected(&store).len(), 1);
+        assert_eq!(kinds(&store).len(), 3);
+        // ... one without it forgets it, and fixing it puts it back.
+        store.change(relist(vec![]));
+        assert_eq!(rejected(&store), []);
+        store.change(canary.iter().cloned().map(SourceChange::Upsert).collect());
+        assert_eq!(weights(&store), Some(vec![90, 10]));
+        // Deleted while invalid: nothing of it is left.
+        store.change(vec![SourceChange::Reject(rejection(&vs(90, 20)))]);
+        store.change(vec![SourceChange::Remove(canary[0].key.clone())]);
+        assert_eq!(rejected(&store), []);
+        assert_eq!(rejected_gauge(&store), []);
     }
 }

@@ -5,9 +5,10 @@
 //! made with kubectl: enrollment follows pod and namespace labels, on the agent's node only; a
 //! killed agent fails open, and one that cannot reach the API server enrolls nothing until it
 //! can; rules and endpoints arrive through watches and take effect on traffic; an invalid
-//! object is rejected and the last good one stays; the agent rides out an API server outage with
-//! its last state, and a watch resumed from a compacted resourceVersion (`410 Gone`) is
-//! recovered by a relist.
+//! object is left out by itself (reported in the log, the metrics, `/config_dump` and an Event
+//! on it) while every other change keeps coming in, and a restarted agent starts with everything
+//! else; the agent rides out an API server outage with its last state, and a watch resumed from
+//! a compacted resourceVersion (`410 Gone`) is recovered by a relist.
 //!
 //! The first run builds the control plane's binaries (tens of minutes, once; `cargo xtask test`
 //! does it before the tests). Each test starts a control plane of its own (~15 s).
@@ -328,12 +329,15 @@ fn enrollment_follows_pod_and_namespace_labels_on_this_node_only_and_fails_open(
 
 /// service-c's two versions as pods behind a real Service (the EndpointSlice controller
 /// publishes them), its DestinationRule's subsets, and a client pod. Through watches: the
-/// tutorial's canary VirtualService takes effect within a second; an invalid VirtualService is
-/// rejected with its name, field and reason and the last good one stays in force; an endpoint
-/// removed under 200 rps fails no request. The API server stopped: requests go on with the last
-/// state, the agent stays ready and counts each kind's failed watches; etcd compacted
-/// meanwhile, so the watches resume into `410 Gone`; once the API server is back, changes made
-/// with kubectl arrive again.
+/// tutorial's canary VirtualService takes effect within a second; an invalid VirtualService in
+/// another namespace is left out and reported (log, metric, /config_dump, Event) while a change
+/// in meshed still takes effect within a second; meshed's own made invalid is left out, its
+/// earlier version too; an endpoint removed under 200 rps fails no request. The API server
+/// stopped: requests go on with the last state, the agent stays ready and counts each kind's
+/// failed watches; etcd compacted meanwhile, so the watches resume into `410 Gone`; once the
+/// API server is back, changes made with kubectl arrive again. Restarted with the invalid object
+/// still there, the agent is ready with everything else in force, and the object's Event is not
+/// made twice.
 #[test]
 fn rules_and_endpoints_arrive_through_watches_and_survive_an_api_server_outage() -> Result<()> {
     let started = Instant::now();
@@ -413,28 +417,97 @@ fn rules_and_endpoints_arrive_through_watches_and_survive_an_api_server_outage()
     let all_v2 = cluster.get(&client, url, 20, &[])?;
     ensure!(count(&all_v2, "by_body", "service-c-v2") == 20, "{all_v2}");
 
-    // An invalid VirtualService (the CRD's schema takes any spec): rejected with its name, field
-    // and reason; the last good one stays in force.
-    let invalid = canary
-        .replace("subset: version-v2", "subset: version-v1")
-        .replace("  - route:", "  - timeout: soon\n    route:");
-    cluster.apply(&invalid)?;
-    let rejection = [
-        "object rejected, its last good version stays",
-        "VirtualService meshed/service-c",
-        "spec.http[0].timeout",
-        "invalid duration",
+    // In namespace shop: a VirtualService the CRD's schema took although it is invalid, and one
+    // naming a subset (and a host) that does not exist yet, which once froze every later update.
+    // The first is left out by itself and reported — log, metric, /config_dump, an Event on it —
+    // the second is taken with a warning, and a change in namespace meshed is in force within a
+    // second, as ever.
+    cluster.apply(SHOP_RULES)?;
+    let reported = [
+        "left out of the config in force: kubernetes: VirtualService shop/reviews: \
+         spec.http[0].timeout: invalid duration \"soon\"",
     ];
-    wait_for("the invalid VirtualService rejected", TIMEOUT, || {
-        Ok((logged(&agent, &rejection) == 1).then_some(()))
+    wait_for("the invalid VirtualService reported", TIMEOUT, || {
+        Ok((logged(&agent, &reported) == 1).then_some(()))
     })?;
-    let still_v2 = cluster.get(&client, url, 20, &[])?;
+    wait_for(
+        "the route to what does not exist yet taken",
+        TIMEOUT,
+        || {
+            Ok((logged(
+                &agent,
+                &["VirtualService shop/ratings", "is not defined (yet)"],
+            ) == 1)
+                .then_some(()))
+        },
+    )?;
+    let all_v1 = canary.replace("subset: version-v2", "subset: version-v1");
+    cluster.apply(&all_v1)?;
+    let applied = Instant::now();
+    wait_for(
+        "meshed's change in force beside shop's bad object",
+        PROMPTLY,
+        || {
+            Ok((count(
+                &cluster.get(&client, url, 1, &[])?,
+                "by_body",
+                "service-c-v1",
+            ) == 1)
+                .then_some(()))
+        },
+    )?;
+    let beside_bad_object = applied.elapsed();
+    let v1_only = cluster.get(&client, url, 20, &[])?;
     ensure!(
-        count(&still_v2, "by_body", "service-c-v2") == 20,
-        "{still_v2}"
+        count(&v1_only, "by_body", "service-c-v1") == 20,
+        "{v1_only}"
     );
-    // Corrected, it is taken.
-    cluster.apply(&invalid.replace("  - timeout: soon\n    route:", "  - route:"))?;
+    ensure!(
+        rejected_objects(&agent, "VirtualService")? == 1.0,
+        "mesh_config_rejected_objects"
+    );
+    let (_, dump) = agent.admin_get("/config_dump")?;
+    let dump: Value = serde_json::from_str(&dump)?;
+    let rejected: Vec<(&str, &str)> = dump["rejected"]
+        .as_array()
+        .context("/config_dump's rejected")?
+        .iter()
+        .filter_map(|r| Some((r["namespace"].as_str()?, r["name"].as_str()?)))
+        .collect();
+    ensure!(rejected == [("shop", "reviews")], "{rejected:?}");
+    let event = wait_for("the Event on the rejected object", TIMEOUT, || {
+        Ok(rejection_events(&cluster, "shop", "reviews")?.pop())
+    })?;
+    ensure!(
+        event["type"] == "Warning"
+            && event["involvedObject"]["kind"] == "VirtualService"
+            && event["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("spec.http[0].timeout: invalid duration \"soon\"")),
+        "{event}"
+    );
+
+    // meshed's own VirtualService made invalid: left out with its earlier version (requests go
+    // to every endpoint of the service); corrected, it is taken.
+    let invalid = all_v1.replace("  - route:", "  - timeout: soon\n    route:");
+    cluster.apply(&invalid)?;
+    wait_for("the invalid VirtualService left out", TIMEOUT, || {
+        let summary = cluster.get(&client, url, 20, &[])?;
+        Ok((count(&summary, "by_body", "service-c-v2") > 0).then_some(()))
+    })?;
+    ensure!(
+        logged(
+            &agent,
+            &[
+                "left out",
+                "VirtualService meshed/service-c",
+                "spec.http[0].timeout"
+            ]
+        ) == 1,
+        "{}",
+        agent.stderr_text()
+    );
+    cluster.apply(&all_v1)?;
     wait_for(
         "the corrected VirtualService in force",
         PROMPTLY * 5,
@@ -476,17 +549,18 @@ fn rules_and_endpoints_arrive_through_watches_and_survive_an_api_server_outage()
     let all_v1 = cluster.get(&client, url, 20, &[])?;
     ensure!(count(&all_v1, "by_body", "service-c-v1") == 20, "{all_v1}");
 
-    // The DestinationRule made invalid: rejected, its last good version (the subsets) stays,
-    // and must outlive the relist after the outage: the canary applied then needs its subsets.
+    // The DestinationRule made invalid: left out, and still left out (and counted, not logged
+    // again) after the relist that follows the outage, until corrected.
     cluster.apply(&format!(
         "{destination_rule}  trafficPolicy: {{connectionPool: {{tcp: {{connectTimeout: soon}}}}}}\n"
     ))?;
-    wait_for("the invalid DestinationRule rejected", TIMEOUT, || {
-        Ok((logged(
-            &agent,
-            &["DestinationRule meshed/service-c", "connectTimeout"],
-        ) >= 1)
-            .then_some(()))
+    let invalid_rule = [
+        "left out",
+        "DestinationRule meshed/service-c",
+        "connectTimeout",
+    ];
+    wait_for("the invalid DestinationRule left out", TIMEOUT, || {
+        Ok((logged(&agent, &invalid_rule) == 1).then_some(()))
     })?;
 
     // The outage: requests go on with the last state, the agent stays ready and counts.
@@ -555,12 +629,18 @@ fn rules_and_endpoints_arrive_through_watches_and_survive_an_api_server_outage()
         "app=service-c",
         "--overwrite",
     ])?;
-    // The canary's subsets come from the rejected DestinationRule's last good version, which
-    // the relist after `410 Gone` kept (a relist once dropped every object it found invalid).
+    // The relist after `410 Gone` finds the DestinationRule still invalid: still left out,
+    // counted, not logged again. Corrected with the canary, both are taken.
     wait_for("the DestinationRule watch relisted", TIMEOUT, || {
         Ok((logged(&agent, &["watch recovered", "DestinationRule"]) >= 1).then_some(()))
     })?;
-    cluster.apply(&canary)?;
+    ensure!(rejected_objects(&agent, "DestinationRule")? == 1.0);
+    ensure!(
+        logged(&agent, &invalid_rule) == 1,
+        "{}",
+        agent.stderr_text()
+    );
+    cluster.apply(&format!("{destination_rule}---\n{canary}"))?;
     wait_for("caught up after the outage", TIMEOUT, || {
         let summary = cluster.get(&client, url, 20, &[])?;
         Ok((count(&summary, "by_body", "service-c-v2") == 20).then_some(()))
@@ -573,11 +653,85 @@ fn rules_and_endpoints_arrive_through_watches_and_survive_an_api_server_outage()
             agent.stderr_text()
         );
     }
+    ensure!(rejected_objects(&agent, "DestinationRule")? == 0.0);
+
+    // Restarted with shop's bad object still there: ready with everything else in force (the
+    // canary at once), the bad object reported again, and no second Event for the same version.
+    let mut agent = agent;
+    agent.process().signal(libc::SIGTERM)?;
+    agent.process().wait_timeout(TIMEOUT)?;
+    drop(agent);
+    let restarted = Instant::now();
+    let agent = cluster.agent()?;
+    let ready_in = restarted.elapsed();
+    let summary = cluster.get(&client, url, 20, &[])?;
+    ensure!(
+        count(&summary, "by_body", "service-c-v2") == 20,
+        "{summary}"
+    );
+    ensure!(logged(&agent, &reported) == 1, "{}", agent.stderr_text());
+    ensure!(rejected_objects(&agent, "VirtualService")? == 1.0);
+    std::thread::sleep(Duration::from_millis(500));
+    let events = rejection_events(&cluster, "shop", "reviews")?;
+    ensure!(events.len() == 1, "one Event per bad version: {events:?}");
     eprintln!(
-        "cluster up in {:.1} s; canary in force {canary_took:?} after kubectl apply; caught up \
-         {caught_up:?} after the API server was back; test took {:.1} s",
+        "cluster up in {:.1} s; canary in force {canary_took:?} after kubectl apply; another \
+         namespace's change in force {beside_bad_object:?} with an invalid VirtualService \
+         present; caught up {caught_up:?} after the API server was back; restarted with the \
+         invalid object present, ready in {ready_in:?}; test took {:.1} s",
         cluster_up.as_secs_f64(),
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// Namespace shop's rules: `reviews` is invalid (its timeout is no duration), `ratings` names a
+/// host and subset that do not exist yet (a warning).
+const SHOP_RULES: &str = "apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {name: reviews, namespace: shop}
+spec:
+  hosts: [reviews]
+  http:
+  - timeout: soon
+    route:
+    - destination: {host: reviews}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {name: ratings, namespace: shop}
+spec:
+  hosts: [ratings]
+  http:
+  - route:
+    - destination: {host: ratings, subset: v9}
+";
+
+/// `mesh_config_rejected_objects{kind}`.
+fn rejected_objects(agent: &Agent, kind: &str) -> Result<f64> {
+    let (_, metrics) = agent.admin_get("/metrics")?;
+    let wanted = format!("mesh_config_rejected_objects{{kind=\"{kind}\"}} ");
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(&wanted)?.parse().ok())
+        .with_context(|| format!("no {wanted}in /metrics"))
+}
+
+/// The `Rejected` Events about `namespace/name`, as `kubectl get events` shows them.
+fn rejection_events(cluster: &Cluster, namespace: &str, name: &str) -> Result<Vec<Value>> {
+    let events: Value = serde_json::from_str(&cluster.kubectl(&[
+        "-n",
+        namespace,
+        "get",
+        "events",
+        "--field-selector",
+        &format!("involvedObject.name={name},reason=Rejected"),
+        "-o",
+        "json",
+    ])?)?;
+    Ok(events["items"].as_array().cloned().unwrap_or_default())
 }

@@ -5,14 +5,15 @@
 //! current snapshot per request (lock-free); admin reads it.
 //!
 //! One bad object never holds up the rest: what a source holds that is invalid (an object that
-//! fails validation, a file that does not parse) is left out by itself — its earlier version
-//! too, so what is in force depends only on what the sources hold now, the same after a restart
-//! and on every node — and reported: logged once (file, object, field, reason), counted
-//! (`mesh_config_rejected_objects{kind}`) and listed in `/config_dump`. A destination naming a
-//! subset or host that does not exist (yet) is a warning, not an error: objects arrive in any
-//! order. Only `apply` refuses, all or nothing, as an admission check would. A change costs what
-//! it touches: only the objects that differ are indexed again, and the engine is recompiled only
-//! when its input changed.
+//! fails validation, a file that does not parse) is rejected by itself and reported: logged once
+//! (file, object, field, reason), counted (`mesh_config_rejected_objects{kind}`) and listed in
+//! `/config_dump`. Per object, the last good version this agent saw stays in force (an edit that
+//! breaks a running rule changes nothing it routes); an object this agent never saw valid — e.g.
+//! one broken before a restart: nothing is persisted — is left out. Deleting an object deletes
+//! it, last good version included. A destination naming a subset or host that does not exist
+//! (yet) is a warning, not an error: objects arrive in any order. Only `apply` refuses, all or
+//! nothing, as an admission check would. A change costs what it touches: only the objects that
+//! differ are indexed again, and the engine is recompiled only when its input changed.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -34,7 +35,10 @@ use crate::{
         self, model::MeshConfig, Diagnostic, Object, ObjectKey, ObjectSet, Rejection, Severity,
         Sourced,
     },
-    discovery::{folder::Folder, Discovered, Index, SourceChange},
+    discovery::{
+        folder::{Contents, Folder},
+        Discovered, Index, SourceChange,
+    },
     engine::{Engine, EngineSettings, GatewayLabels},
 };
 
@@ -45,8 +49,9 @@ pub struct Snapshot {
     pub discovered: Discovered,
     /// Every object in force, for `get` and `/config_dump`.
     pub objects: ObjectSet,
-    /// What the sources hold that is left out of `objects`, each with why (for `/config_dump`).
-    pub rejected: Arc<[Arc<Rejection>]>,
+    /// What the sources hold that is invalid, each with why and what of it is in force (for
+    /// `/config_dump`).
+    pub rejected: Arc<[Rejected]>,
     /// Warnings that span objects: destinations naming a subset or host that does not exist.
     references: Arc<[Diagnostic]>,
 }
@@ -137,6 +142,34 @@ fn warnings(object: &Sourced, labels: Option<&GatewayLabels>) -> Vec<Diagnostic>
     warnings
 }
 
+/// Something a source holds that is invalid, and what of it is in force.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejected {
+    pub rejection: Arc<Rejection>,
+    pub outcome: Outcome,
+}
+
+/// What of a rejected object is in force.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The last good version this agent saw stays in force (for a file that cannot be read or
+    /// parsed: the objects it last held).
+    LastGoodInForce,
+    /// Nothing: this agent never saw a valid version (since it started), or the valid
+    /// definition in force is another one (an object defined again in a later file).
+    LeftOut,
+}
+
+impl Outcome {
+    /// As `/config_dump` shows it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::LastGoodInForce => "last_good_in_force",
+            Outcome::LeftOut => "left_out",
+        }
+    }
+}
+
 /// The store's metrics, under the caller's prefix (`mesh_config_`).
 #[derive(Debug, Default)]
 pub struct ConfigMetrics {
@@ -144,7 +177,7 @@ pub struct ConfigMetrics {
     /// folder reads refused whole (`rejected`: nothing changed).
     pub ok: Counter,
     pub rejected: Counter,
-    /// `rejected_objects{kind}`: what the sources hold that is left out right now.
+    /// `rejected_objects{kind}`: what the sources hold that is invalid right now.
     rejected_objects: Family<[(&'static str, &'static str); 1], Gauge>,
 }
 
@@ -161,8 +194,9 @@ impl ConfigMetrics {
         let rejected_objects = Family::default();
         registry.register(
             "rejected_objects",
-            "Objects (or unreadable files: kind=\"unknown\") the sources hold that are left out \
-             of the config in force because they are invalid, by kind",
+            "Objects (or unreadable files: kind=\"unknown\") the sources hold in an invalid \
+             version, by kind: each rejected, its last good version kept in force or, if this \
+             agent saw none, left out",
             rejected_objects.clone(),
         );
         ConfigMetrics {
@@ -173,10 +207,10 @@ impl ConfigMetrics {
     }
 
     /// Sets `rejected_objects` to what `rejected` holds, every kind (0 for none).
-    fn count_rejected<'a>(&self, rejected: impl Iterator<Item = &'a Arc<Rejection>>) {
+    fn count_rejected<'a>(&self, rejected: impl Iterator<Item = &'a Rejected>) {
         let mut counts = [0i64; config::COUNTED_KINDS.len()];
-        for rejection in rejected {
-            let kind = rejection.counted_kind();
+        for rejected in rejected {
+            let kind = rejected.rejection.counted_kind();
             if let Some(i) = config::COUNTED_KINDS.iter().position(|k| *k == kind) {
                 counts[i] += 1;
             }
@@ -200,15 +234,16 @@ pub struct Store {
     pub reloads: ConfigMetrics,
 }
 
-/// What a source holds that is left out, by source and identity (see [`Rejection::id`]).
-type Rejections = BTreeMap<(Arc<str>, String), Arc<Rejection>>;
+/// What a source holds that is invalid, by source and identity (see [`Rejection::id`]).
+type Rejections = BTreeMap<(Arc<str>, String), Rejected>;
 
 /// What the sources want, and what is in force.
 struct State {
     folder: Option<Folder>,
-    /// The source's valid objects: the folder's, or the API server's.
+    /// The source's objects (the folder's, or the API server's): each valid one it holds, and
+    /// for one it holds in an invalid version the last good version seen, if any.
     base: ObjectSet,
-    /// The source's invalid objects: left out of `base`, reported.
+    /// What the source holds that is invalid: reported.
     rejected: Rejections,
     /// Applied objects; they replace the base's of the same identity.
     applied: ObjectSet,
@@ -242,7 +277,8 @@ struct Accepted {
 
 impl Store {
     /// Loads the folder (if any): its valid objects are put in force, what is invalid is left
-    /// out and reported. Fails only when the folder itself cannot be read. The store's metrics
+    /// out (no version of it was seen yet) and reported. Fails only when the folder itself
+    /// cannot be read. The store's metrics
     /// (`mesh_config_*`) and the engine's (`mesh_engine_*`, per-service counters) are registered
     /// on `registry`, the agent's `mesh` sub-registry.
     pub fn open(
@@ -255,10 +291,11 @@ impl Store {
             Some(folder) => folder.read()?,
             None => Default::default(),
         };
+        let (base, rejected) = with_last_good(&ObjectSet::new(), contents);
         let mut state = State {
             folder,
-            base: contents.objects,
-            rejected: rejections(contents.rejected),
+            base,
+            rejected,
             applied: ObjectSet::new(),
             deleted: imbl::OrdSet::new(),
             in_force: InForce::default(),
@@ -296,8 +333,9 @@ impl Store {
         self.lock().folder.as_ref().map(|f| f.dir().to_path_buf())
     }
 
-    /// Re-reads the folder and puts what it holds in force, what is invalid in it left out.
-    /// Fails, and the current snapshot stays, only when the folder cannot be read at all.
+    /// Re-reads the folder and puts what it holds in force; for what is invalid in it, the last
+    /// good version stays (or, if there is none, it is left out). Fails, and the current
+    /// snapshot stays, only when the folder cannot be read at all.
     pub fn reload(&self) -> Result<u64, Diagnostic> {
         let mut state = self.lock();
         let Some(folder) = &mut state.folder else {
@@ -305,9 +343,10 @@ impl Store {
         };
         match folder.read() {
             Ok(contents) => {
-                let touched = changed_keys(&state.base, &contents.objects);
-                let before = std::mem::replace(&mut state.rejected, rejections(contents.rejected));
-                state.base = contents.objects;
+                let (base, rejected) = with_last_good(&state.base, contents);
+                let touched = changed_keys(&state.base, &base);
+                let before = std::mem::replace(&mut state.rejected, rejected);
+                state.base = base;
                 let version = self.settle(&mut state, touched, &before);
                 self.reloads.ok.inc();
                 Ok(version)
@@ -320,8 +359,8 @@ impl Store {
         }
     }
 
-    /// Kubernetes mode: what the API server's watches reported. Always taken: an invalid object
-    /// is left out by itself.
+    /// Kubernetes mode: what the API server's watches reported. Always taken: for an invalid
+    /// object the last good version stays (or, if there is none, it is left out), by itself.
     pub fn change(&self, changes: Vec<SourceChange>) -> u64 {
         let mut state = self.lock();
         let before = state.rejected.clone();
@@ -329,21 +368,17 @@ impl Store {
         for change in changes {
             match change {
                 SourceChange::Upsert(sourced) => {
-                    state
-                        .rejected
-                        .retain(|_, r| r.key.as_ref() != Some(&sourced.key));
+                    state.forget_rejection(&sourced.key);
                     touched.push(sourced.key.clone());
                     state.base.insert(sourced.key.clone(), sourced);
                 }
                 SourceChange::Reject(rejection) => {
-                    if let Some(key) = &rejection.key {
-                        state.base.remove(key);
-                        touched.push(key.clone());
-                    }
-                    state.rejected.insert(rejection.id(), Arc::new(rejection));
+                    // What is in force of it is the last good version: it stays.
+                    let kept = (rejection.key.as_ref()).is_some_and(|k| state.base.contains_key(k));
+                    state.reject(rejection, kept);
                 }
                 SourceChange::Remove(key) => {
-                    state.rejected.retain(|_, r| r.key.as_ref() != Some(&key));
+                    state.forget_rejection(&key);
                     state.base.remove(&key);
                     touched.push(key);
                 }
@@ -356,9 +391,13 @@ impl Store {
                     for sourced in objects {
                         replacement.insert(sourced.key.clone(), sourced);
                     }
+                    // Listed but invalid: not gone, their last good versions stay (a relist,
+                    // after `410 Gone` say, must not drop them).
+                    let invalid: BTreeSet<&ObjectKey> =
+                        rejected.iter().filter_map(|r| r.key.as_ref()).collect();
                     let gone: Vec<ObjectKey> = config::of_kind(&state.base, &kind)
                         .map(|o| o.key.clone())
-                        .filter(|key| !replacement.contains_key(key))
+                        .filter(|key| !replacement.contains_key(key) && !invalid.contains(key))
                         .collect();
                     for key in gone {
                         state.base.remove(&key);
@@ -368,11 +407,13 @@ impl Store {
                         touched.push(key.clone());
                         state.base.insert(key, sourced);
                     }
-                    state
-                        .rejected
-                        .retain(|_, r| r.key.as_ref().is_none_or(|key| key.kind != kind));
+                    state.rejected.retain(|_, r| {
+                        (r.rejection.key.as_ref()).is_none_or(|key| key.kind != kind)
+                    });
                     for rejection in rejected {
-                        state.rejected.insert(rejection.id(), Arc::new(rejection));
+                        let kept =
+                            (rejection.key.as_ref()).is_some_and(|k| state.base.contains_key(k));
+                        state.reject(rejection, kept);
                     }
                 }
             }
@@ -498,6 +539,26 @@ impl Store {
 }
 
 impl State {
+    /// Reports `rejection`; `kept`: whether the last good version of its object stays in force.
+    fn reject(&mut self, rejection: Rejection, kept: bool) {
+        let id = rejection.id();
+        let rejected = Rejected {
+            rejection: Arc::new(rejection),
+            outcome: if kept {
+                Outcome::LastGoodInForce
+            } else {
+                Outcome::LeftOut
+            },
+        };
+        self.rejected.insert(id, rejected);
+    }
+
+    /// Drops the rejection of `key`'s object: a valid version arrived, or it was deleted.
+    fn forget_rejection(&mut self, key: &ObjectKey) {
+        self.rejected
+            .retain(|_, r| r.rejection.key.as_ref() != Some(key));
+    }
+
     /// The object the sources want for `key`.
     fn wanted(&self, key: &ObjectKey) -> Option<&Arc<Sourced>> {
         match self.applied.get(key) {
@@ -593,9 +654,37 @@ fn references(in_force: &InForce) -> Vec<Diagnostic> {
     config::check_references(&rules, &[], Some(&services))
 }
 
-/// A source's rejections, by identity.
-fn rejections(rejected: impl IntoIterator<Item = Arc<Rejection>>) -> Rejections {
-    rejected.into_iter().map(|r| (r.id(), r)).collect()
+/// What of a folder's `contents` is in force, given what was (`before`): every valid object it
+/// holds, and for an object it holds in an invalid version the version in force before (the last
+/// good one; none: left out). A file that cannot be read or parsed, or has a document without
+/// kind or name, cannot say which objects it holds: the objects it last held stay, unless the
+/// folder now holds them elsewhere. Deleting a file, or an object from a file that parses,
+/// deletes the object.
+fn with_last_good(before: &ObjectSet, contents: Contents) -> (ObjectSet, Rejections) {
+    let mut objects = contents.objects;
+    let mut rejected = Rejections::new();
+    for rejection in contents.rejected {
+        let kept: Vec<Arc<Sourced>> = match &rejection.key {
+            // Defined (validly) elsewhere too: that definition is in force.
+            Some(key) if objects.contains_key(key) => Vec::new(),
+            Some(key) => before.get(key).cloned().into_iter().collect(),
+            None => before
+                .values()
+                .filter(|o| o.origin == rejection.origin && !objects.contains_key(&o.key))
+                .cloned()
+                .collect(),
+        };
+        let outcome = if kept.is_empty() {
+            Outcome::LeftOut
+        } else {
+            Outcome::LastGoodInForce
+        };
+        for sourced in kept {
+            objects.insert(sourced.key.clone(), sourced);
+        }
+        rejected.insert(rejection.id(), Rejected { rejection, outcome });
+    }
+    (objects, rejected)
 }
 
 /// Keys whose object differs between two versions of a source's set.
@@ -638,17 +727,22 @@ fn log_warnings(warnings: &[Diagnostic]) {
     }
 }
 
-/// Logs each rejection that is new, or whose diagnostics changed, since `before`: once, not
-/// again on every reload or relist.
+/// Logs each rejection that is new, or whose diagnostics or outcome changed, since `before`:
+/// once, not again on every reload or relist.
 fn log_rejections(before: &Rejections, now: &Rejections) {
-    for (id, rejection) in now {
-        if before.get(id).is_some_and(|old| **old == **rejection) {
+    for (id, rejected) in now {
+        if before.get(id).is_some_and(|old| old == rejected) {
             continue;
         }
-        for diagnostic in &rejection.diagnostics {
-            match diagnostic.severity {
-                Severity::Error => warn!("left out of the config in force: {diagnostic}"),
-                Severity::Warning => warn!("{diagnostic}"),
+        for diagnostic in &rejected.rejection.diagnostics {
+            match (diagnostic.severity, rejected.outcome) {
+                (Severity::Error, Outcome::LastGoodInForce) => {
+                    warn!("rejected, the last good version stays in force: {diagnostic}")
+                }
+                (Severity::Error, Outcome::LeftOut) => {
+                    warn!("left out of the config in force: {diagnostic}")
+                }
+                (Severity::Warning, _) => warn!("{diagnostic}"),
             }
         }
     }
@@ -783,7 +877,12 @@ spec: {}
             .with_ansi(false)
             .with_writer(move || writer.clone())
             .finish();
-        tracing::subscriber::with_default(subscriber, f);
+        tracing::subscriber::with_default(subscriber, || {
+            // A log line first reached by another test's thread while this subscriber was
+            // being set may have cached "nobody listens": ask every line again.
+            tracing::callsite::rebuild_interest_cache();
+            f()
+        });
         let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
         text.lines().map(str::to_owned).collect()
     }
@@ -937,17 +1036,39 @@ spec: {}
         Ok(plan.destination().cluster.to_string())
     }
 
-    /// What is left out, as `(key, first error)`.
+    /// What is rejected, as `(key, first error)`.
     fn rejected(store: &Store) -> Vec<(Option<String>, String)> {
         store
             .snapshot()
             .rejected
             .iter()
             .map(|r| {
+                let r = &r.rejection;
                 let error = r.errors().next().map(|d| d.to_string()).unwrap_or_default();
                 (r.key.as_ref().map(ToString::to_string), error)
             })
             .collect()
+    }
+
+    /// What of each rejected object is in force, in the order of [`rejected`].
+    fn outcomes(store: &Store) -> Vec<Outcome> {
+        store
+            .snapshot()
+            .rejected
+            .iter()
+            .map(|r| r.outcome)
+            .collect()
+    }
+
+    /// The VirtualService `namespace/name` in force, as its weights.
+    fn route_weights(store: &Store, namespace: &str, name: &str) -> Option<Vec<u32>> {
+        let key = ObjectKey::new("VirtualService", Some(namespace), name);
+        match &store.snapshot().objects.get(&key)?.object {
+            Object::VirtualService(vs) => {
+                Some(vs.rule.http[0].route.iter().map(|r| r.weight).collect())
+            }
+            _ => None,
+        }
     }
 
     /// `mesh_config_rejected_objects` as served, by kind (only kinds with some).
@@ -1057,8 +1178,8 @@ spec: {}
     }
 
     /// Start-up takes the valid part of a folder: a duplicate, a file that does not parse and
-    /// an invalid object are left out, each by itself, logged once, counted and listed; fixing
-    /// a file puts its objects in force.
+    /// an invalid object are left out (no good version of them was seen), each by itself,
+    /// logged once, counted and listed; fixing a file puts its objects in force.
     #[test]
     fn a_bad_folder_starts_with_its_valid_part_and_its_fix_is_taken() {
         let dir = folder(&[
@@ -1092,6 +1213,7 @@ spec: {}
             "{found:?}"
         );
         assert!(found[2].1.contains("c.yml: invalid YAML"), "{found:?}");
+        assert_eq!(outcomes(&store), [Outcome::LeftOut; 4]);
         assert!(
             found[3].1.contains(
                 "vs.yml: VirtualService default/service-c: spec.http[0].route: weights sum to 110"
@@ -1128,19 +1250,102 @@ spec: {}
         assert_eq!(weights(&store), Some(vec![90, 10]));
         assert_eq!(rejected(&store), []);
         assert_eq!(rejected_gauge(&store), []);
-
-        // An invalid edit leaves that object out (its earlier version too), nothing else.
-        std::fs::write(dir.path().join("vs.yml"), vs(90, 20)).unwrap();
-        store.reload().unwrap();
-        assert_eq!(weights(&store), None);
-        assert_eq!(kinds(&store), ["DestinationRule", "Service"]);
-        assert_eq!(rejected(&store).len(), 1);
     }
 
-    /// Kubernetes mode: an invalid object is left out by itself and every other change keeps
-    /// coming in; a relist that still finds it invalid keeps it out, one without it forgets it.
+    /// A bad edit to an object in force keeps its last good version, by itself: reported (logged
+    /// once, counted, listed), while every other change to the folder applies. A file that no
+    /// longer parses keeps the objects it held. Deleting the object deletes it; a restart, which
+    /// has seen no good version (nothing is persisted), leaves it out.
     #[test]
-    fn an_invalid_watched_object_is_left_out_alone_and_the_rest_keeps_updating() {
+    fn a_bad_edit_keeps_the_last_good_version_until_deleted_and_a_restart_leaves_it_out() {
+        let dir = folder(&[("service.yml", SERVICE), ("vs.yml", &vs(90, 10))]);
+        let store = open(Some(&dir)).unwrap();
+        assert_eq!(weights(&store), Some(vec![90, 10]));
+
+        std::fs::write(dir.path().join("vs.yml"), vs(90, 20)).unwrap();
+        let logged = logged_warnings(|| {
+            store.reload().unwrap();
+        });
+        assert_eq!(weights(&store), Some(vec![90, 10]));
+        let found = rejected(&store);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(
+            found[0].0.as_deref(),
+            Some("VirtualService default/service-c")
+        );
+        assert_eq!(outcomes(&store), [Outcome::LastGoodInForce]);
+        assert_eq!(rejected_gauge(&store), [("VirtualService".to_owned(), 1)]);
+        assert_eq!(logged.len(), 1, "{logged:?}");
+        let vs_file = dir.path().join("vs.yml").display().to_string();
+        assert!(
+            logged[0].ends_with(&format!(
+                "rejected, the last good version stays in force: {vs_file}: VirtualService \
+                 default/service-c: spec.http[0].route: weights sum to 110, must be 100"
+            )),
+            "{logged:?}"
+        );
+        let again = logged_warnings(|| {
+            store.reload().unwrap();
+        });
+        assert_eq!(again, Vec::<String>::new());
+
+        // Everything else keeps updating: a route in another namespace comes in.
+        let other = vs(100, 0).replace(
+            "metadata: {name: service-c}",
+            "metadata: {name: other, namespace: shop}",
+        );
+        std::fs::write(dir.path().join("other.yml"), &other).unwrap();
+        store.reload().unwrap();
+        assert_eq!(route_weights(&store, "shop", "other"), Some(vec![100, 0]));
+        assert_eq!(weights(&store), Some(vec![90, 10]));
+
+        // A file that no longer parses: the objects it held stay as they were.
+        std::fs::write(dir.path().join("service.yml"), "kind: [unclosed").unwrap();
+        store.reload().unwrap();
+        assert_eq!(
+            kinds(&store),
+            [
+                "DestinationRule",
+                "Service",
+                "VirtualService",
+                "VirtualService"
+            ]
+        );
+        assert!(route_of(&store).is_ok());
+        assert_eq!(
+            outcomes(&store),
+            [Outcome::LastGoodInForce, Outcome::LastGoodInForce]
+        );
+
+        // A restart has seen no good version of either: left out, the rest in force.
+        let restarted = open(Some(&dir)).unwrap();
+        assert_eq!(kinds(&restarted), ["VirtualService"]);
+        assert_eq!(
+            route_weights(&restarted, "shop", "other"),
+            Some(vec![100, 0])
+        );
+        assert_eq!(outcomes(&restarted), [Outcome::LeftOut, Outcome::LeftOut]);
+
+        // Mended, the file's objects are taken; the bad object deleted, it is gone, last good
+        // version and report with it.
+        std::fs::write(dir.path().join("service.yml"), SERVICE).unwrap();
+        std::fs::remove_file(dir.path().join("vs.yml")).unwrap();
+        store.reload().unwrap();
+        assert_eq!(route_weights(&store, "default", "service-c"), None);
+        assert_eq!(
+            kinds(&store),
+            ["DestinationRule", "Service", "VirtualService"]
+        );
+        assert_eq!(rejected(&store), []);
+        assert_eq!(rejected_gauge(&store), []);
+    }
+
+    /// Kubernetes mode: an invalid version of an object keeps its last good version in force,
+    /// by itself, and every other change keeps coming in; a relist that still finds it invalid
+    /// keeps that version (a relist once dropped it), one without it deletes it. An object this
+    /// agent never saw valid is left out.
+    #[test]
+    fn an_invalid_watched_object_keeps_its_last_good_version_and_the_rest_keeps_updating() {
         let store = open(None).unwrap();
         let sourced = |text: &str| {
             let mut found = config::read_text("kubernetes", text).unwrap();
@@ -1150,44 +1355,48 @@ spec: {}
             let (_, mut rejected) = config::read_each("kubernetes", text);
             rejected.remove(0)
         };
+        let upsert = |text: &str| {
+            sourced(text)
+                .into_iter()
+                .map(SourceChange::Upsert)
+                .collect()
+        };
         // The route first, its subsets' rule later: both taken.
-        let canary = sourced(&vs(90, 10));
-        store.change(canary.iter().cloned().map(SourceChange::Upsert).collect());
+        store.change(upsert(&vs(90, 10)));
         assert_eq!(weights(&store), Some(vec![90, 10]));
         assert_eq!(
             route_of(&store).unwrap_err(),
             crate::engine::EngineError::ClusterNotFound
         );
-        store.change(
-            sourced(SERVICE)
-                .into_iter()
-                .map(SourceChange::Upsert)
-                .collect(),
-        );
+        store.change(upsert(SERVICE));
         assert!(route_of(&store).is_ok());
 
-        // The route made invalid: left out with its earlier version, reported.
-        store.change(vec![SourceChange::Reject(rejection(&vs(90, 20)))]);
-        assert_eq!(weights(&store), None);
+        // The route made invalid: its last good version stays, reported.
+        let logged = logged_warnings(|| {
+            store.change(vec![SourceChange::Reject(rejection(&vs(90, 20)))]);
+        });
+        assert_eq!(weights(&store), Some(vec![90, 10]));
         assert_eq!(rejected(&store).len(), 1);
+        assert_eq!(outcomes(&store), [Outcome::LastGoodInForce]);
         assert_eq!(rejected_gauge(&store), [("VirtualService".to_owned(), 1)]);
+        assert_eq!(logged.len(), 1, "{logged:?}");
+        assert!(
+            logged[0].contains(
+                "rejected, the last good version stays in force: kubernetes: VirtualService \
+                 default/service-c: spec.http[0].route: weights sum to 110"
+            ),
+            "{logged:?}"
+        );
         // Everything else still comes in: a route in another namespace.
         let other = vs(100, 0).replace(
             "metadata: {name: service-c}",
             "metadata: {name: other, namespace: shop}",
         );
-        store.change(
-            sourced(&other)
-                .into_iter()
-                .map(SourceChange::Upsert)
-                .collect(),
-        );
-        assert_eq!(
-            kinds(&store),
-            ["DestinationRule", "Service", "VirtualService"]
-        );
+        store.change(upsert(&other));
+        assert_eq!(route_weights(&store, "shop", "other"), Some(vec![100, 0]));
 
-        // A relist that finds it invalid again keeps it out (and the other route in) ...
+        // A relist (after `410 Gone`, say) that finds it invalid again keeps the last good
+        // version, and logs nothing again ...
         let relist = |rejected: Vec<Rejection>| {
             vec![SourceChange::Replace {
                 kind: "VirtualService".into(),
@@ -1195,18 +1404,53 @@ spec: {}
                 rejected,
             }]
         };
-        store.change(relist(vec![rejection(&vs(90, 20))]));
-        assert_eq!(rejected(&store).len(), 1);
-        assert_eq!(kinds(&store).len(), 3);
-        // ... one without it forgets it, and fixing it puts it back.
+        let quiet = logged_warnings(|| {
+            store.change(relist(vec![rejection(&vs(90, 20))]));
+        });
+        assert_eq!(quiet, Vec::<String>::new());
+        assert_eq!(
+            route_weights(&store, "default", "service-c"),
+            Some(vec![90, 10])
+        );
+        assert_eq!(outcomes(&store), [Outcome::LastGoodInForce]);
+        assert_eq!(route_weights(&store, "shop", "other"), Some(vec![100, 0]));
+        // ... one without it deletes it, and it comes back valid.
         store.change(relist(vec![]));
+        assert_eq!(route_weights(&store, "default", "service-c"), None);
         assert_eq!(rejected(&store), []);
-        store.change(canary.iter().cloned().map(SourceChange::Upsert).collect());
-        assert_eq!(weights(&store), Some(vec![90, 10]));
-        // Deleted while invalid: nothing of it is left.
+        store.change(upsert(&vs(90, 10)));
+        assert_eq!(
+            route_weights(&store, "default", "service-c"),
+            Some(vec![90, 10])
+        );
+        assert_eq!(rejected(&store), []);
+
+        // Deleted while invalid: nothing of it is left, last good version included.
         store.change(vec![SourceChange::Reject(rejection(&vs(90, 20)))]);
-        store.change(vec![SourceChange::Remove(canary[0].key.clone())]);
+        let key = ObjectKey::new("VirtualService", None, "service-c");
+        store.change(vec![SourceChange::Remove(key)]);
+        assert_eq!(route_weights(&store, "default", "service-c"), None);
         assert_eq!(rejected(&store), []);
         assert_eq!(rejected_gauge(&store), []);
+
+        // Invalid from the start (as after a restart: nothing is persisted): left out, on an
+        // event or a list alike.
+        store.change(vec![SourceChange::Reject(rejection(&vs(90, 20)))]);
+        assert_eq!(route_weights(&store, "default", "service-c"), None);
+        assert_eq!(outcomes(&store), [Outcome::LeftOut]);
+        let restarted = open(None).unwrap();
+        let logged = logged_warnings(|| {
+            restarted.change(relist(vec![rejection(&vs(90, 20))]));
+        });
+        assert_eq!(route_weights(&restarted, "default", "service-c"), None);
+        assert_eq!(outcomes(&restarted), [Outcome::LeftOut]);
+        let reported: Vec<&String> = logged
+            .iter()
+            .filter(|l| l.contains("VirtualService default/service-c"))
+            .collect();
+        assert!(
+            reported.len() == 1 && reported[0].contains("left out of the config in force: "),
+            "{logged:?}"
+        );
     }
 }

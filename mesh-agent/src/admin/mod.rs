@@ -350,8 +350,8 @@ fn change_answer(
 
 /// The config in force: every object with its identity, the warnings it was loaded with, the
 /// objects that have no effect at all (`ignored`: kind, namespace, name, source, reason), and
-/// what the sources hold that is left out for being invalid (`rejected`: kind, namespace and
-/// name when known, source, every diagnostic).
+/// what the sources hold that is invalid (`rejected`: kind, namespace and name when known,
+/// source, `outcome` — `last_good_in_force` or `left_out` — and every diagnostic).
 fn config_dump(store: &Store) -> serde_json::Value {
     let snapshot = store.snapshot();
     let objects: Vec<serde_json::Value> = snapshot.objects.values().map(|o| o.manifest()).collect();
@@ -370,13 +370,15 @@ fn config_dump(store: &Store) -> serde_json::Value {
     let rejected: Vec<serde_json::Value> = snapshot
         .rejected
         .iter()
-        .map(|rejection| {
+        .map(|rejected| {
+            let rejection = &rejected.rejection;
             let key = rejection.key.as_ref();
             json!({
                 "kind": key.map(|k| &*k.kind),
                 "namespace": key.map(|k| &*k.namespace),
                 "name": key.map(|k| &*k.name),
                 "source": &*rejection.origin,
+                "outcome": rejected.outcome.as_str(),
                 "diagnostics": rejection
                     .diagnostics
                     .iter()
@@ -514,9 +516,10 @@ spec:
     }
 
     /// What the config folder holds that is invalid is listed under `rejected`, each with its
-    /// identity (when it has one), source and diagnostics; the rest is in force.
+    /// identity (when it has one), source, what of it is in force and diagnostics; the rest is
+    /// in force.
     #[test]
-    fn config_dump_lists_what_is_left_out_under_rejected() {
+    fn config_dump_lists_what_is_invalid_under_rejected() {
         let dir = tempfile::tempdir().expect("a folder");
         std::fs::write(dir.path().join("policy.yml"), POLICY).expect("written");
         let invalid =
@@ -550,6 +553,9 @@ spec:
             ),
             (&json!("Gateway"), &json!("istio-system"), &json!("public"))
         );
+        // Never seen valid (as at start-up): left out.
+        assert_eq!(rejected[0]["outcome"], json!("left_out"));
+        assert_eq!(rejected[1]["outcome"], json!("left_out"));
         assert_eq!(
             rejected[1]["diagnostics"],
             json!([format!(
@@ -557,6 +563,26 @@ spec:
                  outside 1–65535",
                 file("gateway.yml")
             )])
+        );
+
+        // The policy broken while the agent runs: its last good version stays, and says so.
+        std::fs::write(
+            dir.path().join("policy.yml"),
+            POLICY.replace("spec: {}", "spec: ["),
+        )
+        .expect("written");
+        store.reload().expect("reloaded");
+        let dump = config_dump(&store);
+        assert_eq!(dump["objects"].as_array().map(Vec::len), Some(1));
+        let rejected = dump["rejected"].as_array().expect("rejected");
+        let policy = rejected
+            .iter()
+            .find(|r| r["source"] == json!(file("policy.yml")))
+            .expect("the policy's file rejected");
+        assert_eq!(
+            policy["outcome"],
+            json!("last_good_in_force"),
+            "{rejected:?}"
         );
     }
 

@@ -10,8 +10,8 @@
 //!
 //! Every problem becomes a [`Diagnostic`] naming file, object, field and reason: unknown or
 //! unsupported fields are warnings, invalid values are errors, and all of them are reported. An
-//! object with an error is left out by itself ([`read_each`], [`Rejection`]); a reference to an
-//! object that does not exist (yet) is a warning.
+//! object with an error is rejected by itself ([`read_each`], [`Rejection`]; the store keeps its
+//! last good version, if any); a reference to an object that does not exist (yet) is a warning.
 //!
 //! ```
 //! use mesh_agent::config;

@@ -1,6 +1,7 @@
 //! What a source holds that cannot be put in force: an object that failed validation, or a
-//! whole file that could not be read or parsed. Each is left out by itself — the rest of the
-//! source applies — and reported with every diagnostic found.
+//! whole file that could not be read or parsed. Each is rejected by itself — the rest of the
+//! source applies — and reported with every diagnostic found; the store decides what of it
+//! stays in force (the last good version it saw, if any).
 
 use std::sync::Arc;
 
@@ -10,14 +11,14 @@ use super::{
     object::{read, ObjectKey, Sourced},
 };
 
-/// One object (or file) left out of the config in force, and why.
+/// One object (or file) that cannot be put in force, and why.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rejection {
     /// Where it came from: a file, or `kubernetes`.
     pub origin: Arc<str>,
-    /// Its identity, when it has one (kind and name were readable): nothing of that identity
-    /// comes from this source while it is rejected. `None` for a file that could not be read
-    /// or parsed, or a document without kind or name.
+    /// Its identity, when it has one (kind and name were readable): no version of it from this
+    /// source but the last good one can be in force while it is rejected. `None` for a file
+    /// that could not be read or parsed, or a document without kind or name.
     pub key: Option<ObjectKey>,
     /// Every problem found: at least one error, and the warnings found with them.
     pub diagnostics: Vec<Diagnostic>,

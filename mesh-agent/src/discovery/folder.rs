@@ -25,7 +25,8 @@ struct Parsed {
     rejected: Vec<Arc<Rejection>>,
 }
 
-/// What the folder holds: every valid object, and every object (or file) left out.
+/// What the folder holds: every valid object, and every object (or file) rejected (the store
+/// keeps the last good version of what it held, if any).
 #[derive(Default)]
 pub struct Contents {
     pub objects: ObjectSet,
@@ -44,7 +45,7 @@ impl Folder {
         &self.dir
     }
 
-    /// Every valid object of the folder, and what is left out, each by itself: an object that
+    /// Every valid object of the folder, and what is rejected, each by itself: an object that
     /// fails validation, a file that cannot be read or parsed (all of its objects), an object
     /// defined again in a later file (the first definition, in sorted order, stays). `Err` only
     /// when the folder itself cannot be listed.
@@ -90,8 +91,8 @@ impl Folder {
             contents.rejected.extend(parsed.rejected.iter().cloned());
             for sourced in &parsed.objects {
                 if let Some(first) = contents.objects.get(&sourced.key) {
-                    // Usually a copy-paste slip; keeping the first means a new file never
-                    // displaces an object already in force.
+                    // Usually a copy-paste slip; keeping the first in sorted order makes the
+                    // choice the same on every read, whatever order files were written in.
                     let reason = format!("defined again (first in {}): left out", first.origin);
                     contents.rejected.push(Arc::new(Rejection {
                         origin: Arc::clone(&sourced.origin),
@@ -179,10 +180,10 @@ spec:
         assert!(Arc::ptr_eq(a, b), "an unchanged file is not parsed again");
     }
 
-    /// A duplicate, a file that does not parse and an invalid object are each left out by
+    /// A duplicate, a file that does not parse and an invalid object are each rejected by
     /// themselves; the rest of the folder (the other objects of the same file included) stays.
     #[test]
-    fn what_is_invalid_is_left_out_by_itself() {
+    fn what_is_invalid_is_rejected_by_itself() {
         let dir = tempfile::tempdir().unwrap();
         let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
         write("a.yml", SERVICE);

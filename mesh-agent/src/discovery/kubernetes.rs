@@ -22,13 +22,16 @@
 //! logged with its kind and reason, every one is counted
 //! (`mesh_kubernetes_watch_failures_total{kind}`), and recovery is logged.
 //!
-//! An Istio object that fails validation (the CRDs' schemas take any `spec`) is left out by
-//! itself — everything else keeps updating — and reported by the store (log, metric,
-//! `/config_dump`) and here as a `Warning` Event on the object (reason `Rejected`, the
-//! problems in its note), which `kubectl describe` shows. Every node's agent validates the same
-//! objects, so the Event's name is derived from the object's name and `resourceVersion`: the
-//! first agent creates it, the others find it there (`409`), and one bad version makes one
-//! Event, needing only `create` on `events`.
+//! An Istio object that fails validation (the CRDs' schemas take any `spec`) is rejected by
+//! itself — its last good version stays in force, or, if this agent saw none, it is left out;
+//! everything else keeps updating, and a relist keeps that last good version too — and reported
+//! by the store (log, metric, `/config_dump`) and here as a `Warning` Event on the object
+//! (reason `Rejected`, the problems in its note), which `kubectl describe` shows. Every node's
+//! agent validates the same objects, so the Event's name is derived from the object's name and
+//! `resourceVersion`: the first agent creates it, the others find it there (`409`), and one bad
+//! version makes one Event, needing only `create` on `events`. Which version an agent keeps in
+//! force is its own (one started after the bad version has none), so the Event's note says
+//! both.
 
 use std::{fmt::Debug, future::Future, path::PathBuf, sync::Arc, time::Duration};
 
@@ -71,13 +74,14 @@ use crate::{
 pub enum SourceChange {
     /// This object is new or changed.
     Upsert(Arc<Sourced>),
-    /// This object is new or changed, and invalid: left out (its earlier version too) and
-    /// reported.
+    /// This object is new or changed, and invalid: reported, and its last good version stays
+    /// (none: left out).
     Reject(Rejection),
     /// This object is gone.
     Remove(ObjectKey),
     /// These are all the objects of this kind (after a (re)list), valid (`objects`) and invalid
-    /// (`rejected`, left out): any other is gone.
+    /// (`rejected`: as [`SourceChange::Reject`], their last good versions stay): any other is
+    /// gone.
     Replace {
         kind: Arc<str>,
         objects: Vec<Arc<Sourced>>,
@@ -86,8 +90,8 @@ pub enum SourceChange {
 }
 
 /// What a watched object reads as: an object for the store, a rejection (an Istio object that
-/// fails validation), or `None` for one that cannot be used at all (left out, logged where it
-/// is read).
+/// fails validation, an object not understood), or `None` for one without a name (nothing to
+/// know it by).
 type Read = Option<Result<Arc<Sourced>, Rejection>>;
 
 /// How objects from the API server are labelled in diagnostics and `/config_dump`.
@@ -405,7 +409,7 @@ fn endpoint_slice_from_v1beta1(object: DynamicObject) -> Option<EndpointSlice> {
         .to_owned();
     serde_json::from_value(value)
         .inspect_err(
-            |error| warn!(%name, %error, "EndpointSlice (v1beta1) not understood; left out"),
+            |error| warn!(%name, %error, "EndpointSlice (v1beta1) not understood: rejected"),
         )
         .ok()
 }
@@ -586,20 +590,29 @@ impl Watch {
         K: kube::Resource + Send + 'static,
     {
         let origin = Arc::clone(&self.origin);
+        let kind = self.kind;
         self.run_sourced(events, move |object| {
-            Sourced::typed(&origin, typed(object)?).map(|o| Ok(Arc::new(o)))
+            let key = key_of(kind, &object)?;
+            match typed(object) {
+                Some(object) => Sourced::typed(&origin, object).map(|o| Ok(Arc::new(o))),
+                // Why is logged where it failed; like an invalid object's, the last good
+                // version stays.
+                None => Some(Err(Rejection {
+                    origin: Arc::clone(&origin),
+                    diagnostics: vec![Diagnostic::error(
+                        ORIGIN,
+                        &key.to_string(),
+                        format!("cannot be read as {kind}"),
+                    )],
+                    key: Some(key),
+                })),
+            }
         })
     }
 
     /// The store's key of a watched object; `None` for one without a name.
     fn key_of(&self, object: &impl kube::Resource) -> Option<ObjectKey> {
-        let metadata = object.meta();
-        let name = metadata.name.as_deref()?;
-        Some(ObjectKey::new(
-            self.kind,
-            metadata.namespace.as_deref(),
-            name,
-        ))
+        key_of(self.kind, object)
     }
 
     async fn run_sourced<K>(
@@ -643,16 +656,11 @@ impl Watch {
                         rejected,
                     }
                 }
-                Ok(Event::Apply(object)) => {
-                    let key = self.key_of(&object);
-                    match (read(object), key) {
-                        (Some(Ok(object)), _) => SourceChange::Upsert(object),
-                        (Some(Err(rejection)), _) => SourceChange::Reject(rejection),
-                        // What cannot be read is no longer what is in force.
-                        (None, Some(key)) => SourceChange::Remove(key),
-                        (None, None) => continue,
-                    }
-                }
+                Ok(Event::Apply(object)) => match read(object) {
+                    Some(Ok(object)) => SourceChange::Upsert(object),
+                    Some(Err(rejection)) => SourceChange::Reject(rejection),
+                    None => continue,
+                },
                 Ok(Event::Delete(object)) => match self.key_of(&object) {
                     Some(key) => SourceChange::Remove(key),
                     None => continue,
@@ -674,6 +682,13 @@ impl Watch {
             }
         }
     }
+}
+
+/// The store's key of a watched object of `kind`; `None` for one without a name.
+fn key_of(kind: &str, object: &impl kube::Resource) -> Option<ObjectKey> {
+    let metadata = object.meta();
+    let name = metadata.name.as_deref()?;
+    Some(ObjectKey::new(kind, metadata.namespace.as_deref(), name))
 }
 
 /// An Istio object as the API served it, validated like a file's (a kind the mesh does not
@@ -805,7 +820,8 @@ fn rejection_event(
         .collect();
     let note = truncate(
         format!(
-            "left out of the mesh's config (the rest applies): {}",
+            "rejected by the mesh (each agent keeps the last good version it saw in force, or \
+             leaves the object out if it saw none; the rest applies): {}",
             problems.join("; ")
         ),
         MAX_NOTE,
@@ -979,6 +995,94 @@ mod tests {
         assert_eq!(*asked.lock().unwrap(), ["/apis"]);
     }
 
+    /// What a watch hands the store: an invalid object, on an event or in a (re)list, is a
+    /// rejection with its identity — so the store keeps its last good version, where a relist
+    /// once dropped it as gone — and so is an object of a typed kind that is not understood.
+    #[tokio::test]
+    async fn an_invalid_object_reaches_the_store_as_a_rejection_on_an_event_and_a_relist() {
+        let resource = ApiResource {
+            group: "networking.istio.io".into(),
+            version: "v1beta1".into(),
+            api_version: "networking.istio.io/v1beta1".into(),
+            kind: "VirtualService".into(),
+            plural: "virtualservices".into(),
+        };
+        let route = |name: &str, timeout: &str| -> DynamicObject {
+            serde_json::from_value(json!({
+                "metadata": {"name": name, "namespace": "shop"},
+                "spec": {"hosts": ["reviews"],
+                         "http": [{"timeout": timeout,
+                                   "route": [{"destination": {"host": "reviews"}}]}]}
+            }))
+            .unwrap()
+        };
+        let events: Events<DynamicObject> = Box::pin(futures_util::stream::iter([
+            Ok(Event::Init),
+            Ok(Event::InitApply(route("good", "1s"))),
+            Ok(Event::InitApply(route("bad", "soon"))),
+            Ok(Event::InitDone),
+            Ok(Event::Apply(route("good", "later"))),
+            Ok(Event::Delete(route("bad", "soon"))),
+        ]));
+        let (sender, mut changes) = mpsc::channel(16);
+        let watch = |kind| Watch {
+            kind,
+            sender: sender.clone(),
+            listed: None,
+            origin: ORIGIN.into(),
+            failures: Failures::reported(kind, &WatchMetrics::default()),
+        };
+        watch("VirtualService")
+            .run_sourced(events, move |object| istio(&resource, object, None))
+            .await;
+        let key = |name: &str| ObjectKey::new("VirtualService", Some("shop"), name);
+        let Some(SourceChange::Replace {
+            objects, rejected, ..
+        }) = changes.recv().await
+        else {
+            panic!("a relist first");
+        };
+        assert_eq!(objects.len(), 1);
+        assert_eq!(objects[0].key, key("good"));
+        assert_eq!(rejected.len(), 1);
+        assert_eq!(rejected[0].key, Some(key("bad")));
+        assert!(rejected[0].diagnostics[0]
+            .reason
+            .contains("invalid duration \"soon\""));
+        let Some(SourceChange::Reject(rejection)) = changes.recv().await else {
+            panic!("an invalid update is a rejection, not a removal");
+        };
+        assert_eq!(rejection.key, Some(key("good")));
+        let Some(SourceChange::Remove(removed)) = changes.recv().await else {
+            panic!("a deletion removes");
+        };
+        assert_eq!(removed, key("bad"));
+
+        // A typed kind: an object not understood is rejected with its identity.
+        let slice: Events<EndpointSlice> = Box::pin(futures_util::stream::iter([Ok(
+            Event::Apply(EndpointSlice {
+                metadata: ObjectMeta {
+                    name: Some("reviews-x1".into()),
+                    namespace: Some("shop".into()),
+                    ..ObjectMeta::default()
+                },
+                ..EndpointSlice::default()
+            }),
+        )]));
+        watch("EndpointSlice").run(slice, |_| None).await;
+        let Some(SourceChange::Reject(rejection)) = changes.recv().await else {
+            panic!("a rejection");
+        };
+        assert_eq!(
+            rejection.key,
+            Some(ObjectKey::new("EndpointSlice", Some("shop"), "reviews-x1"))
+        );
+        assert_eq!(
+            rejection.diagnostics[0].to_string(),
+            "kubernetes: EndpointSlice shop/reviews-x1: cannot be read as EndpointSlice"
+        );
+    }
+
     /// The Event of a rejected object: a `Warning` on the very version rejected, its problems
     /// in the note, named after the object and that version so every node's agent makes the
     /// same one (and a name too long for that is cut, not refused).
@@ -1033,8 +1137,9 @@ mod tests {
         let note = event.note.expect("a note");
         assert!(
             note.starts_with(
-                "left out of the mesh's config (the rest applies): spec.http[0].timeout: invalid \
-                 duration \"soon\""
+                "rejected by the mesh (each agent keeps the last good version it saw in force, \
+                 or leaves the object out if it saw none; the rest applies): \
+                 spec.http[0].timeout: invalid duration \"soon\""
             ),
             "{note}"
         );

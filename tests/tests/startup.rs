@@ -1,10 +1,12 @@
-//! Start-up never fails on what a running agent tolerates, and one bad object is left out by
+//! Start-up never fails on what a running agent tolerates, and one bad object is rejected by
 //! itself — local mode, on a simulated node, through the real agent and kernel redirect:
 //!
-//! - a config folder that gained an invalid object and a file that does not parse while an agent
-//!   ran, and an `--enroll` network namespace that vanished meanwhile: the restarted agent
-//!   starts with the valid part of the folder, skips the namespace with a warning, serves, and
-//!   reports what it left out (log, `mesh_config_rejected_objects`, `/config_dump`);
+//! - a bad edit to an object in force while an agent ran keeps its last good version in force,
+//!   a file that does not parse is tolerated, and an `--enroll` network namespace vanished
+//!   meanwhile: the restarted agent starts with the valid part of the folder (the bad object
+//!   left out: nothing is persisted, so it never saw a good version), skips the namespace with
+//!   a warning, serves, and reports what it left out (log, `mesh_config_rejected_objects`,
+//!   `/config_dump`);
 //! - with the invalid object still there, a change to another namespace's rule is in force
 //!   within a second;
 //! - a route to a subset no DestinationRule defines yet is taken (a warning), its requests are
@@ -28,8 +30,8 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 const PROMPTLY: Duration = Duration::from_secs(1);
 const URL: &str = "http://service-c:8080/";
 
-/// A VirtualService in namespace `shop` whose timeout is no duration (the object left out), and
-/// a valid one in the same file (in force: only the bad object is left out).
+/// A VirtualService in namespace `shop` whose timeout is no duration (the object rejected), and
+/// a valid one in the same file (in force: only the bad object is rejected).
 const SHOP_RULES: &str = "apiVersion: networking.istio.io/v1beta1
 kind: VirtualService
 metadata: {name: reviews, namespace: shop}
@@ -57,6 +59,43 @@ fn all_to(subset: &str) -> String {
          metadata: {{name: service-c}}\nspec:\n  hosts: [service-c]\n  http:\n  - route:\n    \
          - destination: {{host: service-c, subset: {subset}}}\n"
     )
+}
+
+/// `rules` with the bad timeout taken out.
+fn mended(rules: &str) -> String {
+    rules.replace("  - timeout: soon\n    route:", "  - route:")
+}
+
+/// The agent's `/config_dump`.
+fn dump(agent: &Agent) -> Result<Value> {
+    let (_, dump) = agent.admin_get("/config_dump")?;
+    Ok(serde_json::from_str(&dump)?)
+}
+
+/// The names of the objects in force in `dump`.
+fn in_force(dump: &Value) -> Vec<String> {
+    dump["objects"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|o| Some(o["metadata"]["name"].as_str()?.to_owned()))
+        .collect()
+}
+
+/// What `dump` says of each rejection, as `outcome|name`.
+fn outcomes(dump: &Value) -> Result<Vec<String>> {
+    Ok(dump["rejected"]
+        .as_array()
+        .context("/config_dump has rejected")?
+        .iter()
+        .map(|r| {
+            format!(
+                "{}|{}",
+                r["outcome"].as_str().unwrap_or_default(),
+                r["name"]
+            )
+        })
+        .collect())
 }
 
 /// `upstream get` of [`URL`] from `client`, `count` times: every response line and the summary.
@@ -152,8 +191,16 @@ fn a_restarted_agent_starts_with_the_valid_part_and_one_bad_object_holds_nothing
     let (_, summary) = get(&node, &client, 10)?;
     ensure!(by_body(&summary, "service-c-v2") == 10, "{summary}");
 
-    // While it runs: an invalid object and a file that does not parse, which it tolerates
-    // (the rest stays in force), and the ghost's namespace gone.
+    // While it runs: shop's rules arrive valid, then a bad edit breaks `reviews` (its last
+    // good version stays in force) and a file that does not parse appears, which it tolerates
+    // (the rest stays in force); the ghost's namespace goes.
+    let shop = config.path().join("shop.yml").display().to_string();
+    config.write("shop.yml", &mended(SHOP_RULES))?;
+    wait_for("shop's rules in force", TIMEOUT, || {
+        Ok(in_force(&dump(&first)?)
+            .contains(&"reviews".to_owned())
+            .then_some(()))
+    })?;
     config.write("shop.yml", SHOP_RULES)?;
     config.write("broken.yml", "kind: [unclosed\n")?;
     wait_for("the first agent to report the bad file", TIMEOUT, || {
@@ -162,6 +209,19 @@ fn a_restarted_agent_starts_with_the_valid_part_and_one_bad_object_holds_nothing
             .contains("broken.yml: invalid YAML")
             .then_some(()))
     })?;
+    let kept = format!(
+        "rejected, the last good version stays in force: {shop}: VirtualService shop/reviews: \
+         spec.http[0].timeout: invalid duration \"soon\""
+    );
+    wait_for("the bad edit reported", TIMEOUT, || {
+        Ok(first.stderr_text().contains(&kept).then_some(()))
+    })?;
+    let first_dump = dump(&first)?;
+    ensure!(
+        in_force(&first_dump).contains(&"reviews".to_owned())
+            && outcomes(&first_dump)? == ["left_out|null", "last_good_in_force|\"reviews\""],
+        "the last good version of reviews in force: {first_dump}"
+    );
     let (_, summary) = get(&node, &client, 10)?;
     ensure!(by_body(&summary, "service-c-v2") == 10, "{summary}");
     ip(&["netns", "delete", &ghost])?;
@@ -184,7 +244,7 @@ fn a_restarted_agent_starts_with_the_valid_part_and_one_bad_object_holds_nothing
         "{:?}",
         agent.enrolled()?
     );
-    let shop = config.path().join("shop.yml").display().to_string();
+    // Nothing was persisted: the restarted agent never saw a good version of reviews.
     ensure!(
         log.contains(&format!(
             "left out of the config in force: {shop}: VirtualService shop/reviews: \
@@ -195,8 +255,11 @@ fn a_restarted_agent_starts_with_the_valid_part_and_one_bad_object_holds_nothing
     ensure!(log.contains("broken.yml: invalid YAML"), "{log}");
     ensure!(rejected_objects(&agent, "VirtualService")? == 1.0);
     ensure!(rejected_objects(&agent, "unknown")? == 1.0);
-    let (_, dump) = agent.admin_get("/config_dump")?;
-    let dump: Value = serde_json::from_str(&dump)?;
+    let dump = dump(&agent)?;
+    ensure!(
+        outcomes(&dump)? == ["left_out|null", "left_out|\"reviews\""],
+        "{dump}"
+    );
     let rejected: Vec<String> = dump["rejected"]
         .as_array()
         .context("/config_dump has rejected")?
@@ -208,14 +271,9 @@ fn a_restarted_agent_starts_with_the_valid_part_and_one_bad_object_holds_nothing
         rejected[1] == format!("\"reviews\"|\"{shop}\""),
         "{rejected:?}"
     );
-    let names: Vec<&str> = dump["objects"]
-        .as_array()
-        .context("objects")?
-        .iter()
-        .filter_map(|o| o["metadata"]["name"].as_str())
-        .collect();
+    let names = in_force(&dump);
     ensure!(
-        names.contains(&"ratings") && !names.contains(&"reviews"),
+        names.contains(&"ratings".to_owned()) && !names.contains(&"reviews".to_owned()),
         "the file's other object is in force: {names:?}"
     );
     // It serves, with the canary in force, every request through it.
@@ -265,10 +323,7 @@ fn a_restarted_agent_starts_with_the_valid_part_and_one_bad_object_holds_nothing
     until_all_from(&node, &client, "service-c-v2", PROMPTLY * 5)?;
 
     // Mended, nothing is left out.
-    config.write(
-        "shop.yml",
-        &SHOP_RULES.replace("  - timeout: soon\n    route:", "  - route:"),
-    )?;
+    config.write("shop.yml", &mended(SHOP_RULES))?;
     std::fs::remove_file(config.path().join("broken.yml"))?;
     wait_for("nothing left out", TIMEOUT, || {
         Ok((rejected_objects(&agent, "VirtualService")? == 0.0

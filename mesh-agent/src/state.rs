@@ -857,33 +857,48 @@ metadata: {name: deny-all, namespace: shop}
 spec: {}
 ";
 
+    thread_local! {
+        /// Where [`logged_warnings`] collects this thread's log lines (`None`: not collecting).
+        static CAPTURED: std::cell::RefCell<Option<Vec<u8>>> = const { std::cell::RefCell::new(None) };
+    }
+
+    /// Writes into this thread's [`CAPTURED`] lines, if it collects them.
+    struct Captured;
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            CAPTURED.with_borrow_mut(|lines| {
+                if let Some(lines) = lines {
+                    lines.extend_from_slice(buf);
+                }
+            });
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
     /// The `warn!` lines `f` logs on this thread.
     fn logged_warnings(f: impl FnOnce()) -> Vec<String> {
-        #[derive(Clone, Default)]
-        struct Lines(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Lines {
-            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(buf);
-                Ok(buf.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let lines = Lines::default();
-        let writer = lines.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::WARN)
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .finish();
-        tracing::subscriber::with_default(subscriber, || {
-            // A log line first reached by another test's thread while this subscriber was
-            // being set may have cached "nobody listens": ask every line again.
-            tracing::callsite::rebuild_interest_cache();
-            f()
+        // One subscriber for the whole test process, each thread's lines kept apart. With a
+        // subscriber per test (`with_default`), tracing decides whether a log line is wanted by
+        // asking the subscriber of whichever thread reaches it first, and caches the answer:
+        // another test's thread, with none, made it "never" and this thread's lines were lost
+        // (3 runs in about 45).
+        static INSTALLED: std::sync::Once = std::sync::Once::new();
+        INSTALLED.call_once(|| {
+            let subscriber = tracing_subscriber::fmt()
+                .with_max_level(tracing::Level::WARN)
+                .with_ansi(false)
+                .with_writer(|| Captured)
+                .finish();
+            tracing::subscriber::set_global_default(subscriber)
+                .expect("no other subscriber in the unit tests");
         });
-        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        CAPTURED.set(Some(Vec::new()));
+        f();
+        let text = String::from_utf8(CAPTURED.take().unwrap_or_default()).unwrap();
         text.lines().map(str::to_owned).collect()
     }
 

@@ -277,10 +277,9 @@ struct Accepted {
 
 impl Store {
     /// Loads the folder (if any): its valid objects are put in force, what is invalid is left
-    /// out (no version of it was seen yet) and reported. Fails only when the folder itself
-    /// cannot be read. The store's metrics
-    /// (`mesh_config_*`) and the engine's (`mesh_engine_*`, per-service counters) are registered
-    /// on `registry`, the agent's `mesh` sub-registry.
+    /// out (no good version of it was seen yet) and reported. Fails only when the folder itself
+    /// cannot be read. The store's metrics (`mesh_config_*`) and the engine's (`mesh_engine_*`,
+    /// per-service counters) are registered on `registry`, the agent's `mesh` sub-registry.
     pub fn open(
         dir: Option<PathBuf>,
         settings: EngineSettings,

@@ -16,7 +16,7 @@ use crate::{
     admin::{self, AdminState},
     discovery::kubernetes::{self, KubeSettings, WatchMetrics},
     engine::{EngineSettings, GatewayLabels},
-    enrollment::{by_label, Enrollments, PodSpec},
+    enrollment::{by_label, EnrollError, Enrollments, PodSpec},
     heap,
     proxy::{self, Limits, PodContext, Proxy},
     readiness::{Readiness, START_UP},
@@ -107,14 +107,11 @@ pub fn run(settings: Settings) -> Result<()> {
         gateway_labels: settings.ingress.map(|_| settings.gateway_labels.clone()),
         ..EngineSettings::default()
     };
+    // What the folder holds that is invalid is left out and reported; only a folder that
+    // cannot be read at all stops start-up.
     let store = Arc::new(
-        Store::open(settings.config.clone(), engine_settings, mesh).map_err(|diagnostics| {
-            let lines: Vec<String> = diagnostics
-                .iter()
-                .map(|d| format!("  {}: {d}", d.severity))
-                .collect();
-            anyhow::anyhow!("the config folder is invalid:\n{}", lines.join("\n"))
-        })?,
+        Store::open(settings.config.clone(), engine_settings, mesh)
+            .map_err(|error| anyhow::anyhow!("{error}"))?,
     );
     // Loading the programs parses the kernel's BTF (megabytes, all freed by now), and a burst
     // of connections leaves freed buffers behind: glibc keeps both resident unless asked.
@@ -160,7 +157,16 @@ pub fn run(settings: Settings) -> Result<()> {
         mesh,
     ));
     for pod in &settings.enroll {
-        enrollments.enroll(pod)?;
+        // A pod gone since the command line was written (its namespace with it) is no reason
+        // not to serve the others.
+        match enrollments.enroll(pod) {
+            Err(error @ EnrollError::Netns { .. }) => {
+                tracing::warn!("--enroll {}: skipped: {error}", pod.key())
+            }
+            result => {
+                result?;
+            }
+        }
     }
     let kubernetes = match settings.kubernetes {
         Some(kube) => {

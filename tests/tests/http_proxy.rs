@@ -344,23 +344,40 @@ fn a_folder_change_applies_within_a_second_and_a_bad_one_is_rejected() {
     }
     println!("folder change applied after {:?}", changed.elapsed());
 
-    // A bad edit: rejected with file, object, field and reason; v2 keeps serving.
+    // A bad edit: rejected with file, object, field and reason; the last good version (v2)
+    // stays in force, and /config_dump says so.
     let bad =
         std::fs::read_to_string(mesh_tests::mesh_config::examples_dir().join("canary/4-vs-v2.yml"))
             .unwrap()
             .replace("weight: 100", "weight: 50");
     mesh.config.write("vs.yml", &bad).unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    let rejection = "rejected, the last good version stays in force: ";
+    mesh_tests::wait_for("the bad edit rejected", TIMEOUT, || {
+        Ok(agent.stderr_text().contains(rejection).then_some(()))
+    })
+    .unwrap();
     assert_eq!(
         count(&client(&mesh.node, &mesh.client, &get), "by_body", "v2"),
         20
     );
     let stderr = agent.stderr_text();
     assert!(
-        stderr.contains("vs.yml: VirtualService default/service-c: spec.http[0].route: weights sum to 50, must be 100"),
+        stderr.contains(&format!(
+            "{rejection}{}: VirtualService default/service-c: spec.http[0].route: weights sum \
+             to 50, must be 100",
+            mesh.config.path().join("vs.yml").display()
+        )),
         "{stderr}"
     );
     let (_, dump) = agent.admin_get("/config_dump").unwrap();
     let dump: Value = serde_json::from_str(&dump).unwrap();
-    assert!(dump["reloads"]["rejected"].as_u64().unwrap() >= 1, "{dump}");
+    let rejected = &dump["rejected"][0];
+    assert_eq!(
+        (&rejected["name"], &rejected["outcome"]),
+        (
+            &Value::from("service-c"),
+            &Value::from("last_good_in_force")
+        ),
+        "{dump}"
+    );
 }

@@ -4,10 +4,12 @@
 //! agent on the node with its ServiceAccount's token, as the DaemonSet runs it. Every change is
 //! made with kubectl: enrollment follows pod and namespace labels, on the agent's node only; a
 //! killed agent fails open, and one that cannot reach the API server enrolls nothing until it
-//! can; rules and endpoints arrive through watches and take effect on traffic; an invalid
-//! object is rejected and the last good one stays; the agent rides out an API server outage with
-//! its last state, and a watch resumed from a compacted resourceVersion (`410 Gone`) is
-//! recovered by a relist.
+//! can; rules and endpoints arrive through watches and take effect on traffic; an invalid object
+//! is rejected by itself (reported in the log, the metrics, `/config_dump` and an Event on it)
+//! while every other change keeps coming in: its last good version stays in force, across a
+//! relist too, and one the agent never saw valid (after a restart: nothing is persisted) is left
+//! out; the agent rides out an API server outage with its last state, and a watch resumed from a
+//! compacted resourceVersion (`410 Gone`) is recovered by a relist.
 //!
 //! The first run builds the control plane's binaries (tens of minutes, once; `cargo xtask test`
 //! does it before the tests). Each test starts a control plane of its own (~15 s).
@@ -328,12 +330,17 @@ fn enrollment_follows_pod_and_namespace_labels_on_this_node_only_and_fails_open(
 
 /// service-c's two versions as pods behind a real Service (the EndpointSlice controller
 /// publishes them), its DestinationRule's subsets, and a client pod. Through watches: the
-/// tutorial's canary VirtualService takes effect within a second; an invalid VirtualService is
-/// rejected with its name, field and reason and the last good one stays in force; an endpoint
-/// removed under 200 rps fails no request. The API server stopped: requests go on with the last
-/// state, the agent stays ready and counts each kind's failed watches; etcd compacted
-/// meanwhile, so the watches resume into `410 Gone`; once the API server is back, changes made
-/// with kubectl arrive again.
+/// tutorial's canary VirtualService takes effect within a second; an invalid VirtualService in
+/// another namespace is left out and reported (log, metric, /config_dump, Event) while a change
+/// in meshed still takes effect within a second; meshed's own made invalid is rejected and its
+/// last good version stays in force; an endpoint removed under 200 rps fails no request. The API
+/// server stopped: requests go on with the last state, the agent stays ready and counts each
+/// kind's failed watches; etcd compacted meanwhile, so the watches resume into `410 Gone`; the
+/// relist keeps the last good version of a DestinationRule made invalid before the outage (the
+/// canary applied afterwards needs its subsets), and changes made with kubectl arrive again.
+/// Restarted with the invalid objects still there, the agent is ready with everything else in
+/// force, the DestinationRule left out (it never saw it valid: the canary's subsets answer 503
+/// `NR` until it is mended), and the objects' Events are not made twice.
 #[test]
 fn rules_and_endpoints_arrive_through_watches_and_survive_an_api_server_outage() -> Result<()> {
     let started = Instant::now();
@@ -413,28 +420,101 @@ fn rules_and_endpoints_arrive_through_watches_and_survive_an_api_server_outage()
     let all_v2 = cluster.get(&client, url, 20, &[])?;
     ensure!(count(&all_v2, "by_body", "service-c-v2") == 20, "{all_v2}");
 
-    // An invalid VirtualService (the CRD's schema takes any spec): rejected with its name, field
-    // and reason; the last good one stays in force.
-    let invalid = canary
-        .replace("subset: version-v2", "subset: version-v1")
-        .replace("  - route:", "  - timeout: soon\n    route:");
+    // In namespace shop: a VirtualService the CRD's schema took although it is invalid, and one
+    // naming a subset (and a host) that does not exist yet, which once froze every later update.
+    // The first is left out by itself and reported — log, metric, /config_dump, an Event on it —
+    // the second is taken with a warning, and a change in namespace meshed is in force within a
+    // second, as ever.
+    cluster.apply(SHOP_RULES)?;
+    let reported = [
+        "left out of the config in force: kubernetes: VirtualService shop/reviews: \
+         spec.http[0].timeout: invalid duration \"soon\"",
+    ];
+    wait_for("the invalid VirtualService reported", TIMEOUT, || {
+        Ok((logged(&agent, &reported) == 1).then_some(()))
+    })?;
+    wait_for(
+        "the route to what does not exist yet taken",
+        TIMEOUT,
+        || {
+            Ok((logged(
+                &agent,
+                &["VirtualService shop/ratings", "is not defined (yet)"],
+            ) == 1)
+                .then_some(()))
+        },
+    )?;
+    let all_v1 = canary.replace("subset: version-v2", "subset: version-v1");
+    cluster.apply(&all_v1)?;
+    let applied = Instant::now();
+    wait_for(
+        "meshed's change in force beside shop's bad object",
+        PROMPTLY,
+        || {
+            Ok((count(
+                &cluster.get(&client, url, 1, &[])?,
+                "by_body",
+                "service-c-v1",
+            ) == 1)
+                .then_some(()))
+        },
+    )?;
+    let beside_bad_object = applied.elapsed();
+    let v1_only = cluster.get(&client, url, 20, &[])?;
+    ensure!(
+        count(&v1_only, "by_body", "service-c-v1") == 20,
+        "{v1_only}"
+    );
+    ensure!(
+        rejected_objects(&agent, "VirtualService")? == 1.0,
+        "mesh_config_rejected_objects"
+    );
+    // Never seen valid: left out.
+    let rejected = outcomes(&agent)?;
+    ensure!(
+        rejected == ["VirtualService shop/reviews: left_out"],
+        "{rejected:?}"
+    );
+    let event = wait_for("the Event on the rejected object", TIMEOUT, || {
+        Ok(rejection_events(&cluster, "shop", "reviews")?.pop())
+    })?;
+    ensure!(
+        event["type"] == "Warning"
+            && event["involvedObject"]["kind"] == "VirtualService"
+            && event["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("spec.http[0].timeout: invalid duration \"soon\"")),
+        "{event}"
+    );
+
+    // meshed's own VirtualService made invalid (everything to v2 now): rejected, its last good
+    // version (everything to v1) stays in force and /config_dump says so; corrected, it is
+    // taken.
+    let invalid = canary.replace("  - route:", "  - timeout: soon\n    route:");
     cluster.apply(&invalid)?;
-    let rejection = [
-        "object rejected, its last good version stays",
-        "VirtualService meshed/service-c",
-        "spec.http[0].timeout",
-        "invalid duration",
+    let kept = [
+        "rejected, the last good version stays in force: kubernetes: VirtualService \
+         meshed/service-c: spec.http[0].timeout: invalid duration \"soon\"",
     ];
     wait_for("the invalid VirtualService rejected", TIMEOUT, || {
-        Ok((logged(&agent, &rejection) == 1).then_some(()))
+        Ok((logged(&agent, &kept) == 1).then_some(()))
     })?;
-    let still_v2 = cluster.get(&client, url, 20, &[])?;
+    let still_v1 = cluster.get(&client, url, 20, &[])?;
     ensure!(
-        count(&still_v2, "by_body", "service-c-v2") == 20,
-        "{still_v2}"
+        count(&still_v1, "by_body", "service-c-v1") == 20,
+        "{still_v1}"
     );
-    // Corrected, it is taken.
-    cluster.apply(&invalid.replace("  - timeout: soon\n    route:", "  - route:"))?;
+    ensure!(rejected_objects(&agent, "VirtualService")? == 2.0);
+    ensure!(
+        outcomes(&agent)?
+            == [
+                "VirtualService meshed/service-c: last_good_in_force",
+                "VirtualService shop/reviews: left_out"
+            ],
+        "{:?}",
+        outcomes(&agent)?
+    );
+    cluster.apply(&canary)?;
     wait_for(
         "the corrected VirtualService in force",
         PROMPTLY * 5,
@@ -442,7 +522,7 @@ fn rules_and_endpoints_arrive_through_watches_and_survive_an_api_server_outage()
             Ok((count(
                 &cluster.get(&client, url, 1, &[])?,
                 "by_body",
-                "service-c-v1",
+                "service-c-v2",
             ) == 1)
                 .then_some(()))
         },
@@ -481,12 +561,13 @@ fn rules_and_endpoints_arrive_through_watches_and_survive_an_api_server_outage()
     cluster.apply(&format!(
         "{destination_rule}  trafficPolicy: {{connectionPool: {{tcp: {{connectTimeout: soon}}}}}}\n"
     ))?;
+    let invalid_rule = [
+        "rejected, the last good version stays in force",
+        "DestinationRule meshed/service-c",
+        "connectTimeout",
+    ];
     wait_for("the invalid DestinationRule rejected", TIMEOUT, || {
-        Ok((logged(
-            &agent,
-            &["DestinationRule meshed/service-c", "connectTimeout"],
-        ) >= 1)
-            .then_some(()))
+        Ok((logged(&agent, &invalid_rule) == 1).then_some(()))
     })?;
 
     // The outage: requests go on with the last state, the agent stays ready and counts.
@@ -555,11 +636,18 @@ fn rules_and_endpoints_arrive_through_watches_and_survive_an_api_server_outage()
         "app=service-c",
         "--overwrite",
     ])?;
-    // The canary's subsets come from the rejected DestinationRule's last good version, which
-    // the relist after `410 Gone` kept (a relist once dropped every object it found invalid).
+    // The relist after `410 Gone` finds the DestinationRule still invalid: its last good
+    // version stays (a relist once dropped every object it found invalid), counted, not logged
+    // again. The canary needs its subsets.
     wait_for("the DestinationRule watch relisted", TIMEOUT, || {
         Ok((logged(&agent, &["watch recovered", "DestinationRule"]) >= 1).then_some(()))
     })?;
+    ensure!(rejected_objects(&agent, "DestinationRule")? == 1.0);
+    ensure!(
+        logged(&agent, &invalid_rule) == 1,
+        "{}",
+        agent.stderr_text()
+    );
     cluster.apply(&canary)?;
     wait_for("caught up after the outage", TIMEOUT, || {
         let summary = cluster.get(&client, url, 20, &[])?;
@@ -573,11 +661,154 @@ fn rules_and_endpoints_arrive_through_watches_and_survive_an_api_server_outage()
             agent.stderr_text()
         );
     }
+    ensure!(
+        outcomes(&agent)?
+            == [
+                "DestinationRule meshed/service-c: last_good_in_force",
+                "VirtualService shop/reviews: left_out"
+            ],
+        "{:?}",
+        outcomes(&agent)?
+    );
+
+    // Restarted with the bad objects still there: ready with everything else in force at once.
+    // Nothing was persisted, so the DestinationRule, never seen valid by this agent, is left
+    // out: the canary's subsets answer 503 NR until it is mended. The bad objects are reported
+    // again, and no second Event is made for the same version.
+    let mut agent = agent;
+    agent.process().signal(libc::SIGTERM)?;
+    agent.process().wait_timeout(TIMEOUT)?;
+    drop(agent);
+    let restarted = Instant::now();
+    let agent = cluster.agent()?;
+    let ready_in = restarted.elapsed();
+    let summary = cluster.get(&client, url, 20, &[])?;
+    ensure!(
+        count(&summary, "by_status", "503") == 20
+            && count(&summary, "by_body", "cluster not found") == 20,
+        "{summary}"
+    );
+    ensure!(
+        outcomes(&agent)?
+            == [
+                "DestinationRule meshed/service-c: left_out",
+                "VirtualService shop/reviews: left_out"
+            ],
+        "{:?}",
+        outcomes(&agent)?
+    );
+    ensure!(logged(&agent, &reported) == 1, "{}", agent.stderr_text());
+    ensure!(
+        logged(
+            &agent,
+            &[
+                "left out of the config in force",
+                "DestinationRule meshed/service-c",
+                "connectTimeout"
+            ]
+        ) == 1,
+        "{}",
+        agent.stderr_text()
+    );
+    ensure!(rejected_objects(&agent, "VirtualService")? == 1.0);
+    ensure!(rejected_objects(&agent, "DestinationRule")? == 1.0);
+    cluster.apply(destination_rule)?;
+    let mended = Instant::now();
+    wait_for("the mended DestinationRule in force", TIMEOUT, || {
+        let summary = cluster.get(&client, url, 20, &[])?;
+        Ok((count(&summary, "by_body", "service-c-v2") == 20).then_some(()))
+    })?;
+    let mended_took = mended.elapsed();
+    ensure!(rejected_objects(&agent, "DestinationRule")? == 0.0);
+    std::thread::sleep(Duration::from_millis(500));
+    let events = rejection_events(&cluster, "shop", "reviews")?;
+    ensure!(events.len() == 1, "one Event per bad version: {events:?}");
+    let events = rejection_events(&cluster, "meshed", "service-c")?;
+    ensure!(
+        events.len() == 2,
+        "one Event per bad version of each of meshed's two objects: {events:?}"
+    );
     eprintln!(
-        "cluster up in {:.1} s; canary in force {canary_took:?} after kubectl apply; caught up \
-         {caught_up:?} after the API server was back; test took {:.1} s",
+        "cluster up in {:.1} s; canary in force {canary_took:?} after kubectl apply; another \
+         namespace's change in force {beside_bad_object:?} with an invalid VirtualService \
+         present; caught up {caught_up:?} after the API server was back, with the invalid \
+         DestinationRule's last good version; restarted with the invalid objects present, ready \
+         in {ready_in:?}, the DestinationRule left out until mended (in force {mended_took:?} \
+         after kubectl apply); test took {:.1} s",
         cluster_up.as_secs_f64(),
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// Namespace shop's rules: `reviews` is invalid (its timeout is no duration), `ratings` names a
+/// host and subset that do not exist yet (a warning).
+const SHOP_RULES: &str = "apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {name: reviews, namespace: shop}
+spec:
+  hosts: [reviews]
+  http:
+  - timeout: soon
+    route:
+    - destination: {host: reviews}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {name: ratings, namespace: shop}
+spec:
+  hosts: [ratings]
+  http:
+  - route:
+    - destination: {host: ratings, subset: v9}
+";
+
+/// `/config_dump`'s rejected objects, as `Kind namespace/name: outcome`.
+fn outcomes(agent: &Agent) -> Result<Vec<String>> {
+    let (_, dump) = agent.admin_get("/config_dump")?;
+    let dump: Value = serde_json::from_str(&dump)?;
+    Ok(dump["rejected"]
+        .as_array()
+        .context("/config_dump's rejected")?
+        .iter()
+        .map(|r| {
+            let text = |field: &str| r[field].as_str().unwrap_or_default().to_owned();
+            format!(
+                "{} {}/{}: {}",
+                text("kind"),
+                text("namespace"),
+                text("name"),
+                text("outcome")
+            )
+        })
+        .collect())
+}
+
+/// `mesh_config_rejected_objects{kind}`.
+fn rejected_objects(agent: &Agent, kind: &str) -> Result<f64> {
+    let (_, metrics) = agent.admin_get("/metrics")?;
+    let wanted = format!("mesh_config_rejected_objects{{kind=\"{kind}\"}} ");
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(&wanted)?.parse().ok())
+        .with_context(|| format!("no {wanted}in /metrics"))
+}
+
+/// The `Rejected` Events about `namespace/name`, as `kubectl get events` shows them.
+fn rejection_events(cluster: &Cluster, namespace: &str, name: &str) -> Result<Vec<Value>> {
+    let events: Value = serde_json::from_str(&cluster.kubectl(&[
+        "-n",
+        namespace,
+        "get",
+        "events",
+        "--field-selector",
+        &format!("involvedObject.name={name},reason=Rejected"),
+        "-o",
+        "json",
+    ])?)?;
+    Ok(events["items"].as_array().cloned().unwrap_or_default())
 }

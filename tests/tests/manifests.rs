@@ -543,11 +543,14 @@ fn cluster_role_only_reads_what_the_agent_watches() -> Result<()> {
         ("security.istio.io", "requestauthentications"),
         ("telemetry.istio.io", "telemetries"),
         ("extensions.istio.io", "wasmplugins"),
+        // Created (only) to report a rejected object on it.
+        ("events.k8s.io", "events"),
     ]
     .into_iter()
     .map(|(g, r)| (g.to_owned(), r.to_owned()))
     .collect();
     let read_only: BTreeSet<String> = ["get", "list", "watch"].map(str::to_owned).into();
+    let create_only: BTreeSet<String> = ["create"].map(str::to_owned).into();
 
     // The only RBAC in the mesh: one ClusterRole and its binding.
     let rbac: Vec<String> = base
@@ -572,9 +575,18 @@ fn cluster_role_only_reads_what_the_agent_watches() -> Result<()> {
             "rule {rule:?}: only plain resource rules are expected"
         );
         let verbs = strings(rule, &["verbs"]);
+        // The one write: the Event that reports a rejected object
+        // (`EventReporter` in mesh-agent/src/discovery/kubernetes.rs).
+        let reports_events = strings(rule, &["apiGroups"]).iter().eq(["events.k8s.io"])
+            && strings(rule, &["resources"]).iter().eq(["events"]);
+        let allowed = if reports_events {
+            &create_only
+        } else {
+            &read_only
+        };
         ensure!(
-            verbs == read_only,
-            "rule {rule:?}: verbs {verbs:?}, only get/list/watch allowed"
+            verbs == *allowed,
+            "rule {rule:?}: verbs {verbs:?}, only {allowed:?} allowed"
         );
         for group in strings(rule, &["apiGroups"]) {
             for resource in strings(rule, &["resources"]) {

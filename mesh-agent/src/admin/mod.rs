@@ -348,8 +348,10 @@ fn change_answer(
     }
 }
 
-/// The config in force: every object with its identity, the warnings it was loaded with, and
-/// the objects that have no effect at all (`ignored`: kind, namespace, name, source, reason).
+/// The config in force: every object with its identity, the warnings it was loaded with, the
+/// objects that have no effect at all (`ignored`: kind, namespace, name, source, reason), and
+/// what the sources hold that is invalid (`rejected`: kind, namespace and name when known,
+/// source, `outcome` — `last_good_in_force` or `left_out` — and every diagnostic).
 fn config_dump(store: &Store) -> serde_json::Value {
     let snapshot = store.snapshot();
     let objects: Vec<serde_json::Value> = snapshot.objects.values().map(|o| o.manifest()).collect();
@@ -365,10 +367,31 @@ fn config_dump(store: &Store) -> serde_json::Value {
             })
         })
         .collect();
+    let rejected: Vec<serde_json::Value> = snapshot
+        .rejected
+        .iter()
+        .map(|rejected| {
+            let rejection = &rejected.rejection;
+            let key = rejection.key.as_ref();
+            json!({
+                "kind": key.map(|k| &*k.kind),
+                "namespace": key.map(|k| &*k.namespace),
+                "name": key.map(|k| &*k.name),
+                "source": &*rejection.origin,
+                "outcome": rejected.outcome.as_str(),
+                "diagnostics": rejection
+                    .diagnostics
+                    .iter()
+                    .map(|d| format!("{}: {d}", d.severity))
+                    .collect::<Vec<_>>(),
+            })
+        })
+        .collect();
     json!({
         "version": snapshot.version,
         "objects": objects,
         "ignored": ignored,
+        "rejected": rejected,
         "warnings": snapshot.warnings().iter().map(ToString::to_string).collect::<Vec<_>>(),
         "reloads": {
             "ok": store.reloads.ok.get(),
@@ -489,6 +512,77 @@ spec:
             warnings[1].as_str().is_some_and(|w| w
                 .starts_with("gateways.yml: Gateway istio-system/egress: spec.selector: selector")),
             "{warnings:?}"
+        );
+    }
+
+    /// What the config folder holds that is invalid is listed under `rejected`, each with its
+    /// identity (when it has one), source, what of it is in force and diagnostics; the rest is
+    /// in force.
+    #[test]
+    fn config_dump_lists_what_is_invalid_under_rejected() {
+        let dir = tempfile::tempdir().expect("a folder");
+        std::fs::write(dir.path().join("policy.yml"), POLICY).expect("written");
+        let invalid =
+            gateway("public", "{istio: ingressgateway}").replace("number: 80", "number: 0");
+        std::fs::write(dir.path().join("gateway.yml"), invalid).expect("written");
+        std::fs::write(dir.path().join("broken.yml"), "kind: [").expect("written");
+        let store = Store::open(
+            Some(dir.path().to_path_buf()),
+            EngineSettings::default(),
+            &mut Registry::default(),
+        )
+        .expect("started with what is valid");
+        let dump = config_dump(&store);
+        assert_eq!(dump["objects"].as_array().map(Vec::len), Some(1));
+        let rejected = dump["rejected"].as_array().expect("rejected");
+        assert_eq!(rejected.len(), 2, "{rejected:?}");
+        let file = |name: &str| dir.path().join(name).display().to_string();
+        assert_eq!(rejected[0]["kind"], json!(null));
+        assert_eq!(rejected[0]["source"], json!(file("broken.yml")));
+        assert!(
+            rejected[0]["diagnostics"][0].as_str().is_some_and(
+                |d| d.starts_with(&format!("error: {}: invalid YAML", file("broken.yml")))
+            ),
+            "{rejected:?}"
+        );
+        assert_eq!(
+            (
+                &rejected[1]["kind"],
+                &rejected[1]["namespace"],
+                &rejected[1]["name"]
+            ),
+            (&json!("Gateway"), &json!("istio-system"), &json!("public"))
+        );
+        // Never seen valid (as at start-up): left out.
+        assert_eq!(rejected[0]["outcome"], json!("left_out"));
+        assert_eq!(rejected[1]["outcome"], json!("left_out"));
+        assert_eq!(
+            rejected[1]["diagnostics"],
+            json!([format!(
+                "error: {}: Gateway istio-system/public: spec.servers[0].port.number: port 0 is \
+                 outside 1–65535",
+                file("gateway.yml")
+            )])
+        );
+
+        // The policy broken while the agent runs: its last good version stays, and says so.
+        std::fs::write(
+            dir.path().join("policy.yml"),
+            POLICY.replace("spec: {}", "spec: ["),
+        )
+        .expect("written");
+        store.reload().expect("reloaded");
+        let dump = config_dump(&store);
+        assert_eq!(dump["objects"].as_array().map(Vec::len), Some(1));
+        let rejected = dump["rejected"].as_array().expect("rejected");
+        let policy = rejected
+            .iter()
+            .find(|r| r["source"] == json!(file("policy.yml")))
+            .expect("the policy's file rejected");
+        assert_eq!(
+            policy["outcome"],
+            json!("last_good_in_force"),
+            "{rejected:?}"
         );
     }
 

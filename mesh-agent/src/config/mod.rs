@@ -5,11 +5,13 @@
 //! k8s-openapi types, the kinds of Istio's API groups the mesh does not implement kept as read
 //! with a warning (`AuthorizationPolicy`, `ServiceEntry`, ...: not enforced), any other kind kept
 //! as read. Objects live in an [`ObjectSet`] keyed by kind, namespace and name;
-//! [`rules`](check_subsets) span objects, and [`mesh_config`] hands the Istio rules of a set to
-//! the engine.
+//! [`rules`](check_references) span objects, and [`mesh_config`] hands the Istio rules of a set
+//! to the engine.
 //!
 //! Every problem becomes a [`Diagnostic`] naming file, object, field and reason: unknown or
-//! unsupported fields are warnings, invalid values are errors, and all of them are reported.
+//! unsupported fields are warnings, invalid values are errors, and all of them are reported. An
+//! object with an error is rejected by itself ([`read_each`], [`Rejection`]; the store keeps its
+//! last good version, if any); a reference to an object that does not exist (yet) is a warning.
 //!
 //! ```
 //! use mesh_agent::config;
@@ -35,6 +37,7 @@ mod gateway;
 pub mod model;
 mod object;
 mod raw;
+mod rejection;
 mod rules;
 pub mod values;
 mod virtual_service;
@@ -50,11 +53,11 @@ pub use object::{
     not_implemented, read, read_text, IstioObject, Object, ObjectKey, ObjectSet, Sourced,
     DEFAULT_NAMESPACE, ISTIO_API_GROUPS,
 };
-pub use rules::{check_subsets, is_istio_kind, mesh_config, of_kind, SubsetError};
+pub use rejection::{read_each, Rejection, COUNTED_KINDS};
+pub use rules::{check_references, is_istio_kind, mesh_config, of_kind};
 
-/// The result of one load. `config` holds only the Istio objects that had no error; when
-/// [`Loaded::is_ok`] is false the load as a whole must not be put in force, because the
-/// objects left out (or their subsets) would silently change routing.
+/// The result of one load (`mesh-agent validate`). `config` holds only the Istio objects that
+/// had no error; [`Loaded::is_ok`] says whether any object had one.
 #[derive(Debug, Default)]
 pub struct Loaded {
     pub config: MeshConfig,
@@ -143,16 +146,12 @@ impl Collector {
     /// Applies the rules that span objects and files, then hands out the result.
     fn finish(mut self, files: Vec<String>) -> Loaded {
         let objects: Vec<&Sourced> = self.objects.values().map(|o| &**o).collect();
-        let errors = check_subsets(&objects, &self.unknown_rule_hosts);
-        // A VirtualService naming a missing subset stays out of the config (the load as a whole
-        // is refused anyway).
-        let mut usable = self.objects.clone();
-        for error in errors {
-            usable.remove(&error.key);
-            self.diagnostics.push(error.diagnostic);
-        }
+        // Which hosts are services is not known here (a rule file is usually checked without
+        // the cluster's Services): only subsets are looked up.
+        let references = check_references(&objects, &self.unknown_rule_hosts, None);
+        self.diagnostics.extend(references);
         Loaded {
-            config: mesh_config(&usable),
+            config: mesh_config(&self.objects),
             objects: self.objects,
             diagnostics: self.diagnostics,
             files,

@@ -25,7 +25,7 @@ use super::{
     gateway,
     model::{DestinationRule, Gateway, ObjectRef, VirtualService},
     raw,
-    virtual_service::{self, SubsetRef},
+    virtual_service::{self, DestinationRef},
 };
 
 /// Every object in force, by identity.
@@ -104,8 +104,8 @@ pub fn not_implemented(kind: &str) -> String {
 pub struct IstioObject<T> {
     pub rule: Arc<T>,
     pub manifest: Arc<Value>,
-    /// Subsets the object names (VirtualServices only), checked against the set it joins.
-    pub(crate) subsets: Arc<[SubsetRef]>,
+    /// The destinations the object names (VirtualServices only), looked up in the set it joins.
+    pub(crate) destinations: Arc<[DestinationRef]>,
 }
 
 impl<T> Clone for IstioObject<T> {
@@ -113,7 +113,7 @@ impl<T> Clone for IstioObject<T> {
         IstioObject {
             rule: Arc::clone(&self.rule),
             manifest: Arc::clone(&self.manifest),
-            subsets: Arc::clone(&self.subsets),
+            destinations: Arc::clone(&self.destinations),
         }
     }
 }
@@ -308,25 +308,25 @@ fn istio(
     };
     let object = match &*key.kind {
         "VirtualService" => parse_spec::<raw::VirtualServiceSpec>(&mut cx, spec).map(|spec| {
-            let (rule, subsets) = virtual_service::convert(&mut cx, &id, spec);
+            let (rule, destinations) = virtual_service::convert(&mut cx, &id, spec);
             Object::VirtualService(IstioObject {
                 rule: Arc::new(rule),
                 manifest,
-                subsets: subsets.into(),
+                destinations: destinations.into(),
             })
         }),
         "DestinationRule" => parse_spec::<raw::DestinationRuleSpec>(&mut cx, spec).map(|spec| {
             Object::DestinationRule(IstioObject {
                 rule: Arc::new(destination_rule::convert(&mut cx, &id, spec)),
                 manifest,
-                subsets: Arc::new([]),
+                destinations: Arc::new([]),
             })
         }),
         _ => parse_spec::<raw::GatewaySpec>(&mut cx, spec).map(|spec| {
             Object::Gateway(IstioObject {
                 rule: Arc::new(gateway::convert(&mut cx, &id, spec)),
                 manifest,
-                subsets: Arc::new([]),
+                destinations: Arc::new([]),
             })
         }),
     };

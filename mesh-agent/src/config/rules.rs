@@ -1,6 +1,7 @@
-//! The rules that span objects: a named subset must be defined by a DestinationRule for its host
-//! (wherever the two were written), and the Istio objects of a set become the [`MeshConfig`] the
-//! engine compiles.
+//! The rules that span objects: what a VirtualService's destinations name is looked up across the
+//! set (a subset not defined by any DestinationRule for its host, a host that is no service: a
+//! warning, since the missing object may arrive later), and the Istio objects of a set become the
+//! [`MeshConfig`] the engine compiles.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -53,12 +54,22 @@ pub fn of_kind<'a>(objects: &'a ObjectSet, kind: &str) -> impl Iterator<Item = &
         .map(|(_, sourced)| sourced)
 }
 
-/// Every subset a route or mirror names must be defined by a DestinationRule for its host,
-/// looked for across the whole set (VirtualServices and DestinationRules may live in different
-/// files). Istio merges the subsets of several rules for one host; so do we here. References to
+/// What the destinations of the set's VirtualServices name that does not exist (yet): a subset
+/// that no DestinationRule for its host defines and, when `services` is given (the fully
+/// qualified names of the services known), a host that is no known service. Neither is an
+/// error: watch events and `kubectl apply -f dir/` come in any order, and Istio accepts both.
+/// As `istioctl analyze` does (IST0101), each is a warning, naming its VirtualService and
+/// field; requests routed there are answered 503 `NR` until it exists.
+///
+/// Subsets are looked for across the whole set (VirtualServices and DestinationRules may live
+/// in different files), merged per host as Istio merges several rules for one host. Subsets of
 /// hosts in `unknown_rule_hosts` (rules that failed to load: their subsets are unknown, not
-/// missing) are not reported. Returns one error per bad reference, naming its VirtualService.
-pub fn check_subsets(objects: &[&Sourced], unknown_rule_hosts: &[Host]) -> Vec<SubsetError> {
+/// missing) are not reported.
+pub fn check_references(
+    objects: &[&Sourced],
+    unknown_rule_hosts: &[Host],
+    services: Option<&BTreeSet<String>>,
+) -> Vec<Diagnostic> {
     let mut subsets_by_host: BTreeMap<String, Vec<&str>> = BTreeMap::new();
     for sourced in objects {
         if let Object::DestinationRule(rule) = &sourced.object {
@@ -69,13 +80,36 @@ pub fn check_subsets(objects: &[&Sourced], unknown_rule_hosts: &[Host]) -> Vec<S
         }
     }
     let unknown: BTreeSet<String> = unknown_rule_hosts.iter().map(reference_key).collect();
-    let mut errors = Vec::new();
+    let mut warnings = Vec::new();
     for sourced in objects {
         let Object::VirtualService(vs) = &sourced.object else {
             continue;
         };
-        for reference in vs.subsets.iter() {
+        let mut warn = |field: String, reason: String| {
+            warnings.push(Diagnostic {
+                severity: Severity::Warning,
+                file: sourced.origin.to_string(),
+                object: sourced.key.to_string(),
+                field,
+                reason,
+            })
+        };
+        for reference in vs.destinations.iter() {
             let key = reference_key(&reference.host);
+            let host = &reference.host.name;
+            let known_service = key.starts_with('*') || services.is_none_or(|s| s.contains(&key));
+            if !known_service {
+                warn(
+                    format!("{}.host", reference.field),
+                    format!(
+                        "host {host} is no known service (yet): requests routed to it are \
+                         answered 503 NR until a Service of that name exists"
+                    ),
+                );
+            }
+            let Some(subset) = &reference.subset else {
+                continue;
+            };
             if unknown.contains(&key) {
                 continue;
             }
@@ -85,44 +119,27 @@ pub fn check_subsets(objects: &[&Sourced], unknown_rule_hosts: &[Host]) -> Vec<S
                     .find(|(host, _)| wildcard_covers(host, &key))
                     .map(|(_, subsets)| subsets)
             });
-            let reason = match defined {
-                Some(subsets) if subsets.contains(&reference.subset.as_str()) => continue,
-                Some(subsets) if subsets.is_empty() => format!(
-                    "unknown subset {:?}: the DestinationRule for host {} defines no subsets",
-                    reference.subset, reference.host.name
-                ),
+            let found = match defined {
+                Some(subsets) if subsets.contains(&subset.as_str()) => continue,
+                Some(subsets) if subsets.is_empty() => {
+                    format!("the DestinationRule for host {host} defines no subsets")
+                }
                 Some(subsets) => format!(
-                    "unknown subset {:?}: the DestinationRule for host {} defines {}",
-                    reference.subset,
-                    reference.host.name,
+                    "the DestinationRule for host {host} defines {}",
                     subsets.join(", ")
                 ),
-                None => format!(
-                    "unknown subset {:?}: no DestinationRule for host {}",
-                    reference.subset, reference.host.name
-                ),
+                None => format!("no DestinationRule for host {host}"),
             };
-            errors.push(SubsetError {
-                key: sourced.key.clone(),
-                diagnostic: Diagnostic {
-                    severity: Severity::Error,
-                    file: sourced.origin.to_string(),
-                    object: sourced.key.to_string(),
-                    field: reference.field.clone(),
-                    reason,
-                },
-            });
+            warn(
+                format!("{}.subset", reference.field),
+                format!(
+                    "subset {subset:?} is not defined (yet): {found}; requests routed to it are \
+                     answered 503 NR until a DestinationRule defines it"
+                ),
+            );
         }
     }
-    errors
-}
-
-/// A reference to a subset nobody defines.
-#[derive(Debug)]
-pub struct SubsetError {
-    /// The VirtualService that names it.
-    pub key: ObjectKey,
-    pub diagnostic: Diagnostic,
+    warnings
 }
 
 /// Expands Kubernetes short names (`svc`, `svc.ns`, `svc.ns.svc`) so that a reference and a

@@ -534,8 +534,6 @@ fn error_cases() -> Vec<ErrorCase> {
         case("route without destinations", vs("hosts: [svc]\nhttp:\n- timeout: 1s"), "spec.http[0].route", "missing required field"),
         case("destination port out of range", vs("hosts: [svc]\nhttp:\n- route:\n  - destination: {host: svc, port: {number: 0}}"),
             "spec.http[0].route[0].destination.port.number", "port 0 is outside 1–65535"),
-        case("unknown subset without any rule", vs("hosts: [svc]\nhttp:\n- route:\n  - destination: {host: svc, subset: v9}"),
-            "spec.http[0].route[0].destination.subset", "unknown subset \"v9\": no DestinationRule for host svc"),
         case("wrong type", vs("hosts: [svc]\nhttp:\n- route:\n  - destination: {host: svc}\n    weight: ten"),
             "spec.http[0].route[0].weight", "invalid type: string \"ten\""),
         case("spec missing", "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: bad, namespace: shop}\n".into(),
@@ -826,8 +824,18 @@ fn istio_kinds_not_implemented_warn_and_are_ignored() {
 
 // ---------------------------------------------------------------- cross-object rules
 
+/// The warnings of `loaded` as `field|reason`.
+fn warning_lines(loaded: &Loaded) -> Vec<String> {
+    loaded
+        .warnings()
+        .map(|d| format!("{}|{}", d.field, d.reason))
+        .collect()
+}
+
+/// A subset no DestinationRule defines (yet) is looked for across sources and is a warning, as
+/// `istioctl analyze` reports it: the rule may well arrive later. The route stays in the config.
 #[test]
-fn subsets_are_checked_across_sources() {
+fn subsets_not_defined_are_warnings_looked_up_across_sources() {
     let rules = example("destination-rules.yml");
     let canary = vs("hosts: [service-c]\nhttp:\n- route:\n  - destination: {host: service-c.default.svc.cluster.local, subset: version-v1}\n    weight: 90\n  - destination: {host: service-c, subset: version-v3}\n    weight: 10");
     // The rule lives in namespace default and the VirtualService in shop, so the short name
@@ -836,13 +844,15 @@ fn subsets_are_checked_across_sources() {
         (rules.0.as_str(), rules.1.as_str()),
         ("vs.yml", canary.as_str()),
     ]);
-    let errors: Vec<String> = loaded
-        .errors()
-        .map(|d| format!("{}|{}", d.field, d.reason))
-        .collect();
+    assert!(loaded.is_ok(), "{}", describe(&loaded));
+    assert_eq!(loaded.config.virtual_services.len(), 1);
     assert_eq!(
-        errors,
-        ["spec.http[0].route[1].destination.subset|unknown subset \"version-v3\": no DestinationRule for host service-c"]
+        warning_lines(&loaded),
+        [
+            "spec.http[0].route[1].destination.subset|subset \"version-v3\" is not defined (yet): \
+          no DestinationRule for host service-c; requests routed to it are answered 503 NR until \
+          a DestinationRule defines it"
+        ]
     );
 
     let same_namespace = canary.replace("namespace: shop", "namespace: default");
@@ -850,37 +860,158 @@ fn subsets_are_checked_across_sources() {
         (rules.0.as_str(), rules.1.as_str()),
         ("vs.yml", same_namespace.as_str()),
     ]);
-    let error = loaded.errors().next().expect("unknown subset");
-    assert_eq!(error.file, "vs.yml");
-    assert_eq!(error.object, "VirtualService default/bad");
-    assert_eq!(
-        error.reason,
-        "unknown subset \"version-v3\": the DestinationRule for host service-c defines version-v1, version-v2"
+    let warning = loaded.warnings().next().expect("a subset not defined");
+    assert_eq!(warning.file, "vs.yml");
+    assert_eq!(warning.object, "VirtualService default/bad");
+    assert!(
+        warning.reason.starts_with(
+            "subset \"version-v3\" is not defined (yet): the DestinationRule for host service-c \
+             defines version-v1, version-v2;"
+        ),
+        "{warning}"
     );
-    assert_eq!(loaded.errors().count(), 1, "{}", describe(&loaded));
+    assert_eq!(loaded.diagnostics.len(), 1, "{}", describe(&loaded));
 
-    // Mirrors are checked too.
+    // Mirrors are looked up too.
     let mirror = route_with("mirror: {host: svc, subset: shadow}");
     let loaded = load_str("m.yml", &mirror);
+    assert!(loaded.is_ok(), "{}", describe(&loaded));
     assert_eq!(
-        loaded.errors().next().map(|d| d.field.as_str()),
+        loaded.warnings().next().map(|d| d.field.as_str()),
         Some("spec.http[0].mirror.subset")
     );
 }
 
+/// `mesh-agent validate -f` of the tutorial's canary file alone: the route is valid, its
+/// subsets come from a file not given, so a warning per subset and no error.
 #[test]
-fn a_rejected_rule_does_not_cause_unknown_subset_errors() {
+fn the_tutorials_canary_alone_is_valid_with_a_warning_per_subset() {
+    let loaded = load_examples(&["canary/2-vs-v1_and_v2_90_10.yml"]);
+    assert!(loaded.is_ok(), "{}", describe(&loaded));
+    let fields: Vec<&str> = loaded.warnings().map(|d| d.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        [
+            "spec.http[0].route[0].destination.subset",
+            "spec.http[0].route[1].destination.subset"
+        ]
+    );
+    let with_rules = load_examples(&["canary/2-vs-v1_and_v2_90_10.yml", "destination-rules.yml"]);
+    assert!(
+        with_rules.diagnostics.is_empty(),
+        "{}",
+        describe(&with_rules)
+    );
+}
+
+#[test]
+fn a_rejected_rule_does_not_cause_subset_warnings() {
     let text = format!(
         "{}---\n{}",
         dr("host: svc\nsubsets:\n- name: v1\n  trafficPolicy:\n    loadBalancer: {simple: NOPE}"),
         vs("hosts: [svc]\nhttp:\n- route:\n  - destination: {host: svc, subset: v1}")
     );
     let loaded = load_str("both.yml", &text);
-    let fields: Vec<_> = loaded.errors().map(|d| d.field.as_str()).collect();
+    let fields: Vec<_> = loaded
+        .diagnostics
+        .iter()
+        .map(|d| d.field.as_str())
+        .collect();
     assert_eq!(
         fields,
         ["spec.subsets[0].trafficPolicy.loadBalancer.simple"]
     );
+}
+
+/// Which hosts are services is looked up only when the caller knows them (the agent's store);
+/// a destination to one that is not is a warning then.
+#[test]
+fn hosts_that_are_no_service_are_warnings_when_services_are_known() {
+    let text = vs("hosts: [svc]\nhttp:\n- route:\n  - destination: {host: svc}\n    weight: 50\n  - destination: {host: other.elsewhere}\n    weight: 50");
+    let loaded = load_str("vs.yml", &text);
+    let objects: Vec<&Sourced> = loaded.objects.values().map(|o| &**o).collect();
+    let services: std::collections::BTreeSet<String> =
+        ["svc.shop.svc.cluster.local".to_owned()].into();
+    let warnings = check_references(&objects, &[], Some(&services));
+    let found: Vec<(&str, &str)> = warnings
+        .iter()
+        .map(|d| (d.field.as_str(), d.reason.as_str()))
+        .collect();
+    assert_eq!(
+        found,
+        [(
+            "spec.http[0].route[1].destination.host",
+            "host other.elsewhere is no known service (yet): requests routed to it are answered \
+             503 NR until a Service of that name exists"
+        )]
+    );
+    assert_eq!(check_references(&objects, &[], None), []);
+}
+
+// ---------------------------------------------------------------- one object at a time
+
+/// Each document of a text is read by itself: the valid ones are objects, each invalid one a
+/// rejection with its identity (when readable) and every diagnostic, so it can be left out
+/// alone.
+#[test]
+fn each_object_of_a_text_is_valid_or_rejected_by_itself() {
+    let text = format!(
+        "{}---\n{}---\n{}---\napiVersion: v1\nkind: Service\nmetadata: {{namespace: shop}}\n",
+        route_with("timeout: 2s"),
+        route_with("timeout: soon").replace("name: bad", "name: worse"),
+        dr("host: svc\nsubsets:\n- name: v1\n  labels: {version: v1}")
+    );
+    let (objects, rejected) = read_each("mixed.yml", &text);
+    let keys: Vec<String> = objects.iter().map(|o| o.key.to_string()).collect();
+    assert_eq!(
+        keys,
+        ["VirtualService shop/bad", "DestinationRule shop/bad"]
+    );
+    assert_eq!(rejected.len(), 2, "{rejected:?}");
+    let worse = &rejected[0];
+    assert_eq!(
+        worse.key.as_ref().map(ToString::to_string).as_deref(),
+        Some("VirtualService shop/worse")
+    );
+    assert_eq!(&*worse.origin, "mixed.yml");
+    assert_eq!(worse.counted_kind(), "VirtualService");
+    let error = worse.errors().next().expect("an error");
+    assert_eq!(
+        (
+            error.file.as_str(),
+            error.object.as_str(),
+            error.field.as_str()
+        ),
+        (
+            "mixed.yml",
+            "VirtualService shop/worse",
+            "spec.http[0].timeout"
+        )
+    );
+    // No name: no identity, counted as `unknown`, told apart by its place in the file.
+    let nameless = &rejected[1];
+    assert_eq!(nameless.key, None);
+    assert_eq!(nameless.counted_kind(), "unknown");
+    assert_eq!(
+        nameless.id(),
+        ("mixed.yml".into(), "Service (document 4)".to_owned())
+    );
+
+    // A text that does not parse is one rejection without identity.
+    let (objects, rejected) = read_each("broken.yml", "kind: [unclosed");
+    assert!(objects.is_empty());
+    assert_eq!(rejected.len(), 1);
+    assert_eq!(rejected[0].key, None);
+    assert!(rejected[0].diagnostics[0]
+        .reason
+        .starts_with("invalid YAML"));
+
+    // A Kubernetes object of the wrong shape, by its kind.
+    let (_, rejected) = read_each(
+        "cm.yml",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: 3}\n",
+    );
+    assert_eq!(rejected[0].counted_kind(), "Pod");
 }
 
 #[test]

@@ -14,12 +14,14 @@ use super::model::{
 use super::raw;
 use super::values;
 
-/// A subset named by a route or mirror, checked once every DestinationRule of the load is known.
+/// A destination named by a route or mirror: its host, and its subset if it names one. Whether
+/// they exist is looked up across the whole set (see `rules::check_references`).
 #[derive(Clone, Debug)]
-pub(crate) struct SubsetRef {
+pub(crate) struct DestinationRef {
+    /// The destination's path in the object, e.g. `spec.http[0].route[1].destination`.
     pub field: String,
     pub host: Host,
-    pub subset: String,
+    pub subset: Option<String>,
 }
 
 /// Converts one spec. Invalid values are reported through `cx` and replaced by placeholders;
@@ -28,7 +30,7 @@ pub(super) fn convert(
     cx: &mut ObjectContext,
     id: &ObjectRef,
     spec: raw::VirtualServiceSpec,
-) -> (VirtualService, Vec<SubsetRef>) {
+) -> (VirtualService, Vec<DestinationRef>) {
     cx.unsupported("spec.tcp", &spec.tcp);
     cx.unsupported("spec.tls", &spec.tls);
     cx.unsupported("spec.exportTo", &spec.export_to);
@@ -64,7 +66,7 @@ fn http_route(
     path: &str,
     raw: raw::HttpRoute,
     namespace: &str,
-    refs: &mut Vec<SubsetRef>,
+    refs: &mut Vec<DestinationRef>,
 ) -> Option<HttpRoute> {
     cx.unsupported(&format!("{path}.mirrors"), &raw.mirrors);
     cx.unsupported(&format!("{path}.corsPolicy"), &raw.cors_policy);
@@ -213,7 +215,7 @@ fn route_destinations(
     path: &str,
     raw: Vec<raw::RouteDestination>,
     namespace: &str,
-    refs: &mut Vec<SubsetRef>,
+    refs: &mut Vec<DestinationRef>,
 ) -> Vec<RouteDestination> {
     // Istio lets a lone destination omit its weight; with several, an omitted weight is 0.
     let lone = raw.len() == 1;
@@ -266,7 +268,7 @@ fn destination(
     path: &str,
     raw: Option<raw::Destination>,
     namespace: &str,
-    refs: &mut Vec<SubsetRef>,
+    refs: &mut Vec<DestinationRef>,
 ) -> Destination {
     let Some(raw) = raw else {
         cx.error(path, MISSING);
@@ -281,13 +283,11 @@ fn destination(
     };
     let host = fields::host(cx, &format!("{path}.host"), raw.host.as_deref(), namespace);
     let subset = raw.subset.filter(|s| !s.is_empty());
-    if let Some(subset) = &subset {
-        refs.push(SubsetRef {
-            field: format!("{path}.subset"),
-            host: host.clone(),
-            subset: subset.clone(),
-        });
-    }
+    refs.push(DestinationRef {
+        field: path.to_owned(),
+        host: host.clone(),
+        subset: subset.clone(),
+    });
     let port = raw.port.map(|p| match p.number {
         Some(number) => fields::port(cx, &format!("{path}.port.number"), number),
         None => {
@@ -476,7 +476,7 @@ fn mirror(
     percentage: Option<raw::PercentValue>,
     legacy_percent: Option<i64>,
     namespace: &str,
-    refs: &mut Vec<SubsetRef>,
+    refs: &mut Vec<DestinationRef>,
 ) -> Option<Mirror> {
     let percentage = fields::percentage(
         cx,

@@ -20,19 +20,33 @@
 //! (backoff, relist on 410; a relist replaces the kind's objects as a whole); until they do, the
 //! last good state stays in force and traffic keeps flowing. The first failure of a streak is
 //! logged with its kind and reason, every one is counted
-//! (`mesh_kubernetes_watch_failures_total{kind}`), and recovery is logged. An Istio object that
-//! fails validation is logged and its last good version stays.
+//! (`mesh_kubernetes_watch_failures_total{kind}`), and recovery is logged.
+//!
+//! An Istio object that fails validation (the CRDs' schemas take any `spec`) is rejected by
+//! itself — its last good version stays in force, or, if this agent saw none, it is left out;
+//! everything else keeps updating, and a relist keeps that last good version too — and reported
+//! by the store (log, metric, `/config_dump`) and here as a `Warning` Event on the object
+//! (reason `Rejected`, the problems in its note), which `kubectl describe` shows. Every node's
+//! agent validates the same objects, so the Event's name is derived from the object's name and
+//! `resourceVersion`: the first agent creates it, the others find it there (`409`), and one bad
+//! version makes one Event, needing only `create` on `events`. Which version an agent keeps in
+//! force is its own (one started after the bad version has none), so the Event's note says
+//! both.
 
 use std::{fmt::Debug, future::Future, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
 use futures_util::{Stream, StreamExt};
-use k8s_openapi::api::{
-    core::v1::{Namespace, Pod, Service},
-    discovery::v1::EndpointSlice,
+use k8s_openapi::{
+    api::{
+        core::v1::{Namespace, ObjectReference, Pod, Service},
+        discovery::v1::EndpointSlice,
+        events::v1::Event as K8sEvent,
+    },
+    apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta},
 };
 use kube::{
-    api::{ApiResource, DynamicObject},
+    api::{ApiResource, DynamicObject, PostParams},
     config::{KubeConfigOptions, Kubeconfig},
     discovery::{verbs, Discovery},
     runtime::{
@@ -51,7 +65,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use tracing::{debug, info, warn};
 
 use crate::{
-    config::{self, Document, Object, ObjectKey, Sourced},
+    config::{self, Diagnostic, Document, Object, ObjectKey, Rejection, Sourced},
     readiness::Readiness,
 };
 
@@ -60,16 +74,25 @@ use crate::{
 pub enum SourceChange {
     /// This object is new or changed.
     Upsert(Arc<Sourced>),
+    /// This object is new or changed, and invalid: reported, and its last good version stays
+    /// (none: left out).
+    Reject(Rejection),
     /// This object is gone.
     Remove(ObjectKey),
-    /// These are all the objects of this kind (after a (re)list): any other is gone, except
-    /// those `rejected`: listed, but invalid, so their last good version stays.
+    /// These are all the objects of this kind (after a (re)list), valid (`objects`) and invalid
+    /// (`rejected`: as [`SourceChange::Reject`], their last good versions stay): any other is
+    /// gone.
     Replace {
         kind: Arc<str>,
         objects: Vec<Arc<Sourced>>,
-        rejected: Vec<ObjectKey>,
+        rejected: Vec<Rejection>,
     },
 }
+
+/// What a watched object reads as: an object for the store, a rejection (an Istio object that
+/// fails validation, an object not understood), or `None` for one without a name (nothing to
+/// know it by).
+type Read = Option<Result<Arc<Sourced>, Rejection>>;
 
 /// How objects from the API server are labelled in diagnostics and `/config_dump`.
 const ORIGIN: &str = "kubernetes";
@@ -169,6 +192,7 @@ pub async fn start(client: Client, readiness: &Arc<Readiness>, metrics: &WatchMe
     let listed = Arc::new(listed);
     let enrollment_changed = Arc::new(Notify::new());
     let origin: Arc<str> = ORIGIN.into();
+    let events = EventReporter::start(client.clone());
 
     let watch = |kind: &'static str| Watch {
         kind,
@@ -223,7 +247,10 @@ pub async fn start(client: Client, readiness: &Arc<Readiness>, metrics: &WatchMe
             plural: plural.into(),
         };
         let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
-        tokio::spawn(watch(kind).run_sourced(plain(api), move |object| istio(&resource, object)));
+        let events = events.clone();
+        tokio::spawn(watch(kind).run_sourced(plain(api), move |object| {
+            istio(&resource, object, Some(&events))
+        }));
         kinds += 1;
     }
     let reported = watch_not_implemented(&client, &sender, &origin, metrics).await;
@@ -382,7 +409,7 @@ fn endpoint_slice_from_v1beta1(object: DynamicObject) -> Option<EndpointSlice> {
         .to_owned();
     serde_json::from_value(value)
         .inspect_err(
-            |error| warn!(%name, %error, "EndpointSlice (v1beta1) not understood; left out"),
+            |error| warn!(%name, %error, "EndpointSlice (v1beta1) not understood: rejected"),
         )
         .ok()
 }
@@ -437,7 +464,9 @@ async fn watch_not_implemented(
                 origin: Arc::clone(origin),
                 failures: Failures::reported(kind, metrics),
             };
-            tokio::spawn(watch.run_sourced(plain(api), move |object| istio(&resource, object)));
+            tokio::spawn(
+                watch.run_sourced(plain(api), move |object| istio(&resource, object, None)),
+            );
             watched.push(kind);
         }
     }
@@ -561,26 +590,35 @@ impl Watch {
         K: kube::Resource + Send + 'static,
     {
         let origin = Arc::clone(&self.origin);
+        let kind = self.kind;
         self.run_sourced(events, move |object| {
-            Sourced::typed(&origin, typed(object)?).map(Arc::new)
+            let key = key_of(kind, &object)?;
+            match typed(object) {
+                Some(object) => Sourced::typed(&origin, object).map(|o| Ok(Arc::new(o))),
+                // Why is logged where it failed; like an invalid object's, the last good
+                // version stays.
+                None => Some(Err(Rejection {
+                    origin: Arc::clone(&origin),
+                    diagnostics: vec![Diagnostic::error(
+                        ORIGIN,
+                        &key.to_string(),
+                        format!("cannot be read as {kind}"),
+                    )],
+                    key: Some(key),
+                })),
+            }
         })
     }
 
     /// The store's key of a watched object; `None` for one without a name.
     fn key_of(&self, object: &impl kube::Resource) -> Option<ObjectKey> {
-        let metadata = object.meta();
-        let name = metadata.name.as_deref()?;
-        Some(ObjectKey::new(
-            self.kind,
-            metadata.namespace.as_deref(),
-            name,
-        ))
+        key_of(self.kind, object)
     }
 
     async fn run_sourced<K>(
         mut self,
         mut events: Events<K>,
-        sourced: impl Fn(K) -> Option<Arc<Sourced>> + Send + 'static,
+        read: impl Fn(K) -> Read + Send + 'static,
     ) where
         K: kube::Resource + Send + 'static,
     {
@@ -606,11 +644,10 @@ impl Watch {
                     let mut objects = Vec::new();
                     let mut rejected = Vec::new();
                     for object in listing.take().unwrap_or_default() {
-                        let key = self.key_of(&object);
-                        match (sourced(object), key) {
-                            (Some(object), _) => objects.push(object),
-                            (None, Some(key)) => rejected.push(key),
-                            (None, None) => {}
+                        match read(object) {
+                            Some(Ok(object)) => objects.push(object),
+                            Some(Err(rejection)) => rejected.push(rejection),
+                            None => {}
                         }
                     }
                     SourceChange::Replace {
@@ -619,8 +656,9 @@ impl Watch {
                         rejected,
                     }
                 }
-                Ok(Event::Apply(object)) => match sourced(object) {
-                    Some(object) => SourceChange::Upsert(object),
+                Ok(Event::Apply(object)) => match read(object) {
+                    Some(Ok(object)) => SourceChange::Upsert(object),
+                    Some(Err(rejection)) => SourceChange::Reject(rejection),
                     None => continue,
                 },
                 Ok(Event::Delete(object)) => match self.key_of(&object) {
@@ -646,9 +684,17 @@ impl Watch {
     }
 }
 
+/// The store's key of a watched object of `kind`; `None` for one without a name.
+fn key_of(kind: &str, object: &impl kube::Resource) -> Option<ObjectKey> {
+    let metadata = object.meta();
+    let name = metadata.name.as_deref()?;
+    Some(ObjectKey::new(kind, metadata.namespace.as_deref(), name))
+}
+
 /// An Istio object as the API served it, validated like a file's (a kind the mesh does not
-/// implement is kept with its warning).
-fn istio(resource: &ApiResource, object: DynamicObject) -> Option<Arc<Sourced>> {
+/// implement is kept with its warning). An invalid one is a rejection, reported on the object
+/// through `events` (when given).
+fn istio(resource: &ApiResource, object: DynamicObject, events: Option<&EventReporter>) -> Read {
     let metadata = serde_json::to_value(&object.metadata).ok()?;
     let value = json!({
         "apiVersion": resource.api_version,
@@ -661,14 +707,162 @@ fn istio(resource: &ApiResource, object: DynamicObject) -> Option<Arc<Sourced>> 
         value,
     };
     match config::read(ORIGIN, document) {
-        Ok(sourced) => Some(Arc::new(sourced)),
+        Ok(sourced) => Some(Ok(Arc::new(sourced))),
         Err(diagnostics) => {
-            for diagnostic in diagnostics.iter().filter(|d| d.is_error()) {
-                warn!("object rejected, its last good version stays: {diagnostic}");
+            let key = ObjectKey::new(
+                &resource.kind,
+                object.metadata.namespace.as_deref(),
+                object.metadata.name.as_deref()?,
+            );
+            if let Some(events) = events {
+                events.rejected(resource, &object.metadata, &diagnostics);
             }
-            None
+            Some(Err(Rejection {
+                origin: ORIGIN.into(),
+                key: Some(key),
+                diagnostics,
+            }))
         }
     }
+}
+
+/// Who reports rejected objects as Events (`reportingController`).
+const EVENT_CONTROLLER: &str = "sidecarless.io/mesh-agent";
+/// Events waiting to be created; more are dropped (and logged), never waited for.
+const EVENTS_BOUND: usize = 256;
+/// The Events API caps a note at 1 kB.
+const MAX_NOTE: usize = 1024;
+/// An object name is at most 253 characters; so is the Event's name made from it.
+const MAX_NAME: usize = 253;
+
+/// Creates the Events that report rejected objects, off the watches' path: a watch hands an
+/// Event over and goes on.
+#[derive(Clone)]
+struct EventReporter {
+    sender: mpsc::Sender<K8sEvent>,
+    /// `reportingInstance`: this node.
+    instance: Arc<str>,
+}
+
+impl EventReporter {
+    fn start(client: Client) -> EventReporter {
+        let (sender, mut queued) = mpsc::channel::<K8sEvent>(EVENTS_BOUND);
+        tokio::spawn(async move {
+            while let Some(event) = queued.recv().await {
+                let namespace = event.metadata.namespace.clone().unwrap_or_default();
+                let api = Api::<K8sEvent>::namespaced(client.clone(), &namespace);
+                match api.create(&PostParams::default(), &event).await {
+                    Ok(_) => debug!(name = ?event.metadata.name, "event created"),
+                    // Another node's agent reported this very version first.
+                    Err(kube::Error::Api(status)) if status.code == 409 => {}
+                    Err(error) => warn!(
+                        %error,
+                        object = ?event.regarding.as_ref().and_then(|r| r.name.as_deref()),
+                        "cannot create the Event that reports a rejected object (needs create on events.k8s.io events)"
+                    ),
+                }
+            }
+        });
+        let instance = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|name| name.trim().to_owned())
+            .ok()
+            .filter(|name| !name.is_empty())
+            .unwrap_or_else(|| "mesh-agent".to_owned());
+        EventReporter {
+            sender,
+            instance: instance.into(),
+        }
+    }
+
+    /// Reports that the object was rejected for `diagnostics`.
+    fn rejected(&self, resource: &ApiResource, metadata: &ObjectMeta, diagnostics: &[Diagnostic]) {
+        let Some(event) = rejection_event(resource, metadata, diagnostics, &self.instance) else {
+            return;
+        };
+        if self.sender.try_send(event).is_err() {
+            warn!(
+                object = ?metadata.name,
+                "too many Events waiting to be created: this rejection is only logged"
+            );
+        }
+    }
+}
+
+/// The `Warning` Event that reports a rejected object, named after the object and its
+/// `resourceVersion` so that every agent that sees this version makes the same one.
+fn rejection_event(
+    resource: &ApiResource,
+    metadata: &ObjectMeta,
+    diagnostics: &[Diagnostic],
+    instance: &str,
+) -> Option<K8sEvent> {
+    let namespace = metadata.namespace.clone()?;
+    let name = metadata.name.as_deref()?;
+    let version: String = metadata
+        .resource_version
+        .as_deref()
+        .unwrap_or_default()
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    let suffix = format!(".{}.{version}", resource.kind.to_ascii_lowercase());
+    let mut prefix = name.to_owned();
+    prefix.truncate(MAX_NAME.saturating_sub(suffix.len()));
+    let prefix = prefix.trim_end_matches(['.', '-']);
+    let problems: Vec<String> = diagnostics
+        .iter()
+        .filter(|d| d.is_error())
+        .map(|d| match d.field.as_str() {
+            "" => d.reason.clone(),
+            field => format!("{field}: {}", d.reason),
+        })
+        .collect();
+    let note = truncate(
+        format!(
+            "rejected by the mesh (each agent keeps the last good version it saw in force, or \
+             leaves the object out if it saw none; the rest applies): {}",
+            problems.join("; ")
+        ),
+        MAX_NOTE,
+    );
+    Some(K8sEvent {
+        metadata: ObjectMeta {
+            name: Some(format!("{prefix}{suffix}")),
+            namespace: Some(namespace.clone()),
+            ..ObjectMeta::default()
+        },
+        event_time: Some(MicroTime(k8s_openapi::jiff::Timestamp::now())),
+        type_: Some("Warning".to_owned()),
+        reason: Some("Rejected".to_owned()),
+        action: Some("Validate".to_owned()),
+        note: Some(note),
+        reporting_controller: Some(EVENT_CONTROLLER.to_owned()),
+        reporting_instance: Some(instance.to_owned()),
+        regarding: Some(ObjectReference {
+            api_version: Some(resource.api_version.clone()),
+            kind: Some(resource.kind.clone()),
+            name: Some(name.to_owned()),
+            namespace: Some(namespace),
+            uid: metadata.uid.clone(),
+            resource_version: metadata.resource_version.clone(),
+            field_path: None,
+        }),
+        ..K8sEvent::default()
+    })
+}
+
+/// `text`, cut to at most `max` bytes on a character boundary.
+fn truncate(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max - '…'.len_utf8();
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
 }
 
 #[cfg(test)]
@@ -799,6 +993,165 @@ mod tests {
             watch_not_implemented(&client, &sender, &ORIGIN.into(), &WatchMetrics::default()).await;
         assert!(watched.is_empty());
         assert_eq!(*asked.lock().unwrap(), ["/apis"]);
+    }
+
+    /// What a watch hands the store: an invalid object, on an event or in a (re)list, is a
+    /// rejection with its identity — so the store keeps its last good version, where a relist
+    /// once dropped it as gone — and so is an object of a typed kind that is not understood.
+    #[tokio::test]
+    async fn an_invalid_object_reaches_the_store_as_a_rejection_on_an_event_and_a_relist() {
+        let resource = ApiResource {
+            group: "networking.istio.io".into(),
+            version: "v1beta1".into(),
+            api_version: "networking.istio.io/v1beta1".into(),
+            kind: "VirtualService".into(),
+            plural: "virtualservices".into(),
+        };
+        let route = |name: &str, timeout: &str| -> DynamicObject {
+            serde_json::from_value(json!({
+                "metadata": {"name": name, "namespace": "shop"},
+                "spec": {"hosts": ["reviews"],
+                         "http": [{"timeout": timeout,
+                                   "route": [{"destination": {"host": "reviews"}}]}]}
+            }))
+            .unwrap()
+        };
+        let events: Events<DynamicObject> = Box::pin(futures_util::stream::iter([
+            Ok(Event::Init),
+            Ok(Event::InitApply(route("good", "1s"))),
+            Ok(Event::InitApply(route("bad", "soon"))),
+            Ok(Event::InitDone),
+            Ok(Event::Apply(route("good", "later"))),
+            Ok(Event::Delete(route("bad", "soon"))),
+        ]));
+        let (sender, mut changes) = mpsc::channel(16);
+        let watch = |kind| Watch {
+            kind,
+            sender: sender.clone(),
+            listed: None,
+            origin: ORIGIN.into(),
+            failures: Failures::reported(kind, &WatchMetrics::default()),
+        };
+        watch("VirtualService")
+            .run_sourced(events, move |object| istio(&resource, object, None))
+            .await;
+        let key = |name: &str| ObjectKey::new("VirtualService", Some("shop"), name);
+        let Some(SourceChange::Replace {
+            objects, rejected, ..
+        }) = changes.recv().await
+        else {
+            panic!("a relist first");
+        };
+        assert_eq!(objects.len(), 1);
+        assert_eq!(objects[0].key, key("good"));
+        assert_eq!(rejected.len(), 1);
+        assert_eq!(rejected[0].key, Some(key("bad")));
+        assert!(rejected[0].diagnostics[0]
+            .reason
+            .contains("invalid duration \"soon\""));
+        let Some(SourceChange::Reject(rejection)) = changes.recv().await else {
+            panic!("an invalid update is a rejection, not a removal");
+        };
+        assert_eq!(rejection.key, Some(key("good")));
+        let Some(SourceChange::Remove(removed)) = changes.recv().await else {
+            panic!("a deletion removes");
+        };
+        assert_eq!(removed, key("bad"));
+
+        // A typed kind: an object not understood is rejected with its identity.
+        let slice: Events<EndpointSlice> = Box::pin(futures_util::stream::iter([Ok(
+            Event::Apply(EndpointSlice {
+                metadata: ObjectMeta {
+                    name: Some("reviews-x1".into()),
+                    namespace: Some("shop".into()),
+                    ..ObjectMeta::default()
+                },
+                ..EndpointSlice::default()
+            }),
+        )]));
+        watch("EndpointSlice").run(slice, |_| None).await;
+        let Some(SourceChange::Reject(rejection)) = changes.recv().await else {
+            panic!("a rejection");
+        };
+        assert_eq!(
+            rejection.key,
+            Some(ObjectKey::new("EndpointSlice", Some("shop"), "reviews-x1"))
+        );
+        assert_eq!(
+            rejection.diagnostics[0].to_string(),
+            "kubernetes: EndpointSlice shop/reviews-x1: cannot be read as EndpointSlice"
+        );
+    }
+
+    /// The Event of a rejected object: a `Warning` on the very version rejected, its problems
+    /// in the note, named after the object and that version so every node's agent makes the
+    /// same one (and a name too long for that is cut, not refused).
+    #[test]
+    fn a_rejected_object_is_reported_by_one_event_per_version() {
+        let resource = ApiResource {
+            group: "networking.istio.io".into(),
+            version: "v1beta1".into(),
+            api_version: "networking.istio.io/v1beta1".into(),
+            kind: "VirtualService".into(),
+            plural: "virtualservices".into(),
+        };
+        let object: DynamicObject = serde_json::from_value(json!({
+            "metadata": {"name": "service-c", "namespace": "shop", "uid": "u-1",
+                         "resourceVersion": "4711"},
+            "spec": {"hosts": ["service-c"],
+                     "http": [{"timeout": "soon", "route": [{"destination": {"host": "x"}}]}]}
+        }))
+        .unwrap();
+        let Some(Err(rejection)) = istio(&resource, object.clone(), None) else {
+            panic!("the object is invalid");
+        };
+        assert_eq!(
+            rejection.key.as_ref().map(ToString::to_string).as_deref(),
+            Some("VirtualService shop/service-c")
+        );
+        let event = rejection_event(
+            &resource,
+            &object.metadata,
+            &rejection.diagnostics,
+            "node-1",
+        )
+        .expect("an event");
+        assert_eq!(
+            event.metadata.name.as_deref(),
+            Some("service-c.virtualservice.4711")
+        );
+        assert_eq!(event.metadata.namespace.as_deref(), Some("shop"));
+        assert_eq!(event.type_.as_deref(), Some("Warning"));
+        assert_eq!(event.reason.as_deref(), Some("Rejected"));
+        assert_eq!(
+            event.reporting_controller.as_deref(),
+            Some(EVENT_CONTROLLER)
+        );
+        assert_eq!(event.reporting_instance.as_deref(), Some("node-1"));
+        let regarding = event.regarding.expect("the object");
+        assert_eq!(
+            (regarding.kind.as_deref(), regarding.uid.as_deref()),
+            (Some("VirtualService"), Some("u-1"))
+        );
+        assert_eq!(regarding.resource_version.as_deref(), Some("4711"));
+        let note = event.note.expect("a note");
+        assert!(
+            note.starts_with(
+                "rejected by the mesh (each agent keeps the last good version it saw in force, \
+                 or leaves the object out if it saw none; the rest applies): \
+                 spec.http[0].timeout: invalid duration \"soon\""
+            ),
+            "{note}"
+        );
+
+        let mut long = object.metadata.clone();
+        long.name = Some("a".repeat(253));
+        let many = vec![rejection.diagnostics[0].clone(); 40];
+        let event = rejection_event(&resource, &long, &many, "node-1").expect("an event");
+        let name = event.metadata.name.expect("a name");
+        assert_eq!(name.len(), 253);
+        assert!(name.ends_with("a.virtualservice.4711"), "{name}");
+        assert!(event.note.expect("a note").len() <= MAX_NOTE);
     }
 
     #[test]

@@ -49,6 +49,9 @@ pub struct Destination {
 pub(crate) struct Cluster {
     /// The cluster's name and what it routes to, for logs and metrics.
     pub(crate) destination: Destination,
+    /// Whether what the cluster stands for exists: its host is a service and its subset (if
+    /// any) is defined. A request routed to one that does not is answered 503 `NR`.
+    pub(crate) exists: bool,
     pub(crate) endpoints: Box<[ClusterEndpoint]>,
     pub(crate) lb: LoadBalancer,
     pub(crate) limits: PoolLimits,
@@ -285,6 +288,7 @@ impl Cluster {
         };
         Cluster {
             destination,
+            exists: inputs.service.is_some() && !subset_missing,
             endpoints: endpoints.into_boxed_slice(),
             lb: policy.load_balancer.unwrap_or_default(),
             limits: PoolLimits::new(policy.connection_pool.as_ref()),

@@ -11,6 +11,12 @@ pub enum EngineError {
     /// No virtual host or route for the request (`NR`, 404).
     #[error("no route matched the request")]
     NoRoute,
+    /// The route's destination does not exist (yet): its subset is defined by no
+    /// DestinationRule, or its host is no service (503 `NR`, as Envoy answered a route to a
+    /// cluster it does not have before it named that `NC`). Not retried: another try would find
+    /// the same.
+    #[error("no cluster found for the route's destination")]
+    ClusterNotFound,
     /// The chosen destination has no endpoints at all (`UH`, 503).
     #[error("no healthy upstream")]
     NoHealthyUpstream,
@@ -82,7 +88,7 @@ impl EngineError {
     /// The response flags this error sets in the access log.
     pub fn flags(&self) -> ResponseFlags {
         match self {
-            EngineError::NoRoute => ResponseFlags::NR,
+            EngineError::NoRoute | EngineError::ClusterNotFound => ResponseFlags::NR,
             EngineError::NoHealthyUpstream => ResponseFlags::UH,
             EngineError::ConnectFailure => ResponseFlags::UF,
             EngineError::UpstreamReset => ResponseFlags::UC,
@@ -105,7 +111,9 @@ impl EngineError {
     pub fn cause(&self) -> Cause {
         match self {
             EngineError::NoRoute => Cause::Downstream,
-            EngineError::Overflow | EngineError::FaultAbort { .. } => Cause::Mesh,
+            EngineError::Overflow
+            | EngineError::FaultAbort { .. }
+            | EngineError::ClusterNotFound => Cause::Mesh,
             _ => Cause::Upstream,
         }
     }
@@ -220,6 +228,7 @@ mod tests {
     fn errors_carry_status_flag_cause_and_retryability() {
         let cases = [
             (EngineError::NoRoute, 404, "NR", Cause::Downstream, false),
+            (EngineError::ClusterNotFound, 503, "NR", Cause::Mesh, false),
             (
                 EngineError::NoHealthyUpstream,
                 503,

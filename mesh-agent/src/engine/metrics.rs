@@ -31,7 +31,7 @@ use crate::exposition::encode_counters;
 pub struct EngineMetrics {
     /// Requests that got a plan.
     pub requests: AtomicU64,
-    /// Requests no route matched (`NR`).
+    /// Requests no route matched, or whose destination does not exist (yet) (`NR`).
     pub no_route: AtomicU64,
     /// Requests with no endpoint to send to (`UH`).
     pub no_healthy_upstream: AtomicU64,

@@ -213,9 +213,13 @@ impl Engine {
             return Err(EngineError::NoRoute);
         };
         let cluster = dest.target.cluster(port);
-        snap.clusters[cluster as usize]
-            .budget
-            .record_request(snap.epoch.ticks(now));
+        let chosen = &snap.clusters[cluster as usize];
+        if !chosen.exists {
+            // A subset or host named before it is defined: Envoy has no such cluster either.
+            EngineMetrics::inc(&metrics.no_route);
+            return Err(EngineError::ClusterNotFound);
+        }
+        chosen.budget.record_request(snap.epoch.ticks(now));
 
         let fault = match &route.fault {
             Some(fault) if http => fault.decide(),

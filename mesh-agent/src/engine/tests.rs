@@ -811,6 +811,84 @@ fn the_ingress_tries_the_gateways_on_its_port_in_order_then_all_of_them() {
 
 // ---------------------------------------------------------------- splits and balancing
 
+/// A destination that does not exist yet — a subset no rule defines, a host that is no
+/// service — is 503 `NR` for the requests routed to it (Envoy's answer for a cluster it does
+/// not have), never retried; the other destinations of the split are served. The rule or the
+/// service arriving in a reload puts it to work.
+#[test]
+fn a_destination_that_does_not_exist_yet_is_503_nr_until_it_does() {
+    let split = http_route(
+        "split",
+        vec![],
+        vec![
+            weighted(dest("service-c", Some("version-v1")), 50),
+            weighted(dest("service-c", Some("version-v3")), 25),
+            weighted(dest("service-d", None), 25),
+        ],
+    );
+    let config = |rules: Vec<DestinationRule>| MeshConfig {
+        virtual_services: vec![Arc::new(virtual_service(
+            &["service-c"],
+            vec![split.clone()],
+        ))],
+        destination_rules: rules.into_iter().map(Arc::new).collect(),
+        gateways: vec![],
+    };
+    let f = fixture(
+        vec![virtual_service(&["service-c"], vec![split.clone()])],
+        vec![destination_rule("service-c", TrafficPolicy::default())],
+        vec![service("service-c", 1, 1)],
+    );
+    let mut answers = BTreeMap::new();
+    for _ in 0..100 {
+        let answer = match f.route(&get("service-c", "/")) {
+            Ok(plan) => plan.cluster_name().to_owned(),
+            Err(error) => {
+                assert_eq!(error, EngineError::ClusterNotFound);
+                assert!(!error.is_retryable());
+                format!("{} {}", error.status(), error.flags())
+            }
+        };
+        *answers.entry(answer).or_insert(0) += 1;
+    }
+    assert_eq!(
+        answers,
+        BTreeMap::from([
+            ("503 NR".to_owned(), 50),
+            (
+                "outbound|80|version-v1|service-c.default.svc.cluster.local".to_owned(),
+                50
+            ),
+        ])
+    );
+    assert_eq!(
+        f.engine
+            .metrics()
+            .no_route
+            .load(std::sync::atomic::Ordering::Relaxed),
+        50
+    );
+
+    // The subset defined and the service known: all three destinations are served.
+    let mut rule = destination_rule("service-c", TrafficPolicy::default());
+    rule.subsets.push(subset("version-v3", "v2"));
+    let registry = Registry {
+        services: vec![
+            Arc::new(service("service-c", 1, 1)),
+            Arc::new(service("service-d", 1, 0)),
+        ],
+    };
+    let reloaded = f.engine.reload(&config(vec![rule]), &registry, f.t0);
+    let mut clusters = BTreeMap::new();
+    for _ in 0..100 {
+        let plan = reloaded
+            .route(&get("service-c", "/").info(), f.t0)
+            .expect("every destination exists");
+        *clusters.entry(plan.cluster_name().to_owned()).or_insert(0) += 1;
+    }
+    assert_eq!(clusters.len(), 3, "{clusters:?}");
+}
+
 fn canary(v1: u32, v2: u32) -> Fixture {
     let route = http_route(
         "canary",

@@ -27,6 +27,7 @@ pub fn engine_reply(error: &EngineError) -> Response<ProxyBody> {
 fn reply_text(error: &EngineError) -> &'static str {
     match error {
         EngineError::NoRoute => "no route",
+        EngineError::ClusterNotFound => "cluster not found",
         EngineError::NoHealthyUpstream => "no healthy upstream",
         EngineError::Overflow => {
             "upstream connect error or disconnect/reset before headers. reset reason: overflow"

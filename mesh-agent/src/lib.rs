@@ -12,6 +12,7 @@ pub mod discovery;
 pub mod engine;
 pub mod enrollment;
 pub mod exposition;
+pub mod handover;
 pub mod identity;
 pub mod proxy;
 pub mod readiness;

@@ -15,7 +15,8 @@
 //! `delay_tries=K` only the first K requests carrying the same `x-request-id` are held (so a
 //! proxy's retry of a held try answers at once); `--delay-ms` holds every answer (a slow
 //! replica). `--log` prints one line per request as it arrives (method, path, host, request
-//! id), so a test can count what reached this server and see how it was addressed.
+//! id, `traceparent`), so a test can count what reached this server, see how it was addressed
+//! and whether it came through the mesh (which writes `traceparent` on every request).
 //! The clients print one line per response (unless `--quiet`), with its latency, and then a
 //! summary. With `--request-ids PREFIX` every request carries its own `x-request-id`
 //! (`PREFIX-<loop>-<n>`), also printed on its line, so a test can follow each request through a
@@ -300,6 +301,8 @@ fn request_line(count: u64, parts: &Parts) -> Value {
         "path": parts.uri.path_and_query().map_or("/", |p| p.as_str()),
         "host": host,
         "request_id": header(HeaderName::from_static("x-request-id")),
+        // The mesh writes it on every request it forwards: a request without it came direct.
+        "traceparent": header(HeaderName::from_static("traceparent")),
     })
 }
 

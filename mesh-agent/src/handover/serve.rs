@@ -409,3 +409,176 @@ fn take_over(shared: &Shared, conn: &Conn, successor: &AgentInfo) -> bool {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        os::fd::OwnedFd,
+        path::{Path, PathBuf},
+        sync::atomic::AtomicUsize,
+    };
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::{
+        admin::socket::SocketFile,
+        handover::{take, HandoverError},
+    };
+
+    /// Hands over one pipe, and counts how often it was frozen and thawed.
+    #[derive(Default)]
+    struct Pipe {
+        frozen: AtomicUsize,
+        thawed: AtomicUsize,
+    }
+
+    impl Source for Pipe {
+        fn handed(&self) -> std::io::Result<Vec<Handed>> {
+            self.frozen.fetch_add(1, Ordering::SeqCst);
+            let (read, _write) = std::io::pipe()?;
+            Ok(vec![Handed::new(
+                "listener/test",
+                json!({"n": 1}),
+                vec![OwnedFd::from(read)],
+            )])
+        }
+
+        fn thaw(&self) {
+            self.thawed.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn agent(pid: u32, cgroup: &str) -> AgentInfo {
+        AgentInfo {
+            pid,
+            version: "test".to_owned(),
+            redirect: "ebpf".to_owned(),
+            cgroup: Some(PathBuf::from(cgroup)),
+            listen: "127.0.0.1:15001".parse().unwrap(),
+            netns_cookie: 1,
+        }
+    }
+
+    fn serving(dir: &Path, source: &Arc<Pipe>) -> (Server, PathBuf) {
+        let path = dir.join("handover.sock");
+        let (_file, listener) = SocketFile::bind_seqpacket(&path).unwrap();
+        let sources: Vec<Arc<dyn Source>> = vec![Arc::clone(source) as Arc<dyn Source>];
+        (
+            Server::start(listener, agent(1, "/cg"), sources).unwrap(),
+            path,
+        )
+    }
+
+    /// `take::begin` on a thread of its own (it blocks), from a successor with `cgroup`.
+    fn begin(
+        path: &Path,
+        cgroup: &str,
+    ) -> std::thread::JoinHandle<
+        Result<Option<(take::Predecessor, super::super::Inventory)>, HandoverError>,
+    > {
+        let (path, me) = (path.to_path_buf(), agent(2, cgroup));
+        std::thread::spawn(move || take::begin(&path, &me))
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_successor_gets_the_inventory_and_takes_over_once_this_agent_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = Arc::new(Pipe::default());
+        let (mut server, path) = serving(dir.path(), &source);
+        let (predecessor, mut inventory) = begin(&path, "/cg").join().unwrap().unwrap().unwrap();
+        assert_eq!(predecessor.agent().pid, 1);
+        let handed = inventory.take("listener/test").expect("the entry");
+        assert_eq!((handed.info, handed.fds.len()), (json!({"n": 1}), 1));
+        assert_eq!(source.frozen.load(Ordering::SeqCst), 1);
+
+        let taking = std::thread::spawn(move || predecessor.take_over());
+        let request = server.taken_over().await.expect("a take-over");
+        assert_eq!(request.successor.pid, 2);
+        request.released();
+        let (outcome, _) = taking.join().unwrap().unwrap();
+        assert_eq!(outcome, take::TakeOver::Released);
+        assert_eq!(source.thawed.load(Ordering::SeqCst), 0, "frozen for good");
+        server.stop();
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn one_that_runs_differently_or_comes_second_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = Arc::new(Pipe::default());
+        let (server, path) = serving(dir.path(), &source);
+        let Err(HandoverError::Refused { pid: _, refusal }) =
+            begin(&path, "/other").join().unwrap()
+        else {
+            panic!("a successor on another cgroup was not refused");
+        };
+        assert!(
+            matches!(&refusal, Refusal::Mismatch(why) if why.contains("/other")),
+            "{refusal:?}"
+        );
+        assert_eq!(
+            source.frozen.load(Ordering::SeqCst),
+            0,
+            "nothing handed over"
+        );
+
+        let first = begin(&path, "/cg").join().unwrap().unwrap();
+        let Err(HandoverError::Refused { refusal, .. }) = begin(&path, "/cg").join().unwrap()
+        else {
+            panic!("a second successor was not refused");
+        };
+        assert_eq!(refusal, Refusal::Busy);
+        drop(first);
+        server.stop();
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_successor_that_gives_up_or_goes_away_leaves_this_agent_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = Arc::new(Pipe::default());
+        let (server, path) = serving(dir.path(), &source);
+        let (predecessor, _) = begin(&path, "/cg").join().unwrap().unwrap().unwrap();
+        predecessor.abort("not ready");
+        let thawed = || source.thawed.load(Ordering::SeqCst);
+        wait_until(|| thawed() == 1);
+        // Gone without a word: the same.
+        let (predecessor, _) = begin(&path, "/cg").join().unwrap().unwrap().unwrap();
+        drop(predecessor);
+        wait_until(|| thawed() == 2);
+        // And the next one is served.
+        assert!(begin(&path, "/cg").join().unwrap().unwrap().is_some());
+        server.stop();
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn once_shutting_down_successors_are_refused_and_one_whose_predecessor_died_carries_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = Arc::new(Pipe::default());
+        let (server, path) = serving(dir.path(), &source);
+        let (predecessor, _) = begin(&path, "/cg").join().unwrap().unwrap().unwrap();
+        assert!(server.shutting_down(), "a successor holds the inventory");
+        // This agent stops (or dies) before the take-over: the successor holds everything
+        // already and carries on alone.
+        server.stop();
+        let (outcome, _) = predecessor.take_over().unwrap();
+        assert_eq!(outcome, take::TakeOver::Gone);
+
+        let source = Arc::new(Pipe::default());
+        let (server, path) = serving(&dir.path().join("b"), &source);
+        assert!(!server.shutting_down());
+        let Err(HandoverError::Refused { refusal, .. }) = begin(&path, "/cg").join().unwrap()
+        else {
+            panic!("a successor of an agent shutting down was not refused");
+        };
+        assert_eq!(refusal, Refusal::ShuttingDown);
+        server.stop();
+    }
+
+    fn wait_until(done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !done() {
+            assert!(Instant::now() < deadline, "not within 5 s");
+            pause();
+        }
+    }
+}

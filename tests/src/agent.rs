@@ -91,18 +91,30 @@ impl Agent {
     /// arguments and sockets, and waits until it has taken over from this agent, which then
     /// drains and waits for SIGTERM.
     pub fn successor(&self, node: &SimNode, binary: &Path, timeout: Duration) -> Result<Agent> {
-        let successor = Agent::spawn_with(
-            node,
-            binary,
-            Arc::clone(&self.socket_dir),
-            self.args.clone(),
-        )?;
-        successor
-            .process
+        let successor = self.spawn_successor(node, binary, &[])?;
+        successor.wait_took_over(timeout)?;
+        Ok(successor)
+    }
+
+    /// Starts `binary` on `node` with this agent's arguments and sockets, then `extra_args`,
+    /// without waiting for anything.
+    pub fn spawn_successor(
+        &self,
+        node: &SimNode,
+        binary: &Path,
+        extra_args: &[&str],
+    ) -> Result<Agent> {
+        let mut args = self.args.clone();
+        args.extend(extra_args.iter().map(OsString::from));
+        Agent::spawn_with(node, binary, Arc::clone(&self.socket_dir), args)
+    }
+
+    /// Waits until this agent has taken over from its predecessor; returns the line saying so.
+    pub fn wait_took_over(&self, timeout: Duration) -> Result<String> {
+        self.process
             .stderr()
             .wait_for_line(|line| line.contains(TOOK_OVER), timeout)
-            .context("the successor did not take over")?;
-        Ok(successor)
+            .context("the successor did not take over")
     }
 
     /// The handover socket (`--handover-socket`), where a successor connects.
@@ -246,11 +258,20 @@ pub fn admin_request(
 /// How many programs are attached directly to `cgroup` at the hooks the agent uses
 /// (`BPF_PROG_QUERY`), so a test can prove the agent left nothing behind.
 pub fn attached_programs(cgroup: &Path) -> Result<u32> {
+    Ok(attached_program_ids(cgroup)?.len() as u32)
+}
+
+/// The ids of the programs attached directly to `cgroup` at the hooks the agent uses, hook by
+/// hook (sockops, connect4, connect6): after a restart, the successor's programs must be there
+/// in place of its predecessor's, one per hook.
+pub fn attached_program_ids(cgroup: &Path) -> Result<Vec<u32>> {
     // Attach types from the kernel's `enum bpf_attach_type`.
     const BPF_CGROUP_SOCK_OPS: u32 = 3;
     const BPF_CGROUP_INET4_CONNECT: u32 = 10;
     const BPF_CGROUP_INET6_CONNECT: u32 = 11;
     const BPF_PROG_QUERY: libc::c_long = 16;
+    /// More than any test attaches at one hook.
+    const MAX_IDS: usize = 16;
 
     #[repr(C)]
     #[derive(Default)]
@@ -270,18 +291,22 @@ pub fn attached_programs(cgroup: &Path) -> Result<u32> {
 
     let dir = std::fs::File::open(cgroup)
         .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
-    let mut total = 0;
+    let mut all = Vec::new();
     for attach_type in [
         BPF_CGROUP_SOCK_OPS,
         BPF_CGROUP_INET4_CONNECT,
         BPF_CGROUP_INET6_CONNECT,
     ] {
+        let mut ids = [0u32; MAX_IDS];
         let mut attr = QueryAttr {
             target_fd: dir.as_raw_fd() as u32,
             attach_type,
+            prog_ids: ids.as_mut_ptr() as u64,
+            prog_cnt: MAX_IDS as u32,
             ..QueryAttr::default()
         };
-        // SAFETY: `attr` is a valid, zero-padded bpf_attr prefix of the size passed.
+        // SAFETY: `attr` is a valid, zero-padded bpf_attr prefix of the size passed, and
+        // `prog_ids` points at `prog_cnt` writable u32s that outlive the call.
         let rc = unsafe {
             libc::syscall(
                 libc::SYS_bpf,
@@ -293,7 +318,7 @@ pub fn attached_programs(cgroup: &Path) -> Result<u32> {
         if rc != 0 {
             return Err(std::io::Error::last_os_error()).context("BPF_PROG_QUERY");
         }
-        total += attr.prog_cnt;
+        all.extend_from_slice(&ids[..(attr.prog_cnt as usize).min(MAX_IDS)]);
     }
-    Ok(total)
+    Ok(all)
 }

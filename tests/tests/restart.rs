@@ -12,7 +12,8 @@ use std::{
 };
 
 use mesh_tests::{
-    agent::attached_programs, require_root, Agent, Backend, ConfigDir, Pod, PodProcess, SimNode,
+    agent::{attached_program_ids, attached_programs},
+    require_root, Agent, Backend, ConfigDir, Pod, PodProcess, SimNode,
 };
 use serde_json::{json, Value};
 
@@ -40,7 +41,7 @@ struct Mesh {
     client: Pod,
     server: PodProcess,
     config: ConfigDir,
-    _backend: Pod,
+    backend: Pod,
 }
 
 fn mesh() -> Mesh {
@@ -80,7 +81,7 @@ fn mesh() -> Mesh {
         client,
         server,
         config,
-        _backend: backend,
+        backend,
     }
 }
 
@@ -91,9 +92,14 @@ impl Mesh {
         Agent::start(&self.node, &[&self.client], &args).unwrap()
     }
 
-    /// `upstream get` in the client pod with `args`, running in the background.
+    /// `upstream get` of the service in the client pod with `args`, running in the background.
     fn load(&self, args: &[&str]) -> PodProcess {
-        let mut all = vec!["get", "--url", URL, "--timeout-secs", "20"];
+        self.load_to(URL, args)
+    }
+
+    /// `upstream get` of `url` in the client pod with `args`, running in the background.
+    fn load_to(&self, url: &str, args: &[&str]) -> PodProcess {
+        let mut all = vec!["get", "--url", url, "--timeout-secs", "20"];
         all.extend(args);
         self.node
             .spawn_in_pod(&self.client, upstream(&all))
@@ -209,6 +215,7 @@ fn restarts_and_upgrades_under_load_lose_no_request_and_bypass_none() {
             std::thread::sleep(Duration::from_millis(200));
         }
         let binary = &binaries[restart % 2];
+        let programs = attached_program_ids(mesh.node.cgroup_path()).unwrap();
         let successor = agent
             .successor(&mesh.node, binary, TAKE_OVER)
             .unwrap_or_else(|error| panic!("restart {restart}: {error:#}"));
@@ -218,10 +225,16 @@ fn restarts_and_upgrades_under_load_lose_no_request_and_bypass_none() {
         // As a DaemonSet rollout does once the new pod is ready.
         old.process().signal(libc::SIGTERM).unwrap();
         superseded.push(old);
+        let now = attached_program_ids(mesh.node.cgroup_path()).unwrap();
         assert_eq!(
-            attached_programs(mesh.node.cgroup_path()).unwrap(),
+            now.len() as u32,
             PROGRAMS,
-            "restart {restart}: one program per hook, never two"
+            "restart {restart}: one per hook, never two"
+        );
+        assert!(
+            now.iter().all(|id| !programs.contains(id)),
+            "restart {restart}: the successor's programs run, not its predecessor's: {programs:?} \
+             then {now:?}"
         );
     }
     let restarting = started.elapsed();
@@ -321,4 +334,239 @@ fn restarts_and_upgrades_under_load_lose_no_request_and_bypass_none() {
         spread(switches),
         spread(overlaps),
     );
+}
+
+/// A light load for the failure modes: 50 requests a second to the service, each on a new
+/// connection, until SIGINT.
+fn light_load(mesh: &Mesh, prefix: &str) -> PodProcess {
+    mesh.load(&LIGHT_LOAD.map(|arg| if arg == "PREFIX" { prefix } else { arg }))
+}
+
+const LIGHT_LOAD: [&str; 11] = [
+    "--rate",
+    "50",
+    "--concurrency",
+    "5",
+    "--count",
+    "100000",
+    "--request-ids",
+    "PREFIX",
+    "--quiet",
+    "--until-sigint",
+    "--close",
+];
+
+/// Stops a load started with `--until-sigint`; its summary.
+fn stop(mut load: PodProcess) -> Value {
+    load.signal(libc::SIGINT).unwrap();
+    summary(&mut load, Duration::from_secs(30))
+}
+
+/// Requests of the load `prefix` that reached the backend without the mesh's headers.
+fn direct(mesh: &Mesh, prefix: &str) -> usize {
+    mesh.received()
+        .iter()
+        .filter(|(id, through_the_mesh)| id.starts_with(prefix) && !**through_the_mesh)
+        .count()
+}
+
+/// A successor that cannot take over — it would run differently, or it fails to start after
+/// it got the inventory — leaves the running agent serving as before: no request lost, its
+/// programs in force, and the next successor takes over as usual.
+#[test]
+fn a_successor_that_cannot_take_over_leaves_the_running_agent_in_charge() {
+    let mesh = mesh();
+    let mut agent = mesh.agent();
+    let binary = mesh_tests::agent_binary().unwrap();
+    let load = light_load(&mesh, "fail");
+    let programs = attached_program_ids(mesh.node.cgroup_path()).unwrap();
+
+    // Another in-pod port: refused before anything is handed over.
+    let mut other = agent
+        .spawn_successor(&mesh.node, &binary, &["--listen", "127.0.0.1:15006"])
+        .unwrap();
+    let status = other.process().finish(TAKE_OVER).unwrap();
+    let stderr = other.stderr_text();
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("refused to hand over")
+            && stderr.contains(
+                "it listens at 127.0.0.1:15001 in each pod, the new agent at \
+                                127.0.0.1:15006"
+            ),
+        "{stderr}"
+    );
+
+    // Fails after it got the inventory and loaded its programs: its ingress address is taken.
+    let _taken = mesh
+        .node
+        .run_on_node(|| std::net::TcpListener::bind("127.0.0.1:18080").unwrap())
+        .unwrap();
+    let mut failing = agent
+        .spawn_successor(&mesh.node, &binary, &["--ingress", "127.0.0.1:18080"])
+        .unwrap();
+    let status = failing.process().finish(TAKE_OVER).unwrap();
+    let stderr = failing.stderr_text();
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("ingress gateway on 127.0.0.1:18080"),
+        "{stderr}"
+    );
+    agent
+        .process()
+        .stderr()
+        .wait_for_line(|l| l.contains("went away before taking over"), TAKE_OVER)
+        .unwrap();
+    assert_eq!(
+        attached_program_ids(mesh.node.cgroup_path()).unwrap(),
+        programs,
+        "the running agent's programs are still the ones in force"
+    );
+    // Enrollment, paused while the failed successor held the inventory, works again...
+    let spare = mesh.node.add_pod("spare").unwrap();
+    let pod = format!(
+        r#"{{"name":"spare","netns":"{}"}}"#,
+        spare.netns_path().display()
+    );
+    let (status, body) = agent.admin_request("POST", "/pods", &pod).unwrap();
+    assert_eq!(status, 200, "{body}");
+    std::thread::sleep(Duration::from_secs(1));
+
+    // ...and the next successor takes over all of it, the pod enrolled at run time included.
+    let successor = agent.successor(&mesh.node, &binary, TAKE_OVER).unwrap();
+    assert_eq!(
+        successor.enrolled().unwrap(),
+        ["default/client", "default/spare"]
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let summary = stop(load);
+    assert_eq!(summary["errors"], 0, "{summary}");
+    assert_eq!(direct(&mesh, "fail-"), 0);
+    assert_eq!(successor.decisions().unwrap()["agent_absent"], 0);
+}
+
+/// The running agent killed (SIGKILL) after it handed its inventory over but before the
+/// successor took over: the successor holds every listener and link already, so the pods'
+/// listeners never went away (the kernel never found a pod without its agent) and it carries
+/// on alone. Only what the dead agent was serving at that moment is lost.
+#[test]
+fn a_predecessor_killed_during_the_handover_leaves_its_successor_serving() {
+    let mesh = mesh();
+    let mut agent = mesh.agent();
+    let load = light_load(&mesh, "kill");
+    std::thread::sleep(Duration::from_secs(1));
+    let successor = agent
+        .spawn_successor(&mesh.node, &mesh_tests::agent_binary().unwrap(), &[])
+        .unwrap();
+    agent
+        .process()
+        .stderr()
+        .wait_for_line(
+            |l| l.contains("handed the inventory to a successor"),
+            TAKE_OVER,
+        )
+        .unwrap();
+    agent.process().signal(libc::SIGKILL).unwrap();
+    let took_over = successor.wait_took_over(TAKE_OVER).unwrap();
+    assert!(took_over.contains("outcome=Gone"), "{took_over}");
+    assert_eq!(
+        attached_programs(mesh.node.cgroup_path()).unwrap(),
+        PROGRAMS
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let summary = stop(load);
+    let failed = summary["errors"].as_u64().unwrap();
+    // At 50 a second, each answered in milliseconds: what was in flight on the killed agent.
+    assert!(failed <= 2, "{summary}");
+    assert_eq!(direct(&mesh, "kill-"), 0);
+    assert_eq!(successor.decisions().unwrap()["agent_absent"], 0);
+    eprintln!("killed during the handover: {failed} requests failed (in flight on it), {summary}");
+}
+
+/// Stop then start (a DaemonSet rollout before Kubernetes 1.22): with no successor, SIGTERM
+/// unenrolls and the agent detaches; until the next agent has enrolled the pod, its connections
+/// go direct (to a pod IP here: a service VIP exists only in the agent on this node, where
+/// kube-proxy would route it on a real one). Nothing fails; the gap costs connections outside
+/// the mesh.
+#[test]
+fn stop_then_start_fails_open_for_the_gap() {
+    let mesh = mesh();
+    let mut agent = mesh.agent();
+    let url = format!("http://{}/", mesh.backend.addr(8080));
+    let args = LIGHT_LOAD.map(|arg| if arg == "PREFIX" { "gap" } else { arg });
+    let load = mesh.load_to(&url, &args);
+    std::thread::sleep(Duration::from_secs(1));
+    agent.process().signal(libc::SIGTERM).unwrap();
+    let status = agent.process().wait_timeout(TAKE_OVER).unwrap();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{}",
+        agent.stderr_text()
+    );
+    assert!(agent.stderr_text().contains("programs detached, exiting"));
+    assert_eq!(attached_programs(mesh.node.cgroup_path()).unwrap(), 0);
+    let gap = Instant::now();
+    let next = mesh.agent();
+    let gap = gap.elapsed();
+    std::thread::sleep(Duration::from_secs(1));
+    let summary = stop(load);
+    assert_eq!(summary["errors"], 0, "{summary}");
+    // One request per connection: each connection an agent carried is one access-log record.
+    let carried = [&agent, &next]
+        .iter()
+        .flat_map(|a| a.access_log())
+        .filter(|r| r["kind"] == "tcp" && r["source_pod"] == "client")
+        .count() as u64;
+    let sent = summary["sent"].as_u64().unwrap();
+    let direct = sent - carried;
+    assert!(
+        direct > 0,
+        "no connection went direct during a {gap:?} gap: {summary}"
+    );
+    eprintln!(
+        "stop then start: {direct} of {sent} requests went direct in a {gap:?} gap, 0 failed"
+    );
+}
+
+/// iptables mode hands over too: the listeners (its rules keep pointing at them), and the
+/// rules stay when the superseded agent leaves; the successor removes them at its own exit.
+#[test]
+fn iptables_mode_hands_over_its_listeners_and_keeps_its_rules() {
+    let mesh = mesh();
+    let config = mesh.config.path().to_str().unwrap();
+    let args = ["--config", config, "--redirect", "iptables"];
+    let mut agent = Agent::start(&mesh.node, &[&mesh.client], &args).unwrap();
+    let load = light_load(&mesh, "ipt");
+    std::thread::sleep(Duration::from_secs(1));
+    let mut successor = agent
+        .successor(&mesh.node, &mesh_tests::agent_binary().unwrap(), TAKE_OVER)
+        .unwrap();
+    agent.process().signal(libc::SIGTERM).unwrap();
+    let status = agent.process().wait_timeout(TAKE_OVER).unwrap();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{}",
+        agent.stderr_text()
+    );
+    assert!(
+        mesh_rules(&mesh),
+        "the superseded agent left the rules to its successor"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let summary = stop(load);
+    assert_eq!(summary["errors"], 0, "{summary}");
+    assert_eq!(direct(&mesh, "ipt-"), 0);
+    successor.process().signal(libc::SIGTERM).unwrap();
+    let status = successor.process().wait_timeout(TAKE_OVER).unwrap();
+    assert!(status.is_some_and(|s| s.success()));
+    assert!(!mesh_rules(&mesh), "the last agent removes the rules");
+}
+
+/// Whether the client pod's `nat` table has the agent's chain.
+fn mesh_rules(mesh: &Mesh) -> bool {
+    let mut save = Command::new("iptables-save");
+    save.args(["-t", "nat"]);
+    let mut process = mesh.node.spawn_in_pod(&mesh.client, save).unwrap();
+    assert!(process.finish(TAKE_OVER).unwrap().success());
+    process.stdout().text().contains("MESH_OUTPUT")
 }

@@ -570,3 +570,97 @@ fn mesh_rules(mesh: &Mesh) -> bool {
     assert!(process.finish(TAKE_OVER).unwrap().success());
     process.stdout().text().contains("MESH_OUTPUT")
 }
+
+/// Kubernetes mode, as the DaemonSet's rollout on 1.22+ runs it (new pod first, then SIGTERM to
+/// the old): the successor serves the running agent's pods once it has listed the cluster, and
+/// from then on it follows the cluster's labels — the superseded agent no longer does.
+#[test]
+fn in_kubernetes_mode_the_successor_serves_the_pods_and_follows_the_cluster() -> anyhow::Result<()>
+{
+    use anyhow::{ensure, Context};
+    use mesh_tests::{
+        control_plane::ControlPlane,
+        kubelet::{Kubelet, UPSTREAM_IMAGE},
+    };
+    const NODE: &str = "node-1";
+    const TIMEOUT: Duration = Duration::from_secs(60);
+
+    require_root();
+    // Dropped in reverse: the pods, then the control plane, then the node.
+    let node = std::sync::Arc::new(SimNode::new()?);
+    let control_plane = node.run_on_node(ControlPlane::start)??;
+    let kubeconfig = node.run_on_node(|| control_plane.agent_kubeconfig())??;
+    let kubelet = Kubelet::start(node.clone(), &control_plane, NODE)?;
+    let kubectl = |args: &[&str]| node.run_on_node(|| control_plane.kubectl(args))?;
+    let pod = |name: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: meshed}}\nspec:\n  \
+             nodeName: {NODE}\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: app\n    \
+             image: {UPSTREAM_IMAGE}\n    args: [serve, --listen, '0.0.0.0:8080', --name, {name}]\n---\n"
+        )
+    };
+    let yaml = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: meshed, labels: \
+         {{sidecarless.io/mesh: enabled}}}}\n---\n{}{}",
+        pod("client"),
+        pod("server")
+    );
+    let file = control_plane.dir().join("restart-pods.yaml");
+    std::fs::write(&file, yaml)?;
+    kubectl(&["apply", "-f", file.to_str().context("UTF-8")?])?;
+    let running = |name: &str| {
+        mesh_tests::wait_for(&format!("{name} running"), TIMEOUT, || {
+            Ok(kubelet.pod("meshed", name).filter(|p| !p.pids.is_empty()))
+        })
+    };
+    let client = running("client")?.pod;
+    let server = running("server")?.pod;
+    let wait_enrolled = |agent: &Agent, expected: &[&str]| {
+        mesh_tests::wait_for(&format!("enrolled: {expected:?}"), TIMEOUT, || {
+            Ok((agent.enrolled()? == expected).then_some(()))
+        })
+    };
+
+    let mut agent = Agent::spawn_kubernetes(&node, &kubeconfig, NODE)?;
+    agent.wait_ready(TIMEOUT)?;
+    wait_enrolled(&agent, &["meshed/client", "meshed/server"])?;
+    let url = format!("http://{}/", server.addr(8080));
+    let args = LIGHT_LOAD.map(|arg| if arg == "PREFIX" { "k8s" } else { arg });
+    let mut command = upstream(&["get", "--url", &url, "--timeout-secs", "20"]);
+    command.args(args);
+    let load = node.spawn_in_pod(&client, command)?;
+    std::thread::sleep(Duration::from_secs(1));
+
+    let successor = agent.successor(&node, &mesh_tests::agent_binary()?, TIMEOUT)?;
+    agent.process().signal(libc::SIGTERM)?;
+    wait_enrolled(&successor, &["meshed/client", "meshed/server"])?;
+    // A change after the take-over: the successor follows it.
+    kubectl(&[
+        "-n",
+        "meshed",
+        "label",
+        "pod",
+        "server",
+        "sidecarless.io/mesh=disabled",
+    ])?;
+    wait_enrolled(&successor, &["meshed/client"])?;
+    std::thread::sleep(Duration::from_secs(1));
+    let summary = stop(load);
+    ensure!(summary["errors"] == 0, "{summary}");
+    // One request per connection: each connection an agent carried is one access-log record.
+    let carried = [&agent, &successor]
+        .iter()
+        .flat_map(|a| a.access_log())
+        .filter(|r| r["source_pod"] == "client")
+        .count() as u64;
+    ensure!(carried == summary["sent"], "{carried} carried: {summary}");
+    ensure!(successor.decisions()?["agent_absent"] == 0);
+    let status = agent.process().wait_timeout(TIMEOUT)?;
+    ensure!(
+        status.is_some_and(|s| s.success()),
+        "{}",
+        agent.stderr_text()
+    );
+    ensure!(agent.stderr_text().contains("handed over; exiting"));
+    Ok(())
+}

@@ -90,9 +90,13 @@ pub fn run(settings: Settings) -> Result<()> {
         settings.socket_fast_path,
         inherited_kernel(&mut inventory),
     )?);
-    match redirect.cgroup() {
-        Some(cgroup) => info!(cgroup = %cgroup.display(), "eBPF programs attached"),
-        None => info!("iptables mode: each pod gets REDIRECT rules as it is enrolled"),
+    match (redirect.cgroup(), &predecessor) {
+        (Some(cgroup), None) => info!(cgroup = %cgroup.display(), "eBPF programs attached"),
+        (Some(cgroup), Some(_)) => info!(
+            cgroup = %cgroup.display(),
+            "eBPF programs loaded against the running agent's maps; in force at the take-over"
+        ),
+        (None, _) => info!("iptables mode: each pod gets REDIRECT rules as it is enrolled"),
     }
     // One worker: the current-thread scheduler, which the main thread drives in `block_on`;
     // no work stealing, no cross-thread wakeups, and a thread fewer.
@@ -245,8 +249,7 @@ pub fn run(settings: Settings) -> Result<()> {
             None => SocketFile::bind(&settings.admin_socket)
                 .with_context(|| format!("admin socket {}", settings.admin_socket.display()))?,
         };
-    add_socket_file(
-        &listeners,
+    listeners.add_socket_file(
         names::ADMIN_SOCKET,
         &admin_file,
         admin_unix.try_clone()?.into(),
@@ -259,8 +262,7 @@ pub fn run(settings: Settings) -> Result<()> {
         None => SocketFile::bind_seqpacket(&settings.handover_socket)
             .with_context(|| format!("handover socket {}", settings.handover_socket.display()))?,
     };
-    add_socket_file(
-        &listeners,
+    listeners.add_socket_file(
         names::HANDOVER_SOCKET,
         &handover_file,
         handover_listener.try_clone()?,
@@ -352,6 +354,8 @@ pub fn run(settings: Settings) -> Result<()> {
         None => {
             server.stop();
             readiness.waiting("shutdown", "draining connections");
+            // Or the next reconcile would enroll the pods again, for nobody to serve them.
+            drop(follow);
             // New connections go direct from here on; those in flight get the drain period.
             enrollments.unenroll_all();
             drain(&runtime, &proxy, settings.drain);
@@ -526,12 +530,6 @@ fn inherited_pods(inventory: &mut Inventory) -> Vec<InheritedPod> {
             }
         })
         .collect()
-}
-
-fn add_socket_file(listeners: &handover::Listeners, name: &str, file: &SocketFile, fd: OwnedFd) {
-    let handed = Handed::socket_file(name, file, fd);
-    let fd = handed.fds.into_iter().next().expect("one descriptor");
-    listeners.add(name, handed.info, fd);
 }
 
 /// The redirect's maps and links, for a successor.

@@ -142,6 +142,20 @@ impl Listeners {
             .expect("handover listeners lock")
             .push((name.to_owned(), info, fd));
     }
+
+    /// Hands over a copy of `listener`, the socket file `file`'s, under `name` (taken back
+    /// apart by [`Inventory::take_socket_file`]).
+    pub fn add_socket_file(&self, name: &str, file: &SocketFile, listener: OwnedFd) {
+        let info = SocketInfo {
+            path: file.path.clone(),
+            identity: file.identity(),
+        };
+        self.add(
+            name,
+            serde_json::to_value(info).unwrap_or_default(),
+            listener,
+        );
+    }
 }
 
 impl Source for Listeners {

@@ -128,7 +128,8 @@ struct RunArgs {
     /// Print one JSON line per proxied connection on stdout.
     #[arg(long)]
     access_log: bool,
-    /// Seconds connections in flight may take to finish after SIGTERM.
+    /// Seconds connections in flight may take to finish after SIGTERM, or after a successor
+    /// took over.
     #[arg(long, default_value_t = 5)]
     drain_seconds: u64,
     /// Local mode: a folder of Service, EndpointSlice, Pod, VirtualService, DestinationRule and

@@ -20,6 +20,8 @@ use serde_json::{json, Value};
 const UPSTREAM: &str = env!("CARGO_BIN_EXE_upstream");
 const SERVICE: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 40);
 const URL: &str = "http://backend:8080/";
+/// The ingress gateway's address in the node's namespace.
+const INGRESS: &str = "127.0.0.1:18081";
 /// The connect4, connect6 and sockops programs.
 const PROGRAMS: u32 = 3;
 /// How long a successor may take to start and take over (a debug build loads its programs in
@@ -87,8 +89,13 @@ fn mesh() -> Mesh {
 
 impl Mesh {
     fn agent(&self) -> Agent {
+        self.agent_with(&[])
+    }
+
+    fn agent_with(&self, extra: &[&str]) -> Agent {
         let config = self.config.path().to_str().unwrap();
-        let args = ["--config", config, "--drain-seconds", DRAIN_SECONDS];
+        let mut args = vec!["--config", config, "--drain-seconds", DRAIN_SECONDS];
+        args.extend(extra);
         Agent::start(&self.node, &[&self.client], &args).unwrap()
     }
 
@@ -171,7 +178,8 @@ fn restarts_and_upgrades_under_load_lose_no_request_and_bypass_none() {
         mesh_tests::agent_binary().unwrap(),
         second_binary(dir.path()),
     ];
-    let mut agent = mesh.agent();
+    // An ingress listener too: each successor must take it over (it could not bind it).
+    let mut agent = mesh.agent_with(&["--ingress", INGRESS]);
     // 250 a second each, until SIGINT (the count only caps a run that goes wrong); a loop
     // making a new connection per request is slower, so that load has more of them.
     let load = |prefix: &str, concurrency: &str, extra: &[&str]| {
@@ -306,6 +314,20 @@ fn restarts_and_upgrades_under_load_lose_no_request_and_bypass_none() {
     let decisions = agent.decisions().unwrap();
     assert_eq!(decisions["agent_absent"], 0, "{decisions:?}");
     assert_eq!(decisions["not_enrolled"], 0, "{decisions:?}");
+    // The ingress listener, handed down the line, answers (no Gateway here: 404).
+    let answer = mesh
+        .node
+        .run_on_node(|| {
+            use std::io::{Read, Write};
+            let mut stream = std::net::TcpStream::connect(INGRESS)?;
+            stream.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer)?;
+            std::io::Result::Ok(answer)
+        })
+        .unwrap()
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
 
     // Every superseded agent drained and left, handing its state on rather than undoing it.
     for mut old in superseded {

@@ -174,6 +174,11 @@ pub fn run(settings: Settings) -> Result<()> {
         Arc::clone(&telemetry),
         settings.limits.clone(),
     ));
+    if predecessor.is_some() {
+        // The predecessor accepts until this agent takes over; should this one fail before,
+        // it will have accepted nothing it could drop.
+        proxy.drain().pause_accepting();
+    }
     let enrollments = Arc::new(Enrollments::new(
         Arc::clone(&redirect),
         Arc::clone(&proxy),
@@ -430,6 +435,8 @@ async fn take_over(
         predecessor.abort(&error.to_string());
         return Err(error).context("putting this agent's programs in force");
     }
+    // Both accept for a moment, on the same sockets: no connection waits for nobody.
+    parts.proxy.drain().resume_accepting();
     let (outcome, took) = tokio::task::spawn_blocking(move || predecessor.take_over())
         .await
         .context("the take-over task")??;

@@ -80,3 +80,29 @@ async fn a_request_in_flight_when_the_drain_starts_finishes_and_says_close() {
     assert_eq!(answer.status, StatusCode::OK);
     assert_eq!(answer.headers.get(CONNECTION).unwrap(), "close");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_proxy_accepts_nothing_until_it_resumes() {
+    let (mesh, _upstreams) = mesh().await;
+    // A successor's, before it takes over: its listeners are there, its accept loops wait.
+    mesh.proxy.drain().pause_accepting();
+    let ingress = mesh.ingress().await;
+    let mut stream = tokio::net::TcpStream::connect(ingress).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let waited = tokio::time::timeout(Duration::from_millis(300), stream.read_to_end(&mut answer));
+    assert!(waited.await.is_err(), "answered while paused");
+    mesh.proxy.drain().resume_accepting();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+        .await
+        .expect("answered once resumed")
+        .unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 404"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+}

@@ -447,7 +447,10 @@ async fn accept(
             // Once stopped, not one more accept: a successor may be taking the queue.
             biased;
             _ = proxy.drain().accepting_stopped() => return,
-            accepted = acceptor.accept() => accepted,
+            accepted = async {
+                proxy.drain().accepting_allowed().await;
+                acceptor.accept().await
+            } => accepted,
         };
         let Some(original) = redirect.original_dst(&stream, netns_cookie, peer.port()) else {
             // Someone dialled the listener directly: there is nowhere known to forward to.

@@ -16,11 +16,11 @@
 //!    changes no enrollment from here on. The new agent loads its own programs against the
 //!    maps it received, so a connection redirected by either agent's programs is found by
 //!    either, and `AGENT_SOCKETS` exempts both agents' upstream sockets.
-//! 3. The new agent starts: the same listeners (one socket each, shared by both processes,
-//!    so a connection waiting in a queue is accepted by whichever agent asks first), the same
-//!    enrolled pods, its own config. Once it is ready it switches each cgroup link to its own
-//!    programs (`BPF_LINK_UPDATE`: atomic, the hook is never empty nor doubled) and says
-//!    **take over**.
+//! 3. The new agent starts with the same listeners (one socket each, shared by both
+//!    processes: a connection waiting in a queue is there for either), the same enrolled pods
+//!    and its own config, but accepts nothing yet. Once it is ready it switches each cgroup
+//!    link to its own programs (`BPF_LINK_UPDATE`: atomic, the hook is never empty nor
+//!    doubled), starts accepting, and says **take over**.
 //! 4. **released** (running → new): the running agent has stopped accepting and closed its
 //!    copies of the listeners; it drains what it was serving (requests in flight finish, HTTP/2
 //!    gets GOAWAY, HTTP/1 closes between requests) and waits for SIGTERM, without unenrolling

@@ -69,17 +69,49 @@ struct ConnectionSlot {
     _pod: Option<OwnedSemaphorePermit>,
 }
 
-/// Shutdown in steps: `stop_accepting` ends the accept loops (on a handover the successor
-/// accepts from then on, on the same sockets); `start` also asks HTTP connections to finish
-/// their requests in flight and close; `wait` returns once every connection task has ended.
-#[derive(Clone, Default)]
+/// When accept loops accept, and shutdown in steps: `stop_accepting` ends the accept loops (on
+/// a handover the successor accepts from then on, on the same sockets); `start` also asks HTTP
+/// connections to finish their requests in flight and close; `wait` returns once every
+/// connection task has ended. A successor holds its accept loops (`pause_accepting`) until it
+/// takes over: one that fails before then has accepted nothing it could drop.
+#[derive(Clone)]
 pub struct Drain {
+    /// Whether accept loops may accept now.
+    accepting: Arc<tokio::sync::watch::Sender<bool>>,
     accepting_stopped: tokio_util::sync::CancellationToken,
     started: tokio_util::sync::CancellationToken,
     connections: tokio_util::task::TaskTracker,
 }
 
+impl Default for Drain {
+    fn default() -> Self {
+        Drain {
+            accepting: Arc::new(tokio::sync::watch::channel(true).0),
+            accepting_stopped: Default::default(),
+            started: Default::default(),
+            connections: Default::default(),
+        }
+    }
+}
+
 impl Drain {
+    /// Accept loops wait (accepting nothing) until [`Self::resume_accepting`].
+    pub fn pause_accepting(&self) {
+        self.accepting.send_replace(false);
+    }
+
+    pub fn resume_accepting(&self) {
+        self.accepting.send_replace(true);
+    }
+
+    /// Resolves once accept loops may accept (at once, unless paused).
+    pub async fn accepting_allowed(&self) {
+        if *self.accepting.borrow() {
+            return;
+        }
+        let _ = self.accepting.subscribe().wait_for(|open| *open).await;
+    }
+
     /// Accept loops end; connections already accepted carry on as before.
     pub fn stop_accepting(&self) {
         self.accepting_stopped.cancel();
@@ -190,7 +222,10 @@ impl Proxy {
                 // Once stopped, not one more accept: a successor may be taking the queue.
                 biased;
                 _ = self.drain.accepting_stopped() => return,
-                accepted = acceptor.accept() => accepted,
+                accepted = async {
+                    self.drain.accepting_allowed().await;
+                    acceptor.accept().await
+                } => accepted,
             };
             let Some(slot) = self.admit(None) else {
                 continue;

@@ -3,7 +3,8 @@
 //! Data flows one way: the kernel redirect (`redirect`) hands connections to in-pod listeners
 //! (`enrollment`), the proxy (`proxy`) asks the engine (`engine`) for a decision per request and
 //! carries it out. `config` turns raw Istio/Kubernetes objects into the validated model the
-//! engine reads; `admin` only reads snapshots.
+//! engine reads; `admin` only reads snapshots. `handover` passes a running agent's listeners,
+//! pods and kernel state to the agent that replaces it.
 
 pub mod admin;
 pub mod cli;
@@ -12,6 +13,7 @@ pub mod discovery;
 pub mod engine;
 pub mod enrollment;
 pub mod exposition;
+pub mod handover;
 pub mod heap;
 pub mod identity;
 pub mod proxy;

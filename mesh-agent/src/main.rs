@@ -28,12 +28,17 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Set up the redirect (eBPF programs, or iptables rules with --redirect iptables), enroll
-    /// pods and proxy their connections until SIGTERM.
+    /// pods and proxy their connections until SIGTERM, or take over from an agent already
+    /// running (see --handover-socket).
     #[command(after_help = "Examples:
   mesh-agent run --enroll client                  # netns /var/run/netns/client
   mesh-agent run --enroll web=/proc/4242/ns/net --access-log
   mesh-agent run --cgroup /sys/fs/cgroup/kubepods.slice --admin 127.0.0.1:15000
   mesh-agent run --redirect iptables --enroll client   # kernel without cgroup BPF hooks
+
+Upgrade without dropping a connection: start the new agent beside the running one; it takes
+over through the handover socket (same --cgroup, --listen and --redirect), then stop the old:
+  mesh-agent-new run --enroll client & sleep 1; kill -TERM <old agent pid>
 
 Enroll or unenroll at run time through the admin socket (root only; the TCP address only reads):
   curl --unix-socket /run/mesh-agent/admin.sock -XPOST localhost/pods \\
@@ -106,6 +111,12 @@ struct RunArgs {
     admin: SocketAddr,
     #[command(flatten)]
     admin_socket: AdminSocketArg,
+    /// Zero-downtime restarts: an agent already running on this socket hands its listeners,
+    /// pods and kernel state over to this one, which then serves them without dropping a
+    /// connection (the old agent drains and waits for SIGTERM). Without one this agent starts
+    /// afresh, and listens here for its own successor. Mode 0600: root only.
+    #[arg(long, value_name = "PATH", default_value = mesh_agent::handover::DEFAULT_PATH)]
+    handover_socket: PathBuf,
     /// iptables mode only: the socket mark on the agent's own connections, which the rules let
     /// pass (a pod with NET_ADMIN can set it too; eBPF mode exempts the agent's sockets by
     /// cookie instead).
@@ -117,7 +128,8 @@ struct RunArgs {
     /// Print one JSON line per proxied connection on stdout.
     #[arg(long)]
     access_log: bool,
-    /// Seconds connections in flight may take to finish after SIGTERM.
+    /// Seconds connections in flight may take to finish after SIGTERM, or after a successor
+    /// took over.
     #[arg(long, default_value_t = 5)]
     drain_seconds: u64,
     /// Local mode: a folder of Service, EndpointSlice, Pod, VirtualService, DestinationRule and
@@ -272,7 +284,12 @@ fn main() -> ExitCode {
     let (filter, filter_handle) = tracing_subscriber::reload::Layer::new(filter);
     tracing_subscriber::registry()
         .with(filter)
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                // Colours for a terminal only: not in a file, a pipe or `kubectl logs`.
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
         .init();
     let log_level: mesh_agent::admin::LogLevelSetter = Box::new(move |directive: &str| {
         let filter = EnvFilter::try_new(directive).map_err(|e| e.to_string())?;
@@ -323,6 +340,7 @@ fn main() -> ExitCode {
                 listen: args.listen,
                 admin: args.admin,
                 admin_socket: args.admin_socket.path,
+                handover_socket: args.handover_socket,
                 agent_mark: args.mark,
                 workers: args.workers.max(1),
                 access_log: args.access_log,

@@ -1,26 +1,31 @@
-//! `mesh-agent run`: the agent's life from start-up checks to a clean exit.
+//! `mesh-agent run`: the agent's life from start-up checks to a clean exit, or to a successor
+//! taking over (`crate::handover`).
 
 use std::{
     net::{SocketAddr, SocketAddrV4},
+    os::{fd::OwnedFd, unix::net::UnixListener},
     path::PathBuf,
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
 use prometheus_client::registry::Registry;
+use serde_json::Value;
 use tokio::signal::unix::{signal, SignalKind};
-use tracing::info;
+use tokio_util::task::AbortOnDropHandle;
+use tracing::{info, warn};
 
 use crate::{
-    admin::{self, AdminState},
+    admin::{self, socket::SocketFile, AdminState},
     discovery::kubernetes::{self, KubeSettings, WatchMetrics},
     engine::{EngineSettings, GatewayLabels},
-    enrollment::{by_label, EnrollError, Enrollments, PodSpec},
+    enrollment::{by_label, EnrollError, Enrollments, InheritedPod, PodSpec},
+    handover::{self, names, serve::Server, take::Predecessor, AgentInfo, Handed, Inventory},
     heap,
     proxy::{self, Limits, PodContext, Proxy},
     readiness::{Readiness, START_UP},
-    redirect::{Redirect, RedirectMode},
+    redirect::{netns::NetNs, preflight, Inherited, Redirect, RedirectMode},
     state::{self, Store},
     telemetry::{
         metrics::DEFAULT_CLUSTER,
@@ -44,6 +49,8 @@ pub struct Settings {
     /// Admin API's Unix socket (mode 0600): everything, and in local mode the only way to
     /// change anything.
     pub admin_socket: PathBuf,
+    /// Where a running agent hands over to this one, and this one to the next (mode 0600).
+    pub handover_socket: PathBuf,
     pub agent_mark: u32,
     pub workers: usize,
     pub access_log: bool,
@@ -69,16 +76,28 @@ pub struct Settings {
 
 pub fn run(settings: Settings) -> Result<()> {
     proxy::raise_fd_limit();
+    let me = agent_info(&settings)?;
+    // A running agent hands over what it holds; without one, this agent starts afresh.
+    let (predecessor, mut inventory) = match handover::take::begin(&settings.handover_socket, &me)?
+    {
+        Some((predecessor, inventory)) => (Some(predecessor), inventory),
+        None => (None, Inventory::default()),
+    };
     // Refuse before starting anything: no runtime, no listener, nothing attached.
     let redirect = Arc::new(Redirect::start(
         settings.redirect,
         settings.cgroup.as_deref(),
         settings.agent_mark,
         settings.socket_fast_path,
+        inherited_kernel(&mut inventory),
     )?);
-    match redirect.cgroup() {
-        Some(cgroup) => info!(cgroup = %cgroup.display(), "eBPF programs attached"),
-        None => info!("iptables mode: each pod gets REDIRECT rules as it is enrolled"),
+    match (redirect.cgroup(), &predecessor) {
+        (Some(cgroup), None) => info!(cgroup = %cgroup.display(), "eBPF programs attached"),
+        (Some(cgroup), Some(_)) => info!(
+            cgroup = %cgroup.display(),
+            "eBPF programs loaded against the running agent's maps; in force at the take-over"
+        ),
+        (None, _) => info!("iptables mode: each pod gets REDIRECT rules as it is enrolled"),
     }
     // One worker: the current-thread scheduler, which the main thread drives in `block_on`;
     // no work stealing, no cross-thread wakeups, and a thread fewer.
@@ -95,6 +114,12 @@ pub fn run(settings: Settings) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the data-path runtime")?;
+    // Registered now, so that a SIGTERM at any later moment is seen, whatever the agent is
+    // doing when it comes.
+    let mut signals = {
+        let _runtime = runtime.enter();
+        Signals::new()?
+    };
     // One registry; each subsystem registers its own metrics on it, Istio's at the root and the
     // agent's own under `mesh_`.
     let mut registry = Registry::default();
@@ -149,6 +174,11 @@ pub fn run(settings: Settings) -> Result<()> {
         Arc::clone(&telemetry),
         settings.limits.clone(),
     ));
+    if predecessor.is_some() {
+        // The predecessor accepts until this agent takes over; should this one fail before,
+        // it will have accepted nothing it could drop.
+        proxy.drain().pause_accepting();
+    }
     let enrollments = Arc::new(Enrollments::new(
         Arc::clone(&redirect),
         Arc::clone(&proxy),
@@ -156,12 +186,13 @@ pub fn run(settings: Settings) -> Result<()> {
         runtime.handle().clone(),
         mesh,
     ));
+    enrollments.inherit(inherited_pods(&mut inventory));
     for pod in &settings.enroll {
         // A pod gone since the command line was written (its namespace with it) is no reason
         // not to serve the others.
         match enrollments.enroll(pod) {
             Err(error @ EnrollError::Netns { .. }) => {
-                tracing::warn!("--enroll {}: skipped: {error}", pod.key())
+                warn!("--enroll {}: skipped: {error}", pod.key())
             }
             result => {
                 result?;
@@ -179,9 +210,19 @@ pub fn run(settings: Settings) -> Result<()> {
         }
         None => None,
     };
+    if kubernetes.is_none() {
+        // Pods the predecessor had enrolled at run time, which no flag of ours names.
+        enrollments.adopt_inherited();
+    }
+    // What a successor gets besides the pods and the kernel state.
+    let listeners = Arc::new(handover::Listeners::default());
     if let Some(addr) = settings.ingress {
-        let listener = std::net::TcpListener::bind(addr)
-            .with_context(|| format!("ingress gateway on {addr}"))?;
+        let listener = match inventory.take_tcp_listener(names::INGRESS, addr) {
+            Some(listener) => listener,
+            None => std::net::TcpListener::bind(addr)
+                .with_context(|| format!("ingress gateway on {addr}"))?,
+        };
+        listeners.add(names::INGRESS, Value::Null, listener.try_clone()?.into());
         listener.set_nonblocking(true)?;
         let _runtime = runtime.enter();
         let listener = tokio::net::TcpListener::from_std(listener)?;
@@ -210,45 +251,140 @@ pub fn run(settings: Settings) -> Result<()> {
         },
         readiness: Arc::clone(&readiness),
     });
-    let admin = admin::spawn(settings.admin, &settings.admin_socket, Arc::clone(&state))?;
-    if let Some((kube, client, metrics)) = kubernetes {
+    let admin_tcp = match inventory.take_tcp_listener(names::ADMIN, settings.admin) {
+        Some(listener) => listener,
+        None => std::net::TcpListener::bind(settings.admin)
+            .with_context(|| format!("admin API on {}", settings.admin))?,
+    };
+    listeners.add(names::ADMIN, Value::Null, admin_tcp.try_clone()?.into());
+    let (admin_file, admin_unix) =
+        match inventory.take_socket_file(names::ADMIN_SOCKET, &settings.admin_socket) {
+            Some((file, fd)) => (file, UnixListener::from(fd)),
+            None => SocketFile::bind(&settings.admin_socket)
+                .with_context(|| format!("admin socket {}", settings.admin_socket.display()))?,
+        };
+    listeners.add_socket_file(
+        names::ADMIN_SOCKET,
+        &admin_file,
+        admin_unix.try_clone()?.into(),
+    );
+    let admin = admin::spawn(admin_tcp, admin_file, admin_unix, Arc::clone(&state))?;
+    let (handover_file, handover_listener) = match inventory
+        .take_socket_file(names::HANDOVER_SOCKET, &settings.handover_socket)
+    {
+        Some(adopted) => adopted,
+        None => SocketFile::bind_seqpacket(&settings.handover_socket)
+            .with_context(|| format!("handover socket {}", settings.handover_socket.display()))?,
+    };
+    listeners.add_socket_file(
+        names::HANDOVER_SOCKET,
+        &handover_file,
+        handover_listener.try_clone()?,
+    );
+    inventory.close_rest();
+    let follow = kubernetes.map(|(kube, client, metrics)| {
         readiness.waiting(ENROLLMENT, "after the first lists");
-        runtime.spawn(follow_cluster(
+        AbortOnDropHandle::new(runtime.spawn(follow_cluster(
             client,
             kube,
             metrics,
             Arc::clone(&store),
             Arc::clone(&enrollments),
             Arc::clone(&readiness),
-        ));
-    }
+        )))
+    });
     info!(admin = %admin.addr, admin_socket = %admin.socket_path().display(), listen = %settings.listen, pods = settings.enroll.len(), "started");
     readiness.done(START_UP);
 
-    let signal_name = runtime.block_on(shutdown_signal())?;
-    info!(signal = signal_name, "shutting down");
-    readiness.waiting("shutdown", "draining connections");
-    // New connections go direct from here on; those in flight get the drain period.
-    enrollments.unenroll_all();
-    let drain = proxy.drain().clone();
-    drain.start();
-    let drained = runtime.block_on(async {
-        tokio::time::timeout(settings.drain, drain.wait())
-            .await
-            .is_ok()
-    });
-    if !drained {
-        tracing::warn!(
-            connections = drain.in_flight(),
-            "drain period over; closing connections still open"
-        );
+    let parts = Parts {
+        redirect: &redirect,
+        enrollments: &enrollments,
+        proxy: &proxy,
+        readiness: &readiness,
+    };
+    if let Some(predecessor) = predecessor {
+        if let Err(error) = runtime.block_on(take_over(predecessor, &parts, &mut signals)) {
+            // The predecessor serves on, with the kernel state as it was: this agent leaves
+            // it alone, and the socket files too.
+            hand_back(&parts, follow, admin);
+            drain(&runtime, &proxy, settings.drain);
+            return Err(error);
+        }
     }
-    admin.stop();
+    let mut server = Server::start(
+        handover_listener,
+        me,
+        vec![
+            Arc::clone(&enrollments) as Arc<dyn handover::Source>,
+            Arc::new(KernelState(Arc::clone(&redirect))),
+            listeners,
+        ],
+    )
+    .context("serving the handover socket")?;
+
+    let (signal, successor) = runtime.block_on(async {
+        tokio::select! {
+            signal = signals.recv() => (Some(signal), None),
+            take_over = server.taken_over() => (None, take_over),
+        }
+    });
+    let signalled = signal.is_some();
+    let successor = match (signal, successor) {
+        (_, Some(take_over)) => Some(take_over),
+        (Some(signal), None) => {
+            info!(signal, "shutting down");
+            if server.shutting_down() {
+                info!("a successor holds this agent's inventory: waiting for it to take over");
+                runtime
+                    .block_on(async {
+                        tokio::time::timeout(TAKE_OVER_GRACE, server.taken_over()).await
+                    })
+                    .ok()
+                    .flatten()
+            } else {
+                None
+            }
+        }
+        (None, None) => None,
+    };
+    let handed_over = match successor {
+        Some(take_over) => {
+            let successor = take_over.successor.pid;
+            readiness.waiting("shutdown", format!("superseded by pid {successor}"));
+            hand_back(&parts, follow, admin);
+            take_over.released();
+            server.stop();
+            info!(successor, "a successor took over: draining");
+            // A connection accepted a moment ago may not have sent its first request yet;
+            // closing it gracefully now could close it unread.
+            runtime.block_on(async { tokio::time::sleep(ACCEPTED_GRACE).await });
+            drain(&runtime, &proxy, settings.drain);
+            if !signalled {
+                info!("drained; waiting for SIGTERM");
+                runtime.block_on(signals.recv());
+            }
+            true
+        }
+        None => {
+            server.stop();
+            readiness.waiting("shutdown", "draining connections");
+            // Or the next reconcile would enroll the pods again, for nobody to serve them.
+            drop(follow);
+            // New connections go direct from here on; those in flight get the drain period.
+            enrollments.unenroll_all();
+            drain(&runtime, &proxy, settings.drain);
+            admin.stop();
+            handover_file.remove();
+            false
+        }
+    };
     drop(proxy);
     drop(telemetry);
     if let Some(task) = span_task {
         // Every exporter is gone with the proxy: the task sends what is queued and ends.
-        let _ = runtime.block_on(tokio::time::timeout(Duration::from_secs(2), task.finish()));
+        // The timer is made inside the runtime: outside it, tokio panics.
+        let _ = runtime
+            .block_on(async { tokio::time::timeout(Duration::from_secs(2), task.finish()).await });
     }
     runtime.shutdown_timeout(Duration::from_millis(100));
     drop(state);
@@ -259,9 +395,10 @@ pub fn run(settings: Settings) -> Result<()> {
         Ok(redirect) => {
             let mode = redirect.mode();
             drop(redirect);
-            match mode {
-                RedirectMode::Ebpf => info!("programs detached, exiting"),
-                RedirectMode::Iptables => info!("iptables rules removed, exiting"),
+            match (handed_over, mode) {
+                (true, _) => info!("handed over; exiting"),
+                (false, RedirectMode::Ebpf) => info!("programs detached, exiting"),
+                (false, RedirectMode::Iptables) => info!("iptables rules removed, exiting"),
             }
         }
         // Cannot happen in iptables mode's normal path: `unenroll_all` removed every pod's
@@ -269,6 +406,163 @@ pub fn run(settings: Settings) -> Result<()> {
         Err(_) => tracing::warn!("redirect still referenced; eBPF programs detach at exit"),
     }
     Ok(())
+}
+
+/// How long an agent that got SIGTERM while a successor held its inventory waits for that
+/// successor to take over, before it shuts down on its own.
+const TAKE_OVER_GRACE: Duration = Duration::from_secs(10);
+
+/// How long a superseded agent keeps serving what it accepted last before it starts closing
+/// connections, so that none is closed before its first request was read.
+const ACCEPTED_GRACE: Duration = Duration::from_secs(1);
+
+/// What the end of an agent's life acts on.
+struct Parts<'a> {
+    redirect: &'a Redirect,
+    enrollments: &'a Enrollments,
+    proxy: &'a Proxy,
+    readiness: &'a Readiness,
+}
+
+/// A successor's last steps: once ready, put its programs in force and tell the predecessor
+/// to stop accepting. An error leaves the predecessor in charge.
+async fn take_over(
+    predecessor: Predecessor,
+    parts: &Parts<'_>,
+    signals: &mut Signals,
+) -> Result<()> {
+    let pid = predecessor.agent().pid;
+    let waiting = Instant::now();
+    tokio::select! {
+        () = ready(parts.readiness) => {}
+        signal = signals.recv() => {
+            predecessor.abort(&format!("{signal} before it was ready"));
+            anyhow::bail!("{signal} before taking over from the running agent (pid {pid})");
+        }
+    }
+    if let Err(error) = parts.redirect.activate() {
+        predecessor.abort(&error.to_string());
+        return Err(error).context("putting this agent's programs in force");
+    }
+    // Both accept for a moment, on the same sockets: no connection waits for nobody.
+    parts.proxy.drain().resume_accepting();
+    let (outcome, took) = tokio::task::spawn_blocking(move || predecessor.take_over())
+        .await
+        .context("the take-over task")??;
+    info!(
+        predecessor = pid,
+        ?outcome,
+        overlap_ms = took.overlap.as_millis() as u64,
+        switch_ms = took.switch.as_millis() as u64,
+        waited_for_ready_ms = waiting.elapsed().as_millis() as u64,
+        "took over from the running agent"
+    );
+    Ok(())
+}
+
+/// Resolves once the agent is ready. `Readiness` has no notification; a start takes far longer
+/// than the polling interval.
+async fn ready(readiness: &Readiness) {
+    while readiness.check().is_err() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Gives up everything to the other agent (the successor, or the predecessor when this one
+/// did not take over): stops accepting and enrolling, touches neither the kernel state nor the
+/// socket files, which that agent serves.
+fn hand_back(parts: &Parts<'_>, follow: Option<AbortOnDropHandle<()>>, admin: admin::AdminServer) {
+    parts.proxy.drain().stop_accepting();
+    drop(follow);
+    parts.enrollments.hand_over();
+    parts.redirect.relinquish();
+    admin.hand_over();
+}
+
+/// Lets connections in flight finish, for at most `period`.
+fn drain(runtime: &tokio::runtime::Runtime, proxy: &Proxy, period: Duration) {
+    let drain = proxy.drain().clone();
+    drain.start();
+    let drained =
+        runtime.block_on(async { tokio::time::timeout(period, drain.wait()).await.is_ok() });
+    if !drained {
+        warn!(
+            connections = drain.in_flight(),
+            "drain period over; closing connections still open"
+        );
+    }
+}
+
+/// How this agent runs, as a predecessor or successor sees it.
+fn agent_info(settings: &Settings) -> Result<AgentInfo> {
+    let cgroup = match settings.redirect {
+        RedirectMode::Ebpf => {
+            let cgroup = preflight::check(settings.cgroup.as_deref())?;
+            // Two spellings of one directory are one cgroup.
+            Some(std::fs::canonicalize(&cgroup).unwrap_or(cgroup))
+        }
+        RedirectMode::Iptables => None,
+    };
+    let netns_cookie = NetNs::current()
+        .and_then(|netns| netns.cookie())
+        .context("this agent's network namespace")?;
+    Ok(AgentInfo {
+        pid: std::process::id(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        redirect: settings.redirect.name().to_owned(),
+        cgroup,
+        listen: settings.listen,
+        netns_cookie,
+    })
+}
+
+/// The predecessor's maps and links, by name.
+fn inherited_kernel(inventory: &mut Inventory) -> Inherited {
+    let fd = |(name, handed): (String, Handed)| Some((name, handed.fds.into_iter().next()?));
+    Inherited {
+        maps: inventory
+            .take_prefixed(names::MAP)
+            .into_iter()
+            .filter_map(fd)
+            .collect(),
+        links: inventory
+            .take_prefixed(names::LINK)
+            .into_iter()
+            .filter_map(fd)
+            .collect(),
+    }
+}
+
+/// The predecessor's pods; one that cannot be read is left to go (with its listener).
+fn inherited_pods(inventory: &mut Inventory) -> Vec<InheritedPod> {
+    inventory
+        .take_prefixed(names::POD)
+        .into_iter()
+        .filter_map(|(_, handed)| match InheritedPod::from_handed(handed) {
+            Ok(pod) => Some(pod),
+            Err(error) => {
+                warn!(%error, "cannot serve a pod the running agent handed over");
+                None
+            }
+        })
+        .collect()
+}
+
+/// The redirect's maps and links, for a successor.
+struct KernelState(Arc<Redirect>);
+
+impl handover::Source for KernelState {
+    fn handed(&self) -> std::io::Result<Vec<Handed>> {
+        let Inherited { maps, links } = self.0.kernel_state()?;
+        let named = |prefix: &str, (name, fd): (String, OwnedFd)| {
+            Handed::new(format!("{prefix}{name}"), Value::Null, vec![fd])
+        };
+        Ok(maps
+            .into_iter()
+            .map(|map| named(names::MAP, map))
+            .chain(links.into_iter().map(|link| named(names::LINK, link)))
+            .collect())
+    }
 }
 
 /// What Kubernetes mode holds `/ready` on until this node's pods are enrolled.
@@ -288,24 +582,42 @@ async fn follow_cluster(
 ) {
     let watches = kubernetes::start(client, &readiness, &metrics).await;
     info!(node = %kube.node_name, "kubernetes watches listed");
-    // An invalid first state is logged by the store; it is tried again with the next change,
-    // and traffic flows meanwhile.
+    // The store leaves out (and reports) each invalid object by itself; the rest is in force.
     let cluster = by_label::Cluster::new(&watches, &kube);
     let _ = store.change(watches.initial);
     tokio::spawn(store.follow(watches.changes));
-    // The first reconcile runs before this returns; the task keeps following.
-    let following = by_label::follow(cluster, enrollments);
+    // The pods a predecessor served go on being served as they were; the reconcile below
+    // unenrolls those the cluster no longer enrolls.
+    enrollments.adopt_inherited();
+    // The first reconcile runs before this returns; the task keeps following (until this task
+    // is aborted, on a handover).
+    let following = AbortOnDropHandle::new(by_label::follow(cluster, enrollments));
     readiness.done(ENROLLMENT);
     let _ = following.await;
 }
 
-async fn shutdown_signal() -> Result<&'static str> {
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    })
+/// SIGTERM and SIGINT, each seen from the moment [`Signals::new`] registered it.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Needs the runtime's context.
+    fn new() -> Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("handling SIGTERM")?,
+            int: signal(SignalKind::interrupt()).context("handling SIGINT")?,
+        })
+    }
+
+    /// The next one, by name.
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
 }
 
 /// This agent's name in spans: the node's hostname.

@@ -1,12 +1,16 @@
 //! The node agent as the end-to-end tests drive it: started on a simulated node, attached to the
 //! node's cgroup, driven and inspected through its admin socket (each agent its own, in its own
 //! temporary directory), or through its admin TCP address from inside the node's namespace.
+//! A successor ([`Agent::successor`]) shares its predecessor's directory, and so its admin and
+//! handover sockets: it takes over through the latter.
 
 use std::{
     collections::BTreeMap,
+    ffi::OsString,
     os::fd::AsRawFd,
     path::{Path, PathBuf},
     process::Command,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -19,12 +23,17 @@ use crate::{netns, Pod, PodProcess, SimNode};
 /// probes and metrics only in Kubernetes mode).
 pub const ADMIN: &str = "127.0.0.1:15000";
 
+/// What a successor logs once its predecessor has stopped accepting.
+const TOOK_OVER: &str = "took over from the running agent";
+
 pub struct Agent {
     process: PodProcess,
     node_netns: PathBuf,
-    /// Holds the agent's admin socket; 0755, so another user reaches the socket itself and its
-    /// own mode (0600) is what refuses them.
-    socket_dir: tempfile::TempDir,
+    /// Holds the agent's admin and handover sockets; 0755, so another user reaches the sockets
+    /// themselves and their own mode (0600) is what refuses them. Shared with successors.
+    socket_dir: Arc<tempfile::TempDir>,
+    /// The arguments after the binary, for a successor.
+    args: Vec<OsString>,
 }
 
 impl Agent {
@@ -46,25 +55,71 @@ impl Agent {
             socket_dir.path(),
             std::os::unix::fs::PermissionsExt::from_mode(0o755),
         )?;
-        let mut command = Command::new(crate::agent_binary()?);
-        command
-            .arg("run")
-            .arg("--cgroup")
-            .arg(node.cgroup_path())
-            .args(["--admin", ADMIN, "--access-log"])
-            .arg("--admin-socket")
-            .arg(socket_dir.path().join("admin.sock"));
+        let mut args: Vec<OsString> = vec!["run".into(), "--cgroup".into()];
+        args.push(node.cgroup_path().into());
+        args.extend(["--admin", ADMIN, "--access-log", "--admin-socket"].map(OsString::from));
+        args.push(socket_dir.path().join("admin.sock").into());
+        // Every agent its own, or agents of tests running side by side would take over from
+        // each other.
+        args.push("--handover-socket".into());
+        args.push(socket_dir.path().join("handover.sock").into());
         for pod in pods {
-            command
-                .arg("--enroll")
-                .arg(format!("{}={}", pod.name(), pod.netns_path().display()));
+            args.push("--enroll".into());
+            args.push(format!("{}={}", pod.name(), pod.netns_path().display()).into());
         }
-        command.args(extra_args);
+        args.extend(extra_args.iter().map(OsString::from));
+        Agent::spawn_with(node, &crate::agent_binary()?, Arc::new(socket_dir), args)
+    }
+
+    fn spawn_with(
+        node: &SimNode,
+        binary: &Path,
+        socket_dir: Arc<tempfile::TempDir>,
+        args: Vec<OsString>,
+    ) -> Result<Agent> {
+        let mut command = Command::new(binary);
+        command.args(&args);
         Ok(Agent {
             process: node.spawn_on_node(command)?,
             node_netns: node.netns_path(),
             socket_dir,
+            args,
         })
+    }
+
+    /// Starts `binary` (e.g. a copy of the agent: an upgrade) on `node` with this agent's
+    /// arguments and sockets, and waits until it has taken over from this agent, which then
+    /// drains and waits for SIGTERM.
+    pub fn successor(&self, node: &SimNode, binary: &Path, timeout: Duration) -> Result<Agent> {
+        let successor = self.spawn_successor(node, binary, &[])?;
+        successor.wait_took_over(timeout)?;
+        Ok(successor)
+    }
+
+    /// Starts `binary` on `node` with this agent's arguments and sockets, then `extra_args`,
+    /// without waiting for anything.
+    pub fn spawn_successor(
+        &self,
+        node: &SimNode,
+        binary: &Path,
+        extra_args: &[&str],
+    ) -> Result<Agent> {
+        let mut args = self.args.clone();
+        args.extend(extra_args.iter().map(OsString::from));
+        Agent::spawn_with(node, binary, Arc::clone(&self.socket_dir), args)
+    }
+
+    /// Waits until this agent has taken over from its predecessor; returns the line saying so.
+    pub fn wait_took_over(&self, timeout: Duration) -> Result<String> {
+        self.process
+            .stderr()
+            .wait_for_line(|line| line.contains(TOOK_OVER), timeout)
+            .context("the successor did not take over")
+    }
+
+    /// The handover socket (`--handover-socket`), where a successor connects.
+    pub fn handover_socket(&self) -> PathBuf {
+        self.socket_dir.path().join("handover.sock")
     }
 
     /// Starts the agent in Kubernetes mode on `node`, which the cluster knows as `node_name`,
@@ -203,11 +258,20 @@ pub fn admin_request(
 /// How many programs are attached directly to `cgroup` at the hooks the agent uses
 /// (`BPF_PROG_QUERY`), so a test can prove the agent left nothing behind.
 pub fn attached_programs(cgroup: &Path) -> Result<u32> {
+    Ok(attached_program_ids(cgroup)?.len() as u32)
+}
+
+/// The ids of the programs attached directly to `cgroup` at the hooks the agent uses, hook by
+/// hook (sockops, connect4, connect6): after a restart, the successor's programs must be there
+/// in place of its predecessor's, one per hook.
+pub fn attached_program_ids(cgroup: &Path) -> Result<Vec<u32>> {
     // Attach types from the kernel's `enum bpf_attach_type`.
     const BPF_CGROUP_SOCK_OPS: u32 = 3;
     const BPF_CGROUP_INET4_CONNECT: u32 = 10;
     const BPF_CGROUP_INET6_CONNECT: u32 = 11;
     const BPF_PROG_QUERY: libc::c_long = 16;
+    /// More than any test attaches at one hook.
+    const MAX_IDS: usize = 16;
 
     #[repr(C)]
     #[derive(Default)]
@@ -227,18 +291,22 @@ pub fn attached_programs(cgroup: &Path) -> Result<u32> {
 
     let dir = std::fs::File::open(cgroup)
         .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
-    let mut total = 0;
+    let mut all = Vec::new();
     for attach_type in [
         BPF_CGROUP_SOCK_OPS,
         BPF_CGROUP_INET4_CONNECT,
         BPF_CGROUP_INET6_CONNECT,
     ] {
+        let mut ids = [0u32; MAX_IDS];
         let mut attr = QueryAttr {
             target_fd: dir.as_raw_fd() as u32,
             attach_type,
+            prog_ids: ids.as_mut_ptr() as u64,
+            prog_cnt: MAX_IDS as u32,
             ..QueryAttr::default()
         };
-        // SAFETY: `attr` is a valid, zero-padded bpf_attr prefix of the size passed.
+        // SAFETY: `attr` is a valid, zero-padded bpf_attr prefix of the size passed, and
+        // `prog_ids` points at `prog_cnt` writable u32s that outlive the call.
         let rc = unsafe {
             libc::syscall(
                 libc::SYS_bpf,
@@ -250,7 +318,7 @@ pub fn attached_programs(cgroup: &Path) -> Result<u32> {
         if rc != 0 {
             return Err(std::io::Error::last_os_error()).context("BPF_PROG_QUERY");
         }
-        total += attr.prog_cnt;
+        all.extend_from_slice(&ids[..(attr.prog_cnt as usize).min(MAX_IDS)]);
     }
-    Ok(total)
+    Ok(all)
 }

@@ -37,6 +37,11 @@ const ADMIN_PORT: u64 = 15000;
 const NODE_ADDRESS_PATHS: [&str; 4] = ["/healthz", "/ready", "/metrics", "/stats/prometheus"];
 /// The directory of the admin socket's default path (`mesh_agent::admin::socket::DEFAULT_PATH`).
 const ADMIN_SOCKET_DIR: &str = "/run/mesh-agent";
+/// Where the DaemonSet puts the handover socket: on the node, for the next pod's agent.
+const HANDOVER_DIR: &str = "/run/mesh-agent-handover";
+/// How long an agent that gets SIGTERM while a successor is taking over waits for it
+/// (`TAKE_OVER_GRACE` in mesh-agent/src/run.rs).
+const TAKE_OVER_GRACE: u64 = 10;
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -740,6 +745,7 @@ fn daemonset_has_only_the_privileges_it_needs() -> Result<()> {
         "--admin=$(HOST_IP):15000",
         "--drain-seconds=$(MESH_DRAIN_SECONDS)",
         "--ingress=$(HOST_IP):$(MESH_INGRESS_PORT)",
+        "--handover-socket=/run/mesh-agent-handover/handover.sock",
     ] {
         ensure!(args.contains(&expected), "args {args:?} lack {expected}");
     }
@@ -826,20 +832,24 @@ fn daemonset_has_only_the_privileges_it_needs() -> Result<()> {
         "the admin socket stays at its default, under {ADMIN_SOCKET_DIR}"
     );
 
-    // The kubelet waits for the drain before it kills the agent.
+    // The kubelet waits for a successor's take-over and the drain before it kills the agent.
     let drain: u64 = str_at(config, &["data", "MESH_DRAIN_SECONDS"])
         .context("MESH_DRAIN_SECONDS")?
         .parse()?;
     let grace = at(pod, &["terminationGracePeriodSeconds"]).and_then(Value::as_u64);
     ensure!(
-        grace == Some(drain + 5),
-        "terminationGracePeriodSeconds {grace:?}, expected the drain ({drain}) + 5"
+        grace == Some(TAKE_OVER_GRACE + drain + 5),
+        "terminationGracePeriodSeconds {grace:?}, expected the take-over grace \
+         ({TAKE_OVER_GRACE}) + the drain ({drain}) + 5"
     );
+    // Stop then start, one node at a time: what Kubernetes 1.20 (our oldest) can do, whose
+    // kubectl refuses `maxSurge`; a surge (1.22+) is documented in the manifest.
     let strategy = at(daemonset, &["spec", "updateStrategy"]).context("no updateStrategy")?;
     ensure!(
         str_at(strategy, &["type"]) == Some("RollingUpdate")
             && at(strategy, &["rollingUpdate", "maxUnavailable"]).and_then(Value::as_u64)
-                == Some(1),
+                == Some(1)
+            && at(strategy, &["rollingUpdate", "maxSurge"]).is_none(),
         "rolling update one node at a time: {strategy:?}"
     );
 
@@ -857,6 +867,7 @@ fn daemonset_has_only_the_privileges_it_needs() -> Result<()> {
         })
         .collect();
     for (mount, host, read_only) in [
+        (HANDOVER_DIR, HANDOVER_DIR, false),
         ("/sys/fs/bpf", "/sys/fs/bpf", false),
         ("/host/sys/fs/cgroup", "/sys/fs/cgroup", false),
         ("/host/proc", "/proc", true),
@@ -869,7 +880,7 @@ fn daemonset_has_only_the_privileges_it_needs() -> Result<()> {
         );
     }
     ensure!(
-        mounts.len() == 4,
+        mounts.len() == 5,
         "unexpected host paths mounted: {mounts:?}"
     );
     Ok(())

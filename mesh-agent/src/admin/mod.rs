@@ -26,7 +26,7 @@ use serde_json::json;
 pub use self::server::Limits;
 use self::{
     server::{read_body, text, Answer, Handler},
-    socket::AdminSocket,
+    socket::SocketFile,
 };
 use crate::{
     config::{Diagnostic, ObjectKey},
@@ -74,7 +74,7 @@ enum Listener {
 /// the agent's state.
 pub struct AdminServer {
     pub addr: SocketAddr,
-    socket: AdminSocket,
+    socket: SocketFile,
     stop: tokio::sync::oneshot::Sender<()>,
     thread: std::thread::JoinHandle<()>,
 }
@@ -89,21 +89,25 @@ impl AdminServer {
         let _ = self.thread.join();
         self.socket.remove();
     }
+
+    /// Stops serving and leaves the socket file: a successor serves both listeners now.
+    pub fn hand_over(self) {
+        let _ = self.stop.send(());
+        let _ = self.thread.join();
+    }
 }
 
-/// Binds both listeners now (so a bad address, or another agent on the socket, fails start-up)
-/// and serves them on a dedicated thread.
+/// Serves both listeners, bound by the caller (or handed over by a predecessor), on a
+/// dedicated thread.
 pub fn spawn(
-    addr: SocketAddr,
-    socket_path: &Path,
+    tcp: std::net::TcpListener,
+    socket: SocketFile,
+    unix: std::os::unix::net::UnixListener,
     state: Arc<AdminState>,
 ) -> anyhow::Result<AdminServer> {
-    use anyhow::Context;
-    let tcp = std::net::TcpListener::bind(addr).with_context(|| format!("admin API on {addr}"))?;
     tcp.set_nonblocking(true)?;
+    unix.set_nonblocking(true)?;
     let addr = tcp.local_addr()?;
-    let (socket, unix) = AdminSocket::bind(socket_path)
-        .with_context(|| format!("admin socket {}", socket_path.display()))?;
     let (stop, stopped) = tokio::sync::oneshot::channel();
     let socket_shown = socket.path.display().to_string();
     let thread =

@@ -5,6 +5,10 @@
 //!
 //! This is the accept layer: it asks the redirect where each accepted connection was going and
 //! hands (stream, original destination, pod) to the proxy.
+//!
+//! On a restart the pods, their listeners and namespaces go to the successor
+//! (`crate::handover`): it serves the very same listening sockets, so no connection waiting to
+//! be accepted is lost, and the kernel never finds a pod without its listener.
 
 pub mod by_label;
 
@@ -12,18 +16,23 @@ use std::{
     collections::BTreeMap,
     io,
     net::{SocketAddr, SocketAddrV4},
+    os::fd::OwnedFd,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
 };
 
 use prometheus_client::{metrics::gauge::Gauge, registry::Registry};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::{net::TcpListener, task::JoinHandle};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::{
     config::DEFAULT_NAMESPACE,
+    handover::{self, Handed},
     proxy::{PodContext, Proxy},
     redirect::{netns::NetNs, Redirect, RedirectError},
 };
@@ -47,6 +56,11 @@ pub enum EnrollError {
     AlreadyEnrolled { pod: String, existing: String },
     #[error("pod {0} is not enrolled")]
     NotEnrolled(String),
+    #[error(
+        "pod {0}: enrollment is paused while a new agent takes over from this one; the new \
+         agent serves it"
+    )]
+    HandingOver(String),
     #[error(transparent)]
     Kernel(#[from] RedirectError),
 }
@@ -101,7 +115,7 @@ impl PodSpec {
     }
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct EnrolledPod {
     pub name: String,
     pub namespace: String,
@@ -112,6 +126,37 @@ pub struct EnrolledPod {
 struct Entry {
     pod: EnrolledPod,
     accept_loop: JoinHandle<()>,
+    /// A second descriptor of the pod's listener (the accept loop owns the first), for a
+    /// successor.
+    listener: OwnedFd,
+    netns: Arc<NetNs>,
+}
+
+/// A pod the predecessor had enrolled: its listener and network namespace, waiting for this
+/// agent to serve them.
+pub struct InheritedPod {
+    pod: EnrolledPod,
+    netns: NetNs,
+    listener: std::net::TcpListener,
+}
+
+impl InheritedPod {
+    /// The pod of a handover entry `pod/<namespace>/<name>`.
+    pub fn from_handed(handed: Handed) -> Result<InheritedPod, String> {
+        let pod: EnrolledPod = serde_json::from_value(handed.info)
+            .map_err(|error| format!("{}: {error}", handed.name))?;
+        let [listener, netns]: [OwnedFd; 2] = handed
+            .fds
+            .try_into()
+            .map_err(|_| format!("{}: expected a listener and a namespace", handed.name))?;
+        let netns = NetNs::from_fd(netns, pod.netns.clone())
+            .map_err(|error| format!("{}: {error}", handed.name))?;
+        Ok(InheritedPod {
+            pod,
+            netns,
+            listener: std::net::TcpListener::from(listener),
+        })
+    }
 }
 
 pub struct Enrollments {
@@ -121,6 +166,11 @@ pub struct Enrollments {
     /// The data-path runtime: accept loops run there whoever asks to enroll.
     runtime: tokio::runtime::Handle,
     pods: Mutex<BTreeMap<String, Entry>>,
+    /// The predecessor's pods not served yet, by netns cookie.
+    inherited: Mutex<BTreeMap<u64, InheritedPod>>,
+    /// Set (under the `pods` lock) while a successor holds the pods as they were: nothing is
+    /// enrolled or unenrolled then.
+    frozen: AtomicBool,
     /// `mesh_enrolled_pods`: how many `pods` holds.
     enrolled: Gauge,
 }
@@ -146,7 +196,51 @@ impl Enrollments {
             listen,
             runtime,
             pods: Mutex::new(BTreeMap::new()),
+            inherited: Mutex::new(BTreeMap::new()),
+            frozen: AtomicBool::new(false),
             enrolled,
+        }
+    }
+
+    /// The predecessor's pods: each is served with its own listener when it is enrolled
+    /// (by [`Self::enroll`], or all at once by [`Self::adopt_inherited`]).
+    pub fn inherit(&self, pods: Vec<InheritedPod>) {
+        let mut inherited = self.inherited.lock().expect("inherited pods lock");
+        for pod in pods {
+            inherited.insert(pod.pod.netns_cookie, pod);
+        }
+    }
+
+    /// Enrolls every inherited pod not enrolled yet, as the predecessor had it. Returns how
+    /// many.
+    pub fn adopt_inherited(&self) -> usize {
+        let inherited = std::mem::take(&mut *self.inherited.lock().expect("inherited pods lock"));
+        let mut adopted = 0;
+        for (cookie, pod) in inherited {
+            let spec = PodSpec {
+                name: pod.pod.name,
+                namespace: pod.pod.namespace,
+                netns: pod.pod.netns,
+            };
+            match self.install(&spec, pod.netns, cookie, Some(pod.listener)) {
+                Ok(_) => adopted += 1,
+                Err(error) => warn!(pod = %spec.key(), %error, "cannot serve an inherited pod"),
+            }
+        }
+        adopted
+    }
+
+    /// Stops serving every pod without touching the redirect: a successor serves them now.
+    /// Nothing can be enrolled afterwards.
+    pub fn hand_over(&self) {
+        let pods = {
+            let mut pods = self.pods.lock().expect("enrollments lock");
+            self.frozen.store(true, Ordering::Relaxed);
+            std::mem::take(&mut *pods)
+        };
+        self.enrolled.set(0);
+        for entry in pods.into_values() {
+            entry.accept_loop.abort();
         }
     }
 
@@ -157,7 +251,6 @@ impl Enrollments {
 
     /// Enrolls a pod, or re-enrolls it if its namespace changed.
     pub fn enroll(&self, spec: &PodSpec) -> Result<EnrolledPod, EnrollError> {
-        let _runtime = self.runtime.enter();
         let netns = NetNs::open(&spec.netns).map_err(|source| EnrollError::Netns {
             pod: spec.name.clone(),
             path: spec.netns.clone(),
@@ -168,7 +261,29 @@ impl Enrollments {
             path: spec.netns.clone(),
             source,
         })?;
+        let inherited = self
+            .inherited
+            .lock()
+            .expect("inherited pods lock")
+            .remove(&cookie)
+            .map(|pod| pod.listener);
+        self.install(spec, netns, cookie, inherited)
+    }
+
+    /// Enrolls `spec` in `netns` (whose cookie is `cookie`), serving `inherited` (the
+    /// predecessor's listener there) if given, else a listener of its own.
+    fn install(
+        &self,
+        spec: &PodSpec,
+        netns: NetNs,
+        cookie: u64,
+        inherited: Option<std::net::TcpListener>,
+    ) -> Result<EnrolledPod, EnrollError> {
+        let _runtime = self.runtime.enter();
         let mut pods = self.pods.lock().expect("enrollments lock");
+        if self.frozen.load(Ordering::Relaxed) {
+            return Err(EnrollError::HandingOver(spec.key()));
+        }
         if let Some(existing) = pods.values().find(|e| e.pod.netns_cookie == cookie) {
             if existing.pod.name == spec.name && existing.pod.namespace == spec.namespace {
                 return Ok(existing.pod.clone());
@@ -181,13 +296,23 @@ impl Enrollments {
         if let Some(old) = pods.remove(&spec.key()) {
             self.release(old)?;
         }
-        // Listener first: the kernel only redirects to a listener that exists.
-        let listener = listen_in(&netns, self.listen).map_err(|source| EnrollError::Listen {
+        let listen_error = |source| EnrollError::Listen {
             pod: spec.name.clone(),
             listen: self.listen,
             path: spec.netns.clone(),
             source,
-        })?;
+        };
+        // Listener first: the kernel only redirects to a listener that exists. An inherited
+        // one exists already, and has all along.
+        let listener = match inherited {
+            Some(listener) if listener.local_addr().ok() == Some(SocketAddr::V4(self.listen)) => {
+                listener
+            }
+            _ => listen_in(&netns, self.listen).map_err(listen_error)?,
+        };
+        let listener_copy = listener.try_clone().map_err(listen_error)?.into();
+        listener.set_nonblocking(true).map_err(listen_error)?;
+        let listener = TcpListener::from_std(listener).map_err(listen_error)?;
         let pod = EnrolledPod {
             name: spec.name.clone(),
             namespace: spec.namespace.clone(),
@@ -218,6 +343,8 @@ impl Enrollments {
             Entry {
                 pod: pod.clone(),
                 accept_loop,
+                listener: listener_copy,
+                netns,
             },
         );
         self.count(&pods);
@@ -234,6 +361,9 @@ impl Enrollments {
         };
         let entry = {
             let mut pods = self.pods.lock().expect("enrollments lock");
+            if self.frozen.load(Ordering::Relaxed) {
+                return Err(EnrollError::HandingOver(key));
+            }
             let entry = pods.remove(&key);
             self.count(&pods);
             entry.ok_or_else(|| EnrollError::NotEnrolled(key.clone()))?
@@ -267,20 +397,43 @@ impl Enrollments {
 }
 
 /// Opens a listening socket at `addr` inside `netns`.
-fn listen_in(netns: &NetNs, addr: SocketAddrV4) -> io::Result<TcpListener> {
-    let listener = netns.run(|| {
+fn listen_in(netns: &NetNs, addr: SocketAddrV4) -> io::Result<std::net::TcpListener> {
+    netns.run(|| {
         let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
         socket.set_reuse_address(true)?;
-        socket.set_nonblocking(true)?;
         socket.bind(&SocketAddr::V4(addr).into())?;
         socket.listen(1024)?;
         Ok(std::net::TcpListener::from(socket))
-    })?;
-    TcpListener::from_std(listener)
+    })
 }
 
-/// Accepts the pod's redirected connections until the task is aborted (unenroll) or the proxy
-/// drains, and hands each to the proxy with where it was going.
+/// A successor gets every enrolled pod: its listener, then its network namespace.
+impl handover::Source for Enrollments {
+    fn handed(&self) -> io::Result<Vec<Handed>> {
+        let pods = self.pods.lock().expect("enrollments lock");
+        self.frozen.store(true, Ordering::Relaxed);
+        pods.iter()
+            .map(|(key, entry)| {
+                Ok(Handed::new(
+                    format!("{}{key}", handover::names::POD),
+                    serde_json::to_value(&entry.pod).map_err(io::Error::other)?,
+                    vec![
+                        entry.listener.try_clone()?,
+                        entry.netns.as_fd().try_clone_to_owned()?,
+                    ],
+                ))
+            })
+            .collect()
+    }
+
+    fn thaw(&self) {
+        let _pods = self.pods.lock().expect("enrollments lock");
+        self.frozen.store(false, Ordering::Relaxed);
+    }
+}
+
+/// Accepts the pod's redirected connections until the task is aborted (unenroll) or accepting
+/// stops (drain, handover), and hands each to the proxy with where it was going.
 async fn accept(
     proxy: Arc<Proxy>,
     redirect: Arc<Redirect>,
@@ -291,8 +444,13 @@ async fn accept(
     let mut acceptor = proxy.acceptor(listener, &pod.name);
     loop {
         let (stream, peer) = tokio::select! {
-            accepted = acceptor.accept() => accepted,
-            _ = proxy.drain().started() => return,
+            // Once stopped, not one more accept: a successor may be taking the queue.
+            biased;
+            _ = proxy.drain().accepting_stopped() => return,
+            accepted = async {
+                proxy.drain().accepting_allowed().await;
+                acceptor.accept().await
+            } => accepted,
         };
         let Some(original) = redirect.original_dst(&stream, netns_cookie, peer.port()) else {
             // Someone dialled the listener directly: there is nowhere known to forward to.

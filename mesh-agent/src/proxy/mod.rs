@@ -69,23 +69,64 @@ struct ConnectionSlot {
     _pod: Option<OwnedSemaphorePermit>,
 }
 
-/// Shutdown in two steps: `start` stops accepting and asks HTTP connections to finish their
-/// requests in flight and close; `wait` returns once every connection task has ended.
-#[derive(Clone, Default)]
+/// When accept loops accept, and shutdown in steps: `stop_accepting` ends the accept loops (on
+/// a handover the successor accepts from then on, on the same sockets); `start` also asks HTTP
+/// connections to finish their requests in flight and close; `wait` returns once every
+/// connection task has ended. A successor holds its accept loops (`pause_accepting`) until it
+/// takes over: one that fails before then has accepted nothing it could drop.
+#[derive(Clone)]
 pub struct Drain {
+    /// Whether accept loops may accept now.
+    accepting: Arc<tokio::sync::watch::Sender<bool>>,
+    accepting_stopped: tokio_util::sync::CancellationToken,
     started: tokio_util::sync::CancellationToken,
     connections: tokio_util::task::TaskTracker,
 }
 
+impl Default for Drain {
+    fn default() -> Self {
+        Drain {
+            accepting: Arc::new(tokio::sync::watch::channel(true).0),
+            accepting_stopped: Default::default(),
+            started: Default::default(),
+            connections: Default::default(),
+        }
+    }
+}
+
 impl Drain {
+    /// Accept loops wait (accepting nothing) until [`Self::resume_accepting`].
+    pub fn pause_accepting(&self) {
+        self.accepting.send_replace(false);
+    }
+
+    pub fn resume_accepting(&self) {
+        self.accepting.send_replace(true);
+    }
+
+    /// Resolves once accept loops may accept (at once, unless paused).
+    pub async fn accepting_allowed(&self) {
+        if *self.accepting.borrow() {
+            return;
+        }
+        let _ = self.accepting.subscribe().wait_for(|open| *open).await;
+    }
+
+    /// Accept loops end; connections already accepted carry on as before.
+    pub fn stop_accepting(&self) {
+        self.accepting_stopped.cancel();
+    }
+
+    /// Stops accepting (if not already) and starts closing connections gracefully.
     pub fn start(&self) {
+        self.stop_accepting();
         self.started.cancel();
         self.connections.close();
     }
 
-    /// Resolves once draining has started: accept loops stop then.
-    pub async fn started(&self) {
-        self.started.cancelled().await;
+    /// Resolves once accepting has stopped: accept loops end then.
+    pub async fn accepting_stopped(&self) {
+        self.accepting_stopped.cancelled().await;
     }
 
     pub async fn wait(&self) {
@@ -172,14 +213,19 @@ impl Proxy {
 
     /// The ingress gateway: every connection to `listener` (in the agent's own namespace) is
     /// HTTP routed by `Gateway`-bound rules; upstreams are dialled as `gateway`. Accepts until
-    /// the drain starts.
+    /// accepting stops.
     pub async fn serve_ingress(self: Arc<Self>, listener: TcpListener, gateway: Arc<PodContext>) {
         let port = listener.local_addr().map_or(80, |a| a.port());
         let mut acceptor = self.acceptor(listener, "ingress");
         loop {
             let (stream, _) = tokio::select! {
-                accepted = acceptor.accept() => accepted,
-                _ = self.drain.started() => return,
+                // Once stopped, not one more accept: a successor may be taking the queue.
+                biased;
+                _ = self.drain.accepting_stopped() => return,
+                accepted = async {
+                    self.drain.accepting_allowed().await;
+                    acceptor.accept().await
+                } => accepted,
             };
             let Some(slot) = self.admit(None) else {
                 continue;

@@ -2,18 +2,25 @@
 //! original destinations and decision counters from the kernel maps.
 
 use std::{
+    collections::BTreeMap,
     fmt,
     fs::File,
     io,
     net::{Ipv4Addr, SocketAddrV4},
+    os::fd::{AsFd, OwnedFd},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
 
-use super::{error::RedirectError, preflight};
+use super::{
+    error::RedirectError,
+    link::{self, Hook},
+    preflight,
+    reuse::{self, Inherited},
+};
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray, SockHash},
-    programs::{CgroupAttachMode, CgroupSockAddr, SkMsg, SockOps},
+    maps::{HashMap, Map, MapData, PerCpuArray, SockHash},
+    programs::{CgroupSockAddr, SkMsg, SockOps},
     Ebpf, EbpfLoader,
 };
 use mesh_common::{
@@ -29,16 +36,30 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 const NOT_EMBEDDED: Option<&str> = option_env!("MESH_EBPF_NOT_EMBEDDED");
 
 /// Program names in the object, and the hook each one needs.
-const PROGRAMS: [(&str, &str); 3] = [
-    (program_name::CONNECT4, "cgroup/connect4"),
-    (program_name::CONNECT6, "cgroup/connect6"),
-    (program_name::SOCK_OPS, "sockops"),
+const PROGRAMS: [(&str, &str, Hook); 3] = [
+    (program_name::CONNECT4, "cgroup/connect4", Hook::Connect4),
+    (program_name::CONNECT6, "cgroup/connect6", Hook::Connect6),
+    (program_name::SOCK_OPS, "sockops", Hook::SockOps),
 ];
 
-/// Loaded and attached programs plus their maps. Dropping it detaches everything; nothing is
-/// ever pinned, so an agent that dies leaves nothing attached either.
+/// The maps the programs share with the agent, handed to a successor so that its programs and
+/// ours work on the same entries. (The object's global data stays each agent's own.)
+const SHARED_MAPS: [&str; 6] = [
+    map_name::ENROLLED,
+    map_name::PENDING,
+    map_name::ORIGINAL_DST,
+    map_name::SOCKETS,
+    map_name::DECISIONS,
+    map_name::AGENT_SOCKETS,
+];
+
+/// Loaded and attached programs plus their maps. Dropping it detaches everything unless its
+/// links were handed to a successor; nothing is ever pinned, so an agent that dies leaves
+/// nothing attached either.
 pub struct EbpfRedirect {
     cgroup: PathBuf,
+    /// Open for attaching at [`Self::activate`].
+    cgroup_file: File,
     enrolled: Mutex<HashMap<MapData, u64, Enrollment>>,
     pending: HashMap<MapData, u64, OriginalDst>,
     original_dst: HashMap<MapData, ConnKey, OriginalDst>,
@@ -46,7 +67,19 @@ pub struct EbpfRedirect {
     /// Sockets on the fast path (both ends of redirected connections).
     sockets: SockHash<MapData, SockKey>,
     agent_sockets: Arc<AgentSockets>,
-    _ebpf: Ebpf,
+    /// Second descriptors of [`SHARED_MAPS`], for a successor.
+    shared_maps: Vec<(&'static str, OwnedFd)>,
+    links: Mutex<Links>,
+    socket_fast_path: bool,
+    ebpf: Mutex<Ebpf>,
+}
+
+/// The cgroup links that run the programs.
+enum Links {
+    /// Running this agent's programs, by program name.
+    Attached(Vec<(&'static str, OwnedFd)>),
+    /// A predecessor's, still running its programs until [`EbpfRedirect::activate`].
+    Inherited(Vec<(String, OwnedFd)>),
 }
 
 /// The kernel's `AGENT_SOCKETS` map: the agent's own upstream sockets, by cookie, which
@@ -82,9 +115,13 @@ impl EbpfRedirect {
     /// Checks the host, loads the programs and attaches them to `cgroup` (default: the root of
     /// the cgroup v2 mount). `socket_fast_path` puts redirected connections on the sk_msg fast
     /// path.
+    ///
+    /// With a predecessor's kernel state (`inherited`), the programs are loaded against its maps
+    /// and attached only by [`Self::activate`], which switches its links over to them.
     pub fn attach(
         cgroup: Option<&Path>,
         socket_fast_path: bool,
+        inherited: Inherited,
     ) -> Result<EbpfRedirect, RedirectError> {
         // First: without programs there is nothing to check the host for.
         let object = embedded_object(EBPF_OBJECT, NOT_EMBEDDED)?;
@@ -93,9 +130,23 @@ impl EbpfRedirect {
             path: cgroup.clone(),
             source,
         })?;
-        let mut ebpf = EbpfLoader::new()
-            .override_global(global_name::FAST_PATH, &u32::from(socket_fast_path), true)
-            .load(object)?;
+        let fast_path = u32::from(socket_fast_path);
+        let cold = inherited.links.is_empty();
+        let mut ebpf = if inherited.maps.is_empty() {
+            EbpfLoader::new()
+                .override_global(global_name::FAST_PATH, &fast_path, true)
+                .load(object)?
+        } else {
+            reuse::load(
+                object,
+                &[(global_name::FAST_PATH, fast_path)],
+                inherited.maps,
+            )?
+        };
+        let shared_maps = SHARED_MAPS
+            .into_iter()
+            .map(|name| Ok((name, map_fd(&ebpf, name)?)))
+            .collect::<Result<Vec<_>, RedirectError>>()?;
         // The message verdict goes on the socket map before any socket can join it.
         let sockets: SockHash<MapData, SockKey> = ebpf
             .take_map(map_name::SOCKETS)
@@ -116,8 +167,11 @@ impl EbpfRedirect {
             .try_into()
             .map_err(hook_error)?;
         sk_msg.load().map_err(hook_error)?;
-        sk_msg.attach(sockets.fd()).map_err(hook_error)?;
-        for (program, hook) in PROGRAMS {
+        if cold {
+            sk_msg.attach(sockets.fd()).map_err(hook_error)?;
+        }
+        let mut attached = Vec::new();
+        for (program, hook, which) in PROGRAMS {
             let hook_error = |source| RedirectError::Hook {
                 hook,
                 program,
@@ -126,20 +180,25 @@ impl EbpfRedirect {
             let prog = ebpf
                 .program_mut(program)
                 .ok_or(RedirectError::Missing(program))?;
-            if hook == "sockops" {
+            if which == Hook::SockOps {
                 let prog: &mut SockOps = prog.try_into().map_err(hook_error)?;
                 prog.load().map_err(hook_error)?;
-                prog.attach(&cgroup_file, CgroupAttachMode::Single)
-                    .map_err(hook_error)?;
             } else {
                 let prog: &mut CgroupSockAddr = prog.try_into().map_err(hook_error)?;
                 prog.load().map_err(hook_error)?;
-                prog.attach(&cgroup_file, CgroupAttachMode::Single)
-                    .map_err(hook_error)?;
+            }
+            if cold {
+                attached.push((program, attach(&ebpf, &cgroup_file, program, hook, which)?));
             }
         }
+        let links = if cold {
+            Links::Attached(attached)
+        } else {
+            Links::Inherited(inherited.links)
+        };
         Ok(EbpfRedirect {
             cgroup,
+            cgroup_file,
             enrolled: Mutex::new(take_hash_map(&mut ebpf, map_name::ENROLLED)?),
             pending: take_hash_map(&mut ebpf, map_name::PENDING)?,
             original_dst: take_hash_map(&mut ebpf, map_name::ORIGINAL_DST)?,
@@ -155,8 +214,78 @@ impl EbpfRedirect {
             agent_sockets: Arc::new(AgentSockets {
                 cookies: Mutex::new(take_hash_map(&mut ebpf, map_name::AGENT_SOCKETS)?),
             }),
-            _ebpf: ebpf,
+            shared_maps,
+            links: Mutex::new(links),
+            socket_fast_path,
+            ebpf: Mutex::new(ebpf),
         })
+    }
+
+    /// Puts this agent's programs in force: switches each link inherited from a predecessor
+    /// to this agent's program for its hook, in one step per hook. A hook the predecessor did
+    /// not attach gets a link of its own; one this agent has no program for is detached. Does
+    /// nothing when the programs were attached at start.
+    pub fn activate(&self) -> Result<(), RedirectError> {
+        let mut links = self.links.lock().expect("links lock");
+        let Links::Inherited(inherited) = &mut *links else {
+            return Ok(());
+        };
+        let mut inherited: BTreeMap<String, OwnedFd> =
+            std::mem::take(inherited).into_iter().collect();
+        let mut ebpf = self.ebpf.lock().expect("ebpf lock");
+        let mut attached = Vec::new();
+        for (program, hook, which) in PROGRAMS {
+            let link = match inherited.remove(program) {
+                Some(link) => {
+                    let prog_fd = program_fd(&ebpf, program, hook)?;
+                    link::update(link.as_fd(), prog_fd).map_err(|source| RedirectError::Link {
+                        hook,
+                        program,
+                        source,
+                    })?;
+                    link
+                }
+                None => attach(&ebpf, &self.cgroup_file, program, hook, which)?,
+            };
+            attached.push((program, link));
+        }
+        for program in inherited.keys() {
+            tracing::info!(%program, "detaching the predecessor's program this agent has none for");
+        }
+        if self.socket_fast_path {
+            let hook_error = |source| RedirectError::Hook {
+                hook: "sk_msg",
+                program: program_name::SK_MSG,
+                source,
+            };
+            let sk_msg: &mut SkMsg = ebpf
+                .program_mut(program_name::SK_MSG)
+                .ok_or(RedirectError::Missing(program_name::SK_MSG))?
+                .try_into()
+                .map_err(hook_error)?;
+            // Replaces the predecessor's verdict on the shared socket map.
+            sk_msg.attach(self.sockets.fd()).map_err(hook_error)?;
+        }
+        *links = Links::Attached(attached);
+        Ok(())
+    }
+
+    /// Second descriptors of the shared maps and of the links, for a successor. Before
+    /// [`Self::activate`] the links are still the predecessor's business: none are given.
+    pub fn kernel_state(&self) -> io::Result<Inherited> {
+        let maps = self
+            .shared_maps
+            .iter()
+            .map(|(name, fd)| Ok(((*name).to_owned(), fd.try_clone()?)))
+            .collect::<io::Result<_>>()?;
+        let links = match &*self.links.lock().expect("links lock") {
+            Links::Attached(links) => links
+                .iter()
+                .map(|(name, fd)| Ok(((*name).to_owned(), fd.try_clone()?)))
+                .collect::<io::Result<_>>()?,
+            Links::Inherited(_) => Vec::new(),
+        };
+        Ok(Inherited { maps, links })
     }
 
     pub fn cgroup(&self) -> &Path {
@@ -251,6 +380,53 @@ fn embedded_object(
         Some(reason) => Err(RedirectError::NotBuilt { reason }),
         None => Ok(object),
     }
+}
+
+/// Attaches the loaded `program` to `cgroup` at `which` with a link of our own.
+fn attach(
+    ebpf: &Ebpf,
+    cgroup: &File,
+    program: &'static str,
+    hook: &'static str,
+    which: Hook,
+) -> Result<OwnedFd, RedirectError> {
+    let prog_fd = program_fd(ebpf, program, hook)?;
+    link::create(prog_fd, cgroup.as_fd(), which).map_err(|source| RedirectError::Link {
+        hook,
+        program,
+        source,
+    })
+}
+
+fn program_fd<'a>(
+    ebpf: &'a Ebpf,
+    program: &'static str,
+    hook: &'static str,
+) -> Result<std::os::fd::BorrowedFd<'a>, RedirectError> {
+    let prog = ebpf
+        .program(program)
+        .ok_or(RedirectError::Missing(program))?;
+    let fd = prog.fd().map_err(|source| RedirectError::Hook {
+        hook,
+        program,
+        source,
+    })?;
+    Ok(fd.as_fd())
+}
+
+/// A second descriptor of the map `name` (one of the kinds in [`SHARED_MAPS`]).
+fn map_fd(ebpf: &Ebpf, name: &'static str) -> Result<OwnedFd, RedirectError> {
+    let data = match ebpf.map(name).ok_or(RedirectError::Missing(name))? {
+        Map::HashMap(data)
+        | Map::LruHashMap(data)
+        | Map::PerCpuArray(data)
+        | Map::SockHash(data) => data,
+        _ => return Err(RedirectError::Missing(name)),
+    };
+    data.fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|source| RedirectError::Handover(format!("map {name}: {source}")))
 }
 
 fn take_hash_map<K: aya::Pod, V: aya::Pod>(

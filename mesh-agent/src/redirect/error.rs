@@ -46,4 +46,14 @@ pub enum RedirectError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot attach the {hook} hook ({program}): {source}")]
+    Link {
+        hook: &'static str,
+        program: &'static str,
+        source: std::io::Error,
+    },
+    #[error("the running agent's kernel map {map} does not fit this agent: {reason}")]
+    InheritedMap { map: String, reason: String },
+    #[error("taking over the running agent's kernel state: {0}")]
+    Handover(String),
 }

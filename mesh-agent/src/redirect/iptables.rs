@@ -84,6 +84,15 @@ impl IptablesRedirect {
         }
     }
 
+    /// Forgets every namespace: the rules stay where they are (a successor serves them), and
+    /// neither unenroll nor drop removes them.
+    pub fn relinquish(&self) {
+        self.enrolled
+            .lock()
+            .expect("enrolled namespaces lock")
+            .clear();
+    }
+
     /// The mark the rules let pass: the agent's upstream sockets carry it. Any process with
     /// `CAP_NET_ADMIN` in a pod's namespace can set it too; iptables sees nothing better.
     pub fn agent_mark(&self) -> u32 {

@@ -8,20 +8,22 @@ pub mod ebpf;
 mod ebpf_object;
 mod error;
 pub mod iptables;
+mod link;
 pub mod netns;
 pub mod preflight;
+mod reuse;
 
 use std::{io, net::SocketAddrV4, os::fd::AsFd, path::Path, sync::Arc};
 
 use mesh_common::Decision;
 use prometheus_client::registry::Registry;
 
-pub use self::error::RedirectError;
 use self::{
     ebpf::{AgentSockets, EbpfRedirect},
     iptables::IptablesRedirect,
     netns::NetNs,
 };
+pub use self::{error::RedirectError, reuse::Inherited};
 use crate::exposition::ScrapedCounters;
 
 /// How enrolled pods' connections are handed to the agent.
@@ -87,16 +89,48 @@ impl Redirect {
     /// the tools (`cgroup` is not used); rules go into each pod as it is enrolled.
     /// `agent_mark` is the socket mark of the agent's own sockets in iptables mode (see
     /// [`Exemption::Mark`]); eBPF mode exempts them by cookie instead.
+    ///
+    /// `inherited`: a running agent's maps and links (see `crate::handover`). The programs
+    /// then share its maps, and go in force only with [`Redirect::activate`].
     pub fn start(
         mode: RedirectMode,
         cgroup: Option<&Path>,
         agent_mark: u32,
         socket_fast_path: bool,
+        inherited: Inherited,
     ) -> Result<Redirect, RedirectError> {
         match mode {
-            RedirectMode::Ebpf => EbpfRedirect::attach(cgroup, socket_fast_path)
+            RedirectMode::Ebpf => EbpfRedirect::attach(cgroup, socket_fast_path, inherited)
                 .map(|ebpf| Redirect::Ebpf(Box::new(ebpf))),
+            RedirectMode::Iptables if !inherited.is_empty() => Err(RedirectError::Handover(
+                "the running agent handed over eBPF state to an agent in iptables mode".to_owned(),
+            )),
             RedirectMode::Iptables => IptablesRedirect::new(agent_mark).map(Redirect::Iptables),
+        }
+    }
+
+    /// Puts this agent's programs in force on the links a predecessor handed over (eBPF mode;
+    /// nothing to do otherwise, or when the programs were attached at start).
+    pub fn activate(&self) -> Result<(), RedirectError> {
+        match self {
+            Redirect::Ebpf(ebpf) => ebpf.activate(),
+            Redirect::Iptables(_) => Ok(()),
+        }
+    }
+
+    /// What a successor needs of the kernel state: the maps and the links (eBPF mode).
+    pub fn kernel_state(&self) -> io::Result<Inherited> {
+        match self {
+            Redirect::Ebpf(ebpf) => ebpf.kernel_state(),
+            Redirect::Iptables(_) => Ok(Inherited::default()),
+        }
+    }
+
+    /// The redirect is a successor's from now on: leaving undoes nothing (iptables rules stay;
+    /// eBPF links live on in the successor's descriptors).
+    pub fn relinquish(&self) {
+        if let Redirect::Iptables(iptables) = self {
+            iptables.relinquish();
         }
     }
 

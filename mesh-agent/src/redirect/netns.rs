@@ -6,7 +6,7 @@ use std::{
     io,
     marker::PhantomData,
     os::{
-        fd::{AsFd, AsRawFd},
+        fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
         unix::fs::OpenOptionsExt,
     },
     path::{Path, PathBuf},
@@ -49,6 +49,22 @@ impl NetNs {
         }
     }
 
+    /// A namespace handed over by another process (`path`: where it was opened, for messages),
+    /// if `fd` is a network namespace.
+    pub fn from_fd(fd: OwnedFd, path: PathBuf) -> io::Result<NetNs> {
+        let file = File::from(fd);
+        match namespace_type(&file)? {
+            libc::CLONE_NEWNET => Ok(NetNs { file, path }),
+            other => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "not a network namespace: a {} namespace",
+                    namespace_name(other)
+                ),
+            )),
+        }
+    }
+
     /// The namespace the calling thread is in now.
     pub fn current() -> io::Result<NetNs> {
         NetNs::open("/proc/thread-self/ns/net")
@@ -65,6 +81,11 @@ impl NetNs {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The open namespace, to hand over to another process.
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
     }
 
     /// Moves the calling thread into this namespace until the guard drops. The guard is not
@@ -203,6 +224,19 @@ mod tests {
     #[test]
     fn a_network_namespace_opens() {
         NetNs::open("/proc/self/ns/net").expect("our own network namespace");
+    }
+
+    #[test]
+    fn a_namespace_handed_over_is_checked_too() {
+        let ours = NetNs::open("/proc/self/ns/net").unwrap();
+        let fd = ours.as_fd().try_clone_to_owned().unwrap();
+        NetNs::from_fd(fd, PathBuf::from("/proc/self/ns/net")).expect("a network namespace");
+        let uts = File::open("/proc/self/ns/uts").unwrap();
+        let error = NetNs::from_fd(uts.into(), PathBuf::from("uts")).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "not a network namespace: a UTS namespace"
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! upstream serve --listen ADDR --name NAME [--fail-status CODE] [--delay-ms MS] [--log]
 //! upstream get  --url URL [--count N] [--h2] [--close] [--header 'name: value']...
 //!               [--method METHOD] [--request-ids PREFIX] [--rate RPS] [--concurrency C]
-//!               [--quiet] [--timeout-secs T]
+//!               [--quiet] [--timeout-secs T] [--until-sigint]
 //! upstream grpc --url URL [--count N] [same pacing flags as get]
 //! ```
 //!
@@ -15,9 +15,12 @@
 //! `delay_tries=K` only the first K requests carrying the same `x-request-id` are held (so a
 //! proxy's retry of a held try answers at once); `--delay-ms` holds every answer (a slow
 //! replica). `--log` prints one line per request as it arrives (method, path, host, request
-//! id), so a test can count what reached this server and see how it was addressed.
+//! id, `traceparent`), so a test can count what reached this server, see how it was addressed
+//! and whether it came through the mesh (which writes `traceparent` on every request).
 //! The clients print one line per response (unless `--quiet`), with its latency, and then a
-//! summary. With `--request-ids PREFIX` every request carries its own `x-request-id`
+//! summary; with `--until-sigint` they stop sending at SIGINT (each loop after the request it
+//! has in flight) and print the summary then. With `--request-ids PREFIX` every request
+//! carries its own `x-request-id`
 //! (`PREFIX-<loop>-<n>`), also printed on its line, so a test can follow each request through a
 //! proxy's access log and to the server.
 
@@ -26,7 +29,7 @@ use std::convert::Infallible;
 use std::io::Write;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -45,7 +48,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{sleep, sleep_until, timeout, Instant};
 
 /// Flags that take no value; every other `--flag` takes one.
-const SWITCHES: &[&str] = &["h2", "close", "quiet", "log"];
+const SWITCHES: &[&str] = &["h2", "close", "quiet", "log", "until-sigint"];
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -300,6 +303,8 @@ fn request_line(count: u64, parts: &Parts) -> Value {
         "path": parts.uri.path_and_query().map_or("/", |p| p.as_str()),
         "host": host,
         "request_id": header(HeaderName::from_static("x-request-id")),
+        // The mesh writes it on every request it forwards: a request without it came direct.
+        "traceparent": header(HeaderName::from_static("traceparent")),
     })
 }
 
@@ -454,6 +459,8 @@ struct Plan {
     /// Seconds between two requests of the whole run (all loops together), when paced.
     interval: Option<f64>,
     concurrency: u64,
+    /// Set at SIGINT with `--until-sigint`: no request is sent after it.
+    stopped: Arc<AtomicBool>,
 }
 
 async fn client(options: &Options, call: Call) -> Result<()> {
@@ -500,7 +507,17 @@ async fn client(options: &Options, call: Call) -> Result<()> {
         timeout: Duration::from_secs_f64(options.number("timeout-secs", 10.0)?),
         interval: (rate > 0.0).then(|| 1.0 / rate),
         concurrency: options.number("concurrency", 1u64)?.max(1),
+        stopped: Arc::default(),
     });
+    if options.has("until-sigint") {
+        let mut interrupt =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+        let stopped = Arc::clone(&plan.stopped);
+        tokio::spawn(async move {
+            interrupt.recv().await;
+            stopped.store(true, Ordering::SeqCst);
+        });
+    }
     let count: u64 = options.number("count", 1)?;
     let start = Instant::now();
     let mut loops = Vec::new();
@@ -562,6 +579,9 @@ async fn run_loop(plan: Arc<Plan>, index: u64, count: u64, start: Instant) -> Ta
             // that a slow response delays but does not lower.
             let slot = (i * plan.concurrency + index) as f64;
             sleep_until(start + Duration::from_secs_f64(slot * interval)).await;
+        }
+        if plan.stopped.load(Ordering::SeqCst) {
+            break;
         }
         let request_id = plan
             .request_ids

@@ -89,6 +89,12 @@ pub fn measure(
             "mesh-bench-{}-request-cost.sock",
             std::process::id()
         )))
+        // Nor the default handover socket, or this agent would take over from that one.
+        .arg("--handover-socket")
+        .arg(std::env::temp_dir().join(format!(
+            "mesh-bench-{}-request-cost.handover.sock",
+            std::process::id()
+        )))
         .arg("--enroll")
         .arg(format!(
             "{}={}",

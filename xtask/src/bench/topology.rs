@@ -300,6 +300,12 @@ fn start_agent(
         .arg(
             std::env::temp_dir().join(format!("mesh-bench-{}-{redirect}.sock", std::process::id())),
         )
+        // And its own handover socket, or the second would try to take over from the first.
+        .arg("--handover-socket")
+        .arg(std::env::temp_dir().join(format!(
+            "mesh-bench-{}-{redirect}.handover.sock",
+            std::process::id()
+        )))
         .args(flags)
         .arg("--enroll")
         .arg(format!("{}={}", pod.name(), pod.netns_path().display()))

@@ -56,12 +56,19 @@ use crate::proxy::{upstream::ProxyBody, Limits};
 /// dropped anyway (a client that does not read is not waited for).
 const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(1);
 
+/// While draining, how long an HTTP/1 connection may go without a request before it is closed
+/// rather than answered with `Connection: close`.
+const DRAIN_IDLE_GRACE: Duration = Duration::from_secs(2);
+
 /// Serves the connection until the client closes it, until `draining` (then requests in
-/// flight finish and the connection closes: HTTP/2 sends GOAWAY, HTTP/1 closes when idle), or
-/// until one of its timeouts (see the module's doc).
+/// flight finish and the connection closes: HTTP/2 sends GOAWAY; HTTP/1 answers its next
+/// request with `Connection: close`, or closes after `DRAIN_IDLE_GRACE` without one), or until
+/// one of its timeouts (see the module's doc).
 pub async fn serve(stream: TcpStream, conn: Arc<HttpConn>, draining: &CancellationToken) {
     let limits = conn.shared.limits.clone();
     let activity = Arc::new(Activity::new());
+    // HTTP/1 has no GOAWAY: while draining, responses say `Connection: close` instead.
+    let closing = Arc::new(AtomicBool::new(false));
     let watched = Watched {
         stream,
         activity: Arc::clone(&activity),
@@ -71,11 +78,20 @@ pub async fn serve(stream: TcpStream, conn: Arc<HttpConn>, draining: &Cancellati
     let telemetry = Arc::clone(&conn.telemetry);
     let service = {
         let activity = Arc::clone(&activity);
-        service_fn(move |req| {
+        let closing = Arc::clone(&closing);
+        service_fn(move |req: Request<Incoming>| {
             let conn = Arc::clone(&conn);
             let in_flight = InFlight::new(Arc::clone(&activity));
+            let h1 = req.version() != Version::HTTP_2;
+            let closing = Arc::clone(&closing);
             async move {
-                let response = handle(&conn, req).await;
+                let mut response = handle(&conn, req).await;
+                if h1 && closing.load(Ordering::SeqCst) {
+                    // hyper closes the connection once this response is written.
+                    response
+                        .headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
                 // In flight until its body has been written (or dropped).
                 Ok::<_, Infallible>(response.map(|body| {
                     body.map_err(move |error| {
@@ -100,8 +116,22 @@ pub async fn serve(stream: TcpStream, conn: Arc<HttpConn>, draining: &Cancellati
             result
         }
         _ = draining.cancelled() => {
-            connection.as_mut().graceful_shutdown();
-            connection.await
+            if activity.is_h2() {
+                connection.as_mut().graceful_shutdown();
+                connection.await
+            } else {
+                // Closing a keep-alive connection between requests races the client's next
+                // one, which would fail: answer that one with `Connection: close` instead,
+                // and close only a connection that stays idle.
+                closing.store(true, Ordering::SeqCst);
+                tokio::select! {
+                    result = connection.as_mut() => result,
+                    _ = activity.expired(DRAIN_IDLE_GRACE, DRAIN_IDLE_GRACE) => {
+                        connection.as_mut().graceful_shutdown();
+                        connection.await
+                    }
+                }
+            }
         }
         expired = activity.expired(limits.http_header_timeout, limits.http_idle_timeout) => {
             telemetry.metrics.limit_hit(expired);

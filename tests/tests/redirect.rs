@@ -53,13 +53,19 @@ impl Mode {
         agent
     }
 
-    /// `mesh-agent run` in this mode on the node, as a plain process (for starts that fail).
-    fn agent_command(self, node: &SimNode) -> Command {
+    /// `mesh-agent run` in this mode on the node, as a plain process (for starts that fail),
+    /// with its admin and handover sockets in `sockets`: at the default paths it would meet the
+    /// agents of tests running beside it.
+    fn agent_command(self, node: &SimNode, sockets: &tempfile::TempDir) -> Command {
         let mut command = Command::new(mesh_tests::agent_binary().unwrap());
         command
             .args(["run", "--redirect", self.name(), "--admin", "127.0.0.1:0"])
             .arg("--cgroup")
-            .arg(node.cgroup_path());
+            .arg(node.cgroup_path())
+            .arg("--admin-socket")
+            .arg(sockets.path().join("admin.sock"))
+            .arg("--handover-socket")
+            .arg(sockets.path().join("handover.sock"));
         command
     }
 }
@@ -425,21 +431,23 @@ each_mode! {
 }
 
 each_mode! {
-    /// A start that fails after enrolling one pod (the second pod's namespace does not exist)
-    /// leaves nothing attached and no rules behind.
+    /// A start that fails after enrolling one pod (the second names the first one's network
+    /// namespace again) leaves nothing attached and no rules behind.
     fn a_start_that_fails_halfway_leaves_nothing_behind(mode: Mode) {
         let node = SimNode::new().unwrap();
         let client = node.add_pod("client").unwrap();
-        let mut command = mode.agent_command(&node);
+        let sockets = tempfile::tempdir().unwrap();
+        let mut command = mode.agent_command(&node, &sockets);
         command
             .arg("--enroll")
             .arg(format!("client={}", client.netns_path().display()))
-            .args(["--enroll", "ghost=/var/run/netns/mesh-no-such-netns"]);
+            .arg("--enroll")
+            .arg(format!("twin={}", client.netns_path().display()));
         let mut agent = node.spawn_on_node(command).unwrap();
         let status = agent.finish(TIMEOUT).unwrap();
         let stderr = agent.stderr().text();
         assert!(!status.success(), "the agent started: {stderr}");
-        assert!(stderr.contains("pod ghost"), "{stderr}");
+        assert!(stderr.contains("pod twin"), "{stderr}");
         // The first pod was enrolled before the second failed; it went with the agent.
         assert_eq!(mesh_rules(&node, &client), Vec::<String>::new());
         assert_eq!(attached_programs(node.cgroup_path()).unwrap(), 0);
@@ -750,7 +758,8 @@ print(answer.decode())
         let node = SimNode::new().unwrap();
         let client = node.add_pod("client").unwrap();
         let empty = tempfile::tempdir().unwrap();
-        let mut command = Mode::Iptables.agent_command(&node);
+        let sockets = tempfile::tempdir().unwrap();
+        let mut command = Mode::Iptables.agent_command(&node, &sockets);
         command
             .arg("--enroll")
             .arg(format!("client={}", client.netns_path().display()))

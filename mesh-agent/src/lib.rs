@@ -20,5 +20,6 @@ pub mod proxy;
 pub mod readiness;
 pub mod redirect;
 pub mod run;
+pub mod socket_file;
 pub mod state;
 pub mod telemetry;

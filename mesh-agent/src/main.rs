@@ -266,7 +266,7 @@ struct AdminSocketArg {
         long = "admin-socket",
         env = "MESH_ADMIN_SOCKET",
         value_name = "PATH",
-        default_value = mesh_agent::admin::socket::DEFAULT_PATH
+        default_value = mesh_agent::admin::DEFAULT_SOCKET_PATH
     )]
     path: PathBuf,
 }

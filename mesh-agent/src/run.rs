@@ -17,7 +17,7 @@ use tokio_util::task::AbortOnDropHandle;
 use tracing::{info, warn};
 
 use crate::{
-    admin::{self, socket::SocketFile, AdminState},
+    admin::{self, AdminState},
     discovery::kubernetes::{self, KubeSettings, WatchMetrics},
     engine::{EngineSettings, GatewayLabels},
     enrollment::{by_label, EnrollError, Enrollments, InheritedPod, PodSpec},
@@ -26,6 +26,7 @@ use crate::{
     proxy::{self, Limits, PodContext, Proxy},
     readiness::{Readiness, START_UP},
     redirect::{netns::NetNs, preflight, Inherited, Redirect, RedirectMode},
+    socket_file::SocketFile,
     state::{self, Store},
     telemetry::{
         metrics::DEFAULT_CLUSTER,

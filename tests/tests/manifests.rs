@@ -35,7 +35,7 @@ const ADMIN_PORT: u64 = 15000;
 /// What the admin API serves on its TCP address in Kubernetes mode (`Access::Probe` in
 /// mesh-agent/src/admin/mod.rs): everything else there answers 403.
 const NODE_ADDRESS_PATHS: [&str; 4] = ["/healthz", "/ready", "/metrics", "/stats/prometheus"];
-/// The directory of the admin socket's default path (`mesh_agent::admin::socket::DEFAULT_PATH`).
+/// The directory of the admin socket's default path (`mesh_agent::admin::DEFAULT_SOCKET_PATH`).
 const ADMIN_SOCKET_DIR: &str = "/run/mesh-agent";
 /// Where the DaemonSet puts the handover socket: on the node, for the next pod's agent.
 const HANDOVER_DIR: &str = "/run/mesh-agent-handover";

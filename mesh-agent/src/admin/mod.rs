@@ -2,7 +2,7 @@
 //! Served on its own thread and runtime so it answers even when the data path is saturated.
 //!
 //! Two listeners, and who can reach each decides what it serves:
-//! - the Unix socket ([`socket`], root only by its file mode): everything; in local mode the
+//! - the Unix socket ([`SocketFile`], root only by its file mode): everything; in local mode the
 //!   only way to change anything (`/apply`, `/delete`, `/pods`, `/logging`);
 //! - the TCP address (`--admin`), reachable by every local user, and in Kubernetes mode by every
 //!   pod: in local mode reads only; in Kubernetes mode probes and metrics only.
@@ -11,7 +11,6 @@
 
 pub mod client;
 mod server;
-pub mod socket;
 
 use std::{net::SocketAddr, path::Path, sync::Arc};
 
@@ -24,18 +23,20 @@ use serde::Deserialize;
 use serde_json::json;
 
 pub use self::server::Limits;
-use self::{
-    server::{read_body, text, Answer, Handler},
-    socket::SocketFile,
-};
+use self::server::{read_body, text, Answer, Handler};
 use crate::{
     config::{Diagnostic, ObjectKey},
     enrollment::{EnrollError, Enrollments, PodSpec},
     exposition,
     readiness::Readiness,
     redirect::Redirect,
+    socket_file::SocketFile,
     state::Store,
 };
+
+/// Where `mesh-agent run` listens and the CLI connects unless told otherwise
+/// (`--admin-socket`, or `MESH_ADMIN_SOCKET` for both).
+pub const DEFAULT_SOCKET_PATH: &str = "/run/mesh-agent/admin.sock";
 
 pub struct AdminState {
     pub redirect: Arc<Redirect>,

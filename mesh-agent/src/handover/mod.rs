@@ -50,7 +50,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use thiserror::Error;
 
-use crate::admin::socket::SocketFile;
+use crate::socket_file::SocketFile;
 
 /// Where `mesh-agent run` listens for a successor, and connects first to find a predecessor,
 /// unless told otherwise (`--handover-socket`).

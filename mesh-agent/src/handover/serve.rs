@@ -422,8 +422,8 @@ mod tests {
 
     use super::*;
     use crate::{
-        admin::socket::SocketFile,
         handover::{take, HandoverError},
+        socket_file::SocketFile,
     };
 
     /// Hands over one pipe, and counts how often it was frozen and thawed.

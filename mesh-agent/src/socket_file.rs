@@ -1,6 +1,6 @@
-//! The agent's Unix socket files: the admin API's (the only way in for changes in local mode)
-//! and the handover socket (`crate::handover`). Their file permissions decide who may use
-//! them: root only (0600, owned by the agent's user).
+//! The agent's Unix socket files: the admin API's (`crate::admin`, the only way in for changes in
+//! local mode) and the handover socket (`crate::handover`). Their file permissions decide who
+//! may use them: root only (0600, owned by the agent's user).
 
 use std::{
     io,
@@ -15,10 +15,6 @@ use std::{
 };
 
 use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
-
-/// Where `mesh-agent run` listens and the CLI connects unless told otherwise
-/// (`--admin-socket`, or `MESH_ADMIN_SOCKET` for both).
-pub const DEFAULT_PATH: &str = "/run/mesh-agent/admin.sock";
 
 /// The socket's mode: read and write (connecting needs write) for its owner only.
 const SOCKET_MODE: u32 = 0o600;

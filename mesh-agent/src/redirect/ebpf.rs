@@ -156,19 +156,10 @@ impl EbpfRedirect {
                 map: map_name::SOCKETS,
                 source,
             })?;
-        let hook_error = |source| RedirectError::Hook {
-            hook: "sk_msg",
-            program: program_name::SK_MSG,
-            source,
-        };
-        let sk_msg: &mut SkMsg = ebpf
-            .program_mut(program_name::SK_MSG)
-            .ok_or(RedirectError::Missing(program_name::SK_MSG))?
-            .try_into()
-            .map_err(hook_error)?;
-        sk_msg.load().map_err(hook_error)?;
+        let sk_msg = sk_msg_program(&mut ebpf)?;
+        sk_msg.load().map_err(sk_msg_error)?;
         if cold {
-            sk_msg.attach(sockets.fd()).map_err(hook_error)?;
+            sk_msg.attach(sockets.fd()).map_err(sk_msg_error)?;
         }
         let mut attached = Vec::new();
         for (program, hook, which) in PROGRAMS {
@@ -253,18 +244,10 @@ impl EbpfRedirect {
             tracing::info!(%program, "detaching the predecessor's program this agent has none for");
         }
         if self.socket_fast_path {
-            let hook_error = |source| RedirectError::Hook {
-                hook: "sk_msg",
-                program: program_name::SK_MSG,
-                source,
-            };
-            let sk_msg: &mut SkMsg = ebpf
-                .program_mut(program_name::SK_MSG)
-                .ok_or(RedirectError::Missing(program_name::SK_MSG))?
-                .try_into()
-                .map_err(hook_error)?;
             // Replaces the predecessor's verdict on the shared socket map.
-            sk_msg.attach(self.sockets.fd()).map_err(hook_error)?;
+            sk_msg_program(&mut ebpf)?
+                .attach(self.sockets.fd())
+                .map_err(sk_msg_error)?;
         }
         *links = Links::Attached(attached);
         Ok(())
@@ -396,6 +379,22 @@ fn attach(
         program,
         source,
     })
+}
+
+/// The socket fast path's message verdict program.
+fn sk_msg_program(ebpf: &mut Ebpf) -> Result<&mut SkMsg, RedirectError> {
+    ebpf.program_mut(program_name::SK_MSG)
+        .ok_or(RedirectError::Missing(program_name::SK_MSG))?
+        .try_into()
+        .map_err(sk_msg_error)
+}
+
+fn sk_msg_error(source: aya::programs::ProgramError) -> RedirectError {
+    RedirectError::Hook {
+        hook: "sk_msg",
+        program: program_name::SK_MSG,
+        source,
+    }
 }
 
 fn program_fd<'a>(

@@ -37,22 +37,16 @@ impl NetNs {
             .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
             .open(&path)?;
         refuse_unless_regular(&file.metadata()?.file_type())?;
-        match namespace_type(&file)? {
-            libc::CLONE_NEWNET => Ok(NetNs { file, path }),
-            other => Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "not a network namespace: a {} namespace",
-                    namespace_name(other)
-                ),
-            )),
-        }
+        NetNs::if_network(file, path)
     }
 
     /// A namespace handed over by another process (`path`: where it was opened, for messages),
     /// if `fd` is a network namespace.
     pub fn from_fd(fd: OwnedFd, path: PathBuf) -> io::Result<NetNs> {
-        let file = File::from(fd);
+        NetNs::if_network(File::from(fd), path)
+    }
+
+    fn if_network(file: File, path: PathBuf) -> io::Result<NetNs> {
         match namespace_type(&file)? {
             libc::CLONE_NEWNET => Ok(NetNs { file, path }),
             other => Err(io::Error::new(

@@ -60,13 +60,14 @@ pub(crate) fn spawn(mut command: Command, placement: Placement) -> Result<PodPro
     // the closure owns (they close when `command` drops, and the child's copies on exec); it
     // allocates nothing.
     unsafe { command.pre_exec(move || setup.run()) };
-    let mut child = command.spawn().with_context(|| {
-        format!(
-            "spawning {} (joining the cgroup, entering the namespace or mounting /etc/hosts \
+    let mut child =
+        crate::command::retry_while_text_busy(|| command.spawn()).with_context(|| {
+            format!(
+                "spawning {} (joining the cgroup, entering the namespace or mounting /etc/hosts \
              may have failed)",
-            placement.label
-        )
-    })?;
+                placement.label
+            )
+        })?;
 
     let stdout = OutputLines::capture(child.stdout.take(), &placement.label, "stdout");
     let stderr = OutputLines::capture(child.stderr.take(), &placement.label, "stderr");

@@ -122,7 +122,7 @@ fn a_user_other_than_root_changes_nothing() {
         if let Some(uid) = uid {
             command.uid(uid).gid(uid);
         }
-        command.output().unwrap()
+        mesh_tests::command::retry_while_text_busy(|| command.output()).unwrap()
     };
 
     let output = apply(Some(65534));

@@ -50,6 +50,10 @@ const REPORTED_ONLY: [(&str, &str); 11] = [
     ("extensions.istio.io", "wasmplugins"),
 ];
 
+/// What the agent writes: a Warning Event on an Istio object it rejects (create only; an Event
+/// is never read, updated or deleted).
+const CREATED: [(&str, &str); 1] = [("events.k8s.io", "events")];
+
 fn deploy_dir() -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -181,23 +185,43 @@ fn the_agents_role_lets_it_watch_what_it_watches_and_nothing_more() -> Result<()
     let role = json(&control_plane.kubectl(&["get", "clusterrole", AGENT, "-o", "json"])?)?;
     let mut granted = BTreeSet::new();
     for rule in role["rules"].as_array().context("the role has no rules")? {
+        let verbs: Vec<&str> = rule["verbs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|verb| verb.as_str())
+            .collect();
         for group in rule["apiGroups"].as_array().into_iter().flatten() {
             for resource in rule["resources"].as_array().into_iter().flatten() {
-                granted.insert((
+                let key = (
                     group.as_str().unwrap_or_default().to_owned(),
                     resource.as_str().unwrap_or_default().to_owned(),
-                ));
+                );
+                let created = CREATED
+                    .iter()
+                    .any(|(g, r)| (*g, *r) == (key.0.as_str(), key.1.as_str()));
+                let expected: &[&str] = if created {
+                    &["create"]
+                } else {
+                    &["get", "list", "watch"]
+                };
+                ensure!(
+                    verbs == expected,
+                    "the role grants {verbs:?} on {key:?}, expected {expected:?}"
+                );
+                granted.insert(key);
             }
         }
     }
-    let watched: BTreeSet<(String, String)> = WATCHED
+    let used: BTreeSet<(String, String)> = WATCHED
         .iter()
         .chain(&REPORTED_ONLY)
+        .chain(&CREATED)
         .map(|(group, resource)| ((*group).to_owned(), (*resource).to_owned()))
         .collect();
     ensure!(
-        granted == watched,
-        "the role grants {granted:?}, the agent watches {watched:?}"
+        granted == used,
+        "the role grants {granted:?}, the agent uses {used:?}"
     );
 
     let mut checked = Vec::new();
@@ -256,6 +280,7 @@ fn the_agents_role_lets_it_watch_what_it_watches_and_nothing_more() -> Result<()
         ("GET", "/api/v1/configmaps".to_owned(), ""),
         ("GET", "/api/v1/nodes".to_owned(), ""),
         ("GET", "/apis/apps/v1/daemonsets".to_owned(), ""),
+        ("GET", "/apis/events.k8s.io/v1/events".to_owned(), ""),
         ("POST", "/api/v1/namespaces/default/pods".to_owned(), pod),
         ("DELETE", format!("/api/v1/namespaces/{MESH_NAMESPACE}"), ""),
         (

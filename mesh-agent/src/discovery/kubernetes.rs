@@ -995,18 +995,23 @@ mod tests {
         assert_eq!(*asked.lock().unwrap(), ["/apis"]);
     }
 
-    /// What a watch hands the store: an invalid object, on an event or in a (re)list, is a
-    /// rejection with its identity — so the store keeps its last good version, where a relist
-    /// once dropped it as gone — and so is an object of a typed kind that is not understood.
-    #[tokio::test]
-    async fn an_invalid_object_reaches_the_store_as_a_rejection_on_an_event_and_a_relist() {
-        let resource = ApiResource {
+    /// The VirtualService kind as the watches see it.
+    fn virtual_service_resource() -> ApiResource {
+        ApiResource {
             group: "networking.istio.io".into(),
             version: "v1beta1".into(),
             api_version: "networking.istio.io/v1beta1".into(),
             kind: "VirtualService".into(),
             plural: "virtualservices".into(),
-        };
+        }
+    }
+
+    /// What a watch hands the store: an invalid object, on an event or in a (re)list, is a
+    /// rejection with its identity — so the store keeps its last good version, where a relist
+    /// once dropped it as gone — and so is an object of a typed kind that is not understood.
+    #[tokio::test]
+    async fn an_invalid_object_reaches_the_store_as_a_rejection_on_an_event_and_a_relist() {
+        let resource = virtual_service_resource();
         let route = |name: &str, timeout: &str| -> DynamicObject {
             serde_json::from_value(json!({
                 "metadata": {"name": name, "namespace": "shop"},
@@ -1088,13 +1093,7 @@ mod tests {
     /// same one (and a name too long for that is cut, not refused).
     #[test]
     fn a_rejected_object_is_reported_by_one_event_per_version() {
-        let resource = ApiResource {
-            group: "networking.istio.io".into(),
-            version: "v1beta1".into(),
-            api_version: "networking.istio.io/v1beta1".into(),
-            kind: "VirtualService".into(),
-            plural: "virtualservices".into(),
-        };
+        let resource = virtual_service_resource();
         let object: DynamicObject = serde_json::from_value(json!({
             "metadata": {"name": "service-c", "namespace": "shop", "uid": "u-1",
                          "resourceVersion": "4711"},

@@ -1,6 +1,10 @@
 //! Who is talking to whom. `names`: a service of the mesh and a workload as telemetry labels
-//! them. `spiffe`: a workload's cryptographic identity, its SPIFFE ID.
+//! them. The rest is cryptographic identity, the ground of the mutual TLS between agents:
+//! `spiffe` (a workload's SPIFFE ID), `ca` (the local CA and the trust bundle) and
+//! `certificates` (minting and renewing workload certificates).
 
+pub mod ca;
+pub mod certificates;
 mod names;
 pub mod spiffe;
 

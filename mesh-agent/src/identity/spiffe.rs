@@ -3,7 +3,7 @@
 //! its certificate. Parsed strictly: a peer's certificate is trusted for exactly the identity it
 //! names, so two spellings of one identity must not exist.
 
-use std::{fmt, str::FromStr};
+use std::{fmt, str::FromStr, sync::Arc};
 
 /// Istio's default trust domain.
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
@@ -71,9 +71,13 @@ impl fmt::Display for TrustDomain {
     }
 }
 
-/// A workload's identity: its namespace's service account in a trust domain.
+/// A workload's identity: its namespace's service account in a trust domain. Cheap to clone
+/// (one `Arc`): connection pools and telemetry labels carry it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SpiffeId {
+pub struct SpiffeId(Arc<Parts>);
+
+#[derive(Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct Parts {
     // The URI first: ordering and hashing by it are ordering and hashing by the identity.
     uri: String,
     trust_domain: TrustDomain,
@@ -98,12 +102,12 @@ impl SpiffeId {
         check_label(namespace).map_err(|e| invalid(format!("namespace {namespace:?}: {e}")))?;
         check_subdomain(service_account)
             .map_err(|e| invalid(format!("service account {service_account:?}: {e}")))?;
-        Ok(SpiffeId {
+        Ok(SpiffeId(Arc::new(Parts {
             uri,
             trust_domain,
             namespace: namespace.to_owned(),
             service_account: service_account.to_owned(),
-        })
+        })))
     }
 
     /// Parses `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>` and nothing else:
@@ -139,20 +143,20 @@ impl SpiffeId {
     }
 
     pub fn trust_domain(&self) -> &TrustDomain {
-        &self.trust_domain
+        &self.0.trust_domain
     }
 
     pub fn namespace(&self) -> &str {
-        &self.namespace
+        &self.0.namespace
     }
 
     pub fn service_account(&self) -> &str {
-        &self.service_account
+        &self.0.service_account
     }
 
     /// The URI, as in a certificate's SAN and Istio's `*_principal` labels.
     pub fn as_str(&self) -> &str {
-        &self.uri
+        &self.0.uri
     }
 }
 
@@ -165,7 +169,7 @@ impl FromStr for SpiffeId {
 
 impl fmt::Display for SpiffeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.uri)
+        f.write_str(&self.0.uri)
     }
 }
 

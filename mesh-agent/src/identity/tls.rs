@@ -231,7 +231,9 @@ impl HandshakeError {
         }
     }
 
-    fn from_io(error: io::Error) -> Self {
+    /// Sorts an error of a handshake or of a first read (where a TLS 1.3 client learns that the
+    /// server refused its certificate) from a tokio-rustls stream.
+    pub fn from_io(error: io::Error) -> Self {
         // tokio-rustls wraps rustls's error in an io::Error of kind InvalidData.
         if error.get_ref().is_some_and(|e| e.is::<rustls::Error>()) {
             let inner = error.into_inner().expect("checked above");

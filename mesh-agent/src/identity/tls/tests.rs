@@ -385,6 +385,19 @@ async fn a_tls12_only_client_is_refused() {
 }
 
 #[tokio::test]
+async fn a_client_offering_no_alpn_is_refused() {
+    let mesh = Mesh::new();
+    let genuine = mesh.certificate(&id("frontend"), SystemTime::now());
+    let mut client =
+        Arc::unwrap_or_clone(attacker_client(Some(genuine), &[&rustls::version::TLS13]));
+    client.alpn_protocols.clear();
+    let (_, server) = handshake(Arc::new(client), mesh.server(&id("reviews"))).await;
+    let error = server.unwrap_err();
+    assert!(matches!(error, HandshakeError::NoAlpn), "{error}");
+    assert_eq!(error.reason(), "incompatible");
+}
+
+#[tokio::test]
 async fn renewal_gives_new_connections_a_new_certificate_and_leaves_old_ones_working() {
     let mesh = Mesh::new();
     let client = mesh.client(&id("frontend"), &id("reviews"));

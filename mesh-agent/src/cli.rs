@@ -1,5 +1,6 @@
 //! `mesh-agent apply`, `delete` and `get`: the tutorial's `oc create/replace/delete -f` and
-//! `oc get` for local mode, talking to a running agent's admin API over its Unix socket.
+//! `oc get` for local mode, talking to a running agent's admin API over its Unix socket; and
+//! `mesh-agent ca init`, which makes local mode's CA.
 
 use std::path::{Path, PathBuf};
 
@@ -7,7 +8,28 @@ use anyhow::{bail, Context, Result};
 use http::{Method, StatusCode};
 use serde_json::Value;
 
-use crate::admin::client;
+use crate::{
+    admin::client,
+    identity::{
+        ca::{CertificateAuthority, CA_CERT_FILE, CA_KEY_FILE, ROOT_CERT_FILE},
+        spiffe::TrustDomain,
+    },
+};
+
+/// Makes a new root CA in `dir` and says what it wrote.
+pub fn ca_init(dir: &Path, trust_domain: TrustDomain) -> Result<()> {
+    let ca = CertificateAuthority::init(dir, trust_domain, std::time::SystemTime::now())?;
+    let until = time::OffsetDateTime::from(ca.not_after()).date();
+    println!(
+        "created a root CA for trust domain {} in {}:",
+        ca.trust_domain(),
+        dir.display()
+    );
+    println!("  {CA_KEY_FILE}    the root's private key (mode 0600): keep it secret");
+    println!("  {CA_CERT_FILE}   the root's certificate, valid until {until}");
+    println!("  {ROOT_CERT_FILE} the trust bundle agents check peers against");
+    Ok(())
+}
 
 /// Applies (or deletes) each file in order; a directory means its YAML/JSON files, sorted.
 /// Stops at the first file the agent rejects, after printing why.

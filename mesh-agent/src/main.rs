@@ -7,8 +7,8 @@ use std::{
 
 use clap::{Parser, Subcommand, ValueEnum};
 use mesh_agent::{
-    discovery::kubernetes::KubeSettings, engine::GatewayLabels, enrollment::PodSpec, proxy::limits,
-    redirect::RedirectMode, run,
+    discovery::kubernetes::KubeSettings, engine::GatewayLabels, enrollment::PodSpec,
+    identity::spiffe::TrustDomain, proxy::limits, redirect::RedirectMode, run,
 };
 use mesh_common::{DEFAULT_AGENT_MARK, DEFAULT_LISTEN_PORT};
 use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt, EnvFilter};
@@ -81,6 +81,42 @@ Enroll or unenroll at run time through the admin socket (root only; the TCP addr
         )]
         files: Vec<PathBuf>,
     },
+    /// The mesh's certificate authority (local mode): the root that signs workload
+    /// certificates for mutual TLS between agents.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Make a new root CA in DIR; refuses to overwrite an existing one.
+    ///
+    /// Writes, in DIR (created if missing, mode 0700): ca-key.pem (the root's ECDSA P-256 key,
+    /// mode 0600), ca-cert.pem (its self-signed certificate, valid 10 years) and root-cert.pem
+    /// (the trust bundle). Keep DIR on the nodes only, readable by root only: whoever reads
+    /// ca-key.pem can impersonate any workload.
+    #[command(after_help = "Examples:
+  mesh-agent ca init /etc/mesh/ca
+  mesh-agent ca init /etc/mesh/ca --trust-domain prod.example.com
+
+Rotating the root: make a new CA in another folder, append the old ca-cert.pem to the new
+root-cert.pem (both roots trusted), point the agents at the new folder, and remove the old root
+from root-cert.pem once every certificate it signed has expired (24 h).")]
+    Init {
+        /// The folder for the CA's files.
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+        /// The trust domain of the mesh's SPIFFE IDs
+        /// (spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>).
+        #[arg(long, default_value = mesh_agent::identity::spiffe::DEFAULT_TRUST_DOMAIN, value_parser = parse_trust_domain)]
+        trust_domain: TrustDomain,
+    },
+}
+
+fn parse_trust_domain(s: &str) -> Result<TrustDomain, String> {
+    TrustDomain::new(s).map_err(|e| e.to_string())
 }
 
 #[derive(clap::Args)]
@@ -306,6 +342,9 @@ fn main() -> ExitCode {
                 }
             };
         }
+        Command::Ca {
+            command: CaCommand::Init { dir, trust_domain },
+        } => mesh_agent::cli::ca_init(&dir, trust_domain),
         Command::Apply(args) => mesh_agent::cli::change(&args.admin.path, &args.files, false),
         Command::Delete(args) => mesh_agent::cli::change(&args.admin.path, &args.files, true),
         Command::Get {

@@ -282,6 +282,17 @@ impl CertificateStore {
         Ok(minted)
     }
 
+    /// The certificate to present as `identity`, obtained first if none is held: what callers
+    /// await before a handshake (a pod's enrollment, a tunnel's dial), so the handshake's own
+    /// synchronous [`Self::certificate`] finds it. Minting from a local CA is immediate; an
+    /// issuer that asks a remote signer (Kubernetes mode) is awaited here.
+    pub async fn ready(
+        &self,
+        identity: &SpiffeId,
+    ) -> Result<Arc<WorkloadCertificate>, CertificateError> {
+        self.certificate(identity)
+    }
+
     /// Drops an identity no pod of this node has any more. Connections holding its certificate
     /// keep it.
     pub fn forget(&self, identity: &SpiffeId) -> bool {

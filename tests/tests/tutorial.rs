@@ -7,7 +7,10 @@
 use std::time::Duration;
 
 use mesh_tests::tutorial::{
-    answer, kubernetes::KubernetesTutorial, local::LocalTutorial, steps, Answer, Pace, World,
+    answer,
+    kubernetes::KubernetesTutorial,
+    local::{Layout, LocalTutorial},
+    steps, Answer, Pace, World,
 };
 
 #[test]
@@ -16,8 +19,20 @@ fn the_tutorial_end_to_end() {
     // would drown them.
     mesh_tests::set_echo(false);
     // On a fresh machine starting takes minutes (Deno from npm, perhaps a JDK): say what it does.
-    let tutorial = LocalTutorial::start(&|line| println!("start: {line}")).unwrap();
+    let tutorial =
+        LocalTutorial::start(Layout::ONE_NODE, &|line| println!("start: {line}")).unwrap();
     replay(&tutorial, "default", "local");
+}
+
+#[test]
+fn the_tutorial_end_to_end_on_three_nodes() {
+    mesh_tests::set_echo(false);
+    let layout = Layout {
+        nodes: 3,
+        mutual_tls: false,
+    };
+    let tutorial = LocalTutorial::start(layout, &|line| println!("start: {line}")).unwrap();
+    replay(&tutorial, "default", "three nodes");
 }
 
 #[test]
@@ -47,10 +62,9 @@ fn replay(tutorial: &impl World, namespace: &str, mode: &str) {
         .unwrap();
     assert_eq!(status, 200);
     let hops = tutorial
-        .agent()
         .wait_for_records(
             3,
-            |r| r["request_id"] == request_id.as_str(),
+            &|r| r["request_id"] == request_id.as_str(),
             Duration::from_secs(10),
         )
         .unwrap();

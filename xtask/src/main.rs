@@ -30,8 +30,10 @@ enum Command {
     /// Without a subcommand: the tutorial's request loop, with the steps' commands on screen.
     /// With one: control the demo running in another terminal.
     ///
-    /// Examples: `cargo xtask demo`, `cargo xtask demo --steps`, `cargo xtask demo --kubernetes`
-    /// (then `kubectl` from another terminal), `cargo xtask demo crash POD`.
+    /// Examples: `cargo xtask demo`, `cargo xtask demo --steps`, `cargo xtask demo --nodes 3`
+    /// (A on node 1, B on node 2, C v1/v2 on nodes 2 and 3, mutual TLS between the agents),
+    /// `cargo xtask demo --kubernetes` (then `kubectl` from another terminal),
+    /// `cargo xtask demo crash POD`.
     #[command(args_conflicts_with_subcommands = true)]
     Demo {
         /// Stop after this many requests instead of running until Ctrl-C.
@@ -46,6 +48,11 @@ enum Command {
         /// `kubectl` doing every change, as on a cluster.
         #[arg(long)]
         kubernetes: bool,
+        /// Spread the pods over this many simulated nodes, an agent on each, joined by an
+        /// underlay; with more than one, the agents carry pod-to-pod traffic inside mutual TLS
+        /// (a CA made with `mesh-agent ca init`). Local mode only.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=8), conflicts_with = "kubernetes")]
+        nodes: u8,
         #[command(subcommand)]
         control: Option<DemoControl>,
     },
@@ -77,6 +84,9 @@ enum DemoControl {
     Repair { pod: String },
     /// `oc scale deploy/DEPLOYMENT --replicas N`, e.g. `scale service-c-v2 2`.
     Scale { deployment: String, replicas: usize },
+    /// `mesh-agent apply -f FILE` to every node's agent (local mode; with `--nodes N` the
+    /// demo's agents each keep their own rules), e.g. `apply deploy/examples/virtual-service-c-v1.yml`.
+    Apply { file: std::path::PathBuf },
 }
 
 impl From<DemoControl> for demo::Command {
@@ -84,6 +94,11 @@ impl From<DemoControl> for demo::Command {
         match control {
             DemoControl::Crash { pod } => demo::Command::Crash(pod),
             DemoControl::Repair { pod } => demo::Command::Repair(pod),
+            DemoControl::Apply { file } => {
+                // The demo runs in another directory perhaps: it is given the full path.
+                let file = std::fs::canonicalize(&file).unwrap_or(file);
+                demo::Command::Apply(file.display().to_string())
+            }
             DemoControl::Scale {
                 deployment,
                 replicas,
@@ -99,6 +114,7 @@ fn main() -> Result<()> {
             rounds,
             steps,
             kubernetes,
+            nodes,
             control,
         } => demo::run(
             match control {
@@ -109,7 +125,9 @@ fn main() -> Result<()> {
             if kubernetes {
                 demo::Setting::Kubernetes
             } else {
-                demo::Setting::Local
+                demo::Setting::Local {
+                    nodes: nodes.into(),
+                }
             },
         ),
         Command::Test { cargo_args } => test::run(&cargo_args),

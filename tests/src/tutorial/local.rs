@@ -1,13 +1,15 @@
-//! Local mode: the tutorial's apps as pods of one simulated node, the agent reading its rules
-//! from a folder (`mesh-agent apply` writes them there through the admin API), and `cargo xtask
-//! demo scale|crash|repair` standing in for `oc`.
+//! Local mode: the tutorial's apps as pods of a simulated network of one or more nodes, an agent
+//! on each node reading the rules from one shared folder (`mesh-agent apply` adds to them through
+//! each agent's admin API), and `cargo xtask demo scale|crash|repair` standing in for `oc`. Spread
+//! over three nodes, A runs on node 1, B and C v1 on node 2, C v2 on node 3; with mutual TLS on,
+//! the agents carry every pod-to-pod connection inside their tunnels.
 
 use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::Command,
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -19,7 +21,7 @@ use super::{
 };
 use crate::{
     mesh_config::{examples_dir, Backend, ConfigDir},
-    Agent, Pod, PodProcess, SimNode,
+    Agent, Pod, PodProcess, SimNetwork, SimNode,
 };
 
 /// Where the ingress gateway listens inside the node (`curl 127.0.0.1/service-a` there).
@@ -32,7 +34,44 @@ const SERVICES: [(&str, Ipv4Addr); 3] = [
 
 struct Replica {
     pod: Pod,
+    /// Index of the node it runs on.
+    node: usize,
     process: PodProcess,
+}
+
+/// Where the tutorial's pods run, and how the agents carry traffic between them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    /// Nodes of the simulated network, an agent on each; the gateway is on the first.
+    pub nodes: usize,
+    /// Agents are given a CA (`mesh-agent ca init`, then `run --ca`): pod-to-pod traffic goes
+    /// inside mutual TLS between them, with each pod's SPIFFE identity.
+    pub mutual_tls: bool,
+}
+
+impl Layout {
+    /// Every pod on one node, plaintext.
+    pub const ONE_NODE: Layout = Layout {
+        nodes: 1,
+        mutual_tls: false,
+    };
+    /// The issue's cluster: A on node 1, B and C v1 on node 2, C v2 on node 3, mutual TLS.
+    pub const THREE_NODES: Layout = Layout {
+        nodes: 3,
+        mutual_tls: true,
+    };
+
+    /// The node (index from 0) of replica `replica` of `deployment`: each deployment starts on
+    /// its home node (A 1, B 2, C v1 2, C v2 3, wrapping around fewer nodes), further replicas
+    /// on the nodes after it.
+    fn node_of(self, deployment: &str, replica: usize) -> usize {
+        let home = match deployment {
+            "service-a" => 0,
+            "service-b" | "service-c-v1" => 1,
+            _ => 2,
+        };
+        (home + replica) % self.nodes
+    }
 }
 
 /// How long pods may take to answer `/health` after they start: a JVM and Deno's first run take
@@ -44,13 +83,17 @@ const SLOW_START: Duration = Duration::from_secs(2);
 const STILL_WAITING_EVERY: Duration = Duration::from_secs(10);
 
 pub struct LocalTutorial {
-    // Field order is drop order: the agent and the apps go before the node.
-    agent: Agent,
+    // Field order is drop order: the agents and the apps go before the nodes.
+    /// One per node, in the nodes' order; the first serves the gateway.
+    agents: Vec<Agent>,
     replicas: Mutex<BTreeMap<String, Vec<Replica>>>,
-    /// Pods of replicas that were scaled away, reused when scaling up again.
-    spare: Mutex<BTreeMap<String, Vec<Pod>>>,
+    /// Pods of replicas that were scaled away (with their node), reused when scaling up again.
+    spare: Mutex<BTreeMap<String, Vec<(usize, Pod)>>>,
     config: ConfigDir,
-    node: SimNode,
+    /// The CA the agents mint their pods' certificates from, when mutual TLS is on.
+    _ca: Option<tempfile::TempDir>,
+    layout: Layout,
+    network: SimNetwork,
     /// The Deno binary `install_runtimes` found or installed, for replicas started by scaling.
     deno: PathBuf,
 }
@@ -62,36 +105,120 @@ impl LocalTutorial {
     ///
     /// `progress` gets a line for each phase that can take long (installing a runtime, waiting
     /// for pods that are slow to answer), so a first run on a fresh machine never goes quiet.
-    pub fn start(progress: &dyn Fn(&str)) -> Result<LocalTutorial> {
+    pub fn start(layout: Layout, progress: &dyn Fn(&str)) -> Result<LocalTutorial> {
         crate::require_root();
         let deno = install_runtimes(progress)?;
         prepare_apps(progress)?;
-        let node = SimNode::new()?;
+        let network = SimNetwork::new(layout.nodes)?;
         for (name, vip) in SERVICES {
-            node.add_host(name, vip)?;
+            network.add_host(name, vip)?;
         }
         let config = ConfigDir::new()?;
         config.copy_example("gateway.yml", "gateway.yml")?;
         let mut replicas = BTreeMap::new();
         for (deployment, ..) in DEPLOYMENTS {
+            let index = layout.node_of(deployment, 0);
+            let node = network.node(index)?;
             let pod = node.add_pod(&format!("{deployment}-0"))?;
-            let process = start_app(&node, &pod, deployment, &deno)?;
-            replicas.insert(deployment.to_owned(), vec![Replica { pod, process }]);
+            let process = start_app(node, &pod, deployment, &deno)?;
+            let replica = Replica {
+                pod,
+                node: index,
+                process,
+            };
+            replicas.insert(deployment.to_owned(), vec![replica]);
         }
-        wait_healthy(&node, replicas.values_mut().flatten(), progress)?;
+        wait_healthy(network.node(0)?, replicas.values_mut().flatten(), progress)?;
         write_services(&config, &replicas)?;
-        let pods: Vec<&Pod> = replicas.values().flatten().map(|r| &r.pod).collect();
+        let ca = layout.mutual_tls.then(make_ca).transpose()?;
         let dir = config.path().to_str().context("config path")?.to_owned();
-        let agent = Agent::start(&node, &pods, &["--config", &dir, "--ingress", GATEWAY])?;
+        let mut agents = Vec::with_capacity(layout.nodes);
+        for (index, node) in network.nodes().iter().enumerate() {
+            let pods: Vec<&Pod> = replicas
+                .values()
+                .flatten()
+                .filter(|r| r.node == index)
+                .map(|r| &r.pod)
+                .collect();
+            let mut args = vec!["--config", dir.as_str()];
+            if index == 0 {
+                args.extend(["--ingress", GATEWAY]);
+            }
+            let ca_dir = ca.as_ref().map(|ca| ca.path().join("ca"));
+            if let Some(ca_dir) = &ca_dir {
+                args.extend(["--ca", ca_dir.to_str().context("CA path")?]);
+            }
+            agents.push(Agent::start(node, &pods, &args)?);
+        }
         Ok(LocalTutorial {
-            agent,
+            agents,
             replicas: Mutex::new(replicas),
             spare: Mutex::new(BTreeMap::new()),
             config,
-            node,
+            _ca: ca,
+            layout,
+            network,
             deno,
         })
     }
+
+    /// `mesh-agent apply -f <file>` against every node's agent (each keeps what it is given
+    /// over the shared folder); returns the first agent's answer.
+    pub fn apply_file(&self, file: &Path) -> Result<String> {
+        let mut answers = String::new();
+        for (index, agent) in self.agents.iter().enumerate() {
+            let mut command = Command::new(crate::agent_binary()?);
+            command
+                .arg("apply")
+                .arg("--admin-socket")
+                .arg(agent.admin_socket())
+                .arg("-f")
+                .arg(file);
+            let mut process = self.node_at(index).spawn_on_node(command)?;
+            let status = process.finish(Duration::from_secs(30))?;
+            let out = format!("{}{}", process.stdout().text(), process.stderr().text());
+            if !status.success() {
+                bail!(
+                    "apply {} to node {}'s agent failed: {out}",
+                    file.display(),
+                    index + 1
+                );
+            }
+            if answers.is_empty() {
+                answers = out;
+            }
+        }
+        Ok(answers)
+    }
+
+    /// The simulated network the pods and agents run on.
+    pub fn network(&self) -> &SimNetwork {
+        &self.network
+    }
+
+    fn node_at(&self, index: usize) -> &Arc<SimNode> {
+        &self.network.nodes()[index]
+    }
+}
+
+/// `mesh-agent ca init <tmp>/ca`: the root the agents mint their pods' certificates from.
+fn make_ca() -> Result<tempfile::TempDir> {
+    let dir = tempfile::Builder::new()
+        .prefix("mesh-tutorial-ca.")
+        .tempdir()
+        .context("a directory for the tutorial's CA")?;
+    let output = Command::new(crate::agent_binary()?)
+        .args(["ca", "init"])
+        .arg(dir.path().join("ca"))
+        .output()
+        .context("running mesh-agent ca init")?;
+    if !output.status.success() {
+        bail!(
+            "mesh-agent ca init failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(dir)
 }
 
 /// Every tutorial move as our command stands in for it: `mesh-agent apply` for `oc create` and
@@ -99,11 +226,19 @@ impl LocalTutorial {
 /// live demo runs).
 impl World for LocalTutorial {
     fn node(&self) -> &SimNode {
-        &self.node
+        self.node_at(0)
     }
 
     fn agent(&self) -> &Agent {
-        &self.agent
+        &self.agents[0]
+    }
+
+    fn agents(&self) -> Vec<&Agent> {
+        self.agents.iter().collect()
+    }
+
+    fn ids(&self) -> Vec<String> {
+        self.network.ids()
     }
 
     fn gateway(&self) -> SocketAddr {
@@ -126,25 +261,12 @@ impl World for LocalTutorial {
         Ok(pods)
     }
 
-    /// `mesh-agent apply -f deploy/examples/<file>` against the running agent.
+    /// `mesh-agent apply -f deploy/examples/<file>` against every node's agent.
     fn apply(&self, action: &Action) -> Result<String> {
         let (Action::Create(file) | Action::Replace(file)) = action else {
             bail!("{action:?} is not a file to apply");
         };
-        let mut command = Command::new(crate::agent_binary()?);
-        command
-            .arg("apply")
-            .arg("--admin-socket")
-            .arg(self.agent.admin_socket())
-            .arg("-f")
-            .arg(examples_dir().join(file));
-        let mut process = self.node.spawn_on_node(command)?;
-        let status = process.finish(Duration::from_secs(30))?;
-        let out = format!("{}{}", process.stdout().text(), process.stderr().text());
-        if !status.success() {
-            bail!("apply {file} failed: {out}");
-        }
-        Ok(out)
+        self.apply_file(&examples_dir().join(file))
     }
 
     /// Starts or stops pods, enrolls the new ones and rewrites the services' endpoints (the
@@ -159,34 +281,42 @@ impl World for LocalTutorial {
             while current.len() > count {
                 let mut replica = current.pop().expect("non-empty");
                 let _ = replica.process.stop(Duration::from_secs(5));
-                self.agent
-                    .admin_request("DELETE", &format!("/pods/{}", replica.pod.name()), "")?;
+                self.agents[replica.node].admin_request(
+                    "DELETE",
+                    &format!("/pods/{}", replica.pod.name()),
+                    "",
+                )?;
                 spare
                     .entry(deployment.to_owned())
                     .or_default()
-                    .push(replica.pod);
+                    .push((replica.node, replica.pod));
             }
             let mut started = Vec::new();
             while current.len() + started.len() < count {
-                let pod = match spare.get_mut(deployment).and_then(Vec::pop) {
-                    Some(pod) => pod,
+                let (node, pod) = match spare.get_mut(deployment).and_then(Vec::pop) {
+                    Some(spare) => spare,
                     None => {
                         let index = current.len() + started.len();
-                        self.node.add_pod(&format!("{deployment}-{index}"))?
+                        let node = self.layout.node_of(deployment, index);
+                        let pod = self
+                            .node_at(node)
+                            .add_pod(&format!("{deployment}-{index}"))?;
+                        (node, pod)
                     }
                 };
-                let process = start_app(&self.node, &pod, deployment, &self.deno)?;
-                started.push(Replica { pod, process });
+                let process = start_app(self.node_at(node), &pod, deployment, &self.deno)?;
+                started.push(Replica { pod, node, process });
             }
             // Quiet: the live demo's loop shows the scale command's answer when it is done.
-            wait_healthy(&self.node, started.iter_mut(), &|_| {})?;
+            wait_healthy(self.node_at(0), started.iter_mut(), &|_| {})?;
             for replica in &started {
                 let body = format!(
                     r#"{{"name":"{}","netns":"{}"}}"#,
                     replica.pod.name(),
                     replica.pod.netns_path().display()
                 );
-                let (status, answer) = self.agent.admin_request("POST", "/pods", &body)?;
+                let agent = &self.agents[replica.node];
+                let (status, answer) = agent.admin_request("POST", "/pods", &body)?;
                 if status != 200 {
                     bail!("enrolling {}: {answer}", replica.pod.name());
                 }
@@ -203,6 +333,9 @@ impl World for LocalTutorial {
                 .map_or_else(|_| format!("<a {deployment} pod>"), |pod| pod.name)
         };
         match action {
+            Action::Create(file) | Action::Replace(file) if self.agents.len() > 1 => {
+                format!("cargo xtask demo apply deploy/examples/{file}")
+            }
             Action::Create(file) | Action::Replace(file) => {
                 format!("target/debug/mesh-agent apply -f deploy/examples/{file}")
             }
@@ -234,7 +367,8 @@ fn start_app(node: &SimNode, pod: &Pod, deployment: &str, deno: &Path) -> Result
     node.spawn_in_pod(pod, command)
 }
 
-/// Waits until every replica answers `/health`, all at once (they start in parallel). Pods still
+/// Waits until every replica answers `/health` (asked from `node`, which reaches every node's
+/// pods), all at once (they start in parallel). Pods still
 /// starting after `SLOW_START` are named in a progress line, again every `STILL_WAITING_EVERY`,
 /// and each of them once it answers. Fails at once if an app exits.
 fn wait_healthy<'r>(

@@ -4,8 +4,9 @@
 //! tutorial shows them. Shared by `cargo xtask demo` and the end-to-end tests that replay it.
 //!
 //! The steps run in either of two [`World`]s:
-//! - [`local::LocalTutorial`]: one simulated node, the agent reading rules from a folder, our
-//!   commands (`mesh-agent apply`, `cargo xtask demo scale`) standing in for `oc`;
+//! - [`local::LocalTutorial`]: one simulated node or several (an agent on each), the agents
+//!   reading rules from a folder, our commands (`mesh-agent apply`, `cargo xtask demo scale`)
+//!   standing in for `oc`;
 //! - [`kubernetes::KubernetesTutorial`]: a real Kubernetes control plane and the kubelet stand-in
 //!   on the simulated node, the demo apps as Deployments, the agent in Kubernetes mode, and
 //!   `kubectl` doing every change, the seed's `oc` commands one for one.
@@ -47,9 +48,21 @@ pub struct PodInfo {
 /// Where the tutorial's steps run: what differs between local mode and Kubernetes mode. The
 /// steps themselves, and how they are measured, are the provided methods, the same for both.
 pub trait World {
+    /// The node of the gateway, where the tutorial's `curl`s run (it reaches every node's pods).
     fn node(&self) -> &SimNode;
 
+    /// The agent of the gateway's node.
     fn agent(&self) -> &Agent;
+
+    /// Every node's agent, the gateway's first.
+    fn agents(&self) -> Vec<&Agent> {
+        vec![self.agent()]
+    }
+
+    /// The ids of what the world made (nodes, underlay): what [`crate::leftovers_of`] takes.
+    fn ids(&self) -> Vec<String> {
+        vec![self.node().id()]
+    }
 
     /// Where the ingress gateway listens, inside the node (the tutorial's `$ROUTE`).
     fn gateway(&self) -> SocketAddr;
@@ -187,11 +200,33 @@ pub trait World {
         }
     }
 
-    /// How long `pod` stays ejected from now on, as the agent's `/clusters` shows it: the
-    /// longest ejection left in any cluster that has it, zero if it is in service everywhere.
+    /// Waits until at least `n` access-log records of all agents together satisfy `matches`.
+    fn wait_for_records(
+        &self,
+        n: usize,
+        matches: &dyn Fn(&serde_json::Value) -> bool,
+        timeout: Duration,
+    ) -> Result<Vec<serde_json::Value>> {
+        crate::wait_for("the agents' access-log records", timeout, || {
+            let found: Vec<serde_json::Value> = self
+                .agents()
+                .iter()
+                .flat_map(|agent| agent.access_log())
+                .filter(|record| matches(record))
+                .collect();
+            Ok((found.len() >= n).then_some(found))
+        })
+    }
+
+    /// How long `pod` stays ejected from now on, as the agents' `/clusters` show it: the
+    /// longest ejection left in any cluster of any agent that has it (the agent of the caller's
+    /// node ejects), zero if it is in service everywhere.
     fn ejection_left(&self, pod: &str) -> Result<Duration> {
         let address = SocketAddr::from((self.pod_ip(pod)?, APP_PORT));
-        let clusters = agent_clusters(self.agent())?;
+        let mut clusters = Vec::new();
+        for agent in self.agents() {
+            clusters.extend(agent_clusters(agent)?);
+        }
         let mine: Vec<&ClusterEndpoint> = clusters
             .iter()
             .flat_map(|c| &c.endpoints)
@@ -238,10 +273,10 @@ fn routed_addresses(agent: &Agent) -> Result<std::collections::BTreeSet<SocketAd
         .collect())
 }
 
-/// Waits until the agent routes to exactly the running pods of the tutorial's deployments.
+/// Waits until every agent routes to exactly the running pods of the tutorial's deployments.
 fn wait_until_routed(world: &(impl World + ?Sized), within: Duration) -> Result<()> {
     crate::wait_for(
-        "the agent routing to exactly the running pods",
+        "every agent routing to exactly the running pods",
         within,
         || {
             let running: std::collections::BTreeSet<SocketAddr> = world
@@ -249,7 +284,12 @@ fn wait_until_routed(world: &(impl World + ?Sized), within: Duration) -> Result<
                 .iter()
                 .map(|pod| SocketAddr::from((pod.ip, APP_PORT)))
                 .collect();
-            Ok((routed_addresses(world.agent())? == running).then_some(()))
+            for agent in world.agents() {
+                if routed_addresses(agent)? != running {
+                    return Ok(None);
+                }
+            }
+            Ok(Some(()))
         },
     )
 }

@@ -1,4 +1,5 @@
-//! Control of a running demo from other terminals: `cargo xtask demo crash|repair|scale ...`
+//! Control of a running demo from other terminals: `cargo xtask demo
+//! crash|repair|scale|apply ...`
 //! sends one line over `/run/mesh-demo/control.sock` and prints the one-line answer.
 //!
 //! The demo polls the socket between two requests of its loop and runs each command on its
@@ -22,6 +23,8 @@ pub enum Command {
     Crash(String),
     Repair(String),
     Scale(String, usize),
+    /// `mesh-agent apply -f FILE` to every node's agent (local mode).
+    Apply(String),
 }
 
 impl fmt::Display for Command {
@@ -30,6 +33,7 @@ impl fmt::Display for Command {
             Command::Crash(pod) => write!(f, "crash {pod}"),
             Command::Repair(pod) => write!(f, "repair {pod}"),
             Command::Scale(deployment, n) => write!(f, "scale {deployment} {n}"),
+            Command::Apply(file) => write!(f, "apply {file}"),
         }
     }
 }
@@ -46,7 +50,10 @@ impl FromStr for Command {
                 deployment.to_string(),
                 n.parse().context("replicas must be a number")?,
             )),
-            _ => bail!("unknown command {line:?} (crash POD, repair POD, scale DEPLOYMENT N)"),
+            ["apply", file] => Ok(Command::Apply(file.to_string())),
+            _ => bail!(
+                "unknown command {line:?} (crash POD, repair POD, scale DEPLOYMENT N, apply FILE)"
+            ),
         }
     }
 }

@@ -11,7 +11,7 @@ use std::{
 use anyhow::Result;
 use mesh_tests::{
     agent::ADMIN,
-    tutorial::{answer, steps, Action, Answer, Pace, Tally, World, CRASHED},
+    tutorial::{answer, steps, Action, Answer, Pace, Tally, CRASHED},
 };
 
 use super::{
@@ -57,7 +57,7 @@ pub fn run(
             window.len(),
             summary(&window)
         );
-        server.serve_pending(|command| execute(tutorial, command));
+        server.serve_pending(|command| execute(demo, command));
         sleep_unless(stop, PERIOD);
     }
     Ok(())
@@ -138,7 +138,7 @@ fn print_intro(demo: &Demo, relays: &[(SocketAddr, Relay)]) {
             control_plane.dir().join("kube-cache").display()
         );
         println!("  kubectl -n servicemesh-apps get pods,svc,virtualservices,destinationrules");
-    } else {
+    } else if tutorial.agents().len() == 1 {
         // `mesh-agent apply` changes the config through the agent's admin socket (root only).
         println!(
             "  export MESH_ADMIN_SOCKET={}",
@@ -178,8 +178,13 @@ fn summary(window: &VecDeque<Answer>) -> Tally {
 }
 
 /// Runs a command from another terminal, on this (the main) thread.
-fn execute(tutorial: &dyn World, command: &Command) -> Result<String> {
+fn execute(demo: &Demo, command: &Command) -> Result<String> {
+    let tutorial = demo.world();
     match command {
+        Command::Apply(file) => match demo {
+            Demo::Local(local) => local.apply_file(std::path::Path::new(file)),
+            Demo::Kubernetes(_) => Ok("in Kubernetes mode, kubectl apply -f FILE".to_owned()),
+        },
         Command::Crash(pod) => {
             tutorial.crash(pod)?;
             Ok(format!("{pod} crashed: it answers 500 until repaired"))

@@ -1,5 +1,5 @@
-//! `cargo xtask demo`: the tutorial "Service Mesh for Developers", live on a simulated node on
-//! this machine. Apps A (Python) → B (Deno) → C v1/v2 (Java) run as pods, the agent enrolls
+//! `cargo xtask demo`: the tutorial "Service Mesh for Developers", live on a simulated node (or
+//! several: `--nodes N`) on this machine. Apps A (Python) → B (Deno) → C v1/v2 (Java) run as pods, the agent enrolls
 //! them and serves the gateway, and the user applies the tutorial's YAML from other terminals:
 //! with `mesh-agent apply` in local mode, with `kubectl` in Kubernetes mode (`--kubernetes`: a
 //! real control plane and the kubelet stand-in on the node, see `mesh_tests::tutorial`).
@@ -27,7 +27,11 @@ use std::{
 use anyhow::{Context, Result};
 use mesh_tests::{
     require_root,
-    tutorial::{kubernetes::KubernetesTutorial, local::LocalTutorial, World},
+    tutorial::{
+        kubernetes::KubernetesTutorial,
+        local::{Layout, LocalTutorial},
+        World,
+    },
 };
 
 pub use control::Command;
@@ -37,30 +41,37 @@ use crate::build_ebpf::workspace_root;
 /// Where the tutorial runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Setting {
-    /// One simulated node, rules applied with `mesh-agent apply`.
-    Local,
+    /// Simulated nodes, an agent on each, rules applied with `mesh-agent apply`; more than one
+    /// node: mutual TLS between the agents.
+    Local { nodes: usize },
     /// A real control plane and the kubelet stand-in on the node; `kubectl` does every change.
     Kubernetes,
 }
 
 /// The running tutorial, in either setting.
 pub enum Demo {
-    Local(LocalTutorial),
-    Kubernetes(KubernetesTutorial),
+    Local(Box<LocalTutorial>),
+    Kubernetes(Box<KubernetesTutorial>),
 }
 
 impl Demo {
     fn start(setting: Setting, progress: &dyn Fn(&str)) -> Result<Demo> {
         Ok(match setting {
-            Setting::Local => Demo::Local(LocalTutorial::start(progress)?),
-            Setting::Kubernetes => Demo::Kubernetes(KubernetesTutorial::start(progress)?),
+            Setting::Local { nodes } => {
+                let layout = Layout {
+                    nodes,
+                    mutual_tls: nodes > 1,
+                };
+                Demo::Local(Box::new(LocalTutorial::start(layout, progress)?))
+            }
+            Setting::Kubernetes => Demo::Kubernetes(Box::new(KubernetesTutorial::start(progress)?)),
         })
     }
 
     pub fn world(&self) -> &dyn World {
         match self {
-            Demo::Local(tutorial) => tutorial,
-            Demo::Kubernetes(tutorial) => tutorial,
+            Demo::Local(tutorial) => &**tutorial,
+            Demo::Kubernetes(tutorial) => &**tutorial,
         }
     }
 }
@@ -98,8 +109,12 @@ pub fn run(mode: Mode, setting: Setting) -> Result<()> {
 
     mesh_tests::set_echo(false);
     match setting {
-        Setting::Local => println!(
+        Setting::Local { nodes: 1 } => println!(
             "starting the tutorial's node: 4 pods (Python, Deno, Java ×2) and the agent ..."
+        ),
+        Setting::Local { nodes } => println!(
+            "starting the tutorial's {nodes} nodes: 4 pods (Python, Deno, Java ×2) spread over \
+             them, an agent on each, mutual TLS between the agents ..."
         ),
         Setting::Kubernetes => println!(
             "starting the tutorial's node with a Kubernetes control plane and a kubelet \
@@ -135,13 +150,28 @@ fn ctrl_c_flag() -> Result<Arc<AtomicBool>> {
 /// Removes the node (its pods, their processes, the cgroup) and `/run/mesh-demo`, says what
 /// went, and checks that nothing of this node is left.
 fn teardown(demo: Demo) {
-    let node = demo.world().node();
-    let id = node.id();
-    let mut removed = vec![
-        format!("node netns {}", node.netns_name()),
-        format!("cgroup {}", node.cgroup_path().display()),
-    ];
-    let pods: Vec<String> = node.pods().iter().map(|p| p.name().to_owned()).collect();
+    let world = demo.world();
+    let ids = world.ids();
+    let mut removed = match &demo {
+        Demo::Local(tutorial) if tutorial.network().nodes().len() > 1 => {
+            let network = tutorial.network();
+            vec![format!(
+                "{} nodes and their underlay {}",
+                network.nodes().len(),
+                network.underlay_netns_name()
+            )]
+        }
+        _ => vec![
+            format!("node netns {}", world.node().netns_name()),
+            format!("cgroup {}", world.node().cgroup_path().display()),
+        ],
+    };
+    let pods: Vec<String> = world
+        .running_pods()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|pod| pod.name)
+        .collect();
     removed.push(format!("{} pods ({})", pods.len(), pods.join(", ")));
     let control_plane = match &demo {
         Demo::Kubernetes(tutorial) => Some(tutorial.control_plane().dir().to_owned()),
@@ -158,7 +188,10 @@ fn teardown(demo: Demo) {
         Err(error) => println!("{error:#}"),
     }
     println!("removed: {}", removed.join("; "));
-    let mut left = mesh_tests::leftovers_of(&id);
+    let mut left: Vec<String> = ids
+        .iter()
+        .flat_map(|id| mesh_tests::leftovers_of(id))
+        .collect();
     if let Some(dir) = control_plane {
         left.extend(mesh_tests::control_plane::running_in(&dir));
         if dir.exists() {

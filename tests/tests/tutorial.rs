@@ -32,7 +32,7 @@ fn the_tutorial_end_to_end_on_three_nodes() {
         mutual_tls: false,
     };
     let tutorial = LocalTutorial::start(layout, &|line| println!("start: {line}")).unwrap();
-    replay(&tutorial, "default", "three nodes");
+    replay(&tutorial, "default", "three-nodes");
 }
 
 #[test]

@@ -208,7 +208,7 @@ pub fn run(args: Args) -> Result<()> {
             .unwrap_or_default()
     });
     let topology = Topology::start(&binaries, &tools)?;
-    let node_id = topology.node.id();
+    let ids = topology.ids();
     let agent_idle_rss_kib = cpu::memory_kib(
         topology
             .agent_pid()
@@ -227,7 +227,10 @@ pub fn run(args: Args) -> Result<()> {
     let (v1, v2) = topology.requests_by_version()?;
     let v2_share = if through_agent { v2 / (v1 + v2) } else { 0.0 };
     drop(topology);
-    let leftovers = mesh_tests::leftovers_of(&node_id);
+    let leftovers: Vec<String> = ids
+        .iter()
+        .flat_map(|id| mesh_tests::leftovers_of(id))
+        .collect();
     if !leftovers.is_empty() {
         bail!("the bench left these behind: {leftovers:?}");
     }

@@ -22,33 +22,67 @@ pub const HAPROXY_L4_PORT: u16 = 9001;
 pub const VIP_L7: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
 pub const VIP_L7_1K: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 32);
 pub const VIP_L4: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 31);
+/// The service over node 2's pods (`mesh-l7-remote`, `mesh-mtls`).
+pub const VIP_REMOTE: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 33);
 
-/// The mesh's local config folder: three services over both server pods; the HTTP ones with a
-/// 90/10 VirtualService with retries and a DestinationRule with subsets, a connection pool and
-/// outlier detection (the real path: every request is routed, split and reported).
-pub fn mesh_config(v1: &Pod, v2: &Pod) -> Result<ConfigDir> {
+/// The mesh's local config folder: four services over two server pods each; the HTTP ones with
+/// a 90/10 VirtualService with retries and a DestinationRule with subsets, a connection pool and
+/// outlier detection (the real path: every request is routed, split and reported). The remote
+/// pods (node 2) are in the mesh, as service account `hello`.
+pub fn mesh_config(v1: &Pod, v2: &Pod, remote_v1: &Pod, remote_v2: &Pod) -> Result<ConfigDir> {
     let config = ConfigDir::new()?;
     // `ConfigDir::service` writes the backends' `Pod`s with each service, and a pod may be
     // defined only once: the services are written here, the pods once.
     let mut pods = String::new();
-    for (pod, version) in [(v1, "v1"), (v2, "v2")] {
+    for (pod, app, version, mesh) in [
+        (v1, "hello", "v1", ""),
+        (v2, "hello", "v2", ""),
+        (
+            remote_v1,
+            "hello-remote",
+            "v1",
+            ", sidecarless.io/mesh: enabled",
+        ),
+        (
+            remote_v2,
+            "hello-remote",
+            "v2",
+            ", sidecarless.io/mesh: enabled",
+        ),
+    ] {
         let _ = write!(
             pods,
             "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: default, \
-             labels: {{app: hello, version: {version}}}}}\nstatus: {{podIP: {}}}\n",
+             labels: {{app: {app}, version: {version}{mesh}}}}}\n\
+             spec: {{serviceAccountName: hello}}\nstatus: {{podIP: {}}}\n",
             pod.name(),
             pod.ip()
         );
     }
     config.write("pods.yml", &pods)?;
-    for (name, vip, port, port_name) in [
-        ("hello", VIP_L7, HELLO_PORT, "http"),
-        ("hello-1k", VIP_L7_1K, HELLO_1K_PORT, "http"),
-        ("hello-tcp", VIP_L4, TCP_PORT, "tcp"),
+    for (name, app, vip, port, port_name, pods) in [
+        ("hello", "hello", VIP_L7, HELLO_PORT, "http", [v1, v2]),
+        (
+            "hello-1k",
+            "hello",
+            VIP_L7_1K,
+            HELLO_1K_PORT,
+            "http",
+            [v1, v2],
+        ),
+        ("hello-tcp", "hello", VIP_L4, TCP_PORT, "tcp", [v1, v2]),
+        (
+            "hello-remote",
+            "hello-remote",
+            VIP_REMOTE,
+            HELLO_PORT,
+            "http",
+            [remote_v1, remote_v2],
+        ),
     ] {
         config.write(
             &format!("service-{name}.yml"),
-            &service(name, vip, port, port_name, &[v1, v2]),
+            &service(name, app, vip, port, port_name, &pods),
         )?;
         if port_name == "http" {
             config.write(&format!("rules-{name}.yml"), &mesh_rules(name))?;
@@ -57,11 +91,18 @@ pub fn mesh_config(v1: &Pod, v2: &Pod) -> Result<ConfigDir> {
     Ok(config)
 }
 
-/// A `Service` at `vip:port` and its `EndpointSlice` over `pods`.
-fn service(name: &str, vip: Ipv4Addr, port: u16, port_name: &str, pods: &[&Pod]) -> String {
+/// A `Service` at `vip:port` selecting `app`, and its `EndpointSlice` over `pods`.
+fn service(
+    name: &str,
+    app: &str,
+    vip: Ipv4Addr,
+    port: u16,
+    port_name: &str,
+    pods: &[&Pod],
+) -> String {
     let mut text = format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\n\
-         spec:\n  clusterIP: {vip}\n  selector: {{app: hello}}\n  \
+         spec:\n  clusterIP: {vip}\n  selector: {{app: {app}}}\n  \
          ports:\n  - {{name: {port_name}, port: {port}, targetPort: {port}}}\n\
          ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
          metadata:\n  name: {name}-1\n  namespace: default\n  \

@@ -320,6 +320,32 @@ fn targets(out: &mut String, report: &Report) {
             (format!("{churn:.2}"), churn >= 0.95)
         }),
         other(
+            "`mesh-mtls` (both agents) ≤ 1.6× `mesh-l7` in added CPU-µs per request",
+            format!(
+                "{:.1} vs {:.1} ({:.2}×; plaintext across nodes, `mesh-l7-remote`: {:.1})",
+                cpu("mesh-mtls"),
+                cpu("mesh-l7"),
+                cpu("mesh-mtls") / cpu("mesh-l7"),
+                cpu("mesh-l7-remote")
+            ),
+            cpu("mesh-mtls") <= 1.6 * cpu("mesh-l7"),
+        ),
+        other(
+            "`mesh-mtls` added p99 ≤ 150 µs at 1,000 rps",
+            format!("{:.0}", p99("mesh-mtls")),
+            p99("mesh-mtls") <= 150.0,
+        ),
+        {
+            let handshakes = median(f, "mesh-mtls", |x| x.churn_handshakes_per_second);
+            let churn = median(f, "mesh-mtls", |x| x.churn_rps);
+            // New client connections must ride the pooled tunnels, not open one each.
+            other(
+                "`mesh-mtls` churn reuses pooled tunnels",
+                format!("{handshakes:.1} handshakes/s for {churn:.0} new connections/s"),
+                handshakes * 100.0 <= churn,
+            )
+        },
+        other(
             "`mesh-l4` ≤ 14 CPU-µs per request",
             format!("{:.1}", cpu("mesh-l4")),
             cpu("mesh-l4") <= 14.0,

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::cpu;
 use super::load::{self, Outcome, Shape};
-use super::scenarios::Scenario;
+use super::scenarios::{Proxy, Scenario};
 use super::topology::Topology;
 
 /// A round is discarded when processes outside the bench used more than this share of the
@@ -38,6 +38,10 @@ pub struct Sample {
     pub client_core_us_per_request: f64,
     pub single: Option<Outcome>,
     pub churn: Outcome,
+    /// Tunnel handshakes per second (both agents) during the churn run: `mesh-mtls` only. New
+    /// client connections ride pooled tunnels, so this stays near zero.
+    #[serde(default)]
+    pub churn_handshakes_per_second: Option<f64>,
     /// `None` where the fixed-rate latency shape did not run (the CI smoke).
     pub latency: Option<Outcome>,
     /// CPU time of the proxy process during the fixed-rate run, in cores.
@@ -157,8 +161,21 @@ fn run_scenario(
     } else {
         None
     };
+    let tunnelled = scenario.proxy == Proxy::AgentMutualTls;
+    let handshakes_before = if tunnelled {
+        Some(topology.tunnel_handshakes()?)
+    } else {
+        None
+    };
+    let clock = Instant::now();
     let run = load::start(&topology.node, pod, tools, Shape::Churn, &url, seconds)?;
     let churn = load::finish(run, Shape::Churn, seconds)?;
+    let churn_handshakes_per_second = match handshakes_before {
+        Some(before) => {
+            Some((topology.tunnel_handshakes()? - before) / clock.elapsed().as_secs_f64())
+        }
+        None => None,
+    };
 
     // Fixed rate, with the proxy's own CPU time (all its threads) around it.
     let (latency, proxy_rss_kib_fixed_rate, proxy_cores_at_fixed_rate) = if durations.latency {
@@ -187,6 +204,7 @@ fn run_scenario(
         throughput,
         single,
         churn,
+        churn_handshakes_per_second,
         latency,
         proxy_cores_at_fixed_rate,
         proxy_rss_kib_fixed_rate,
@@ -211,7 +229,7 @@ impl Accounting {
         Ok(Self {
             at: Instant::now(),
             cores: cpu::cores()?,
-            cgroup: cpu::cgroup_usage(topology.cgroup())?,
+            cgroup: topology.cgroup_usage()?,
             own: cpu::process_time(std::process::id())?,
         })
     }

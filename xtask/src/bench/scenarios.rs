@@ -2,9 +2,9 @@
 
 use super::proxies::{
     HAPROXY_L4_PORT, HAPROXY_L7_PORT, HELLO_1K_PORT, HELLO_PORT, NGINX_PORT, TCP_PORT, VIP_L4,
-    VIP_L7, VIP_L7_1K,
+    VIP_L7, VIP_L7_1K, VIP_REMOTE,
 };
-use super::topology::Topology;
+use super::topology::{AgentMode, Topology};
 
 /// The process doing the hop, whose CPU time and memory the report shows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -13,6 +13,10 @@ pub enum Proxy {
     Agent,
     /// The same agent restarted with `--socket-fast-path` (sockmap + sk_msg).
     AgentSocketFastPath,
+    /// The same agent restarted with `--ca`: it tunnels to node 2's agent in mutual TLS. (Node
+    /// 2's agent runs on the servers' core, so the server core's CPU time per request counts
+    /// both ends.)
+    AgentMutualTls,
     /// The second agent, started with `--redirect iptables`.
     AgentIptables,
     Nginx,
@@ -34,6 +38,8 @@ pub struct Scenario {
 enum Target {
     /// A hello server in `server-v1`, called from the plain client.
     Server(u16),
+    /// A hello server in `remote-v1` on node 2, called from the plain client.
+    RemoteServer(u16),
     /// A service VIP, called from the enrolled client: the kernel hands it to the agent.
     Vip(std::net::Ipv4Addr, u16),
     /// A service VIP, called from the client enrolled in the iptables-mode agent: its
@@ -78,6 +84,29 @@ pub const ALL: &[Scenario] = &[
         proxy: Proxy::AgentSocketFastPath,
         body: "12 B",
         target: Target::Vip(VIP_L7, HELLO_PORT),
+    },
+    Scenario {
+        name: "direct-remote",
+        baseline: "direct-remote",
+        proxy: Proxy::None,
+        body: "12 B",
+        target: Target::RemoteServer(HELLO_PORT),
+    },
+    Scenario {
+        name: "mesh-l7-remote",
+        baseline: "direct-remote",
+        proxy: Proxy::Agent,
+        body: "12 B",
+        // mesh-l7's service, split and policies, over node 2's pods: in plaintext.
+        target: Target::Vip(VIP_REMOTE, HELLO_PORT),
+    },
+    Scenario {
+        name: "mesh-mtls",
+        baseline: "direct-remote",
+        proxy: Proxy::AgentMutualTls,
+        body: "12 B",
+        // The same, through mutual TLS tunnels to node 2's agent.
+        target: Target::Vip(VIP_REMOTE, HELLO_PORT),
     },
     Scenario {
         name: "mesh-l4",
@@ -138,15 +167,19 @@ impl Scenario {
     /// Puts the eBPF agent in the mode the scenario measures (a restart when it changes).
     pub fn prepare(&self, topology: &Topology) -> anyhow::Result<()> {
         match self.proxy {
-            Proxy::Agent => topology.use_socket_fast_path(false),
-            Proxy::AgentSocketFastPath => topology.use_socket_fast_path(true),
+            Proxy::Agent => topology.use_agent_mode(AgentMode::Plain),
+            Proxy::AgentSocketFastPath => topology.use_agent_mode(AgentMode::SocketFastPath),
+            Proxy::AgentMutualTls => topology.use_agent_mode(AgentMode::MutualTls),
             _ => Ok(()),
         }
     }
 
     /// Whether the scenario goes through the eBPF agent.
     pub fn through_ebpf_agent(&self) -> bool {
-        matches!(self.proxy, Proxy::Agent | Proxy::AgentSocketFastPath)
+        matches!(
+            self.proxy,
+            Proxy::Agent | Proxy::AgentSocketFastPath | Proxy::AgentMutualTls
+        )
     }
 
     /// The URL the load generator calls, and the pod it runs in.
@@ -154,6 +187,10 @@ impl Scenario {
         match self.target {
             Target::Server(port) => (
                 format!("http://{}/", topology.server_v1.addr(port)),
+                &topology.client,
+            ),
+            Target::RemoteServer(port) => (
+                format!("http://{}/", topology.remote_v1.addr(port)),
                 &topology.client,
             ),
             // The agent routes an IP `Host` by the VIP's service, as Envoy does.
@@ -172,7 +209,9 @@ impl Scenario {
     pub fn proxy_pid(&self, topology: &Topology) -> Option<u32> {
         match self.proxy {
             Proxy::None => None,
-            Proxy::Agent | Proxy::AgentSocketFastPath => topology.agent_pid(),
+            Proxy::Agent | Proxy::AgentSocketFastPath | Proxy::AgentMutualTls => {
+                topology.agent_pid()
+            }
             Proxy::AgentIptables => Some(topology.agent_iptables.pid()),
             Proxy::Nginx => Some(topology.nginx.pid()),
             Proxy::Haproxy => Some(topology.haproxy.pid()),

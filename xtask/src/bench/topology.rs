@@ -1,27 +1,36 @@
-//! One simulated node holds every scenario, each on its own port, so all of them can be
+//! Two simulated nodes hold every scenario, each on its own port, so all of them can be
 //! interleaved round-robin without rebuilding anything between runs:
 //!
 //! ```text
-//!  CPU 0                         CPU 1
+//!  node 1: CPU 0                  CPU 1
 //!  client       ─────────────▶  server-v1, server-v2   hello :8080 (12 B) :8081 (1 KiB) :9000
 //!      └───────────────────────▶ proxy   nginx :80, haproxy :81 (L7) :9001 (L4) ─▶ servers
 //!  client-mesh  ─ connect4 ─▶ mesh-agent (its in-pod listener) ─▶ servers
 //!  client-iptables ─ REDIRECT ─▶ mesh-agent --redirect iptables (its in-pod listener) ─▶ servers
+//!  ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ underlay ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─
+//!  node 2:                        CPU 1
+//!  client ──────────────────────▶ remote-v1, remote-v2  hello :8080 (12 B)     (direct-remote)
+//!  client-mesh ─▶ mesh-agent ────▶ the same, plaintext                        (mesh-l7-remote)
+//!  client-mesh ─▶ mesh-agent --ca ═ mTLS :15008 ═▶ node 2's agent ─▶ the same  (mesh-mtls)
 //! ```
 //!
 //! `client-mesh` is the eBPF agent's only enrolled pod, `client-iptables` the iptables-mode
 //! agent's: an enrolled pod's every connection goes through its agent, so the other scenarios
 //! need a client nothing redirects. The eBPF programs leave `client-iptables` alone (not
-//! enrolled with them), and the second agent's upstream sockets carry the same mark.
+//! enrolled with them), and the second agent's upstream sockets carry the same mark. Node 2's
+//! agent (always `--ca`) enrolls the remote servers, which are in the mesh: node 1's agent
+//! tunnels to them when it is given the CA too (`mesh-mtls`), and dials them in plaintext
+//! otherwise (`mesh-l7-remote`, the cross-node reference).
 
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use mesh_tests::{ConfigDir, Pod, PodProcess, SimNode};
+use mesh_tests::{ConfigDir, Pod, PodProcess, SimNetwork, SimNode};
 
 use super::hello::Listener;
 use super::proxies::{self, HELLO_1K_PORT, HELLO_PORT, TCP_PORT};
@@ -34,11 +43,17 @@ pub const SERVER_CPU: &str = "1";
 /// [`mesh_tests::agent::ADMIN`] in the node's namespace.
 const ADMIN_IPTABLES: &str = "127.0.0.1:15002";
 
+/// The agents' counter of completed tunnel handshakes (either end).
+const TUNNEL_HANDSHAKES: &str = "mesh_tunnel_handshakes_total";
+
 pub struct Topology {
-    // Processes before the node: they are stopped first, then the node's drop kills anything left.
-    /// The eBPF agent; restarted when a scenario needs the socket fast path on or off.
+    // Processes before the nodes: they are stopped first, then the nodes' drop kills anything
+    // left.
+    /// The eBPF agent; restarted when a scenario needs another mode (socket fast path, CA).
     agent: RefCell<EbpfAgent>,
     pub agent_iptables: PodProcess,
+    /// Node 2's agent, the destination end of `mesh-mtls`'s tunnels.
+    _agent_remote: PodProcess,
     pub nginx: PodProcess,
     pub haproxy: PodProcess,
     _servers: Vec<PodProcess>,
@@ -51,14 +66,29 @@ pub struct Topology {
     pub client_mesh: Pod,
     pub client_iptables: Pod,
     pub server_v1: Pod,
+    pub remote_v1: Pod,
     pub proxy: Pod,
-    pub node: SimNode,
+    /// Node 1: the clients, the local servers, the peers and the measured agents.
+    pub node: Arc<SimNode>,
+    /// Node 2: the remote servers and their agent.
+    pub remote_node: Arc<SimNode>,
+    network: SimNetwork,
 }
 
 struct EbpfAgent {
     /// `None` only between stopping one agent and starting the next.
     process: Option<PodProcess>,
-    socket_fast_path: bool,
+    mode: AgentMode,
+}
+
+/// What the eBPF agent is started with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AgentMode {
+    Plain,
+    /// `--socket-fast-path` (sockmap + sk_msg).
+    SocketFastPath,
+    /// `--ca`: connections to pods in the mesh go through mutual TLS tunnels.
+    MutualTls,
 }
 
 /// The binaries the bench runs: release builds, or the debug ones CI has built for the smoke.
@@ -71,16 +101,25 @@ pub struct Binaries {
 
 impl Topology {
     pub fn start(binaries: &Binaries, tools: &Tools) -> Result<Topology> {
-        let node = SimNode::new()?;
+        let network = SimNetwork::new(2)?;
+        let node = Arc::clone(network.node(0)?);
+        let remote_node = Arc::clone(network.node(1)?);
         let client = node.add_pod("client")?;
         let client_mesh = node.add_pod("client-mesh")?;
         let client_iptables = node.add_pod("client-iptables")?;
         let server_v1 = node.add_pod("server-v1")?;
         let server_v2 = node.add_pod("server-v2")?;
         let proxy = node.add_pod("proxy")?;
+        let remote_v1 = remote_node.add_pod("remote-v1")?;
+        let remote_v2 = remote_node.add_pod("remote-v2")?;
 
         let mut servers = Vec::new();
-        for pod in [&server_v1, &server_v2] {
+        for (node, pod) in [
+            (&node, &server_v1),
+            (&node, &server_v2),
+            (&remote_node, &remote_v1),
+            (&remote_node, &remote_v2),
+        ] {
             let mut hello = pinned(&binaries.xtask);
             hello.arg("bench");
             for (port, body_len) in [(HELLO_PORT, 12), (HELLO_1K_PORT, 1024), (TCP_PORT, 12)] {
@@ -115,17 +154,34 @@ impl Topology {
         haproxy.args(["-db", "-f"]).arg(&haproxy_cfg);
         let mut haproxy = node.spawn_in_pod(&proxy, haproxy)?;
 
-        let config = proxies::mesh_config(&server_v1, &server_v2)?;
+        let config = proxies::mesh_config(&server_v1, &server_v2, &remote_v1, &remote_v2)?;
+        let ca = scratch.join("ca");
+        make_ca(&binaries.agent, &ca)?;
         // Two agents on the same core with the same config: one per redirect mode, each with
         // its own client pod.
-        let agent_ebpf = start_agent(&node, &binaries.agent, &config, &client_mesh, "ebpf", &[])?;
+        let agent_ebpf = start_agent(
+            &node,
+            &binaries.agent,
+            &config,
+            &[&client_mesh],
+            "ebpf",
+            &[],
+        )?;
         let agent_iptables = start_agent(
             &node,
             &binaries.agent,
             &config,
-            &client_iptables,
+            &[&client_iptables],
             "iptables",
             &[],
+        )?;
+        let agent_remote = start_agent(
+            &remote_node,
+            &binaries.agent,
+            &config,
+            &[&remote_v1, &remote_v2],
+            "ebpf",
+            &ca_flag(&ca)?,
         )?;
 
         // They print nothing when they start well (and nginx points its stderr at its error
@@ -143,9 +199,10 @@ impl Topology {
         Ok(Topology {
             agent: RefCell::new(EbpfAgent {
                 process: Some(agent_ebpf),
-                socket_fast_path: false,
+                mode: AgentMode::Plain,
             }),
             agent_iptables,
+            _agent_remote: agent_remote,
             nginx,
             haproxy,
             _servers: servers,
@@ -157,8 +214,11 @@ impl Topology {
             client_mesh,
             client_iptables,
             server_v1,
+            remote_v1,
             proxy,
             node,
+            remote_node,
+            network,
         })
     }
 
@@ -167,31 +227,48 @@ impl Topology {
         self.agent.borrow().process.as_ref().map(PodProcess::pid)
     }
 
-    /// Restarts the eBPF agent with `--socket-fast-path` if it is not already in that mode;
-    /// what the stopped one counted is kept for [`Self::redirected`] and
-    /// [`Self::requests_by_version`].
-    pub fn use_socket_fast_path(&self, on: bool) -> Result<()> {
+    /// Restarts the eBPF agent in `mode` if it is not already in it; what the stopped one
+    /// counted is kept for [`Self::redirected`] and [`Self::requests_by_version`].
+    pub fn use_agent_mode(&self, mode: AgentMode) -> Result<()> {
         let mut agent = self.agent.borrow_mut();
-        if agent.socket_fast_path == on {
+        if agent.mode == mode {
             return Ok(());
         }
         let redirected = self.ebpf_redirected()?;
         let (v1, v2) = requests_by_version(&self.admin_get(mesh_tests::agent::ADMIN, "/metrics")?);
         let (r, a, b) = self.stopped_agents.get();
         self.stopped_agents.set((r + redirected, a + v1, b + v2));
-        let flags: &[&str] = if on { &["--socket-fast-path"] } else { &[] };
+        let flags = match mode {
+            AgentMode::Plain => Vec::new(),
+            AgentMode::SocketFastPath => vec!["--socket-fast-path".to_owned()],
+            AgentMode::MutualTls => ca_flag(&self.scratch.join("ca"))?,
+        };
         // Stop first: two agents cannot attach to one cgroup.
         drop(agent.process.take());
         agent.process = Some(start_agent(
             &self.node,
             &self.agent_binary,
             &self.config,
-            &self.client_mesh,
+            &[&self.client_mesh],
             "ebpf",
-            flags,
+            &flags,
         )?);
-        agent.socket_fast_path = on;
+        agent.mode = mode;
         Ok(())
+    }
+
+    /// Tunnel handshakes both ends made so far: what a pooled tunnel keeps low under churn.
+    pub fn tunnel_handshakes(&self) -> Result<f64> {
+        let mut total = 0.0;
+        for node in [&self.node, &self.remote_node] {
+            let metrics = admin_get(node, mesh_tests::agent::ADMIN, "/metrics")?;
+            total += metrics
+                .lines()
+                .filter(|line| line.starts_with(TUNNEL_HANDSHAKES))
+                .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>();
+        }
+        Ok(total)
     }
 
     /// Connections the kernel handed to the eBPF agents of this run: proof that the mesh
@@ -233,8 +310,15 @@ impl Topology {
         admin_get(&self.node, admin, path)
     }
 
-    pub fn cgroup(&self) -> &Path {
-        self.node.cgroup_path()
+    /// CPU time of everything the bench started, on both nodes.
+    pub fn cgroup_usage(&self) -> Result<Duration> {
+        Ok(super::cpu::cgroup_usage(self.node.cgroup_path())?
+            + super::cpu::cgroup_usage(self.remote_node.cgroup_path())?)
+    }
+
+    /// The ids of the nodes and their underlay: what [`mesh_tests::leftovers_of`] takes.
+    pub fn ids(&self) -> Vec<String> {
+        self.network.ids()
     }
 }
 
@@ -276,14 +360,36 @@ fn admin_get(node: &SimNode, admin: &str, path: &str) -> Result<String> {
     Ok(body)
 }
 
-/// The agent in `redirect` mode, pinned, enrolling `pod`, ready.
+/// `mesh-agent ca init DIR`: the root of the mesh-mtls scenario's identities.
+fn make_ca(agent: &Path, dir: &Path) -> Result<()> {
+    let output = Command::new(agent)
+        .args(["ca", "init"])
+        .arg(dir)
+        .output()
+        .context("running mesh-agent ca init")?;
+    if !output.status.success() {
+        bail!(
+            "mesh-agent ca init failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(())
+}
+
+fn ca_flag(dir: &Path) -> Result<Vec<String>> {
+    let dir = dir.to_str().context("the CA folder's path is not UTF-8")?;
+    Ok(vec!["--ca".to_owned(), dir.to_owned()])
+}
+
+/// The agent in `redirect` mode, pinned, enrolling `pods`, ready. The admin socket's name
+/// carries the node, so node 2's eBPF agent has its own.
 fn start_agent(
     node: &SimNode,
     binary: &Path,
     config: &ConfigDir,
-    pod: &Pod,
+    pods: &[&Pod],
     redirect: &str,
-    flags: &[&str],
+    flags: &[String],
 ) -> Result<PodProcess> {
     let admin = match redirect {
         "ebpf" => mesh_tests::agent::ADMIN,
@@ -297,20 +403,26 @@ fn start_agent(
         .args(["--admin", admin, "--workers", "1"])
         // Each agent its own admin socket: two run on the node at once.
         .arg("--admin-socket")
-        .arg(
-            std::env::temp_dir().join(format!("mesh-bench-{}-{redirect}.sock", std::process::id())),
-        )
+        .arg(std::env::temp_dir().join(format!(
+            "mesh-bench-{}-{}-{redirect}.sock",
+            std::process::id(),
+            node.id()
+        )))
         // And its own handover socket, or the second would try to take over from the first.
         .arg("--handover-socket")
         .arg(std::env::temp_dir().join(format!(
-            "mesh-bench-{}-{redirect}.handover.sock",
-            std::process::id()
+            "mesh-bench-{}-{}-{redirect}.handover.sock",
+            std::process::id(),
+            node.id()
         )))
         .args(flags)
-        .arg("--enroll")
-        .arg(format!("{}={}", pod.name(), pod.netns_path().display()))
         .arg("--config")
         .arg(config.path());
+    for pod in pods {
+        agent
+            .arg("--enroll")
+            .arg(format!("{}={}", pod.name(), pod.netns_path().display()));
+    }
     let agent = node.spawn_on_node(agent)?;
     wait_ready(node, &agent, admin)
         .with_context(|| format!("the agent with --redirect {redirect} {flags:?}"))?;

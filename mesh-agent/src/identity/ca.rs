@@ -344,6 +344,30 @@ impl TrustBundle {
         TrustBundle::new(trust_domain, roots).map_err(invalid)
     }
 
+    /// Reads PEM roots from elsewhere than a file (Kubernetes mode's ConfigMap), each a CA valid
+    /// at `now`; the trust domain is the roots' own (all must agree).
+    pub fn from_pem(text: &str, now: SystemTime) -> Result<Self, String> {
+        let roots = CertificateDer::pem_slice_iter(text.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("not PEM certificates: {e}"))?;
+        let mut trust_domain: Option<TrustDomain> = None;
+        for (index, root) in roots.iter().enumerate() {
+            let root_domain =
+                check_root(root, now).map_err(|e| format!("certificate {}: {e}", index + 1))?;
+            match &trust_domain {
+                Some(domain) if *domain != root_domain => {
+                    return Err(format!(
+                        "certificate {} is a root of trust domain {root_domain}, not {domain}",
+                        index + 1
+                    ))
+                }
+                _ => trust_domain = Some(root_domain),
+            }
+        }
+        let trust_domain = trust_domain.ok_or("it holds no certificate")?;
+        TrustBundle::new(trust_domain, roots)
+    }
+
     /// This bundle and one more root (a CA rotation's new root, or its old one).
     pub fn with_root(&self, root: CertificateDer<'static>) -> Result<Self, String> {
         let mut roots = self.roots.clone();

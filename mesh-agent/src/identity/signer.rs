@@ -396,12 +396,24 @@ pub async fn serve(client: Client, settings: SignerSettings) -> anyhow::Result<(
             continue;
         }
         let name = csr.metadata.name.clone().unwrap_or_default();
-        if let Err(error) = signer.decide(csr).await {
+        match signer.decide(csr).await {
+            Ok(()) => {}
+            // A version older than one already decided (the watch's event of this signer's own
+            // approval, arriving after the certificate was written): nothing to do.
+            Err(error) if is_conflict(&error) => {
+                tracing::debug!(csr = %name, "a stale version of the CSR: skipped")
+            }
             // The watch brings it back on its next change or relist.
-            tracing::warn!(csr = %name, error = format!("{error:#}"), "deciding a CSR failed");
+            Err(error) => {
+                tracing::warn!(csr = %name, error = format!("{error:#}"), "deciding a CSR failed")
+            }
         }
     }
     Ok(())
+}
+
+fn is_conflict(error: &anyhow::Error) -> bool {
+    matches!(error.downcast_ref::<kube::Error>(), Some(kube::Error::Api(status)) if status.code == 409)
 }
 
 struct Signer {

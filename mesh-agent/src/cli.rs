@@ -31,17 +31,22 @@ pub fn ca_init(dir: &Path, trust_domain: TrustDomain) -> Result<()> {
     Ok(())
 }
 
-/// Runs Kubernetes mode's signer until it fails (or is killed).
+/// Runs Kubernetes mode's signer with the CA in `dir` until it fails (or is killed). The CA is
+/// checked before the API server is contacted.
 pub fn ca_serve(
+    dir: &Path,
     kubeconfig: Option<PathBuf>,
     settings: crate::identity::signer::SignerSettings,
 ) -> Result<()> {
+    let ca = CertificateAuthority::load(dir, std::time::SystemTime::now())?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let client = crate::identity::csr::kube_client(kubeconfig.as_deref(), None).await?;
-        crate::identity::signer::serve(client, settings).await
+        let client = crate::identity::csr::kube_client(kubeconfig.as_deref(), None)
+            .await
+            .context("connecting to the API server")?;
+        crate::identity::signer::serve(client, std::sync::Arc::new(ca), settings).await
     })
 }
 

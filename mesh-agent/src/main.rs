@@ -383,9 +383,9 @@ fn main() -> ExitCode {
                     lifetime_hours,
                 },
         } => mesh_agent::cli::ca_serve(
+            &dir,
             kubeconfig,
             mesh_agent::identity::signer::SignerSettings {
-                ca_dir: dir,
                 agent_namespace,
                 agent_service_account,
                 lifetime: Duration::from_secs(lifetime_hours * 3600),

@@ -101,9 +101,21 @@ pub struct CsrIssuer {
 }
 
 impl CsrIssuer {
-    /// Reads the trust bundle the signer published; fails if it is not (yet) there.
+    /// Reads the trust bundle the signer published; fails if it is not there in time.
+    /// Waits up to the identity's timeout for it: the signer and the agents start together on a
+    /// fresh install.
     pub async fn new(client: Client, identity: &KubernetesIdentity) -> anyhow::Result<Self> {
-        let bundle = read_bundle(&client, &identity.agent_namespace).await?;
+        let deadline = tokio::time::Instant::now() + identity.timeout;
+        let bundle = loop {
+            match read_bundle(&client, &identity.agent_namespace).await {
+                Ok(bundle) => break bundle,
+                Err(error) if tokio::time::Instant::now() < deadline => {
+                    tracing::info!(error = format!("{error:#}"), "waiting for the trust bundle");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(error) => return Err(error),
+            }
+        };
         Ok(CsrIssuer {
             csrs: Api::all(client),
             bundle,
@@ -284,6 +296,24 @@ pub async fn kubernetes_store(
 ) -> anyhow::Result<Arc<CertificateStore>> {
     let issuer = CsrIssuer::new(client, identity).await?;
     Ok(CertificateStore::remote(Arc::new(issuer), settings, clock))
+}
+
+/// What the agent's run calls in Kubernetes mode: a client with the pod-bound token
+/// `token_file` ([`DEFAULT_TOKEN_FILE`] in the DaemonSet), then [`kubernetes_store`] with the
+/// default settings and the system clock.
+pub async fn agent_store(
+    kubeconfig: Option<&Path>,
+    token_file: &Path,
+    identity: &KubernetesIdentity,
+) -> anyhow::Result<Arc<CertificateStore>> {
+    let client = kube_client(kubeconfig, Some(token_file)).await?;
+    kubernetes_store(
+        client,
+        identity,
+        CertificateSettings::default(),
+        Arc::new(super::certificates::SystemClock),
+    )
+    .await
 }
 
 /// `mesh-<node>-`, cut so that the generated name (5 more characters) stays a valid name.

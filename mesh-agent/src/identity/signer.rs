@@ -16,7 +16,6 @@
 
 use std::{
     collections::BTreeMap,
-    path::PathBuf,
     sync::Arc,
     time::{Duration, SystemTime},
 };
@@ -352,8 +351,6 @@ fn is_approved(csr: &CertificateSigningRequest) -> bool {
 /// `ca serve`'s settings.
 #[derive(Debug, Clone)]
 pub struct SignerSettings {
-    /// The CA folder `ca init` made (a mounted Secret).
-    pub ca_dir: PathBuf,
     pub agent_namespace: String,
     pub agent_service_account: String,
     pub lifetime: Duration,
@@ -361,11 +358,11 @@ pub struct SignerSettings {
 
 /// Runs the signer until the watch fails for good: publishes the trust bundle, then approves and
 /// signs, or denies, each pending CSR of [`SIGNER_NAME`].
-pub async fn serve(client: Client, settings: SignerSettings) -> anyhow::Result<()> {
-    let ca = Arc::new(CertificateAuthority::load(
-        &settings.ca_dir,
-        SystemTime::now(),
-    )?);
+pub async fn serve(
+    client: Client,
+    ca: Arc<CertificateAuthority>,
+    settings: SignerSettings,
+) -> anyhow::Result<()> {
     let policy = Policy {
         trust_domain: ca.trust_domain().clone(),
         agent_namespace: settings.agent_namespace.clone(),

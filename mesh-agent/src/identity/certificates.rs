@@ -17,7 +17,7 @@ use rustls::{
     pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer},
     sign::CertifiedKey,
 };
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 
 use super::{
     ca::{CertificateAuthority, TrustBundle},
@@ -334,7 +334,8 @@ struct Held {
 /// With a local CA, [`Self::certificate`] mints inline. With a remote issuer, [`Self::ready`]
 /// obtains the first certificate, and a renewal task ([`Self::remote`] starts it) renews each
 /// held one from half life on, retrying every [`RENEWAL_RETRY`] while the issuer fails: the
-/// held certificate keeps being presented until it expires, and [`Self::unready_reason`] says
+/// held certificate keeps being presented until it expires, and [`Self::renewal_trouble`] (then
+/// [`Self::unready_reason`], once it has expired) says
 /// why renewal fails.
 #[derive(Debug)]
 pub struct CertificateStore {
@@ -346,6 +347,8 @@ pub struct CertificateStore {
     issuing: Mutex<HashMap<SpiffeId, Arc<tokio::sync::Mutex<()>>>>,
     /// Wakes the renewal task when a certificate is added (its schedule changes).
     renewal: Arc<Notify>,
+    /// Wakes [`Self::subscribe`]rs when failures come or go.
+    changes: watch::Sender<()>,
 }
 
 impl CertificateStore {
@@ -372,6 +375,7 @@ impl CertificateStore {
             held: Mutex::new(Held::default()),
             issuing: Mutex::new(HashMap::new()),
             renewal: Arc::new(Notify::new()),
+            changes: watch::Sender::new(()),
         }
     }
 
@@ -454,9 +458,12 @@ impl CertificateStore {
     /// keep it.
     pub fn forget(&self, identity: &SpiffeId) -> bool {
         let mut held = self.lock();
-        held.failures.remove(identity);
+        let failed = held.failures.remove(identity).is_some();
         let removed = held.certificates.remove(identity).is_some();
         drop(held);
+        if failed {
+            self.changes.send_replace(());
+        }
         self.issuing
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -481,27 +488,52 @@ impl CertificateStore {
         &self.clock
     }
 
-    /// Why this store is failing its workloads, for the agent's readiness: the identities whose
-    /// last issuance or renewal failed, each with the reason and until when its current
-    /// certificate (if any) keeps working. `None` when every attempt succeeded.
+    /// Why this store fails some of its workloads, for the agent's readiness: the identities
+    /// asked for that have no valid certificate because obtaining one failed, each with the
+    /// reason. `None` while every identity asked for has a valid certificate, even if renewing
+    /// it fails (see [`Self::renewal_trouble`]): a CA outage does not make the agents unready
+    /// (which would take them out of the ingress Service) while their certificates still work.
     pub fn unready_reason(&self) -> Option<String> {
+        self.failures(false)
+    }
+
+    /// Renewals that fail while the current certificate still works: each identity with the
+    /// reason and when its certificate expires. For the log, `/ready`'s text and the lead's
+    /// dashboards; not a reason to be unready (yet).
+    pub fn renewal_trouble(&self) -> Option<String> {
+        self.failures(true)
+    }
+
+    /// A receiver woken whenever an issuance fails or succeeds after a failure: what
+    /// [`Self::unready_reason`] and [`Self::renewal_trouble`] say may have changed.
+    pub fn subscribe(&self) -> watch::Receiver<()> {
+        self.changes.subscribe()
+    }
+
+    fn failures(&self, with_valid_certificate: bool) -> Option<String> {
         let now = self.clock.now();
         let held = self.lock();
         let mut reasons: Vec<String> = held
             .failures
             .iter()
-            .map(|(identity, failure)| {
-                let current = match held.certificates.get(identity) {
-                    Some(current) if !current.is_expired(now) => format!(
-                        "its current certificate is used until it expires at {}",
+            .filter_map(|(identity, failure)| {
+                let valid = held
+                    .certificates
+                    .get(identity)
+                    .filter(|current| !current.is_expired(now));
+                match (valid, with_valid_certificate) {
+                    (Some(current), true) => Some(format!(
+                        "renewing the certificate of {identity} failed ({}); the current one is \
+                         used until it expires at {}",
+                        failure.reason,
                         humantime_utc(current.not_after())
-                    ),
-                    _ => "it has no valid certificate".to_owned(),
-                };
-                format!(
-                    "obtaining a certificate for {identity} failed ({}); {current}",
-                    failure.reason
-                )
+                    )),
+                    (None, false) => Some(format!(
+                        "no valid certificate for {identity}: {}",
+                        failure.reason
+                    )),
+                    _ => None,
+                }
             })
             .collect();
         reasons.sort();
@@ -579,10 +611,13 @@ impl CertificateStore {
                 });
             }
         }
-        held.failures.remove(identity);
+        let recovered = held.failures.remove(identity).is_some();
         held.certificates
             .insert(identity.clone(), certificate.clone());
         drop(held);
+        if recovered {
+            self.changes.send_replace(());
+        }
         self.renewal.notify_one();
         Ok(certificate)
     }
@@ -607,6 +642,7 @@ impl CertificateStore {
             );
         }
         drop(state);
+        self.changes.send_replace(());
         match held {
             Some(current) if !current.is_expired(now) => {
                 tracing::warn!(%identity, %error, "renewing a workload certificate failed; the current one is used until it expires");
@@ -730,6 +766,36 @@ async fn renew(store: Weak<CertificateStore>, wake: Arc<Notify>) {
             None => notified.await,
         }
     }
+}
+
+/// The readiness condition a store's failures hold (see [`report_readiness`]).
+pub const READINESS_CONDITION: &str = "workload certificates";
+
+/// Mirrors `store`'s [`CertificateStore::unready_reason`] into the agent's readiness (the
+/// [`READINESS_CONDITION`]), and logs [`CertificateStore::renewal_trouble`], until the store is
+/// dropped. Rechecked on every failure or recovery, and every [`RENEWAL_RETRY`] (a certificate
+/// expiring while its renewal fails changes the answer without a new failure).
+pub fn report_readiness(
+    store: &Arc<CertificateStore>,
+    readiness: Arc<crate::readiness::Readiness>,
+) -> tokio::task::JoinHandle<()> {
+    let mut changes = store.subscribe();
+    let store = Arc::downgrade(store);
+    tokio::spawn(async move {
+        loop {
+            {
+                let Some(store) = store.upgrade() else { return };
+                match store.unready_reason() {
+                    Some(reason) => readiness.waiting(READINESS_CONDITION, reason),
+                    None => readiness.done(READINESS_CONDITION),
+                }
+            }
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { return },
+                _ = tokio::time::sleep(RENEWAL_RETRY) => {}
+            }
+        }
+    })
 }
 
 /// A time as RFC 3339 UTC, for messages.
@@ -1027,13 +1093,17 @@ mod tests {
             "still presented after a failed renewal"
         );
         assert!(Arc::ptr_eq(&first, &store.ready(&id("web")).await.unwrap()));
-        let reason = store.unready_reason().expect("readiness says why");
+        let reason = store.renewal_trouble().expect("the trouble is reported");
         assert!(
             reason.contains("spiffe://cluster.local/ns/shop/sa/web"),
             "{reason}"
         );
         assert!(reason.contains("the signer is unreachable"), "{reason}");
         assert!(reason.contains("used until it expires"), "{reason}");
+        assert!(
+            store.unready_reason().is_none(),
+            "ready while the certificate works"
+        );
 
         // Retried every RENEWAL_RETRY, never presented past its expiry.
         tokio::time::sleep(12 * HOUR).await;
@@ -1044,6 +1114,7 @@ mod tests {
         );
         let reason = store.unready_reason().unwrap();
         assert!(reason.contains("no valid certificate"), "{reason}");
+        assert!(store.renewal_trouble().is_none());
         assert!(store.ready(&id("web")).await.is_err());
 
         // The signer is back: the next retry renews it.
@@ -1051,7 +1122,29 @@ mod tests {
         tokio::time::sleep(RENEWAL_RETRY + Duration::from_secs(1)).await;
         let renewed = store.certificate(&id("web")).unwrap();
         assert!(!renewed.is_expired(store.clock().now()));
-        assert!(store.unready_reason().is_none());
+        assert!(store.unready_reason().is_none() && store.renewal_trouble().is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn readiness_follows_the_store() {
+        use crate::readiness::Readiness;
+        let start = SystemTime::now();
+        let (remote, store) = remote_store(start);
+        let readiness = Arc::new(Readiness::starting());
+        readiness.done(crate::readiness::START_UP);
+        let _reporter = report_readiness(&store, readiness.clone());
+        remote.fail(true);
+        assert!(store.ready(&id("web")).await.is_err());
+        tokio::task::yield_now().await;
+        let why = readiness.check().unwrap_err();
+        assert!(
+            why.starts_with("workload certificates (no valid certificate for spiffe://"),
+            "{why}"
+        );
+        remote.fail(false);
+        store.ready(&id("web")).await.unwrap();
+        tokio::task::yield_now().await;
+        assert_eq!(readiness.check(), Ok(()));
     }
 
     #[tokio::test(start_paused = true)]

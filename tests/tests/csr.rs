@@ -2,12 +2,13 @@
 //! simulated nodes with their kubelets, an agent pod and a workload pod on each, the signer
 //! (`mesh-agent ca serve`) running as a process with its ServiceAccount's RBAC from `deploy/`,
 //! and each node's agent asking through the CSR API (the agent's issuer,
-//! `mesh_agent::identity::csr`, in process, with its pod's bound token as the DaemonSet's
-//! projected token would be).
+//! `mesh_agent::identity::csr`, in process, with its pod's projected pod-bound token, which the
+//! kubelet stand-in requests as a kubelet does).
 //!
 //! Each agent obtains its own node's workload's certificate (SPIFFE SAN, issued by the CA, 24 h);
 //! node-1's agent is refused the workload identity of node-2's pod and an identity no pod of its
-//! node has; a token not bound to a pod is refused; and every CSR is gone once answered.
+//! node has; a token not bound to a pod is refused, and so is a deleted agent pod's; and every
+//! CSR is gone once answered.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -34,7 +35,8 @@ const TIMEOUT: Duration = Duration::from_secs(120);
 const ISSUE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A workload on each node (service accounts web and db) and an agent pod on each node running
-/// as the agents' ServiceAccount. No service-account token is mounted: 1.20's admission would
+/// as the agents' ServiceAccount with the DaemonSet's projected pod-bound token (which the
+/// kubelet stand-in writes). No legacy service-account token is mounted: 1.20's admission would
 /// otherwise wait for the token controller's Secrets.
 const MANIFESTS: &str = r#"
 apiVersion: v1
@@ -80,7 +82,13 @@ spec:
   automountServiceAccountToken: false
   terminationGracePeriodSeconds: 1
   containers:
-  - {name: agent, image: mesh-test/upstream, args: [serve, --listen, '0.0.0.0:9090', --name, agent]}
+  - name: agent
+    image: mesh-test/upstream
+    args: [serve, --listen, '0.0.0.0:9090', --name, agent]
+    volumeMounts: [{name: pod-token, mountPath: /var/run/secrets/sidecarless.io/serviceaccount}]
+  volumes:
+  - name: pod-token
+    projected: {sources: [{serviceAccountToken: {path: token, expirationSeconds: 3600}}]}
 ---
 apiVersion: v1
 kind: Pod
@@ -91,7 +99,13 @@ spec:
   automountServiceAccountToken: false
   terminationGracePeriodSeconds: 1
   containers:
-  - {name: agent, image: mesh-test/upstream, args: [serve, --listen, '0.0.0.0:9090', --name, agent]}
+  - name: agent
+    image: mesh-test/upstream
+    args: [serve, --listen, '0.0.0.0:9090', --name, agent]
+    volumeMounts: [{name: pod-token, mountPath: /var/run/secrets/sidecarless.io/serviceaccount}]
+  volumes:
+  - name: pod-token
+    projected: {sources: [{serviceAccountToken: {path: token, expirationSeconds: 3600}}]}
 "#;
 
 fn wait_for<T>(what: &str, check: impl FnMut() -> Result<Option<T>>) -> Result<T> {
@@ -197,34 +211,6 @@ fn denied(outcome: &Outcome, reason: &str) -> Result<()> {
     Ok(())
 }
 
-/// Writes a token bound to the agent pod `pod` (as the kubelet's projected token volume would)
-/// to a file beside the control plane's other credentials.
-fn pod_bound_token(control_plane: &ControlPlane, node: &SimNode, pod: &str) -> Result<PathBuf> {
-    let kubectl = |args: &[&str]| node.run_on_node(|| control_plane.kubectl(args))?;
-    let uid = kubectl(&[
-        "-n",
-        AGENT_NAMESPACE,
-        "get",
-        "pod",
-        pod,
-        "-o",
-        "jsonpath={.metadata.uid}",
-    ])?;
-    let token = kubectl(&[
-        "-n",
-        AGENT_NAMESPACE,
-        "create",
-        "token",
-        "mesh-agent",
-        "--bound-object-kind=Pod",
-        &format!("--bound-object-name={pod}"),
-        &format!("--bound-object-uid={}", uid.trim()),
-    ])?;
-    let path = control_plane.dir().join(format!("{pod}.token"));
-    std::fs::write(&path, token.trim())?;
-    Ok(path)
-}
-
 #[test]
 fn each_agent_obtains_only_its_own_nodes_workload_certificates() -> Result<()> {
     require_root();
@@ -236,7 +222,7 @@ fn each_agent_obtains_only_its_own_nodes_workload_certificates() -> Result<()> {
     let control_plane = nodes[0].run_on_node(|| ControlPlane::start_on(address))??;
     let kubectl =
         |args: &[&str]| -> Result<String> { nodes[1].run_on_node(|| control_plane.kubectl(args))? };
-    let _kubelets: Vec<Kubelet> = nodes
+    let kubelets: Vec<Kubelet> = nodes
         .iter()
         .zip(NODE_NAMES)
         .map(|(node, name)| Kubelet::start(node.clone(), &control_plane, name))
@@ -297,10 +283,20 @@ fn each_agent_obtains_only_its_own_nodes_workload_certificates() -> Result<()> {
     })
     .with_context(|| format!("signer: {}", signer.stderr().text()))?;
 
-    let tokens: Vec<PathBuf> = nodes
+    // Each agent pod's projected token, as its kubelet wrote it.
+    let tokens: Vec<PathBuf> = kubelets
         .iter()
         .zip(NODE_NAMES)
-        .map(|(node, name)| pod_bound_token(&control_plane, node, &format!("mesh-agent-{name}")))
+        .map(|(kubelet, name)| {
+            let pod = kubelet
+                .pod(AGENT_NAMESPACE, &format!("mesh-agent-{name}"))
+                .with_context(|| format!("{name}'s kubelet runs its agent pod"))?;
+            let dir = pod
+                .volumes
+                .get("pod-token")
+                .context("the kubelet wrote the pod-token volume")?;
+            Ok(dir.join("token"))
+        })
         .collect::<Result<_>>()?;
 
     // node-1's agent: its own node's web, then node-2's db and an identity no pod has.
@@ -344,6 +340,34 @@ fn each_agent_obtains_only_its_own_nodes_workload_certificates() -> Result<()> {
         &[id("web")],
     )?;
     denied(&unbound[0], "NotPodBound")?;
+
+    // A deleted agent pod's token: either the API server refuses it (a bound token dies with
+    // its pod, once the server looks the pod up) or, as 1.20 was seen to do, accepts it and
+    // records the gone pod, which the signer checks: no certificate either way.
+    let stale = control_plane.dir().join("deleted-agent.token");
+    std::fs::copy(&tokens[0], &stale)?;
+    kubectl(&[
+        "-n",
+        AGENT_NAMESPACE,
+        "delete",
+        "pod",
+        "mesh-agent-node-1",
+        "--wait=true",
+    ])?;
+    let refused = ask(
+        &nodes[0],
+        &agent_kubeconfig,
+        Some(&stale),
+        NODE_NAMES[0],
+        &[id("web")],
+    );
+    match refused {
+        Ok((_, outcomes)) => denied(&outcomes[0], "RequesterPodGone")?,
+        Err(error) => ensure!(
+            format!("{error:#}").contains("Unauthorized"),
+            "a deleted pod's token is refused as unauthorized: {error:#}"
+        ),
+    }
 
     // Every CSR was deleted once answered.
     let csrs: Value = serde_json::from_str(&kubectl(&["get", "csr", "-o", "json"])?)?;

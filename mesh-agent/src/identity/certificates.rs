@@ -11,6 +11,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use futures_util::StreamExt;
 use rcgen::KeyPair;
 use rustls::{
     crypto::ring,
@@ -683,14 +684,10 @@ impl CertificateStore {
         let mut due = Vec::new();
         let mut next: Option<SystemTime> = None;
         for (identity, certificate) in &held.certificates {
+            // From half life on; after a failure, not before its retry time.
             let mut at = certificate.renew_at();
             if let Some(failure) = held.failures.get(identity) {
                 at = at.max(failure.retry_at);
-            }
-            if certificate.is_expired(now) && !held.failures.contains_key(identity) {
-                // Its pod is gone and nobody asked for it since, or renewal will be tried
-                // below; either way expiry alone does not stop retries.
-                at = at.min(now);
             }
             if at <= now {
                 due.push(identity.clone());
@@ -720,8 +717,9 @@ fn prune(held: &mut Held, now: SystemTime) {
 }
 
 /// The renewal task of a store with a remote issuer: renews each certificate from half life on,
-/// one identity at a time (a signer is not flooded when a whole node's certificates fall due
-/// together), and sleeps until the next falls due or a certificate is added.
+/// at most [`RENEWALS_AT_ONCE`] at a time (a signer is not flooded when a whole node's
+/// certificates fall due together, and one slow answer does not hold up the others), and sleeps
+/// until the next falls due or a certificate is added.
 async fn renew(store: Weak<CertificateStore>, wake: Arc<Notify>) {
     loop {
         let notified = wake.notified();
@@ -730,24 +728,29 @@ async fn renew(store: Weak<CertificateStore>, wake: Arc<Notify>) {
         let next = {
             let Some(store) = store.upgrade() else { return };
             let (due, _) = store.schedule(store.clock.now());
-            for identity in due {
-                let gate = store.gate(&identity);
-                let _issuing = gate.lock().await;
-                if store
-                    .lock()
-                    .certificates
-                    .get(&identity)
-                    .is_some_and(|current| current.is_fresh(store.clock.now()))
-                {
-                    continue;
-                }
-                match store.obtain(&identity, true).await {
-                    Ok(_) => tracing::debug!(%identity, "renewed a workload certificate"),
-                    Err(error) => {
-                        tracing::warn!(%identity, %error, "renewing a workload certificate failed")
+            futures_util::stream::iter(due)
+                .for_each_concurrent(RENEWALS_AT_ONCE, |identity| {
+                    let store = &store;
+                    async move {
+                        let gate = store.gate(&identity);
+                        let _issuing = gate.lock().await;
+                        let fresh = store
+                            .lock()
+                            .certificates
+                            .get(&identity)
+                            .is_some_and(|current| current.is_fresh(store.clock.now()));
+                        if fresh {
+                            return;
+                        }
+                        match store.obtain(&identity, true).await {
+                            Ok(_) => tracing::debug!(%identity, "renewed a workload certificate"),
+                            Err(error) => tracing::warn!(
+                                %identity, %error, "renewing a workload certificate failed"
+                            ),
+                        }
                     }
-                }
-            }
+                })
+                .await;
             let now = store.clock.now();
             let (due, next) = store.schedule(now);
             if !due.is_empty() {
@@ -768,12 +771,15 @@ async fn renew(store: Weak<CertificateStore>, wake: Arc<Notify>) {
     }
 }
 
+/// Renewals in flight at once, per store.
+const RENEWALS_AT_ONCE: usize = 8;
+
 /// The readiness condition a store's failures hold (see [`report_readiness`]).
 pub const READINESS_CONDITION: &str = "workload certificates";
 
 /// Mirrors `store`'s [`CertificateStore::unready_reason`] into the agent's readiness (the
-/// [`READINESS_CONDITION`]), and logs [`CertificateStore::renewal_trouble`], until the store is
-/// dropped. Rechecked on every failure or recovery, and every [`RENEWAL_RETRY`] (a certificate
+/// [`READINESS_CONDITION`]) until the store is dropped. (Renewal failures, while certificates
+/// still work, are logged by the renewal task and told by [`CertificateStore::renewal_trouble`].) Rechecked on every failure or recovery, and every [`RENEWAL_RETRY`] (a certificate
 /// expiring while its renewal fails changes the answer without a new failure).
 pub fn report_readiness(
     store: &Arc<CertificateStore>,
@@ -1123,6 +1129,33 @@ mod tests {
         let renewed = store.certificate(&id("web")).unwrap();
         assert!(!renewed.is_expired(store.clock().now()));
         assert!(store.unready_reason().is_none() && store.renewal_trouble().is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_node_full_of_identities_renews_in_parallel() {
+        let start = SystemTime::now();
+        let (remote, store) = remote_store(start);
+        let identities: Vec<SpiffeId> = (0..16).map(|n| id(&format!("sa{n}"))).collect();
+        // Obtained together, they fall due together.
+        for obtained in
+            futures_util::future::join_all(identities.iter().map(|id| store.ready(id))).await
+        {
+            obtained.unwrap();
+        }
+        assert_eq!(remote.issued(), 16);
+        // 8 at once, each answer taking 50 ms: all renewed within 2 answers' time (one at a
+        // time would take 800 ms).
+        tokio::time::sleep(12 * HOUR - Duration::from_millis(50)).await;
+        assert_eq!(remote.issued(), 16);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(remote.issued(), 32);
+        for identity in &identities {
+            let current = store.certificate(identity).unwrap();
+            assert!(
+                current.issued_at() >= start + 12 * HOUR,
+                "{identity} renewed"
+            );
+        }
     }
 
     #[tokio::test(start_paused = true)]

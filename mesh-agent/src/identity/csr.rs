@@ -179,7 +179,7 @@ impl CsrIssuer {
                 )))
             }
         };
-        self.check(identity, key, &name, &pem)
+        check_answer(&self.bundle, identity, key, &name, &pem)
     }
 
     /// Waits for the CSR's certificate, or its denial.
@@ -212,39 +212,6 @@ impl CsrIssuer {
             pause = (pause * 2).min(MAX_POLL);
         }
     }
-
-    /// The signer's answer must be a chain for this key and identity.
-    fn check(
-        &self,
-        identity: &SpiffeId,
-        key: &KeyPair,
-        name: &str,
-        pem: &[u8],
-    ) -> Result<Issued, CertificateError> {
-        let bad = |what: String| issuer_error(format!("CSR {name}'s certificate {what}"));
-        let chain = CertificateDer::pem_slice_iter(pem)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| bad(format!("is not PEM: {e}")))?;
-        let leaf = chain.first().ok_or_else(|| bad("is empty".into()))?;
-        let named = spiffe_id_of(leaf).map_err(|e| bad(e.to_string()))?;
-        if &named != identity {
-            return Err(bad(format!("names {named}, not {identity}")));
-        }
-        let (_, parsed) =
-            x509_parser::parse_x509_certificate(leaf).map_err(|e| bad(e.to_string()))?;
-        if parsed.public_key().raw != key.subject_public_key_info().as_slice() {
-            return Err(bad("is not for the key this agent made".into()));
-        }
-        let from_a_root = self.bundle.roots().iter().any(|root| {
-            x509_parser::parse_x509_certificate(root)
-                .is_ok_and(|(_, root)| root.subject().as_raw() == parsed.issuer().as_raw())
-        });
-        if !from_a_root {
-            return Err(bad("is not issued by a root of the trust bundle".into()));
-        }
-        let not_after = parsed.validity().not_after.to_datetime().into();
-        Ok(Issued { chain, not_after })
-    }
 }
 
 impl Issuer for CsrIssuer {
@@ -261,6 +228,41 @@ impl Issuer for CsrIssuer {
     ) -> IssueFuture<'a> {
         Box::pin(self.request(identity, key, lifetime))
     }
+}
+
+/// The signer's answer to CSR `name` must be a chain for this key and identity, issued by a root
+/// of the bundle: a signer that answers with anything else is not believed.
+fn check_answer(
+    bundle: &TrustBundle,
+    identity: &SpiffeId,
+    key: &KeyPair,
+    name: &str,
+    pem: &[u8],
+) -> Result<Issued, CertificateError> {
+    let bad = |what: String| issuer_error(format!("CSR {name}'s certificate {what}"));
+    let chain = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(format!("is not PEM: {e}")))?;
+    let leaf = chain.first().ok_or_else(|| bad("is empty".into()))?;
+    let named = spiffe_id_of(leaf).map_err(|e| bad(e.to_string()))?;
+    if &named != identity {
+        return Err(bad(format!("names {named}, not {identity}")));
+    }
+    let (_, parsed) = x509_parser::parse_x509_certificate(leaf).map_err(|e| bad(e.to_string()))?;
+    if parsed.public_key().raw != key.subject_public_key_info().as_slice() {
+        return Err(bad("is not for the key this agent made".into()));
+    }
+    let from_a_root = bundle.roots().iter().any(|root| {
+        x509_parser::parse_x509_certificate(root).is_ok_and(|(_, root)| {
+            root.subject().as_raw() == parsed.issuer().as_raw()
+                && parsed.verify_signature(Some(root.public_key())).is_ok()
+        })
+    });
+    if !from_a_root {
+        return Err(bad("is not signed by a root of the trust bundle".into()));
+    }
+    let not_after = parsed.validity().not_after.to_datetime().into();
+    Ok(Issued { chain, not_after })
 }
 
 /// Reads the trust bundle from the signer's ConfigMap.
@@ -326,4 +328,67 @@ fn csr_name_prefix(node_name: &str) -> String {
 
 fn issuer_error(message: String) -> CertificateError {
     CertificateError::Issuer(message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{ca::CertificateAuthority, spiffe::TrustDomain};
+
+    fn pem_of(leaf: &CertificateDer<'_>) -> Vec<u8> {
+        pem::encode(&pem::Pem::new("CERTIFICATE", leaf.to_vec())).into_bytes()
+    }
+
+    #[test]
+    fn only_a_certificate_of_the_bundle_for_this_key_and_identity_is_believed() {
+        let now = SystemTime::now();
+        let lifetime = Duration::from_secs(24 * 3600);
+        let ca =
+            CertificateAuthority::generate(TrustDomain::default(), now, 10 * lifetime).unwrap();
+        let web = SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/web").unwrap();
+        let db = SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/db").unwrap();
+        let key = crate::identity::certificates::generate_key().unwrap();
+        let bundle = ca.trust_bundle();
+
+        let (leaf, not_after) = ca.sign(&web, &key, now, lifetime).unwrap();
+        let issued = check_answer(bundle, &web, &key, "c", &pem_of(&leaf)).unwrap();
+        assert_eq!(issued.chain, [leaf.clone()]);
+        // X.509 keeps whole seconds.
+        let expected = not_after
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let got = issued
+            .not_after
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        assert_eq!(got, expected);
+
+        let refused = |pem: &[u8], identity: &SpiffeId, says: &str| {
+            let error = check_answer(bundle, identity, &key, "c", pem).unwrap_err();
+            assert!(error.to_string().contains(says), "{error}");
+        };
+        refused(
+            &pem_of(&leaf),
+            &db,
+            "names spiffe://cluster.local/ns/shop/sa/web, not",
+        );
+        let other_key = crate::identity::certificates::generate_key().unwrap();
+        let (for_other_key, _) = ca.sign(&web, &other_key, now, lifetime).unwrap();
+        refused(
+            &pem_of(&for_other_key),
+            &web,
+            "not for the key this agent made",
+        );
+        let impostor =
+            CertificateAuthority::generate(TrustDomain::default(), now, 10 * lifetime).unwrap();
+        let (foreign, _) = impostor.sign(&web, &key, now, lifetime).unwrap();
+        refused(
+            &pem_of(&foreign),
+            &web,
+            "not signed by a root of the trust bundle",
+        );
+        refused(b"", &web, "is empty");
+    }
 }

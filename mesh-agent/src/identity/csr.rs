@@ -352,7 +352,7 @@ mod tests {
 
         let (leaf, not_after) = ca.sign(&web, &key, now, lifetime).unwrap();
         let issued = check_answer(bundle, &web, &key, "c", &pem_of(&leaf)).unwrap();
-        assert_eq!(issued.chain, [leaf.clone()]);
+        assert_eq!(issued.chain, std::slice::from_ref(&leaf));
         // X.509 keeps whole seconds.
         let expected = not_after
             .duration_since(SystemTime::UNIX_EPOCH)

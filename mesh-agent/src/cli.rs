@@ -1,6 +1,6 @@
 //! `mesh-agent apply`, `delete` and `get`: the tutorial's `oc create/replace/delete -f` and
-//! `oc get` for local mode, talking to a running agent's admin API over its Unix socket; and
-//! `mesh-agent ca init`, which makes local mode's CA.
+//! `oc get` for local mode, talking to a running agent's admin API over its Unix socket;
+//! `mesh-agent ca init`, which makes the mesh's CA, and `ca serve`, Kubernetes mode's signer.
 
 use std::path::{Path, PathBuf};
 
@@ -29,6 +29,25 @@ pub fn ca_init(dir: &Path, trust_domain: TrustDomain) -> Result<()> {
     println!("  {CA_CERT_FILE}   the root's certificate, valid until {until}");
     println!("  {ROOT_CERT_FILE} the trust bundle agents check peers against");
     Ok(())
+}
+
+/// Runs Kubernetes mode's signer with the CA in `dir` until it fails (or is killed). The CA is
+/// checked before the API server is contacted.
+pub fn ca_serve(
+    dir: &Path,
+    kubeconfig: Option<PathBuf>,
+    settings: crate::identity::signer::SignerSettings,
+) -> Result<()> {
+    let ca = CertificateAuthority::load(dir, std::time::SystemTime::now())?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let client = crate::identity::csr::kube_client(kubeconfig.as_deref(), None)
+            .await
+            .context("connecting to the API server")?;
+        crate::identity::signer::serve(client, std::sync::Arc::new(ca), settings).await
+    })
 }
 
 /// Applies (or deletes) each file in order; a directory means its YAML/JSON files, sorted.

@@ -81,8 +81,8 @@ Enroll or unenroll at run time through the admin socket (root only; the TCP addr
         )]
         files: Vec<PathBuf>,
     },
-    /// The mesh's certificate authority (local mode): the root that signs workload
-    /// certificates for mutual TLS between agents.
+    /// The mesh's certificate authority: the root that signs workload certificates for mutual
+    /// TLS between agents (local mode: `init`), and Kubernetes mode's signer (`serve`).
     Ca {
         #[command(subcommand)]
         command: CaCommand,
@@ -112,6 +112,34 @@ from root-cert.pem once every certificate it signed has expired (24 h).")]
         /// (spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>).
         #[arg(long, default_value = mesh_agent::identity::spiffe::DEFAULT_TRUST_DOMAIN, value_parser = parse_trust_domain)]
         trust_domain: TrustDomain,
+    },
+    /// Kubernetes mode's signer: approve and sign, or deny, the agents' workload
+    /// CertificateSigningRequests (signerName sidecarless.io/workload) with the CA in DIR.
+    ///
+    /// A CSR is signed only if it comes from an agent pod (the agents' ServiceAccount, with a
+    /// pod-bound token) and a pod of the SPIFFE ID's namespace and service account runs on that
+    /// agent's node: a node's agent never obtains another node's workload identities. Denials
+    /// name what failed (`kubectl describe csr`). Also publishes DIR's root-cert.pem in the
+    /// ConfigMap mesh-ca-root-cert of the agents' namespace. Runs until stopped.
+    #[command(after_help = "Examples:
+  mesh-agent ca serve /etc/mesh/ca
+  mesh-agent ca serve /etc/mesh/ca --kubeconfig ~/.kube/config --agent-namespace mesh")]
+    Serve {
+        /// The CA folder `ca init` made (in the Deployment, the mounted Secret).
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+        /// Kubeconfig [default: in-cluster, then $KUBECONFIG, ~/.kube/config].
+        #[arg(long, value_name = "FILE")]
+        kubeconfig: Option<PathBuf>,
+        /// The agents' namespace: their ServiceAccount's, and where the trust bundle goes.
+        #[arg(long, default_value = "sidecarless-system")]
+        agent_namespace: String,
+        /// The agents' ServiceAccount: the only requester whose CSRs are signed.
+        #[arg(long, default_value = "mesh-agent")]
+        agent_service_account: String,
+        /// Hours a signed certificate is valid (agents renew at half life).
+        #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u64).range(1..=720))]
+        lifetime_hours: u64,
     },
 }
 
@@ -345,6 +373,24 @@ fn main() -> ExitCode {
         Command::Ca {
             command: CaCommand::Init { dir, trust_domain },
         } => mesh_agent::cli::ca_init(&dir, trust_domain),
+        Command::Ca {
+            command:
+                CaCommand::Serve {
+                    dir,
+                    kubeconfig,
+                    agent_namespace,
+                    agent_service_account,
+                    lifetime_hours,
+                },
+        } => mesh_agent::cli::ca_serve(
+            &dir,
+            kubeconfig,
+            mesh_agent::identity::signer::SignerSettings {
+                agent_namespace,
+                agent_service_account,
+                lifetime: Duration::from_secs(lifetime_hours * 3600),
+            },
+        ),
         Command::Apply(args) => mesh_agent::cli::change(&args.admin.path, &args.files, false),
         Command::Delete(args) => mesh_agent::cli::change(&args.admin.path, &args.files, true),
         Command::Get {

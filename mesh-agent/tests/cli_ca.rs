@@ -82,3 +82,49 @@ fn help_shows_an_example() {
     assert!(out.contains("mesh-agent ca init /etc/mesh/ca"), "{out}");
     assert!(out.contains("--trust-domain"), "{out}");
 }
+
+#[test]
+fn serve_checks_the_ca_before_anything_else() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ok, _, err) = mesh_agent(&["ca", "serve", tmp.path().to_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.contains("ca-key.pem"), "names the missing file: {err}");
+
+    // A key others can read is refused, with the fix.
+    let dir = tmp.path().join("ca");
+    assert!(init(&dir, &[]).0);
+    std::fs::set_permissions(
+        dir.join(CA_KEY_FILE),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let (ok, _, err) = mesh_agent(&["ca", "serve", dir.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.contains("chmod 600"), "{err}");
+
+    // A sound CA and no API server: the error says which step failed.
+    std::fs::set_permissions(
+        dir.join(CA_KEY_FILE),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    let kubeconfig = tmp.path().join("missing.kubeconfig");
+    let (ok, _, err) = mesh_agent(&[
+        "ca",
+        "serve",
+        dir.to_str().unwrap(),
+        "--kubeconfig",
+        kubeconfig.to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(err.contains("connecting to the API server"), "{err}");
+}
+
+#[test]
+fn serve_help_says_what_it_signs() {
+    let (ok, out, _) = mesh_agent(&["ca", "serve", "--help"]);
+    assert!(ok);
+    assert!(out.contains("sidecarless.io/workload"), "{out}");
+    assert!(out.contains("--agent-namespace"), "{out}");
+    assert!(out.contains("mesh-ca-root-cert"), "{out}");
+}

@@ -11,6 +11,11 @@
 //!   where the agent looks for a pod's network namespace), what runs being looked up in an
 //!   [`Images`] table; its status is patched to Running with its IP, and to Ready once every
 //!   container's HTTP readiness probe (if any) answers 2xx;
+//! - a projected `serviceAccountToken` volume gets a token of the pod's ServiceAccount bound to
+//!   the pod (TokenRequest with the pod as `boundObjectRef`, as a kubelet asks), written to a
+//!   directory of the host ([`RunningPod::volumes`], [`Container::mounts`]): the process cannot
+//!   have it at its `mountPath`, so launchers and tests find it there. It is not renewed (tests
+//!   are shorter than its hour);
 //! - an image missing from the table leaves the container waiting with reason `ErrImagePull`;
 //! - a pod being deleted has its processes stopped (SIGTERM, SIGKILL after its grace period,
 //!   capped at [`MAX_GRACE`]) and its deletion confirmed (grace period 0), as a kubelet does.
@@ -30,6 +35,7 @@ use std::fmt;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -84,6 +90,9 @@ pub struct Container {
     pub args: Vec<String>,
     /// `env` entries with a literal `value` (others are left out).
     pub env: Vec<(String, String)>,
+    /// Volumes the kubelet wrote for the container: `mountPath` → the host directory holding
+    /// what a kubelet would mount there (projected ServiceAccount tokens).
+    pub mounts: Vec<(String, PathBuf)>,
 }
 
 /// Builds the process of a container from its spec.
@@ -164,6 +173,9 @@ pub struct RunningPod {
     pub pod: Pod,
     /// Process id of each running container, by container name.
     pub pids: BTreeMap<String, u32>,
+    /// The volumes the kubelet wrote on the host, by volume name (projected ServiceAccount
+    /// tokens: `<dir>/<path>` holds the pod-bound token).
+    pub volumes: BTreeMap<String, PathBuf>,
 }
 
 /// The kubelet of one node. Dropping it stops its pods' processes (the API server is not told).
@@ -408,6 +420,8 @@ struct PodState {
     namespace: String,
     name: String,
     uid: String,
+    /// Host directories of its projected volumes, by volume name; removed with the pod.
+    volumes: BTreeMap<String, PathBuf>,
     /// The node's address, the pod's `hostIP`.
     host_ip: Ipv4Addr,
     pod: Pod,
@@ -582,16 +596,18 @@ impl PodSync {
             .iter()
             .map(|pod| pod.name().to_owned())
             .collect();
+        let volumes = self.project_tokens(namespace, name, uid, item)?;
         let pod = self.node.add_pod(&sim_pod_name(namespace, name, &taken))?;
         let now = rfc3339(SystemTime::now());
         let mut containers = Vec::new();
         for spec in item["spec"]["containers"].as_array().into_iter().flatten() {
-            containers.push(self.start_container(&pod, uid, name, spec)?);
+            containers.push(self.start_container(&pod, uid, name, spec, &volumes)?);
         }
         Ok(PodState {
             namespace: namespace.to_owned(),
             name: name.to_owned(),
             uid: uid.to_owned(),
+            volumes,
             host_ip: self.registration.address,
             pod,
             start_time: now.clone(),
@@ -602,12 +618,76 @@ impl PodSync {
         })
     }
 
+    /// Writes each projected `serviceAccountToken` source of the pod's volumes: a token of the
+    /// pod's ServiceAccount bound to the pod, for the source's audience (the API server's when
+    /// none) and lifetime. Other volume kinds are left out.
+    fn project_tokens(
+        &self,
+        namespace: &str,
+        name: &str,
+        uid: &str,
+        item: &Value,
+    ) -> Result<BTreeMap<String, PathBuf>> {
+        let service_account = item["spec"]["serviceAccountName"]
+            .as_str()
+            .filter(|sa| !sa.is_empty())
+            .unwrap_or("default");
+        let mut volumes = BTreeMap::new();
+        for volume in item["spec"]["volumes"].as_array().into_iter().flatten() {
+            let sources = volume["projected"]["sources"].as_array();
+            let tokens: Vec<&Value> = sources
+                .into_iter()
+                .flatten()
+                .map(|source| &source["serviceAccountToken"])
+                .filter(|token| token.is_object())
+                .collect();
+            if tokens.is_empty() {
+                continue;
+            }
+            let volume_name = volume["name"].as_str().unwrap_or_default();
+            let dir = volumes_root().join(uid).join(volume_name);
+            fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            for token in tokens {
+                let mut spec = json!({
+                    "expirationSeconds": token["expirationSeconds"].as_u64().unwrap_or(3600),
+                    "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": name, "uid": uid},
+                });
+                if let Some(audience) = token["audience"].as_str() {
+                    spec["audiences"] = json!([audience]);
+                }
+                let request = json!({
+                    "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec,
+                });
+                let answer = self
+                    .api
+                    .expect(
+                        "POST",
+                        &format!(
+                            "/api/v1/namespaces/{namespace}/serviceaccounts/{service_account}/token"
+                        ),
+                        Some(("application/json", &request)),
+                        &[],
+                    )
+                    .with_context(|| format!("a token for volume {volume_name}"))?;
+                let path = dir.join(token["path"].as_str().unwrap_or("token"));
+                let value = answer["status"]["token"]
+                    .as_str()
+                    .context("the TokenRequest answered no token")?;
+                fs::write(&path, value).with_context(|| format!("writing {}", path.display()))?;
+                fs::set_permissions(&path, fs::Permissions::from_mode(0o600))?;
+            }
+            volumes.insert(volume_name.to_owned(), dir);
+        }
+        Ok(volumes)
+    }
+
     fn start_container(
         &self,
         pod: &Pod,
         uid: &str,
         pod_name: &str,
         spec: &Value,
+        volumes: &BTreeMap<String, PathBuf>,
     ) -> Result<ContainerState> {
         let strings = |value: &Value| -> Vec<String> {
             value
@@ -636,6 +716,15 @@ impl PodSync {
             command: strings(&spec["command"]),
             args: strings(&spec["args"]),
             env,
+            mounts: spec["volumeMounts"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|mount| {
+                    let dir = volumes.get(mount["name"].as_str()?)?;
+                    Some((mount["mountPath"].as_str()?.to_owned(), dir.clone()))
+                })
+                .collect(),
         };
         let mut state = ContainerState {
             name: container.name.clone(),
@@ -693,6 +782,7 @@ impl PodSync {
                 name: pod.name.clone(),
                 uid: pod.uid.clone(),
                 pod: pod.pod.clone(),
+                volumes: pod.volumes.clone(),
                 pids: pod
                     .containers
                     .iter()
@@ -868,6 +958,14 @@ fn stop_pod(pod: PodState, grace: Duration) {
     if let Some(pod_cgroup) = pod_cgroup {
         let _ = fs::remove_dir(pod_cgroup);
     }
+    if !pod.volumes.is_empty() {
+        let _ = fs::remove_dir_all(volumes_root().join(&pod.uid));
+    }
+}
+
+/// Where this process's kubelets write pods' projected volumes: `<tmp>/mesh-kubelet-<pid>`.
+fn volumes_root() -> PathBuf {
+    std::env::temp_dir().join(format!("mesh-kubelet-{}", std::process::id()))
 }
 
 /// The container's `readinessProbe`, if it is an HTTP GET (other kinds are refused: a pod

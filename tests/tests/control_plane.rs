@@ -50,9 +50,18 @@ const REPORTED_ONLY: [(&str, &str); 11] = [
     ("extensions.istio.io", "wasmplugins"),
 ];
 
-/// What the agent writes: a Warning Event on an Istio object it rejects (create only; an Event
-/// is never read, updated or deleted).
-const CREATED: [(&str, &str); 1] = [("events.k8s.io", "events")];
+/// What the agent writes, with the verbs of each: a Warning Event on an Istio object it rejects
+/// (create only; an Event is never read, updated or deleted), and in Kubernetes mode a CSR per
+/// workload certificate (mesh-agent/src/identity/csr.rs: created, its answer read by name,
+/// deleted once answered; never listed or watched).
+const CREATED: [(&str, &str, &[&str]); 2] = [
+    ("events.k8s.io", "events", &["create"]),
+    (
+        "certificates.k8s.io",
+        "certificatesigningrequests",
+        &["create", "get", "delete"],
+    ),
+];
 
 fn deploy_dir() -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -197,14 +206,10 @@ fn the_agents_role_lets_it_watch_what_it_watches_and_nothing_more() -> Result<()
                     group.as_str().unwrap_or_default().to_owned(),
                     resource.as_str().unwrap_or_default().to_owned(),
                 );
-                let created = CREATED
+                let expected: &[&str] = CREATED
                     .iter()
-                    .any(|(g, r)| (*g, *r) == (key.0.as_str(), key.1.as_str()));
-                let expected: &[&str] = if created {
-                    &["create"]
-                } else {
-                    &["get", "list", "watch"]
-                };
+                    .find(|(g, r, _)| (*g, *r) == (key.0.as_str(), key.1.as_str()))
+                    .map_or(&["get", "list", "watch"], |(_, _, verbs)| *verbs);
                 ensure!(
                     verbs == expected,
                     "the role grants {verbs:?} on {key:?}, expected {expected:?}"
@@ -216,8 +221,13 @@ fn the_agents_role_lets_it_watch_what_it_watches_and_nothing_more() -> Result<()
     let used: BTreeSet<(String, String)> = WATCHED
         .iter()
         .chain(&REPORTED_ONLY)
-        .chain(&CREATED)
-        .map(|(group, resource)| ((*group).to_owned(), (*resource).to_owned()))
+        .copied()
+        .chain(
+            CREATED
+                .iter()
+                .map(|(group, resource, _)| (*group, *resource)),
+        )
+        .map(|(group, resource)| (group.to_owned(), resource.to_owned()))
         .collect();
     ensure!(
         granted == used,
@@ -288,6 +298,33 @@ fn the_agents_role_lets_it_watch_what_it_watches_and_nothing_more() -> Result<()
             format!("/api/v1/namespaces/{MESH_NAMESPACE}/serviceaccounts/{AGENT}/token"),
             r#"{"apiVersion":"authentication.k8s.io/v1","kind":"TokenRequest","spec":{}}"#,
         ),
+        // CSRs: neither listed nor watched, and never approved or signed by an agent.
+        (
+            "GET",
+            "/apis/certificates.k8s.io/v1/certificatesigningrequests".to_owned(),
+            "",
+        ),
+        (
+            "PUT",
+            "/apis/certificates.k8s.io/v1/certificatesigningrequests/any/approval".to_owned(),
+            r#"{"apiVersion":"certificates.k8s.io/v1","kind":"CertificateSigningRequest","metadata":{"name":"any"}}"#,
+        ),
+        (
+            "PUT",
+            "/apis/certificates.k8s.io/v1/certificatesigningrequests/any/status".to_owned(),
+            r#"{"apiVersion":"certificates.k8s.io/v1","kind":"CertificateSigningRequest","metadata":{"name":"any"}}"#,
+        ),
+        // The bundle's ConfigMap is read, never written; no other ConfigMap is read.
+        (
+            "PUT",
+            format!("/api/v1/namespaces/{MESH_NAMESPACE}/configmaps/mesh-ca-root-cert"),
+            r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"mesh-ca-root-cert"}}"#,
+        ),
+        (
+            "GET",
+            format!("/api/v1/namespaces/{MESH_NAMESPACE}/configmaps/mesh-agent"),
+            "",
+        ),
     ] {
         for (which, token) in [("bound", &bound_token), ("secret", &secret_token)] {
             let code = status(&control_plane, token, method, &path, body)?;
@@ -296,6 +333,16 @@ fn the_agents_role_lets_it_watch_what_it_watches_and_nothing_more() -> Result<()
                 "{method} {path} with the agent's {which} token: {code}, expected 403"
             );
         }
+    }
+    // The trust bundle's ConfigMap may be read (the Role's one grant): 404 before the signer
+    // has published it, not 403.
+    let bundle = format!("/api/v1/namespaces/{MESH_NAMESPACE}/configmaps/mesh-ca-root-cert");
+    for (which, token) in [("bound", &bound_token), ("secret", &secret_token)] {
+        let code = status(&control_plane, token, "GET", &bundle, "")?;
+        ensure!(
+            code == 404,
+            "GET {bundle} with the agent's {which} token: {code}, expected 404 (allowed, absent)"
+        );
     }
     Ok(())
 }

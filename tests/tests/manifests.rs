@@ -31,6 +31,7 @@ const KUBERNETES_VERSION: &str = "1.30";
 const ISTIO_GROUP: &str = "networking.istio.io";
 const MESH_NAMESPACE: &str = "sidecarless-system";
 const AGENT: &str = "mesh-agent";
+const SIGNER: &str = "mesh-signer";
 const ADMIN_PORT: u64 = 15000;
 /// What the admin API serves on its TCP address in Kubernetes mode (`Access::Probe` in
 /// mesh-agent/src/admin/mod.rs): everything else there answers 403.
@@ -489,6 +490,11 @@ fn kustomizations_render_and_validate() -> Result<()> {
         ("ClusterRoleBinding", AGENT),
         ("ConfigMap", AGENT),
         ("DaemonSet", AGENT),
+        ("Role", AGENT),
+        ("ServiceAccount", SIGNER),
+        ("ClusterRole", SIGNER),
+        ("Role", SIGNER),
+        ("Deployment", SIGNER),
         (
             "CustomResourceDefinition",
             "virtualservices.networking.istio.io",
@@ -524,95 +530,66 @@ fn kustomizations_render_and_validate() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn cluster_role_only_reads_what_the_agent_watches() -> Result<()> {
-    let base = rendered_base()?;
-    let watched: BTreeSet<(String, String)> = [
-        ("", "services"),
-        ("", "pods"),
-        ("", "namespaces"),
-        ("discovery.k8s.io", "endpointslices"),
-        (ISTIO_GROUP, "virtualservices"),
-        (ISTIO_GROUP, "destinationrules"),
-        (ISTIO_GROUP, "gateways"),
-        // Istio kinds the mesh does not implement, watched to report them as not enforced
-        // (`NOT_IMPLEMENTED` in mesh-agent/src/discovery/kubernetes.rs).
-        (ISTIO_GROUP, "serviceentries"),
-        (ISTIO_GROUP, "sidecars"),
-        (ISTIO_GROUP, "envoyfilters"),
-        (ISTIO_GROUP, "workloadentries"),
-        (ISTIO_GROUP, "workloadgroups"),
-        (ISTIO_GROUP, "proxyconfigs"),
-        ("security.istio.io", "authorizationpolicies"),
-        ("security.istio.io", "peerauthentications"),
-        ("security.istio.io", "requestauthentications"),
-        ("telemetry.istio.io", "telemetries"),
-        ("extensions.istio.io", "wasmplugins"),
-        // Created (only) to report a rejected object on it.
-        ("events.k8s.io", "events"),
-    ]
-    .into_iter()
-    .map(|(g, r)| (g.to_owned(), r.to_owned()))
-    .collect();
-    let read_only: BTreeSet<String> = ["get", "list", "watch"].map(str::to_owned).into();
-    let create_only: BTreeSet<String> = ["create"].map(str::to_owned).into();
+/// What a role grants: (API group, resource, resource names) → verbs. Refuses wildcards,
+/// non-resource URLs and aggregation.
+type Grants = BTreeMap<(String, String, Vec<String>), BTreeSet<String>>;
 
-    // The only RBAC in the mesh: one ClusterRole and its binding.
-    let rbac: Vec<String> = base
-        .iter()
-        .filter(|o| str_at(o, &["apiVersion"]).is_some_and(|v| v.starts_with("rbac.")))
-        .map(describe)
-        .collect();
-    ensure!(
-        rbac == ["ClusterRole/mesh-agent", "ClusterRoleBinding/mesh-agent"],
-        "unexpected RBAC objects: {rbac:?}"
-    );
-
-    let role = find(&base, "ClusterRole", AGENT)?;
+fn grants(role: &Value) -> Result<Grants> {
     ensure!(
         at(role, &["aggregationRule"]).is_none(),
-        "the ClusterRole must not aggregate other roles"
+        "{}: must not aggregate other roles",
+        describe(role)
     );
-    let mut granted = BTreeSet::new();
+    let mut grants = Grants::new();
     for rule in seq(role, &["rules"]) {
         ensure!(
-            at(rule, &["nonResourceURLs"]).is_none() && at(rule, &["resourceNames"]).is_none(),
-            "rule {rule:?}: only plain resource rules are expected"
+            at(rule, &["nonResourceURLs"]).is_none(),
+            "rule {rule:?}: only resource rules are expected"
         );
         let verbs = strings(rule, &["verbs"]);
-        // The one write: the Event that reports a rejected object
-        // (`EventReporter` in mesh-agent/src/discovery/kubernetes.rs).
-        let reports_events = strings(rule, &["apiGroups"]).iter().eq(["events.k8s.io"])
-            && strings(rule, &["resources"]).iter().eq(["events"]);
-        let allowed = if reports_events {
-            &create_only
-        } else {
-            &read_only
-        };
-        ensure!(
-            verbs == *allowed,
-            "rule {rule:?}: verbs {verbs:?}, only {allowed:?} allowed"
-        );
+        let names: Vec<String> = strings(rule, &["resourceNames"]).into_iter().collect();
         for group in strings(rule, &["apiGroups"]) {
             for resource in strings(rule, &["resources"]) {
                 ensure!(
-                    !group.contains('*') && !resource.contains('*'),
+                    !group.contains('*')
+                        && !resource.contains('*')
+                        && !verbs.iter().any(|v| v.contains('*')),
                     "rule {rule:?}: wildcards are not allowed"
                 );
-                granted.insert((group.clone(), resource));
+                grants
+                    .entry((group.clone(), resource, names.clone()))
+                    .or_default()
+                    .extend(verbs.iter().cloned());
             }
         }
     }
-    ensure!(
-        granted == watched,
-        "the ClusterRole grants {granted:?}, the agent watches {watched:?}"
-    );
+    Ok(grants)
+}
 
-    let binding = find(&base, "ClusterRoleBinding", AGENT)?;
+fn expected_grants(rules: &[(&str, &str, &[&str], &[&str])]) -> Grants {
+    rules
+        .iter()
+        .map(|(group, resource, names, verbs)| {
+            (
+                (
+                    group.to_string(),
+                    resource.to_string(),
+                    names.iter().map(|n| n.to_string()).collect(),
+                ),
+                verbs.iter().map(|v| v.to_string()).collect(),
+            )
+        })
+        .collect()
+}
+
+/// `binding` binds the role `kind/name` to the ServiceAccount `subject` of the mesh's namespace
+/// and no one else.
+fn check_binding(objects: &[Value], kind: &str, name: &str, subject: &str) -> Result<()> {
+    let binding = find(objects, &format!("{kind}Binding"), name)?;
     ensure!(
-        str_at(binding, &["roleRef", "kind"]) == Some("ClusterRole")
-            && str_at(binding, &["roleRef", "name"]) == Some(AGENT),
-        "the binding does not bind the mesh-agent ClusterRole: {binding:?}"
+        str_at(binding, &["roleRef", "kind"]) == Some(kind)
+            && str_at(binding, &["roleRef", "name"]) == Some(name),
+        "the binding does not bind the {kind} {name}: {binding:?}"
     );
     let subjects: Vec<_> = seq(binding, &["subjects"])
         .iter()
@@ -625,8 +602,196 @@ fn cluster_role_only_reads_what_the_agent_watches() -> Result<()> {
         })
         .collect();
     ensure!(
-        subjects == [(Some("ServiceAccount"), Some(AGENT), Some(MESH_NAMESPACE))],
-        "the ClusterRole must be bound to the agent's ServiceAccount only: {subjects:?}"
+        subjects == [(Some("ServiceAccount"), Some(subject), Some(MESH_NAMESPACE))],
+        "the {kind} {name} must be bound to the ServiceAccount {subject} only: {subjects:?}"
+    );
+    Ok(())
+}
+
+const READ: &[&str] = &["get", "list", "watch"];
+
+/// The agent reads what it watches, and writes exactly three things, each named here with why
+/// (deploy/base/clusterrole.yaml says more):
+/// - events (events.k8s.io): `create`, to report an Istio object rejected by validation on it;
+/// - certificatesigningrequests (certificates.k8s.io): `create` (one CSR per workload
+///   certificate, Kubernetes mode), `get` (its answer, polled by name: no list, no watch),
+///   `delete` (the CSR once answered). Never the approval or status subresources, never
+///   `signers`: an agent cannot approve or sign anything;
+/// - and reads the trust bundle's ConfigMap, `get` by name only, in its own namespace (a Role).
+///
+/// The signer (`mesh-agent ca serve`) gets exactly what deciding its own signer's CSRs takes.
+#[test]
+fn rbac_grants_exactly_what_the_agent_and_the_signer_use() -> Result<()> {
+    let base = rendered_base()?;
+    let mut rbac: Vec<String> = base
+        .iter()
+        .filter(|o| str_at(o, &["apiVersion"]).is_some_and(|v| v.starts_with("rbac.")))
+        .map(describe)
+        .collect();
+    rbac.sort();
+    ensure!(
+        rbac == [
+            "ClusterRole/mesh-agent",
+            "ClusterRole/mesh-signer",
+            "ClusterRoleBinding/mesh-agent",
+            "ClusterRoleBinding/mesh-signer",
+            "Role/mesh-agent",
+            "Role/mesh-signer",
+            "RoleBinding/mesh-agent",
+            "RoleBinding/mesh-signer",
+        ],
+        "unexpected RBAC objects: {rbac:?}"
+    );
+
+    let agent = expected_grants(&[
+        ("", "services", &[], READ),
+        ("", "pods", &[], READ),
+        ("", "namespaces", &[], READ),
+        ("discovery.k8s.io", "endpointslices", &[], READ),
+        (ISTIO_GROUP, "virtualservices", &[], READ),
+        (ISTIO_GROUP, "destinationrules", &[], READ),
+        (ISTIO_GROUP, "gateways", &[], READ),
+        // Istio kinds the mesh does not implement, watched to report them as not enforced
+        // (`NOT_IMPLEMENTED` in mesh-agent/src/discovery/kubernetes.rs).
+        (ISTIO_GROUP, "serviceentries", &[], READ),
+        (ISTIO_GROUP, "sidecars", &[], READ),
+        (ISTIO_GROUP, "envoyfilters", &[], READ),
+        (ISTIO_GROUP, "workloadentries", &[], READ),
+        (ISTIO_GROUP, "workloadgroups", &[], READ),
+        (ISTIO_GROUP, "proxyconfigs", &[], READ),
+        ("security.istio.io", "authorizationpolicies", &[], READ),
+        ("security.istio.io", "peerauthentications", &[], READ),
+        ("security.istio.io", "requestauthentications", &[], READ),
+        ("telemetry.istio.io", "telemetries", &[], READ),
+        ("extensions.istio.io", "wasmplugins", &[], READ),
+        // Created (only) to report a rejected object on it.
+        ("events.k8s.io", "events", &[], &["create"]),
+        // Workload certificates (mesh-agent/src/identity/csr.rs).
+        (
+            "certificates.k8s.io",
+            "certificatesigningrequests",
+            &[],
+            &["create", "get", "delete"],
+        ),
+    ]);
+    let role = find(&base, "ClusterRole", AGENT)?;
+    ensure!(
+        grants(role)? == agent,
+        "the agent's ClusterRole grants {:?}, the agent uses {agent:?}",
+        grants(role)?
+    );
+    let bundle_read = expected_grants(&[("", "configmaps", &["mesh-ca-root-cert"], &["get"])]);
+    let role = find(&base, "Role", AGENT)?;
+    ensure!(
+        grants(role)? == bundle_read,
+        "the agent's Role grants {:?}, the agent reads {bundle_read:?}",
+        grants(role)?
+    );
+    check_binding(&base, "ClusterRole", AGENT, AGENT)?;
+    check_binding(&base, "Role", AGENT, AGENT)?;
+
+    let signer = expected_grants(&[
+        (
+            "certificates.k8s.io",
+            "certificatesigningrequests",
+            &[],
+            READ,
+        ),
+        (
+            "certificates.k8s.io",
+            "certificatesigningrequests/approval",
+            &[],
+            &["update"],
+        ),
+        (
+            "certificates.k8s.io",
+            "certificatesigningrequests/status",
+            &[],
+            &["update"],
+        ),
+        (
+            "certificates.k8s.io",
+            "signers",
+            &["sidecarless.io/workload"],
+            &["approve", "sign"],
+        ),
+        ("", "pods", &[], &["get", "list"]),
+    ]);
+    let role = find(&base, "ClusterRole", SIGNER)?;
+    ensure!(
+        grants(role)? == signer,
+        "the signer's ClusterRole grants {:?}, the signer uses {signer:?}",
+        grants(role)?
+    );
+    let bundle_write = expected_grants(&[
+        ("", "configmaps", &[], &["create"]),
+        ("", "configmaps", &["mesh-ca-root-cert"], &["get", "update"]),
+    ]);
+    let role = find(&base, "Role", SIGNER)?;
+    ensure!(
+        grants(role)? == bundle_write,
+        "the signer's Role grants {:?}, the signer writes {bundle_write:?}",
+        grants(role)?
+    );
+    check_binding(&base, "ClusterRole", SIGNER, SIGNER)?;
+    check_binding(&base, "Role", SIGNER, SIGNER)?;
+    Ok(())
+}
+
+/// The signer: one replica, the CA Secret mounted read-only with a private key mode, no
+/// capability, no host namespace.
+#[test]
+fn the_signer_holds_the_ca_key_and_nothing_else() -> Result<()> {
+    let base = rendered_base()?;
+    let deployment = find(&base, "Deployment", SIGNER)?;
+    ensure!(
+        at(deployment, &["spec", "replicas"]).and_then(Value::as_u64) == Some(1),
+        "one replica: {deployment:?}"
+    );
+    let pod = at(deployment, &["spec", "template", "spec"]).context("no pod template")?;
+    ensure!(
+        str_at(pod, &["serviceAccountName"]) == Some(SIGNER),
+        "runs as {SIGNER}"
+    );
+    for flag in ["hostNetwork", "hostPID", "hostIPC"] {
+        ensure!(
+            at(pod, &[flag]).and_then(Value::as_bool) != Some(true),
+            "{flag} must be off"
+        );
+    }
+    let container = &seq(pod, &["containers"])[0];
+    ensure!(
+        seq(container, &["args"])
+            .iter()
+            .take(2)
+            .filter_map(Value::as_str)
+            .eq(["ca", "serve"]),
+        "the container runs `ca serve`: {container:?}"
+    );
+    let security = at(container, &["securityContext"]).context("no securityContext")?;
+    ensure!(
+        strings(security, &["capabilities", "drop"]) == BTreeSet::from(["ALL".to_owned()])
+            && at(security, &["capabilities", "add"]).is_none()
+            && at(security, &["allowPrivilegeEscalation"]).and_then(Value::as_bool) == Some(false)
+            && at(security, &["readOnlyRootFilesystem"]).and_then(Value::as_bool) == Some(true),
+        "no capability, no escalation, read-only root: {security:?}"
+    );
+    let volume = seq(pod, &["volumes"])
+        .iter()
+        .find(|v| str_at(v, &["name"]) == Some("ca"))
+        .context("no ca volume")?;
+    ensure!(
+        str_at(volume, &["secret", "secretName"]) == Some("mesh-ca")
+            && at(volume, &["secret", "defaultMode"]).and_then(Value::as_u64) == Some(0o400),
+        "the CA Secret, mode 0400: {volume:?}"
+    );
+    let mount = seq(container, &["volumeMounts"])
+        .iter()
+        .find(|m| str_at(m, &["name"]) == Some("ca"))
+        .context("the ca volume is not mounted")?;
+    ensure!(
+        at(mount, &["readOnly"]).and_then(Value::as_bool) == Some(true),
+        "mounted read-only: {mount:?}"
     );
     Ok(())
 }
@@ -882,6 +1047,29 @@ fn daemonset_has_only_the_privileges_it_needs() -> Result<()> {
     ensure!(
         mounts.len() == 5,
         "unexpected host paths mounted: {mounts:?}"
+    );
+
+    // Kubernetes mode's CSRs go out with a token bound to the agent's pod (for the API
+    // server's audience), where mesh_agent::identity::csr::DEFAULT_TOKEN_FILE reads it.
+    let token = seq(pod, &["volumes"])
+        .iter()
+        .find(|v| str_at(v, &["name"]) == Some("pod-token"))
+        .context("no pod-token volume")?;
+    let sources = seq(token, &["projected", "sources"]);
+    ensure!(
+        sources.len() == 1
+            && str_at(&sources[0], &["serviceAccountToken", "path"]) == Some("token")
+            && at(&sources[0], &["serviceAccountToken", "audience"]).is_none(),
+        "a projected ServiceAccount token for the API server: {token:?}"
+    );
+    ensure!(
+        seq(agent, &["volumeMounts"]).iter().any(|m| {
+            str_at(m, &["name"]) == Some("pod-token")
+                && str_at(m, &["mountPath"])
+                    == Some("/var/run/secrets/sidecarless.io/serviceaccount")
+                && at(m, &["readOnly"]).and_then(Value::as_bool) == Some(true)
+        }),
+        "the pod-bound token is mounted read-only where the agent reads it"
     );
     Ok(())
 }

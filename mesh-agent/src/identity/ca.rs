@@ -19,8 +19,8 @@ use std::{
 };
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, PublicKeyData, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType,
 };
 use rustls::{
     pki_types::{pem::PemObject, CertificateDer},
@@ -28,7 +28,10 @@ use rustls::{
 };
 use x509_parser::{certificate::X509Certificate, extensions::GeneralName};
 
-use super::spiffe::TrustDomain;
+use super::{
+    certificates::CertificateError,
+    spiffe::{SpiffeId, TrustDomain},
+};
 
 pub const CA_KEY_FILE: &str = "ca-key.pem";
 pub const CA_CERT_FILE: &str = "ca-cert.pem";
@@ -232,8 +235,55 @@ impl CertificateAuthority {
         &self.bundle
     }
 
+    #[cfg(test)]
     pub(super) fn issuer(&self) -> &Issuer<'static, KeyPair> {
         &self.issuer
+    }
+
+    /// Signs a workload certificate for `identity` and `public_key`: the SPIFFE ID as its only
+    /// SAN (a URI SAN, critical as the subject is empty), key usages digitalSignature and
+    /// keyEncipherment, extended key usages serverAuth and clientAuth (Istio's workload
+    /// certificates). Valid from `now` (less [`CLOCK_SKEW`]) for `lifetime`, never past this
+    /// CA's own expiry. Returns the certificate and its expiry. Whatever else a requester asked
+    /// for (a CSR's extensions) is not consulted: the signer decides every field.
+    pub fn sign(
+        &self,
+        identity: &SpiffeId,
+        public_key: &impl PublicKeyData,
+        now: SystemTime,
+        lifetime: Duration,
+    ) -> Result<(CertificateDer<'static>, SystemTime), CertificateError> {
+        if identity.trust_domain() != &self.trust_domain {
+            return Err(CertificateError::ForeignTrustDomain {
+                identity: identity.clone(),
+                trust_domain: self.trust_domain.to_string(),
+            });
+        }
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names = vec![SanType::URI(
+            identity
+                .as_str()
+                .try_into()
+                .map_err(CertificateError::Mint)?,
+        )];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        let not_after = (now + lifetime).min(self.not_after);
+        params.not_before = (now - CLOCK_SKEW).into();
+        params.not_after = not_after.into();
+        let certificate = params
+            .signed_by(public_key, &self.issuer)
+            .map_err(CertificateError::Mint)?;
+        Ok((certificate.der().clone(), not_after))
     }
 }
 
@@ -292,6 +342,30 @@ impl TrustBundle {
             }
         }
         TrustBundle::new(trust_domain, roots).map_err(invalid)
+    }
+
+    /// Reads PEM roots from elsewhere than a file (Kubernetes mode's ConfigMap), each a CA valid
+    /// at `now`; the trust domain is the roots' own (all must agree).
+    pub fn from_pem(text: &str, now: SystemTime) -> Result<Self, String> {
+        let roots = CertificateDer::pem_slice_iter(text.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("not PEM certificates: {e}"))?;
+        let mut trust_domain: Option<TrustDomain> = None;
+        for (index, root) in roots.iter().enumerate() {
+            let root_domain =
+                check_root(root, now).map_err(|e| format!("certificate {}: {e}", index + 1))?;
+            match &trust_domain {
+                Some(domain) if *domain != root_domain => {
+                    return Err(format!(
+                        "certificate {} is a root of trust domain {root_domain}, not {domain}",
+                        index + 1
+                    ))
+                }
+                _ => trust_domain = Some(root_domain),
+            }
+        }
+        let trust_domain = trust_domain.ok_or("it holds no certificate")?;
+        TrustBundle::new(trust_domain, roots)
     }
 
     /// This bundle and one more root (a CA rotation's new root, or its old one).

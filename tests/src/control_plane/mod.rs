@@ -57,6 +57,8 @@ use pki::{Credentials, Identity};
 /// The agent's namespace and ServiceAccount in `deploy/base`.
 const AGENT_NAMESPACE: &str = "sidecarless-system";
 const AGENT: &str = "mesh-agent";
+/// The signer's ServiceAccount in `deploy/base`.
+const SIGNER: &str = "mesh-signer";
 /// Prefix of the run directories of tests' control planes (`mesh-cp-<pid>-<n>`).
 const RUN_PREFIX: &str = "mesh-cp-";
 /// The range Services' cluster IPs come from (kubeadm's default).
@@ -485,34 +487,62 @@ impl ControlPlane {
     }
 
     /// What the agent needs to run as the DaemonSet would: `deploy/base`'s namespace,
-    /// ServiceAccount, ClusterRole and binding (not the DaemonSet), and a kubeconfig with a token
-    /// of that ServiceAccount, written to `<dir>/agent.kubeconfig`. Call it where the API server
-    /// is reachable (inside the node's namespace when the control plane runs there).
+    /// ServiceAccount, ClusterRole, Role and their bindings (not the DaemonSet), and a kubeconfig
+    /// with a token of that ServiceAccount, written to `<dir>/agent.kubeconfig`. Call it where
+    /// the API server is reachable (inside the node's namespace when the control plane runs
+    /// there).
     pub fn agent_kubeconfig(&self) -> Result<PathBuf> {
-        let base = repo_root().join("deploy/base");
-        for file in [
+        self.apply_base(&[
             "namespace",
             "serviceaccount",
             "clusterrole",
             "clusterrolebinding",
-        ] {
+            "role",
+        ])?;
+        let token = self.kubectl(&["-n", AGENT_NAMESPACE, "create", "token", AGENT])?;
+        self.write_kubeconfig("agent", AGENT, &format!("token: {}", token.trim()))
+    }
+
+    /// What the signer (`mesh-agent ca serve`) needs to run as its Deployment would:
+    /// `deploy/base`'s namespace, the signer's ServiceAccount, ClusterRole, Role and bindings,
+    /// and a kubeconfig with a token of that ServiceAccount, `<dir>/signer.kubeconfig`.
+    pub fn signer_kubeconfig(&self) -> Result<PathBuf> {
+        self.apply_base(&[
+            "namespace",
+            "signer-serviceaccount",
+            "signer-clusterrole",
+            "signer-clusterrolebinding",
+            "signer-role",
+        ])?;
+        let token = self.kubectl(&["-n", AGENT_NAMESPACE, "create", "token", SIGNER])?;
+        self.write_kubeconfig("signer", SIGNER, &format!("token: {}", token.trim()))
+    }
+
+    /// A kubeconfig, `<dir>/<name>.kubeconfig`, for this API server with `credentials` (a
+    /// kubeconfig user's fields, e.g. `token: …` or `tokenFile: /path`).
+    pub fn write_kubeconfig(&self, name: &str, user: &str, credentials: &str) -> Result<PathBuf> {
+        let path = self.dir.join(format!("{name}.kubeconfig"));
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: mesh-test\n  cluster:\n    \
+             server: {}\n    certificate-authority: {}\nusers:\n- name: {user}\n  user:\n    \
+             {credentials}\ncontexts:\n- name: mesh-test\n  context: {{cluster: mesh-test, user: {user}}}\n\
+             current-context: mesh-test\n",
+            self.server,
+            self.ca_cert.display(),
+        );
+        fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        Ok(path)
+    }
+
+    /// `kubectl apply -f deploy/base/<file>.yaml` for each file.
+    fn apply_base(&self, files: &[&str]) -> Result<()> {
+        let base = repo_root().join("deploy/base");
+        for file in files {
             let path = base.join(format!("{file}.yaml"));
             let path = path.to_str().context("the repository path is not UTF-8")?;
             self.kubectl(&["apply", "-f", path])?;
         }
-        let token = self.kubectl(&["-n", AGENT_NAMESPACE, "create", "token", AGENT])?;
-        let path = self.dir.join("agent.kubeconfig");
-        let text = format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: mesh-test\n  cluster:\n    \
-             server: {}\n    certificate-authority: {}\nusers:\n- name: {AGENT}\n  user:\n    \
-             token: {}\ncontexts:\n- name: mesh-test\n  context: {{cluster: mesh-test, user: {AGENT}}}\n\
-             current-context: mesh-test\n",
-            self.server,
-            self.ca_cert.display(),
-            token.trim(),
-        );
-        fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
-        Ok(path)
+        Ok(())
     }
 
     /// Waits until the controller-manager's service-account and token controllers have given the

@@ -29,10 +29,13 @@ use super::lookups::{Discovered, Protocol, ServiceTarget, Workload};
 use crate::{
     config::{Object, ObjectKey},
     engine::registry::{self, Endpoint, Registry, ServicePort},
+    enrollment::by_label,
     identity::{ServiceIdentity, WorkloadIdentity},
 };
 
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// What Kubernetes runs a pod as when its spec names no service account.
+pub const DEFAULT_SERVICE_ACCOUNT: &str = "default";
 
 /// `namespace/name` of a namespaced object. Cheap to clone.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -437,6 +440,15 @@ fn pod_entry(name: &Name, pod: &Pod) -> Option<PodEntry> {
                 &labels,
             )),
             pod: name.name.to_string(),
+            // Local mode's folder carries no Namespace objects, and Kubernetes mode does not
+            // feed them to discovery yet: the pod's own label decides here.
+            in_mesh: by_label::in_mesh(by_label::pod_mesh_label(pod), None),
+            service_account: pod
+                .spec
+                .as_ref()
+                .and_then(|spec| spec.service_account_name.clone())
+                .filter(|account| !account.is_empty())
+                .unwrap_or_else(|| DEFAULT_SERVICE_ACCOUNT.to_owned()),
             labels,
         }),
         ips: ips.into(),

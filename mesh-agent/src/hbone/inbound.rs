@@ -27,11 +27,7 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-use super::{
-    metrics::INBOUND,
-    outbound::refused,
-    Hbone,
-};
+use super::{metrics::INBOUND, outbound::refused, Hbone};
 use crate::{
     identity::{spiffe::SpiffeId, tls, WorkloadIdentity},
     proxy::{upstream::Dialer, Drain},
@@ -157,9 +153,11 @@ impl Listener {
         let Some((identity, config)) = self.server_config().await else {
             return;
         };
-        let handshake =
-            tokio::time::timeout(self.hbone.limits.handshake_timeout, tls::accept(config, stream))
-                .await;
+        let handshake = tokio::time::timeout(
+            self.hbone.limits.handshake_timeout,
+            tls::accept(config, stream),
+        )
+        .await;
         let (stream, client) = match handshake {
             Ok(Ok(accepted)) => accepted,
             Ok(Err(error)) => {
@@ -280,7 +278,8 @@ async fn carry(
     let labels = {
         let snapshot = hbone.snapshot();
         let discovered = &snapshot.discovered;
-        let unknown = || WorkloadIdentity::from_pod_labels("unknown", "unknown", &Default::default());
+        let unknown =
+            || WorkloadIdentity::from_pod_labels("unknown", "unknown", &Default::default());
         let source = discovered
             .workload_at(ends.peer.ip())
             .map_or_else(unknown, |workload| (*workload.identity).clone());

@@ -58,7 +58,9 @@ impl TunnelMetrics {
     }
 
     pub fn stream(&self, direction: &'static str) {
-        self.streams.get_or_create(&[("direction", direction)]).inc();
+        self.streams
+            .get_or_create(&[("direction", direction)])
+            .inc();
     }
 
     pub fn stream_refused(&self, direction: &'static str, reason: &'static str) {

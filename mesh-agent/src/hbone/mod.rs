@@ -84,7 +84,12 @@ impl Hbone {
     /// The identity of pod `namespace/name`: its service account's, `default` while discovery
     /// has no `Pod` object for it (as Kubernetes runs a pod that names none). `None` for names
     /// that cannot be a SPIFFE ID's.
-    pub fn pod_identity(&self, snapshot: &Snapshot, namespace: &str, name: &str) -> Option<SpiffeId> {
+    pub fn pod_identity(
+        &self,
+        snapshot: &Snapshot,
+        namespace: &str,
+        name: &str,
+    ) -> Option<SpiffeId> {
         let account = snapshot
             .discovered
             .pod(namespace, name)

@@ -233,7 +233,9 @@ impl TunnelClient {
         let (stream, _) = tls::connect(config, ServerName::IpAddress(key.ip.into()), tcp)
             .await
             .map_err(|error| {
-                self.hbone.metrics.handshake_failed(OUTBOUND, error.reason());
+                self.hbone
+                    .metrics
+                    .handshake_failed(OUTBOUND, error.reason());
                 TunnelError::Handshake(tunnel, error)
             })?;
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
@@ -266,7 +268,9 @@ fn refusal_reason(status: StatusCode) -> &'static str {
 
 /// Both directions count the same reasons.
 pub(super) fn refused(hbone: &Hbone, status: StatusCode) {
-    hbone.metrics.stream_refused(INBOUND, refusal_reason(status));
+    hbone
+        .metrics
+        .stream_refused(INBOUND, refusal_reason(status));
 }
 
 /// One proxied connection inside a tunnel: bytes written are the app's, carried in the

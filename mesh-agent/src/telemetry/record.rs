@@ -285,15 +285,13 @@ impl Drop for RequestRecord<'_> {
         };
         let service = self.service();
         let service_host = service.map_or(UNKNOWN, |s| s.host.as_str());
-        let peer = self
-            .caller
-            .peer(
-                telemetry,
-                self.endpoint,
-                service,
-                self.workload.as_ref(),
-                self.route.as_ref(),
-            );
+        let peer = self.caller.peer(
+            telemetry,
+            self.endpoint,
+            service,
+            self.workload.as_ref(),
+            self.route.as_ref(),
+        );
         telemetry.metrics.record_request(
             &peer,
             &RequestOutcome {

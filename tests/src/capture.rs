@@ -210,9 +210,9 @@ fn read_frames(socket: &OwnedFd, stop: &AtomicBool, captured: &Mutex<Captured>) 
         if read < 0 {
             let error = io::Error::last_os_error();
             match error.kind() {
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted => {
-                    continue
-                }
+                io::ErrorKind::WouldBlock
+                | io::ErrorKind::TimedOut
+                | io::ErrorKind::Interrupted => continue,
                 _ => return Err(error),
             }
         }

@@ -339,6 +339,41 @@ fn a_destination_agent_killed_is_a_failed_connect_that_retries_hide() {
     );
 }
 
+#[test]
+fn a_destination_agent_restarted_hands_its_tunnel_listeners_over() {
+    let mut cluster = cluster(true);
+    cluster.requests(&needle("before"));
+    let binary = mesh_tests::agent_binary().unwrap();
+    let successor = cluster.agents[1]
+        .successor(&cluster.nodes[1], &binary, TIMEOUT)
+        .unwrap();
+    let mut predecessor = std::mem::replace(&mut cluster.agents[1], successor);
+    // The old agent drains and waits for SIGTERM: gone, it holds no listener any more.
+    predecessor.process().signal(libc::SIGTERM).unwrap();
+    predecessor.process().finish(TIMEOUT).unwrap();
+    let after = needle("handed-over");
+    cluster.requests(&after);
+    assert!(
+        cluster.received(&after)[1] > 0,
+        "web-2 is reached after the restart"
+    );
+    let text = metrics(&cluster.agents[1]);
+    let inbound = sum(
+        &text,
+        "mesh_tunnel_handshakes_total",
+        &[("direction", "inbound")],
+    );
+    assert!(
+        inbound >= 1.0,
+        "the successor serves web-2's tunnel listener: {text}"
+    );
+    assert!(
+        !cluster.agents[1].stderr_text().contains("cannot listen"),
+        "{}",
+        cluster.agents[1].stderr_text()
+    );
+}
+
 /// HBONE's port.
 fn mesh_agent_tunnel_port() -> u16 {
     15008

@@ -15,6 +15,8 @@ pub struct TunnelMetrics {
     handshakes: ByDirection,
     /// TLS handshakes that failed, by direction and `HandshakeError::reason`.
     handshake_failures: ByDirectionAndReason,
+    /// Outbound tunnel streams that could not be opened, by reason.
+    connect_failures: Family<[(&'static str, &'static str); 1], Counter>,
     /// CONNECT streams opened on a tunnel (each one a proxied connection), by direction.
     streams: ByDirection,
     /// CONNECT streams refused, by direction and why.
@@ -32,6 +34,11 @@ impl TunnelMetrics {
             "handshake_failures",
             "Mutual TLS handshakes of tunnel connections refused or failed, by direction and reason",
             self.handshake_failures.clone(),
+        );
+        registry.register(
+            "connect_failures",
+            "Outbound tunnel streams that could not be opened (each a failed connect), by reason",
+            self.connect_failures.clone(),
         );
         registry.register(
             "streams",
@@ -55,6 +62,18 @@ impl TunnelMetrics {
         self.handshake_failures
             .get_or_create(&[("direction", direction), ("reason", reason)])
             .inc();
+    }
+
+    pub fn connect_failed(&self, reason: &'static str) {
+        self.connect_failures
+            .get_or_create(&[("reason", reason)])
+            .inc();
+    }
+
+    pub fn connect_failures(&self, reason: &'static str) -> u64 {
+        self.connect_failures
+            .get_or_create(&[("reason", reason)])
+            .get()
     }
 
     pub fn stream(&self, direction: &'static str) {

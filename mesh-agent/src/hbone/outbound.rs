@@ -78,6 +78,19 @@ pub enum TunnelError {
     Refused(SocketAddr, StatusCode),
 }
 
+impl TunnelError {
+    /// A short, fixed label for a metric.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            TunnelError::Certificate { .. } | TunnelError::Config(_) => "certificate",
+            TunnelError::Dial(..) => "dial",
+            TunnelError::Handshake(..) => "handshake",
+            TunnelError::Http2(..) => "http2",
+            TunnelError::Refused(..) => "refused",
+        }
+    }
+}
+
 /// A source pod's tunnels (see the module docs).
 pub struct TunnelClient {
     hbone: Arc<Hbone>,
@@ -131,6 +144,17 @@ impl TunnelClient {
     /// Opens a `CONNECT endpoint` stream on the pooled tunnel of `route` to `endpoint`'s pod,
     /// dialling it (through `dialer`: from the pod's namespace, exempted) if none is open.
     pub async fn connect(
+        &self,
+        route: &Route,
+        endpoint: SocketAddr,
+        dialer: &Dialer,
+    ) -> Result<TunnelStream, TunnelError> {
+        self.open(route, endpoint, dialer)
+            .await
+            .inspect_err(|error| self.hbone.metrics.connect_failed(error.reason()))
+    }
+
+    async fn open(
         &self,
         route: &Route,
         endpoint: SocketAddr,

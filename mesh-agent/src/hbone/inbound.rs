@@ -87,6 +87,11 @@ pub async fn serve(hbone: Arc<Hbone>, listener: TcpListener, pod: InboundPod, dr
         pod,
         config: Mutex::default(),
     });
+    // The pod's certificate is obtained now, before the first client waits for it (a remote
+    // signer's round trip, in Kubernetes mode); each handshake asks again, for renewals.
+    if listener_state.server_config().await.is_none() {
+        warn!(pod = %listener_state.pod.name, "no certificate yet: each tunnel will ask again");
+    }
     loop {
         let accepted = tokio::select! {
             biased;
@@ -187,6 +192,7 @@ impl Listener {
         let connection = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .max_concurrent_streams(self.hbone.limits.max_streams)
+            .adaptive_window(true)
             .serve_connection(TokioIo::new(stream), service);
         tokio::pin!(connection);
         tokio::select! {

@@ -35,6 +35,11 @@ use crate::{
 
 type Sender = http2::SendRequest<Empty<Bytes>>;
 
+/// How often an idle tunnel connection is pinged, and how long an answer may take before the
+/// connection is given up.
+const KEEP_ALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(20);
+const KEEP_ALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Whose identity a pod's tunnels present.
 #[derive(Clone, Debug)]
 pub enum Source {
@@ -264,6 +269,13 @@ impl TunnelClient {
             })?;
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
+            // Many connections share one tunnel: its windows follow the path's bandwidth-delay
+            // product instead of HTTP/2's 64 KiB default.
+            .adaptive_window(true)
+            // A peer that vanished without closing (its node gone) is found out, and the next
+            // connect dials again instead of waiting on a dead tunnel.
+            .keep_alive_interval(KEEP_ALIVE_INTERVAL)
+            .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|error| TunnelError::Http2(tunnel, error))?;

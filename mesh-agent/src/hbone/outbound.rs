@@ -101,6 +101,21 @@ pub struct TunnelClient {
     hbone: Arc<Hbone>,
     source: Source,
     connections: Mutex<Connections>,
+    /// Identities as of one snapshot: [`TunnelClient::route`] runs for every request, and
+    /// building a SPIFFE ID formats and checks its URI.
+    routes: Mutex<RouteCache>,
+}
+
+/// Most destinations a pod's route cache holds; past it, it starts over.
+const MAX_CACHED_ROUTES: usize = 4096;
+
+#[derive(Default)]
+struct RouteCache {
+    /// The snapshot the identities below were read from.
+    version: Option<u64>,
+    source: Option<SpiffeId>,
+    /// Pod IP → the identity expected there (`None`: not in the mesh).
+    destinations: HashMap<IpAddr, Option<SpiffeId>>,
 }
 
 type Slot = Arc<tokio::sync::Mutex<Option<Sender>>>;
@@ -126,6 +141,7 @@ impl TunnelClient {
             hbone,
             source,
             connections: Mutex::default(),
+            routes: Mutex::default(),
         }
     }
 
@@ -133,13 +149,24 @@ impl TunnelClient {
     /// destination outside the mesh, or a source whose name cannot be an identity).
     pub fn route(&self, endpoint: SocketAddr) -> Option<Route> {
         let snapshot = self.hbone.snapshot();
-        let destination = self.hbone.destination(&snapshot, endpoint)?;
-        let source = match &self.source {
-            Source::Pod { namespace, name } => {
-                self.hbone.pod_identity(&snapshot, namespace, name)?
-            }
-            Source::Fixed(identity) => identity.clone(),
-        };
+        let mut cache = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
+        if cache.version != Some(snapshot.version) || cache.destinations.len() >= MAX_CACHED_ROUTES
+        {
+            cache.destinations.clear();
+            cache.source = match &self.source {
+                Source::Pod { namespace, name } => {
+                    self.hbone.pod_identity(&snapshot, namespace, name)
+                }
+                Source::Fixed(identity) => Some(identity.clone()),
+            };
+            cache.version = Some(snapshot.version);
+        }
+        let source = cache.source.clone()?;
+        let destination = cache
+            .destinations
+            .entry(endpoint.ip())
+            .or_insert_with(|| self.hbone.destination(&snapshot, endpoint))
+            .clone()?;
         Some(Route {
             source,
             destination,

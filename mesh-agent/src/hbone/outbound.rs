@@ -198,30 +198,41 @@ impl TunnelClient {
             destination: route.destination.clone(),
         };
         let slot = self.slot(&key);
-        let mut sender = {
-            let mut held = slot.lock().await;
-            match &*held {
-                Some(sender) if !sender.is_closed() => sender.clone(),
-                _ => {
-                    *held = None;
-                    let sender = self.dial(&key, dialer).await?;
-                    *held = Some(sender.clone());
-                    sender
-                }
-            }
-        };
-        let request = Request::builder()
-            .method(Method::CONNECT)
-            .uri(endpoint.to_string())
-            .body(Empty::new())
-            .expect("a CONNECT request to a socket address is valid");
         let tunnel = SocketAddr::new(endpoint.ip(), PORT);
-        let response = match sender.send_request(request).await {
-            Ok(response) => response,
-            Err(error) => {
-                // The connection failed under us: the next connect dials a new one.
-                self.forget(&slot).await;
-                return Err(TunnelError::Http2(tunnel, error));
+        let mut fresh = false;
+        let response = loop {
+            let mut sender = {
+                let mut held = slot.lock().await;
+                match &*held {
+                    Some(sender) if !sender.is_closed() && !fresh => sender.clone(),
+                    _ => {
+                        *held = None;
+                        let sender = self.dial(&key, dialer).await?;
+                        *held = Some(sender.clone());
+                        fresh = true;
+                        sender
+                    }
+                }
+            };
+            let request = Request::builder()
+                .method(Method::CONNECT)
+                .uri(endpoint.to_string())
+                .body(Empty::new())
+                .expect("a CONNECT request to a socket address is valid");
+            match sender.send_request(request).await {
+                Ok(response) => break response,
+                // A pooled connection may have been closing (its peer draining, a GOAWAY in
+                // flight): the stream goes once more, on a connection of its own.
+                Err(error) if !fresh && (error.is_canceled() || sender.is_closed()) => {
+                    debug!(%tunnel, %error, "pooled tunnel closed under a new stream; dialling");
+                    fresh = true;
+                    *slot.lock().await = None;
+                }
+                Err(error) => {
+                    // The connection failed under us: the next connect dials a new one.
+                    self.forget(&slot).await;
+                    return Err(TunnelError::Http2(tunnel, error));
+                }
             }
         };
         if response.status() != StatusCode::OK {

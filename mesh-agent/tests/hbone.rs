@@ -309,6 +309,66 @@ async fn a_destination_that_is_not_who_discovery_says_is_a_connect_failure() {
     assert_eq!(failed, 1.0);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ingress_gateway_tunnels_to_pods_in_the_mesh_as_its_own_identity() {
+    let t = tunnelled(true, InboundLimits::default()).await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ingress = listener.local_addr().unwrap();
+    let ip = match t.pod_ip() {
+        IpAddr::V4(ip) => ip,
+        IpAddr::V6(_) => unreachable!("loopback() is IPv4"),
+    };
+    let mut yaml = service(
+        "web",
+        VIP,
+        80,
+        "http",
+        &[Backend {
+            pod: "server-0",
+            ip,
+            labels: &[("app", "server"), IN_MESH],
+        }],
+    );
+    yaml.push_str(&format!(
+        "---\napiVersion: networking.istio.io/v1beta1\nkind: Gateway\n\
+         metadata: {{name: public, namespace: istio-system}}\n\
+         spec:\n  selector: {{istio: ingressgateway}}\n  servers:\n\
+         \x20 - port: {{number: {}, name: http, protocol: HTTP}}\n    hosts: ['*']\n\
+         ---\napiVersion: networking.istio.io/v1beta1\nkind: VirtualService\n\
+         metadata: {{name: public, namespace: default}}\n\
+         spec:\n  hosts: ['*']\n  gateways: [istio-system/public]\n  http:\n\
+         \x20 - route:\n    - destination: {{host: web}}\n",
+        ingress.port()
+    ));
+    t.mesh.apply(&yaml);
+    let identity = id("istio-system", "istio-ingressgateway-service-account");
+    let gateway = PodContext::new(
+        "istio-ingressgateway".into(),
+        "istio-system".into(),
+        None,
+        Exemption::None,
+    )
+    .with_tunnel(Arc::new(TunnelClient::new(
+        Arc::clone(&t.hbone),
+        Source::Fixed(identity.clone()),
+    )));
+    tokio::spawn(Arc::clone(&t.mesh.proxy).serve_ingress(listener, Arc::new(gateway)));
+    let mut client = support::Http1::over(TcpStream::connect(ingress).await.unwrap()).await;
+    for _ in 0..3 {
+        let answer = client.get("shop.example.com", "/").await;
+        assert_eq!((answer.status, answer.text()), (StatusCode::OK, "server"));
+    }
+    assert_eq!(t.hbone.metrics().handshakes("outbound"), 1);
+    let tunnelled = t.mesh.metric(
+        "istio_requests_total",
+        &[
+            ("source_principal", identity.as_str()),
+            ("connection_security_policy", "mutual_tls"),
+        ],
+    );
+    assert_eq!(tunnelled, 3.0);
+}
+
 /// A certificate given as is, whatever the server asks.
 #[derive(Debug)]
 struct Presenting(Arc<CertifiedKey>);

@@ -14,6 +14,7 @@ pub mod engine;
 pub mod enrollment;
 pub mod exposition;
 pub mod handover;
+pub mod hbone;
 pub mod heap;
 pub mod identity;
 pub mod proxy;

@@ -204,6 +204,12 @@ struct RunArgs {
     /// e.g. http://jaeger-collector:4318. Tracing headers are propagated either way.
     #[arg(long, value_name = "URL")]
     otlp_endpoint: Option<String>,
+    /// Local mode: the CA made by `mesh-agent ca init DIR`. With it, connections between pods
+    /// in the mesh (label sidecarless.io/mesh: enabled) go through mutual TLS tunnels (HBONE:
+    /// HTTP/2 CONNECT on each pod's port 15008), each pod presenting a certificate of its
+    /// SPIFFE ID minted from this CA; without it, every connection is plaintext.
+    #[arg(long, value_name = "DIR")]
+    ca: Option<PathBuf>,
     /// Kubernetes mode: watch services, endpoints, pods, namespaces and Istio rules on the API
     /// server, and enroll this node's pods labelled `sidecarless.io/mesh: enabled` (or in a
     /// namespace so labelled).
@@ -432,6 +438,7 @@ fn main() -> ExitCode {
                 drain: Duration::from_secs(args.drain_seconds),
                 config: args.config,
                 otlp_endpoint: args.otlp_endpoint,
+                ca: args.ca,
                 trace_sample_ratio: args.trace_sample_ratio.clamp(0.0, 1.0),
                 ingress: args.ingress,
                 gateway_labels: if args.gateway_labels.is_empty() {

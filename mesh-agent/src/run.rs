@@ -4,9 +4,9 @@
 use std::{
     net::{SocketAddr, SocketAddrV4},
     os::{fd::OwnedFd, unix::net::UnixListener},
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::Arc,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context, Result};
@@ -22,7 +22,13 @@ use crate::{
     engine::{EngineSettings, GatewayLabels},
     enrollment::{by_label, EnrollError, Enrollments, InheritedPod, PodSpec},
     handover::{self, names, serve::Server, take::Predecessor, AgentInfo, Handed, Inventory},
+    hbone::{Hbone, InboundLimits, Source, TunnelClient},
     heap,
+    identity::{
+        ca::CertificateAuthority,
+        certificates::{CertificateSettings, CertificateStore, SystemClock},
+        spiffe::SpiffeId,
+    },
     proxy::{self, Limits, PodContext, Proxy},
     readiness::{Readiness, START_UP},
     redirect::{netns::NetNs, preflight, Inherited, Redirect, RedirectMode},
@@ -61,6 +67,9 @@ pub struct Settings {
     pub config: Option<PathBuf>,
     /// OTLP/HTTP collector for spans (e.g. `http://jaeger:4318`); `None`: no export.
     pub otlp_endpoint: Option<String>,
+    /// Local mode's CA folder (`mesh-agent ca init`): pods in the mesh talk through mutual TLS
+    /// tunnels with certificates it mints. `None`: plaintext.
+    pub ca: Option<PathBuf>,
     /// Share of new traces sampled, 0.0 to 1.0.
     pub trace_sample_ratio: f64,
     /// Kubernetes mode: discovery and enrollment from the API server.
@@ -180,13 +189,34 @@ pub fn run(settings: Settings) -> Result<()> {
         // it will have accepted nothing it could drop.
         proxy.drain().pause_accepting();
     }
-    let enrollments = Arc::new(Enrollments::new(
-        Arc::clone(&redirect),
-        Arc::clone(&proxy),
-        settings.listen,
-        runtime.handle().clone(),
-        mesh,
-    ));
+    let hbone = match &settings.ca {
+        Some(dir) => {
+            let certificates = certificate_store(dir)?;
+            info!(
+                ca = %dir.display(),
+                trust_domain = %certificates.trust_bundle().trust_domain(),
+                "mutual TLS tunnels between pods in the mesh"
+            );
+            Some(Hbone::new(
+                Arc::clone(&store),
+                certificates,
+                Arc::clone(&telemetry),
+                InboundLimits::default(),
+                mesh,
+            ))
+        }
+        None => None,
+    };
+    let enrollments = Arc::new(
+        Enrollments::new(
+            Arc::clone(&redirect),
+            Arc::clone(&proxy),
+            settings.listen,
+            runtime.handle().clone(),
+            mesh,
+        )
+        .with_hbone(hbone.clone()),
+    );
     enrollments.inherit(inherited_pods(&mut inventory));
     for pod in &settings.enroll {
         // A pod gone since the command line was written (its namespace with it) is no reason
@@ -228,12 +258,25 @@ pub fn run(settings: Settings) -> Result<()> {
         let _runtime = runtime.enter();
         let listener = tokio::net::TcpListener::from_std(listener)?;
         // Upstreams are dialled from the agent's own namespace, exempted like a pod's.
-        let gateway = Arc::new(PodContext::new(
-            "istio-ingressgateway".to_owned(),
-            "istio-system".to_owned(),
+        let mut gateway = PodContext::new(
+            GATEWAY_NAME.to_owned(),
+            GATEWAY_NAMESPACE.to_owned(),
             None,
             redirect.exemption(),
-        ));
+        );
+        if let Some(hbone) = &hbone {
+            let identity = SpiffeId::new(
+                hbone.trust_domain().clone(),
+                GATEWAY_NAMESPACE,
+                GATEWAY_SERVICE_ACCOUNT,
+            )
+            .expect("the gateway's names are valid");
+            gateway = gateway.with_tunnel(Arc::new(TunnelClient::new(
+                Arc::clone(hbone),
+                Source::Fixed(identity),
+            )));
+        }
+        let gateway = Arc::new(gateway);
         runtime.spawn(Arc::clone(&proxy).serve_ingress(listener, gateway));
         info!(%addr, labels = %settings.gateway_labels, "ingress gateway listening");
     }
@@ -411,6 +454,12 @@ pub fn run(settings: Settings) -> Result<()> {
 
 /// How long an agent that got SIGTERM while a successor held its inventory waits for that
 /// successor to take over, before it shuts down on its own.
+/// The ingress gateway as telemetry names it, and its identity in tunnels: Istio's ingress
+/// gateway's service account.
+const GATEWAY_NAME: &str = "istio-ingressgateway";
+const GATEWAY_NAMESPACE: &str = "istio-system";
+const GATEWAY_SERVICE_ACCOUNT: &str = "istio-ingressgateway-service-account";
+
 const TAKE_OVER_GRACE: Duration = Duration::from_secs(10);
 
 /// How long a superseded agent keeps serving what it accepted last before it starts closing
@@ -536,7 +585,7 @@ fn inherited_kernel(inventory: &mut Inventory) -> Inherited {
 
 /// The predecessor's pods; one that cannot be read is left to go (with its listener).
 fn inherited_pods(inventory: &mut Inventory) -> Vec<InheritedPod> {
-    inventory
+    let pods: Vec<InheritedPod> = inventory
         .take_prefixed(names::POD)
         .into_iter()
         .filter_map(|(_, handed)| match InheritedPod::from_handed(handed) {
@@ -546,7 +595,29 @@ fn inherited_pods(inventory: &mut Inventory) -> Vec<InheritedPod> {
                 None
             }
         })
+        .collect();
+    pods.into_iter()
+        .map(|mut pod| {
+            if let Some(tunnel) = inventory.take(&format!("{}{}", names::POD_TUNNEL, pod.key())) {
+                // Without it the pod gets a listener of its own (`Enrollments::install`).
+                if let Err(error) = pod.set_tunnel_listener(tunnel) {
+                    warn!(%error, "cannot serve a tunnel listener the running agent handed over");
+                }
+            }
+            pod
+        })
         .collect()
+}
+
+/// Local mode's certificates: minted by the CA in `dir`, renewed at half life.
+fn certificate_store(dir: &Path) -> Result<Arc<CertificateStore>> {
+    let ca = CertificateAuthority::load(dir, SystemTime::now())
+        .with_context(|| format!("--ca {}", dir.display()))?;
+    Ok(Arc::new(CertificateStore::new(
+        Arc::new(ca),
+        CertificateSettings::default(),
+        Arc::new(SystemClock),
+    )))
 }
 
 /// The redirect's maps and links, for a successor.

@@ -31,6 +31,7 @@
 //! ```
 
 pub mod agent;
+pub mod capture;
 mod cgroup;
 mod cleanup;
 pub mod command;
@@ -53,7 +54,7 @@ use anyhow::{bail, Context, Result};
 pub use agent::Agent;
 pub use cgroup::cgroup2_mount;
 pub use cleanup::{leftovers, leftovers_of, sweep_all_stale};
-pub use mesh_config::{Backend, ConfigDir};
+pub use mesh_config::{Backend, ConfigDir, IN_MESH};
 pub use network::SimNetwork;
 pub use process::{set_echo, OutputLines, PodProcess};
 pub use simnode::{Pod, SimNode};

@@ -16,7 +16,13 @@ pub struct ConfigDir {
     dir: tempfile::TempDir,
 }
 
-/// A pod behind a service, with the labels subsets select on.
+/// The label that puts a pod in the mesh: with agents given `--ca`, connections to it go
+/// through mutual TLS tunnels. Add it to a [`Backend`]'s labels.
+pub const IN_MESH: (&str, &str) = ("sidecarless.io/mesh", "enabled");
+
+/// A pod behind a service, with the labels subsets select on. It runs as the service account
+/// named after its service (each service its own identity, as Istio's samples set it up), and
+/// is in the mesh when its labels hold [`IN_MESH`].
 pub struct Backend<'a> {
     pub pod: &'a Pod,
     pub labels: &'a [(&'a str, &'a str)],
@@ -52,7 +58,8 @@ impl ConfigDir {
     }
 
     /// Writes `service-<name>.yml`: a `Service` at `vip:port` (port name `http`, or `tcp` when
-    /// `protocol` says so), its `EndpointSlice`, and one `Pod` per backend.
+    /// `protocol` says so), its `EndpointSlice`, and one `Pod` per backend, running as service
+    /// account `name`.
     pub fn service(
         &self,
         name: &str,
@@ -84,7 +91,8 @@ impl ConfigDir {
                 .collect();
             let _ = write!(
                 text,
-                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: default\n  labels: {{{}}}\nstatus: {{podIP: {}}}\n",
+                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: default\n  labels: {{{}}}\n\
+                 spec: {{serviceAccountName: {name}}}\nstatus: {{podIP: {}}}\n",
                 backend.pod.name(),
                 labels.join(", "),
                 backend.pod.ip()

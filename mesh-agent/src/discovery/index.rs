@@ -29,10 +29,13 @@ use super::lookups::{Discovered, Protocol, ServiceTarget, Workload};
 use crate::{
     config::{Object, ObjectKey},
     engine::registry::{self, Endpoint, Registry, ServicePort},
+    enrollment::by_label,
     identity::{ServiceIdentity, WorkloadIdentity},
 };
 
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// What Kubernetes runs a pod as when its spec names no service account.
+pub const DEFAULT_SERVICE_ACCOUNT: &str = "default";
 
 /// `namespace/name` of a namespaced object. Cheap to clone.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -67,6 +70,7 @@ struct ServiceEntry {
 /// A pod as discovery keeps it: its workload and the addresses it had when last seen.
 #[derive(Clone, Debug)]
 struct PodEntry {
+    object: Arc<Pod>,
     workload: Arc<Workload>,
     ips: Arc<[IpAddr]>,
 }
@@ -77,6 +81,9 @@ pub struct Index {
     services: OrdMap<Name, ServiceEntry>,
     slices: OrdMap<Name, Arc<EndpointSlice>>,
     pods: OrdMap<Name, PodEntry>,
+    /// Namespace → its `sidecarless.io/mesh` label, for the namespaces whose objects discovery
+    /// has (local mode's folder may hold them): whether its pods are in the mesh.
+    namespace_mesh_labels: OrdMap<Arc<str>, Arc<str>>,
     /// Service → the slices labelled with its name.
     slices_of_service: HashMap<Name, OrdSet<Name>>,
     /// Pod → the slices whose endpoints name it in `targetRef`.
@@ -108,6 +115,7 @@ impl Index {
             ("Service", object) => self.set_service(&name, service_of(object)),
             ("EndpointSlice", object) => self.set_slice(&name, slice_of(object)),
             ("Pod", object) => self.set_pod(&name, pod_of(object)),
+            ("Namespace", object) => self.set_namespace(&key.name, object),
             _ => return false,
         };
         let mut changed = false;
@@ -217,7 +225,8 @@ impl Index {
             }
             self.discovered.pods.remove(&pod_key(name));
         }
-        if let Some(entry) = pod.as_deref().and_then(|pod| pod_entry(name, pod)) {
+        let namespace_label = self.namespace_mesh_labels.get(&name.namespace).cloned();
+        if let Some(entry) = pod.and_then(|pod| pod_entry(name, pod, namespace_label.as_deref())) {
             for ip in entry.ips.iter() {
                 self.discovered
                     .workloads
@@ -239,6 +248,30 @@ impl Index {
                 let service = slice_service(&self.slices.get(slice)?.metadata)?;
                 Some(Name::new(&slice.namespace, service))
             })
+            .collect()
+    }
+
+    /// A namespace's mesh label changed: its pods are looked at again (whether they are in the
+    /// mesh follows it, unless they carry the label themselves).
+    fn set_namespace(&mut self, namespace: &Arc<str>, object: Option<&Object>) -> Vec<Name> {
+        let label = object.and_then(namespace_mesh_label);
+        let old = match &label {
+            Some(label) => self
+                .namespace_mesh_labels
+                .insert(Arc::clone(namespace), Arc::clone(label)),
+            None => self.namespace_mesh_labels.remove(namespace),
+        };
+        if old == label {
+            return Vec::new();
+        }
+        let pods: Vec<(Name, Arc<Pod>)> = self
+            .pods
+            .iter()
+            .filter(|(name, _)| name.namespace == *namespace)
+            .map(|(name, entry)| (name.clone(), Arc::clone(&entry.object)))
+            .collect();
+        pods.into_iter()
+            .flat_map(|(name, pod)| self.set_pod(&name, Some(pod)))
             .collect()
     }
 
@@ -396,7 +429,21 @@ fn target_port(
     })
 }
 
-fn pod_entry(name: &Name, pod: &Pod) -> Option<PodEntry> {
+/// The `sidecarless.io/mesh` label of a `Namespace` object (kept as it came: discovery reads
+/// nothing else of it).
+fn namespace_mesh_label(object: &Object) -> Option<Arc<str>> {
+    let Object::Other(value) = object else {
+        return None;
+    };
+    let label = value
+        .pointer("/metadata/labels")?
+        .get(by_label::MESH_LABEL)?
+        .as_str()?;
+    Some(label.into())
+}
+
+fn pod_entry(name: &Name, object: Arc<Pod>, namespace_label: Option<&str>) -> Option<PodEntry> {
+    let pod = &*object;
     let owner = pod
         .metadata
         .owner_references
@@ -437,9 +484,19 @@ fn pod_entry(name: &Name, pod: &Pod) -> Option<PodEntry> {
                 &labels,
             )),
             pod: name.name.to_string(),
+            // Kubernetes mode does not feed Namespace objects to discovery (yet): there, the
+            // pod's own label decides.
+            in_mesh: by_label::in_mesh(by_label::pod_mesh_label(pod), namespace_label),
+            service_account: pod
+                .spec
+                .as_ref()
+                .and_then(|spec| spec.service_account_name.clone())
+                .filter(|account| !account.is_empty())
+                .unwrap_or_else(|| DEFAULT_SERVICE_ACCOUNT.to_owned()),
             labels,
         }),
         ips: ips.into(),
+        object,
     })
 }
 
@@ -633,5 +690,59 @@ status: {podIP: 10.77.0.5}
             .discovered()
             .service_at("10.96.0.30:8080".parse().unwrap())
             .is_some());
+    }
+
+    #[test]
+    fn a_pod_is_in_the_mesh_by_its_label_or_its_namespaces_and_runs_as_its_service_account() {
+        let pods = "\
+apiVersion: v1
+kind: Pod
+metadata: {name: plain, namespace: shop}
+status: {podIP: 10.77.1.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: opted-out, namespace: shop, labels: {sidecarless.io/mesh: disabled}}
+spec: {serviceAccountName: web}
+status: {podIP: 10.77.1.3}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: opted-in, namespace: other, labels: {sidecarless.io/mesh: enabled}}
+status: {podIP: 10.77.1.4}
+";
+        let in_mesh = |index: &Index, namespace: &str, pod: &str| {
+            let workload = index.discovered().pod(namespace, pod).expect("the pod");
+            workload.in_mesh
+        };
+        let mut index = index(pods);
+        assert!(!in_mesh(&index, "shop", "plain"));
+        assert!(in_mesh(&index, "other", "opted-in"));
+        let opted_out = index.discovered().pod("shop", "opted-out").unwrap();
+        assert_eq!(opted_out.service_account, "web");
+        let plain = index.discovered().pod("shop", "plain").unwrap();
+        assert_eq!(plain.service_account, DEFAULT_SERVICE_ACCOUNT);
+
+        let namespace = "apiVersion: v1\nkind: Namespace\n\
+                         metadata: {name: shop, labels: {sidecarless.io/mesh: enabled}}\n";
+        let document = config::documents("ns.yml", namespace).unwrap().remove(0);
+        let sourced = config::read("ns.yml", document).unwrap();
+        index.apply(&sourced.key, Some(&sourced.object));
+        assert!(
+            in_mesh(&index, "shop", "plain"),
+            "the namespace brings it in"
+        );
+        assert!(
+            !in_mesh(&index, "shop", "opted-out"),
+            "the pod's own label wins"
+        );
+        let at_ip = index.discovered().workload_at("10.77.1.2".parse().unwrap());
+        assert!(at_ip.unwrap().in_mesh, "looked up by address too");
+
+        index.apply(&sourced.key, None);
+        assert!(
+            !in_mesh(&index, "shop", "plain"),
+            "the namespace's label is gone"
+        );
     }
 }

@@ -1,5 +1,5 @@
-//! Kubernetes mode's source: watches on the API server for `Service`, `EndpointSlice`, `Pod` and
-//! Istio's `VirtualService`/`DestinationRule`/`Gateway`. Every event becomes a typed
+//! Kubernetes mode's source: watches on the API server for `Service`, `EndpointSlice`, `Pod`,
+//! `Namespace` (its mesh label only) and Istio's `VirtualService`/`DestinationRule`/`Gateway`. Every event becomes a typed
 //! [`SourceChange`] for the store — the object as the API gave it, never re-encoded — so engine
 //! and proxy do not know the difference from local mode. `Pod` and `Namespace` are also kept in
 //! reflector stores, which label enrollment reads.
@@ -260,19 +260,31 @@ pub async fn start(client: Client, readiness: &Arc<Readiness>, metrics: &WatchMe
             "watching Istio kinds this mesh does not implement, to report them"
         );
     }
-    let (namespaces, mut namespace_events) =
+    let (namespaces, namespace_events) =
         reflect(Api::<Namespace>::all(client.clone()), &enrollment_changed);
-    let mut namespace_failures = Failures::awaited("Namespace", readiness, metrics);
-    tokio::spawn(async move {
-        while let Some(event) = namespace_events.next().await {
-            match event {
-                Ok(Event::InitDone) => namespace_failures.listed(),
-                Ok(Event::Init) => {}
-                Ok(_) => namespace_failures.recovered(),
-                Err(error) => namespace_failures.failed(&error),
-            }
-        }
-    });
+    // Discovery reads a namespace's mesh label (whether its pods are in the mesh, so tunnelled
+    // to); enrollment reads the reflector's copy.
+    let namespace_origin = Arc::clone(&origin);
+    tokio::spawn(
+        watch("Namespace").run_sourced(namespace_events, move |namespace: Namespace| {
+            let key = key_of("Namespace", &namespace)?;
+            let value = serde_json::json!({
+                "apiVersion": "v1",
+                "kind": "Namespace",
+                "metadata": {
+                    "name": namespace.metadata.name,
+                    "labels": namespace.metadata.labels,
+                },
+            });
+            Some(Ok(Arc::new(Sourced {
+                key,
+                origin: Arc::clone(&namespace_origin),
+                object: Object::Other(Arc::new(value)),
+                warnings: Vec::new(),
+            })))
+        }),
+    );
+    kinds += 1;
 
     // Keep taking changes while waiting, so a watch that is done listing never blocks on a
     // full channel while another one is still listing.

@@ -60,6 +60,11 @@ pub struct Workload {
     pub labels: BTreeMap<String, String>,
     /// Shared with the registry's endpoints of this pod.
     pub identity: Arc<WorkloadIdentity>,
+    /// In the mesh (`enrollment::by_label::in_mesh`): its agent serves a tunnel on its port
+    /// 15008, so a source agent carries connections to it there over mutual TLS.
+    pub in_mesh: bool,
+    /// `spec.serviceAccountName` (`default` when unset): with the namespace, its SPIFFE ID.
+    pub service_account: String,
 }
 
 /// How the proxy treats a service port, decided as Istio does: `appProtocol` first, then the

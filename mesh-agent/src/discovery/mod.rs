@@ -11,6 +11,6 @@ mod index;
 pub mod kubernetes;
 mod lookups;
 
-pub use index::{Index, Name};
+pub use index::{Index, Name, DEFAULT_SERVICE_ACCOUNT};
 pub use kubernetes::SourceChange;
 pub use lookups::{Discovered, Protocol, ServiceTarget, Workload};

@@ -129,19 +129,30 @@ fn should_enroll(pod: &Pod, node: &str, namespaces: &BTreeMap<String, Option<Str
     if !on_node || host_network || !running || pod.metadata.deletion_timestamp.is_some() {
         return false;
     }
-    match pod
-        .metadata
+    let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
+    in_mesh(
+        pod_mesh_label(pod),
+        namespaces.get(namespace).and_then(|l| l.as_deref()),
+    )
+}
+
+/// The pod's `sidecarless.io/mesh` label, if it has one.
+pub fn pod_mesh_label(pod: &Pod) -> Option<&str> {
+    pod.metadata
         .labels
         .as_ref()
         .and_then(|l| l.get(MESH_LABEL))
         .map(String::as_str)
-    {
-        Some("enabled") => true,
-        Some(_) => false,
-        None => {
-            let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
-            namespaces.get(namespace).and_then(|l| l.as_deref()) == Some("enabled")
-        }
+}
+
+/// Whether a pod with mesh label `pod` in a namespace with mesh label `namespace` is in the
+/// mesh: the pod's label wins (`enabled` or anything else, which opts out); without one, the
+/// namespace's `enabled` brings it in. Enrollment and discovery (which tells a source agent
+/// whether to tunnel to a pod) both decide with this.
+pub fn in_mesh(pod: Option<&str>, namespace: Option<&str>) -> bool {
+    match pod {
+        Some(label) => label == "enabled",
+        None => namespace == Some("enabled"),
     }
 }
 

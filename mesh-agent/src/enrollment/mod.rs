@@ -33,6 +33,7 @@ use tracing::{debug, info, warn};
 use crate::{
     config::DEFAULT_NAMESPACE,
     handover::{self, Handed},
+    hbone::{self, Hbone, InboundPod, Source, TunnelClient},
     proxy::{PodContext, Proxy},
     redirect::{netns::NetNs, Redirect, RedirectError},
 };
@@ -126,6 +127,8 @@ pub struct EnrolledPod {
 struct Entry {
     pod: EnrolledPod,
     accept_loop: JoinHandle<()>,
+    /// The pod's tunnel listener (port 15008) and its accept loop, when the agent tunnels.
+    tunnel: Option<(OwnedFd, JoinHandle<()>)>,
     /// A second descriptor of the pod's listener (the accept loop owns the first), for a
     /// successor.
     listener: OwnedFd,
@@ -138,6 +141,8 @@ pub struct InheritedPod {
     pod: EnrolledPod,
     netns: NetNs,
     listener: std::net::TcpListener,
+    /// Its tunnel listener, if the predecessor ran one.
+    tunnel_listener: Option<std::net::TcpListener>,
 }
 
 impl InheritedPod {
@@ -155,7 +160,23 @@ impl InheritedPod {
             pod,
             netns,
             listener: std::net::TcpListener::from(listener),
+            tunnel_listener: None,
         })
+    }
+
+    /// `namespace/name`, as its handover entries name it.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.pod.namespace, self.pod.name)
+    }
+
+    /// Its tunnel listener, from the entry `tunnel/<namespace>/<name>`.
+    pub fn set_tunnel_listener(&mut self, handed: Handed) -> Result<(), String> {
+        let [listener]: [OwnedFd; 1] = handed
+            .fds
+            .try_into()
+            .map_err(|_| format!("{}: expected one listener", handed.name))?;
+        self.tunnel_listener = Some(std::net::TcpListener::from(listener));
+        Ok(())
     }
 }
 
@@ -173,6 +194,9 @@ pub struct Enrollments {
     frozen: AtomicBool,
     /// `mesh_enrolled_pods`: how many `pods` holds.
     enrolled: Gauge,
+    /// The tunnel between agents: each pod gets a listener on port 15008 and its upstream
+    /// connections to pods in the mesh go through tunnels. `None`: plaintext only.
+    hbone: Option<Arc<Hbone>>,
 }
 
 impl Enrollments {
@@ -199,7 +223,14 @@ impl Enrollments {
             inherited: Mutex::new(BTreeMap::new()),
             frozen: AtomicBool::new(false),
             enrolled,
+            hbone: None,
         }
+    }
+
+    /// Pods get tunnels (see the field).
+    pub fn with_hbone(mut self, hbone: Option<Arc<Hbone>>) -> Self {
+        self.hbone = hbone;
+        self
     }
 
     /// The predecessor's pods: each is served with its own listener when it is enrolled
@@ -222,7 +253,11 @@ impl Enrollments {
                 namespace: pod.pod.namespace,
                 netns: pod.pod.netns,
             };
-            match self.install(&spec, pod.netns, cookie, Some(pod.listener)) {
+            let listeners = Listeners {
+                proxy: Some(pod.listener),
+                tunnel: pod.tunnel_listener,
+            };
+            match self.install(&spec, pod.netns, cookie, listeners) {
                 Ok(_) => adopted += 1,
                 Err(error) => warn!(pod = %spec.key(), %error, "cannot serve an inherited pod"),
             }
@@ -241,6 +276,9 @@ impl Enrollments {
         self.enrolled.set(0);
         for entry in pods.into_values() {
             entry.accept_loop.abort();
+            if let Some((_, tunnel_loop)) = entry.tunnel {
+                tunnel_loop.abort();
+            }
         }
     }
 
@@ -266,18 +304,22 @@ impl Enrollments {
             .lock()
             .expect("inherited pods lock")
             .remove(&cookie)
-            .map(|pod| pod.listener);
+            .map(|pod| Listeners {
+                proxy: Some(pod.listener),
+                tunnel: pod.tunnel_listener,
+            })
+            .unwrap_or_default();
         self.install(spec, netns, cookie, inherited)
     }
 
     /// Enrolls `spec` in `netns` (whose cookie is `cookie`), serving `inherited` (the
-    /// predecessor's listener there) if given, else a listener of its own.
+    /// predecessor's listeners there) if given, else listeners of its own.
     fn install(
         &self,
         spec: &PodSpec,
         netns: NetNs,
         cookie: u64,
-        inherited: Option<std::net::TcpListener>,
+        inherited: Listeners,
     ) -> Result<EnrolledPod, EnrollError> {
         let _runtime = self.runtime.enter();
         let mut pods = self.pods.lock().expect("enrollments lock");
@@ -304,11 +346,33 @@ impl Enrollments {
         };
         // Listener first: the kernel only redirects to a listener that exists. An inherited
         // one exists already, and has all along.
-        let listener = match inherited {
+        let listener = match inherited.proxy {
             Some(listener) if listener.local_addr().ok() == Some(SocketAddr::V4(self.listen)) => {
                 listener
             }
             _ => listen_in(&netns, self.listen).map_err(listen_error)?,
+        };
+        let tunnel_listener = match &self.hbone {
+            Some(_) => {
+                let tunnel_error = |source| EnrollError::Listen {
+                    pod: spec.name.clone(),
+                    listen: TUNNEL_LISTEN,
+                    path: spec.netns.clone(),
+                    source,
+                };
+                let listener = match inherited.tunnel {
+                    Some(listener)
+                        if listener.local_addr().ok() == Some(SocketAddr::V4(TUNNEL_LISTEN)) =>
+                    {
+                        listener
+                    }
+                    _ => listen_in(&netns, TUNNEL_LISTEN).map_err(tunnel_error)?,
+                };
+                let copy: OwnedFd = listener.try_clone().map_err(tunnel_error)?.into();
+                listener.set_nonblocking(true).map_err(tunnel_error)?;
+                Some((copy, TcpListener::from_std(listener).map_err(tunnel_error)?))
+            }
+            None => None,
         };
         let listener_copy = listener.try_clone().map_err(listen_error)?.into();
         listener.set_nonblocking(true).map_err(listen_error)?;
@@ -320,12 +384,36 @@ impl Enrollments {
             netns_cookie: cookie,
         };
         let netns = Arc::new(netns);
-        let context = Arc::new(PodContext::new(
+        let mut context = PodContext::new(
             spec.name.clone(),
             spec.namespace.clone(),
             Some(Arc::clone(&netns)),
             self.redirect.exemption(),
-        ));
+        );
+        let mut tunnel = None;
+        if let (Some(hbone), Some((copy, listener))) = (&self.hbone, tunnel_listener) {
+            context = context.with_tunnel(Arc::new(TunnelClient::new(
+                Arc::clone(hbone),
+                Source::Pod {
+                    namespace: spec.namespace.clone(),
+                    name: spec.name.clone(),
+                },
+            )));
+            let pod = InboundPod {
+                name: spec.name.clone(),
+                namespace: spec.namespace.clone(),
+                netns: Some(Arc::clone(&netns)),
+                exemption: self.redirect.exemption(),
+            };
+            let serving = self.runtime.spawn(hbone::serve_inbound(
+                Arc::clone(hbone),
+                listener,
+                pod,
+                self.proxy.drain().clone(),
+            ));
+            tunnel = Some((copy, serving));
+        }
+        let context = Arc::new(context);
         let accept_loop = self.runtime.spawn(accept(
             Arc::clone(&self.proxy),
             Arc::clone(&self.redirect),
@@ -335,6 +423,9 @@ impl Enrollments {
         ));
         if let Err(error) = self.redirect.enroll(&netns, cookie, self.listen) {
             accept_loop.abort();
+            if let Some((_, tunnel_loop)) = tunnel {
+                tunnel_loop.abort();
+            }
             return Err(error.into());
         }
         info!(pod = %pod.name, netns = %pod.netns.display(), cookie, "enrolled");
@@ -343,6 +434,7 @@ impl Enrollments {
             Entry {
                 pod: pod.clone(),
                 accept_loop,
+                tunnel,
                 listener: listener_copy,
                 netns,
             },
@@ -392,8 +484,22 @@ impl Enrollments {
         // Kernel first, so no new connection is sent to a listener about to close.
         self.redirect.unenroll(entry.pod.netns_cookie)?;
         entry.accept_loop.abort();
+        if let Some((_, tunnel_loop)) = entry.tunnel {
+            tunnel_loop.abort();
+        }
         Ok(())
     }
+}
+
+/// Where each pod's tunnel listener is, inside the pod: every address of the pod (a pod's
+/// namespace holds its own addresses only), HBONE's port.
+const TUNNEL_LISTEN: SocketAddrV4 = SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, hbone::PORT);
+
+/// A pod's listeners a predecessor handed over.
+#[derive(Default)]
+struct Listeners {
+    proxy: Option<std::net::TcpListener>,
+    tunnel: Option<std::net::TcpListener>,
 }
 
 /// Opens a listening socket at `addr` inside `netns`.
@@ -412,18 +518,25 @@ impl handover::Source for Enrollments {
     fn handed(&self) -> io::Result<Vec<Handed>> {
         let pods = self.pods.lock().expect("enrollments lock");
         self.frozen.store(true, Ordering::Relaxed);
-        pods.iter()
-            .map(|(key, entry)| {
-                Ok(Handed::new(
-                    format!("{}{key}", handover::names::POD),
-                    serde_json::to_value(&entry.pod).map_err(io::Error::other)?,
-                    vec![
-                        entry.listener.try_clone()?,
-                        entry.netns.as_fd().try_clone_to_owned()?,
-                    ],
-                ))
-            })
-            .collect()
+        let mut handed = Vec::new();
+        for (key, entry) in pods.iter() {
+            handed.push(Handed::new(
+                format!("{}{key}", handover::names::POD),
+                serde_json::to_value(&entry.pod).map_err(io::Error::other)?,
+                vec![
+                    entry.listener.try_clone()?,
+                    entry.netns.as_fd().try_clone_to_owned()?,
+                ],
+            ));
+            if let Some((listener, _)) = &entry.tunnel {
+                handed.push(Handed::new(
+                    format!("{}{key}", handover::names::POD_TUNNEL),
+                    serde_json::Value::Null,
+                    vec![listener.try_clone()?],
+                ));
+            }
+        }
+        Ok(handed)
     }
 
     fn thaw(&self) {

@@ -64,6 +64,9 @@ pub mod names {
     /// `pod/<namespace>/<name>`: the listener inside an enrolled pod, then the pod's network
     /// namespace; info: [`crate::enrollment::EnrolledPod`].
     pub const POD: &str = "pod/";
+    /// `tunnel/<namespace>/<name>`: the pod's HBONE listener (port 15008 inside the pod), when
+    /// the agent runs the tunnel; no info. A predecessor without one hands none.
+    pub const POD_TUNNEL: &str = "tunnel/";
     /// The ingress gateway's listener.
     pub const INGRESS: &str = "listener/ingress";
     /// The admin API's TCP listener.

@@ -133,6 +133,19 @@ impl Drain {
         self.connections.wait().await;
     }
 
+    /// Runs `task` (a connection's) on a task the drain waits for.
+    pub fn spawn<F>(&self, task: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.connections.spawn(task);
+    }
+
+    /// Resolves once connections are asked to finish and close.
+    pub async fn draining(&self) {
+        self.started.cancelled().await;
+    }
+
     pub fn in_flight(&self) -> usize {
         self.connections.len()
     }

@@ -6,6 +6,7 @@ use tokio::sync::Semaphore;
 
 use super::upstream::{Dialer, UpstreamPool};
 use crate::{
+    hbone::TunnelClient,
     identity::WorkloadIdentity,
     redirect::{netns::NetNs, Exemption},
     state::Snapshot,
@@ -46,6 +47,13 @@ impl PodContext {
 }
 
 impl PodContext {
+    /// Connections to pods in the mesh go through `tunnel` (this pod's tunnels).
+    pub fn with_tunnel(mut self, tunnel: Arc<TunnelClient>) -> Self {
+        self.dialer = self.dialer.with_tunnel(tunnel);
+        self.upstream = UpstreamPool::new(self.dialer.clone());
+        self
+    }
+
     /// The pod's connection cap, `max` permits the first time it is asked for.
     pub(super) fn connection_cap(&self, max: usize) -> Arc<Semaphore> {
         Arc::clone(

@@ -22,12 +22,15 @@ use tokio::{
     net::TcpStream,
     time::Instant,
 };
+
+use super::upstream::UpstreamIo;
 use tracing::debug;
 
 use super::pod::PodContext;
 use crate::{
     discovery::ServiceTarget,
     engine::{EngineError, Outcome, Permit, Verdict},
+    hbone::Route,
     identity::WorkloadIdentity,
     state::Store,
     telemetry::{ConnectionRecord, Telemetry},
@@ -59,11 +62,17 @@ pub async fn forward(
                 workload: None,
                 slot: None,
                 idle_timeout: None,
+                route: None,
             })
             .map_err(|error| format!("connect: {error}")),
     };
     let mut upstream = match connected {
-        Ok(connected) => connected,
+        Ok(mut connected) => {
+            if connected.stream.is_tunnel() {
+                connected.route = pod.dialer.route(connected.endpoint);
+            }
+            connected
+        }
         Err(error) => {
             debug!(pod = %pod.name, %original, %error, "no upstream connection");
             record.failed(error);
@@ -87,6 +96,7 @@ pub async fn forward(
             &source,
             service.map(|s| &*s.service),
             upstream.workload.as_deref().or_else(known),
+            upstream.route.as_ref(),
         );
     }
     let idle_timeout = upstream.idle_timeout.unwrap_or(idle_timeout);
@@ -107,13 +117,15 @@ pub async fn forward(
 
 /// An upstream connection and what it holds.
 struct Upstream {
-    stream: TcpStream,
+    stream: UpstreamIo,
     endpoint: SocketAddr,
     workload: Option<Arc<WorkloadIdentity>>,
     /// Its slot of the cluster's `tcp.maxConnections`, held while it is open.
     #[expect(dead_code, reason = "held for its drop")]
     slot: Option<Permit>,
     idle_timeout: Option<Duration>,
+    /// The tunnel it goes through, if any.
+    route: Option<Route>,
 }
 
 /// Connects to an endpoint of `service` chosen by the engine, within the cluster's
@@ -163,6 +175,7 @@ async fn connect_service(
                     workload,
                     slot: Some(slot),
                     idle_timeout: limits.tcp_idle_timeout,
+                    route: None,
                 })
             }
             (Verdict::RetryAt(at), _) => tokio::time::sleep_until(at.into()).await,
@@ -189,7 +202,11 @@ struct Carried {
 
 /// Copies both ways until both sides have closed, an error, or `idle_timeout` without a byte
 /// either way.
-async fn carry(downstream: TcpStream, upstream: &mut TcpStream, idle_timeout: Duration) -> Carried {
+async fn carry(
+    downstream: TcpStream,
+    upstream: &mut UpstreamIo,
+    idle_timeout: Duration,
+) -> Carried {
     let activity = Activity::new();
     let mut downstream = Watched {
         stream: downstream,

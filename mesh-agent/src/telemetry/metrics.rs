@@ -31,7 +31,7 @@ use prometheus_client::{
 
 use crate::{
     engine::ResponseFlags,
-    identity::{ServiceIdentity, WorkloadIdentity, UNKNOWN},
+    identity::{spiffe::SpiffeId, ServiceIdentity, WorkloadIdentity, UNKNOWN},
 };
 
 /// Most series one metric family holds; later label sets go to the `overflow` series.
@@ -39,10 +39,34 @@ pub const MAX_SERIES_PER_FAMILY: usize = 10_000;
 
 /// Istio's `reporter` label. The agent proxies on the client's behalf, where a sidecar would
 /// report from the client side, so it reports as `source` (`waypoint` would make Kiali expect a
-/// waypoint proxy in the graph).
-const REPORTER: &str = "source";
-/// What Istio reports without mTLS; the mesh has no identities yet.
-const CONNECTION_SECURITY_POLICY: &str = "none";
+/// waypoint proxy in the graph); the agent at the far end of a tunnel reports `destination`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Reporter {
+    #[default]
+    Source,
+    Destination,
+}
+
+impl Reporter {
+    fn label(self) -> &'static str {
+        match self {
+            Reporter::Source => "source",
+            Reporter::Destination => "destination",
+        }
+    }
+}
+
+/// How a connection was secured, and who its ends proved to be: `Some` only inside a mutual
+/// TLS tunnel (`connection_security_policy="mutual_tls"`, both principals); otherwise the
+/// principals are `unknown` and the policy `none` (plaintext, Istio's PERMISSIVE).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Security<'a> {
+    pub reporter: Reporter,
+    pub principals: Option<(&'a SpiffeId, &'a SpiffeId)>,
+}
+
+const MUTUAL_TLS: &str = "mutual_tls";
+const PLAINTEXT: &str = "none";
 const OVERFLOW: &str = "overflow";
 /// Istio's default cluster name (`values.global.multiCluster.clusterName`).
 pub const DEFAULT_CLUSTER: &str = "Kubernetes";
@@ -288,7 +312,19 @@ impl Metrics {
         service: Option<&ServiceIdentity>,
         destination: Option<&WorkloadIdentity>,
     ) -> Arc<PeerLabels> {
-        let values = PeerValues::new(source, service, destination, &self.cluster);
+        self.secured_peer_labels(source, service, destination, Security::default())
+    }
+
+    /// [`Self::peer_labels`] for traffic reported by `security.reporter`, inside a tunnel
+    /// between `security.principals` if any.
+    pub fn secured_peer_labels(
+        &self,
+        source: &WorkloadIdentity,
+        service: Option<&ServiceIdentity>,
+        destination: Option<&WorkloadIdentity>,
+        security: Security<'_>,
+    ) -> Arc<PeerLabels> {
+        let values = PeerValues::new(source, service, destination, &self.cluster, security);
         let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(existing) = peers.get(&values) {
             return Arc::clone(existing);
@@ -490,6 +526,10 @@ struct OutcomeKey {
 /// The label values a peer contributes, rendered once.
 #[derive(Debug, PartialEq, Eq, Hash)]
 struct PeerValues {
+    reporter: &'static str,
+    source_principal: Box<str>,
+    destination_principal: Box<str>,
+    connection_security_policy: &'static str,
     source_workload: Box<str>,
     source_workload_namespace: Box<str>,
     source_app: Box<str>,
@@ -511,11 +551,24 @@ impl PeerValues {
         service: Option<&ServiceIdentity>,
         destination: Option<&WorkloadIdentity>,
         cluster: &str,
+        security: Security<'_>,
     ) -> Self {
+        let (source_principal, destination_principal) = match security.principals {
+            Some((source, destination)) => (source.as_str(), destination.as_str()),
+            None => (UNKNOWN, UNKNOWN),
+        };
         let dst =
             |field: fn(&WorkloadIdentity) -> &str| Box::from(destination.map_or(UNKNOWN, field));
         let svc = |field: fn(&ServiceIdentity) -> &str| Box::from(service.map_or(UNKNOWN, field));
         PeerValues {
+            reporter: security.reporter.label(),
+            source_principal: source_principal.into(),
+            destination_principal: destination_principal.into(),
+            connection_security_policy: if security.principals.is_some() {
+                MUTUAL_TLS
+            } else {
+                PLAINTEXT
+            },
             source_workload: source.workload.as_str().into(),
             source_workload_namespace: source.namespace.as_str().into(),
             source_app: source.app.as_str().into(),
@@ -540,6 +593,10 @@ impl PeerValues {
     fn overflow() -> Self {
         let o = || Box::from(OVERFLOW);
         PeerValues {
+            reporter: OVERFLOW,
+            source_principal: o(),
+            destination_principal: o(),
+            connection_security_policy: OVERFLOW,
             source_workload: o(),
             source_workload_namespace: o(),
             source_app: o(),
@@ -559,10 +616,10 @@ impl PeerValues {
     /// Istio's labels shared by request and TCP metrics, in the order Istio emits them.
     fn pairs<'a>(&'a self, response_flags: &'a str) -> [(&'static str, &'a str); 18] {
         [
-            ("reporter", REPORTER),
+            ("reporter", self.reporter),
             ("source_workload", &self.source_workload),
             ("source_workload_namespace", &self.source_workload_namespace),
-            ("source_principal", UNKNOWN),
+            ("source_principal", &self.source_principal),
             ("source_app", &self.source_app),
             ("source_version", &self.source_version),
             ("source_cluster", &self.source_cluster),
@@ -571,7 +628,7 @@ impl PeerValues {
                 "destination_workload_namespace",
                 &self.destination_workload_namespace,
             ),
-            ("destination_principal", UNKNOWN),
+            ("destination_principal", &self.destination_principal),
             ("destination_app", &self.destination_app),
             ("destination_version", &self.destination_version),
             ("destination_service", &self.destination_service),
@@ -582,7 +639,10 @@ impl PeerValues {
             ),
             ("destination_cluster", &self.destination_cluster),
             ("response_flags", response_flags),
-            ("connection_security_policy", CONNECTION_SECURITY_POLICY),
+            (
+                "connection_security_policy",
+                self.connection_security_policy,
+            ),
         ]
     }
 }

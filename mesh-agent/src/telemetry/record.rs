@@ -14,13 +14,17 @@ use http::{HeaderName, Method, Version};
 
 use super::{
     access_log::{HttpRecord, TcpRecord},
-    metrics::{PeerLabels, Protocol as MetricsProtocol, RequestOutcome, TcpConnectionMetrics},
+    metrics::{
+        PeerLabels, Protocol as MetricsProtocol, Reporter, RequestOutcome, Security,
+        TcpConnectionMetrics,
+    },
     otlp::ProxySpan,
     sinks::Telemetry,
     trace::SpanContext,
 };
 use crate::{
     engine::{Destination, ResponseFlags},
+    hbone::Route,
     identity::{ServiceIdentity, WorkloadIdentity, UNKNOWN},
 };
 
@@ -41,6 +45,7 @@ pub struct Caller {
 struct Peer {
     service: Option<Arc<ServiceIdentity>>,
     workload: Option<Arc<WorkloadIdentity>>,
+    route: Option<Route>,
     labels: Arc<PeerLabels>,
 }
 
@@ -67,13 +72,15 @@ impl Caller {
         endpoint: Option<SocketAddr>,
         service: Option<&Arc<ServiceIdentity>>,
         workload: Option<&Arc<WorkloadIdentity>>,
+        route: Option<&Route>,
     ) -> Arc<PeerLabels> {
         let metrics = &telemetry.metrics;
         let intern = || {
-            metrics.peer_labels(
+            metrics.secured_peer_labels(
                 &self.identity,
                 service.map(|s| &**s),
                 workload.map(|w| &**w),
+                security(route),
             )
         };
         let Some(endpoint) = endpoint else {
@@ -88,7 +95,10 @@ impl Caller {
         }
         let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(peer) = peers.get(&endpoint) {
-            if same(service, &peer.service) && same(workload, &peer.workload) {
+            if same(service, &peer.service)
+                && same(workload, &peer.workload)
+                && route == peer.route.as_ref()
+            {
                 return Arc::clone(&peer.labels);
             }
         }
@@ -98,10 +108,19 @@ impl Caller {
             Peer {
                 service: service.cloned(),
                 workload: workload.cloned(),
+                route: route.cloned(),
                 labels: Arc::clone(&labels),
             },
         );
         labels
+    }
+}
+
+/// Source-side labels of traffic through `route` (or in plaintext).
+fn security(route: Option<&Route>) -> Security<'_> {
+    Security {
+        reporter: Reporter::Source,
+        principals: route.map(|route| (&route.source, &route.destination)),
     }
 }
 
@@ -136,6 +155,8 @@ pub struct RequestRecord<'a> {
     destination: Option<Destination>,
     endpoint: Option<SocketAddr>,
     workload: Option<Arc<WorkloadIdentity>>,
+    /// The tunnel of the last try, if it went through one.
+    route: Option<Route>,
     flags: ResponseFlags,
     attempts: u32,
     request_bytes: u64,
@@ -179,6 +200,7 @@ impl<'a> RequestRecord<'a> {
             destination: None,
             endpoint: None,
             workload: None,
+            route: None,
             flags: ResponseFlags::NONE,
             attempts: 0,
             request_bytes: 0,
@@ -204,6 +226,11 @@ impl<'a> RequestRecord<'a> {
     pub fn attempt(&mut self, endpoint: SocketAddr, workload: Option<&Arc<WorkloadIdentity>>) {
         self.endpoint = Some(endpoint);
         self.workload = workload.cloned();
+    }
+
+    /// The last try went through the tunnel `route` (`None`: plaintext).
+    pub fn tunnelled(&mut self, route: Option<Route>) {
+        self.route = route;
     }
 
     /// Response flags and tries so far.
@@ -258,9 +285,13 @@ impl Drop for RequestRecord<'_> {
         };
         let service = self.service();
         let service_host = service.map_or(UNKNOWN, |s| s.host.as_str());
-        let peer = self
-            .caller
-            .peer(telemetry, self.endpoint, service, self.workload.as_ref());
+        let peer = self.caller.peer(
+            telemetry,
+            self.endpoint,
+            service,
+            self.workload.as_ref(),
+            self.route.as_ref(),
+        );
         telemetry.metrics.record_request(
             &peer,
             &RequestOutcome {
@@ -356,15 +387,17 @@ impl<'a> ConnectionRecord<'a> {
 
     /// The upstream connection is up (counts the connection as opened). `service` is `None`
     /// for a destination outside the mesh, `workload` when the endpoint's pod is unknown.
+    /// `route`: the tunnel it went through, if any.
     pub fn connected(
         &mut self,
         endpoint: SocketAddr,
         source: &WorkloadIdentity,
         service: Option<&ServiceIdentity>,
         workload: Option<&WorkloadIdentity>,
+        route: Option<&Route>,
     ) {
         let metrics = &self.telemetry.metrics;
-        let peer = metrics.peer_labels(source, service, workload);
+        let peer = metrics.secured_peer_labels(source, service, workload, security(route));
         self.upstream = Some(endpoint);
         self.metrics = Some(metrics.tcp_connection(&peer));
     }

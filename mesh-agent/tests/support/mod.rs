@@ -171,6 +171,8 @@ pub struct Mesh {
     /// Every metric, as `/metrics` serves them.
     pub registry: Registry,
     pub pod: Arc<PodContext>,
+    /// What the proxy reports through.
+    pub telemetry: Arc<Telemetry>,
     listener: TcpListener,
     log: Captured,
 }
@@ -211,9 +213,10 @@ impl Mesh {
         let mesh = Mesh {
             proxy: Arc::new(Proxy::with_limits(
                 Arc::clone(&store),
-                telemetry,
+                Arc::clone(&telemetry),
                 options.limits,
             )),
+            telemetry,
             store,
             registry,
             pod: Arc::new(PodContext::new(

@@ -99,6 +99,7 @@ async fn forward(
             }
         };
         record.attempt(attempt.endpoint(), attempt.workload());
+        record.tunnelled(conn.pod.dialer.route(attempt.endpoint()));
         let request = upstream_request(parts, plan.authority(&attempt), protocol, body.for_try());
         let tried = send(&conn.pod.upstream, &plan, &attempt, protocol, request).await;
         now = clock();

@@ -2,15 +2,32 @@
 //! source) and exempted from the redirect (so the kernel programs or rules let the socket
 //! through instead of sending it back to the agent).
 //!
+//! When the source has a tunnel ([`TunnelClient`]) and the destination is a pod in the mesh, the
+//! connection is a `CONNECT` stream on a mutual TLS tunnel to that pod's agent instead
+//! ([`UpstreamIo::Tunnel`]); whatever reads and writes it sees the same bytes.
+//!
 //! Both are optional, for an agent that needs neither (the ingress dials from its own namespace)
 //! and for tests that run without privileges: entering a namespace needs `CAP_SYS_ADMIN`, and
 //! the exemption a redirect (see [`Exemption`]).
 
-use std::{io, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
 
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpSocket, TcpStream},
+};
 
-use crate::redirect::{netns::NetNs, Exemption};
+use crate::{
+    hbone::{Route, TunnelClient, TunnelStream},
+    redirect::{netns::NetNs, Exemption},
+};
 
 /// Where and how upstream connections are made for one source pod.
 #[derive(Clone, Debug)]
@@ -19,14 +36,51 @@ pub struct Dialer {
     netns: Option<Arc<NetNs>>,
     /// Applied to every upstream socket before it connects, so the redirect lets it pass.
     exemption: Exemption,
+    /// The source's tunnels to pods in the mesh; `None`: every connection is plain TCP.
+    tunnel: Option<Arc<TunnelClient>>,
 }
 
 impl Dialer {
     pub fn new(netns: Option<Arc<NetNs>>, exemption: Exemption) -> Self {
-        Dialer { netns, exemption }
+        Dialer {
+            netns,
+            exemption,
+            tunnel: None,
+        }
     }
 
-    pub async fn connect(&self, addr: SocketAddr) -> io::Result<TcpStream> {
+    /// Connections to pods in the mesh go through `tunnel`.
+    pub fn with_tunnel(mut self, tunnel: Arc<TunnelClient>) -> Self {
+        self.tunnel = Some(tunnel);
+        self
+    }
+
+    /// The tunnel a connection to `addr` would take now (`None`: plaintext). Telemetry asks,
+    /// to label the connection's security.
+    pub fn route(&self, addr: SocketAddr) -> Option<Route> {
+        self.tunnel.as_ref()?.route(addr)
+    }
+
+    /// A connection to `addr`: inside a tunnel when `addr` is a pod in the mesh and this source
+    /// has tunnels, else plain TCP. A tunnel that cannot be opened (its dial, handshake or
+    /// `CONNECT` failed or was refused) is a failed connect (`ConnectionRefused`).
+    pub async fn connect(&self, addr: SocketAddr) -> io::Result<UpstreamIo> {
+        if let Some(tunnel) = &self.tunnel {
+            if let Some(route) = tunnel.route(addr) {
+                return match tunnel.connect(&route, addr, self).await {
+                    Ok(stream) => Ok(UpstreamIo::Tunnel(stream)),
+                    Err(error) => {
+                        tracing::debug!(%addr, %error, "no tunnel");
+                        Err(io::Error::new(io::ErrorKind::ConnectionRefused, error))
+                    }
+                };
+            }
+        }
+        self.connect_tcp(addr).await.map(UpstreamIo::Plain)
+    }
+
+    /// A plain TCP connection to `addr`, from the namespace and exempted.
+    pub async fn connect_tcp(&self, addr: SocketAddr) -> io::Result<TcpStream> {
         let socket = || {
             let domain = socket2::Domain::for_address(addr);
             let socket = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
@@ -49,9 +103,91 @@ impl Dialer {
         &self,
         addr: SocketAddr,
         timeout: Duration,
-    ) -> io::Result<TcpStream> {
+    ) -> io::Result<UpstreamIo> {
         tokio::time::timeout(timeout, self.connect(addr))
             .await
             .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
+    }
+
+    /// [`Self::connect_tcp`], given up after `timeout` with `TimedOut`.
+    pub async fn connect_tcp_within(
+        &self,
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> io::Result<TcpStream> {
+        tokio::time::timeout(timeout, self.connect_tcp(addr))
+            .await
+            .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
+    }
+}
+
+/// An upstream connection: plain TCP, or a stream inside a mutual TLS tunnel.
+#[derive(Debug)]
+pub enum UpstreamIo {
+    Plain(TcpStream),
+    Tunnel(TunnelStream),
+}
+
+impl UpstreamIo {
+    pub fn is_tunnel(&self) -> bool {
+        matches!(self, UpstreamIo::Tunnel(_))
+    }
+}
+
+impl AsyncRead for UpstreamIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
+            UpstreamIo::Tunnel(stream) => Pin::new(stream).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
+            UpstreamIo::Tunnel(stream) => Pin::new(stream).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(stream) => Pin::new(stream).poll_flush(cx),
+            UpstreamIo::Tunnel(stream) => Pin::new(stream).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
+            UpstreamIo::Tunnel(stream) => Pin::new(stream).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
+            UpstreamIo::Tunnel(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpstreamIo::Plain(stream) => stream.is_write_vectored(),
+            UpstreamIo::Tunnel(stream) => stream.is_write_vectored(),
+        }
     }
 }

@@ -1,0 +1,319 @@
+//! A pod's tunnel listener: port 15008 inside the pod's network namespace, mutual TLS with the
+//! pod's own certificate, an HTTP/2 server that accepts `CONNECT` to this pod's own address
+//! only and carries each stream to the app, dialled from inside the pod.
+//!
+//! Bounded: connections per listener (`max_connections`, past which a new one is closed at once
+//! and counted), streams per connection (HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS`, which the peer
+//! must respect; hyper resets a stream beyond it) and the time a client has to finish its TLS
+//! handshake (`handshake_timeout`).
+
+use std::{
+    convert::Infallible,
+    io,
+    net::SocketAddr,
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Empty;
+use hyper::{body::Incoming, server::conn::http2, service::service_fn};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::ServerConfig;
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::Semaphore,
+};
+use tracing::{debug, warn};
+
+use super::{metrics::INBOUND, outbound::refused, Hbone};
+use crate::{
+    identity::{spiffe::SpiffeId, tls, WorkloadIdentity},
+    proxy::{upstream::Dialer, Drain},
+    redirect::{netns::NetNs, Exemption},
+    telemetry::metrics::{Reporter, Security},
+};
+
+/// The inbound tunnel's bounds.
+#[derive(Clone, Debug)]
+pub struct InboundLimits {
+    /// Tunnel connections one pod's listener holds at once.
+    pub max_connections: usize,
+    /// Streams (proxied connections) one tunnel connection carries at once.
+    pub max_streams: u32,
+    /// How long a client has from its TCP connection to a finished TLS handshake.
+    pub handshake_timeout: Duration,
+    /// How long the dial to the app inside the pod may take.
+    pub connect_timeout: Duration,
+}
+
+impl Default for InboundLimits {
+    fn default() -> Self {
+        InboundLimits {
+            max_connections: 1024,
+            max_streams: 128,
+            handshake_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The pod a tunnel listener serves.
+#[derive(Clone, Debug)]
+pub struct InboundPod {
+    pub name: String,
+    pub namespace: String,
+    /// Where the app is dialled from (`None`: the agent's own namespace, as in tests).
+    pub netns: Option<Arc<NetNs>>,
+    pub exemption: Exemption,
+}
+
+struct Listener {
+    hbone: Arc<Hbone>,
+    pod: InboundPod,
+    dialer: Dialer,
+    /// The server config of the pod's identity, rebuilt when the identity changes.
+    config: Mutex<Option<(SpiffeId, Arc<ServerConfig>)>>,
+}
+
+/// Serves tunnels to `pod` on `listener` until accepting stops (drain, handover) or the task is
+/// aborted (unenroll).
+pub async fn serve(hbone: Arc<Hbone>, listener: TcpListener, pod: InboundPod, drain: Drain) {
+    let connections = Arc::new(Semaphore::new(hbone.limits.max_connections));
+    let listener_state = Arc::new(Listener {
+        dialer: Dialer::new(pod.netns.clone(), pod.exemption.clone()),
+        hbone,
+        pod,
+        config: Mutex::default(),
+    });
+    // The pod's certificate is obtained now, before the first client waits for it (a remote
+    // signer's round trip, in Kubernetes mode); each handshake asks again, for renewals.
+    if listener_state.server_config().await.is_none() {
+        warn!(pod = %listener_state.pod.name, "no certificate yet: each tunnel will ask again");
+    }
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            () = drain.accepting_stopped() => return,
+            accepted = async {
+                drain.accepting_allowed().await;
+                listener.accept().await
+            } => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // Out of descriptors, most often: wait rather than spin.
+                warn!(pod = %listener_state.pod.name, %error, "tunnel accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
+            listener_state
+                .hbone
+                .telemetry
+                .metrics
+                .limit_hit("tunnel_connections");
+            continue;
+        };
+        let listener_state = Arc::clone(&listener_state);
+        let draining = drain.clone();
+        drain.spawn(async move {
+            listener_state.connection(stream, peer, &draining).await;
+            drop(permit);
+        });
+    }
+}
+
+impl Listener {
+    /// The pod's identity now and a server config presenting it, its certificate ready.
+    async fn server_config(&self) -> Option<(SpiffeId, Arc<ServerConfig>)> {
+        let hbone = &self.hbone;
+        let identity =
+            hbone.pod_identity(&hbone.snapshot(), &self.pod.namespace, &self.pod.name)?;
+        if let Err(error) = hbone.certificates.ready(&identity).await {
+            warn!(pod = %self.pod.name, %identity, %error, "no certificate: tunnel refused");
+            return None;
+        }
+        let mut held = self.config.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((id, config)) = &*held {
+            if *id == identity {
+                return Some((identity, Arc::clone(config)));
+            }
+        }
+        let config = tls::server_config(Arc::clone(&hbone.certificates), identity.clone())
+            .inspect_err(|error| warn!(%error, "tunnel server config"))
+            .ok()?;
+        *held = Some((identity.clone(), Arc::clone(&config)));
+        Some((identity, config))
+    }
+
+    async fn connection(self: &Arc<Self>, stream: TcpStream, peer: SocketAddr, drain: &Drain) {
+        let metrics = &self.hbone.metrics;
+        let Ok(local) = stream.local_addr() else {
+            return;
+        };
+        // Many small frames (TLS records of HTTP/2 frames) go each way: Nagle's algorithm would
+        // hold each behind the peer's delayed ACK.
+        let _ = stream.set_nodelay(true);
+        let Some((identity, config)) = self.server_config().await else {
+            return;
+        };
+        let handshake = tokio::time::timeout(
+            self.hbone.limits.handshake_timeout,
+            tls::accept(config, stream),
+        )
+        .await;
+        let (stream, client) = match handshake {
+            Ok(Ok(accepted)) => accepted,
+            Ok(Err(error)) => {
+                debug!(%peer, %error, "tunnel handshake refused");
+                metrics.handshake_failed(INBOUND, error.reason());
+                return;
+            }
+            Err(_) => {
+                debug!(%peer, "tunnel handshake timed out");
+                metrics.handshake_failed(INBOUND, "timeout");
+                return;
+            }
+        };
+        metrics.handshake(INBOUND);
+        let ends = Arc::new(Ends {
+            local,
+            peer,
+            client,
+            server: identity,
+        });
+        let this = Arc::clone(self);
+        let service = service_fn(move |request| {
+            let this = Arc::clone(&this);
+            let ends = Arc::clone(&ends);
+            async move { Ok::<_, Infallible>(this.stream(request, &ends).await) }
+        });
+        let connection = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(self.hbone.limits.max_streams)
+            .adaptive_window(true)
+            .serve_connection(TokioIo::new(stream), service);
+        tokio::pin!(connection);
+        tokio::select! {
+            result = &mut connection => {
+                if let Err(error) = result {
+                    debug!(%peer, %error, "tunnel connection ended");
+                }
+            }
+            () = drain.draining() => {
+                // Streams in flight finish; no new one is accepted.
+                connection.as_mut().graceful_shutdown();
+                let _ = connection.await;
+            }
+        }
+    }
+
+    /// One `CONNECT` stream: refused unless it names this pod's own address; otherwise the app
+    /// is dialled and the stream carried to it on a task of its own.
+    async fn stream(&self, request: Request<Incoming>, ends: &Arc<Ends>) -> Response<Empty<Bytes>> {
+        let reply = |status: StatusCode| {
+            refused(&self.hbone, status);
+            let mut response = Response::new(Empty::new());
+            *response.status_mut() = status;
+            response
+        };
+        if request.method() != Method::CONNECT {
+            return reply(StatusCode::METHOD_NOT_ALLOWED);
+        }
+        let Some(target) = request
+            .uri()
+            .authority()
+            .and_then(|authority| authority.as_str().parse::<SocketAddr>().ok())
+        else {
+            return reply(StatusCode::BAD_REQUEST);
+        };
+        // The tunnel reached this pod at its own address: any other destination would make this
+        // agent a relay into another pod (or anywhere the pod's namespace can reach).
+        if target.ip() != ends.local.ip() {
+            debug!(%target, pod = %self.pod.name, "CONNECT to another address refused");
+            return reply(StatusCode::FORBIDDEN);
+        }
+        let app = match self
+            .dialer
+            .connect_tcp_within(target, self.hbone.limits.connect_timeout)
+            .await
+        {
+            Ok(app) => app,
+            Err(error) => {
+                debug!(%target, %error, "the app refused the tunnelled connection");
+                return reply(StatusCode::SERVICE_UNAVAILABLE);
+            }
+        };
+        self.hbone.metrics.stream(super::metrics::INBOUND);
+        let hbone = Arc::clone(&self.hbone);
+        let pod = (self.pod.namespace.clone(), self.pod.name.clone());
+        let ends = Arc::clone(ends);
+        tokio::spawn(async move {
+            let upgraded = match hyper::upgrade::on(request).await {
+                Ok(upgraded) => upgraded,
+                Err(error) => {
+                    debug!(%target, %error, "CONNECT stream never opened");
+                    return;
+                }
+            };
+            carry(&hbone, &pod, &ends, TokioIo::new(upgraded), app).await;
+        });
+        Response::new(Empty::new())
+    }
+}
+
+/// Who is at each end of one tunnel connection.
+struct Ends {
+    /// This pod's address and port 15008.
+    local: SocketAddr,
+    /// The source agent's socket (the source pod's address when it dialled from the pod).
+    peer: SocketAddr,
+    client: SpiffeId,
+    server: SpiffeId,
+}
+
+/// Copies both ways and reports the connection as the destination sees it.
+async fn carry(
+    hbone: &Hbone,
+    (namespace, name): &(String, String),
+    ends: &Ends,
+    mut tunnel: TokioIo<hyper::upgrade::Upgraded>,
+    mut app: TcpStream,
+) {
+    let labels = {
+        let snapshot = hbone.snapshot();
+        let discovered = &snapshot.discovered;
+        let unknown =
+            || WorkloadIdentity::from_pod_labels("unknown", "unknown", &Default::default());
+        let source = discovered
+            .workload_at(ends.peer.ip())
+            .map_or_else(unknown, |workload| (*workload.identity).clone());
+        let destination = discovered
+            .pod(namespace, name)
+            .map(|workload| Arc::clone(&workload.identity));
+        hbone.telemetry.metrics.secured_peer_labels(
+            &source,
+            None,
+            destination.as_deref(),
+            Security {
+                reporter: Reporter::Destination,
+                principals: Some((&ends.client, &ends.server)),
+            },
+        )
+    };
+    let connection = hbone.telemetry.metrics.tcp_connection(&labels);
+    let copied: io::Result<(u64, u64)> = tokio::io::copy_bidirectional(&mut tunnel, &mut app).await;
+    match copied {
+        // As the source side counts them: sent is what the client sent towards the app.
+        Ok((to_app, from_app)) => {
+            connection.add_sent(to_app);
+            connection.add_received(from_app);
+        }
+        Err(error) => debug!(peer = %ends.peer, %error, "tunnelled connection ended with an error"),
+    }
+    drop(connection);
+}

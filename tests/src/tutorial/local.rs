@@ -128,7 +128,7 @@ impl LocalTutorial {
             };
             replicas.insert(deployment.to_owned(), vec![replica]);
         }
-        wait_healthy(network.node(0)?, replicas.values_mut().flatten(), progress)?;
+        wait_healthy(network.nodes(), replicas.values_mut().flatten(), progress)?;
         write_services(&config, &replicas)?;
         let ca = layout.mutual_tls.then(make_ca).transpose()?;
         let dir = config.path().to_str().context("config path")?.to_owned();
@@ -241,6 +241,23 @@ impl World for LocalTutorial {
         self.network.ids()
     }
 
+    /// From the pod's own node, as `oc port-forward` goes through the pod's kubelet: nothing
+    /// of the harness crosses the underlay, whose capture must see only the mesh's tunnels.
+    fn pod_request(&self, pod: &str, path: &str) -> Result<()> {
+        let ip = self.pod_ip(pod)?;
+        let node = self
+            .network
+            .node_of_pod_ip(ip)
+            .with_context(|| format!("no node has pod {pod} ({ip})"))?;
+        let (status, body) = node.run_on_node(|| {
+            crate::http::request(SocketAddr::from((ip, APP_PORT)), "GET", path, &[], "")
+        })??;
+        if status != 200 {
+            bail!("{pod}: {status} {body}");
+        }
+        Ok(())
+    }
+
     fn gateway(&self) -> SocketAddr {
         GATEWAY.parse().expect("the gateway's address")
     }
@@ -308,7 +325,7 @@ impl World for LocalTutorial {
                 started.push(Replica { pod, node, process });
             }
             // Quiet: the live demo's loop shows the scale command's answer when it is done.
-            wait_healthy(self.node_at(0), started.iter_mut(), &|_| {})?;
+            wait_healthy(self.network.nodes(), started.iter_mut(), &|_| {})?;
             for replica in &started {
                 let body = format!(
                     r#"{{"name":"{}","netns":"{}"}}"#,
@@ -367,12 +384,12 @@ fn start_app(node: &SimNode, pod: &Pod, deployment: &str, deno: &Path) -> Result
     node.spawn_in_pod(pod, command)
 }
 
-/// Waits until every replica answers `/health` (asked from `node`, which reaches every node's
-/// pods), all at once (they start in parallel). Pods still
+/// Waits until every replica answers `/health` (asked from its own node, as a kubelet probes:
+/// nothing of the harness crosses the underlay), all at once (they start in parallel). Pods still
 /// starting after `SLOW_START` are named in a progress line, again every `STILL_WAITING_EVERY`,
 /// and each of them once it answers. Fails at once if an app exits.
 fn wait_healthy<'r>(
-    node: &SimNode,
+    nodes: &[Arc<SimNode>],
     replicas: impl IntoIterator<Item = &'r mut Replica>,
     progress: &dyn Fn(&str),
 ) -> Result<()> {
@@ -383,7 +400,7 @@ fn wait_healthy<'r>(
     while !waiting.is_empty() {
         let mut still_waiting = Vec::new();
         for replica in waiting {
-            if answers_health(node, &replica.pod) {
+            if answers_health(&nodes[replica.node], &replica.pod) {
                 if reported {
                     progress(&format!(
                         "{} answers after {:.1} s",
@@ -457,7 +474,9 @@ fn write_services(config: &ConfigDir, replicas: &BTreeMap<String, Vec<Replica>>)
         let mut backends = Vec::new();
         for (deployment, app, version) in DEPLOYMENTS.iter().filter(|(_, app, _)| *app == service) {
             for replica in replicas.get(*deployment).into_iter().flatten() {
-                backends.push((&replica.pod, [("app", *app), ("version", *version)]));
+                // Enrolled, so in the mesh: with `--ca` the agents tunnel to it.
+                let labels = [("app", *app), ("version", *version), crate::IN_MESH];
+                backends.push((&replica.pod, labels));
             }
         }
         let backends: Vec<Backend<'_>> = backends

@@ -414,11 +414,16 @@ fn method(out: &mut String, report: &Report) {
         "
 ### How it is measured
 
-- One simulated node (`tests/src/simnode.rs`) holds every scenario on its own port, so all of
+- Two simulated nodes (`tests/src/network.rs`) hold every scenario on its own port, so all of
   them run interleaved round-robin (each round starts one scenario later): pods `client`,
   `client-mesh` (enrolled with the eBPF agent: an enrolled pod's every connection goes to its
   agent), `client-iptables` (enrolled with a second agent, `--redirect iptables`), `server-v1`, `server-v2` (a one-thread hyper hello server, `xtask bench --serve`, answering
-  12 B on :8080, 1 KiB on :8081, 12 B on :9000) and `proxy` (nginx :80, HAProxy :81 and :9001).
+  12 B on :8080, 1 KiB on :8081, 12 B on :9000) and `proxy` (nginx :80, HAProxy :81 and :9001)
+  on node 1; `remote-v1`, `remote-v2` (the same servers, in the mesh) and their agent (`--ca`) on
+  node 2. `direct-remote` calls them across the underlay, `mesh-l7-remote` through the eBPF
+  agent in plaintext, `mesh-mtls` through the eBPF agent restarted with `--ca`, which tunnels to
+  node 2's agent (HBONE); every agent is pinned to the servers' core, so the added CPU-µs of
+  `mesh-mtls` counts both ends.
 - `mesh-l7`: a VirtualService 90/10 over subsets v1/v2 with `retries` (3, 5xx) and a
   DestinationRule with a connection pool and `outlierDetection`; `mesh-l4`: a service port
   named `tcp` (passthrough, the engine picks the endpoint). nginx (`master_process off`: one

@@ -100,6 +100,24 @@ pub fn agent_binary() -> Result<PathBuf> {
         .context("build it first: cargo build -p mesh-agent — `cargo xtask test` does this")
 }
 
+/// `<agent> ca init <dir>`: a root CA the agents (`run --ca`) or the signer (`ca serve`) use.
+/// `agent` is the binary to run (the bench passes its release build).
+pub fn ca_init(agent: &std::path::Path, dir: &std::path::Path) -> Result<()> {
+    let output = std::process::Command::new(agent)
+        .args(["ca", "init"])
+        .arg(dir)
+        .output()
+        .context("running mesh-agent ca init")?;
+    if !output.status.success() {
+        bail!(
+            "mesh-agent ca init {} failed: {}",
+            dir.display(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(())
+}
+
 /// The `probe` binary of this package: `$MESH_PROBE_BIN`, else `probe` in the target directory.
 /// Integration tests of this package can use `env!("CARGO_BIN_EXE_probe")` instead.
 pub fn probe_binary() -> Result<PathBuf> {

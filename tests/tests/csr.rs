@@ -250,15 +250,7 @@ fn each_agent_obtains_only_its_own_nodes_workload_certificates() -> Result<()> {
 
     // The CA, and the signer with it.
     let ca_dir = control_plane.dir().join("ca");
-    let init = Command::new(mesh_tests::agent_binary()?)
-        .args(["ca", "init"])
-        .arg(&ca_dir)
-        .output()?;
-    ensure!(
-        init.status.success(),
-        "ca init: {}",
-        String::from_utf8_lossy(&init.stderr)
-    );
+    mesh_tests::ca_init(&mesh_tests::agent_binary()?, &ca_dir)?;
     let root_pem = std::fs::read_to_string(ca_dir.join("root-cert.pem"))?;
     let mut serve = Command::new(mesh_tests::agent_binary()?);
     serve

@@ -103,12 +103,7 @@ fn cluster(tunnel: bool) -> Cluster {
             .prefix("mesh-ca-")
             .tempdir()
             .unwrap();
-        let status = Command::new(mesh_tests::agent_binary().unwrap())
-            .args(["ca", "init"])
-            .arg(dir.path().join("ca"))
-            .status()
-            .unwrap();
-        assert!(status.success(), "mesh-agent ca init");
+        mesh_tests::ca_init(&mesh_tests::agent_binary().unwrap(), &dir.path().join("ca")).unwrap();
         dir
     });
     let ca_dir = ca.as_ref().map(|dir| dir.path().join("ca"));

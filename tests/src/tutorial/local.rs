@@ -207,17 +207,7 @@ fn make_ca() -> Result<tempfile::TempDir> {
         .prefix("mesh-tutorial-ca.")
         .tempdir()
         .context("a directory for the tutorial's CA")?;
-    let output = Command::new(crate::agent_binary()?)
-        .args(["ca", "init"])
-        .arg(dir.path().join("ca"))
-        .output()
-        .context("running mesh-agent ca init")?;
-    if !output.status.success() {
-        bail!(
-            "mesh-agent ca init failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
+    crate::ca_init(&crate::agent_binary()?, &dir.path().join("ca"))?;
     Ok(dir)
 }
 

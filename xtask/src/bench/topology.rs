@@ -156,7 +156,7 @@ impl Topology {
 
         let config = proxies::mesh_config(&server_v1, &server_v2, &remote_v1, &remote_v2)?;
         let ca = scratch.join("ca");
-        make_ca(&binaries.agent, &ca)?;
+        mesh_tests::ca_init(&binaries.agent, &ca)?;
         // Two agents on the same core with the same config: one per redirect mode, each with
         // its own client pod.
         let agent_ebpf = start_agent(
@@ -358,22 +358,6 @@ fn admin_get(node: &SimNode, admin: &str, path: &str) -> Result<String> {
         bail!("{admin} answered {status}: {body}");
     }
     Ok(body)
-}
-
-/// `mesh-agent ca init DIR`: the root of the mesh-mtls scenario's identities.
-fn make_ca(agent: &Path, dir: &Path) -> Result<()> {
-    let output = Command::new(agent)
-        .args(["ca", "init"])
-        .arg(dir)
-        .output()
-        .context("running mesh-agent ca init")?;
-    if !output.status.success() {
-        bail!(
-            "mesh-agent ca init failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    Ok(())
 }
 
 fn ca_flag(dir: &Path) -> Result<Vec<String>> {

@@ -7,8 +7,13 @@ use std::{
 
 use clap::{Parser, Subcommand, ValueEnum};
 use mesh_agent::{
-    discovery::kubernetes::KubeSettings, engine::GatewayLabels, enrollment::PodSpec,
-    identity::spiffe::TrustDomain, proxy::limits, redirect::RedirectMode, run,
+    discovery::kubernetes::KubeSettings,
+    engine::GatewayLabels,
+    enrollment::PodSpec,
+    identity::{csr, spiffe::TrustDomain},
+    proxy::limits,
+    redirect::RedirectMode,
+    run,
 };
 use mesh_common::{DEFAULT_AGENT_MARK, DEFAULT_LISTEN_PORT};
 use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt, EnvFilter};
@@ -210,6 +215,15 @@ struct RunArgs {
     /// SPIFFE ID minted from this CA; without it, every connection is plaintext.
     #[arg(long, value_name = "DIR")]
     ca: Option<PathBuf>,
+    /// Kubernetes mode: connections between pods in the mesh go through mutual TLS tunnels, as
+    /// with --ca, with certificates from the mesh's signer (`mesh-agent ca serve`), asked for
+    /// with CertificateSigningRequests made with --token-file. The DaemonSet sets it.
+    #[arg(long, requires = "kubernetes", conflicts_with = "ca")]
+    mutual_tls: bool,
+    /// The agent pod's pod-bound ServiceAccount token (a projected volume): the credentials of
+    /// its CSRs, which tie each request to this pod and so to this node.
+    #[arg(long, value_name = "FILE", requires = "mutual_tls", default_value = csr::DEFAULT_TOKEN_FILE)]
+    token_file: PathBuf,
     /// Kubernetes mode: watch services, endpoints, pods, namespaces and Istio rules on the API
     /// server, and enroll this node's pods labelled `sidecarless.io/mesh: enabled` (or in a
     /// namespace so labelled).
@@ -438,7 +452,13 @@ fn main() -> ExitCode {
                 drain: Duration::from_secs(args.drain_seconds),
                 config: args.config,
                 otlp_endpoint: args.otlp_endpoint,
-                ca: args.ca,
+                mutual_tls: match (args.ca, args.mutual_tls) {
+                    (Some(dir), _) => Some(run::MutualTls::LocalCa(dir)),
+                    (None, true) => Some(run::MutualTls::Signer {
+                        token_file: args.token_file,
+                    }),
+                    (None, false) => None,
+                },
                 trace_sample_ratio: args.trace_sample_ratio.clamp(0.0, 1.0),
                 ingress: args.ingress,
                 gateway_labels: if args.gateway_labels.is_empty() {

@@ -4,7 +4,7 @@
 use std::{
     net::{SocketAddr, SocketAddrV4},
     os::{fd::OwnedFd, unix::net::UnixListener},
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
@@ -26,7 +26,8 @@ use crate::{
     heap,
     identity::{
         ca::CertificateAuthority,
-        certificates::{CertificateSettings, CertificateStore, SystemClock},
+        certificates::{report_readiness, CertificateSettings, CertificateStore, SystemClock},
+        csr::{self, KubernetesIdentity},
         spiffe::SpiffeId,
     },
     proxy::{self, Limits, PodContext, Proxy},
@@ -67,9 +68,9 @@ pub struct Settings {
     pub config: Option<PathBuf>,
     /// OTLP/HTTP collector for spans (e.g. `http://jaeger:4318`); `None`: no export.
     pub otlp_endpoint: Option<String>,
-    /// Local mode's CA folder (`mesh-agent ca init`): pods in the mesh talk through mutual TLS
-    /// tunnels with certificates it mints. `None`: plaintext.
-    pub ca: Option<PathBuf>,
+    /// Where pods in the mesh get the certificates of their mutual TLS tunnels. `None`:
+    /// plaintext.
+    pub mutual_tls: Option<MutualTls>,
     /// Share of new traces sampled, 0.0 to 1.0.
     pub trace_sample_ratio: f64,
     /// Kubernetes mode: discovery and enrollment from the API server.
@@ -82,6 +83,15 @@ pub struct Settings {
     pub log_level: Option<admin::LogLevelSetter>,
     /// The data path's timeouts, connection caps and buffer budgets.
     pub limits: Limits,
+}
+
+/// Where workload certificates come from.
+pub enum MutualTls {
+    /// Local mode: minted by the CA in this folder (`mesh-agent ca init`).
+    LocalCa(PathBuf),
+    /// Kubernetes mode: from the mesh's signer (`mesh-agent ca serve`), through CSRs made with
+    /// the agent pod's pod-bound token in this file.
+    Signer { token_file: PathBuf },
 }
 
 pub fn run(settings: Settings) -> Result<()> {
@@ -189,23 +199,40 @@ pub fn run(settings: Settings) -> Result<()> {
         // it will have accepted nothing it could drop.
         proxy.drain().pause_accepting();
     }
-    let hbone = match &settings.ca {
-        Some(dir) => {
-            let certificates = certificate_store(dir)?;
+    // `/healthz` answers once the admin API is up; `/ready` says what is still awaited.
+    let readiness = Arc::new(Readiness::starting());
+    let (hbone, gateway_identity) = match &settings.mutual_tls {
+        Some(mutual_tls) => {
+            // A signer's trust bundle is awaited here (for up to the issuer's timeout): without
+            // it no tunnel could be checked.
+            let (certificates, gateway) =
+                runtime.block_on(certificate_store(mutual_tls, settings.kubernetes.as_ref()))?;
+            {
+                let _runtime = runtime.enter();
+                // Not awaited: the task ends with the store.
+                drop(report_readiness(&certificates, Arc::clone(&readiness)));
+            }
             info!(
-                ca = %dir.display(),
                 trust_domain = %certificates.trust_bundle().trust_domain(),
                 "mutual TLS tunnels between pods in the mesh"
             );
-            Some(Hbone::new(
+            let hbone = Hbone::new(
                 Arc::clone(&store),
                 certificates,
                 Arc::clone(&telemetry),
                 InboundLimits::default(),
                 mesh,
-            ))
+            );
+            let gateway = SpiffeId::new(
+                hbone.trust_domain().clone(),
+                &gateway.namespace,
+                &gateway.service_account,
+            )
+            .context("the ingress gateway's identity")?;
+            hbone.keep_identity(gateway.clone());
+            (Some(hbone), Some(gateway))
         }
-        None => None,
+        None => (None, None),
     };
     let enrollments = Arc::new(
         Enrollments::new(
@@ -264,13 +291,7 @@ pub fn run(settings: Settings) -> Result<()> {
             None,
             redirect.exemption(),
         );
-        if let Some(hbone) = &hbone {
-            let identity = SpiffeId::new(
-                hbone.trust_domain().clone(),
-                GATEWAY_NAMESPACE,
-                GATEWAY_SERVICE_ACCOUNT,
-            )
-            .expect("the gateway's names are valid");
+        if let (Some(hbone), Some(identity)) = (&hbone, gateway_identity) {
             gateway = gateway.with_tunnel(Arc::new(TunnelClient::new(
                 Arc::clone(hbone),
                 Source::Fixed(identity),
@@ -280,8 +301,6 @@ pub fn run(settings: Settings) -> Result<()> {
         runtime.spawn(Arc::clone(&proxy).serve_ingress(listener, gateway));
         info!(%addr, labels = %settings.gateway_labels, "ingress gateway listening");
     }
-    // The admin API answers `/healthz` from here on, and `/ready` says what is still awaited.
-    let readiness = Arc::new(Readiness::starting());
     let state = Arc::new(AdminState {
         redirect: Arc::clone(&redirect),
         enrollments: Arc::clone(&enrollments),
@@ -609,15 +628,60 @@ fn inherited_pods(inventory: &mut Inventory) -> Vec<InheritedPod> {
         .collect()
 }
 
-/// Local mode's certificates: minted by the CA in `dir`, renewed at half life.
-fn certificate_store(dir: &Path) -> Result<Arc<CertificateStore>> {
-    let ca = CertificateAuthority::load(dir, SystemTime::now())
-        .with_context(|| format!("--ca {}", dir.display()))?;
-    Ok(Arc::new(CertificateStore::new(
-        Arc::new(ca),
-        CertificateSettings::default(),
-        Arc::new(SystemClock),
-    )))
+/// The workload certificates' store, and whose identity the ingress gateway presents: Istio's ingress gateway's in local mode; in Kubernetes mode the agent's own
+/// ServiceAccount's, the one identity of a gateway inside the agent that the signer grants
+/// (the agent pod runs on its node as that account).
+async fn certificate_store(
+    mutual_tls: &MutualTls,
+    kubernetes: Option<&KubeSettings>,
+) -> Result<(Arc<CertificateStore>, GatewayAccount)> {
+    match (mutual_tls, kubernetes) {
+        (MutualTls::LocalCa(dir), _) => {
+            let ca = CertificateAuthority::load(dir, SystemTime::now())
+                .with_context(|| format!("--ca {}", dir.display()))?;
+            info!(ca = %dir.display(), "workload certificates minted by the local CA");
+            let store = CertificateStore::new(
+                Arc::new(ca),
+                CertificateSettings::default(),
+                Arc::new(SystemClock),
+            );
+            let gateway = GatewayAccount {
+                namespace: GATEWAY_NAMESPACE.to_owned(),
+                service_account: GATEWAY_SERVICE_ACCOUNT.to_owned(),
+            };
+            Ok((Arc::new(store), gateway))
+        }
+        (MutualTls::Signer { token_file }, Some(kube)) => {
+            let agent = csr::token_subject(token_file).context("--mutual-tls")?;
+            let identity = KubernetesIdentity {
+                agent_namespace: agent.namespace.clone(),
+                node_name: kube.node_name.clone(),
+                timeout: csr::DEFAULT_ISSUE_TIMEOUT,
+            };
+            info!(
+                token = %token_file.display(),
+                agent_namespace = %agent.namespace,
+                "workload certificates from the mesh's signer, through CSRs"
+            );
+            let store = csr::agent_store(kube.kubeconfig.as_deref(), token_file, &identity)
+                .await
+                .context("--mutual-tls: the trust bundle")?;
+            let gateway = GatewayAccount {
+                namespace: agent.namespace,
+                service_account: agent.service_account,
+            };
+            Ok((store, gateway))
+        }
+        (MutualTls::Signer { .. }, None) => {
+            anyhow::bail!("--mutual-tls needs --kubernetes (local mode takes --ca)")
+        }
+    }
+}
+
+/// Whose identity the ingress gateway presents in tunnels.
+struct GatewayAccount {
+    namespace: String,
+    service_account: String,
 }
 
 /// The redirect's maps and links, for a successor.

@@ -648,3 +648,32 @@ async fn streams_past_a_connections_bound_wait_for_a_free_one() {
         .unwrap();
     assert_eq!(second.status(), StatusCode::OK);
 }
+
+/// An identity no enrolled pod has any more is let go (a signer would refuse to renew it, and
+/// one expired while its renewal failed would make the agent unready); a kept one (the ingress
+/// gateway's) stays.
+#[tokio::test]
+async fn certificates_of_identities_no_enrolled_pod_has_are_let_go() {
+    let tunnelled = tunnelled(true, InboundLimits::default()).await;
+    let hbone = &tunnelled.destination;
+    let certificates = hbone.certificates();
+    let gateway = id("istio-system", "istio-ingressgateway-service-account");
+    hbone.keep_identity(gateway.clone());
+    for identity in [id("default", "default"), id("shop", "web"), gateway.clone()] {
+        certificates.ready(&identity).await.expect("a certificate");
+    }
+    let held = |mut ids: Vec<SpiffeId>| {
+        ids.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        ids.iter()
+            .map(|id| id.as_str().to_owned())
+            .collect::<Vec<_>>()
+    };
+    // server-0 (namespace default) runs as service account default.
+    hbone.forget_unused_identities([("default", "server-0")]);
+    assert_eq!(
+        held(certificates.identities()),
+        held(vec![id("default", "default"), gateway.clone()])
+    );
+    hbone.forget_unused_identities([]);
+    assert_eq!(held(certificates.identities()), held(vec![gateway]));
+}

@@ -43,6 +43,7 @@ mod netns;
 pub mod network;
 pub mod probe;
 mod process;
+pub mod signer;
 mod simnode;
 pub mod tutorial;
 

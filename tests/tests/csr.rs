@@ -9,6 +9,12 @@
 //! node-1's agent is refused the workload identity of node-2's pod and an identity no pod of its
 //! node has; a token not bound to a pod is refused, and so is a deleted agent pod's; and every
 //! CSR is gone once answered.
+//!
+//! Then the whole path: `mesh-agent run --kubernetes --mutual-tls` on each node (the
+//! DaemonSet's flags) enrolls its node's pods of the mesh, obtains their certificates from the
+//! signer, and carries a request from web (node-1) to the db Service (node-2) through a tunnel:
+//! the underlay carries it only inside TLS to port 15008, and the destination's agent reports
+//! the caller's SPIFFE ID.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -25,23 +31,29 @@ use mesh_agent::identity::{
 };
 use mesh_tests::control_plane::ControlPlane;
 use mesh_tests::kubelet::Kubelet;
-use mesh_tests::{require_root, SimNetwork, SimNode};
+use mesh_tests::signer::{self, Signer, AGENT_NAMESPACE};
+use mesh_tests::{require_root, Agent, SimNetwork, SimNode};
 use serde_json::Value;
 
 const NODE_NAMES: [&str; 2] = ["node-1", "node-2"];
-const AGENT_NAMESPACE: &str = "sidecarless-system";
 const TIMEOUT: Duration = Duration::from_secs(120);
 /// How long the agent's issuer waits for one answer: the signer answers in well under a second.
 const ISSUE_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// A workload on each node (service accounts web and db) and an agent pod on each node running
-/// as the agents' ServiceAccount with the DaemonSet's projected pod-bound token (which the
-/// kubelet stand-in writes). No legacy service-account token is mounted: 1.20's admission would
-/// otherwise wait for the token controller's Secrets.
+/// A namespace of the mesh with a workload on each node (service accounts web and db) and the
+/// db Service. No legacy service-account token is mounted: 1.20's admission would otherwise wait
+/// for the token controller's Secrets. ([`signer::agent_pod`] adds each node's agent pod.)
 const MANIFESTS: &str = r#"
 apiVersion: v1
 kind: Namespace
-metadata: {name: shop}
+metadata: {name: shop, labels: {sidecarless.io/mesh: enabled}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: shop}
+spec:
+  selector: {app: db}
+  ports: [{name: http, port: 8080, targetPort: 8080}]
 ---
 apiVersion: v1
 kind: ServiceAccount
@@ -53,7 +65,7 @@ metadata: {name: db, namespace: shop}
 ---
 apiVersion: v1
 kind: Pod
-metadata: {name: web-1, namespace: shop}
+metadata: {name: web-1, namespace: shop, labels: {app: web}}
 spec:
   nodeName: node-1
   serviceAccountName: web
@@ -64,7 +76,7 @@ spec:
 ---
 apiVersion: v1
 kind: Pod
-metadata: {name: db-1, namespace: shop}
+metadata: {name: db-1, namespace: shop, labels: {app: db}}
 spec:
   nodeName: node-2
   serviceAccountName: db
@@ -73,39 +85,6 @@ spec:
   containers:
   - {name: db, image: mesh-test/upstream, args: [serve, --listen, '0.0.0.0:8080', --name, db]}
 ---
-apiVersion: v1
-kind: Pod
-metadata: {name: mesh-agent-node-1, namespace: sidecarless-system}
-spec:
-  nodeName: node-1
-  serviceAccountName: mesh-agent
-  automountServiceAccountToken: false
-  terminationGracePeriodSeconds: 1
-  containers:
-  - name: agent
-    image: mesh-test/upstream
-    args: [serve, --listen, '0.0.0.0:9090', --name, agent]
-    volumeMounts: [{name: pod-token, mountPath: /var/run/secrets/sidecarless.io/serviceaccount}]
-  volumes:
-  - name: pod-token
-    projected: {sources: [{serviceAccountToken: {path: token, expirationSeconds: 3600}}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: mesh-agent-node-2, namespace: sidecarless-system}
-spec:
-  nodeName: node-2
-  serviceAccountName: mesh-agent
-  automountServiceAccountToken: false
-  terminationGracePeriodSeconds: 1
-  containers:
-  - name: agent
-    image: mesh-test/upstream
-    args: [serve, --listen, '0.0.0.0:9090', --name, agent]
-    volumeMounts: [{name: pod-token, mountPath: /var/run/secrets/sidecarless.io/serviceaccount}]
-  volumes:
-  - name: pod-token
-    projected: {sources: [{serviceAccountToken: {path: token, expirationSeconds: 3600}}]}
 "#;
 
 fn wait_for<T>(what: &str, check: impl FnMut() -> Result<Option<T>>) -> Result<T> {
@@ -211,85 +190,94 @@ fn denied(outcome: &Outcome, reason: &str) -> Result<()> {
     Ok(())
 }
 
+/// Two nodes, each with its kubelet, running [`MANIFESTS`] and an agent pod; the CA, and the
+/// signer with it, its trust bundle published.
+struct Cluster {
+    // Dropped in this order: the signer, the pods' processes, the control plane, the nodes.
+    signer: Signer,
+    kubelets: Vec<Kubelet>,
+    control_plane: ControlPlane,
+    nodes: Vec<Arc<SimNode>>,
+    network: SimNetwork,
+    /// The agents' ServiceAccount's kubeconfig (deploy/base's RBAC).
+    agent_kubeconfig: PathBuf,
+    /// Each node's agent pod's projected pod-bound token, as its kubelet wrote it.
+    tokens: Vec<PathBuf>,
+}
+
+impl Cluster {
+    fn start() -> Result<Cluster> {
+        require_root();
+        let network = SimNetwork::new(2)?;
+        let nodes: Vec<Arc<SimNode>> = network.nodes().to_vec();
+        let address = nodes[0]
+            .underlay_ip()
+            .context("node-1 has an underlay address")?;
+        let control_plane = nodes[0].run_on_node(|| ControlPlane::start_on(address))??;
+        let kubelets: Vec<Kubelet> = nodes
+            .iter()
+            .zip(NODE_NAMES)
+            .map(|(node, name)| Kubelet::start(node.clone(), &control_plane, name))
+            .collect::<Result<_>>()?;
+        let agent_kubeconfig = nodes[0].run_on_node(|| control_plane.agent_kubeconfig())??;
+        let kubectl = |args: &[&str]| -> Result<String> {
+            nodes[1].run_on_node(|| control_plane.kubectl(args))?
+        };
+        let manifests = control_plane.dir().join("csr.yaml");
+        let agent_pods: String = NODE_NAMES
+            .iter()
+            .map(|name| signer::agent_pod(name))
+            .collect();
+        std::fs::write(&manifests, format!("{MANIFESTS}{agent_pods}"))?;
+        kubectl(&["apply", "-f", &manifests.display().to_string()])?;
+        wait_for("the agent and workload pods Running", || {
+            let mut running = 0;
+            for namespace in ["shop", AGENT_NAMESPACE] {
+                let pods: Value = serde_json::from_str(&kubectl(&[
+                    "-n", namespace, "get", "pods", "-o", "json",
+                ])?)?;
+                running += pods["items"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|pod| pod["status"]["phase"] == "Running")
+                    .count();
+            }
+            Ok((running == 4).then_some(()))
+        })?;
+        let signer = Signer::start(&nodes[0], &control_plane)?;
+        let tokens = kubelets
+            .iter()
+            .map(signer::agent_token)
+            .collect::<Result<_>>()?;
+        Ok(Cluster {
+            signer,
+            kubelets,
+            control_plane,
+            nodes,
+            network,
+            agent_kubeconfig,
+            tokens,
+        })
+    }
+
+    fn kubectl(&self, args: &[&str]) -> Result<String> {
+        self.nodes[1].run_on_node(|| self.control_plane.kubectl(args))?
+    }
+
+    fn signer_log(&self) -> String {
+        self.signer.log()
+    }
+}
+
 #[test]
 fn each_agent_obtains_only_its_own_nodes_workload_certificates() -> Result<()> {
-    require_root();
-    let network = SimNetwork::new(2)?;
-    let nodes: Vec<Arc<SimNode>> = network.nodes().to_vec();
-    let address = nodes[0]
-        .underlay_ip()
-        .context("node-1 has an underlay address")?;
-    let control_plane = nodes[0].run_on_node(|| ControlPlane::start_on(address))??;
-    let kubectl =
-        |args: &[&str]| -> Result<String> { nodes[1].run_on_node(|| control_plane.kubectl(args))? };
-    let kubelets: Vec<Kubelet> = nodes
-        .iter()
-        .zip(NODE_NAMES)
-        .map(|(node, name)| Kubelet::start(node.clone(), &control_plane, name))
-        .collect::<Result<_>>()?;
-
-    let agent_kubeconfig = nodes[0].run_on_node(|| control_plane.agent_kubeconfig())??;
-    let signer_kubeconfig = nodes[0].run_on_node(|| control_plane.signer_kubeconfig())??;
-    let manifests = control_plane.dir().join("csr.yaml");
-    std::fs::write(&manifests, MANIFESTS)?;
-    kubectl(&["apply", "-f", &manifests.display().to_string()])?;
-    wait_for("the agent and workload pods Running", || {
-        let mut running = 0;
-        for namespace in ["shop", AGENT_NAMESPACE] {
-            let pods: Value =
-                serde_json::from_str(&kubectl(&["-n", namespace, "get", "pods", "-o", "json"])?)?;
-            running += pods["items"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter(|pod| pod["status"]["phase"] == "Running")
-                .count();
-        }
-        Ok((running == 4).then_some(()))
-    })?;
-
-    // The CA, and the signer with it.
-    let ca_dir = control_plane.dir().join("ca");
-    mesh_tests::ca_init(&mesh_tests::agent_binary()?, &ca_dir)?;
-    let root_pem = std::fs::read_to_string(ca_dir.join("root-cert.pem"))?;
-    let mut serve = Command::new(mesh_tests::agent_binary()?);
-    serve
-        .args(["ca", "serve"])
-        .arg(&ca_dir)
-        .arg("--kubeconfig")
-        .arg(&signer_kubeconfig)
-        .env("RUST_LOG", "info");
-    let mut signer = nodes[0].spawn_on_node(serve)?;
-    wait_for("the signer's trust bundle ConfigMap", || {
-        let bundle = kubectl(&[
-            "-n",
-            AGENT_NAMESPACE,
-            "get",
-            "configmap",
-            "mesh-ca-root-cert",
-            "-o",
-            "jsonpath={.data.root-cert\\.pem}",
-        ])
-        .unwrap_or_default();
-        Ok((!bundle.is_empty()).then_some(bundle))
-    })
-    .with_context(|| format!("signer: {}", signer.stderr().text()))?;
-
-    // Each agent pod's projected token, as its kubelet wrote it.
-    let tokens: Vec<PathBuf> = kubelets
-        .iter()
-        .zip(NODE_NAMES)
-        .map(|(kubelet, name)| {
-            let pod = kubelet
-                .pod(AGENT_NAMESPACE, &format!("mesh-agent-{name}"))
-                .with_context(|| format!("{name}'s kubelet runs its agent pod"))?;
-            let dir = pod
-                .volumes
-                .get("pod-token")
-                .context("the kubelet wrote the pod-token volume")?;
-            Ok(dir.join("token"))
-        })
-        .collect::<Result<_>>()?;
+    let mut cluster = Cluster::start()?;
+    let nodes = cluster.nodes.clone();
+    let agent_kubeconfig = cluster.agent_kubeconfig.clone();
+    let tokens = cluster.tokens.clone();
+    let root_pem = cluster.signer.root_pem().to_owned();
+    let kubectl = |args: &[&str]| cluster.kubectl(args);
 
     // node-1's agent: its own node's web, then node-2's db and an identity no pod has.
     let (bundle, node1) = ask(
@@ -299,11 +287,11 @@ fn each_agent_obtains_only_its_own_nodes_workload_certificates() -> Result<()> {
         NODE_NAMES[0],
         &[id("web"), id("db"), id("admin")],
     )
-    .with_context(|| format!("signer: {}", signer.stderr().text()))?;
+    .with_context(|| format!("signer: {}", cluster.signer_log()))?;
     ensure!(bundle == root_pem, "the bundle agents read is the CA's");
     let (web, web_round_trip) = node1[0]
         .as_ref()
-        .map_err(|e| anyhow::anyhow!("node-1's web: {e}; signer: {}", signer.stderr().text()))?;
+        .map_err(|e| anyhow::anyhow!("node-1's web: {e}; signer: {}", cluster.signer_log()))?;
     check_certificate(web, &id("web"), &root_pem)?;
     denied(&node1[1], "WorkloadOnAnotherNode")?;
     denied(&node1[2], "NoSuchWorkload")?;
@@ -336,7 +324,7 @@ fn each_agent_obtains_only_its_own_nodes_workload_certificates() -> Result<()> {
     // A deleted agent pod's token: either the API server refuses it (a bound token dies with
     // its pod, once the server looks the pod up) or, as 1.20 was seen to do, accepts it and
     // records the gone pod, which the signer checks: no certificate either way.
-    let stale = control_plane.dir().join("deleted-agent.token");
+    let stale = cluster.control_plane.dir().join("deleted-agent.token");
     std::fs::copy(&tokens[0], &stale)?;
     kubectl(&[
         "-n",
@@ -376,11 +364,144 @@ fn each_agent_obtains_only_its_own_nodes_workload_certificates() -> Result<()> {
         web_round_trip.as_millis(),
         db_round_trip.as_millis()
     );
-    let log = signer.stderr().text();
+    let log = cluster.signer_log();
     ensure!(
         log.contains("signed") && log.contains("denied"),
         "the signer logs its decisions: {log}"
     );
-    signer.stop(Duration::from_secs(2))?;
+    cluster.signer.stop(Duration::from_secs(2))?;
+    Ok(())
+}
+
+/// Sums the samples of `metric` whose labels include every `label="value"` of `want`.
+fn sum(text: &str, metric: &str, want: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|line| line.starts_with(&format!("{metric}{{")))
+        .filter(|line| {
+            want.iter()
+                .all(|(key, value)| line.contains(&format!("{key}=\"{value}\"")))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn kubernetes_mode_agents_tunnel_between_nodes_with_certificates_from_the_signer() -> Result<()> {
+    const REQUESTS: usize = 20;
+    let cluster = Cluster::start()?;
+    // The DaemonSet's flags, with the agent pod's token as its kubelet wrote it.
+    let agents: Vec<Agent> = cluster
+        .nodes
+        .iter()
+        .zip(NODE_NAMES)
+        .zip(&cluster.tokens)
+        .map(|((node, name), token)| {
+            let args = signer::agent_args(&cluster.agent_kubeconfig, name, token);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            Agent::spawn(node, &[], &args)
+        })
+        .collect::<Result<_>>()?;
+    for (agent, name) in agents.iter().zip(NODE_NAMES) {
+        agent
+            .wait_ready(TIMEOUT)
+            .with_context(|| format!("{name}'s agent: {}", agent.stderr_text()))?;
+    }
+    for (agent, pod) in agents.iter().zip(["shop/web-1", "shop/db-1"]) {
+        wait_for(&format!("{pod} enrolled"), || {
+            Ok(agent.enrolled()?.iter().any(|p| p == pod).then_some(()))
+        })?;
+    }
+    let service: Value = serde_json::from_str(
+        &cluster.kubectl(&["-n", "shop", "get", "service", "db", "-o", "json"])?,
+    )?;
+    let cluster_ip: std::net::Ipv4Addr = service["spec"]["clusterIP"]
+        .as_str()
+        .context("db has a clusterIP")?
+        .parse()?;
+    cluster.network.add_host("db", cluster_ip)?;
+    let web = cluster.kubelets[0]
+        .pod("shop", "web-1")
+        .context("node-1's kubelet runs web-1")?;
+
+    let needle = format!("csr-tunnel-{}", std::process::id());
+    let capture = mesh_tests::capture::Capture::start(&cluster.network)?;
+    let url = format!("http://db:8080/{needle}");
+    let mut get = Command::new(mesh_tests::upstream_binary()?);
+    get.args(["get", "--url", &url, "--count", &REQUESTS.to_string()])
+        .args(["--timeout-secs", "20", "--quiet"]);
+    let mut get = cluster.nodes[0].spawn_in_pod(&web.pod, get)?;
+    let finished = get.finish(TIMEOUT)?;
+    let captured = capture.stop()?;
+    ensure!(
+        finished.success(),
+        "GET {url} from web-1: {}\nnode-1's agent: {}",
+        get.stderr().text(),
+        agents[0].stderr_text()
+    );
+    let summary = get
+        .stdout()
+        .json_lines()
+        .pop()
+        .context("upstream get printed no summary")?;
+    ensure!(
+        summary["by_status"]["200"].as_u64() == Some(REQUESTS as u64),
+        "every request answered 200: {summary}"
+    );
+    ensure!(
+        captured.payload_bytes_to_port(15008) > 0,
+        "the capture saw the tunnel"
+    );
+    ensure!(
+        captured.payload_bytes_to_port(8080) == 0,
+        "nothing crossed to the app's port in plaintext"
+    );
+    ensure!(
+        !captured.contains(needle.as_bytes())?,
+        "a request crossed the underlay in plaintext"
+    );
+
+    let web_id = "spiffe://cluster.local/ns/shop/sa/web";
+    let db_id = "spiffe://cluster.local/ns/shop/sa/db";
+    let (_, source) = agents[0].admin_get("/metrics")?;
+    let tunnelled = sum(
+        &source,
+        "istio_requests_total",
+        &[
+            ("reporter", "source"),
+            ("source_principal", web_id),
+            ("destination_principal", db_id),
+            ("connection_security_policy", "mutual_tls"),
+            ("response_code", "200"),
+        ],
+    );
+    ensure!(tunnelled == REQUESTS as f64, "node-1's agent: {source}");
+    let handshakes = sum(
+        &source,
+        "mesh_tunnel_handshakes_total",
+        &[("direction", "outbound")],
+    );
+    ensure!(handshakes == 1.0, "one pooled tunnel: {source}");
+    let (_, destination) = agents[1].admin_get("/metrics")?;
+    let received = sum(
+        &destination,
+        "istio_tcp_connections_opened_total",
+        &[
+            ("reporter", "destination"),
+            ("source_principal", web_id),
+            ("destination_principal", db_id),
+            ("connection_security_policy", "mutual_tls"),
+        ],
+    );
+    ensure!(received >= 1.0, "node-2's agent: {destination}");
+    // Both workload certificates came through CSRs, each signed for its own node.
+    let log = cluster.signer_log();
+    for (identity, node) in [(web_id, "node-1"), (db_id, "node-2")] {
+        ensure!(
+            log.lines().any(|line| line.contains("signed")
+                && line.contains(identity)
+                && line.contains(node)),
+            "the signer signed {identity} for {node}: {log}"
+        );
+    }
     Ok(())
 }

@@ -77,6 +77,30 @@ fn the_tutorial_end_to_end_with_kubectl() {
         mesh_tests::tutorial::kubernetes::NAMESPACE,
         "kubernetes",
     );
+    // Every hop went through a tunnel, with certificates from the signer: the apps' (the
+    // namespace's default service account) and the ingress gateway's (the agent's own).
+    let (_, metrics) = tutorial.agents()[0].admin_get("/metrics").unwrap();
+    for caller in [
+        "ns/servicemesh-apps/sa/default",
+        "ns/sidecarless-system/sa/mesh-agent",
+    ] {
+        let principal = format!("source_principal=\"spiffe://cluster.local/{caller}\"");
+        assert!(
+            metrics.lines().any(
+                |line| line.starts_with("istio_tcp_connections_opened_total")
+                    && line.contains("reporter=\"destination\"")
+                    && line.contains(&principal)
+                    && line.contains("connection_security_policy=\"mutual_tls\"")
+            ),
+            "no destination report of {caller} over mutual TLS:\n{metrics}"
+        );
+        let log = tutorial.signer().log();
+        assert!(
+            log.lines()
+                .any(|line| line.contains("signed") && line.contains(caller)),
+            "the signer signed {caller}: {log}"
+        );
+    }
 }
 
 /// The baseline, a trace through the chain, then every step in order.

@@ -461,6 +461,7 @@ impl Enrollments {
             entry.ok_or_else(|| EnrollError::NotEnrolled(key.clone()))?
         };
         self.release(entry)?;
+        self.forget_unused_identities();
         info!(pod = key, "unenrolled");
         Ok(())
     }
@@ -473,6 +474,7 @@ impl Enrollments {
                 tracing::warn!(pod = %name, %error, "unenroll failed");
             }
         }
+        self.forget_unused_identities();
     }
 
     pub fn list(&self) -> Vec<EnrolledPod> {
@@ -488,6 +490,17 @@ impl Enrollments {
             tunnel_loop.abort();
         }
         Ok(())
+    }
+
+    /// Certificates of identities no enrolled pod has any more are let go.
+    fn forget_unused_identities(&self) {
+        if let Some(hbone) = &self.hbone {
+            let pods = self.pods.lock().expect("enrollments lock");
+            hbone.forget_unused_identities(
+                pods.values()
+                    .map(|entry| (entry.pod.namespace.as_str(), entry.pod.name.as_str())),
+            );
+        }
     }
 }
 

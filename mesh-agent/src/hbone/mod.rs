@@ -18,7 +18,10 @@ mod inbound;
 mod metrics;
 mod outbound;
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex, PoisonError},
+};
 
 use prometheus_client::registry::Registry;
 
@@ -47,6 +50,8 @@ pub struct Hbone {
     telemetry: Arc<Telemetry>,
     metrics: TunnelMetrics,
     limits: InboundLimits,
+    /// Identities in use whatever pods are enrolled: the ingress gateway's.
+    kept: Mutex<Vec<SpiffeId>>,
 }
 
 impl Hbone {
@@ -66,6 +71,7 @@ impl Hbone {
             telemetry,
             metrics,
             limits,
+            kept: Mutex::new(Vec::new()),
         })
     }
 
@@ -97,6 +103,41 @@ impl Hbone {
                 workload.service_account.as_str()
             });
         SpiffeId::new(self.trust_domain().clone(), namespace, account).ok()
+    }
+
+    /// Keeps `identity`'s certificate whatever pods are enrolled.
+    pub fn keep_identity(&self, identity: SpiffeId) {
+        self.kept
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(identity);
+    }
+
+    /// Forgets the certificates of identities that neither a kept one nor any of the `enrolled`
+    /// pods (namespace, name) has: a signer would refuse to renew them once their pods left
+    /// this node, and a certificate that expired while its renewal failed makes the agent
+    /// unready.
+    pub fn forget_unused_identities<'a>(
+        &self,
+        enrolled: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) {
+        let snapshot = self.snapshot();
+        let mut used: Vec<SpiffeId> = enrolled
+            .into_iter()
+            .filter_map(|(namespace, name)| self.pod_identity(&snapshot, namespace, name))
+            .collect();
+        used.extend(
+            self.kept
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .iter()
+                .cloned(),
+        );
+        for identity in self.certificates.identities() {
+            if !used.contains(&identity) && self.certificates.forget(&identity) {
+                tracing::debug!(%identity, "no enrolled pod has this identity: forgotten");
+            }
+        }
     }
 
     /// The identity a tunnel to `workload` expects of it, when it is in the mesh; `None`: the

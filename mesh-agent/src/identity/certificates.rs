@@ -472,6 +472,16 @@ impl CertificateStore {
         removed
     }
 
+    /// The identities held or failing: what [`Self::forget`] may be asked to drop.
+    pub fn identities(&self) -> Vec<SpiffeId> {
+        let held = self.lock();
+        held.certificates
+            .keys()
+            .chain(held.failures.keys())
+            .cloned()
+            .collect()
+    }
+
     /// Identities held.
     pub fn len(&self) -> usize {
         self.lock().certificates.len()

@@ -318,6 +318,45 @@ pub async fn agent_store(
     .await
 }
 
+/// Who a ServiceAccount token says it is: the `kubernetes.io` claims of its JWT payload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenSubject {
+    pub namespace: String,
+    pub service_account: String,
+    /// The pod a pod-bound token is bound to; `None` for other tokens.
+    pub pod: Option<String>,
+}
+
+/// Reads the subject of the agent's own token. Not a verification (the API server verifies
+/// it on every request): how the agent learns its namespace and ServiceAccount, which its
+/// ingress gateway's identity and the trust bundle's ConfigMap are named by.
+pub fn token_subject(token_file: &Path) -> anyhow::Result<TokenSubject> {
+    use base64::Engine;
+    let token = std::fs::read_to_string(token_file)
+        .with_context(|| format!("reading the pod-bound token {}", token_file.display()))?;
+    let bad = |why: &str| anyhow::anyhow!("{}: {why}", token_file.display());
+    let payload = token
+        .trim()
+        .split('.')
+        .nth(1)
+        .ok_or_else(|| bad("not a JWT (no payload)"))?;
+    let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .map_err(|_| bad("the JWT payload is not base64url"))?;
+    let claims: serde_json::Value =
+        serde_json::from_slice(&payload).map_err(|_| bad("the JWT payload is not JSON"))?;
+    let kubernetes = &claims["kubernetes.io"];
+    let text = |value: &serde_json::Value| value.as_str().map(str::to_owned);
+    Ok(TokenSubject {
+        namespace: text(&kubernetes["namespace"]).ok_or_else(|| {
+            bad("no kubernetes.io.namespace claim: not a bound ServiceAccount token")
+        })?,
+        service_account: text(&kubernetes["serviceaccount"]["name"])
+            .ok_or_else(|| bad("no kubernetes.io.serviceaccount.name claim"))?,
+        pod: text(&kubernetes["pod"]["name"]),
+    })
+}
+
 /// `mesh-<node>-`, cut so that the generated name (5 more characters) stays a valid name.
 fn csr_name_prefix(node_name: &str) -> String {
     let mut prefix = format!("mesh-{node_name}");
@@ -337,6 +376,38 @@ mod tests {
 
     fn pem_of(leaf: &CertificateDer<'_>) -> Vec<u8> {
         pem::encode(&pem::Pem::new("CERTIFICATE", leaf.to_vec())).into_bytes()
+    }
+
+    #[test]
+    fn a_tokens_subject_is_read_from_its_kubernetes_claims() {
+        use base64::Engine;
+        let encode = |json: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json);
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        let payload = r#"{"aud":["api"],"kubernetes.io":{"namespace":"sidecarless-system","pod":{"name":"mesh-agent-x1","uid":"u"},"serviceaccount":{"name":"mesh-agent","uid":"v"}}}"#;
+        std::fs::write(&file, format!("{}.{}.sig\n", encode("{}"), encode(payload))).unwrap();
+        assert_eq!(
+            token_subject(&file).unwrap(),
+            TokenSubject {
+                namespace: "sidecarless-system".into(),
+                service_account: "mesh-agent".into(),
+                pod: Some("mesh-agent-x1".into()),
+            }
+        );
+        // A legacy Secret token names no pod, and its claims are elsewhere.
+        let legacy =
+            r#"{"iss":"kubernetes/serviceaccount","kubernetes.io/serviceaccount/namespace":"x"}"#;
+        std::fs::write(&file, format!("{}.{}.sig", encode("{}"), encode(legacy))).unwrap();
+        let error = token_subject(&file).unwrap_err().to_string();
+        assert!(
+            error.contains("not a bound ServiceAccount token"),
+            "{error}"
+        );
+        std::fs::write(&file, "not a jwt").unwrap();
+        assert!(token_subject(&file)
+            .unwrap_err()
+            .to_string()
+            .contains("not a JWT"));
     }
 
     #[test]

@@ -8,7 +8,9 @@
 //!
 //! What the harness does in place of a cluster's other parts, and why:
 //! - it starts the agent itself (the stand-in runs no hostNetwork pod with host mounts), with
-//!   the DaemonSet's flags that matter on one node: `--kubernetes`, `--node-name`, `--ingress`;
+//!   the DaemonSet's flags that matter on one node: `--kubernetes`, `--node-name`, `--ingress`,
+//!   `--mutual-tls` with the pod-bound token of a stand-in agent pod, and the mesh's signer
+//!   (`crate::signer`): pods talk through tunnels, with certificates from CSRs;
 //! - it writes the Services' cluster IPs into the pods' hosts files, as cluster DNS would answer
 //!   (pods have no DNS server);
 //! - it crashes and repairs a replica with a request straight to the pod from the node, where
@@ -34,6 +36,7 @@ use crate::{
     control_plane::ControlPlane,
     kubelet::{Images, Kubelet},
     mesh_config::examples_dir,
+    signer::{self, Signer},
     Agent, SimNode,
 };
 
@@ -70,6 +73,7 @@ pub struct KubernetesTutorial {
     // Field order is drop order: the agent, then the pods, then the control plane, then the
     // node they all run in.
     agent: Agent,
+    signer: Signer,
     kubelet: Kubelet,
     control_plane: ControlPlane,
     node: Arc<SimNode>,
@@ -109,21 +113,22 @@ impl KubernetesTutorial {
         let started = Instant::now();
         let kubeconfig = node.run_on_node(|| control_plane.agent_kubeconfig())??;
         let gateway = SocketAddr::from((node.ip(), INGRESS_PORT)).to_string();
-        let agent = Agent::spawn(
-            &node,
-            &[],
-            &[
-                "--kubernetes",
-                "--kubeconfig",
-                path_arg(&kubeconfig)?,
-                "--node-name",
-                NODE_NAME,
-                "--ingress",
-                &gateway,
-            ],
-        )?;
+        let agent_pod = control_plane.dir().join("agent-pod.yaml");
+        std::fs::write(&agent_pod, signer::agent_pod(NODE_NAME))?;
+        kubectl(&["apply", "-f", path_arg(&agent_pod)?])?;
+        let signer = Signer::start(&node, &control_plane)?;
+        let token = crate::wait_for("the agent pod's token", READY_WITHIN, || {
+            Ok(signer::agent_token(&kubelet)
+                .ok()
+                .filter(|token| token.exists()))
+        })?;
+        let mut args = signer::agent_args(&kubeconfig, NODE_NAME, &token);
+        args.extend(["--ingress".to_owned(), gateway]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let agent = Agent::spawn(&node, &[], &args)?;
         let tutorial = KubernetesTutorial {
             agent,
+            signer,
             kubelet,
             control_plane,
             node,
@@ -168,6 +173,11 @@ impl KubernetesTutorial {
 
     pub fn control_plane(&self) -> &ControlPlane {
         &self.control_plane
+    }
+
+    /// The mesh's signer, which issued the pods' certificates.
+    pub fn signer(&self) -> &Signer {
+        &self.signer
     }
 
     pub fn kubelet(&self) -> &Kubelet {

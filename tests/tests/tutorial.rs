@@ -29,8 +29,8 @@ fn the_tutorial_end_to_end() {
 /// The cluster: A on node 1, B and C v1 on node 2, C v2 on node 3, the agents given a CA.
 /// Every step as on one node, while a capture of the underlay sees only tunnel bytes (port
 /// 15008): no plaintext HTTP, no request id; the destination agents report each caller's SPIFFE
-/// identity over mutual TLS. (The control, the same traffic found in plaintext without `--ca`,
-/// is `tests/mtls.rs`'s.)
+/// identity over mutual TLS. (Its control follows: the same calls, found in plaintext without
+/// `--ca`.)
 #[test]
 fn the_tutorial_end_to_end_on_three_nodes() {
     mesh_tests::set_echo(false);
@@ -66,6 +66,34 @@ fn the_tutorial_end_to_end_on_three_nodes() {
             "no destination report of {caller} over mutual TLS:\n{metrics}"
         );
     }
+}
+
+/// The control of the test above: the same calls through the gateway on the same three nodes,
+/// with the agents given no CA, are found on the underlay in plaintext.
+#[test]
+fn without_mutual_tls_the_three_node_tutorials_calls_cross_in_plaintext() {
+    mesh_tests::set_echo(false);
+    let plaintext = Layout {
+        mutual_tls: false,
+        ..Layout::THREE_NODES
+    };
+    let tutorial = LocalTutorial::start(plaintext, &|line| println!("start: {line}")).unwrap();
+    let capture = Capture::start(tutorial.network()).unwrap();
+    for _ in 0..10 {
+        let (status, body) = tutorial
+            .call_with(&[("x-request-id", "tutorial-trace-three-nodes")])
+            .unwrap();
+        assert_eq!(status, 200, "{body}");
+    }
+    let captured = capture.stop().unwrap();
+    let plaintext = captured.payload_bytes_to_port(8080);
+    println!(
+        "three-nodes underlay without a CA: {plaintext} payload bytes to :8080, none to :15008"
+    );
+    assert!(plaintext > 0);
+    assert_eq!(captured.payload_bytes_to_port(15008), 0);
+    assert!(captured.contains(b"HTTP/1.1").unwrap());
+    assert!(captured.contains(b"tutorial-trace-three-nodes").unwrap());
 }
 
 #[test]

@@ -322,3 +322,18 @@ pub fn attached_program_ids(cgroup: &Path) -> Result<Vec<u32>> {
     }
     Ok(all)
 }
+
+/// The samples of `metric` in Prometheus text `exposition` whose labels hold every
+/// `label="value"` of `want`, summed.
+pub fn sum_samples(exposition: &str, metric: &str, want: &[(&str, &str)]) -> f64 {
+    let prefix = format!("{metric}{{");
+    exposition
+        .lines()
+        .filter(|line| line.starts_with(&prefix))
+        .filter(|line| {
+            want.iter()
+                .all(|(key, value)| line.contains(&format!("{key}=\"{value}\"")))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

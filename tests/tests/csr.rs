@@ -29,6 +29,7 @@ use mesh_agent::identity::{
     spiffe::SpiffeId,
     tls::spiffe_id_of,
 };
+use mesh_tests::agent::sum_samples;
 use mesh_tests::control_plane::ControlPlane;
 use mesh_tests::kubelet::Kubelet;
 use mesh_tests::signer::{self, Signer, AGENT_NAMESPACE};
@@ -373,18 +374,6 @@ fn each_agent_obtains_only_its_own_nodes_workload_certificates() -> Result<()> {
     Ok(())
 }
 
-/// Sums the samples of `metric` whose labels include every `label="value"` of `want`.
-fn sum(text: &str, metric: &str, want: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|line| line.starts_with(&format!("{metric}{{")))
-        .filter(|line| {
-            want.iter()
-                .all(|(key, value)| line.contains(&format!("{key}=\"{value}\"")))
-        })
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[test]
 fn kubernetes_mode_agents_tunnel_between_nodes_with_certificates_from_the_signer() -> Result<()> {
     const REQUESTS: usize = 20;
@@ -463,7 +452,7 @@ fn kubernetes_mode_agents_tunnel_between_nodes_with_certificates_from_the_signer
     let web_id = "spiffe://cluster.local/ns/shop/sa/web";
     let db_id = "spiffe://cluster.local/ns/shop/sa/db";
     let (_, source) = agents[0].admin_get("/metrics")?;
-    let tunnelled = sum(
+    let tunnelled = sum_samples(
         &source,
         "istio_requests_total",
         &[
@@ -475,14 +464,14 @@ fn kubernetes_mode_agents_tunnel_between_nodes_with_certificates_from_the_signer
         ],
     );
     ensure!(tunnelled == REQUESTS as f64, "node-1's agent: {source}");
-    let handshakes = sum(
+    let handshakes = sum_samples(
         &source,
         "mesh_tunnel_handshakes_total",
         &[("direction", "outbound")],
     );
     ensure!(handshakes == 1.0, "one pooled tunnel: {source}");
     let (_, destination) = agents[1].admin_get("/metrics")?;
-    let received = sum(
+    let received = sum_samples(
         &destination,
         "istio_tcp_connections_opened_total",
         &[

@@ -14,6 +14,7 @@ use std::{
 };
 
 use mesh_tests::{
+    agent::sum_samples,
     capture::{Capture, Captured},
     require_root, Agent, Backend, ConfigDir, Pod, PodProcess, SimNetwork, SimNode, IN_MESH,
 };
@@ -203,18 +204,6 @@ fn metrics(agent: &Agent) -> String {
     body
 }
 
-/// The samples of `metric` whose labels hold every `label="value"` of `want`, summed.
-fn sum(text: &str, metric: &str, want: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|line| line.starts_with(&format!("{metric}{{")))
-        .filter(|line| {
-            want.iter()
-                .all(|(key, value)| line.contains(&format!("{key}=\"{value}\"")))
-        })
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 fn needle(what: &str) -> String {
     format!("mtls-{what}-{}", std::process::id())
 }
@@ -246,7 +235,7 @@ fn cross_node_requests_travel_inside_mutual_tls_and_are_reported_with_identities
     );
     for (index, agent) in cluster.agents.iter().enumerate() {
         let text = metrics(agent);
-        let destination = sum(
+        let destination = sum_samples(
             &text,
             "istio_tcp_connections_opened_total",
             &[
@@ -263,7 +252,7 @@ fn cross_node_requests_travel_inside_mutual_tls_and_are_reported_with_identities
         assert!(destination >= 1.0, "node {}: {text}", index + 1);
     }
     let source = metrics(&cluster.agents[0]);
-    let tunnelled = sum(
+    let tunnelled = sum_samples(
         &source,
         "istio_requests_total",
         &[
@@ -275,7 +264,7 @@ fn cross_node_requests_travel_inside_mutual_tls_and_are_reported_with_identities
     );
     assert_eq!(tunnelled, 30.0, "{source}");
     // Tunnels are pooled: one per destination pod, however many requests.
-    let handshakes = sum(
+    let handshakes = sum_samples(
         &source,
         "mesh_tunnel_handshakes_total",
         &[("direction", "outbound")],
@@ -294,7 +283,7 @@ fn without_a_ca_the_same_traffic_crosses_in_plaintext() {
     assert!(captured.payload_bytes_to_port(PORT) > 0);
     assert_eq!(captured.payload_bytes_to_port(mesh_agent_tunnel_port()), 0);
     let source = metrics(&cluster.agents[0]);
-    let plaintext = sum(
+    let plaintext = sum_samples(
         &source,
         "istio_requests_total",
         &[
@@ -353,7 +342,7 @@ fn a_destination_agent_restarted_hands_its_tunnel_listeners_over() {
         "web-2 is reached after the restart"
     );
     let text = metrics(&cluster.agents[1]);
-    let inbound = sum(
+    let inbound = sum_samples(
         &text,
         "mesh_tunnel_handshakes_total",
         &[("direction", "inbound")],

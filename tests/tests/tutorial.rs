@@ -6,7 +6,9 @@
 
 use std::time::Duration;
 
+use mesh_tests::agent::sum_samples;
 use mesh_tests::capture::Capture;
+use mesh_tests::Agent;
 
 use mesh_tests::tutorial::{
     answer,
@@ -53,18 +55,7 @@ fn the_tutorial_end_to_end_on_three_nodes() {
         (agents[1], "service-b"),
         (agents[2], "service-b"),
     ] {
-        let (_, metrics) = agent.admin_get("/metrics").unwrap();
-        let principal =
-            format!("source_principal=\"spiffe://cluster.local/ns/default/sa/{caller}\"");
-        assert!(
-            metrics.lines().any(
-                |line| line.starts_with("istio_tcp_connections_opened_total")
-                    && line.contains("reporter=\"destination\"")
-                    && line.contains(&principal)
-                    && line.contains("connection_security_policy=\"mutual_tls\"")
-            ),
-            "no destination report of {caller} over mutual TLS:\n{metrics}"
-        );
+        assert_received_over_mutual_tls(agent, &format!("ns/default/sa/{caller}"));
     }
 }
 
@@ -107,21 +98,11 @@ fn the_tutorial_end_to_end_with_kubectl() {
     );
     // Every hop went through a tunnel, with certificates from the signer: the apps' (the
     // namespace's default service account) and the ingress gateway's (the agent's own).
-    let (_, metrics) = tutorial.agents()[0].admin_get("/metrics").unwrap();
     for caller in [
         "ns/servicemesh-apps/sa/default",
         "ns/sidecarless-system/sa/mesh-agent",
     ] {
-        let principal = format!("source_principal=\"spiffe://cluster.local/{caller}\"");
-        assert!(
-            metrics.lines().any(
-                |line| line.starts_with("istio_tcp_connections_opened_total")
-                    && line.contains("reporter=\"destination\"")
-                    && line.contains(&principal)
-                    && line.contains("connection_security_policy=\"mutual_tls\"")
-            ),
-            "no destination report of {caller} over mutual TLS:\n{metrics}"
-        );
+        assert_received_over_mutual_tls(tutorial.agents()[0], caller);
         let log = tutorial.signer().log();
         assert!(
             log.lines()
@@ -129,6 +110,26 @@ fn the_tutorial_end_to_end_with_kubectl() {
             "the signer signed {caller}: {log}"
         );
     }
+}
+
+/// `agent` reported, as the destination, connections over mutual TLS from the identity
+/// `spiffe://cluster.local/{caller}`.
+fn assert_received_over_mutual_tls(agent: &Agent, caller: &str) {
+    let (_, metrics) = agent.admin_get("/metrics").unwrap();
+    let principal = format!("spiffe://cluster.local/{caller}");
+    let received = sum_samples(
+        &metrics,
+        "istio_tcp_connections_opened_total",
+        &[
+            ("reporter", "destination"),
+            ("source_principal", &principal),
+            ("connection_security_policy", "mutual_tls"),
+        ],
+    );
+    assert!(
+        received > 0.0,
+        "no destination report of {caller} over mutual TLS:\n{metrics}"
+    );
 }
 
 /// The baseline, a trace through the chain, then every step in order.

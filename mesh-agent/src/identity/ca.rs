@@ -28,10 +28,7 @@ use rustls::{
 };
 use x509_parser::{certificate::X509Certificate, extensions::GeneralName};
 
-use super::{
-    certificates::CertificateError,
-    spiffe::{SpiffeId, TrustDomain},
-};
+use super::spiffe::{SpiffeId, TrustDomain};
 
 pub const CA_KEY_FILE: &str = "ca-key.pem";
 pub const CA_CERT_FILE: &str = "ca-cert.pem";
@@ -252,9 +249,9 @@ impl CertificateAuthority {
         public_key: &impl PublicKeyData,
         now: SystemTime,
         lifetime: Duration,
-    ) -> Result<(CertificateDer<'static>, SystemTime), CertificateError> {
+    ) -> Result<(CertificateDer<'static>, SystemTime), SignError> {
         if identity.trust_domain() != &self.trust_domain {
-            return Err(CertificateError::ForeignTrustDomain {
+            return Err(SignError::ForeignTrustDomain {
                 identity: identity.clone(),
                 trust_domain: self.trust_domain.to_string(),
             });
@@ -262,10 +259,7 @@ impl CertificateAuthority {
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         params.subject_alt_names = vec![SanType::URI(
-            identity
-                .as_str()
-                .try_into()
-                .map_err(CertificateError::Mint)?,
+            identity.as_str().try_into().map_err(SignError::Mint)?,
         )];
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![
@@ -282,9 +276,21 @@ impl CertificateAuthority {
         params.not_after = not_after.into();
         let certificate = params
             .signed_by(public_key, &self.issuer)
-            .map_err(CertificateError::Mint)?;
+            .map_err(SignError::Mint)?;
         Ok((certificate.der().clone(), not_after))
     }
+}
+
+/// Why [`CertificateAuthority::sign`] signed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum SignError {
+    #[error("{identity} is not in trust domain {trust_domain}, the only one this CA signs for")]
+    ForeignTrustDomain {
+        identity: SpiffeId,
+        trust_domain: String,
+    },
+    #[error("minting a workload certificate: {0}")]
+    Mint(rcgen::Error),
 }
 
 /// The roots one trust domain's certificates must chain to. More than one during a CA rotation:

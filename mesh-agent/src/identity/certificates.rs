@@ -21,7 +21,7 @@ use rustls::{
 use tokio::sync::{watch, Notify};
 
 use super::{
-    ca::{CertificateAuthority, TrustBundle},
+    ca::{CertificateAuthority, SignError, TrustBundle},
     spiffe::SpiffeId,
 };
 
@@ -160,6 +160,7 @@ impl Issuer for CertificateAuthority {
     ) -> Option<Result<Issued, CertificateError>> {
         Some(
             self.sign(identity, key, now, lifetime)
+                .map_err(CertificateError::from)
                 .map(|(leaf, not_after)| Issued {
                     chain: vec![leaf],
                     not_after,
@@ -823,11 +824,8 @@ fn humantime_utc(at: SystemTime) -> String {
 
 #[derive(Debug, thiserror::Error)]
 pub enum CertificateError {
-    #[error("{identity} is not in trust domain {trust_domain}, the only one this CA signs for")]
-    ForeignTrustDomain {
-        identity: SpiffeId,
-        trust_domain: String,
-    },
+    #[error(transparent)]
+    Sign(#[from] SignError),
     #[error("already holding certificates for {limit} identities, the most allowed")]
     TooManyIdentities { limit: usize },
     #[error("minting a workload certificate: {0}")]
@@ -913,7 +911,10 @@ mod tests {
         let foreign = SpiffeId::parse("spiffe://other.org/ns/shop/sa/web").unwrap();
         let error = WorkloadCertificate::issue(&ca, &foreign, now, DEFAULT_LIFETIME).unwrap_err();
         assert!(
-            matches!(error, CertificateError::ForeignTrustDomain { .. }),
+            matches!(
+                error,
+                CertificateError::Sign(SignError::ForeignTrustDomain { .. })
+            ),
             "{error}"
         );
 

@@ -25,11 +25,13 @@ use k8s_openapi::{
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
 
-use super::lookups::{Discovered, Protocol, ServiceTarget, Workload};
+use super::{
+    lookups::{Discovered, Protocol, ServiceTarget, Workload},
+    membership,
+};
 use crate::{
     config::{Object, ObjectKey},
     engine::registry::{self, Endpoint, Registry, ServicePort},
-    enrollment::by_label,
     identity::{ServiceIdentity, WorkloadIdentity},
 };
 
@@ -437,7 +439,7 @@ fn namespace_mesh_label(object: &Object) -> Option<Arc<str>> {
     };
     let label = value
         .pointer("/metadata/labels")?
-        .get(by_label::MESH_LABEL)?
+        .get(membership::MESH_LABEL)?
         .as_str()?;
     Some(label.into())
 }
@@ -486,7 +488,7 @@ fn pod_entry(name: &Name, object: Arc<Pod>, namespace_label: Option<&str>) -> Op
             pod: name.name.to_string(),
             // Kubernetes mode does not feed Namespace objects to discovery (yet): there, the
             // pod's own label decides.
-            in_mesh: by_label::in_mesh(by_label::pod_mesh_label(pod), namespace_label),
+            in_mesh: membership::in_mesh(membership::pod_mesh_label(pod), namespace_label),
             service_account: pod
                 .spec
                 .as_ref()

@@ -60,7 +60,7 @@ pub struct Workload {
     pub labels: BTreeMap<String, String>,
     /// Shared with the registry's endpoints of this pod.
     pub identity: Arc<WorkloadIdentity>,
-    /// In the mesh (`enrollment::by_label::in_mesh`): its agent serves a tunnel on its port
+    /// In the mesh (`super::membership::in_mesh`): its agent serves a tunnel on its port
     /// 15008, so a source agent carries connections to it there over mutual TLS.
     pub in_mesh: bool,
     /// `spec.serviceAccountName` (`default` when unset): with the namespace, its SPIFFE ID.

@@ -10,6 +10,7 @@ pub mod folder;
 mod index;
 pub mod kubernetes;
 mod lookups;
+pub mod membership;
 
 pub use index::{Index, Name, DEFAULT_SERVICE_ACCOUNT};
 pub use kubernetes::SourceChange;

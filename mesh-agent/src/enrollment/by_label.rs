@@ -16,10 +16,10 @@ use tokio::{sync::Notify, task::JoinHandle};
 use tracing::warn;
 
 use super::{Enrollments, PodSpec};
-use crate::discovery::kubernetes::{KubeSettings, Watches};
-
-/// The label that enrolls a pod or a namespace: `enabled`, or `disabled` on a pod to opt out.
-pub const MESH_LABEL: &str = "sidecarless.io/mesh";
+use crate::discovery::{
+    kubernetes::{KubeSettings, Watches},
+    membership::{in_mesh, pod_mesh_label, MESH_LABEL},
+};
 
 /// How often enrollment is checked even without a watch event: a pod's containers may start
 /// after the event that made it Running.
@@ -134,26 +134,6 @@ fn should_enroll(pod: &Pod, node: &str, namespaces: &BTreeMap<String, Option<Str
         pod_mesh_label(pod),
         namespaces.get(namespace).and_then(|l| l.as_deref()),
     )
-}
-
-/// The pod's `sidecarless.io/mesh` label, if it has one.
-pub fn pod_mesh_label(pod: &Pod) -> Option<&str> {
-    pod.metadata
-        .labels
-        .as_ref()
-        .and_then(|l| l.get(MESH_LABEL))
-        .map(String::as_str)
-}
-
-/// Whether a pod with mesh label `pod` in a namespace with mesh label `namespace` is in the
-/// mesh: the pod's label wins (`enabled` or anything else, which opts out); without one, the
-/// namespace's `enabled` brings it in. Enrollment and discovery (which tells a source agent
-/// whether to tunnel to a pod) both decide with this.
-pub fn in_mesh(pod: Option<&str>, namespace: Option<&str>) -> bool {
-    match pod {
-        Some(label) => label == "enabled",
-        None => namespace == Some("enabled"),
-    }
 }
 
 /// `/proc/PID/ns/net` of a process in the pod's cgroup. The kubelet names that cgroup

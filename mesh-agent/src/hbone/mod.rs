@@ -27,7 +27,7 @@ use prometheus_client::registry::Registry;
 
 pub use inbound::{serve as serve_inbound, InboundLimits, InboundPod};
 pub use metrics::TunnelMetrics;
-pub use outbound::{Route, Source, TunnelClient, TunnelError, TunnelStream};
+pub use outbound::{Source, TunnelClient, TunnelError};
 
 use crate::{
     discovery::{Workload, DEFAULT_SERVICE_ACCOUNT},

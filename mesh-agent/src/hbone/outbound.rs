@@ -8,20 +8,19 @@
 
 use std::{
     collections::HashMap,
+    future::Future,
     io,
     net::{IpAddr, SocketAddr},
     pin::Pin,
     sync::{Arc, Mutex, PoisonError},
-    task::{Context, Poll},
 };
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::Empty;
-use hyper::{client::conn::http2, upgrade::Upgraded};
+use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tracing::debug;
 
 use super::{
@@ -29,8 +28,11 @@ use super::{
     Hbone, PORT,
 };
 use crate::{
-    identity::{spiffe::SpiffeId, tls},
-    proxy::upstream::Dialer,
+    identity::{
+        spiffe::{Route, SpiffeId},
+        tls,
+    },
+    proxy::upstream::{Dialer, TunnelStream, Tunnels},
 };
 
 type Sender = http2::SendRequest<Empty<Bytes>>;
@@ -47,13 +49,6 @@ pub enum Source {
     Pod { namespace: String, name: String },
     /// A fixed one (the ingress gateway's).
     Fixed(SpiffeId),
-}
-
-/// The two ends of a tunnel.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct Route {
-    pub source: SpiffeId,
-    pub destination: SpiffeId,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -245,9 +240,7 @@ impl TunnelClient {
             .await
             .map_err(|error| TunnelError::Http2(tunnel, error))?;
         self.hbone.metrics.stream(OUTBOUND);
-        Ok(TunnelStream {
-            io: TokioIo::new(upgraded),
-        })
+        Ok(TunnelStream::new(upgraded))
     }
 
     async fn forget(&self, slot: &tokio::sync::Mutex<Option<Sender>>) {
@@ -347,54 +340,21 @@ pub(super) fn refused(hbone: &Hbone, status: StatusCode) {
         .stream_refused(INBOUND, refusal_reason(status));
 }
 
-/// One proxied connection inside a tunnel: bytes written are the app's, carried in the
-/// `CONNECT` stream's DATA frames.
-pub struct TunnelStream {
-    io: TokioIo<Upgraded>,
-}
-
-impl std::fmt::Debug for TunnelStream {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("TunnelStream")
-    }
-}
-
-impl AsyncRead for TunnelStream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for TunnelStream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+impl Tunnels for TunnelClient {
+    fn route(&self, addr: SocketAddr) -> Option<Route> {
+        TunnelClient::route(self, addr)
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
+    fn connect<'a>(
+        &'a self,
+        route: &'a Route,
+        addr: SocketAddr,
+        dialer: &'a Dialer,
+    ) -> Pin<Box<dyn Future<Output = io::Result<TunnelStream>> + Send + 'a>> {
+        Box::pin(async move {
+            TunnelClient::connect(self, route, addr, dialer)
+                .await
+                .map_err(|error| io::Error::new(io::ErrorKind::ConnectionRefused, error))
+        })
     }
 }

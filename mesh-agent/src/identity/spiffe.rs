@@ -211,6 +211,13 @@ fn check_subdomain(s: &str) -> Result<(), String> {
     s.split('.').try_for_each(check_label)
 }
 
+/// The two ends of a tunnel: the identity that connects and the one expected to answer.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Route {
+    pub source: SpiffeId,
+    pub destination: SpiffeId,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,9 +4,8 @@ use std::sync::{Arc, OnceLock};
 
 use tokio::sync::Semaphore;
 
-use super::upstream::{Dialer, UpstreamPool};
+use super::upstream::{Dialer, Tunnels, UpstreamPool};
 use crate::{
-    hbone::TunnelClient,
     identity::WorkloadIdentity,
     redirect::{netns::NetNs, Exemption},
     state::Snapshot,
@@ -48,7 +47,7 @@ impl PodContext {
 
 impl PodContext {
     /// Connections to pods in the mesh go through `tunnel` (this pod's tunnels).
-    pub fn with_tunnel(mut self, tunnel: Arc<TunnelClient>) -> Self {
+    pub fn with_tunnel(mut self, tunnel: Arc<dyn Tunnels>) -> Self {
         self.dialer = self.dialer.with_tunnel(tunnel);
         self.upstream = UpstreamPool::new(self.dialer.clone());
         self

@@ -30,7 +30,7 @@ use super::pod::PodContext;
 use crate::{
     discovery::ServiceTarget,
     engine::{EngineError, Outcome, Permit, Verdict},
-    hbone::Route,
+    identity::spiffe::Route,
     identity::WorkloadIdentity,
     state::Store,
     telemetry::{ConnectionRecord, Telemetry},

@@ -24,7 +24,7 @@ use super::{
 };
 use crate::{
     engine::{Destination, ResponseFlags},
-    hbone::Route,
+    identity::spiffe::Route,
     identity::{ServiceIdentity, WorkloadIdentity, UNKNOWN},
 };
 

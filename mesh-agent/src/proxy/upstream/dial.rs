@@ -2,7 +2,7 @@
 //! source) and exempted from the redirect (so the kernel programs or rules let the socket
 //! through instead of sending it back to the agent).
 //!
-//! When the source has a tunnel ([`TunnelClient`]) and the destination is a pod in the mesh, the
+//! When the source has tunnels ([`Tunnels`], `crate::hbone`'s client) and the destination is a pod in the mesh, the
 //! connection is a `CONNECT` stream on a mutual TLS tunnel to that pod's agent instead
 //! ([`UpstreamIo::Tunnel`]); whatever reads and writes it sees the same bytes.
 //!
@@ -11,6 +11,8 @@
 //! the exemption a redirect (see [`Exemption`]).
 
 use std::{
+    fmt,
+    future::Future,
     io,
     net::SocketAddr,
     pin::Pin,
@@ -19,13 +21,15 @@ use std::{
     time::Duration,
 };
 
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpSocket, TcpStream},
 };
 
 use crate::{
-    hbone::{Route, TunnelClient, TunnelStream},
+    identity::spiffe::Route,
     redirect::{netns::NetNs, Exemption},
 };
 
@@ -37,7 +41,22 @@ pub struct Dialer {
     /// Applied to every upstream socket before it connects, so the redirect lets it pass.
     exemption: Exemption,
     /// The source's tunnels to pods in the mesh; `None`: every connection is plain TCP.
-    tunnel: Option<Arc<TunnelClient>>,
+    tunnel: Option<Arc<dyn Tunnels>>,
+}
+
+/// A source's tunnels to pods in the mesh (`crate::hbone`'s client), which the dialer asks first.
+pub trait Tunnels: Send + Sync + fmt::Debug {
+    /// The tunnel a connection to `addr` would take now; `None`: plaintext.
+    fn route(&self, addr: SocketAddr) -> Option<Route>;
+
+    /// A stream to `addr` inside `route`'s tunnel, which is dialled through `dialer` if none is
+    /// open. A tunnel that cannot be opened is `ConnectionRefused`.
+    fn connect<'a>(
+        &'a self,
+        route: &'a Route,
+        addr: SocketAddr,
+        dialer: &'a Dialer,
+    ) -> Pin<Box<dyn Future<Output = io::Result<TunnelStream>> + Send + 'a>>;
 }
 
 impl Dialer {
@@ -50,7 +69,7 @@ impl Dialer {
     }
 
     /// Connections to pods in the mesh go through `tunnel`.
-    pub fn with_tunnel(mut self, tunnel: Arc<TunnelClient>) -> Self {
+    pub fn with_tunnel(mut self, tunnel: Arc<dyn Tunnels>) -> Self {
         self.tunnel = Some(tunnel);
         self
     }
@@ -67,13 +86,11 @@ impl Dialer {
     pub async fn connect(&self, addr: SocketAddr) -> io::Result<UpstreamIo> {
         if let Some(tunnel) = &self.tunnel {
             if let Some(route) = tunnel.route(addr) {
-                return match tunnel.connect(&route, addr, self).await {
-                    Ok(stream) => Ok(UpstreamIo::Tunnel(stream)),
-                    Err(error) => {
-                        tracing::debug!(%addr, %error, "no tunnel");
-                        Err(io::Error::new(io::ErrorKind::ConnectionRefused, error))
-                    }
-                };
+                return tunnel
+                    .connect(&route, addr, self)
+                    .await
+                    .map(UpstreamIo::Tunnel)
+                    .inspect_err(|error| tracing::debug!(%addr, %error, "no tunnel"));
             }
         }
         self.connect_tcp(addr).await.map(UpstreamIo::Plain)
@@ -189,5 +206,65 @@ impl AsyncWrite for UpstreamIo {
             UpstreamIo::Plain(stream) => stream.is_write_vectored(),
             UpstreamIo::Tunnel(stream) => stream.is_write_vectored(),
         }
+    }
+}
+
+/// One proxied connection inside a tunnel: bytes written are the app's, carried in a `CONNECT`
+/// stream's DATA frames.
+pub struct TunnelStream {
+    io: TokioIo<Upgraded>,
+}
+
+impl TunnelStream {
+    pub fn new(upgraded: Upgraded) -> Self {
+        TunnelStream {
+            io: TokioIo::new(upgraded),
+        }
+    }
+}
+
+impl fmt::Debug for TunnelStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("TunnelStream")
+    }
+}
+
+impl AsyncRead for TunnelStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TunnelStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
     }
 }

@@ -22,7 +22,7 @@ mod response;
 mod response_check;
 
 pub use body::{BoxError, ProxyBody};
-pub use dial::{Dialer, UpstreamIo};
+pub use dial::{Dialer, TunnelStream, Tunnels, UpstreamIo};
 pub use error::{Progress, SendError};
 pub use pool::{Protocol, UpstreamPool, Waiting};
 pub use response::ResponseBody;

@@ -240,7 +240,7 @@ impl TunnelClient {
             .await
             .map_err(|error| TunnelError::Http2(tunnel, error))?;
         self.hbone.metrics.stream(OUTBOUND);
-        Ok(TunnelStream::new(upgraded))
+        Ok(TokioIo::new(upgraded))
     }
 
     async fn forget(&self, slot: &tokio::sync::Mutex<Option<Sender>>) {

@@ -8,7 +8,7 @@ use std::{env, fs, path::PathBuf};
 #[path = "src/redirect/ebpf_object.rs"]
 mod ebpf_object;
 
-use ebpf_object::{Choice, INPUTS};
+use ebpf_object::{Choice, BUILT_OBJECT, INPUTS};
 
 fn main() {
     let root = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets it"))
@@ -24,18 +24,20 @@ fn main() {
         // on every build; a mistyped MESH_EBPF_OBJECT is the one case where that is accepted.
         Some(object) => println!("cargo:rerun-if-changed={}", object.display()),
         None => {
-            // The whole eBPF crate: its sources, and its target directory, where the object
-            // appears once `cargo xtask build-ebpf` has run. It always exists, unlike the object.
-            println!(
-                "cargo:rerun-if-changed={}",
-                root.join("mesh-ebpf").display()
-            );
-            for input in INPUTS
-                .iter()
-                .filter(|input| !input.starts_with("mesh-ebpf/"))
-            {
+            for input in INPUTS {
                 println!("cargo:rerun-if-changed={}", root.join(input).display());
             }
+            // The object, or before it is built the nearest folder that exists on its way
+            // (watching a missing path would rerun this script, and rebuild the agent, on every
+            // build). Not the whole eBPF target directory: cargo rewrites its dep-info files on
+            // every build, even one that changed nothing.
+            let watched = root
+                .join(BUILT_OBJECT)
+                .ancestors()
+                .find(|path| path.exists())
+                .expect("the workspace root exists")
+                .to_path_buf();
+            println!("cargo:rerun-if-changed={}", watched.display());
         }
     }
     let embedded = match ebpf_object::choose(&root, explicit) {

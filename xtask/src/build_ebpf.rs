@@ -13,6 +13,10 @@ use std::{
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
+/// The rule mesh-agent's build script applies to the object, shared rather than restated.
+#[path = "../../mesh-agent/src/redirect/ebpf_object.rs"]
+mod ebpf_object;
+
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// The eBPF crate's own target directory: `mesh-agent/build.rs` looks for the object there
@@ -65,15 +69,18 @@ pub fn run() -> Result<PathBuf> {
     if !status.success() {
         bail!("building mesh-ebpf failed ({status})");
     }
-    let object = target_dir.join("bpfel-unknown-none/release/mesh-ebpf");
+    let object = root.join(ebpf_object::BUILT_OBJECT);
     // The object is now built from the current inputs, but cargo leaves it untouched when no
     // change mattered to it (a comment in Cargo.toml, a touched file). mesh-agent/build.rs
-    // refuses an object older than its inputs, so date it now.
-    std::fs::File::options()
-        .write(true)
-        .open(&object)
-        .and_then(|file| file.set_modified(std::time::SystemTime::now()))
-        .with_context(|| format!("dating {}", object.display()))?;
+    // refuses an object older than its inputs, so date it now — only then: a newer date makes
+    // the agent's build script, and so the agent, build again.
+    if ebpf_object::choose(&root, None) != ebpf_object::Choice::Embed(object.clone()) {
+        std::fs::File::options()
+            .write(true)
+            .open(&object)
+            .and_then(|file| file.set_modified(std::time::SystemTime::now()))
+            .with_context(|| format!("dating {}", object.display()))?;
+    }
     println!("eBPF object: {}", object.display());
     Ok(object)
 }

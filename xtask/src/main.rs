@@ -108,6 +108,7 @@ impl From<DemoControl> for demo::Command {
 }
 
 fn main() -> Result<()> {
+    forget_own_package();
     match Cli::parse().command {
         Command::BuildEbpf => build_ebpf::run().map(|_| ()),
         Command::Demo {
@@ -134,6 +135,28 @@ fn main() -> Result<()> {
         Command::Fuzz(args) => fuzz::run(&args),
         Command::Bench(args) => bench::run(args),
         Command::Cluster(command) => cluster::run(command),
+    }
+}
+
+/// `cargo xtask` describes xtask's own package in the environment (`CARGO_MANIFEST_DIR`,
+/// `CARGO_PKG_NAME`, ...). Passed on to the cargo commands xtask runs, those reach build
+/// scripts that watch them (ring's): every build alternating with a plain `cargo build` would
+/// then rebuild those crates and everything above them, the agent's LTO link included.
+fn forget_own_package() {
+    let own = |key: &str| {
+        key.starts_with("CARGO_PKG_")
+            || key.starts_with("CARGO_MANIFEST_")
+            || [
+                "CARGO_CRATE_NAME",
+                "CARGO_BIN_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+            ]
+            .contains(&key)
+    };
+    for (key, _) in std::env::vars_os() {
+        if key.to_str().is_some_and(own) {
+            std::env::remove_var(key);
+        }
     }
 }
 

@@ -12,7 +12,7 @@ use std::{
 };
 
 /// Where `cargo xtask build-ebpf` puts the object, relative to the workspace root: the eBPF
-/// crate's own target directory, so that watching `mesh-ebpf/` also sees the object appear.
+/// crate's own target directory.
 pub const BUILT_OBJECT: &str = "mesh-ebpf/target/bpfel-unknown-none/release/mesh-ebpf";
 
 /// What the object is built from, relative to the workspace root (directories are walked).

@@ -24,8 +24,20 @@ use super::proxies;
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
 const CONNECTIONS: &str = "16";
 
-/// Allocation entry points of the C library's allocator, counted when called from outside it.
-const ALLOCATING: [&str; 4] = ["malloc", "calloc", "realloc", "posix_memalign"];
+/// Allocation entry points, counted when called from outside the allocator: jemalloc's (the
+/// agent's global allocator; its symbols carry tikv-jemalloc-sys's `_rjem_` prefix) and the C
+/// library's (what C code in the process still calls).
+const ALLOCATING: [&str; 9] = [
+    "_rjem_malloc",
+    "_rjem_mallocx",
+    "_rjem_calloc",
+    "_rjem_realloc",
+    "_rjem_rallocx",
+    "malloc",
+    "calloc",
+    "realloc",
+    "posix_memalign",
+];
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RequestCost {
@@ -225,7 +237,10 @@ fn read_profile(path: &Path) -> Result<(u64, HashMap<String, u64>)> {
                 .and_then(|n| n.parse().ok())
                 .context("a calls= line without a count")?;
             // Calls the allocator makes to itself (realloc → malloc) are not the agent's.
-            if !ALLOCATING.contains(&caller.as_str()) && !caller.starts_with("_int_") {
+            if !ALLOCATING.contains(&caller.as_str())
+                && !caller.starts_with("_int_")
+                && !caller.starts_with("_rjem_")
+            {
                 *calls.entry(callee.clone()).or_default() += count;
             }
         } else if let Some(n) = line

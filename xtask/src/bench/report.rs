@@ -442,8 +442,8 @@ fn method(out: &mut String, report: &Report) {
   -H 'Connection: close'` (churn), `oha -q 1000 --latency-correction -c 4 -z {s}s` ({oha}).
 - CPU-µs per request: busy time of CPU 1 (user + system + irq + softirq, `/proc/stat`) over
   the throughput run divided by its requests, minus the baseline's in the same round.
-  vCPU per 1,000 rps: the proxy process's own CPU time (all threads, `schedstat`) during the
-  fixed-rate run. RSS: `VmRSS` sampled mid-run, `VmHWM` after it.
+  vCPU per 1,000 rps: the proxy process's own CPU time (all threads, `schedstat`; both
+  agents for `mesh-mtls`) during the fixed-rate run. RSS: `VmRSS` sampled mid-run, `VmHWM` after it.
 - At 1,000 rps for {s} s a p99 rests on ~{tail} samples, and one scheduling hiccup on a shared
   core moves it by a millisecond: *added p99* (even its sign) is the least stable figure here;
   longer runs (`--seconds 30`) steady it.

@@ -177,21 +177,23 @@ fn run_scenario(
         None => None,
     };
 
-    // Fixed rate, with the proxy's own CPU time (all its threads) around it.
+    // Fixed rate, with the mesh's own CPU time (all threads of its processes) around it.
     let (latency, proxy_rss_kib_fixed_rate, proxy_cores_at_fixed_rate) = if durations.latency {
-        let proxy_time_before = pid.map(cpu::process_time).transpose()?;
+        let mesh = scenario.mesh_pids(topology);
+        let mesh_time =
+            || -> Result<Duration> { mesh.iter().map(|pid| cpu::process_time(*pid)).sum() };
+        let mesh_time_before = mesh_time()?;
         let clock = Instant::now();
         let run = load::start(&topology.node, pod, tools, Shape::Latency, &url, seconds)?;
         std::thread::sleep(half_run);
         let rss = rss(pid)?;
         let latency = load::finish(run, Shape::Latency, seconds)?;
         let elapsed = clock.elapsed().as_secs_f64();
-        let cores = match (pid, proxy_time_before) {
-            (Some(pid), Some(before)) => {
-                Some((cpu::process_time(pid)? - before).as_secs_f64() / elapsed)
-            }
-            _ => None,
-        };
+        let cores = (!mesh.is_empty())
+            .then(|| {
+                Ok::<_, anyhow::Error>((mesh_time()? - mesh_time_before).as_secs_f64() / elapsed)
+            })
+            .transpose()?;
         (Some(latency), rss, cores)
     } else {
         (None, None, None)

@@ -205,6 +205,16 @@ impl Scenario {
         }
     }
 
+    /// Every process the scenario's requests pass through besides client and server: the
+    /// proxy, and for `mesh-mtls` the destination's agent too.
+    pub fn mesh_pids(&self, topology: &Topology) -> Vec<u32> {
+        let mut pids: Vec<u32> = self.proxy_pid(topology).into_iter().collect();
+        if self.proxy == Proxy::AgentMutualTls {
+            pids.push(topology.agent_remote.pid());
+        }
+        pids
+    }
+
     /// The proxy's process id, if the scenario has one.
     pub fn proxy_pid(&self, topology: &Topology) -> Option<u32> {
         match self.proxy {

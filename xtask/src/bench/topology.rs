@@ -53,7 +53,7 @@ pub struct Topology {
     agent: RefCell<EbpfAgent>,
     pub agent_iptables: PodProcess,
     /// Node 2's agent, the destination end of `mesh-mtls`'s tunnels.
-    _agent_remote: PodProcess,
+    pub agent_remote: PodProcess,
     pub nginx: PodProcess,
     pub haproxy: PodProcess,
     _servers: Vec<PodProcess>,
@@ -202,7 +202,7 @@ impl Topology {
                 mode: AgentMode::Plain,
             }),
             agent_iptables,
-            _agent_remote: agent_remote,
+            agent_remote,
             nginx,
             haproxy,
             _servers: servers,

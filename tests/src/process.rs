@@ -230,8 +230,17 @@ impl PodProcess {
         Ok(status)
     }
 
-    /// SIGTERM, then SIGKILL if it has not exited after `grace`; returns how it ended.
+    /// SIGTERM, then SIGKILL if it has not exited after `grace`; returns how it ended, once
+    /// what it wrote last has been read (its reader threads may lag behind the exit).
     pub fn stop(&mut self, grace: Duration) -> Result<ExitStatus> {
+        let status = self.ended(grace)?;
+        // Output stays open if the process left children holding it: not waited for long.
+        self.stdout.wait_for_eof(Duration::from_millis(100));
+        self.stderr.wait_for_eof(Duration::from_millis(100));
+        Ok(status)
+    }
+
+    fn ended(&mut self, grace: Duration) -> Result<ExitStatus> {
         if let Some(status) = self.try_status()? {
             return Ok(status);
         }

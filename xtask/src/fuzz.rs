@@ -14,6 +14,10 @@ use crate::{build_ebpf, tools};
 /// The pinned cargo-fuzz; 0.13 builds with stable rustc 1.85 and later.
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
+/// The build cache's bound. Each clone's path gives the workspace's crates new hashes, so the
+/// cache gains a build per clone: unbounded, it had reached 9.7 GiB and filled CI's disk.
+const BUILD_CACHE_LIMIT: u64 = 5 << 30;
+
 /// Each target, with the repository folders that seed it.
 const TARGETS: &[(&str, &[&str])] = &[
     ("config_loader", &["deploy/examples", "deploy/demo"]),
@@ -43,6 +47,7 @@ pub fn run(args: &Args) -> Result<()> {
         }
     }
     let started = Instant::now();
+    bound_build_cache(&cache.join("target"), BUILD_CACHE_LIMIT)?;
     cargo_fuzz(&toolchain, &cache, "build", &[])?;
     println!(
         "fuzz targets built ({:.0} s)",
@@ -75,6 +80,27 @@ pub fn run(args: &Args) -> Result<()> {
     Ok(())
 }
 
+/// Empties the build cache at `target` once its files pass `limit` bytes; the next build starts
+/// cold (a few minutes) instead of the disk filling.
+fn bound_build_cache(target: &Path, limit: u64) -> Result<()> {
+    let bytes: u64 = walkdir::WalkDir::new(target)
+        .into_iter()
+        .filter_map(|entry| entry.ok()?.metadata().ok())
+        .filter(std::fs::Metadata::is_file)
+        .map(|metadata| metadata.len())
+        .sum();
+    if bytes > limit {
+        println!(
+            "fuzz build cache holds {} MiB, over its {} MiB bound: emptied",
+            bytes >> 20,
+            limit >> 20
+        );
+        std::fs::remove_dir_all(target)
+            .with_context(|| format!("emptying {}", target.display()))?;
+    }
+    Ok(())
+}
+
 /// `cargo fuzz COMMAND` with the build settings every run shares: a debug build (minutes less to
 /// build than an optimised one, and overflow checks on) without a sanitizer (the code under test
 /// is safe Rust; a sanitizer would also rebuild the standard library).
@@ -98,6 +124,8 @@ fn cargo_fuzz(
         .arg(cache.join("target"))
         .args(args)
         .current_dir(root.join("fuzz"))
+        // Incremental state is per clone path too, and a fuzz build is never edited and rebuilt.
+        .env("CARGO_INCREMENTAL", "0")
         .env("PATH", tools::path_with_tools()?);
     println!("+ {cargo:?}");
     let status = cargo.status().context("running cargo fuzz")?;
@@ -105,4 +133,28 @@ fn cargo_fuzz(
         bail!("cargo fuzz failed ({status})");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_build_cache_is_emptied_only_past_its_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("target");
+        std::fs::create_dir_all(target.join("debug/deps")).unwrap();
+        std::fs::write(target.join("debug/deps/lib.rlib"), [0u8; 1000]).unwrap();
+
+        bound_build_cache(&target, 1000).unwrap();
+        assert!(
+            target.join("debug/deps/lib.rlib").exists(),
+            "at the bound: kept"
+        );
+
+        bound_build_cache(&target, 999).unwrap();
+        assert!(!target.exists(), "past the bound: emptied");
+
+        bound_build_cache(&target, 999).unwrap();
+    }
 }

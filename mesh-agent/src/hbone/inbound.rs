@@ -4,11 +4,10 @@
 //!
 //! Bounded: connections per listener (`max_connections`, past which a new one is closed at once
 //! and counted), streams per connection (HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS`, which the peer
-//! must respect; hyper resets a stream beyond it) and the time a client has to finish its TLS
-//! handshake (`handshake_timeout`).
+//! must respect; h2 refuses a stream beyond it) and the time a client has to finish its TLS
+//! and HTTP/2 handshakes (`handshake_timeout`).
 
 use std::{
-    convert::Infallible,
     io,
     net::SocketAddr,
     sync::{Arc, Mutex, PoisonError},
@@ -16,10 +15,8 @@ use std::{
 };
 
 use bytes::Bytes;
+use h2::{server::SendResponse, RecvStream};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Empty;
-use hyper::{body::Incoming, server::conn::http2, service::service_fn};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::ServerConfig;
 use tokio::{
     net::{TcpListener, TcpStream},
@@ -27,7 +24,12 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-use super::{metrics::INBOUND, outbound::refused, Hbone};
+use super::{
+    metrics::INBOUND,
+    outbound::refused,
+    stream::{self, H2Stream},
+    Hbone,
+};
 use crate::{
     identity::{spiffe::SpiffeId, tls, WorkloadIdentity},
     proxy::{upstream::Dialer, Drain},
@@ -42,7 +44,8 @@ pub struct InboundLimits {
     pub max_connections: usize,
     /// Streams (proxied connections) one tunnel connection carries at once.
     pub max_streams: u32,
-    /// How long a client has from its TCP connection to a finished TLS handshake.
+    /// How long a client has from its TCP connection to a finished TLS handshake, and again
+    /// from there to its HTTP/2 preface and settings.
     pub handshake_timeout: Duration,
     /// How long the dial to the app inside the pod may take.
     pub connect_timeout: Duration,
@@ -180,46 +183,83 @@ impl Listener {
             }
         };
         metrics.handshake(INBOUND);
+        let handshake = tokio::time::timeout(
+            self.hbone.limits.handshake_timeout,
+            h2::server::Builder::new()
+                .initial_window_size(stream::STREAM_WINDOW)
+                .initial_connection_window_size(stream::CONNECTION_WINDOW)
+                .max_concurrent_streams(self.hbone.limits.max_streams)
+                .handshake::<_, Bytes>(stream),
+        )
+        .await;
+        let mut connection = match handshake {
+            Ok(Ok(connection)) => connection,
+            Ok(Err(error)) => {
+                debug!(%peer, %error, "no HTTP/2 on the tunnel");
+                return;
+            }
+            Err(_) => {
+                debug!(%peer, "the tunnel's HTTP/2 preface timed out");
+                return;
+            }
+        };
         let ends = Arc::new(Ends {
             local,
             peer,
             client,
             server: identity,
         });
-        let this = Arc::clone(self);
-        let service = service_fn(move |request| {
-            let this = Arc::clone(&this);
-            let ends = Arc::clone(&ends);
-            async move { Ok::<_, Infallible>(this.stream(request, &ends).await) }
-        });
-        let connection = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .max_concurrent_streams(self.hbone.limits.max_streams)
-            .adaptive_window(true)
-            .serve_connection(TokioIo::new(stream), service);
-        tokio::pin!(connection);
-        tokio::select! {
-            result = &mut connection => {
-                if let Err(error) = result {
-                    debug!(%peer, %error, "tunnel connection ended");
+        let ping_pong = connection
+            .ping_pong()
+            .expect("a new connection's pings are not taken yet");
+        let keep_alive = stream::keep_alive(ping_pong);
+        tokio::pin!(keep_alive);
+        let mut draining = std::pin::pin!(drain.draining());
+        let mut shutting_down = false;
+        loop {
+            // The connection makes progress, for every stream, only while it is polled here.
+            let accepted = tokio::select! {
+                accepted = connection.accept() => accepted,
+                () = &mut draining, if !shutting_down => {
+                    // Streams in flight finish; no new one is accepted.
+                    connection.graceful_shutdown();
+                    shutting_down = true;
+                    continue;
                 }
-            }
-            () = drain.draining() => {
-                // Streams in flight finish; no new one is accepted.
-                connection.as_mut().graceful_shutdown();
-                let _ = connection.await;
+                why = &mut keep_alive => {
+                    debug!(%peer, why, "tunnel given up");
+                    return;
+                }
+            };
+            match accepted {
+                Some(Ok((request, respond))) => {
+                    let this = Arc::clone(self);
+                    let ends = Arc::clone(&ends);
+                    tokio::spawn(async move { this.stream(request, respond, &ends).await });
+                }
+                Some(Err(error)) => {
+                    debug!(%peer, %error, "tunnel connection ended");
+                    return;
+                }
+                None => return,
             }
         }
     }
 
     /// One `CONNECT` stream: refused unless it names this pod's own address; otherwise the app
-    /// is dialled and the stream carried to it on a task of its own.
-    async fn stream(&self, request: Request<Incoming>, ends: &Arc<Ends>) -> Response<Empty<Bytes>> {
-        let reply = |status: StatusCode| {
+    /// is dialled and the stream carried to it.
+    async fn stream(
+        &self,
+        request: Request<RecvStream>,
+        mut respond: SendResponse<Bytes>,
+        ends: &Ends,
+    ) {
+        let mut reply = |status: StatusCode| {
             refused(&self.hbone, status);
-            let mut response = Response::new(Empty::new());
+            let mut response = Response::new(());
             *response.status_mut() = status;
-            response
+            // Nothing to do if the client went away meanwhile.
+            let _ = respond.send_response(response, true);
         };
         if request.method() != Method::CONNECT {
             return reply(StatusCode::METHOD_NOT_ALLOWED);
@@ -248,21 +288,16 @@ impl Listener {
                 return reply(StatusCode::SERVICE_UNAVAILABLE);
             }
         };
-        self.hbone.metrics.stream(super::metrics::INBOUND);
-        let hbone = Arc::clone(&self.hbone);
-        let pod = (self.pod.namespace.clone(), self.pod.name.clone());
-        let ends = Arc::clone(ends);
-        tokio::spawn(async move {
-            let upgraded = match hyper::upgrade::on(request).await {
-                Ok(upgraded) => upgraded,
-                Err(error) => {
-                    debug!(%target, %error, "CONNECT stream never opened");
-                    return;
-                }
-            };
-            carry(&hbone, &pod, &ends, TokioIo::new(upgraded), app).await;
-        });
-        Response::new(Empty::new())
+        let send = match respond.send_response(Response::new(()), false) {
+            Ok(send) => send,
+            Err(error) => {
+                debug!(%target, %error, "CONNECT stream never opened");
+                return;
+            }
+        };
+        self.hbone.metrics.stream(INBOUND);
+        let tunnel = H2Stream::new(send, request.into_body());
+        carry(&self.hbone, &self.pod, ends, tunnel, app).await;
     }
 }
 
@@ -279,9 +314,11 @@ struct Ends {
 /// Copies both ways and reports the connection as the destination sees it.
 async fn carry(
     hbone: &Hbone,
-    (namespace, name): &(String, String),
+    InboundPod {
+        namespace, name, ..
+    }: &InboundPod,
     ends: &Ends,
-    mut tunnel: TokioIo<hyper::upgrade::Upgraded>,
+    mut tunnel: H2Stream,
     mut app: TcpStream,
 ) {
     let labels = {

@@ -17,6 +17,7 @@
 mod inbound;
 mod metrics;
 mod outbound;
+mod stream;
 
 use std::{
     net::SocketAddr,

@@ -17,14 +17,13 @@ use std::{
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
-use http_body_util::Empty;
-use hyper::client::conn::http2;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
+use tokio::task::JoinHandle;
 use tracing::debug;
 
 use super::{
     metrics::{INBOUND, OUTBOUND},
+    stream::{self, H2Stream},
     Hbone, PORT,
 };
 use crate::{
@@ -35,12 +34,19 @@ use crate::{
     proxy::upstream::{Dialer, TunnelStream, Tunnels},
 };
 
-type Sender = http2::SendRequest<Empty<Bytes>>;
+/// One open tunnel connection: where its streams are opened, and the task that drives it.
+#[derive(Clone)]
+struct Sender {
+    requests: h2::client::SendRequest<Bytes>,
+    connection: Arc<JoinHandle<()>>,
+}
 
-/// How often an idle tunnel connection is pinged, and how long an answer may take before the
-/// connection is given up.
-const KEEP_ALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(20);
-const KEEP_ALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+impl Sender {
+    /// The connection ended (its peer closed it, a keep-alive went unanswered, an error).
+    fn is_closed(&self) -> bool {
+        self.connection.is_finished()
+    }
+}
 
 /// Whose identity a pod's tunnels present.
 #[derive(Clone, Debug)]
@@ -73,7 +79,7 @@ pub enum TunnelError {
     #[error("TLS config: {0}")]
     Config(#[from] tls::TlsConfigError),
     #[error("HTTP/2 on the tunnel to {0}: {1}")]
-    Http2(SocketAddr, hyper::Error),
+    Http2(SocketAddr, h2::Error),
     #[error("CONNECT {0} refused: {1}")]
     Refused(SocketAddr, StatusCode),
 }
@@ -195,8 +201,8 @@ impl TunnelClient {
         let slot = self.slot(&key);
         let tunnel = SocketAddr::new(endpoint.ip(), PORT);
         let mut fresh = false;
-        let response = loop {
-            let mut sender = {
+        let (response, send) = loop {
+            let sender = {
                 let mut held = slot.lock().await;
                 match &*held {
                     Some(sender) if !sender.is_closed() && !fresh => sender.clone(),
@@ -209,16 +215,11 @@ impl TunnelClient {
                     }
                 }
             };
-            let request = Request::builder()
-                .method(Method::CONNECT)
-                .uri(endpoint.to_string())
-                .body(Empty::new())
-                .expect("a CONNECT request to a socket address is valid");
-            match sender.send_request(request).await {
-                Ok(response) => break response,
+            match open_stream(sender.requests, endpoint).await {
+                Ok(opened) => break opened,
                 // A pooled connection may have been closing (its peer draining, a GOAWAY in
                 // flight): the stream goes once more, on a connection of its own.
-                Err(error) if !fresh && (error.is_canceled() || sender.is_closed()) => {
+                Err(error) if !fresh => {
                     debug!(%tunnel, %error, "pooled tunnel closed under a new stream; dialling");
                     fresh = true;
                     *slot.lock().await = None;
@@ -236,11 +237,8 @@ impl TunnelClient {
                 .stream_refused(OUTBOUND, refusal_reason(response.status()));
             return Err(TunnelError::Refused(endpoint, response.status()));
         }
-        let upgraded = hyper::upgrade::on(response)
-            .await
-            .map_err(|error| TunnelError::Http2(tunnel, error))?;
         self.hbone.metrics.stream(OUTBOUND);
-        Ok(TokioIo::new(upgraded))
+        Ok(Box::new(H2Stream::new(send, response.into_body())))
     }
 
     async fn forget(&self, slot: &tokio::sync::Mutex<Option<Sender>>) {
@@ -298,29 +296,48 @@ impl TunnelClient {
                     .handshake_failed(OUTBOUND, error.reason());
                 TunnelError::Handshake(tunnel, error)
             })?;
-        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            // Many connections share one tunnel: its windows follow the path's bandwidth-delay
-            // product instead of HTTP/2's 64 KiB default.
-            .adaptive_window(true)
-            // A peer that vanished without closing (its node gone) is found out, and the next
-            // connect dials again instead of waiting on a dead tunnel.
-            .keep_alive_interval(KEEP_ALIVE_INTERVAL)
-            .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
-            .handshake(TokioIo::new(stream))
+        let (requests, mut connection) = h2::client::Builder::new()
+            .initial_window_size(stream::STREAM_WINDOW)
+            .initial_connection_window_size(stream::CONNECTION_WINDOW)
+            .handshake::<_, Bytes>(stream)
             .await
             .map_err(|error| TunnelError::Http2(tunnel, error))?;
         self.hbone.metrics.handshake(OUTBOUND);
         debug!(source = %key.source, destination = %key.destination, %tunnel, "tunnel open");
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                // A TLS 1.3 server refuses a client's certificate after the client's handshake
-                // has finished: the refusal shows here.
-                debug!(%tunnel, %error, "tunnel connection ended");
+        let ping_pong = connection
+            .ping_pong()
+            .expect("a new connection's pings are not taken yet");
+        let connection = tokio::spawn(async move {
+            tokio::select! {
+                ended = connection => if let Err(error) = ended {
+                    // A TLS 1.3 server refuses a client's certificate after the client's
+                    // handshake has finished: the refusal shows here.
+                    debug!(%tunnel, %error, "tunnel connection ended");
+                },
+                // The next connect dials again instead of waiting on a dead tunnel.
+                why = stream::keep_alive(ping_pong) => debug!(%tunnel, why, "tunnel given up"),
             }
         });
-        Ok(sender)
+        Ok(Sender {
+            requests,
+            connection: Arc::new(connection),
+        })
     }
+}
+
+/// Sends `CONNECT endpoint` on a tunnel connection, once it has room for another stream; the
+/// response and the stream's sending half.
+async fn open_stream(
+    requests: h2::client::SendRequest<Bytes>,
+    endpoint: SocketAddr,
+) -> Result<(http::Response<h2::RecvStream>, h2::SendStream<Bytes>), h2::Error> {
+    let request = Request::builder()
+        .method(Method::CONNECT)
+        .uri(endpoint.to_string())
+        .body(())
+        .expect("a CONNECT request to a socket address is valid");
+    let (response, send) = requests.ready().await?.send_request(request, false)?;
+    Ok((response.await?, send))
 }
 
 fn refusal_reason(status: StatusCode) -> &'static str {

@@ -21,8 +21,6 @@ use std::{
     time::Duration,
 };
 
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::TokioIo;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpSocket, TcpStream},
@@ -210,5 +208,10 @@ impl AsyncWrite for UpstreamIo {
 }
 
 /// One proxied connection inside a tunnel: bytes written are the app's, carried in a `CONNECT`
-/// stream's DATA frames.
-pub type TunnelStream = TokioIo<Upgraded>;
+/// stream's DATA frames. Boxed: how a tunnel carries them is `crate::hbone`'s business.
+pub type TunnelStream = Box<dyn TunnelIo>;
+
+/// What a tunnel's stream is to the proxy: a connection's bytes, both ways.
+pub trait TunnelIo: AsyncRead + AsyncWrite + Send + Unpin + fmt::Debug {}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + fmt::Debug> TunnelIo for T {}

@@ -249,6 +249,37 @@ mod tests {
         assert_eq!(answer, b"answer");
     }
 
+    /// The paused clock moves only once every task is idle: a write that times out is one h2
+    /// holds back, not a slow one.
+    #[tokio::test(start_paused = true)]
+    async fn a_writer_stops_at_the_window_its_reader_has_not_released() {
+        let (mut client, mut server) = connected_pair().await;
+        let chunk = vec![7u8; 64 * 1024];
+        let mut written = 0;
+        while let Ok(sent) =
+            tokio::time::timeout(Duration::from_secs(1), client.write(&chunk)).await
+        {
+            written += sent.unwrap();
+            assert!(
+                written <= 2 * STREAM_WINDOW as usize,
+                "{written} B written unread"
+            );
+        }
+        assert_eq!(
+            written, STREAM_WINDOW as usize,
+            "the stream's window, and no more"
+        );
+
+        // What the reader takes opens the window again.
+        let mut read = vec![0u8; written];
+        server.read_exact(&mut read).await.unwrap();
+        let sent = tokio::time::timeout(Duration::from_secs(1), client.write(&chunk)).await;
+        assert!(
+            sent.is_ok_and(|sent| sent.unwrap() > 0),
+            "the window reopened"
+        );
+    }
+
     #[tokio::test]
     async fn a_peer_that_drops_its_end_breaks_the_pipe_and_ends_the_reader() {
         let (mut client, server) = connected_pair().await;

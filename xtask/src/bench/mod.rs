@@ -46,8 +46,8 @@ pub struct Args {
     #[arg(long, value_name = "SCENARIO", conflicts_with = "ci_smoke")]
     only: Vec<String>,
     /// Measure only the agent's instructions and allocations per request under callgrind
-    /// (20,000 requests), e.g. to judge a change to the request path; no rounds, no peers,
-    /// the docs are left alone.
+    /// (20,000 requests) on `mesh-l7`'s path and on `mesh-mtls`'s (both ends in one agent), e.g.
+    /// to judge a change to the request path; no rounds, no peers, the docs are left alone.
     #[arg(long, conflicts_with_all = ["quick", "only"])]
     request_cost: bool,
     /// Internal: be the benchmark's hello server on PORT=BYTES (repeatable).
@@ -180,23 +180,27 @@ pub fn run(args: Args) -> Result<()> {
 
     // The processes' output would drown the progress lines; errors still carry it.
     mesh_tests::set_echo(false);
-    let request_cost = cost_requests
-        .map(|requests| {
-            println!("agent under callgrind: {requests} requests");
-            let cost = request_cost::measure(
-                &binaries.agent,
-                &binaries.upstream,
-                &root.join("target/bench/request-cost"),
-                requests,
-            )
-            .context("measuring instructions and allocations per request")?;
-            println!(
-                "  {:.0} instructions and {:.1} allocations per request in the agent's user space",
-                cost.instructions_per_request, cost.allocations_per_request
-            );
-            anyhow::Ok(cost)
-        })
-        .transpose()?;
+    let measure_cost = |upstream, folder: &str| {
+        let Some(requests) = cost_requests else {
+            return Ok(None);
+        };
+        println!("agent under callgrind: {requests} requests, {upstream:?} upstream");
+        let cost = request_cost::measure(
+            &binaries.agent,
+            &binaries.upstream,
+            &root.join("target/bench").join(folder),
+            requests,
+            upstream,
+        )
+        .with_context(|| format!("measuring the cost per request, {upstream:?} upstream"))?;
+        println!(
+            "  {:.0} instructions and {:.1} allocations per request in the agent's user space",
+            cost.instructions_per_request, cost.allocations_per_request
+        );
+        anyhow::Ok(Some(cost))
+    };
+    let request_cost = measure_cost(request_cost::Upstream::Plain, "request-cost")?;
+    let request_cost_tunnel = measure_cost(request_cost::Upstream::Tunnel, "request-cost-tunnel")?;
     let Some(tools) = tools else {
         return Ok(());
     };
@@ -250,6 +254,7 @@ pub fn run(args: Args) -> Result<()> {
         oha,
         agent_idle_rss_kib,
         request_cost,
+        request_cost_tunnel,
         v2_share,
         rounds: &done,
         figures: &figures,

@@ -77,6 +77,9 @@ pub struct Report<'a> {
     /// The agent's user-space instructions and allocations per `mesh-l7` request (callgrind);
     /// `None` where not measured (the CI smoke).
     pub request_cost: Option<super::request_cost::RequestCost>,
+    /// The same with the pods in the mesh: the source's and the destination's work for one
+    /// `mesh-mtls` request, both ends in one agent.
+    pub request_cost_tunnel: Option<super::request_cost::RequestCost>,
     /// Share of the mesh's HTTP requests the agent sent to subset v2 (90/10 configured).
     pub v2_share: f64,
     pub rounds: &'a [Round],
@@ -248,6 +251,16 @@ fn markdown(report: &Report) -> String {
              in `target/bench/request-cost/`, read it with `callgrind_annotate \
              --inclusive=yes`).\n",
             cost.instructions_per_request, cost.allocations_per_request, cost.requests
+        );
+    }
+    if let Some(cost) = &report.request_cost_tunnel {
+        let _ = writeln!(
+            out,
+            "With the pods in the mesh, the same requests go through a mutual TLS tunnel to the \
+             pod's own listener on the same node: **{:.0} instructions and {:.1} allocations per \
+             request**, the source's and the destination's work together (`mesh-mtls`'s path; \
+             profile in `target/bench/request-cost-tunnel/`).\n",
+            cost.instructions_per_request, cost.allocations_per_request
         );
     }
 

@@ -3,6 +3,10 @@
 //! figures are not), on `mesh-l7`'s path: a 90/10 VirtualService with retries, a DestinationRule
 //! with a pool and outlier detection, one worker.
 //!
+//! [`Upstream::Tunnel`] measures the same requests to the same pods put in the mesh: each goes
+//! through a mutual TLS tunnel to the pod's inbound listener, on the same node, so the one agent
+//! counts both ends of `mesh-mtls`'s path (source and destination).
+//!
 //! The release agent runs under `valgrind --tool=callgrind` on a node of its own; after a
 //! warm-up the counters are zeroed, `requests` keep-alive GETs go through it on 16 connections,
 //! and the profile of exactly those is dumped (kept under `target/bench/request-cost/` for
@@ -15,7 +19,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use mesh_tests::{agent, Backend, ConfigDir, Pod, PodProcess, SimNode};
+use mesh_tests::{agent, Backend, ConfigDir, Pod, PodProcess, SimNode, IN_MESH};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -39,6 +43,16 @@ const ALLOCATING: [&str; 9] = [
     "posix_memalign",
 ];
 
+/// How the agent reaches the service's pods.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Upstream {
+    /// Plain TCP: the pods are not in the mesh (`mesh-l7`).
+    Plain,
+    /// A `CONNECT` stream in a mutual TLS tunnel to the pod's own listener (`mesh-mtls`, both
+    /// ends in one agent).
+    Tunnel,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RequestCost {
     pub requests: u64,
@@ -52,6 +66,7 @@ pub fn measure(
     upstream_bin: &Path,
     out_dir: &Path,
     requests: u64,
+    upstream: Upstream,
 ) -> Result<RequestCost> {
     let _ = std::fs::remove_dir_all(out_dir);
     std::fs::create_dir_all(out_dir)?;
@@ -65,6 +80,20 @@ pub fn measure(
         serve(&node, upstream_bin, &v2, "v2")?,
     ];
     let config = ConfigDir::new()?;
+    let mut enrolled = vec![&client];
+    let mut labels = [
+        vec![("app", "hello"), ("version", "v1")],
+        vec![("app", "hello"), ("version", "v2")],
+    ];
+    let ca = out_dir.join("ca");
+    if upstream == Upstream::Tunnel {
+        // The destination agent is this one: it serves the pods' tunnel listeners.
+        enrolled.extend([&v1, &v2]);
+        for labels in &mut labels {
+            labels.push(IN_MESH);
+        }
+        mesh_tests::ca_init(agent_bin, &ca)?;
+    }
     config.service(
         "hello",
         VIP,
@@ -73,11 +102,11 @@ pub fn measure(
         &[
             Backend {
                 pod: &v1,
-                labels: &[("app", "hello"), ("version", "v1")],
+                labels: &labels[0],
             },
             Backend {
                 pod: &v2,
-                labels: &[("app", "hello"), ("version", "v2")],
+                labels: &labels[1],
             },
         ],
     )?;
@@ -107,14 +136,16 @@ pub fn measure(
             "mesh-bench-{}-request-cost.handover.sock",
             std::process::id()
         )))
-        .arg("--enroll")
-        .arg(format!(
-            "{}={}",
-            client.name(),
-            client.netns_path().display()
-        ))
         .arg("--config")
         .arg(config.path());
+    for pod in enrolled {
+        command
+            .arg("--enroll")
+            .arg(format!("{}={}", pod.name(), pod.netns_path().display()));
+    }
+    if upstream == Upstream::Tunnel {
+        command.arg("--ca").arg(&ca);
+    }
     let mut agent = node.spawn_on_node(command)?;
     wait_ready(&node, &agent)?;
 
@@ -129,6 +160,13 @@ pub fn measure(
     );
     let v2_share = run["by_body"]["v2"].as_f64().unwrap_or(0.0) / requests as f64;
     ensure!((0.05..=0.15).contains(&v2_share), "not split 90/10: {run}");
+    if upstream == Upstream::Tunnel {
+        let (_, metrics) = agent::admin_request(&node.netns_path(), "GET", "/metrics", "")?;
+        ensure!(
+            metrics.contains(r#"mesh_tunnel_streams_total{direction="inbound"}"#),
+            "no request went through a tunnel:\n{metrics}"
+        );
+    }
     agent.stop(Duration::from_secs(60))?;
 
     // `callgrind_control -d` writes `callgrind.out.1`; the final dump at exit is `.out`.

@@ -185,11 +185,7 @@ impl Listener {
         metrics.handshake(INBOUND);
         let handshake = tokio::time::timeout(
             self.hbone.limits.handshake_timeout,
-            h2::server::Builder::new()
-                .initial_window_size(stream::STREAM_WINDOW)
-                .initial_connection_window_size(stream::CONNECTION_WINDOW)
-                .max_concurrent_streams(self.hbone.limits.max_streams)
-                .handshake::<_, Bytes>(stream),
+            stream::server_builder(self.hbone.limits.max_streams).handshake::<_, Bytes>(stream),
         )
         .await;
         let mut connection = match handshake {

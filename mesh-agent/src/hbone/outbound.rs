@@ -296,9 +296,7 @@ impl TunnelClient {
                     .handshake_failed(OUTBOUND, error.reason());
                 TunnelError::Handshake(tunnel, error)
             })?;
-        let (requests, mut connection) = h2::client::Builder::new()
-            .initial_window_size(stream::STREAM_WINDOW)
-            .initial_connection_window_size(stream::CONNECTION_WINDOW)
+        let (requests, mut connection) = stream::client_builder()
             .handshake::<_, Bytes>(stream)
             .await
             .map_err(|error| TunnelError::Http2(tunnel, error))?;

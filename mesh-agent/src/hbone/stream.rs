@@ -23,12 +23,31 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// Each stream's receive window. A tunnel carries whole connections, bodies of any size: 1 MiB
 /// keeps one stream at full speed across a node's round trip, where HTTP/2's 64 KiB default
 /// would hold it to a few hundred MiB/s.
-pub const STREAM_WINDOW: u32 = 1 << 20;
+const STREAM_WINDOW: u32 = 1 << 20;
 
 /// The connection's receive window, shared by its streams: the most one tunnel connection
 /// buffers for readers that are slow to read. (Fixed: hyper's adaptive windows sent a ping
 /// and read the clock under a lock for every DATA frame to estimate the path.)
-pub const CONNECTION_WINDOW: u32 = 4 << 20;
+const CONNECTION_WINDOW: u32 = 4 << 20;
+
+/// The source's tunnel connections: HTTP/2 with the tunnel's windows.
+pub fn client_builder() -> h2::client::Builder {
+    let mut builder = h2::client::Builder::new();
+    builder
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW);
+    builder
+}
+
+/// The destination's: the same windows, and at most `max_streams` streams at once.
+pub fn server_builder(max_streams: u32) -> h2::server::Builder {
+    let mut builder = h2::server::Builder::new();
+    builder
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_concurrent_streams(max_streams);
+    builder
+}
 
 /// How often a tunnel connection is pinged, and how long an answer may take before the
 /// connection is given up: a peer that vanished without closing (its node gone) is found out.
@@ -185,9 +204,7 @@ mod tests {
     async fn connected_pair() -> (H2Stream, H2Stream) {
         let (client_io, server_io) = tokio::io::duplex(64 * 1024);
         let server = tokio::spawn(async move {
-            let mut connection = h2::server::Builder::new()
-                .initial_window_size(STREAM_WINDOW)
-                .initial_connection_window_size(CONNECTION_WINDOW)
+            let mut connection = server_builder(128)
                 .handshake::<_, Bytes>(server_io)
                 .await
                 .unwrap();
@@ -198,9 +215,7 @@ mod tests {
             tokio::spawn(async move { while connection.accept().await.is_some() {} });
             stream
         });
-        let (requests, connection) = h2::client::Builder::new()
-            .initial_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
+        let (requests, connection) = client_builder()
             .handshake::<_, Bytes>(client_io)
             .await
             .unwrap();

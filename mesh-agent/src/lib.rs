@@ -7,6 +7,7 @@
 //! pods and kernel state to the agent that replaces it.
 
 pub mod admin;
+pub mod authorization;
 pub mod cli;
 pub mod config;
 pub mod discovery;
@@ -17,6 +18,7 @@ pub mod handover;
 pub mod hbone;
 pub mod heap;
 pub mod identity;
+pub mod inbound;
 pub mod proxy;
 pub mod readiness;
 pub mod redirect;

@@ -31,6 +31,7 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::{
+    authorization::Authorization,
     config::{
         self, model::MeshConfig, Diagnostic, Object, ObjectKey, ObjectSet, Rejection, Severity,
         Sourced,
@@ -46,6 +47,8 @@ use crate::{
 pub struct Snapshot {
     pub version: u64,
     pub engine: Engine,
+    /// The AuthorizationPolicies in force, judged at each pod's destination.
+    pub authorization: Arc<Authorization>,
     pub discovered: Discovered,
     /// Every object in force, for `get` and `/config_dump`.
     pub objects: ObjectSet,
@@ -261,6 +264,7 @@ struct InForce {
     objects: ObjectSet,
     index: Index,
     config: MeshConfig,
+    authorization: Arc<Authorization>,
     /// What the VirtualServices in force name that does not exist.
     references: Arc<[Diagnostic]>,
 }
@@ -600,6 +604,7 @@ impl State {
         }
         if rules_changed {
             next.config = config::mesh_config(&next.objects);
+            next.authorization = Arc::new(Authorization::new(&next.config.authorization_policies));
         }
         if rules_changed || services_changed {
             let references = references(&next);
@@ -622,6 +627,7 @@ impl State {
         let snapshot = Snapshot {
             version,
             engine,
+            authorization: Arc::clone(&next.authorization),
             discovered: next.index.discovered().clone(),
             objects: next.objects.clone(),
             rejected: self.rejected.values().cloned().collect(),
@@ -851,8 +857,8 @@ spec:
 
     const POLICY: &str = "
 apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: deny-all, namespace: shop}
+kind: PeerAuthentication
+metadata: {name: strict, namespace: shop}
 spec: {}
 ";
 
@@ -912,7 +918,7 @@ spec: {}
         assert_eq!(at_start.len(), 1, "{at_start:?}");
         assert!(
             at_start[0].ends_with(
-                "policy.yml: AuthorizationPolicy shop/deny-all: kind AuthorizationPolicy is not \
+                "policy.yml: PeerAuthentication shop/strict: kind PeerAuthentication is not \
                  implemented by this mesh: not enforced"
             ),
             "{at_start:?}"
@@ -934,7 +940,7 @@ spec: {}
         let relist = || {
             let objects = config::read_text("kubernetes", POLICY).unwrap();
             vec![SourceChange::Replace {
-                kind: "AuthorizationPolicy".into(),
+                kind: "PeerAuthentication".into(),
                 objects: objects.into_iter().map(Arc::new).collect(),
                 rejected: vec![],
             }]
@@ -950,12 +956,12 @@ spec: {}
         assert_eq!(relisted, Vec::<String>::new());
 
         let another = logged_warnings(|| {
-            let second = POLICY.replace("deny-all", "allow-some");
+            let second = POLICY.replace("strict", "permissive");
             std::fs::write(dir.path().join("second.yml"), second).unwrap();
             store.reload().unwrap();
         });
         assert_eq!(another.len(), 1, "{another:?}");
-        assert!(another[0].contains("shop/allow-some"), "{another:?}");
+        assert!(another[0].contains("shop/permissive"), "{another:?}");
     }
 
     #[test]
@@ -991,11 +997,14 @@ spec: {}
                 .ignored()
                 .map(|(o, reason)| (o.key.to_string(), reason))
                 .collect();
-            let mut expected = vec!["AuthorizationPolicy shop/deny-all".to_owned()];
-            expected.extend(not_served.iter().map(|n| format!("Gateway default/{n}")));
+            let mut expected: Vec<String> = not_served
+                .iter()
+                .map(|n| format!("Gateway default/{n}"))
+                .collect();
+            expected.push("PeerAuthentication shop/strict".to_owned());
             let keys: Vec<&str> = ignored.iter().map(|(k, _)| k.as_str()).collect();
             assert_eq!(keys, expected);
-            for (_, why) in &ignored[1..] {
+            for (_, why) in &ignored[..not_served.len()] {
                 assert!(
                     why.contains(reason) && why.ends_with(": not served"),
                     "{why}"

@@ -65,14 +65,14 @@ fn an_invalid_file_fails_with_file_object_field_and_reason() {
 /// Istio and the rest of the set can be put in force, but the user learns the policy is not
 /// enforced.
 #[test]
-fn an_authorization_policy_is_reported_as_not_enforced_and_passes() {
-    let dir = std::env::temp_dir().join(format!("mesh-validate-authz-{}", std::process::id()));
+fn a_peer_authentication_is_reported_as_not_enforced_and_passes() {
+    let dir = std::env::temp_dir().join(format!("mesh-validate-peer-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("authz.yml");
+    let file = dir.join("peer.yml");
     std::fs::write(
         &file,
-        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
-         metadata: {name: deny-all, namespace: shop}\nspec: {}\n",
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n\
+         metadata: {name: strict, namespace: shop}\nspec: {mtls: {mode: STRICT}}\n",
     )
     .unwrap();
     let label = file.to_str().unwrap();
@@ -83,12 +83,48 @@ fn an_authorization_policy_is_reported_as_not_enforced_and_passes() {
     assert_eq!(
         warnings,
         [format!(
-            "warning: {label}: AuthorizationPolicy shop/deny-all: kind AuthorizationPolicy is \
+            "warning: {label}: PeerAuthentication shop/strict: kind PeerAuthentication is \
              not implemented by this mesh: not enforced"
         )],
         "{out}"
     );
     assert!(out.contains("0 error(s), 1 warning(s)"), "{out}");
+}
+
+/// An AuthorizationPolicy is validated like the traffic rules: every problem with its field,
+/// and the object left out.
+#[test]
+fn a_bad_authorization_policy_is_reported_with_its_fields() {
+    let dir = std::env::temp_dir().join(format!("mesh-validate-authz-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("authz.yml");
+    std::fs::write(
+        &file,
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+         metadata: {name: b, namespace: shop}\nspec:\n  action: PERMIT\n  rules:\n  \
+         - to: [{operation: {ports: [http]}}]\n",
+    )
+    .unwrap();
+    let label = file.to_str().unwrap();
+    let (ok, out) = validate(&["-f", label]);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(!ok, "{out}");
+    let errors: Vec<&str> = out.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(
+        errors,
+        [
+            format!(
+                "error: {label}: AuthorizationPolicy shop/b: spec.action: unknown action \
+                 \"PERMIT\": expected ALLOW, DENY, AUDIT or CUSTOM"
+            ),
+            format!(
+                "error: {label}: AuthorizationPolicy shop/b: spec.rules[0].to[0].operation.ports[0]: \
+                 \"http\" is not a port number (1-65535)"
+            ),
+        ],
+        "{out}"
+    );
+    assert!(out.contains("0 AuthorizationPolicy"), "{out}");
 }
 
 /// The tutorial's canary VirtualService checked alone: its subsets are defined in another file

@@ -320,7 +320,7 @@ fn query_param(uri: &http::Uri, name: &str) -> Option<String> {
 }
 
 /// The answer to `apply`/`delete`: what changed and the warnings about the objects now in force
-/// (an `AuthorizationPolicy` applied is not enforced: the user must hear it), or every
+/// (a `PeerAuthentication` applied is not enforced: the user must hear it), or every
 /// diagnostic and nothing changed.
 fn change_answer(
     store: &Store,
@@ -450,8 +450,8 @@ mod tests {
     use crate::engine::EngineSettings;
 
     const POLICY: &str = "apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: deny-all, namespace: shop}
+kind: PeerAuthentication
+metadata: {name: strict, namespace: shop}
 spec: {}
 ";
 
@@ -488,13 +488,6 @@ spec:
             dump["ignored"],
             json!([
                 {
-                    "kind": "AuthorizationPolicy",
-                    "namespace": "shop",
-                    "name": "deny-all",
-                    "source": "policy.yml",
-                    "reason": "kind AuthorizationPolicy is not implemented by this mesh: not enforced",
-                },
-                {
                     "kind": "Gateway",
                     "namespace": "istio-system",
                     "name": "egress",
@@ -503,20 +496,27 @@ spec:
                                this agent's ingress gateway (app=istio-ingressgateway, \
                                istio=ingressgateway): not served",
                 },
+                {
+                    "kind": "PeerAuthentication",
+                    "namespace": "shop",
+                    "name": "strict",
+                    "source": "policy.yml",
+                    "reason": "kind PeerAuthentication is not implemented by this mesh: not enforced",
+                },
             ])
         );
         assert_eq!(dump["objects"].as_array().map(Vec::len), Some(4));
         let warnings = dump["warnings"].as_array().expect("warnings");
         assert_eq!(warnings.len(), 2, "{warnings:?}");
-        assert_eq!(
-            warnings[0],
-            "policy.yml: AuthorizationPolicy shop/deny-all: kind AuthorizationPolicy is not \
-             implemented by this mesh: not enforced"
-        );
         assert!(
-            warnings[1].as_str().is_some_and(|w| w
+            warnings[0].as_str().is_some_and(|w| w
                 .starts_with("gateways.yml: Gateway istio-system/egress: spec.selector: selector")),
             "{warnings:?}"
+        );
+        assert_eq!(
+            warnings[1],
+            "policy.yml: PeerAuthentication shop/strict: kind PeerAuthentication is not \
+             implemented by this mesh: not enforced"
         );
     }
 
@@ -598,16 +598,13 @@ spec:
             .expect("an empty store");
         let (status, answer) = change_answer(&store, store.apply("policy.yml", POLICY));
         assert_eq!(status, StatusCode::OK);
-        assert_eq!(
-            answer["objects"],
-            json!(["AuthorizationPolicy shop/deny-all"])
-        );
+        assert_eq!(answer["objects"], json!(["PeerAuthentication shop/strict"]));
         assert_eq!(
             answer["warnings"],
-            json!([
-                "warning: policy.yml: AuthorizationPolicy shop/deny-all: kind \
-                    AuthorizationPolicy is not implemented by this mesh: not enforced"
-            ])
+            json!(
+                ["warning: policy.yml: PeerAuthentication shop/strict: kind \
+                    PeerAuthentication is not implemented by this mesh: not enforced"]
+            )
         );
         let (_, answer) = change_answer(&store, store.delete("policy.yml", POLICY));
         assert_eq!(answer["warnings"], json!([]));

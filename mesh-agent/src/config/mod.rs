@@ -1,10 +1,10 @@
 //! The agent's input, read once and typed: text (YAML or JSON, one or many documents per file,
 //! or a `kind: List`) becomes [`Document`]s, and each document one typed [`Sourced`] object —
 //! `networking.istio.io` `VirtualService`, `DestinationRule` and `Gateway` (`v1alpha3`,
-//! `v1beta1`, `v1`) validated into [`model`], Kubernetes `Service`, `EndpointSlice` and `Pod` as
-//! k8s-openapi types, the kinds of Istio's API groups the mesh does not implement kept as read
-//! with a warning (`AuthorizationPolicy`, `ServiceEntry`, ...: not enforced), any other kind kept
-//! as read. Objects live in an [`ObjectSet`] keyed by kind, namespace and name;
+//! `v1beta1`, `v1`) and `security.istio.io` `AuthorizationPolicy` (`v1beta1`, `v1`) validated
+//! into [`model`], Kubernetes `Service`, `EndpointSlice` and `Pod` as k8s-openapi types, the
+//! kinds of Istio's API groups the mesh does not implement kept as read with a warning
+//! (`PeerAuthentication`, `ServiceEntry`, ...: not enforced), any other kind kept as read. Objects live in an [`ObjectSet`] keyed by kind, namespace and name;
 //! [`rules`](check_references) span objects, and [`mesh_config`] hands the Istio rules of a set
 //! to the engine.
 //!
@@ -29,6 +29,7 @@
 //! assert_eq!(loaded.config.virtual_services[0].http[0].route[0].weight, 100);
 //! ```
 
+mod authorization_policy;
 mod destination_rule;
 mod diagnostic;
 mod document;
@@ -84,12 +85,17 @@ impl Loaded {
         self.diagnostics.iter().filter(|d| !d.is_error())
     }
 
-    /// The objects of kinds other than Istio's.
+    /// The objects other than the Istio rules the mesh implements.
     pub fn other_objects(&self) -> impl Iterator<Item = &Sourced> {
-        self.objects
-            .values()
-            .map(|o| &**o)
-            .filter(|o| !is_istio_kind(&o.key.kind))
+        self.objects.values().map(|o| &**o).filter(|o| {
+            !matches!(
+                o.object,
+                Object::VirtualService(_)
+                    | Object::DestinationRule(_)
+                    | Object::Gateway(_)
+                    | Object::AuthorizationPolicy(_)
+            )
+        })
     }
 }
 
@@ -280,12 +286,13 @@ pub fn run_validate(paths: &[PathBuf], out: &mut impl Write) -> io::Result<bool>
     let config = &loaded.config;
     writeln!(
         out,
-        "{} file(s): {} VirtualService, {} DestinationRule, {} Gateway, {} other object(s); \
-         {} error(s), {} warning(s)",
+        "{} file(s): {} VirtualService, {} DestinationRule, {} Gateway, {} AuthorizationPolicy, \
+         {} other object(s); {} error(s), {} warning(s)",
         loaded.files.len(),
         config.virtual_services.len(),
         config.destination_rules.len(),
         config.gateways.len(),
+        config.authorization_policies.len(),
         loaded.other_objects().count(),
         loaded.errors().count(),
         loaded.warnings().count(),

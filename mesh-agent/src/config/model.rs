@@ -48,6 +48,7 @@ pub struct MeshConfig {
     pub virtual_services: Vec<Arc<VirtualService>>,
     pub destination_rules: Vec<Arc<DestinationRule>>,
     pub gateways: Vec<Arc<Gateway>>,
+    pub authorization_policies: Vec<Arc<AuthorizationPolicy>>,
 }
 
 // ---------------------------------------------------------------- VirtualService
@@ -354,4 +355,136 @@ pub struct GatewayServer {
     /// `port.name`, informational.
     pub port_name: String,
     pub hosts: Vec<String>,
+}
+
+// ---------------------------------------------------------------- AuthorizationPolicy
+
+/// `security.istio.io` `AuthorizationPolicy`, evaluated by [`crate::authorization`] at the
+/// destination of each connection and request.
+#[derive(Clone, Debug)]
+pub struct AuthorizationPolicy {
+    pub id: ObjectRef,
+    /// `None`: every workload of its namespace, or of the mesh in the root namespace.
+    pub selector: Option<BTreeMap<String, String>>,
+    pub action: AuthorizationAction,
+    /// Empty: an `ALLOW` policy allows nothing, any other matches nothing (Istio's reading).
+    pub rules: Vec<AuthorizationRule>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuthorizationAction {
+    Allow,
+    Deny,
+    Audit,
+    /// An external authorizer (`provider`), which this mesh does not call: what the policy
+    /// matches is denied (fails closed).
+    Custom,
+}
+
+/// Matches when one of `from` (or `from` is empty), one of `to` (or `to` is empty) and every
+/// condition of `when` match.
+#[derive(Clone, Debug, Default)]
+pub struct AuthorizationRule {
+    pub from: Vec<SourceMatch>,
+    pub to: Vec<OperationMatch>,
+    pub when: Vec<Condition>,
+}
+
+/// `rules[].from[].source`: every field set must match.
+#[derive(Clone, Debug, Default)]
+pub struct SourceMatch {
+    /// SPIFFE IDs without `spiffe://`, as Istio writes them (`cluster.local/ns/a/sa/b`).
+    pub principals: Values<Pattern>,
+    pub namespaces: Values<Pattern>,
+    pub ip_blocks: Values<ipnet::IpNet>,
+    /// The client's address as the destination sees it (`X-Forwarded-For` is not trusted, so
+    /// the same address as `ip_blocks`).
+    pub remote_ip_blocks: Values<ipnet::IpNet>,
+    /// A field this mesh cannot evaluate (JWT `requestPrincipals`, `serviceAccounts`), named in
+    /// a warning: it never counts as matched or unmatched (fails closed).
+    pub unevaluable: bool,
+}
+
+/// `rules[].to[].operation`: every field set must match.
+#[derive(Clone, Debug, Default)]
+pub struct OperationMatch {
+    /// Lower case; compared with the request's `Host` without its port, case-insensitively.
+    pub hosts: Values<Pattern>,
+    pub ports: Values<u16>,
+    pub methods: Values<Pattern>,
+    /// Compared with the request's path without its query, dot-segments removed.
+    pub paths: Values<Pattern>,
+    /// A path template (`{*}`, `{**}`), named in a warning: fails closed.
+    pub unevaluable: bool,
+}
+
+/// One `when` condition.
+#[derive(Clone, Debug)]
+pub enum Condition {
+    /// `request.headers[name]`.
+    RequestHeader(HeaderName, Values<Pattern>),
+    SourceIp(Values<ipnet::IpNet>),
+    RemoteIp(Values<ipnet::IpNet>),
+    SourceNamespace(Values<Pattern>),
+    SourcePrincipal(Values<Pattern>),
+    DestinationIp(Values<ipnet::IpNet>),
+    DestinationPort(Values<u16>),
+    /// A key this mesh cannot evaluate (`request.auth.*`, `connection.sni`, `experimental.*`),
+    /// named in a warning: fails closed.
+    Unevaluable,
+}
+
+/// A field's `values` (any may match; empty: not set) and `notValues` (none may match).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Values<T> {
+    pub any_of: Vec<T>,
+    pub none_of: Vec<T>,
+}
+
+impl<T> Default for Values<T> {
+    fn default() -> Self {
+        Values {
+            any_of: Vec::new(),
+            none_of: Vec::new(),
+        }
+    }
+}
+
+impl<T> Values<T> {
+    pub fn is_set(&self) -> bool {
+        !self.any_of.is_empty() || !self.none_of.is_empty()
+    }
+}
+
+/// Istio's string match in authorization rules: exact, `prefix*`, `*suffix`, or `*`, which
+/// matches any value that is present.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Pattern {
+    Exact(String),
+    Prefix(String),
+    Suffix(String),
+    Present,
+}
+
+impl Pattern {
+    pub fn parse(text: &str) -> Pattern {
+        if text == "*" {
+            Pattern::Present
+        } else if let Some(prefix) = text.strip_suffix('*') {
+            Pattern::Prefix(prefix.to_owned())
+        } else if let Some(suffix) = text.strip_prefix('*') {
+            Pattern::Suffix(suffix.to_owned())
+        } else {
+            Pattern::Exact(text.to_owned())
+        }
+    }
+
+    pub fn matches(&self, value: &str) -> bool {
+        match self {
+            Pattern::Exact(exact) => value == exact,
+            Pattern::Prefix(prefix) => value.starts_with(prefix.as_str()),
+            Pattern::Suffix(suffix) => value.ends_with(suffix.as_str()),
+            Pattern::Present => !value.is_empty(),
+        }
+    }
 }

@@ -1,5 +1,6 @@
 //! One object of the agent's input, typed once when it is read and never parsed again: Istio's
-//! `VirtualService`, `DestinationRule` and `Gateway` (validated into [`model`](super::model)),
+//! `VirtualService`, `DestinationRule`, `Gateway` and `AuthorizationPolicy` (validated into
+//! [`model`](super::model)),
 //! Kubernetes' `Service`, `EndpointSlice` and `Pod` (as k8s-openapi types), the other kinds of
 //! Istio's API groups as read with a warning that they are not enforced, and any other kind as
 //! read (kept for `get` and `/config_dump`, interpreted by nothing).
@@ -18,12 +19,12 @@ use serde::{de::DeserializeOwned, Serialize, Serializer};
 use serde_json::{Map, Value};
 
 use super::{
-    destination_rule,
+    authorization_policy, destination_rule,
     diagnostic::{Diagnostic, ObjectContext, Severity},
     document::Document,
     fields::MISSING,
     gateway,
-    model::{DestinationRule, Gateway, ObjectRef, VirtualService},
+    model::{AuthorizationPolicy, DestinationRule, Gateway, ObjectRef, VirtualService},
     raw,
     virtual_service::{self, DestinationRef},
 };
@@ -32,15 +33,17 @@ use super::{
 pub type ObjectSet = imbl::OrdMap<ObjectKey, Arc<Sourced>>;
 
 const ISTIO_GROUP: &str = "networking.istio.io";
+const SECURITY_GROUP: &str = "security.istio.io";
 /// Istio's API groups: a kind of these that the mesh does not implement is a policy the user
 /// expects enforced, so it is reported rather than kept silently like any unknown kind.
 pub const ISTIO_API_GROUPS: &[&str] = &[
     ISTIO_GROUP,
-    "security.istio.io",
+    SECURITY_GROUP,
     "telemetry.istio.io",
     "extensions.istio.io",
 ];
 const ISTIO_VERSIONS: &[&str] = &["v1alpha3", "v1beta1", "v1"];
+const SECURITY_VERSIONS: &[&str] = &["v1beta1", "v1"];
 const TOP_LEVEL_FIELDS: &[&str] = &["apiVersion", "kind", "metadata", "spec", "status"];
 /// The namespace of an object that names none, as `kubectl` assumes.
 pub const DEFAULT_NAMESPACE: &str = "default";
@@ -87,7 +90,8 @@ pub enum Object {
     VirtualService(IstioObject<VirtualService>),
     DestinationRule(IstioObject<DestinationRule>),
     Gateway(IstioObject<Gateway>),
-    /// A kind of Istio's API groups the mesh does not implement (`AuthorizationPolicy`,
+    AuthorizationPolicy(IstioObject<AuthorizationPolicy>),
+    /// A kind of Istio's API groups the mesh does not implement (`PeerAuthentication`,
     /// `ServiceEntry`, ...), as read: listed as ignored, never enforced.
     NotImplemented(Arc<Value>),
     /// A kind the mesh does not interpret, as read.
@@ -166,6 +170,7 @@ impl Sourced {
             Object::VirtualService(o) => (*o.manifest).clone(),
             Object::DestinationRule(o) => (*o.manifest).clone(),
             Object::Gateway(o) => (*o.manifest).clone(),
+            Object::AuthorizationPolicy(o) => (*o.manifest).clone(),
             Object::NotImplemented(value) | Object::Other(value) => (**value).clone(),
         };
         if let Some(metadata) = value.get_mut("metadata").and_then(Value::as_object_mut) {
@@ -232,6 +237,21 @@ pub fn read(file: &str, document: Document) -> Result<Sourced, Vec<Diagnostic>> 
                     format!(
                         "unsupported version {api_version:?}: expected {ISTIO_GROUP}/v1alpha3, \
                          v1beta1 or v1"
+                    ),
+                )]);
+            }
+            istio(file, &key, map, &mut warnings)?
+        }
+        (SECURITY_GROUP, "AuthorizationPolicy") => {
+            if !SECURITY_VERSIONS.contains(&version) {
+                return Err(vec![diagnostic(
+                    file,
+                    &key.to_string(),
+                    "apiVersion",
+                    Severity::Error,
+                    format!(
+                        "unsupported version {api_version:?}: expected {SECURITY_GROUP}/v1beta1 \
+                         or v1"
                     ),
                 )]);
             }
@@ -322,6 +342,15 @@ fn istio(
                 destinations: Arc::new([]),
             })
         }),
+        "AuthorizationPolicy" => {
+            parse_spec::<raw::AuthorizationPolicySpec>(&mut cx, spec).map(|spec| {
+                Object::AuthorizationPolicy(IstioObject {
+                    rule: Arc::new(authorization_policy::convert(&mut cx, &id, spec)),
+                    manifest,
+                    destinations: Arc::new([]),
+                })
+            })
+        }
         _ => parse_spec::<raw::GatewaySpec>(&mut cx, spec).map(|spec| {
             Object::Gateway(IstioObject {
                 rule: Arc::new(gateway::convert(&mut cx, &id, spec)),

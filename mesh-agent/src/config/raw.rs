@@ -282,3 +282,78 @@ pub(super) struct Port {
     pub name: Option<String>,
     pub target_port: Unsupported,
 }
+
+// ---------------------------------------------------------------- AuthorizationPolicy
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct AuthorizationPolicySpec {
+    pub selector: Option<WorkloadSelector>,
+    pub target_ref: Unsupported,
+    pub target_refs: Unsupported,
+    pub action: Option<String>,
+    pub provider: Option<Value>,
+    pub rules: Option<Vec<AuthorizationRule>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct WorkloadSelector {
+    pub match_labels: Option<StringMap>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct AuthorizationRule {
+    pub from: Option<Vec<RuleFrom>>,
+    pub to: Option<Vec<RuleTo>>,
+    pub when: Option<Vec<Condition>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct RuleFrom {
+    pub source: Option<Source>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct RuleTo {
+    pub operation: Option<Operation>,
+}
+
+/// Every field a list: Istio ORs the items of one field and ANDs the fields.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct Source {
+    pub principals: Option<Vec<String>>,
+    pub not_principals: Option<Vec<String>>,
+    pub request_principals: Option<Vec<String>>,
+    pub not_request_principals: Option<Vec<String>>,
+    pub namespaces: Option<Vec<String>>,
+    pub not_namespaces: Option<Vec<String>>,
+    pub service_accounts: Option<Vec<String>>,
+    pub not_service_accounts: Option<Vec<String>>,
+    pub ip_blocks: Option<Vec<String>>,
+    pub not_ip_blocks: Option<Vec<String>>,
+    pub remote_ip_blocks: Option<Vec<String>>,
+    pub not_remote_ip_blocks: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct Operation {
+    pub hosts: Option<Vec<String>>,
+    pub not_hosts: Option<Vec<String>>,
+    pub ports: Option<Vec<String>>,
+    pub not_ports: Option<Vec<String>>,
+    pub methods: Option<Vec<String>>,
+    pub not_methods: Option<Vec<String>>,
+    pub paths: Option<Vec<String>>,
+    pub not_paths: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct Condition {
+    pub key: Option<String>,
+    pub values: Option<Vec<String>>,
+    pub not_values: Option<Vec<String>>,
+}

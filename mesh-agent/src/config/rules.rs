@@ -22,6 +22,9 @@ pub fn mesh_config(objects: &ObjectSet) -> MeshConfig {
             Object::VirtualService(o) => config.virtual_services.push(Arc::clone(&o.rule)),
             Object::DestinationRule(o) => config.destination_rules.push(Arc::clone(&o.rule)),
             Object::Gateway(o) => config.gateways.push(Arc::clone(&o.rule)),
+            Object::AuthorizationPolicy(o) => {
+                config.authorization_policies.push(Arc::clone(&o.rule))
+            }
             _ => {}
         }
     }
@@ -30,14 +33,22 @@ pub fn mesh_config(objects: &ObjectSet) -> MeshConfig {
 
 /// Whether a change to an object of this kind can change the [`MeshConfig`].
 pub fn is_istio_kind(kind: &str) -> bool {
-    matches!(kind, "VirtualService" | "DestinationRule" | "Gateway")
+    matches!(
+        kind,
+        "VirtualService" | "DestinationRule" | "Gateway" | "AuthorizationPolicy"
+    )
 }
 
 /// The Istio objects of the set, without walking the others (keys sort by kind first).
 fn istio_objects(objects: &ObjectSet) -> impl Iterator<Item = &Arc<Sourced>> {
-    ["DestinationRule", "Gateway", "VirtualService"]
-        .into_iter()
-        .flat_map(|kind| of_kind(objects, kind))
+    [
+        "AuthorizationPolicy",
+        "DestinationRule",
+        "Gateway",
+        "VirtualService",
+    ]
+    .into_iter()
+    .flat_map(|kind| of_kind(objects, kind))
 }
 
 /// The objects of one kind.

@@ -762,7 +762,6 @@ fn gateway_hosts_load_in_every_istio_form() {
 #[test]
 fn istio_kinds_not_implemented_warn_and_are_ignored() {
     let kinds = [
-        ("security.istio.io/v1", "AuthorizationPolicy"),
         ("security.istio.io/v1beta1", "PeerAuthentication"),
         ("security.istio.io/v1", "RequestAuthentication"),
         ("networking.istio.io/v1", "ServiceEntry"),
@@ -806,11 +805,11 @@ fn istio_kinds_not_implemented_warn_and_are_ignored() {
         .filter_map(|o| Some((o.key.to_string(), o.ignored()?)))
         .collect();
     assert_eq!(ignored.len(), kinds.len(), "{ignored:?}");
-    let policy = ObjectKey::new("AuthorizationPolicy", Some("shop"), "p");
+    let policy = ObjectKey::new("PeerAuthentication", Some("shop"), "p");
     let sourced = &loaded.objects[&policy];
     assert_eq!(
         sourced.ignored().as_deref(),
-        Some("kind AuthorizationPolicy is not implemented by this mesh: not enforced")
+        Some("kind PeerAuthentication is not implemented by this mesh: not enforced")
     );
     assert_eq!(sourced.manifest()["spec"]["anything"][0], 1, "kept as read");
     for quiet in [
@@ -1150,7 +1149,7 @@ fn directories_are_read_recursively_in_order_skipping_hidden_entries() {
     let out = String::from_utf8(out).expect("utf-8");
     assert_eq!(
         out,
-        "2 file(s): 1 VirtualService, 1 DestinationRule, 0 Gateway, 0 other object(s); 0 error(s), 0 warning(s)\n"
+        "2 file(s): 1 VirtualService, 1 DestinationRule, 0 Gateway, 0 AuthorizationPolicy, 0 other object(s); 0 error(s), 0 warning(s)\n"
     );
 
     std::fs::write(

@@ -1,5 +1,6 @@
 //! Kubernetes mode's source: watches on the API server for `Service`, `EndpointSlice`, `Pod`,
-//! `Namespace` (its mesh label only) and Istio's `VirtualService`/`DestinationRule`/`Gateway`. Every event becomes a typed
+//! `Namespace` (its mesh label only), Istio's `VirtualService`/`DestinationRule`/`Gateway` and
+//! `AuthorizationPolicy`. Every event becomes a typed
 //! [`SourceChange`] for the store — the object as the API gave it, never re-encoded — so engine
 //! and proxy do not know the difference from local mode. `Pod` and `Namespace` are also kept in
 //! reflector stores, which label enrollment reads.
@@ -8,8 +9,8 @@
 //! `discovery.k8s.io/v1` (Kubernetes 1.21 and later) or `v1beta1` (1.17 to 1.24), whose objects
 //! are read into the v1 type (see [`endpoint_slice_from_v1beta1`]).
 //!
-//! The Istio kinds the mesh does not implement ([`NOT_IMPLEMENTED`]: `AuthorizationPolicy`,
-//! `PeerAuthentication`, `ServiceEntry`, ...) are watched too, only so that each one applied is
+//! The Istio kinds the mesh does not implement ([`NOT_IMPLEMENTED`]: `PeerAuthentication`,
+//! `ServiceEntry`, ...) are watched too, only so that each one applied is
 //! reported (a warning, `/config_dump`'s `ignored`) instead of passing unnoticed. Their CRDs may
 //! well not be installed: only the kinds the API server serves at start-up are watched, and
 //! they never hold up start-up.
@@ -112,11 +113,17 @@ pub struct KubeSettings {
     pub proc_root: PathBuf,
 }
 
-const ISTIO_KINDS: [(&str, &str); 3] = [
-    ("VirtualService", "virtualservices"),
-    ("DestinationRule", "destinationrules"),
-    ("Gateway", "gateways"),
+const ISTIO_KINDS: [(&str, &str, &str); 4] = [
+    ("networking.istio.io", "VirtualService", "virtualservices"),
+    ("networking.istio.io", "DestinationRule", "destinationrules"),
+    ("networking.istio.io", "Gateway", "gateways"),
+    (
+        "security.istio.io",
+        "AuthorizationPolicy",
+        "authorizationpolicies",
+    ),
 ];
+/// The version every Istio release's CRDs serve, for both groups.
 const ISTIO_VERSION: &str = "v1beta1";
 const DISCOVERY_GROUP: &str = "discovery.k8s.io";
 
@@ -142,18 +149,13 @@ impl WatchMetrics {
 
 /// The kinds of Istio's API groups the mesh does not implement, as (group, kind, plural): each
 /// needs its own `list`/`watch` grant in `deploy/base/clusterrole.yaml` (no wildcards there).
-pub const NOT_IMPLEMENTED: [(&str, &str, &str); 11] = [
+pub const NOT_IMPLEMENTED: [(&str, &str, &str); 10] = [
     ("networking.istio.io", "ServiceEntry", "serviceentries"),
     ("networking.istio.io", "Sidecar", "sidecars"),
     ("networking.istio.io", "EnvoyFilter", "envoyfilters"),
     ("networking.istio.io", "WorkloadEntry", "workloadentries"),
     ("networking.istio.io", "WorkloadGroup", "workloadgroups"),
     ("networking.istio.io", "ProxyConfig", "proxyconfigs"),
-    (
-        "security.istio.io",
-        "AuthorizationPolicy",
-        "authorizationpolicies",
-    ),
     (
         "security.istio.io",
         "PeerAuthentication",
@@ -238,11 +240,11 @@ pub async fn start(client: Client, readiness: &Arc<Readiness>, metrics: &WatchMe
         Some(Object::Pod(shared.unwrap_or_else(|| Arc::new(pod))))
     }));
     kinds += 1;
-    for (kind, plural) in ISTIO_KINDS {
+    for (group, kind, plural) in ISTIO_KINDS {
         let resource = ApiResource {
-            group: "networking.istio.io".into(),
+            group: group.into(),
             version: ISTIO_VERSION.into(),
-            api_version: format!("networking.istio.io/{ISTIO_VERSION}"),
+            api_version: format!("{group}/{ISTIO_VERSION}"),
             kind: kind.into(),
             plural: plural.into(),
         };
@@ -890,7 +892,7 @@ mod tests {
     use super::*;
 
     /// Just enough of an API server: discovery of `security.istio.io` (if `serve_security`),
-    /// a list of one AuthorizationPolicy, and a watch that stays open without events. Records
+    /// a list of one PeerAuthentication, and a watch that stays open without events. Records
     /// the paths asked for.
     async fn api_server(serve_security: bool) -> (Client, Arc<Mutex<Vec<String>>>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -939,11 +941,11 @@ mod tests {
             "/apis/security.istio.io/v1" | "/apis/security.istio.io/v1beta1" => {
                 json(json!({"kind": "APIResourceList", "apiVersion": "v1",
                     "groupVersion": format!("security.istio.io/{}", path.rsplit('/').next().unwrap_or_default()),
-                    "resources": [resource("authorizationpolicies", "AuthorizationPolicy"),
+                    "resources": [resource("peerauthentications", "PeerAuthentication"),
                                   // Not in the ClusterRole: never watched.
                                   resource("futurepolicies", "FuturePolicy")]}))
             }
-            "/apis/security.istio.io/v1/authorizationpolicies" if watching => {
+            "/apis/security.istio.io/v1/peerauthentications" if watching => {
                 let pending = futures_util::stream::pending::<Result<Frame<Bytes>, Infallible>>();
                 let mut response = Response::new(BodyExt::boxed(StreamBody::new(pending)));
                 response.headers_mut().insert(
@@ -952,11 +954,11 @@ mod tests {
                 );
                 response
             }
-            "/apis/security.istio.io/v1/authorizationpolicies" => json(json!({
-                "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicyList",
+            "/apis/security.istio.io/v1/peerauthentications" => json(json!({
+                "apiVersion": "security.istio.io/v1", "kind": "PeerAuthenticationList",
                 "metadata": {"resourceVersion": "7"},
-                "items": [{"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
-                           "metadata": {"name": "deny-all", "namespace": "shop", "resourceVersion": "7"},
+                "items": [{"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+                           "metadata": {"name": "strict", "namespace": "shop", "resourceVersion": "7"},
                            "spec": {}}]})),
             _ => {
                 let mut response = Response::new(Full::new(Bytes::from("{}")).boxed());
@@ -972,7 +974,7 @@ mod tests {
         let (sender, mut changes) = mpsc::channel(16);
         let watched =
             watch_not_implemented(&client, &sender, &ORIGIN.into(), &WatchMetrics::default()).await;
-        assert_eq!(watched, ["AuthorizationPolicy"]);
+        assert_eq!(watched, ["PeerAuthentication"]);
         let change = tokio::time::timeout(Duration::from_secs(10), changes.recv())
             .await
             .expect("the first list in time")
@@ -980,14 +982,14 @@ mod tests {
         let SourceChange::Replace { kind, objects, .. } = change else {
             panic!("expected the list, got {change:?}");
         };
-        assert_eq!(&*kind, "AuthorizationPolicy");
+        assert_eq!(&*kind, "PeerAuthentication");
         assert_eq!(objects.len(), 1);
         let policy = &objects[0];
-        assert_eq!(policy.key.to_string(), "AuthorizationPolicy shop/deny-all");
+        assert_eq!(policy.key.to_string(), "PeerAuthentication shop/strict");
         assert_eq!(&*policy.origin, "kubernetes");
         assert_eq!(
             policy.ignored().as_deref(),
-            Some("kind AuthorizationPolicy is not implemented by this mesh: not enforced")
+            Some("kind PeerAuthentication is not implemented by this mesh: not enforced")
         );
         assert_eq!(policy.warnings.len(), 1);
         let asked = asked.lock().unwrap();

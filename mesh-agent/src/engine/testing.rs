@@ -81,6 +81,7 @@ pub fn mesh(routes: usize, endpoints: usize) -> (MeshConfig, Registry) {
             subsets: vec![subset("version-v1", "v1"), subset("version-v2", "v2")],
         })],
         gateways: vec![],
+        authorization_policies: vec![],
     };
     let endpoints = (0..endpoints)
         .map(|i| Endpoint {

@@ -175,6 +175,7 @@ fn fixture_with(
         virtual_services: vs.into_iter().map(Arc::new).collect(),
         destination_rules: dr.into_iter().map(Arc::new).collect(),
         gateways: vec![],
+        authorization_policies: vec![],
     };
     let registry = Registry {
         services: services.into_iter().map(Arc::new).collect(),
@@ -770,6 +771,7 @@ fn the_ingress_tries_the_gateways_on_its_port_in_order_then_all_of_them() {
             Arc::new(gateway("public", 80)),
             Arc::new(gateway("internal", 80)),
         ],
+        authorization_policies: vec![],
     };
     let registry = Registry {
         services: vec![
@@ -833,6 +835,7 @@ fn a_destination_that_does_not_exist_yet_is_503_nr_until_it_does() {
         ))],
         destination_rules: rules.into_iter().map(Arc::new).collect(),
         gateways: vec![],
+        authorization_policies: vec![],
     };
     let f = fixture(
         vec![virtual_service(&["service-c"], vec![split.clone()])],
@@ -1261,6 +1264,7 @@ fn outlier_state_survives_a_reload() {
             outlier_policy(tutorial_outlier()),
         ))],
         gateways: vec![],
+        authorization_policies: vec![],
     };
     let registry = Registry {
         services: vec![Arc::new(service("service-c", 0, 3))],
@@ -1284,6 +1288,7 @@ fn a_reload_rebuilds_only_what_changed_and_keeps_live_state() {
         virtual_services: vec![],
         destination_rules: vec![Arc::clone(&rule)],
         gateways: vec![],
+        authorization_policies: vec![],
     };
     let (a, c) = (
         Arc::new(service("service-a", 2, 0)),

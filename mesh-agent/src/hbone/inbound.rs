@@ -1,6 +1,7 @@
 //! A pod's tunnel listener: port 15008 inside the pod's network namespace, mutual TLS with the
 //! pod's own certificate, an HTTP/2 server that accepts `CONNECT` to this pod's own address
-//! only and carries each stream to the app, dialled from inside the pod.
+//! only and carries each stream to the app, dialled from inside the pod — or, when the pod's
+//! AuthorizationPolicies have a say, hands it to [`crate::inbound`] to be judged first.
 //!
 //! Bounded: connections per listener (`max_connections`, past which a new one is closed at once
 //! and counted), streams per connection (HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS`, which the peer
@@ -8,6 +9,7 @@
 //! and HTTP/2 handshakes (`handshake_timeout`).
 
 use std::{
+    collections::BTreeMap,
     io,
     net::SocketAddr,
     sync::{Arc, Mutex, PoisonError},
@@ -15,10 +17,11 @@ use std::{
 };
 
 use bytes::Bytes;
-use h2::{server::SendResponse, RecvStream};
+use h2::{server::SendResponse, Reason, RecvStream};
 use http::{Method, Request, Response, StatusCode};
 use rustls::ServerConfig;
 use tokio::{
+    io::{AsyncRead, AsyncWrite},
     net::{TcpListener, TcpStream},
     sync::Semaphore,
 };
@@ -31,7 +34,9 @@ use super::{
     Hbone,
 };
 use crate::{
+    authorization::Policies,
     identity::{spiffe::SpiffeId, tls, WorkloadIdentity},
+    inbound::{self, Admission, Admitted, App, Arrival, Resettable},
     proxy::{upstream::Dialer, Drain},
     redirect::{netns::NetNs, Exemption},
     telemetry::metrics::{Reporter, Security},
@@ -273,6 +278,33 @@ impl Listener {
             debug!(%target, pod = %self.pod.name, "CONNECT to another address refused");
             return reply(StatusCode::FORBIDDEN);
         }
+        let arrival = Arrival {
+            client: Some(ends.client.clone()),
+            server: Some(ends.server.clone()),
+            source: ends.peer.ip(),
+            destination: target,
+        };
+        let policies = self.policies();
+        if let Admission::Inspect(decision) = inbound::admit(&policies, &arrival) {
+            let Ok(send) = respond.send_response(Response::new(()), false) else {
+                return;
+            };
+            self.hbone.metrics.stream(INBOUND);
+            let app = App {
+                dialer: self.dialer.clone(),
+                address: target,
+                connect_timeout: self.hbone.limits.connect_timeout,
+            };
+            let tunnel = H2Stream::new(send, request.into_body());
+            let metrics = &self.hbone.telemetry.metrics;
+            let arrival = Arc::new(arrival);
+            if let Some(Admitted { client, app }) =
+                inbound::inspect(tunnel, decision, policies, arrival, app, metrics).await
+            {
+                carry(&self.hbone, &self.pod, ends, client, app).await;
+            }
+            return;
+        }
         let app = match self
             .dialer
             .connect_tcp_within(target, self.hbone.limits.connect_timeout)
@@ -297,6 +329,27 @@ impl Listener {
     }
 }
 
+impl Listener {
+    /// The AuthorizationPolicies in force for this pod.
+    fn policies(&self) -> Policies {
+        let snapshot = self.hbone.snapshot();
+        let no_labels = BTreeMap::new();
+        let labels = snapshot
+            .discovered
+            .pod(&self.pod.namespace, &self.pod.name)
+            .map_or(&no_labels, |workload| &workload.labels);
+        snapshot
+            .authorization
+            .for_workload(&self.pod.namespace, labels)
+    }
+}
+
+impl Resettable for H2Stream {
+    fn reset(&mut self) {
+        H2Stream::reset(self, Reason::REFUSED_STREAM);
+    }
+}
+
 /// Who is at each end of one tunnel connection.
 struct Ends {
     /// This pod's address and port 15008.
@@ -314,7 +367,7 @@ async fn carry(
         namespace, name, ..
     }: &InboundPod,
     ends: &Ends,
-    mut tunnel: H2Stream,
+    mut tunnel: impl AsyncRead + AsyncWrite + Unpin,
     mut app: TcpStream,
 ) {
     let labels = {

@@ -84,6 +84,11 @@ impl H2Stream {
         }
     }
 
+    /// Ends the stream at once with `reason`, both ways: the peer sees a reset connection.
+    pub fn reset(&mut self, reason: Reason) {
+        self.send.send_reset(reason);
+    }
+
     /// Why writing stopped: the peer's reset, as an I/O error. A peer that reset with
     /// `NO_ERROR` or `CANCEL` only stopped reading: a broken pipe, as a closed socket would be.
     fn poll_write_error(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {

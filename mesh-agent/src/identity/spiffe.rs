@@ -158,6 +158,11 @@ impl SpiffeId {
     pub fn as_str(&self) -> &str {
         &self.0.uri
     }
+
+    /// The URI without `spiffe://`, as an `AuthorizationPolicy` names principals.
+    pub fn principal(&self) -> &str {
+        &self.0.uri[SCHEME.len()..]
+    }
 }
 
 impl FromStr for SpiffeId {

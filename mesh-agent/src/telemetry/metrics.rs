@@ -178,6 +178,7 @@ pub struct Metrics {
     overflow_peer: Arc<PeerLabels>,
     series_overflow: Family<[(&'static str, &'static str); 1], Counter>,
     limit_hits: Family<[(&'static str, &'static str); 1], Counter>,
+    authorization_denials: Family<[(&'static str, &'static str); 1], Counter>,
     cluster: Arc<str>,
     max_series: usize,
 }
@@ -265,6 +266,14 @@ impl Metrics {
             limit_hits.clone(),
         );
 
+        let authorization_denials = Family::default();
+        registry.sub_registry_with_prefix("mesh").register(
+            "authorization_denials",
+            "Connections reset and requests answered 403 at their destination because its \
+             AuthorizationPolicies deny them (`layer`: connection or request)",
+            authorization_denials.clone(),
+        );
+
         let overflow_peer = Arc::new(PeerLabels::new(Arc::new(PeerValues::overflow())));
 
         Metrics {
@@ -284,6 +293,7 @@ impl Metrics {
             overflow_peer,
             series_overflow,
             limit_hits,
+            authorization_denials,
             cluster: Arc::from(cluster),
             max_series: MAX_SERIES_PER_FAMILY,
         }
@@ -292,6 +302,14 @@ impl Metrics {
     /// Counts one hit of the data path's bound `limit` (`mesh_proxy_limit_hits_total`).
     pub fn limit_hit(&self, limit: &'static str) {
         self.limit_hits.get_or_create(&[("limit", limit)]).inc();
+    }
+
+    /// Counts one connection or request denied by authorization policy
+    /// (`mesh_authorization_denials_total`).
+    pub fn authorization_denied(&self, layer: &'static str) {
+        self.authorization_denials
+            .get_or_create(&[("layer", layer)])
+            .inc();
     }
 
     /// Lowers (or raises) the series cap of each family from [`MAX_SERIES_PER_FAMILY`].

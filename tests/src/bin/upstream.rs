@@ -15,8 +15,9 @@
 //! `delay_tries=K` only the first K requests carrying the same `x-request-id` are held (so a
 //! proxy's retry of a held try answers at once); `--delay-ms` holds every answer (a slow
 //! replica). `--log` prints one line per request as it arrives (method, path, host, request
-//! id, `traceparent`), so a test can count what reached this server, see how it was addressed
-//! and whether it came through the mesh (which writes `traceparent` on every request).
+//! id, `traceparent`, `x-forwarded-client-cert`), so a test can count what reached this server,
+//! see how it was addressed and whether it came through the mesh (which writes `traceparent` on
+//! every request).
 //! The clients print one line per response (unless `--quiet`), with its latency, and then a
 //! summary; with `--until-sigint` they stop sending at SIGINT (each loop after the request it
 //! has in flight) and print the summary then. With `--request-ids PREFIX` every request
@@ -305,6 +306,8 @@ fn request_line(count: u64, parts: &Parts) -> Value {
         "request_id": header(HeaderName::from_static("x-request-id")),
         // The mesh writes it on every request it forwards: a request without it came direct.
         "traceparent": header(HeaderName::from_static("traceparent")),
+        // Set by the destination's agent when it judged the request: who the tunnel proved.
+        "xfcc": header(HeaderName::from_static("x-forwarded-client-cert")),
     })
 }
 

@@ -1,0 +1,212 @@
+//! HTTP at the destination, for a pod whose policies read it (or deny the connection): served
+//! on the arriving stream with hyper, each request judged and then answered
+//! `403 RBAC: access denied` (Envoy's words) or forwarded to the app on one connection of its
+//! own, HTTP/1 or HTTP/2 as the client spoke. The app's connection is opened for the first
+//! request allowed, so a client denied everything never reaches the app.
+//!
+//! What the app receives: the request as sent, except its path normalized as it was judged
+//! ([`path::normalize`]) and `x-forwarded-client-cert` set by this agent from the tunnel's
+//! identities (any the client sent is dropped, as Envoy's `SANITIZE_SET` does). Protocol
+//! upgrades (WebSocket) are not carried on this path.
+
+use std::{borrow::Cow, convert::Infallible, sync::Arc};
+
+use bytes::Bytes;
+use http::{
+    header::{CONTENT_TYPE, HOST},
+    uri::PathAndQuery,
+    HeaderName, HeaderValue, Request, Response, StatusCode, Uri,
+};
+use http_body_util::{BodyExt, Full};
+use hyper::{body::Incoming, client::conn, service::service_fn};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::sync::{Mutex, OnceCell};
+
+use super::{audit, App, Arrival, Prefixed, Resettable};
+use crate::{
+    authorization::{path, HttpAttributes, Policies},
+    proxy::{detect::Detected, upstream::ProxyBody},
+    telemetry::metrics::Metrics,
+};
+
+const XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+
+/// Serves `stream` until its client is done.
+pub async fn serve<S: Resettable>(
+    stream: Prefixed<S>,
+    protocol: Detected,
+    policies: Policies,
+    arrival: Arc<Arrival>,
+    app: App,
+    metrics: &Arc<Metrics>,
+) {
+    let delivery = Arc::new(Delivery {
+        forwarded_client_cert: forwarded_client_cert(&arrival),
+        policies,
+        arrival,
+        app,
+        protocol,
+        upstream: OnceCell::new(),
+        metrics: Arc::clone(metrics),
+    });
+    let service = service_fn(move |request| Arc::clone(&delivery).handle(request));
+    let io = TokioIo::new(stream);
+    let served = if protocol == Detected::Http2 {
+        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(io, service)
+            .await
+    } else {
+        hyper::server::conn::http1::Builder::new()
+            .serve_connection(io, service)
+            .await
+    };
+    if let Err(error) = served {
+        tracing::debug!(%error, "inbound HTTP connection ended with an error");
+    }
+}
+
+struct Delivery {
+    policies: Policies,
+    arrival: Arc<Arrival>,
+    app: App,
+    protocol: Detected,
+    upstream: OnceCell<Upstream>,
+    forwarded_client_cert: Option<HeaderValue>,
+    metrics: Arc<Metrics>,
+}
+
+/// The app's connection.
+enum Upstream {
+    Http1(Mutex<conn::http1::SendRequest<Incoming>>),
+    Http2(conn::http2::SendRequest<Incoming>),
+}
+
+impl Delivery {
+    async fn handle(
+        self: Arc<Self>,
+        mut request: Request<Incoming>,
+    ) -> Result<Response<ProxyBody>, Infallible> {
+        let normalized = {
+            let normal = path::normalize(request.uri().path());
+            let host = request
+                .uri()
+                .authority()
+                .map(|a| a.as_str())
+                .or_else(|| request.headers().get(HOST)?.to_str().ok())
+                .unwrap_or_default();
+            let http = HttpAttributes {
+                method: request.method().as_str(),
+                path: &normal,
+                host,
+                headers: request.headers(),
+            };
+            let decision = self.policies.evaluate(&self.arrival.attributes(Some(http)));
+            audit(
+                &decision,
+                &self.arrival,
+                Some((request.method().as_str(), &normal)),
+            );
+            if !decision.allowed {
+                tracing::debug!(
+                    principal = self.arrival.client.as_ref().map(|c| c.as_str()),
+                    method = %request.method(),
+                    path = %normal,
+                    policy = ?decision.denied_by,
+                    "request denied by authorization policy"
+                );
+                self.metrics.authorization_denied("request");
+                return Ok(reply(StatusCode::FORBIDDEN, "RBAC: access denied"));
+            }
+            match normal {
+                Cow::Owned(normal) => Some(normal),
+                Cow::Borrowed(_) => None,
+            }
+        };
+        if let Some(normal) = normalized {
+            rewrite_path(request.uri_mut(), &normal);
+        }
+        let headers = request.headers_mut();
+        headers.remove(XFCC);
+        if let Some(value) = &self.forwarded_client_cert {
+            headers.insert(XFCC, value.clone());
+        }
+        let upstream = match self.upstream.get_or_try_init(|| self.connect()).await {
+            Ok(upstream) => upstream,
+            Err(error) => {
+                tracing::debug!(address = %self.app.address, %error, "the app refused the connection");
+                return Ok(reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "upstream connect error or disconnect/reset before headers. reset reason: \
+                     connection failure",
+                ));
+            }
+        };
+        let response = match upstream {
+            Upstream::Http1(sender) => sender.lock().await.send_request(request).await,
+            Upstream::Http2(sender) => sender.clone().send_request(request).await,
+        };
+        Ok(match response {
+            Ok(response) => response.map(|body| body.map_err(Into::into).boxed()),
+            Err(error) => {
+                tracing::debug!(address = %self.app.address, %error, "the app's answer failed");
+                reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "upstream connect error or disconnect/reset before headers. reset reason: \
+                     connection termination",
+                )
+            }
+        })
+    }
+
+    async fn connect(&self) -> anyhow::Result<Upstream> {
+        let io = TokioIo::new(self.app.connect().await?);
+        Ok(if self.protocol == Detected::Http2 {
+            let (sender, connection) = conn::http2::handshake(TokioExecutor::new(), io).await?;
+            tokio::spawn(connection);
+            Upstream::Http2(sender)
+        } else {
+            let (sender, connection) = conn::http1::handshake(io).await?;
+            tokio::spawn(connection);
+            Upstream::Http1(Mutex::new(sender))
+        })
+    }
+}
+
+/// `By=<this pod>;URI=<the client>`, as Istio's sidecars set it; `None` for plaintext.
+fn forwarded_client_cert(arrival: &Arrival) -> Option<HeaderValue> {
+    let client = arrival.client.as_ref()?;
+    let value = match &arrival.server {
+        Some(server) => format!("By={server};URI={client}"),
+        None => format!("URI={client}"),
+    };
+    HeaderValue::from_str(&value).ok()
+}
+
+fn rewrite_path(uri: &mut Uri, normal: &str) {
+    let mut parts = std::mem::take(uri).into_parts();
+    let query = parts
+        .path_and_query
+        .as_ref()
+        .and_then(PathAndQuery::query)
+        .map(|q| format!("?{q}"))
+        .unwrap_or_default();
+    if let Ok(path) = PathAndQuery::try_from(format!("{normal}{query}")) {
+        parts.path_and_query = Some(path);
+    }
+    if let Ok(rewritten) = Uri::from_parts(parts) {
+        *uri = rewritten;
+    }
+}
+
+fn reply(status: StatusCode, text: &'static str) -> Response<ProxyBody> {
+    let mut response = Response::new(
+        Full::new(Bytes::from_static(text.as_bytes()))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    response
+}

@@ -1,0 +1,197 @@
+//! The destination side of a connection that reaches a pod through the mesh: the pod's
+//! `AuthorizationPolicies` ([`crate::authorization`]) judge it, and what they admit is delivered
+//! to the app, dialled from inside the pod.
+//!
+//! - No policy applies, or the connection is allowed and no rule reads HTTP: its bytes are
+//!   carried as they come ([`Admission::Open`]).
+//! - Otherwise its first bytes say whether it is HTTP (as outbound protocol detection does,
+//!   within [`DETECT_TIMEOUT`]). HTTP is served here ([`http`]): each request is judged with
+//!   its method, path, host and headers, and answered `403 RBAC: access denied` or forwarded to
+//!   the app. Anything else is judged as a connection: reset when denied, else carried.
+//!
+//! The identity judged is the one the tunnel's mutual TLS proved, never a header: the request
+//! the app receives carries an `x-forwarded-client-cert` this agent wrote, not the client's.
+
+pub mod http;
+mod prefixed;
+
+use std::{
+    io,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use bytes::{Bytes, BytesMut};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt},
+    net::TcpStream,
+};
+
+pub use prefixed::Prefixed;
+
+use crate::{
+    authorization::{Attributes, Decision, HttpAttributes, Policies},
+    identity::spiffe::SpiffeId,
+    proxy::{
+        detect::{classify, Detected},
+        upstream::Dialer,
+    },
+    telemetry::metrics::Metrics,
+};
+
+/// How long a judged connection's first bytes may take to say whether it is HTTP; a client
+/// that says nothing by then (a server-first protocol) is judged as a connection.
+pub const DETECT_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// Who arrives, from where, for which address of the pod.
+#[derive(Clone, Debug)]
+pub struct Arrival {
+    /// Proven by the tunnel's mutual TLS; `None`: plaintext.
+    pub client: Option<SpiffeId>,
+    /// This pod's identity, for `x-forwarded-client-cert`.
+    pub server: Option<SpiffeId>,
+    pub source: IpAddr,
+    pub destination: SocketAddr,
+}
+
+impl Arrival {
+    pub fn attributes<'a>(&'a self, http: Option<HttpAttributes<'a>>) -> Attributes<'a> {
+        Attributes {
+            principal: self.client.as_ref().map(SpiffeId::principal),
+            source: self.source,
+            destination: self.destination,
+            http,
+        }
+    }
+}
+
+/// The app behind the pod's address, dialled when something is to be delivered.
+#[derive(Clone, Debug)]
+pub struct App {
+    pub dialer: Dialer,
+    pub address: SocketAddr,
+    pub connect_timeout: Duration,
+}
+
+impl App {
+    pub async fn connect(&self) -> io::Result<TcpStream> {
+        self.dialer
+            .connect_tcp_within(self.address, self.connect_timeout)
+            .await
+    }
+}
+
+/// What happens to a connection before any of its bytes are read.
+#[derive(Debug)]
+pub enum Admission {
+    /// Carried as bytes.
+    Open,
+    /// Its first bytes decide ([`inspect`]); `Decision` is its judgement as a connection.
+    Inspect(Decision),
+}
+
+pub fn admit(policies: &Policies, arrival: &Arrival) -> Admission {
+    if policies.is_empty() {
+        return Admission::Open;
+    }
+    let decision = policies.evaluate(&arrival.attributes(None));
+    if decision.allowed && !policies.reads_http() {
+        Admission::Open
+    } else {
+        Admission::Inspect(decision)
+    }
+}
+
+/// What [`inspect`] leaves to the caller: a connection allowed as such, to be carried.
+pub struct Admitted<S> {
+    pub client: Prefixed<S>,
+    pub app: TcpStream,
+}
+
+/// A stream that can be reset, so that a denied connection looks refused to its client.
+pub trait Resettable: AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {
+    fn reset(&mut self);
+}
+
+/// Reads the first bytes of `stream` and acts on them: HTTP is served and judged per request
+/// until the client is done; anything else is judged by `as_connection`: reset when denied
+/// (`None`), else returned with the app's connection to be carried.
+pub async fn inspect<S: Resettable>(
+    mut stream: S,
+    as_connection: Decision,
+    policies: Policies,
+    arrival: Arc<Arrival>,
+    app: App,
+    metrics: &Arc<Metrics>,
+) -> Option<Admitted<S>> {
+    let (prefix, detected) = first_bytes(&mut stream).await;
+    let mut stream = Prefixed::new(prefix, stream);
+    if matches!(detected, Detected::Http1 | Detected::Http2) {
+        http::serve(stream, detected, policies, arrival, app, metrics).await;
+        return None;
+    }
+    if !as_connection.allowed {
+        tracing::debug!(
+            source = %arrival.source,
+            destination = %arrival.destination,
+            policy = ?as_connection.denied_by,
+            "connection denied by authorization policy"
+        );
+        metrics.authorization_denied("connection");
+        stream.inner_mut().reset();
+        return None;
+    }
+    audit(&as_connection, &arrival, None);
+    match app.connect().await {
+        Ok(app) => Some(Admitted {
+            client: stream,
+            app,
+        }),
+        Err(error) => {
+            tracing::debug!(address = %app.address, %error, "the app refused the connection");
+            stream.inner_mut().reset();
+            None
+        }
+    }
+}
+
+/// Logs what an `AUDIT` policy matched.
+fn audit(decision: &Decision, arrival: &Arrival, request: Option<(&str, &str)>) {
+    if let Some(policy) = &decision.audited_by {
+        tracing::info!(
+            policy = %format_args!("{}/{}", policy.namespace, policy.name),
+            principal = arrival.client.as_ref().map(SpiffeId::as_str),
+            source = %arrival.source,
+            destination = %arrival.destination,
+            method = request.map(|(method, _)| method),
+            path = request.map(|(_, path)| path),
+            allowed = decision.allowed,
+            "authorization audit"
+        );
+    }
+}
+
+/// Reads until the bytes say HTTP/1, HTTP/2 or neither, the client pauses past
+/// [`DETECT_TIMEOUT`], or it ends; returns what was read.
+async fn first_bytes<S: AsyncRead + Unpin>(stream: &mut S) -> (Bytes, Detected) {
+    let mut read = BytesMut::with_capacity(64);
+    let detect = async {
+        loop {
+            match stream.read_buf(&mut read).await {
+                Ok(0) | Err(_) => return Detected::Other,
+                Ok(_) => {}
+            }
+            if let Some(detected) = classify(&read) {
+                return detected;
+            }
+        }
+    };
+    let detected = tokio::time::timeout(DETECT_TIMEOUT, detect)
+        .await
+        .unwrap_or(Detected::Other);
+    (read.freeze(), detected)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,297 @@
+//! The destination's judgement end to end in one process: a client on one end of an in-memory
+//! stream, this module on the other, and a real app on loopback that echoes what it received.
+
+use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
+
+use prometheus_client::registry::Registry;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt, DuplexStream},
+    net::TcpListener,
+};
+
+use super::*;
+use crate::{
+    authorization::Authorization, config, identity::spiffe::SpiffeId, redirect::Exemption,
+};
+
+/// One end of an in-memory connection; a reset closes it.
+struct Pipe(DuplexStream);
+
+impl AsyncRead for Pipe {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Pipe {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
+}
+
+impl Resettable for Pipe {
+    fn reset(&mut self) {
+        // Dropping our end is what the client can observe: end of file.
+        let (replacement, _) = tokio::io::duplex(1);
+        self.0 = replacement;
+    }
+}
+
+/// An app that answers every request with `<method> <path> xfcc=<header>`, and counts the
+/// connections it accepted.
+async fn echo_app() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    use hyper::service::service_fn;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = Arc::clone(&accepted);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let service = service_fn(
+                |request: ::http::Request<hyper::body::Incoming>| async move {
+                    let xfcc = request
+                        .headers()
+                        .get("x-forwarded-client-cert")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("-")
+                        .to_owned();
+                    let text = format!("{} {} xfcc={xfcc}", request.method(), request.uri());
+                    Ok::<_, std::convert::Infallible>(::http::Response::new(
+                        http_body_util::Full::new(bytes::Bytes::from(text)),
+                    ))
+                },
+            );
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+            );
+        }
+    });
+    (address, accepted)
+}
+
+const POLICY: &str = "
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: b-from-a, namespace: default}
+spec:
+  rules:
+  - from: [{source: {principals: ['cluster.local/ns/default/sa/service-a']}}]
+    to: [{operation: {methods: [GET]}}]
+";
+
+fn policies(yaml: &str) -> Policies {
+    let loaded = config::load_str("policy.yml", yaml);
+    assert!(loaded.is_ok(), "{:#?}", loaded.diagnostics);
+    Authorization::new(&loaded.config.authorization_policies)
+        .for_workload("default", &BTreeMap::new())
+}
+
+fn arrival(account: &str, destination: SocketAddr) -> Arc<Arrival> {
+    let id = |account: &str| {
+        SpiffeId::parse(&format!("spiffe://cluster.local/ns/default/sa/{account}")).unwrap()
+    };
+    Arc::new(Arrival {
+        client: Some(id(account)),
+        server: Some(id("service-b")),
+        source: "10.0.0.1".parse().unwrap(),
+        destination,
+    })
+}
+
+fn metrics() -> Arc<Metrics> {
+    Arc::new(Metrics::new("cluster.local", &mut Registry::default()))
+}
+
+/// Sends `requests` (raw HTTP/1) on one connection judged for `account`; returns what came
+/// back once the connection ended.
+async fn exchange(account: &str, requests: &str, yaml: &str) -> (String, usize) {
+    let (address, accepted) = echo_app().await;
+    let (mut client, server) = tokio::io::duplex(64 * 1024);
+    let arrival = arrival(account, address);
+    let policies = policies(yaml);
+    let Admission::Inspect(decision) = admit(&policies, &arrival) else {
+        panic!("a policy that reads HTTP inspects");
+    };
+    let app = loopback_app(address);
+    let metrics = metrics();
+    let judged = tokio::spawn(async move {
+        inspect(Pipe(server), decision, policies, arrival, app, &metrics).await;
+    });
+    client.write_all(requests.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    client.read_to_string(&mut answer).await.unwrap();
+    judged.await.unwrap();
+    (answer, accepted.load(std::sync::atomic::Ordering::SeqCst))
+}
+
+#[tokio::test]
+async fn requests_are_judged_one_by_one_and_forwarded_with_the_proven_identity() {
+    let (answer, accepted) = exchange(
+        "service-a",
+        "GET /a/../b?x=1 HTTP/1.1\r\nHost: b\r\nx-forwarded-client-cert: URI=spiffe://forged\r\n\r\n\
+         POST / HTTP/1.1\r\nHost: b\r\ncontent-length: 0\r\n\r\n\
+         GET / HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n",
+        POLICY,
+    )
+    .await;
+    // The echoed bodies end without a line break: statuses are found by their prefix.
+    let statuses: Vec<&str> = answer
+        .split("HTTP/1.1 ")
+        .skip(1)
+        .map(|rest| &rest[..3])
+        .collect();
+    assert_eq!(statuses, ["200", "403", "200"], "{answer}");
+    assert!(answer.contains("RBAC: access denied"), "{answer}");
+    assert!(
+        answer.contains(
+            "GET /b?x=1 xfcc=By=spiffe://cluster.local/ns/default/sa/service-b;\
+             URI=spiffe://cluster.local/ns/default/sa/service-a"
+        ),
+        "the path as judged, the identity as proven: {answer}"
+    );
+    assert!(!answer.contains("forged"), "{answer}");
+    assert_eq!(
+        accepted, 1,
+        "one app connection for the client's connection"
+    );
+}
+
+#[tokio::test]
+async fn a_client_denied_everything_never_reaches_the_app() {
+    let (answer, accepted) = exchange(
+        "intruder",
+        "GET / HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n",
+        POLICY,
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 403 Forbidden"), "{answer}");
+    assert_eq!(accepted, 0);
+}
+
+#[tokio::test]
+async fn a_connection_that_is_not_http_is_judged_as_a_connection() {
+    let (answer, accepted) = exchange("service-a", "\x16\x03\x01 not http at all", POLICY).await;
+    // The ALLOW rule reads methods, which a TLS client does not have: it cannot match, and the
+    // connection is reset without reaching the app.
+    assert_eq!(answer, "");
+    assert_eq!(accepted, 0);
+}
+
+fn loopback_app(address: SocketAddr) -> App {
+    App {
+        dialer: Dialer::new(None, Exemption::default()),
+        address,
+        connect_timeout: Duration::from_secs(5),
+    }
+}
+
+#[tokio::test]
+async fn a_silent_client_is_judged_as_a_connection_once_detection_gives_up() {
+    let (address, accepted) = echo_app().await;
+    let (mut client, server) = tokio::io::duplex(1024);
+    let policies = policies(
+        "
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-admin}
+spec:
+  action: DENY
+  rules: [{to: [{operation: {paths: ['/admin*']}}]}]
+",
+    );
+    let arrival = arrival("service-a", address);
+    // The DENY rule's paths are unknown on a connection: it matches (fails closed).
+    let Admission::Inspect(decision) = admit(&policies, &arrival) else {
+        panic!("inspected");
+    };
+    assert!(!decision.allowed);
+    let start = tokio::time::Instant::now();
+    let app = loopback_app(address);
+    let admitted = inspect(Pipe(server), decision, policies, arrival, app, &metrics()).await;
+    assert!(admitted.is_none());
+    assert!(start.elapsed() >= DETECT_TIMEOUT);
+    let mut rest = Vec::new();
+    client.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty());
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn a_connection_allowed_as_such_is_handed_back_with_its_first_bytes() {
+    let (address, _) = echo_app().await;
+    let (mut client, server) = tokio::io::duplex(1024);
+    let policies = policies(
+        "
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: a-or-reads}
+spec:
+  rules:
+  - from: [{source: {principals: ['cluster.local/ns/default/sa/service-a']}}]
+  - to: [{operation: {methods: [GET]}}]
+",
+    );
+    let arrival = arrival("service-a", address);
+    let Admission::Inspect(decision) = admit(&policies, &arrival) else {
+        panic!("a policy that reads HTTP inspects");
+    };
+    assert!(decision.allowed);
+    client.write_all(b" a TLS hello").await.unwrap();
+    let app = loopback_app(address);
+    let Some(mut admitted) =
+        inspect(Pipe(server), decision, policies, arrival, app, &metrics()).await
+    else {
+        panic!("allowed as a connection");
+    };
+    let mut first = [0; 8];
+    admitted.client.read_exact(&mut first).await.unwrap();
+    assert_eq!(&first, b"\x16\x03\x01 a TL");
+    admitted.app.peer_addr().expect("the app connected");
+}
+
+#[test]
+fn no_policy_or_an_allowed_connection_without_http_rules_is_carried_as_bytes() {
+    let address: SocketAddr = "10.0.0.2:5432".parse().unwrap();
+    assert!(matches!(
+        admit(&Policies::default(), &arrival("anyone", address)),
+        Admission::Open
+    ));
+    let from_a = policies(
+        "
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: db-from-a}
+spec: {rules: [{from: [{source: {principals: ['cluster.local/ns/default/sa/service-a']}}]}]}
+",
+    );
+    assert!(matches!(
+        admit(&from_a, &arrival("service-a", address)),
+        Admission::Open
+    ));
+    assert!(matches!(
+        admit(&from_a, &arrival("intruder", address)),
+        Admission::Inspect(Decision { allowed: false, .. })
+    ));
+}

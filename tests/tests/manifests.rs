@@ -29,6 +29,8 @@ const KUBERNETES_VALIDATE_VERSION: &str = "1.33.1";
 const KUBERNETES_VERSION: &str = "1.30";
 
 const ISTIO_GROUP: &str = "networking.istio.io";
+/// The groups of the Istio kinds our CRDs (deploy/crds/) define.
+const OUR_CRD_GROUPS: [&str; 2] = [ISTIO_GROUP, "security.istio.io"];
 const MESH_NAMESPACE: &str = "sidecarless-system";
 const AGENT: &str = "mesh-agent";
 const SIGNER: &str = "mesh-signer";
@@ -267,7 +269,9 @@ fn kubernetes_validate(files: &[PathBuf]) -> Result<()> {
     );
     let istio_without_schema = |line: &str| {
         line.contains("Couldn't find schema for kind")
-            && line.contains(&format!("with api version {ISTIO_GROUP}/"))
+            && OUR_CRD_GROUPS
+                .iter()
+                .any(|group| line.contains(&format!("with api version {group}/")))
     };
     let problems: Vec<&str> = output
         .lines()
@@ -348,7 +352,7 @@ fn is_object_meta_field(name: &str) -> bool {
     matches!(name, "apiVersion" | "kind" | "metadata")
 }
 
-/// Validates the `networking.istio.io` objects among `objects` against our CRDs: the kind is
+/// Validates the Istio objects among `objects` (of [`OUR_CRD_GROUPS`]) against our CRDs: the kind is
 /// one of them, the version is served, and the object fits that version's schema. (The agent's
 /// own, much deeper validation of these objects is `mesh-agent validate` and its tests.)
 fn validate_istio_objects(objects: &[(String, Value)]) -> Result<usize> {
@@ -360,7 +364,7 @@ fn validate_istio_objects(objects: &[(String, Value)]) -> Result<usize> {
         let Some((group, version)) = api_version.split_once('/') else {
             continue;
         };
-        if group != ISTIO_GROUP {
+        if !OUR_CRD_GROUPS.contains(&group) {
             continue;
         }
         checked += 1;

@@ -21,7 +21,6 @@ use h2::{server::SendResponse, Reason, RecvStream};
 use http::{Method, Request, Response, StatusCode};
 use rustls::ServerConfig;
 use tokio::{
-    io::{AsyncRead, AsyncWrite},
     net::{TcpListener, TcpStream},
     sync::Semaphore,
 };
@@ -39,7 +38,10 @@ use crate::{
     inbound::{self, Admission, Admitted, App, Arrival, Resettable},
     proxy::{upstream::Dialer, Drain},
     redirect::{netns::NetNs, Exemption},
-    telemetry::metrics::{Reporter, Security},
+    telemetry::{
+        metrics::{Reporter, Security, TcpConnectionMetrics},
+        Metered,
+    },
 };
 
 /// The inbound tunnel's bounds.
@@ -295,13 +297,20 @@ impl Listener {
                 address: target,
                 connect_timeout: self.hbone.limits.connect_timeout,
             };
-            let tunnel = H2Stream::new(send, request.into_body());
+            let connection = connection_metrics(&self.hbone, &self.pod, ends);
+            let tunnel = Metered::new(H2Stream::new(send, request.into_body()), connection);
             let metrics = &self.hbone.telemetry.metrics;
             let arrival = Arc::new(arrival);
-            if let Some(Admitted { client, app }) =
-                inbound::inspect(tunnel, decision, policies, arrival, app, metrics).await
+            if let Some(Admitted {
+                mut client,
+                mut app,
+            }) = inbound::inspect(tunnel, decision, policies, arrival, app, metrics).await
             {
-                carry(&self.hbone, &self.pod, ends, client, app).await;
+                // Counted as they pass, by `Metered`.
+                let copied = tokio::io::copy_bidirectional(&mut client, &mut app).await;
+                if let Err(error) = copied {
+                    debug!(peer = %ends.peer, %error, "tunnelled connection ended with an error");
+                }
             }
             return;
         }
@@ -344,9 +353,9 @@ impl Listener {
     }
 }
 
-impl Resettable for H2Stream {
+impl Resettable for Metered<H2Stream> {
     fn reset(&mut self) {
-        H2Stream::reset(self, Reason::REFUSED_STREAM);
+        self.inner_mut().reset(Reason::REFUSED_STREAM);
     }
 }
 
@@ -360,16 +369,15 @@ struct Ends {
     server: SpiffeId,
 }
 
-/// Copies both ways and reports the connection as the destination sees it.
-async fn carry(
+/// The connection's metrics as the destination reports it: counted open now, closed when
+/// dropped.
+fn connection_metrics(
     hbone: &Hbone,
     InboundPod {
         namespace, name, ..
     }: &InboundPod,
     ends: &Ends,
-    mut tunnel: impl AsyncRead + AsyncWrite + Unpin,
-    mut app: TcpStream,
-) {
+) -> TcpConnectionMetrics {
     let labels = {
         let snapshot = hbone.snapshot();
         let discovered = &snapshot.discovered;
@@ -391,7 +399,18 @@ async fn carry(
             },
         )
     };
-    let connection = hbone.telemetry.metrics.tcp_connection(&labels);
+    hbone.telemetry.metrics.tcp_connection(&labels)
+}
+
+/// Copies both ways and reports the connection as the destination sees it.
+async fn carry(
+    hbone: &Hbone,
+    pod: &InboundPod,
+    ends: &Ends,
+    mut tunnel: H2Stream,
+    mut app: TcpStream,
+) {
+    let connection = connection_metrics(hbone, pod, ends);
     let copied: io::Result<(u64, u64)> = tokio::io::copy_bidirectional(&mut tunnel, &mut app).await;
     match copied {
         // As the source side counts them: sent is what the client sent towards the app.

@@ -2,11 +2,13 @@
 //! on the arriving stream with hyper, each request judged and then answered
 //! `403 RBAC: access denied` (Envoy's words) or forwarded to the app on one connection of its
 //! own, HTTP/1 or HTTP/2 as the client spoke. The app's connection is opened for the first
-//! request allowed, so a client denied everything never reaches the app.
+//! request allowed, so a client denied everything never reaches the app, and opened again
+//! when the app has closed it.
 //!
 //! What the app receives: the request as sent, except its path normalized as it was judged
-//! ([`path::normalize`]) and `x-forwarded-client-cert` set by this agent from the tunnel's
-//! identities (any the client sent is dropped, as Envoy's `SANITIZE_SET` does). Protocol
+//! ([`path::normalize`]), `x-forwarded-client-cert` set by this agent from the tunnel's
+//! identities (any the client sent is dropped, as Envoy's `SANITIZE_SET` does) and hop-by-hop
+//! headers left on their hop, both ways. Protocol
 //! upgrades (WebSocket) are not carried on this path.
 
 use std::{borrow::Cow, convert::Infallible, sync::Arc};
@@ -20,12 +22,12 @@ use http::{
 use http_body_util::{BodyExt, Full};
 use hyper::{body::Incoming, client::conn, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::sync::{Mutex, OnceCell};
+use tokio::sync::Mutex;
 
 use super::{audit, App, Arrival, Prefixed, Resettable};
 use crate::{
     authorization::{path, HttpAttributes, Policies},
-    proxy::{detect::Detected, upstream::ProxyBody},
+    proxy::{detect::Detected, http::strip_hop_by_hop, upstream::ProxyBody},
     telemetry::metrics::Metrics,
 };
 
@@ -46,7 +48,7 @@ pub async fn serve<S: Resettable>(
         arrival,
         app,
         protocol,
-        upstream: OnceCell::new(),
+        upstream: Mutex::new(None),
         metrics: Arc::clone(metrics),
     });
     let service = service_fn(move |request| Arc::clone(&delivery).handle(request));
@@ -70,14 +72,14 @@ struct Delivery {
     arrival: Arc<Arrival>,
     app: App,
     protocol: Detected,
-    upstream: OnceCell<Upstream>,
+    upstream: Mutex<Option<Upstream>>,
     forwarded_client_cert: Option<HeaderValue>,
     metrics: Arc<Metrics>,
 }
 
 /// The app's connection.
 enum Upstream {
-    Http1(Mutex<conn::http1::SendRequest<Incoming>>),
+    Http1(conn::http1::SendRequest<Incoming>),
     Http2(conn::http2::SendRequest<Incoming>),
 }
 
@@ -126,27 +128,36 @@ impl Delivery {
             rewrite_path(request.uri_mut(), &normal);
         }
         let headers = request.headers_mut();
+        strip_hop_by_hop(headers);
         headers.remove(XFCC);
         if let Some(value) = &self.forwarded_client_cert {
             headers.insert(XFCC, value.clone());
         }
-        let upstream = match self.upstream.get_or_try_init(|| self.connect()).await {
-            Ok(upstream) => upstream,
-            Err(error) => {
-                tracing::debug!(address = %self.app.address, %error, "the app refused the connection");
-                return Ok(reply(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "upstream connect error or disconnect/reset before headers. reset reason: \
-                     connection failure",
-                ));
+        let mut upstream = self.upstream.lock().await;
+        if let Err(error) = self.ready(&mut upstream).await {
+            tracing::debug!(address = %self.app.address, %error, "the app refused the connection");
+            return Ok(reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream connect error or disconnect/reset before headers. reset reason: \
+                 connection failure",
+            ));
+        }
+        let response = match upstream.as_mut() {
+            // HTTP/1 takes one request at a time: the lock is held until the answer's head.
+            Some(Upstream::Http1(sender)) => sender.send_request(request).await,
+            Some(Upstream::Http2(sender)) => {
+                let mut sender = sender.clone();
+                drop(upstream);
+                sender.send_request(request).await
             }
-        };
-        let response = match upstream {
-            Upstream::Http1(sender) => sender.lock().await.send_request(request).await,
-            Upstream::Http2(sender) => sender.clone().send_request(request).await,
+            None => unreachable!("ready() leaves a connection"),
         };
         Ok(match response {
-            Ok(response) => response.map(|body| body.map_err(Into::into).boxed()),
+            Ok(mut response) => {
+                // The app's `Connection: close` ends its own connection, not the client's.
+                strip_hop_by_hop(response.headers_mut());
+                response.map(|body| body.map_err(Into::into).boxed())
+            }
             Err(error) => {
                 tracing::debug!(address = %self.app.address, %error, "the app's answer failed");
                 reply(
@@ -158,6 +169,23 @@ impl Delivery {
         })
     }
 
+    /// Leaves `upstream` holding a connection to the app that can take a request now: the one
+    /// it held, or a new one when the app closed that (between requests, as apps do with idle
+    /// or `Connection: close` connections).
+    async fn ready(&self, upstream: &mut Option<Upstream>) -> anyhow::Result<()> {
+        if let Some(held) = upstream.as_mut() {
+            let ready = match held {
+                Upstream::Http1(sender) => sender.ready().await,
+                Upstream::Http2(sender) => sender.ready().await,
+            };
+            if ready.is_ok() {
+                return Ok(());
+            }
+        }
+        *upstream = Some(self.connect().await?);
+        Ok(())
+    }
+
     async fn connect(&self) -> anyhow::Result<Upstream> {
         let io = TokioIo::new(self.app.connect().await?);
         Ok(if self.protocol == Detected::Http2 {
@@ -167,7 +195,7 @@ impl Delivery {
         } else {
             let (sender, connection) = conn::http1::handshake(io).await?;
             tokio::spawn(connection);
-            Upstream::Http1(Mutex::new(sender))
+            Upstream::Http1(sender)
         })
     }
 }

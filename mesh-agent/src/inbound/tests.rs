@@ -60,6 +60,11 @@ impl Resettable for Pipe {
 /// An app that answers every request with `<method> <path> xfcc=<header>`, and counts the
 /// connections it accepted.
 async fn echo_app() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    app(true).await
+}
+
+/// [`echo_app`], closing each connection after one answer unless `keep_alive`.
+async fn app(keep_alive: bool) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
     use hyper::service::service_fn;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
@@ -84,6 +89,7 @@ async fn echo_app() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
             );
             tokio::spawn(
                 hyper::server::conn::http1::Builder::new()
+                    .keep_alive(keep_alive)
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
             );
         }
@@ -127,7 +133,15 @@ fn metrics() -> Arc<Metrics> {
 /// Sends `requests` (raw HTTP/1) on one connection judged for `account`; returns what came
 /// back once the connection ended.
 async fn exchange(account: &str, requests: &str, yaml: &str) -> (String, usize) {
-    let (address, accepted) = echo_app().await;
+    exchange_with(echo_app().await, account, requests, yaml).await
+}
+
+async fn exchange_with(
+    (address, accepted): (SocketAddr, Arc<std::sync::atomic::AtomicUsize>),
+    account: &str,
+    requests: &str,
+    yaml: &str,
+) -> (String, usize) {
     let (mut client, server) = tokio::io::duplex(64 * 1024);
     let arrival = arrival(account, address);
     let policies = policies(yaml);
@@ -176,6 +190,21 @@ async fn requests_are_judged_one_by_one_and_forwarded_with_the_proven_identity()
         accepted, 1,
         "one app connection for the client's connection"
     );
+}
+
+#[tokio::test]
+async fn an_app_that_closes_its_connections_is_dialled_again_for_the_next_request() {
+    let get = "GET / HTTP/1.1\r\nHost: b\r\n\r\n";
+    let last = "GET / HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n";
+    let (answer, accepted) = exchange_with(
+        app(false).await,
+        "service-a",
+        &format!("{get}{get}{last}"),
+        POLICY,
+    )
+    .await;
+    assert_eq!(answer.matches("HTTP/1.1 200 OK").count(), 3, "{answer}");
+    assert_eq!(accepted, 3);
 }
 
 #[tokio::test]

@@ -2,6 +2,7 @@
 //! propagation (`trace`), span export over OTLP/HTTP (`otlp`) and the access log (`access_log`).
 
 mod access_log;
+mod metered;
 pub mod metrics;
 pub mod otlp;
 mod record;
@@ -9,6 +10,7 @@ mod sinks;
 pub mod trace;
 
 pub use access_log::{AccessLog, AccessLogOptions, HttpRecord, TcpRecord};
+pub use metered::Metered;
 pub use metrics::Metrics;
 pub use record::{Caller, ConnectionRecord, RequestRecord, GRPC_STATUS};
 pub use sinks::Telemetry;

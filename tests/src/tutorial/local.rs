@@ -191,6 +191,18 @@ impl LocalTutorial {
         Ok(answers)
     }
 
+    /// Runs `command` inside the first replica of `deployment`, on its node: a client that
+    /// calls as that workload does.
+    pub fn spawn_in(&self, deployment: &str, command: Command) -> Result<PodProcess> {
+        let replicas = self.replicas.lock().expect("replicas");
+        let replica = replicas
+            .get(deployment)
+            .and_then(|r| r.first())
+            .with_context(|| format!("no replica of {deployment}"))?;
+        self.node_at(replica.node)
+            .spawn_in_pod(&replica.pod, command)
+    }
+
     /// The simulated network the pods and agents run on.
     pub fn network(&self) -> &SimNetwork {
         &self.network

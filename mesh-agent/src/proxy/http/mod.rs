@@ -17,4 +17,5 @@ pub use conn::{Entry, HttpConn};
 /// prior knowledge. Detection, the head checker and the connection's timeouts all look for it.
 pub const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 pub use downstream::serve;
+pub use hop_by_hop::strip_hop_by_hop;
 pub use reply::local_reply;

@@ -13,7 +13,11 @@ use mesh_tests::{
 use serde_json::{json, Value};
 
 const UPSTREAM: &str = env!("CARGO_BIN_EXE_upstream");
+const PROBE: &str = env!("CARGO_BIN_EXE_probe");
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 88);
+/// A TCP service (an echo server) beside service-b: its policy can only judge connections.
+const DB_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 89);
+const DB_PORT: u16 = 7000;
 const PORT: u16 = 8080;
 const TIMEOUT: Duration = Duration::from_secs(30);
 const SERVICE_A: &str = "spiffe://cluster.local/ns/default/sa/service-a";
@@ -35,6 +39,7 @@ apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {name: nothing-private, namespace: default}
 spec:
+  selector: {matchLabels: {app: service-b}}
   action: DENY
   rules: [{to: [{operation: {paths: ['/private*']}}]}]
 ---
@@ -44,6 +49,14 @@ metadata: {name: audit-root, namespace: istio-system}
 spec:
   action: AUDIT
   rules: [{to: [{operation: {paths: ['/']}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: db-from-a, namespace: default}
+spec:
+  selector: {matchLabels: {app: db}}
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/default/sa/service-a]}}]
 ";
 
 struct Cluster {
@@ -52,6 +65,7 @@ struct Cluster {
     service_a: Pod,
     intruder: Pod,
     server: PodProcess,
+    _db: PodProcess,
     agents: Vec<Agent>,
     _config: ConfigDir,
     _ca: tempfile::TempDir,
@@ -80,7 +94,15 @@ fn cluster() -> Cluster {
     let service_a = nodes[0].add_pod("service-a").unwrap();
     let b = nodes[1].add_pod("service-b-1").unwrap();
     let intruder = nodes[2].add_pod("intruder").unwrap();
+    let db_pod = nodes[1].add_pod("db-1").unwrap();
     network.add_host("service-b", VIP).unwrap();
+    let listen = format!("0.0.0.0:{DB_PORT}");
+    let mut echo = Command::new(PROBE);
+    echo.args(["echo-server", "--listen", &listen]);
+    let db = nodes[1].spawn_in_pod(&db_pod, echo).unwrap();
+    db.stdout()
+        .wait_for_json(|line| line["listening"].is_string(), TIMEOUT)
+        .unwrap();
     let args = [
         "serve",
         "--listen",
@@ -103,6 +125,14 @@ fn cluster() -> Cluster {
     config
         .service("service-b", VIP, PORT, "http", &backends)
         .unwrap();
+    let db_labels = [("app", "db"), IN_MESH];
+    let db_backends = [Backend {
+        pod: &db_pod,
+        labels: &db_labels,
+    }];
+    config
+        .service("db", DB_VIP, DB_PORT, "tcp", &db_backends)
+        .unwrap();
     let clients = format!(
         "{}---\n{}",
         pod_object(&service_a, "service-a"),
@@ -117,18 +147,18 @@ fn cluster() -> Cluster {
     let ca_dir = ca.path().join("ca");
     mesh_tests::ca_init(&mesh_tests::agent_binary().unwrap(), &ca_dir).unwrap();
     let config_dir = config.path().to_str().unwrap().to_owned();
-    let pods: [&Pod; 3] = [&service_a, &b, &intruder];
+    let pods: [&[&Pod]; 3] = [&[&service_a], &[&b, &db_pod], &[&intruder]];
     let agents = nodes
         .iter()
         .zip(pods)
-        .map(|(node, pod)| {
+        .map(|(node, pods)| {
             let args = [
                 "--config",
                 config_dir.as_str(),
                 "--ca",
                 ca_dir.to_str().unwrap(),
             ];
-            Agent::start(node, &[pod], &args).unwrap()
+            Agent::start(node, pods, &args).unwrap()
         })
         .collect();
     Cluster {
@@ -137,6 +167,7 @@ fn cluster() -> Cluster {
         service_a,
         intruder,
         server,
+        _db: db,
         agents,
         _config: config,
         _ca: ca,
@@ -272,4 +303,46 @@ fn only_service_a_may_get_b_a_deny_wins_audit_passes_and_forged_identities_gain_
         &[("reporter", "source"), ("response_code", "403")],
     );
     assert_eq!(forbidden, 15.0, "{source}");
+}
+
+#[test]
+fn a_tcp_connection_denied_is_reset_and_one_allowed_is_carried() {
+    let cluster = cluster();
+    let echo = |node: usize, pod: &Pod| {
+        let to = format!("{DB_VIP}:{DB_PORT}");
+        let mut client = Command::new(PROBE);
+        client.args([
+            "echo-client",
+            "--to",
+            &to,
+            "--conns",
+            "3",
+            "--bytes",
+            "100000",
+            "--timeout-secs",
+            "10",
+        ]);
+        let mut process = cluster.nodes[node].spawn_in_pod(pod, client).unwrap();
+        process.finish(TIMEOUT).unwrap();
+        process
+            .stdout()
+            .json_lines()
+            .into_iter()
+            .rfind(|line| line["summary"] == true)
+            .expect("a summary")
+    };
+    let allowed = echo(0, &cluster.service_a);
+    assert_eq!(allowed["ok"], 3, "A's connections are carried: {allowed}");
+    let denied = echo(2, &cluster.intruder);
+    assert_eq!(
+        denied["failed"], 3,
+        "the intruder's connections are reset: {denied}"
+    );
+    let (_, metrics) = cluster.destination().admin_get("/metrics").unwrap();
+    let reset = sum_samples(
+        &metrics,
+        "mesh_authorization_denials_total",
+        &[("layer", "connection")],
+    );
+    assert_eq!(reset, 3.0, "{metrics}");
 }

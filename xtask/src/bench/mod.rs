@@ -46,8 +46,9 @@ pub struct Args {
     #[arg(long, value_name = "SCENARIO", conflicts_with = "ci_smoke")]
     only: Vec<String>,
     /// Measure only the agent's instructions and allocations per request under callgrind
-    /// (20,000 requests) on `mesh-l7`'s path and on `mesh-mtls`'s (both ends in one agent), e.g.
-    /// to judge a change to the request path; no rounds, no peers, the docs are left alone.
+    /// (20,000 requests) on `mesh-l7`'s path, on `mesh-mtls`'s (both ends in one agent) and on
+    /// `mesh-mtls`'s with an AuthorizationPolicy judged per request, e.g. to judge a change to
+    /// the request path; no rounds, no peers, the docs are left alone.
     #[arg(long, conflicts_with_all = ["quick", "only"])]
     request_cost: bool,
     /// Internal: be the benchmark's hello server on PORT=BYTES (repeatable).
@@ -201,6 +202,7 @@ pub fn run(args: Args) -> Result<()> {
     };
     let request_cost = measure_cost(request_cost::Upstream::Plain, "request-cost")?;
     let request_cost_tunnel = measure_cost(request_cost::Upstream::Tunnel, "request-cost-tunnel")?;
+    let request_cost_judged = measure_cost(request_cost::Upstream::Judged, "request-cost-judged")?;
     let Some(tools) = tools else {
         return Ok(());
     };
@@ -255,6 +257,7 @@ pub fn run(args: Args) -> Result<()> {
         agent_idle_rss_kib,
         request_cost,
         request_cost_tunnel,
+        request_cost_judged,
         v2_share,
         rounds: &done,
         figures: &figures,

@@ -80,6 +80,9 @@ pub struct Report<'a> {
     /// The same with the pods in the mesh: the source's and the destination's work for one
     /// `mesh-mtls` request, both ends in one agent.
     pub request_cost_tunnel: Option<super::request_cost::RequestCost>,
+    /// The same with an AuthorizationPolicy that reads HTTP: the destination judges each
+    /// request before the app.
+    pub request_cost_judged: Option<super::request_cost::RequestCost>,
     /// Share of the mesh's HTTP requests the agent sent to subset v2 (90/10 configured).
     pub v2_share: f64,
     pub rounds: &'a [Round],
@@ -260,6 +263,16 @@ fn markdown(report: &Report) -> String {
              pod's own listener on the same node: **{:.0} instructions and {:.1} allocations per \
              request**, the source's and the destination's work together (`mesh-mtls`'s path; \
              profile in `target/bench/request-cost-tunnel/`).\n",
+            cost.instructions_per_request, cost.allocations_per_request
+        );
+    }
+    if let Some(cost) = &report.request_cost_judged {
+        let _ = writeln!(
+            out,
+            "With an AuthorizationPolicy that reads HTTP (`GET` from the client's identity), the \
+             destination serves and judges each request before the app: **{:.0} instructions and \
+             {:.1} allocations per request**, both ends together (profile in \
+             `target/bench/request-cost-judged/`).\n",
             cost.instructions_per_request, cost.allocations_per_request
         );
     }

@@ -5,7 +5,9 @@
 //!
 //! [`Upstream::Tunnel`] measures the same requests to the same pods put in the mesh: each goes
 //! through a mutual TLS tunnel to the pod's inbound listener, on the same node, so the one agent
-//! counts both ends of `mesh-mtls`'s path (source and destination).
+//! counts both ends of `mesh-mtls`'s path (source and destination). [`Upstream::Judged`] adds an
+//! AuthorizationPolicy that reads HTTP, so the destination serves each request and judges it
+//! before the app: the inbound hop's cost with L7 policy, beside the tunnel's.
 //!
 //! The release agent runs under `valgrind --tool=callgrind` on a node of its own; after a
 //! warm-up the counters are zeroed, `requests` keep-alive GETs go through it on 16 connections,
@@ -51,7 +53,28 @@ pub enum Upstream {
     /// A `CONNECT` stream in a mutual TLS tunnel to the pod's own listener (`mesh-mtls`, both
     /// ends in one agent).
     Tunnel,
+    /// [`Upstream::Tunnel`], with an AuthorizationPolicy that admits the client's `GET`s: the
+    /// destination judges each request.
+    Judged,
 }
+
+impl Upstream {
+    fn tunnelled(self) -> bool {
+        self != Upstream::Plain
+    }
+}
+
+/// Admits the client pod (no `Pod` object: service account `default`) for `GET` only: a rule
+/// that reads HTTP, so each request is served and judged by the destination.
+const POLICY: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: hello-get, namespace: default}
+spec:
+  selector: {matchLabels: {app: hello}}
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/default/sa/default]}}]
+    to: [{operation: {methods: [GET]}}]
+";
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RequestCost {
@@ -86,7 +109,7 @@ pub fn measure(
         vec![("app", "hello"), ("version", "v2")],
     ];
     let ca = out_dir.join("ca");
-    if upstream == Upstream::Tunnel {
+    if upstream.tunnelled() {
         // The destination agent is this one: it serves the pods' tunnel listeners.
         enrolled.extend([&v1, &v2]);
         for labels in &mut labels {
@@ -111,6 +134,9 @@ pub fn measure(
         ],
     )?;
     config.write("rules.yml", &proxies::mesh_rules("hello"))?;
+    if upstream == Upstream::Judged {
+        config.write("policy.yml", POLICY)?;
+    }
 
     let mut command = Command::new("valgrind");
     command
@@ -143,7 +169,7 @@ pub fn measure(
             .arg("--enroll")
             .arg(format!("{}={}", pod.name(), pod.netns_path().display()));
     }
-    if upstream == Upstream::Tunnel {
+    if upstream.tunnelled() {
         command.arg("--ca").arg(&ca);
     }
     let mut agent = node.spawn_on_node(command)?;
@@ -160,11 +186,15 @@ pub fn measure(
     );
     let v2_share = run["by_body"]["v2"].as_f64().unwrap_or(0.0) / requests as f64;
     ensure!((0.05..=0.15).contains(&v2_share), "not split 90/10: {run}");
-    if upstream == Upstream::Tunnel {
+    if upstream.tunnelled() {
         let (_, metrics) = agent::admin_request(&node.netns_path(), "GET", "/metrics", "")?;
         ensure!(
             metrics.contains(r#"mesh_tunnel_streams_total{direction="inbound"}"#),
             "no request went through a tunnel:\n{metrics}"
+        );
+        ensure!(
+            !metrics.contains("mesh_authorization_denials_total{"),
+            "the policy denied requests:\n{metrics}"
         );
     }
     agent.stop(Duration::from_secs(60))?;

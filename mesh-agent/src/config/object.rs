@@ -227,31 +227,23 @@ pub fn read(file: &str, document: Document) -> Result<Sourced, Vec<Diagnostic>> 
     let mut warnings = Vec::new();
     let (group, version) = api_version.split_once('/').unwrap_or(("", &api_version));
     let object = match (group, kind.as_str()) {
-        (ISTIO_GROUP, "VirtualService" | "DestinationRule" | "Gateway") => {
-            if !ISTIO_VERSIONS.contains(&version) {
+        (ISTIO_GROUP, "VirtualService" | "DestinationRule" | "Gateway")
+        | (SECURITY_GROUP, "AuthorizationPolicy") => {
+            let versions = if group == ISTIO_GROUP {
+                ISTIO_VERSIONS
+            } else {
+                SECURITY_VERSIONS
+            };
+            if !versions.contains(&version) {
+                let (last, others) = versions.split_last().expect("versions are listed");
                 return Err(vec![diagnostic(
                     file,
                     &key.to_string(),
                     "apiVersion",
                     Severity::Error,
                     format!(
-                        "unsupported version {api_version:?}: expected {ISTIO_GROUP}/v1alpha3, \
-                         v1beta1 or v1"
-                    ),
-                )]);
-            }
-            istio(file, &key, map, &mut warnings)?
-        }
-        (SECURITY_GROUP, "AuthorizationPolicy") => {
-            if !SECURITY_VERSIONS.contains(&version) {
-                return Err(vec![diagnostic(
-                    file,
-                    &key.to_string(),
-                    "apiVersion",
-                    Severity::Error,
-                    format!(
-                        "unsupported version {api_version:?}: expected {SECURITY_GROUP}/v1beta1 \
-                         or v1"
+                        "unsupported version {api_version:?}: expected {group}/{} or {last}",
+                        others.join(", ")
                     ),
                 )]);
             }

@@ -33,7 +33,7 @@ use super::{
     Hbone,
 };
 use crate::{
-    authorization::Policies,
+    authorization::{Decision, Policies},
     identity::{spiffe::SpiffeId, tls, WorkloadIdentity},
     inbound::{self, Admission, Admitted, App, Arrival, Resettable},
     proxy::{upstream::Dialer, Drain},
@@ -291,28 +291,8 @@ impl Listener {
             let Ok(send) = respond.send_response(Response::new(()), false) else {
                 return;
             };
-            self.hbone.metrics.stream(INBOUND);
-            let app = App {
-                dialer: self.dialer.clone(),
-                address: target,
-                connect_timeout: self.hbone.limits.connect_timeout,
-            };
-            let connection = connection_metrics(&self.hbone, &self.pod, ends);
-            let tunnel = Metered::new(H2Stream::new(send, request.into_body()), connection);
-            let metrics = &self.hbone.telemetry.metrics;
-            let arrival = Arc::new(arrival);
-            if let Some(Admitted {
-                mut client,
-                mut app,
-            }) = inbound::inspect(tunnel, decision, policies, arrival, app, metrics).await
-            {
-                // Counted as they pass, by `Metered`.
-                let copied = tokio::io::copy_bidirectional(&mut client, &mut app).await;
-                if let Err(error) = copied {
-                    debug!(peer = %ends.peer, %error, "tunnelled connection ended with an error");
-                }
-            }
-            return;
+            let tunnel = H2Stream::new(send, request.into_body());
+            return self.judged(tunnel, ends, arrival, decision, policies).await;
         }
         let app = match self
             .dialer
@@ -336,9 +316,40 @@ impl Listener {
         let tunnel = H2Stream::new(send, request.into_body());
         carry(&self.hbone, &self.pod, ends, tunnel, app).await;
     }
-}
 
-impl Listener {
+    /// A stream the pod's policies judge ([`inbound::inspect`]) before anything reaches the
+    /// app; what they admit as a connection is carried here.
+    async fn judged(
+        &self,
+        tunnel: H2Stream,
+        ends: &Ends,
+        arrival: Arrival,
+        decision: Decision,
+        policies: Policies,
+    ) {
+        self.hbone.metrics.stream(INBOUND);
+        let app = App {
+            dialer: self.dialer.clone(),
+            address: arrival.destination,
+            connect_timeout: self.hbone.limits.connect_timeout,
+        };
+        let tunnel = Metered::new(tunnel, connection_metrics(&self.hbone, &self.pod, ends));
+        let metrics = &self.hbone.telemetry.metrics;
+        let admitted =
+            inbound::inspect(tunnel, decision, policies, Arc::new(arrival), app, metrics).await;
+        if let Some(Admitted {
+            mut client,
+            mut app,
+        }) = admitted
+        {
+            // Counted as they pass, by `Metered`.
+            let copied = tokio::io::copy_bidirectional(&mut client, &mut app).await;
+            if let Err(error) = copied {
+                debug!(peer = %ends.peer, %error, "tunnelled connection ended with an error");
+            }
+        }
+    }
+
     /// The AuthorizationPolicies in force for this pod.
     fn policies(&self) -> Policies {
         let snapshot = self.hbone.snapshot();

@@ -11,7 +11,7 @@
 //! headers left on their hop, both ways. Protocol
 //! upgrades (WebSocket) are not carried on this path.
 
-use std::{borrow::Cow, convert::Infallible, sync::Arc};
+use std::{borrow::Cow, convert::Infallible, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{
@@ -21,17 +21,33 @@ use http::{
 };
 use http_body_util::{BodyExt, Full};
 use hyper::{body::Incoming, client::conn, service::service_fn};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::sync::Mutex;
 
 use super::{audit, App, Arrival, Prefixed, Resettable};
 use crate::{
     authorization::{path, HttpAttributes, Policies},
-    proxy::{detect::Detected, http::strip_hop_by_hop, upstream::ProxyBody},
+    proxy::{
+        detect::Detected,
+        http::{
+            limits::{
+                H2_CONNECTION_WINDOW, H2_MAX_CONCURRENT_STREAMS, H2_MAX_PENDING_RESET_STREAMS,
+                H2_MAX_SEND_BUFFER, H2_STREAM_WINDOW, MAX_HEADER_BYTES,
+            },
+            strip_hop_by_hop,
+        },
+        upstream::ProxyBody,
+    },
     telemetry::metrics::Metrics,
 };
 
 const XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+
+/// How long a request head may take to arrive whole, from the first byte of the connection or
+/// the end of the previous request: Envoy's `request_headers_timeout` as Istio's gateways set
+/// it. The client is a source agent, which writes whole heads; only a broken or hostile one is
+/// slower.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves `stream` until its client is done.
 pub async fn serve<S: Resettable>(
@@ -53,12 +69,24 @@ pub async fn serve<S: Resettable>(
     });
     let service = service_fn(move |request| Arc::clone(&delivery).handle(request));
     let io = TokioIo::new(stream);
+    // The downstream side's bounds (`proxy::http::limits`), and a head must come whole within
+    // HEADER_TIMEOUT.
     let served = if protocol == Detected::Http2 {
         hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+            .initial_stream_window_size(H2_STREAM_WINDOW)
+            .initial_connection_window_size(H2_CONNECTION_WINDOW)
+            .max_send_buf_size(H2_MAX_SEND_BUFFER)
+            .max_header_list_size(MAX_HEADER_BYTES as u32)
+            .max_pending_accept_reset_streams(H2_MAX_PENDING_RESET_STREAMS)
             .serve_connection(io, service)
             .await
     } else {
         hyper::server::conn::http1::Builder::new()
+            .max_buf_size(MAX_HEADER_BYTES)
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_TIMEOUT)
             .serve_connection(io, service)
             .await
     };

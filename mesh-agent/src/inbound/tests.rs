@@ -207,6 +207,39 @@ async fn an_app_that_closes_its_connections_is_dialled_again_for_the_next_reques
     assert_eq!(accepted, 3);
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_head_that_never_ends_is_given_up_after_the_header_timeout() {
+    let (address, accepted) = echo_app().await;
+    let (mut client, server) = tokio::io::duplex(1024);
+    let arrival = arrival("service-a", address);
+    let policies = policies(POLICY);
+    let Admission::Inspect(decision) = admit(&policies, &arrival) else {
+        panic!("inspected");
+    };
+    let app = loopback_app(address);
+    let judged = tokio::spawn(async move {
+        inspect(Pipe(server), decision, policies, arrival, app, &metrics()).await;
+    });
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: b\r\n")
+        .await
+        .unwrap();
+    let start = tokio::time::Instant::now();
+    let mut answer = String::new();
+    client.read_to_string(&mut answer).await.unwrap();
+    let waited = start.elapsed();
+    assert!(
+        waited >= http::HEADER_TIMEOUT && waited < http::HEADER_TIMEOUT + Duration::from_secs(1),
+        "given up after {waited:?}"
+    );
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+        "{answer}"
+    );
+    judged.await.unwrap();
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
+}
+
 #[tokio::test]
 async fn a_client_denied_everything_never_reaches_the_app() {
     let (answer, accepted) = exchange(

@@ -8,7 +8,7 @@ mod downstream;
 mod forward;
 pub mod head_check;
 mod hop_by_hop;
-mod limits;
+pub mod limits;
 mod reply;
 
 pub use conn::{Entry, HttpConn};

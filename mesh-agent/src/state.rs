@@ -235,6 +235,9 @@ pub struct Store {
     current: ArcSwap<Snapshot>,
     state: Mutex<State>,
     pub reloads: ConfigMetrics,
+    /// The AuthorizationPolicies in force, sent each time they change: what was judged under
+    /// the old ones is judged again.
+    authorization: tokio::sync::watch::Sender<Arc<Authorization>>,
 }
 
 /// What a source holds that is invalid, by source and identity (see [`Rejection::id`]).
@@ -320,6 +323,7 @@ impl Store {
         reloads.ok.inc();
         reloads.count_rejected(snapshot.rejected.iter());
         Ok(Store {
+            authorization: tokio::sync::watch::Sender::new(Arc::clone(&snapshot.authorization)),
             current: ArcSwap::from_pointee(snapshot),
             state: Mutex::new(state),
             reloads,
@@ -329,6 +333,11 @@ impl Store {
     /// The snapshot in force. Cheap: an atomic load and an `Arc` clone.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.current.load_full()
+    }
+
+    /// Told each time the AuthorizationPolicies in force change.
+    pub fn authorization_changes(&self) -> tokio::sync::watch::Receiver<Arc<Authorization>> {
+        self.authorization.subscribe()
     }
 
     /// The config folder, if the store reads one.
@@ -515,7 +524,13 @@ impl Store {
         let version = current.version + 1;
         let snapshot = state.put_in_force(accepted.next, version, engine);
         self.reloads.count_rejected(snapshot.rejected.iter());
+        let authorization = Arc::clone(&snapshot.authorization);
         self.current.store(Arc::new(snapshot));
+        self.authorization.send_if_modified(|held| {
+            let changed = !Arc::ptr_eq(held, &authorization);
+            *held = authorization;
+            changed
+        });
         info!(version, "config in force");
         version
     }
@@ -604,7 +619,10 @@ impl State {
         }
         if rules_changed {
             next.config = config::mesh_config(&next.objects);
-            next.authorization = Arc::new(Authorization::new(&next.config.authorization_policies));
+            let policies = &next.config.authorization_policies;
+            if !next.authorization.holds(policies) {
+                next.authorization = Arc::new(Authorization::new(policies));
+            }
         }
         if rules_changed || services_changed {
             let references = references(&next);

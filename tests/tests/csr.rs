@@ -14,7 +14,8 @@
 //! DaemonSet's flags) enrolls its node's pods of the mesh, obtains their certificates from the
 //! signer, and carries a request from web (node-1) to the db Service (node-2) through a tunnel:
 //! the underlay carries it only inside TLS to port 15008, and the destination's agent reports
-//! the caller's SPIFFE ID.
+//! the caller's SPIFFE ID; an AuthorizationPolicy applied with kubectl is then enforced by db's
+//! agent.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -492,5 +493,58 @@ fn kubernetes_mode_agents_tunnel_between_nodes_with_certificates_from_the_signer
             "the signer signed {identity} for {node}: {log}"
         );
     }
+
+    // An AuthorizationPolicy applied with kubectl reaches db's agent through its watch and is
+    // enforced there: web may still GET, its POSTs are denied.
+    let policy = tempfile::Builder::new()
+        .prefix("mesh-policy-")
+        .suffix(".yml")
+        .tempfile()?;
+    std::fs::write(
+        policy.path(),
+        "apiVersion: security.istio.io/v1beta1\nkind: AuthorizationPolicy\n\
+         metadata: {name: db-read-only, namespace: shop}\n\
+         spec:\n  selector: {matchLabels: {app: db}}\n  action: DENY\n  rules:\n  \
+         - from: [{source: {principals: [cluster.local/ns/shop/sa/web]}}]\n    \
+         to: [{operation: {notMethods: [GET]}}]\n",
+    )?;
+    cluster.kubectl(&["apply", "-f", policy.path().to_str().context("temp path")?])?;
+    let post = |method: &str| -> Result<Value> {
+        let mut get = Command::new(mesh_tests::upstream_binary()?);
+        get.args(["get", "--url", &url, "--count", "3", "--method", method])
+            .args(["--timeout-secs", "20", "--quiet"]);
+        let mut get = cluster.nodes[0].spawn_in_pod(&web.pod, get)?;
+        get.finish(TIMEOUT)?;
+        let summary = get.stdout().json_lines().pop();
+        summary.context("upstream get printed no summary")
+    };
+    let last = std::cell::RefCell::new(Value::Null);
+    let denied = wait_for("the policy enforced at db's agent", || {
+        let summary = post("POST")?;
+        *last.borrow_mut() = summary.clone();
+        Ok((summary["by_status"]["403"] == 3).then_some(summary))
+    })
+    .with_context(|| {
+        let (_, dump) = agents[1].admin_get("/config_dump").unwrap_or_default();
+        format!(
+            "last POSTs: {}\nnode-2's config: {dump}\nnode-2's agent: {}",
+            last.borrow(),
+            agents[1].stderr_text()
+        )
+    })?;
+    let allowed = post("GET")?;
+    ensure!(
+        allowed["by_status"]["200"] == 3,
+        "GET still allowed: {allowed}; POST: {denied}"
+    );
+    let (_, destination) = agents[1].admin_get("/metrics")?;
+    ensure!(
+        sum_samples(
+            &destination,
+            "mesh_authorization_denials_total",
+            &[("layer", "request")]
+        ) >= 3.0,
+        "node-2's agent counted the denials: {destination}"
+    );
     Ok(())
 }

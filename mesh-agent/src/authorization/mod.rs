@@ -43,6 +43,16 @@ impl Authorization {
         }
     }
 
+    /// Whether these are exactly `policies` (the same objects), so nothing changed.
+    pub fn holds(&self, policies: &[Arc<AuthorizationPolicy>]) -> bool {
+        self.policies.len() == policies.len()
+            && self
+                .policies
+                .iter()
+                .zip(policies)
+                .all(|(held, other)| Arc::ptr_eq(held, other))
+    }
+
     /// The policies that apply to a workload of `namespace` with `labels`.
     pub fn for_workload(&self, namespace: &str, labels: &BTreeMap<String, String>) -> Policies {
         let applies = |policy: &AuthorizationPolicy| {
@@ -65,10 +75,10 @@ impl Authorization {
     }
 }
 
-/// The policies of one workload.
+/// The policies of one workload; cheap to clone.
 #[derive(Clone, Debug, Default)]
 pub struct Policies {
-    policies: Vec<Arc<AuthorizationPolicy>>,
+    policies: Arc<[Arc<AuthorizationPolicy>]>,
 }
 
 /// What a connection or request is judged on.
@@ -127,7 +137,7 @@ impl Policies {
         };
         let mut allow_policies = false;
         let mut allowed = false;
-        for policy in &self.policies {
+        for policy in self.policies.iter() {
             let matched = policy_matches(policy, request);
             match policy.action {
                 AuthorizationAction::Custom | AuthorizationAction::Deny => {

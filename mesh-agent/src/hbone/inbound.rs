@@ -10,7 +10,6 @@
 
 use std::{
     collections::BTreeMap,
-    io,
     net::SocketAddr,
     sync::{Arc, Mutex, PoisonError},
     time::Duration,
@@ -33,9 +32,9 @@ use super::{
     Hbone,
 };
 use crate::{
-    authorization::{Decision, Policies},
+    authorization::Decision,
     identity::{spiffe::SpiffeId, tls, WorkloadIdentity},
-    inbound::{self, Admission, Admitted, App, Arrival, Resettable},
+    inbound::{self, Admission, Admitted, App, Arrival, PodPolicies, Resettable},
     proxy::{upstream::Dialer, Drain},
     redirect::{netns::NetNs, Exemption},
     telemetry::{
@@ -286,15 +285,15 @@ impl Listener {
             source: ends.peer.ip(),
             destination: target,
         };
-        let policies = self.policies();
-        if let Admission::Inspect(decision) = inbound::admit(&policies, &arrival) {
+        let policies = Arc::new(self.policies());
+        if let Admission::Inspect(decision) = inbound::admit(&policies.current(), &arrival) {
             let Ok(send) = respond.send_response(Response::new(()), false) else {
                 return;
             };
             let tunnel = H2Stream::new(send, request.into_body());
             return self.judged(tunnel, ends, arrival, decision, policies).await;
         }
-        let app = match self
+        let mut app = match self
             .dialer
             .connect_tcp_within(target, self.hbone.limits.connect_timeout)
             .await
@@ -314,7 +313,26 @@ impl Listener {
         };
         self.hbone.metrics.stream(INBOUND);
         let tunnel = H2Stream::new(send, request.into_body());
-        carry(&self.hbone, &self.pod, ends, tunnel, app).await;
+        let mut tunnel = Metered::new(tunnel, connection_metrics(&self.hbone, &self.pod, ends));
+        self.carry(&mut tunnel, &mut app, &policies, &arrival, ends)
+            .await;
+    }
+
+    /// Carries a stream its policies admit as a connection, bytes counted as they pass
+    /// (`Metered`), until it ends or a change of policies resets it.
+    async fn carry(
+        &self,
+        client: &mut impl Resettable,
+        app: &mut TcpStream,
+        policies: &PodPolicies,
+        arrival: &Arrival,
+        ends: &Ends,
+    ) {
+        let metrics = &self.hbone.telemetry.metrics;
+        let carried = inbound::carry_while_admitted(client, app, policies, arrival, metrics).await;
+        if let Some(Err(error)) = carried {
+            debug!(peer = %ends.peer, %error, "tunnelled connection ended with an error");
+        }
     }
 
     /// A stream the pod's policies judge ([`inbound::inspect`]) before anything reaches the
@@ -325,7 +343,7 @@ impl Listener {
         ends: &Ends,
         arrival: Arrival,
         decision: Decision,
-        policies: Policies,
+        policies: Arc<PodPolicies>,
     ) {
         self.hbone.metrics.stream(INBOUND);
         let app = App {
@@ -335,32 +353,40 @@ impl Listener {
         };
         let tunnel = Metered::new(tunnel, connection_metrics(&self.hbone, &self.pod, ends));
         let metrics = &self.hbone.telemetry.metrics;
-        let admitted =
-            inbound::inspect(tunnel, decision, policies, Arc::new(arrival), app, metrics).await;
+        let arrival = Arc::new(arrival);
+        let admitted = inbound::inspect(
+            tunnel,
+            decision,
+            Arc::clone(&policies),
+            Arc::clone(&arrival),
+            app,
+            metrics,
+        )
+        .await;
         if let Some(Admitted {
             mut client,
             mut app,
         }) = admitted
         {
-            // Counted as they pass, by `Metered`.
-            let copied = tokio::io::copy_bidirectional(&mut client, &mut app).await;
-            if let Err(error) = copied {
-                debug!(peer = %ends.peer, %error, "tunnelled connection ended with an error");
-            }
+            self.carry(&mut client, &mut app, &policies, &arrival, ends)
+                .await;
         }
     }
 
-    /// The AuthorizationPolicies in force for this pod.
-    fn policies(&self) -> Policies {
-        let snapshot = self.hbone.snapshot();
-        let no_labels = BTreeMap::new();
-        let labels = snapshot
-            .discovered
-            .pod(&self.pod.namespace, &self.pod.name)
-            .map_or(&no_labels, |workload| &workload.labels);
-        snapshot
-            .authorization
-            .for_workload(&self.pod.namespace, labels)
+    /// The AuthorizationPolicies of this pod, now and as they change.
+    fn policies(&self) -> PodPolicies {
+        let changes = self.hbone.store.authorization_changes();
+        let hbone = Arc::clone(&self.hbone);
+        let (namespace, name) = (self.pod.namespace.clone(), self.pod.name.clone());
+        PodPolicies::new(changes, move || {
+            let snapshot = hbone.snapshot();
+            let no_labels = BTreeMap::new();
+            let labels = snapshot
+                .discovered
+                .pod(&namespace, &name)
+                .map_or(&no_labels, |workload| &workload.labels);
+            snapshot.authorization.for_workload(&namespace, labels)
+        })
     }
 }
 
@@ -411,25 +437,4 @@ fn connection_metrics(
         )
     };
     hbone.telemetry.metrics.tcp_connection(&labels)
-}
-
-/// Copies both ways and reports the connection as the destination sees it.
-async fn carry(
-    hbone: &Hbone,
-    pod: &InboundPod,
-    ends: &Ends,
-    mut tunnel: H2Stream,
-    mut app: TcpStream,
-) {
-    let connection = connection_metrics(hbone, pod, ends);
-    let copied: io::Result<(u64, u64)> = tokio::io::copy_bidirectional(&mut tunnel, &mut app).await;
-    match copied {
-        // As the source side counts them: sent is what the client sent towards the app.
-        Ok((to_app, from_app)) => {
-            connection.add_sent(to_app);
-            connection.add_received(from_app);
-        }
-        Err(error) => debug!(peer = %ends.peer, %error, "tunnelled connection ended with an error"),
-    }
-    drop(connection);
 }

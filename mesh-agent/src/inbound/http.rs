@@ -24,9 +24,9 @@ use hyper::{body::Incoming, client::conn, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::sync::Mutex;
 
-use super::{audit, App, Arrival, Prefixed, Resettable};
+use super::{audit, App, Arrival, PodPolicies, Prefixed, Resettable};
 use crate::{
-    authorization::{path, HttpAttributes, Policies},
+    authorization::{path, HttpAttributes},
     proxy::{
         detect::Detected,
         http::{
@@ -53,7 +53,7 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 pub async fn serve<S: Resettable>(
     stream: Prefixed<S>,
     protocol: Detected,
-    policies: Policies,
+    policies: Arc<PodPolicies>,
     arrival: Arc<Arrival>,
     app: App,
     metrics: &Arc<Metrics>,
@@ -96,7 +96,8 @@ pub async fn serve<S: Resettable>(
 }
 
 struct Delivery {
-    policies: Policies,
+    /// Looked up again for the next request when the policies in force change.
+    policies: Arc<PodPolicies>,
     arrival: Arc<Arrival>,
     app: App,
     protocol: Detected,
@@ -130,7 +131,10 @@ impl Delivery {
                 host,
                 headers: request.headers(),
             };
-            let decision = self.policies.evaluate(&self.arrival.attributes(Some(http)));
+            let decision = self
+                .policies
+                .current()
+                .evaluate(&self.arrival.attributes(Some(http)));
             audit(
                 &decision,
                 &self.arrival,

@@ -18,7 +18,7 @@ mod prefixed;
 use std::{
     io,
     net::{IpAddr, SocketAddr},
-    sync::Arc,
+    sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
 
@@ -26,12 +26,13 @@ use bytes::{Bytes, BytesMut};
 use tokio::{
     io::{AsyncRead, AsyncReadExt},
     net::TcpStream,
+    sync::watch,
 };
 
 pub use prefixed::Prefixed;
 
 use crate::{
-    authorization::{Attributes, Decision, HttpAttributes, Policies},
+    authorization::{Attributes, Authorization, Decision, HttpAttributes, Policies},
     identity::spiffe::SpiffeId,
     proxy::{
         detect::{classify, Detected},
@@ -82,6 +83,91 @@ impl App {
     }
 }
 
+/// One pod's policies as they change: looked up again, at the next request or connection
+/// judged, after the store said the policies in force changed.
+pub struct PodPolicies {
+    changes: Mutex<watch::Receiver<Arc<Authorization>>>,
+    lookup: Box<dyn Fn() -> Policies + Send + Sync>,
+    current: Mutex<Policies>,
+}
+
+impl PodPolicies {
+    /// `changes` must be subscribed before `lookup` first runs, so that no change is missed.
+    pub fn new(
+        changes: watch::Receiver<Arc<Authorization>>,
+        lookup: impl Fn() -> Policies + Send + Sync + 'static,
+    ) -> Self {
+        let current = Mutex::new(lookup());
+        PodPolicies {
+            changes: Mutex::new(changes),
+            lookup: Box::new(lookup),
+            current,
+        }
+    }
+
+    /// The policies in force now.
+    pub fn current(&self) -> Policies {
+        let mut changes = self.changes.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        if changes.has_changed().unwrap_or(false) {
+            changes.borrow_and_update();
+            *current = (self.lookup)();
+        }
+        current.clone()
+    }
+
+    /// Resolves when the policies in force change (never, once the store is gone).
+    async fn changed(&self) {
+        let mut changes = self
+            .changes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if changes.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Carries `client` and `app` both ways until one ends, or until the pod's policies change so
+/// that they no longer admit this connection as a connection: then it is reset, and its
+/// client, which reconnects, is judged under the new ones (a connection a new `DENY` names,
+/// or one whose requests a new rule reads, does not outlive the change). Returns the bytes
+/// carried each way when it ended by itself.
+pub async fn carry_while_admitted<S: Resettable>(
+    client: &mut S,
+    app: &mut TcpStream,
+    policies: &PodPolicies,
+    arrival: &Arrival,
+    metrics: &Metrics,
+) -> Option<io::Result<(u64, u64)>> {
+    let still_admitted = {
+        let copy = tokio::io::copy_bidirectional(client, app);
+        tokio::pin!(copy);
+        loop {
+            tokio::select! {
+                copied = &mut copy => return Some(copied),
+                () = policies.changed() => {
+                    let current = policies.current();
+                    let decision = current.evaluate(&arrival.attributes(None));
+                    if !(current.is_empty() || decision.allowed) {
+                        break false;
+                    }
+                }
+            }
+        }
+    };
+    debug_assert!(!still_admitted);
+    tracing::debug!(
+        source = %arrival.source,
+        destination = %arrival.destination,
+        "connection reset: the policies in force changed and no longer admit it"
+    );
+    metrics.authorization_denied("connection");
+    client.reset();
+    None
+}
+
 /// What happens to a connection before any of its bytes are read.
 #[derive(Debug)]
 pub enum Admission {
@@ -120,7 +206,7 @@ pub trait Resettable: AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static
 pub async fn inspect<S: Resettable>(
     mut stream: S,
     as_connection: Decision,
-    policies: Policies,
+    policies: Arc<PodPolicies>,
     arrival: Arc<Arrival>,
     app: App,
     metrics: &Arc<Metrics>,

@@ -26,6 +26,12 @@ impl<S> Prefixed<S> {
     }
 }
 
+impl<S: super::Resettable> super::Resettable for Prefixed<S> {
+    fn reset(&mut self) {
+        self.inner.reset();
+    }
+}
+
 impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
     fn poll_read(
         self: Pin<&mut Self>,

@@ -13,6 +13,7 @@ use super::*;
 use crate::{
     authorization::Authorization, config, identity::spiffe::SpiffeId, redirect::Exemption,
 };
+use tokio::sync::watch;
 
 /// One end of an in-memory connection; a reset closes it.
 struct Pipe(DuplexStream);
@@ -107,6 +108,12 @@ spec:
     to: [{operation: {methods: [GET]}}]
 ";
 
+/// `policies`, fixed: no change will come.
+fn fixed(policies: Policies) -> Arc<PodPolicies> {
+    let (_, changes) = watch::channel(Arc::new(Authorization::default()));
+    Arc::new(PodPolicies::new(changes, move || policies.clone()))
+}
+
 fn policies(yaml: &str) -> Policies {
     let loaded = config::load_str("policy.yml", yaml);
     assert!(loaded.is_ok(), "{:#?}", loaded.diagnostics);
@@ -151,7 +158,15 @@ async fn exchange_with(
     let app = loopback_app(address);
     let metrics = metrics();
     let judged = tokio::spawn(async move {
-        inspect(Pipe(server), decision, policies, arrival, app, &metrics).await;
+        inspect(
+            Pipe(server),
+            decision,
+            fixed(policies),
+            arrival,
+            app,
+            &metrics,
+        )
+        .await;
     });
     client.write_all(requests.as_bytes()).await.unwrap();
     let mut answer = String::new();
@@ -218,7 +233,15 @@ async fn a_head_that_never_ends_is_given_up_after_the_header_timeout() {
     };
     let app = loopback_app(address);
     let judged = tokio::spawn(async move {
-        inspect(Pipe(server), decision, policies, arrival, app, &metrics()).await;
+        inspect(
+            Pipe(server),
+            decision,
+            fixed(policies),
+            arrival,
+            app,
+            &metrics(),
+        )
+        .await;
     });
     client
         .write_all(b"GET / HTTP/1.1\r\nHost: b\r\n")
@@ -291,7 +314,15 @@ spec:
     assert!(!decision.allowed);
     let start = tokio::time::Instant::now();
     let app = loopback_app(address);
-    let admitted = inspect(Pipe(server), decision, policies, arrival, app, &metrics()).await;
+    let admitted = inspect(
+        Pipe(server),
+        decision,
+        fixed(policies),
+        arrival,
+        app,
+        &metrics(),
+    )
+    .await;
     assert!(admitted.is_none());
     assert!(start.elapsed() >= DETECT_TIMEOUT);
     let mut rest = Vec::new();
@@ -322,8 +353,15 @@ spec:
     assert!(decision.allowed);
     client.write_all(b" a TLS hello").await.unwrap();
     let app = loopback_app(address);
-    let Some(mut admitted) =
-        inspect(Pipe(server), decision, policies, arrival, app, &metrics()).await
+    let Some(mut admitted) = inspect(
+        Pipe(server),
+        decision,
+        fixed(policies),
+        arrival,
+        app,
+        &metrics(),
+    )
+    .await
     else {
         panic!("allowed as a connection");
     };
@@ -356,4 +394,36 @@ spec: {rules: [{from: [{source: {principals: ['cluster.local/ns/default/sa/servi
         admit(&from_a, &arrival("intruder", address)),
         Admission::Inspect(Decision { allowed: false, .. })
     ));
+}
+
+#[tokio::test]
+async fn a_connection_carried_is_reset_when_new_policies_no_longer_admit_it() {
+    let (address, _) = echo_app().await;
+    let (mut client, server) = tokio::io::duplex(1024);
+    let mut app = tokio::net::TcpStream::connect(address).await.unwrap();
+    let arrival = arrival("intruder", address);
+    let in_force = Arc::new(std::sync::Mutex::new(Policies::default()));
+    let (changed, changes) = watch::channel(Arc::new(Authorization::default()));
+    let lookup = Arc::clone(&in_force);
+    let policies = PodPolicies::new(changes, move || lookup.lock().unwrap().clone());
+    let carried = tokio::spawn(async move {
+        let mut server = Pipe(server);
+        carry_while_admitted(&mut server, &mut app, &policies, &arrival, &metrics()).await
+    });
+    // Carried while no policy applies: an HTTP request through it is answered.
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: b\r\n\r\n")
+        .await
+        .unwrap();
+    let mut first = [0; 12];
+    client.read_exact(&mut first).await.unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200");
+    // A policy that admits only service-a comes into force.
+    *in_force.lock().unwrap() = self::policies(POLICY);
+    changed.send(Arc::new(Authorization::default())).unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(5), carried)
+        .await
+        .expect("reset at once")
+        .unwrap();
+    assert!(ended.is_none(), "reset, not ended by itself: {ended:?}");
 }

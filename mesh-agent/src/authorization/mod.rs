@@ -232,6 +232,8 @@ fn source_matches(source: &SourceMatch, request: &Attributes) -> Tri {
 fn operation_matches(operation: &OperationMatch, request: &Attributes) -> Tri {
     let http = request.http;
     let hosts = match http {
+        // Lower-cased only for a rule that names hosts: most do not.
+        Some(_) if !operation.hosts.is_set() => Tri::Yes,
         Some(http) => {
             let host = http.host.to_ascii_lowercase();
             let without_port = host
@@ -271,15 +273,20 @@ fn condition_matches(condition: &Condition, request: &Attributes) -> Tri {
         Condition::RequestHeader(name, patterns) => match request.http {
             // Several values of one header are judged joined, as Envoy joins them.
             Some(http) => {
-                let joined = http
-                    .headers
-                    .get_all(name)
-                    .iter()
-                    .filter_map(|v| v.to_str().ok())
-                    .collect::<Vec<_>>()
-                    .join(",");
-                let present = http.headers.contains_key(name);
-                strings(patterns, present.then_some(joined.as_str()))
+                let all = http.headers.get_all(name);
+                let mut each = all.iter();
+                match (each.next(), each.next()) {
+                    (None, _) => strings(patterns, None),
+                    (Some(one), None) => strings(patterns, Some(one.to_str().unwrap_or_default())),
+                    _ => {
+                        let joined = all
+                            .iter()
+                            .filter_map(|v| v.to_str().ok())
+                            .collect::<Vec<_>>()
+                            .join(",");
+                        strings(patterns, Some(&joined))
+                    }
+                }
             }
             None => Tri::Unknown,
         },

@@ -31,7 +31,7 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::{
-    authorization::Authorization,
+    authorization::{Authorization, PeerAuthentications},
     config::{
         self, model::MeshConfig, Diagnostic, Object, ObjectKey, ObjectSet, Rejection, Severity,
         Sourced,
@@ -49,6 +49,8 @@ pub struct Snapshot {
     pub engine: Engine,
     /// The AuthorizationPolicies in force, judged at each pod's destination.
     pub authorization: Arc<Authorization>,
+    /// The PeerAuthentications in force: what each pod accepts, mutual TLS or plaintext.
+    pub peer_authentication: Arc<PeerAuthentications>,
     pub discovered: Discovered,
     /// Every object in force, for `get` and `/config_dump`.
     pub objects: ObjectSet,
@@ -238,6 +240,8 @@ pub struct Store {
     /// The AuthorizationPolicies in force, sent each time they change: what was judged under
     /// the old ones is judged again.
     authorization: tokio::sync::watch::Sender<Arc<Authorization>>,
+    /// The version of each snapshot put in force.
+    versions: tokio::sync::watch::Sender<u64>,
 }
 
 /// What a source holds that is invalid, by source and identity (see [`Rejection::id`]).
@@ -268,6 +272,7 @@ struct InForce {
     index: Index,
     config: MeshConfig,
     authorization: Arc<Authorization>,
+    peer_authentication: Arc<PeerAuthentications>,
     /// What the VirtualServices in force name that does not exist.
     references: Arc<[Diagnostic]>,
 }
@@ -324,6 +329,7 @@ impl Store {
         reloads.count_rejected(snapshot.rejected.iter());
         Ok(Store {
             authorization: tokio::sync::watch::Sender::new(Arc::clone(&snapshot.authorization)),
+            versions: tokio::sync::watch::Sender::new(snapshot.version),
             current: ArcSwap::from_pointee(snapshot),
             state: Mutex::new(state),
             reloads,
@@ -338,6 +344,13 @@ impl Store {
     /// Told each time the AuthorizationPolicies in force change.
     pub fn authorization_changes(&self) -> tokio::sync::watch::Receiver<Arc<Authorization>> {
         self.authorization.subscribe()
+    }
+
+    /// Told each time a new snapshot is in force: what depends on more than one of its parts
+    /// (a pod's PeerAuthentication mode: the policies, and the pod's labels from discovery)
+    /// looks again.
+    pub fn versions(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.versions.subscribe()
     }
 
     /// The config folder, if the store reads one.
@@ -531,6 +544,7 @@ impl Store {
             *held = authorization;
             changed
         });
+        self.versions.send_replace(version);
         info!(version, "config in force");
         version
     }
@@ -623,6 +637,10 @@ impl State {
             if !next.authorization.holds(policies) {
                 next.authorization = Arc::new(Authorization::new(policies));
             }
+            let policies = &next.config.peer_authentications;
+            if !next.peer_authentication.holds(policies) {
+                next.peer_authentication = Arc::new(PeerAuthentications::new(policies));
+            }
         }
         if rules_changed || services_changed {
             let references = references(&next);
@@ -646,6 +664,7 @@ impl State {
             version,
             engine,
             authorization: Arc::clone(&next.authorization),
+            peer_authentication: Arc::clone(&next.peer_authentication),
             discovered: next.index.discovered().clone(),
             objects: next.objects.clone(),
             rejected: self.rejected.values().cloned().collect(),
@@ -802,6 +821,7 @@ pub fn watch(store: Arc<Store>) -> notify::Result<Option<notify::RecommendedWatc
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::authorization::MtlsMode;
     use crate::config::Object;
 
     const SERVICE: &str = "
@@ -875,8 +895,8 @@ spec:
 
     const POLICY: &str = "
 apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: strict, namespace: shop}
+kind: RequestAuthentication
+metadata: {name: jwt, namespace: shop}
 spec: {}
 ";
 
@@ -936,7 +956,7 @@ spec: {}
         assert_eq!(at_start.len(), 1, "{at_start:?}");
         assert!(
             at_start[0].ends_with(
-                "policy.yml: PeerAuthentication shop/strict: kind PeerAuthentication is not \
+                "policy.yml: RequestAuthentication shop/jwt: kind RequestAuthentication is not \
                  implemented by this mesh: not enforced"
             ),
             "{at_start:?}"
@@ -958,7 +978,7 @@ spec: {}
         let relist = || {
             let objects = config::read_text("kubernetes", POLICY).unwrap();
             vec![SourceChange::Replace {
-                kind: "PeerAuthentication".into(),
+                kind: "RequestAuthentication".into(),
                 objects: objects.into_iter().map(Arc::new).collect(),
                 rejected: vec![],
             }]
@@ -974,12 +994,12 @@ spec: {}
         assert_eq!(relisted, Vec::<String>::new());
 
         let another = logged_warnings(|| {
-            let second = POLICY.replace("strict", "permissive");
+            let second = POLICY.replace("jwt", "other-jwt");
             std::fs::write(dir.path().join("second.yml"), second).unwrap();
             store.reload().unwrap();
         });
         assert_eq!(another.len(), 1, "{another:?}");
-        assert!(another[0].contains("shop/permissive"), "{another:?}");
+        assert!(another[0].contains("shop/other-jwt"), "{another:?}");
     }
 
     #[test]
@@ -1019,7 +1039,7 @@ spec: {}
                 .iter()
                 .map(|n| format!("Gateway default/{n}"))
                 .collect();
-            expected.push("PeerAuthentication shop/strict".to_owned());
+            expected.push("RequestAuthentication shop/jwt".to_owned());
             let keys: Vec<&str> = ignored.iter().map(|(k, _)| k.as_str()).collect();
             assert_eq!(keys, expected);
             for (_, why) in &ignored[..not_served.len()] {
@@ -1029,6 +1049,59 @@ spec: {}
                 );
             }
         }
+    }
+
+    /// Each snapshot put in force is told (what a pod accepts depends on the policies and on
+    /// its labels, so the capture looks again at each); the PeerAuthentications are rebuilt
+    /// only when they changed, not when other objects do or a relist reads them again.
+    #[test]
+    fn versions_are_told_and_peer_authentications_rebuilt_only_when_they_change() {
+        const STRICT: &str = "apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: shop}
+spec: {mtls: {mode: STRICT}}
+";
+        let list = |text: &str| {
+            let objects = config::read_text("kubernetes", text).unwrap();
+            vec![SourceChange::Replace {
+                kind: "PeerAuthentication".into(),
+                objects: objects.into_iter().map(Arc::new).collect(),
+                rejected: vec![],
+            }]
+        };
+        let shop = |store: &Store| {
+            let snapshot = store.snapshot();
+            snapshot
+                .peer_authentication
+                .for_workload("shop", &BTreeMap::new())
+                .default
+        };
+        let store = open(None).unwrap();
+        let mut versions = store.versions();
+        assert!(store.snapshot().peer_authentication.is_empty());
+
+        store.change(list(STRICT));
+        assert!(versions.has_changed().unwrap());
+        assert_eq!(*versions.borrow_and_update(), store.snapshot().version);
+        assert_eq!(shop(&store), MtlsMode::Strict);
+        let built = Arc::clone(&store.snapshot().peer_authentication);
+
+        store.change(list(STRICT));
+        store.apply("vs.yml", &vs(100, 0)).unwrap();
+        assert!(versions.has_changed().unwrap());
+        versions.borrow_and_update();
+        assert!(
+            Arc::ptr_eq(&built, &store.snapshot().peer_authentication),
+            "the same policies are not rebuilt"
+        );
+
+        store.change(list(&STRICT.replace("STRICT", "DISABLE")));
+        assert!(versions.has_changed().unwrap());
+        assert_eq!(shop(&store), MtlsMode::Disable);
+
+        store.change(list(""));
+        assert!(store.snapshot().peer_authentication.is_empty());
+        assert_eq!(shop(&store), MtlsMode::Permissive);
     }
 
     #[test]

@@ -65,14 +65,15 @@ fn an_invalid_file_fails_with_file_object_field_and_reason() {
 /// Istio and the rest of the set can be put in force, but the user learns the policy is not
 /// enforced.
 #[test]
-fn a_peer_authentication_is_reported_as_not_enforced_and_passes() {
-    let dir = std::env::temp_dir().join(format!("mesh-validate-peer-{}", std::process::id()));
+fn a_request_authentication_is_reported_as_not_enforced_and_passes() {
+    let dir = std::env::temp_dir().join(format!("mesh-validate-jwt-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("peer.yml");
+    let file = dir.join("jwt.yml");
     std::fs::write(
         &file,
-        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n\
-         metadata: {name: strict, namespace: shop}\nspec: {mtls: {mode: STRICT}}\n",
+        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\n\
+         metadata: {name: jwt, namespace: shop}\n\
+         spec: {jwtRules: [{issuer: https://issuer.example}]}\n",
     )
     .unwrap();
     let label = file.to_str().unwrap();
@@ -83,7 +84,7 @@ fn a_peer_authentication_is_reported_as_not_enforced_and_passes() {
     assert_eq!(
         warnings,
         [format!(
-            "warning: {label}: PeerAuthentication shop/strict: kind PeerAuthentication is \
+            "warning: {label}: RequestAuthentication shop/jwt: kind RequestAuthentication is \
              not implemented by this mesh: not enforced"
         )],
         "{out}"
@@ -125,6 +126,46 @@ fn a_bad_authorization_policy_is_reported_with_its_fields() {
         "{out}"
     );
     assert!(out.contains("0 AuthorizationPolicy"), "{out}");
+}
+
+/// A PeerAuthentication is validated with its fields too: every problem named, and the
+/// object left out.
+#[test]
+fn a_bad_peer_authentication_is_reported_with_its_fields() {
+    let dir = std::env::temp_dir().join(format!("mesh-validate-peer-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("peer.yml");
+    std::fs::write(
+        &file,
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n\
+         metadata: {name: p, namespace: shop}\nspec:\n  mtls: {mode: REQUIRED}\n  \
+         portLevelMtls:\n    0: {mode: DISABLE}\n",
+    )
+    .unwrap();
+    let label = file.to_str().unwrap();
+    let (ok, out) = validate(&["-f", label]);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(!ok, "{out}");
+    let errors: Vec<&str> = out.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(
+        errors,
+        [
+            format!(
+                "error: {label}: PeerAuthentication shop/p: spec.mtls.mode: unknown mode \
+                 \"REQUIRED\": expected UNSET, DISABLE, PERMISSIVE or STRICT"
+            ),
+            format!(
+                "error: {label}: PeerAuthentication shop/p: spec.portLevelMtls: portLevelMtls \
+                 requires selector"
+            ),
+            format!(
+                "error: {label}: PeerAuthentication shop/p: spec.portLevelMtls.0: port 0 is \
+                 outside 1–65535"
+            ),
+        ],
+        "{out}"
+    );
+    assert!(out.contains("0 PeerAuthentication"), "{out}");
 }
 
 /// The tutorial's canary VirtualService checked alone: its subsets are defined in another file

@@ -23,7 +23,7 @@ const AGENT: &str = "mesh-agent";
 const TIMEOUT: Duration = Duration::from_secs(120);
 
 /// What the agent watches (mesh-agent/src/discovery/kubernetes.rs), by (API group, resource).
-const WATCHED: [(&str, &str); 8] = [
+const WATCHED: [(&str, &str); 9] = [
     ("", "services"),
     ("", "pods"),
     ("", "namespaces"),
@@ -32,19 +32,19 @@ const WATCHED: [(&str, &str); 8] = [
     ("networking.istio.io", "destinationrules"),
     ("networking.istio.io", "gateways"),
     ("security.istio.io", "authorizationpolicies"),
+    ("security.istio.io", "peerauthentications"),
 ];
 
 /// The Istio kinds the agent does not implement but watches, where served, only to report each
 /// one applied as not enforced (`NOT_IMPLEMENTED` there). No CRD of `deploy/crds` serves them,
 /// so the role's grant is checked, not a list.
-const REPORTED_ONLY: [(&str, &str); 10] = [
+const REPORTED_ONLY: [(&str, &str); 9] = [
     ("networking.istio.io", "serviceentries"),
     ("networking.istio.io", "sidecars"),
     ("networking.istio.io", "envoyfilters"),
     ("networking.istio.io", "workloadentries"),
     ("networking.istio.io", "workloadgroups"),
     ("networking.istio.io", "proxyconfigs"),
-    ("security.istio.io", "peerauthentications"),
     ("security.istio.io", "requestauthentications"),
     ("telemetry.istio.io", "telemetries"),
     ("extensions.istio.io", "wasmplugins"),

@@ -656,6 +656,7 @@ fn rbac_grants_exactly_what_the_agent_and_the_signer_use() -> Result<()> {
         (ISTIO_GROUP, "destinationrules", &[], READ),
         (ISTIO_GROUP, "gateways", &[], READ),
         ("security.istio.io", "authorizationpolicies", &[], READ),
+        ("security.istio.io", "peerauthentications", &[], READ),
         // Istio kinds the mesh does not implement, watched to report them as not enforced
         // (`NOT_IMPLEMENTED` in mesh-agent/src/discovery/kubernetes.rs).
         (ISTIO_GROUP, "serviceentries", &[], READ),
@@ -664,7 +665,6 @@ fn rbac_grants_exactly_what_the_agent_and_the_signer_use() -> Result<()> {
         (ISTIO_GROUP, "workloadentries", &[], READ),
         (ISTIO_GROUP, "workloadgroups", &[], READ),
         (ISTIO_GROUP, "proxyconfigs", &[], READ),
-        ("security.istio.io", "peerauthentications", &[], READ),
         ("security.istio.io", "requestauthentications", &[], READ),
         ("telemetry.istio.io", "telemetries", &[], READ),
         ("extensions.istio.io", "wasmplugins", &[], READ),

@@ -320,7 +320,7 @@ fn query_param(uri: &http::Uri, name: &str) -> Option<String> {
 }
 
 /// The answer to `apply`/`delete`: what changed and the warnings about the objects now in force
-/// (a `PeerAuthentication` applied is not enforced: the user must hear it), or every
+/// (a `RequestAuthentication` applied is not enforced: the user must hear it), or every
 /// diagnostic and nothing changed.
 fn change_answer(
     store: &Store,
@@ -450,8 +450,8 @@ mod tests {
     use crate::engine::EngineSettings;
 
     const POLICY: &str = "apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: strict, namespace: shop}
+kind: RequestAuthentication
+metadata: {name: jwt, namespace: shop}
 spec: {}
 ";
 
@@ -497,11 +497,11 @@ spec:
                                istio=ingressgateway): not served",
                 },
                 {
-                    "kind": "PeerAuthentication",
+                    "kind": "RequestAuthentication",
                     "namespace": "shop",
-                    "name": "strict",
+                    "name": "jwt",
                     "source": "policy.yml",
-                    "reason": "kind PeerAuthentication is not implemented by this mesh: not enforced",
+                    "reason": "kind RequestAuthentication is not implemented by this mesh: not enforced",
                 },
             ])
         );
@@ -515,7 +515,7 @@ spec:
         );
         assert_eq!(
             warnings[1],
-            "policy.yml: PeerAuthentication shop/strict: kind PeerAuthentication is not \
+            "policy.yml: RequestAuthentication shop/jwt: kind RequestAuthentication is not \
              implemented by this mesh: not enforced"
         );
     }
@@ -598,12 +598,12 @@ spec:
             .expect("an empty store");
         let (status, answer) = change_answer(&store, store.apply("policy.yml", POLICY));
         assert_eq!(status, StatusCode::OK);
-        assert_eq!(answer["objects"], json!(["PeerAuthentication shop/strict"]));
+        assert_eq!(answer["objects"], json!(["RequestAuthentication shop/jwt"]));
         assert_eq!(
             answer["warnings"],
             json!(
-                ["warning: policy.yml: PeerAuthentication shop/strict: kind \
-                    PeerAuthentication is not implemented by this mesh: not enforced"]
+                ["warning: policy.yml: RequestAuthentication shop/jwt: kind \
+                    RequestAuthentication is not implemented by this mesh: not enforced"]
             )
         );
         let (_, answer) = change_answer(&store, store.delete("policy.yml", POLICY));

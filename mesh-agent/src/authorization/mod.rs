@@ -11,8 +11,12 @@
 //! Rules are judged in three-valued logic: a part that cannot be judged here (an HTTP field on
 //! a connection that is not HTTP, a field this mesh does not implement) is *unknown*, which no
 //! `ALLOW` rule accepts and every `DENY` rule does — the policy fails closed, as ztunnel's do.
+//!
+//! Istio's `PeerAuthentication` is resolved here too ([`peer_authentication`]): which
+//! connections a workload accepts, mutual TLS only or plaintext as well, port by port.
 
 pub mod path;
+pub mod peer_authentication;
 
 use std::{
     collections::BTreeMap,
@@ -27,8 +31,8 @@ use crate::config::model::{
     OperationMatch, Pattern, SourceMatch, Values,
 };
 
-/// Istio's default root namespace: its policies without a selector apply to every workload.
-pub const ROOT_NAMESPACE: &str = "istio-system";
+pub use crate::config::model::ROOT_NAMESPACE;
+pub use peer_authentication::{MtlsMode, PeerAuthentications, PodMtls};
 
 /// The policies in force.
 #[derive(Debug, Default)]

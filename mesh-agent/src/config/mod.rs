@@ -1,10 +1,11 @@
 //! The agent's input, read once and typed: text (YAML or JSON, one or many documents per file,
 //! or a `kind: List`) becomes [`Document`]s, and each document one typed [`Sourced`] object —
 //! `networking.istio.io` `VirtualService`, `DestinationRule` and `Gateway` (`v1alpha3`,
-//! `v1beta1`, `v1`) and `security.istio.io` `AuthorizationPolicy` (`v1beta1`, `v1`) validated
-//! into [`model`], Kubernetes `Service`, `EndpointSlice` and `Pod` as k8s-openapi types, the
-//! kinds of Istio's API groups the mesh does not implement kept as read with a warning
-//! (`PeerAuthentication`, `ServiceEntry`, ...: not enforced), any other kind kept as read. Objects live in an [`ObjectSet`] keyed by kind, namespace and name;
+//! `v1beta1`, `v1`) and `security.istio.io` `AuthorizationPolicy` and `PeerAuthentication`
+//! (`v1beta1`, `v1`) validated into [`model`], Kubernetes `Service`, `EndpointSlice` and `Pod` as
+//! k8s-openapi types, the kinds of Istio's API groups the mesh does not implement kept as read
+//! with a warning (`RequestAuthentication`, `ServiceEntry`, ...: not enforced), any other kind
+//! kept as read. Objects live in an [`ObjectSet`] keyed by kind, namespace and name;
 //! [`rules`](check_references) span objects, and [`mesh_config`] hands the Istio rules of a set
 //! to the engine.
 //!
@@ -37,6 +38,7 @@ mod fields;
 mod gateway;
 pub mod model;
 mod object;
+mod peer_authentication;
 mod raw;
 mod rejection;
 mod rules;
@@ -94,6 +96,7 @@ impl Loaded {
                     | Object::DestinationRule(_)
                     | Object::Gateway(_)
                     | Object::AuthorizationPolicy(_)
+                    | Object::PeerAuthentication(_)
             )
         })
     }
@@ -287,12 +290,13 @@ pub fn run_validate(paths: &[PathBuf], out: &mut impl Write) -> io::Result<bool>
     writeln!(
         out,
         "{} file(s): {} VirtualService, {} DestinationRule, {} Gateway, {} AuthorizationPolicy, \
-         {} other object(s); {} error(s), {} warning(s)",
+         {} PeerAuthentication, {} other object(s); {} error(s), {} warning(s)",
         loaded.files.len(),
         config.virtual_services.len(),
         config.destination_rules.len(),
         config.gateways.len(),
         config.authorization_policies.len(),
+        config.peer_authentications.len(),
         loaded.other_objects().count(),
         loaded.errors().count(),
         loaded.warnings().count(),

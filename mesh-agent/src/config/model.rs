@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue};
+use k8s_openapi::jiff::Timestamp;
 use regex::Regex;
 
 /// `namespace/name` of a Kubernetes object; namespace defaults to `default`.
@@ -49,7 +50,12 @@ pub struct MeshConfig {
     pub destination_rules: Vec<Arc<DestinationRule>>,
     pub gateways: Vec<Arc<Gateway>>,
     pub authorization_policies: Vec<Arc<AuthorizationPolicy>>,
+    pub peer_authentications: Vec<Arc<PeerAuthentication>>,
 }
+
+/// Istio's default root namespace: its security policies without a selector apply to every
+/// workload of the mesh.
+pub const ROOT_NAMESPACE: &str = "istio-system";
 
 // ---------------------------------------------------------------- VirtualService
 
@@ -487,4 +493,35 @@ impl Pattern {
             Pattern::Present => !value.is_empty(),
         }
     }
+}
+
+// ---------------------------------------------------------------- PeerAuthentication
+
+/// `security.istio.io` `PeerAuthentication`: which connections a workload accepts, mutual TLS
+/// or plaintext. Resolved per workload by [`crate::authorization::PeerAuthentications`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerAuthentication {
+    pub id: ObjectRef,
+    /// `metadata.creationTimestamp`, when the object has one (the API server's always do, a
+    /// file's seldom): of several policies at one level, the oldest wins.
+    pub created: Option<Timestamp>,
+    /// `spec.selector.matchLabels`, never empty. `None` (no selector, or one without labels,
+    /// which Istio reads alike): every workload of its namespace, or of the mesh in the root
+    /// namespace.
+    pub selector: Option<BTreeMap<String, String>>,
+    /// `spec.mtls.mode`; `Unset` when absent.
+    pub mode: PeerMtlsMode,
+    /// `spec.portLevelMtls`, by the port the pod listens on; empty unless there is a selector.
+    pub port_level: BTreeMap<u16, PeerMtlsMode>,
+}
+
+/// A `PeerAuthentication` mode as written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerMtlsMode {
+    /// Inherits the mode of the next broader level (port → workload → namespace → mesh), and
+    /// `PERMISSIVE` at the top.
+    Unset,
+    Disable,
+    Permissive,
+    Strict,
 }

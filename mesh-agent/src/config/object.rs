@@ -1,6 +1,6 @@
 //! One object of the agent's input, typed once when it is read and never parsed again: Istio's
-//! `VirtualService`, `DestinationRule`, `Gateway` and `AuthorizationPolicy` (validated into
-//! [`model`](super::model)),
+//! `VirtualService`, `DestinationRule`, `Gateway`, `AuthorizationPolicy` and
+//! `PeerAuthentication` (validated into [`model`](super::model)),
 //! Kubernetes' `Service`, `EndpointSlice` and `Pod` (as k8s-openapi types), the other kinds of
 //! Istio's API groups as read with a warning that they are not enforced, and any other kind as
 //! read (kept for `get` and `/config_dump`, interpreted by nothing).
@@ -24,8 +24,11 @@ use super::{
     document::Document,
     fields::MISSING,
     gateway,
-    model::{AuthorizationPolicy, DestinationRule, Gateway, ObjectRef, VirtualService},
-    raw,
+    model::{
+        AuthorizationPolicy, DestinationRule, Gateway, ObjectRef, PeerAuthentication,
+        VirtualService,
+    },
+    peer_authentication, raw,
     virtual_service::{self, DestinationRef},
 };
 
@@ -91,7 +94,8 @@ pub enum Object {
     DestinationRule(IstioObject<DestinationRule>),
     Gateway(IstioObject<Gateway>),
     AuthorizationPolicy(IstioObject<AuthorizationPolicy>),
-    /// A kind of Istio's API groups the mesh does not implement (`PeerAuthentication`,
+    PeerAuthentication(IstioObject<PeerAuthentication>),
+    /// A kind of Istio's API groups the mesh does not implement (`RequestAuthentication`,
     /// `ServiceEntry`, ...), as read: listed as ignored, never enforced.
     NotImplemented(Arc<Value>),
     /// A kind the mesh does not interpret, as read.
@@ -171,6 +175,7 @@ impl Sourced {
             Object::DestinationRule(o) => (*o.manifest).clone(),
             Object::Gateway(o) => (*o.manifest).clone(),
             Object::AuthorizationPolicy(o) => (*o.manifest).clone(),
+            Object::PeerAuthentication(o) => (*o.manifest).clone(),
             Object::NotImplemented(value) | Object::Other(value) => (**value).clone(),
         };
         if let Some(metadata) = value.get_mut("metadata").and_then(Value::as_object_mut) {
@@ -228,7 +233,7 @@ pub fn read(file: &str, document: Document) -> Result<Sourced, Vec<Diagnostic>> 
     let (group, version) = api_version.split_once('/').unwrap_or(("", &api_version));
     let object = match (group, kind.as_str()) {
         (ISTIO_GROUP, "VirtualService" | "DestinationRule" | "Gateway")
-        | (SECURITY_GROUP, "AuthorizationPolicy") => {
+        | (SECURITY_GROUP, "AuthorizationPolicy" | "PeerAuthentication") => {
             let versions = if group == ISTIO_GROUP {
                 ISTIO_VERSIONS
             } else {
@@ -338,6 +343,17 @@ fn istio(
             parse_spec::<raw::AuthorizationPolicySpec>(&mut cx, spec).map(|spec| {
                 Object::AuthorizationPolicy(IstioObject {
                     rule: Arc::new(authorization_policy::convert(&mut cx, &id, spec)),
+                    manifest,
+                    destinations: Arc::new([]),
+                })
+            })
+        }
+        "PeerAuthentication" => {
+            parse_spec::<raw::PeerAuthenticationSpec>(&mut cx, spec).map(|spec| {
+                let created = manifest["metadata"].get("creationTimestamp");
+                let policy = peer_authentication::convert(&mut cx, &id, created, spec);
+                Object::PeerAuthentication(IstioObject {
+                    rule: Arc::new(policy),
                     manifest,
                     destinations: Arc::new([]),
                 })

@@ -357,3 +357,20 @@ pub(super) struct Condition {
     pub values: Option<Vec<String>>,
     pub not_values: Option<Vec<String>>,
 }
+
+// ---------------------------------------------------------------- PeerAuthentication
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct PeerAuthenticationSpec {
+    pub selector: Option<WorkloadSelector>,
+    pub mtls: Option<MutualTls>,
+    /// Keyed by port number: a string in JSON (and so from the API server), an integer or a
+    /// string in YAML, both read as text here.
+    pub port_level_mtls: Option<BTreeMap<String, MutualTls>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct MutualTls {
+    pub mode: Option<String>,
+}

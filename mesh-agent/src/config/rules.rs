@@ -25,6 +25,7 @@ pub fn mesh_config(objects: &ObjectSet) -> MeshConfig {
             Object::AuthorizationPolicy(o) => {
                 config.authorization_policies.push(Arc::clone(&o.rule))
             }
+            Object::PeerAuthentication(o) => config.peer_authentications.push(Arc::clone(&o.rule)),
             _ => {}
         }
     }
@@ -35,7 +36,11 @@ pub fn mesh_config(objects: &ObjectSet) -> MeshConfig {
 pub fn is_istio_kind(kind: &str) -> bool {
     matches!(
         kind,
-        "VirtualService" | "DestinationRule" | "Gateway" | "AuthorizationPolicy"
+        "VirtualService"
+            | "DestinationRule"
+            | "Gateway"
+            | "AuthorizationPolicy"
+            | "PeerAuthentication"
     )
 }
 
@@ -45,6 +50,7 @@ fn istio_objects(objects: &ObjectSet) -> impl Iterator<Item = &Arc<Sourced>> {
         "AuthorizationPolicy",
         "DestinationRule",
         "Gateway",
+        "PeerAuthentication",
         "VirtualService",
     ]
     .into_iter()

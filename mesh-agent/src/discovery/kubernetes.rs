@@ -1,6 +1,6 @@
 //! Kubernetes mode's source: watches on the API server for `Service`, `EndpointSlice`, `Pod`,
-//! `Namespace` (its mesh label only), Istio's `VirtualService`/`DestinationRule`/`Gateway` and
-//! `AuthorizationPolicy`. Every event becomes a typed
+//! `Namespace` (its mesh label only), Istio's `VirtualService`/`DestinationRule`/`Gateway`,
+//! `AuthorizationPolicy` and `PeerAuthentication`. Every event becomes a typed
 //! [`SourceChange`] for the store — the object as the API gave it, never re-encoded — so engine
 //! and proxy do not know the difference from local mode. `Pod` and `Namespace` are also kept in
 //! reflector stores, which label enrollment reads.
@@ -9,7 +9,7 @@
 //! `discovery.k8s.io/v1` (Kubernetes 1.21 and later) or `v1beta1` (1.17 to 1.24), whose objects
 //! are read into the v1 type (see [`endpoint_slice_from_v1beta1`]).
 //!
-//! The Istio kinds the mesh does not implement ([`NOT_IMPLEMENTED`]: `PeerAuthentication`,
+//! The Istio kinds the mesh does not implement ([`NOT_IMPLEMENTED`]: `RequestAuthentication`,
 //! `ServiceEntry`, ...) are watched too, only so that each one applied is
 //! reported (a warning, `/config_dump`'s `ignored`) instead of passing unnoticed. Their CRDs may
 //! well not be installed: only the kinds the API server serves at start-up are watched, and
@@ -113,7 +113,7 @@ pub struct KubeSettings {
     pub proc_root: PathBuf,
 }
 
-const ISTIO_KINDS: [(&str, &str, &str); 4] = [
+const ISTIO_KINDS: [(&str, &str, &str); 5] = [
     ("networking.istio.io", "VirtualService", "virtualservices"),
     ("networking.istio.io", "DestinationRule", "destinationrules"),
     ("networking.istio.io", "Gateway", "gateways"),
@@ -121,6 +121,11 @@ const ISTIO_KINDS: [(&str, &str, &str); 4] = [
         "security.istio.io",
         "AuthorizationPolicy",
         "authorizationpolicies",
+    ),
+    (
+        "security.istio.io",
+        "PeerAuthentication",
+        "peerauthentications",
     ),
 ];
 /// The version every Istio release's CRDs serve, for both groups.
@@ -149,18 +154,13 @@ impl WatchMetrics {
 
 /// The kinds of Istio's API groups the mesh does not implement, as (group, kind, plural): each
 /// needs its own `list`/`watch` grant in `deploy/base/clusterrole.yaml` (no wildcards there).
-pub const NOT_IMPLEMENTED: [(&str, &str, &str); 10] = [
+pub const NOT_IMPLEMENTED: [(&str, &str, &str); 9] = [
     ("networking.istio.io", "ServiceEntry", "serviceentries"),
     ("networking.istio.io", "Sidecar", "sidecars"),
     ("networking.istio.io", "EnvoyFilter", "envoyfilters"),
     ("networking.istio.io", "WorkloadEntry", "workloadentries"),
     ("networking.istio.io", "WorkloadGroup", "workloadgroups"),
     ("networking.istio.io", "ProxyConfig", "proxyconfigs"),
-    (
-        "security.istio.io",
-        "PeerAuthentication",
-        "peerauthentications",
-    ),
     (
         "security.istio.io",
         "RequestAuthentication",
@@ -892,7 +892,7 @@ mod tests {
     use super::*;
 
     /// Just enough of an API server: discovery of `security.istio.io` (if `serve_security`),
-    /// a list of one PeerAuthentication, and a watch that stays open without events. Records
+    /// a list of one RequestAuthentication, and a watch that stays open without events. Records
     /// the paths asked for.
     async fn api_server(serve_security: bool) -> (Client, Arc<Mutex<Vec<String>>>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -941,11 +941,11 @@ mod tests {
             "/apis/security.istio.io/v1" | "/apis/security.istio.io/v1beta1" => {
                 json(json!({"kind": "APIResourceList", "apiVersion": "v1",
                     "groupVersion": format!("security.istio.io/{}", path.rsplit('/').next().unwrap_or_default()),
-                    "resources": [resource("peerauthentications", "PeerAuthentication"),
+                    "resources": [resource("requestauthentications", "RequestAuthentication"),
                                   // Not in the ClusterRole: never watched.
                                   resource("futurepolicies", "FuturePolicy")]}))
             }
-            "/apis/security.istio.io/v1/peerauthentications" if watching => {
+            "/apis/security.istio.io/v1/requestauthentications" if watching => {
                 let pending = futures_util::stream::pending::<Result<Frame<Bytes>, Infallible>>();
                 let mut response = Response::new(BodyExt::boxed(StreamBody::new(pending)));
                 response.headers_mut().insert(
@@ -954,11 +954,11 @@ mod tests {
                 );
                 response
             }
-            "/apis/security.istio.io/v1/peerauthentications" => json(json!({
-                "apiVersion": "security.istio.io/v1", "kind": "PeerAuthenticationList",
+            "/apis/security.istio.io/v1/requestauthentications" => json(json!({
+                "apiVersion": "security.istio.io/v1", "kind": "RequestAuthenticationList",
                 "metadata": {"resourceVersion": "7"},
-                "items": [{"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
-                           "metadata": {"name": "strict", "namespace": "shop", "resourceVersion": "7"},
+                "items": [{"apiVersion": "security.istio.io/v1", "kind": "RequestAuthentication",
+                           "metadata": {"name": "jwt", "namespace": "shop", "resourceVersion": "7"},
                            "spec": {}}]})),
             _ => {
                 let mut response = Response::new(Full::new(Bytes::from("{}")).boxed());
@@ -974,7 +974,7 @@ mod tests {
         let (sender, mut changes) = mpsc::channel(16);
         let watched =
             watch_not_implemented(&client, &sender, &ORIGIN.into(), &WatchMetrics::default()).await;
-        assert_eq!(watched, ["PeerAuthentication"]);
+        assert_eq!(watched, ["RequestAuthentication"]);
         let change = tokio::time::timeout(Duration::from_secs(10), changes.recv())
             .await
             .expect("the first list in time")
@@ -982,14 +982,14 @@ mod tests {
         let SourceChange::Replace { kind, objects, .. } = change else {
             panic!("expected the list, got {change:?}");
         };
-        assert_eq!(&*kind, "PeerAuthentication");
+        assert_eq!(&*kind, "RequestAuthentication");
         assert_eq!(objects.len(), 1);
         let policy = &objects[0];
-        assert_eq!(policy.key.to_string(), "PeerAuthentication shop/strict");
+        assert_eq!(policy.key.to_string(), "RequestAuthentication shop/jwt");
         assert_eq!(&*policy.origin, "kubernetes");
         assert_eq!(
             policy.ignored().as_deref(),
-            Some("kind PeerAuthentication is not implemented by this mesh: not enforced")
+            Some("kind RequestAuthentication is not implemented by this mesh: not enforced")
         );
         assert_eq!(policy.warnings.len(), 1);
         let asked = asked.lock().unwrap();

@@ -82,6 +82,7 @@ pub fn mesh(routes: usize, endpoints: usize) -> (MeshConfig, Registry) {
         })],
         gateways: vec![],
         authorization_policies: vec![],
+        peer_authentications: vec![],
     };
     let endpoints = (0..endpoints)
         .map(|i| Endpoint {

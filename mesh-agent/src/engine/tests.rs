@@ -176,6 +176,7 @@ fn fixture_with(
         destination_rules: dr.into_iter().map(Arc::new).collect(),
         gateways: vec![],
         authorization_policies: vec![],
+        peer_authentications: vec![],
     };
     let registry = Registry {
         services: services.into_iter().map(Arc::new).collect(),
@@ -772,6 +773,7 @@ fn the_ingress_tries_the_gateways_on_its_port_in_order_then_all_of_them() {
             Arc::new(gateway("internal", 80)),
         ],
         authorization_policies: vec![],
+        peer_authentications: vec![],
     };
     let registry = Registry {
         services: vec![
@@ -836,6 +838,7 @@ fn a_destination_that_does_not_exist_yet_is_503_nr_until_it_does() {
         destination_rules: rules.into_iter().map(Arc::new).collect(),
         gateways: vec![],
         authorization_policies: vec![],
+        peer_authentications: vec![],
     };
     let f = fixture(
         vec![virtual_service(&["service-c"], vec![split.clone()])],
@@ -1265,6 +1268,7 @@ fn outlier_state_survives_a_reload() {
         ))],
         gateways: vec![],
         authorization_policies: vec![],
+        peer_authentications: vec![],
     };
     let registry = Registry {
         services: vec![Arc::new(service("service-c", 0, 3))],
@@ -1289,6 +1293,7 @@ fn a_reload_rebuilds_only_what_changed_and_keeps_live_state() {
         destination_rules: vec![Arc::clone(&rule)],
         gateways: vec![],
         authorization_policies: vec![],
+        peer_authentications: vec![],
     };
     let (a, c) = (
         Arc::new(service("service-a", 2, 0)),

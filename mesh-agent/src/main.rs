@@ -167,6 +167,13 @@ struct RunArgs {
     /// (docs/performance.md).
     #[arg(long)]
     socket_fast_path: bool,
+    /// With mutual TLS (--ca, --mutual-tls) in eBPF mode, what arrives at each enrolled pod is
+    /// captured too (an sk_lookup program on its network namespace), so that plaintext meets
+    /// the pod's PeerAuthentication and AuthorizationPolicies. Those programs are pinned here,
+    /// on a BPF filesystem, so that STRICT pods keep refusing plaintext while the agent is down.
+    /// `rm -r` the directory on every node to remove them after uninstalling.
+    #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/mesh")]
+    bpf_pin_dir: PathBuf,
     /// Pod to enroll: NETNS_NAME, NETNS_PATH or NAME=NETNS_PATH. Repeatable.
     #[arg(long, value_name = "POD", value_parser = PodSpec::parse)]
     enroll: Vec<PodSpec>,
@@ -441,6 +448,7 @@ fn main() -> ExitCode {
                 redirect: args.redirect.into(),
                 cgroup: args.cgroup,
                 socket_fast_path: args.socket_fast_path,
+                bpf_pin_dir: args.bpf_pin_dir,
                 enroll: args.enroll,
                 listen: args.listen,
                 admin: args.admin,

@@ -49,6 +49,8 @@ pub struct Settings {
     pub cgroup: Option<PathBuf>,
     /// Both ends of redirected connections exchange bytes through sk_msg, not loopback TCP.
     pub socket_fast_path: bool,
+    /// Where inbound capture pins its programs (bpffs); capture runs with mutual TLS only.
+    pub bpf_pin_dir: PathBuf,
     pub enroll: Vec<PodSpec>,
     /// Where the agent listens inside every enrolled pod.
     pub listen: SocketAddrV4,
@@ -110,7 +112,23 @@ pub fn run(settings: Settings) -> Result<()> {
         settings.agent_mark,
         settings.socket_fast_path,
         inherited_kernel(&mut inventory),
+        // What arrives at a pod is judged by its identity, which only mutual TLS proves.
+        settings
+            .mutual_tls
+            .as_ref()
+            .map(|_| settings.bpf_pin_dir.as_path()),
     )?);
+    if settings.mutual_tls.is_none() {
+        info!(
+            "no mutual TLS: AuthorizationPolicy and PeerAuthentication are not enforced (they \
+             judge identities, which only --ca or --mutual-tls prove)"
+        );
+    } else if redirect.capture().is_none() {
+        tracing::warn!(
+            "iptables mode captures nothing arriving at pods: plaintext reaches them whatever \
+             their PeerAuthentication says"
+        );
+    }
     match (redirect.cgroup(), &predecessor) {
         (Some(cgroup), None) => info!(cgroup = %cgroup.display(), "eBPF programs attached"),
         (Some(cgroup), Some(_)) => info!(
@@ -245,6 +263,16 @@ pub fn run(settings: Settings) -> Result<()> {
         .with_hbone(hbone.clone()),
     );
     enrollments.inherit(inherited_pods(&mut inventory));
+    {
+        // What plaintext meets at each pod follows its PeerAuthentication and its labels.
+        let enrollments = Arc::clone(&enrollments);
+        let mut versions = store.versions();
+        runtime.spawn(async move {
+            while versions.changed().await.is_ok() {
+                enrollments.update_capture();
+            }
+        });
+    }
     for pod in &settings.enroll {
         // A pod gone since the command line was written (its namespace with it) is no reason
         // not to serve the others.
@@ -621,6 +649,11 @@ fn inherited_pods(inventory: &mut Inventory) -> Vec<InheritedPod> {
                 // Without it the pod gets a listener of its own (`Enrollments::install`).
                 if let Err(error) = pod.set_tunnel_listener(tunnel) {
                     warn!(%error, "cannot serve a tunnel listener the running agent handed over");
+                }
+            }
+            if let Some(inbound) = inventory.take(&format!("{}{}", names::POD_INBOUND, pod.key())) {
+                if let Err(error) = pod.set_inbound_listener(inbound) {
+                    warn!(%error, "cannot serve an inbound listener the running agent handed over");
                 }
             }
             pod

@@ -6,6 +6,13 @@
 
 use core::mem::size_of;
 
+mod inbound;
+
+pub use inbound::{
+    InboundDecision, InboundKey, PlaintextInbound, INBOUND_LISTENERS_CAPACITY,
+    INBOUND_POLICY_CAPACITY, NODE_ADDRESSES_CAPACITY, TUNNEL_PORT,
+};
+
 /// Port of the agent's in-pod listener when none is configured.
 pub const DEFAULT_LISTEN_PORT: u16 = 15001;
 
@@ -50,6 +57,16 @@ pub mod map_name {
     /// socket pass once. Only a process with `CAP_BPF` or `CAP_SYS_ADMIN` in the initial user
     /// namespace can write it, so a pod cannot exempt its own sockets.
     pub const AGENT_SOCKETS: &str = "AGENT_SOCKETS";
+    /// What plaintext arriving at each captured pod address and port meets
+    /// ([`InboundKey`](super::InboundKey) → [`PlaintextInbound`](super::PlaintextInbound)).
+    pub const INBOUND_POLICY: &str = "INBOUND_POLICY";
+    /// The agent's inbound listener inside each captured pod, by pod address (sockhash).
+    pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
+    /// The node's own addresses (`u32` → `u32`): connections from them (the kubelet's probes)
+    /// reach pods uncaptured.
+    pub const NODE_ADDRESSES: &str = "NODE_ADDRESSES";
+    /// Per-CPU counters, one per [`InboundDecision`](super::InboundDecision).
+    pub const INBOUND_DECISIONS: &str = "INBOUND_DECISIONS";
 }
 
 /// Names of the kernel programs (their function names in `mesh-ebpf`).
@@ -63,6 +80,8 @@ pub mod program_name {
     pub const SOCK_OPS: &str = "mesh_sock_ops";
     /// `sk_msg` on the socket map: the socket fast path.
     pub const SK_MSG: &str = "mesh_sk_msg";
+    /// `sk_lookup` on each captured pod's network namespace: inbound capture.
+    pub const SK_LOOKUP: &str = "mesh_sk_lookup";
 }
 
 /// Names of the kernel programs' globals that the loader sets before loading.
@@ -258,6 +277,8 @@ mod user {
     unsafe impl aya::Pod for ConnKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for SockKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for InboundKey {}
 }
 
 #[cfg(test)]

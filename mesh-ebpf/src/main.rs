@@ -1,8 +1,11 @@
 //! Kernel side of the mesh: hands every enrolled pod's outbound TCP connection to the node
-//! agent's in-pod listener and remembers where it was going.
+//! agent's in-pod listener and remembers where it was going (`connect.rs`, `sock_ops.rs`), and
+//! every plaintext connection arriving at a captured pod to the agent's inbound listener in it
+//! (`inbound.rs`).
 //!
-//! Every hook lets the connection proceed whatever happens; when it cannot redirect, it counts
-//! why (see `mesh_common::Decision`).
+//! The outbound hooks let the connection proceed whatever happens; when they cannot redirect,
+//! they count why (see `mesh_common::Decision`). Inbound refuses plaintext to a STRICT port
+//! (see `mesh_common::InboundDecision`).
 #![no_std]
 #![no_main]
 
@@ -30,6 +33,7 @@ macro_rules! shared_name {
 
 mod connect;
 mod fast_path;
+mod inbound;
 mod maps;
 mod sock_ops;
 

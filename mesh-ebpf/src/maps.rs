@@ -5,8 +5,10 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
 };
 use mesh_common::{
-    map_name, ConnKey, Decision, Enrollment, OriginalDst, SockKey, AGENT_SOCKETS_CAPACITY,
-    ENROLLED_CAPACITY, ORIGINAL_DST_CAPACITY, PENDING_CAPACITY, SOCKETS_CAPACITY,
+    map_name, ConnKey, Decision, Enrollment, InboundDecision, InboundKey, OriginalDst, SockKey,
+    AGENT_SOCKETS_CAPACITY, ENROLLED_CAPACITY, INBOUND_LISTENERS_CAPACITY,
+    INBOUND_POLICY_CAPACITY, NODE_ADDRESSES_CAPACITY, ORIGINAL_DST_CAPACITY, PENDING_CAPACITY,
+    SOCKETS_CAPACITY,
 };
 
 /// Enrolled pods, keyed by network-namespace cookie. Filled by the agent.
@@ -49,6 +51,39 @@ shared_name!(DECISIONS, map_name::DECISIONS);
 
 pub fn count(decision: Decision) {
     if let Some(counter) = DECISIONS.get_ptr_mut(decision as u32) {
+        // SAFETY: per-CPU slot, and eBPF programs are not preempted on their CPU while they run.
+        unsafe { *counter += 1 };
+    }
+}
+
+/// What plaintext to each captured pod address and port meets (`PlaintextInbound` as `u32`);
+/// port 0 holds the pod's default. Filled by the agent.
+#[map]
+pub static INBOUND_POLICY: HashMap<InboundKey, u32> =
+    HashMap::with_max_entries(INBOUND_POLICY_CAPACITY, 0);
+shared_name!(INBOUND_POLICY, map_name::INBOUND_POLICY);
+
+/// The agent's inbound listener in each captured pod, by pod address. The kernel removes a
+/// listener when it closes (the agent died): the pod's plaintext then meets its fail mode.
+#[map]
+pub static INBOUND_LISTENERS: SockHash<u32> =
+    SockHash::with_max_entries(INBOUND_LISTENERS_CAPACITY, 0);
+shared_name!(INBOUND_LISTENERS, map_name::INBOUND_LISTENERS);
+
+/// The node's own addresses: what the kubelet probes pods from.
+#[map]
+pub static NODE_ADDRESSES: HashMap<u32, u32> =
+    HashMap::with_max_entries(NODE_ADDRESSES_CAPACITY, 0);
+shared_name!(NODE_ADDRESSES, map_name::NODE_ADDRESSES);
+
+/// How often each `InboundDecision` was taken, per CPU.
+#[map]
+pub static INBOUND_DECISIONS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(InboundDecision::COUNT, 0);
+shared_name!(INBOUND_DECISIONS, map_name::INBOUND_DECISIONS);
+
+pub fn count_inbound(decision: InboundDecision) {
+    if let Some(counter) = INBOUND_DECISIONS.get_ptr_mut(decision as u32) {
         // SAFETY: per-CPU slot, and eBPF programs are not preempted on their CPU while they run.
         unsafe { *counter += 1 };
     }

@@ -63,6 +63,9 @@ impl Agent {
         // each other.
         args.push("--handover-socket".into());
         args.push(socket_dir.path().join("handover.sock").into());
+        // The node's own bpffs: its agents share pins there, as one node's agents do.
+        args.push("--bpf-pin-dir".into());
+        args.push(node.bpffs_dir().into());
         for pod in pods {
             args.push("--enroll".into());
             args.push(format!("{}={}", pod.name(), pod.netns_path().display()).into());

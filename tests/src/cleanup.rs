@@ -20,6 +20,10 @@ use crate::{cgroup, netns};
 const NETNS_PREFIX: &str = "mt-";
 /// Prefix of cgroup directory names under the cgroup2 mount.
 const CGROUP_PREFIX: &str = "mesh-test-";
+/// Where each node's own BPF filesystem is mounted, in a directory named as its namespace: the
+/// agents on that node pin their inbound capture there (`--bpf-pin-dir`), and unmounting it
+/// removes whatever they pinned.
+pub(crate) const BPFFS_DIR: &str = "/run/mesh-tests/bpffs";
 
 /// Identifies one simulated node: the creating process and a counter within it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,6 +88,7 @@ enum Kind {
     Netns,
     EtcNetns,
     Cgroup,
+    Bpffs,
 }
 
 impl fmt::Display for Leftover {
@@ -92,6 +97,7 @@ impl fmt::Display for Leftover {
             Kind::Netns => write!(f, "network namespace {}", self.name),
             Kind::EtcNetns => write!(f, "{}", netns::etc_dir(&self.name).display()),
             Kind::Cgroup => write!(f, "cgroup {}", self.path().display()),
+            Kind::Bpffs => write!(f, "bpffs {}", self.path().display()),
         }
     }
 }
@@ -104,6 +110,7 @@ impl Leftover {
             Kind::Cgroup => cgroup::cgroup2_mount()
                 .map(|mount| mount.join(&self.name))
                 .unwrap_or_default(),
+            Kind::Bpffs => Path::new(BPFFS_DIR).join(&self.name),
         }
     }
 
@@ -112,6 +119,7 @@ impl Leftover {
             // Removes the /etc/netns directory of the same name too.
             Kind::Netns | Kind::EtcNetns => netns::delete(&self.name),
             Kind::Cgroup => cgroup::remove(&self.path()),
+            Kind::Bpffs => remove_bpffs(&self.path()),
         }
     }
 }
@@ -137,7 +145,37 @@ fn all_leftovers() -> Vec<Leftover> {
         let dirs = netns::entries(&mount.to_string_lossy());
         collect(dirs, CGROUP_PREFIX, || Kind::Cgroup);
     }
+    collect(netns::entries(BPFFS_DIR), NETNS_PREFIX, || Kind::Bpffs);
     found
+}
+
+/// Mounts a BPF filesystem of its own at `dir` (made if missing).
+pub(crate) fn mount_bpffs(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let status = std::process::Command::new("mount")
+        .args(["-t", "bpf", "bpf"])
+        .arg(dir)
+        .status()?;
+    anyhow::ensure!(
+        status.success(),
+        "mount -t bpf bpf {}: {status}",
+        dir.display()
+    );
+    Ok(())
+}
+
+/// Unmounts the BPF filesystem at `dir`, which frees what was pinned there, and removes `dir`.
+pub(crate) fn remove_bpffs(dir: &Path) -> Result<()> {
+    // Lazily: a process may still have it open; the pins go once nothing does.
+    let _ = std::process::Command::new("umount")
+        .arg("-l")
+        .arg(dir)
+        .status()?;
+    match std::fs::remove_dir(dir) {
+        Ok(()) => Ok(()),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(error) => Err(anyhow::anyhow!("removing {}: {error}", dir.display())),
+    }
 }
 
 /// Everything of ours (namespaces, `/etc/netns` directories, cgroups) that exists now, of any

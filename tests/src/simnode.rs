@@ -170,6 +170,7 @@ impl SimNode {
 
     fn setup(&self) -> Result<()> {
         cgroup::create(&self.cgroup)?;
+        cleanup::mount_bpffs(&self.bpffs_dir())?;
         netns::add(&self.netns)?;
         let ns = self.netns.as_str();
         let bridge_ip = format!("{}/{}", self.subnet.bridge, self.subnet.prefix_len);
@@ -247,6 +248,12 @@ impl SimNode {
     /// `<pid>-<n>`: embedded in every name this node uses; see [`crate::leftovers_of`].
     pub fn id(&self) -> String {
         self.id.to_string()
+    }
+
+    /// The node's own BPF filesystem, where its agents pin inbound capture (`--bpf-pin-dir`):
+    /// unmounted, with all they pinned, when the node goes.
+    pub fn bpffs_dir(&self) -> PathBuf {
+        Path::new(cleanup::BPFFS_DIR).join(&self.netns)
     }
 
     pub fn netns_name(&self) -> &str {
@@ -424,6 +431,9 @@ impl Drop for SimNode {
             if let Err(error) = netns::delete(name) {
                 eprintln!("tearing down node {}: {error:#}", self.id);
             }
+        }
+        if let Err(error) = cleanup::remove_bpffs(&self.bpffs_dir()) {
+            eprintln!("tearing down node {}: {error:#}", self.id);
         }
     }
 }

@@ -15,11 +15,6 @@ use super::model::{
 use super::raw;
 use super::values;
 
-/// Said of every policy until the destination captures plaintext arriving at a pod too.
-pub(super) const TUNNELS_ONLY: &str = "judged by the destination pod's agent on what arrives \
-     through the mesh's mutual TLS tunnels only: plaintext reaching the pod directly (a client \
-     outside the mesh, or agents without --ca) is not judged yet";
-
 const FAILS_CLOSED: &str = "cannot be evaluated by this mesh: the rule fails closed (an ALLOW \
                             rule never matches, a DENY rule matches regardless of it)";
 
@@ -30,7 +25,6 @@ pub(super) fn convert(
     id: &ObjectRef,
     spec: raw::AuthorizationPolicySpec,
 ) -> AuthorizationPolicy {
-    cx.warn("", TUNNELS_ONLY);
     let targeted = spec.target_ref.is_some() || spec.target_refs.is_some();
     if targeted {
         let field = if spec.target_ref.is_some() {

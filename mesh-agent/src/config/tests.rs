@@ -4,7 +4,6 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::authorization_policy::TUNNELS_ONLY;
 use super::model::{LoadBalancer, OutlierDetection, Percent, StringMatch};
 use super::*;
 
@@ -111,7 +110,7 @@ fn every_example_parses_without_errors_and_only_the_expected_warning() {
             let loaded = load_examples(&[&relative]);
             assert!(loaded.is_ok(), "{relative}:{}", describe(&loaded));
             assert!(
-                loaded.warnings().all(|w| w.reason == TUNNELS_ONLY),
+                loaded.warnings().next().is_none(),
                 "{relative}:{}",
                 describe(&loaded)
             );
@@ -144,8 +143,7 @@ fn the_whole_examples_folder_loads_as_one_set_without_errors() {
     for warning in loaded.warnings() {
         let replaces = warning.reason.starts_with("replaces the definition in");
         let cb_field = warning.field == "spec.trafficPolicy.connectionPool.http.maxConnections";
-        let tunnels_only = warning.reason == TUNNELS_ONLY;
-        assert!(replaces || cb_field || tunnels_only, "unexpected {warning}");
+        assert!(replaces || cb_field, "unexpected {warning}");
     }
     let others: Vec<_> = loaded.other_objects().collect();
     assert_eq!(others.len(), 1, "the Service in features/list.json");
@@ -773,8 +771,7 @@ fn gateway_hosts_load_in_every_istio_form() {
 #[test]
 fn istio_kinds_not_implemented_warn_and_are_ignored() {
     let kinds = [
-        ("security.istio.io/v1beta1", "PeerAuthentication"),
-        ("security.istio.io/v1", "RequestAuthentication"),
+        ("security.istio.io/v1beta1", "RequestAuthentication"),
         ("networking.istio.io/v1", "ServiceEntry"),
         ("networking.istio.io/v1beta1", "Sidecar"),
         ("networking.istio.io/v1alpha3", "EnvoyFilter"),
@@ -816,11 +813,11 @@ fn istio_kinds_not_implemented_warn_and_are_ignored() {
         .filter_map(|o| Some((o.key.to_string(), o.ignored()?)))
         .collect();
     assert_eq!(ignored.len(), kinds.len(), "{ignored:?}");
-    let policy = ObjectKey::new("PeerAuthentication", Some("shop"), "p");
+    let policy = ObjectKey::new("RequestAuthentication", Some("shop"), "p");
     let sourced = &loaded.objects[&policy];
     assert_eq!(
         sourced.ignored().as_deref(),
-        Some("kind PeerAuthentication is not implemented by this mesh: not enforced")
+        Some("kind RequestAuthentication is not implemented by this mesh: not enforced")
     );
     assert_eq!(sourced.manifest()["spec"]["anything"][0], 1, "kept as read");
     for quiet in [
@@ -1160,7 +1157,7 @@ fn directories_are_read_recursively_in_order_skipping_hidden_entries() {
     let out = String::from_utf8(out).expect("utf-8");
     assert_eq!(
         out,
-        "2 file(s): 1 VirtualService, 1 DestinationRule, 0 Gateway, 0 AuthorizationPolicy, 0 other object(s); 0 error(s), 0 warning(s)\n"
+        "2 file(s): 1 VirtualService, 1 DestinationRule, 0 Gateway, 0 AuthorizationPolicy, 0 PeerAuthentication, 0 other object(s); 0 error(s), 0 warning(s)\n"
     );
 
     std::fs::write(

@@ -16,7 +16,7 @@ use std::{
     collections::BTreeMap,
     io,
     net::{SocketAddr, SocketAddrV4},
-    os::fd::OwnedFd,
+    os::fd::{AsFd, OwnedFd},
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -30,12 +30,24 @@ use thiserror::Error;
 use tokio::{net::TcpListener, task::JoinHandle};
 use tracing::{debug, info, warn};
 
+use mesh_common::PlaintextInbound;
+
 use crate::{
+    authorization::MtlsMode,
     config::DEFAULT_NAMESPACE,
     handover::{self, Handed},
     hbone::{self, Hbone, InboundPod, Source, TunnelClient},
-    proxy::{PodContext, Proxy},
-    redirect::{netns::NetNs, Redirect, RedirectError},
+    inbound::{
+        self,
+        plaintext::{self, PlaintextPod},
+    },
+    proxy::{upstream::Dialer, PodContext, Proxy},
+    redirect::{
+        capture::{self, PlaintextPolicy},
+        netns::NetNs,
+        Redirect, RedirectError,
+    },
+    state::Snapshot,
 };
 
 #[derive(Debug, Error)]
@@ -129,6 +141,8 @@ struct Entry {
     accept_loop: JoinHandle<()>,
     /// The pod's tunnel listener (port 15008) and its accept loop, when the agent tunnels.
     tunnel: Option<(OwnedFd, JoinHandle<()>)>,
+    /// The pod's inbound listener and its accept loop, when what arrives at it is captured.
+    inbound: Option<(OwnedFd, JoinHandle<()>)>,
     /// A second descriptor of the pod's listener (the accept loop owns the first), for a
     /// successor.
     listener: OwnedFd,
@@ -143,6 +157,8 @@ pub struct InheritedPod {
     listener: std::net::TcpListener,
     /// Its tunnel listener, if the predecessor ran one.
     tunnel_listener: Option<std::net::TcpListener>,
+    /// Its inbound listener, if the predecessor captured what arrives at it.
+    inbound_listener: Option<std::net::TcpListener>,
 }
 
 impl InheritedPod {
@@ -161,6 +177,7 @@ impl InheritedPod {
             netns,
             listener: std::net::TcpListener::from(listener),
             tunnel_listener: None,
+            inbound_listener: None,
         })
     }
 
@@ -176,6 +193,16 @@ impl InheritedPod {
             .try_into()
             .map_err(|_| format!("{}: expected one listener", handed.name))?;
         self.tunnel_listener = Some(std::net::TcpListener::from(listener));
+        Ok(())
+    }
+
+    /// Its inbound listener, from the entry `inbound/<namespace>/<name>`.
+    pub fn set_inbound_listener(&mut self, handed: Handed) -> Result<(), String> {
+        let [listener]: [OwnedFd; 1] = handed
+            .fds
+            .try_into()
+            .map_err(|_| format!("{}: expected one listener", handed.name))?;
+        self.inbound_listener = Some(std::net::TcpListener::from(listener));
         Ok(())
     }
 }
@@ -256,6 +283,7 @@ impl Enrollments {
             let listeners = Listeners {
                 proxy: Some(pod.listener),
                 tunnel: pod.tunnel_listener,
+                inbound: pod.inbound_listener,
             };
             match self.install(&spec, pod.netns, cookie, listeners) {
                 Ok(_) => adopted += 1,
@@ -275,10 +303,7 @@ impl Enrollments {
         };
         self.enrolled.set(0);
         for entry in pods.into_values() {
-            entry.accept_loop.abort();
-            if let Some((_, tunnel_loop)) = entry.tunnel {
-                tunnel_loop.abort();
-            }
+            entry.stop_serving();
         }
     }
 
@@ -307,6 +332,7 @@ impl Enrollments {
             .map(|pod| Listeners {
                 proxy: Some(pod.listener),
                 tunnel: pod.tunnel_listener,
+                inbound: pod.inbound_listener,
             })
             .unwrap_or_default();
         self.install(spec, netns, cookie, inherited)
@@ -336,7 +362,7 @@ impl Enrollments {
             });
         }
         if let Some(old) = pods.remove(&spec.key()) {
-            self.release(old)?;
+            self.release(old, Leaving::Pod)?;
         }
         let listen_error = |source| EnrollError::Listen {
             pod: spec.name.clone(),
@@ -373,6 +399,31 @@ impl Enrollments {
                 Some((copy, TcpListener::from_std(listener).map_err(tunnel_error)?))
             }
             None => None,
+        };
+        let inbound_listener = match (&self.hbone, self.redirect.capture()) {
+            (Some(_), Some(_)) => {
+                let inbound_error = |source| EnrollError::Listen {
+                    pod: spec.name.clone(),
+                    listen: INBOUND_LISTEN,
+                    path: spec.netns.clone(),
+                    source,
+                };
+                let listener = match inherited.inbound {
+                    Some(listener)
+                        if listener.local_addr().ok() == Some(SocketAddr::V4(INBOUND_LISTEN)) =>
+                    {
+                        listener
+                    }
+                    _ => listen_in(&netns, INBOUND_LISTEN).map_err(inbound_error)?,
+                };
+                let copy: OwnedFd = listener.try_clone().map_err(inbound_error)?.into();
+                listener.set_nonblocking(true).map_err(inbound_error)?;
+                Some((
+                    copy,
+                    TcpListener::from_std(listener).map_err(inbound_error)?,
+                ))
+            }
+            _ => None,
         };
         let listener_copy = listener.try_clone().map_err(listen_error)?.into();
         listener.set_nonblocking(true).map_err(listen_error)?;
@@ -413,6 +464,22 @@ impl Enrollments {
             ));
             tunnel = Some((copy, serving));
         }
+        let mut inbound = None;
+        if let (Some(hbone), Some((copy, listener))) = (&self.hbone, inbound_listener) {
+            let pod = PlaintextPod {
+                namespace: spec.namespace.clone(),
+                name: spec.name.clone(),
+                dialer: Dialer::new(Some(Arc::clone(&netns)), self.redirect.exemption()),
+                connect_timeout: hbone.limits().connect_timeout,
+                max_connections: hbone.limits().max_connections,
+                store: Arc::clone(hbone.store()),
+                metrics: Arc::clone(&hbone.telemetry().metrics),
+            };
+            let serving =
+                self.runtime
+                    .spawn(plaintext::serve(listener, pod, self.proxy.drain().clone()));
+            inbound = Some((copy, serving));
+        }
         let context = Arc::new(context);
         let accept_loop = self.runtime.spawn(accept(
             Arc::clone(&self.proxy),
@@ -421,24 +488,24 @@ impl Enrollments {
             context,
             cookie,
         ));
-        if let Err(error) = self.redirect.enroll(&netns, cookie, self.listen) {
-            accept_loop.abort();
-            if let Some((_, tunnel_loop)) = tunnel {
-                tunnel_loop.abort();
-            }
+        let entry = Entry {
+            pod: pod.clone(),
+            accept_loop,
+            tunnel,
+            inbound,
+            listener: listener_copy,
+            netns,
+        };
+        if let Err(error) = self.redirect.enroll(&entry.netns, cookie, self.listen) {
+            entry.stop_serving();
             return Err(error.into());
         }
+        if let Err(error) = self.capture(&entry) {
+            let _ = self.release(entry, Leaving::Pod);
+            return Err(error);
+        }
         info!(pod = %pod.name, netns = %pod.netns.display(), cookie, "enrolled");
-        pods.insert(
-            spec.key(),
-            Entry {
-                pod: pod.clone(),
-                accept_loop,
-                tunnel,
-                listener: listener_copy,
-                netns,
-            },
-        );
+        pods.insert(spec.key(), entry);
         self.count(&pods);
         Ok(pod)
     }
@@ -460,17 +527,19 @@ impl Enrollments {
             self.count(&pods);
             entry.ok_or_else(|| EnrollError::NotEnrolled(key.clone()))?
         };
-        self.release(entry)?;
+        self.release(entry, Leaving::Pod)?;
         self.forget_unused_identities();
         info!(pod = key, "unenrolled");
         Ok(())
     }
 
+    /// The agent is leaving: new connections from every pod go direct, and plaintext arriving
+    /// at them meets its fail mode (see [`Leaving::Agent`]).
     pub fn unenroll_all(&self) {
         let pods = std::mem::take(&mut *self.pods.lock().expect("enrollments lock"));
         self.enrolled.set(0);
         for (name, entry) in pods {
-            if let Err(error) = self.release(entry) {
+            if let Err(error) = self.release(entry, Leaving::Agent) {
                 tracing::warn!(pod = %name, %error, "unenroll failed");
             }
         }
@@ -482,14 +551,59 @@ impl Enrollments {
         pods.values().map(|e| e.pod.clone()).collect()
     }
 
-    fn release(&self, entry: Entry) -> Result<(), EnrollError> {
+    fn release(&self, entry: Entry, leaving: Leaving) -> Result<(), EnrollError> {
         // Kernel first, so no new connection is sent to a listener about to close.
         self.redirect.unenroll(entry.pod.netns_cookie)?;
-        entry.accept_loop.abort();
-        if let Some((_, tunnel_loop)) = entry.tunnel {
-            tunnel_loop.abort();
+        if let (Leaving::Pod, Some(capture)) = (leaving, self.redirect.capture()) {
+            capture.release(entry.pod.netns_cookie)?;
         }
+        entry.stop_serving();
         Ok(())
+    }
+
+    /// Captures what arrives at the pod of `entry`, if it has an inbound listener: the kernel
+    /// hands it over, or refuses plaintext where its PeerAuthentication is STRICT.
+    fn capture(&self, entry: &Entry) -> Result<(), EnrollError> {
+        let (Some(capture), Some((listener, _)), Some(hbone)) =
+            (self.redirect.capture(), &entry.inbound, &self.hbone)
+        else {
+            return Ok(());
+        };
+        let pod = &entry.pod;
+        let addresses =
+            entry
+                .netns
+                .run(capture::own_addresses)
+                .map_err(|source| EnrollError::Netns {
+                    pod: pod.name.clone(),
+                    path: pod.netns.clone(),
+                    source,
+                })?;
+        let policy = plaintext_policy(&hbone.store().snapshot(), &pod.namespace, &pod.name);
+        capture.capture(
+            &entry.netns,
+            pod.netns_cookie,
+            &addresses,
+            listener.as_fd(),
+            &policy,
+        )?;
+        Ok(())
+    }
+
+    /// Puts the pods' PeerAuthentication modes, as they are now, in the kernel.
+    pub fn update_capture(&self) {
+        let (Some(capture), Some(hbone)) = (self.redirect.capture(), &self.hbone) else {
+            return;
+        };
+        let snapshot = hbone.store().snapshot();
+        let pods = self.pods.lock().expect("enrollments lock");
+        for entry in pods.values() {
+            let pod = &entry.pod;
+            let policy = plaintext_policy(&snapshot, &pod.namespace, &pod.name);
+            if let Err(error) = capture.set_policy(pod.netns_cookie, &policy) {
+                warn!(pod = %pod.name, %error, "cannot update what plaintext meets");
+            }
+        }
     }
 
     /// Certificates of identities no enrolled pod has any more are let go.
@@ -508,11 +622,56 @@ impl Enrollments {
 /// namespace holds its own addresses only), HBONE's port.
 const TUNNEL_LISTEN: SocketAddrV4 = SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, hbone::PORT);
 
+/// Where each pod's inbound listener is, inside the pod: the kernel's capture hands it what
+/// arrives at the pod's addresses (a listener need not be bound to an address to be handed
+/// connections for it). Istio's inbound port.
+const INBOUND_LISTEN: SocketAddrV4 = SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, INBOUND_PORT);
+const INBOUND_PORT: u16 = 15006;
+
+/// Why a pod's entry goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Leaving {
+    /// The pod leaves the mesh: everything of it goes, its capture too.
+    Pod,
+    /// The agent shuts down (and may be back): the capture's pinned program stays, so plaintext
+    /// to STRICT ports stays refused, the rest reaches the app directly.
+    Agent,
+}
+
+/// What plaintext to pod `namespace/name` meets, from its PeerAuthentication.
+fn plaintext_policy(snapshot: &Snapshot, namespace: &str, name: &str) -> PlaintextPolicy {
+    let modes = snapshot
+        .peer_authentication
+        .for_workload(namespace, inbound::pod_labels(snapshot, namespace, name));
+    let kernel = |mode| match mode {
+        MtlsMode::Strict => PlaintextInbound::Refuse,
+        MtlsMode::Permissive | MtlsMode::Disable => PlaintextInbound::Capture,
+    };
+    PlaintextPolicy {
+        default: kernel(modes.default),
+        ports: modes
+            .ports
+            .iter()
+            .map(|(port, mode)| (*port, kernel(*mode)))
+            .collect(),
+    }
+}
+
+impl Entry {
+    fn stop_serving(self) {
+        self.accept_loop.abort();
+        for (_, serving) in self.tunnel.into_iter().chain(self.inbound) {
+            serving.abort();
+        }
+    }
+}
+
 /// A pod's listeners a predecessor handed over.
 #[derive(Default)]
 struct Listeners {
     proxy: Option<std::net::TcpListener>,
     tunnel: Option<std::net::TcpListener>,
+    inbound: Option<std::net::TcpListener>,
 }
 
 /// Opens a listening socket at `addr` inside `netns`.
@@ -544,6 +703,13 @@ impl handover::Source for Enrollments {
             if let Some((listener, _)) = &entry.tunnel {
                 handed.push(Handed::new(
                     format!("{}{key}", handover::names::POD_TUNNEL),
+                    serde_json::Value::Null,
+                    vec![listener.try_clone()?],
+                ));
+            }
+            if let Some((listener, _)) = &entry.inbound {
+                handed.push(Handed::new(
+                    format!("{}{key}", handover::names::POD_INBOUND),
                     serde_json::Value::Null,
                     vec![listener.try_clone()?],
                 ));

@@ -67,6 +67,9 @@ pub mod names {
     /// `tunnel/<namespace>/<name>`: the pod's HBONE listener (port 15008 inside the pod), when
     /// the agent runs the tunnel; no info. A predecessor without one hands none.
     pub const POD_TUNNEL: &str = "tunnel/";
+    /// `inbound/<namespace>/<name>`: the pod's inbound listener (what the kernel's capture
+    /// hands over), when the agent captures; no info. A predecessor without one hands none.
+    pub const POD_INBOUND: &str = "inbound/";
     /// The ingress gateway's listener.
     pub const INGRESS: &str = "listener/ingress";
     /// The admin API's TCP listener.

@@ -9,7 +9,6 @@
 //! and HTTP/2 handshakes (`handshake_timeout`).
 
 use std::{
-    collections::BTreeMap,
     net::SocketAddr,
     sync::{Arc, Mutex, PoisonError},
     time::Duration,
@@ -375,18 +374,7 @@ impl Listener {
 
     /// The AuthorizationPolicies of this pod, now and as they change.
     fn policies(&self) -> PodPolicies {
-        let changes = self.hbone.store.authorization_changes();
-        let hbone = Arc::clone(&self.hbone);
-        let (namespace, name) = (self.pod.namespace.clone(), self.pod.name.clone());
-        PodPolicies::new(changes, move || {
-            let snapshot = hbone.snapshot();
-            let no_labels = BTreeMap::new();
-            let labels = snapshot
-                .discovered
-                .pod(&namespace, &name)
-                .map_or(&no_labels, |workload| &workload.labels);
-            snapshot.authorization.for_workload(&namespace, labels)
-        })
+        PodPolicies::of_pod(&self.hbone.store, &self.pod.namespace, &self.pod.name)
     }
 }
 

@@ -88,6 +88,20 @@ impl Hbone {
         &self.metrics
     }
 
+    /// Where the pods' identities and policies are looked up.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// What is reported, and where.
+    pub fn telemetry(&self) -> &Arc<Telemetry> {
+        &self.telemetry
+    }
+
+    pub fn limits(&self) -> &InboundLimits {
+        &self.limits
+    }
+
     /// The identity of pod `namespace/name`: its service account's, `default` while discovery
     /// has no `Pod` object for it (as Kubernetes runs a pod that names none). `None` for names
     /// that cannot be a SPIFFE ID's.

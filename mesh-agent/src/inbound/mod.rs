@@ -13,9 +13,11 @@
 //! the app receives carries an `x-forwarded-client-cert` this agent wrote, not the client's.
 
 pub mod http;
+pub mod plaintext;
 mod prefixed;
 
 use std::{
+    collections::BTreeMap,
     io,
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex, PoisonError},
@@ -38,6 +40,7 @@ use crate::{
         detect::{classify, Detected},
         upstream::Dialer,
     },
+    state::{Snapshot, Store},
     telemetry::metrics::Metrics,
 };
 
@@ -92,6 +95,20 @@ pub struct PodPolicies {
 }
 
 impl PodPolicies {
+    /// The AuthorizationPolicies of pod `namespace/name` in `store`, now and as they change
+    /// (its labels are looked up each time, from discovery).
+    pub fn of_pod(store: &Arc<Store>, namespace: &str, name: &str) -> Self {
+        let changes = store.authorization_changes();
+        let store = Arc::clone(store);
+        let (namespace, name) = (namespace.to_owned(), name.to_owned());
+        PodPolicies::new(changes, move || {
+            let snapshot = store.snapshot();
+            snapshot
+                .authorization
+                .for_workload(&namespace, pod_labels(&snapshot, &namespace, &name))
+        })
+    }
+
     /// `changes` must be subscribed before `lookup` first runs, so that no change is missed.
     pub fn new(
         changes: watch::Receiver<Arc<Authorization>>,
@@ -166,6 +183,19 @@ pub async fn carry_while_admitted<S: Resettable>(
     metrics.authorization_denied("connection");
     client.reset();
     None
+}
+
+/// The labels of pod `namespace/name` as discovery has them (none while it has no `Pod`).
+pub fn pod_labels<'a>(
+    snapshot: &'a Snapshot,
+    namespace: &str,
+    name: &str,
+) -> &'a BTreeMap<String, String> {
+    static NONE: BTreeMap<String, String> = BTreeMap::new();
+    snapshot
+        .discovered
+        .pod(namespace, name)
+        .map_or(&NONE, |workload| &workload.labels)
 }
 
 /// What happens to a connection before any of its bytes are read.

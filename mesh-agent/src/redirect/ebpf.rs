@@ -13,6 +13,7 @@ use std::{
 };
 
 use super::{
+    capture::{Capture, CaptureParts},
     error::RedirectError,
     link::{self, Hook},
     preflight,
@@ -20,7 +21,7 @@ use super::{
 };
 use aya::{
     maps::{HashMap, Map, MapData, PerCpuArray, SockHash},
-    programs::{CgroupSockAddr, SkMsg, SockOps},
+    programs::{CgroupSockAddr, SkLookup, SkMsg, SockOps},
     Ebpf, EbpfLoader,
 };
 use mesh_common::{
@@ -44,18 +45,22 @@ const PROGRAMS: [(&str, &str, Hook); 3] = [
 
 /// The maps the programs share with the agent, handed to a successor so that its programs and
 /// ours work on the same entries. (The object's global data stays each agent's own.)
-const SHARED_MAPS: [&str; 6] = [
+const SHARED_MAPS: [&str; 10] = [
     map_name::ENROLLED,
     map_name::PENDING,
     map_name::ORIGINAL_DST,
     map_name::SOCKETS,
     map_name::DECISIONS,
     map_name::AGENT_SOCKETS,
+    map_name::INBOUND_POLICY,
+    map_name::INBOUND_LISTENERS,
+    map_name::NODE_ADDRESSES,
+    map_name::INBOUND_DECISIONS,
 ];
 
-/// Loaded and attached programs plus their maps. Dropping it detaches everything unless its
-/// links were handed to a successor; nothing is ever pinned, so an agent that dies leaves
-/// nothing attached either.
+/// Loaded and attached programs plus their maps. Dropping it detaches the cgroup programs
+/// unless their links were handed to a successor, so an agent that dies leaves none attached;
+/// only inbound capture's links are pinned, to outlive it (see `capture.rs`).
 pub struct EbpfRedirect {
     cgroup: PathBuf,
     /// Open for attaching at [`Self::activate`].
@@ -71,6 +76,8 @@ pub struct EbpfRedirect {
     shared_maps: Vec<(&'static str, OwnedFd)>,
     links: Mutex<Links>,
     socket_fast_path: bool,
+    /// Inbound capture, when asked for.
+    capture: Option<Capture>,
     ebpf: Mutex<Ebpf>,
 }
 
@@ -118,10 +125,13 @@ impl EbpfRedirect {
     ///
     /// With a predecessor's kernel state (`inherited`), the programs are loaded against its maps
     /// and attached only by [`Self::activate`], which switches its links over to them.
+    ///
+    /// `capture_pins`: inbound capture is wanted, its links pinned there (on bpffs).
     pub fn attach(
         cgroup: Option<&Path>,
         socket_fast_path: bool,
         inherited: Inherited,
+        capture_pins: Option<&Path>,
     ) -> Result<EbpfRedirect, RedirectError> {
         // First: without programs there is nothing to check the host for.
         let object = embedded_object(EBPF_OBJECT, NOT_EMBEDDED)?;
@@ -187,6 +197,10 @@ impl EbpfRedirect {
         } else {
             Links::Inherited(inherited.links)
         };
+        let capture = match capture_pins {
+            Some(pins) => Some(Capture::new(pins, capture_parts(&mut ebpf)?)?),
+            None => None,
+        };
         Ok(EbpfRedirect {
             cgroup,
             cgroup_file,
@@ -208,8 +222,14 @@ impl EbpfRedirect {
             shared_maps,
             links: Mutex::new(links),
             socket_fast_path,
+            capture,
             ebpf: Mutex::new(ebpf),
         })
+    }
+
+    /// Inbound capture, if it was asked for.
+    pub fn capture(&self) -> Option<&Capture> {
+        self.capture.as_ref()
     }
 
     /// Puts this agent's programs in force: switches each link inherited from a predecessor
@@ -378,6 +398,54 @@ fn attach(
         hook,
         program,
         source,
+    })
+}
+
+/// Loads the `sk_lookup` program and takes the maps inbound capture works with.
+fn capture_parts(ebpf: &mut Ebpf) -> Result<CaptureParts, RedirectError> {
+    let program = program_name::SK_LOOKUP;
+    let hook_error = |source| RedirectError::Hook {
+        hook: "sk_lookup",
+        program,
+        source,
+    };
+    let prog: &mut SkLookup = ebpf
+        .program_mut(program)
+        .ok_or(RedirectError::Missing(program))?
+        .try_into()
+        .map_err(hook_error)?;
+    prog.load().map_err(hook_error)?;
+    let program = prog
+        .fd()
+        .map_err(hook_error)?
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|source| RedirectError::Link {
+            hook: "sk_lookup",
+            program,
+            source,
+        })?;
+    let listeners = ebpf
+        .take_map(map_name::INBOUND_LISTENERS)
+        .ok_or(RedirectError::Missing(map_name::INBOUND_LISTENERS))?
+        .try_into()
+        .map_err(|source| RedirectError::Map {
+            map: map_name::INBOUND_LISTENERS,
+            source,
+        })?;
+    Ok(CaptureParts {
+        program,
+        policy: take_hash_map(ebpf, map_name::INBOUND_POLICY)?,
+        listeners,
+        node_addresses: take_hash_map(ebpf, map_name::NODE_ADDRESSES)?,
+        decisions: PerCpuArray::try_from(
+            ebpf.take_map(map_name::INBOUND_DECISIONS)
+                .ok_or(RedirectError::Missing(map_name::INBOUND_DECISIONS))?,
+        )
+        .map_err(|source| RedirectError::Map {
+            map: map_name::INBOUND_DECISIONS,
+            source,
+        })?,
     })
 }
 

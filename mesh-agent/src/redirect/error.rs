@@ -52,6 +52,11 @@ pub enum RedirectError {
         program: &'static str,
         source: std::io::Error,
     },
+    #[error("inbound capture pins its programs at {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("the running agent's kernel map {map} does not fit this agent: {reason}")]
     InheritedMap { map: String, reason: String },
     #[error("taking over the running agent's kernel state: {0}")]

@@ -3,6 +3,7 @@
 //! `REDIRECT` rules in each pod's namespace (`iptables`, the fallback for kernels without cgroup
 //! BPF hooks).
 
+pub mod capture;
 pub mod ebpf;
 #[cfg(test)]
 mod ebpf_object;
@@ -19,6 +20,7 @@ use mesh_common::Decision;
 use prometheus_client::registry::Registry;
 
 use self::{
+    capture::Capture,
     ebpf::{AgentSockets, EbpfRedirect},
     iptables::IptablesRedirect,
     netns::NetNs,
@@ -92,16 +94,22 @@ impl Redirect {
     ///
     /// `inherited`: a running agent's maps and links (see `crate::handover`). The programs
     /// then share its maps, and go in force only with [`Redirect::activate`].
+    ///
+    /// `capture_pins`: capture what arrives at pods too ([`Redirect::capture`]; eBPF mode only),
+    /// pinning its links in this directory on bpffs.
     pub fn start(
         mode: RedirectMode,
         cgroup: Option<&Path>,
         agent_mark: u32,
         socket_fast_path: bool,
         inherited: Inherited,
+        capture_pins: Option<&Path>,
     ) -> Result<Redirect, RedirectError> {
         match mode {
-            RedirectMode::Ebpf => EbpfRedirect::attach(cgroup, socket_fast_path, inherited)
-                .map(|ebpf| Redirect::Ebpf(Box::new(ebpf))),
+            RedirectMode::Ebpf => {
+                EbpfRedirect::attach(cgroup, socket_fast_path, inherited, capture_pins)
+                    .map(|ebpf| Redirect::Ebpf(Box::new(ebpf)))
+            }
             RedirectMode::Iptables if !inherited.is_empty() => Err(RedirectError::Handover(
                 "the running agent handed over eBPF state to an agent in iptables mode".to_owned(),
             )),
@@ -146,6 +154,14 @@ impl Redirect {
         match self {
             Redirect::Ebpf(ebpf) => Exemption::Cookie(ebpf.agent_sockets()),
             Redirect::Iptables(iptables) => Exemption::Mark(iptables.agent_mark()),
+        }
+    }
+
+    /// Inbound capture (eBPF mode, when asked for at start).
+    pub fn capture(&self) -> Option<&Capture> {
+        match self {
+            Redirect::Ebpf(ebpf) => ebpf.capture(),
+            Redirect::Iptables(_) => None,
         }
     }
 
@@ -207,11 +223,14 @@ impl Redirect {
             help: "Connections seen by the kernel redirect, by decision",
             label: "decision",
             read: move || {
-                let counts = redirect.upgrade().and_then(|r| r.decision_counts());
-                counts
-                    .into_iter()
-                    .flatten()
+                let Some(redirect) = redirect.upgrade() else {
+                    return Vec::new();
+                };
+                let outbound = redirect.decision_counts().into_iter().flatten();
+                let inbound = redirect.capture().map(Capture::decision_counts);
+                outbound
                     .map(|(d, n)| (d.name(), n))
+                    .chain(inbound.into_iter().flatten().map(|(d, n)| (d.name(), n)))
                     .collect()
             },
         }));

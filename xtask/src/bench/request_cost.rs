@@ -162,6 +162,9 @@ pub fn measure(
             "mesh-bench-{}-request-cost.handover.sock",
             std::process::id()
         )))
+        // The node's own bpffs: what inbound capture pins goes with the node.
+        .arg("--bpf-pin-dir")
+        .arg(node.bpffs_dir())
         .arg("--config")
         .arg(config.path());
     for pod in enrolled {

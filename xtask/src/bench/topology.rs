@@ -400,6 +400,9 @@ fn start_agent(
             node.id()
         )))
         .args(flags)
+        // The node's own bpffs: what inbound capture pins goes with the node.
+        .arg("--bpf-pin-dir")
+        .arg(node.bpffs_dir())
         .arg("--config")
         .arg(config.path());
     for pod in pods {

@@ -1,0 +1,192 @@
+//! A pod's inbound listener: what the kernel's inbound capture hands over (plaintext arriving
+//! at the pod's address from outside the mesh: a pod not enrolled, another node's host). Each
+//! connection's local address is where its client was going (the capture rewrites nothing).
+//!
+//! The pod's PeerAuthentication decides first: STRICT refuses plaintext (the kernel already
+//! does; this catches a connection accepted just before a change), PERMISSIVE and DISABLE
+//! take it. Then its AuthorizationPolicies judge it as the tunnel's connections are judged,
+//! with no identity: a rule that names principals or namespaces never matches plaintext.
+//! Counted as the destination reports it (`reporter="destination"`, security `none`).
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::Semaphore,
+};
+use tracing::{debug, warn};
+
+use super::{admit, carry_while_admitted, inspect, pod_labels, Admission, Admitted, App, Arrival};
+use crate::{
+    authorization::MtlsMode,
+    identity::WorkloadIdentity,
+    inbound::{PodPolicies, Resettable},
+    proxy::{upstream::Dialer, Drain},
+    state::Store,
+    telemetry::{
+        metrics::{Metrics, Reporter, Security, TcpConnectionMetrics},
+        Metered,
+    },
+};
+
+/// The pod an inbound listener serves, and what serving it takes.
+pub struct PlaintextPod {
+    pub namespace: String,
+    pub name: String,
+    /// Dials the app from inside the pod.
+    pub dialer: Dialer,
+    pub connect_timeout: Duration,
+    /// Connections held at once; past it a new one is closed at once and counted.
+    pub max_connections: usize,
+    pub store: Arc<Store>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Serves `listener` until accepting stops (drain, handover) or the task is aborted (unenroll).
+pub async fn serve(listener: TcpListener, pod: PlaintextPod, drain: Drain) {
+    let connections = Arc::new(Semaphore::new(pod.max_connections));
+    let pod = Arc::new(pod);
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            () = drain.accepting_stopped() => return,
+            accepted = async {
+                drain.accepting_allowed().await;
+                listener.accept().await
+            } => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // Out of descriptors, most often: wait rather than spin.
+                warn!(pod = %pod.name, %error, "inbound accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
+            pod.metrics.limit_hit("inbound_connections");
+            continue;
+        };
+        let pod = Arc::clone(&pod);
+        drain.spawn(async move {
+            pod.connection(stream, peer).await;
+            drop(permit);
+        });
+    }
+}
+
+impl PlaintextPod {
+    async fn connection(&self, stream: TcpStream, peer: SocketAddr) {
+        let Ok(destination) = stream.local_addr() else {
+            return;
+        };
+        let mut client = Metered::new(stream, self.connection_metrics(peer));
+        let snapshot = self.store.snapshot();
+        let labels = pod_labels(&snapshot, &self.namespace, &self.name);
+        let mode = snapshot
+            .peer_authentication
+            .for_workload(&self.namespace, labels)
+            .mode(destination.port());
+        drop(snapshot);
+        if mode == MtlsMode::Strict {
+            debug!(%peer, %destination, "plaintext refused: the port is STRICT");
+            self.metrics.authorization_denied("peer_authentication");
+            client.reset();
+            return;
+        }
+        let arrival = Arrival {
+            client: None,
+            server: None,
+            source: peer.ip(),
+            destination,
+        };
+        let policies = Arc::new(PodPolicies::of_pod(
+            &self.store,
+            &self.namespace,
+            &self.name,
+        ));
+        let app = App {
+            dialer: self.dialer.clone(),
+            address: destination,
+            connect_timeout: self.connect_timeout,
+        };
+        let (mut client, mut app) = match admit(&policies.current(), &arrival) {
+            Admission::Open => match app.connect().await {
+                Ok(app) => (client, app),
+                Err(error) => {
+                    debug!(address = %app.address, %error, "the app refused the connection");
+                    client.reset();
+                    return;
+                }
+            },
+            Admission::Inspect(decision) => {
+                let shared = Arc::new(arrival.clone());
+                let admitted = inspect(
+                    client,
+                    decision,
+                    Arc::clone(&policies),
+                    shared,
+                    app,
+                    &self.metrics,
+                )
+                .await;
+                let Some(Admitted {
+                    mut client,
+                    mut app,
+                }) = admitted
+                else {
+                    return;
+                };
+                self.carry(&mut client, &mut app, &policies, &arrival).await;
+                return;
+            }
+        };
+        self.carry(&mut client, &mut app, &policies, &arrival).await;
+    }
+
+    async fn carry(
+        &self,
+        client: &mut impl Resettable,
+        app: &mut TcpStream,
+        policies: &PodPolicies,
+        arrival: &Arrival,
+    ) {
+        let carried = carry_while_admitted(client, app, policies, arrival, &self.metrics).await;
+        if let Some(Err(error)) = carried {
+            debug!(source = %arrival.source, %error, "inbound connection ended with an error");
+        }
+    }
+
+    /// The connection's metrics as the destination reports it: counted open now, closed when
+    /// dropped.
+    fn connection_metrics(&self, peer: SocketAddr) -> TcpConnectionMetrics {
+        let snapshot = self.store.snapshot();
+        let discovered = &snapshot.discovered;
+        let unknown =
+            || WorkloadIdentity::from_pod_labels("unknown", "unknown", &Default::default());
+        let source = discovered
+            .workload_at(peer.ip())
+            .map_or_else(unknown, |workload| (*workload.identity).clone());
+        let destination = discovered
+            .pod(&self.namespace, &self.name)
+            .map(|workload| Arc::clone(&workload.identity));
+        let labels = self.metrics.secured_peer_labels(
+            &source,
+            None,
+            destination.as_deref(),
+            Security {
+                reporter: Reporter::Destination,
+                principals: None,
+            },
+        );
+        self.metrics.tcp_connection(&labels)
+    }
+}
+
+impl Resettable for Metered<TcpStream> {
+    fn reset(&mut self) {
+        // Closed with RST on drop, as a refused connection is.
+        let _ = socket2::SockRef::from(&*self.inner_mut()).set_linger(Some(Duration::ZERO));
+    }
+}

@@ -297,4 +297,23 @@ fn strict_refuses_plaintext_permissive_captures_it_and_both_hold_while_the_agent
         json!({"200": 3})
     );
     assert_eq!(cluster.probe_from_node(strict), 200);
+
+    // A graceful handover: the successor takes the inbound listeners and the pins over.
+    let successor = cluster.agents[0]
+        .successor(
+            &cluster.nodes[0],
+            &mesh_tests::agent_binary().unwrap(),
+            TIMEOUT,
+        )
+        .unwrap();
+    let mut predecessor = std::mem::replace(&mut cluster.agents[0], successor);
+    predecessor.process().stop(TIMEOUT).unwrap();
+    let (strict, open) = (&cluster.strict, &cluster.open);
+    assert_eq!(
+        cluster.outsider_gets(open, PORT, "/secret"),
+        json!({"403": 3}),
+        "the successor captures and judges"
+    );
+    assert_eq!(cluster.outsider_gets(strict, PORT, "/"), json!({"0": 3}));
+    assert!(cluster.inbound_decisions(&cluster.agents[0], "inbound_captured") >= 1.0);
 }

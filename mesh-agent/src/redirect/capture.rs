@@ -16,7 +16,7 @@
 use std::{
     collections::BTreeMap,
     io,
-    net::{IpAddr, Ipv4Addr},
+    net::Ipv4Addr,
     os::fd::{AsFd, BorrowedFd, OwnedFd},
     path::{Path, PathBuf},
     sync::{Mutex, PoisonError},
@@ -300,7 +300,7 @@ const NODE_BPFFS: &str = "/sys/fs/bpf";
 
 fn on_bpffs(path: &Path) -> io::Result<bool> {
     let magic = rustix::fs::statfs(path)?.f_type;
-    Ok(i64::from(magic) == BPF_FS_MAGIC)
+    Ok(magic == BPF_FS_MAGIC)
 }
 
 /// Mounts the node's bpffs at `/sys/fs/bpf` when `pin_dir` is under it and nothing is mounted
@@ -342,12 +342,8 @@ fn prune_defunct(dir: &Path) {
 pub fn own_addresses() -> io::Result<Vec<Ipv4Addr>> {
     let mut addresses: Vec<Ipv4Addr> = nix::ifaddrs::getifaddrs()?
         .filter_map(|interface| {
-            let address = interface.address?;
-            let ip = IpAddr::V4(Ipv4Addr::from(address.as_sockaddr_in()?.ip()));
-            match ip {
-                IpAddr::V4(ip) if !ip.is_loopback() => Some(ip),
-                _ => None,
-            }
+            let ip = interface.address?.as_sockaddr_in()?.ip();
+            (!ip.is_loopback()).then_some(ip)
         })
         .collect();
     addresses.sort_unstable();

@@ -47,8 +47,9 @@ pub struct Args {
     only: Vec<String>,
     /// Measure only the agent's instructions and allocations per request under callgrind
     /// (20,000 requests) on `mesh-l7`'s path, on `mesh-mtls`'s (both ends in one agent) and on
-    /// `mesh-mtls`'s with an AuthorizationPolicy judged per request, e.g. to judge a change to
-    /// the request path; no rounds, no peers, the docs are left alone.
+    /// `mesh-mtls`'s with an AuthorizationPolicy judged per request, and on the plaintext inbound
+    /// hop (a client outside the mesh captured at the pod, judged per request), e.g. to judge a
+    /// change to the request path; no rounds, no peers, the docs are left alone.
     #[arg(long, conflicts_with_all = ["quick", "only"])]
     request_cost: bool,
     /// Internal: be the benchmark's hello server on PORT=BYTES (repeatable).
@@ -203,6 +204,8 @@ pub fn run(args: Args) -> Result<()> {
     let request_cost = measure_cost(request_cost::Upstream::Plain, "request-cost")?;
     let request_cost_tunnel = measure_cost(request_cost::Upstream::Tunnel, "request-cost-tunnel")?;
     let request_cost_judged = measure_cost(request_cost::Upstream::Judged, "request-cost-judged")?;
+    let request_cost_captured =
+        measure_cost(request_cost::Upstream::Captured, "request-cost-captured")?;
     let Some(tools) = tools else {
         return Ok(());
     };
@@ -258,6 +261,7 @@ pub fn run(args: Args) -> Result<()> {
         request_cost,
         request_cost_tunnel,
         request_cost_judged,
+        request_cost_captured,
         v2_share,
         rounds: &done,
         figures: &figures,

@@ -83,6 +83,9 @@ pub struct Report<'a> {
     /// The same with an AuthorizationPolicy that reads HTTP: the destination judges each
     /// request before the app.
     pub request_cost_judged: Option<super::request_cost::RequestCost>,
+    /// A client outside the mesh, captured at the pod and judged per request.
+    #[serde(default)]
+    pub request_cost_captured: Option<super::request_cost::RequestCost>,
     /// Share of the mesh's HTTP requests the agent sent to subset v2 (90/10 configured).
     pub v2_share: f64,
     pub rounds: &'a [Round],
@@ -273,6 +276,17 @@ fn markdown(report: &Report) -> String {
              destination serves and judges each request before the app: **{:.0} instructions and \
              {:.1} allocations per request**, both ends together (profile in \
              `target/bench/request-cost-judged/`).\n",
+            cost.instructions_per_request, cost.allocations_per_request
+        );
+    }
+    if let Some(cost) = &report.request_cost_captured {
+        let _ = writeln!(
+            out,
+            "A client outside the mesh dialling the pod's address instead: the kernel's inbound \
+             capture hands each connection to the agent at the pod, which judges each `GET` (a \
+             policy that reads HTTP) and delivers it, the plaintext inbound hop alone: **{:.0} \
+             instructions and {:.1} allocations per request** (profile in \
+             `target/bench/request-cost-captured/`).\n",
             cost.instructions_per_request, cost.allocations_per_request
         );
     }

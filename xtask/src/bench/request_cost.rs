@@ -8,6 +8,9 @@
 //! counts both ends of `mesh-mtls`'s path (source and destination). [`Upstream::Judged`] adds an
 //! AuthorizationPolicy that reads HTTP, so the destination serves each request and judges it
 //! before the app: the inbound hop's cost with L7 policy, beside the tunnel's.
+//! [`Upstream::Captured`] has a client outside the mesh dial the pod's address: the kernel's
+//! inbound capture hands each connection to the agent at the pod, which judges each request
+//! with an HTTP policy and delivers it: the plaintext inbound hop alone.
 //!
 //! The release agent runs under `valgrind --tool=callgrind` on a node of its own; after a
 //! warm-up the counters are zeroed, `requests` keep-alive GETs go through it on 16 connections,
@@ -56,10 +59,15 @@ pub enum Upstream {
     /// [`Upstream::Tunnel`], with an AuthorizationPolicy that admits the client's `GET`s: the
     /// destination judges each request.
     Judged,
+    /// The client, outside the mesh, dials the pod `hello-v1`'s address; its agent captures
+    /// each connection at the pod and judges each request (an HTTP policy for everyone).
+    Captured,
 }
 
 impl Upstream {
-    fn tunnelled(self) -> bool {
+    /// The pods are in the mesh: the agent has a CA, serves their tunnels and captures what
+    /// arrives at them.
+    fn in_mesh(self) -> bool {
         self != Upstream::Plain
     }
 }
@@ -74,6 +82,17 @@ spec:
   rules:
   - from: [{source: {principals: [cluster.local/ns/default/sa/default]}}]
     to: [{operation: {methods: [GET]}}]
+";
+
+/// Admits `GET` from anyone, identity or not: a rule that reads HTTP, so each captured request
+/// is served and judged.
+const CAPTURED_POLICY: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: hello-get, namespace: default}
+spec:
+  selector: {matchLabels: {app: hello}}
+  rules:
+  - to: [{operation: {methods: [GET]}}]
 ";
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -103,13 +122,17 @@ pub fn measure(
         serve(&node, upstream_bin, &v2, "v2")?,
     ];
     let config = ConfigDir::new()?;
-    let mut enrolled = vec![&client];
+    let mut enrolled = if upstream == Upstream::Captured {
+        vec![]
+    } else {
+        vec![&client]
+    };
     let mut labels = [
         vec![("app", "hello"), ("version", "v1")],
         vec![("app", "hello"), ("version", "v2")],
     ];
     let ca = out_dir.join("ca");
-    if upstream.tunnelled() {
+    if upstream.in_mesh() {
         // The destination agent is this one: it serves the pods' tunnel listeners.
         enrolled.extend([&v1, &v2]);
         for labels in &mut labels {
@@ -134,9 +157,15 @@ pub fn measure(
         ],
     )?;
     config.write("rules.yml", &proxies::mesh_rules("hello"))?;
-    if upstream == Upstream::Judged {
-        config.write("policy.yml", POLICY)?;
+    match upstream {
+        Upstream::Judged => config.write("policy.yml", POLICY)?,
+        Upstream::Captured => config.write("policy.yml", CAPTURED_POLICY)?,
+        Upstream::Plain | Upstream::Tunnel => {}
     }
+    let url = match upstream {
+        Upstream::Captured => format!("http://{}:{}/", v1.ip(), proxies::HELLO_PORT),
+        _ => format!("http://hello:{}/", proxies::HELLO_PORT),
+    };
 
     let mut command = Command::new("valgrind");
     command
@@ -172,28 +201,34 @@ pub fn measure(
             .arg("--enroll")
             .arg(format!("{}={}", pod.name(), pod.netns_path().display()));
     }
-    if upstream.tunnelled() {
+    if upstream.in_mesh() {
         command.arg("--ca").arg(&ca);
     }
     let mut agent = node.spawn_on_node(command)?;
     wait_ready(&node, &agent)?;
 
-    let warm_up = get(&node, upstream_bin, &client, requests / 10)?;
+    let warm_up = get(&node, upstream_bin, &client, &url, requests / 10)?;
     ensure!(warm_up["errors"] == 0, "warm-up failed: {warm_up}");
     callgrind_control(&["-z"], agent.pid())?;
-    let run = get(&node, upstream_bin, &client, requests)?;
+    let run = get(&node, upstream_bin, &client, &url, requests)?;
     callgrind_control(&["-d"], agent.pid())?;
     ensure!(
         run["errors"] == 0 && run["by_status"]["200"] == requests,
         "not every request answered 200: {run}"
     );
-    let v2_share = run["by_body"]["v2"].as_f64().unwrap_or(0.0) / requests as f64;
-    ensure!((0.05..=0.15).contains(&v2_share), "not split 90/10: {run}");
-    if upstream.tunnelled() {
+    if upstream != Upstream::Captured {
+        let v2_share = run["by_body"]["v2"].as_f64().unwrap_or(0.0) / requests as f64;
+        ensure!((0.05..=0.15).contains(&v2_share), "not split 90/10: {run}");
+    }
+    if upstream.in_mesh() {
         let (_, metrics) = agent::admin_request(&node.netns_path(), "GET", "/metrics", "")?;
+        let went_in = match upstream {
+            Upstream::Captured => r#"mesh_redirect_decisions_total{decision="inbound_captured"} "#,
+            _ => r#"mesh_tunnel_streams_total{direction="inbound"}"#,
+        };
         ensure!(
-            metrics.contains(r#"mesh_tunnel_streams_total{direction="inbound"}"#),
-            "no request went through a tunnel:\n{metrics}"
+            metrics.contains(went_in) && !metrics.contains(&format!("{went_in}0\n")),
+            "no request went in as expected ({went_in}):\n{metrics}"
         );
         ensure!(
             !metrics.contains("mesh_authorization_denials_total{"),
@@ -225,10 +260,10 @@ fn serve(node: &SimNode, upstream_bin: &Path, pod: &Pod, name: &str) -> Result<P
     Ok(server)
 }
 
-/// `count` keep-alive GETs of the service from the client pod; the client's summary.
-fn get(node: &SimNode, upstream_bin: &Path, client: &Pod, count: u64) -> Result<Value> {
+/// `count` keep-alive GETs of `url` from the client pod; the client's summary.
+fn get(node: &SimNode, upstream_bin: &Path, client: &Pod, url: &str, count: u64) -> Result<Value> {
     let mut command = Command::new(upstream_bin);
-    command.args(["get", "--url", "http://hello:8080/", "--quiet"]);
+    command.args(["get", "--url", url, "--quiet"]);
     command.args(["--count", &count.to_string(), "--concurrency", CONNECTIONS]);
     command.args(["--timeout-secs", "60"]);
     let mut process = node.spawn_in_pod(client, command)?;

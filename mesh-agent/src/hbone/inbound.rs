@@ -18,10 +18,7 @@ use bytes::Bytes;
 use h2::{server::SendResponse, Reason, RecvStream};
 use http::{Method, Request, Response, StatusCode};
 use rustls::ServerConfig;
-use tokio::{
-    net::{TcpListener, TcpStream},
-    sync::Semaphore,
-};
+use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
 use super::{
@@ -88,7 +85,6 @@ struct Listener {
 /// Serves tunnels to `pod` on `listener` until accepting stops (drain, handover) or the task is
 /// aborted (unenroll).
 pub async fn serve(hbone: Arc<Hbone>, listener: TcpListener, pod: InboundPod, drain: Drain) {
-    let connections = Arc::new(Semaphore::new(hbone.limits.max_connections));
     let listener_state = Arc::new(Listener {
         dialer: Dialer::new(pod.netns.clone(), pod.exemption.clone()),
         hbone,
@@ -100,39 +96,25 @@ pub async fn serve(hbone: Arc<Hbone>, listener: TcpListener, pod: InboundPod, dr
     if listener_state.server_config().await.is_none() {
         warn!(pod = %listener_state.pod.name, "no certificate yet: each tunnel will ask again");
     }
-    loop {
-        let accepted = tokio::select! {
-            biased;
-            () = drain.accepting_stopped() => return,
-            accepted = async {
-                drain.accepting_allowed().await;
-                listener.accept().await
-            } => accepted,
-        };
-        let (stream, peer) = match accepted {
-            Ok(accepted) => accepted,
-            Err(error) => {
-                // Out of descriptors, most often: wait rather than spin.
-                warn!(pod = %listener_state.pod.name, %error, "tunnel accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
-            listener_state
-                .hbone
-                .telemetry
-                .metrics
-                .limit_hit("tunnel_connections");
-            continue;
-        };
-        let listener_state = Arc::clone(&listener_state);
-        let draining = drain.clone();
-        drain.spawn(async move {
-            listener_state.connection(stream, peer, &draining).await;
-            drop(permit);
-        });
-    }
+    let name = format!(
+        "tunnel {}/{}",
+        listener_state.pod.namespace, listener_state.pod.name
+    );
+    let metrics = Arc::clone(&listener_state.hbone.telemetry.metrics);
+    let max_connections = listener_state.hbone.limits.max_connections;
+    drain
+        .accept_bounded(
+            listener,
+            &name,
+            max_connections,
+            || metrics.limit_hit("tunnel_connections"),
+            |stream, peer| {
+                let listener_state = Arc::clone(&listener_state);
+                let draining = drain.clone();
+                async move { listener_state.connection(stream, peer, &draining).await }
+            },
+        )
+        .await;
 }
 
 impl Listener {

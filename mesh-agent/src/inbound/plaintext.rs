@@ -10,11 +10,8 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use tokio::{
-    net::{TcpListener, TcpStream},
-    sync::Semaphore,
-};
-use tracing::{debug, warn};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::debug;
 
 use super::{admit, carry_while_admitted, inspect, pod_labels, Admission, Admitted, App, Arrival};
 use crate::{
@@ -44,36 +41,21 @@ pub struct PlaintextPod {
 
 /// Serves `listener` until accepting stops (drain, handover) or the task is aborted (unenroll).
 pub async fn serve(listener: TcpListener, pod: PlaintextPod, drain: Drain) {
-    let connections = Arc::new(Semaphore::new(pod.max_connections));
+    let name = format!("inbound {}/{}", pod.namespace, pod.name);
+    let max_connections = pod.max_connections;
     let pod = Arc::new(pod);
-    loop {
-        let accepted = tokio::select! {
-            biased;
-            () = drain.accepting_stopped() => return,
-            accepted = async {
-                drain.accepting_allowed().await;
-                listener.accept().await
-            } => accepted,
-        };
-        let (stream, peer) = match accepted {
-            Ok(accepted) => accepted,
-            Err(error) => {
-                // Out of descriptors, most often: wait rather than spin.
-                warn!(pod = %pod.name, %error, "inbound accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
-            pod.metrics.limit_hit("inbound_connections");
-            continue;
-        };
-        let pod = Arc::clone(&pod);
-        drain.spawn(async move {
-            pod.connection(stream, peer).await;
-            drop(permit);
-        });
-    }
+    drain
+        .accept_bounded(
+            listener,
+            &name,
+            max_connections,
+            || pod.metrics.limit_hit("inbound_connections"),
+            |stream, peer| {
+                let pod = Arc::clone(&pod);
+                async move { pod.connection(stream, peer).await }
+            },
+        )
+        .await;
 }
 
 impl PlaintextPod {

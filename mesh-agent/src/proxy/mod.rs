@@ -141,6 +141,52 @@ impl Drain {
         self.connections.spawn(task);
     }
 
+    /// Accepts on `listener` until accepting stops, serving each connection with `serve` on a
+    /// task this drain waits for, `max_connections` at most at once: past it a new one is
+    /// closed at once and `on_full` told. `name` says whose listener it is, in logs.
+    pub async fn accept_bounded<F, Fut>(
+        &self,
+        listener: TcpListener,
+        name: &str,
+        max_connections: usize,
+        on_full: impl Fn(),
+        serve: F,
+    ) where
+        F: Fn(TcpStream, std::net::SocketAddr) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let connections = Arc::new(tokio::sync::Semaphore::new(max_connections));
+        loop {
+            let accepted = tokio::select! {
+                // Once stopped, not one more accept: a successor may be taking the queue.
+                biased;
+                () = self.accepting_stopped() => return,
+                accepted = async {
+                    self.accepting_allowed().await;
+                    listener.accept().await
+                } => accepted,
+            };
+            let (stream, peer) = match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of descriptors, most often: wait rather than spin.
+                    tracing::warn!(listener = name, %error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
+                on_full();
+                continue;
+            };
+            let served = serve(stream, peer);
+            self.spawn(async move {
+                served.await;
+                drop(permit);
+            });
+        }
+    }
+
     /// Resolves once connections are asked to finish and close.
     pub async fn draining(&self) {
         self.started.cancelled().await;

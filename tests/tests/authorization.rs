@@ -287,6 +287,21 @@ fn only_service_a_may_get_b_a_deny_wins_audit_passes_and_forged_identities_gain_
         &[("layer", "request")],
     );
     assert_eq!(denied, 25.0, "{metrics}");
+    // The destination reports each request it judged, with the identity the tunnel proved.
+    let reported = |code: &str, principal: &str| {
+        sum_samples(
+            &metrics,
+            "istio_requests_total",
+            &[
+                ("reporter", "destination"),
+                ("response_code", code),
+                ("source_principal", principal),
+                ("connection_security_policy", "mutual_tls"),
+            ],
+        )
+    };
+    assert_eq!(reported("200", SERVICE_A), 5.0, "{metrics}");
+    assert_eq!(reported("403", SERVICE_A), 15.0, "{metrics}");
     let audited = destination
         .stderr_text()
         .lines()

@@ -258,6 +258,20 @@ fn strict_refuses_plaintext_permissive_captures_it_and_both_hold_while_the_agent
         ],
     );
     assert!(plaintext_in >= 2.0, "{metrics}");
+    // Judged per request (its policy reads paths): each reported by the destination.
+    for (code, count) in [("200", 3.0), ("403", 3.0)] {
+        let requests = sum_samples(
+            &metrics,
+            "istio_requests_total",
+            &[
+                ("reporter", "destination"),
+                ("destination_app", "open"),
+                ("response_code", code),
+                ("connection_security_policy", "none"),
+            ],
+        );
+        assert_eq!(requests, count, "{code}: {metrics}");
+    }
 
     // The destination's agent dies: the pinned capture stays.
     cluster.agents[0]

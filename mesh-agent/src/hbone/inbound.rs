@@ -34,7 +34,7 @@ use crate::{
     proxy::{upstream::Dialer, Drain},
     redirect::{netns::NetNs, Exemption},
     telemetry::{
-        metrics::{Reporter, Security, TcpConnectionMetrics},
+        metrics::{PeerLabels, Reporter, Security},
         Metered,
     },
 };
@@ -265,6 +265,7 @@ impl Listener {
             server: Some(ends.server.clone()),
             source: ends.peer.ip(),
             destination: target,
+            labels: peer_labels(&self.hbone, &self.pod, ends),
         };
         let policies = Arc::new(self.policies());
         if let Admission::Inspect(decision) = inbound::admit(&policies.current(), &arrival) {
@@ -294,7 +295,8 @@ impl Listener {
         };
         self.hbone.metrics.stream(INBOUND);
         let tunnel = H2Stream::new(send, request.into_body());
-        let mut tunnel = Metered::new(tunnel, connection_metrics(&self.hbone, &self.pod, ends));
+        let connection = self.hbone.telemetry.metrics.tcp_connection(&arrival.labels);
+        let mut tunnel = Metered::new(tunnel, connection);
         self.carry(&mut tunnel, &mut app, &policies, &arrival, ends)
             .await;
     }
@@ -332,7 +334,10 @@ impl Listener {
             address: arrival.destination,
             connect_timeout: self.hbone.limits.connect_timeout,
         };
-        let tunnel = Metered::new(tunnel, connection_metrics(&self.hbone, &self.pod, ends));
+        let tunnel = Metered::new(
+            tunnel,
+            self.hbone.telemetry.metrics.tcp_connection(&arrival.labels),
+        );
         let metrics = &self.hbone.telemetry.metrics;
         let arrival = Arc::new(arrival);
         let admitted = inbound::inspect(
@@ -376,35 +381,30 @@ struct Ends {
     server: SpiffeId,
 }
 
-/// The connection's metrics as the destination reports it: counted open now, closed when
-/// dropped.
-fn connection_metrics(
+/// How the destination names a tunnelled connection's caller and pod in its telemetry.
+fn peer_labels(
     hbone: &Hbone,
     InboundPod {
         namespace, name, ..
     }: &InboundPod,
     ends: &Ends,
-) -> TcpConnectionMetrics {
-    let labels = {
-        let snapshot = hbone.snapshot();
-        let discovered = &snapshot.discovered;
-        let unknown =
-            || WorkloadIdentity::from_pod_labels("unknown", "unknown", &Default::default());
-        let source = discovered
-            .workload_at(ends.peer.ip())
-            .map_or_else(unknown, |workload| (*workload.identity).clone());
-        let destination = discovered
-            .pod(namespace, name)
-            .map(|workload| Arc::clone(&workload.identity));
-        hbone.telemetry.metrics.secured_peer_labels(
-            &source,
-            None,
-            destination.as_deref(),
-            Security {
-                reporter: Reporter::Destination,
-                principals: Some((&ends.client, &ends.server)),
-            },
-        )
-    };
-    hbone.telemetry.metrics.tcp_connection(&labels)
+) -> Arc<PeerLabels> {
+    let snapshot = hbone.snapshot();
+    let discovered = &snapshot.discovered;
+    let unknown = || WorkloadIdentity::from_pod_labels("unknown", "unknown", &Default::default());
+    let source = discovered
+        .workload_at(ends.peer.ip())
+        .map_or_else(unknown, |workload| (*workload.identity).clone());
+    let destination = discovered
+        .pod(namespace, name)
+        .map(|workload| Arc::clone(&workload.identity));
+    hbone.telemetry.metrics.secured_peer_labels(
+        &source,
+        None,
+        destination.as_deref(),
+        Security {
+            reporter: Reporter::Destination,
+            principals: Some((&ends.client, &ends.server)),
+        },
+    )
 }

@@ -10,8 +10,18 @@
 //! identities (any the client sent is dropped, as Envoy's `SANITIZE_SET` does) and hop-by-hop
 //! headers left on their hop, both ways. Protocol
 //! upgrades (WebSocket) are not carried on this path.
+//!
+//! Each request is reported by the destination (`istio_requests_total{reporter="destination"}`
+//! and its histograms), once its answer has been sent whole or given up: 403s included.
 
-use std::{borrow::Cow, convert::Infallible, sync::Arc, time::Duration};
+use std::{
+    borrow::Cow,
+    convert::Infallible,
+    pin::Pin,
+    sync::Arc,
+    task::{ready, Context, Poll},
+    time::{Duration, Instant},
+};
 
 use bytes::Bytes;
 use http::{
@@ -20,7 +30,11 @@ use http::{
     HeaderName, HeaderValue, Request, Response, StatusCode, Uri,
 };
 use http_body_util::{BodyExt, Full};
-use hyper::{body::Incoming, client::conn, service::service_fn};
+use hyper::{
+    body::{Body, Frame, Incoming, SizeHint},
+    client::conn,
+    service::service_fn,
+};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::sync::Mutex;
 
@@ -38,7 +52,7 @@ use crate::{
         },
         upstream::ProxyBody,
     },
-    telemetry::metrics::Metrics,
+    telemetry::metrics::{Metrics, NoFlags, Protocol, RequestOutcome},
 };
 
 const XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
@@ -113,7 +127,32 @@ enum Upstream {
 }
 
 impl Delivery {
+    /// Answers `request`, the answer's body reporting the request once it has been sent.
     async fn handle(
+        self: Arc<Self>,
+        request: Request<Incoming>,
+    ) -> Result<Response<Reported>, Infallible> {
+        let started = Instant::now();
+        let protocol = if is_grpc(&request) {
+            Protocol::Grpc
+        } else {
+            Protocol::Http
+        };
+        let request_bytes = request.body().size_hint().exact().unwrap_or(0);
+        let Ok(response) = Arc::clone(&self).answer(request).await;
+        let status = response.status().as_u16();
+        Ok(response.map(|body| Reported {
+            body,
+            delivery: self,
+            started,
+            protocol,
+            status,
+            request_bytes,
+            response_bytes: 0,
+        }))
+    }
+
+    async fn answer(
         self: Arc<Self>,
         mut request: Request<Incoming>,
     ) -> Result<Response<ProxyBody>, Infallible> {
@@ -229,6 +268,66 @@ impl Delivery {
             tokio::spawn(connection);
             Upstream::Http1(sender)
         })
+    }
+}
+
+fn is_grpc<B>(request: &Request<B>) -> bool {
+    request
+        .headers()
+        .get(CONTENT_TYPE)
+        .is_some_and(|value| value.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// An answer's body, counted as it is sent; the request is reported when it is dropped (sent
+/// whole, or given up by the client).
+struct Reported {
+    body: ProxyBody,
+    delivery: Arc<Delivery>,
+    started: Instant,
+    protocol: Protocol,
+    status: u16,
+    request_bytes: u64,
+    response_bytes: u64,
+}
+
+impl Body for Reported {
+    type Data = Bytes;
+    type Error = <ProxyBody as Body>::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let frame = ready!(Pin::new(&mut self.body).poll_frame(cx));
+        if let Some(Ok(data)) = frame.as_ref().map(|f| f.as_ref().map(Frame::data_ref)) {
+            self.response_bytes += data.map_or(0, |d| d.len() as u64);
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for Reported {
+    fn drop(&mut self) {
+        self.delivery.metrics.record_request(
+            &self.delivery.arrival.labels,
+            &RequestOutcome {
+                protocol: self.protocol,
+                status: self.status,
+                grpc_status: None,
+                flags: &NoFlags,
+                duration: self.started.elapsed(),
+                request_bytes: self.request_bytes,
+                response_bytes: self.response_bytes,
+            },
+        );
     }
 }
 

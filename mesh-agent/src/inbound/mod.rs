@@ -1,4 +1,5 @@
-//! The destination side of a connection that reaches a pod through the mesh: the pod's
+//! The destination side of a connection that reaches a pod in the mesh, through a tunnel
+//! (`crate::hbone`) or captured in plaintext by the kernel ([`plaintext`]): the pod's
 //! `AuthorizationPolicies` ([`crate::authorization`]) judge it, and what they admit is delivered
 //! to the app, dialled from inside the pod.
 //!
@@ -9,8 +10,9 @@
 //!   its method, path, host and headers, and answered `403 RBAC: access denied` or forwarded to
 //!   the app. Anything else is judged as a connection: reset when denied, else carried.
 //!
-//! The identity judged is the one the tunnel's mutual TLS proved, never a header: the request
-//! the app receives carries an `x-forwarded-client-cert` this agent wrote, not the client's.
+//! The identity judged is the one the tunnel's mutual TLS proved (none for plaintext), never a
+//! header: the request the app receives carries an `x-forwarded-client-cert` this agent wrote,
+//! or none, never the client's.
 
 pub mod http;
 pub mod plaintext;
@@ -41,7 +43,7 @@ use crate::{
         upstream::Dialer,
     },
     state::{Snapshot, Store},
-    telemetry::metrics::Metrics,
+    telemetry::metrics::{Metrics, PeerLabels},
 };
 
 /// How long a judged connection's first bytes may take to say whether it is HTTP; a client
@@ -57,6 +59,9 @@ pub struct Arrival {
     pub server: Option<SpiffeId>,
     pub source: IpAddr,
     pub destination: SocketAddr,
+    /// How the destination's telemetry names the caller and this pod
+    /// (`reporter="destination"`).
+    pub labels: Arc<PeerLabels>,
 }
 
 impl Arrival {

@@ -21,7 +21,7 @@ use crate::{
     proxy::{upstream::Dialer, Drain},
     state::Store,
     telemetry::{
-        metrics::{Metrics, Reporter, Security, TcpConnectionMetrics},
+        metrics::{Metrics, PeerLabels, Reporter, Security},
         Metered,
     },
 };
@@ -63,7 +63,8 @@ impl PlaintextPod {
         let Ok(destination) = stream.local_addr() else {
             return;
         };
-        let mut client = Metered::new(stream, self.connection_metrics(peer));
+        let reported_as = self.peer_labels(peer);
+        let mut client = Metered::new(stream, self.metrics.tcp_connection(&reported_as));
         let snapshot = self.store.snapshot();
         let labels = pod_labels(&snapshot, &self.namespace, &self.name);
         let mode = snapshot
@@ -82,6 +83,7 @@ impl PlaintextPod {
             server: None,
             source: peer.ip(),
             destination,
+            labels: reported_as,
         };
         let policies = Arc::new(PodPolicies::of_pod(
             &self.store,
@@ -140,9 +142,8 @@ impl PlaintextPod {
         }
     }
 
-    /// The connection's metrics as the destination reports it: counted open now, closed when
-    /// dropped.
-    fn connection_metrics(&self, peer: SocketAddr) -> TcpConnectionMetrics {
+    /// How the destination names a connection from `peer` and this pod in its telemetry.
+    fn peer_labels(&self, peer: SocketAddr) -> Arc<PeerLabels> {
         let snapshot = self.store.snapshot();
         let discovered = &snapshot.discovered;
         let unknown =
@@ -153,7 +154,7 @@ impl PlaintextPod {
         let destination = discovered
             .pod(&self.namespace, &self.name)
             .map(|workload| Arc::clone(&workload.identity));
-        let labels = self.metrics.secured_peer_labels(
+        self.metrics.secured_peer_labels(
             &source,
             None,
             destination.as_deref(),
@@ -161,8 +162,7 @@ impl PlaintextPod {
                 reporter: Reporter::Destination,
                 principals: None,
             },
-        );
-        self.metrics.tcp_connection(&labels)
+        )
     }
 }
 

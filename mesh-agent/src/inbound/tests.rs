@@ -11,7 +11,11 @@ use tokio::{
 
 use super::*;
 use crate::{
-    authorization::Authorization, config, identity::spiffe::SpiffeId, redirect::Exemption,
+    authorization::Authorization,
+    config,
+    identity::{spiffe::SpiffeId, WorkloadIdentity},
+    redirect::Exemption,
+    telemetry::metrics::{Reporter, Security},
 };
 use tokio::sync::watch;
 
@@ -130,7 +134,23 @@ fn arrival(account: &str, destination: SocketAddr) -> Arc<Arrival> {
         server: Some(id("service-b")),
         source: "10.0.0.1".parse().unwrap(),
         destination,
+        labels: labels(&metrics()),
     })
+}
+
+/// The labels of a destination's report, in `metrics`.
+fn labels(metrics: &Metrics) -> Arc<PeerLabels> {
+    let workload =
+        |name: &str| WorkloadIdentity::from_pod_labels(name, "default", &BTreeMap::new());
+    metrics.secured_peer_labels(
+        &workload("service-a"),
+        None,
+        Some(&workload("service-b")),
+        Security {
+            reporter: Reporter::Destination,
+            principals: None,
+        },
+    )
 }
 
 fn metrics() -> Arc<Metrics> {

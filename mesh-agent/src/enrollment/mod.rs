@@ -378,51 +378,20 @@ impl Enrollments {
             }
             _ => listen_in(&netns, self.listen).map_err(listen_error)?,
         };
+        let listen_at = |address: SocketAddrV4, inherited: Option<std::net::TcpListener>| {
+            served_listener(&netns, address, inherited).map_err(|source| EnrollError::Listen {
+                pod: spec.name.clone(),
+                listen: address,
+                path: spec.netns.clone(),
+                source,
+            })
+        };
         let tunnel_listener = match &self.hbone {
-            Some(_) => {
-                let tunnel_error = |source| EnrollError::Listen {
-                    pod: spec.name.clone(),
-                    listen: TUNNEL_LISTEN,
-                    path: spec.netns.clone(),
-                    source,
-                };
-                let listener = match inherited.tunnel {
-                    Some(listener)
-                        if listener.local_addr().ok() == Some(SocketAddr::V4(TUNNEL_LISTEN)) =>
-                    {
-                        listener
-                    }
-                    _ => listen_in(&netns, TUNNEL_LISTEN).map_err(tunnel_error)?,
-                };
-                let copy: OwnedFd = listener.try_clone().map_err(tunnel_error)?.into();
-                listener.set_nonblocking(true).map_err(tunnel_error)?;
-                Some((copy, TcpListener::from_std(listener).map_err(tunnel_error)?))
-            }
+            Some(_) => Some(listen_at(TUNNEL_LISTEN, inherited.tunnel)?),
             None => None,
         };
         let inbound_listener = match (&self.hbone, self.redirect.capture()) {
-            (Some(_), Some(_)) => {
-                let inbound_error = |source| EnrollError::Listen {
-                    pod: spec.name.clone(),
-                    listen: INBOUND_LISTEN,
-                    path: spec.netns.clone(),
-                    source,
-                };
-                let listener = match inherited.inbound {
-                    Some(listener)
-                        if listener.local_addr().ok() == Some(SocketAddr::V4(INBOUND_LISTEN)) =>
-                    {
-                        listener
-                    }
-                    _ => listen_in(&netns, INBOUND_LISTEN).map_err(inbound_error)?,
-                };
-                let copy: OwnedFd = listener.try_clone().map_err(inbound_error)?.into();
-                listener.set_nonblocking(true).map_err(inbound_error)?;
-                Some((
-                    copy,
-                    TcpListener::from_std(listener).map_err(inbound_error)?,
-                ))
-            }
+            (Some(_), Some(_)) => Some(listen_at(INBOUND_LISTEN, inherited.inbound)?),
             _ => None,
         };
         let listener_copy = listener.try_clone().map_err(listen_error)?.into();
@@ -672,6 +641,22 @@ struct Listeners {
     proxy: Option<std::net::TcpListener>,
     tunnel: Option<std::net::TcpListener>,
     inbound: Option<std::net::TcpListener>,
+}
+
+/// The listener at `address` inside `netns`: `inherited` if it is bound there, else a new
+/// one; with a second descriptor of it, for a successor.
+fn served_listener(
+    netns: &NetNs,
+    address: SocketAddrV4,
+    inherited: Option<std::net::TcpListener>,
+) -> io::Result<(OwnedFd, TcpListener)> {
+    let listener = match inherited {
+        Some(listener) if listener.local_addr().ok() == Some(SocketAddr::V4(address)) => listener,
+        _ => listen_in(netns, address)?,
+    };
+    let copy = listener.try_clone()?.into();
+    listener.set_nonblocking(true)?;
+    Ok((copy, TcpListener::from_std(listener)?))
 }
 
 /// Opens a listening socket at `addr` inside `netns`.

@@ -34,7 +34,8 @@ fn the_tutorial_end_to_end() {
 /// (`deploy/examples/security/call-graph.yml`: gateway → A → B → C, C for `GET` only). Every
 /// step as on one node, while a capture of the underlay sees only tunnel bytes (port 15008): no
 /// plaintext HTTP, no request id; the destination agents report each caller's SPIFFE identity
-/// over mutual TLS; no request of the tutorial is denied, and a call off the graph (A to C) is.
+/// over mutual TLS; no request of the tutorial is denied, none arrives in plaintext (every pod is
+/// STRICT), and a call off the graph (A to C) is denied.
 /// (Its control follows: the same calls, found in plaintext without `--ca`.)
 #[test]
 fn the_tutorial_end_to_end_on_three_nodes() {
@@ -76,6 +77,23 @@ fn the_tutorial_end_to_end_on_three_nodes() {
         0.0,
         "the policies denied none of the tutorial's calls"
     );
+    // Every pod is STRICT (`default` in istio-system): the tutorial's calls all arrive through
+    // tunnels, so the kernel refused none, and captured none in plaintext.
+    let inbound = |decision: &str| -> f64 {
+        agents
+            .iter()
+            .map(|agent| {
+                let (_, metrics) = agent.admin_get("/metrics").unwrap();
+                sum_samples(
+                    &metrics,
+                    "mesh_redirect_decisions_total",
+                    &[("decision", decision)],
+                )
+            })
+            .sum()
+    };
+    assert_eq!(inbound("inbound_refused"), 0.0);
+    assert_eq!(inbound("inbound_captured"), 0.0);
 
     // Off the graph: A may call B, but not C.
     let from_a = |service: &str| {

@@ -299,6 +299,7 @@ pub fn run(settings: Settings) -> Result<()> {
     if kubernetes.is_none() {
         // Pods the predecessor had enrolled at run time, which no flag of ours names.
         enrollments.adopt_inherited();
+        enrollments.prune_captures();
     }
     // What a successor gets besides the pods and the kernel state.
     let listeners = Arc::new(handover::Listeners::default());

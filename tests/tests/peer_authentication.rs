@@ -330,4 +330,33 @@ fn strict_refuses_plaintext_permissive_captures_it_and_both_hold_while_the_agent
     );
     assert_eq!(cluster.outsider_gets(strict, PORT, "/"), json!({"0": 3}));
     assert!(cluster.inbound_decisions(&cluster.agents[0], "inbound_captured") >= 1.0);
+
+    // `open-1` leaves the mesh while no agent runs: the next agent, which serves `strict-1`
+    // only, removes its capture, so nothing of the mesh stands in its way any more.
+    cluster.agents[0].process().signal(libc::SIGKILL).unwrap();
+    cluster.agents[0].process().wait_timeout(TIMEOUT).unwrap();
+    // The captures pinned on the node's bpffs (beside the kernel's own `*.debug` files).
+    let pins = |cluster: &Cluster| {
+        std::fs::read_dir(cluster.nodes[0].bpffs_dir())
+            .unwrap()
+            .filter(|entry| {
+                let name = entry.as_ref().unwrap().file_name();
+                name.to_string_lossy().starts_with("netns-")
+            })
+            .count()
+    };
+    assert_eq!(pins(&cluster), 2, "both pods' captures outlived the agent");
+    cluster.agents[0] =
+        Agent::start(&cluster.nodes[0], &[&cluster.strict], &cluster.args()).unwrap();
+    assert_eq!(
+        pins(&cluster),
+        1,
+        "the capture of the pod no longer enrolled went"
+    );
+    let (strict, open) = (&cluster.strict, &cluster.open);
+    assert_eq!(
+        cluster.outsider_gets(open, PORT, "/secret"),
+        json!({"200": 3})
+    );
+    assert_eq!(cluster.outsider_gets(strict, PORT, "/"), json!({"0": 3}));
 }

@@ -50,6 +50,7 @@ impl Cluster {
 /// the task is dropped.
 pub fn follow(cluster: Cluster, enrollments: Arc<Enrollments>) -> JoinHandle<()> {
     reconcile(&cluster, &enrollments);
+    enrollments.prune_captures();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(RECONCILE_EVERY);
         loop {

@@ -559,6 +559,15 @@ impl Enrollments {
         Ok(())
     }
 
+    /// Every pod to serve is enrolled: the captures of pods that left the mesh while no agent
+    /// ran go.
+    pub fn prune_captures(&self) {
+        if let Some(capture) = self.redirect.capture() {
+            let _pods = self.pods.lock().expect("enrollments lock");
+            capture.prune_unclaimed();
+        }
+    }
+
     /// Puts the pods' PeerAuthentication modes, as they are now, in the kernel.
     pub fn update_capture(&self) {
         let (Some(capture), Some(hbone)) = (self.redirect.capture(), &self.hbone) else {

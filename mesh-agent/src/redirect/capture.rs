@@ -9,8 +9,9 @@
 //! the app directly and STRICT ports refuse. The next agent fills its own maps, then switches
 //! each pinned link to its own program in one step (`BPF_LINK_UPDATE`).
 //!
-//! A pin goes when its pod is unenrolled, and at start for namespaces that no longer exist; an
-//! agent that shuts down keeps them (it may be restarting). Removing the pin directory undoes
+//! A pin goes when its pod is unenrolled, at start for namespaces that no longer exist, and
+//! once the agent has enrolled the pods it serves for pods it did not (they left the mesh while
+//! no agent ran); an agent that shuts down keeps them (it may be restarting). Removing the pin directory undoes
 //! everything (`rm -r /sys/fs/bpf/mesh`).
 
 use std::{
@@ -255,6 +256,27 @@ impl Capture {
             }
         }
         Ok(())
+    }
+
+    /// Removes the pins of pods this agent has not captured: pods that left the mesh while no
+    /// agent ran (their namespaces live on, so `prune_defunct` kept them). Call it once the
+    /// pods to serve are all enrolled: one agent per pin directory.
+    pub fn prune_unclaimed(&self) {
+        let captured = self.captured.lock().unwrap_or_else(PoisonError::into_inner);
+        let Ok(entries) = std::fs::read_dir(&self.pin_dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let cookie = name
+                .to_str()
+                .and_then(|name| name.strip_prefix("netns-"))
+                .and_then(|cookie| cookie.parse::<u64>().ok());
+            if cookie.is_some_and(|cookie| !captured.contains_key(&cookie)) {
+                tracing::info!(pin = %entry.path().display(), "removing the capture of a pod no longer enrolled");
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
     }
 
     /// The node's own addresses (the agent runs in the node's network namespace), from which

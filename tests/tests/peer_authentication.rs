@@ -272,6 +272,21 @@ fn strict_refuses_plaintext_permissive_captures_it_and_both_hold_while_the_agent
         );
         assert_eq!(requests, count, "{code}: {metrics}");
     }
+    // No policy for `strict-1`: its HTTP is served all the same, so that the destination
+    // reports each request, the outsider's in plaintext and service-a's through the tunnel.
+    for security in ["none", "mutual_tls"] {
+        let requests = sum_samples(
+            &metrics,
+            "istio_requests_total",
+            &[
+                ("reporter", "destination"),
+                ("destination_app", "strict"),
+                ("response_code", "200"),
+                ("connection_security_policy", security),
+            ],
+        );
+        assert_eq!(requests, 3.0, "{security}: {metrics}");
+    }
 
     // The destination's agent dies: the pinned capture stays.
     cluster.agents[0]

@@ -30,7 +30,7 @@ use super::{
 use crate::{
     authorization::Decision,
     identity::{spiffe::SpiffeId, tls, WorkloadIdentity},
-    inbound::{self, Admission, Admitted, App, Arrival, PodPolicies, Resettable},
+    inbound::{self, Admission, App, Arrival, PodPolicies, Resettable},
     proxy::{upstream::Dialer, Drain},
     redirect::{netns::NetNs, Exemption},
     telemetry::{
@@ -229,8 +229,8 @@ impl Listener {
         }
     }
 
-    /// One `CONNECT` stream: refused unless it names this pod's own address; otherwise the app
-    /// is dialled and the stream carried to it.
+    /// One `CONNECT` stream: refused unless it names this pod's own address; otherwise judged
+    /// by the pod's policies and delivered to the app (`inbound::deliver`, `inbound::inspect`).
     async fn stream(
         &self,
         request: Request<RecvStream>,
@@ -268,23 +268,22 @@ impl Listener {
             labels: peer_labels(&self.hbone, &self.pod, ends),
         };
         let policies = Arc::new(self.policies());
-        if let Admission::Inspect(decision) = inbound::admit(&policies.current(), &arrival) {
-            let Ok(send) = respond.send_response(Response::new(()), false) else {
-                return;
-            };
-            let tunnel = H2Stream::new(send, request.into_body());
-            return self.judged(tunnel, ends, arrival, decision, policies).await;
+        let app = self.app(target);
+        // A connection admitted as such reaches the app before the stream opens, so that a
+        // source agent sees an app that refuses as a failed connection (and retries it).
+        enum Next {
+            Deliver(TcpStream),
+            Inspect(Decision),
         }
-        let mut app = match self
-            .dialer
-            .connect_tcp_within(target, self.hbone.limits.connect_timeout)
-            .await
-        {
-            Ok(app) => app,
-            Err(error) => {
-                debug!(%target, %error, "the app refused the tunnelled connection");
-                return reply(StatusCode::SERVICE_UNAVAILABLE);
-            }
+        let next = match inbound::admit(&policies.current(), &arrival) {
+            Admission::Open => match app.connect().await {
+                Ok(dialled) => Next::Deliver(dialled),
+                Err(error) => {
+                    debug!(%target, %error, "the app refused the tunnelled connection");
+                    return reply(StatusCode::SERVICE_UNAVAILABLE);
+                }
+            },
+            Admission::Inspect(decision) => Next::Inspect(decision),
         };
         let send = match respond.send_response(Response::new(()), false) {
             Ok(send) => send,
@@ -295,67 +294,25 @@ impl Listener {
         };
         self.hbone.metrics.stream(INBOUND);
         let tunnel = H2Stream::new(send, request.into_body());
-        let connection = self.hbone.telemetry.metrics.tcp_connection(&arrival.labels);
-        let mut tunnel = Metered::new(tunnel, connection);
-        self.carry(&mut tunnel, &mut app, &policies, &arrival, ends)
-            .await;
-    }
-
-    /// Carries a stream its policies admit as a connection, bytes counted as they pass
-    /// (`Metered`), until it ends or a change of policies resets it.
-    async fn carry(
-        &self,
-        client: &mut impl Resettable,
-        app: &mut TcpStream,
-        policies: &PodPolicies,
-        arrival: &Arrival,
-        ends: &Ends,
-    ) {
         let metrics = &self.hbone.telemetry.metrics;
-        let carried = inbound::carry_while_admitted(client, app, policies, arrival, metrics).await;
-        if let Some(Err(error)) = carried {
-            debug!(peer = %ends.peer, %error, "tunnelled connection ended with an error");
+        let tunnel = Metered::new(tunnel, metrics.tcp_connection(&arrival.labels));
+        let arrival = Arc::new(arrival);
+        match next {
+            Next::Deliver(dialled) => {
+                inbound::deliver(tunnel, dialled, app, policies, arrival, metrics).await;
+            }
+            Next::Inspect(decision) => {
+                inbound::inspect(tunnel, decision, policies, arrival, app, metrics).await;
+            }
         }
     }
 
-    /// A stream the pod's policies judge ([`inbound::inspect`]) before anything reaches the
-    /// app; what they admit as a connection is carried here.
-    async fn judged(
-        &self,
-        tunnel: H2Stream,
-        ends: &Ends,
-        arrival: Arrival,
-        decision: Decision,
-        policies: Arc<PodPolicies>,
-    ) {
-        self.hbone.metrics.stream(INBOUND);
-        let app = App {
+    /// The app at `address`, dialled from inside the pod.
+    fn app(&self, address: SocketAddr) -> App {
+        App {
             dialer: self.dialer.clone(),
-            address: arrival.destination,
+            address,
             connect_timeout: self.hbone.limits.connect_timeout,
-        };
-        let tunnel = Metered::new(
-            tunnel,
-            self.hbone.telemetry.metrics.tcp_connection(&arrival.labels),
-        );
-        let metrics = &self.hbone.telemetry.metrics;
-        let arrival = Arc::new(arrival);
-        let admitted = inbound::inspect(
-            tunnel,
-            decision,
-            Arc::clone(&policies),
-            Arc::clone(&arrival),
-            app,
-            metrics,
-        )
-        .await;
-        if let Some(Admitted {
-            mut client,
-            mut app,
-        }) = admitted
-        {
-            self.carry(&mut client, &mut app, &policies, &arrival, ends)
-                .await;
         }
     }
 

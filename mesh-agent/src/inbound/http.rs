@@ -1,15 +1,16 @@
-//! HTTP at the destination, for a pod whose policies read it (or deny the connection): served
-//! on the arriving stream with hyper, each request judged and then answered
-//! `403 RBAC: access denied` (Envoy's words) or forwarded to the app on one connection of its
-//! own, HTTP/1 or HTTP/2 as the client spoke. The app's connection is opened for the first
-//! request allowed, so a client denied everything never reaches the app, and opened again
-//! when the app has closed it.
+//! HTTP at the destination: served on the arriving stream with hyper, each request judged by
+//! the pod's policies and then answered `403 RBAC: access denied` (Envoy's words) or forwarded
+//! to the app on one connection of its own, HTTP/1 or HTTP/2 as the client spoke. When the
+//! policies judged the connection before its bytes, the app's connection was dialled already;
+//! otherwise it is opened for the first request allowed, so a client denied everything never
+//! reaches the app. It is opened again when the app has closed it.
 //!
 //! What the app receives: the request as sent, except its path normalized as it was judged
 //! ([`path::normalize`]), `x-forwarded-client-cert` set by this agent from the tunnel's
 //! identities (any the client sent is dropped, as Envoy's `SANITIZE_SET` does) and hop-by-hop
-//! headers left on their hop, both ways. Protocol
-//! upgrades (WebSocket) are not carried on this path.
+//! headers left on their hop, both ways, except an HTTP/1 upgrade (WebSocket): the client's
+//! `Upgrade` goes to the app, and once the app switches, the two connections' bytes are carried
+//! as they come.
 //!
 //! Each request is reported by the destination (`istio_requests_total{reporter="destination"}`
 //! and its histograms), once its answer has been sent whole or given up: 403s included.
@@ -25,18 +26,19 @@ use std::{
 
 use bytes::Bytes;
 use http::{
-    header::{CONTENT_TYPE, HOST},
+    header::{CONNECTION, CONTENT_TYPE, HOST, UPGRADE},
     uri::PathAndQuery,
-    HeaderName, HeaderValue, Request, Response, StatusCode, Uri,
+    HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version,
 };
 use http_body_util::{BodyExt, Full};
 use hyper::{
     body::{Body, Frame, Incoming, SizeHint},
     client::conn,
     service::service_fn,
+    upgrade::OnUpgrade,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::sync::Mutex;
+use tokio::{net::TcpStream, sync::Mutex};
 
 use super::{audit, App, Arrival, PodPolicies, Prefixed, Resettable};
 use crate::{
@@ -70,9 +72,11 @@ pub async fn serve<S: Resettable>(
     policies: Arc<PodPolicies>,
     arrival: Arc<Arrival>,
     app: App,
+    dialled: Option<TcpStream>,
     metrics: &Arc<Metrics>,
 ) {
     let delivery = Arc::new(Delivery {
+        dialled: std::sync::Mutex::new(dialled),
         forwarded_client_cert: forwarded_client_cert(&arrival),
         policies,
         arrival,
@@ -102,6 +106,7 @@ pub async fn serve<S: Resettable>(
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_TIMEOUT)
             .serve_connection(io, service)
+            .with_upgrades()
             .await
     };
     if let Err(error) = served {
@@ -114,6 +119,8 @@ struct Delivery {
     policies: Arc<PodPolicies>,
     arrival: Arc<Arrival>,
     app: App,
+    /// The app's connection when it was dialled before the first request: used for it.
+    dialled: std::sync::Mutex<Option<TcpStream>>,
     protocol: Detected,
     upstream: Mutex<Option<Upstream>>,
     forwarded_client_cert: Option<HeaderValue>,
@@ -198,8 +205,14 @@ impl Delivery {
         if let Some(normal) = normalized {
             rewrite_path(request.uri_mut(), &normal);
         }
+        let upgrade = upgrade_asked(&request);
+        let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
         let headers = request.headers_mut();
         strip_hop_by_hop(headers);
+        if let Some(protocol) = upgrade {
+            headers.insert(UPGRADE, protocol);
+            headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        }
         headers.remove(XFCC);
         if let Some(value) = &self.forwarded_client_cert {
             headers.insert(XFCC, value.clone());
@@ -225,8 +238,14 @@ impl Delivery {
         };
         Ok(match response {
             Ok(mut response) => {
-                // The app's `Connection: close` ends its own connection, not the client's.
-                strip_hop_by_hop(response.headers_mut());
+                match client_upgrade {
+                    Some(client) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                        let app = hyper::upgrade::on(&mut response);
+                        tokio::spawn(carry_upgraded(client, app));
+                    }
+                    // The app's `Connection: close` ends its own connection, not the client's.
+                    _ => strip_hop_by_hop(response.headers_mut()),
+                }
                 response.map(|body| body.map_err(Into::into).boxed())
             }
             Err(error) => {
@@ -258,16 +277,53 @@ impl Delivery {
     }
 
     async fn connect(&self) -> anyhow::Result<Upstream> {
-        let io = TokioIo::new(self.app.connect().await?);
+        let dialled = self
+            .dialled
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        let stream = match dialled {
+            Some(stream) => stream,
+            None => self.app.connect().await?,
+        };
+        let io = TokioIo::new(stream);
         Ok(if self.protocol == Detected::Http2 {
             let (sender, connection) = conn::http2::handshake(TokioExecutor::new(), io).await?;
             tokio::spawn(connection);
             Upstream::Http2(sender)
         } else {
             let (sender, connection) = conn::http1::handshake(io).await?;
-            tokio::spawn(connection);
+            tokio::spawn(connection.with_upgrades());
             Upstream::Http1(sender)
         })
+    }
+}
+
+/// The protocol an HTTP/1 request asks to switch to (`Upgrade`, named in `Connection`, as a
+/// WebSocket handshake does); the app's `101 Switching Protocols` hands both connections over
+/// to [`carry_upgraded`].
+fn upgrade_asked<B>(request: &Request<B>) -> Option<HeaderValue> {
+    let connection_names_it = request
+        .headers()
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|name| name.trim().eq_ignore_ascii_case("upgrade"));
+    let asked = request.headers().get(UPGRADE)?;
+    (connection_names_it && request.version() <= Version::HTTP_11).then(|| asked.clone())
+}
+
+/// Carries the bytes of an upgraded connection between the client and the app until either
+/// ends.
+async fn carry_upgraded(client: OnUpgrade, app: OnUpgrade) {
+    let (client, app) = match tokio::try_join!(client, app) {
+        Ok(both) => both,
+        Err(error) => return tracing::debug!(%error, "protocol upgrade failed"),
+    };
+    let (mut client, mut app) = (TokioIo::new(client), TokioIo::new(app));
+    if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut app).await {
+        tracing::debug!(%error, "upgraded connection ended with an error");
     }
 }
 

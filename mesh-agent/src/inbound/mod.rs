@@ -3,12 +3,14 @@
 //! `AuthorizationPolicies` ([`crate::authorization`]) judge it, and what they admit is delivered
 //! to the app, dialled from inside the pod.
 //!
-//! - No policy applies, or the connection is allowed and no rule reads HTTP: its bytes are
-//!   carried as they come ([`Admission::Open`]).
+//! - No policy applies, or the connection is allowed and no rule reads HTTP
+//!   ([`Admission::Open`]): the app is dialled, then [`deliver`]ed: HTTP is served ([`http`]),
+//!   so that each request is reported by the destination, and anything else carried as bytes.
 //! - Otherwise its first bytes say whether it is HTTP (as outbound protocol detection does,
-//!   within [`DETECT_TIMEOUT`]). HTTP is served here ([`http`]): each request is judged with
-//!   its method, path, host and headers, and answered `403 RBAC: access denied` or forwarded to
-//!   the app. Anything else is judged as a connection: reset when denied, else carried.
+//!   within [`DETECT_TIMEOUT`]) before the app is dialled ([`inspect`]). HTTP is served here:
+//!   each request is judged with its method, path, host and headers, and answered
+//!   `403 RBAC: access denied` or forwarded to the app. Anything else is judged as a
+//!   connection: reset when denied, else carried.
 //!
 //! The identity judged is the one the tunnel's mutual TLS proved (none for plaintext), never a
 //! header: the request the app receives carries an `x-forwarded-client-cert` this agent wrote,
@@ -156,7 +158,7 @@ impl PodPolicies {
 /// client, which reconnects, is judged under the new ones (a connection a new `DENY` names,
 /// or one whose requests a new rule reads, does not outlive the change). Returns the bytes
 /// carried each way when it ended by itself.
-pub async fn carry_while_admitted<S: Resettable>(
+async fn carry_while_admitted<S: Resettable>(
     client: &mut S,
     app: &mut TcpStream,
     policies: &PodPolicies,
@@ -224,20 +226,51 @@ pub fn admit(policies: &Policies, arrival: &Arrival) -> Admission {
     }
 }
 
-/// What [`inspect`] leaves to the caller: a connection allowed as such, to be carried.
-pub struct Admitted<S> {
-    pub client: Prefixed<S>,
-    pub app: TcpStream,
-}
-
 /// A stream that can be reset, so that a denied connection looks refused to its client.
 pub trait Resettable: AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {
     fn reset(&mut self);
 }
 
+/// Delivers a connection admitted as such to its app, dialled already: when the client's first
+/// bytes say HTTP it is served per request ([`http`]: each request reported, and judged again
+/// should the policies change); anything else is carried as bytes until it ends or the
+/// policies no longer admit it (then reset). The app speaking first (a server-first
+/// protocol such as MySQL or SMTP) settles it at once, without waiting for detection.
+pub async fn deliver<S: Resettable>(
+    mut client: S,
+    mut app: TcpStream,
+    dial: App,
+    policies: Arc<PodPolicies>,
+    arrival: Arc<Arrival>,
+    metrics: &Arc<Metrics>,
+) {
+    let mut read = BytesMut::with_capacity(64);
+    let detected = tokio::select! {
+        biased;
+        detected = tokio::time::timeout(DETECT_TIMEOUT, classify_first_bytes(&mut client, &mut read)) => {
+            detected.unwrap_or(Detected::Other)
+        }
+        _ = app.readable() => Detected::Other,
+    };
+    let mut client = Prefixed::new(read.freeze(), client);
+    if matches!(detected, Detected::Http1 | Detected::Http2) {
+        return http::serve(
+            client,
+            detected,
+            policies,
+            arrival,
+            dial,
+            Some(app),
+            metrics,
+        )
+        .await;
+    }
+    carry(&mut client, &mut app, &policies, &arrival, metrics).await;
+}
+
 /// Reads the first bytes of `stream` and acts on them: HTTP is served and judged per request
-/// until the client is done; anything else is judged by `as_connection`: reset when denied
-/// (`None`), else returned with the app's connection to be carried.
+/// until the client is done; anything else is judged by `as_connection`: reset when denied,
+/// else carried to the app.
 pub async fn inspect<S: Resettable>(
     mut stream: S,
     as_connection: Decision,
@@ -245,12 +278,11 @@ pub async fn inspect<S: Resettable>(
     arrival: Arc<Arrival>,
     app: App,
     metrics: &Arc<Metrics>,
-) -> Option<Admitted<S>> {
+) {
     let (prefix, detected) = first_bytes(&mut stream).await;
     let mut stream = Prefixed::new(prefix, stream);
     if matches!(detected, Detected::Http1 | Detected::Http2) {
-        http::serve(stream, detected, policies, arrival, app, metrics).await;
-        return None;
+        return http::serve(stream, detected, policies, arrival, app, None, metrics).await;
     }
     if !as_connection.allowed {
         tracing::debug!(
@@ -261,19 +293,29 @@ pub async fn inspect<S: Resettable>(
         );
         metrics.authorization_denied("connection");
         stream.inner_mut().reset();
-        return None;
+        return;
     }
     audit(&as_connection, &arrival, None);
     match app.connect().await {
-        Ok(app) => Some(Admitted {
-            client: stream,
-            app,
-        }),
+        Ok(mut app) => carry(&mut stream, &mut app, &policies, &arrival, metrics).await,
         Err(error) => {
             tracing::debug!(address = %app.address, %error, "the app refused the connection");
             stream.inner_mut().reset();
-            None
         }
+    }
+}
+
+/// [`carry_while_admitted`], its end logged.
+async fn carry<S: Resettable>(
+    client: &mut S,
+    app: &mut TcpStream,
+    policies: &PodPolicies,
+    arrival: &Arrival,
+    metrics: &Metrics,
+) {
+    let carried = carry_while_admitted(client, app, policies, arrival, metrics).await;
+    if let Some(Err(error)) = carried {
+        tracing::debug!(source = %arrival.source, %error, "inbound connection ended with an error");
     }
 }
 
@@ -297,21 +339,27 @@ fn audit(decision: &Decision, arrival: &Arrival, request: Option<(&str, &str)>) 
 /// [`DETECT_TIMEOUT`], or it ends; returns what was read.
 async fn first_bytes<S: AsyncRead + Unpin>(stream: &mut S) -> (Bytes, Detected) {
     let mut read = BytesMut::with_capacity(64);
-    let detect = async {
-        loop {
-            match stream.read_buf(&mut read).await {
-                Ok(0) | Err(_) => return Detected::Other,
-                Ok(_) => {}
-            }
-            if let Some(detected) = classify(&read) {
-                return detected;
-            }
-        }
-    };
-    let detected = tokio::time::timeout(DETECT_TIMEOUT, detect)
+    let detected = tokio::time::timeout(DETECT_TIMEOUT, classify_first_bytes(stream, &mut read))
         .await
         .unwrap_or(Detected::Other);
     (read.freeze(), detected)
+}
+
+/// Reads into `read` until its bytes say HTTP/1, HTTP/2 or neither, or `stream` ends. What was
+/// read stays in `read` if this is dropped before it ends.
+async fn classify_first_bytes<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    read: &mut BytesMut,
+) -> Detected {
+    loop {
+        match stream.read_buf(read).await {
+            Ok(0) | Err(_) => return Detected::Other,
+            Ok(_) => {}
+        }
+        if let Some(detected) = classify(read) {
+            return detected;
+        }
+    }
 }
 
 #[cfg(test)]

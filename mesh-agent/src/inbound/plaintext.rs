@@ -13,7 +13,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::debug;
 
-use super::{admit, carry_while_admitted, inspect, pod_labels, Admission, Admitted, App, Arrival};
+use super::{admit, deliver, inspect, pod_labels, Admission, App, Arrival};
 use crate::{
     authorization::MtlsMode,
     identity::WorkloadIdentity,
@@ -95,51 +95,30 @@ impl PlaintextPod {
             address: destination,
             connect_timeout: self.connect_timeout,
         };
-        let (mut client, mut app) = match admit(&policies.current(), &arrival) {
-            Admission::Open => match app.connect().await {
-                Ok(app) => (client, app),
-                Err(error) => {
-                    debug!(address = %app.address, %error, "the app refused the connection");
-                    client.reset();
-                    return;
-                }
-            },
-            Admission::Inspect(decision) => {
-                let shared = Arc::new(arrival.clone());
-                let admitted = inspect(
-                    client,
-                    decision,
-                    Arc::clone(&policies),
-                    shared,
-                    app,
-                    &self.metrics,
-                )
-                .await;
-                let Some(Admitted {
-                    mut client,
-                    mut app,
-                }) = admitted
-                else {
-                    return;
+        let decision = match admit(&policies.current(), &arrival) {
+            Admission::Open => {
+                let dialled = match app.connect().await {
+                    Ok(dialled) => dialled,
+                    Err(error) => {
+                        debug!(address = %app.address, %error, "the app refused the connection");
+                        client.reset();
+                        return;
+                    }
                 };
-                self.carry(&mut client, &mut app, &policies, &arrival).await;
-                return;
+                let arrival = Arc::new(arrival);
+                return deliver(client, dialled, app, policies, arrival, &self.metrics).await;
             }
+            Admission::Inspect(decision) => decision,
         };
-        self.carry(&mut client, &mut app, &policies, &arrival).await;
-    }
-
-    async fn carry(
-        &self,
-        client: &mut impl Resettable,
-        app: &mut TcpStream,
-        policies: &PodPolicies,
-        arrival: &Arrival,
-    ) {
-        let carried = carry_while_admitted(client, app, policies, arrival, &self.metrics).await;
-        if let Some(Err(error)) = carried {
-            debug!(source = %arrival.source, %error, "inbound connection ended with an error");
-        }
+        inspect(
+            client,
+            decision,
+            policies,
+            Arc::new(arrival),
+            app,
+            &self.metrics,
+        )
+        .await;
     }
 
     /// How the destination names a connection from `peer` and this pod in its telemetry.

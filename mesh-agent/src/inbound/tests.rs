@@ -334,7 +334,7 @@ spec:
     assert!(!decision.allowed);
     let start = tokio::time::Instant::now();
     let app = loopback_app(address);
-    let admitted = inspect(
+    inspect(
         Pipe(server),
         decision,
         fixed(policies),
@@ -343,7 +343,6 @@ spec:
         &metrics(),
     )
     .await;
-    assert!(admitted.is_none());
     assert!(start.elapsed() >= DETECT_TIMEOUT);
     let mut rest = Vec::new();
     client.read_to_end(&mut rest).await.unwrap();
@@ -352,8 +351,8 @@ spec:
 }
 
 #[tokio::test]
-async fn a_connection_allowed_as_such_is_handed_back_with_its_first_bytes() {
-    let (address, _) = echo_app().await;
+async fn a_connection_allowed_as_such_reaches_the_app_with_its_first_bytes() {
+    let address = byte_app(b"").await;
     let (mut client, server) = tokio::io::duplex(1024);
     let policies = policies(
         "
@@ -371,24 +370,184 @@ spec:
         panic!("a policy that reads HTTP inspects");
     };
     assert!(decision.allowed);
-    client.write_all(b" a TLS hello").await.unwrap();
+    client.write_all(b"\x16\x03\x01 a TLS hello").await.unwrap();
     let app = loopback_app(address);
-    let Some(mut admitted) = inspect(
-        Pipe(server),
-        decision,
-        fixed(policies),
-        arrival,
-        app,
-        &metrics(),
-    )
-    .await
-    else {
-        panic!("allowed as a connection");
-    };
-    let mut first = [0; 8];
-    admitted.client.read_exact(&mut first).await.unwrap();
-    assert_eq!(&first, b"\x16\x03\x01 a TL");
-    admitted.app.peer_addr().expect("the app connected");
+    tokio::spawn(async move {
+        inspect(
+            Pipe(server),
+            decision,
+            fixed(policies),
+            arrival,
+            app,
+            &metrics(),
+        )
+        .await;
+    });
+    let mut echoed = [0; 15];
+    client.read_exact(&mut echoed).await.unwrap();
+    assert_eq!(&echoed, b"\x16\x03\x01 a TLS hello");
+}
+
+/// An app that writes `greeting` to each connection it accepts (a server-first protocol when
+/// not empty), then echoes what it reads.
+async fn byte_app(greeting: &'static [u8]) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                stream.write_all(greeting).await?;
+                let (mut read, mut write) = stream.split();
+                tokio::io::copy(&mut read, &mut write).await
+            });
+        }
+    });
+    address
+}
+
+/// Delivers one connection with no policy in force, as a tunnel or the plaintext listener does.
+async fn deliver_open(
+    server: DuplexStream,
+    address: SocketAddr,
+    metrics: Arc<Metrics>,
+) -> tokio::task::JoinHandle<()> {
+    let arrival = arrival("service-a", address);
+    let policies = Policies::default();
+    assert!(matches!(admit(&policies, &arrival), Admission::Open));
+    let dialled = TcpStream::connect(address).await.unwrap();
+    tokio::spawn(async move {
+        let app = loopback_app(address);
+        deliver(
+            Pipe(server),
+            dialled,
+            app,
+            fixed(policies),
+            arrival,
+            &metrics,
+        )
+        .await;
+    })
+}
+
+#[tokio::test]
+async fn with_no_policy_http_is_served_so_that_the_destination_reports_each_request() {
+    let (address, accepted) = echo_app().await;
+    let (mut client, server) = tokio::io::duplex(64 * 1024);
+    let mut registry = Registry::default();
+    let metrics = Arc::new(Metrics::new("cluster.local", &mut registry));
+    let delivered = deliver_open(server, address, Arc::clone(&metrics)).await;
+    client
+        .write_all(
+            b"GET /one HTTP/1.1\r\nHost: b\r\nx-forwarded-client-cert: URI=spiffe://forged\r\n\r\n\
+              GET /two HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    client.read_to_string(&mut answer).await.unwrap();
+    delivered.await.unwrap();
+    assert_eq!(answer.matches("HTTP/1.1 200 OK").count(), 2, "{answer}");
+    assert!(!answer.contains("forged"), "{answer}");
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    let reported = text
+        .lines()
+        .find(|line| line.starts_with("istio_requests_total{"))
+        .unwrap_or_else(|| panic!("no request reported:\n{text}"));
+    assert!(reported.contains(r#"reporter="destination""#), "{reported}");
+    assert!(reported.contains(r#"response_code="200""#), "{reported}");
+    assert!(reported.ends_with(" 2"), "{reported}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_no_policy_an_app_that_speaks_first_is_carried_without_waiting_for_detection() {
+    let address = byte_app(b"220 ready\r\n").await;
+    let (mut client, server) = tokio::io::duplex(1024);
+    let arrival = arrival("service-a", address);
+    let dialled = TcpStream::connect(address).await.unwrap();
+    // The greeting is there before delivery starts; the client has said nothing.
+    dialled.readable().await.unwrap();
+    let start = tokio::time::Instant::now();
+    tokio::spawn(async move {
+        let app = loopback_app(address);
+        let policies = fixed(Policies::default());
+        deliver(Pipe(server), dialled, app, policies, arrival, &metrics()).await;
+    });
+    let mut greeting = [0; 11];
+    client.read_exact(&mut greeting).await.unwrap();
+    assert_eq!(&greeting, b"220 ready\r\n");
+    assert!(start.elapsed() < DETECT_TIMEOUT, "{:?}", start.elapsed());
+    // Carried as bytes from then on: what looks like HTTP is not served but echoed.
+    client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    let mut echoed = [0; 18];
+    client.read_exact(&mut echoed).await.unwrap();
+    assert_eq!(&echoed, b"GET / HTTP/1.1\r\n\r\n");
+}
+
+#[tokio::test]
+async fn a_websocket_upgrade_reaches_the_app_and_its_bytes_are_carried_after_the_switch() {
+    let address = websocket_app().await;
+    let (mut client, server) = tokio::io::duplex(1024);
+    let _delivered = deliver_open(server, address, metrics()).await;
+    client
+        .write_all(
+            b"GET /chat HTTP/1.1\r\nHost: b\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0];
+        client.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    client.write_all(b"frames after the switch").await.unwrap();
+    let mut echoed = [0; 23];
+    client.read_exact(&mut echoed).await.unwrap();
+    assert_eq!(&echoed, b"frames after the switch");
+}
+
+/// An app that switches every request that asks for it to an echo of raw bytes.
+async fn websocket_app() -> SocketAddr {
+    use hyper::service::service_fn;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let service = service_fn(
+                |mut request: ::http::Request<hyper::body::Incoming>| async move {
+                    let asked = request.headers().get("upgrade").cloned();
+                    let mut response =
+                        ::http::Response::new(http_body_util::Empty::<bytes::Bytes>::new());
+                    if let Some(protocol) = asked {
+                        let upgraded = hyper::upgrade::on(&mut request);
+                        tokio::spawn(async move {
+                            let upgraded = upgraded.await.unwrap();
+                            let (mut read, mut write) =
+                                tokio::io::split(hyper_util::rt::TokioIo::new(upgraded));
+                            tokio::io::copy(&mut read, &mut write).await
+                        });
+                        *response.status_mut() = ::http::StatusCode::SWITCHING_PROTOCOLS;
+                        response.headers_mut().insert("upgrade", protocol);
+                        response
+                            .headers_mut()
+                            .insert("connection", ::http::HeaderValue::from_static("upgrade"));
+                    }
+                    Ok::<_, std::convert::Infallible>(response)
+                },
+            );
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .with_upgrades(),
+            );
+        }
+    });
+    address
 }
 
 #[test]

@@ -11,8 +11,8 @@
 //!
 //! A pin goes when its pod is unenrolled, at start for namespaces that no longer exist, and
 //! once the agent has enrolled the pods it serves for pods it did not (they left the mesh while
-//! no agent ran); an agent that shuts down keeps them (it may be restarting). Removing the pin directory undoes
-//! everything (`rm -r /sys/fs/bpf/mesh`).
+//! no agent ran); an agent that shuts down keeps them (it may be restarting). Removing the pin
+//! directory undoes everything (`rm -r /sys/fs/bpf/mesh`).
 
 use std::{
     collections::BTreeMap,
@@ -24,7 +24,9 @@ use std::{
 };
 
 use aya::maps::{HashMap, MapData, MapError, PerCpuArray, SockHash};
-use mesh_common::{map_name, program_name, InboundDecision, InboundKey, PlaintextInbound};
+use mesh_common::{
+    map_name, program_name, InboundDecision, InboundKey, PlaintextInbound, NODE_ADDRESSES_CAPACITY,
+};
 
 use super::{
     error::RedirectError,
@@ -291,15 +293,17 @@ impl Capture {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         let error = |source| map_error(map_name::NODE_ADDRESSES, source);
+        let addresses = within_capacity(&addresses);
+        // Gone first, so that the map has room for the new.
         let held: Vec<u32> = map.keys().filter_map(Result::ok).collect();
-        for address in &addresses {
-            map.insert(ip4_key(*address), 1, 0).map_err(error)?;
-        }
         for gone in held
             .into_iter()
             .filter(|key| !addresses.iter().any(|a| ip4_key(*a) == *key))
         {
             remove(&mut map, &gone).map_err(error)?;
+        }
+        for address in addresses {
+            map.insert(ip4_key(*address), 1, 0).map_err(error)?;
         }
         Ok(())
     }
@@ -373,6 +377,27 @@ pub fn own_addresses() -> io::Result<Vec<Ipv4Addr>> {
     Ok(addresses)
 }
 
+/// The node addresses the kernel's map can hold: the first [`NODE_ADDRESSES_CAPACITY`]. A
+/// connection from one left out is captured as any other client's (so a STRICT port refuses
+/// a probe from it): said once per start.
+fn within_capacity(addresses: &[Ipv4Addr]) -> &[Ipv4Addr] {
+    let capacity = NODE_ADDRESSES_CAPACITY as usize;
+    if addresses.len() > capacity {
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        WARNED.call_once(|| {
+            tracing::warn!(
+                addresses = addresses.len(),
+                capacity,
+                left_out = ?&addresses[capacity..],
+                "the node has more IPv4 addresses than the capture's exemption holds: \
+                 connections from those left out are captured like any client's, and a STRICT \
+                 port refuses them"
+            );
+        });
+    }
+    &addresses[..addresses.len().min(capacity)]
+}
+
 fn ip4_key(address: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(address.octets())
 }
@@ -411,5 +436,16 @@ mod tests {
             PlaintextPolicy::default().mode(1),
             PlaintextInbound::Capture
         );
+    }
+
+    #[test]
+    fn node_addresses_past_the_maps_capacity_are_left_out() {
+        let addresses: Vec<Ipv4Addr> = (0..NODE_ADDRESSES_CAPACITY + 6)
+            .map(|i| Ipv4Addr::from(0x0a00_0000 + i))
+            .collect();
+        let kept = within_capacity(&addresses);
+        assert_eq!(kept.len(), NODE_ADDRESSES_CAPACITY as usize);
+        assert_eq!(kept, &addresses[..kept.len()]);
+        assert_eq!(within_capacity(&addresses[..3]), &addresses[..3]);
     }
 }

@@ -362,6 +362,7 @@ async fn the_ingress_gateway_tunnels_to_pods_in_the_mesh_as_its_own_identity() {
     let tunnelled = t.mesh.metric(
         "istio_requests_total",
         &[
+            ("reporter", "source"),
             ("source_principal", identity.as_str()),
             ("connection_security_policy", "mutual_tls"),
         ],

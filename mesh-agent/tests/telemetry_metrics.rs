@@ -151,6 +151,17 @@ fn check_canary_counts(scrape: &Scrape) {
     let ok = [("response_code", "200")];
     assert_eq!(sum(scrape, total, &[("destination_version", "v1")]), 90.0);
     assert_eq!(sum(scrape, total, &[("destination_version", "v2")]), 10.0);
+    // What Kiali's graph groups by: every series carries the four canonical labels.
+    let canary = |revision| {
+        [
+            ("source_canonical_service", "client"),
+            ("source_canonical_revision", "v1"),
+            ("destination_canonical_service", "service-c"),
+            ("destination_canonical_revision", revision),
+        ]
+    };
+    assert_eq!(sum(scrape, total, &canary("v1")), 90.0);
+    assert_eq!(sum(scrape, total, &canary("v2")), 10.0);
     assert_eq!(
         sum(scrape, total, &[("destination_version", "v1"), ok[0]]),
         88.0

@@ -17,8 +17,8 @@ use std::{
 
 use mesh_tests::probe::{curl, probe, start_server};
 use mesh_tests::{
-    agent::attached_programs, leftovers_of, require_root, Agent, Backend, ConfigDir, Pod,
-    PodProcess, SimNode,
+    agent::{attached_programs, sum_samples},
+    leftovers_of, require_root, Agent, Backend, ConfigDir, Pod, PodProcess, SimNode,
 };
 use serde_json::Value;
 
@@ -527,6 +527,22 @@ each_mode! {
             })
             .sum();
         assert_eq!(requests, REQUESTS as f64, "{metrics}");
+        // Kiali's graph draws the canary from the canonical revision: the split as answered.
+        let by_revision = |revision: &str| {
+            sum_samples(
+                &metrics,
+                "istio_requests_total",
+                &[
+                    ("destination_canonical_service", "service-c"),
+                    ("destination_canonical_revision", revision),
+                ],
+            )
+        };
+        assert_eq!(
+            (by_revision("v1"), by_revision("v2")),
+            (v1 as f64, v2 as f64),
+            "{metrics}"
+        );
         // Kernel counters exist only in eBPF mode.
         assert_eq!(
             metrics.contains("mesh_redirect_decisions"),

@@ -549,6 +549,8 @@ struct PeerValues {
     destination_principal: Box<str>,
     connection_security_policy: &'static str,
     source_workload: Box<str>,
+    source_canonical_service: Box<str>,
+    source_canonical_revision: Box<str>,
     source_workload_namespace: Box<str>,
     source_app: Box<str>,
     source_version: Box<str>,
@@ -558,6 +560,8 @@ struct PeerValues {
     destination_app: Box<str>,
     destination_version: Box<str>,
     destination_service: Box<str>,
+    destination_canonical_service: Box<str>,
+    destination_canonical_revision: Box<str>,
     destination_service_name: Box<str>,
     destination_service_namespace: Box<str>,
     destination_cluster: Box<str>,
@@ -588,6 +592,8 @@ impl PeerValues {
                 PLAINTEXT
             },
             source_workload: source.workload.as_str().into(),
+            source_canonical_service: source.canonical_service.as_str().into(),
+            source_canonical_revision: source.canonical_revision.as_str().into(),
             source_workload_namespace: source.namespace.as_str().into(),
             source_app: source.app.as_str().into(),
             source_version: source.version.as_str().into(),
@@ -597,6 +603,8 @@ impl PeerValues {
             destination_app: dst(|w| &w.app),
             destination_version: dst(|w| &w.version),
             destination_service: svc(|s| &s.host),
+            destination_canonical_service: dst(|w| &w.canonical_service),
+            destination_canonical_revision: dst(|w| &w.canonical_revision),
             destination_service_name: svc(|s| &s.name),
             destination_service_namespace: svc(|s| &s.namespace),
             // Without multicluster, a known destination is in our cluster.
@@ -616,6 +624,8 @@ impl PeerValues {
             destination_principal: o(),
             connection_security_policy: OVERFLOW,
             source_workload: o(),
+            source_canonical_service: o(),
+            source_canonical_revision: o(),
             source_workload_namespace: o(),
             source_app: o(),
             source_version: o(),
@@ -625,6 +635,8 @@ impl PeerValues {
             destination_app: o(),
             destination_version: o(),
             destination_service: o(),
+            destination_canonical_service: o(),
+            destination_canonical_revision: o(),
             destination_service_name: o(),
             destination_service_namespace: o(),
             destination_cluster: o(),
@@ -632,10 +644,12 @@ impl PeerValues {
     }
 
     /// Istio's labels shared by request and TCP metrics, in the order Istio emits them.
-    fn pairs<'a>(&'a self, response_flags: &'a str) -> [(&'static str, &'a str); 18] {
+    fn pairs<'a>(&'a self, response_flags: &'a str) -> [(&'static str, &'a str); 22] {
         [
             ("reporter", self.reporter),
             ("source_workload", &self.source_workload),
+            ("source_canonical_service", &self.source_canonical_service),
+            ("source_canonical_revision", &self.source_canonical_revision),
             ("source_workload_namespace", &self.source_workload_namespace),
             ("source_principal", &self.source_principal),
             ("source_app", &self.source_app),
@@ -650,6 +664,14 @@ impl PeerValues {
             ("destination_app", &self.destination_app),
             ("destination_version", &self.destination_version),
             ("destination_service", &self.destination_service),
+            (
+                "destination_canonical_service",
+                &self.destination_canonical_service,
+            ),
+            (
+                "destination_canonical_revision",
+                &self.destination_canonical_revision,
+            ),
             ("destination_service_name", &self.destination_service_name),
             (
                 "destination_service_namespace",

@@ -157,6 +157,24 @@ fn metrics() -> Arc<Metrics> {
     Arc::new(Metrics::new("cluster.local", &mut Registry::default()))
 }
 
+/// Judges the connection whose far end is `server` under `policies`, which inspect it (they
+/// read HTTP or deny it as a connection), in a task of its own; its app is on loopback at
+/// `arrival.destination`.
+fn spawn_inspect(
+    server: DuplexStream,
+    policies: Policies,
+    arrival: Arc<Arrival>,
+) -> tokio::task::JoinHandle<()> {
+    let Admission::Inspect(decision) = admit(&policies, &arrival) else {
+        panic!("inspected");
+    };
+    let app = loopback_app(arrival.destination);
+    tokio::spawn(async move {
+        let policies = fixed(policies);
+        inspect(Pipe(server), decision, policies, arrival, app, &metrics()).await;
+    })
+}
+
 /// Sends `requests` (raw HTTP/1) on one connection judged for `account`; returns what came
 /// back once the connection ended.
 async fn exchange(account: &str, requests: &str, yaml: &str) -> (String, usize) {
@@ -170,24 +188,7 @@ async fn exchange_with(
     yaml: &str,
 ) -> (String, usize) {
     let (mut client, server) = tokio::io::duplex(64 * 1024);
-    let arrival = arrival(account, address);
-    let policies = policies(yaml);
-    let Admission::Inspect(decision) = admit(&policies, &arrival) else {
-        panic!("a policy that reads HTTP inspects");
-    };
-    let app = loopback_app(address);
-    let metrics = metrics();
-    let judged = tokio::spawn(async move {
-        inspect(
-            Pipe(server),
-            decision,
-            fixed(policies),
-            arrival,
-            app,
-            &metrics,
-        )
-        .await;
-    });
+    let judged = spawn_inspect(server, policies(yaml), arrival(account, address));
     client.write_all(requests.as_bytes()).await.unwrap();
     let mut answer = String::new();
     client.read_to_string(&mut answer).await.unwrap();
@@ -246,23 +247,7 @@ async fn an_app_that_closes_its_connections_is_dialled_again_for_the_next_reques
 async fn a_head_that_never_ends_is_given_up_after_the_header_timeout() {
     let (address, accepted) = echo_app().await;
     let (mut client, server) = tokio::io::duplex(1024);
-    let arrival = arrival("service-a", address);
-    let policies = policies(POLICY);
-    let Admission::Inspect(decision) = admit(&policies, &arrival) else {
-        panic!("inspected");
-    };
-    let app = loopback_app(address);
-    let judged = tokio::spawn(async move {
-        inspect(
-            Pipe(server),
-            decision,
-            fixed(policies),
-            arrival,
-            app,
-            &metrics(),
-        )
-        .await;
-    });
+    let judged = spawn_inspect(server, policies(POLICY), arrival("service-a", address));
     client
         .write_all(b"GET / HTTP/1.1\r\nHost: b\r\n")
         .await
@@ -366,23 +351,12 @@ spec:
 ",
     );
     let arrival = arrival("service-a", address);
-    let Admission::Inspect(decision) = admit(&policies, &arrival) else {
-        panic!("a policy that reads HTTP inspects");
-    };
-    assert!(decision.allowed);
+    assert!(matches!(
+        admit(&policies, &arrival),
+        Admission::Inspect(Decision { allowed: true, .. })
+    ));
     client.write_all(b"\x16\x03\x01 a TLS hello").await.unwrap();
-    let app = loopback_app(address);
-    tokio::spawn(async move {
-        inspect(
-            Pipe(server),
-            decision,
-            fixed(policies),
-            arrival,
-            app,
-            &metrics(),
-        )
-        .await;
-    });
+    spawn_inspect(server, policies, arrival);
     let mut echoed = [0; 15];
     client.read_exact(&mut echoed).await.unwrap();
     assert_eq!(&echoed, b"\x16\x03\x01 a TLS hello");

@@ -273,14 +273,16 @@ fn strict_refuses_plaintext_permissive_captures_it_and_both_hold_while_the_agent
         assert_eq!(requests, count, "{code}: {metrics}");
     }
     // No policy for `strict-1`: its HTTP is served all the same, so that the destination
-    // reports each request, the outsider's in plaintext and service-a's through the tunnel.
-    for security in ["none", "mutual_tls"] {
+    // reports each request: the outsider's in plaintext to port 9090, which no service has,
+    // and service-a's through the tunnel to port 8080, service `strict`'s.
+    for (security, service) in [("none", "unknown"), ("mutual_tls", "strict")] {
         let requests = sum_samples(
             &metrics,
             "istio_requests_total",
             &[
                 ("reporter", "destination"),
                 ("destination_app", "strict"),
+                ("destination_service_name", service),
                 ("response_code", "200"),
                 ("connection_security_policy", security),
             ],

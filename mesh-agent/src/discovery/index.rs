@@ -281,7 +281,11 @@ impl Index {
     /// whether it changed.
     fn rebuild(&mut self, name: &Name) -> bool {
         let Some(service) = self.services.get(name) else {
-            return self.registry.remove(name).is_some();
+            let Some(gone) = self.registry.remove(name) else {
+                return false;
+            };
+            self.discovered.unlink_endpoints(&gone);
+            return true;
         };
         let slices: Vec<&EndpointSlice> = self
             .slices_of_service
@@ -345,6 +349,10 @@ impl Index {
         {
             return false;
         }
+        if let Some(old) = self.registry.get(name) {
+            self.discovered.unlink_endpoints(old);
+        }
+        self.discovered.link_endpoints(&entry);
         self.registry.insert(name.clone(), Arc::new(entry));
         true
     }
@@ -680,6 +688,38 @@ status: {podIP: 10.77.0.5}
             .discovered()
             .service_at("10.96.0.30:8080".parse().unwrap())
             .is_none());
+    }
+
+    #[test]
+    fn an_endpoint_names_its_one_service_for_the_destination() {
+        let mut index = index(OBJECTS);
+        let at = |index: &Index, addr: &str| {
+            index
+                .discovered()
+                .service_of_endpoint(addr.parse().unwrap())
+                .map(|s| s.name.clone())
+        };
+        assert_eq!(at(&index, "10.77.0.4:8080").as_deref(), Some("service-c"));
+        assert_eq!(at(&index, "10.77.0.4:9090"), None, "another port");
+        assert_eq!(at(&index, "10.77.0.6:8080"), None, "not ready");
+        // A second service with the same endpoint: the destination cannot tell which.
+        let twin = OBJECTS
+            .split("---")
+            .take(2)
+            .collect::<Vec<_>>()
+            .join("---")
+            .replace("service-c", "service-twin")
+            .replace("10.96.0.30", "10.96.0.31");
+        for document in config::documents("twin.yml", &twin).unwrap() {
+            let sourced = config::read("twin.yml", document).unwrap();
+            index.apply(&sourced.key, Some(&sourced.object));
+        }
+        assert_eq!(at(&index, "10.77.0.4:8080"), None);
+        assert!(index.apply(&key("Service", "service-twin"), None));
+        assert_eq!(at(&index, "10.77.0.4:8080").as_deref(), Some("service-c"));
+        // The endpoint leaves the service: named by none.
+        assert!(index.apply(&key("EndpointSlice", "service-c-abc"), None));
+        assert_eq!(at(&index, "10.77.0.4:8080"), None);
     }
 
     #[test]

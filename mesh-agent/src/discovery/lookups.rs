@@ -9,7 +9,10 @@ use std::{
 
 use serde::Serialize;
 
-use crate::identity::{ServiceIdentity, WorkloadIdentity};
+use crate::{
+    engine::registry,
+    identity::{ServiceIdentity, WorkloadIdentity},
+};
 
 /// The lookups the data path makes, as of one snapshot. Cloning is O(1) (persistent maps).
 #[derive(Clone, Debug, Default)]
@@ -20,6 +23,9 @@ pub struct Discovered {
     pub(super) workloads: imbl::HashMap<IpAddr, Arc<Workload>>,
     /// `namespace/name` → the same workloads, for enrolled pods known by name.
     pub(super) pods: imbl::HashMap<Arc<str>, Arc<Workload>>,
+    /// Endpoint address and target port → the services with an endpoint there, for the
+    /// destination's telemetry.
+    endpoint_services: imbl::HashMap<SocketAddr, Vec<Arc<ServiceIdentity>>>,
 }
 
 impl Discovered {
@@ -42,6 +48,46 @@ impl Discovered {
     pub fn pod(&self, namespace: &str, name: &str) -> Option<&Arc<Workload>> {
         self.pods.get(format!("{namespace}/{name}").as_str())
     }
+
+    /// The service a connection to this endpoint address and port was for, as the destination
+    /// names it: the one service with an endpoint there (`None` when none is, or several are).
+    pub fn service_of_endpoint(&self, addr: SocketAddr) -> Option<&Arc<ServiceIdentity>> {
+        match self.endpoint_services.get(&addr).map(Vec::as_slice) {
+            Some([service]) => Some(service),
+            _ => None,
+        }
+    }
+
+    pub(super) fn link_endpoints(&mut self, service: &registry::Service) {
+        for addr in endpoint_addresses(service) {
+            let services = self.endpoint_services.entry(addr).or_default();
+            if !services.contains(&service.identity) {
+                services.push(Arc::clone(&service.identity));
+            }
+        }
+    }
+
+    pub(super) fn unlink_endpoints(&mut self, service: &registry::Service) {
+        for addr in endpoint_addresses(service) {
+            let Some(services) = self.endpoint_services.get_mut(&addr) else {
+                continue;
+            };
+            services.retain(|s| *s != service.identity);
+            if services.is_empty() {
+                self.endpoint_services.remove(&addr);
+            }
+        }
+    }
+}
+
+/// Every endpoint address and target port of `service`.
+fn endpoint_addresses(service: &registry::Service) -> impl Iterator<Item = SocketAddr> + '_ {
+    service.endpoints.iter().flat_map(|endpoint| {
+        service
+            .ports
+            .iter()
+            .map(|port| SocketAddr::new(endpoint.ip, port.target_port))
+    })
 }
 
 /// A service port as a client dials it.

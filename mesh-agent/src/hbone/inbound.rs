@@ -29,14 +29,11 @@ use super::{
 };
 use crate::{
     authorization::Decision,
-    identity::{spiffe::SpiffeId, tls, WorkloadIdentity},
+    identity::{spiffe::SpiffeId, tls},
     inbound::{self, Admission, App, Arrival, PodPolicies, Resettable},
     proxy::{upstream::Dialer, Drain},
     redirect::{netns::NetNs, Exemption},
-    telemetry::{
-        metrics::{PeerLabels, Reporter, Security},
-        Metered,
-    },
+    telemetry::Metered,
 };
 
 /// The inbound tunnel's bounds.
@@ -265,7 +262,14 @@ impl Listener {
             server: Some(ends.server.clone()),
             source: ends.peer.ip(),
             destination: target,
-            labels: peer_labels(&self.hbone, &self.pod, ends),
+            labels: inbound::destination_labels(
+                &self.hbone.snapshot(),
+                &self.hbone.telemetry.metrics,
+                (&self.pod.namespace, &self.pod.name),
+                ends.peer.ip(),
+                target,
+                Some((&ends.client, &ends.server)),
+            ),
         };
         let policies = Arc::new(self.policies());
         let app = self.app(target);
@@ -336,32 +340,4 @@ struct Ends {
     peer: SocketAddr,
     client: SpiffeId,
     server: SpiffeId,
-}
-
-/// How the destination names a tunnelled connection's caller and pod in its telemetry.
-fn peer_labels(
-    hbone: &Hbone,
-    InboundPod {
-        namespace, name, ..
-    }: &InboundPod,
-    ends: &Ends,
-) -> Arc<PeerLabels> {
-    let snapshot = hbone.snapshot();
-    let discovered = &snapshot.discovered;
-    let unknown = || WorkloadIdentity::from_pod_labels("unknown", "unknown", &Default::default());
-    let source = discovered
-        .workload_at(ends.peer.ip())
-        .map_or_else(unknown, |workload| (*workload.identity).clone());
-    let destination = discovered
-        .pod(namespace, name)
-        .map(|workload| Arc::clone(&workload.identity));
-    hbone.telemetry.metrics.secured_peer_labels(
-        &source,
-        None,
-        destination.as_deref(),
-        Security {
-            reporter: Reporter::Destination,
-            principals: Some((&ends.client, &ends.server)),
-        },
-    )
 }

@@ -39,13 +39,13 @@ pub use prefixed::Prefixed;
 
 use crate::{
     authorization::{Attributes, Authorization, Decision, HttpAttributes, Policies},
-    identity::spiffe::SpiffeId,
+    identity::{spiffe::SpiffeId, WorkloadIdentity},
     proxy::{
         detect::{classify, Detected},
         upstream::Dialer,
     },
     state::{Snapshot, Store},
-    telemetry::metrics::{Metrics, PeerLabels},
+    telemetry::metrics::{Metrics, PeerLabels, Reporter, Security},
 };
 
 /// How long a judged connection's first bytes may take to say whether it is HTTP; a client
@@ -190,6 +190,34 @@ async fn carry_while_admitted<S: Resettable>(
     metrics.authorization_denied("connection");
     client.reset();
     None
+}
+
+/// How the destination's telemetry (`reporter="destination"`) names a connection from `peer`
+/// to `destination`, an address of pod `namespace/name`: the caller's workload as discovery
+/// knows its address (`unknown` otherwise), the pod's, and the service with an endpoint at
+/// `destination` (when exactly one has). `principals`: the tunnel's (client, server).
+pub fn destination_labels(
+    snapshot: &Snapshot,
+    metrics: &Metrics,
+    (namespace, name): (&str, &str),
+    peer: IpAddr,
+    destination: SocketAddr,
+    principals: Option<(&SpiffeId, &SpiffeId)>,
+) -> Arc<PeerLabels> {
+    let discovered = &snapshot.discovered;
+    let unknown = || WorkloadIdentity::from_pod_labels("unknown", "unknown", &BTreeMap::new());
+    let source = discovered
+        .workload_at(peer)
+        .map_or_else(unknown, |workload| (*workload.identity).clone());
+    metrics.secured_peer_labels(
+        &source,
+        discovered.service_of_endpoint(destination).map(|s| &**s),
+        discovered.pod(namespace, name).map(|w| &*w.identity),
+        Security {
+            reporter: Reporter::Destination,
+            principals,
+        },
+    )
 }
 
 /// The labels of pod `namespace/name` as discovery has them (none while it has no `Pod`).

@@ -13,17 +13,13 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::debug;
 
-use super::{admit, deliver, inspect, pod_labels, Admission, App, Arrival};
+use super::{admit, deliver, destination_labels, inspect, pod_labels, Admission, App, Arrival};
 use crate::{
     authorization::MtlsMode,
-    identity::WorkloadIdentity,
     inbound::{PodPolicies, Resettable},
     proxy::{upstream::Dialer, Drain},
     state::Store,
-    telemetry::{
-        metrics::{Metrics, PeerLabels, Reporter, Security},
-        Metered,
-    },
+    telemetry::{metrics::Metrics, Metered},
 };
 
 /// The pod an inbound listener serves, and what serving it takes.
@@ -63,9 +59,11 @@ impl PlaintextPod {
         let Ok(destination) = stream.local_addr() else {
             return;
         };
-        let reported_as = self.peer_labels(peer);
-        let mut client = Metered::new(stream, self.metrics.tcp_connection(&reported_as));
         let snapshot = self.store.snapshot();
+        let pod = (self.namespace.as_str(), self.name.as_str());
+        let reported_as =
+            destination_labels(&snapshot, &self.metrics, pod, peer.ip(), destination, None);
+        let mut client = Metered::new(stream, self.metrics.tcp_connection(&reported_as));
         let labels = pod_labels(&snapshot, &self.namespace, &self.name);
         let mode = snapshot
             .peer_authentication
@@ -119,29 +117,6 @@ impl PlaintextPod {
             &self.metrics,
         )
         .await;
-    }
-
-    /// How the destination names a connection from `peer` and this pod in its telemetry.
-    fn peer_labels(&self, peer: SocketAddr) -> Arc<PeerLabels> {
-        let snapshot = self.store.snapshot();
-        let discovered = &snapshot.discovered;
-        let unknown =
-            || WorkloadIdentity::from_pod_labels("unknown", "unknown", &Default::default());
-        let source = discovered
-            .workload_at(peer.ip())
-            .map_or_else(unknown, |workload| (*workload.identity).clone());
-        let destination = discovered
-            .pod(&self.namespace, &self.name)
-            .map(|workload| Arc::clone(&workload.identity));
-        self.metrics.secured_peer_labels(
-            &source,
-            None,
-            destination.as_deref(),
-            Security {
-                reporter: Reporter::Destination,
-                principals: None,
-            },
-        )
     }
 }
 

@@ -214,7 +214,7 @@ struct RunArgs {
     config: Option<PathBuf>,
     /// Export a span per proxied request over OTLP/HTTP to this collector (Jaeger accepts it),
     /// e.g. http://jaeger-collector:4318. Tracing headers are propagated either way.
-    #[arg(long, value_name = "URL")]
+    #[arg(long, value_name = "URL", env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
     /// Local mode: the CA made by `mesh-agent ca init DIR`. With it, connections between pods
     /// in the mesh (label sidecarless.io/mesh: enabled) go through mutual TLS tunnels (HBONE:

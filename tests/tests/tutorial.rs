@@ -4,11 +4,13 @@
 //! change. `cargo xtask test` runs them one after the other (`--test-threads 1`): both measure
 //! timings that a second tutorial on this 2-core machine would skew.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mesh_tests::agent::sum_samples;
 use mesh_tests::capture::Capture;
+use mesh_tests::kiali;
 use mesh_tests::mesh_config::examples_dir;
+use mesh_tests::prometheus::Prometheus;
 use mesh_tests::Agent;
 
 use mesh_tests::tutorial::{
@@ -26,7 +28,15 @@ fn the_tutorial_end_to_end() {
     // On a fresh machine starting takes minutes (Deno from npm, perhaps a JDK): say what it does.
     let tutorial =
         LocalTutorial::start(Layout::ONE_NODE, &|line| println!("start: {line}")).unwrap();
-    replay(&tutorial, "default", "local");
+    // A real Prometheus scrapes the agent through the replay; Kiali's graph queries find the
+    // canary's split and the crashed replica's errors in what it stored.
+    let prometheus = Prometheus::start(tutorial.node()).unwrap();
+    replay(
+        &tutorial,
+        "default",
+        "local",
+        &kiali_checks(&prometheus, "local"),
+    );
 }
 
 /// The issue's cluster: A on node 1, B and C v1 on node 2, C v2 on node 3, the agents given a CA,
@@ -45,7 +55,15 @@ fn the_tutorial_end_to_end_on_three_nodes() {
     let policies = examples_dir().join("security/call-graph.yml");
     tutorial.apply_file(&policies).unwrap();
     let capture = Capture::start(tutorial.network()).unwrap();
-    replay(&tutorial, "default", "three-nodes");
+    // Node 2's agent reports B → C v1 twice, as B's source and as C v1's destination: Kiali,
+    // reading node 2's Prometheus, must count it once.
+    let prometheus = Prometheus::start(&tutorial.network().nodes()[1]).unwrap();
+    replay(
+        &tutorial,
+        "default",
+        "three-nodes",
+        &kiali_checks(&prometheus, "three-nodes"),
+    );
     let captured = capture.stop().unwrap();
     let tunnelled = captured.payload_bytes_to_port(15008);
     println!("three-nodes underlay: {tunnelled} payload bytes to :15008, none to :8080");
@@ -152,6 +170,7 @@ fn the_tutorial_end_to_end_with_kubectl() {
         &tutorial,
         mesh_tests::tutorial::kubernetes::NAMESPACE,
         "kubernetes",
+        &|_, _| {},
     );
     // Every hop went through a tunnel, with certificates from the signer: the apps' (the
     // namespace's default service account) and the ingress gateway's (the agent's own).
@@ -166,6 +185,49 @@ fn the_tutorial_end_to_end_with_kubectl() {
                 .any(|line| line.contains("signed") && line.contains(caller)),
             "the signer signed {caller}: {log}"
         );
+    }
+}
+
+/// After the canary's 90/10 step and the crashed-replica step, Kiali's namespace graph over
+/// the step's span, from what `prometheus` scraped: every series has the labels Kiali needs,
+/// A → B carries traffic, B → C v2 carries 10 % ± 2 of B → C, then 35–65 % errors. Where a
+/// request is reported by both its source and its destination agent, the graph must count it
+/// once, or the split is off.
+fn kiali_checks<'a>(prometheus: &'a Prometheus, mode: &'a str) -> impl Fn(&str, Duration) + 'a {
+    move |step, took| {
+        let kiali = || {
+            prometheus.wait_for_scrape().unwrap();
+            let graph = kiali::namespace_graph(prometheus, "default", took).unwrap();
+            assert!(
+                graph.skipped.is_empty(),
+                "Kiali skips series without its labels: {:?}",
+                graph.skipped
+            );
+            graph
+        };
+        match step {
+            "canary 2: 90/10" => {
+                let graph = kiali();
+                let (a_to_b, _) = graph.rate("service-a", "service-b", None);
+                let (v1, _) = graph.rate("service-b", "service-c", Some("v1"));
+                let (v2, _) = graph.rate("service-b", "service-c", Some("v2"));
+                let share = 100.0 * v2 / (v1 + v2);
+                println!(
+                    "{mode} Kiali graph at 90/10: A→B {a_to_b:.1} req/s, B→C v1 {v1:.1}, \
+                     B→C v2 {v2:.1} ({share:.1}%)"
+                );
+                assert!(a_to_b > 0.0, "{graph:?}");
+                assert!((8.0..=12.0).contains(&share), "{graph:?}");
+            }
+            "crashed replica, no policy" => {
+                let graph = kiali();
+                let (all, errors) = graph.rate("service-b", "service-c", Some("v2"));
+                let share = 100.0 * errors / all;
+                println!("{mode} Kiali graph, one replica crashed: B→C v2 {share:.0}% errors");
+                assert!((35.0..=65.0).contains(&share), "{graph:?}");
+            }
+            _ => {}
+        }
     }
 }
 
@@ -189,8 +251,9 @@ fn assert_received_over_mutual_tls(agent: &Agent, caller: &str) {
     );
 }
 
-/// The baseline, a trace through the chain, then every step in order.
-fn replay(tutorial: &impl World, namespace: &str, mode: &str) {
+/// The baseline, a trace through the chain, then every step in order, each passed to `after`
+/// with how long it took once it has passed.
+fn replay(tutorial: &impl World, namespace: &str, mode: &str, after: &dyn Fn(&str, Duration)) {
     // Baseline: the whole chain through the gateway.
     let (status, body) = tutorial.call().unwrap();
     assert_eq!(status, 200, "{body}");
@@ -235,7 +298,9 @@ fn replay(tutorial: &impl World, namespace: &str, mode: &str) {
     // still had at repair (each ejection is baseEjectionTime × how many it has had) + interval
     // + 2 s.
     for step in steps(Pace::Full) {
+        let started = Instant::now();
         let outcome = tutorial.run_step(&step).unwrap();
+        let took = started.elapsed();
         let commands: Vec<String> = step.actions.iter().map(|a| tutorial.command(a)).collect();
         println!("{mode} {:<40} {}", step.name, outcome.shown);
         if !commands.is_empty() {
@@ -249,5 +314,6 @@ fn replay(tutorial: &impl World, namespace: &str, mode: &str) {
             "{mode} {}: showed {}, expected {}",
             step.name, outcome.shown, step.expected
         );
+        after(step.name, took);
     }
 }

@@ -47,6 +47,8 @@ pub fn run(cargo_args: &[String]) -> Result<()> {
         mesh_tests::control_plane::KUBERNETES_VERSION,
         started.elapsed().as_secs_f64()
     );
+    // The Prometheus the tutorial's replay is scraped by (Debian's package).
+    mesh_tests::packages::ensure(&["prometheus"], |line| println!("prometheus: {line}"))?;
     let started = Instant::now();
     let result = if cargo_args.is_empty() {
         // The tutorial runs last and uncaptured, so CI shows the shares and error counts it

@@ -120,7 +120,7 @@ pub fn ensure_binaries() -> Result<Binaries> {
         rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
             .with_context(|| format!("locking {}", lock_path.display()))?;
     }
-    install_packages()?;
+    crate::packages::ensure(&PACKAGES, |line| progress(format_args!("{line}")))?;
     if !binaries.all_exist() {
         build(&cache).with_context(|| {
             format!(
@@ -140,46 +140,6 @@ pub fn ensure_binaries() -> Result<Binaries> {
 /// Prints one progress line of the control plane's build or start.
 pub(crate) fn progress(line: std::fmt::Arguments) {
     eprintln!("control plane: {line}");
-}
-
-/// Installs the Debian packages that are missing (none when all are: this only asks dpkg).
-fn install_packages() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES
-        .into_iter()
-        .filter(|package| !is_installed(package))
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    let started = Instant::now();
-    progress(format_args!("apt-get install {}", missing.join(" ")));
-    let apt = |args: &[&str]| -> Result<()> {
-        let mut command = Command::new("apt-get");
-        command
-            .args(["-q", "-y", "-o", "DPkg::Lock::Timeout=300"])
-            .args(args)
-            .env("DEBIAN_FRONTEND", "noninteractive");
-        stdout_of(&mut command).map(drop)
-    };
-    // A fresh machine's package lists may be empty or stale; the install says which.
-    if apt(&[&["install", "--no-install-recommends"], &missing[..]].concat()).is_err() {
-        apt(&["update"])?;
-        apt(&[&["install", "--no-install-recommends"], &missing[..]].concat())
-            .with_context(|| format!("installing {}", missing.join(" ")))?;
-    }
-    progress(format_args!(
-        "installed {} ({:.1} s)",
-        missing.join(" "),
-        started.elapsed().as_secs_f64()
-    ));
-    Ok(())
-}
-
-fn is_installed(package: &str) -> bool {
-    Command::new("dpkg-query")
-        .args(["-W", "-f", "${db:Status-Status}", package])
-        .output()
-        .is_ok_and(|out| out.status.success() && out.stdout == b"installed")
 }
 
 /// The build, step by step, in `cache/build`; the binaries land in `cache/bin`.

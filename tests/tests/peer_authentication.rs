@@ -377,3 +377,63 @@ fn strict_refuses_plaintext_permissive_captures_it_and_both_hold_while_the_agent
     );
     assert_eq!(cluster.outsider_gets(strict, PORT, "/"), json!({"0": 3}));
 }
+
+/// The kernel's `INBOUND_POLICY` map holds every captured pod's port modes on the node
+/// (`mesh_common::INBOUND_POLICY_CAPACITY` entries). A PeerAuthentication with more ports than
+/// it has room for is accepted as config, but the pod's kernel entries cannot take it: the
+/// agent says so, naming the map, and the pod keeps the policy it had (still served); what the
+/// failed write had put in the map is taken out again, so the next change still fits and the
+/// kernel enforces it.
+#[test]
+fn a_policy_the_kernel_map_cannot_hold_leaves_the_pod_as_it_was_and_the_map_with_room() {
+    let cluster = cluster();
+    let (destination, open) = (&cluster.agents[0], &cluster.open);
+    assert_eq!(cluster.outsider_gets(open, PORT, "/"), json!({"200": 3}));
+
+    let capacity = mesh_common::INBOUND_POLICY_CAPACITY as u16;
+    let ports: Vec<String> = (20_000..20_000 + capacity)
+        .map(|port| format!("{port}: {{mode: STRICT}}"))
+        .collect();
+    let huge = format!(
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n\
+         metadata: {{name: many-ports, namespace: default}}\n\
+         spec:\n  selector: {{matchLabels: {{app: open}}}}\n  mtls: {{mode: PERMISSIVE}}\n  \
+         portLevelMtls: {{{}}}\n",
+        ports.join(", ")
+    );
+    cluster.config.write("many-ports.yml", &huge).unwrap();
+    mesh_tests::wait_for("the agent to say the map is full", TIMEOUT, || {
+        let text = destination.stderr_text();
+        Ok(text
+            .lines()
+            .any(|line| {
+                line.contains("cannot update what plaintext meets")
+                    && line.contains("INBOUND_POLICY")
+            })
+            .then_some(()))
+    })
+    .unwrap();
+    assert_eq!(
+        cluster.outsider_gets(open, PORT, "/"),
+        json!({"200": 3}),
+        "the pod keeps its PERMISSIVE port 8080"
+    );
+
+    // A change that fits: port 8080 STRICT, an entry of its own. The kernel refuses it (not
+    // the agent after capturing it), which it could not if the failed write had left its
+    // entries behind and the map full.
+    let refused_before = cluster.inbound_decisions(destination, "inbound_refused");
+    let strict_8080 = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n\
+                       metadata: {name: many-ports, namespace: default}\n\
+                       spec:\n  selector: {matchLabels: {app: open}}\n  \
+                       mtls: {mode: PERMISSIVE}\n  portLevelMtls: {8080: {mode: STRICT}}\n";
+    cluster.config.write("many-ports.yml", strict_8080).unwrap();
+    mesh_tests::wait_for("the kernel to refuse plaintext to open-1", TIMEOUT, || {
+        let refused = cluster.inbound_decisions(destination, "inbound_refused") - refused_before;
+        Ok(
+            (cluster.outsider_gets(open, PORT, "/") == json!({"0": 3}) && refused >= 3.0)
+                .then_some(()),
+        )
+    })
+    .unwrap();
+}

@@ -134,7 +134,7 @@ impl Capture {
     ) -> Result<(), RedirectError> {
         // Our entries first, then the switch: the program never runs on half of them.
         self.write_node_addresses()?;
-        self.write_policy(addresses, &PlaintextPolicy::default(), policy)?;
+        self.write_policy(addresses, None, policy)?;
         {
             let mut listeners = self
                 .listeners
@@ -188,35 +188,60 @@ impl Capture {
             return Ok(());
         };
         if pod.policy != *policy {
-            self.write_policy(&pod.addresses, &pod.policy, policy)?;
+            self.write_policy(&pod.addresses, Some(&pod.policy), policy)?;
             pod.policy = policy.clone();
         }
         Ok(())
     }
 
     /// Writes `policy` for `addresses`, removing the port overrides of `written` (what was
-    /// written before) it no longer has.
+    /// written before, if anything) it no longer has. All or nothing: when the map is full
+    /// halfway, what this call wrote is undone (`written` again, or no entry), so a pod keeps
+    /// the policy it had and no entry is left behind.
     fn write_policy(
         &self,
         addresses: &[Ipv4Addr],
-        written: &PlaintextPolicy,
+        written: Option<&PlaintextPolicy>,
         policy: &PlaintextPolicy,
     ) -> Result<(), RedirectError> {
         let mut map = self.policy.lock().unwrap_or_else(PoisonError::into_inner);
         let error = |source| map_error(map_name::INBOUND_POLICY, source);
-        for address in addresses {
-            for (port, mode) in &policy.ports {
-                map.insert(inbound_key(*address, *port), *mode as u32, 0)
-                    .map_err(error)?;
-            }
-            map.insert(inbound_key(*address, 0), policy.default as u32, 0)
-                .map_err(error)?;
-            for port in written
+        let entries = |policy: &PlaintextPolicy| -> Vec<(u16, PlaintextInbound)> {
+            policy
                 .ports
-                .keys()
-                .filter(|p| !policy.ports.contains_key(p))
-            {
-                remove(&mut map, &inbound_key(*address, *port)).map_err(error)?;
+                .iter()
+                .map(|(port, mode)| (*port, *mode))
+                .chain([(0, policy.default)])
+                .collect()
+        };
+        let wanted = entries(policy);
+        let before = written.map(entries).unwrap_or_default();
+        for (done, address) in addresses.iter().enumerate() {
+            for (index, (port, mode)) in wanted.iter().enumerate() {
+                if let Err(source) = map.insert(inbound_key(*address, *port), *mode as u32, 0) {
+                    // Undo: this address's entries so far, and every address before it.
+                    let undo = addresses[..done]
+                        .iter()
+                        .map(|address| (address, &wanted[..]))
+                        .chain([(address, &wanted[..index])]);
+                    for (address, inserted) in undo {
+                        for (port, _) in inserted {
+                            let _ = remove(&mut map, &inbound_key(*address, *port));
+                        }
+                        // Overwriting a key the map holds needs no room.
+                        for (port, mode) in &before {
+                            let _ = map.insert(inbound_key(*address, *port), *mode as u32, 0);
+                        }
+                    }
+                    return Err(error(source));
+                }
+            }
+        }
+        for address in addresses {
+            for (port, _) in before.iter().filter(|(p, _)| !policy.ports.contains_key(p)) {
+                if *port != 0 {
+                    remove(&mut map, &inbound_key(*address, *port)).map_err(error)?;
+                }
             }
         }
         Ok(())

@@ -1,6 +1,7 @@
 //! `mesh-agent apply`, `delete` and `get`: the tutorial's `oc create/replace/delete -f` and
 //! `oc get` for local mode, talking to a running agent's admin API over its Unix socket;
-//! `mesh-agent ca init`, which makes the mesh's CA, and `ca serve`, Kubernetes mode's signer.
+//! `mesh-agent stat`, the metrics of the last seconds as a table; `mesh-agent ca init`, which
+//! makes the mesh's CA, and `ca serve`, Kubernetes mode's signer.
 
 use std::path::{Path, PathBuf};
 
@@ -15,6 +16,63 @@ use crate::{
         spiffe::TrustDomain,
     },
 };
+
+/// Prints the stat table over `window`: once, after reading the agent's metrics at both its
+/// ends, or with `watch`, redrawn every second over the readings of the last `window`.
+#[expect(
+    clippy::disallowed_methods,
+    reason = "the CLI's own thread waits between readings, not an agent's"
+)]
+pub fn stat(admin_socket: &Path, window: std::time::Duration, watch: bool) -> Result<()> {
+    use crate::telemetry::stat;
+    use std::{collections::VecDeque, time::Instant};
+    let read = || -> Result<(Instant, stat::Reading)> {
+        let (status, body) = client::request(
+            admin_socket,
+            Method::GET,
+            "/stats/prometheus",
+            String::new(),
+        )?;
+        if status != StatusCode::OK {
+            bail!(
+                "the agent answered {status}: {}",
+                String::from_utf8_lossy(&body)
+            );
+        }
+        Ok((
+            Instant::now(),
+            stat::reading(&String::from_utf8_lossy(&body)),
+        ))
+    };
+    let show = |(then, before): &(Instant, stat::Reading),
+                (now, after): &(Instant, stat::Reading)| {
+        let seconds = now.duration_since(*then).as_secs_f64();
+        stat::table(&stat::rows(before, after, seconds), seconds)
+    };
+    if !watch {
+        let first = read()?;
+        std::thread::sleep(window);
+        print!("{}", show(&first, &read()?));
+        return Ok(());
+    }
+    let every = std::time::Duration::from_secs(1);
+    let kept = (window.as_secs() as usize).max(1) + 1;
+    let mut readings = VecDeque::from([read()?]);
+    loop {
+        std::thread::sleep(every);
+        readings.push_back(read()?);
+        if readings.len() > kept {
+            readings.pop_front();
+        }
+        // Clear the screen and go home, as `watch` does.
+        print!(
+            "\x1b[2J\x1b[H{}",
+            show(&readings[0], &readings[readings.len() - 1])
+        );
+        use std::io::Write;
+        std::io::stdout().flush()?;
+    }
+}
 
 /// Makes a new root CA in `dir` and says what it wrote.
 pub fn ca_init(dir: &Path, trust_domain: TrustDomain) -> Result<()> {

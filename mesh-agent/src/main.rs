@@ -86,6 +86,24 @@ Enroll or unenroll at run time through the admin socket (root only; the TCP addr
         )]
         files: Vec<PathBuf>,
     },
+    /// Requests per second, each version's share of its service, success rate, p50 and p99,
+    /// per service and version, as this node's pods sent them over the last SECONDS (from the
+    /// agent's own metrics, through its admin socket: run it as root).
+    #[command(after_help = "Examples:
+  mesh-agent stat                 # the last 10 s, once
+  mesh-agent stat -w              # refreshed every second, over the last 10 s
+  mesh-agent stat --seconds 60 -w
+  kubectl -n sidecarless-system exec <agent pod> -- mesh-agent stat")]
+    Stat {
+        /// The window.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        seconds: u64,
+        /// Keep watching: redraw every second.
+        #[arg(short = 'w', long)]
+        watch: bool,
+        #[command(flatten)]
+        admin: AdminSocketArg,
+    },
     /// The mesh's certificate authority: the root that signs workload certificates for mutual
     /// TLS between agents (local mode: `init`), and Kubernetes mode's signer (`serve`).
     Ca {
@@ -418,6 +436,11 @@ fn main() -> ExitCode {
                 lifetime: Duration::from_secs(lifetime_hours * 3600),
             },
         ),
+        Command::Stat {
+            seconds,
+            watch,
+            admin,
+        } => mesh_agent::cli::stat(&admin.path, Duration::from_secs(seconds), watch),
         Command::Apply(args) => mesh_agent::cli::change(&args.admin.path, &args.files, false),
         Command::Delete(args) => mesh_agent::cli::change(&args.admin.path, &args.files, true),
         Command::Get {

@@ -1,5 +1,6 @@
 //! What the agent reports: Istio-compatible Prometheus metrics (`metrics`), trace context
-//! propagation (`trace`), span export over OTLP/HTTP (`otlp`) and the access log (`access_log`).
+//! propagation (`trace`), span export over OTLP/HTTP (`otlp`), the access log (`access_log`), and
+//! `mesh-agent stat`'s reading of the metrics (`stat`).
 
 mod access_log;
 mod metered;
@@ -7,6 +8,7 @@ pub mod metrics;
 pub mod otlp;
 mod record;
 mod sinks;
+pub mod stat;
 pub mod trace;
 
 pub use access_log::{AccessLog, AccessLogOptions, HttpRecord, TcpRecord};

@@ -1,0 +1,109 @@
+//! `mesh-agent stat` on a simulated node, while a pod sends a steady load through the tutorial's
+//! 90/10 canary: the table it prints shows service-c's two versions with their shares, all
+//! answered, with latencies.
+
+use std::{net::Ipv4Addr, process::Command, time::Duration};
+
+use mesh_tests::{require_root, Agent, Backend, ConfigDir, PodProcess, SimNode};
+
+const UPSTREAM: &str = env!("CARGO_BIN_EXE_upstream");
+const SERVICE_C: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+#[test]
+fn stat_shows_the_canary_split_while_the_load_runs() {
+    require_root();
+    let node = SimNode::new().unwrap();
+    let client = node.add_pod("client").unwrap();
+    let c_v1 = node.add_pod("service-c-v1-0").unwrap();
+    let c_v2 = node.add_pod("service-c-v2-0").unwrap();
+    node.add_host("service-c", SERVICE_C).unwrap();
+    let _servers: Vec<PodProcess> = [(&c_v1, "v1"), (&c_v2, "v2")]
+        .into_iter()
+        .map(|(pod, name)| {
+            let mut command = Command::new(UPSTREAM);
+            command.args(["serve", "--listen", "0.0.0.0:8080", "--name", name]);
+            let server = node.spawn_in_pod(pod, command).unwrap();
+            server
+                .stdout()
+                .wait_for_json(|line| line["listening"].is_string(), TIMEOUT)
+                .unwrap();
+            server
+        })
+        .collect();
+    let config = ConfigDir::new().unwrap();
+    let v1: &[(&str, &str)] = &[("app", "service-c"), ("version", "v1")];
+    let v2: &[(&str, &str)] = &[("app", "service-c"), ("version", "v2")];
+    let backends = [
+        Backend {
+            pod: &c_v1,
+            labels: v1,
+        },
+        Backend {
+            pod: &c_v2,
+            labels: v2,
+        },
+    ];
+    config
+        .service("service-c", SERVICE_C, 8080, "http", &backends)
+        .unwrap();
+    config
+        .copy_example("destination-rules.yml", "destination-rules.yml")
+        .unwrap();
+    config
+        .copy_example("canary/2-vs-v1_and_v2_90_10.yml", "vs.yml")
+        .unwrap();
+    let agent = Agent::start(
+        &node,
+        &[&client],
+        &["--config", config.path().to_str().unwrap()],
+    )
+    .unwrap();
+
+    // 200 requests a second for 8 s; the table covers 3 s in the middle.
+    let mut get = Command::new(UPSTREAM);
+    get.args(["get", "--url", "http://service-c:8080/", "--count", "1600"]);
+    get.args(["--rate", "200", "--concurrency", "2", "--quiet"]);
+    let mut load = node.spawn_in_pod(&client, get).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let stat = Command::new(mesh_tests::agent_binary().unwrap())
+        .args(["stat", "--seconds", "3", "--admin-socket"])
+        .arg(agent.admin_socket())
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&stat.stdout).into_owned();
+    println!("{table}");
+    assert!(
+        stat.status.success(),
+        "{table}{}",
+        String::from_utf8_lossy(&stat.stderr)
+    );
+    assert!(load.finish(TIMEOUT).unwrap().success());
+
+    // SERVICE VERSION RPS SHARE SUCCESS P50 P99
+    let row = |version: &str| -> Vec<String> {
+        table
+            .lines()
+            .map(|line| {
+                line.split_whitespace()
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
+            .find(|columns| {
+                columns.len() == 7 && columns[0] == "service-c" && columns[1] == version
+            })
+            .unwrap_or_else(|| panic!("no row for service-c {version}:\n{table}"))
+    };
+    let percent = |column: &str| column.trim_end_matches('%').parse::<f64>().unwrap();
+    let (v1, v2) = (row("v1"), row("v2"));
+    let (rps_v1, rps_v2) = (v1[2].parse::<f64>().unwrap(), v2[2].parse::<f64>().unwrap());
+    assert!((150.0..=250.0).contains(&(rps_v1 + rps_v2)), "{table}");
+    assert!((7.0..=13.0).contains(&percent(&v2[3])), "{table}");
+    assert!((87.0..=93.0).contains(&percent(&v1[3])), "{table}");
+    assert_eq!(
+        (percent(&v1[4]), percent(&v2[4])),
+        (100.0, 100.0),
+        "{table}"
+    );
+    assert!(v1[5].ends_with("ms") && v1[6].ends_with("ms"), "{table}");
+}

@@ -31,6 +31,7 @@
 //! ```
 
 pub mod agent;
+pub mod canary;
 pub mod capture;
 mod cgroup;
 mod cleanup;

@@ -10,7 +10,6 @@
 
 use std::{
     collections::HashMap,
-    net::Ipv4Addr,
     process::Command,
     time::{Duration, Instant},
 };
@@ -18,13 +17,13 @@ use std::{
 use mesh_tests::probe::{curl, probe, start_server};
 use mesh_tests::{
     agent::{attached_programs, sum_samples},
-    leftovers_of, require_root, Agent, Backend, ConfigDir, Pod, PodProcess, SimNode,
+    canary::Canary,
+    leftovers_of, require_root, Agent, Pod, PodProcess, SimNode,
 };
 use serde_json::Value;
 
 const UPSTREAM: &str = env!("CARGO_BIN_EXE_upstream");
 const TIMEOUT: Duration = Duration::from_secs(60);
-const SERVICE_C: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
 /// Programs the eBPF mode attaches to the cgroup: connect4, connect6 and sockops.
 const EBPF_PROGRAMS: u32 = 3;
 
@@ -460,45 +459,16 @@ each_mode! {
     fn a_ninety_ten_split_over_a_service_vip_holds(mode: Mode) {
         const REQUESTS: u64 = 200;
         let node = SimNode::new().unwrap();
-        let client = node.add_pod("client").unwrap();
-        let c_v1 = node.add_pod("service-c-v1-0").unwrap();
-        let c_v2 = node.add_pod("service-c-v2-0").unwrap();
-        node.add_host("service-c", SERVICE_C).unwrap();
-        let _servers: Vec<PodProcess> = [(&c_v1, "v1"), (&c_v2, "v2")]
-            .into_iter()
-            .map(|(pod, name)| {
-                let mut command = Command::new(UPSTREAM);
-                command.args(["serve", "--listen", "0.0.0.0:8080", "--name", name]);
-                let server = node.spawn_in_pod(pod, command).unwrap();
-                server
-                    .stdout()
-                    .wait_for_json(|line| line["listening"].is_string(), TIMEOUT)
-                    .unwrap();
-                server
-            })
-            .collect();
-        let config = ConfigDir::new().unwrap();
-        let v1_labels: &[(&str, &str)] = &[("app", "service-c"), ("version", "v1")];
-        let v2_labels: &[(&str, &str)] = &[("app", "service-c"), ("version", "v2")];
-        let backends = [
-            Backend { pod: &c_v1, labels: v1_labels },
-            Backend { pod: &c_v2, labels: v2_labels },
-        ];
-        config.service("service-c", SERVICE_C, 8080, "http", &backends).unwrap();
-        config
-            .copy_example("destination-rules.yml", "destination-rules.yml")
-            .unwrap();
-        config
-            .copy_example("canary/2-vs-v1_and_v2_90_10.yml", "vs.yml")
-            .unwrap();
-        let config_path = config.path().to_str().unwrap();
-        let agent = mode.start_agent(&node, &[&client], &["--config", config_path]);
+        let canary = Canary::start(&node, UPSTREAM, "canary/2-vs-v1_and_v2_90_10.yml").unwrap();
+        let client = &canary.client;
+        let config_path = canary.config.path().to_str().unwrap();
+        let agent = mode.start_agent(&node, &[client], &["--config", config_path]);
 
         let count = REQUESTS.to_string();
         let mut get = Command::new(UPSTREAM);
         get.args(["get", "--url", "http://service-c:8080/", "--count", &count]);
         get.args(["--concurrency", "4", "--quiet"]);
-        let summary: Value = run(&node, Some(&client), get)
+        let summary: Value = run(&node, Some(client), get)
             .lines()
             .filter_map(|line| serde_json::from_str::<Value>(line).ok())
             .rfind(|line| line["summary"] == true)

@@ -2,61 +2,22 @@
 //! 90/10 canary: the table it prints shows service-c's two versions with their shares, all
 //! answered, with latencies.
 
-use std::{net::Ipv4Addr, process::Command, time::Duration};
+use std::{process::Command, time::Duration};
 
-use mesh_tests::{require_root, Agent, Backend, ConfigDir, PodProcess, SimNode};
+use mesh_tests::{canary::Canary, require_root, Agent, SimNode};
 
 const UPSTREAM: &str = env!("CARGO_BIN_EXE_upstream");
-const SERVICE_C: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
 const TIMEOUT: Duration = Duration::from_secs(60);
 
 #[test]
 fn stat_shows_the_canary_split_while_the_load_runs() {
     require_root();
     let node = SimNode::new().unwrap();
-    let client = node.add_pod("client").unwrap();
-    let c_v1 = node.add_pod("service-c-v1-0").unwrap();
-    let c_v2 = node.add_pod("service-c-v2-0").unwrap();
-    node.add_host("service-c", SERVICE_C).unwrap();
-    let _servers: Vec<PodProcess> = [(&c_v1, "v1"), (&c_v2, "v2")]
-        .into_iter()
-        .map(|(pod, name)| {
-            let mut command = Command::new(UPSTREAM);
-            command.args(["serve", "--listen", "0.0.0.0:8080", "--name", name]);
-            let server = node.spawn_in_pod(pod, command).unwrap();
-            server
-                .stdout()
-                .wait_for_json(|line| line["listening"].is_string(), TIMEOUT)
-                .unwrap();
-            server
-        })
-        .collect();
-    let config = ConfigDir::new().unwrap();
-    let v1: &[(&str, &str)] = &[("app", "service-c"), ("version", "v1")];
-    let v2: &[(&str, &str)] = &[("app", "service-c"), ("version", "v2")];
-    let backends = [
-        Backend {
-            pod: &c_v1,
-            labels: v1,
-        },
-        Backend {
-            pod: &c_v2,
-            labels: v2,
-        },
-    ];
-    config
-        .service("service-c", SERVICE_C, 8080, "http", &backends)
-        .unwrap();
-    config
-        .copy_example("destination-rules.yml", "destination-rules.yml")
-        .unwrap();
-    config
-        .copy_example("canary/2-vs-v1_and_v2_90_10.yml", "vs.yml")
-        .unwrap();
+    let canary = Canary::start(&node, UPSTREAM, "canary/2-vs-v1_and_v2_90_10.yml").unwrap();
     let agent = Agent::start(
         &node,
-        &[&client],
-        &["--config", config.path().to_str().unwrap()],
+        &[&canary.client],
+        &["--config", canary.config.path().to_str().unwrap()],
     )
     .unwrap();
 
@@ -64,7 +25,7 @@ fn stat_shows_the_canary_split_while_the_load_runs() {
     let mut get = Command::new(UPSTREAM);
     get.args(["get", "--url", "http://service-c:8080/", "--count", "1600"]);
     get.args(["--rate", "200", "--concurrency", "2", "--quiet"]);
-    let mut load = node.spawn_in_pod(&client, get).unwrap();
+    let mut load = node.spawn_in_pod(&canary.client, get).unwrap();
     std::thread::sleep(Duration::from_secs(1));
     let stat = Command::new(mesh_tests::agent_binary().unwrap())
         .args(["stat", "--seconds", "3", "--admin-socket"])

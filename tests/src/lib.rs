@@ -49,6 +49,7 @@ mod process;
 pub mod prometheus;
 pub mod signer;
 mod simnode;
+pub mod stat;
 pub mod tutorial;
 
 use std::os::unix::fs::MetadataExt;

@@ -4,7 +4,7 @@
 
 use std::{process::Command, time::Duration};
 
-use mesh_tests::{canary::Canary, require_root, Agent, SimNode};
+use mesh_tests::{canary::Canary, require_root, stat, Agent, SimNode};
 
 const UPSTREAM: &str = env!("CARGO_BIN_EXE_upstream");
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -27,35 +27,16 @@ fn stat_shows_the_canary_split_while_the_load_runs() {
     get.args(["--rate", "200", "--concurrency", "2", "--quiet"]);
     let mut load = node.spawn_in_pod(&canary.client, get).unwrap();
     std::thread::sleep(Duration::from_secs(1));
-    let stat = Command::new(mesh_tests::agent_binary().unwrap())
-        .args(["stat", "--seconds", "3", "--admin-socket"])
-        .arg(agent.admin_socket())
-        .output()
-        .unwrap();
-    let table = String::from_utf8_lossy(&stat.stdout).into_owned();
+    let table = stat::table(stat::start(&agent, 3).unwrap()).unwrap();
     println!("{table}");
-    assert!(
-        stat.status.success(),
-        "{table}{}",
-        String::from_utf8_lossy(&stat.stderr)
-    );
     assert!(load.finish(TIMEOUT).unwrap().success());
 
     // SERVICE VERSION RPS SHARE SUCCESS P50 P99
-    let row = |version: &str| -> Vec<String> {
-        table
-            .lines()
-            .map(|line| {
-                line.split_whitespace()
-                    .map(str::to_owned)
-                    .collect::<Vec<_>>()
-            })
-            .find(|columns| {
-                columns.len() == 7 && columns[0] == "service-c" && columns[1] == version
-            })
+    let row = |version| {
+        stat::row(&table, "service-c", version)
             .unwrap_or_else(|| panic!("no row for service-c {version}:\n{table}"))
     };
-    let percent = |column: &str| column.trim_end_matches('%').parse::<f64>().unwrap();
+    let percent = |column: &String| stat::percent(column);
     let (v1, v2) = (row("v1"), row("v2"));
     let (rps_v1, rps_v2) = (v1[2].parse::<f64>().unwrap(), v2[2].parse::<f64>().unwrap());
     assert!((150.0..=250.0).contains(&(rps_v1 + rps_v2)), "{table}");

@@ -4,13 +4,17 @@
 //! change. `cargo xtask test` runs them one after the other (`--test-threads 1`): both measure
 //! timings that a second tutorial on this 2-core machine would skew.
 
-use std::time::{Duration, Instant};
+use std::{
+    cell::RefCell,
+    time::{Duration, Instant},
+};
 
 use mesh_tests::agent::sum_samples;
 use mesh_tests::capture::Capture;
 use mesh_tests::kiali;
 use mesh_tests::mesh_config::examples_dir;
 use mesh_tests::prometheus::Prometheus;
+use mesh_tests::stat;
 use mesh_tests::Agent;
 
 use mesh_tests::tutorial::{
@@ -31,13 +35,41 @@ fn the_tutorial_end_to_end() {
     // A real Prometheus scrapes the agent through the replay; Kiali's graph queries find the
     // canary's split and the crashed replica's errors in what it stored.
     let prometheus = Prometheus::start(tutorial.node()).unwrap();
+    // `mesh-agent stat` watches the first 5 s of the canary's 90/10 step as it runs.
+    let stat = RefCell::new(None);
+    let kiali = kiali_checks(&prometheus, "local");
     replay(
         &tutorial,
         "default",
         "local",
-        &kiali_checks(&prometheus, "local"),
+        &|step| {
+            if step == CANARY_90_10 {
+                *stat.borrow_mut() = Some(stat::start(tutorial.agent(), 5).unwrap());
+            }
+        },
+        &|step, took| {
+            kiali(step, took);
+            let Some(running) = stat.borrow_mut().take() else {
+                return;
+            };
+            let table = stat::table(running).unwrap();
+            let share = |version| {
+                stat::row(&table, "service-c", version)
+                    .map(|row| stat::percent(&row[3]))
+                    .unwrap_or_else(|| panic!("no service-c {version} in:\n{table}"))
+            };
+            println!(
+                "local mesh-agent stat at 90/10: service-c v1 {}%, v2 {}%",
+                share("v1"),
+                share("v2")
+            );
+            assert!((7.0..=13.0).contains(&share("v2")), "{table}");
+        },
     );
 }
+
+/// The canary step the observability checks look at.
+const CANARY_90_10: &str = "canary 2: 90/10";
 
 /// The cluster: A on node 1, B and C v1 on node 2, C v2 on node 3, the agents given a CA,
 /// and AuthorizationPolicies that admit exactly the tutorial's call graph
@@ -62,6 +94,7 @@ fn the_tutorial_end_to_end_on_three_nodes() {
         &tutorial,
         "default",
         "three-nodes",
+        &|_| {},
         &kiali_checks(&prometheus, "three-nodes"),
     );
     let captured = capture.stop().unwrap();
@@ -170,6 +203,7 @@ fn the_tutorial_end_to_end_with_kubectl() {
         &tutorial,
         mesh_tests::tutorial::kubernetes::NAMESPACE,
         "kubernetes",
+        &|_| {},
         &|_, _| {},
     );
     // Every hop went through a tunnel, with certificates from the signer: the apps' (the
@@ -206,7 +240,7 @@ fn kiali_checks<'a>(prometheus: &'a Prometheus, mode: &'a str) -> impl Fn(&str, 
             graph
         };
         match step {
-            "canary 2: 90/10" => {
+            CANARY_90_10 => {
                 let graph = kiali();
                 let (a_to_b, _) = graph.rate("service-a", "service-b", None);
                 let (v1, _) = graph.rate("service-b", "service-c", Some("v1"));
@@ -251,9 +285,15 @@ fn assert_received_over_mutual_tls(agent: &Agent, caller: &str) {
     );
 }
 
-/// The baseline, a trace through the chain, then every step in order, each passed to `after`
-/// with how long it took once it has passed.
-fn replay(tutorial: &impl World, namespace: &str, mode: &str, after: &dyn Fn(&str, Duration)) {
+/// The baseline, a trace through the chain, then every step in order: each passed to `before`
+/// as it starts, and to `after` with how long it took once it has passed.
+fn replay(
+    tutorial: &impl World,
+    namespace: &str,
+    mode: &str,
+    before: &dyn Fn(&str),
+    after: &dyn Fn(&str, Duration),
+) {
     // Baseline: the whole chain through the gateway.
     let (status, body) = tutorial.call().unwrap();
     assert_eq!(status, 200, "{body}");
@@ -298,6 +338,7 @@ fn replay(tutorial: &impl World, namespace: &str, mode: &str, after: &dyn Fn(&st
     // still had at repair (each ejection is baseEjectionTime × how many it has had) + interval
     // + 2 s.
     for step in steps(Pace::Full) {
+        before(step.name);
         let started = Instant::now();
         let outcome = tutorial.run_step(&step).unwrap();
         let took = started.elapsed();

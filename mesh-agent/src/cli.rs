@@ -24,9 +24,9 @@ use crate::{
     reason = "the CLI's own thread waits between readings, not an agent's"
 )]
 pub fn stat(admin_socket: &Path, window: std::time::Duration, watch: bool) -> Result<()> {
-    use crate::telemetry::stat;
-    use std::{collections::VecDeque, time::Instant};
-    let read = || -> Result<(Instant, stat::Reading)> {
+    use crate::telemetry::{reading, stat};
+    use std::time::Instant;
+    let read = || -> Result<reading::Reading> {
         let (status, body) = client::request(
             admin_socket,
             Method::GET,
@@ -39,36 +39,25 @@ pub fn stat(admin_socket: &Path, window: std::time::Duration, watch: bool) -> Re
                 String::from_utf8_lossy(&body)
             );
         }
-        Ok((
-            Instant::now(),
-            stat::reading(&String::from_utf8_lossy(&body)),
-        ))
+        Ok(reading::reading(&String::from_utf8_lossy(&body)))
     };
-    let show = |(then, before): &(Instant, stat::Reading),
-                (now, after): &(Instant, stat::Reading)| {
-        let seconds = now.duration_since(*then).as_secs_f64();
-        stat::table(&stat::rows(before, after, seconds), seconds)
+    let mut readings = reading::Readings::new(window);
+    let show = |readings: &reading::Readings| {
+        let (edges, seconds) = readings.last(window).unwrap_or_default();
+        stat::table(&stat::rows(&edges, seconds), seconds)
     };
+    readings.push(Instant::now(), read()?);
     if !watch {
-        let first = read()?;
         std::thread::sleep(window);
-        print!("{}", show(&first, &read()?));
+        readings.push(Instant::now(), read()?);
+        print!("{}", show(&readings));
         return Ok(());
     }
-    let every = std::time::Duration::from_secs(1);
-    let kept = (window.as_secs() as usize).max(1) + 1;
-    let mut readings = VecDeque::from([read()?]);
     loop {
-        std::thread::sleep(every);
-        readings.push_back(read()?);
-        if readings.len() > kept {
-            readings.pop_front();
-        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        readings.push(Instant::now(), read()?);
         // Clear the screen and go home, as `watch` does.
-        print!(
-            "\x1b[2J\x1b[H{}",
-            show(&readings[0], &readings[readings.len() - 1])
-        );
+        print!("\x1b[2J\x1b[H{}", show(&readings));
         use std::io::Write;
         std::io::stdout().flush()?;
     }

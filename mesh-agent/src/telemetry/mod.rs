@@ -6,6 +6,7 @@ mod access_log;
 mod metered;
 pub mod metrics;
 pub mod otlp;
+pub mod reading;
 mod record;
 mod sinks;
 pub mod stat;

@@ -199,8 +199,9 @@ struct RunArgs {
     #[arg(long, default_value_t = SocketAddrV4::new([127, 0, 0, 1].into(), DEFAULT_LISTEN_PORT))]
     listen: SocketAddrV4,
     /// Admin API's TCP address, in the agent's namespace. Local mode: reads only (health,
-    /// readiness, metrics, stats, config_dump, pods); changes answer 403. Kubernetes mode: the
-    /// kubelet's probes and Prometheus only (/healthz, /ready, /metrics).
+    /// readiness, metrics, the /graph page, stats, config_dump, pods); changes answer 403.
+    /// Kubernetes mode: the kubelet's probes, Prometheus and the graph only (/healthz, /ready,
+    /// /metrics, /graph).
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin: SocketAddr,
     #[command(flatten)]

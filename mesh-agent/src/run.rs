@@ -342,6 +342,7 @@ pub fn run(settings: Settings) -> Result<()> {
             admin::Mode::Local
         },
         readiness: Arc::clone(&readiness),
+        graph: Default::default(),
     });
     let admin_tcp = match inventory.take_tcp_listener(names::ADMIN, settings.admin) {
         Some(listener) => listener,

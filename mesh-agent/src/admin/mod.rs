@@ -5,7 +5,7 @@
 //! - the Unix socket ([`SocketFile`], root only by its file mode): everything; in local mode the
 //!   only way to change anything (`/apply`, `/delete`, `/pods`, `/logging`);
 //! - the TCP address (`--admin`), reachable by every local user, and in Kubernetes mode by every
-//!   pod: in local mode reads only; in Kubernetes mode probes and metrics only.
+//!   pod: in local mode reads only; in Kubernetes mode probes, metrics and the graph of them only.
 //!
 //! Kubernetes mode takes no writes at all: the cluster's objects and labels are the truth.
 
@@ -32,6 +32,7 @@ use crate::{
     redirect::Redirect,
     socket_file::SocketFile,
     state::Store,
+    telemetry::{graph, reading},
 };
 
 /// Where `mesh-agent run` listens and the CLI connects unless told otherwise
@@ -48,6 +49,8 @@ pub struct AdminState {
     pub log_level: Option<LogLevelSetter>,
     pub mode: Mode,
     pub readiness: Arc<Readiness>,
+    /// What the `/graph` page is drawn from, read while someone watches.
+    pub graph: graph::Watch,
 }
 
 /// Which listener takes what depends on the mode (see the module's documentation).
@@ -134,6 +137,7 @@ pub fn spawn(
                     })
                 };
                 tokio::select! {
+                    _ = read_while_watched(&state) => {}
                     _ = server::serve_tcp(tcp, limits.clone(), handler(Listener::Tcp)) => {}
                     _ = server::serve_unix(unix, limits.clone(), handler(Listener::Socket)) => {}
                     _ = stopped => {}
@@ -151,7 +155,7 @@ pub fn spawn(
 /// What an endpoint does, for deciding who may call it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Access {
-    /// What the kubelet and Prometheus need: health, readiness, metrics.
+    /// What the kubelet and Prometheus need: health, readiness, metrics (and the graph of them).
     Probe,
     /// Everything else that only reads: the config, counters, pods, endpoint health.
     Read,
@@ -164,7 +168,10 @@ fn access(method: &Method, path: &str) -> Access {
         return Access::Write;
     }
     match path {
-        "/healthz" | "/ready" | "/metrics" | "/stats/prometheus" => Access::Probe,
+        // The graph shows what the metrics tell, to whoever may read them.
+        "/healthz" | "/ready" | "/metrics" | "/stats/prometheus" | "/graph" | "/graph.json" => {
+            Access::Probe
+        }
         _ => Access::Read,
     }
 }
@@ -187,7 +194,7 @@ fn refusal(mode: Mode, via: Listener, access: Access, socket: &str) -> Option<St
         ),
         (Mode::Kubernetes, Listener::Tcp, Access::Read) => Some(format!(
             "in Kubernetes mode this address serves probes and metrics only (/healthz, /ready, \
-             /metrics); the rest is on the admin socket {socket}: \
+             /metrics, /graph); the rest is on the admin socket {socket}: \
              kubectl -n sidecarless-system exec <agent pod> -- mesh-agent get all\n"
         )),
     }
@@ -238,6 +245,21 @@ async fn route(
                 http::HeaderValue::from_static(content_type),
             );
             response
+        }
+        (Method::GET, "/graph") => {
+            let mut response = Response::new(Full::new(Bytes::from_static(graph::PAGE.as_bytes())));
+            response.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            response
+        }
+        (Method::GET, "/graph.json") => {
+            let window = query_param(req.uri(), "window")
+                .and_then(|seconds| seconds.parse().ok())
+                .map_or(graph::DEFAULT_WINDOW, std::time::Duration::from_secs)
+                .min(graph::LONGEST_WINDOW);
+            json_response(StatusCode::OK, &graph_now(state, window))
         }
         (Method::GET, "/pods") => json_response(StatusCode::OK, &state.enrollments.list()),
         (Method::GET, "/config_dump") => json_response(StatusCode::OK, &config_dump(&state.store)),
@@ -310,6 +332,53 @@ async fn route(
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+/// Reads the agent's metrics every [`graph::EVERY`] for as long as the graph is watched.
+async fn read_while_watched(state: &AdminState) {
+    let mut every = tokio::time::interval(graph::EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        state
+            .graph
+            .tick(std::time::Instant::now(), || read_metrics(state));
+    }
+}
+
+fn read_metrics(state: &AdminState) -> reading::Reading {
+    reading::reading(&exposition::render(&state.metrics, None).1)
+}
+
+/// The graph of the last `window`, with the endpoints ejected now on the workloads they are.
+fn graph_now(state: &AdminState, window: std::time::Duration) -> graph::Graph {
+    let now = std::time::Instant::now();
+    let (edges, seconds) = state
+        .graph
+        .view(now, window, || read_metrics(state))
+        .unwrap_or_default();
+    let snapshot = state.store.snapshot();
+    let ejected = snapshot
+        .engine
+        .endpoint_health(now)
+        .into_iter()
+        .flat_map(|cluster| cluster.endpoints)
+        .filter_map(|endpoint| {
+            let left = endpoint.ejected_for?;
+            let workload = snapshot.discovered.workload_at(endpoint.address.ip())?;
+            let node = reading::Node {
+                namespace: workload.identity.namespace.clone(),
+                service: workload.identity.canonical_service.clone(),
+                version: workload.identity.canonical_revision.clone(),
+            };
+            let ejected = graph::Ejected {
+                address: endpoint.address,
+                seconds_left: left.as_secs_f64(),
+            };
+            Some((node, ejected))
+        })
+        .collect();
+    graph::graph(&edges, seconds, ejected)
 }
 
 /// The first value of `name` in the URI's query, decoded (`application/x-www-form-urlencoded`).
@@ -656,7 +725,14 @@ spec:
         ] {
             assert_eq!(access(&method, path), Access::Write, "{method} {path}");
         }
-        for path in ["/healthz", "/ready", "/metrics", "/stats/prometheus"] {
+        for path in [
+            "/healthz",
+            "/ready",
+            "/metrics",
+            "/stats/prometheus",
+            "/graph",
+            "/graph.json",
+        ] {
             assert_eq!(access(&Method::GET, path), Access::Probe, "{path}");
         }
         for path in [

@@ -1,8 +1,10 @@
 //! What the agent reports: Istio-compatible Prometheus metrics (`metrics`), trace context
-//! propagation (`trace`), span export over OTLP/HTTP (`otlp`), the access log (`access_log`), and
-//! `mesh-agent stat`'s reading of the metrics (`stat`).
+//! propagation (`trace`), span export over OTLP/HTTP (`otlp`), the access log (`access_log`);
+//! and the views drawn from the metrics (`reading`): `mesh-agent stat`'s table (`stat`) and the
+//! admin port's live graph page (`graph`).
 
 mod access_log;
+pub mod graph;
 mod metered;
 pub mod metrics;
 pub mod otlp;

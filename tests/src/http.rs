@@ -59,8 +59,7 @@ fn exchange(
     request.push_str("\r\n");
     request.push_str(body);
     stream.write_all(request.as_bytes())?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response)?;
+    let response = read_response(&mut stream)?;
     let response = String::from_utf8_lossy(&response);
     let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
     let status = head
@@ -79,6 +78,32 @@ fn exchange(
             body.to_owned()
         },
     ))
+}
+
+/// The response's bytes: up to its `Content-Length` when it has one (a server may keep the
+/// connection open whatever the request asked, as ChromeDriver does), else until the server
+/// closes.
+fn read_response(stream: &mut impl Read) -> Result<Vec<u8>> {
+    let mut response = Vec::new();
+    let mut chunk = [0; 16 * 1024];
+    loop {
+        if let Some(head_end) = response.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&response[..head_end]).to_ascii_lowercase();
+            let length = head
+                .lines()
+                .filter_map(|line| line.split_once(':'))
+                .find(|(name, _)| name.trim() == "content-length")
+                .and_then(|(_, value)| value.trim().parse::<usize>().ok());
+            if length.is_some_and(|length| response.len() >= head_end + 4 + length) {
+                return Ok(response);
+            }
+        }
+        let read = stream.read(&mut chunk)?;
+        if read == 0 {
+            return Ok(response);
+        }
+        response.extend_from_slice(&chunk[..read]);
+    }
 }
 
 pub fn get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {

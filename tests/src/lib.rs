@@ -31,12 +31,14 @@
 //! ```
 
 pub mod agent;
+pub mod browser;
 pub mod canary;
 pub mod capture;
 mod cgroup;
 mod cleanup;
 pub mod command;
 pub mod control_plane;
+pub mod graph_page;
 pub mod http;
 pub mod kiali;
 pub mod kubelet;

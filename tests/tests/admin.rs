@@ -73,6 +73,8 @@ fn the_tcp_address_reads_and_refuses_every_change() {
         "/healthz",
         "/ready",
         "/metrics",
+        "/graph",
+        "/graph.json",
         "/stats",
         "/pods",
         "/config_dump",
@@ -249,7 +251,13 @@ fn kubernetes_mode_serves_probes_on_the_node_address_and_takes_no_changes() {
     let node = SimNode::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let agent = kubernetes_agent(&node, dir.path());
-    for (path, expected) in [("/healthz", 200), ("/ready", 503), ("/metrics", 200)] {
+    for (path, expected) in [
+        ("/healthz", 200),
+        ("/ready", 503),
+        ("/metrics", 200),
+        ("/graph", 200),
+        ("/graph.json", 200),
+    ] {
         let (status, answer) = agent.admin_tcp_request("GET", path, "").unwrap();
         assert_eq!(status, expected, "GET {path} on the node address: {answer}");
     }

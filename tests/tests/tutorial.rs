@@ -11,6 +11,7 @@ use std::{
 
 use mesh_tests::agent::sum_samples;
 use mesh_tests::capture::Capture;
+use mesh_tests::graph_page::{Drawn, GraphPage};
 use mesh_tests::kiali;
 use mesh_tests::mesh_config::examples_dir;
 use mesh_tests::prometheus::Prometheus;
@@ -35,8 +36,10 @@ fn the_tutorial_end_to_end() {
     // A real Prometheus scrapes the agent through the replay; Kiali's graph queries find the
     // canary's split and the crashed replica's errors in what it stored.
     let prometheus = Prometheus::start(tutorial.node()).unwrap();
-    // `mesh-agent stat` watches the first 5 s of the canary's 90/10 step as it runs.
+    // `mesh-agent stat` watches the first 5 s of the canary's 90/10 step as it runs, and the
+    // agent's graph page is open in a real browser from then on.
     let stat = RefCell::new(None);
+    let page = RefCell::new(None);
     let kiali = kiali_checks(&prometheus, "local");
     replay(
         &tutorial,
@@ -45,10 +48,14 @@ fn the_tutorial_end_to_end() {
         &|step| {
             if step == CANARY_90_10 {
                 *stat.borrow_mut() = Some(stat::start(tutorial.agent(), 5).unwrap());
+                *page.borrow_mut() = Some(GraphPage::open(tutorial.node()).unwrap());
             }
         },
         &|step, took| {
             kiali(step, took);
+            if let Some(page) = page.borrow().as_ref() {
+                graph_page_checks(page, "local", step);
+            }
             let Some(running) = stat.borrow_mut().take() else {
                 return;
             };
@@ -68,8 +75,73 @@ fn the_tutorial_end_to_end() {
     );
 }
 
+/// What the agent's graph page shows at the end of a step, over its last 10 s (every step
+/// checked here lasts longer): at 90/10, the three services and B's calls to C split 90/10 (in
+/// mutual TLS between nodes); with the circuit breaker, the crashed replica marked ejected. Each
+/// is saved as a screenshot.
+fn graph_page_checks(page: &GraphPage, mode: &str, step: &str) {
+    const B: &str = "default/service-b/v1";
+    const DRAWN_WITHIN: std::time::Duration = std::time::Duration::from_secs(20);
+    let screenshot = |name: &str| {
+        let name = match mode {
+            "local" => name.to_owned(),
+            _ => format!("{mode}-{name}"),
+        };
+        page.screenshot(&name).unwrap()
+    };
+    match step {
+        CANARY_90_10 => {
+            let v2 = |drawn: &Drawn| drawn.share(B, "default/service-c/v2");
+            let drawn = page
+                .drawn(
+                    |drawn| v2(drawn).is_some_and(|share| (7.0..=13.0).contains(&share)),
+                    DRAWN_WITHIN,
+                )
+                .unwrap();
+            for service in ["service-a", "service-b", "service-c"] {
+                assert!(drawn.services.iter().any(|s| s == service), "{drawn:?}");
+            }
+            let v1 = drawn.share(B, "default/service-c/v1").unwrap();
+            let shot = screenshot("canary-90-10");
+            println!(
+                "{mode} graph page at 90/10: B→C v1 {v1}%, v2 {}% ({})",
+                v2(&drawn).unwrap(),
+                shot.display()
+            );
+            assert!((87.0..=93.0).contains(&v1), "{drawn:?}");
+            if mode == "three-nodes" {
+                let label = |to| drawn.label(B, to).unwrap_or_default();
+                for to in ["default/service-c/v1", "default/service-c/v2"] {
+                    assert!(label(to).contains("mTLS"), "B → {to}: {drawn:?}");
+                }
+            }
+        }
+        CIRCUIT_BREAKER => {
+            let drawn = page
+                .drawn(
+                    |drawn| drawn.nodes.iter().any(|n| n.ejected > 0),
+                    DRAWN_WITHIN,
+                )
+                .unwrap();
+            let ejected: Vec<_> = drawn.nodes.iter().filter(|n| n.ejected > 0).collect();
+            let shot = screenshot("circuit-breaker");
+            println!(
+                "{mode} graph page, circuit breaker: {} ({})",
+                ejected[0].text,
+                shot.display()
+            );
+            assert_eq!(ejected.len(), 1, "{drawn:?}");
+            assert_eq!(ejected[0].id, "default/service-c/v2");
+            assert!(ejected[0].text.contains("ejected"), "{drawn:?}");
+        }
+        _ => {}
+    }
+}
+
 /// The canary step the observability checks look at.
 const CANARY_90_10: &str = "canary 2: 90/10";
+/// The step whose outlier detection ejects the crashed replica.
+const CIRCUIT_BREAKER: &str = "crashed, circuit breaker";
 
 /// The cluster: A on node 1, B and C v1 on node 2, C v2 on node 3, the agents given a CA,
 /// and AuthorizationPolicies that admit exactly the tutorial's call graph
@@ -89,13 +161,26 @@ fn the_tutorial_end_to_end_on_three_nodes() {
     let capture = Capture::start(tutorial.network()).unwrap();
     // Node 2's agent reports B → C v1 twice, as B's source and as C v1's destination: Kiali,
     // reading node 2's Prometheus, must count it once.
-    let prometheus = Prometheus::start(&tutorial.network().nodes()[1]).unwrap();
+    let b_node = &tutorial.network().nodes()[1];
+    let prometheus = Prometheus::start(b_node).unwrap();
+    let kiali = kiali_checks(&prometheus, "three-nodes");
+    // And the graph page of B's node, from the 90/10 step on.
+    let page = RefCell::new(None);
     replay(
         &tutorial,
         "default",
         "three-nodes",
-        &|_| {},
-        &kiali_checks(&prometheus, "three-nodes"),
+        &|step| {
+            if step == CANARY_90_10 {
+                *page.borrow_mut() = Some(GraphPage::open(b_node).unwrap());
+            }
+        },
+        &|step, took| {
+            kiali(step, took);
+            if let Some(page) = page.borrow().as_ref() {
+                graph_page_checks(page, "three-nodes", step);
+            }
+        },
     );
     let captured = capture.stop().unwrap();
     let tunnelled = captured.payload_bytes_to_port(15008);

@@ -6,6 +6,7 @@ mod build_ebpf;
 mod cluster;
 mod demo;
 mod fuzz;
+mod screenshots;
 mod test;
 mod tools;
 
@@ -67,6 +68,9 @@ enum Command {
     ///
     /// Examples: `cargo xtask fuzz`, `cargo xtask fuzz --seconds 600 config_loader`.
     Fuzz(fuzz::Args),
+    /// Take docs/tutorial.md's pictures of the agent's graph page (canary at 90/10, circuit
+    /// breaker at work): the tutorial's end-to-end test in a real browser, as root.
+    Screenshots,
     /// Benchmark one mesh hop against direct, nginx and HAProxy (release build, as root).
     Bench(bench::Args),
     /// A real Kubernetes control plane (1.20) on loopback: etcd, kube-apiserver,
@@ -133,6 +137,7 @@ fn main() -> Result<()> {
         ),
         Command::Test { cargo_args } => test::run(&cargo_args),
         Command::Fuzz(args) => fuzz::run(&args),
+        Command::Screenshots => screenshots::run(),
         Command::Bench(args) => bench::run(args),
         Command::Cluster(command) => cluster::run(command),
     }

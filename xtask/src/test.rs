@@ -10,6 +10,20 @@ use crate::{bench, build_ebpf, cargo, fuzz, tools};
 /// `--skip` matches both by this prefix).
 const TUTORIAL: &str = "the_tutorial_end_to_end";
 
+/// The tutorial's end-to-end tests, uncaptured, with `filter` (test names, libtest options).
+pub fn tutorial(root: &Path, filter: &[&str]) -> Result<()> {
+    let mut args = vec![
+        "test",
+        "--workspace",
+        "--test",
+        "tutorial",
+        "--",
+        "--nocapture",
+    ];
+    args.extend(filter);
+    cargo(root, &args)
+}
+
 /// Seconds each fuzz target runs in CI.
 const CI_FUZZ_SECONDS: u32 = 10;
 
@@ -47,29 +61,18 @@ pub fn run(cargo_args: &[String]) -> Result<()> {
         mesh_tests::control_plane::KUBERNETES_VERSION,
         started.elapsed().as_secs_f64()
     );
-    // The Prometheus the tutorial's replay is scraped by (Debian's package).
-    mesh_tests::packages::ensure(&["prometheus"], |line| println!("prometheus: {line}"))?;
+    // The Prometheus the tutorial's replay is scraped by, and the browser that loads the
+    // agent's graph page during it (Debian's packages).
+    let packages = [&["prometheus"][..], &mesh_tests::browser::PACKAGES].concat();
+    mesh_tests::packages::ensure(&packages, |line| println!("packages: {line}"))?;
     let started = Instant::now();
     let result = if cargo_args.is_empty() {
         // The tutorial runs last and uncaptured, so CI shows the shares and error counts it
         // measured at every step; its two modes one after the other, as each measures timings
         // the other would skew. `--workspace`, not `-p mesh-tests`: the same features as the
         // run before, so nothing is rebuilt.
-        cargo(&root, &["test", "--workspace", "--", "--skip", TUTORIAL]).and_then(|()| {
-            cargo(
-                &root,
-                &[
-                    "test",
-                    "--workspace",
-                    "--test",
-                    "tutorial",
-                    "--",
-                    "--nocapture",
-                    "--test-threads",
-                    "1",
-                ],
-            )
-        })
+        cargo(&root, &["test", "--workspace", "--", "--skip", TUTORIAL])
+            .and_then(|()| tutorial(&root, &["--test-threads", "1"]))
     } else {
         let mut test = vec!["test", "--workspace"];
         test.extend(cargo_args.iter().map(String::as_str));

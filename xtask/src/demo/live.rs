@@ -123,6 +123,11 @@ fn print_intro(demo: &Demo, relays: &[(SocketAddr, Relay)]) {
     if relayed(HOST_GATEWAY) {
         println!("  curl localhost:8080/service-a      # curl $ROUTE/service-a  (the gateway)");
     }
+    if relayed(HOST_ADMIN) {
+        println!(
+            "  open http://localhost:15000/graph  # the live traffic graph (the agent's own page)"
+        );
+    }
     println!("  curl localhost:15000/clusters      # endpoints, health, ejections (the agent's admin API)");
     println!(
         "In another terminal, in {}:",

@@ -54,7 +54,7 @@ fn the_tutorial_end_to_end() {
         &|step, took| {
             kiali(step, took);
             if let Some(page) = page.borrow().as_ref() {
-                graph_page_checks(page, "local", step);
+                graph_page_checks(page, &tutorial, "local", step);
             }
             let Some(running) = stat.borrow_mut().take() else {
                 return;
@@ -79,7 +79,7 @@ fn the_tutorial_end_to_end() {
 /// checked here lasts longer): at 90/10, the three services and B's calls to C split 90/10 (in
 /// mutual TLS between nodes); with the circuit breaker, the crashed replica marked ejected. Each
 /// is saved as a screenshot.
-fn graph_page_checks(page: &GraphPage, mode: &str, step: &str) {
+fn graph_page_checks(page: &GraphPage, tutorial: &impl World, mode: &str, step: &str) {
     const B: &str = "default/service-b/v1";
     const DRAWN_WITHIN: std::time::Duration = std::time::Duration::from_secs(20);
     let screenshot = |name: &str| {
@@ -104,11 +104,14 @@ fn graph_page_checks(page: &GraphPage, mode: &str, step: &str) {
             let v1 = drawn.share(B, "default/service-c/v1").unwrap();
             let shot = screenshot("canary-90-10");
             println!(
-                "{mode} graph page at 90/10: B→C v1 {v1}%, v2 {}% ({})",
+                "{mode} graph page at 90/10: B→C v1 {v1}%, v2 {}%, drawn {} times ({})",
                 v2(&drawn).unwrap(),
+                drawn.drawn,
                 shot.display()
             );
             assert!((87.0..=93.0).contains(&v1), "{drawn:?}");
+            // Open since the step began, it redrew as the split came in (a draw a second).
+            assert!(drawn.drawn >= 5, "drawn {} times", drawn.drawn);
             if mode == "three-nodes" {
                 let label = |to| drawn.label(B, to).unwrap_or_default();
                 for to in ["default/service-c/v1", "default/service-c/v2"] {
@@ -117,12 +120,23 @@ fn graph_page_checks(page: &GraphPage, mode: &str, step: &str) {
             }
         }
         CIRCUIT_BREAKER => {
-            let drawn = page
-                .drawn(
-                    |drawn| drawn.nodes.iter().any(|n| n.ejected > 0),
-                    DRAWN_WITHIN,
-                )
-                .unwrap();
+            // The replica is ejected while the step's calls run; once they stop, it returns
+            // when its ejection ends (2-4 s after the step here). Should that come first, a few
+            // calls find it crashed and eject it again, as they would in the tutorial's loop.
+            let ejected = |drawn: &Drawn| drawn.nodes.iter().any(|n| n.ejected > 0);
+            let mut tries = 0;
+            let drawn = loop {
+                match page.drawn(ejected, DRAWN_WITHIN / 4) {
+                    Ok(drawn) => break drawn,
+                    Err(_) if tries < 3 => {
+                        tries += 1;
+                        for _ in 0..10 {
+                            let _ = tutorial.call();
+                        }
+                    }
+                    Err(error) => panic!("{error:#}"),
+                }
+            };
             let ejected: Vec<_> = drawn.nodes.iter().filter(|n| n.ejected > 0).collect();
             let shot = screenshot("circuit-breaker");
             println!(
@@ -178,7 +192,7 @@ fn the_tutorial_end_to_end_on_three_nodes() {
         &|step, took| {
             kiali(step, took);
             if let Some(page) = page.borrow().as_ref() {
-                graph_page_checks(page, "three-nodes", step);
+                graph_page_checks(page, &tutorial, "three-nodes", step);
             }
         },
     );

@@ -748,7 +748,8 @@ fn keys_of(label: &str, text: &str) -> Result<Vec<ObjectKey>, Vec<Diagnostic>> {
         .map(|document| {
             let value = &document.value;
             match (value["kind"].as_str(), value["metadata"]["name"].as_str()) {
-                (Some(kind), Some(name)) => Ok(ObjectKey::new(
+                (Some(kind), Some(name)) => Ok(ObjectKey::of(
+                    value["apiVersion"].as_str().unwrap_or_default(),
                     kind,
                     value["metadata"]["namespace"].as_str(),
                     name,

@@ -45,6 +45,8 @@ pub const ISTIO_API_GROUPS: &[&str] = &[
     "telemetry.istio.io",
     "extensions.istio.io",
 ];
+/// The group of `EndpointSlice`.
+const DISCOVERY_GROUP: &str = "discovery.k8s.io";
 const ISTIO_VERSIONS: &[&str] = &["v1alpha3", "v1beta1", "v1"];
 const SECURITY_VERSIONS: &[&str] = &["v1beta1", "v1"];
 const TOP_LEVEL_FIELDS: &[&str] = &["apiVersion", "kind", "metadata", "spec", "status"];
@@ -68,6 +70,21 @@ impl ObjectKey {
             kind: kind.into(),
             namespace: namespace.into(),
             name: name.into(),
+        }
+    }
+}
+
+impl ObjectKey {
+    /// The identity of an object of `kind` in `api_version`'s group. Kinds are told apart by
+    /// name in the groups this agent reads (Kubernetes' core, `discovery.k8s.io`, Istio's), and
+    /// as `Kind.group` in any other, as `kubectl get` names them: a Gateway API `Gateway` is not
+    /// Istio's, nor is a Knative `Service` a Kubernetes Service, and neither may replace it.
+    pub fn of(api_version: &str, kind: &str, namespace: Option<&str>, name: &str) -> ObjectKey {
+        let group = api_version.split_once('/').map_or("", |(group, _)| group);
+        if group.is_empty() || group == DISCOVERY_GROUP || ISTIO_API_GROUPS.contains(&group) {
+            ObjectKey::new(kind, namespace, name)
+        } else {
+            ObjectKey::new(&format!("{kind}.{group}"), namespace, name)
         }
     }
 }
@@ -228,7 +245,7 @@ pub fn read(file: &str, document: Document) -> Result<Sourced, Vec<Diagnostic>> 
     let namespace = metadata
         .and_then(|m| m.get("namespace"))
         .and_then(Value::as_str);
-    let key = ObjectKey::new(&kind, namespace, name);
+    let key = ObjectKey::of(&api_version, &kind, namespace, name);
     let mut warnings = Vec::new();
     let (group, version) = api_version.split_once('/').unwrap_or(("", &api_version));
     let object = match (group, kind.as_str()) {
@@ -254,9 +271,9 @@ pub fn read(file: &str, document: Document) -> Result<Sourced, Vec<Diagnostic>> 
             }
             istio(file, &key, map, &mut warnings)?
         }
-        (_, "Service") => Object::Service(kubernetes(file, &key, map)?),
-        (_, "EndpointSlice") => Object::EndpointSlice(kubernetes(file, &key, map)?),
-        (_, "Pod") => Object::Pod(kubernetes(file, &key, map)?),
+        ("", "Service") => Object::Service(kubernetes(file, &key, map)?),
+        (DISCOVERY_GROUP, "EndpointSlice") => Object::EndpointSlice(kubernetes(file, &key, map)?),
+        ("", "Pod") => Object::Pod(kubernetes(file, &key, map)?),
         (group, kind) if ISTIO_API_GROUPS.contains(&group) => {
             warnings.push(diagnostic(
                 file,

@@ -109,7 +109,8 @@ fn key_of(document: &Document) -> Option<ObjectKey> {
     let name = value["metadata"]["name"]
         .as_str()
         .filter(|n| !n.is_empty())?;
-    Some(ObjectKey::new(
+    Some(ObjectKey::of(
+        value["apiVersion"].as_str().unwrap_or_default(),
         kind,
         value["metadata"]["namespace"].as_str(),
         name,

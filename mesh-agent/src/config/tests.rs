@@ -822,11 +822,60 @@ fn istio_kinds_not_implemented_warn_and_are_ignored() {
     assert_eq!(sourced.manifest()["spec"]["anything"][0], 1, "kept as read");
     for quiet in [
         ObjectKey::new("ConfigMap", None, "c"),
-        ObjectKey::new("AuthorizationPolicy", None, "x"),
+        // Not Istio's: a kind of its own.
+        ObjectKey::new("AuthorizationPolicy.example.com", None, "x"),
     ] {
         assert_eq!(loaded.objects[&quiet].ignored(), None, "{quiet}");
     }
     assert_eq!(loaded.other_objects().count(), kinds.len() + 2);
+}
+
+/// Kinds of other API groups keep to themselves: a Gateway API `Gateway` does not replace
+/// Istio's of the same name (the ingress would be lost), nor is a Knative `Service` read as a
+/// Kubernetes Service.
+#[test]
+fn a_kind_of_another_group_is_its_own_kind() {
+    let loaded = load_str(
+        "objects.yml",
+        "apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: public, namespace: istio-system}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 80, name: http, protocol: HTTP}
+    hosts: ['*']
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: public, namespace: istio-system}
+spec:
+  gatewayClassName: istio
+  listeners: [{name: http, port: 80, protocol: HTTP}]
+---
+apiVersion: serving.knative.dev/v1
+kind: Service
+metadata: {name: hello}
+spec:
+  template: {spec: {containers: [{image: hello}]}}
+",
+    );
+    assert!(loaded.is_ok(), "{:?}", loaded.diagnostics);
+    assert_eq!(loaded.diagnostics, [], "no definition replaced another");
+    assert_eq!(
+        loaded.config.gateways.len(),
+        1,
+        "Istio's Gateway is in force"
+    );
+    let keys: Vec<String> = loaded.objects.keys().map(ToString::to_string).collect();
+    assert_eq!(
+        keys,
+        [
+            "Gateway istio-system/public",
+            "Gateway.gateway.networking.k8s.io istio-system/public",
+            "Service.serving.knative.dev default/hello",
+        ]
+    );
 }
 
 // ---------------------------------------------------------------- cross-object rules

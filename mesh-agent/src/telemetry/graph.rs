@@ -139,8 +139,14 @@ pub fn graph(edges: &BTreeMap<Edge, Counts>, seconds: f64, ejected: Vec<(Node, E
         nodes.entry(&edge.source).or_default();
         nodes.entry(&edge.destination).or_default();
     }
+    // An endpoint of several clusters (a subset's and its service's) is listed once, with the
+    // longest ejection it has, as `/clusters` reads it.
     for (node, endpoint) in &ejected {
-        nodes.entry(node).or_default().push(endpoint.clone());
+        let listed = nodes.entry(node).or_default();
+        match listed.iter_mut().find(|e| e.address == endpoint.address) {
+            Some(e) => e.seconds_left = e.seconds_left.max(endpoint.seconds_left),
+            None => listed.push(endpoint.clone()),
+        }
     }
     Graph {
         window_seconds: seconds,
@@ -194,7 +200,15 @@ mod tests {
             address: "10.1.0.7:8080".parse().unwrap(),
             seconds_left: 8.5,
         };
-        let graph = graph(&edges, 2.0, vec![(c_v2, ejected.clone())]);
+        let in_its_subset = Ejected {
+            seconds_left: 3.0,
+            ..ejected.clone()
+        };
+        let graph = graph(
+            &edges,
+            2.0,
+            vec![(c_v2.clone(), ejected.clone()), (c_v2, in_its_subset)],
+        );
         let ids: Vec<&str> = graph.nodes.iter().map(|n| n.id.as_str()).collect();
         assert_eq!(
             ids,

@@ -3,6 +3,9 @@
 
 use std::time::Duration;
 
+use k8s_openapi::jiff::Timestamp;
+use serde_json::Value;
+
 use super::diagnostic::ObjectContext;
 use super::model::{Host, Percent};
 use super::raw;
@@ -130,5 +133,23 @@ pub(super) fn percentage(
                 .unwrap_or(Percent::ZERO),
         ),
         (None, None) => None,
+    }
+}
+
+/// `metadata.creationTimestamp`: RFC 3339, as the API server writes it; `null` (as
+/// `kubectl create --dry-run -o yaml` writes it) or absent is no time.
+pub(super) fn creation_time(cx: &mut ObjectContext, value: Option<&Value>) -> Option<Timestamp> {
+    const FIELD: &str = "metadata.creationTimestamp";
+    match value? {
+        Value::Null => None,
+        Value::String(text) => cx.check(
+            FIELD,
+            text.parse::<Timestamp>()
+                .map_err(|_| format!("{text:?} is not an RFC 3339 time")),
+        ),
+        other => {
+            cx.error(FIELD, format!("{other} is not an RFC 3339 time"));
+            None
+        }
     }
 }

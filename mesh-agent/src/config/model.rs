@@ -1,8 +1,10 @@
 //! The validated mesh configuration: what the engine and proxy consume.
 //!
 //! Built from raw Kubernetes objects by `config::parse` ("parse, don't validate"): every value
-//! here has already been checked (weights sum to 100, durations are non-negative, regexes
-//! compile, subsets exist, header values are legal), so the engine never re-checks.
+//! here has already been checked (weights are not all zero, durations are non-negative, regexes
+//! compile, subsets exist, header values are legal), so the engine never re-checks. Gateway API
+//! routes (`HTTPRoute`) are translated into the same [`VirtualService`]s: one engine, two front
+//! doors.
 //! Optional sections stay `Option` where "absent" and "default" differ for Istio semantics
 //! (e.g. retries absent ⇒ Istio's default policy, resolved by the engine); otherwise defaults are
 //! filled in here and documented in `docs/configuration.md`.
@@ -66,6 +68,13 @@ pub struct VirtualService {
     /// `gateways:` as written (`mesh` means sidecar/mesh traffic; absent ⇒ `["mesh"]`).
     pub gateways: Vec<String>,
     pub http: Vec<HttpRoute>,
+    /// `metadata.creationTimestamp`, when the object has one: when a VirtualService and
+    /// Gateway API routes claim one host, the older takes it (as Istio).
+    pub created: Option<Timestamp>,
+    /// Gateway API semantics: a request for one of `hosts` that matches none of `http` is
+    /// answered 404 rather than sent to the service's own default route (Istio's reading of a
+    /// VirtualService).
+    pub exclusive: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -73,8 +82,15 @@ pub struct HttpRoute {
     pub name: Option<String>,
     /// Any one matching selects the route; empty matches every request.
     pub matches: Vec<RequestMatch>,
-    /// Weights sum to 100 (a single destination without weight gets 100).
+    /// Weights are relative and not all zero: a VirtualService's sum to 100 (a single
+    /// destination without weight gets 100), a Gateway API rule's to anything. Empty only when
+    /// `redirect` or `direct_response` answers instead.
     pub route: Vec<RouteDestination>,
+    /// Answer with a redirect instead of routing (Gateway API `RequestRedirect`).
+    pub redirect: Option<Redirect>,
+    /// Answer with this status instead of routing: a Gateway API rule whose backends are all
+    /// invalid or weighted 0 is answered 500.
+    pub direct_response: Option<u16>,
     pub rewrite: Option<Rewrite>,
     pub headers: Headers,
     /// Bounds the whole request, retries included. `None` ⇒ no timeout (Istio's default).
@@ -107,6 +123,9 @@ pub struct RequestMatch {
 pub enum StringMatch {
     Exact(String),
     Prefix(String),
+    /// Gateway API `PathPrefix`: whole path elements, so `/abc` matches `/abc`, `/abc/` and
+    /// `/abc/def` but not `/abcd`. Kept without a trailing `/`, so `""` matches every path.
+    PathPrefix(String),
     /// Anchored: must match the whole value (RE2 full-match semantics, as Envoy).
     Regex(Regex),
 }
@@ -127,8 +146,33 @@ pub struct RouteDestination {
 
 #[derive(Clone, Debug, Default)]
 pub struct Rewrite {
+    /// Replaces the matched prefix when the route matched by prefix, else the whole path.
     pub uri: Option<String>,
     pub authority: Option<String>,
+    /// `uri` replaces the whole path however the route matched (Gateway API `ReplaceFullPath`).
+    pub whole_path: bool,
+}
+
+/// A redirect answered by the mesh: the request's URL with the parts given here replaced.
+#[derive(Clone, Debug)]
+pub struct Redirect {
+    /// `http` or `https`.
+    pub scheme: Option<String>,
+    pub host: Option<String>,
+    /// `None`: the request's port, or the new scheme's default port when `scheme` is set; the
+    /// default port of the scheme is left out of `Location`.
+    pub port: Option<u16>,
+    pub path: Option<RedirectPath>,
+    /// 301, 302, 303, 307 or 308.
+    pub status: u16,
+}
+
+#[derive(Clone, Debug)]
+pub enum RedirectPath {
+    /// The whole path.
+    Whole(String),
+    /// The prefix the route matched (as `Rewrite::uri`).
+    Prefix(String),
 }
 
 #[derive(Clone, Debug, Default)]

@@ -342,7 +342,8 @@ fn istio(
     };
     let object = match &*key.kind {
         "VirtualService" => parse_spec::<raw::VirtualServiceSpec>(&mut cx, spec).map(|spec| {
-            let (rule, destinations) = virtual_service::convert(&mut cx, &id, spec);
+            let created = manifest["metadata"].get("creationTimestamp");
+            let (rule, destinations) = virtual_service::convert(&mut cx, &id, created, spec);
             Object::VirtualService(IstioObject {
                 rule: Arc::new(rule),
                 manifest,

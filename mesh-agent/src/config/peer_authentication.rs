@@ -5,7 +5,6 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::jiff::Timestamp;
 use serde_json::Value;
 
 use super::diagnostic::ObjectContext;
@@ -21,7 +20,7 @@ pub(super) fn convert(
     created: Option<&Value>,
     spec: raw::PeerAuthenticationSpec,
 ) -> PeerAuthentication {
-    let created = creation_time(cx, created);
+    let created = fields::creation_time(cx, created);
     // Istio reads a selector without labels as no selector (a namespace- or mesh-wide policy).
     let selector = spec
         .selector
@@ -64,24 +63,6 @@ pub(super) fn convert(
         selector,
         mode,
         port_level,
-    }
-}
-
-/// `metadata.creationTimestamp`: RFC 3339, as the API server writes it; `null` (as
-/// `kubectl create --dry-run -o yaml` writes it) or absent is no time.
-fn creation_time(cx: &mut ObjectContext, value: Option<&Value>) -> Option<Timestamp> {
-    const FIELD: &str = "metadata.creationTimestamp";
-    match value? {
-        Value::Null => None,
-        Value::String(text) => cx.check(
-            FIELD,
-            text.parse::<Timestamp>()
-                .map_err(|_| format!("{text:?} is not an RFC 3339 time")),
-        ),
-        other => {
-            cx.error(FIELD, format!("{other} is not an RFC 3339 time"));
-            None
-        }
     }
 }
 

@@ -29,8 +29,10 @@ pub(crate) struct DestinationRef {
 pub(super) fn convert(
     cx: &mut ObjectContext,
     id: &ObjectRef,
+    created: Option<&serde_json::Value>,
     spec: raw::VirtualServiceSpec,
 ) -> (VirtualService, Vec<DestinationRef>) {
+    let created = fields::creation_time(cx, created);
     cx.unsupported("spec.tcp", &spec.tcp);
     cx.unsupported("spec.tls", &spec.tls);
     cx.unsupported("spec.exportTo", &spec.export_to);
@@ -56,6 +58,8 @@ pub(super) fn convert(
         hosts,
         gateways,
         http,
+        created,
+        exclusive: false,
     };
     (vs, refs)
 }
@@ -138,6 +142,8 @@ fn http_route(
         retries,
         fault,
         mirror,
+        redirect: None,
+        direct_response: None,
     })
 }
 
@@ -309,6 +315,7 @@ fn rewrite(cx: &mut ObjectContext, path: &str, raw: raw::Rewrite) -> Rewrite {
     Rewrite {
         uri: checked("uri", raw.uri),
         authority: checked("authority", raw.authority),
+        whole_path: false,
     }
 }
 

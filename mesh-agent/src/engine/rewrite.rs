@@ -105,7 +105,7 @@ mod tests {
             let mut p = parts(uri);
             let rewrite = Rewrite {
                 uri: Some(replacement.into()),
-                authority: None,
+                ..Rewrite::default()
             };
             apply_rewrite(&rewrite, matched, &mut p);
             assert_eq!(p.uri.to_string(), want, "{uri} with {replacement}");
@@ -115,8 +115,8 @@ mod tests {
     #[test]
     fn authority_rewrite_sets_host_and_absolute_uri() {
         let rewrite = Rewrite {
-            uri: None,
             authority: Some("service-d:8080".into()),
+            ..Rewrite::default()
         };
         let mut p = parts("/x");
         apply_rewrite(&rewrite, UriMatched::Whole, &mut p);

@@ -130,6 +130,9 @@ fn request_matches(m: &RequestMatch, req: &RequestInfo<'_>) -> Option<UriMatched
             };
             ok.then_some(UriMatched::Prefix(want.len()))?
         }
+        Some(StringMatch::PathPrefix(want)) => {
+            path_prefix_matches(path, want).then_some(UriMatched::Prefix(want.len()))?
+        }
         Some(StringMatch::Regex(re)) => re.is_match(path).then_some(UriMatched::Whole)?,
     };
     let port_ok = m.port.is_none_or(|p| p == req.port);
@@ -178,7 +181,14 @@ pub(crate) fn string_matches(m: &StringMatch, value: &str) -> bool {
     match m {
         StringMatch::Exact(want) => value == want,
         StringMatch::Prefix(want) => value.starts_with(want.as_str()),
+        StringMatch::PathPrefix(want) => path_prefix_matches(value, want),
         // The model's regexes are anchored: `is_match` is a full match.
         StringMatch::Regex(re) => re.is_match(value),
     }
+}
+
+/// Whether `prefix` (without a trailing `/`) is a whole number of `path`'s elements.
+fn path_prefix_matches(path: &str, prefix: &str) -> bool {
+    path.strip_prefix(prefix)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }

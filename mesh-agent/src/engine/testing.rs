@@ -50,6 +50,8 @@ pub fn mesh(routes: usize, endpoints: usize) -> (MeshConfig, Registry) {
                 ..RequestMatch::default()
             }],
             route: vec![to("version-v1", 90), to("version-v2", 10)],
+            redirect: None,
+            direct_response: None,
             rewrite: None,
             headers: Headers::default(),
             timeout: None,
@@ -67,6 +69,8 @@ pub fn mesh(routes: usize, endpoints: usize) -> (MeshConfig, Registry) {
             hosts: vec![host("service-c")],
             gateways: vec![],
             http,
+            created: None,
+            exclusive: false,
         })],
         destination_rules: vec![Arc::new(DestinationRule {
             id: ObjectRef {

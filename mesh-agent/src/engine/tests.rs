@@ -46,6 +46,8 @@ fn http_route(name: &str, matches: Vec<RequestMatch>, route: Vec<RouteDestinatio
         name: Some(name.into()),
         matches,
         route,
+        redirect: None,
+        direct_response: None,
         rewrite: None,
         headers: Headers::default(),
         timeout: None,
@@ -68,6 +70,8 @@ fn virtual_service(hosts: &[&str], http: Vec<HttpRoute>) -> VirtualService {
         hosts: hosts.iter().map(|h| host(h)).collect(),
         gateways: vec![],
         http,
+        created: None,
+        exclusive: false,
     }
 }
 
@@ -1973,6 +1977,7 @@ fn rewrite_and_header_operations_apply_to_the_request_and_response() {
     route.rewrite = Some(Rewrite {
         uri: Some("/new/".into()),
         authority: Some("service-c.internal".into()),
+        whole_path: false,
     });
     route.headers.request.set = vec![(hname("x-route"), value("r"))];
     route.headers.response.remove = vec![hname("server")];

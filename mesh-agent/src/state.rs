@@ -614,7 +614,7 @@ impl State {
                 _ => {}
             }
             registry_changed |= next.index.apply(key, wanted.map(|w| &w.object));
-            rules_changed |= config::is_istio_kind(&key.kind);
+            rules_changed |= config::is_rule_kind(&key.kind);
             services_changed |= &*key.kind == "Service";
             match wanted {
                 Some(wanted) => {
@@ -675,10 +675,11 @@ impl State {
     }
 }
 
-/// What the VirtualServices of `in_force` name that does not exist: subsets no DestinationRule
-/// defines, hosts that are no service of the registry.
+/// What the VirtualServices and HTTPRoutes of `in_force` name that does not exist (subsets no
+/// DestinationRule defines, hosts that are no service of the registry), and the hosts both
+/// claim.
 fn references(in_force: &InForce) -> Vec<Diagnostic> {
-    let rules: Vec<&Sourced> = ["DestinationRule", "VirtualService"]
+    let rules: Vec<&Sourced> = ["DestinationRule", "VirtualService", config::HTTP_ROUTE]
         .into_iter()
         .flat_map(|kind| config::of_kind(&in_force.objects, kind))
         .map(|o| &**o)

@@ -36,6 +36,7 @@ mod diagnostic;
 mod document;
 mod fields;
 mod gateway;
+mod gateway_api;
 pub mod model;
 mod object;
 mod peer_authentication;
@@ -51,13 +52,14 @@ use std::sync::Arc;
 
 pub use diagnostic::{Diagnostic, Severity};
 pub use document::{documents, Document};
+pub use gateway_api::HTTP_ROUTE;
 use model::{Host, MeshConfig};
 pub use object::{
     not_implemented, read, read_text, IstioObject, Object, ObjectKey, ObjectSet, Sourced,
     DEFAULT_NAMESPACE, ISTIO_API_GROUPS,
 };
 pub use rejection::{read_each, Rejection, COUNTED_KINDS};
-pub use rules::{check_references, is_istio_kind, mesh_config, of_kind};
+pub use rules::{check_references, is_rule_kind, mesh_config, of_kind};
 
 /// The result of one load (`mesh-agent validate`). `config` holds only the Istio objects that
 /// had no error; [`Loaded::is_ok`] says whether any object had one.
@@ -93,6 +95,7 @@ impl Loaded {
             !matches!(
                 o.object,
                 Object::VirtualService(_)
+                    | Object::HttpRoute(_)
                     | Object::DestinationRule(_)
                     | Object::Gateway(_)
                     | Object::AuthorizationPolicy(_)
@@ -289,10 +292,12 @@ pub fn run_validate(paths: &[PathBuf], out: &mut impl Write) -> io::Result<bool>
     let config = &loaded.config;
     writeln!(
         out,
-        "{} file(s): {} VirtualService, {} DestinationRule, {} Gateway, {} AuthorizationPolicy, \
-         {} PeerAuthentication, {} other object(s); {} error(s), {} warning(s)",
+        "{} file(s): {} VirtualService, {} HTTPRoute, {} DestinationRule, {} Gateway, \
+         {} AuthorizationPolicy, {} PeerAuthentication, {} other object(s); {} error(s), \
+         {} warning(s)",
         loaded.files.len(),
-        config.virtual_services.len(),
+        of_kind(&loaded.objects, "VirtualService").count(),
+        of_kind(&loaded.objects, HTTP_ROUTE).count(),
         config.destination_rules.len(),
         config.gateways.len(),
         config.authorization_policies.len(),

@@ -274,6 +274,58 @@ pub struct Mirror {
     pub percentage: Percent,
 }
 
+// ---------------------------------------------------------------- Gateway API
+
+/// A Gateway API `HTTPRoute` attached to Services (GAMMA), validated: its rules split into one
+/// route per match, each ranked. All the routes attached to one Service are merged into one
+/// exclusive [`VirtualService`] by [`crate::config::mesh_config`], most specific match first.
+#[derive(Clone, Debug)]
+pub struct MeshHttpRoute {
+    pub id: ObjectRef,
+    pub created: Option<Timestamp>,
+    pub parents: Vec<ParentService>,
+    /// In the order written: rule by rule, match by match.
+    pub routes: Vec<RankedRoute>,
+}
+
+/// A `parentRefs` entry naming a Service: the route applies to requests for it, on `port` only
+/// when given.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParentService {
+    pub host: Host,
+    pub port: Option<u16>,
+}
+
+#[derive(Clone, Debug)]
+pub struct RankedRoute {
+    pub precedence: Precedence,
+    /// The rule's index in `spec.rules`, which breaks ties inside one object.
+    pub rule: usize,
+    /// At most one match (the rule's `matches[i]`), without the parent's port yet.
+    pub route: HttpRoute,
+}
+
+/// How specific a match is, as the Gateway API orders them: an `Exact` path before a
+/// `PathPrefix` before a regular expression (Istio's choice; the API leaves regexes to the
+/// implementation), a longer path first, then a method match, then more header matches, then
+/// more query parameter matches. Greater is more specific.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Precedence {
+    pub path_kind: PathKind,
+    pub path_length: usize,
+    pub method: bool,
+    pub headers: usize,
+    pub query_params: usize,
+}
+
+/// Ordered from least to most specific.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum PathKind {
+    RegularExpression,
+    PathPrefix,
+    Exact,
+}
+
 // ---------------------------------------------------------------- DestinationRule
 
 #[derive(Clone, Debug)]

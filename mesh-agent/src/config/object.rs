@@ -24,9 +24,10 @@ use super::{
     document::Document,
     fields::MISSING,
     gateway,
+    gateway_api::{self, http_route},
     model::{
-        AuthorizationPolicy, DestinationRule, Gateway, ObjectRef, PeerAuthentication,
-        VirtualService,
+        AuthorizationPolicy, DestinationRule, Gateway, MeshHttpRoute, ObjectRef,
+        PeerAuthentication, VirtualService,
     },
     peer_authentication, raw,
     virtual_service::{self, DestinationRef},
@@ -48,6 +49,18 @@ pub const ISTIO_API_GROUPS: &[&str] = &[
 /// The group of `EndpointSlice`.
 const DISCOVERY_GROUP: &str = "discovery.k8s.io";
 const ISTIO_VERSIONS: &[&str] = &["v1alpha3", "v1beta1", "v1"];
+/// The Gateway API versions whose routes read alike (`v1` since Gateway API 1.0).
+const GATEWAY_API_VERSIONS: &[&str] = &["v1beta1", "v1"];
+/// Gateway API kinds whose rules the user expects in force but this mesh does not read yet:
+/// reported, like Istio's kinds it does not implement.
+const GATEWAY_API_NOT_IMPLEMENTED: &[&str] = &[
+    "GRPCRoute",
+    "Gateway",
+    "TLSRoute",
+    "TCPRoute",
+    "UDPRoute",
+    "BackendTLSPolicy",
+];
 const SECURITY_VERSIONS: &[&str] = &["v1beta1", "v1"];
 const TOP_LEVEL_FIELDS: &[&str] = &["apiVersion", "kind", "metadata", "spec", "status"];
 /// The namespace of an object that names none, as `kubectl` assumes.
@@ -108,6 +121,8 @@ pub enum Object {
     EndpointSlice(Arc<EndpointSlice>),
     Pod(Arc<Pod>),
     VirtualService(IstioObject<VirtualService>),
+    /// A Gateway API `HTTPRoute`, keyed as [`HTTP_ROUTE`](super::gateway_api::HTTP_ROUTE).
+    HttpRoute(IstioObject<MeshHttpRoute>),
     DestinationRule(IstioObject<DestinationRule>),
     Gateway(IstioObject<Gateway>),
     AuthorizationPolicy(IstioObject<AuthorizationPolicy>),
@@ -189,6 +204,7 @@ impl Sourced {
             Object::EndpointSlice(o) => serde_json::to_value(&**o).unwrap_or(Value::Null),
             Object::Pod(o) => serde_json::to_value(&**o).unwrap_or(Value::Null),
             Object::VirtualService(o) => (*o.manifest).clone(),
+            Object::HttpRoute(o) => (*o.manifest).clone(),
             Object::DestinationRule(o) => (*o.manifest).clone(),
             Object::Gateway(o) => (*o.manifest).clone(),
             Object::AuthorizationPolicy(o) => (*o.manifest).clone(),
@@ -250,11 +266,12 @@ pub fn read(file: &str, document: Document) -> Result<Sourced, Vec<Diagnostic>> 
     let (group, version) = api_version.split_once('/').unwrap_or(("", &api_version));
     let object = match (group, kind.as_str()) {
         (ISTIO_GROUP, "VirtualService" | "DestinationRule" | "Gateway")
-        | (SECURITY_GROUP, "AuthorizationPolicy" | "PeerAuthentication") => {
-            let versions = if group == ISTIO_GROUP {
-                ISTIO_VERSIONS
-            } else {
-                SECURITY_VERSIONS
+        | (SECURITY_GROUP, "AuthorizationPolicy" | "PeerAuthentication")
+        | (http_route::GROUP, "HTTPRoute") => {
+            let versions = match group {
+                ISTIO_GROUP => ISTIO_VERSIONS,
+                SECURITY_GROUP => SECURITY_VERSIONS,
+                _ => GATEWAY_API_VERSIONS,
             };
             if !versions.contains(&version) {
                 let (last, others) = versions.split_last().expect("versions are listed");
@@ -274,13 +291,16 @@ pub fn read(file: &str, document: Document) -> Result<Sourced, Vec<Diagnostic>> 
         ("", "Service") => Object::Service(kubernetes(file, &key, map)?),
         (DISCOVERY_GROUP, "EndpointSlice") => Object::EndpointSlice(kubernetes(file, &key, map)?),
         ("", "Pod") => Object::Pod(kubernetes(file, &key, map)?),
-        (group, kind) if ISTIO_API_GROUPS.contains(&group) => {
+        (group, kind)
+            if ISTIO_API_GROUPS.contains(&group)
+                || (group == http_route::GROUP && GATEWAY_API_NOT_IMPLEMENTED.contains(&kind)) =>
+        {
             warnings.push(diagnostic(
                 file,
                 &key.to_string(),
                 "",
                 Severity::Warning,
-                not_implemented(kind),
+                not_implemented(&key.kind),
             ));
             Object::NotImplemented(Arc::new(Value::Object(map)))
         }
@@ -350,6 +370,16 @@ fn istio(
                 destinations: destinations.into(),
             })
         }),
+        gateway_api::HTTP_ROUTE => parse_spec::<gateway_api::raw::HttpRouteSpec>(&mut cx, spec)
+            .map(|spec| {
+                let created = manifest["metadata"].get("creationTimestamp");
+                let (rule, destinations) = http_route::convert(&mut cx, &id, created, spec);
+                Object::HttpRoute(IstioObject {
+                    rule: Arc::new(rule),
+                    manifest,
+                    destinations: destinations.into(),
+                })
+            }),
         "DestinationRule" => parse_spec::<raw::DestinationRuleSpec>(&mut cx, spec).map(|spec| {
             Object::DestinationRule(IstioObject {
                 rule: Arc::new(destination_rule::convert(&mut cx, &id, spec)),
@@ -416,7 +446,7 @@ fn kubernetes<T: DeserializeOwned>(
 
 /// Deserializes `spec`, warning about each unknown field and turning a type error into one
 /// diagnostic with its path (serde cannot go on after it, so it is the object's last).
-fn parse_spec<T: DeserializeOwned>(cx: &mut ObjectContext, spec: Value) -> Option<T> {
+pub(super) fn parse_spec<T: DeserializeOwned>(cx: &mut ObjectContext, spec: Value) -> Option<T> {
     let mut unknown = Vec::new();
     let result: Result<T, _> = serde_path_to_error::deserialize(serde_ignored::Deserializer::new(
         spec,

@@ -27,13 +27,14 @@ pub struct Rejection {
 /// What a rejection counts as in `mesh_config_rejected_objects{kind}`: the kinds the mesh reads,
 /// `other` for any other kind, `unknown` when none could be read; a fixed set, whatever a file
 /// says.
-pub const COUNTED_KINDS: [&str; 8] = [
+pub const COUNTED_KINDS: [&str; 9] = [
     "VirtualService",
     "DestinationRule",
     "Gateway",
     "Service",
     "EndpointSlice",
     "Pod",
+    super::gateway_api::HTTP_ROUTE,
     "other",
     "unknown",
 ];
@@ -43,7 +44,7 @@ impl Rejection {
     pub fn counted_kind(&self) -> &'static str {
         match &self.key {
             None => "unknown",
-            Some(key) => COUNTED_KINDS[..6]
+            Some(key) => COUNTED_KINDS[..7]
                 .iter()
                 .find(|kind| **kind == &*key.kind)
                 .copied()

@@ -10,16 +10,17 @@ use std::{
 
 use super::{
     diagnostic::{Diagnostic, Severity},
+    gateway_api::{self, HTTP_ROUTE},
     model::{Host, MeshConfig},
     object::{Object, ObjectKey, ObjectSet, Sourced},
 };
 
-/// The Istio objects of `objects`, in key order.
+/// The rules of `objects`, in key order: Istio's, and HTTPRoutes merged into VirtualServices
+/// (see [`gateway_api`]).
 pub fn mesh_config(objects: &ObjectSet) -> MeshConfig {
     let mut config = MeshConfig::default();
     for sourced in istio_objects(objects) {
         match &sourced.object {
-            Object::VirtualService(o) => config.virtual_services.push(Arc::clone(&o.rule)),
             Object::DestinationRule(o) => config.destination_rules.push(Arc::clone(&o.rule)),
             Object::Gateway(o) => config.gateways.push(Arc::clone(&o.rule)),
             Object::AuthorizationPolicy(o) => {
@@ -29,11 +30,15 @@ pub fn mesh_config(objects: &ObjectSet) -> MeshConfig {
             _ => {}
         }
     }
+    let virtual_services: Vec<&Sourced> =
+        of_kind(objects, "VirtualService").map(|o| &**o).collect();
+    let http_routes: Vec<&Sourced> = of_kind(objects, HTTP_ROUTE).map(|o| &**o).collect();
+    config.virtual_services = gateway_api::claims(&virtual_services, &http_routes).virtual_services;
     config
 }
 
 /// Whether a change to an object of this kind can change the [`MeshConfig`].
-pub fn is_istio_kind(kind: &str) -> bool {
+pub fn is_rule_kind(kind: &str) -> bool {
     matches!(
         kind,
         "VirtualService"
@@ -41,17 +46,18 @@ pub fn is_istio_kind(kind: &str) -> bool {
             | "Gateway"
             | "AuthorizationPolicy"
             | "PeerAuthentication"
+            | HTTP_ROUTE
     )
 }
 
-/// The Istio objects of the set, without walking the others (keys sort by kind first).
+/// The Istio objects of the set but VirtualServices (merged with HTTPRoutes), without walking
+/// the others (keys sort by kind first).
 fn istio_objects(objects: &ObjectSet) -> impl Iterator<Item = &Arc<Sourced>> {
     [
         "AuthorizationPolicy",
         "DestinationRule",
         "Gateway",
         "PeerAuthentication",
-        "VirtualService",
     ]
     .into_iter()
     .flat_map(|kind| of_kind(objects, kind))
@@ -99,8 +105,10 @@ pub fn check_references(
     let unknown: BTreeSet<String> = unknown_rule_hosts.iter().map(reference_key).collect();
     let mut warnings = Vec::new();
     for sourced in objects {
-        let Object::VirtualService(vs) = &sourced.object else {
-            continue;
+        let destinations = match &sourced.object {
+            Object::VirtualService(o) => &o.destinations,
+            Object::HttpRoute(o) => &o.destinations,
+            _ => continue,
         };
         let mut warn = |field: String, reason: String| {
             warnings.push(Diagnostic {
@@ -111,7 +119,7 @@ pub fn check_references(
                 reason,
             })
         };
-        for reference in vs.destinations.iter() {
+        for reference in destinations.iter() {
             let key = reference_key(&reference.host);
             let host = &reference.host.name;
             let known_service = key.starts_with('*') || services.is_none_or(|s| s.contains(&key));
@@ -156,13 +164,22 @@ pub fn check_references(
             );
         }
     }
+    let of = |kind: &str| -> Vec<&Sourced> {
+        objects
+            .iter()
+            .copied()
+            .filter(|o| &*o.key.kind == kind)
+            .collect()
+    };
+    let claims = gateway_api::claims(&of("VirtualService"), &of(HTTP_ROUTE));
+    warnings.extend(claims.warnings);
     warnings
 }
 
 /// Expands Kubernetes short names (`svc`, `svc.ns`, `svc.ns.svc`) so that a reference and a
 /// rule written differently for the same service compare equal. Only for this check: real
 /// host resolution belongs to the service registry.
-fn reference_key(host: &Host) -> String {
+pub(super) fn reference_key(host: &Host) -> String {
     let name = host.name.trim_end_matches('.').to_ascii_lowercase();
     match name.matches('.').count() {
         _ if name.starts_with('*') => name,

@@ -1,0 +1,198 @@
+//! The Gateway API's routes (`gateway.networking.k8s.io`) as the engine's model: one engine, two
+//! front doors. An `HTTPRoute` attached to a Service (GAMMA) is validated by itself
+//! ([`http_route`]); then every route attached to one Service is merged into one exclusive
+//! [`VirtualService`] for it, most specific match first ([`Precedence`], then the oldest
+//! object, then namespace and name, then rule and match order, as the Gateway API orders them).
+//!
+//! A VirtualService and HTTPRoutes may claim one Service. As Istio does (its sidecars keep the
+//! first virtual host of a domain, and sort them by age), the oldest object takes the host — a
+//! VirtualService when neither has a creation time, as files seldom do — and the others' rules
+//! for it are not used, with a warning on each.
+
+pub(crate) mod http_route;
+pub(crate) mod raw;
+
+use std::cmp::Reverse;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use k8s_openapi::jiff::Timestamp;
+
+use super::diagnostic::{Diagnostic, Severity};
+use super::model::{Host, HttpRoute, ObjectRef, Precedence, VirtualService};
+use super::object::{Object, Sourced};
+use super::rules::reference_key;
+
+/// The key of an `HTTPRoute` in an [`ObjectSet`](super::ObjectSet), as `kubectl` names the kind.
+pub const HTTP_ROUTE: &str = "HTTPRoute.gateway.networking.k8s.io";
+
+/// The VirtualServices in force once HTTPRoutes are merged in, and a warning for each object
+/// whose rules for a host are not used because another claims it.
+pub(crate) struct Claims {
+    pub virtual_services: Vec<Arc<VirtualService>>,
+    pub warnings: Vec<Diagnostic>,
+}
+
+/// Every route attached to one Service, on the way to its VirtualService.
+struct Merged<'a> {
+    host: Host,
+    /// The oldest route's: the age of the whole set when a VirtualService claims the host too.
+    created: Option<Timestamp>,
+    routes: Vec<(Order<'a>, HttpRoute)>,
+    objects: Vec<&'a Sourced>,
+}
+
+/// Where a route goes among all those of a Service, smallest first.
+type Order<'a> = (Reverse<Precedence>, Age, &'a str, &'a str, usize);
+
+/// Older first; an object without a creation time counts as the newest.
+type Age = (bool, Option<Timestamp>);
+
+fn age(created: Option<Timestamp>) -> Age {
+    (created.is_none(), created)
+}
+
+/// Merges the HTTPRoutes of `http_routes` per Service and settles the hosts they share with
+/// `virtual_services` (both as read, any order).
+pub(crate) fn claims(virtual_services: &[&Sourced], http_routes: &[&Sourced]) -> Claims {
+    let mut merged: BTreeMap<String, Merged> = BTreeMap::new();
+    for sourced in http_routes {
+        let Object::HttpRoute(object) = &sourced.object else {
+            continue;
+        };
+        let route = &object.rule;
+        for parent in &route.parents {
+            let entry = merged
+                .entry(reference_key(&parent.host))
+                .or_insert_with(|| Merged {
+                    host: parent.host.clone(),
+                    created: route.created,
+                    routes: Vec::new(),
+                    objects: Vec::new(),
+                });
+            if age(route.created) < age(entry.created) {
+                entry.created = route.created;
+            }
+            if !entry.objects.iter().any(|o| std::ptr::eq(*o, *sourced)) {
+                entry.objects.push(sourced);
+            }
+            for (index, ranked) in route.routes.iter().enumerate() {
+                let mut http = ranked.route.clone();
+                for m in &mut http.matches {
+                    m.port = parent.port;
+                }
+                let order = (
+                    Reverse(ranked.precedence),
+                    age(route.created),
+                    route.id.namespace.as_str(),
+                    route.id.name.as_str(),
+                    index,
+                );
+                entry.routes.push((order, http));
+            }
+        }
+    }
+
+    let mut warnings = Vec::new();
+    let mut lost: BTreeMap<usize, Vec<String>> = BTreeMap::new();
+    for (i, sourced) in virtual_services.iter().enumerate() {
+        let Object::VirtualService(object) = &sourced.object else {
+            continue;
+        };
+        let vs = &object.rule;
+        if !vs.gateways.iter().any(|g| g == "mesh") {
+            continue;
+        }
+        for host in &vs.hosts {
+            let key = reference_key(host);
+            let Some(routes) = merged.get(&key) else {
+                continue;
+            };
+            if age(routes.created) < age(vs.created) {
+                lost.entry(i).or_default().push(key);
+                let names = object_names(&routes.objects);
+                warnings.push(warning(
+                    sourced,
+                    "spec.hosts",
+                    format!(
+                        "host {} is also routed by {names}, which is older: its rules are used \
+                         for the host and this VirtualService's are not (the oldest object \
+                         takes a host, as in Istio)",
+                        host.name
+                    ),
+                ));
+            } else {
+                for route in &routes.objects {
+                    warnings.push(warning(
+                        route,
+                        "spec.parentRefs",
+                        format!(
+                            "Service {} is also routed by VirtualService {}/{}, which is not \
+                             newer: its rules are used and this route's are not (the oldest \
+                             object takes a host, as in Istio)",
+                            routes.host.name, vs.id.namespace, vs.id.name
+                        ),
+                    ));
+                }
+                merged.remove(&key);
+            }
+        }
+    }
+
+    let mut result = Vec::with_capacity(virtual_services.len() + merged.len());
+    for (i, sourced) in virtual_services.iter().enumerate() {
+        let Object::VirtualService(object) = &sourced.object else {
+            continue;
+        };
+        match lost.get(&i) {
+            None => result.push(Arc::clone(&object.rule)),
+            Some(keys) => {
+                let mut vs = VirtualService::clone(&object.rule);
+                vs.hosts.retain(|h| !keys.contains(&reference_key(h)));
+                if !vs.hosts.is_empty() {
+                    result.push(Arc::new(vs));
+                }
+            }
+        }
+    }
+    for merged in merged.into_values() {
+        let mut routes = merged.routes;
+        routes.sort_by(|a, b| a.0.cmp(&b.0));
+        result.push(Arc::new(VirtualService {
+            id: ObjectRef {
+                namespace: merged.host.namespace.clone(),
+                name: merged.host.name.clone(),
+            },
+            hosts: vec![merged.host],
+            gateways: vec!["mesh".to_owned()],
+            http: routes.into_iter().map(|(_, route)| route).collect(),
+            created: merged.created,
+            exclusive: true,
+        }));
+    }
+    Claims {
+        virtual_services: result,
+        warnings,
+    }
+}
+
+fn object_names(objects: &[&Sourced]) -> String {
+    let names: Vec<String> = objects
+        .iter()
+        .map(|o| format!("HTTPRoute {}/{}", o.key.namespace, o.key.name))
+        .collect();
+    names.join(", ")
+}
+
+fn warning(sourced: &Sourced, field: &str, reason: String) -> Diagnostic {
+    Diagnostic {
+        severity: Severity::Warning,
+        file: sourced.origin.to_string(),
+        object: sourced.key.to_string(),
+        field: field.to_owned(),
+        reason,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -71,10 +71,44 @@ pub struct VirtualService {
     /// `metadata.creationTimestamp`, when the object has one: when a VirtualService and
     /// Gateway API routes claim one host, the older takes it (as Istio).
     pub created: Option<Timestamp>,
-    /// Gateway API semantics: a request for one of `hosts` that matches none of `http` is
-    /// answered 404 rather than sent to the service's own default route (Istio's reading of a
-    /// VirtualService).
-    pub exclusive: bool,
+    /// On which ports of `hosts` a request that matches none of `http` is answered 404 rather
+    /// than sent to the service's own default route.
+    pub exclusive: Exclusive,
+}
+
+/// Which ports of its hosts a VirtualService claims whole.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Exclusive {
+    /// None: what no route matches takes the service's own route (Istio's reading).
+    #[default]
+    No,
+    /// Every port (a Gateway API route attached to a Service without a port).
+    AllPorts,
+    /// These ports (routes attached to a Service port).
+    Ports(Vec<u16>),
+}
+
+impl Exclusive {
+    /// Both claims at once.
+    pub fn union(&mut self, other: &Exclusive) {
+        match (&mut *self, other) {
+            (_, Exclusive::No) | (Exclusive::AllPorts, _) => {}
+            (Exclusive::Ports(mine), Exclusive::Ports(theirs)) => {
+                mine.extend(theirs);
+                mine.sort_unstable();
+                mine.dedup();
+            }
+            (me, other) => *me = other.clone(),
+        }
+    }
+
+    pub fn covers(&self, port: u16) -> bool {
+        match self {
+            Exclusive::No => false,
+            Exclusive::AllPorts => true,
+            Exclusive::Ports(ports) => ports.contains(&port),
+        }
+    }
 }
 
 #[derive(Clone, Debug)]

@@ -7,7 +7,7 @@ use http::{HeaderName, HeaderValue};
 use super::diagnostic::{ObjectContext, UNSUPPORTED};
 use super::fields::{self, MISSING};
 use super::model::{
-    Destination, Fault, FaultAbort, FaultDelay, HeaderOperations, Headers, Host, HttpRoute, Mirror,
+    Destination, Exclusive, Fault, FaultAbort, FaultDelay, HeaderOperations, Headers, Host, HttpRoute, Mirror,
     ObjectRef, Percent, RequestMatch, RetryOn, RetryPolicy, Rewrite, RouteDestination, StringMatch,
     VirtualService,
 };
@@ -59,7 +59,7 @@ pub(super) fn convert(
         gateways,
         http,
         created,
-        exclusive: false,
+        exclusive: Exclusive::No,
     };
     (vs, refs)
 }

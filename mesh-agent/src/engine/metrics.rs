@@ -55,6 +55,11 @@ pub struct EngineMetrics {
     pub fault_aborts: AtomicU64,
     /// Requests delayed by fault injection (`DI`).
     pub fault_delays: AtomicU64,
+    /// Requests answered with a redirect by their route (Gateway API `RequestRedirect`).
+    pub redirects: AtomicU64,
+    /// Requests answered by their route with a fixed status (a Gateway API rule without a
+    /// valid backend: 500).
+    pub direct_responses: AtomicU64,
     /// Requests chosen for mirroring.
     pub mirrored: AtomicU64,
     /// Mirrored copies not sent: no upstream connection was free at once, or too many copies
@@ -169,6 +174,8 @@ impl Collector for Export {
             ("pool_overflow", get(&engine.pool_overflow)),
             ("fault_abort", get(&engine.fault_aborts)),
             ("fault_delay", get(&engine.fault_delays)),
+            ("redirect", get(&engine.redirects)),
+            ("direct_response", get(&engine.direct_responses)),
             ("mirrored", get(&engine.mirrored)),
             ("mirror_dropped", get(&engine.mirror_dropped)),
         ];

@@ -28,6 +28,7 @@ mod mirror;
 mod outlier;
 mod plan;
 mod pool;
+mod redirect;
 pub mod registry;
 mod request;
 mod retry;
@@ -53,6 +54,7 @@ pub use gateway::GatewayLabels;
 pub use metrics::EngineMetrics;
 pub use plan::{Attempt, MirrorTarget, RequestPlan, Verdict};
 pub use pool::{ClusterId, ClusterPool, Permit, PoolLimits};
+pub use redirect::LocalAnswer;
 pub use registry::Registry;
 pub use request::RequestInfo;
 pub use retry::{Outcome, RetryBudget};
@@ -135,15 +137,16 @@ impl Engine {
     }
 
     /// Decides a request: virtual host by authority, first matching route (or the service's
-    /// default route), weighted destination, fault and mirror choices. Errors with `NR` when
-    /// nothing routes the request.
+    /// default route, unless a Gateway API route made the host exclusive), weighted
+    /// destination, fault and mirror choices — or the route's own answer (see
+    /// [`RequestPlan::local_answer`]). Errors with `NR` when nothing routes the request.
     pub fn route(&self, req: &RequestInfo<'_>, now: Instant) -> Result<RequestPlan, EngineError> {
         EngineMetrics::inc(&self.snap.metrics.requests);
         let Some((route_id, matched)) = self.match_route(req) else {
             EngineMetrics::inc(&self.snap.metrics.no_route);
             return Err(EngineError::NoRoute);
         };
-        self.plan(route_id, matched, req.port, req.replayable, true, now)
+        self.decide(route_id, matched, req, now)
     }
 
     /// Decides a request that came in through the ingress gateway's listener on `req.port`:
@@ -166,7 +169,7 @@ impl Engine {
                 .lookup(req.authority, req.namespace)
                 .and_then(|vhost| self.first_match(vhost, &req));
             if let Some((route_id, matched)) = matched {
-                return self.plan(route_id, matched, req.port, req.replayable, true, now);
+                return self.decide(route_id, matched, &req, now);
             }
         }
         EngineMetrics::inc(&snap.metrics.no_route);
@@ -193,6 +196,28 @@ impl Engine {
             return Err(EngineError::NoRoute);
         };
         self.plan(route_id, UriMatched::Whole, port, true, false, now)
+    }
+
+    /// The plan of an HTTP request that matched `route_id`: its own answer if the route has
+    /// one, else the route's upstream plan.
+    fn decide(
+        &self,
+        route_id: u32,
+        matched: UriMatched,
+        req: &RequestInfo<'_>,
+        now: Instant,
+    ) -> Result<RequestPlan, EngineError> {
+        let snap = &self.snap;
+        let Some(local) = &snap.routes[route_id as usize].local else {
+            return self.plan(route_id, matched, req.port, req.replayable, true, now);
+        };
+        let answer = local.answer(req, matched);
+        let counter = match answer {
+            LocalAnswer::Redirect { .. } => &snap.metrics.redirects,
+            LocalAnswer::Direct { .. } => &snap.metrics.direct_responses,
+        };
+        EngineMetrics::inc(counter);
+        Ok(RequestPlan::local(Arc::clone(snap), route_id, answer))
     }
 
     fn plan(
@@ -259,8 +284,9 @@ impl Engine {
 
     fn match_route(&self, req: &RequestInfo<'_>) -> Option<(u32, UriMatched)> {
         let vhost = self.snap.table.lookup(req.authority, req.namespace)?;
+        let default = vhost.default.filter(|_| !vhost.exclusive.covers(req.port));
         self.first_match(vhost, req)
-            .or_else(|| vhost.default.map(|id| (id, UriMatched::Whole)))
+            .or_else(|| default.map(|id| (id, UriMatched::Whole)))
     }
 
     /// The first of the virtual host's routes that matches the request.

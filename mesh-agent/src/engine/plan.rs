@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! let mut plan = engine.route(&info, now)?;           // Err: local reply (NR)
+//! if let Some(answer) = plan.local_answer() { return answer }  // redirect, direct response
 //! if let Some(d) = plan.delay() { sleep(d) }          // fault delay (DI)
 //! plan.rewrite_request(&mut parts);
 //! if let Some(mirror) = plan.mirror(now) { spawn copy to mirror.endpoint() }
@@ -35,6 +36,7 @@ use super::error::{EngineError, ResponseFlags, TryFailure};
 use super::metrics::EngineMetrics;
 use super::outlier::Observation;
 use super::pool::{self, ClusterPool, Permit, PoolLimits, Slot};
+use super::redirect::LocalAnswer;
 use super::retry::{self, Outcome};
 use super::rewrite;
 use super::routing::UriMatched;
@@ -63,6 +65,8 @@ pub struct RequestPlan {
     started: bool,
     retry_permit: Option<Permit>,
     flags: ResponseFlags,
+    /// The route answers by itself; then `cluster` and `destination` mean nothing.
+    local: Option<LocalAnswer>,
 }
 
 /// One try: where to send it and until when. Hand it back to [`RequestPlan::report`]; its
@@ -156,7 +160,42 @@ impl RequestPlan {
             started: false,
             retry_permit: None,
             flags,
+            local: None,
         }
+    }
+
+    /// A plan whose route answers by itself: no destination, no tries.
+    pub(crate) fn local(snap: Arc<Snapshot>, route: u32, answer: LocalAnswer) -> Self {
+        RequestPlan {
+            snap,
+            route,
+            destination: 0,
+            cluster: u32::MAX,
+            matched: UriMatched::Whole,
+            delay: None,
+            abort: None,
+            mirror: None,
+            replayable: false,
+            // Never drawn from: nothing is balanced or backed off.
+            rng: fastrand::Rng::with_seed(0),
+            tried: Tried::default(),
+            attempts: 0,
+            retries: 0,
+            deadline: None,
+            started: false,
+            retry_permit: None,
+            flags: ResponseFlags::NONE,
+            local: Some(answer),
+        }
+    }
+
+    /// The answer when the route answers by itself (Gateway API redirects and direct
+    /// responses). Check it first: such a plan has no destination, so send this answer (after
+    /// [`Self::rewrite_response`]) and call nothing else of the plan; [`Self::destination`],
+    /// [`Self::cluster_name`], [`Self::pool_limits`] and [`Self::pool`] would panic, and
+    /// [`Self::next_attempt`] errs with `NR`.
+    pub fn local_answer(&self) -> Option<&LocalAnswer> {
+        self.local.as_ref()
     }
 
     fn route_ref(&self) -> &Route {
@@ -232,11 +271,14 @@ impl RequestPlan {
         rewrite::apply_header_ops(&route.headers.request, &mut parts.headers);
     }
 
-    /// Applies the response header operations before the response goes downstream.
+    /// Applies the response header operations before the response goes downstream (a local
+    /// answer too, as Envoy finalizes a direct response's headers with the route's).
     pub fn rewrite_response(&self, headers: &mut HeaderMap) {
         let route = self.route_ref();
-        let destination = &route.destinations[usize::from(self.destination)];
-        rewrite::apply_header_ops(&destination.headers.response, headers);
+        // A local answer's route has no destination, so only route-level operations.
+        if let Some(destination) = route.destinations.get(usize::from(self.destination)) {
+            rewrite::apply_header_ops(&destination.headers.response, headers);
+        }
         rewrite::apply_header_ops(&route.headers.response, headers);
     }
 
@@ -285,6 +327,10 @@ impl RequestPlan {
     }
 
     fn start_attempt(&mut self, now: Instant) -> Result<Attempt, EngineError> {
+        // A caller that missed `local_answer`: there is nothing to try.
+        if self.local.is_some() {
+            return Err(EngineError::NoRoute);
+        }
         if let Some(status) = self.abort {
             return Err(EngineError::FaultAbort { status });
         }

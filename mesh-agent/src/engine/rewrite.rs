@@ -26,26 +26,17 @@ pub(crate) fn apply_header_ops(ops: &HeaderOperations, headers: &mut HeaderMap) 
 }
 
 /// Applies `rewrite`: `uri` replaces the matched prefix when the route matched by prefix,
-/// otherwise the whole path (Istio's semantics); the query string is kept. `authority`
-/// replaces the `Host` header and the URI's authority if it has one.
+/// otherwise the whole path (Istio's semantics), or the whole path anyway with `whole_path`
+/// (Gateway API's `ReplaceFullPath`, which may sit on a prefix match); the query string is
+/// kept. `authority` replaces the `Host` header and the URI's authority if it has one.
 pub(crate) fn apply_rewrite(rewrite: &Rewrite, matched: UriMatched, parts: &mut Parts) {
+    let matched = if rewrite.whole_path {
+        UriMatched::Whole
+    } else {
+        matched
+    };
     let new_path = rewrite.uri.as_deref().map(|replacement| {
-        let path = parts.uri.path();
-        let rest = match matched {
-            UriMatched::Prefix(len) => path.get(len..).unwrap_or(""),
-            UriMatched::Whole => "",
-        };
-        let mut new = String::with_capacity(replacement.len() + rest.len() + 1);
-        new.push_str(replacement);
-        // `/api` → `/` must not produce `//x`; an empty result must still be a path.
-        if new.ends_with('/') && rest.starts_with('/') {
-            new.push_str(&rest[1..]);
-        } else {
-            new.push_str(rest);
-        }
-        if !new.starts_with('/') {
-            new.insert(0, '/');
-        }
+        let mut new = replaced_path(replacement, matched, parts.uri.path());
         if let Some(query) = parts.uri.query() {
             new.push('?');
             new.push_str(query);
@@ -71,6 +62,28 @@ pub(crate) fn apply_rewrite(rewrite: &Rewrite, matched: UriMatched, parts: &mut 
         }
     }
     parts.uri = Uri::from_parts(uri_parts).unwrap_or_default();
+}
+
+/// `path` with the part `matched` covers replaced by `replacement`: the prefix the route
+/// matched, or the whole path. Shared by rewrites and redirects, which Gateway API defines alike
+/// (`ReplacePrefixMatch`).
+pub(crate) fn replaced_path(replacement: &str, matched: UriMatched, path: &str) -> String {
+    let rest = match matched {
+        UriMatched::Prefix(len) => path.get(len..).unwrap_or(""),
+        UriMatched::Whole => "",
+    };
+    let mut new = String::with_capacity(replacement.len() + rest.len() + 1);
+    new.push_str(replacement);
+    // `/api` → `/` must not produce `//x`; an empty result must still be a path.
+    if new.ends_with('/') && rest.starts_with('/') {
+        new.push_str(&rest[1..]);
+    } else {
+        new.push_str(rest);
+    }
+    if !new.starts_with('/') {
+        new.insert(0, '/');
+    }
+    new
 }
 
 #[cfg(test)]
@@ -110,6 +123,56 @@ mod tests {
             apply_rewrite(&rewrite, matched, &mut p);
             assert_eq!(p.uri.to_string(), want, "{uri} with {replacement}");
         }
+    }
+
+    /// Gateway API's `ReplacePrefixMatch` table, with the model's trimming: a `PathPrefix` and
+    /// a replacement are stored without a trailing `/`, and an empty replacement as `/`.
+    #[test]
+    fn prefix_rewrite_follows_gateway_api_replace_prefix_match() {
+        let cases = [
+            // (prefix as stored, replacement as stored, request, want)
+            ("/foo", "/xyz", "/foo/bar", "/xyz/bar"),
+            ("/foo", "/xyz", "/foo", "/xyz"),
+            ("/foo", "/xyz", "/foo/", "/xyz/"),
+            ("/foo", "/xyz", "/foo/bar?q=1", "/xyz/bar?q=1"),
+            ("/foo", "/", "/foo/bar", "/bar"),
+            ("/foo", "/", "/foo", "/"),
+            ("/foo", "/", "/foo/", "/"),
+            // Written `/foo/` and `/xyz/`.
+            ("/foo", "/xyz", "/foo/bar", "/xyz/bar"),
+            // Written `/`: every path, the replacement goes in front.
+            ("", "/xyz", "/foo/bar", "/xyz/foo/bar"),
+            ("", "/xyz", "/", "/xyz/"),
+        ];
+        for (prefix, replacement, uri, want) in cases {
+            assert!(
+                uri.strip_prefix(prefix)
+                    .is_some_and(|r| r.is_empty() || r.starts_with(['/', '?'])),
+                "{uri} must match {prefix}"
+            );
+            let mut p = parts(uri);
+            let rewrite = Rewrite {
+                uri: Some(replacement.into()),
+                ..Rewrite::default()
+            };
+            apply_rewrite(&rewrite, UriMatched::Prefix(prefix.len()), &mut p);
+            assert_eq!(p.uri.to_string(), want, "{prefix} → {replacement} on {uri}");
+        }
+    }
+
+    #[test]
+    fn whole_path_replaces_the_path_even_after_a_prefix_match() {
+        let rewrite = Rewrite {
+            uri: Some("/fixed".into()),
+            whole_path: true,
+            ..Rewrite::default()
+        };
+        let mut p = parts("/foo/bar?q=1");
+        apply_rewrite(&rewrite, UriMatched::Prefix(4), &mut p);
+        assert_eq!(p.uri, "/fixed?q=1");
+        let mut p = parts("/foo/bar");
+        apply_rewrite(&rewrite, UriMatched::Whole, &mut p);
+        assert_eq!(p.uri, "/fixed");
     }
 
     #[test]

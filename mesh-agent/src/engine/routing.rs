@@ -7,7 +7,7 @@ use http::HeaderMap;
 
 use super::registry::{authority_host, resolve_host, HostBuf};
 use super::request::RequestInfo;
-use crate::config::model::{RequestMatch, StringMatch};
+use crate::config::model::{Exclusive, RequestMatch, StringMatch};
 
 /// Routes grouped by the host they serve.
 #[derive(Debug, Default)]
@@ -23,6 +23,10 @@ pub(crate) struct RouteTable {
 pub(crate) struct VirtualHost {
     pub(crate) routes: Vec<u32>,
     pub(crate) default: Option<u32>,
+    /// The ports on which a Gateway API route claims the host for mesh traffic: there an HTTP
+    /// request none of `routes` matches is `NR` instead of taking `default` (which still
+    /// carries opaque TCP).
+    pub(crate) exclusive: Exclusive,
 }
 
 impl RouteTable {
@@ -191,4 +195,58 @@ pub(crate) fn string_matches(m: &StringMatch, value: &str) -> bool {
 fn path_prefix_matches(path: &str, prefix: &str) -> bool {
     path.strip_prefix(prefix)
         .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+#[cfg(test)]
+mod tests {
+    use http::{HeaderMap, Method, Uri};
+
+    use super::*;
+
+    fn uri_match(m: StringMatch, path: &str) -> Option<UriMatched> {
+        let uri: Uri = path.parse().unwrap();
+        let headers = HeaderMap::new();
+        let req = RequestInfo {
+            method: &Method::GET,
+            uri: &uri,
+            authority: "service-c",
+            scheme: "http",
+            headers: &headers,
+            port: 80,
+            gateway: None,
+            namespace: "default",
+            replayable: true,
+        };
+        let spec = RequestMatch {
+            uri: Some(m),
+            ..RequestMatch::default()
+        };
+        request_matches(&spec, &req)
+    }
+
+    #[test]
+    fn path_prefix_matches_whole_path_elements() {
+        let abc = || StringMatch::PathPrefix("/abc".into());
+        for path in ["/abc", "/abc/", "/abc/def", "/abc?x=1", "/abc/def?x=/abcd"] {
+            assert_eq!(
+                uri_match(abc(), path),
+                Some(UriMatched::Prefix(4)),
+                "{path}"
+            );
+        }
+        for path in ["/abcd", "/ab", "/", "/x/abc", "/ABC"] {
+            assert_eq!(uri_match(abc(), path), None, "{path}");
+        }
+        // `/` is stored as "": every path, and a prefix rewrite replaces nothing of it.
+        for path in ["/", "/x", "/x/y"] {
+            assert_eq!(
+                uri_match(StringMatch::PathPrefix(String::new()), path),
+                Some(UriMatched::Prefix(0)),
+                "{path}"
+            );
+        }
+        // As a header or query value too.
+        assert!(string_matches(&abc(), "/abc/def"));
+        assert!(!string_matches(&abc(), "/abcd"));
+    }
 }

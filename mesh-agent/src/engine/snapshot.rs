@@ -10,6 +10,7 @@ use super::fault::FaultRule;
 use super::gateway::{BoundRules, Gateways};
 use super::metrics::EngineMetrics;
 use super::mirror::MirrorRule;
+use super::redirect::LocalRule;
 use super::registry::{resolve_host_owned, Registry, Service};
 use super::retry::{self, ResolvedRetry};
 use super::routing::{Match, RouteTable};
@@ -53,6 +54,8 @@ pub(crate) struct Route {
     pub(crate) retry: ResolvedRetry,
     pub(crate) fault: Option<FaultRule>,
     pub(crate) mirror: Option<MirrorRule>,
+    /// The route answers by itself (a redirect, a direct response): it has no destinations.
+    pub(crate) local: Option<LocalRule>,
 }
 
 #[derive(Debug)]
@@ -105,8 +108,15 @@ impl Snapshot {
             }
             let ids = first..routes.len() as u32;
             let hosts: Vec<String> = vs.hosts.iter().map(|h| rule_host(h, &clusters)).collect();
+            // Only a rule that serves mesh traffic can take its hosts' default route away: an
+            // HTTPRoute bound to a Gateway alone leaves the service as it was inside the mesh.
+            let mesh = gateways.iter().any(|g| &**g == "mesh");
             for fqdn in &hosts {
-                table.vhost_mut(fqdn).routes.extend(ids.clone());
+                let vhost = table.vhost_mut(fqdn);
+                vhost.routes.extend(ids.clone());
+                if mesh {
+                    vhost.exclusive.union(&vs.exclusive);
+                }
             }
             let mut named: Vec<Box<str>> = routes[first as usize..]
                 .iter()
@@ -311,6 +321,11 @@ fn compile_route(
         retry: retry::resolve(http.retries.as_ref()),
         fault: http.fault.as_ref().map(FaultRule::new),
         mirror,
+        local: match (&http.redirect, http.direct_response) {
+            (Some(redirect), _) => Some(LocalRule::Redirect(redirect.clone())),
+            (None, Some(status)) => Some(LocalRule::Direct(status)),
+            (None, None) => None,
+        },
     }
 }
 
@@ -331,5 +346,6 @@ fn default_route(target: Target) -> Route {
         retry: retry::resolve(None),
         fault: None,
         mirror: None,
+        local: None,
     }
 }

@@ -13,7 +13,8 @@ use crate::config::model::Percent;
 /// precomputed once and a decision is one atomic increment and an index: lock-free, and any
 /// `sum(weights)` consecutive decisions contain each destination exactly `weight` times
 /// (90/10 ⇒ exactly 90 and 10 in every window of 100). Weights are reduced by their greatest
-/// common divisor first, which only shortens the period (90/10 interleaves as 9:1).
+/// common divisor first, which only shortens the period (90/10 interleaves as 9:1). A period
+/// still longer than [`MAX_PERIOD`] is rescaled to it (see [`Split::new`]).
 #[derive(Debug)]
 pub(crate) struct Split {
     schedule: Box<[u8]>,
@@ -23,9 +24,15 @@ pub(crate) struct Split {
 /// More destinations than any route has; keeps schedule entries one byte.
 pub(crate) const MAX_DESTINATIONS: usize = 256;
 
+/// The longest schedule a split keeps. Gateway API weights are relative and a rule's may sum
+/// to 16 × 1,000,000 with no common divisor: a schedule that long would cost megabytes per
+/// route. Past this, shares are exact to within 1/`MAX_PERIOD` of the traffic instead.
+pub(crate) const MAX_PERIOD: u64 = 10_000;
+
 impl Split {
     /// `weights[i]` is destination `i`'s weight. All-zero or empty weights send everything to
-    /// destination 0.
+    /// destination 0. When the reduced weights sum to more than [`MAX_PERIOD`], they are
+    /// rescaled to sum to it (see [`rescale`]).
     pub(crate) fn new(weights: &[u32]) -> Split {
         assert!(weights.len() <= MAX_DESTINATIONS, "too many destinations");
         let divisor = weights.iter().copied().filter(|&w| w > 0).fold(0, gcd);
@@ -35,7 +42,14 @@ impl Split {
                 next: AtomicU64::new(0),
             };
         }
-        let reduced: Vec<i64> = weights.iter().map(|&w| i64::from(w / divisor)).collect();
+        let mut reduced: Vec<u64> = weights.iter().map(|&w| u64::from(w / divisor)).collect();
+        if reduced.iter().sum::<u64>() > MAX_PERIOD {
+            rescale(&mut reduced, MAX_PERIOD);
+        }
+        let reduced: Vec<i64> = reduced
+            .iter()
+            .map(|&w| i64::try_from(w).unwrap_or(i64::MAX))
+            .collect();
         let total: i64 = reduced.iter().sum();
         let mut current = vec![0i64; reduced.len()];
         let mut schedule = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
@@ -69,6 +83,41 @@ impl Split {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let len = self.schedule.len() as u64;
         usize::from(self.schedule[(n % len) as usize])
+    }
+}
+
+/// Scales `weights` (summing to more than `total`) to sum to exactly `total`, proportionally:
+/// each gets the floor of its share, the units left over go to the largest remainders (the
+/// first listed on a tie), and a non-zero weight never becomes 0 — a backend someone weighted
+/// must still see traffic — its unit taken from the largest weight at the time.
+fn rescale(weights: &mut [u64], total: u64) {
+    let sum: u64 = weights.iter().sum();
+    let mut remainders = Vec::with_capacity(weights.len());
+    for (i, w) in weights.iter_mut().enumerate() {
+        // u128: no overflow, whatever the weights and `total`.
+        let exact = u128::from(*w) * u128::from(total);
+        let floor = exact / u128::from(sum);
+        remainders.push((exact % u128::from(sum), i, *w > 0));
+        *w = u64::try_from(floor).unwrap_or(u64::MAX);
+    }
+    let mut left = total - weights.iter().sum::<u64>();
+    remainders.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    for &(_, i, _) in remainders.iter() {
+        if left == 0 {
+            break;
+        }
+        weights[i] += 1;
+        left -= 1;
+    }
+    for &(_, i, nonzero) in &remainders {
+        if nonzero && weights[i] == 0 {
+            // The first of the largest, so the outcome does not depend on sort stability.
+            let largest = (0..weights.len())
+                .max_by_key(|&j| (weights[j], std::cmp::Reverse(j)))
+                .unwrap_or(0);
+            weights[largest] -= 1;
+            weights[i] = 1;
+        }
     }
 }
 
@@ -153,6 +202,43 @@ mod tests {
         let picks: Vec<usize> = (0..10).map(|_| split.pick()).collect();
         // 6:3:1 without bursts: never three of the heaviest in a row.
         assert_eq!(picks, vec![0, 1, 0, 0, 1, 0, 2, 0, 1, 0]);
+    }
+
+    #[test]
+    fn a_long_period_is_rescaled_to_max_period_within_rounding() {
+        let weights = [999_999, 1, 1_000_000];
+        let split = Split::new(&weights);
+        assert!(split.schedule.len() as u64 <= MAX_PERIOD);
+        let counts = shares(&weights, MAX_PERIOD as usize);
+        let total: u32 = weights.iter().sum();
+        for (count, weight) in counts.iter().zip(weights) {
+            let exact = f64::from(weight) * MAX_PERIOD as f64 / f64::from(total);
+            assert!((*count as f64 - exact).abs() <= 1.0, "{counts:?}");
+        }
+        // Weighted, however lightly: still chosen.
+        assert_eq!(counts[1], 1);
+
+        // Gateway API's largest rule: 16 backends of weight 1,000,000 and 1 apart.
+        let weights: Vec<u32> = (0..16).map(|i| 1_000_000 - i).collect();
+        let split = Split::new(&weights);
+        assert_eq!(split.schedule.len() as u64, MAX_PERIOD);
+        for count in shares(&weights, MAX_PERIOD as usize) {
+            assert!((624..=626).contains(&count), "{count}");
+        }
+    }
+
+    #[test]
+    fn short_periods_are_not_rescaled() {
+        assert_eq!(Split::new(&[90, 10]).schedule.len(), 10);
+        assert_eq!(Split::new(&[1_000_000; 16]).schedule.len(), 16);
+        assert_eq!(
+            Split::new(&[9_999, 1]).schedule.len() as u64,
+            MAX_PERIOD,
+            "exactly the bound is kept as is"
+        );
+        let mut weights = [8_000_000, 1, 1, 7_999_998];
+        rescale(&mut weights, MAX_PERIOD);
+        assert_eq!(weights, [4_999, 1, 1, 4_999]);
     }
 
     #[test]

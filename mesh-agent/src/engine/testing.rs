@@ -70,7 +70,7 @@ pub fn mesh(routes: usize, endpoints: usize) -> (MeshConfig, Registry) {
             gateways: vec![],
             http,
             created: None,
-            exclusive: false,
+            exclusive: Exclusive::No,
         })],
         destination_rules: vec![Arc::new(DestinationRule {
             id: ObjectRef {

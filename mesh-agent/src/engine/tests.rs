@@ -71,7 +71,7 @@ fn virtual_service(hosts: &[&str], http: Vec<HttpRoute>) -> VirtualService {
         gateways: vec![],
         http,
         created: None,
-        exclusive: false,
+        exclusive: Exclusive::No,
     }
 }
 
@@ -2070,4 +2070,248 @@ fn the_engine_is_shared_by_concurrent_tasks() {
         EngineError::Overflow
     );
     drop(held);
+}
+
+// ---------------------------------------------------------------- Gateway API routes
+
+fn path_prefix(p: &str) -> Vec<RequestMatch> {
+    vec![RequestMatch {
+        uri: Some(StringMatch::PathPrefix(p.into())),
+        ..RequestMatch::default()
+    }]
+}
+
+fn counter(counter: &std::sync::atomic::AtomicU64) -> u64 {
+    counter.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+#[test]
+fn an_exclusive_host_answers_nr_where_its_routes_do_not_match() {
+    let api = |exclusive: bool| {
+        let mut vs = virtual_service(
+            &["service-c"],
+            vec![http_route("api", path_prefix("/api"), to("service-c"))],
+        );
+        vs.exclusive = if exclusive {
+            Exclusive::AllPorts
+        } else {
+            Exclusive::No
+        };
+        vs
+    };
+    let services = || vec![service("service-c", 1, 0), service("service-d", 1, 0)];
+    // Istio's reading of a VirtualService: what no route matches takes the service's own route.
+    let f = fixture(vec![api(false)], vec![], services());
+    assert_eq!(f.route_name(&get("service-c", "/api/x")), "default/vs/api");
+    assert_eq!(f.route_name(&get("service-c", "/other")), "default");
+
+    // Gateway API's: 404 `NR`.
+    let f = fixture(vec![api(true)], vec![], services());
+    assert_eq!(f.route_name(&get("service-c", "/api/x")), "default/vs/api");
+    assert_eq!(f.route_name(&get("service-c", "/apix")), "error: NR");
+    let err = f.route(&get("service-c", "/other")).unwrap_err();
+    assert_eq!((err, err.status()), (EngineError::NoRoute, 404));
+    assert_eq!(counter(&f.engine.metrics().no_route), 2);
+    // Opaque TCP has no path to match: the service's own route still carries it.
+    let tcp = f.engine.route_tcp("service-c:80", "default", 80, f.t0);
+    assert_eq!(tcp.unwrap().route_name(), "default");
+    // Another service is untouched.
+    assert_eq!(f.route_name(&get("service-d", "/other")), "default");
+
+    // Claimed on one port (a route attached to a Service port), the host's other ports are not.
+    let mut on_8080 = api(true);
+    on_8080.exclusive = Exclusive::Ports(vec![8080]);
+    let f = fixture(vec![on_8080], vec![], services());
+    assert_eq!(f.route_name(&get("service-c", "/other")), "default");
+    let mut other_port = get("service-c", "/other");
+    other_port.port = 8080;
+    assert_eq!(f.route_name(&other_port), "error: NR");
+
+    // One exclusive rule among those sharing a host makes the host exclusive, whatever the order.
+    let mut by_header = virtual_service(
+        &["service-c"],
+        vec![http_route(
+            "v",
+            vec![RequestMatch {
+                headers: vec![(hname("x-v"), exact("1"))],
+                ..RequestMatch::default()
+            }],
+            to("service-c"),
+        )],
+    );
+    by_header.id.name = "other".into();
+    for rules in [
+        vec![by_header.clone(), api(true)],
+        vec![api(true), by_header.clone()],
+    ] {
+        let f = fixture(rules, vec![], services());
+        assert_eq!(f.route_name(&get("service-c", "/other")), "error: NR");
+        let with_header = get("service-c", "/other").header("x-v", "1");
+        assert_eq!(f.route_name(&with_header), "default/other/v");
+    }
+
+    // Bound to a gateway alone, an exclusive rule leaves mesh traffic as it was.
+    let mut at_gateway = api(true);
+    at_gateway.gateways = vec!["ingress".into()];
+    let f = fixture(vec![at_gateway], vec![], services());
+    assert_eq!(f.route_name(&get("service-c", "/other")), "default");
+    assert_eq!(f.route_name(&get("service-c", "/api")), "default");
+}
+
+#[test]
+fn a_redirect_route_answers_with_its_location_and_no_upstream() {
+    let redirect = |name: &str, prefix: &str, f: fn(&mut Redirect)| {
+        let mut r = Redirect {
+            scheme: None,
+            host: None,
+            port: None,
+            path: None,
+            status: 302,
+        };
+        f(&mut r);
+        let mut route = http_route(name, path_prefix(prefix), vec![]);
+        route.redirect = Some(r);
+        route
+    };
+    let mut to_https = redirect("to-https", "/secure", |r| {
+        r.scheme = Some("https".into());
+        r.status = 301;
+    });
+    to_https.headers.response.set = vec![(hname("x-route"), HeaderValue::from_static("r"))];
+    let mut vs = virtual_service(
+        &["service-c"],
+        vec![
+            to_https,
+            redirect("to-8080", "/port", |r| r.port = Some(8080)),
+            redirect("moved", "/old", |r| {
+                r.path = Some(RedirectPath::Prefix("/new".into()));
+                r.status = 308;
+            }),
+            redirect("elsewhere", "/away", |r| {
+                r.host = Some("b.example".into());
+                r.path = Some(RedirectPath::Whole("/landing".into()));
+                r.status = 303;
+            }),
+        ],
+    );
+    vs.exclusive = Exclusive::AllPorts;
+    let f = fixture(vec![vs], vec![], vec![service("service-c", 1, 0)]);
+    let cases = [
+        // A new scheme: its default port, so the request's 8080 goes; the query stays.
+        (
+            "service-c:8080",
+            "/secure/a?x=1",
+            "default/vs/to-https",
+            301,
+            "https://service-c/secure/a?x=1",
+        ),
+        // An explicit port is kept.
+        (
+            "service-c",
+            "/port/a",
+            "default/vs/to-8080",
+            302,
+            "http://service-c:8080/port/a",
+        ),
+        // The matched prefix replaced, the request's port and query kept.
+        (
+            "service-c:8080",
+            "/old/a/b?q=1",
+            "default/vs/moved",
+            308,
+            "http://service-c:8080/new/a/b?q=1",
+        ),
+        (
+            "service-c",
+            "/old",
+            "default/vs/moved",
+            308,
+            "http://service-c/new",
+        ),
+        // Another host and a whole path.
+        (
+            "service-c",
+            "/away/x?q=1",
+            "default/vs/elsewhere",
+            303,
+            "http://b.example/landing?q=1",
+        ),
+    ];
+    for (authority, uri, route, status, location) in cases {
+        let mut plan = f.route(&get(authority, uri)).unwrap();
+        assert_eq!(plan.route_name(), route);
+        let want = LocalAnswer::Redirect {
+            status,
+            location: HeaderValue::from_static(location),
+        };
+        assert_eq!(plan.local_answer(), Some(&want), "{authority}{uri}");
+        // Nothing failed, nothing is tried.
+        assert_eq!(plan.flags(), ResponseFlags::NONE);
+        assert_eq!(plan.next_attempt(f.t0).unwrap_err(), EngineError::NoRoute);
+        assert_eq!(plan.attempts(), 0);
+    }
+    // The route's response headers apply to its answer.
+    let plan = f.route(&get("service-c", "/secure")).unwrap();
+    let mut headers = HeaderMap::new();
+    plan.rewrite_response(&mut headers);
+    assert_eq!(headers["x-route"], "r");
+    let metrics = f.engine.metrics();
+    assert_eq!(counter(&metrics.redirects), 6);
+    assert_eq!(counter(&metrics.requests), 6);
+    assert_eq!(counter(&metrics.no_route), 0);
+}
+
+#[test]
+fn a_rule_without_valid_backends_answers_500_itself() {
+    let mut invalid = http_route("invalid", path_prefix("/broken"), vec![]);
+    invalid.direct_response = Some(500);
+    let mut vs = virtual_service(
+        &["service-c"],
+        vec![invalid, http_route("rest", vec![], to("service-c"))],
+    );
+    vs.exclusive = Exclusive::AllPorts;
+    let f = fixture(vec![vs], vec![], vec![service("service-c", 1, 0)]);
+    let mut plan = f.route(&get("service-c", "/broken/x")).unwrap();
+    assert_eq!(plan.route_name(), "default/vs/invalid");
+    assert_eq!(
+        plan.local_answer(),
+        Some(&LocalAnswer::Direct { status: 500 })
+    );
+    assert_eq!(plan.flags(), ResponseFlags::NONE);
+    assert!(plan.next_attempt(f.t0).is_err());
+    // The next rule still routes upstream.
+    let plan = f.route(&get("service-c", "/x")).unwrap();
+    assert!(plan.local_answer().is_none());
+    assert_eq!(counter(&f.engine.metrics().direct_responses), 1);
+}
+
+#[test]
+fn a_whole_path_rewrite_replaces_the_path_after_a_prefix_match() {
+    let rewritten = |whole_path: bool, uri: &str| {
+        let mut route = http_route("r", path_prefix("/foo"), to("service-c"));
+        route.rewrite = Some(Rewrite {
+            uri: Some("/bar".into()),
+            whole_path,
+            ..Rewrite::default()
+        });
+        let f = fixture(
+            vec![virtual_service(&["service-c"], vec![route])],
+            vec![],
+            vec![service("service-c", 1, 0)],
+        );
+        let (mut parts, ()) = Request::get(uri)
+            .header("host", "service-c")
+            .body(())
+            .unwrap()
+            .into_parts();
+        let info = RequestInfo::from_parts(&parts, 80, "default");
+        let plan = f.engine.route(&info, f.t0).unwrap();
+        plan.rewrite_request(&mut parts);
+        parts.uri.to_string()
+    };
+    // Gateway API `ReplaceFullPath`.
+    assert_eq!(rewritten(true, "/foo/x?q=1"), "/bar?q=1");
+    assert_eq!(rewritten(true, "/foo"), "/bar");
+    // `ReplacePrefixMatch` (and Istio's `rewrite.uri` on a prefix match).
+    assert_eq!(rewritten(false, "/foo/x?q=1"), "/bar/x?q=1");
 }

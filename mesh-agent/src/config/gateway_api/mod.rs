@@ -19,7 +19,7 @@ use std::sync::Arc;
 use k8s_openapi::jiff::Timestamp;
 
 use super::diagnostic::{Diagnostic, Severity};
-use super::model::{Host, HttpRoute, ObjectRef, Precedence, VirtualService};
+use super::model::{Exclusive, Host, HttpRoute, ObjectRef, Precedence, VirtualService};
 use super::object::{Object, Sourced};
 use super::rules::reference_key;
 
@@ -38,6 +38,8 @@ struct Merged<'a> {
     host: Host,
     /// The oldest route's: the age of the whole set when a VirtualService claims the host too.
     created: Option<Timestamp>,
+    /// The ports its routes are attached to.
+    exclusive: Exclusive,
     routes: Vec<(Order<'a>, HttpRoute)>,
     objects: Vec<&'a Sourced>,
 }
@@ -67,9 +69,14 @@ pub(crate) fn claims(virtual_services: &[&Sourced], http_routes: &[&Sourced]) ->
                 .or_insert_with(|| Merged {
                     host: parent.host.clone(),
                     created: route.created,
+                    exclusive: Exclusive::No,
                     routes: Vec::new(),
                     objects: Vec::new(),
                 });
+            entry.exclusive.union(&match parent.port {
+                Some(port) => Exclusive::Ports(vec![port]),
+                None => Exclusive::AllPorts,
+            });
             if age(route.created) < age(entry.created) {
                 entry.created = route.created;
             }
@@ -167,7 +174,7 @@ pub(crate) fn claims(virtual_services: &[&Sourced], http_routes: &[&Sourced]) ->
             gateways: vec!["mesh".to_owned()],
             http: routes.into_iter().map(|(_, route)| route).collect(),
             created: merged.created,
-            exclusive: true,
+            exclusive: merged.exclusive,
         }));
     }
     Claims {

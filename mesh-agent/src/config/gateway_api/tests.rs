@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::config::model::{PathKind, RedirectPath, StringMatch, VirtualService};
+use crate::config::model::{Exclusive, PathKind, RedirectPath, StringMatch, VirtualService};
 use crate::config::{load_sources, load_str, Loaded, Severity};
 
 fn route(name: &str, extra_metadata: &str, spec: &str) -> String {
@@ -54,7 +54,7 @@ fn a_canary_route_splits_a_service_by_weight_on_its_port() {
         "- backendRefs:\n  - {name: service-c-v1, port: 8080, weight: 90}\n  - {name: service-c-v2, port: 8080, weight: 10}",
     ));
     let vs = only_service(&loaded);
-    assert!(vs.exclusive);
+    assert_eq!(vs.exclusive, Exclusive::Ports(vec![8080]));
     assert_eq!(vs.gateways, ["mesh"]);
     assert_eq!(vs.hosts[0].name, "service-c");
     assert_eq!(vs.hosts[0].namespace, "shop");
@@ -98,6 +98,7 @@ fn defaults_fill_what_is_left_out() {
         [1, 1]
     );
     assert_eq!(http.matches[0].port, None);
+    assert_eq!(only_service(&loaded).exclusive, Exclusive::AllPorts);
 
     // No rules, or a rule without backends: every request answered 500, with a warning.
     for spec in ["", "rules:\n- matches: [{path: {value: /x}}]"] {
@@ -461,7 +462,7 @@ fn the_oldest_of_a_virtual_service_and_http_routes_takes_the_host() {
     let loaded = load_sources(&[("vs.yml", vs("")), ("route.yml", http_route(""))]);
     assert!(loaded.is_ok(), "{}", describe(&loaded));
     assert_eq!(loaded.config.virtual_services.len(), 1);
-    assert!(!loaded.config.virtual_services[0].exclusive);
+    assert_eq!(loaded.config.virtual_services[0].exclusive, Exclusive::No);
     let warning = loaded.warnings().next().expect("warning");
     assert_eq!(
         (warning.file.as_str(), warning.field.as_str()),
@@ -478,11 +479,11 @@ fn the_oldest_of_a_virtual_service_and_http_routes_takes_the_host() {
     assert_eq!(services.len(), 2, "{services:#?}");
     let kept = services
         .iter()
-        .find(|v| !v.exclusive)
+        .find(|v| v.exclusive == Exclusive::No)
         .expect("the VirtualService");
     assert_eq!(kept.hosts.len(), 1);
     assert_eq!(kept.hosts[0].name, "other");
-    let merged = services.iter().find(|v| v.exclusive).expect("the route");
+    let merged = services.iter().find(|v| v.exclusive != Exclusive::No).expect("the route");
     assert_eq!(
         merged.http[0].route[0].destination.host.name,
         "service-c-v2"

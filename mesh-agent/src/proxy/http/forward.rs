@@ -21,7 +21,10 @@ use super::{
     conn::{Entry, HttpConn},
     hop_by_hop::strip_hop_by_hop,
     limits::MAX_REPLAY_BODY,
-    reply::{empty, engine_reply, full, local_reply, protocol_error_reply, refusal_reply},
+    reply::{
+        empty, engine_reply, full, local_answer_reply, local_reply, protocol_error_reply,
+        refusal_reply,
+    },
 };
 use crate::{
     engine::{Attempt, EngineError, Outcome, RequestInfo, RequestPlan, Verdict},
@@ -78,6 +81,14 @@ async fn forward(
             return engine_reply(&error);
         }
     };
+    // A redirect or direct response has no destination: answered before anything that needs
+    // one (fault, mirror, tries); recorded like any answer, with the dialled service.
+    if let Some(answer) = plan.local_answer() {
+        record.progress(plan.flags(), 0);
+        let mut response = local_answer_reply(answer);
+        plan.rewrite_response(response.headers_mut());
+        return response;
+    }
     record.routed(plan.destination());
     if let Some(delay) = plan.delay() {
         tokio::time::sleep(delay).await;

@@ -8,7 +8,10 @@ use http::{
 use http_body_util::{BodyExt, Empty, Full};
 
 use super::head_check::Refusal;
-use crate::{engine::EngineError, proxy::upstream::ProxyBody};
+use crate::{
+    engine::{EngineError, LocalAnswer},
+    proxy::upstream::ProxyBody,
+};
 
 /// The answer to a request the engine refused or could not complete: its status, Envoy's text
 /// and the response flags in `x-mesh-response-flags`.
@@ -19,6 +22,21 @@ pub fn engine_reply(error: &EngineError) -> Response<ProxyBody> {
         response
             .headers_mut()
             .insert(HeaderName::from_static("x-mesh-response-flags"), flags);
+    }
+    response
+}
+
+/// The answer of a route that answers by itself (a redirect, a direct response): its status,
+/// its `Location` if any, and an empty body, as Envoy sends them; no response-flags header,
+/// since nothing failed.
+pub fn local_answer_reply(answer: &LocalAnswer) -> Response<ProxyBody> {
+    let mut response = Response::new(empty());
+    *response.status_mut() =
+        StatusCode::from_u16(answer.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    if let Some(location) = answer.location() {
+        response
+            .headers_mut()
+            .insert(header::LOCATION, location.clone());
     }
     response
 }
@@ -81,4 +99,29 @@ pub fn full(bytes: Bytes) -> ProxyBody {
 
 pub fn empty() -> ProxyBody {
     Empty::new().map_err(|never| match never {}).boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use hyper::body::Body;
+
+    use super::*;
+
+    #[test]
+    fn a_local_answer_is_its_status_location_and_nothing_else() {
+        let location = HeaderValue::from_static("https://a.example/p?q=1");
+        let response = local_answer_reply(&LocalAnswer::Redirect {
+            status: 301,
+            location: location.clone(),
+        });
+        assert_eq!(response.status(), StatusCode::MOVED_PERMANENTLY);
+        assert_eq!(response.headers()[header::LOCATION], location);
+        assert_eq!(response.headers().len(), 1);
+        assert!(response.body().is_end_stream());
+
+        let response = local_answer_reply(&LocalAnswer::Direct { status: 500 });
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(response.headers().is_empty());
+        assert!(response.body().is_end_stream());
+    }
 }

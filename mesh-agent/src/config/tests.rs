@@ -150,7 +150,9 @@ fn the_whole_examples_folder_loads_as_one_set_without_errors() {
         let replaces = warning.reason.starts_with("replaces the definition in");
         let cb_field = warning.field == "spec.trafficPolicy.connectionPool.http.maxConnections";
         let twin = warning.object == "HTTPRoute.gateway.networking.k8s.io default/service-c"
-            && warning.reason.contains("also routed by VirtualService default/service-c");
+            && warning
+                .reason
+                .contains("also routed by VirtualService default/service-c");
         assert!(replaces || cb_field || twin, "unexpected {warning}");
     }
     let others: Vec<_> = loaded.other_objects().collect();

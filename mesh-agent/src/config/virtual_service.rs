@@ -7,9 +7,9 @@ use http::{HeaderName, HeaderValue};
 use super::diagnostic::{ObjectContext, UNSUPPORTED};
 use super::fields::{self, MISSING};
 use super::model::{
-    Destination, Exclusive, Fault, FaultAbort, FaultDelay, HeaderOperations, Headers, Host, HttpRoute, Mirror,
-    ObjectRef, Percent, RequestMatch, RetryOn, RetryPolicy, Rewrite, RouteDestination, StringMatch,
-    VirtualService,
+    Destination, Exclusive, Fault, FaultAbort, FaultDelay, HeaderOperations, Headers, Host,
+    HttpRoute, Mirror, ObjectRef, Percent, RequestMatch, RetryOn, RetryPolicy, Rewrite,
+    RouteDestination, StringMatch, VirtualService,
 };
 use super::raw;
 use super::values;

@@ -483,7 +483,10 @@ fn the_oldest_of_a_virtual_service_and_http_routes_takes_the_host() {
         .expect("the VirtualService");
     assert_eq!(kept.hosts.len(), 1);
     assert_eq!(kept.hosts[0].name, "other");
-    let merged = services.iter().find(|v| v.exclusive != Exclusive::No).expect("the route");
+    let merged = services
+        .iter()
+        .find(|v| v.exclusive != Exclusive::No)
+        .expect("the route");
     assert_eq!(
         merged.http[0].route[0].destination.host.name,
         "service-c-v2"

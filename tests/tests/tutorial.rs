@@ -19,10 +19,10 @@ use mesh_tests::stat;
 use mesh_tests::Agent;
 
 use mesh_tests::tutorial::{
-    answer,
+    answer, gateway_api_canary_steps,
     kubernetes::KubernetesTutorial,
     local::{Layout, LocalTutorial},
-    steps, Answer, Pace, World,
+    steps, Answer, Pace, Step, World,
 };
 
 #[test]
@@ -167,6 +167,25 @@ const CIRCUIT_BREAKER: &str = "crashed, circuit breaker";
 /// over mutual TLS; no request of the tutorial is denied, none arrives in plaintext (every pod is
 /// STRICT), and a call off the graph (A to C) is denied.
 /// (Its control follows: the same calls, found in plaintext without `--ca`.)
+/// The canary again with the Gateway API: HTTPRoutes attached to `service-c` (GAMMA) split it
+/// between `service-c-v1` and `service-c-v2`, 100/0, 90/10, 50/50, 0/100, measured as the
+/// tutorial's steps are.
+#[test]
+fn the_canary_with_gateway_api_routes() {
+    mesh_tests::set_echo(false);
+    let tutorial =
+        LocalTutorial::start(Layout::ONE_NODE, &|line| println!("start: {line}")).unwrap();
+    let (status, body) = tutorial.call().unwrap();
+    assert_eq!(status, 200, "{body}");
+    run_steps(
+        &tutorial,
+        "local gateway-api",
+        gateway_api_canary_steps(Pace::Full),
+        &|_| {},
+        &|_, _| {},
+    );
+}
+
 #[test]
 fn the_tutorial_end_to_end_on_three_nodes() {
     mesh_tests::set_echo(false);
@@ -438,7 +457,19 @@ fn replay(
     // detection, none of 1,000 with retries; the repaired replica back within the ejection it
     // still had at repair (each ejection is baseEjectionTime × how many it has had) + interval
     // + 2 s.
-    for step in steps(Pace::Full) {
+    run_steps(tutorial, mode, steps(Pace::Full), before, after);
+}
+
+/// Each step in order, passed to `before` as it starts and to `after` with how long it took
+/// once it has passed.
+fn run_steps(
+    tutorial: &impl World,
+    mode: &str,
+    steps: Vec<Step>,
+    before: &dyn Fn(&str),
+    after: &dyn Fn(&str, Duration),
+) {
+    for step in steps {
         before(step.name);
         let started = Instant::now();
         let outcome = tutorial.run_step(&step).unwrap();

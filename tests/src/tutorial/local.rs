@@ -26,10 +26,26 @@ use crate::{
 
 /// Where the ingress gateway listens inside the node (`curl 127.0.0.1/service-a` there).
 pub const GATEWAY: &str = "127.0.0.1:80";
-const SERVICES: [(&str, Ipv4Addr); 3] = [
-    ("service-a", Ipv4Addr::new(10, 96, 0, 10)),
-    ("service-b", Ipv4Addr::new(10, 96, 0, 20)),
-    ("service-c", Ipv4Addr::new(10, 96, 0, 30)),
+/// The demo's Services (`deploy/demo/kubernetes/`): (name, VIP, the deployments it selects).
+/// Besides the tutorial's three, one per version of C, which Gateway API routes send to.
+const SERVICES: [(&str, Ipv4Addr, &[&str]); 5] = [
+    ("service-a", Ipv4Addr::new(10, 96, 0, 10), &["service-a"]),
+    ("service-b", Ipv4Addr::new(10, 96, 0, 20), &["service-b"]),
+    (
+        "service-c",
+        Ipv4Addr::new(10, 96, 0, 30),
+        &["service-c-v1", "service-c-v2"],
+    ),
+    (
+        "service-c-v1",
+        Ipv4Addr::new(10, 96, 0, 31),
+        &["service-c-v1"],
+    ),
+    (
+        "service-c-v2",
+        Ipv4Addr::new(10, 96, 0, 32),
+        &["service-c-v2"],
+    ),
 ];
 
 struct Replica {
@@ -110,7 +126,7 @@ impl LocalTutorial {
         let deno = install_runtimes(progress)?;
         prepare_apps(progress)?;
         let network = SimNetwork::new(layout.nodes)?;
-        for (name, vip) in SERVICES {
+        for (name, vip, _) in SERVICES {
             network.add_host(name, vip)?;
         }
         let config = ConfigDir::new()?;
@@ -472,9 +488,10 @@ fn runtime(pod: &str) -> &'static str {
 }
 
 fn write_services(config: &ConfigDir, replicas: &BTreeMap<String, Vec<Replica>>) -> Result<()> {
-    for (service, vip) in SERVICES {
+    for (service, vip, selected) in SERVICES {
         let mut backends = Vec::new();
-        for (deployment, app, version) in DEPLOYMENTS.iter().filter(|(_, app, _)| *app == service) {
+        for (deployment, app, version) in DEPLOYMENTS.iter().filter(|(d, ..)| selected.contains(d))
+        {
             for replica in replicas.get(*deployment).into_iter().flatten() {
                 // Enrolled, so in the mesh: with `--ca` the agents tunnel to it.
                 let labels = [("app", *app), ("version", *version), crate::IN_MESH];

@@ -564,6 +564,48 @@ pub fn steps(pace: Pace) -> Vec<Step> {
     ]
 }
 
+/// The tutorial's VirtualServices and their Gateway API twins (`deploy/examples/gateway-api/`).
+const GATEWAY_API_TWINS: [(&str, &str); 4] = [
+    ("canary/1-vs-v1.yml", "gateway-api/canary/1-route-v1.yml"),
+    (
+        "canary/2-vs-v1_and_v2_90_10.yml",
+        "gateway-api/canary/2-route-v1_and_v2_90_10.yml",
+    ),
+    (
+        "canary/3-vs-v1_and_v2_50_50.yml",
+        "gateway-api/canary/3-route-v1_and_v2_50_50.yml",
+    ),
+    ("canary/4-vs-v2.yml", "gateway-api/canary/4-route-v2.yml"),
+];
+
+/// The tutorial's canary (its four steps, measured as [`steps`] measures them) with Gateway API
+/// HTTPRoutes attached to `service-c` in place of its VirtualServices, and no DestinationRule:
+/// the routes name each version by its own Service.
+pub fn gateway_api_canary_steps(pace: Pace) -> Vec<Step> {
+    let twin = |file: &str| {
+        GATEWAY_API_TWINS
+            .iter()
+            .find(|(vs, _)| *vs == file)
+            .map(|&(_, route)| route)
+    };
+    steps(pace)
+        .into_iter()
+        .filter(|step| step.name.starts_with("canary"))
+        .map(|mut step| {
+            step.actions = step
+                .actions
+                .iter()
+                .filter_map(|action| match action {
+                    Action::Create(file) => twin(file).map(Action::Create),
+                    Action::Replace(file) => twin(file).map(Action::Replace),
+                    _ => None,
+                })
+                .collect();
+            step
+        })
+        .collect()
+}
+
 fn measure_load(
     world: &(impl World + ?Sized),
     count: usize,

@@ -1,8 +1,10 @@
-//! Against a real Kubernetes 1.20 control plane (`mesh_tests::control_plane`): `deploy/` applies
-//! with kubectl, the agent's ServiceAccount can list and watch everything the agent watches and
-//! nothing more, the controller-manager and scheduler turn a Deployment into a Pod bound to a
-//! Node, and the agent itself, with its ServiceAccount's token, reads 1.20's `v1beta1`
-//! EndpointSlices and says what it waits for while the API server cannot answer.
+//! Against a real Kubernetes 1.20 control plane (`mesh_tests::control_plane`): `deploy/` and
+//! `deploy/gateway-api` apply with kubectl, GAMMA routes apply to our Gateway API CRDs as written
+//! (`group: ""` and all) while out-of-range values are refused, the agent's ServiceAccount can
+//! list and watch everything the agent watches and nothing more, the controller-manager and
+//! scheduler turn a Deployment into a Pod bound to a Node, and the agent itself, with its
+//! ServiceAccount's token, reads 1.20's `v1beta1` EndpointSlices and the Gateway API's routes and
+//! says what it waits for while the API server cannot answer.
 //!
 //! The first run builds the control plane's binaries (tens of minutes, once; `cargo xtask test`
 //! does it before the tests). Each test starts a control plane of its own.
@@ -34,6 +36,15 @@ const WATCHED: [(&str, &str); 9] = [
     ("security.istio.io", "authorizationpolicies"),
     ("security.istio.io", "peerauthentications"),
 ];
+
+/// The Gateway API kinds the agent watches where the API server serves them (`GATEWAY_API_KINDS`
+/// there), and awaits then: served here once `deploy/gateway-api` is installed.
+const GATEWAY_API: [(&str, &str); 3] = [
+    (GATEWAY_API_GROUP, "httproutes"),
+    (GATEWAY_API_GROUP, "grpcroutes"),
+    (GATEWAY_API_GROUP, "gateways"),
+];
+const GATEWAY_API_GROUP: &str = "gateway.networking.k8s.io";
 
 /// The Istio kinds the agent does not implement but watches, where served, only to report each
 /// one applied as not enforced (`NOT_IMPLEMENTED` there). No CRD of `deploy/crds` serves them,
@@ -70,6 +81,176 @@ fn deploy_dir() -> String {
         .join("deploy")
         .display()
         .to_string()
+}
+
+/// `kubectl apply -k deploy/gateway-api` with `kubectl`, then waits until its CRDs are
+/// established.
+fn install_gateway_api(kubectl: impl Fn(&[&str]) -> Result<String>) -> Result<()> {
+    let started = Instant::now();
+    kubectl(&["apply", "-k", &format!("{}/gateway-api", deploy_dir())])
+        .context("kubectl apply -k deploy/gateway-api on Kubernetes 1.20")?;
+    let crds: Vec<String> = GATEWAY_API
+        .iter()
+        .map(|(group, resource)| format!("crd/{resource}.{group}"))
+        .collect();
+    let mut wait = vec!["wait", "--for=condition=Established", "--timeout=60s"];
+    wait.extend(crds.iter().map(String::as_str));
+    kubectl(&wait)?;
+    eprintln!(
+        "deploy/gateway-api established in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// `kubectl ARGS -f -` with `yaml` on stdin: its output, whether it succeeded or not.
+fn kubectl_stdin(
+    control_plane: &ControlPlane,
+    args: &[&str],
+    yaml: &str,
+) -> Result<std::process::Output> {
+    let mut child = control_plane
+        .kubectl_command()
+        .args(args)
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    std::io::Write::write_all(&mut child.stdin.take().expect("piped"), yaml.as_bytes())?;
+    Ok(child.wait_with_output()?)
+}
+
+/// A GAMMA HTTPRoute (its parent the Service `service-c`): 90/10 between two versions.
+const GAMMA_ROUTE: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: service-c, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: service-c, port: 8080}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /}}]
+    backendRefs:
+    - {name: service-c-v1, port: 8080, weight: 90}
+    - {name: service-c-v2, port: 8080, weight: 10}
+"#;
+
+/// Our Gateway API CRDs on 1.20 take what a GAMMA mesh writes, as written: `group: ""` (the
+/// core group, a Service), `replacePrefixMatch: ""`, `weight: 0`, at v1 and v1beta1; the API
+/// server itself (kubectl's validation off) refuses a negative weight and a port out of range.
+fn gateway_api_objects_apply_as_written(control_plane: &ControlPlane) -> Result<()> {
+    let started = Instant::now();
+    let rewrite = r#"
+apiVersion: gateway.networking.k8s.io/v1beta1
+kind: HTTPRoute
+metadata: {name: rewrite, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: service-c, sectionName: http}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /v1}}]
+    filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: ""}}}]
+    backendRefs: [{group: "", kind: Service, name: service-c-v1, port: 8080, weight: 0}]
+    timeouts: {request: 10s}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: cart, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: cart, port: 9090}]
+  rules: [{matches: [{method: {service: shop.Cart}}], backendRefs: [{name: cart, port: 9090}]}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: ingress, namespace: shop}
+spec:
+  gatewayClassName: mesh
+  listeners: [{name: http, port: 80, protocol: HTTP, hostname: "*.example.com"}]
+"#;
+    control_plane.kubectl(&["create", "namespace", "shop"])?;
+    for yaml in [GAMMA_ROUTE, rewrite] {
+        let out = kubectl_stdin(control_plane, &["apply"], yaml)?;
+        ensure!(
+            out.status.success(),
+            "kubectl apply of Gateway API objects failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let get = |resource: &str, name: &str| -> Result<Value> {
+        json(&control_plane.kubectl(&["-n", "shop", "get", resource, name, "-o", "json"])?)
+    };
+    let route = get("httproutes.v1.gateway.networking.k8s.io", "service-c")?;
+    let spec = &route["spec"];
+    ensure!(
+        spec["parentRefs"]
+            == serde_json::json!([{"group": "", "kind": "Service", "name": "service-c", "port": 8080}])
+            && spec["rules"][0]["matches"]
+                == serde_json::json!([{"path": {"type": "PathPrefix", "value": "/"}}])
+            && spec["rules"][0]["backendRefs"]
+                == serde_json::json!([
+                    {"name": "service-c-v1", "port": 8080, "weight": 90},
+                    {"name": "service-c-v2", "port": 8080, "weight": 10}
+                ]),
+        "the GAMMA route reads back otherwise (no defaults, nothing dropped): {spec}"
+    );
+    // Written at v1beta1, read at v1: one schema, nothing converted.
+    let rewrite = get("httproutes.v1.gateway.networking.k8s.io", "rewrite")?;
+    let rule = &rewrite["spec"]["rules"][0];
+    ensure!(
+        rewrite["apiVersion"] == "gateway.networking.k8s.io/v1"
+            && rewrite["spec"]["parentRefs"][0]["group"] == ""
+            && rule["filters"][0]["urlRewrite"]["path"]["replacePrefixMatch"] == ""
+            && rule["backendRefs"][0]["group"] == ""
+            && rule["backendRefs"][0]["weight"] == 0
+            && rule["timeouts"]["request"] == "10s",
+        "the rewrite route reads back otherwise: {rewrite}"
+    );
+    let beta = get("httproutes.v1beta1.gateway.networking.k8s.io", "service-c")?;
+    ensure!(
+        beta["apiVersion"] == "gateway.networking.k8s.io/v1beta1" && beta["spec"] == *spec,
+        "served at v1beta1 with the same spec: {beta}"
+    );
+    ensure!(
+        get("grpcroute", "cart")?["spec"]["parentRefs"][0]["group"] == ""
+            && get("gateways.gateway.networking.k8s.io", "ingress")?["spec"]["gatewayClassName"]
+                == "mesh",
+        "the GRPCRoute and the Gateway are there"
+    );
+
+    for (name, field, value, refusal) in [
+        (
+            "negative",
+            "weight",
+            "-1",
+            "should be greater than or equal to 0",
+        ),
+        (
+            "too-far",
+            "port",
+            "70000",
+            "should be less than or equal to 65535",
+        ),
+    ] {
+        let yaml = format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+             metadata: {{name: {name}, namespace: shop}}\n\
+             spec:\n  parentRefs: [{{group: \"\", kind: Service, name: service-c}}]\n  \
+             rules: [{{backendRefs: [{{name: service-c-v1, port: 8080, {field}: {value}}}]}}]\n"
+        );
+        let out = kubectl_stdin(control_plane, &["apply", "--validate=false"], &yaml)?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            !out.status.success()
+                && stderr.contains(&format!("spec.rules.backendRefs.{field}: Invalid value"))
+                && stderr.contains(refusal),
+            "{field}: {value} must be refused by the API server: {}{stderr}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    eprintln!(
+        "Gateway API objects applied, read back and refused as expected in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 /// [`mesh_tests::wait_for`] within [`TIMEOUT`].
@@ -140,6 +321,27 @@ fn served_versions(control_plane: &ControlPlane, group: &str) -> Result<Vec<Stri
     Ok(versions)
 }
 
+/// The resources the API server serves of `group` at `version` (a CRD may serve some of its
+/// group's versions only).
+fn served_resources(
+    control_plane: &ControlPlane,
+    group: &str,
+    version: &str,
+) -> Result<BTreeSet<String>> {
+    let path = if group.is_empty() {
+        format!("/api/{version}")
+    } else {
+        format!("/apis/{group}/{version}")
+    };
+    let resources = json(&control_plane.kubectl(&["get", "--raw", &path])?)?;
+    Ok(resources["resources"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["name"].as_str().map(str::to_owned))
+        .collect())
+}
+
 /// The URL path of every object of `resource` in all namespaces.
 fn collection(group: &str, version: &str, resource: &str) -> String {
     if group.is_empty() {
@@ -149,17 +351,20 @@ fn collection(group: &str, version: &str, resource: &str) -> String {
     }
 }
 
-/// `deploy/` applied with kubectl; then, with the agent's own tokens (a TokenRequest token, as
-/// current kubelets mount, and the token Secret 1.20's token controller made, as a 1.20 kubelet
-/// mounts), list and watch of each kind the ClusterRole grants — at every version the server
-/// serves — answer 200, and the role grants exactly what the agent watches; secrets, other kinds
-/// and any write answer 403.
+/// `deploy/` and `deploy/gateway-api` applied with kubectl, with Gateway API objects as a GAMMA
+/// mesh writes them ([`gateway_api_objects_apply_as_written`]); then, with the agent's
+/// own tokens (a TokenRequest token, as current kubelets mount, and the token Secret 1.20's token
+/// controller made, as a 1.20 kubelet mounts), list and watch of each kind the ClusterRole grants
+/// — at every version the server serves — answer 200, and the role grants exactly what the agent
+/// watches; secrets, other kinds and any write answer 403.
 #[test]
 fn the_agents_role_lets_it_watch_what_it_watches_and_nothing_more() -> Result<()> {
     let control_plane = ControlPlane::start()?;
     control_plane
         .kubectl(&["apply", "-k", &deploy_dir()])
         .context("kubectl apply -k deploy on Kubernetes 1.20")?;
+    install_gateway_api(|args| control_plane.kubectl(args))?;
+    gateway_api_objects_apply_as_written(&control_plane)?;
 
     let bound_token = control_plane
         .kubectl(&["-n", MESH_NAMESPACE, "create", "token", AGENT])?
@@ -220,6 +425,7 @@ fn the_agents_role_lets_it_watch_what_it_watches_and_nothing_more() -> Result<()
     }
     let used: BTreeSet<(String, String)> = WATCHED
         .iter()
+        .chain(&GATEWAY_API)
         .chain(&REPORTED_ONLY)
         .copied()
         .chain(
@@ -234,10 +440,17 @@ fn the_agents_role_lets_it_watch_what_it_watches_and_nothing_more() -> Result<()
         "the role grants {granted:?}, the agent uses {used:?}"
     );
 
+    let kinds: Vec<(&str, &str)> = WATCHED.iter().chain(&GATEWAY_API).copied().collect();
+    let groups: BTreeSet<&str> = kinds.iter().map(|(group, _)| *group).collect();
     let mut checked = Vec::new();
-    for (group, resource) in WATCHED {
+    for group in groups {
         for version in served_versions(&control_plane, group)? {
-            checked.push(collection(group, &version, resource));
+            let served = served_resources(&control_plane, group, &version)?;
+            for (_, resource) in kinds.iter().filter(|(g, _)| *g == group) {
+                if served.contains(*resource) {
+                    checked.push(collection(group, &version, resource));
+                }
+            }
         }
     }
     // Each watch lasts its timeout (1 s): all at once.
@@ -266,10 +479,13 @@ fn the_agents_role_lets_it_watch_what_it_watches_and_nothing_more() -> Result<()
             .try_for_each(|request| request.join().expect("request thread panicked"))
     })?;
     // 1.20 serves EndpointSlices only as v1beta1 (the role's grant is for the group, whatever
-    // the version); the agent watches the Istio kinds as v1beta1.
+    // the version); the agent watches the Istio kinds as v1beta1, the Gateway API's as v1.
     for expected in [
         "/apis/discovery.k8s.io/v1beta1/endpointslices",
         "/apis/networking.istio.io/v1beta1/virtualservices",
+        "/apis/gateway.networking.k8s.io/v1/httproutes",
+        "/apis/gateway.networking.k8s.io/v1/grpcroutes",
+        "/apis/gateway.networking.k8s.io/v1/gateways",
     ] {
         ensure!(
             checked.iter().any(|path| path == expected),
@@ -313,6 +529,17 @@ fn the_agents_role_lets_it_watch_what_it_watches_and_nothing_more() -> Result<()
             "PUT",
             "/apis/certificates.k8s.io/v1/certificatesigningrequests/any/status".to_owned(),
             r#"{"apiVersion":"certificates.k8s.io/v1","kind":"CertificateSigningRequest","metadata":{"name":"any"}}"#,
+        ),
+        // Gateway API objects are read, never written: neither routes nor their status.
+        (
+            "POST",
+            format!("/apis/{GATEWAY_API_GROUP}/v1/namespaces/shop/httproutes"),
+            r#"{"apiVersion":"gateway.networking.k8s.io/v1","kind":"HTTPRoute","metadata":{"name":"mine"},"spec":{}}"#,
+        ),
+        (
+            "PUT",
+            format!("/apis/{GATEWAY_API_GROUP}/v1/namespaces/shop/httproutes/service-c/status"),
+            r#"{"apiVersion":"gateway.networking.k8s.io/v1","kind":"HTTPRoute","metadata":{"name":"service-c"}}"#,
         ),
         // The bundle's ConfigMap is read, never written; no other ConfigMap is read.
         (
@@ -460,7 +687,9 @@ fn a_deployment_gets_a_replica_set_and_a_pod_bound_to_a_node() -> Result<()> {
 /// are installed: `/healthz` answers at once; `/ready` is 503 and names the kinds whose first
 /// list fails, with the API server's reason; each failing watch is logged once, then counted.
 /// Once the CRDs are there it is ready, and a selector-less Service's hand-written `v1beta1`
-/// EndpointSlice (all 1.20 serves) gives the service its endpoints.
+/// EndpointSlice (all 1.20 serves) gives the service its endpoints. The Gateway API CRDs
+/// (`deploy/gateway-api`) are installed from the start: the agent watches their kinds, and a
+/// GAMMA HTTPRoute is in its config as soon as it is ready (their first lists are awaited).
 #[test]
 fn the_agent_reads_v1beta1_endpoint_slices_and_says_what_it_waits_for() -> Result<()> {
     require_root();
@@ -473,6 +702,17 @@ fn the_agent_reads_v1beta1_endpoint_slices_and_says_what_it_waits_for() -> Resul
     // that it waits for them.
     let crds = format!("{}/crds", deploy_dir());
     kubectl(&["delete", "-f", &crds, "--wait"])?;
+    install_gateway_api(kubectl)?;
+    kubectl(&["create", "namespace", "shop"])?;
+    node.run_on_node(|| -> Result<()> {
+        let out = kubectl_stdin(&control_plane, &["apply"], GAMMA_ROUTE)?;
+        ensure!(
+            out.status.success(),
+            "kubectl apply of the GAMMA route failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    })??;
 
     let started = Instant::now();
     let agent = Agent::spawn_kubernetes(&node, &kubeconfig, "node-1")?;
@@ -481,14 +721,20 @@ fn the_agent_reads_v1beta1_endpoint_slices_and_says_what_it_waits_for() -> Resul
     })?;
     let healthy_after = started.elapsed();
     // Not ready, and why: no CRD serves VirtualService, DestinationRule or Gateway yet.
-    let reasons = wait_for("/ready to name the Istio kinds it waits for", || {
-        let (code, body) = agent.admin_get("/ready")?;
-        Ok((code == 503
-            && ["VirtualService", "DestinationRule", "Gateway"]
+    // Until the kinds the API server serves are listed (a moment), they are named too.
+    let reasons = wait_for(
+        "/ready to name the Istio kinds it waits for, and no kind the server serves",
+        || {
+            let (code, body) = agent.admin_get("/ready")?;
+            let istio_failing = ["VirtualService", "DestinationRule", "Gateway"]
                 .iter()
-                .all(|kind| body.contains(&format!("first list of {kind} (last error: "))))
-        .then_some(body))
-    })?;
+                .all(|kind| body.contains(&format!("first list of {kind} (last error: ")));
+            let served_listed = !body.contains("first list of Service ")
+                && !body.contains("EndpointSlice")
+                && !body.contains(GATEWAY_API_GROUP);
+            Ok((code == 503 && istio_failing && served_listed).then_some(body))
+        },
+    )?;
     eprintln!(
         "/healthz answered after {healthy_after:?}; /ready: {}",
         reasons.trim()
@@ -498,8 +744,15 @@ fn the_agent_reads_v1beta1_endpoint_slices_and_says_what_it_waits_for() -> Resul
         "/healthz took {healthy_after:?}"
     );
     ensure!(
-        !reasons.contains("first list of Service ") && !reasons.contains("EndpointSlice"),
-        "the kinds the API server serves are listed: {reasons}"
+        agent
+            .stderr_text()
+            .lines()
+            .any(|line| line.contains("watching the Gateway API kinds")
+                && ["HTTPRoute", "GRPCRoute", "Gateway"]
+                    .iter()
+                    .all(|kind| line.contains(kind))),
+        "the agent says it watches the Gateway API kinds:\n{}",
+        agent.stderr_text()
     );
     // Backoff retries the failing lists; each kind's first failure is logged, the rest counted.
     wait_for("three failed lists of VirtualService, counted", || {
@@ -551,6 +804,19 @@ fn the_agent_reads_v1beta1_endpoint_slices_and_says_what_it_waits_for() -> Resul
     kubectl(&["apply", "-f", &crds])?;
     agent.wait_ready(TIMEOUT)?;
     eprintln!("ready {:?} after start", started.elapsed());
+    // Listed before the agent said it was ready, so in force at once.
+    let (_, dump) = agent.admin_get("/config_dump")?;
+    let dump = json(&dump)?;
+    let listed = dump["objects"].as_array().into_iter().flatten().any(|o| {
+        o["apiVersion"] == "gateway.networking.k8s.io/v1"
+            && o["kind"] == "HTTPRoute"
+            && o["metadata"]["name"] == "service-c"
+    });
+    ensure!(
+        listed,
+        "the GAMMA route is not in the ready agent's config: {}",
+        serde_json::to_string_pretty(&dump)?
+    );
     ensure!(
         logged("watch recovered") == 1,
         "VirtualService's watch recovered, and says so:\n{}",

@@ -1,8 +1,12 @@
 //! The Kubernetes manifests under `deploy/`, checked without a cluster:
 //!
 //! - every YAML file validates against the Kubernetes schemas (`kubernetes-validate` from PyPI,
-//!   strict), and the Istio-typed objects (`networking.istio.io`) against our own CRDs;
-//! - `kubectl kustomize` renders the base and the demo overlay, and the output validates too;
+//!   strict), and the objects of our CRDs' groups (Istio's, the Gateway API's) against our own
+//!   CRDs;
+//! - `kubectl kustomize` renders the base, the demo overlay and the Gateway API CRDs, and the
+//!   output validates too;
+//! - the Gateway API CRDs stay as shallow as a 1.20 API server needs (no `default`, no CEL, no
+//!   string typed that may be empty);
 //! - the agent keeps least privilege: the ClusterRole only reads what the agent watches, the
 //!   DaemonSet is not privileged and has exactly the capabilities deploy/README.md explains.
 //!
@@ -29,8 +33,12 @@ const KUBERNETES_VALIDATE_VERSION: &str = "1.33.1";
 const KUBERNETES_VERSION: &str = "1.30";
 
 const ISTIO_GROUP: &str = "networking.istio.io";
-/// The groups of the Istio kinds our CRDs (deploy/crds/) define.
-const OUR_CRD_GROUPS: [&str; 2] = [ISTIO_GROUP, "security.istio.io"];
+const GATEWAY_API_GROUP: &str = "gateway.networking.k8s.io";
+/// The groups of the kinds our CRDs define: Istio's (deploy/crds/) and the Gateway API's
+/// (deploy/gateway-api/).
+const OUR_CRD_GROUPS: [&str; 3] = [ISTIO_GROUP, "security.istio.io", GATEWAY_API_GROUP];
+/// The directories of our CRDs, under deploy/.
+const CRD_DIRS: [&str; 2] = ["crds", "gateway-api"];
 const MESH_NAMESPACE: &str = "sidecarless-system";
 const AGENT: &str = "mesh-agent";
 const SIGNER: &str = "mesh-signer";
@@ -253,7 +261,7 @@ fn find<'a>(objects: &'a [Value], kind: &str, name: &str) -> Result<&'a Value> {
 
 /// Validates files with `kubernetes-validate --strict` against the Kubernetes schemas. Fails
 /// with the validator's output on any error or warning, except one: it has no schema for the
-/// Istio kinds (CRD-typed objects), which `validate_istio_objects` checks against our CRDs.
+/// kinds of our CRDs, which `validate_custom_objects` checks against them.
 fn kubernetes_validate(files: &[PathBuf]) -> Result<()> {
     ensure_kubernetes_validate()?;
     let out = Command::new("python3")
@@ -267,7 +275,7 @@ fn kubernetes_validate(files: &[PathBuf]) -> Result<()> {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    let istio_without_schema = |line: &str| {
+    let ours_without_schema = |line: &str| {
         line.contains("Couldn't find schema for kind")
             && OUR_CRD_GROUPS
                 .iter()
@@ -275,7 +283,7 @@ fn kubernetes_validate(files: &[PathBuf]) -> Result<()> {
     };
     let problems: Vec<&str> = output
         .lines()
-        .filter(|line| !line.trim().is_empty() && !istio_without_schema(line))
+        .filter(|line| !line.trim().is_empty() && !ours_without_schema(line))
         .collect();
     ensure!(
         out.status.success() && problems.is_empty(),
@@ -287,11 +295,18 @@ fn kubernetes_validate(files: &[PathBuf]) -> Result<()> {
     Ok(())
 }
 
-/// Our CRDs (deploy/crds/), by (group, kind).
+/// Our CRDs (deploy/crds/, deploy/gateway-api/), by (group, kind).
 fn crds() -> Result<BTreeMap<(String, String), Value>> {
     let mut crds = BTreeMap::new();
-    for entry in fs::read_dir(deploy_dir().join("crds"))? {
-        for crd in read_objects(&entry?.path())? {
+    let dirs: Vec<PathBuf> = CRD_DIRS.iter().map(|dir| deploy_dir().join(dir)).collect();
+    for path in manifest_files()? {
+        if !path
+            .parent()
+            .is_some_and(|dir| dirs.iter().any(|d| d == dir))
+        {
+            continue;
+        }
+        for crd in read_objects(&path)? {
             let group = str_at(&crd, &["spec", "group"]).context("CRD without spec.group")?;
             let kind = str_at(&crd, &["spec", "names", "kind"]).context("CRD without kind")?;
             crds.insert((group.to_owned(), kind.to_owned()), crd.clone());
@@ -301,9 +316,44 @@ fn crds() -> Result<BTreeMap<(String, String), Value>> {
 }
 
 /// Checks a value against a structural OpenAPI v3 schema the way the API server treats a custom
-/// resource: types, and no field the server would prune (unknown fields are kept only where the
-/// schema says `x-kubernetes-preserve-unknown-fields`).
+/// resource: types, required fields, bounds (not patterns), and no field the server would prune
+/// (unknown fields are kept only where the schema says `x-kubernetes-preserve-unknown-fields`).
+/// Like a 1.20 API server built with Go 1.16 or later (ours), it refuses `""` in a `string`.
 fn check_schema(value: &Value, schema: &Value, path: &str, errors: &mut Vec<String>) {
+    if str_at(schema, &["type"]) == Some("string") && value.as_str() == Some("") {
+        errors.push(format!(
+            "{path}: \"\" in a string field (a 1.20 API server refuses it as null)"
+        ));
+        return;
+    }
+    let number = |key: &str| schema.get(key).and_then(Value::as_i64);
+    let length = match value {
+        Value::String(text) => i64::try_from(text.chars().count()).ok(),
+        Value::Sequence(items) => i64::try_from(items.len()).ok(),
+        _ => None,
+    };
+    for (key, measured, lower) in [
+        ("minimum", value.as_i64(), true),
+        ("maximum", value.as_i64(), false),
+        ("minLength", length, true),
+        ("maxLength", length, false),
+        ("minItems", length, true),
+        ("maxItems", length, false),
+    ] {
+        let (Some(measured), Some(bound)) = (measured, number(key)) else {
+            continue;
+        };
+        if (lower && measured < bound) || (!lower && measured > bound) {
+            errors.push(format!("{path}: {measured} is outside {key} {bound}"));
+        }
+    }
+    if let Some(fields) = value.as_mapping() {
+        for required in strings(schema, &["required"]) {
+            if !fields.contains_key(required.as_str()) {
+                errors.push(format!("{path}.{required}: required"));
+            }
+        }
+    }
     if let Some(ty) = str_at(schema, &["type"]) {
         let ok = match ty {
             "object" => value.is_mapping(),
@@ -352,10 +402,11 @@ fn is_object_meta_field(name: &str) -> bool {
     matches!(name, "apiVersion" | "kind" | "metadata")
 }
 
-/// Validates the Istio objects among `objects` (of [`OUR_CRD_GROUPS`]) against our CRDs: the kind is
-/// one of them, the version is served, and the object fits that version's schema. (The agent's
-/// own, much deeper validation of these objects is `mesh-agent validate` and its tests.)
-fn validate_istio_objects(objects: &[(String, Value)]) -> Result<usize> {
+/// Validates the objects among `objects` of [`OUR_CRD_GROUPS`] (Istio's, the Gateway API's)
+/// against our CRDs: the kind is one of them, the version is served, and the object fits that
+/// version's schema. (The agent's own, much deeper validation of these objects is `mesh-agent
+/// validate` and its tests.)
+fn validate_custom_objects(objects: &[(String, Value)]) -> Result<usize> {
     let crds = crds()?;
     let mut errors = Vec::new();
     let mut checked = 0;
@@ -372,7 +423,8 @@ fn validate_istio_objects(objects: &[(String, Value)]) -> Result<usize> {
         let kind = str_at(object, &["kind"]).unwrap_or_default();
         let Some(crd) = crds.get(&(group.to_owned(), kind.to_owned())) else {
             errors.push(format!(
-                "{what}: no CRD in deploy/crds defines {group} {kind}"
+                "{what}: no CRD of ours (deploy/{}) defines {group} {kind}",
+                CRD_DIRS.join(", deploy/")
             ));
             continue;
         };
@@ -392,7 +444,7 @@ fn validate_istio_objects(objects: &[(String, Value)]) -> Result<usize> {
     }
     ensure!(
         errors.is_empty(),
-        "Istio objects do not fit deploy/crds:\n{}",
+        "objects do not fit our CRDs:\n{}",
         errors.join("\n")
     );
     Ok(checked)
@@ -409,6 +461,7 @@ fn every_manifest_under_deploy_validates() -> Result<()> {
     for expected in [
         "base/daemonset.yaml",
         "crds/virtualservice.yaml",
+        "gateway-api/httproute.yaml",
         "demo/kubernetes/service-a.yml",
         "examples/gateway.yml",
     ] {
@@ -424,7 +477,7 @@ fn every_manifest_under_deploy_validates() -> Result<()> {
         let origin = file.strip_prefix(repo_root())?.display().to_string();
         objects.extend(read_objects(file)?.into_iter().map(|o| (origin.clone(), o)));
     }
-    let istio = validate_istio_objects(&objects)?;
+    let istio = validate_custom_objects(&objects)?;
     // deploy/examples holds the tutorial's VirtualServices, DestinationRules and Gateway.
     ensure!(
         istio >= 10,
@@ -461,12 +514,12 @@ spec: {}
         .into_iter()
         .map(|o| ("inline".to_owned(), o))
         .collect();
-    let message = format!("{:#}", validate_istio_objects(&objects).unwrap_err());
+    let message = format!("{:#}", validate_custom_objects(&objects).unwrap_err());
     for expected in [
         "VirtualService/typo: .spec.hosts: expected array",
         "DestinationRule/pruned: .spce: unknown field",
         "DestinationRule v2 is not served",
-        "no CRD in deploy/crds defines networking.istio.io ServiceEntry",
+        "no CRD of ours (deploy/crds, deploy/gateway-api) defines networking.istio.io ServiceEntry",
     ] {
         ensure!(
             message.contains(expected),
@@ -476,9 +529,331 @@ spec: {}
     Ok(())
 }
 
+/// The Gateway API objects a GAMMA mesh writes fit our CRDs — `group: ""` (the core group of a
+/// Service parent or backend), `replacePrefixMatch: ""`, `weight: 0` — and what the API server
+/// refuses does not (tests/tests/control_plane.rs applies the same to a 1.20 API server).
+#[test]
+fn gateway_api_objects_fit_our_crds_and_bad_ones_do_not() -> Result<()> {
+    let good = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: service-c, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: service-c, port: 8080}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /}}]
+    backendRefs:
+    - {name: service-c-v1, port: 8080, weight: 90}
+    - {group: "", kind: Service, name: service-c-v2, port: 8080, weight: 10}
+    timeouts: {request: 10s, backendRequest: 500ms}
+---
+apiVersion: gateway.networking.k8s.io/v1beta1
+kind: HTTPRoute
+metadata: {name: rewrite, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: service-c, sectionName: http}]
+  hostnames: [service-c.shop.svc.cluster.local]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /v1}}]
+    filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: ""}}}]
+    backendRefs: [{name: service-c-v1, port: 8080, weight: 0}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: cart, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: cart, port: 9090}]
+  rules: [{matches: [{method: {service: shop.Cart}}], backendRefs: [{name: cart, port: 9090}]}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: ingress, namespace: shop}
+spec:
+  gatewayClassName: mesh
+  listeners: [{name: http, port: 80, protocol: HTTP, allowedRoutes: {namespaces: {from: All}}}]
+"#;
+    let inline = |text: &str| -> Result<Vec<(String, Value)>> {
+        Ok(parse_objects(text, "inline")?
+            .into_iter()
+            .map(|o| ("inline".to_owned(), o))
+            .collect())
+    };
+    ensure!(validate_custom_objects(&inline(good)?)? == 4);
+
+    let bad = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: negative-weight}
+spec: {rules: [{backendRefs: [{name: a, port: 8080, weight: -1}]}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: big-port}
+spec: {rules: [{backendRefs: [{name: a, port: 70000}]}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: nameless-parent}
+spec: {parentRefs: [{group: "", kind: Service, port: 80}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: empty-host}
+spec: {hostnames: [""]}
+---
+apiVersion: gateway.networking.k8s.io/v1beta1
+kind: GRPCRoute
+metadata: {name: beta}
+spec: {}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: classless}
+spec: {listeners: [{name: http, port: 80, protocol: HTTP}]}
+"#;
+    let message = format!("{:#}", validate_custom_objects(&inline(bad)?).unwrap_err());
+    for expected in [
+        "HTTPRoute/negative-weight: .spec.rules[0].backendRefs[0].weight: -1 is outside minimum 0",
+        "HTTPRoute/big-port: .spec.rules[0].backendRefs[0].port: 70000 is outside maximum 65535",
+        "HTTPRoute/nameless-parent: .spec.parentRefs[0].name: required",
+        "HTTPRoute/empty-host: .spec.hostnames[0]: \"\" in a string field",
+        "GRPCRoute v1beta1 is not served",
+        "Gateway/classless: .spec.gatewayClassName: required",
+    ] {
+        ensure!(
+            message.contains(expected),
+            "{expected:?} not in:\n{message}"
+        );
+    }
+    Ok(())
+}
+
+/// What a schema says about each field it types, by path: the type and its bounds.
+fn typed_fields(schema: &Value, path: &str, fields: &mut BTreeMap<String, String>) {
+    let mut what = str_at(schema, &["type"]).unwrap_or("untyped").to_owned();
+    for key in [
+        "minimum",
+        "maximum",
+        "minLength",
+        "maxLength",
+        "minItems",
+        "maxItems",
+    ] {
+        if let Some(n) = at(schema, &[key]).and_then(Value::as_i64) {
+            what.push_str(&format!(" {key}={n}"));
+        }
+    }
+    if let Some(pattern) = str_at(schema, &["pattern"]) {
+        what.push_str(&format!(" pattern={pattern}"));
+    }
+    let required: Vec<String> = strings(schema, &["required"]).into_iter().collect();
+    if !required.is_empty() {
+        what.push_str(&format!(" required={}", required.join(",")));
+    }
+    if at(schema, &["x-kubernetes-preserve-unknown-fields"]) == Some(&Value::Bool(true)) {
+        what.push_str(" +unknown");
+    }
+    if let Some(list_type) = str_at(schema, &["x-kubernetes-list-type"]) {
+        what.push_str(&format!(" list={list_type}"));
+    }
+    fields.insert(path.to_owned(), what);
+    if let Some(items) = schema.get("items") {
+        typed_fields(items, &format!("{path}[]"), fields);
+    }
+    for (name, field) in at(schema, &["properties"])
+        .and_then(Value::as_mapping)
+        .into_iter()
+        .flatten()
+    {
+        let name = name.as_str().unwrap_or("?");
+        typed_fields(field, &format!("{path}.{name}"), fields);
+    }
+}
+
+/// Whether `key` appears anywhere in `value`.
+fn has_key(value: &Value, key: &str) -> bool {
+    match value {
+        Value::Mapping(map) => map
+            .iter()
+            .any(|(k, v)| k.as_str() == Some(key) || has_key(v, key)),
+        Value::Sequence(items) => items.iter().any(|v| has_key(v, key)),
+        _ => false,
+    }
+}
+
+/// Our Gateway API CRDs: upstream's names, the versions upstream serves, and a schema a 1.20
+/// API server takes with every object a GAMMA mesh writes: no `default` (the agent applies
+/// them, as for a file), no CEL, and typed only what is never empty — `group`, `kind`,
+/// `namespace`, `sectionName`, `matches`, `filters` stay untyped, kept as written.
+#[test]
+fn gateway_api_crds_are_upstreams_names_with_a_shallow_schema() -> Result<()> {
+    const NAME: &str = "string minLength=1 maxLength=253";
+    const PORT: &str = "integer minimum=1 maximum=65535";
+    const DURATION: &str = "string pattern=^([0-9]{1,5}(h|m|s|ms)){1,4}$";
+    let parent_refs = [
+        (".parentRefs", "array maxItems=32"),
+        (".parentRefs[]", "object required=name +unknown"),
+        (".parentRefs[].name", NAME),
+        (".parentRefs[].port", PORT),
+        (".hostnames", "array maxItems=16"),
+        (".hostnames[]", NAME),
+        (".rules", "array maxItems=16"),
+        (".rules[]", "object +unknown"),
+        (".rules[].backendRefs", "array maxItems=16"),
+        (".rules[].backendRefs[]", "object required=name +unknown"),
+        (".rules[].backendRefs[].name", NAME),
+        (".rules[].backendRefs[].port", PORT),
+        (
+            ".rules[].backendRefs[].weight",
+            "integer minimum=0 maximum=1000000",
+        ),
+    ];
+    let timeouts = [
+        (".rules[].timeouts", "object +unknown"),
+        (".rules[].timeouts.request", DURATION),
+        (".rules[].timeouts.backendRequest", DURATION),
+    ];
+    let listeners = [
+        (".gatewayClassName", NAME),
+        (".listeners", "array minItems=1 maxItems=64 list=map"),
+        (
+            ".listeners[]",
+            "object required=name,port,protocol +unknown",
+        ),
+        (".listeners[].name", NAME),
+        (".listeners[].hostname", NAME),
+        (".listeners[].port", PORT),
+        (".listeners[].protocol", "string minLength=1 maxLength=255"),
+    ];
+    /// One CRD as expected: its kind, plural, served versions, short names, and what its
+    /// schema types under `spec` (`spec` itself last).
+    struct Expected<'a> {
+        kind: &'a str,
+        plural: &'a str,
+        versions: &'a [&'a str],
+        short_names: &'a [&'a str],
+        fields: Vec<(&'a str, &'a str)>,
+        spec: &'a str,
+    }
+    let kinds = [
+        Expected {
+            kind: "HTTPRoute",
+            plural: "httproutes",
+            versions: &["v1", "v1beta1"],
+            short_names: &[],
+            fields: parent_refs.iter().chain(&timeouts).copied().collect(),
+            spec: "object +unknown",
+        },
+        Expected {
+            kind: "GRPCRoute",
+            plural: "grpcroutes",
+            versions: &["v1"],
+            short_names: &[],
+            fields: parent_refs.to_vec(),
+            spec: "object +unknown",
+        },
+        Expected {
+            kind: "Gateway",
+            plural: "gateways",
+            versions: &["v1", "v1beta1"],
+            short_names: &["gtw"],
+            fields: listeners.to_vec(),
+            spec: "object required=gatewayClassName,listeners +unknown",
+        },
+    ];
+    let crds = crds()?;
+    for Expected {
+        kind,
+        plural,
+        versions,
+        short_names,
+        fields,
+        spec,
+    } in kinds
+    {
+        let crd = crds
+            .get(&(GATEWAY_API_GROUP.to_owned(), kind.to_owned()))
+            .with_context(|| format!("no CRD for {kind} in deploy/gateway-api"))?;
+        ensure!(
+            str_at(crd, &["metadata", "name"]) == Some(&format!("{plural}.{GATEWAY_API_GROUP}"))
+                && str_at(crd, &["spec", "scope"]) == Some("Namespaced")
+                && str_at(crd, &["spec", "names", "plural"]) == Some(plural)
+                && str_at(crd, &["spec", "names", "listKind"]) == Some(&format!("{kind}List"))
+                && strings(crd, &["spec", "names", "shortNames"])
+                    == short_names.iter().map(|s| s.to_string()).collect()
+                && strings(crd, &["spec", "names", "categories"])
+                    == BTreeSet::from(["gateway-api".to_owned()]),
+            "{kind}: upstream's names"
+        );
+        // A group ending in .k8s.io needs the approval annotation, or the server refuses the CRD.
+        let approval = str_at(
+            crd,
+            &["metadata", "annotations", "api-approved.kubernetes.io"],
+        );
+        ensure!(
+            approval.is_some_and(|url| {
+                url.starts_with("https://github.com/kubernetes-sigs/gateway-api/pull/")
+            }),
+            "{kind}: api-approved.kubernetes.io is {approval:?}"
+        );
+        for key in ["default", "x-kubernetes-validations"] {
+            ensure!(!has_key(crd, key), "{kind}: no {key} anywhere");
+        }
+        let all = seq(crd, &["spec", "versions"]);
+        let served: Vec<&str> = all
+            .iter()
+            .filter(|v| at(v, &["served"]) == Some(&Value::Bool(true)))
+            .filter_map(|v| str_at(v, &["name"]))
+            .collect();
+        ensure!(served == versions, "{kind}: serves {served:?}");
+        let stored: Vec<&str> = all
+            .iter()
+            .filter(|v| at(v, &["storage"]) == Some(&Value::Bool(true)))
+            .filter_map(|v| str_at(v, &["name"]))
+            .collect();
+        ensure!(stored == ["v1"], "{kind}: stores {stored:?}");
+        ensure!(
+            at(crd, &["spec", "conversion"]).is_none(),
+            "{kind}: one schema, no conversion"
+        );
+        let mut expected: BTreeMap<String, String> = fields
+            .iter()
+            .map(|(path, what)| (format!(".spec{path}"), what.to_string()))
+            .collect();
+        expected.insert(".spec".to_owned(), spec.to_owned());
+        expected.insert(".status".to_owned(), "object +unknown".to_owned());
+        expected.insert(String::new(), "object required=spec".to_owned());
+        for version in all {
+            let name = str_at(version, &["name"]).unwrap_or("?");
+            ensure!(
+                at(version, &["subresources", "status"]).is_some(),
+                "{kind} {name}: the status subresource"
+            );
+            let columns: Vec<&str> = seq(version, &["additionalPrinterColumns"])
+                .iter()
+                .filter_map(|c| str_at(c, &["name"]))
+                .collect();
+            let upstream: &[&str] = if kind == "Gateway" {
+                &["Class", "Address", "Programmed", "Age"]
+            } else {
+                &["Hostnames", "Age"]
+            };
+            ensure!(columns == upstream, "{kind} {name}: columns {columns:?}");
+            let schema = at(version, &["schema", "openAPIV3Schema"]).context("no schema")?;
+            let mut typed = BTreeMap::new();
+            typed_fields(schema, "", &mut typed);
+            ensure!(
+                typed == expected,
+                "{kind} {name}: the schema types\n{typed:#?}\nexpected\n{expected:#?}"
+            );
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn kustomizations_render_and_validate() -> Result<()> {
-    for dir in ["deploy", "deploy/overlays/demo"] {
+    for dir in ["deploy", "deploy/overlays/demo", "deploy/gateway-api"] {
         let rendered = kustomize(dir)?;
         let file = Path::new(env!("CARGO_TARGET_TMPDIR"))
             .join(format!("kustomize-{}.yaml", dir.replace('/', "-")));
@@ -511,6 +886,28 @@ fn kustomizations_render_and_validate() -> Result<()> {
     ] {
         find(&base, kind, name)?;
     }
+    // The Gateway API CRDs are a kustomization of their own: a cluster with upstream's keeps
+    // theirs.
+    let gateway_api: Vec<String> = base
+        .iter()
+        .filter(|o| str_at(o, &["spec", "group"]) == Some(GATEWAY_API_GROUP))
+        .map(describe)
+        .collect();
+    ensure!(
+        gateway_api.is_empty(),
+        "deploy/kustomization.yaml must not install the Gateway API CRDs: {gateway_api:?}"
+    );
+    let rendered = parse_objects(&kustomize("deploy/gateway-api")?, "deploy/gateway-api")?;
+    let mut crds: Vec<String> = rendered.iter().map(describe).collect();
+    crds.sort();
+    ensure!(
+        crds == [
+            "CustomResourceDefinition/gateways.gateway.networking.k8s.io",
+            "CustomResourceDefinition/grpcroutes.gateway.networking.k8s.io",
+            "CustomResourceDefinition/httproutes.gateway.networking.k8s.io",
+        ],
+        "deploy/gateway-api renders {crds:?}"
+    );
     for object in &base {
         let namespace = str_at(object, &["metadata", "namespace"]);
         let cluster_scoped = matches!(
@@ -668,6 +1065,10 @@ fn rbac_grants_exactly_what_the_agent_and_the_signer_use() -> Result<()> {
         ("security.istio.io", "requestauthentications", &[], READ),
         ("telemetry.istio.io", "telemetries", &[], READ),
         ("extensions.istio.io", "wasmplugins", &[], READ),
+        // The Gateway API's kinds, watched where served (`GATEWAY_API_KINDS` there).
+        (GATEWAY_API_GROUP, "httproutes", &[], READ),
+        (GATEWAY_API_GROUP, "grpcroutes", &[], READ),
+        (GATEWAY_API_GROUP, "gateways", &[], READ),
         // Created (only) to report a rejected object on it.
         ("events.k8s.io", "events", &[], &["create"]),
         // Workload certificates (mesh-agent/src/identity/csr.rs).

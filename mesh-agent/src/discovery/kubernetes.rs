@@ -1,6 +1,7 @@
 //! Kubernetes mode's source: watches on the API server for `Service`, `EndpointSlice`, `Pod`,
 //! `Namespace` (its mesh label only), Istio's `VirtualService`/`DestinationRule`/`Gateway`,
-//! `AuthorizationPolicy` and `PeerAuthentication`. Every event becomes a typed
+//! `AuthorizationPolicy` and `PeerAuthentication`, and the Gateway API's `HTTPRoute`,
+//! `GRPCRoute` and `Gateway` where the API server serves them. Every event becomes a typed
 //! [`SourceChange`] for the store — the object as the API gave it, never re-encoded — so engine
 //! and proxy do not know the difference from local mode. `Pod` and `Namespace` are also kept in
 //! reflector stores, which label enrollment reads.
@@ -8,6 +9,13 @@
 //! `EndpointSlice` is read at the version the API server serves, found by API discovery:
 //! `discovery.k8s.io/v1` (Kubernetes 1.21 and later) or `v1beta1` (1.17 to 1.24), whose objects
 //! are read into the v1 type (see [`endpoint_slice_from_v1beta1`]).
+//!
+//! The Gateway API kinds ([`GATEWAY_API_KINDS`]) are CRDs a cluster may not have
+//! (deploy/gateway-api or upstream's): the same API discovery finds which of them are served at
+//! `v1`, and only those are watched; a watched one's first list is awaited like the Istio kinds'.
+//! The store keys them as `Kind.gateway.networking.k8s.io`, as `kubectl` names them, so that a
+//! Gateway API `Gateway` is not Istio's `Gateway`; their watches (relists, metrics, `/ready`) use
+//! that name too. A kind installed after the agent started is read once the agent restarts.
 //!
 //! The Istio kinds the mesh does not implement ([`NOT_IMPLEMENTED`]: `RequestAuthentication`,
 //! `ServiceEntry`, ...) are watched too, only so that each one applied is
@@ -23,16 +31,15 @@
 //! logged with its kind and reason, every one is counted
 //! (`mesh_kubernetes_watch_failures_total{kind}`), and recovery is logged.
 //!
-//! An Istio object that fails validation (the CRDs' schemas take any `spec`) is rejected by
-//! itself — its last good version stays in force, or, if this agent saw none, it is left out;
-//! everything else keeps updating, and a relist keeps that last good version too — and reported
-//! by the store (log, metric, `/config_dump`) and here as a `Warning` Event on the object
+//! An Istio or Gateway API object that fails validation (the CRDs' schemas take almost any `spec`)
+//! is rejected by itself — its last good version stays in force, or, if this agent saw none, it is
+//! left out; everything else keeps updating, and a relist keeps that last good version too — and
+//! reported by the store (log, metric, `/config_dump`) and here as a `Warning` Event on the object
 //! (reason `Rejected`, the problems in its note), which `kubectl describe` shows. Every node's
 //! agent validates the same objects, so the Event's name is derived from the object's name and
 //! `resourceVersion`: the first agent creates it, the others find it there (`409`), and one bad
 //! version makes one Event, needing only `create` on `events`. Which version an agent keeps in
-//! force is its own (one started after the bad version has none), so the Event's note says
-//! both.
+//! force is its own (one started after the bad version has none), so the Event's note says both.
 
 use std::{fmt::Debug, future::Future, path::PathBuf, sync::Arc, time::Duration};
 
@@ -44,7 +51,7 @@ use k8s_openapi::{
         discovery::v1::EndpointSlice,
         events::v1::Event as K8sEvent,
     },
-    apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta},
+    apimachinery::pkg::apis::meta::v1::{APIResourceList, MicroTime, ObjectMeta},
 };
 use kube::{
     api::{ApiResource, DynamicObject, PostParams},
@@ -131,6 +138,52 @@ const ISTIO_KINDS: [(&str, &str, &str); 5] = [
 /// The version every Istio release's CRDs serve, for both groups.
 const ISTIO_VERSION: &str = "v1beta1";
 const DISCOVERY_GROUP: &str = "discovery.k8s.io";
+const GATEWAY_API_GROUP: &str = "gateway.networking.k8s.io";
+/// The version the Gateway API kinds are read at: `HTTPRoute` and `Gateway` are `v1` from
+/// Gateway API 1.0 on, `GRPCRoute` from 1.1 on.
+const GATEWAY_API_VERSION: &str = "v1";
+
+/// A Gateway API kind the mesh reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct GatewayApiKind {
+    kind: &'static str,
+    plural: &'static str,
+    /// The kind as the store keys it (`ObjectKey::of`: `Kind.group`), which is also its watch's
+    /// name: a relist replaces exactly the store's objects of that kind.
+    keyed_as: &'static str,
+}
+
+impl GatewayApiKind {
+    fn resource(self) -> ApiResource {
+        ApiResource {
+            group: GATEWAY_API_GROUP.into(),
+            version: GATEWAY_API_VERSION.into(),
+            api_version: format!("{GATEWAY_API_GROUP}/{GATEWAY_API_VERSION}"),
+            kind: self.kind.into(),
+            plural: self.plural.into(),
+        }
+    }
+}
+
+/// The Gateway API kinds the mesh reads, watched where the API server serves them: each needs
+/// its `list`/`watch` grant in `deploy/base/clusterrole.yaml`.
+const GATEWAY_API_KINDS: [GatewayApiKind; 3] = [
+    GatewayApiKind {
+        kind: "HTTPRoute",
+        plural: "httproutes",
+        keyed_as: "HTTPRoute.gateway.networking.k8s.io",
+    },
+    GatewayApiKind {
+        kind: "GRPCRoute",
+        plural: "grpcroutes",
+        keyed_as: "GRPCRoute.gateway.networking.k8s.io",
+    },
+    GatewayApiKind {
+        kind: "Gateway",
+        plural: "gateways",
+        keyed_as: "Gateway.gateway.networking.k8s.io",
+    },
+];
 
 /// The failures of every watch, by kind.
 #[derive(Clone, Default)]
@@ -188,7 +241,10 @@ pub struct Watches {
 /// Starts the watches and waits, as long as it takes, for API discovery and each one's first
 /// list; meanwhile `readiness` names what is still awaited and why.
 pub async fn start(client: Client, readiness: &Arc<Readiness>, metrics: &WatchMetrics) -> Watches {
-    let endpoint_slices = endpoint_slice_version(&client, readiness).await;
+    let Served {
+        endpoint_slices,
+        gateway_api,
+    } = discover(&client, readiness).await;
     let (sender, mut changes) = mpsc::channel(CHANGES_BOUND);
     let (listed, mut lists) = watch::channel(0usize);
     let listed = Arc::new(listed);
@@ -251,10 +307,11 @@ pub async fn start(client: Client, readiness: &Arc<Readiness>, metrics: &WatchMe
         let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
         let events = events.clone();
         tokio::spawn(watch(kind).run_sourced(plain(api), move |object| {
-            istio(&resource, object, Some(&events))
+            read_dynamic(&resource, object, Some(&events))
         }));
         kinds += 1;
     }
+    kinds += watch_gateway_api(&client, &gateway_api, watch, Some(&events));
     let reported = watch_not_implemented(&client, &sender, &origin, metrics).await;
     if !reported.is_empty() {
         info!(
@@ -338,38 +395,34 @@ impl EndpointSliceVersion {
     }
 }
 
-/// Asks the API server which EndpointSlice version it serves, until it answers one this agent
-/// reads.
-async fn endpoint_slice_version(client: &Client, readiness: &Readiness) -> EndpointSliceVersion {
+/// What API discovery found at start-up.
+#[derive(Debug)]
+struct Served {
+    endpoint_slices: EndpointSliceVersion,
+    /// The Gateway API kinds served at [`GATEWAY_API_VERSION`]: only these are watched.
+    gateway_api: Vec<GatewayApiKind>,
+}
+
+/// Asks the API server which EndpointSlice version it serves and which Gateway API kinds, until
+/// it answers with an EndpointSlice version this agent reads.
+async fn discover(client: &Client, readiness: &Readiness) -> Served {
     const AWAITED: &str = "API discovery";
     readiness.waiting(
         AWAITED,
-        format!("asking which {DISCOVERY_GROUP} versions are served"),
+        format!("asking which {DISCOVERY_GROUP} and {GATEWAY_API_GROUP} versions are served"),
     );
     let mut backoff = DISCOVERY_RETRY.0;
     let mut failing = false;
     loop {
-        let served = client
-            .list_api_groups()
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|list| {
-                let versions: Vec<String> = list
-                    .groups
-                    .into_iter()
-                    .filter(|group| group.name == DISCOVERY_GROUP)
-                    .flat_map(|group| group.versions.into_iter().map(|v| v.version))
-                    .collect();
-                choose_endpoint_slice_version(&versions)
-            });
-        match served {
-            Ok(version) => {
+        match ask_served(client).await {
+            Ok((served, gateway_api_versions)) => {
                 info!(
-                    api_version = version.api_version(),
+                    api_version = served.endpoint_slices.api_version(),
                     "reading EndpointSlice at the version the API server serves"
                 );
+                log_gateway_api(&gateway_api_versions, &served.gateway_api);
                 readiness.done(AWAITED);
-                return version;
+                return served;
             }
             Err(reason) => {
                 if !failing {
@@ -381,6 +434,93 @@ async fn endpoint_slice_version(client: &Client, readiness: &Readiness) -> Endpo
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(DISCOVERY_RETRY.1);
+    }
+}
+
+/// One round of API discovery: what is served, and the Gateway API group's versions (for the
+/// log).
+async fn ask_served(client: &Client) -> Result<(Served, Vec<String>), String> {
+    let groups = client.list_api_groups().await.map_err(|e| e.to_string())?;
+    let versions = |name: &str| -> Vec<String> {
+        groups
+            .groups
+            .iter()
+            .filter(|group| group.name == name)
+            .flat_map(|group| group.versions.iter().map(|v| v.version.clone()))
+            .collect()
+    };
+    let endpoint_slices = choose_endpoint_slice_version(&versions(DISCOVERY_GROUP))?;
+    let gateway_api_versions = versions(GATEWAY_API_GROUP);
+    let gateway_api = if gateway_api_versions
+        .iter()
+        .any(|v| v == GATEWAY_API_VERSION)
+    {
+        let group_version = format!("{GATEWAY_API_GROUP}/{GATEWAY_API_VERSION}");
+        match client.list_api_group_resources(&group_version).await {
+            Ok(resources) => choose_gateway_api_kinds(&resources),
+            // Its CRDs were deleted since: as if it had not been listed.
+            Err(kube::Error::Api(status)) if status.code == 404 => Vec::new(),
+            Err(error) => return Err(format!("{group_version}: {error}")),
+        }
+    } else {
+        Vec::new()
+    };
+    let served = Served {
+        endpoint_slices,
+        gateway_api,
+    };
+    Ok((served, gateway_api_versions))
+}
+
+/// The kinds of [`GATEWAY_API_KINDS`] among the served `resources` that can be listed and
+/// watched, in that order.
+fn choose_gateway_api_kinds(resources: &APIResourceList) -> Vec<GatewayApiKind> {
+    GATEWAY_API_KINDS
+        .into_iter()
+        .filter(|kind| {
+            resources.resources.iter().any(|resource| {
+                resource.name == kind.plural
+                    && resource.kind == kind.kind
+                    && [verbs::LIST, verbs::WATCH]
+                        .iter()
+                        .all(|verb| resource.verbs.iter().any(|v| v == verb))
+            })
+        })
+        .collect()
+}
+
+/// Says once, at start-up, which Gateway API kinds are read and why the others are not.
+fn log_gateway_api(versions: &[String], watched: &[GatewayApiKind]) {
+    let names = |kinds: &mut dyn Iterator<Item = GatewayApiKind>| {
+        kinds.map(|kind| kind.kind).collect::<Vec<_>>().join(", ")
+    };
+    let all = names(&mut GATEWAY_API_KINDS.into_iter());
+    if versions.is_empty() {
+        info!(
+            kinds = all,
+            "the API server does not serve {GATEWAY_API_GROUP}: no Gateway API object is read \
+             (install deploy/gateway-api or upstream's CRDs, then restart the agents)"
+        );
+        return;
+    }
+    if !watched.is_empty() {
+        info!(
+            kinds = names(&mut watched.iter().copied()),
+            "watching the Gateway API kinds the API server serves at {GATEWAY_API_VERSION}"
+        );
+    }
+    let missing = names(
+        &mut GATEWAY_API_KINDS
+            .into_iter()
+            .filter(|kind| !watched.contains(kind)),
+    );
+    if !missing.is_empty() {
+        info!(
+            kinds = missing,
+            served_versions = versions.join(", "),
+            "Gateway API kinds not served at {GATEWAY_API_GROUP}/{GATEWAY_API_VERSION} (Gateway \
+             API 1.0 or later; GRPCRoute 1.1): not read"
+        );
     }
 }
 
@@ -441,6 +581,25 @@ pub async fn client(settings: &KubeSettings) -> Result<Client> {
     Ok(Client::try_from(config)?)
 }
 
+/// Starts the watch of each Gateway API kind in `served`, made by `watch` from the kind as the
+/// store keys it; their objects are read as a file's. Returns how many.
+fn watch_gateway_api(
+    client: &Client,
+    served: &[GatewayApiKind],
+    watch: impl Fn(&'static str) -> Watch,
+    events: Option<&EventReporter>,
+) -> usize {
+    for kind in served {
+        let resource = kind.resource();
+        let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
+        let events = events.cloned();
+        tokio::spawn(watch(kind.keyed_as).run_sourced(plain(api), move |object| {
+            read_dynamic(&resource, object, events.as_ref())
+        }));
+    }
+    served.len()
+}
+
 /// Watches each kind of [`NOT_IMPLEMENTED`] the API server serves (at its most stable version);
 /// returns the kinds watched. Their first lists are not waited for.
 async fn watch_not_implemented(
@@ -478,9 +637,9 @@ async fn watch_not_implemented(
                 origin: Arc::clone(origin),
                 failures: Failures::reported(kind, metrics),
             };
-            tokio::spawn(
-                watch.run_sourced(plain(api), move |object| istio(&resource, object, None)),
-            );
+            tokio::spawn(watch.run_sourced(plain(api), move |object| {
+                read_dynamic(&resource, object, None)
+            }));
             watched.push(kind);
         }
     }
@@ -524,6 +683,9 @@ where
 
 /// One kind's watch, turning its events into changes for the store.
 struct Watch {
+    /// The kind as the store keys its objects (`ObjectKey::of`: `Kind.group` outside the core,
+    /// `discovery.k8s.io` and Istio's groups): a relist replaces the objects of this kind, a
+    /// deletion removes this kind's object, and metrics and `/ready` name it so.
     kind: &'static str,
     sender: mpsc::Sender<SourceChange>,
     /// Counts the watches that sent their first list; `None` for a watch start-up does not
@@ -698,17 +860,23 @@ impl Watch {
     }
 }
 
-/// The store's key of a watched object of `kind`; `None` for one without a name.
+/// The store's key of a watched object of `kind` (as the store keys that kind: see
+/// [`Watch::kind`]); `None` for one without a name.
 fn key_of(kind: &str, object: &impl kube::Resource) -> Option<ObjectKey> {
     let metadata = object.meta();
     let name = metadata.name.as_deref()?;
     Some(ObjectKey::new(kind, metadata.namespace.as_deref(), name))
 }
 
-/// An Istio object as the API served it, validated like a file's (a kind the mesh does not
-/// implement is kept with its warning). An invalid one is a rejection, reported on the object
+/// An object of a CRD (Istio's kinds, the Gateway API's) as the API served it, read and
+/// validated like a file's (a kind the mesh does not implement is kept with its warning). An
+/// invalid one is a rejection, keyed as the store keys its kind and reported on the object
 /// through `events` (when given).
-fn istio(resource: &ApiResource, object: DynamicObject, events: Option<&EventReporter>) -> Read {
+fn read_dynamic(
+    resource: &ApiResource,
+    object: DynamicObject,
+    events: Option<&EventReporter>,
+) -> Read {
     let metadata = serde_json::to_value(&object.metadata).ok()?;
     let value = json!({
         "apiVersion": resource.api_version,
@@ -723,7 +891,8 @@ fn istio(resource: &ApiResource, object: DynamicObject, events: Option<&EventRep
     match config::read(ORIGIN, document) {
         Ok(sourced) => Some(Ok(Arc::new(sourced))),
         Err(diagnostics) => {
-            let key = ObjectKey::new(
+            let key = ObjectKey::of(
+                &resource.api_version,
                 &resource.kind,
                 object.metadata.namespace.as_deref(),
                 object.metadata.name.as_deref()?,
@@ -881,7 +1050,7 @@ fn truncate(mut text: String, max: usize) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::{convert::Infallible, sync::Mutex, time::Duration};
+    use std::{collections::BTreeMap, convert::Infallible, sync::Mutex, time::Duration};
 
     use bytes::Bytes;
     use http::{Request, Response, StatusCode};
@@ -891,10 +1060,19 @@ mod tests {
 
     use super::*;
 
-    /// Just enough of an API server: discovery of `security.istio.io` (if `serve_security`),
-    /// a list of one RequestAuthentication, and a watch that stays open without events. Records
-    /// the paths asked for.
-    async fn api_server(serve_security: bool) -> (Client, Arc<Mutex<Vec<String>>>) {
+    /// What the fake API server serves besides `discovery.k8s.io` (at `v1`).
+    #[derive(Clone, Copy)]
+    struct Serve {
+        /// `security.istio.io`: one RequestAuthentication, and a kind no ClusterRole grants.
+        security: bool,
+        /// `gateway.networking.k8s.io` at `v1` and `v1beta1`, as Gateway API 1.0 installs it:
+        /// HTTPRoute (two, one of them invalid) and Gateway (none), but no GRPCRoute.
+        gateway_api: bool,
+    }
+
+    /// Just enough of an API server: discovery, lists of the objects above, and watches that
+    /// stay open without events. Records the paths asked for.
+    async fn api_server(serve: Serve) -> (Client, Arc<Mutex<Vec<String>>>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let asked = Arc::new(Mutex::new(Vec::new()));
@@ -906,7 +1084,7 @@ mod tests {
                     let uri = request.uri().clone();
                     seen.lock().unwrap().push(uri.to_string());
                     let watching = uri.query().is_some_and(|q| q.contains("watch=true"));
-                    let body = answer(serve_security, uri.path(), watching);
+                    let body = answer(serve, uri.path(), watching);
                     async move { Ok::<_, Infallible>(body) }
                 });
                 tokio::spawn(http1::Builder::new().serve_connection(TokioIo::new(stream), service));
@@ -918,7 +1096,7 @@ mod tests {
 
     type Body = BoxBody<Bytes, Infallible>;
 
-    fn answer(serve_security: bool, path: &str, watching: bool) -> Response<Body> {
+    fn answer(serve: Serve, path: &str, watching: bool) -> Response<Body> {
         let json = |value: Value| {
             let mut response = Response::new(Full::new(Bytes::from(value.to_string())).boxed());
             response.headers_mut().insert(
@@ -928,24 +1106,55 @@ mod tests {
             response
         };
         let version =
-            |v: &str| json!({"groupVersion": format!("security.istio.io/{v}"), "version": v});
+            |group: &str, v: &str| json!({"groupVersion": format!("{group}/{v}"), "version": v});
+        let group = |name: &str, versions: &[&str]| {
+            json!({"name": name, "versions": versions.iter().map(|v| version(name, v)).collect::<Vec<_>>(),
+                   "preferredVersion": version(name, versions[0])})
+        };
         let resource = |plural: &str, kind: &str| {
             json!({"name": plural, "singularName": "", "namespaced": true, "kind": kind,
                    "verbs": ["get", "list", "watch"]})
         };
+        let list = |api_version: &str, kind: &str, items: Value| {
+            json(
+                json!({"apiVersion": api_version, "kind": format!("{kind}List"),
+                        "metadata": {"resourceVersion": "7"}, "items": items}),
+            )
+        };
+        let gateway_api = format!("/apis/{GATEWAY_API_GROUP}/v1");
         match path {
-            "/apis" if serve_security => json(json!({"kind": "APIGroupList", "apiVersion": "v1",
-                "groups": [{"name": "security.istio.io", "versions": [version("v1"), version("v1beta1")],
-                            "preferredVersion": version("v1")}]})),
-            "/apis" => json(json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": []})),
-            "/apis/security.istio.io/v1" | "/apis/security.istio.io/v1beta1" => {
+            "/apis" => {
+                let mut groups = vec![group(DISCOVERY_GROUP, &["v1"])];
+                if serve.security {
+                    groups.push(group("security.istio.io", &["v1", "v1beta1"]));
+                }
+                if serve.gateway_api {
+                    groups.push(group(GATEWAY_API_GROUP, &["v1", "v1beta1"]));
+                }
+                json(json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}))
+            }
+            "/apis/security.istio.io/v1" | "/apis/security.istio.io/v1beta1" if serve.security => {
                 json(json!({"kind": "APIResourceList", "apiVersion": "v1",
                     "groupVersion": format!("security.istio.io/{}", path.rsplit('/').next().unwrap_or_default()),
                     "resources": [resource("requestauthentications", "RequestAuthentication"),
                                   // Not in the ClusterRole: never watched.
                                   resource("futurepolicies", "FuturePolicy")]}))
             }
-            "/apis/security.istio.io/v1/requestauthentications" if watching => {
+            path if path == gateway_api && serve.gateway_api => {
+                json(json!({"kind": "APIResourceList", "apiVersion": "v1",
+                    "groupVersion": format!("{GATEWAY_API_GROUP}/v1"),
+                    "resources": [resource("httproutes", "HTTPRoute"),
+                                  {"name": "httproutes/status", "singularName": "",
+                                   "namespaced": true, "kind": "HTTPRoute",
+                                   "verbs": ["get", "patch", "update"]},
+                                  resource("gateways", "Gateway"),
+                                  // Not read by the mesh: never watched.
+                                  resource("referencegrants", "ReferenceGrant")]}))
+            }
+            path if watching
+                && (path == "/apis/security.istio.io/v1/requestauthentications"
+                    || path.starts_with(&format!("{gateway_api}/"))) =>
+            {
                 let pending = futures_util::stream::pending::<Result<Frame<Bytes>, Infallible>>();
                 let mut response = Response::new(BodyExt::boxed(StreamBody::new(pending)));
                 response.headers_mut().insert(
@@ -954,12 +1163,31 @@ mod tests {
                 );
                 response
             }
-            "/apis/security.istio.io/v1/requestauthentications" => json(json!({
-                "apiVersion": "security.istio.io/v1", "kind": "RequestAuthenticationList",
-                "metadata": {"resourceVersion": "7"},
-                "items": [{"apiVersion": "security.istio.io/v1", "kind": "RequestAuthentication",
-                           "metadata": {"name": "jwt", "namespace": "shop", "resourceVersion": "7"},
-                           "spec": {}}]})),
+            "/apis/security.istio.io/v1/requestauthentications" => list(
+                "security.istio.io/v1",
+                "RequestAuthentication",
+                json!([{"apiVersion": "security.istio.io/v1", "kind": "RequestAuthentication",
+                        "metadata": {"name": "jwt", "namespace": "shop", "resourceVersion": "7"},
+                        "spec": {}}]),
+            ),
+            path if path == format!("{gateway_api}/httproutes") => list(
+                "gateway.networking.k8s.io/v1",
+                "HTTPRoute",
+                // A GAMMA route (its parent a Service: `group: ""`), and one no reader takes.
+                json!([{"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+                        "metadata": {"name": "service-c", "namespace": "shop", "resourceVersion": "5"},
+                        "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "service-c",
+                                                 "port": 8080}],
+                                 "rules": [{"backendRefs": [
+                                     {"name": "service-c-v1", "port": 8080, "weight": 90},
+                                     {"name": "service-c-v2", "port": 8080, "weight": 10}]}]}},
+                       {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+                        "metadata": {"name": "bad", "namespace": "shop", "resourceVersion": "6"},
+                        "spec": {"rules": "all of them"}}]),
+            ),
+            path if path == format!("{gateway_api}/gateways") => {
+                list("gateway.networking.k8s.io/v1", "Gateway", json!([]))
+            }
             _ => {
                 let mut response = Response::new(Full::new(Bytes::from("{}")).boxed());
                 *response.status_mut() = StatusCode::NOT_FOUND;
@@ -970,7 +1198,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_kind_not_implemented_that_the_server_serves_is_watched_and_reported() {
-        let (client, asked) = api_server(true).await;
+        let (client, asked) = api_server(Serve {
+            security: true,
+            gateway_api: false,
+        })
+        .await;
         let (sender, mut changes) = mpsc::channel(16);
         let watched =
             watch_not_implemented(&client, &sender, &ORIGIN.into(), &WatchMetrics::default()).await;
@@ -1001,12 +1233,155 @@ mod tests {
 
     #[tokio::test]
     async fn without_the_crds_nothing_more_is_watched() {
-        let (client, asked) = api_server(false).await;
+        let (client, asked) = api_server(Serve {
+            security: false,
+            gateway_api: false,
+        })
+        .await;
         let (sender, _changes) = mpsc::channel(16);
         let watched =
             watch_not_implemented(&client, &sender, &ORIGIN.into(), &WatchMetrics::default()).await;
         assert!(watched.is_empty());
         assert_eq!(*asked.lock().unwrap(), ["/apis"]);
+    }
+
+    /// With the Gateway API's CRDs installed (as Gateway API 1.0 has them: no GRPCRoute), API
+    /// discovery finds HTTPRoute and Gateway; their watches hold readiness until their first
+    /// lists, and key every object, valid or rejected, as the store keys their kinds.
+    #[tokio::test]
+    async fn the_gateway_api_kinds_the_server_serves_are_watched_and_awaited() {
+        let (client, asked) = api_server(Serve {
+            security: false,
+            gateway_api: true,
+        })
+        .await;
+        let readiness = Arc::new(Readiness::starting());
+        let served = tokio::time::timeout(Duration::from_secs(10), discover(&client, &readiness))
+            .await
+            .expect("API discovery in time");
+        assert_eq!(served.endpoint_slices, EndpointSliceVersion::V1);
+        let keyed: Vec<&str> = served.gateway_api.iter().map(|k| k.keyed_as).collect();
+        assert_eq!(
+            keyed,
+            [
+                "HTTPRoute.gateway.networking.k8s.io",
+                "Gateway.gateway.networking.k8s.io"
+            ]
+        );
+
+        let (sender, mut changes) = mpsc::channel(16);
+        let (listed, mut lists) = watch::channel(0usize);
+        let listed = Arc::new(listed);
+        let metrics = WatchMetrics::default();
+        let watch = |kind| Watch {
+            kind,
+            sender: sender.clone(),
+            listed: Some(Arc::clone(&listed)),
+            origin: ORIGIN.into(),
+            failures: Failures::awaited(kind, &readiness, &metrics),
+        };
+        assert_eq!(
+            watch_gateway_api(&client, &served.gateway_api, watch, None),
+            2
+        );
+        let waiting = readiness.check().unwrap_err();
+        assert!(
+            waiting.contains("first list of HTTPRoute.gateway.networking.k8s.io (")
+                && waiting.contains("first list of Gateway.gateway.networking.k8s.io ("),
+            "{waiting}"
+        );
+        tokio::time::timeout(Duration::from_secs(10), lists.wait_for(|&n| n >= 2))
+            .await
+            .expect("the first lists in time")
+            .unwrap();
+        let mut replaced = BTreeMap::new();
+        while let Ok(change) = changes.try_recv() {
+            let SourceChange::Replace {
+                kind,
+                objects,
+                rejected,
+            } = change
+            else {
+                panic!("expected lists, got {change:?}");
+            };
+            let keys = |keys: Vec<Option<String>>| keys.into_iter().flatten().collect::<Vec<_>>();
+            let objects = keys(objects.iter().map(|o| Some(o.key.to_string())).collect());
+            let rejected = keys(
+                rejected
+                    .iter()
+                    .map(|r| r.key.as_ref().map(ToString::to_string))
+                    .collect(),
+            );
+            replaced.insert(kind.to_string(), (objects, rejected));
+        }
+        assert_eq!(
+            replaced["HTTPRoute.gateway.networking.k8s.io"],
+            (
+                vec!["HTTPRoute.gateway.networking.k8s.io shop/service-c".to_owned()],
+                vec!["HTTPRoute.gateway.networking.k8s.io shop/bad".to_owned()]
+            )
+        );
+        assert_eq!(
+            replaced["Gateway.gateway.networking.k8s.io"],
+            (Vec::new(), Vec::new())
+        );
+        assert_eq!(replaced.len(), 2);
+        // API discovery and both first lists are done: only what `run` itself holds is left.
+        assert_eq!(readiness.check().unwrap_err(), "start-up (starting)");
+        let asked = asked.lock().unwrap();
+        assert!(
+            !asked
+                .iter()
+                .any(|path| path.contains("grpcroutes") || path.contains("referencegrants")),
+            "{asked:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn without_the_gateway_api_nothing_more_is_watched() {
+        let (client, asked) = api_server(Serve {
+            security: false,
+            gateway_api: false,
+        })
+        .await;
+        let readiness = Readiness::starting();
+        let served = tokio::time::timeout(Duration::from_secs(10), discover(&client, &readiness))
+            .await
+            .expect("API discovery in time");
+        assert!(served.gateway_api.is_empty(), "{served:?}");
+        assert_eq!(*asked.lock().unwrap(), ["/apis"]);
+        assert_eq!(readiness.check().unwrap_err(), "start-up (starting)");
+    }
+
+    /// Each watch is named after its kind as the store keys it: a relist replaces exactly the
+    /// objects of its own kind, and a Gateway API `Gateway` is not Istio's.
+    #[test]
+    fn every_watched_kind_is_named_as_the_store_keys_it() {
+        for kind in GATEWAY_API_KINDS {
+            let resource = kind.resource();
+            let key = ObjectKey::of(&resource.api_version, kind.kind, Some("shop"), "x");
+            assert_eq!(&*key.kind, kind.keyed_as);
+        }
+        for (group, kind, _) in ISTIO_KINDS.into_iter().chain(NOT_IMPLEMENTED) {
+            let key = ObjectKey::of(&format!("{group}/{ISTIO_VERSION}"), kind, None, "x");
+            assert_eq!(&*key.kind, kind);
+        }
+        // Only kinds that can be listed and watched are chosen.
+        let resources: APIResourceList = serde_json::from_value(json!({
+            "groupVersion": "gateway.networking.k8s.io/v1",
+            "resources": [
+                {"name": "httproutes", "singularName": "", "namespaced": true,
+                 "kind": "HTTPRoute", "verbs": ["get", "list"]},
+                {"name": "grpcroutes", "singularName": "", "namespaced": true,
+                 "kind": "GRPCRoute", "verbs": ["get", "list", "watch"]}
+            ]
+        }))
+        .unwrap();
+        let chosen: Vec<&str> = choose_gateway_api_kinds(&resources)
+            .iter()
+            .map(|k| k.kind)
+            .collect();
+        assert_eq!(chosen, ["GRPCRoute"]);
     }
 
     /// The VirtualService kind as the watches see it.
@@ -1052,7 +1427,7 @@ mod tests {
             failures: Failures::reported(kind, &WatchMetrics::default()),
         };
         watch("VirtualService")
-            .run_sourced(events, move |object| istio(&resource, object, None))
+            .run_sourced(events, move |object| read_dynamic(&resource, object, None))
             .await;
         let key = |name: &str| ObjectKey::new("VirtualService", Some("shop"), name);
         let Some(SourceChange::Replace {
@@ -1115,7 +1490,7 @@ mod tests {
                      "http": [{"timeout": "soon", "route": [{"destination": {"host": "x"}}]}]}
         }))
         .unwrap();
-        let Some(Err(rejection)) = istio(&resource, object.clone(), None) else {
+        let Some(Err(rejection)) = read_dynamic(&resource, object.clone(), None) else {
             panic!("the object is invalid");
         };
         assert_eq!(

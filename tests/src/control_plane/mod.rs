@@ -12,7 +12,7 @@
 //! - kube-controller-manager (each controller with its own service account, as kubeadm runs it:
 //!   namespaces get their `default` ServiceAccount and its token, Deployments their ReplicaSets
 //!   and Pods, Services their EndpointSlices) and kube-scheduler, both without leader election;
-//! - `deploy/crds` installed and established.
+//! - `deploy/crds` and `deploy/gateway-api` installed and established.
 //!
 //! Nothing runs pods: there is no kubelet. A Node object registered by a test gets pods bound to
 //! it by the scheduler.
@@ -466,21 +466,30 @@ impl ControlPlane {
         Ok(())
     }
 
-    /// `kubectl apply -f deploy/crds`, then waits until the API server serves them.
+    /// `kubectl apply -f deploy/crds` and `-k deploy/gateway-api` (Istio's kinds and the Gateway
+    /// API's routes), then waits until the API server serves them.
     fn install_crds(&self) -> Result<()> {
         let started = Instant::now();
-        let crds = repo_root().join("deploy/crds");
+        let root = repo_root();
+        let crds = root.join("deploy/crds");
         let crds = crds.to_str().context("the repository path is not UTF-8")?;
+        let gateway_api = root.join("deploy/gateway-api");
+        let gateway_api = gateway_api
+            .to_str()
+            .context("the repository path is not UTF-8")?;
         self.kubectl(&["apply", "-f", crds])?;
-        self.kubectl(&[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "-f",
-            crds,
-        ])?;
+        self.kubectl(&["apply", "-k", gateway_api])?;
+        for (how, what) in [("-f", crds), ("-k", gateway_api)] {
+            self.kubectl(&[
+                "wait",
+                "--for=condition=Established",
+                "--timeout=60s",
+                how,
+                what,
+            ])?;
+        }
         progress(format_args!(
-            "deploy/crds established ({:.1} s)",
+            "deploy/crds and deploy/gateway-api established ({:.1} s)",
             started.elapsed().as_secs_f64()
         ));
         Ok(())

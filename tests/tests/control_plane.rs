@@ -83,23 +83,11 @@ fn deploy_dir() -> String {
         .to_string()
 }
 
-/// `kubectl apply -k deploy/gateway-api` with `kubectl`, then waits until its CRDs are
-/// established.
-fn install_gateway_api(kubectl: impl Fn(&[&str]) -> Result<String>) -> Result<()> {
-    let started = Instant::now();
-    kubectl(&["apply", "-k", &format!("{}/gateway-api", deploy_dir())])
-        .context("kubectl apply -k deploy/gateway-api on Kubernetes 1.20")?;
-    let crds: Vec<String> = GATEWAY_API
-        .iter()
-        .map(|(group, resource)| format!("crd/{resource}.{group}"))
-        .collect();
+/// `deploy/gateway-api`, as every test control plane installs it: its CRDs established.
+fn gateway_api_established(kubectl: impl Fn(&[&str]) -> Result<String>) -> Result<()> {
     let mut wait = vec!["wait", "--for=condition=Established", "--timeout=60s"];
-    wait.extend(crds.iter().map(String::as_str));
-    kubectl(&wait)?;
-    eprintln!(
-        "deploy/gateway-api established in {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
+    wait.extend(mesh_tests::control_plane::GATEWAY_API_CRDS);
+    kubectl(&wait).context("deploy/gateway-api's CRDs on Kubernetes 1.20")?;
     Ok(())
 }
 
@@ -363,7 +351,7 @@ fn the_agents_role_lets_it_watch_what_it_watches_and_nothing_more() -> Result<()
     control_plane
         .kubectl(&["apply", "-k", &deploy_dir()])
         .context("kubectl apply -k deploy on Kubernetes 1.20")?;
-    install_gateway_api(|args| control_plane.kubectl(args))?;
+    gateway_api_established(|args| control_plane.kubectl(args))?;
     gateway_api_objects_apply_as_written(&control_plane)?;
 
     let bound_token = control_plane
@@ -702,7 +690,7 @@ fn the_agent_reads_v1beta1_endpoint_slices_and_says_what_it_waits_for() -> Resul
     // that it waits for them.
     let crds = format!("{}/crds", deploy_dir());
     kubectl(&["delete", "-f", &crds, "--wait"])?;
-    install_gateway_api(kubectl)?;
+    gateway_api_established(kubectl)?;
     kubectl(&["create", "namespace", "shop"])?;
     node.run_on_node(|| -> Result<()> {
         let out = kubectl_stdin(&control_plane, &["apply"], GAMMA_ROUTE)?;

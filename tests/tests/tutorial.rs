@@ -186,6 +186,24 @@ fn the_canary_with_gateway_api_routes() {
     );
 }
 
+/// The same with kubectl against the real control plane: `deploy/gateway-api`'s CRDs serve the
+/// routes, the agent watches them, and the demo's per-version Services get their EndpointSlices
+/// from the control plane's controllers.
+#[test]
+fn the_canary_with_gateway_api_routes_with_kubectl() {
+    mesh_tests::set_echo(false);
+    let tutorial = KubernetesTutorial::start(&|line| println!("kubernetes start: {line}")).unwrap();
+    let (status, body) = tutorial.call().unwrap();
+    assert_eq!(status, 200, "{body}");
+    run_steps(
+        &tutorial,
+        "kubernetes gateway-api",
+        gateway_api_canary_steps(Pace::Full),
+        &|_| {},
+        &|_, _| {},
+    );
+}
+
 #[test]
 fn the_tutorial_end_to_end_on_three_nodes() {
     mesh_tests::set_echo(false);

@@ -54,6 +54,12 @@ pub use build::{cache_dir, ensure_binaries, Binaries, COMPONENTS, KUBERNETES_VER
 pub use pki::KUBERNETES_SERVICE_IP;
 use pki::{Credentials, Identity};
 
+/// The CRDs of `deploy/gateway-api`.
+pub const GATEWAY_API_CRDS: [&str; 3] = [
+    "crd/httproutes.gateway.networking.k8s.io",
+    "crd/grpcroutes.gateway.networking.k8s.io",
+    "crd/gateways.gateway.networking.k8s.io",
+];
 /// The agent's namespace and ServiceAccount in `deploy/base`.
 const AGENT_NAMESPACE: &str = "sidecarless-system";
 const AGENT: &str = "mesh-agent";
@@ -479,15 +485,16 @@ impl ControlPlane {
             .context("the repository path is not UTF-8")?;
         self.kubectl(&["apply", "-f", crds])?;
         self.kubectl(&["apply", "-k", gateway_api])?;
-        for (how, what) in [("-f", crds), ("-k", gateway_api)] {
-            self.kubectl(&[
-                "wait",
-                "--for=condition=Established",
-                "--timeout=60s",
-                how,
-                what,
-            ])?;
-        }
+        self.kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "-f",
+            crds,
+        ])?;
+        let mut wait = vec!["wait", "--for=condition=Established", "--timeout=60s"];
+        wait.extend(GATEWAY_API_CRDS);
+        self.kubectl(&wait)?;
         progress(format_args!(
             "deploy/crds and deploy/gateway-api established ({:.1} s)",
             started.elapsed().as_secs_f64()

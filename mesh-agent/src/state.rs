@@ -679,11 +679,16 @@ impl State {
 /// DestinationRule defines, hosts that are no service of the registry), and the hosts both
 /// claim.
 fn references(in_force: &InForce) -> Vec<Diagnostic> {
-    let rules: Vec<&Sourced> = ["DestinationRule", "VirtualService", config::HTTP_ROUTE]
-        .into_iter()
-        .flat_map(|kind| config::of_kind(&in_force.objects, kind))
-        .map(|o| &**o)
-        .collect();
+    let rules: Vec<&Sourced> = [
+        "DestinationRule",
+        "VirtualService",
+        config::HTTP_ROUTE,
+        config::GRPC_ROUTE,
+    ]
+    .into_iter()
+    .flat_map(|kind| config::of_kind(&in_force.objects, kind))
+    .map(|o| &**o)
+    .collect();
     if rules.is_empty() {
         return Vec::new();
     }

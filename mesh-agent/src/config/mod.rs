@@ -52,7 +52,7 @@ use std::sync::Arc;
 
 pub use diagnostic::{Diagnostic, Severity};
 pub use document::{documents, Document};
-pub use gateway_api::HTTP_ROUTE;
+pub use gateway_api::{GRPC_ROUTE, HTTP_ROUTE};
 use model::{Host, MeshConfig};
 pub use object::{
     not_implemented, read, read_text, IstioObject, Object, ObjectKey, ObjectSet, Sourced,
@@ -96,6 +96,7 @@ impl Loaded {
                 o.object,
                 Object::VirtualService(_)
                     | Object::HttpRoute(_)
+                    | Object::GrpcRoute(_)
                     | Object::DestinationRule(_)
                     | Object::Gateway(_)
                     | Object::AuthorizationPolicy(_)
@@ -292,12 +293,13 @@ pub fn run_validate(paths: &[PathBuf], out: &mut impl Write) -> io::Result<bool>
     let config = &loaded.config;
     writeln!(
         out,
-        "{} file(s): {} VirtualService, {} HTTPRoute, {} DestinationRule, {} Gateway, \
+        "{} file(s): {} VirtualService, {} HTTPRoute, {} GRPCRoute, {} DestinationRule, {} Gateway, \
          {} AuthorizationPolicy, {} PeerAuthentication, {} other object(s); {} error(s), \
          {} warning(s)",
         loaded.files.len(),
         of_kind(&loaded.objects, "VirtualService").count(),
         of_kind(&loaded.objects, HTTP_ROUTE).count(),
+        of_kind(&loaded.objects, GRPC_ROUTE).count(),
         config.destination_rules.len(),
         config.gateways.len(),
         config.authorization_policies.len(),

@@ -310,16 +310,25 @@ pub struct Mirror {
 
 // ---------------------------------------------------------------- Gateway API
 
-/// A Gateway API `HTTPRoute` attached to Services (GAMMA), validated: its rules split into one
-/// route per match, each ranked. All the routes attached to one Service are merged into one
-/// exclusive [`VirtualService`] by [`crate::config::mesh_config`], most specific match first.
+/// A Gateway API `HTTPRoute` or `GRPCRoute` attached to Services (GAMMA), validated: its rules
+/// split into one route per match, each ranked. All the routes of one kind attached to one
+/// Service are merged into one exclusive [`VirtualService`] by [`crate::config::mesh_config`],
+/// most specific match first.
 #[derive(Clone, Debug)]
-pub struct MeshHttpRoute {
+pub struct GatewayApiRoute {
     pub id: ObjectRef,
+    pub kind: RouteKind,
     pub created: Option<Timestamp>,
     pub parents: Vec<ParentService>,
     /// In the order written: rule by rule, match by match.
     pub routes: Vec<RankedRoute>,
+}
+
+/// The Gateway API's route kinds, which are never merged: a Service takes the routes of one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum RouteKind {
+    Http,
+    Grpc,
 }
 
 /// A `parentRefs` entry naming a Service: the route applies to requests for it, on `port` only
@@ -342,7 +351,8 @@ pub struct RankedRoute {
 /// How specific a match is, as the Gateway API orders them: an `Exact` path before a
 /// `PathPrefix` before a regular expression (Istio's choice; the API leaves regexes to the
 /// implementation), a longer path first, then a method match, then more header matches, then
-/// more query parameter matches. Greater is more specific.
+/// more query parameter matches. Greater is more specific. A GRPCRoute's matches rank by the
+/// length of their service, then of their method (`path_length` holds both), then headers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Precedence {
     pub path_kind: PathKind,

@@ -24,9 +24,9 @@ use super::{
     document::Document,
     fields::MISSING,
     gateway,
-    gateway_api::{self, http_route},
+    gateway_api::{self, grpc_route, http_route},
     model::{
-        AuthorizationPolicy, DestinationRule, Gateway, MeshHttpRoute, ObjectRef,
+        AuthorizationPolicy, DestinationRule, Gateway, GatewayApiRoute, ObjectRef,
         PeerAuthentication, VirtualService,
     },
     peer_authentication, raw,
@@ -54,7 +54,6 @@ const GATEWAY_API_VERSIONS: &[&str] = &["v1beta1", "v1"];
 /// Gateway API kinds whose rules the user expects in force but this mesh does not read yet:
 /// reported, like Istio's kinds it does not implement.
 const GATEWAY_API_NOT_IMPLEMENTED: &[&str] = &[
-    "GRPCRoute",
     "Gateway",
     "TLSRoute",
     "TCPRoute",
@@ -122,7 +121,9 @@ pub enum Object {
     Pod(Arc<Pod>),
     VirtualService(IstioObject<VirtualService>),
     /// A Gateway API `HTTPRoute`, keyed as [`HTTP_ROUTE`](super::gateway_api::HTTP_ROUTE).
-    HttpRoute(IstioObject<MeshHttpRoute>),
+    HttpRoute(IstioObject<GatewayApiRoute>),
+    /// A Gateway API `GRPCRoute`, keyed as [`GRPC_ROUTE`](super::gateway_api::GRPC_ROUTE).
+    GrpcRoute(IstioObject<GatewayApiRoute>),
     DestinationRule(IstioObject<DestinationRule>),
     Gateway(IstioObject<Gateway>),
     AuthorizationPolicy(IstioObject<AuthorizationPolicy>),
@@ -204,7 +205,7 @@ impl Sourced {
             Object::EndpointSlice(o) => serde_json::to_value(&**o).unwrap_or(Value::Null),
             Object::Pod(o) => serde_json::to_value(&**o).unwrap_or(Value::Null),
             Object::VirtualService(o) => (*o.manifest).clone(),
-            Object::HttpRoute(o) => (*o.manifest).clone(),
+            Object::HttpRoute(o) | Object::GrpcRoute(o) => (*o.manifest).clone(),
             Object::DestinationRule(o) => (*o.manifest).clone(),
             Object::Gateway(o) => (*o.manifest).clone(),
             Object::AuthorizationPolicy(o) => (*o.manifest).clone(),
@@ -267,7 +268,7 @@ pub fn read(file: &str, document: Document) -> Result<Sourced, Vec<Diagnostic>> 
     let object = match (group, kind.as_str()) {
         (ISTIO_GROUP, "VirtualService" | "DestinationRule" | "Gateway")
         | (SECURITY_GROUP, "AuthorizationPolicy" | "PeerAuthentication")
-        | (http_route::GROUP, "HTTPRoute") => {
+        | (http_route::GROUP, "HTTPRoute" | "GRPCRoute") => {
             let versions = match group {
                 ISTIO_GROUP => ISTIO_VERSIONS,
                 SECURITY_GROUP => SECURITY_VERSIONS,
@@ -375,6 +376,16 @@ fn istio(
                 let created = manifest["metadata"].get("creationTimestamp");
                 let (rule, destinations) = http_route::convert(&mut cx, &id, created, spec);
                 Object::HttpRoute(IstioObject {
+                    rule: Arc::new(rule),
+                    manifest,
+                    destinations: destinations.into(),
+                })
+            }),
+        gateway_api::GRPC_ROUTE => parse_spec::<gateway_api::raw::GrpcRouteSpec>(&mut cx, spec)
+            .map(|spec| {
+                let created = manifest["metadata"].get("creationTimestamp");
+                let (rule, destinations) = grpc_route::convert(&mut cx, &id, created, spec);
+                Object::GrpcRoute(IstioObject {
                     rule: Arc::new(rule),
                     manifest,
                     destinations: destinations.into(),

@@ -27,7 +27,7 @@ pub struct Rejection {
 /// What a rejection counts as in `mesh_config_rejected_objects{kind}`: the kinds the mesh reads,
 /// `other` for any other kind, `unknown` when none could be read; a fixed set, whatever a file
 /// says.
-pub const COUNTED_KINDS: [&str; 9] = [
+pub const COUNTED_KINDS: [&str; 10] = [
     "VirtualService",
     "DestinationRule",
     "Gateway",
@@ -35,6 +35,7 @@ pub const COUNTED_KINDS: [&str; 9] = [
     "EndpointSlice",
     "Pod",
     super::gateway_api::HTTP_ROUTE,
+    super::gateway_api::GRPC_ROUTE,
     "other",
     "unknown",
 ];
@@ -44,7 +45,7 @@ impl Rejection {
     pub fn counted_kind(&self) -> &'static str {
         match &self.key {
             None => "unknown",
-            Some(key) => COUNTED_KINDS[..7]
+            Some(key) => COUNTED_KINDS[..8]
                 .iter()
                 .find(|kind| **kind == &*key.kind)
                 .copied()

@@ -10,7 +10,7 @@ use std::{
 
 use super::{
     diagnostic::{Diagnostic, Severity},
-    gateway_api::{self, HTTP_ROUTE},
+    gateway_api::{self, GRPC_ROUTE, HTTP_ROUTE},
     model::{Host, MeshConfig},
     object::{Object, ObjectKey, ObjectSet, Sourced},
 };
@@ -32,7 +32,10 @@ pub fn mesh_config(objects: &ObjectSet) -> MeshConfig {
     }
     let virtual_services: Vec<&Sourced> =
         of_kind(objects, "VirtualService").map(|o| &**o).collect();
-    let http_routes: Vec<&Sourced> = of_kind(objects, HTTP_ROUTE).map(|o| &**o).collect();
+    let http_routes: Vec<&Sourced> = of_kind(objects, HTTP_ROUTE)
+        .chain(of_kind(objects, GRPC_ROUTE))
+        .map(|o| &**o)
+        .collect();
     config.virtual_services = gateway_api::claims(&virtual_services, &http_routes).virtual_services;
     config
 }
@@ -47,6 +50,7 @@ pub fn is_rule_kind(kind: &str) -> bool {
             | "AuthorizationPolicy"
             | "PeerAuthentication"
             | HTTP_ROUTE
+            | GRPC_ROUTE
     )
 }
 
@@ -107,7 +111,7 @@ pub fn check_references(
     for sourced in objects {
         let destinations = match &sourced.object {
             Object::VirtualService(o) => &o.destinations,
-            Object::HttpRoute(o) => &o.destinations,
+            Object::HttpRoute(o) | Object::GrpcRoute(o) => &o.destinations,
             _ => continue,
         };
         let mut warn = |field: String, reason: String| {
@@ -171,7 +175,8 @@ pub fn check_references(
             .filter(|o| &*o.key.kind == kind)
             .collect()
     };
-    let claims = gateway_api::claims(&of("VirtualService"), &of(HTTP_ROUTE));
+    let routes = [of(HTTP_ROUTE), of(GRPC_ROUTE)].concat();
+    let claims = gateway_api::claims(&of("VirtualService"), &routes);
     warnings.extend(claims.warnings);
     warnings
 }

@@ -1,4 +1,4 @@
-//! `HTTPRoute.spec` (raw) → [`MeshHttpRoute`] (validated): every default the Gateway API
+//! `HTTPRoute.spec` (raw) → [`GatewayApiRoute`] (validated): every default the Gateway API
 //! defines applied here (the agent's CRDs set none, and files never have them), every rule
 //! upstream's CRDs check with CEL checked here, and each rule split into one route per match so
 //! routes can be ranked across objects.
@@ -12,9 +12,9 @@ use super::raw;
 use crate::config::diagnostic::ObjectContext;
 use crate::config::fields::{self, MISSING};
 use crate::config::model::{
-    Destination, HeaderOperations, Headers, Host, HttpRoute, MeshHttpRoute, Mirror, ObjectRef,
+    Destination, GatewayApiRoute, HeaderOperations, Headers, Host, HttpRoute, Mirror, ObjectRef,
     ParentService, PathKind, Percent, Precedence, RankedRoute, Redirect, RedirectPath,
-    RequestMatch, RetryPolicy, Rewrite, RouteDestination, StringMatch,
+    RequestMatch, RetryPolicy, Rewrite, RouteDestination, RouteKind, StringMatch,
 };
 use crate::config::values;
 use crate::config::virtual_service::DestinationRef;
@@ -35,17 +35,11 @@ pub(crate) fn convert(
     id: &ObjectRef,
     created: Option<&Value>,
     spec: raw::HttpRouteSpec,
-) -> (MeshHttpRoute, Vec<DestinationRef>) {
+) -> (GatewayApiRoute, Vec<DestinationRef>) {
     let created = fields::creation_time(cx, created);
     let namespace = id.namespace.as_str();
     let parents = parents(cx, spec.parent_refs.unwrap_or_default(), namespace);
-    if spec.hostnames.as_ref().is_some_and(|h| !h.is_empty()) {
-        cx.warn(
-            "spec.hostnames",
-            "not used for Service parents (GAMMA): the route applies to requests for the \
-             Service, whatever their Host, as in Istio",
-        );
-    }
+    unused_hostnames(cx, spec.hostnames.as_deref());
     let mut refs = Vec::new();
     let mut routes = Vec::new();
     let rules = spec.rules.unwrap_or_else(|| vec![default_rule()]);
@@ -66,8 +60,9 @@ pub(crate) fn convert(
             });
         }
     }
-    let route = MeshHttpRoute {
+    let route = GatewayApiRoute {
         id: id.clone(),
+        kind: RouteKind::Http,
         created,
         parents,
         routes,
@@ -89,7 +84,7 @@ fn default_rule() -> raw::Rule {
     }
 }
 
-fn parents(
+pub(super) fn parents(
     cx: &mut ObjectContext,
     refs: Vec<raw::ParentRef>,
     namespace: &str,
@@ -160,16 +155,26 @@ fn parents(
     parents
 }
 
+pub(super) fn unused_hostnames(cx: &mut ObjectContext, hostnames: Option<&[String]>) {
+    if hostnames.is_some_and(|h| !h.is_empty()) {
+        cx.warn(
+            "spec.hostnames",
+            "not used for Service parents (GAMMA): the route applies to requests for the \
+             Service, whatever their Host, as in Istio",
+        );
+    }
+}
+
 /// What a rule's filters do, before its matches are known.
 #[derive(Default)]
-struct Filters {
-    headers: Headers,
+pub(super) struct Filters {
+    pub headers: Headers,
     rewrite: Option<PathAction>,
     authority: Option<String>,
     redirect: Option<RedirectSpec>,
-    mirror: Option<Mirror>,
+    pub mirror: Option<Mirror>,
     /// A filter this mesh does not implement: the rule must not apply without it.
-    unsupported: bool,
+    pub unsupported: bool,
 }
 
 /// A path replacement as written; a prefix replacement needs the rule's one `PathPrefix` match.
@@ -416,7 +421,7 @@ fn request_match(
 
 /// Header or query parameter matches; of two with one name (compared as `name` keys them) the
 /// first counts, as the Gateway API says.
-fn value_matches<K: PartialEq>(
+pub(super) fn value_matches<K: PartialEq>(
     cx: &mut ObjectContext,
     field: &str,
     raw: Option<Vec<raw::ValueMatch>>,
@@ -461,7 +466,7 @@ fn value_matches<K: PartialEq>(
     found
 }
 
-fn filters(
+pub(super) fn filters(
     cx: &mut ObjectContext,
     field: &str,
     raw: Option<Vec<raw::Filter>>,
@@ -824,7 +829,7 @@ fn service(
 }
 
 /// The weighted destinations of a rule, or the status it answers when it has none to send to.
-fn backends(
+pub(super) fn backends(
     cx: &mut ObjectContext,
     path: &str,
     raw: Vec<raw::BackendRef>,

@@ -9,6 +9,7 @@
 //! VirtualService when neither has a creation time, as files seldom do — and the others' rules
 //! for it are not used, with a warning on each.
 
+pub(crate) mod grpc_route;
 pub(crate) mod http_route;
 pub(crate) mod raw;
 
@@ -19,12 +20,13 @@ use std::sync::Arc;
 use k8s_openapi::jiff::Timestamp;
 
 use super::diagnostic::{Diagnostic, Severity};
-use super::model::{Exclusive, Host, HttpRoute, ObjectRef, Precedence, VirtualService};
+use super::model::{Exclusive, Host, HttpRoute, ObjectRef, Precedence, RouteKind, VirtualService};
 use super::object::{Object, Sourced};
 use super::rules::reference_key;
 
 /// The key of an `HTTPRoute` in an [`ObjectSet`](super::ObjectSet), as `kubectl` names the kind.
 pub const HTTP_ROUTE: &str = "HTTPRoute.gateway.networking.k8s.io";
+pub const GRPC_ROUTE: &str = "GRPCRoute.gateway.networking.k8s.io";
 
 /// The VirtualServices in force once HTTPRoutes are merged in, and a warning for each object
 /// whose rules for a host are not used because another claims it.
@@ -54,18 +56,18 @@ fn age(created: Option<Timestamp>) -> Age {
     (created.is_none(), created)
 }
 
-/// Merges the HTTPRoutes of `http_routes` per Service and settles the hosts they share with
-/// `virtual_services` (both as read, any order).
-pub(crate) fn claims(virtual_services: &[&Sourced], http_routes: &[&Sourced]) -> Claims {
-    let mut merged: BTreeMap<String, Merged> = BTreeMap::new();
-    for sourced in http_routes {
-        let Object::HttpRoute(object) = &sourced.object else {
+/// Merges the HTTPRoutes and GRPCRoutes of `routes` per Service and kind, and settles the
+/// Services both kinds, or a kind and `virtual_services`, claim (all as read, any order).
+pub(crate) fn claims(virtual_services: &[&Sourced], routes: &[&Sourced]) -> Claims {
+    let mut by_kind: BTreeMap<(String, RouteKind), Merged> = BTreeMap::new();
+    for sourced in routes {
+        let (Object::HttpRoute(object) | Object::GrpcRoute(object)) = &sourced.object else {
             continue;
         };
         let route = &object.rule;
         for parent in &route.parents {
-            let entry = merged
-                .entry(reference_key(&parent.host))
+            let entry = by_kind
+                .entry((reference_key(&parent.host), route.kind))
                 .or_insert_with(|| Merged {
                     host: parent.host.clone(),
                     created: route.created,
@@ -100,7 +102,36 @@ pub(crate) fn claims(virtual_services: &[&Sourced], http_routes: &[&Sourced]) ->
         }
     }
 
+    // The Gateway API never merges an HTTPRoute and a GRPCRoute: the older set takes the
+    // Service, as between a VirtualService and routes.
     let mut warnings = Vec::new();
+    let mut merged: BTreeMap<String, Merged> = BTreeMap::new();
+    for ((key, kind), entry) in by_kind {
+        let Some(other) = merged.remove(&key) else {
+            merged.insert(key, entry);
+            continue;
+        };
+        // `other` is the HTTPRoutes' (keys sort by kind): it keeps the Service on a tie.
+        let (kept, lost, lost_kind, kept_kind) = if age(entry.created) < age(other.created) {
+            (entry, other, "HTTPRoute", "GRPCRoute")
+        } else {
+            (other, entry, "GRPCRoute", "HTTPRoute")
+        };
+        debug_assert_eq!(kind, RouteKind::Grpc);
+        for route in &lost.objects {
+            warnings.push(warning(
+                route,
+                "spec.parentRefs",
+                format!(
+                    "Service {} is also routed by {}, which is not newer: a {kept_kind} and a \
+                     {lost_kind} are never merged, so its rules are used and this route's are not",
+                    kept.host.name,
+                    object_names(&kept.objects),
+                ),
+            ));
+        }
+        merged.insert(key, kept);
+    }
     let mut lost: BTreeMap<usize, Vec<String>> = BTreeMap::new();
     for (i, sourced) in virtual_services.iter().enumerate() {
         let Object::VirtualService(object) = &sourced.object else {
@@ -186,7 +217,10 @@ pub(crate) fn claims(virtual_services: &[&Sourced], http_routes: &[&Sourced]) ->
 fn object_names(objects: &[&Sourced]) -> String {
     let names: Vec<String> = objects
         .iter()
-        .map(|o| format!("HTTPRoute {}/{}", o.key.namespace, o.key.name))
+        .map(|o| {
+            let kind = o.key.kind.split('.').next().unwrap_or_default();
+            format!("{kind} {}/{}", o.key.namespace, o.key.name)
+        })
         .collect();
     names.join(", ")
 }

@@ -176,3 +176,35 @@ pub(crate) struct Timeouts {
     pub request: Option<String>,
     pub backend_request: Option<String>,
 }
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct GrpcRouteSpec {
+    pub parent_refs: Option<Vec<ParentRef>>,
+    pub hostnames: Option<Vec<String>>,
+    pub rules: Option<Vec<GrpcRule>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct GrpcRule {
+    pub name: Option<String>,
+    pub matches: Option<Vec<GrpcMatch>>,
+    pub filters: Option<Vec<Filter>>,
+    pub backend_refs: Option<Vec<BackendRef>>,
+    pub session_persistence: Unsupported,
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct GrpcMatch {
+    pub method: Option<MethodMatch>,
+    pub headers: Option<Vec<ValueMatch>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct MethodMatch {
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub service: Option<String>,
+    pub method: Option<String>,
+}

@@ -507,8 +507,8 @@ fn the_oldest_of_a_virtual_service_and_http_routes_takes_the_host() {
 #[test]
 fn other_gateway_api_kinds_are_reported_as_not_implemented() {
     let loaded = load_str(
-        "grpc.yml",
-        "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: g}\nspec: {}\n",
+        "tls.yml",
+        "apiVersion: gateway.networking.k8s.io/v1alpha2\nkind: TLSRoute\nmetadata: {name: t}\nspec: {}\n",
     );
     assert!(loaded.is_ok(), "{}", describe(&loaded));
     let warning = loaded.warnings().next().expect("warning");
@@ -516,9 +516,123 @@ fn other_gateway_api_kinds_are_reported_as_not_implemented() {
     assert!(
         warning
             .reason
-            .contains("GRPCRoute.gateway.networking.k8s.io is not implemented"),
+            .contains("TLSRoute.gateway.networking.k8s.io is not implemented"),
         "{warning}"
     );
+}
+
+fn grpc_route(name: &str, extra_metadata: &str, rules: &str) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata:\n  name: {name}\n  \
+         namespace: shop\n{extra_metadata}spec:\n  parentRefs: [{{group: \"\", kind: Service, name: greeter, port: 50051}}]\n  \
+         rules:\n{}",
+        rules.lines().map(|l| format!("  {l}\n")).collect::<String>()
+    )
+}
+
+#[test]
+fn a_grpc_route_matches_methods_as_paths_ranked_by_service_then_method() {
+    let loaded = loaded_ok(&grpc_route(
+        "g",
+        "",
+        "- matches: [{method: {service: helloworld.Greeter}}]\n  backendRefs: [{name: by-service, port: 50051}]\n\
+         - matches: [{method: {service: helloworld.Greeter, method: SayHello}, headers: [{name: x-canary, value: \"1\"}]}]\n  \
+           filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-via, value: mesh}]}}]\n  \
+           backendRefs: [{name: canary, port: 50051, weight: 1}, {name: stable, port: 50051, weight: 3}]\n\
+         - matches: [{method: {method: SayHello}}]\n  backendRefs: [{name: by-method, port: 50051}]\n\
+         - matches: [{method: {type: RegularExpression, service: \"helloworld\\\\..*\"}}]\n  backendRefs: [{name: by-regex, port: 50051}]\n\
+         - backendRefs: [{name: rest, port: 50051}]",
+    ));
+    let vs = only_service(&loaded);
+    assert_eq!(vs.exclusive, Exclusive::Ports(vec![50051]));
+    let order: Vec<(String, &str)> = vs
+        .http
+        .iter()
+        .map(|r| {
+            let uri = match &r.matches[0].uri {
+                Some(StringMatch::Exact(p)) => format!("={p}"),
+                Some(StringMatch::PathPrefix(p)) => format!("{p}/*"),
+                Some(StringMatch::Regex(re)) => format!("~{re}"),
+                None => "*".to_owned(),
+                other => format!("{other:?}"),
+            };
+            (uri, r.route[0].destination.host.name.as_str())
+        })
+        .collect();
+    assert_eq!(
+        order,
+        [
+            ("=/helloworld.Greeter/SayHello".to_owned(), "canary"),
+            // 18 characters of service, then 12 (the pattern's, as written).
+            ("/helloworld.Greeter/*".to_owned(), "by-service"),
+            (
+                "~^(?:/(?:helloworld\\..*)/(?:[^/]+))$".to_owned(),
+                "by-regex"
+            ),
+            ("~^(?:/[^/]+/SayHello)$".to_owned(), "by-method"),
+            ("*".to_owned(), "rest"),
+        ]
+    );
+    let canary = &vs.http[0];
+    assert_eq!(canary.matches[0].headers.len(), 1);
+    assert_eq!(canary.headers.request.set[0].0, "x-via");
+    assert_eq!(
+        canary.route.iter().map(|d| d.weight).collect::<Vec<_>>(),
+        [1, 3]
+    );
+    assert!(canary.timeout.is_none() && canary.retries.is_none());
+}
+
+#[test]
+fn a_grpc_route_refuses_http_only_filters_and_empty_method_matches() {
+    for (rules, field, reason) in [
+        (
+            "- filters: [{type: URLRewrite, urlRewrite: {hostname: a.b}}]\n  backendRefs: [{name: a, port: 1}]",
+            "spec.rules[0].filters[0].type",
+            "not a GRPCRoute filter",
+        ),
+        (
+            "- matches: [{method: {type: Exact}}]\n  backendRefs: [{name: a, port: 1}]",
+            "spec.rules[0].matches[0].method",
+            "one of service or method",
+        ),
+        (
+            "- matches: [{method: {service: \"a/b\"}}]\n  backendRefs: [{name: a, port: 1}]",
+            "spec.rules[0].matches[0].method.service",
+            "not a gRPC service name",
+        ),
+    ] {
+        let loaded = load_str("grpc.yml", &grpc_route("g", "", rules));
+        assert!(
+            loaded
+                .errors()
+                .any(|e| e.field == field && e.reason.contains(reason)),
+            "{rules}: wanted {field}: {reason}; got{}",
+            describe(&loaded)
+        );
+    }
+}
+
+#[test]
+fn an_http_route_and_a_grpc_route_are_never_merged_the_older_takes_the_service() {
+    let http = route(
+        "h",
+        "  creationTimestamp: \"2026-02-01T00:00:00Z\"\n",
+        "parentRefs: [{group: \"\", kind: Service, name: greeter, port: 50051}]\nrules: [{backendRefs: [{name: http, port: 50051}]}]",
+    );
+    let grpc = grpc_route(
+        "g",
+        "  creationTimestamp: \"2026-01-01T00:00:00Z\"\n",
+        "- backendRefs: [{name: grpc, port: 50051}]",
+    );
+    let loaded = load_sources(&[("http.yml", &http), ("grpc.yml", &grpc)]);
+    assert!(loaded.is_ok(), "{}", describe(&loaded));
+    let vs = only_service(&loaded);
+    assert_eq!(vs.http.len(), 1);
+    assert_eq!(vs.http[0].route[0].destination.host.name, "grpc");
+    let warning = loaded.warnings().next().expect("warning");
+    assert_eq!(warning.file, "http.yml");
+    assert!(warning.reason.contains("GRPCRoute shop/g"), "{warning}");
 }
 
 #[test]

@@ -282,6 +282,32 @@ impl Engine {
         ))
     }
 
+    /// Decides a request sent to the service of `service_authority` if Gateway API routes
+    /// claim that service on the request's port: their routes apply whatever the request's
+    /// `Host` (GAMMA), and what none matches is `NR`. `None` when they do not claim it.
+    pub fn route_claimed(
+        &self,
+        req: &RequestInfo<'_>,
+        service_authority: &str,
+        now: Instant,
+    ) -> Option<Result<RequestPlan, EngineError>> {
+        let table = &self.snap.table;
+        if !table.any_exclusive {
+            return None;
+        }
+        let vhost = table
+            .lookup(service_authority, req.namespace)
+            .filter(|vhost| vhost.exclusive.covers(req.port))?;
+        EngineMetrics::inc(&self.snap.metrics.requests);
+        Some(match self.first_match(vhost, req) {
+            Some((route_id, matched)) => self.decide(route_id, matched, req, now),
+            None => {
+                EngineMetrics::inc(&self.snap.metrics.no_route);
+                Err(EngineError::NoRoute)
+            }
+        })
+    }
+
     fn match_route(&self, req: &RequestInfo<'_>) -> Option<(u32, UriMatched)> {
         let vhost = self.snap.table.lookup(req.authority, req.namespace)?;
         let default = vhost.default.filter(|_| !vhost.exclusive.covers(req.port));

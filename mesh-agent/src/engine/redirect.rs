@@ -67,9 +67,8 @@ impl LocalRule {
 /// The request's URL with the redirect's parts replaced, per Gateway API's
 /// `HTTPRequestRedirectFilter`: the scheme defaults to the request's; the host to the request's
 /// without its port; the port, when not given, to the new scheme's default port if the scheme
-/// is given, else to the port of the request's `Host` (the port the client believes it
-/// reached: the listener's may be another behind a port mapping); a scheme's default port is
-/// left out. The path is replaced whole or by its matched prefix, as `rewrite.uri` replaces it;
+/// is given, else to the port the request arrived on (the Service's port in the mesh, the
+/// listener's at the ingress, as the Gateway API says); a scheme's default port is left out. The path is replaced whole or by its matched prefix, as `rewrite.uri` replaces it;
 /// the query is kept.
 fn location(
     redirect: &Redirect,
@@ -84,7 +83,7 @@ fn location(
     let port = match (redirect.port, &redirect.scheme) {
         (Some(port), _) => Some(port),
         (None, Some(scheme)) => default_port(scheme),
-        (None, None) => authority_port(req.authority),
+        (None, None) => Some(req.port),
     }
     .filter(|&port| default_port(scheme) != Some(port));
     let path = req.uri.path();
@@ -128,19 +127,6 @@ fn default_port(scheme: &str) -> Option<u16> {
     }
 }
 
-/// The port of an authority (`host:port`, `[v6]:port`), if it names one.
-fn authority_port(authority: &str) -> Option<u16> {
-    let after_host = match authority.strip_prefix('[') {
-        Some(rest) => rest.split_once(']')?.1,
-        None => authority.rsplit_once(':').map_or("", |(_, port)| port),
-    };
-    after_host
-        .strip_prefix(':')
-        .unwrap_or(after_host)
-        .parse()
-        .ok()
-}
-
 #[cfg(test)]
 mod tests {
     use http::{HeaderMap, Method, Uri};
@@ -168,13 +154,18 @@ mod tests {
             let (authority, path) = rest.split_at(rest.find('/').unwrap());
             let uri: Uri = path.parse().unwrap();
             let headers = HeaderMap::new();
+            // The client reached the port its URL names.
+            let port = authority
+                .rsplit_once(':')
+                .and_then(|(_, port)| port.parse().ok())
+                .unwrap_or(if scheme == "https" { 443 } else { 80 });
             let req = RequestInfo {
                 method: &Method::GET,
                 uri: &uri,
                 authority,
                 scheme,
                 headers: &headers,
-                port: 80,
+                port,
                 gateway: None,
                 namespace: "default",
                 replayable: true,
@@ -291,14 +282,5 @@ mod tests {
         );
         assert_eq!(answer, LocalAnswer::Direct { status: 500 });
         assert_eq!(answer.location(), None);
-    }
-
-    #[test]
-    fn authority_ports() {
-        assert_eq!(authority_port("a:8080"), Some(8080));
-        assert_eq!(authority_port("a"), None);
-        assert_eq!(authority_port("[fd00::1]:80"), Some(80));
-        assert_eq!(authority_port("[fd00::1]"), None);
-        assert_eq!(authority_port("a:x"), None);
     }
 }

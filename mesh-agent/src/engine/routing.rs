@@ -16,6 +16,8 @@ pub(crate) struct RouteTable {
     /// `*.suffix` hosts as `.suffix` (and `*` as the empty suffix), longest first.
     wildcards: Vec<(Box<str>, u32)>,
     pub(crate) vhosts: Vec<VirtualHost>,
+    /// Some virtual host is claimed by Gateway API routes (saves the lookup when none is).
+    pub(crate) any_exclusive: bool,
 }
 
 /// One host's routes in precedence order, and the default route when the host is a service.

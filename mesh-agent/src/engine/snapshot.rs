@@ -16,7 +16,9 @@ use super::retry::{self, ResolvedRetry};
 use super::routing::{Match, RouteTable};
 use super::settings::EngineSettings;
 use super::split::{Split, MAX_DESTINATIONS};
-use crate::config::model::{Headers, Host, HttpRoute, MeshConfig, Rewrite, VirtualService};
+use crate::config::model::{
+    Exclusive, Headers, Host, HttpRoute, MeshConfig, Rewrite, VirtualService,
+};
 
 /// Everything a decision reads. Mutable state lives behind atomics inside (`Cluster::shared`,
 /// endpoint states, split and spread counters), so a snapshot is shared by `Arc` and never
@@ -116,6 +118,7 @@ impl Snapshot {
                 vhost.routes.extend(ids.clone());
                 if mesh {
                     vhost.exclusive.union(&vs.exclusive);
+                    table.any_exclusive |= vs.exclusive != Exclusive::No;
                 }
             }
             let mut named: Vec<Box<str>> = routes[first as usize..]

@@ -2127,6 +2127,28 @@ fn an_exclusive_host_answers_nr_where_its_routes_do_not_match() {
     other_port.port = 8080;
     assert_eq!(f.route_name(&other_port), "error: NR");
 
+    // A request sent to a claimed service is routed by its routes whatever its Host (GAMMA);
+    // to an unclaimed one (or port), the caller routes by Host as Istio does.
+    let claimed = |authority: &str, path: &str, port: u16| {
+        let mut req = get(authority, path);
+        req.port = port;
+        f.engine
+            .route_claimed(&req.info(), "service-c:8080", f.t0)
+            .map(|decided| match decided {
+                Ok(plan) => plan.route_name().to_owned(),
+                Err(e) => format!("error: {}", e.flags()),
+            })
+    };
+    assert_eq!(
+        claimed("service-d", "/api/x", 8080).as_deref(),
+        Some("default/vs/api")
+    );
+    assert_eq!(
+        claimed("10.0.0.9", "/other", 8080).as_deref(),
+        Some("error: NR")
+    );
+    assert_eq!(claimed("service-d", "/api/x", 80), None);
+
     // One exclusive rule among those sharing a host makes the host exclusive, whatever the order.
     let mut by_header = virtual_service(
         &["service-c"],
@@ -2238,7 +2260,11 @@ fn a_redirect_route_answers_with_its_location_and_no_upstream() {
         ),
     ];
     for (authority, uri, route, status, location) in cases {
-        let mut plan = f.route(&get(authority, uri)).unwrap();
+        let mut req = get(authority, uri);
+        if let Some((_, port)) = authority.rsplit_once(':') {
+            req.port = port.parse().unwrap();
+        }
+        let mut plan = f.route(&req).unwrap();
         assert_eq!(plan.route_name(), route);
         let want = LocalAnswer::Redirect {
             status,

@@ -165,6 +165,11 @@ fn route(
     info.replayable = replayable;
     match &conn.entry {
         Entry::Service { authority, .. } => {
+            // The Gateway API's mesh routes apply to requests sent to their Service, whatever
+            // their Host (GAMMA); Istio's rules select by Host.
+            if let Some(decided) = snapshot.engine.route_claimed(&info, authority, now) {
+                return decided;
+            }
             info.authority = routing_authority(info.authority, authority);
             snapshot.engine.route(&info, now)
         }

@@ -111,8 +111,14 @@ impl Mesh {
     }
 
     fn agent(&self) -> Agent {
+        self.agent_with(&[])
+    }
+
+    fn agent_with(&self, args: &[&str]) -> Agent {
         let config = self.config.path().to_str().unwrap().to_owned();
-        Agent::start(&self.node, &[&self.client], &["--config", &config]).unwrap()
+        let mut all = vec!["--config", &config];
+        all.extend(args);
+        Agent::start(&self.node, &[&self.client], &all).unwrap()
     }
 
     /// Starts `upstream get <args>` in the client pod.
@@ -869,4 +875,36 @@ fn weights_split_exactly_zero_sends_nothing_and_no_backend_is_500() {
             "no warning about {field}:\n{log}"
         );
     }
+}
+
+/// `ingress.yml`, the tutorial's ingress as a Gateway API Gateway (class `istio`) and an
+/// HTTPRoute attached to it: the agent's ingress serves it on port 80, sends `/service-a/...`
+/// to service-a with the prefix taken off, for any Host, and answers 404 `NR` to what no
+/// route of the gateway matches.
+#[test]
+fn a_gateway_api_gateway_is_served_by_the_ingress_with_its_routes() {
+    let mut mesh = Mesh::new();
+    mesh.services(&["service-a"]);
+    mesh.example("ingress.yml");
+    let _agent = mesh.agent_with(&["--ingress", "127.0.0.1:80"]);
+    let ingress: std::net::SocketAddr = "127.0.0.1:80".parse().unwrap();
+    let get = |path: &str| {
+        mesh.node
+            .run_on_node(|| mesh_tests::http::request(ingress, "GET", path, &[], ""))
+            .unwrap()
+            .unwrap()
+    };
+    let (status, body) = get("/service-a/hello?x=1");
+    assert_eq!(status, 200, "{body}");
+    let received = mesh.wait_received("service-a-0", "/hello", 1, Duration::ZERO);
+    assert_eq!(received[0]["path"], "/hello?x=1", "{received:?}");
+    let (status, _) = get("/service-a");
+    assert_eq!(status, 200);
+    assert_eq!(
+        mesh.wait_received("service-a-0", "/", 2, Duration::ZERO)
+            .len(),
+        2
+    );
+    let (status, body) = get("/other");
+    assert_eq!(status, 404, "{body}");
 }

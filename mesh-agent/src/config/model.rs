@@ -320,8 +320,20 @@ pub struct GatewayApiRoute {
     pub kind: RouteKind,
     pub created: Option<Timestamp>,
     pub parents: Vec<ParentService>,
+    /// Gateways it is attached to (ingress), with `hostnames`.
+    pub gateways: Vec<ParentGateway>,
+    /// `spec.hostnames`, lower-case: the hosts it serves at its gateways (none: every host).
+    pub hostnames: Vec<String>,
     /// In the order written: rule by rule, match by match.
     pub routes: Vec<RankedRoute>,
+}
+
+/// A `parentRefs` entry naming a Gateway API `Gateway` the agent's ingress serves: the route
+/// applies to requests through it, on the listener of `port` only when given.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParentGateway {
+    pub gateway: ObjectRef,
+    pub port: Option<u16>,
 }
 
 /// The Gateway API's route kinds, which are never merged: a Service takes the routes of one.

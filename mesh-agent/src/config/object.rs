@@ -53,13 +53,8 @@ const ISTIO_VERSIONS: &[&str] = &["v1alpha3", "v1beta1", "v1"];
 const GATEWAY_API_VERSIONS: &[&str] = &["v1beta1", "v1"];
 /// Gateway API kinds whose rules the user expects in force but this mesh does not read yet:
 /// reported, like Istio's kinds it does not implement.
-const GATEWAY_API_NOT_IMPLEMENTED: &[&str] = &[
-    "Gateway",
-    "TLSRoute",
-    "TCPRoute",
-    "UDPRoute",
-    "BackendTLSPolicy",
-];
+const GATEWAY_API_NOT_IMPLEMENTED: &[&str] =
+    &["TLSRoute", "TCPRoute", "UDPRoute", "BackendTLSPolicy"];
 const SECURITY_VERSIONS: &[&str] = &["v1beta1", "v1"];
 const TOP_LEVEL_FIELDS: &[&str] = &["apiVersion", "kind", "metadata", "spec", "status"];
 /// The namespace of an object that names none, as `kubectl` assumes.
@@ -268,7 +263,7 @@ pub fn read(file: &str, document: Document) -> Result<Sourced, Vec<Diagnostic>> 
     let object = match (group, kind.as_str()) {
         (ISTIO_GROUP, "VirtualService" | "DestinationRule" | "Gateway")
         | (SECURITY_GROUP, "AuthorizationPolicy" | "PeerAuthentication")
-        | (http_route::GROUP, "HTTPRoute" | "GRPCRoute") => {
+        | (http_route::GROUP, "HTTPRoute" | "GRPCRoute" | "Gateway") => {
             let versions = match group {
                 ISTIO_GROUP => ISTIO_VERSIONS,
                 SECURITY_GROUP => SECURITY_VERSIONS,
@@ -391,6 +386,19 @@ fn istio(
                     destinations: destinations.into(),
                 })
             }),
+        gateway_api::GATEWAY => {
+            parse_spec::<gateway_api::raw::GatewaySpec>(&mut cx, spec).map(|spec| {
+                match gateway_api::gateway::convert(&mut cx, &id, spec) {
+                    Some(gateway) => Object::Gateway(IstioObject {
+                        rule: Arc::new(gateway),
+                        manifest,
+                        destinations: Arc::new([]),
+                    }),
+                    // Another implementation's: kept as read, with the warning saying so.
+                    None => Object::Other(manifest),
+                }
+            })
+        }
         "DestinationRule" => parse_spec::<raw::DestinationRuleSpec>(&mut cx, spec).map(|spec| {
             Object::DestinationRule(IstioObject {
                 rule: Arc::new(destination_rule::convert(&mut cx, &id, spec)),

@@ -10,7 +10,7 @@ use std::{
 
 use super::{
     diagnostic::{Diagnostic, Severity},
-    gateway_api::{self, GRPC_ROUTE, HTTP_ROUTE},
+    gateway_api::{self, GATEWAY, GRPC_ROUTE, HTTP_ROUTE},
     model::{Host, MeshConfig},
     object::{Object, ObjectKey, ObjectSet, Sourced},
 };
@@ -51,6 +51,7 @@ pub fn is_rule_kind(kind: &str) -> bool {
             | "PeerAuthentication"
             | HTTP_ROUTE
             | GRPC_ROUTE
+            | GATEWAY
     )
 }
 
@@ -62,6 +63,7 @@ fn istio_objects(objects: &ObjectSet) -> impl Iterator<Item = &Arc<Sourced>> {
         "DestinationRule",
         "Gateway",
         "PeerAuthentication",
+        GATEWAY,
     ]
     .into_iter()
     .flat_map(|kind| of_kind(objects, kind))

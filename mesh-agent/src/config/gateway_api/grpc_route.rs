@@ -26,8 +26,9 @@ pub(crate) fn convert(
 ) -> (GatewayApiRoute, Vec<DestinationRef>) {
     let created = fields::creation_time(cx, created);
     let namespace = id.namespace.as_str();
-    let parents = http_route::parents(cx, spec.parent_refs.unwrap_or_default(), namespace);
-    http_route::unused_hostnames(cx, spec.hostnames.as_deref());
+    let (parents, gateways) =
+        http_route::parents(cx, spec.parent_refs.unwrap_or_default(), namespace);
+    let hostnames = http_route::hostnames(cx, spec.hostnames, gateways.is_empty());
     let mut refs = Vec::new();
     let mut routes = Vec::new();
     // Upstream's default for absent rules, as for an HTTPRoute: every call, no backend.
@@ -62,6 +63,8 @@ pub(crate) fn convert(
         kind: RouteKind::Grpc,
         created,
         parents,
+        gateways,
+        hostnames,
         routes,
     };
     (route, refs)

@@ -13,8 +13,8 @@ use crate::config::diagnostic::ObjectContext;
 use crate::config::fields::{self, MISSING};
 use crate::config::model::{
     Destination, GatewayApiRoute, HeaderOperations, Headers, Host, HttpRoute, Mirror, ObjectRef,
-    ParentService, PathKind, Percent, Precedence, RankedRoute, Redirect, RedirectPath,
-    RequestMatch, RetryPolicy, Rewrite, RouteDestination, RouteKind, StringMatch,
+    ParentGateway, ParentService, PathKind, Percent, Precedence, RankedRoute, Redirect,
+    RedirectPath, RequestMatch, RetryPolicy, Rewrite, RouteDestination, RouteKind, StringMatch,
 };
 use crate::config::values;
 use crate::config::virtual_service::DestinationRef;
@@ -38,8 +38,8 @@ pub(crate) fn convert(
 ) -> (GatewayApiRoute, Vec<DestinationRef>) {
     let created = fields::creation_time(cx, created);
     let namespace = id.namespace.as_str();
-    let parents = parents(cx, spec.parent_refs.unwrap_or_default(), namespace);
-    unused_hostnames(cx, spec.hostnames.as_deref());
+    let (parents, gateways) = parents(cx, spec.parent_refs.unwrap_or_default(), namespace);
+    let hostnames = hostnames(cx, spec.hostnames, gateways.is_empty());
     let mut refs = Vec::new();
     let mut routes = Vec::new();
     let rules = spec.rules.unwrap_or_else(|| vec![default_rule()]);
@@ -65,6 +65,8 @@ pub(crate) fn convert(
         kind: RouteKind::Http,
         created,
         parents,
+        gateways,
+        hostnames,
         routes,
     };
     (route, refs)
@@ -88,14 +90,15 @@ pub(super) fn parents(
     cx: &mut ObjectContext,
     refs: Vec<raw::ParentRef>,
     namespace: &str,
-) -> Vec<ParentService> {
+) -> (Vec<ParentService>, Vec<ParentGateway>) {
     if refs.is_empty() {
         cx.warn(
             "spec.parentRefs",
             "no parent: this route applies to no traffic",
         );
     }
-    let mut parents = Vec::new();
+    let mut services = Vec::new();
+    let mut gateways = Vec::new();
     for (i, parent) in refs.into_iter().enumerate() {
         let field = format!("spec.parentRefs[{i}]");
         let group = parent.group.as_deref().unwrap_or(GROUP);
@@ -107,13 +110,24 @@ pub(super) fn parents(
         let port = parent
             .port
             .map(|p| fields::port(cx, &format!("{field}.port"), p));
+        let parent_namespace = parent.namespace.unwrap_or_else(|| namespace.to_owned());
         match (group, kind) {
             ("" | "core", "Service") => {}
             (GROUP, "Gateway") => {
-                cx.warn(
-                    &field,
-                    "a Gateway parent (ingress) is not supported yet: this parent is ignored",
-                );
+                if parent.section_name.is_some() {
+                    cx.warn(
+                        &format!("{field}.sectionName"),
+                        "a listener by name is not supported: write its port as port; the \
+                         route attaches to every listener that admits it",
+                    );
+                }
+                gateways.push(ParentGateway {
+                    gateway: ObjectRef {
+                        namespace: parent_namespace,
+                        name,
+                    },
+                    port,
+                });
                 continue;
             }
             _ => {
@@ -121,13 +135,12 @@ pub(super) fn parents(
                     &format!("{field}.kind"),
                     format!(
                         "a parent of kind {kind} in group {group:?} is not supported (Service \
-                         in group \"\" is): this parent is ignored"
+                         in group \"\" and Gateway are): this parent is ignored"
                     ),
                 );
                 continue;
             }
         }
-        let parent_namespace = parent.namespace.unwrap_or_else(|| namespace.to_owned());
         if parent_namespace != namespace {
             cx.warn(
                 &format!("{field}.namespace"),
@@ -144,7 +157,7 @@ pub(super) fn parents(
             );
             continue;
         }
-        parents.push(ParentService {
+        services.push(ParentService {
             host: Host {
                 name,
                 namespace: parent_namespace,
@@ -152,17 +165,40 @@ pub(super) fn parents(
             port,
         });
     }
-    parents
+    (services, gateways)
 }
 
-pub(super) fn unused_hostnames(cx: &mut ObjectContext, hostnames: Option<&[String]>) {
-    if hostnames.is_some_and(|h| !h.is_empty()) {
+/// `spec.hostnames`: what the route serves at its gateways; with Services alone it has no use.
+pub(super) fn hostnames(
+    cx: &mut ObjectContext,
+    raw: Option<Vec<String>>,
+    services_only: bool,
+) -> Vec<String> {
+    let raw = raw.unwrap_or_default();
+    if services_only && !raw.is_empty() {
         cx.warn(
             "spec.hostnames",
             "not used for Service parents (GAMMA): the route applies to requests for the \
              Service, whatever their Host, as in Istio",
         );
     }
+    raw.into_iter()
+        .enumerate()
+        .filter_map(|(i, host)| {
+            let field = format!("spec.hostnames[{i}]");
+            let name = host.strip_prefix("*.").unwrap_or(&host);
+            let valid = !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+            if valid {
+                Some(host.to_ascii_lowercase())
+            } else {
+                cx.error(&field, format!("{host:?} is not a host name (or *.suffix)"));
+                None
+            }
+        })
+        .collect()
 }
 
 /// What a rule's filters do, before its matches are known.

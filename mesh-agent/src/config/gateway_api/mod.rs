@@ -9,6 +9,7 @@
 //! VirtualService when neither has a creation time, as files seldom do — and the others' rules
 //! for it are not used, with a warning on each.
 
+pub(crate) mod gateway;
 pub(crate) mod grpc_route;
 pub(crate) mod http_route;
 pub(crate) mod raw;
@@ -27,6 +28,8 @@ use super::rules::reference_key;
 /// The key of an `HTTPRoute` in an [`ObjectSet`](super::ObjectSet), as `kubectl` names the kind.
 pub const HTTP_ROUTE: &str = "HTTPRoute.gateway.networking.k8s.io";
 pub const GRPC_ROUTE: &str = "GRPCRoute.gateway.networking.k8s.io";
+/// The key of a Gateway API `Gateway` (Istio's is plain `Gateway`).
+pub const GATEWAY: &str = "Gateway.gateway.networking.k8s.io";
 
 /// The VirtualServices in force once HTTPRoutes are merged in, and a warning for each object
 /// whose rules for a host are not used because another claims it.
@@ -208,10 +211,84 @@ pub(crate) fn claims(virtual_services: &[&Sourced], routes: &[&Sourced]) -> Clai
             exclusive: merged.exclusive,
         }));
     }
+    result.extend(at_gateways(routes));
     Claims {
         virtual_services: result,
         warnings,
     }
+}
+
+/// The routes attached to Gateways, as VirtualServices bound to them: one per gateway, host
+/// and route namespace (the namespace a listener's `allowedRoutes` judges), most specific
+/// match first, as at a Service.
+fn at_gateways(routes: &[&Sourced]) -> Vec<Arc<VirtualService>> {
+    /// The routes for one gateway, host and namespace, and the oldest one's creation time.
+    #[derive(Default)]
+    struct Bound<'a> {
+        created: Option<Timestamp>,
+        routes: Vec<(Order<'a>, HttpRoute)>,
+    }
+    let mut bound: BTreeMap<(String, String, String), Bound> = BTreeMap::new();
+    for sourced in routes {
+        let (Object::HttpRoute(object) | Object::GrpcRoute(object)) = &sourced.object else {
+            continue;
+        };
+        let route = &object.rule;
+        let any_host = ["*".to_owned()];
+        let hosts = if route.hostnames.is_empty() {
+            &any_host[..]
+        } else {
+            &route.hostnames[..]
+        };
+        for parent in &route.gateways {
+            let gateway = format!("{}/{}", parent.gateway.namespace, parent.gateway.name);
+            for host in hosts {
+                let key = (gateway.clone(), host.clone(), route.id.namespace.clone());
+                let entry = bound.entry(key).or_insert_with(|| Bound {
+                    created: route.created,
+                    routes: Vec::new(),
+                });
+                if age(route.created) < age(entry.created) {
+                    entry.created = route.created;
+                }
+                for (index, ranked) in route.routes.iter().enumerate() {
+                    let mut http = ranked.route.clone();
+                    for m in &mut http.matches {
+                        m.port = parent.port;
+                    }
+                    let order = (
+                        Reverse(ranked.precedence),
+                        age(route.created),
+                        route.id.namespace.as_str(),
+                        route.id.name.as_str(),
+                        index,
+                    );
+                    entry.routes.push((order, http));
+                }
+            }
+        }
+    }
+    bound
+        .into_iter()
+        .map(|((gateway, host, namespace), mut bound)| {
+            bound.routes.sort_by(|a, b| a.0.cmp(&b.0));
+            let name = gateway.rsplit('/').next().unwrap_or_default().to_owned();
+            Arc::new(VirtualService {
+                id: ObjectRef {
+                    namespace: namespace.clone(),
+                    name,
+                },
+                hosts: vec![Host {
+                    name: host,
+                    namespace,
+                }],
+                gateways: vec![gateway],
+                http: bound.routes.into_iter().map(|(_, route)| route).collect(),
+                created: bound.created,
+                exclusive: Exclusive::No,
+            })
+        })
+        .collect()
 }
 
 fn object_names(objects: &[&Sourced]) -> String {

@@ -208,3 +208,38 @@ pub(crate) struct MethodMatch {
     pub service: Option<String>,
     pub method: Option<String>,
 }
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct GatewaySpec {
+    pub gateway_class_name: Option<String>,
+    pub listeners: Option<Vec<Listener>>,
+    pub addresses: Unsupported,
+    pub infrastructure: Unsupported,
+    pub backend_tls: Unsupported,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct Listener {
+    pub name: Option<String>,
+    pub hostname: Option<String>,
+    pub port: Option<i64>,
+    pub protocol: Option<String>,
+    pub tls: Unsupported,
+    pub allowed_routes: Option<AllowedRoutes>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct AllowedRoutes {
+    pub namespaces: Option<RouteNamespaces>,
+    /// Which route kinds may attach; the agent attaches HTTPRoutes and GRPCRoutes alike.
+    #[serde(rename = "kinds")]
+    pub _kinds: Accepted,
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct RouteNamespaces {
+    pub from: Option<String>,
+    pub selector: Unsupported,
+}

@@ -392,9 +392,9 @@ fn what_is_not_supported_is_warned_by_name_and_left_out() {
 
     let cases = [
         (
-            "parentRefs: [{name: gw}]\nrules: [{backendRefs: [{name: a, port: 80}]}]",
-            "spec.parentRefs[0]",
-            "Gateway parent (ingress) is not supported yet",
+            "parentRefs: [{group: multicluster.x-k8s.io, kind: ServiceImport, name: c}]\nrules: [{backendRefs: [{name: a, port: 80}]}]",
+            "spec.parentRefs[0].kind",
+            "kind ServiceImport in group \"multicluster.x-k8s.io\" is not supported",
         ),
         (
             "parentRefs: [{group: \"\", kind: Service, name: c, namespace: other}]\nrules: [{backendRefs: [{name: a, port: 80}]}]",
@@ -657,5 +657,85 @@ fn validate_reports_a_bad_route_with_its_field() {
     assert!(
         out.contains("spec.rules[0].filters[0].type: unknown filter type \"Nope\""),
         "{out}"
+    );
+}
+
+const INGRESS: &str = "\
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: ingress, namespace: shop}
+spec:
+  gatewayClassName: istio
+  listeners:
+  - {name: http, port: 80, protocol: HTTP}
+  - {name: shop, port: 8080, protocol: HTTP, hostname: shop.example, allowedRoutes: {namespaces: {from: All}}}
+  - {name: tls, port: 443, protocol: HTTPS, hostname: shop.example}
+";
+
+#[test]
+fn a_gateway_of_a_served_class_is_the_ingress_and_its_routes_bind_to_it() {
+    let routes = route(
+        "front",
+        "",
+        "parentRefs: [{name: ingress}, {name: ingress, port: 8080}]\nhostnames: [shop.example, \"*.shop.example\"]\n\
+         rules:\n- matches: [{path: {value: /cart}}]\n  backendRefs: [{name: cart, port: 80}]\n\
+         - matches: [{path: {type: Exact, value: /cart/checkout}}]\n  backendRefs: [{name: checkout, port: 80}]",
+    );
+    let loaded = load_sources(&[("gateway.yml", INGRESS), ("route.yml", &routes)]);
+    assert!(loaded.is_ok(), "{}", describe(&loaded));
+    // The HTTPS listener is warned about and left out.
+    let warning = loaded.warnings().next().expect("warning");
+    assert_eq!(warning.field, "spec.listeners[2].protocol");
+    let gateways = &loaded.config.gateways;
+    assert_eq!(gateways.len(), 1);
+    let gateway = &gateways[0];
+    assert!(gateway.selector.is_empty(), "selects the built-in ingress");
+    let servers: Vec<(u16, &str, &[String])> = gateway
+        .servers
+        .iter()
+        .map(|s| (s.port, s.protocol.as_str(), &s.hosts[..]))
+        .collect();
+    assert_eq!(
+        servers,
+        [
+            (80, "HTTP", &["./*".to_owned()][..]),
+            (8080, "HTTP", &["*/shop.example".to_owned()][..])
+        ]
+    );
+    // One VirtualService per host, bound to the gateway, the exact path first; on each of the
+    // two parents (any listener, and port 8080's).
+    let bound: Vec<(&str, &[String], usize)> = loaded
+        .config
+        .virtual_services
+        .iter()
+        .map(|vs| (vs.hosts[0].name.as_str(), &vs.gateways[..], vs.http.len()))
+        .collect();
+    assert_eq!(
+        bound,
+        [
+            ("*.shop.example", &["shop/ingress".to_owned()][..], 4),
+            ("shop.example", &["shop/ingress".to_owned()][..], 4),
+        ]
+    );
+    let vs = &loaded.config.virtual_services[1];
+    assert_eq!(vs.exclusive, Exclusive::No);
+    assert!(
+        matches!(&vs.http[0].matches[0].uri, Some(StringMatch::Exact(p)) if p == "/cart/checkout")
+    );
+    let ports: Vec<Option<u16>> = vs.http.iter().map(|r| r.matches[0].port).collect();
+    assert_eq!(ports, [None, Some(8080), None, Some(8080)]);
+}
+
+#[test]
+fn a_gateway_of_another_class_is_warned_about_and_not_served() {
+    let other = INGRESS.replace("gatewayClassName: istio", "gatewayClassName: nginx");
+    let loaded = loaded_ok(&other);
+    assert!(loaded.config.gateways.is_empty());
+    assert!(
+        loaded.warnings().any(|w| w.field == "spec.gatewayClassName"
+            && w.reason
+                .contains("class \"nginx\" is not this mesh's (istio, sidecarless)")),
+        "{}",
+        describe(&loaded)
     );
 }

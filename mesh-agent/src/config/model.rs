@@ -148,6 +148,8 @@ pub struct RequestMatch {
     pub without_headers: Vec<(HeaderName, StringMatch)>,
     pub query_params: Vec<(String, StringMatch)>,
     pub port: Option<u16>,
+    /// The client's namespace (Istio's `sourceNamespace`; a GAMMA consumer route's).
+    pub source_namespace: Option<String>,
     /// Applies to `uri` exact/prefix (regex carries its own flags).
     pub ignore_uri_case: bool,
     pub gateways: Vec<String>,

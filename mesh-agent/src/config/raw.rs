@@ -72,7 +72,7 @@ pub(super) struct HttpMatch {
     pub ignore_uri_case: Option<bool>,
     pub gateways: Option<Vec<String>>,
     pub source_labels: Unsupported,
-    pub source_namespace: Unsupported,
+    pub source_namespace: Option<String>,
     pub stat_prefix: Unsupported,
 }
 

@@ -149,7 +149,6 @@ fn http_route(
 
 fn request_match(cx: &mut ObjectContext, path: &str, raw: raw::HttpMatch) -> RequestMatch {
     cx.unsupported(&format!("{path}.sourceLabels"), &raw.source_labels);
-    cx.unsupported(&format!("{path}.sourceNamespace"), &raw.source_namespace);
     cx.unsupported(&format!("{path}.statPrefix"), &raw.stat_prefix);
     let mut one = |name: &str, m: Option<raw::StringMatch>| {
         m.and_then(|m| string_match(cx, &format!("{path}.{name}"), m, false))
@@ -183,6 +182,7 @@ fn request_match(cx: &mut ObjectContext, path: &str, raw: raw::HttpMatch) -> Req
         without_headers,
         query_params,
         port,
+        source_namespace: raw.source_namespace.filter(|ns| !ns.is_empty()),
         ignore_uri_case: raw.ignore_uri_case.unwrap_or(false),
         gateways: raw.gateways.unwrap_or_default(),
     }

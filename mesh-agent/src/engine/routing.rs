@@ -142,6 +142,10 @@ fn request_matches(m: &RequestMatch, req: &RequestInfo<'_>) -> Option<UriMatched
         Some(StringMatch::Regex(re)) => re.is_match(path).then_some(UriMatched::Whole)?,
     };
     let port_ok = m.port.is_none_or(|p| p == req.port);
+    let source_ok = m
+        .source_namespace
+        .as_deref()
+        .is_none_or(|ns| ns == req.namespace);
     let scheme_ok = m
         .scheme
         .as_ref()
@@ -166,7 +170,8 @@ fn request_matches(m: &RequestMatch, req: &RequestInfo<'_>) -> Option<UriMatched
     let query_ok = m.query_params.iter().all(|(name, s)| {
         query_param(req.uri.query().unwrap_or(""), name).is_some_and(|v| string_matches(s, v))
     });
-    let all = port_ok && scheme_ok && method_ok && authority_ok && headers_ok && without_ok;
+    let all =
+        port_ok && source_ok && scheme_ok && method_ok && authority_ok && headers_ok && without_ok;
     (all && query_ok).then_some(uri)
 }
 

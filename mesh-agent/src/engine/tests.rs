@@ -2127,6 +2127,15 @@ fn an_exclusive_host_answers_nr_where_its_routes_do_not_match() {
     other_port.port = 8080;
     assert_eq!(f.route_name(&other_port), "error: NR");
 
+    // A match on the client's namespace (Istio's `sourceNamespace`, a consumer route's).
+    let mut for_frontend = api(false);
+    for_frontend.http[0].matches[0].source_namespace = Some("frontend".into());
+    let f2 = fixture(vec![for_frontend], vec![], services());
+    assert_eq!(f2.route_name(&get("service-c", "/api/x")), "default");
+    let mut from_frontend = get("service-c.default", "/api/x");
+    from_frontend.namespace = "frontend".into();
+    assert_eq!(f2.route_name(&from_frontend), "default/vs/api");
+
     // A request sent to a claimed service is routed by its routes whatever its Host (GAMMA);
     // to an unclaimed one (or port), the caller routes by Host as Istio does.
     let claimed = |authority: &str, path: &str, port: u16| {

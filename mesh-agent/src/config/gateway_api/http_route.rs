@@ -141,14 +141,6 @@ pub(super) fn parents(
                 continue;
             }
         }
-        if parent_namespace != namespace {
-            cx.warn(
-                &format!("{field}.namespace"),
-                "a consumer route (in another namespace than its Service) is not supported \
-                 yet: this parent is ignored",
-            );
-            continue;
-        }
         if parent.section_name.is_some() {
             cx.warn(
                 &format!("{field}.sectionName"),

@@ -21,7 +21,10 @@ use std::sync::Arc;
 use k8s_openapi::jiff::Timestamp;
 
 use super::diagnostic::{Diagnostic, Severity};
-use super::model::{Exclusive, Host, HttpRoute, ObjectRef, Precedence, RouteKind, VirtualService};
+use super::model::{
+    Exclusive, Headers, Host, HttpRoute, ObjectRef, Precedence, RequestMatch, RouteKind,
+    VirtualService,
+};
 use super::object::{Object, Sourced};
 use super::rules::reference_key;
 
@@ -46,11 +49,28 @@ struct Merged<'a> {
     /// The ports its routes are attached to.
     exclusive: Exclusive,
     routes: Vec<(Order<'a>, HttpRoute)>,
+    /// Consumer routes' namespaces, with the ports of their parents.
+    consumers: BTreeMap<String, Vec<Option<u16>>>,
     objects: Vec<&'a Sourced>,
 }
 
-/// Where a route goes among all those of a Service, smallest first.
-type Order<'a> = (Reverse<Precedence>, Age, &'a str, &'a str, usize);
+/// Where a route goes among all those of a Service, smallest first: consumer routes (of a
+/// namespace other than the Service's, for its clients alone) before producer routes, each
+/// most specific first.
+type Order<'a> = (
+    Producer<'a>,
+    Reverse<Precedence>,
+    Age,
+    &'a str,
+    &'a str,
+    usize,
+);
+
+/// `(false, namespace)` for a consumer route, `(true, "")` for a producer route: consumers
+/// first, by namespace.
+type Producer<'a> = (bool, &'a str);
+
+const PRODUCER: Producer<'static> = (true, "");
 
 /// Older first; an object without a creation time counts as the newest.
 type Age = (bool, Option<Timestamp>);
@@ -76,6 +96,7 @@ pub(crate) fn claims(virtual_services: &[&Sourced], routes: &[&Sourced]) -> Clai
                     created: route.created,
                     exclusive: Exclusive::No,
                     routes: Vec::new(),
+                    consumers: BTreeMap::new(),
                     objects: Vec::new(),
                 });
             entry.exclusive.union(&match parent.port {
@@ -88,12 +109,30 @@ pub(crate) fn claims(virtual_services: &[&Sourced], routes: &[&Sourced]) -> Clai
             if !entry.objects.iter().any(|o| std::ptr::eq(*o, *sourced)) {
                 entry.objects.push(sourced);
             }
+            // GAMMA: a route in another namespace than its Service's is its clients' there.
+            let consumer = route.id.namespace != parent.host.namespace;
+            let producer = if consumer {
+                let ports = entry
+                    .consumers
+                    .entry(route.id.namespace.clone())
+                    .or_default();
+                if !ports.contains(&parent.port) {
+                    ports.push(parent.port);
+                }
+                (false, route.id.namespace.as_str())
+            } else {
+                PRODUCER
+            };
             for (index, ranked) in route.routes.iter().enumerate() {
                 let mut http = ranked.route.clone();
                 for m in &mut http.matches {
                     m.port = parent.port;
+                    if consumer {
+                        m.source_namespace = Some(route.id.namespace.clone());
+                    }
                 }
                 let order = (
+                    producer,
                     Reverse(ranked.precedence),
                     age(route.created),
                     route.id.namespace.as_str(),
@@ -199,6 +238,21 @@ pub(crate) fn claims(virtual_services: &[&Sourced], routes: &[&Sourced]) -> Clai
     for merged in merged.into_values() {
         let mut routes = merged.routes;
         routes.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut http = Vec::with_capacity(routes.len() + merged.consumers.len());
+        let mut consumers = merged.consumers.iter().peekable();
+        for ((producer, ..), route) in routes {
+            // A namespace's consumer routes take the Service whole for its clients: what none
+            // of them matches is 404, never a producer route.
+            while let Some((namespace, ports)) =
+                consumers.next_if(|(namespace, _)| producer != (false, namespace.as_str()))
+            {
+                http.extend(unmatched(namespace, ports));
+            }
+            http.push(route);
+        }
+        for (namespace, ports) in consumers {
+            http.extend(unmatched(namespace, ports));
+        }
         result.push(Arc::new(VirtualService {
             id: ObjectRef {
                 namespace: merged.host.namespace.clone(),
@@ -206,7 +260,7 @@ pub(crate) fn claims(virtual_services: &[&Sourced], routes: &[&Sourced]) -> Clai
             },
             hosts: vec![merged.host],
             gateways: vec!["mesh".to_owned()],
-            http: routes.into_iter().map(|(_, route)| route).collect(),
+            http,
             created: merged.created,
             exclusive: merged.exclusive,
         }));
@@ -257,6 +311,7 @@ fn at_gateways(routes: &[&Sourced]) -> Vec<Arc<VirtualService>> {
                         m.port = parent.port;
                     }
                     let order = (
+                        PRODUCER,
                         Reverse(ranked.precedence),
                         age(route.created),
                         route.id.namespace.as_str(),
@@ -289,6 +344,30 @@ fn at_gateways(routes: &[&Sourced]) -> Vec<Arc<VirtualService>> {
             })
         })
         .collect()
+}
+
+/// For the clients of `namespace`, on each of `ports`: 404 to what its consumer routes leave.
+fn unmatched<'a>(
+    namespace: &'a str,
+    ports: &'a [Option<u16>],
+) -> impl Iterator<Item = HttpRoute> + 'a {
+    ports.iter().map(move |&port| HttpRoute {
+        name: Some(format!("{namespace}.consumer-routes.unmatched")),
+        matches: vec![RequestMatch {
+            port,
+            source_namespace: Some(namespace.to_owned()),
+            ..RequestMatch::default()
+        }],
+        route: Vec::new(),
+        redirect: None,
+        direct_response: Some(404),
+        rewrite: None,
+        headers: Headers::default(),
+        timeout: None,
+        retries: None,
+        fault: None,
+        mirror: None,
+    })
 }
 
 fn object_names(objects: &[&Sourced]) -> String {

@@ -397,11 +397,6 @@ fn what_is_not_supported_is_warned_by_name_and_left_out() {
             "kind ServiceImport in group \"multicluster.x-k8s.io\" is not supported",
         ),
         (
-            "parentRefs: [{group: \"\", kind: Service, name: c, namespace: other}]\nrules: [{backendRefs: [{name: a, port: 80}]}]",
-            "spec.parentRefs[0].namespace",
-            "consumer route",
-        ),
-        (
             "parentRefs: [{group: \"\", kind: Service, name: c, sectionName: http}]\nrules: [{backendRefs: [{name: a, port: 80}]}]",
             "spec.parentRefs[0].sectionName",
             "write its number as port",
@@ -738,4 +733,59 @@ fn a_gateway_of_another_class_is_warned_about_and_not_served() {
         "{}",
         describe(&loaded)
     );
+}
+
+#[test]
+fn consumer_routes_take_the_service_whole_for_their_namespaces_clients() {
+    let producer = route(
+        "c",
+        "",
+        "parentRefs: [{group: \"\", kind: Service, name: service-c, port: 8080}]\nrules: [{backendRefs: [{name: v1, port: 8080}]}]",
+    );
+    let consumer = "\
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: c-for-frontend, namespace: frontend}
+spec:
+  parentRefs: [{group: \"\", kind: Service, name: service-c, namespace: shop, port: 8080}]
+  rules:
+  - matches: [{path: {value: /api}}]
+    backendRefs: [{name: v2, namespace: shop, port: 8080}]
+";
+    let loaded = load_sources(&[
+        ("producer.yml", producer.as_str()),
+        ("consumer.yml", consumer),
+    ]);
+    assert!(loaded.is_ok(), "{}", describe(&loaded));
+    let vs = only_service(&loaded);
+    assert_eq!(vs.hosts[0].namespace, "shop");
+    type Row<'a> = (Option<&'a str>, Option<u16>, Option<&'a str>, Option<u16>);
+    let routes: Vec<Row> = vs
+        .http
+        .iter()
+        .map(|r| {
+            let m = &r.matches[0];
+            (
+                m.source_namespace.as_deref(),
+                m.port,
+                r.route.first().map(|d| d.destination.host.name.as_str()),
+                r.direct_response,
+            )
+        })
+        .collect();
+    assert_eq!(
+        routes,
+        [
+            // frontend's clients: its route, then 404 for what it leaves (never the producer's).
+            (Some("frontend"), Some(8080), Some("v2"), None),
+            (Some("frontend"), Some(8080), None, Some(404)),
+            // everyone else's: the producer route.
+            (None, Some(8080), Some("v1"), None),
+        ]
+    );
+    assert_eq!(
+        vs.http[1].name.as_deref(),
+        Some("frontend.consumer-routes.unmatched")
+    );
+    assert_eq!(vs.exclusive, Exclusive::Ports(vec![8080]));
 }

@@ -908,3 +908,197 @@ fn a_gateway_api_gateway_is_served_by_the_ingress_with_its_routes() {
     let (status, body) = get("/other");
     assert_eq!(status, 404, "{body}");
 }
+
+// ------------------------------------------------------------------------------------ grpc
+
+impl Mesh {
+    /// Runs `upstream grpc <args>` in the client pod — unary gRPC calls: h2c POSTs with
+    /// `content-type: application/grpc`, `te: trailers` and one framed message, whose reply
+    /// message is the server's name — one line per reply, then the summary.
+    fn grpc(&self, args: &[&str]) -> (Vec<Value>, Value) {
+        let mut command = Command::new(UPSTREAM);
+        command.arg("grpc").args(args);
+        Mesh::finish_get(self.node.spawn_in_pod(&self.client, command).unwrap())
+    }
+}
+
+/// `grpc.yml`: a GRPCRoute picks its backend by the call's service and method, the most
+/// specific match first whatever the rules' order: exact method and header to the canary, the
+/// service's other calls split exactly 3:1 with the header the rule sets, a method of any other
+/// service to its own backend; a call no rule matches is answered 404 `NR` by the agent (an
+/// HTTP status, not mapped to a gRPC one) and reaches no one.
+#[test]
+fn grpc_routes_pick_their_backend_by_service_and_method() {
+    let mut mesh = Mesh::new();
+    mesh.services(&[
+        "greeter",
+        "greeter-v1",
+        "greeter-v2",
+        "greeter-canary",
+        "greeter-legacy",
+    ]);
+    mesh.example("grpc.yml");
+    let agent = mesh.agent();
+    let g = "http://greeter:8080";
+    let started = Instant::now();
+
+    // The service-only rule: a smooth weighted round robin, exact over whole periods of 4, so
+    // every batch (a multiple of 4, the batches one after the other) splits exactly 3:1. Real
+    // gRPC calls: each answered `grpc-status: 0` in the trailers, through the proxy.
+    #[rustfmt::skip]
+    let batches: [(&str, &[&str], u64); 3] = [
+        // SayHello without the canary's header is the service's, not the canary's.
+        ("/helloworld.Greeter/SayHello", &[], 40),
+        ("/helloworld.Greeter/SayHello", &["--header", "x-canary: false"], 8),
+        ("/helloworld.Greeter/SayGoodbye", &[], 40),
+    ];
+    for (path, args, n) in batches {
+        let url = format!("{g}{path}");
+        let n_arg = n.to_string();
+        let mut all = vec![
+            "--url",
+            &url,
+            "--count",
+            &n_arg,
+            "--concurrency",
+            "4",
+            "--quiet",
+        ];
+        all.extend(args);
+        let (_, summary) = mesh.grpc(&all);
+        assert_eq!(count(&summary, "by_status", "200"), n, "{path}: {summary}");
+        assert_eq!(
+            count(&summary, "by_grpc_status", "0"),
+            n,
+            "{path}: {summary}"
+        );
+        for (server, share) in [("greeter-v1-0", n / 4 * 3), ("greeter-v2-0", n / 4)] {
+            assert_eq!(
+                count(&summary, "by_body", server),
+                share,
+                "{path} {args:?}, {server}: {summary}"
+            );
+        }
+    }
+    for (server, share) in [("greeter-v1-0", 66), ("greeter-v2-0", 22)] {
+        let received = mesh.received(server, "/helloworld.Greeter/");
+        assert_eq!(received.len(), share, "{server}: {received:?}");
+        for request in &received {
+            assert_eq!(request["method"], "POST", "{request}");
+        }
+    }
+
+    // One call each. `upstream get --h2 --method POST` with gRPC's content type: the server
+    // answers it as a gRPC call, and the client shows the response headers (`x-served-by`,
+    // the agent's `x-mesh-response-flags`). Its request body is empty, not a framed message:
+    // the agent routes by path and headers, which is all this proves.
+    let grpc = [
+        "--h2",
+        "--method",
+        "POST",
+        "--header",
+        "content-type: application/grpc",
+    ];
+    let canary = ["--header", "x-canary: true"];
+    // (what, path, extra arguments, the server expected to answer, or None for the 404)
+    #[rustfmt::skip]
+    let cases: [(&str, &str, &[&str], Option<&str>); 8] = [
+        ("exact method and header", "/helloworld.Greeter/SayHello", &canary,
+            Some("greeter-canary-0")),
+        ("method only", "/other.Service/SayHello", &[], Some("greeter-legacy-0")),
+        ("method only, the canary's header elsewhere", "/other.Service/SayHello", &canary,
+            Some("greeter-legacy-0")),
+        // The service is whole: `helloworld.Greeter.v2` is another service.
+        ("another service, same prefix", "/helloworld.Greeter.v2/SayHello", &[],
+            Some("greeter-legacy-0")),
+        ("another service, other method", "/helloworld.Greeter.v2/SayGoodbye", &[], None),
+        ("no rule", "/other.Service/Other", &[], None),
+        ("no rule, with the canary's header", "/other.Service/Other", &canary, None),
+        // Method names are case-sensitive.
+        ("method case", "/other.Service/sayHello", &[], None),
+    ];
+    let mut wrong = Vec::new();
+    for (i, (name, path, args, expected)) in cases.iter().enumerate() {
+        let id = format!("x-request-id: grpc-case-{i}");
+        let all = [&grpc[..], &["--header", &id], args].concat();
+        let line = mesh.one(&format!("{g}{path}"), &all);
+        let served_by = &line["headers"]["x-served-by"];
+        let ok = line["version"] == "HTTP/2.0"
+            && match expected {
+                Some(server) => {
+                    line["status"] == 200
+                        && served_by == *server
+                        && line["headers"]["content-type"] == "application/grpc"
+                }
+                None => {
+                    line["status"] == 404
+                        && line["body"] == "no route"
+                        && line["headers"]["x-mesh-response-flags"] == "NR"
+                        && served_by.is_null()
+                }
+            };
+        if !ok {
+            wrong.push(format!(
+                "{name}: {path} {args:?} answered {} {:?} by {served_by} ({}), expected {}",
+                line["status"],
+                line["body"],
+                line["version"],
+                expected.map_or("404 NR".into(), |s| format!("200 by {s}"))
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    // The canary saw its one call; nothing reached the Service's own pod; each 404 was the
+    // agent's, without an attempt.
+    let canary_calls = mesh.received("greeter-canary-0", "/");
+    assert_eq!(canary_calls.len(), 1, "{canary_calls:?}");
+    assert_eq!(canary_calls[0]["request_id"], "grpc-case-0");
+    assert!(mesh.received("greeter-0", "/").is_empty());
+    let records = agent
+        .wait_for_records(
+            cases.len(),
+            |r| r["kind"] == "http" && starts_with(&r["request_id"], "grpc-case-"),
+            TIMEOUT,
+        )
+        .unwrap();
+    for (i, (name, _, _, expected)) in cases.iter().enumerate() {
+        let id = format!("grpc-case-{i}");
+        let record = records
+            .iter()
+            .find(|r| r["request_id"] == id.as_str())
+            .unwrap_or_else(|| panic!("no record of {name} ({id})"));
+        if expected.is_none() {
+            assert_eq!(record["status"], 404, "{name}: {record}");
+            assert_eq!(record["response_flags"], "NR", "{name}: {record}");
+            assert_eq!(record["attempts"], 0, "{name}: {record}");
+        }
+    }
+
+    // The header the service rule's RequestHeaderModifier sets (replacing the client's) reached
+    // the backend. The upstream echoes what it received only for a request that is not gRPC at
+    // a path ending in `/headers`, so this one POST leaves the content type out; its path is
+    // still the service's.
+    let line = mesh.one(
+        &format!("{g}/helloworld.Greeter/headers"),
+        &[
+            "--h2",
+            "--method",
+            "POST",
+            "--header",
+            "x-grpc-route: spoofed",
+        ],
+    );
+    let received = echoed(&line);
+    assert_eq!(received["x-grpc-route"], "greeter", "{received}");
+    assert_eq!(
+        received[":path"], "/helloworld.Greeter/headers",
+        "{received}"
+    );
+    assert_eq!(received[":version"], "HTTP/2.0", "{received}");
+    assert!(
+        ["greeter-v1-0", "greeter-v2-0"]
+            .contains(&line["headers"]["x-served-by"].as_str().unwrap_or("")),
+        "{line}"
+    );
+    println!("gRPC routes checked in {:?}", started.elapsed());
+}

@@ -1102,3 +1102,53 @@ fn grpc_routes_pick_their_backend_by_service_and_method() {
     );
     println!("gRPC routes checked in {:?}", started.elapsed());
 }
+
+/// `consumer.yml`: a producer route for `orders` (namespace default) and a consumer route for
+/// it in namespace `frontend`. A client in default reaches orders-v1 on every path; a client in
+/// frontend reaches orders-v2 on `/api` and gets 404 `NR` elsewhere (its namespace's routes
+/// take the Service whole for it), never the producer's orders-v1.
+#[test]
+fn a_consumer_route_routes_its_namespaces_clients_alone() {
+    let mut mesh = Mesh::new();
+    mesh.services(&["orders", "orders-v1", "orders-v2"]);
+    mesh.example("consumer.yml");
+    let agent = mesh.agent();
+    let frontend = mesh.node.add_pod("frontend-client").unwrap();
+    let enroll = serde_json::json!({
+        "name": "frontend-client",
+        "namespace": "frontend",
+        "netns": frontend.netns_path(),
+    });
+    let (status, body) = agent
+        .admin_request("POST", "/pods", &enroll.to_string())
+        .unwrap();
+    assert!((200..300).contains(&status), "{status} {body}");
+
+    let from = |pod: &Pod, path: &str| {
+        let mut command = Command::new(UPSTREAM);
+        command.args(["get", "--url", &format!("http://orders:8080{path}")]);
+        let (mut lines, _) = Mesh::finish_get(mesh.node.spawn_in_pod(pod, command).unwrap());
+        let line = lines.remove(0);
+        let served_by = line["headers"]["x-served-by"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned();
+        (line["status"].as_u64().unwrap_or(0), served_by, line)
+    };
+    for path in ["/api/list", "/other"] {
+        let (status, served_by, line) = from(&mesh.client, path);
+        assert_eq!(
+            (status, served_by.as_str()),
+            (200, "orders-v1-0"),
+            "{path}: {line}"
+        );
+    }
+    let (status, served_by, line) = from(&frontend, "/api/list");
+    assert_eq!((status, served_by.as_str()), (200, "orders-v2-0"), "{line}");
+    let (status, _, line) = from(&frontend, "/other");
+    assert_eq!(status, 404, "{line}");
+    assert!(
+        mesh.received("orders-v1-0", "/other").len() == 1,
+        "only the default client's"
+    );
+}

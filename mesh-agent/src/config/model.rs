@@ -32,6 +32,22 @@ pub struct Host {
     pub namespace: String,
 }
 
+impl Host {
+    /// Expands Kubernetes short names (`svc`, `svc.ns`, `svc.ns.svc`) so that a reference and a
+    /// rule written differently for the same service compare equal, when rules are checked
+    /// and merged; resolving a request's host is the service registry's job.
+    pub fn reference_key(&self) -> String {
+        let name = self.name.trim_end_matches('.').to_ascii_lowercase();
+        match name.matches('.').count() {
+            _ if name.starts_with('*') => name,
+            0 => format!("{name}.{}.svc.cluster.local", self.namespace),
+            1 => format!("{name}.svc.cluster.local"),
+            2 if name.ends_with(".svc") => format!("{name}.cluster.local"),
+            _ => name,
+        }
+    }
+}
+
 /// A percentage in [0, 100], kept as parts per million so decisions use integer arithmetic.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Percent {

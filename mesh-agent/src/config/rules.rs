@@ -10,13 +10,13 @@ use std::{
 
 use super::{
     diagnostic::{Diagnostic, Severity},
-    gateway_api::{self, GATEWAY, GRPC_ROUTE, HTTP_ROUTE},
+    gateway_api::{merge, GATEWAY, GRPC_ROUTE, HTTP_ROUTE},
     model::{Host, MeshConfig},
     object::{Object, ObjectKey, ObjectSet, Sourced},
 };
 
 /// The rules of `objects`, in key order: Istio's, and HTTPRoutes merged into VirtualServices
-/// (see [`gateway_api`]).
+/// (see [`super::gateway_api`]).
 pub fn mesh_config(objects: &ObjectSet) -> MeshConfig {
     let mut config = MeshConfig::default();
     for sourced in istio_objects(objects) {
@@ -36,7 +36,7 @@ pub fn mesh_config(objects: &ObjectSet) -> MeshConfig {
         .chain(of_kind(objects, GRPC_ROUTE))
         .map(|o| &**o)
         .collect();
-    config.virtual_services = gateway_api::claims(&virtual_services, &http_routes).virtual_services;
+    config.virtual_services = merge::claims(&virtual_services, &http_routes).virtual_services;
     config
 }
 
@@ -103,12 +103,12 @@ pub fn check_references(
     for sourced in objects {
         if let Object::DestinationRule(rule) = &sourced.object {
             subsets_by_host
-                .entry(reference_key(&rule.rule.host))
+                .entry(rule.rule.host.reference_key())
                 .or_default()
                 .extend(rule.rule.subsets.iter().map(|s| s.name.as_str()));
         }
     }
-    let unknown: BTreeSet<String> = unknown_rule_hosts.iter().map(reference_key).collect();
+    let unknown: BTreeSet<String> = unknown_rule_hosts.iter().map(Host::reference_key).collect();
     let mut warnings = Vec::new();
     for sourced in objects {
         let destinations = match &sourced.object {
@@ -126,7 +126,7 @@ pub fn check_references(
             })
         };
         for reference in destinations.iter() {
-            let key = reference_key(&reference.host);
+            let key = reference.host.reference_key();
             let host = &reference.host.name;
             let known_service = key.starts_with('*') || services.is_none_or(|s| s.contains(&key));
             if !known_service {
@@ -178,23 +178,9 @@ pub fn check_references(
             .collect()
     };
     let routes = [of(HTTP_ROUTE), of(GRPC_ROUTE)].concat();
-    let claims = gateway_api::claims(&of("VirtualService"), &routes);
+    let claims = merge::claims(&of("VirtualService"), &routes);
     warnings.extend(claims.warnings);
     warnings
-}
-
-/// Expands Kubernetes short names (`svc`, `svc.ns`, `svc.ns.svc`) so that a reference and a
-/// rule written differently for the same service compare equal. Only for this check: real
-/// host resolution belongs to the service registry.
-pub(super) fn reference_key(host: &Host) -> String {
-    let name = host.name.trim_end_matches('.').to_ascii_lowercase();
-    match name.matches('.').count() {
-        _ if name.starts_with('*') => name,
-        0 => format!("{name}.{}.svc.cluster.local", host.namespace),
-        1 => format!("{name}.svc.cluster.local"),
-        2 if name.ends_with(".svc") => format!("{name}.cluster.local"),
-        _ => name,
-    }
 }
 
 fn wildcard_covers(pattern: &str, host: &str) -> bool {

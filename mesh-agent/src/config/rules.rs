@@ -16,7 +16,7 @@ use super::{
 };
 
 /// The rules of `objects`, in key order: Istio's, and HTTPRoutes merged into VirtualServices
-/// (see [`super::gateway_api`]).
+/// (see `config::gateway_api`).
 pub fn mesh_config(objects: &ObjectSet) -> MeshConfig {
     let mut config = MeshConfig::default();
     for sourced in istio_objects(objects) {

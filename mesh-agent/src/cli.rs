@@ -135,7 +135,7 @@ pub fn change(admin_socket: &Path, files: &[PathBuf], delete: bool) -> Result<()
     Ok(())
 }
 
-/// Prints the objects in force of `kind` (kubectl's names work: `vs`, `virtualservices`, …).
+/// Prints the objects in force of `kind` (kubectl's names work: `vs`, `virtualservices`, `httproutes`, …).
 pub fn get(admin_socket: &Path, kind: &str, name: Option<&str>, yaml: bool) -> Result<()> {
     let (status, body) = client::request(admin_socket, Method::GET, "/config_dump", String::new())?;
     if status != StatusCode::OK {
@@ -180,6 +180,8 @@ fn canonical_kind(kind: &str) -> String {
         "vs" | "virtualservice" | "virtualservices" => "VirtualService",
         "dr" | "destinationrule" | "destinationrules" => "DestinationRule",
         "gw" | "gateway" | "gateways" => "Gateway",
+        "httproute" | "httproutes" => "HTTPRoute",
+        "grpcroute" | "grpcroutes" => "GRPCRoute",
         "svc" | "service" | "services" => "Service",
         "endpointslice" | "endpointslices" => "EndpointSlice",
         "po" | "pod" | "pods" => "Pod",
@@ -199,4 +201,17 @@ fn expand(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
         }
     }
     Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::canonical_kind;
+
+    #[test]
+    fn kubectls_names_of_a_kind_are_understood() {
+        assert_eq!(canonical_kind("vs"), "VirtualService");
+        assert_eq!(canonical_kind("httproutes"), "HTTPRoute");
+        assert_eq!(canonical_kind("GRPCRoute"), "GRPCRoute");
+        assert_eq!(canonical_kind("Sidecar"), "Sidecar");
+    }
 }

@@ -10,8 +10,8 @@ use super::raw;
 use crate::config::diagnostic::ObjectContext;
 use crate::config::fields;
 use crate::config::model::{
-    GatewayApiRoute, HttpRoute, ObjectRef, PathKind, Precedence, RankedRoute, RequestMatch,
-    RouteKind, StringMatch,
+    GatewayApiRoute, HttpRoute, ObjectRef, PathKind, Precedence, RequestMatch, RouteKind,
+    StringMatch,
 };
 use crate::config::values;
 use crate::config::virtual_service::DestinationRef;
@@ -42,21 +42,15 @@ pub(crate) fn convert(
         }]
     });
     for (index, rule) in rules.into_iter().enumerate() {
-        let path = format!("spec.rules[{index}]");
-        let name = rule
-            .name
-            .clone()
-            .unwrap_or_else(|| format!("{}.{}.{index}", id.namespace, id.name));
-        for (precedence, route) in self::rule(cx, &path, rule, namespace, &mut refs) {
-            routes.push(RankedRoute {
-                precedence,
-                rule: index,
-                route: HttpRoute {
-                    name: Some(name.clone()),
-                    ..route
-                },
-            });
-        }
+        let name = rule.name.clone();
+        let found = self::rule(
+            cx,
+            &format!("spec.rules[{index}]"),
+            rule,
+            namespace,
+            &mut refs,
+        );
+        routes.extend(http_route::ranked(id, index, name, found));
     }
     let route = GatewayApiRoute {
         id: id.clone(),

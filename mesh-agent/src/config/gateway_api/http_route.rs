@@ -44,21 +44,15 @@ pub(crate) fn convert(
     let mut routes = Vec::new();
     let rules = spec.rules.unwrap_or_else(|| vec![default_rule()]);
     for (index, rule) in rules.into_iter().enumerate() {
-        let path = format!("spec.rules[{index}]");
-        let name = rule
-            .name
-            .clone()
-            .unwrap_or_else(|| format!("{}.{}.{index}", id.namespace, id.name));
-        for (precedence, route) in self::rule(cx, &path, rule, namespace, &mut refs) {
-            routes.push(RankedRoute {
-                precedence,
-                rule: index,
-                route: HttpRoute {
-                    name: Some(name.clone()),
-                    ..route
-                },
-            });
-        }
+        let name = rule.name.clone();
+        let found = self::rule(
+            cx,
+            &format!("spec.rules[{index}]"),
+            rule,
+            namespace,
+            &mut refs,
+        );
+        routes.extend(ranked(id, index, name, found));
     }
     let route = GatewayApiRoute {
         id: id.clone(),
@@ -70,6 +64,27 @@ pub(crate) fn convert(
         routes,
     };
     (route, refs)
+}
+
+/// A rule's routes, one per match, named after the rule (its `name`, or
+/// `<namespace>.<name>.<index>`) and ranked.
+pub(super) fn ranked(
+    id: &ObjectRef,
+    index: usize,
+    name: Option<String>,
+    routes: Vec<(Precedence, HttpRoute)>,
+) -> impl Iterator<Item = RankedRoute> {
+    let name = name.unwrap_or_else(|| format!("{}.{}.{index}", id.namespace, id.name));
+    routes
+        .into_iter()
+        .map(move |(precedence, route)| RankedRoute {
+            precedence,
+            rule: index,
+            route: HttpRoute {
+                name: Some(name.clone()),
+                ..route
+            },
+        })
 }
 
 /// The rule upstream's CRD puts in place of an absent `rules`: it matches every request and has

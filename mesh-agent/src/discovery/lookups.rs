@@ -23,9 +23,9 @@ pub struct Discovered {
     pub(super) workloads: imbl::HashMap<IpAddr, Arc<Workload>>,
     /// `namespace/name` → the same workloads, for enrolled pods known by name.
     pub(super) pods: imbl::HashMap<Arc<str>, Arc<Workload>>,
-    /// Endpoint address and target port → the services with an endpoint there, for the
-    /// destination's telemetry.
-    endpoint_services: imbl::HashMap<SocketAddr, Vec<Arc<ServiceIdentity>>>,
+    /// Endpoint address and target port → the services with an endpoint there, each with its
+    /// number of endpoints, for the destination's telemetry.
+    endpoint_services: imbl::HashMap<SocketAddr, Vec<(Arc<ServiceIdentity>, usize)>>,
 }
 
 impl Discovered {
@@ -50,20 +50,30 @@ impl Discovered {
     }
 
     /// The service a connection to this endpoint address and port was for, as the destination
-    /// names it: the one service with an endpoint there (`None` when none is, or several are).
+    /// names it: the service with an endpoint there (`None` when none is). A pod is often in
+    /// several — its application's Service and one per version for Gateway API routes to send
+    /// to (`service-c`, `service-c-v1`) — and the destination cannot tell which one the client
+    /// dialled: it names the one with the most endpoints, the application's (of equals, the
+    /// shortest name), so both ends of a call name the same service in the tutorial's shape.
     pub fn service_of_endpoint(&self, addr: SocketAddr) -> Option<&Arc<ServiceIdentity>> {
-        match self.endpoint_services.get(&addr).map(Vec::as_slice) {
-            Some([service]) => Some(service),
-            _ => None,
-        }
+        self.endpoint_services
+            .get(&addr)?
+            .iter()
+            .max_by(|(a, a_endpoints), (b, b_endpoints)| {
+                a_endpoints
+                    .cmp(b_endpoints)
+                    .then_with(|| b.host.len().cmp(&a.host.len()))
+                    .then_with(|| b.host.cmp(&a.host))
+            })
+            .map(|(service, _)| service)
     }
 
     pub(super) fn link_endpoints(&mut self, service: &registry::Service) {
+        let endpoints = service.endpoints.len();
         for addr in endpoint_addresses(service) {
             let services = self.endpoint_services.entry(addr).or_default();
-            if !services.contains(&service.identity) {
-                services.push(Arc::clone(&service.identity));
-            }
+            services.retain(|(s, _)| *s != service.identity);
+            services.push((Arc::clone(&service.identity), endpoints));
         }
     }
 
@@ -72,7 +82,7 @@ impl Discovered {
             let Some(services) = self.endpoint_services.get_mut(&addr) else {
                 continue;
             };
-            services.retain(|s| *s != service.identity);
+            services.retain(|(s, _)| *s != service.identity);
             if services.is_empty() {
                 self.endpoint_services.remove(&addr);
             }

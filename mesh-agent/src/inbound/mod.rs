@@ -195,7 +195,8 @@ async fn carry_while_admitted<S: Resettable>(
 /// How the destination's telemetry (`reporter="destination"`) names a connection from `peer`
 /// to `destination`, an address of pod `namespace/name`: the caller's workload as discovery
 /// knows its address (`unknown` otherwise), the pod's, and the service with an endpoint at
-/// `destination` (when exactly one has). `principals`: the tunnel's (client, server).
+/// `destination` (see `Discovered::service_of_endpoint`). `principals`: the tunnel's (client,
+/// server).
 pub fn destination_labels(
     snapshot: &Snapshot,
     metrics: &Metrics,

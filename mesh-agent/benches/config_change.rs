@@ -9,12 +9,12 @@
 
 use std::{
     alloc::{GlobalAlloc, Layout, System},
-    fmt::Write as _,
     sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
 };
 
 use mesh_agent::{engine::EngineSettings, state::Store};
+use mesh_tests::world::World;
 use prometheus_client::registry::Registry;
 
 struct Counting;
@@ -51,13 +51,15 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-const SERVICES: usize = 1_000;
-const PODS_PER_SERVICE: usize = 5;
-const ROUTED_SERVICES: usize = 100;
+/// 1,000 services of five endpoints, each a pod; the first 100 routed.
+const WORLD: World = World {
+    endpoints_per_service: 5,
+    ..World::BUSY_NODE
+};
 const CHANGES: usize = 50;
 
 fn main() {
-    let world = world();
+    let world = WORLD.yaml();
     let started = Instant::now();
     let mut registry = Registry::default();
     let store =
@@ -71,7 +73,7 @@ fn main() {
     let mut allocations = Vec::with_capacity(CHANGES);
     for change in 0..CHANGES {
         // Service 7's first pod moves between the subsets v1 and v2.
-        let pod = pod(7, 0, if change % 2 == 0 { "v2" } else { "v1" });
+        let pod = WORLD.pod(7, 0, if change % 2 == 0 { "v2" } else { "v1" });
         let before = ALLOCATIONS.load(Ordering::Relaxed);
         let started = Instant::now();
         store
@@ -83,9 +85,10 @@ fn main() {
     times.sort();
     allocations.sort();
     println!(
-        "loaded {SERVICES} services, {} pods, {ROUTED_SERVICES} VirtualServices + \
-         DestinationRules in {:.1} ms",
-        SERVICES * PODS_PER_SERVICE,
+        "loaded {} services, {} pods, {} VirtualServices + DestinationRules in {:.1} ms",
+        WORLD.services,
+        WORLD.pods(),
+        WORLD.routed,
         ms(loaded)
     );
     println!(
@@ -102,101 +105,4 @@ fn main() {
 
 fn ms(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1e3
-}
-
-/// Everything but the pods' YAML in one multi-document text.
-fn world() -> String {
-    let mut text = String::new();
-    for service in 0..SERVICES {
-        let (hi, lo) = (service / 250, service % 250);
-        write!(
-            text,
-            "apiVersion: v1
-kind: Service
-metadata: {{name: svc-{service}, namespace: bench}}
-spec:
-  clusterIP: 10.96.{hi}.{lo}
-  ports: [{{name: http, port: 8080, targetPort: 8080}}]
-  selector: {{app: svc-{service}}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: svc-{service}-abcde
-  namespace: bench
-  labels: {{kubernetes.io/service-name: svc-{service}}}
-addressType: IPv4
-ports: [{{name: http, port: 8080, protocol: TCP}}]
-endpoints:
-"
-        )
-        .unwrap();
-        for replica in 0..PODS_PER_SERVICE {
-            write!(
-                text,
-                "- addresses: [{}]
-  conditions: {{ready: true}}
-  targetRef: {{kind: Pod, name: svc-{service}-{replica}, namespace: bench}}
-",
-                pod_ip(service, replica)
-            )
-            .unwrap();
-        }
-        text.push_str("---\n");
-        for replica in 0..PODS_PER_SERVICE {
-            text.push_str(&pod(
-                service,
-                replica,
-                if replica == 0 { "v2" } else { "v1" },
-            ));
-            text.push_str("---\n");
-        }
-    }
-    for service in 0..ROUTED_SERVICES {
-        write!(
-            text,
-            "apiVersion: networking.istio.io/v1beta1
-kind: DestinationRule
-metadata: {{name: svc-{service}, namespace: bench}}
-spec:
-  host: svc-{service}
-  subsets:
-  - {{name: v1, labels: {{version: v1}}}}
-  - {{name: v2, labels: {{version: v2}}}}
----
-apiVersion: networking.istio.io/v1beta1
-kind: VirtualService
-metadata: {{name: svc-{service}, namespace: bench}}
-spec:
-  hosts: [svc-{service}]
-  http:
-  - route:
-    - {{destination: {{host: svc-{service}, subset: v1}}, weight: 90}}
-    - {{destination: {{host: svc-{service}, subset: v2}}, weight: 10}}
----
-"
-        )
-        .unwrap();
-    }
-    text
-}
-
-fn pod(service: usize, replica: usize, version: &str) -> String {
-    format!(
-        "apiVersion: v1
-kind: Pod
-metadata:
-  name: svc-{service}-{replica}
-  namespace: bench
-  labels: {{app: svc-{service}, version: {version}}}
-  ownerReferences: [{{apiVersion: apps/v1, kind: ReplicaSet, name: svc-{service}-{version}-7d9f, uid: x, controller: true}}]
-status: {{podIP: {}}}
-",
-        pod_ip(service, replica)
-    )
-}
-
-fn pod_ip(service: usize, replica: usize) -> String {
-    let n = service * PODS_PER_SERVICE + replica;
-    format!("10.77.{}.{}", n / 250, n % 250 + 1)
 }

@@ -53,6 +53,7 @@ pub mod signer;
 mod simnode;
 pub mod stat;
 pub mod tutorial;
+pub mod world;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;

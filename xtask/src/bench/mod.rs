@@ -14,6 +14,7 @@ mod proxies;
 mod report;
 mod request_cost;
 mod rounds;
+mod scale;
 mod scenarios;
 mod summary;
 mod tools;
@@ -52,12 +53,18 @@ pub struct Args {
     /// change to the request path; no rounds, no peers, the docs are left alone.
     #[arg(long, conflicts_with_all = ["quick", "only"])]
     request_cost: bool,
+    /// Measure only how the agent's costs grow with a node's size (by hand, ~15 min): the cost
+    /// per request under callgrind, the start-up time and the memory with 1 to 1,001 services
+    /// in the folder (10,000 endpoints and 5,000 pods at the largest), and the memory per idle
+    /// keep-alive connection (10,000); no rounds, no peers, the docs are left alone.
+    #[arg(long, conflicts_with_all = ["quick", "only", "request_cost"])]
+    scale: bool,
     /// Internal: be the benchmark's hello server on PORT=BYTES (repeatable).
     #[arg(long, hide = true, value_name = "PORT=BYTES", value_parser = hello::Listener::parse)]
     serve: Vec<hello::Listener>,
     /// Internal: only the smoke `cargo xtask test` ends with ([`Mode::CiSmoke`]), to time or
     /// debug it alone; needs `cargo build --workspace --bins` done.
-    #[arg(long, hide = true, conflicts_with_all = ["quick", "seconds", "request_cost"])]
+    #[arg(long, hide = true, conflicts_with_all = ["quick", "seconds", "request_cost", "scale"])]
     ci_smoke: bool,
 }
 
@@ -136,6 +143,7 @@ impl Mode {
         Ok(Binaries {
             agent: dir.join("mesh-agent"),
             upstream: dir.join("upstream"),
+            hog: dir.join("hog"),
             xtask: dir.join("xtask"),
         })
     }
@@ -149,6 +157,7 @@ pub fn ci_smoke() -> Result<()> {
         quick: false,
         only: Vec::new(),
         request_cost: false,
+        scale: false,
         serve: Vec::new(),
         ci_smoke: true,
     })
@@ -165,6 +174,13 @@ pub fn run(args: Args) -> Result<()> {
     let cost_requests = mode.request_cost_requests();
     if cost_requests.is_some() {
         tools::ensure_callgrind()?;
+    }
+    if args.scale {
+        let binaries = mode.build(&root)?;
+        mesh_tests::set_echo(false);
+        let scale = scale::run(&root, &binaries, 20_000)?;
+        println!("raw figures: {}", scale.write_json(&root)?.display());
+        return Ok(());
     }
     let tools = if args.request_cost {
         None
@@ -193,6 +209,7 @@ pub fn run(args: Args) -> Result<()> {
             &root.join("target/bench").join(folder),
             requests,
             upstream,
+            None,
         )
         .with_context(|| format!("measuring the cost per request, {upstream:?} upstream"))?;
         println!(

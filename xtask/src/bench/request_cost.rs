@@ -18,19 +18,20 @@
 //! `callgrind_annotate --inclusive=yes`).
 
 use std::collections::HashMap;
+use std::ffi::OsString;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use mesh_tests::{agent, Backend, ConfigDir, Pod, PodProcess, SimNode, IN_MESH};
+use mesh_tests::{agent, world::World, Backend, ConfigDir, Pod, PodProcess, SimNode, IN_MESH};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::proxies;
 
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
+pub(super) const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
 const CONNECTIONS: &str = "16";
 
 /// Allocation entry points, counted when called from outside the allocator: jemalloc's (the
@@ -109,64 +110,11 @@ pub fn measure(
     out_dir: &Path,
     requests: u64,
     upstream: Upstream,
+    world: Option<&World>,
 ) -> Result<RequestCost> {
     let _ = std::fs::remove_dir_all(out_dir);
     std::fs::create_dir_all(out_dir)?;
-    let node = SimNode::new()?;
-    let client = node.add_pod("client")?;
-    let v1 = node.add_pod("hello-v1")?;
-    let v2 = node.add_pod("hello-v2")?;
-    node.add_host("hello", VIP)?;
-    let _servers = [
-        serve(&node, upstream_bin, &v1, "v1")?,
-        serve(&node, upstream_bin, &v2, "v2")?,
-    ];
-    let config = ConfigDir::new()?;
-    let mut enrolled = if upstream == Upstream::Captured {
-        vec![]
-    } else {
-        vec![&client]
-    };
-    let mut labels = [
-        vec![("app", "hello"), ("version", "v1")],
-        vec![("app", "hello"), ("version", "v2")],
-    ];
-    let ca = out_dir.join("ca");
-    if upstream.in_mesh() {
-        // The destination agent is this one: it serves the pods' tunnel listeners.
-        enrolled.extend([&v1, &v2]);
-        for labels in &mut labels {
-            labels.push(IN_MESH);
-        }
-        mesh_tests::ca_init(agent_bin, &ca)?;
-    }
-    config.service(
-        "hello",
-        VIP,
-        proxies::HELLO_PORT,
-        "http",
-        &[
-            Backend {
-                pod: &v1,
-                labels: &labels[0],
-            },
-            Backend {
-                pod: &v2,
-                labels: &labels[1],
-            },
-        ],
-    )?;
-    config.write("rules.yml", &proxies::mesh_rules("hello"))?;
-    match upstream {
-        Upstream::Judged => config.write("policy.yml", POLICY)?,
-        Upstream::Captured => config.write("policy.yml", CAPTURED_POLICY)?,
-        Upstream::Plain | Upstream::Tunnel => {}
-    }
-    let url = match upstream {
-        Upstream::Captured => format!("http://{}:{}/", v1.ip(), proxies::HELLO_PORT),
-        _ => format!("http://hello:{}/", proxies::HELLO_PORT),
-    };
-
+    let hello = HelloNode::start(agent_bin, upstream_bin, out_dir, upstream, world)?;
     let mut command = Command::new("valgrind");
     command
         .args(["--tool=callgrind", "--dump-instr=no"])
@@ -174,43 +122,14 @@ pub fn measure(
             "--callgrind-out-file={}",
             out_dir.join("callgrind.out").display()
         ))
-        .arg(agent_bin)
-        .arg("run")
-        .arg("--cgroup")
-        .arg(node.cgroup_path())
-        .args(["--admin", agent::ADMIN, "--workers", "1"])
-        // Not the default socket, which an agent running on this machine may hold.
-        .arg("--admin-socket")
-        .arg(std::env::temp_dir().join(format!(
-            "mesh-bench-{}-request-cost.sock",
-            std::process::id()
-        )))
-        // Nor the default handover socket, or this agent would take over from that one.
-        .arg("--handover-socket")
-        .arg(std::env::temp_dir().join(format!(
-            "mesh-bench-{}-request-cost.handover.sock",
-            std::process::id()
-        )))
-        // The node's own bpffs: what inbound capture pins goes with the node.
-        .arg("--bpf-pin-dir")
-        .arg(node.bpffs_dir())
-        .arg("--config")
-        .arg(config.path());
-    for pod in enrolled {
-        command
-            .arg("--enroll")
-            .arg(format!("{}={}", pod.name(), pod.netns_path().display()));
-    }
-    if upstream.in_mesh() {
-        command.arg("--ca").arg(&ca);
-    }
-    let mut agent = node.spawn_on_node(command)?;
-    wait_ready(&node, &agent)?;
+        .arg(agent_bin);
+    let mut agent = hello.spawn_agent(command)?;
+    wait_ready(&hello.node, &agent)?;
 
-    let warm_up = get(&node, upstream_bin, &client, &url, requests / 10)?;
+    let warm_up = hello.get(requests / 10)?;
     ensure!(warm_up["errors"] == 0, "warm-up failed: {warm_up}");
     callgrind_control(&["-z"], agent.pid())?;
-    let run = get(&node, upstream_bin, &client, &url, requests)?;
+    let run = hello.get(requests)?;
     callgrind_control(&["-d"], agent.pid())?;
     ensure!(
         run["errors"] == 0 && run["by_status"]["200"] == requests,
@@ -221,7 +140,7 @@ pub fn measure(
         ensure!((0.05..=0.15).contains(&v2_share), "not split 90/10: {run}");
     }
     if upstream.in_mesh() {
-        let (_, metrics) = agent::admin_request(&node.netns_path(), "GET", "/metrics", "")?;
+        let (_, metrics) = agent::admin_request(&hello.node.netns_path(), "GET", "/metrics", "")?;
         let went_in = match upstream {
             Upstream::Captured => r#"mesh_redirect_decisions_total{decision="inbound_captured"} "#,
             _ => r#"mesh_tunnel_streams_total{direction="inbound"}"#,
@@ -247,6 +166,145 @@ pub fn measure(
         allocations_per_request: allocations as f64 / requests as f64,
         profile,
     })
+}
+
+/// The node a request is measured on: a client pod, the service `hello` (pods `hello-v1` and
+/// `hello-v2` serving, 90/10 with retries and outlier detection), `world` beside it in the
+/// agent's folder, and the agent's command line for `upstream`.
+pub(super) struct HelloNode {
+    pub node: SimNode,
+    pub client: Pod,
+    _pods: [Pod; 2],
+    _servers: [PodProcess; 2],
+    _config: ConfigDir,
+    agent_args: Vec<OsString>,
+    url: String,
+    upstream_bin: PathBuf,
+}
+
+impl HelloNode {
+    pub fn start(
+        agent_bin: &Path,
+        upstream_bin: &Path,
+        out_dir: &Path,
+        upstream: Upstream,
+        world: Option<&World>,
+    ) -> Result<HelloNode> {
+        let node = SimNode::new()?;
+        let client = node.add_pod("client")?;
+        let v1 = node.add_pod("hello-v1")?;
+        let v2 = node.add_pod("hello-v2")?;
+        node.add_host("hello", VIP)?;
+        let servers = [
+            serve(&node, upstream_bin, &v1, "v1")?,
+            serve(&node, upstream_bin, &v2, "v2")?,
+        ];
+        let config = ConfigDir::new()?;
+        let mut enrolled = if upstream == Upstream::Captured {
+            vec![]
+        } else {
+            vec![&client]
+        };
+        let mut labels = [
+            vec![("app", "hello"), ("version", "v1")],
+            vec![("app", "hello"), ("version", "v2")],
+        ];
+        let ca = out_dir.join("ca");
+        if upstream.in_mesh() {
+            // The destination agent is this one: it serves the pods' tunnel listeners.
+            enrolled.extend([&v1, &v2]);
+            for labels in &mut labels {
+                labels.push(IN_MESH);
+            }
+            mesh_tests::ca_init(agent_bin, &ca)?;
+        }
+        config.service(
+            "hello",
+            VIP,
+            proxies::HELLO_PORT,
+            "http",
+            &[
+                Backend {
+                    pod: &v1,
+                    labels: &labels[0],
+                },
+                Backend {
+                    pod: &v2,
+                    labels: &labels[1],
+                },
+            ],
+        )?;
+        config.write("rules.yml", &proxies::mesh_rules("hello"))?;
+        match upstream {
+            Upstream::Judged => config.write("policy.yml", POLICY)?,
+            Upstream::Captured => config.write("policy.yml", CAPTURED_POLICY)?,
+            Upstream::Plain | Upstream::Tunnel => {}
+        }
+        if let Some(world) = world {
+            config.write("world.yml", &world.yaml())?;
+        }
+        let url = match upstream {
+            Upstream::Captured => format!("http://{}:{}/", v1.ip(), proxies::HELLO_PORT),
+            _ => format!("http://hello:{}/", proxies::HELLO_PORT),
+        };
+
+        let mut agent_args: Vec<OsString> = vec!["run".into(), "--cgroup".into()];
+        agent_args.push(node.cgroup_path().into());
+        agent_args.extend(["--admin", agent::ADMIN, "--workers", "1"].map(OsString::from));
+        let temp = |suffix: &str| {
+            std::env::temp_dir()
+                .join(format!("mesh-bench-{}-{suffix}", std::process::id()))
+                .into_os_string()
+        };
+        // Not the default sockets, which an agent running on this machine may hold (and the
+        // default handover socket would have this agent take over from that one).
+        agent_args.extend(["--admin-socket".into(), temp("request-cost.sock")]);
+        agent_args.extend([
+            "--handover-socket".into(),
+            temp("request-cost.handover.sock"),
+        ]);
+        // The node's own bpffs: what inbound capture pins goes with the node.
+        agent_args.extend(["--bpf-pin-dir".into(), node.bpffs_dir().into()]);
+        agent_args.extend(["--config".into(), config.path().into()]);
+        for pod in enrolled {
+            let netns = pod.netns_path();
+            agent_args.extend([
+                "--enroll".into(),
+                format!("{}={}", pod.name(), netns.display()).into(),
+            ]);
+        }
+        if upstream.in_mesh() {
+            agent_args.extend(["--ca".into(), ca.into_os_string()]);
+        }
+        Ok(HelloNode {
+            node,
+            client,
+            _pods: [v1, v2],
+            _servers: servers,
+            _config: config,
+            agent_args,
+            url,
+            upstream_bin: upstream_bin.to_owned(),
+        })
+    }
+
+    /// Starts the agent on the node: `command` (the agent, or a tool that runs it) with the
+    /// agent's arguments added.
+    pub fn spawn_agent(&self, mut command: Command) -> Result<PodProcess> {
+        command.args(&self.agent_args);
+        self.node.spawn_on_node(command)
+    }
+
+    /// `count` keep-alive GETs of the service from the client pod; the client's summary.
+    pub fn get(&self, count: u64) -> Result<Value> {
+        get(
+            &self.node,
+            &self.upstream_bin,
+            &self.client,
+            &self.url,
+            count,
+        )
+    }
 }
 
 fn serve(node: &SimNode, upstream_bin: &Path, pod: &Pod, name: &str) -> Result<PodProcess> {
@@ -282,7 +340,7 @@ fn get(node: &SimNode, upstream_bin: &Path, client: &Pod, url: &str, count: u64)
 }
 
 /// The agent starts some 50 times slower under callgrind.
-fn wait_ready(node: &SimNode, agent: &PodProcess) -> Result<()> {
+pub(super) fn wait_ready(node: &SimNode, agent: &PodProcess) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(300);
     while !matches!(
         agent::admin_request(&node.netns_path(), "GET", "/ready", ""),
@@ -294,7 +352,8 @@ fn wait_ready(node: &SimNode, agent: &PodProcess) -> Result<()> {
         if Instant::now() > deadline {
             bail!("the agent under callgrind was not ready in 300 s");
         }
-        std::thread::sleep(Duration::from_millis(200));
+        // Fine enough to time a native agent's start (`--scale`).
+        std::thread::sleep(Duration::from_millis(20));
     }
     Ok(())
 }

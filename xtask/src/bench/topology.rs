@@ -96,6 +96,8 @@ pub struct Binaries {
     pub agent: PathBuf,
     /// The tests' HTTP server and client (`mesh-tests`'s `upstream`).
     pub upstream: PathBuf,
+    /// The hostile neighbour (`mesh-tests`'s `hog`): idle connections for `--scale`.
+    pub hog: PathBuf,
     pub xtask: PathBuf,
 }
 

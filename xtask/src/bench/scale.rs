@@ -1,0 +1,264 @@
+//! `cargo xtask bench --scale`, run by hand: how the agent's costs grow with what a busy node
+//! holds (issue 18), each measured on a node of its own with `request_cost`'s hello service:
+//!
+//! - **Config size**: the agent's folder also holds a [`World`] of 0 to 1,000 services (ten
+//!   endpoints each, five of them pods; a tenth routed 90/10). For each size: instructions and
+//!   allocations per request under callgrind (as `--request-cost`, `mesh-l7`'s path), and, from
+//!   a second agent run natively, the time from its start to ready (reading and compiling the
+//!   folder is most of it) and its memory after a thousand requests.
+//! - **Idle keep-alive connections**: 10,000 downstream HTTP/1.1 connections from one pod, each
+//!   after one answered request: what each costs the agent in resident memory and in heap
+//!   (the kernel's socket buffers are not the agent's, and not counted).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use mesh_tests::{agent, world::World, PodProcess};
+use serde::Serialize;
+
+use super::{
+    cpu, proxies,
+    report::Machine,
+    request_cost::{self, HelloNode, RequestCost, Upstream},
+    topology::Binaries,
+};
+
+/// The sizes measured: services besides `hello`.
+const SERVICES: [usize; 4] = [0, 10, 100, 1_000];
+const IDLE_CONNECTIONS: u64 = 10_000;
+/// The heap is trimmed every 5 s (`mesh_agent::heap`): memory is read after one.
+const SETTLE: Duration = Duration::from_secs(6);
+
+#[derive(Serialize)]
+pub struct Scale {
+    pub machine: Machine,
+    pub config: Vec<ConfigSize>,
+    pub idle: IdleConnections,
+}
+
+impl Scale {
+    /// `target/bench/scale-<date>.json`.
+    pub fn write_json(&self, root: &Path) -> Result<PathBuf> {
+        let dir = root.join("target/bench");
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join(format!("scale-{}.json", self.machine.date.replace(':', "")));
+        std::fs::write(&path, serde_json::to_string_pretty(self)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        Ok(path)
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct ConfigSize {
+    /// Services in the folder, `hello` included.
+    pub services: usize,
+    pub endpoints: usize,
+    pub pods: usize,
+    pub cost: RequestCost,
+    /// From the agent's start to `/ready` answering 200.
+    pub ready_ms: u64,
+    pub rss_kib: u64,
+    pub heap_allocated_bytes: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct IdleConnections {
+    pub connections: u64,
+    pub rss_kib_before: u64,
+    pub rss_kib_held: u64,
+    pub heap_allocated_before: u64,
+    pub heap_allocated_held: u64,
+    /// The downstream connections, and any upstream ones the agent opened for their requests.
+    pub descriptors_added: u64,
+}
+
+impl IdleConnections {
+    pub fn rss_bytes_per_connection(&self) -> f64 {
+        (self.rss_kib_held.saturating_sub(self.rss_kib_before) * 1024) as f64
+            / self.connections as f64
+    }
+
+    pub fn heap_bytes_per_connection(&self) -> f64 {
+        self.heap_allocated_held
+            .saturating_sub(self.heap_allocated_before) as f64
+            / self.connections as f64
+    }
+}
+
+pub fn run(root: &Path, binaries: &Binaries, requests: u64) -> Result<Scale> {
+    let out_dir = &root.join("target/bench/scale");
+    let mut config = Vec::new();
+    for services in SERVICES {
+        let world = world(services);
+        println!("config size: {} services besides hello", services);
+        let cost = request_cost::measure(
+            &binaries.agent,
+            &binaries.upstream,
+            &out_dir.join(format!("request-cost-{services}")),
+            requests,
+            Upstream::Plain,
+            world.as_ref(),
+        )
+        .with_context(|| format!("the cost per request with {services} more services"))?;
+        let (ready, rss_kib, heap_allocated_bytes) = footprint(binaries, out_dir, world.as_ref())?;
+        let size = ConfigSize {
+            services: services + 1,
+            endpoints: world.map_or(0, |w| w.endpoints()) + 2,
+            pods: world.map_or(0, |w| w.pods()) + 2,
+            cost,
+            ready_ms: ready.as_millis() as u64,
+            rss_kib,
+            heap_allocated_bytes,
+        };
+        println!(
+            "  {:.0} instructions and {:.1} allocations per request; ready in {} ms; \
+             RSS {} KiB, heap {} KiB",
+            size.cost.instructions_per_request,
+            size.cost.allocations_per_request,
+            size.ready_ms,
+            size.rss_kib,
+            size.heap_allocated_bytes / 1024
+        );
+        config.push(size);
+    }
+    println!("idle keep-alive connections: {IDLE_CONNECTIONS}");
+    let idle = idle_connections(binaries, out_dir, IDLE_CONNECTIONS)?;
+    println!(
+        "  {:.0} bytes resident and {:.0} bytes of heap per connection; {} descriptors added",
+        idle.rss_bytes_per_connection(),
+        idle.heap_bytes_per_connection(),
+        idle.descriptors_added
+    );
+    Ok(Scale {
+        machine: Machine::probe(root),
+        config,
+        idle,
+    })
+}
+
+/// `services` more services than `hello`, a tenth of them routed; none for 0.
+fn world(services: usize) -> Option<World> {
+    (services > 0).then_some(World {
+        services,
+        routed: services / 10,
+        ..World::BUSY_NODE
+    })
+}
+
+/// The agent run natively with `world` in its folder: how long it took to be ready, then its
+/// resident memory and heap after a thousand requests and a heap trim.
+fn footprint(
+    binaries: &Binaries,
+    out_dir: &Path,
+    world: Option<&World>,
+) -> Result<(Duration, u64, u64)> {
+    let hello = HelloNode::start(
+        &binaries.agent,
+        &binaries.upstream,
+        out_dir,
+        Upstream::Plain,
+        world,
+    )?;
+    let started = Instant::now();
+    let mut agent = hello.spawn_agent(Command::new(&binaries.agent))?;
+    request_cost::wait_ready(&hello.node, &agent)?;
+    let ready = started.elapsed();
+    let warm_up = hello.get(1_000)?;
+    ensure!(warm_up["errors"] == 0, "requests failed: {warm_up}");
+    std::thread::sleep(SETTLE);
+    let memory = memory(&hello, &agent)?;
+    agent.stop(Duration::from_secs(10))?;
+    Ok((ready, memory.0, memory.1))
+}
+
+/// `connections` idle keep-alive connections from the client pod, each after one answered GET.
+fn idle_connections(
+    binaries: &Binaries,
+    out_dir: &Path,
+    connections: u64,
+) -> Result<IdleConnections> {
+    let hello = HelloNode::start(
+        &binaries.agent,
+        &binaries.upstream,
+        out_dir,
+        Upstream::Plain,
+        None,
+    )?;
+    let mut agent = hello.spawn_agent(Command::new(&binaries.agent))?;
+    request_cost::wait_ready(&hello.node, &agent)?;
+    let warm_up = hello.get(1_000)?;
+    ensure!(warm_up["errors"] == 0, "requests failed: {warm_up}");
+    std::thread::sleep(SETTLE);
+    let before = memory(&hello, &agent)?;
+    let descriptors_before = open_descriptors(agent.pid())?;
+    let mut hog = Command::new(&binaries.hog);
+    hog.args(["idle", "--target"])
+        .arg(format!("{}:{}", request_cost::VIP, proxies::HELLO_PORT))
+        .args(["--host", "hello", "--wait-secs", "120"])
+        .args(["--idle-keepalive", &connections.to_string()]);
+    let hog: PodProcess = hello.node.spawn_in_pod(&hello.client, hog)?;
+    let opened = hog
+        .stdout()
+        .wait_for_json(|line| line["opened"].is_u64(), Duration::from_secs(120))?;
+    ensure!(
+        opened["opened"] == connections,
+        "not every connection opened: {opened}"
+    );
+    // Each request's answer arrives after the connection opened: held once all are answered.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while answered(&hello)? < connections + 1_000 {
+        ensure!(
+            Instant::now() < deadline,
+            "not every idle connection's request was answered"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(SETTLE);
+    let held = memory(&hello, &agent)?;
+    let open = open_descriptors(agent.pid())?;
+    ensure!(
+        open >= connections,
+        "the connections were closed before they were measured ({open} descriptors open)"
+    );
+    drop(hog);
+    agent.stop(Duration::from_secs(10))?;
+    Ok(IdleConnections {
+        connections,
+        rss_kib_before: before.0,
+        rss_kib_held: held.0,
+        heap_allocated_before: before.1,
+        heap_allocated_held: held.1,
+        descriptors_added: open - descriptors_before,
+    })
+}
+
+fn open_descriptors(pid: u32) -> Result<u64> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count() as u64)
+}
+
+/// The agent's resident memory (KiB) and heap in live allocations (bytes).
+fn memory(hello: &HelloNode, agent: &PodProcess) -> Result<(u64, u64)> {
+    let (rss_kib, _) = cpu::memory_kib(agent.pid())?;
+    let heap = metric(hello, "mesh_heap_allocated_bytes ")?;
+    Ok((rss_kib, heap as u64))
+}
+
+/// Requests the agent has answered, all of them `hello`'s.
+fn answered(hello: &HelloNode) -> Result<u64> {
+    Ok(metric(hello, "istio_requests_total{")? as u64)
+}
+
+/// The sum of the samples of every series whose line starts with `prefix` on `/metrics`.
+fn metric(hello: &HelloNode, prefix: &str) -> Result<f64> {
+    let (status, text) = agent::admin_request(&hello.node.netns_path(), "GET", "/metrics", "")?;
+    ensure!(status == 200, "/metrics answered {status}");
+    let values: Vec<f64> = text
+        .lines()
+        .filter(|line| line.starts_with(prefix))
+        .filter_map(|line| line.rsplit(' ').next()?.parse().ok())
+        .collect();
+    ensure!(!values.is_empty(), "no {prefix:?} on /metrics");
+    Ok(values.iter().sum())
+}

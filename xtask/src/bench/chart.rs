@@ -1,5 +1,6 @@
-//! The report's chart, as hand-written SVG: two horizontal bar panels (throughput ratio to the
-//! baseline; added p50/p99 at 1,000 rps). Plain `<rect>`/`<text>` render anywhere, with no font
+//! The reports' charts, as hand-written SVG: the hop's two horizontal bar panels (throughput
+//! ratio to the baseline; added p50/p99 at 1,000 rps), and `--scale`'s curves (a figure against
+//! a node's size, on a log scale). Plain `<rect>`/`<line>`/`<text>` render anywhere, with no font
 //! files or plotting crate needed at build time.
 
 use std::fmt::Write as _;
@@ -103,6 +104,90 @@ fn panel(
              stroke-dasharray=\"4 3\"/>",
             y0 + TOP - 4.0,
             y0 + TOP + ROW * rows.len() as f64
+        );
+    }
+}
+
+/// One panel of [`curves`]: `points` are (size, figure), sizes > 0.
+pub struct Curve<'a> {
+    pub title: &'a str,
+    pub points: Vec<(f64, f64)>,
+    pub format: fn(f64) -> String,
+}
+
+const CURVE_HEIGHT: f64 = 170.0;
+
+/// Panels stacked, each a curve over the same sizes (log x, y from 0).
+pub fn curves(panels: &[Curve]) -> String {
+    let height = CURVE_HEIGHT * panels.len() as f64;
+    let mut out = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"{height}\" \
+         font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
+    );
+    for (i, curve) in panels.iter().enumerate() {
+        curve_panel(&mut out, CURVE_HEIGHT * i as f64, curve);
+    }
+    out.push_str("</svg>\n");
+    out
+}
+
+fn curve_panel(out: &mut String, y0: f64, curve: &Curve) {
+    let _ = writeln!(
+        out,
+        "<text x=\"10\" y=\"{}\" font-size=\"14\" font-weight=\"bold\">{}</text>",
+        y0 + 22.0,
+        escape(curve.title)
+    );
+    let (left, right) = (LABEL, WIDTH - 60.0);
+    let (top, bottom) = (y0 + 40.0, y0 + CURVE_HEIGHT - 30.0);
+    let log = |x: f64| x.max(1.0).log10();
+    let (min_x, max_x) = curve
+        .points
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(lo, hi), &(x, _)| {
+            (lo.min(log(x)), hi.max(log(x)))
+        });
+    let max_y = curve
+        .points
+        .iter()
+        .map(|p| p.1)
+        .fold(0.0_f64, f64::max)
+        .max(1e-9)
+        * 1.15;
+    let px = |x: f64| left + (log(x) - min_x) / (max_x - min_x).max(1e-9) * (right - left);
+    let py = |y: f64| bottom - y.max(0.0) / max_y * (bottom - top);
+    let _ = writeln!(
+        out,
+        "<line x1=\"{left}\" y1=\"{bottom}\" x2=\"{right}\" y2=\"{bottom}\" stroke=\"#888\"/>\
+         <line x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{bottom}\" stroke=\"#888\"/>\
+         <text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">0</text>",
+        left - 6.0,
+        bottom + 4.0
+    );
+    let path: Vec<String> = curve
+        .points
+        .iter()
+        .map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y)))
+        .collect();
+    let _ = writeln!(
+        out,
+        "<polyline points=\"{}\" fill=\"none\" stroke=\"#3b75af\" stroke-width=\"2\"/>",
+        path.join(" ")
+    );
+    for &(x, y) in &curve.points {
+        let _ = writeln!(
+            out,
+            "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3.5\" fill=\"#3b75af\"/>\
+             <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>\
+             <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" fill=\"#555\">{x:.0}</text>",
+            px(x),
+            py(y),
+            px(x),
+            py(y) - 8.0,
+            (curve.format)(y),
+            px(x),
+            bottom + 16.0,
         );
     }
 }

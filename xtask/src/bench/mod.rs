@@ -53,10 +53,11 @@ pub struct Args {
     /// change to the request path; no rounds, no peers, the docs are left alone.
     #[arg(long, conflicts_with_all = ["quick", "only"])]
     request_cost: bool,
-    /// Measure only how the agent's costs grow with a node's size (by hand, ~15 min): the cost
-    /// per request under callgrind, the start-up time and the memory with 1 to 1,001 services
-    /// in the folder (10,000 endpoints and 5,000 pods at the largest), and the memory per idle
-    /// keep-alive connection (10,000); no rounds, no peers, the docs are left alone.
+    /// Measure only how the agent's costs grow with a node's size (by hand, ~2 min after the
+    /// release build): the cost per request under callgrind, the start-up time and the memory
+    /// with 1 to 1,001 services in the folder (10,000 endpoints and 5,000 pods at the largest),
+    /// and the memory per idle keep-alive connection (10,000); no rounds, no peers; writes its
+    /// own section of docs/performance.md and docs/performance-scale.svg.
     #[arg(long, conflicts_with_all = ["quick", "only", "request_cost"])]
     scale: bool,
     /// Internal: be the benchmark's hello server on PORT=BYTES (repeatable).
@@ -180,6 +181,9 @@ pub fn run(args: Args) -> Result<()> {
         mesh_tests::set_echo(false);
         let scale = scale::run(&root, &binaries, 20_000)?;
         println!("raw figures: {}", scale.write_json(&root)?.display());
+        std::fs::write(root.join("docs/performance-scale.svg"), scale.svg())?;
+        report::write_section(&root, scale::HEADING, &scale.markdown())?;
+        println!("wrote its section of docs/performance.md and docs/performance-scale.svg");
         return Ok(());
     }
     let tools = if args.request_cost {

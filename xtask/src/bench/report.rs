@@ -108,13 +108,17 @@ pub fn write_json(root: &Path, report: &Report) -> Result<PathBuf> {
 /// Replaces (or appends) this bench's section of `docs/performance.md` and writes the chart.
 pub fn write_docs(root: &Path, report: &Report, svg: &str) -> Result<()> {
     std::fs::write(root.join("docs/performance.svg"), svg)?;
+    write_section(root, HEADING, &markdown(report))
+}
+
+/// Replaces the section of `docs/performance.md` that starts with `heading` (up to the next
+/// `## ` heading) by `section`, or appends it.
+pub fn write_section(root: &Path, heading: &str, section: &str) -> Result<()> {
     let path = root.join("docs/performance.md");
     let doc = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Performance\n".into());
-    let section = markdown(report);
-    let updated = match doc.find(HEADING) {
+    let updated = match doc.find(heading) {
         Some(start) => {
-            // The section ends where the next `## ` heading starts.
-            let after = start + HEADING.len();
+            let after = start + heading.len();
             let end = doc[after..]
                 .find("\n## ")
                 .map_or(doc.len(), |offset| after + offset + 1);

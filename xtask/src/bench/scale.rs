@@ -10,6 +10,7 @@
 //!   after one answered request: what each costs the agent in resident memory and in heap
 //!   (the kernel's socket buffers are not the agent's, and not counted).
 
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -19,11 +20,19 @@ use mesh_tests::{agent, world::World, PodProcess};
 use serde::Serialize;
 
 use super::{
+    chart::{self, Curve},
     cpu, proxies,
     report::Machine,
     request_cost::{self, HelloNode, RequestCost, Upstream},
     topology::Binaries,
 };
+
+/// Where `--scale` writes its section of `docs/performance.md`.
+pub const HEADING: &str = "## Scale: `cargo xtask bench --scale`";
+/// Issue 18's targets: per-request instructions within ± 5 % from the smallest size to the
+/// largest; ≤ 4 KiB per idle connection.
+const FLAT: f64 = 0.05;
+const IDLE_BYTES: f64 = 4096.0;
 
 /// The sizes measured: services besides `hello`.
 const SERVICES: [usize; 4] = [0, 10, 100, 1_000];
@@ -39,6 +48,111 @@ pub struct Scale {
 }
 
 impl Scale {
+    /// The section of `docs/performance.md`: the method, the machine, both tables, the targets
+    /// met or not, and the chart `performance-scale.svg`.
+    pub fn markdown(&self) -> String {
+        let m = &self.machine;
+        let mut out = format!(
+            "{HEADING}\n\n\
+             How the agent's costs grow with what a node holds (issue 18). Run by hand (about 2 \
+             minutes after the release build); each part runs on a node of its own with \
+             `--request-cost`'s `hello` service (90/10, retries, outlier detection). Beside it the \
+             folder holds a world of Services (ten endpoints each, five of them Pods, a tenth of the \
+             services routed 90/10: `mesh_tests::world`). Instructions and allocations per request \
+             are counted by callgrind (exact, whatever the machine does); the start-up time and the \
+             memory come from a second agent run natively: from its start to `/ready`, then resident \
+             memory and heap in use after 1,000 requests and a heap trim. Written by the command; \
+             the figures are read in the next section.\n\n\
+             Machine: {} × {} (`nproc` {}), Linux `{}`, {}, commit `{}`.\n\n\
+             ![per-request instructions, start-up and heap against the number of services](performance-scale.svg)\n\n\
+             | services (endpoints, pods) | instructions per request | allocations per request | start to ready | RSS | heap in use |\n\
+             | --- | --- | --- | --- | --- | --- |\n",
+            m.cpus, m.model, m.cpus, m.kernel, m.date, m.commit
+        );
+        for size in &self.config {
+            let _ = writeln!(
+                out,
+                "| {} ({}, {}) | {} | {:.1} | {} ms | {:.1} MiB | {:.1} MiB |",
+                thousands(size.services as u64),
+                thousands(size.endpoints as u64),
+                thousands(size.pods as u64),
+                thousands(size.cost.instructions_per_request.round() as u64),
+                size.cost.allocations_per_request,
+                size.ready_ms,
+                size.rss_kib as f64 / 1024.0,
+                size.heap_allocated_bytes as f64 / (1 << 20) as f64,
+            );
+        }
+        let idle = &self.idle;
+        let _ = write!(
+            out,
+            "\nIdle keep-alive connections (`hog idle --idle-keepalive`, from one pod: each sends \
+             one GET and reads its answer before the next opens, so the agent holds idle \
+             downstream connections; {} descriptors added):\n\n\
+             | connections | resident per connection | heap per connection |\n\
+             | --- | --- | --- |\n\
+             | {} | {:.1} KiB | {:.1} KiB |\n\n",
+            thousands(idle.descriptors_added),
+            thousands(idle.connections),
+            idle.rss_bytes_per_connection() / 1024.0,
+            idle.heap_bytes_per_connection() / 1024.0,
+        );
+        let drift = self.drift();
+        let met = |ok: bool| if ok { "met" } else { "**not met**" };
+        let _ = write!(
+            out,
+            "Targets (issue 18):\n\n\
+             - per-request instructions flat (± {:.0} %) from the smallest size to the largest: \
+             {:+.1} %, {};\n\
+             - ≤ 4 KiB per idle connection: {:.1} KiB of heap, {}.\n\n\
+             Reproduce: `cargo xtask bench --scale` (raw figures in \
+             `target/bench/scale-<date>.json`).\n\n",
+            FLAT * 100.0,
+            drift * 100.0,
+            met(drift.abs() <= FLAT),
+            idle.heap_bytes_per_connection() / 1024.0,
+            met(idle.heap_bytes_per_connection() <= IDLE_BYTES),
+        );
+        out
+    }
+
+    /// The chart: per-request instructions, start to ready and heap in use against services.
+    pub fn svg(&self) -> String {
+        let points = |figure: fn(&ConfigSize) -> f64| {
+            self.config
+                .iter()
+                .map(|size| (size.services as f64, figure(size)))
+                .collect()
+        };
+        chart::curves(&[
+            Curve {
+                title: "Instructions per request (callgrind); across: services in the folder, log scale",
+                points: points(|s| s.cost.instructions_per_request),
+                format: |v| thousands(v.round() as u64),
+            },
+            Curve {
+                title: "Start to ready, ms",
+                points: points(|s| s.ready_ms as f64),
+                format: |v| format!("{v:.0}"),
+            },
+            Curve {
+                title: "Heap in use after 1,000 requests, MiB",
+                points: points(|s| s.heap_allocated_bytes as f64 / (1 << 20) as f64),
+                format: |v| format!("{v:.1}"),
+            },
+        ])
+    }
+
+    /// Per-request instructions at the largest size against the smallest, as a fraction.
+    fn drift(&self) -> f64 {
+        match (self.config.first(), self.config.last()) {
+            (Some(small), Some(large)) => {
+                large.cost.instructions_per_request / small.cost.instructions_per_request - 1.0
+            }
+            _ => 0.0,
+        }
+    }
+
     /// `target/bench/scale-<date>.json`.
     pub fn write_json(&self, root: &Path) -> Result<PathBuf> {
         let dir = root.join("target/bench");
@@ -261,4 +375,30 @@ fn metric(hello: &HelloNode, prefix: &str) -> Result<f64> {
         .collect();
     ensure!(!values.is_empty(), "no {prefix:?} on /metrics");
     Ok(values.iter().sum())
+}
+
+/// `44854` → `44,854`.
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, digit) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(digit);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::thousands;
+
+    #[test]
+    fn thousands_are_separated_by_commas() {
+        assert_eq!(thousands(7), "7");
+        assert_eq!(thousands(1_001), "1,001");
+        assert_eq!(thousands(44_854), "44,854");
+        assert_eq!(thousands(10_002_000), "10,002,000");
+    }
 }

@@ -42,11 +42,7 @@ use crate::{
         plaintext::{self, PlaintextPod},
     },
     proxy::{upstream::Dialer, PodContext, Proxy},
-    redirect::{
-        capture::{self, PlaintextPolicy},
-        netns::NetNs,
-        Redirect, RedirectError,
-    },
+    redirect::{addresses, capture::PlaintextPolicy, netns::NetNs, Redirect, RedirectError},
     state::Snapshot,
 };
 
@@ -539,15 +535,14 @@ impl Enrollments {
             return Ok(());
         };
         let pod = &entry.pod;
-        let addresses =
-            entry
-                .netns
-                .run(capture::own_addresses)
-                .map_err(|source| EnrollError::Netns {
-                    pod: pod.name.clone(),
-                    path: pod.netns.clone(),
-                    source,
-                })?;
+        let addresses = entry
+            .netns
+            .run(addresses::own_addresses)
+            .map_err(|source| EnrollError::Netns {
+                pod: pod.name.clone(),
+                path: pod.netns.clone(),
+                source,
+            })?;
         let policy = plaintext_policy(&hbone.store().snapshot(), &pod.namespace, &pod.name);
         capture.capture(
             &entry.netns,

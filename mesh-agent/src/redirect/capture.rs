@@ -29,6 +29,7 @@ use mesh_common::{
 };
 
 use super::{
+    addresses::own_addresses,
     error::RedirectError,
     link::{self, Hook},
     netns::NetNs,
@@ -387,19 +388,6 @@ fn prune_defunct(dir: &Path) {
             let _ = std::fs::remove_file(&path);
         }
     }
-}
-
-/// The IPv4 addresses of the calling thread's network namespace, loopback excepted.
-pub fn own_addresses() -> io::Result<Vec<Ipv4Addr>> {
-    let mut addresses: Vec<Ipv4Addr> = nix::ifaddrs::getifaddrs()?
-        .filter_map(|interface| {
-            let ip = interface.address?.as_sockaddr_in()?.ip();
-            (!ip.is_loopback()).then_some(ip)
-        })
-        .collect();
-    addresses.sort_unstable();
-    addresses.dedup();
-    Ok(addresses)
 }
 
 /// The node addresses the kernel's map can hold: the first [`NODE_ADDRESSES_CAPACITY`]. A

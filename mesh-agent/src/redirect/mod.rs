@@ -3,6 +3,7 @@
 //! `REDIRECT` rules in each pod's namespace (`iptables`, the fallback for kernels without cgroup
 //! BPF hooks).
 
+pub mod addresses;
 pub mod capture;
 pub mod ebpf;
 #[cfg(test)]

@@ -38,8 +38,9 @@ pub struct Args {
     /// Seconds per load shape [default: 4, or 2 with --quick].
     #[arg(long)]
     seconds: Option<u32>,
-    /// Smoke check: one round, 2 s per shape, no single-connection shape; asserts only that
-    /// every scenario answered without errors, and writes only the JSON (not the docs).
+    /// Smoke check: one round, 2 s per shape, no single-connection shape, then a tiny
+    /// `--scale`; asserts only that every scenario answered without errors, and writes only the
+    /// JSON (not the docs).
     #[arg(long)]
     quick: bool,
     /// Run only these scenarios (repeatable), e.g. `--only direct --only mesh-l7` while
@@ -53,10 +54,11 @@ pub struct Args {
     /// change to the request path; no rounds, no peers, the docs are left alone.
     #[arg(long, conflicts_with_all = ["quick", "only"])]
     request_cost: bool,
-    /// Measure only how the agent's costs grow with a node's size (by hand, ~2 min after the
+    /// Measure only how the agent's costs grow with a node's size (by hand, ~4 min after the
     /// release build): the cost per request under callgrind, the start-up time and the memory
-    /// with 1 to 1,001 services in the folder (10,000 endpoints and 5,000 pods at the largest),
-    /// and the memory per idle keep-alive connection (10,000); no rounds, no peers; writes its
+    /// with 1 to 1,001 services in the folder (10,000 endpoints and 5,000 pods at the largest);
+    /// the time, memory and kernel maps per enrolled pod (3 to 503) and the hop's cost with
+    /// them; the memory per idle keep-alive connection (10,000); no rounds, no peers; writes its
     /// own section of docs/performance.md and docs/performance-scale.svg.
     #[arg(long, conflicts_with_all = ["quick", "only", "request_cost"])]
     scale: bool,
@@ -76,7 +78,8 @@ pub enum Mode {
     /// `cargo xtask bench`: every shape, `--rounds` rounds, request cost; rewrites the docs.
     Full,
     /// `cargo xtask bench --quick`, by hand: one round of 2 s shapes (no single connection) on
-    /// release binaries, request cost included: figures worth a glance, written to JSON only.
+    /// release binaries, request cost and a tiny `--scale` included: figures worth a glance,
+    /// written to JSON only.
     Quick,
     /// The end of `cargo xtask test`: does the harness still work, not how fast anything is.
     /// It runs the debug binaries CI has just built and only wrk's shapes (throughput, churn),
@@ -179,7 +182,7 @@ pub fn run(args: Args) -> Result<()> {
     if args.scale {
         let binaries = mode.build(&root)?;
         mesh_tests::set_echo(false);
-        let scale = scale::run(&root, &binaries, 20_000)?;
+        let scale = scale::run(&root, &binaries, &scale::Sizes::FULL)?;
         println!("raw figures: {}", scale.write_json(&root)?.display());
         std::fs::write(root.join("docs/performance-scale.svg"), scale.svg())?;
         report::write_section(&root, scale::HEADING, &scale.markdown())?;
@@ -213,7 +216,7 @@ pub fn run(args: Args) -> Result<()> {
             &root.join("target/bench").join(folder),
             requests,
             upstream,
-            None,
+            request_cost::Beside::default(),
         )
         .with_context(|| format!("measuring the cost per request, {upstream:?} upstream"))?;
         println!(
@@ -330,6 +333,11 @@ pub fn run(args: Args) -> Result<()> {
     if mode != Mode::Full {
         if !failed.is_empty() {
             bail!("scenarios with errors: {failed:?}");
+        }
+        if mode == Mode::Quick {
+            println!("a tiny `--scale`:");
+            let scale = scale::run(&root, &binaries, &scale::Sizes::TINY)?;
+            println!("raw figures: {}", scale.write_json(&root)?.display());
         }
         println!(
             "{}: every scenario answered without errors; nothing left behind",

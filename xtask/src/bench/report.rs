@@ -503,7 +503,7 @@ Reproduce (as root):
 ```sh
 cargo xtask bench --rounds {rounds} --seconds {s}   # this run; rewrites this section
 cargo xtask bench                          # the defaults: 5 rounds, 4 s per load shape
-cargo xtask bench --quick                  # smoke check: one round, 2 s, no single-connection shape
+cargo xtask bench --quick                  # smoke check: one round, 2 s, no single-connection shape, a tiny --scale
 ```
 
 Raw figures of every run: `target/bench/<date>.json`.

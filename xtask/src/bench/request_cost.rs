@@ -104,17 +104,26 @@ pub struct RequestCost {
     pub profile: PathBuf,
 }
 
+/// What the node holds beside `hello`: a world of objects in the agent's folder, and idle pods
+/// (`idle-1`, `idle-2`, ...) that the agent enrolls once it is ready.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Beside<'w> {
+    pub world: Option<&'w World>,
+    pub pods: usize,
+}
+
 pub fn measure(
     agent_bin: &Path,
     upstream_bin: &Path,
     out_dir: &Path,
     requests: u64,
     upstream: Upstream,
-    world: Option<&World>,
+    beside: Beside,
 ) -> Result<RequestCost> {
     let _ = std::fs::remove_dir_all(out_dir);
     std::fs::create_dir_all(out_dir)?;
-    let hello = HelloNode::start(agent_bin, upstream_bin, out_dir, upstream, world)?;
+    let hello = HelloNode::start(agent_bin, upstream_bin, out_dir, upstream, beside.world)?;
+    let idle_pods = hello.add_idle_pods(beside.pods)?;
     let mut command = Command::new("valgrind");
     command
         .args(["--tool=callgrind", "--dump-instr=no"])
@@ -125,6 +134,9 @@ pub fn measure(
         .arg(agent_bin);
     let mut agent = hello.spawn_agent(command)?;
     wait_ready(&hello.node, &agent)?;
+    for pod in &idle_pods {
+        hello.enroll(pod)?;
+    }
 
     let warm_up = hello.get(requests / 10)?;
     ensure!(warm_up["errors"] == 0, "warm-up failed: {warm_up}");
@@ -178,6 +190,7 @@ pub(super) struct HelloNode {
     _servers: [PodProcess; 2],
     _config: ConfigDir,
     agent_args: Vec<OsString>,
+    admin_socket: PathBuf,
     url: String,
     upstream_bin: PathBuf,
 }
@@ -216,6 +229,8 @@ impl HelloNode {
             for labels in &mut labels {
                 labels.push(IN_MESH);
             }
+            // A throwaway CA: a run's certificates need not outlive it.
+            let _ = std::fs::remove_dir_all(&ca);
             mesh_tests::ca_init(agent_bin, &ca)?;
         }
         config.service(
@@ -258,7 +273,8 @@ impl HelloNode {
         };
         // Not the default sockets, which an agent running on this machine may hold (and the
         // default handover socket would have this agent take over from that one).
-        agent_args.extend(["--admin-socket".into(), temp("request-cost.sock")]);
+        let admin_socket = PathBuf::from(temp("request-cost.sock"));
+        agent_args.extend(["--admin-socket".into(), admin_socket.clone().into()]);
         agent_args.extend([
             "--handover-socket".into(),
             temp("request-cost.handover.sock"),
@@ -283,6 +299,7 @@ impl HelloNode {
             _servers: servers,
             _config: config,
             agent_args,
+            admin_socket,
             url,
             upstream_bin: upstream_bin.to_owned(),
         })
@@ -293,6 +310,39 @@ impl HelloNode {
     pub fn spawn_agent(&self, mut command: Command) -> Result<PodProcess> {
         command.args(&self.agent_args);
         self.node.spawn_on_node(command)
+    }
+
+    /// `count` pods `idle-1` to `idle-<count>`, serving nothing, for the agent to enroll.
+    pub fn add_idle_pods(&self, count: usize) -> Result<Vec<Pod>> {
+        let first = self
+            .node
+            .pods()
+            .iter()
+            .filter(|pod| pod.name().starts_with("idle-"))
+            .count()
+            + 1;
+        (first..first + count)
+            .map(|n| self.node.add_pod(&format!("idle-{n}")))
+            .collect()
+    }
+
+    /// Enrolls `pod` through the agent's admin socket (`POST /pods`), as at run time on a node.
+    pub fn enroll(&self, pod: &Pod) -> Result<()> {
+        let body = serde_json::json!({ "name": pod.name(), "netns": pod.netns_path() });
+        let headers = [("Content-Type", "application/json")];
+        let (status, answer) = mesh_tests::http::request_unix(
+            &self.admin_socket,
+            "POST",
+            "/pods",
+            &headers,
+            &body.to_string(),
+        )?;
+        ensure!(
+            status == 200,
+            "enrolling {} answered {status}: {answer}",
+            pod.name()
+        );
+        Ok(())
     }
 
     /// `count` keep-alive GETs of the service from the client pod; the client's summary.

@@ -6,9 +6,15 @@
 //!   allocations per request under callgrind (as `--request-cost`, `mesh-l7`'s path), and, from
 //!   a second agent run natively, the time from its start to ready (reading and compiling the
 //!   folder is most of it) and its memory after a thousand requests.
+//! - **Enrolled pods**: idle pods enrolled one by one through the admin socket, up to 500, with
+//!   the pods in the mesh (a CA: each pod gets a tunnel and an inbound listener too): how long
+//!   each enrollment takes, the agent's memory and its kernel maps' at each step, and the
+//!   `mesh-mtls` hop's instructions per request with none and with all of them enrolled.
 //! - **Idle keep-alive connections**: 10,000 downstream HTTP/1.1 connections from one pod, each
 //!   after one answered request: what each costs the agent in resident memory and in heap
 //!   (the kernel's socket buffers are not the agent's, and not counted).
+//!
+//! `--quick` runs a tiny version ([`Sizes::TINY`]) and keeps its figures in JSON only.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -23,20 +29,47 @@ use super::{
     chart::{self, Curve},
     cpu, proxies,
     report::Machine,
-    request_cost::{self, HelloNode, RequestCost, Upstream},
+    request_cost::{self, Beside, HelloNode, RequestCost, Upstream},
     topology::Binaries,
 };
 
 /// Where `--scale` writes its section of `docs/performance.md`.
 pub const HEADING: &str = "## Scale: `cargo xtask bench --scale`";
 /// Issue 18's targets: per-request instructions within ± 5 % from the smallest size to the
-/// largest; ≤ 4 KiB per idle connection.
+/// largest; ≤ 4 KiB per idle connection; ≤ 50 KiB per enrolled pod.
 const FLAT: f64 = 0.05;
 const IDLE_BYTES: f64 = 4096.0;
+const POD_BYTES: f64 = 50.0 * 1024.0;
 
-/// The sizes measured: services besides `hello`.
-const SERVICES: [usize; 4] = [0, 10, 100, 1_000];
-const IDLE_CONNECTIONS: u64 = 10_000;
+/// How much a run measures.
+pub struct Sizes {
+    /// Services besides `hello`.
+    pub services: &'static [usize],
+    /// Idle pods enrolled besides the client and `hello`'s two, in steps.
+    pub pods: &'static [usize],
+    pub idle_connections: u64,
+    /// Requests counted under callgrind for each cost per request.
+    pub requests: u64,
+}
+
+impl Sizes {
+    /// `cargo xtask bench --scale`: what issue 18 names.
+    pub const FULL: Sizes = Sizes {
+        services: &[0, 10, 100, 1_000],
+        pods: &[0, 10, 100, 500],
+        idle_connections: 10_000,
+        requests: 20_000,
+    };
+    /// The glance `cargo xtask bench --quick` takes.
+    pub const TINY: Sizes = Sizes {
+        services: &[0, 100],
+        // Per pod is read over the last step: the first is still settling from the warm-up
+        // (idle tunnels close).
+        pods: &[0, 10, 60],
+        idle_connections: 1_000,
+        requests: 2_000,
+    };
+}
 /// The heap is trimmed every 5 s (`mesh_agent::heap`): memory is read after one.
 const SETTLE: Duration = Duration::from_secs(6);
 
@@ -44,6 +77,7 @@ const SETTLE: Duration = Duration::from_secs(6);
 pub struct Scale {
     pub machine: Machine,
     pub config: Vec<ConfigSize>,
+    pub pods: EnrolledPods,
     pub idle: IdleConnections,
 }
 
@@ -54,7 +88,7 @@ impl Scale {
         let m = &self.machine;
         let mut out = format!(
             "{HEADING}\n\n\
-             How the agent's costs grow with what a node holds (issue 18). Run by hand (about 2 \
+             How the agent's costs grow with what a node holds (issue 18). Run by hand (about 6 \
              minutes after the release build); each part runs on a node of its own with \
              `--request-cost`'s `hello` service (90/10, retries, outlier detection). Beside it the \
              folder holds a world of Services (ten endpoints each, five of them Pods, a tenth of the \
@@ -83,6 +117,43 @@ impl Scale {
                 size.heap_allocated_bytes as f64 / (1 << 20) as f64,
             );
         }
+        let pods = &self.pods;
+        let _ = write!(
+            out,
+            "\nEnrolled pods (idle pods enrolled one by one through the admin socket, beside the \
+             client and `hello`'s two, all in the mesh: each gets the agent's outbound, tunnel and \
+             inbound listeners in its namespace; kernel maps: the `memlock` of every BPF map the \
+             agent holds, from `/proc/<pid>/fdinfo`):\n\n\
+             | pods enrolled | enrollment, mean per pod | RSS | heap in use | kernel maps |\n\
+             | --- | --- | --- | --- | --- |\n"
+        );
+        for step in &pods.steps {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {:.1} MiB | {:.1} MiB | {:.1} MiB |",
+                thousands(step.pods as u64),
+                milliseconds(step.enroll_ms_per_pod),
+                step.rss_kib as f64 / 1024.0,
+                step.heap_allocated_bytes as f64 / (1 << 20) as f64,
+                step.bpf_map_bytes as f64 / (1 << 20) as f64,
+            );
+        }
+        let _ = write!(
+            out,
+            "\nPer pod, over the last step ({} to {} pods): {:.1} KiB resident, {:.1} KiB of heap, \
+             {:.0} bytes of kernel maps. The `mesh-mtls` hop (both ends in this agent) costs {} \
+             instructions per request with {} pods enrolled and {} with {} ({:+.1} %).\n",
+            pods.steps.iter().rev().nth(1).map_or(0, |step| step.pods),
+            pods.most(),
+            pods.rss_bytes_per_pod() / 1024.0,
+            pods.heap_bytes_per_pod() / 1024.0,
+            pods.bpf_map_bytes_per_pod(),
+            thousands(pods.cost_fewest.instructions_per_request.round() as u64),
+            pods.fewest(),
+            thousands(pods.cost_most.instructions_per_request.round() as u64),
+            pods.most(),
+            pods.cost_drift() * 100.0,
+        );
         let idle = &self.idle;
         let _ = write!(
             out,
@@ -104,12 +175,20 @@ impl Scale {
             "Targets (issue 18):\n\n\
              - per-request instructions flat (± {:.0} %) from the smallest size to the largest: \
              {:+.1} %, {};\n\
+             - ≤ 50 KiB per enrolled pod: {:.1} KiB of heap, {:.1} KiB resident, {};\n\
+             - the hop's cost unchanged (± {:.0} %) as pods are enrolled: {:+.1} %, {};\n\
              - ≤ 4 KiB per idle connection: {:.1} KiB of heap, {}.\n\n\
              Reproduce: `cargo xtask bench --scale` (raw figures in \
              `target/bench/scale-<date>.json`).\n\n",
             FLAT * 100.0,
             drift * 100.0,
             met(drift.abs() <= FLAT),
+            pods.heap_bytes_per_pod() / 1024.0,
+            pods.rss_bytes_per_pod() / 1024.0,
+            met(pods.heap_bytes_per_pod().max(pods.rss_bytes_per_pod()) <= POD_BYTES),
+            FLAT * 100.0,
+            pods.cost_drift() * 100.0,
+            met(pods.cost_drift().abs() <= FLAT),
             idle.heap_bytes_per_connection() / 1024.0,
             met(idle.heap_bytes_per_connection() <= IDLE_BYTES),
         );
@@ -138,6 +217,19 @@ impl Scale {
             Curve {
                 title: "Heap in use after 1,000 requests, MiB",
                 points: points(|s| s.heap_allocated_bytes as f64 / (1 << 20) as f64),
+                format: |v| format!("{v:.1}"),
+            },
+            Curve {
+                title: "Heap in use, MiB; across: pods enrolled, log scale",
+                points: self
+                    .pods
+                    .steps
+                    .iter()
+                    .map(|step| {
+                        let mib = step.heap_allocated_bytes as f64 / (1 << 20) as f64;
+                        (step.pods as f64, mib)
+                    })
+                    .collect(),
                 format: |v| format!("{v:.1}"),
             },
         ])
@@ -178,6 +270,64 @@ pub struct ConfigSize {
 }
 
 #[derive(Debug, Serialize)]
+pub struct EnrolledPods {
+    pub steps: Vec<PodsStep>,
+    /// `mesh-mtls`'s cost per request with the fewest pods enrolled, and with the most.
+    pub cost_fewest: RequestCost,
+    pub cost_most: RequestCost,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PodsStep {
+    /// Pods enrolled, the client and `hello`'s two included.
+    pub pods: usize,
+    /// The mean time of this step's enrollments, each a `POST /pods` answered; none for a step
+    /// that enrolls none.
+    pub enroll_ms_per_pod: Option<f64>,
+    pub rss_kib: u64,
+    pub heap_allocated_bytes: u64,
+    /// The `memlock` of every BPF map the agent holds.
+    pub bpf_map_bytes: u64,
+}
+
+impl EnrolledPods {
+    fn fewest(&self) -> usize {
+        self.steps.first().map_or(0, |step| step.pods)
+    }
+
+    fn most(&self) -> usize {
+        self.steps.last().map_or(0, |step| step.pods)
+    }
+
+    /// What one more pod costs, over the last step: the most pods enrolled at once, and the
+    /// furthest from the agent's warm-up.
+    fn per_pod(&self, figure: fn(&PodsStep) -> f64) -> f64 {
+        match self.steps.as_slice() {
+            [.., first, last] if last.pods > first.pods => {
+                (figure(last) - figure(first)).max(0.0) / (last.pods - first.pods) as f64
+            }
+            _ => 0.0,
+        }
+    }
+
+    pub fn rss_bytes_per_pod(&self) -> f64 {
+        self.per_pod(|step| (step.rss_kib * 1024) as f64)
+    }
+
+    pub fn heap_bytes_per_pod(&self) -> f64 {
+        self.per_pod(|step| step.heap_allocated_bytes as f64)
+    }
+
+    pub fn bpf_map_bytes_per_pod(&self) -> f64 {
+        self.per_pod(|step| step.bpf_map_bytes as f64)
+    }
+
+    fn cost_drift(&self) -> f64 {
+        self.cost_most.instructions_per_request / self.cost_fewest.instructions_per_request - 1.0
+    }
+}
+
+#[derive(Debug, Serialize)]
 pub struct IdleConnections {
     pub connections: u64,
     pub rss_kib_before: u64,
@@ -201,22 +351,28 @@ impl IdleConnections {
     }
 }
 
-pub fn run(root: &Path, binaries: &Binaries, requests: u64) -> Result<Scale> {
+pub fn run(root: &Path, binaries: &Binaries, sizes: &Sizes) -> Result<Scale> {
     let out_dir = &root.join("target/bench/scale");
     let mut config = Vec::new();
-    for services in SERVICES {
+    for &services in sizes.services {
         let world = world(services);
         println!("config size: {} services besides hello", services);
+        let beside = Beside {
+            world: world.as_ref(),
+            pods: 0,
+        };
         let cost = request_cost::measure(
             &binaries.agent,
             &binaries.upstream,
             &out_dir.join(format!("request-cost-{services}")),
-            requests,
+            sizes.requests,
             Upstream::Plain,
-            world.as_ref(),
+            beside,
         )
         .with_context(|| format!("the cost per request with {services} more services"))?;
-        let (ready, rss_kib, heap_allocated_bytes) = footprint(binaries, out_dir, world.as_ref())?;
+        let (hello, mut agent, ready) = warm_agent(binaries, out_dir, Upstream::Plain, beside)?;
+        let (rss_kib, heap_allocated_bytes) = memory(&hello, &agent)?;
+        agent.stop(Duration::from_secs(10))?;
         let size = ConfigSize {
             services: services + 1,
             endpoints: world.map_or(0, |w| w.endpoints()) + 2,
@@ -237,17 +393,30 @@ pub fn run(root: &Path, binaries: &Binaries, requests: u64) -> Result<Scale> {
         );
         config.push(size);
     }
-    println!("idle keep-alive connections: {IDLE_CONNECTIONS}");
-    let idle = idle_connections(binaries, out_dir, IDLE_CONNECTIONS)?;
+    println!("idle keep-alive connections: {}", sizes.idle_connections);
+    let idle = idle_connections(binaries, out_dir, sizes.idle_connections)?;
     println!(
         "  {:.0} bytes resident and {:.0} bytes of heap per connection; {} descriptors added",
         idle.rss_bytes_per_connection(),
         idle.heap_bytes_per_connection(),
         idle.descriptors_added
     );
+    // Last: its hundreds of namespaces take the kernel a while to tear down, which slows
+    // every namespace made meanwhile (and so the start-up times above, if they came after).
+    let pods = enrolled_pods(binaries, out_dir, sizes)?;
+    println!(
+        "  per pod: {:.0} bytes resident, {:.0} bytes of heap, {:.0} bytes of kernel maps; \
+         mesh-mtls {:.0} → {:.0} instructions per request",
+        pods.rss_bytes_per_pod(),
+        pods.heap_bytes_per_pod(),
+        pods.bpf_map_bytes_per_pod(),
+        pods.cost_fewest.instructions_per_request,
+        pods.cost_most.instructions_per_request,
+    );
     Ok(Scale {
         machine: Machine::probe(root),
         config,
+        pods,
         idle,
     })
 }
@@ -261,17 +430,78 @@ fn world(services: usize) -> Option<World> {
     })
 }
 
-/// The agent run natively with `world` in its folder: how long it took to be ready, then its
-/// resident memory and heap.
-fn footprint(
-    binaries: &Binaries,
-    out_dir: &Path,
-    world: Option<&World>,
-) -> Result<(Duration, u64, u64)> {
-    let (hello, mut agent, ready) = warm_agent(binaries, out_dir, world)?;
-    let memory = memory(&hello, &agent)?;
+/// Idle pods enrolled in steps into a native agent with its pods in the mesh: the time each
+/// enrollment takes and the memory at each step; then `mesh-mtls`'s cost per request under
+/// callgrind with the fewest and the most pods.
+fn enrolled_pods(binaries: &Binaries, out_dir: &Path, sizes: &Sizes) -> Result<EnrolledPods> {
+    let (fewest, most) = match sizes.pods {
+        [first, .., last] => (*first, *last),
+        _ => anyhow::bail!("enrolled pods: at least two steps"),
+    };
+    let (hello, mut agent, _) = warm_agent(binaries, out_dir, Upstream::Tunnel, Beside::default())?;
+    // The client and `hello`'s two.
+    let hello_pods = hello.node.pods().len();
+    let mut steps = Vec::new();
+    let mut enrolled = 0;
+    for &step in sizes.pods {
+        println!("enrolled pods: {step} besides the client and hello's two");
+        let pods = hello.add_idle_pods(step - enrolled)?;
+        let started = Instant::now();
+        for pod in &pods {
+            hello.enroll(pod)?;
+        }
+        let took = started.elapsed();
+        enrolled = step;
+        let listed = agent::admin_request(&hello.node.netns_path(), "GET", "/pods", "")?;
+        let listed: serde_json::Value = serde_json::from_str(&listed.1)?;
+        ensure!(
+            listed.as_array().map(Vec::len) == Some(hello_pods + step),
+            "the agent does not list {} pods: {listed}",
+            hello_pods + step
+        );
+        std::thread::sleep(SETTLE);
+        let (rss_kib, heap_allocated_bytes) = memory(&hello, &agent)?;
+        let step = PodsStep {
+            pods: hello_pods + step,
+            enroll_ms_per_pod: (!pods.is_empty())
+                .then(|| took.as_secs_f64() * 1e3 / pods.len() as f64),
+            rss_kib,
+            heap_allocated_bytes,
+            bpf_map_bytes: bpf_map_bytes(agent.pid())?,
+        };
+        println!(
+            "  {} per enrollment; RSS {} KiB, heap {} KiB, kernel maps {} KiB",
+            milliseconds(step.enroll_ms_per_pod),
+            step.rss_kib,
+            step.heap_allocated_bytes / 1024,
+            step.bpf_map_bytes / 1024
+        );
+        steps.push(step);
+    }
+    let after = hello.get(1_000)?;
+    ensure!(
+        after["errors"] == 0,
+        "requests failed with {most} pods enrolled: {after}"
+    );
     agent.stop(Duration::from_secs(10))?;
-    Ok((ready, memory.0, memory.1))
+    drop(hello);
+    let cost = |pods: usize| {
+        println!("mesh-mtls under callgrind with {pods} idle pods enrolled");
+        request_cost::measure(
+            &binaries.agent,
+            &binaries.upstream,
+            &out_dir.join(format!("request-cost-pods-{pods}")),
+            sizes.requests,
+            Upstream::Tunnel,
+            Beside { world: None, pods },
+        )
+        .with_context(|| format!("the cost per request with {pods} idle pods enrolled"))
+    };
+    Ok(EnrolledPods {
+        steps,
+        cost_fewest: cost(fewest)?,
+        cost_most: cost(most)?,
+    })
 }
 
 /// `connections` idle keep-alive connections from the client pod, each after one answered GET.
@@ -280,7 +510,7 @@ fn idle_connections(
     out_dir: &Path,
     connections: u64,
 ) -> Result<IdleConnections> {
-    let (hello, mut agent, _) = warm_agent(binaries, out_dir, None)?;
+    let (hello, mut agent, _) = warm_agent(binaries, out_dir, Upstream::Plain, Beside::default())?;
     let before = memory(&hello, &agent)?;
     let descriptors_before = open_descriptors(agent.pid())?;
     let mut hog = Command::new(&binaries.hog);
@@ -316,19 +546,21 @@ fn idle_connections(
     })
 }
 
-/// The agent run natively on a node of its own with `world` beside `hello` in its folder,
-/// ready, warmed by 1,000 requests, and a heap trim after them; how long it took to be ready.
+/// The agent run natively on a node of its own (`upstream`, with `beside`'s world in its
+/// folder), ready, warmed by 1,000 requests, and a heap trim after them; how long it took to be
+/// ready.
 fn warm_agent(
     binaries: &Binaries,
     out_dir: &Path,
-    world: Option<&World>,
+    upstream: Upstream,
+    beside: Beside,
 ) -> Result<(HelloNode, PodProcess, Duration)> {
     let hello = HelloNode::start(
         &binaries.agent,
         &binaries.upstream,
         out_dir,
-        Upstream::Plain,
-        world,
+        upstream,
+        beside.world,
     )?;
     let started = Instant::now();
     let agent = hello.spawn_agent(Command::new(&binaries.agent))?;
@@ -338,6 +570,27 @@ fn warm_agent(
     ensure!(warm_up["errors"] == 0, "requests failed: {warm_up}");
     std::thread::sleep(SETTLE);
     Ok((hello, agent, ready))
+}
+
+/// The `memlock` of every BPF map `pid` holds a descriptor of (each map once).
+fn bpf_map_bytes(pid: u32) -> Result<u64> {
+    let mut maps = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
+        // A descriptor closed while the directory is read is no map.
+        let Ok(info) = std::fs::read_to_string(entry?.path()) else {
+            continue;
+        };
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|line| line.strip_prefix(name))
+                .and_then(|value| value.trim().parse::<u64>().ok())
+        };
+        if let (Some(id), Some(memlock)) = (field("map_id:"), field("memlock:")) {
+            maps.insert(id, memlock);
+        }
+    }
+    ensure!(!maps.is_empty(), "the agent ({pid}) holds no BPF map");
+    Ok(maps.values().sum())
 }
 
 fn open_descriptors(pid: u32) -> Result<u64> {
@@ -362,6 +615,11 @@ fn metric(hello: &HelloNode, prefix: &str) -> Result<f64> {
         .collect();
     ensure!(!values.is_empty(), "no {prefix:?} on /metrics");
     Ok(values.iter().sum())
+}
+
+/// `0.63 ms`, or `–` where nothing was timed.
+fn milliseconds(ms: Option<f64>) -> String {
+    ms.map_or_else(|| "–".to_owned(), |ms| format!("{ms:.2} ms"))
 }
 
 /// `44854` → `44,854`.

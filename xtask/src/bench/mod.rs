@@ -58,8 +58,9 @@ pub struct Args {
     /// release build): the cost per request under callgrind, the start-up time and the memory
     /// with 1 to 1,001 services in the folder (10,000 endpoints and 5,000 pods at the largest);
     /// the time, memory and kernel maps per enrolled pod (3 to 503) and the hop's cost with
-    /// them; the memory per idle keep-alive connection (10,000); no rounds, no peers; writes its
-    /// own section of docs/performance.md and docs/performance-scale.svg.
+    /// them; the memory per idle keep-alive connection (10,000); throughput with `--workers` 1
+    /// and 2; no rounds, no peers; writes its own section of docs/performance.md and
+    /// docs/performance-scale.svg.
     #[arg(long, conflicts_with_all = ["quick", "only", "request_cost"])]
     scale: bool,
     /// Internal: be the benchmark's hello server on PORT=BYTES (repeatable).

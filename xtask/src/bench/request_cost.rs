@@ -265,7 +265,7 @@ impl HelloNode {
 
         let mut agent_args: Vec<OsString> = vec!["run".into(), "--cgroup".into()];
         agent_args.push(node.cgroup_path().into());
-        agent_args.extend(["--admin", agent::ADMIN, "--workers", "1"].map(OsString::from));
+        agent_args.extend(["--admin", agent::ADMIN].map(OsString::from));
         let temp = |suffix: &str| {
             std::env::temp_dir()
                 .join(format!("mesh-bench-{}-{suffix}", std::process::id()))
@@ -305,10 +305,21 @@ impl HelloNode {
         })
     }
 
-    /// Starts the agent on the node: `command` (the agent, or a tool that runs it) with the
-    /// agent's arguments added.
-    pub fn spawn_agent(&self, mut command: Command) -> Result<PodProcess> {
-        command.args(&self.agent_args);
+    /// Starts the agent on the node with one worker: `command` (the agent, or a tool that runs
+    /// it) with the agent's arguments added.
+    pub fn spawn_agent(&self, command: Command) -> Result<PodProcess> {
+        self.spawn_agent_with_workers(command, 1)
+    }
+
+    /// [`Self::spawn_agent`] with `workers` data-path threads.
+    pub fn spawn_agent_with_workers(
+        &self,
+        mut command: Command,
+        workers: usize,
+    ) -> Result<PodProcess> {
+        command
+            .args(&self.agent_args)
+            .args(["--workers", &workers.to_string()]);
         self.node.spawn_on_node(command)
     }
 

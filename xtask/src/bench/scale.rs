@@ -13,6 +13,9 @@
 //! - **Idle keep-alive connections**: 10,000 downstream HTTP/1.1 connections from one pod, each
 //!   after one answered request: what each costs the agent in resident memory and in heap
 //!   (the kernel's socket buffers are not the agent's, and not counted).
+//! - **Cores**: the same requests through an agent with `--workers 1` and `2`: throughput and
+//!   the agent's CPU time per request (nothing pinned: on a two-core machine the client, the
+//!   agent and the servers share both cores).
 //!
 //! `--quick` runs a tiny version ([`Sizes::TINY`]) and keeps its figures in JSON only.
 
@@ -50,6 +53,8 @@ pub struct Sizes {
     pub idle_connections: u64,
     /// Requests counted under callgrind for each cost per request.
     pub requests: u64,
+    /// Requests timed through the agent for each number of workers.
+    pub timed_requests: u64,
 }
 
 impl Sizes {
@@ -59,6 +64,7 @@ impl Sizes {
         pods: &[0, 10, 100, 500],
         idle_connections: 10_000,
         requests: 20_000,
+        timed_requests: 100_000,
     };
     /// The glance `cargo xtask bench --quick` takes.
     pub const TINY: Sizes = Sizes {
@@ -68,6 +74,7 @@ impl Sizes {
         pods: &[0, 10, 60],
         idle_connections: 1_000,
         requests: 2_000,
+        timed_requests: 10_000,
     };
 }
 /// The heap is trimmed every 5 s (`mesh_agent::heap`): memory is read after one.
@@ -79,6 +86,7 @@ pub struct Scale {
     pub config: Vec<ConfigSize>,
     pub pods: EnrolledPods,
     pub idle: IdleConnections,
+    pub workers: Vec<Workers>,
 }
 
 impl Scale {
@@ -168,6 +176,28 @@ impl Scale {
             idle.rss_bytes_per_connection() / 1024.0,
             idle.heap_bytes_per_connection() / 1024.0,
         );
+        let _ = write!(
+            out,
+            "Cores (`--workers`; {} keep-alive GETs on 16 connections from the client pod, timed \
+             around the client's run after a warm-up; nothing pinned: on this machine's {} cores the \
+             client, the agent and the servers share them all):\n\n\
+             | workers | requests per second | agent CPU-µs per request |\n\
+             | --- | --- | --- |\n",
+            self.workers
+                .first()
+                .map_or(String::new(), |w| thousands(w.requests)),
+            m.cpus,
+        );
+        for workers in &self.workers {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {:.1} |",
+                workers.workers,
+                thousands(workers.requests_per_second.round() as u64),
+                workers.agent_cpu_us_per_request,
+            );
+        }
+        out.push('\n');
         let drift = self.drift();
         let met = |ok: bool| if ok { "met" } else { "**not met**" };
         let _ = write!(
@@ -267,6 +297,15 @@ pub struct ConfigSize {
     pub ready_ms: u64,
     pub rss_kib: u64,
     pub heap_allocated_bytes: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Workers {
+    pub workers: usize,
+    pub requests: u64,
+    pub requests_per_second: f64,
+    /// The agent's user and system time over the requests, per request.
+    pub agent_cpu_us_per_request: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -401,6 +440,16 @@ pub fn run(root: &Path, binaries: &Binaries, sizes: &Sizes) -> Result<Scale> {
         idle.heap_bytes_per_connection(),
         idle.descriptors_added
     );
+    let mut workers = Vec::new();
+    for count in [1, 2] {
+        println!("--workers {count}: {} requests", sizes.timed_requests);
+        let timed = timed_workers(binaries, out_dir, count, sizes.timed_requests)?;
+        println!(
+            "  {:.0} requests per second, {:.1} agent CPU-µs per request",
+            timed.requests_per_second, timed.agent_cpu_us_per_request
+        );
+        workers.push(timed);
+    }
     // Last: its hundreds of namespaces take the kernel a while to tear down, which slows
     // every namespace made meanwhile (and so the start-up times above, if they came after).
     let pods = enrolled_pods(binaries, out_dir, sizes)?;
@@ -418,6 +467,7 @@ pub fn run(root: &Path, binaries: &Binaries, sizes: &Sizes) -> Result<Scale> {
         config,
         pods,
         idle,
+        workers,
     })
 }
 
@@ -543,6 +593,42 @@ fn idle_connections(
         heap_allocated_before: before.1,
         heap_allocated_held: held.1,
         descriptors_added: open - descriptors_before,
+    })
+}
+
+/// `requests` GETs through a native agent with `workers` data-path threads, warmed up.
+fn timed_workers(
+    binaries: &Binaries,
+    out_dir: &Path,
+    workers: usize,
+    requests: u64,
+) -> Result<Workers> {
+    let hello = HelloNode::start(
+        &binaries.agent,
+        &binaries.upstream,
+        out_dir,
+        Upstream::Plain,
+        None,
+    )?;
+    let mut agent = hello.spawn_agent_with_workers(Command::new(&binaries.agent), workers)?;
+    request_cost::wait_ready(&hello.node, &agent)?;
+    let warm_up = hello.get(requests / 10)?;
+    ensure!(warm_up["errors"] == 0, "requests failed: {warm_up}");
+    let cpu_before = cpu::process_time(agent.pid())?;
+    let started = Instant::now();
+    let run = hello.get(requests)?;
+    let took = started.elapsed();
+    let cpu = cpu::process_time(agent.pid())? - cpu_before;
+    ensure!(
+        run["errors"] == 0 && run["by_status"]["200"] == requests,
+        "not every request answered 200 with --workers {workers}: {run}"
+    );
+    agent.stop(Duration::from_secs(10))?;
+    Ok(Workers {
+        workers,
+        requests,
+        requests_per_second: requests as f64 / took.as_secs_f64(),
+        agent_cpu_us_per_request: cpu.as_secs_f64() * 1e6 / requests as f64,
     })
 }
 

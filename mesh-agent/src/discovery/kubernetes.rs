@@ -649,12 +649,31 @@ async fn watch_not_implemented(
 
 type Events<K> = std::pin::Pin<Box<dyn Stream<Item = Result<Event<K>, watcher::Error>> + Send>>;
 
+/// `kubectl apply`'s copy of what it last applied: a second copy of the object.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Drops what the API server and `kubectl` keep for their own bookkeeping and nothing here
+/// reads: `managedFields` (a JSON tree per field manager) and `kubectl apply`'s copy of the
+/// object. Often more than half of an object as served; a node's agent holds every Pod,
+/// Service and EndpointSlice of the cluster.
+fn forget_bookkeeping<K: kube::Resource>(object: &mut K) {
+    let metadata = object.meta_mut();
+    metadata.managed_fields = None;
+    if let Some(annotations) = &mut metadata.annotations {
+        annotations.remove(LAST_APPLIED);
+    }
+}
+
 /// A watch that retries with backoff forever.
 fn plain<K>(api: Api<K>) -> Events<K>
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + Debug + Send + 'static,
 {
-    Box::pin(watcher::watcher(api, watcher::Config::default()).default_backoff())
+    Box::pin(
+        watcher::watcher(api, watcher::Config::default())
+            .modify(forget_bookkeeping)
+            .default_backoff(),
+    )
 }
 
 /// A watch whose objects are also kept in a reflector store; each event notifies `changed`.
@@ -671,7 +690,8 @@ where
     let writer = Writer::default();
     let store = writer.as_reader();
     let changed = Arc::clone(changed);
-    let events = reflector::reflector(writer, watcher::watcher(api, watcher::Config::default()))
+    let watch = watcher::watcher(api, watcher::Config::default()).modify(forget_bookkeeping);
+    let events = reflector::reflector(writer, watch)
         .default_backoff()
         .inspect(move |event| {
             if event.is_ok() {
@@ -1059,6 +1079,30 @@ mod tests {
     use hyper_util::rt::TokioIo;
 
     use super::*;
+
+    #[test]
+    fn the_api_servers_and_kubectls_bookkeeping_is_not_kept() {
+        let mut pod: Pod = serde_json::from_value(json!({
+            "metadata": {
+                "name": "b-1",
+                "annotations": {LAST_APPLIED: "{\"kind\":\"Pod\"}", "team": "payments"},
+                "managedFields": [{
+                    "manager": "kubelet",
+                    "operation": "Update",
+                    "fieldsType": "FieldsV1",
+                    "fieldsV1": {"f:status": {"f:podIP": {}}},
+                }],
+            },
+            "spec": {"serviceAccountName": "b", "containers": [{"name": "b"}]},
+        }))
+        .unwrap();
+        forget_bookkeeping(&mut pod);
+        assert_eq!(pod.metadata.managed_fields, None);
+        let annotations = pod.metadata.annotations.as_ref().unwrap();
+        assert_eq!(annotations.keys().collect::<Vec<_>>(), ["team"]);
+        let spec = pod.spec.as_ref().unwrap();
+        assert_eq!(spec.service_account_name.as_deref(), Some("b"));
+    }
 
     /// What the fake API server serves besides `discovery.k8s.io` (at `v1`).
     #[derive(Clone, Copy)]

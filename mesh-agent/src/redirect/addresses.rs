@@ -34,7 +34,7 @@ pub fn own_addresses() -> io::Result<Vec<Ipv4Addr>> {
     socket.send(&buffer, 0)?;
 
     let mut addresses = Vec::new();
-    // The kernel fills at most a page per read of a dump.
+    // The kernel sizes each read of a dump to the reader's buffer (a page at least).
     let mut received = vec![0; 16 * 1024];
     loop {
         let size = socket.recv(&mut &mut received[..], 0)?;

@@ -54,7 +54,7 @@ pub struct Args {
     /// change to the request path; no rounds, no peers, the docs are left alone.
     #[arg(long, conflicts_with_all = ["quick", "only"])]
     request_cost: bool,
-    /// Measure only how the agent's costs grow with a node's size (by hand, ~4 min after the
+    /// Measure only how the agent's costs grow with a node's size (by hand, ~6 min after the
     /// release build): the cost per request under callgrind, the start-up time and the memory
     /// with 1 to 1,001 services in the folder (10,000 endpoints and 5,000 pods at the largest);
     /// the time, memory and kernel maps per enrolled pod (3 to 503) and the hop's cost with

@@ -409,7 +409,8 @@ pub fn run(root: &Path, binaries: &Binaries, sizes: &Sizes) -> Result<Scale> {
             beside,
         )
         .with_context(|| format!("the cost per request with {services} more services"))?;
-        let (hello, mut agent, ready) = warm_agent(binaries, out_dir, Upstream::Plain, beside)?;
+        let (hello, mut agent, ready) =
+            warm_agent(binaries, out_dir, Upstream::Plain, beside.world, 1)?;
         let (rss_kib, heap_allocated_bytes) = memory(&hello, &agent)?;
         agent.stop(Duration::from_secs(10))?;
         let size = ConfigSize {
@@ -488,7 +489,7 @@ fn enrolled_pods(binaries: &Binaries, out_dir: &Path, sizes: &Sizes) -> Result<E
         [first, .., last] => (*first, *last),
         _ => anyhow::bail!("enrolled pods: at least two steps"),
     };
-    let (hello, mut agent, _) = warm_agent(binaries, out_dir, Upstream::Tunnel, Beside::default())?;
+    let (hello, mut agent, _) = warm_agent(binaries, out_dir, Upstream::Tunnel, None, 1)?;
     // The client and `hello`'s two.
     let hello_pods = hello.node.pods().len();
     let mut steps = Vec::new();
@@ -560,7 +561,7 @@ fn idle_connections(
     out_dir: &Path,
     connections: u64,
 ) -> Result<IdleConnections> {
-    let (hello, mut agent, _) = warm_agent(binaries, out_dir, Upstream::Plain, Beside::default())?;
+    let (hello, mut agent, _) = warm_agent(binaries, out_dir, Upstream::Plain, None, 1)?;
     let before = memory(&hello, &agent)?;
     let descriptors_before = open_descriptors(agent.pid())?;
     let mut hog = Command::new(&binaries.hog);
@@ -596,24 +597,14 @@ fn idle_connections(
     })
 }
 
-/// `requests` GETs through a native agent with `workers` data-path threads, warmed up.
+/// `requests` GETs through a warm native agent with `workers` data-path threads.
 fn timed_workers(
     binaries: &Binaries,
     out_dir: &Path,
     workers: usize,
     requests: u64,
 ) -> Result<Workers> {
-    let hello = HelloNode::start(
-        &binaries.agent,
-        &binaries.upstream,
-        out_dir,
-        Upstream::Plain,
-        None,
-    )?;
-    let mut agent = hello.spawn_agent_with_workers(Command::new(&binaries.agent), workers)?;
-    request_cost::wait_ready(&hello.node, &agent)?;
-    let warm_up = hello.get(requests / 10)?;
-    ensure!(warm_up["errors"] == 0, "requests failed: {warm_up}");
+    let (hello, mut agent, _) = warm_agent(binaries, out_dir, Upstream::Plain, None, workers)?;
     let cpu_before = cpu::process_time(agent.pid())?;
     let started = Instant::now();
     let run = hello.get(requests)?;
@@ -632,24 +623,25 @@ fn timed_workers(
     })
 }
 
-/// The agent run natively on a node of its own (`upstream`, with `beside`'s world in its
-/// folder), ready, warmed by 1,000 requests, and a heap trim after them; how long it took to be
-/// ready.
+/// The agent run natively with `workers` data-path threads on a node of its own (`upstream`,
+/// with `world` in its folder), ready, warmed by 1,000 requests, and a heap trim after them;
+/// how long it took to be ready.
 fn warm_agent(
     binaries: &Binaries,
     out_dir: &Path,
     upstream: Upstream,
-    beside: Beside,
+    world: Option<&World>,
+    workers: usize,
 ) -> Result<(HelloNode, PodProcess, Duration)> {
     let hello = HelloNode::start(
         &binaries.agent,
         &binaries.upstream,
         out_dir,
         upstream,
-        beside.world,
+        world,
     )?;
     let started = Instant::now();
-    let agent = hello.spawn_agent(Command::new(&binaries.agent))?;
+    let agent = hello.spawn_agent_with_workers(Command::new(&binaries.agent), workers)?;
     request_cost::wait_ready(&hello.node, &agent)?;
     let ready = started.elapsed();
     let warm_up = hello.get(1_000)?;

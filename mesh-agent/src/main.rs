@@ -285,10 +285,11 @@ struct RunArgs {
 #[command(next_help_heading = "Limits")]
 struct LimitArgs {
     /// Seconds a new HTTP connection has to send its first request head or HTTP/2 preface
-    /// (and an HTTP/1 keep-alive connection its next head).
+    /// (and an HTTP/1 keep-alive connection the rest of a head it has begun).
     #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..), default_value_t = limits::DEFAULT_HTTP_HEADER_TIMEOUT.as_secs())]
     http_header_timeout: u64,
-    /// Seconds an HTTP/2 connection may stay open with no request in flight.
+    /// Seconds an HTTP connection (HTTP/1 keep-alive or HTTP/2) may stay open with no request
+    /// in flight.
     #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..), default_value_t = limits::DEFAULT_HTTP_IDLE_TIMEOUT.as_secs())]
     http_idle_timeout: u64,
     /// Seconds between keep-alive pings on an HTTP/2 client connection.

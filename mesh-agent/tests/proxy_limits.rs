@@ -223,12 +223,53 @@ async fn keep_alive_connections_close_once_idle_not_while_a_request_is_in_flight
     // A request longer than the idle timeout is not cut: the upstream answers after 1.2 s.
     let slow = h2.send(support::get("service-c:8080", "/delay/1200")).await;
     assert_eq!(slow.status, StatusCode::OK);
-    // HTTP/1.1: the same while requests come within the header timeout, which hyper runs
-    // while the connection waits for its next head.
+    // HTTP/1.1: the same.
     let mut h1 = mesh.http1(SERVICE_C).await;
     for _ in 0..3 {
         assert_eq!(h1.get("service-c:8080", "/").await.status, StatusCode::OK);
-        tokio::time::sleep(HEADER_TIMEOUT / 2).await;
+        tokio::time::sleep(IDLE_TIMEOUT / 2).await;
+    }
+}
+
+#[tokio::test]
+async fn an_idle_http1_connection_sleeps_wakes_for_its_next_request_and_closes_when_idle() {
+    // The proxy puts an idle HTTP/1 connection to sleep after a second (half the header
+    // timeout when shorter), giving back hyper's connection and buffers: hyper's header timer
+    // goes with them, so an idle connection closes at the idle timeout, not the header one.
+    let header_timeout = Duration::from_secs(2);
+    let idle_timeout = Duration::from_secs(3);
+    let limits = Limits {
+        http_header_timeout: header_timeout,
+        http_idle_timeout: idle_timeout,
+        ..short_limits()
+    };
+    let (mesh, _upstream) = service_c(limits, "").await;
+    let mut client = mesh.connect(SERVICE_C).await;
+    let request = b"GET / HTTP/1.1\r\nHost: service-c:8080\r\n\r\n";
+    let mut buf = [0u8; 4096];
+    let mut start = Instant::now();
+    for pause in [Duration::from_millis(1500), Duration::ZERO] {
+        // Before the request ends, from which the idle clock runs.
+        start = Instant::now();
+        client.write_all(request).await.unwrap();
+        let n = client.read(&mut buf).await.unwrap();
+        assert!(
+            buf[..n].starts_with(b"HTTP/1.1 200 OK\r\n"),
+            "{:?}",
+            &buf[..n]
+        );
+        // Asleep after one second: the next request wakes it.
+        tokio::time::sleep(pause).await;
+    }
+    let (received, closed) = until_closed(&mut client).await;
+    assert!(received.is_empty(), "{received:?}");
+    closed_in_time("asleep", closed - start, idle_timeout, idle_timeout + SLACK);
+    for (limit, hits) in [("http_idle_timeout", 1.0), ("http_header_timeout", 0.0)] {
+        assert_eq!(
+            mesh.metric("mesh_proxy_limit_hits_total", &[("limit", limit)]),
+            hits,
+            "{limit}"
+        );
     }
 }
 

@@ -6,15 +6,14 @@
 use std::time::Duration;
 
 /// How long a new HTTP connection may take to send its first request head (HTTP/1) or its
-/// whole preface (HTTP/2), and an HTTP/1 connection its next head (hyper starts that timer as
-/// soon as the connection is idle, so it is also HTTP/1's keep-alive idle timeout). Envoy has
-/// no default here (`request_headers_timeout` off) and recommends 10 s at the edge; inside the
-/// mesh 60 s keeps what the agent did before, and clients' pools reopen a keep-alive
-/// connection the server closed.
+/// whole preface (HTTP/2), and an HTTP/1 keep-alive connection the rest of a head once its
+/// first bytes have come. Envoy has no default here (`request_headers_timeout` off) and
+/// recommends 10 s at the edge; inside the mesh 60 s keeps what the agent did before.
 pub const DEFAULT_HTTP_HEADER_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// How long an HTTP/2 connection may stay open with no request in flight: Envoy's
-/// `common_http_protocol_options.idle_timeout` default (1 h).
+/// How long an HTTP connection (HTTP/1 keep-alive or HTTP/2) may stay open with no request in
+/// flight: Envoy's `common_http_protocol_options.idle_timeout` default (1 h). An idle HTTP/1
+/// connection sleeps meanwhile, holding little more than its socket.
 pub const DEFAULT_HTTP_IDLE_TIMEOUT: Duration = Duration::from_secs(60 * 60);
 
 /// How often an HTTP/2 connection is pinged, and how long the answer may take before the

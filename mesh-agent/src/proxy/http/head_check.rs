@@ -208,6 +208,29 @@ impl HeadChecker {
         matches!(self.state, State::Stopped | State::Http2)
     }
 
+    /// Whether the first bytes are still undecided: they may yet be the HTTP/2 preface.
+    pub fn is_at_preface(&self) -> bool {
+        matches!(self.state, State::Preface)
+    }
+
+    /// Whether the connection is HTTP/2 (its first bytes were the whole preface).
+    pub fn is_http2(&self) -> bool {
+        matches!(self.state, State::Http2)
+    }
+
+    /// Whether every byte read so far belongs to whole HTTP/1 requests: nothing of a head or
+    /// body is pending.
+    pub fn is_between_requests(&self) -> bool {
+        matches!(self.state, State::Head) && self.head.is_empty()
+    }
+
+    /// Gives back the head buffer kept for the next request (while the connection sleeps).
+    pub fn release_buffer(&mut self) {
+        if self.head.is_empty() {
+            self.head = Vec::new();
+        }
+    }
+
     /// Reads the next bytes of the stream; calls `emit` for each conclusion they complete.
     pub fn feed(&mut self, mut bytes: &[u8], emit: &mut impl FnMut(Checked)) {
         while !bytes.is_empty() {
@@ -520,6 +543,11 @@ impl Verdicts {
         }
     }
 
+    /// Whether every head read so far has been handed to a request (none waits in hyper).
+    pub fn all_taken(&self) -> bool {
+        self.lock().heads.is_empty()
+    }
+
     /// Why the body of the request being forwarded failed, when the downstream is to blame
     /// (malformed chunked framing, cut short).
     pub fn body_refusal(&self) -> Option<Refusal> {
@@ -550,6 +578,18 @@ impl<S> Guarded<S> {
             checker: HeadChecker::new(),
             verdicts,
         }
+    }
+
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    pub fn checker(&self) -> &HeadChecker {
+        &self.checker
+    }
+
+    pub fn checker_mut(&mut self) -> &mut HeadChecker {
+        &mut self.checker
     }
 }
 

@@ -8,10 +8,13 @@
 //! preface) is closed, HTTP/2 with GOAWAY. HTTP/2 pings the client every
 //! `h2_keepalive_interval` and closes when the answer is late.
 //!
-//! An HTTP/1 connection idle for a second sleeps: hyper's connection is taken apart
-//! (`into_parts`) once the head checker says every byte read belongs to whole requests, every
-//! request has been answered and every byte written flushed, and only the socket is held until
-//! the client's next bytes, which start a new hyper connection on it. An idle keep-alive
+//! hyper is given a connection only once a whole request head (or the HTTP/2 preface) has
+//! arrived: until then the bytes are read through the head checker into a buffer of the
+//! connection's own (at most one head), so a silent connection or one with half a head holds
+//! no hyper state. An HTTP/1 connection idle for a second sleeps: hyper's connection is taken
+//! apart (`into_parts`) once the head checker says every byte read belongs to whole requests,
+//! every request has been answered and every byte written flushed, and only the socket is held
+//! until the client's next bytes, which start a new hyper connection on it. An idle keep-alive
 //! connection then costs 3.6 KiB of heap instead of 36 (hyper's 8 KiB write buffer, its 8 to
 //! 16 KiB read buffer, its boxed request future; `cargo xtask bench --scale`).
 
@@ -41,7 +44,7 @@ use hyper::{
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf},
     net::TcpStream,
     time::Instant,
 };
@@ -51,13 +54,12 @@ use tracing::debug;
 use super::{
     conn::HttpConn,
     forward,
-    head_check::Guarded,
+    head_check::{Guarded, Verdicts},
     limits::{
         H2_CONNECTION_WINDOW, H2_MAX_CONCURRENT_STREAMS, H2_MAX_PENDING_RESET_STREAMS,
         H2_MAX_SEND_BUFFER, H2_STREAM_WINDOW, MAX_HEADER_BYTES, MAX_REPLAY_BODY,
     },
     reply::refusal_reply,
-    H2_PREFACE,
 };
 use crate::{
     proxy::{
@@ -93,6 +95,7 @@ pub async fn serve(stream: TcpStream, conn: Arc<HttpConn>, draining: &Cancellati
     let closing = Arc::new(AtomicBool::new(false));
     let mut io = Watched::new(
         Guarded::new(stream, conn.verdicts.clone()),
+        conn.verdicts.clone(),
         Arc::clone(&activity),
     );
     let mut service = {
@@ -125,8 +128,8 @@ pub async fn serve(stream: TcpStream, conn: Arc<HttpConn>, draining: &Cancellati
         closing: &closing,
         telemetry: &telemetry,
     };
-    // The first bytes tell HTTP/2 (its preface) from HTTP/1.
-    if !matches!(watch.asleep(io.read_preface()).await, Some(Ok(()))) {
+    // The first request head, or the HTTP/2 preface.
+    if !watch.read_head(&mut io).await {
         return;
     }
     if io.is_http2() {
@@ -203,7 +206,7 @@ pub async fn serve(stream: TcpStream, conn: Arc<HttpConn>, draining: &Cancellati
         drop(read_buf);
         (io, service) = (parted.into_inner(), parted_service);
         io.sleep();
-        if !matches!(watch.asleep(io.readable()).await, Some(Ok(()))) {
+        if !watch.read_head(&mut io).await {
             return;
         }
     }
@@ -230,6 +233,39 @@ impl Watch<'_> {
             self.activity
                 .due(limits.http_header_timeout, limits.http_idle_timeout, quiet)
                 .await
+        }
+    }
+
+    /// Waits for the client's next bytes, then reads a request head ahead of hyper
+    /// (`Watched::read_head`) within the header timeout; `false` once the connection is to
+    /// close.
+    async fn read_head(&self, io: &mut Watched) -> bool {
+        if !matches!(self.asleep(io.readable()).await, Some(Ok(()))) {
+            return false;
+        }
+        // A first head is timed from the accept, as a silent connection is.
+        let from = if self.activity.started.load(Ordering::SeqCst) {
+            Instant::now()
+        } else {
+            self.activity.start
+        };
+        let head = tokio::time::timeout_at(from + self.limits.http_header_timeout, io.read_head());
+        tokio::pin!(head);
+        loop {
+            let closing = self.closing.load(Ordering::SeqCst);
+            tokio::select! {
+                read = head.as_mut() => match read {
+                    Ok(read) => return read.is_ok(),
+                    Err(_) => {
+                        self.telemetry.metrics.limit_hit("http_header_timeout");
+                        return false;
+                    }
+                },
+                // Answered with `Connection: close`.
+                _ = self.draining.cancelled(), if !closing => {
+                    self.closing.store(true, Ordering::SeqCst);
+                }
+            }
         }
     }
 
@@ -463,43 +499,50 @@ impl Body for InFlightBody {
     }
 }
 
-/// The client's socket read through the head checker: the connection's first bytes, read to
-/// tell HTTP/2 from HTTP/1, are handed to hyper before the socket's; and [`Activity`] is told
-/// whether what hyper has read is whole requests and what it wrote has been flushed.
+/// The client's socket read through the head checker. Until a whole request head (or the
+/// HTTP/2 preface) has arrived, the bytes are held here rather than in hyper's buffers, then
+/// handed to hyper before the socket's; and [`Activity`] is told whether what hyper has read is
+/// whole requests and what it wrote has been flushed.
 struct Watched {
     inner: Guarded<TcpStream>,
+    verdicts: Verdicts,
     activity: Arc<Activity>,
-    first: [u8; H2_PREFACE.len()],
-    first_len: usize,
+    /// Read ahead of hyper: at most a head (the checker refuses one over `MAX_HEADER_BYTES`)
+    /// and what came with it in the same read.
+    held: Vec<u8>,
     replayed: usize,
 }
 
+/// How many bytes a read ahead of hyper asks for at once.
+const HEAD_READ: usize = 1024;
+
 impl Watched {
-    fn new(inner: Guarded<TcpStream>, activity: Arc<Activity>) -> Self {
+    fn new(inner: Guarded<TcpStream>, verdicts: Verdicts, activity: Arc<Activity>) -> Self {
         Watched {
             inner,
+            verdicts,
             activity,
-            first: [0; H2_PREFACE.len()],
-            first_len: 0,
+            held: Vec::new(),
             replayed: 0,
         }
     }
 
-    /// Reads the first bytes until they are the HTTP/2 preface or cannot become it.
-    async fn read_preface(&mut self) -> io::Result<()> {
+    /// Reads until a whole request head, the HTTP/2 preface or a head the checker refuses has
+    /// arrived: hyper is only given a connection with a request to read.
+    async fn read_head(&mut self) -> io::Result<()> {
         let Watched {
             inner,
-            first,
-            first_len,
+            verdicts,
+            held,
             ..
         } = self;
-        while inner.checker().is_at_preface() {
-            let mut buf = ReadBuf::new(&mut first[*first_len..]);
-            std::future::poll_fn(|cx| Pin::new(&mut *inner).poll_read(cx, &mut buf)).await?;
-            if buf.filled().is_empty() {
+        // Stopped: HTTP/2, or a refusal hyper is to answer.
+        while !inner.checker().is_stopped() && verdicts.all_taken() {
+            held.reserve(HEAD_READ);
+            // Cancel safe: the bytes are in `held` once read.
+            if inner.read_buf(held).await? == 0 {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
-            *first_len += buf.filled().len();
         }
         if self.is_http2() {
             self.activity.preface_read();
@@ -522,7 +565,7 @@ impl Watched {
     }
 
     fn note_between_requests(&self) {
-        let between = self.replayed == self.first_len && self.inner.checker().is_between_requests();
+        let between = self.held.is_empty() && self.inner.checker().is_between_requests();
         self.activity
             .between_requests
             .store(between, Ordering::SeqCst);
@@ -536,14 +579,17 @@ impl AsyncRead for Watched {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        let polled = if this.replayed < this.first_len {
-            let held = &this.first[this.replayed..this.first_len];
+        let polled = if this.held.is_empty() {
+            Pin::new(&mut this.inner).poll_read(cx, buf)
+        } else {
+            let held = &this.held[this.replayed..];
             let n = held.len().min(buf.remaining());
             buf.put_slice(&held[..n]);
             this.replayed += n;
+            if this.replayed == this.held.len() {
+                (this.held, this.replayed) = (Vec::new(), 0);
+            }
             Poll::Ready(Ok(()))
-        } else {
-            Pin::new(&mut this.inner).poll_read(cx, buf)
         };
         if polled.is_ready() {
             this.note_between_requests();
@@ -667,33 +713,32 @@ mod tests {
             .unwrap();
         let (stream, _) = listener.accept().await.unwrap();
         let activity = Arc::new(Activity::new());
-        let guarded = Guarded::new(stream, Default::default());
-        (
-            Watched::new(guarded, Arc::clone(&activity)),
-            client,
-            activity,
-        )
+        let verdicts = Verdicts::default();
+        let guarded = Guarded::new(stream, verdicts.clone());
+        let watched = Watched::new(guarded, verdicts, Arc::clone(&activity));
+        (watched, client, activity)
     }
 
     #[tokio::test]
-    async fn the_first_bytes_tell_http2_across_reads_and_are_handed_on_whole() {
+    async fn a_whole_head_or_the_preface_is_read_ahead_across_reads_and_handed_on_whole() {
+        use super::super::H2_PREFACE;
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         for (writes, h2) in [
-            (vec![&H2_PREFACE[..5], &H2_PREFACE[5..], b"rest"], true),
-            (vec![b"PRI", b" / HTTP/1.1\r\nHost: a\r\n\r\n"], false),
+            (vec![&H2_PREFACE[..5], &H2_PREFACE[5..]], true),
+            (vec![b"PRI", b" / HTTP/1.1\r\nHo", b"st: a\r\n\r\n"], false),
             (vec![b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"], false),
         ] {
             let (mut watched, mut client, activity) = watched().await;
             let sent: Vec<u8> = writes.concat();
-            let detect = tokio::spawn(async move {
-                watched.read_preface().await.unwrap();
-                watched
-            });
-            for write in writes {
+            let (last, before) = writes.split_last().unwrap();
+            for write in before {
                 client.write_all(write).await.unwrap();
-                tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            let mut watched = detect.await.unwrap();
+            // Not before its last bytes.
+            let early = tokio::time::timeout(Duration::from_millis(50), watched.read_head());
+            assert!(early.await.is_err(), "{sent:?}");
+            client.write_all(last).await.unwrap();
+            watched.read_head().await.unwrap();
             assert_eq!(watched.is_http2(), h2);
             assert_eq!(activity.started.load(Ordering::SeqCst), h2);
             let mut read = vec![0u8; sent.len()];
@@ -701,6 +746,7 @@ mod tests {
             assert_eq!(read, sent);
             // A whole HTTP/1 request read: hyper would hold nothing of one.
             assert_eq!(activity.between_requests.load(Ordering::SeqCst), !h2);
+            assert!(watched.held.capacity() == 0);
         }
     }
 
@@ -708,14 +754,21 @@ mod tests {
     async fn a_head_read_in_part_or_a_write_not_flushed_is_not_quiet() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let (mut watched, mut client, activity) = watched().await;
-        client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
-        watched.read_preface().await.unwrap();
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        watched.read_head().await.unwrap();
+        assert!(!activity.is_quiet(), "a head not handed on yet");
         let mut buf = [0u8; 64];
+        let _ = watched.read(&mut buf).await.unwrap();
+        assert!(activity.is_quiet(), "a whole head handed on");
+        client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
         let _ = watched.read(&mut buf).await.unwrap();
         assert!(!activity.is_quiet(), "half a head");
         client.write_all(b"Host: a\r\n\r\n").await.unwrap();
         let _ = watched.read(&mut buf).await.unwrap();
-        assert!(activity.is_quiet(), "a whole head");
+        assert!(activity.is_quiet(), "the rest of it");
         watched.write_all(b"HTTP/1.1 200 OK\r\n").await.unwrap();
         assert!(!activity.is_quiet(), "written, not flushed");
         watched.flush().await.unwrap();

@@ -208,11 +208,6 @@ impl HeadChecker {
         matches!(self.state, State::Stopped | State::Http2)
     }
 
-    /// Whether the first bytes are still undecided: they may yet be the HTTP/2 preface.
-    pub fn is_at_preface(&self) -> bool {
-        matches!(self.state, State::Preface)
-    }
-
     /// Whether the connection is HTTP/2 (its first bytes were the whole preface).
     pub fn is_http2(&self) -> bool {
         matches!(self.state, State::Http2)

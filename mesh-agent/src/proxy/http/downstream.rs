@@ -54,7 +54,7 @@ use tracing::debug;
 use super::{
     conn::HttpConn,
     forward,
-    head_check::{Guarded, Verdicts},
+    head_check::Guarded,
     limits::{
         H2_CONNECTION_WINDOW, H2_MAX_CONCURRENT_STREAMS, H2_MAX_PENDING_RESET_STREAMS,
         H2_MAX_SEND_BUFFER, H2_STREAM_WINDOW, MAX_HEADER_BYTES, MAX_REPLAY_BODY,
@@ -95,7 +95,6 @@ pub async fn serve(stream: TcpStream, conn: Arc<HttpConn>, draining: &Cancellati
     let closing = Arc::new(AtomicBool::new(false));
     let mut io = Watched::new(
         Guarded::new(stream, conn.verdicts.clone()),
-        conn.verdicts.clone(),
         Arc::clone(&activity),
     );
     let mut service = {
@@ -505,7 +504,6 @@ impl Body for InFlightBody {
 /// whole requests and what it wrote has been flushed.
 struct Watched {
     inner: Guarded<TcpStream>,
-    verdicts: Verdicts,
     activity: Arc<Activity>,
     /// Read ahead of hyper: at most a head (the checker refuses one over `MAX_HEADER_BYTES`)
     /// and what came with it in the same read.
@@ -517,10 +515,9 @@ struct Watched {
 const HEAD_READ: usize = 1024;
 
 impl Watched {
-    fn new(inner: Guarded<TcpStream>, verdicts: Verdicts, activity: Arc<Activity>) -> Self {
+    fn new(inner: Guarded<TcpStream>, activity: Arc<Activity>) -> Self {
         Watched {
             inner,
-            verdicts,
             activity,
             held: Vec::new(),
             replayed: 0,
@@ -530,14 +527,9 @@ impl Watched {
     /// Reads until a whole request head, the HTTP/2 preface or a head the checker refuses has
     /// arrived: hyper is only given a connection with a request to read.
     async fn read_head(&mut self) -> io::Result<()> {
-        let Watched {
-            inner,
-            verdicts,
-            held,
-            ..
-        } = self;
+        let Watched { inner, held, .. } = self;
         // Stopped: HTTP/2, or a refusal hyper is to answer.
-        while !inner.checker().is_stopped() && verdicts.all_taken() {
+        while !inner.checker().is_stopped() && inner.verdicts().all_taken() {
             held.reserve(HEAD_READ);
             // Cancel safe: the bytes are in `held` once read.
             if inner.read_buf(held).await? == 0 {
@@ -713,9 +705,8 @@ mod tests {
             .unwrap();
         let (stream, _) = listener.accept().await.unwrap();
         let activity = Arc::new(Activity::new());
-        let verdicts = Verdicts::default();
-        let guarded = Guarded::new(stream, verdicts.clone());
-        let watched = Watched::new(guarded, verdicts, Arc::clone(&activity));
+        let guarded = Guarded::new(stream, Default::default());
+        let watched = Watched::new(guarded, Arc::clone(&activity));
         (watched, client, activity)
     }
 

@@ -586,6 +586,10 @@ impl<S> Guarded<S> {
     pub fn checker_mut(&mut self) -> &mut HeadChecker {
         &mut self.checker
     }
+
+    pub fn verdicts(&self) -> &Verdicts {
+        &self.verdicts
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {

@@ -17,6 +17,11 @@
 //! until the client's next bytes, which start a new hyper connection on it. An idle keep-alive
 //! connection then costs 3.6 KiB of heap instead of 36 (hyper's 8 KiB write buffer, its 8 to
 //! 16 KiB read buffer, its boxed request future; `cargo xtask bench --scale`).
+//!
+//! hyper is told `half_close`, so it does not read the socket while it answers a request (that
+//! read reallocated its read buffer for every request); [`ClientClosed`] peeks for the client's
+//! close meanwhile, through the same socket, which hyper reads through a borrowed handle
+//! (`shared_socket`).
 
 use std::{
     convert::Infallible,
@@ -60,6 +65,7 @@ use super::{
         H2_MAX_SEND_BUFFER, H2_STREAM_WINDOW, MAX_HEADER_BYTES, MAX_REPLAY_BODY,
     },
     reply::refusal_reply,
+    shared_socket::SharedSocket,
 };
 use crate::{
     proxy::{
@@ -94,7 +100,7 @@ pub async fn serve(stream: TcpStream, conn: Arc<HttpConn>, draining: &Cancellati
     // HTTP/1 has no GOAWAY: while draining, responses say `Connection: close` instead.
     let closing = Arc::new(AtomicBool::new(false));
     let mut io = Watched::new(
-        Guarded::new(stream, conn.verdicts.clone()),
+        Guarded::new(SharedSocket(&stream), conn.verdicts.clone()),
         Arc::clone(&activity),
     );
     let mut service = {
@@ -158,10 +164,14 @@ pub async fn serve(stream: TcpStream, conn: Arc<HttpConn>, draining: &Cancellati
         // Boxed, so that the connection's task is small while it sleeps.
         let mut connection = Box::pin(http1.serve_connection(TokioIo::new(io), service));
         let mut not_before = Instant::now();
+        let mut client_closed = ClientClosed::new(&stream, &activity);
         // Until hyper holds nothing of a request and can be put away.
         loop {
             let closing_now = closing.load(Ordering::SeqCst);
             tokio::select! {
+                // The connection first: a request it starts is watched for the client's close
+                // in the same turn.
+                biased;
                 result = connection.as_mut() => {
                     // hyper's own header timer (an HTTP/1 head cut short) ends it with an error.
                     if let Err(error) = result {
@@ -187,6 +197,10 @@ pub async fn serve(stream: TcpStream, conn: Arc<HttpConn>, draining: &Cancellati
                     Due::Quiet if activity.is_quiet() && verdicts.all_taken() => break,
                     Due::Quiet => not_before = Instant::now() + sleep_after,
                 },
+                () = &mut client_closed => {
+                    debug!("downstream HTTP/1 connection closed by the client mid-request");
+                    return;
+                }
             }
         }
         let http1::Parts {
@@ -238,7 +252,7 @@ impl Watch<'_> {
     /// Waits for the client's next bytes, then reads a request head ahead of hyper
     /// (`Watched::read_head`) within the header timeout; `false` once the connection is to
     /// close.
-    async fn read_head(&self, io: &mut Watched) -> bool {
+    async fn read_head(&self, io: &mut Watched<'_>) -> bool {
         if !matches!(self.asleep(io.readable()).await, Some(Ok(()))) {
             return false;
         }
@@ -291,10 +305,59 @@ impl Watch<'_> {
     }
 }
 
-/// hyper's HTTP/1 settings: the head's size and time limits.
+/// Resolves when the client closes its side (or resets) while a request is answered, which
+/// hyper, told `half_close`, does not read for. Bytes the client sent meanwhile (a pipelined
+/// request) are hyper's to read after the answer, and so is a close in the middle of a request
+/// body hyper is reading (answered 400): once either is seen, the socket is not looked at again
+/// until a request has ended. Polled after the connection in each turn (see the `biased`
+/// select), and woken by the socket.
+struct ClientClosed<'a> {
+    socket: &'a TcpStream,
+    activity: &'a Activity,
+    /// `Activity::idle_since` when what waits on the socket was last left to hyper.
+    left_at: Option<u64>,
+}
+
+impl<'a> ClientClosed<'a> {
+    fn new(socket: &'a TcpStream, activity: &'a Activity) -> Self {
+        ClientClosed {
+            socket,
+            activity,
+            left_at: None,
+        }
+    }
+}
+
+impl Future for ClientClosed<'_> {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let activity = self.activity;
+        let last_end = activity.idle_since.load(Ordering::SeqCst);
+        if activity.in_flight.load(Ordering::SeqCst) == 0 || self.left_at == Some(last_end) {
+            // hyper reads for itself between requests.
+            return Poll::Pending;
+        }
+        let mut byte = [0; 1];
+        match self.socket.poll_peek(cx, &mut ReadBuf::new(&mut byte)) {
+            Poll::Ready(Ok(0) | Err(_)) if activity.between_requests.load(Ordering::SeqCst) => {
+                Poll::Ready(())
+            }
+            Poll::Ready(_) => {
+                self.left_at = Some(last_end);
+                Poll::Pending
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// hyper's HTTP/1 settings: the head's size and time limits; the client's close mid-request
+/// is watched by [`ClientClosed`] instead of hyper (see `shared_socket`).
 fn http1(limits: &Limits) -> http1::Builder {
     let mut builder = http1::Builder::new();
     builder
+        .half_close(true)
         .max_buf_size(MAX_HEADER_BYTES)
         .timer(TokioTimer::new())
         .header_read_timeout(limits.http_header_timeout);
@@ -502,8 +565,8 @@ impl Body for InFlightBody {
 /// HTTP/2 preface) has arrived, the bytes are held here rather than in hyper's buffers, then
 /// handed to hyper before the socket's; and [`Activity`] is told whether what hyper has read is
 /// whole requests and what it wrote has been flushed.
-struct Watched {
-    inner: Guarded<TcpStream>,
+struct Watched<'s> {
+    inner: Guarded<SharedSocket<'s>>,
     activity: Arc<Activity>,
     /// Read ahead of hyper: at most a head (the checker refuses one over `MAX_HEADER_BYTES`)
     /// and what came with it in the same read.
@@ -514,8 +577,8 @@ struct Watched {
 /// How many bytes a read ahead of hyper asks for at once.
 const HEAD_READ: usize = 1024;
 
-impl Watched {
-    fn new(inner: Guarded<TcpStream>, activity: Arc<Activity>) -> Self {
+impl<'s> Watched<'s> {
+    fn new(inner: Guarded<SharedSocket<'s>>, activity: Arc<Activity>) -> Self {
         Watched {
             inner,
             activity,
@@ -548,7 +611,7 @@ impl Watched {
 
     /// Until the client's next bytes (or its close).
     async fn readable(&self) -> io::Result<()> {
-        self.inner.get_ref().readable().await
+        self.inner.get_ref().0.readable().await
     }
 
     /// Gives back what only a request needs, while the connection waits for one.
@@ -564,7 +627,7 @@ impl Watched {
     }
 }
 
-impl AsyncRead for Watched {
+impl AsyncRead for Watched<'_> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -590,7 +653,7 @@ impl AsyncRead for Watched {
     }
 }
 
-impl AsyncWrite for Watched {
+impl AsyncWrite for Watched<'_> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -698,16 +761,20 @@ mod tests {
     }
 
     /// A `Watched` socket and the client's end of it.
-    async fn watched() -> (Watched, TcpStream, Arc<Activity>) {
+    /// The agent's end of a connection, and the client's.
+    async fn sockets() -> (TcpStream, TcpStream) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();
         let (stream, _) = listener.accept().await.unwrap();
+        (stream, client)
+    }
+
+    fn watched(stream: &TcpStream) -> (Watched<'_>, Arc<Activity>) {
         let activity = Arc::new(Activity::new());
-        let guarded = Guarded::new(stream, Default::default());
-        let watched = Watched::new(guarded, Arc::clone(&activity));
-        (watched, client, activity)
+        let guarded = Guarded::new(SharedSocket(stream), Default::default());
+        (Watched::new(guarded, Arc::clone(&activity)), activity)
     }
 
     #[tokio::test]
@@ -719,7 +786,8 @@ mod tests {
             (vec![b"PRI", b" / HTTP/1.1\r\nHo", b"st: a\r\n\r\n"], false),
             (vec![b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"], false),
         ] {
-            let (mut watched, mut client, activity) = watched().await;
+            let (stream, mut client) = sockets().await;
+            let (mut watched, activity) = watched(&stream);
             let sent: Vec<u8> = writes.concat();
             let (last, before) = writes.split_last().unwrap();
             for write in before {
@@ -741,10 +809,70 @@ mod tests {
         }
     }
 
+    /// Polls `closed` once: whether it resolved.
+    fn resolved(closed: &mut ClientClosed<'_>) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        Pin::new(closed).poll(&mut cx).is_ready()
+    }
+
+    #[tokio::test]
+    async fn the_clients_close_is_seen_while_a_request_is_in_flight_and_only_then() {
+        use tokio::io::AsyncWriteExt;
+        let (stream, mut client) = sockets().await;
+        let activity = Arc::new(Activity::new());
+        activity.between_requests.store(true, Ordering::SeqCst);
+        let mut closed = ClientClosed::new(&stream, &activity);
+        client.shutdown().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!resolved(&mut closed), "between requests hyper reads");
+        let request = InFlight::new(Arc::clone(&activity));
+        assert!(resolved(&mut closed), "a request in flight");
+        drop(request);
+    }
+
+    #[tokio::test]
+    async fn pipelined_bytes_and_a_close_mid_body_are_left_to_hyper_until_the_request_ends() {
+        use tokio::io::AsyncWriteExt;
+        let (stream, mut client) = sockets().await;
+        let activity = Arc::new(Activity::new());
+        activity.between_requests.store(true, Ordering::SeqCst);
+        let mut closed = ClientClosed::new(&stream, &activity);
+        let request = InFlight::new(Arc::clone(&activity));
+        client.write_all(b"GET /next HTTP/1.1\r\n").await.unwrap();
+        client.shutdown().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // The next request's bytes come first: left for hyper, and not peeked at again (the
+        // same answer every time would spin the connection's task).
+        assert!(!resolved(&mut closed));
+        assert_eq!(
+            closed.left_at,
+            Some(activity.idle_since.load(Ordering::SeqCst))
+        );
+        drop(request);
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let request = InFlight::new(Arc::clone(&activity));
+        assert!(
+            !resolved(&mut closed),
+            "bytes still wait: a new request looks again"
+        );
+        drop(request);
+        // hyper read them (and, with the close, the head is cut short): a close in the middle
+        // of what hyper reads is hyper's to answer.
+        let mut rest = [0; 64];
+        let n = stream.try_read(&mut rest).unwrap();
+        assert_eq!(&rest[..n], b"GET /next HTTP/1.1\r\n");
+        activity.between_requests.store(false, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let request = InFlight::new(Arc::clone(&activity));
+        assert!(!resolved(&mut closed));
+        drop(request);
+    }
+
     #[tokio::test]
     async fn a_head_read_in_part_or_a_write_not_flushed_is_not_quiet() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let (mut watched, mut client, activity) = watched().await;
+        let (stream, mut client) = sockets().await;
+        let (mut watched, activity) = watched(&stream);
         client
             .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
             .await

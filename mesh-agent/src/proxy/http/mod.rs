@@ -10,6 +10,7 @@ pub mod head_check;
 mod hop_by_hop;
 pub mod limits;
 mod reply;
+mod shared_socket;
 
 pub use conn::{Entry, HttpConn};
 

@@ -1,7 +1,7 @@
 //! Route matching: virtual hosts by authority, then `VirtualService.spec.http[]` in order,
 //! first match wins.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 
 use http::HeaderMap;
 

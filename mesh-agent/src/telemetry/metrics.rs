@@ -14,7 +14,6 @@
 //! counts the folded recordings.
 
 use std::{
-    collections::HashMap,
     fmt,
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -22,6 +21,8 @@ use std::{
     },
     time::Duration,
 };
+
+use foldhash::HashMap;
 
 use prometheus_client::{
     encoding::{EncodeLabel, EncodeLabelSet, LabelSetEncoder},
@@ -867,7 +868,7 @@ mod tests {
 
     #[test]
     fn engine_flags_keys_are_one_to_one_with_their_text() {
-        let mut seen = HashMap::new();
+        let mut seen = std::collections::HashMap::new();
         for bits in 0u32..(1 << ENGINE_FLAGS.len()) {
             let flags = ENGINE_FLAGS
                 .iter()

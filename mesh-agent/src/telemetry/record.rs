@@ -4,11 +4,12 @@
 //! a client that went away mid-flight included (Envoy's `DC`, status 0).
 
 use std::{
-    collections::HashMap,
     net::{SocketAddr, SocketAddrV4},
     sync::{Arc, Mutex, PoisonError},
     time::{Instant, SystemTime},
 };
+
+use foldhash::HashMap;
 
 use http::{HeaderName, Method, Version};
 

@@ -4,10 +4,11 @@
 //! snapshot; the connections are the pod's.
 
 use std::{
-    collections::HashMap,
     net::SocketAddr,
     sync::{Arc, Mutex, PoisonError},
 };
+
+use foldhash::HashMap;
 
 use hyper::{Request, Response};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};

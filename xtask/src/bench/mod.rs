@@ -17,6 +17,7 @@ mod rounds;
 mod scale;
 mod scenarios;
 mod summary;
+mod syscalls;
 mod tools;
 mod topology;
 
@@ -107,10 +108,17 @@ impl Mode {
             Mode::Quick => 2,
             Mode::CiSmoke => 1,
         };
+        let seconds = seconds.unwrap_or(default);
         Durations {
-            seconds: seconds.unwrap_or(default),
+            seconds,
             single: self == Mode::Full,
             latency: self != Mode::CiSmoke,
+            // 10,000 samples at the fixed rate make a p99 worth reading.
+            latency_seconds: if self == Mode::Full {
+                seconds.max(10_000 / load::FIXED_RPS)
+            } else {
+                seconds
+            },
         }
     }
 
@@ -259,7 +267,8 @@ pub fn run(args: Args) -> Result<()> {
     }
     let redirected = topology.redirected()? - redirected_before;
     let (v1, v2) = topology.requests_by_version()?;
-    let v2_share = if through_agent { v2 / (v1 + v2) } else { 0.0 };
+    let split_checked = scenarios.iter().any(|s| s.split_by_agent());
+    let v2_share = if split_checked { v2 / (v1 + v2) } else { 0.0 };
     drop(topology);
     let leftovers: Vec<String> = ids
         .iter()
@@ -302,13 +311,18 @@ pub fn run(args: Args) -> Result<()> {
     }
     for fig in &figures {
         println!(
-            "{:<15} ratio {:>6}  added CPU-µs {:>6}  added p50/p99 {:>5}/{:>5} µs  errors {}",
+            "{:<15} ratio {:>6}  added CPU-µs {:>6}  added p50/p99 {:>5}/{:>5} µs  errors {}  \
+             proxy per request: user {} µs, kernel {} µs, {} syscalls, {} switches",
             fig.scenario,
             median(fig.ratio, 3),
             median(fig.added_cpu_us, 1),
             median(fig.added_p50_us, 0),
             median(fig.added_p99_us, 0),
-            fig.errors
+            fig.errors,
+            median(fig.proxy_user_us, 1),
+            median(fig.proxy_kernel_us, 1),
+            median(fig.proxy_syscalls, 2),
+            median(fig.proxy_switches, 2),
         );
     }
 
@@ -316,7 +330,7 @@ pub fn run(args: Args) -> Result<()> {
     if through_agent && redirected == 0 {
         bail!("the kernel redirected no connection to the agent: the mesh scenarios bypassed it");
     }
-    if through_agent {
+    if split_checked {
         println!(
             "the agent routed {:.0} requests: {:.1}% to v2 (the VirtualService says 10%)",
             v1 + v2,

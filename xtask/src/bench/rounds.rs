@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::cpu;
 use super::load::{self, Outcome, Shape};
 use super::scenarios::{Proxy, Scenario};
+use super::syscalls;
 use super::topology::Topology;
 
 /// A round is discarded when processes outside the bench used more than this share of the
@@ -24,6 +25,10 @@ pub struct Durations {
     /// The CI smoke skips the fixed-rate latency shape: its client, oha, takes minutes to build
     /// on a fresh machine, which the smoke, a check of the harness, is not worth.
     pub latency: bool,
+    /// The fixed-rate shape's own length: long enough in a full run that a p99 rests on
+    /// 10,000 samples a round.
+    #[serde(default)]
+    pub latency_seconds: u32,
 }
 
 /// One scenario in one round.
@@ -51,6 +56,24 @@ pub struct Sample {
     pub proxy_rss_kib_fixed_rate: Option<u64>,
     pub proxy_rss_kib_throughput: Option<u64>,
     pub proxy_hwm_kib: Option<u64>,
+    /// What the proxy's processes (both agents for `mesh-mtls`) spent per request under
+    /// maximum load; `None` without a proxy.
+    #[serde(default)]
+    pub proxy_per_request: Option<ProxyCost>,
+}
+
+/// A proxy's cost per request under maximum load, as the kernel accounts it.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct ProxyCost {
+    /// CPU time in user space, µs (the throughput run).
+    pub user_us: f64,
+    /// CPU time in the kernel, µs, softirqs run in its context included (the throughput run).
+    pub kernel_us: f64,
+    /// Times its threads were switched out (the throughput run).
+    pub switches: f64,
+    /// System calls, from a shorter throughput run of its own with `perf` attached (its
+    /// tracepoint slows every call, so the main run is left uncounted); `None` without `perf`.
+    pub syscalls: Option<f64>,
 }
 
 impl Sample {
@@ -143,16 +166,31 @@ fn run_scenario(
             .transpose()
     };
 
-    // Throughput, with the cores' busy time around it and the proxy's memory in the middle.
+    // Throughput, with the cores' and the proxy's CPU time around it and the proxy's memory in
+    // the middle.
+    let mesh = scenario.mesh_pids(topology);
+    let proxy_before = cpu::ProcessTimes::of(&mesh)?;
     let cores_before = cpu::cores()?;
     let run = load::start(&topology.node, pod, tools, Shape::Throughput, &url, seconds)?;
     std::thread::sleep(half_run);
     let proxy_rss_kib_throughput = rss(pid)?;
     let throughput = load::finish(run, Shape::Throughput, seconds)?;
     let cores_after = cpu::cores()?;
+    let proxy_spent = cpu::ProcessTimes::of(&mesh)?.since(&proxy_before);
+    let requests = throughput.requests.max(1) as f64;
     let per_request = |core: usize| {
         let busy = cores_after[core].since(&cores_before[core]).busy();
-        busy.as_secs_f64() * 1e6 / throughput.requests.max(1) as f64
+        busy.as_secs_f64() * 1e6 / requests
+    };
+    let proxy_per_request = if mesh.is_empty() {
+        None
+    } else {
+        Some(ProxyCost {
+            user_us: proxy_spent.user.as_secs_f64() * 1e6 / requests,
+            kernel_us: proxy_spent.kernel.as_secs_f64() * 1e6 / requests,
+            switches: proxy_spent.switches as f64 / requests,
+            syscalls: count_syscalls(&mesh, topology, pod, tools, &url, seconds)?,
+        })
     };
 
     let single = if durations.single {
@@ -179,13 +217,13 @@ fn run_scenario(
 
     // Fixed rate, with the mesh's own CPU time (all threads of its processes) around it.
     let (latency, proxy_rss_kib_fixed_rate, proxy_cores_at_fixed_rate) = if durations.latency {
-        let mesh = scenario.mesh_pids(topology);
         let mesh_time =
             || -> Result<Duration> { mesh.iter().map(|pid| cpu::process_time(*pid)).sum() };
         let mesh_time_before = mesh_time()?;
         let clock = Instant::now();
+        let seconds = durations.latency_seconds;
         let run = load::start(&topology.node, pod, tools, Shape::Latency, &url, seconds)?;
-        std::thread::sleep(half_run);
+        std::thread::sleep(Duration::from_secs_f64(f64::from(seconds) / 2.0));
         let rss = rss(pid)?;
         let latency = load::finish(run, Shape::Latency, seconds)?;
         let elapsed = clock.elapsed().as_secs_f64();
@@ -214,7 +252,31 @@ fn run_scenario(
         proxy_hwm_kib: pid
             .map(|pid| cpu::memory_kib(pid).map(|(_, hwm)| hwm))
             .transpose()?,
+        proxy_per_request,
     })
+}
+
+/// System calls per request of `pids` over a throughput run of its own, at most 2 s; `None`
+/// where `perf` cannot count them.
+fn count_syscalls(
+    pids: &[u32],
+    topology: &Topology,
+    pod: &mesh_tests::Pod,
+    tools: &super::tools::Tools,
+    url: &str,
+    seconds: u32,
+) -> Result<Option<f64>> {
+    let Some(counting) = syscalls::Counting::start(pids) else {
+        return Ok(None);
+    };
+    // perf attaches to every thread before the load starts.
+    std::thread::sleep(Duration::from_millis(300));
+    let seconds = seconds.min(2);
+    let run = load::start(&topology.node, pod, tools, Shape::Throughput, url, seconds)?;
+    let counted = load::finish(run, Shape::Throughput, seconds)?;
+    Ok(counting
+        .finish()
+        .map(|calls| calls as f64 / counted.requests.max(1) as f64))
 }
 
 /// CPU time of the whole machine's tasks, of the node's cgroup (everything the bench started

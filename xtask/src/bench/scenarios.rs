@@ -182,6 +182,14 @@ impl Scenario {
         )
     }
 
+    /// Whether an agent routes the scenario's requests by the 90/10 VirtualService (every
+    /// agent scenario but `mesh-l4`, which carries bytes).
+    pub fn split_by_agent(&self) -> bool {
+        self.proxy != Proxy::None
+            && !matches!(self.proxy, Proxy::Nginx | Proxy::Haproxy)
+            && !matches!(self.target, Target::Vip(VIP_L4, _))
+    }
+
     /// The URL the load generator calls, and the pod it runs in.
     pub fn target<'t>(&self, topology: &'t Topology) -> (String, &'t mesh_tests::Pod) {
         match self.target {

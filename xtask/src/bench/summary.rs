@@ -63,6 +63,12 @@ pub struct Figures {
     pub rss_mib_fixed_rate: Option<Spread>,
     pub rss_mib_throughput: Option<Spread>,
     pub hwm_mib: Option<Spread>,
+    /// The proxy's cost per request under maximum load: user and kernel CPU-µs, context
+    /// switches and system calls (all its processes).
+    pub proxy_user_us: Option<Spread>,
+    pub proxy_kernel_us: Option<Spread>,
+    pub proxy_switches: Option<Spread>,
+    pub proxy_syscalls: Option<Spread>,
     pub errors: u64,
     /// `shape: kind` → count, over the rounds.
     pub error_kinds: BTreeMap<String, u64>,
@@ -131,6 +137,10 @@ fn figures_of(scenario: &Scenario, rounds: &[&Round]) -> Figures {
         rss_mib_fixed_rate: optional(&|s| mib(s.proxy_rss_kib_fixed_rate)),
         rss_mib_throughput: optional(&|s| mib(s.proxy_rss_kib_throughput)),
         hwm_mib: optional(&|s| mib(s.proxy_hwm_kib)),
+        proxy_user_us: optional(&|s| s.proxy_per_request.map(|cost| cost.user_us)),
+        proxy_kernel_us: optional(&|s| s.proxy_per_request.map(|cost| cost.kernel_us)),
+        proxy_switches: optional(&|s| s.proxy_per_request.map(|cost| cost.switches)),
+        proxy_syscalls: optional(&|s| s.proxy_per_request.and_then(|cost| cost.syscalls)),
         errors: pairs.iter().map(|(s, _)| s.errors()).sum(),
         error_kinds: error_kinds(pairs.iter().map(|(s, _)| *s)),
     }
@@ -189,6 +199,7 @@ mod tests {
             proxy_rss_kib_fixed_rate: None,
             proxy_rss_kib_throughput: None,
             proxy_hwm_kib: None,
+            proxy_per_request: None,
         }
     }
 

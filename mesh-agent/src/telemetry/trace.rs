@@ -493,7 +493,7 @@ mod tests {
                 let mut buf = b"x".to_vec();
                 let range = push_hex(&mut buf, value, digits);
                 let expected = format!("{value:032x}");
-                assert_eq!(&buf[range], expected[32 - digits..].as_bytes());
+                assert_eq!(&buf[range], &expected.as_bytes()[32 - digits..]);
             }
         }
     }

@@ -53,6 +53,14 @@ impl Counting {
     }
 }
 
+impl Drop for Counting {
+    /// A run that failed midway leaves no `perf` behind (after `finish` this finds it gone).
+    fn drop(&mut self) {
+        let _ = self.perf.kill();
+        let _ = self.perf.wait();
+    }
+}
+
 /// The count from `perf stat -x ,` output: `count,unit,event,...` on the event's line.
 fn parse(text: &str) -> Option<u64> {
     text.lines()

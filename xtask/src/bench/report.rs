@@ -154,6 +154,11 @@ fn median(figures: &[Figures], scenario: &str, pick: fn(&Figures) -> Option<Spre
         .map_or(f64::NAN, |s| s.median)
 }
 
+/// One row of a markdown table.
+fn row<const N: usize>(out: &mut String, cells: [String; N]) {
+    let _ = writeln!(out, "| {} |", cells.join(" | "));
+}
+
 fn markdown(report: &Report) -> String {
     let m = &report.machine;
     let f = report.figures;
@@ -201,20 +206,21 @@ fn markdown(report: &Report) -> String {
          |---|---|---|---|---|---|---|---|---|---|---|"
     );
     for fig in f {
-        let _ = writeln!(
-            out,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            fig.scenario,
-            fig.body,
-            spread(fig.rps, 0),
-            spread(fig.ratio, 3),
-            spread(fig.added_cpu_us, 1),
-            spread(fig.churn_ratio, 2),
-            spread(fig.added_p50_us, 0),
-            spread(fig.added_p90_us, 0),
-            spread(fig.added_p99_us, 0),
-            spread(fig.vcpu_per_1k_rps, 3),
-            fig.errors
+        row(
+            &mut out,
+            [
+                fig.scenario.clone(),
+                fig.body.clone(),
+                spread(fig.rps, 0),
+                spread(fig.ratio, 3),
+                spread(fig.added_cpu_us, 1),
+                spread(fig.churn_ratio, 2),
+                spread(fig.added_p50_us, 0),
+                spread(fig.added_p90_us, 0),
+                spread(fig.added_p99_us, 0),
+                spread(fig.vcpu_per_1k_rps, 3),
+                fig.errors.to_string(),
+            ],
         );
     }
     for fig in f.iter().filter(|fig| fig.errors > 0) {
@@ -232,17 +238,18 @@ fn markdown(report: &Report) -> String {
          proxy RSS MiB at 1,000 rps | under max load | VmHWM |\n|---|---|---|---|---|---|---|---|"
     );
     for fig in f {
-        let _ = writeln!(
-            out,
-            "| {} | {} | {} | {} | {} | {} | {} | {} |",
-            fig.scenario,
-            spread(fig.p50_us, 0),
-            spread(fig.p99_us, 0),
-            spread(fig.single_rtt_us, 1),
-            spread(fig.churn_rps, 0),
-            spread(fig.rss_mib_fixed_rate, 1),
-            spread(fig.rss_mib_throughput, 1),
-            spread(fig.hwm_mib, 1)
+        row(
+            &mut out,
+            [
+                fig.scenario.clone(),
+                spread(fig.p50_us, 0),
+                spread(fig.p99_us, 0),
+                spread(fig.single_rtt_us, 1),
+                spread(fig.churn_rps, 0),
+                spread(fig.rss_mib_fixed_rate, 1),
+                spread(fig.rss_mib_throughput, 1),
+                spread(fig.hwm_mib, 1),
+            ],
         );
     }
     let _ = writeln!(
@@ -263,15 +270,16 @@ fn markdown(report: &Report) -> String {
             ),
             _ => "–".to_owned(),
         };
-        let _ = writeln!(
-            out,
-            "| {} | {} | {} | {} | {} | {} |",
-            fig.scenario,
-            spread(fig.proxy_user_us, 1),
-            spread(fig.proxy_kernel_us, 1),
-            share,
-            spread(fig.proxy_syscalls, 2),
-            spread(fig.proxy_switches, 2)
+        row(
+            &mut out,
+            [
+                fig.scenario.clone(),
+                spread(fig.proxy_user_us, 1),
+                spread(fig.proxy_kernel_us, 1),
+                share,
+                spread(fig.proxy_syscalls, 2),
+                spread(fig.proxy_switches, 2),
+            ],
         );
     }
     let _ = writeln!(

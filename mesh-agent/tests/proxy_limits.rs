@@ -232,6 +232,47 @@ async fn keep_alive_connections_close_once_idle_not_while_a_request_is_in_flight
 }
 
 #[tokio::test]
+async fn a_head_cut_short_after_a_request_closes_at_the_header_timeout() {
+    // hyper's own header timer is off (it costs every request a timer): the proxy times a head
+    // hyper has begun and not finished from the end of the request before it.
+    let (mesh, _upstream) = service_c(short_limits(), "").await;
+    let mut client = mesh.connect(SERVICE_C).await;
+    let start = Instant::now();
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: service-c:8080\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    let n = client.read(&mut buf).await.unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 200 OK\r\n"),
+        "{:?}",
+        &buf[..n]
+    );
+    let answered = Instant::now();
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: serv")
+        .await
+        .unwrap();
+    let (received, closed) = until_closed(&mut client).await;
+    assert!(received.is_empty(), "{received:?}");
+    // From the request's end, which is between the request's start and its answer.
+    assert!(
+        closed - start >= HEADER_TIMEOUT && closed - answered <= HEADER_TIMEOUT + SLACK,
+        "closed {:?} after the request, {:?} after its answer",
+        closed - start,
+        closed - answered
+    );
+    for (limit, hits) in [("http_header_timeout", 1.0), ("http_idle_timeout", 0.0)] {
+        assert_eq!(
+            mesh.metric("mesh_proxy_limit_hits_total", &[("limit", limit)]),
+            hits,
+            "{limit}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn an_idle_http1_connection_sleeps_wakes_for_its_next_request_and_closes_when_idle() {
     // The proxy puts an idle HTTP/1 connection to sleep after a second (half the header
     // timeout when shorter), giving back hyper's connection and buffers: hyper's header timer

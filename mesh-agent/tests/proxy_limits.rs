@@ -275,8 +275,8 @@ async fn a_head_cut_short_after_a_request_closes_at_the_header_timeout() {
 #[tokio::test]
 async fn an_idle_http1_connection_sleeps_wakes_for_its_next_request_and_closes_when_idle() {
     // The proxy puts an idle HTTP/1 connection to sleep after a second (half the header
-    // timeout when shorter), giving back hyper's connection and buffers: hyper's header timer
-    // goes with them, so an idle connection closes at the idle timeout, not the header one.
+    // timeout when shorter), giving back hyper's connection and buffers; waiting between
+    // requests, it closes at the idle timeout, not the header one.
     let header_timeout = Duration::from_secs(2);
     let idle_timeout = Duration::from_secs(3);
     let limits = Limits {

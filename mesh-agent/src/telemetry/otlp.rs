@@ -323,7 +323,7 @@ fn to_otlp(span: &ProxySpan, node_id: &str) -> Span {
     let mut attributes = vec![
         string("node_id", node_id),
         string("component", "proxy"),
-        string("guid:x-request-id", &ctx.request_id),
+        string("guid:x-request-id", ctx.request_id.as_str()),
         string("http.method", span.method.as_str()),
         string("http.url", &span.url),
         string("http.protocol", &format!("{:?}", span.protocol)),

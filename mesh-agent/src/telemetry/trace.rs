@@ -5,6 +5,8 @@
 //!
 //! Malformed context never fails a request: it is ignored, and a new trace starts.
 
+use std::ops::Range;
+
 use bytes::Bytes;
 use http::{header::HeaderName, HeaderMap, HeaderValue};
 
@@ -40,7 +42,7 @@ pub struct SpanContext {
     /// B3 debug (`x-b3-flags: 1`): sampled, and downstream must keep it.
     pub debug: bool,
     /// `x-request-id`: the caller's, or a new UUID v4.
-    pub request_id: String,
+    pub request_id: RequestId,
     /// W3C `tracestate`, passed on when the context came with a valid `traceparent` of the same
     /// trace.
     pub tracestate: Option<HeaderValue>,
@@ -54,6 +56,28 @@ impl SpanContext {
 
     pub fn span_id_hex(&self) -> String {
         format!("{:016x}", self.span_id)
+    }
+}
+
+/// An `x-request-id`, held without an allocation. Visible ASCII either way.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RequestId {
+    /// The caller's, checked when read ([`request_id`]), sharing the request's bytes.
+    Carried(HeaderValue),
+    /// A new UUID v4 ([`uuid_v4`]).
+    Generated([u8; 36]),
+}
+
+impl RequestId {
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            RequestId::Carried(value) => value.as_bytes(),
+            RequestId::Generated(uuid) => uuid,
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(self.as_bytes()).unwrap_or_default()
     }
 }
 
@@ -142,49 +166,46 @@ pub fn inject(context: &SpanContext, headers: &mut HeaderMap) {
             .map(HeaderValue::as_bytes);
         (sent.next(), sent.next()) != (Some(request_id), None)
     };
-    let mut buf = Vec::with_capacity(INJECT_CAPACITY + request_id.len());
-    let request_id = write_request_id.then(|| {
-        buf.extend_from_slice(request_id);
-        0..buf.len()
-    });
+    let mut buf = InjectBuf::new();
+    let request_id = write_request_id.then(|| buf.push(request_id));
     let trace_id = if context.trace_id_128 {
-        push_hex(&mut buf, context.trace_id, 32)
+        buf.push_hex(context.trace_id, 32)
     } else {
-        push_hex(&mut buf, u128::from(context.trace_id as u64), 16)
+        buf.push_hex(u128::from(context.trace_id as u64), 16)
     };
-    let span_id = push_hex(&mut buf, u128::from(context.span_id), 16);
+    let span_id = buf.push_hex(u128::from(context.span_id), 16);
     let parent = context
         .parent_span_id
-        .map(|parent| push_hex(&mut buf, u128::from(parent), 16));
+        .map(|parent| buf.push_hex(u128::from(parent), 16));
     // b3: {traceid}-{spanid}-{sampling}[-{parentspanid}]
-    let single_start = buf.len();
-    buf.extend_from_within(trace_id.clone());
-    buf.push(b'-');
-    buf.extend_from_within(span_id.clone());
-    buf.extend_from_slice(match (context.debug, context.sampled) {
+    let single_start = buf.len;
+    buf.repeat(trace_id.clone());
+    buf.push(b"-");
+    buf.repeat(span_id.clone());
+    buf.push(match (context.debug, context.sampled) {
         // B3: debug implies sampled, and the sampled header is then left out.
         (true, _) => b"-d",
         (false, true) => b"-1",
         (false, false) => b"-0",
     });
     if let Some(parent) = &parent {
-        buf.push(b'-');
-        buf.extend_from_within(parent.clone());
+        buf.push(b"-");
+        buf.repeat(parent.clone());
     }
-    let single = single_start..buf.len();
+    let single = single_start..buf.len;
     // traceparent: 00-{32 hex trace id}-{span id}-{flags}
-    let traceparent_start = buf.len();
-    buf.extend_from_slice(b"00-");
-    push_hex(&mut buf, context.trace_id, 32);
-    buf.push(b'-');
-    buf.extend_from_within(span_id.clone());
-    buf.extend_from_slice(if context.sampled { b"-01" } else { b"-00" });
-    let traceparent = traceparent_start..buf.len();
-    let buf = Bytes::from(buf);
+    let traceparent_start = buf.len;
+    buf.push(b"00-");
+    buf.push_hex(context.trace_id, 32);
+    buf.push(b"-");
+    buf.repeat(span_id.clone());
+    buf.push(if context.sampled { b"-01" } else { b"-00" });
+    let traceparent = traceparent_start..buf.len;
+    let buf = Bytes::from_owner(buf);
     // Not checked byte by byte again (~300 instructions a request): every byte in `buf` is a
     // hex digit, '-', or the request id's, which is visible ASCII (checked when read, or
     // generated). Debug builds check anyway.
-    let value = |range: std::ops::Range<usize>| {
+    let value = |range: Range<usize>| {
         // SAFETY: the bytes are valid in a header value, as above; `HeaderValue` relies on
         // that for `to_str`, not for memory safety.
         unsafe { HeaderValue::from_maybe_shared_unchecked(buf.slice(range)) }
@@ -235,15 +256,50 @@ pub fn inject(context: &SpanContext, headers: &mut HeaderMap) {
 /// `traceparent` of 55.
 const INJECT_CAPACITY: usize = 192;
 
-/// Appends the low `digits` (even, at most 32) hex digits of `value`, lowercase and
-/// zero-padded; their range in `buf`.
-fn push_hex(buf: &mut Vec<u8>, value: u128, digits: usize) -> std::ops::Range<usize> {
-    let start = buf.len();
-    match u64::try_from(value) {
-        Ok(small) if digits <= 16 => buf.extend_from_slice(&hex16(small)[16 - digits..]),
-        _ => buf.extend_from_slice(&hex32(value)[32 - digits..]),
+/// The bytes of every header [`inject`] writes, in place until they go into the one
+/// allocation the header values share ([`Bytes::from_owner`]).
+struct InjectBuf {
+    bytes: [u8; INJECT_CAPACITY + MAX_REQUEST_ID],
+    len: usize,
+}
+
+impl InjectBuf {
+    fn new() -> Self {
+        InjectBuf {
+            bytes: [0; INJECT_CAPACITY + MAX_REQUEST_ID],
+            len: 0,
+        }
     }
-    start..buf.len()
+
+    /// Appends `bytes`; their range.
+    fn push(&mut self, bytes: &[u8]) -> Range<usize> {
+        let range = self.len..self.len + bytes.len();
+        self.bytes[range.clone()].copy_from_slice(bytes);
+        self.len = range.end;
+        range
+    }
+
+    /// Appends again what `range` holds.
+    fn repeat(&mut self, range: Range<usize>) {
+        let len = range.len();
+        self.bytes.copy_within(range, self.len);
+        self.len += len;
+    }
+
+    /// Appends the low `digits` (even, at most 32) hex digits of `value`, lowercase and
+    /// zero-padded; their range.
+    fn push_hex(&mut self, value: u128, digits: usize) -> Range<usize> {
+        match u64::try_from(value) {
+            Ok(small) if digits <= 16 => self.push(&hex16(small)[16 - digits..]),
+            _ => self.push(&hex32(value)[32 - digits..]),
+        }
+    }
+}
+
+impl AsRef<[u8]> for InjectBuf {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
 }
 
 /// `value` as 32 lowercase hex digits.
@@ -430,11 +486,13 @@ fn hex_u128(s: &str, lowercase_only: bool) -> Option<u128> {
     u128::from_str_radix(s, 16).ok().filter(|id| *id != 0)
 }
 
-fn request_id(headers: &HeaderMap) -> Option<String> {
-    let id = header(headers, &X_REQUEST_ID)?;
-    let usable =
-        !id.is_empty() && id.len() <= MAX_REQUEST_ID && id.bytes().all(|b| b.is_ascii_graphic());
-    usable.then(|| id.to_owned())
+fn request_id(headers: &HeaderMap) -> Option<RequestId> {
+    let id = headers.get(&X_REQUEST_ID)?;
+    let bytes = id.as_bytes();
+    let usable = !bytes.is_empty()
+        && bytes.len() <= MAX_REQUEST_ID
+        && bytes.iter().all(u8::is_ascii_graphic);
+    usable.then(|| RequestId::Carried(id.clone()))
 }
 
 fn non_zero_u64(rng: &mut fastrand::Rng) -> u64 {
@@ -446,23 +504,23 @@ fn non_zero_u128(rng: &mut fastrand::Rng) -> u128 {
 }
 
 /// A random (version 4) UUID in its usual text form.
-fn uuid_v4(rng: &mut fastrand::Rng) -> String {
+fn uuid_v4(rng: &mut fastrand::Rng) -> RequestId {
     let mut bits = rng.u128(..);
     // Version 4 (bits 76..80), variant 10 (bits 62..64).
     bits = (bits & !(0xf << 76)) | (0x4 << 76);
     bits = (bits & !(0x3 << 62)) | (0x2 << 62);
     let hex = hex32(bits);
-    let mut text = String::with_capacity(36);
-    for (i, group) in [0..8, 8..12, 12..16, 16..20, 20..32]
-        .into_iter()
-        .enumerate()
-    {
-        if i > 0 {
-            text.push('-');
-        }
-        text.extend(hex[group].iter().map(|&digit| char::from(digit)));
+    let mut text = [b'-'; 36];
+    for (digits, at) in [
+        (0..8, 0),
+        (8..12, 9),
+        (12..16, 14),
+        (16..20, 19),
+        (20..32, 24),
+    ] {
+        text[at..at + digits.len()].copy_from_slice(&hex[digits]);
     }
-    text
+    RequestId::Generated(text)
 }
 
 #[cfg(test)]
@@ -492,10 +550,11 @@ mod tests {
             let low = value as u64;
             assert_eq!(hex16(low), format!("{low:016x}").as_bytes(), "{low:#x}");
             for digits in [16, 32] {
-                let mut buf = b"x".to_vec();
-                let range = push_hex(&mut buf, value, digits);
+                let mut buf = InjectBuf::new();
+                buf.push(b"x");
+                let range = buf.push_hex(value, digits);
                 let expected = format!("{value:032x}");
-                assert_eq!(&buf[range], &expected.as_bytes()[32 - digits..]);
+                assert_eq!(&buf.as_ref()[range], &expected.as_bytes()[32 - digits..]);
             }
         }
     }
@@ -697,9 +756,9 @@ mod tests {
     #[test]
     fn request_id_is_kept_or_generated() {
         let kept = continued(&[("x-request-id", "abc-123")]);
-        assert_eq!(kept.request_id, "abc-123");
+        assert_eq!(kept.request_id.as_str(), "abc-123");
         let generated = continued(&[]);
-        let id = &generated.request_id;
+        let id = generated.request_id.as_str();
         assert_eq!(id.len(), 36);
         assert_eq!(&id[14..15], "4", "version 4: {id}");
         assert!(
@@ -708,21 +767,26 @@ mod tests {
         );
         let too_long = "a".repeat(MAX_REQUEST_ID + 1);
         assert_ne!(
-            continued(&[("x-request-id", &too_long)]).request_id,
+            continued(&[("x-request-id", &too_long)])
+                .request_id
+                .as_str(),
             too_long
         );
-        assert_ne!(continued(&[("x-request-id", "")]).request_id, "");
+        assert_ne!(continued(&[("x-request-id", "")]).request_id.as_str(), "");
     }
 
     #[test]
     fn hex_is_lowercase_and_zero_padded() {
         let mut rng = rng();
         for value in [0, 1, u128::MAX, 0xa2fb4a1d1a96d312, rng.u128(..)] {
-            let mut buf = Vec::new();
-            let range = push_hex(&mut buf, value, 32);
-            assert_eq!(&buf[range], format!("{value:032x}").as_bytes());
-            let range = push_hex(&mut buf, value, 16);
-            assert_eq!(&buf[range], format!("{:016x}", value as u64).as_bytes());
+            let mut buf = InjectBuf::new();
+            let range = buf.push_hex(value, 32);
+            assert_eq!(&buf.as_ref()[range], format!("{value:032x}").as_bytes());
+            let range = buf.push_hex(value, 16);
+            assert_eq!(
+                &buf.as_ref()[range],
+                format!("{:016x}", value as u64).as_bytes()
+            );
         }
     }
 

@@ -2,6 +2,7 @@
 //! `MESH_EBPF_OBJECT`. Never fails: without an up-to-date object the agent builds without its
 //! eBPF programs (one warning says why), and `mesh-agent run` in eBPF mode refuses to start with
 //! the same reason. Everything else (validate, apply, the iptables mode) works either way.
+//! Release builds also get the order to lay out the agent's functions in ([`order_symbols`]).
 
 use std::{env, fs, path::PathBuf};
 
@@ -11,6 +12,7 @@ mod ebpf_object;
 use ebpf_object::{Choice, BUILT_OBJECT, INPUTS};
 
 fn main() {
+    order_symbols();
     let root = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets it"))
         .parent()
         .expect("mesh-agent lives in the workspace")
@@ -58,4 +60,21 @@ fn main() {
         // `include_bytes!` needs a file either way; the agent never loads this one.
         fs::write(&out, []).expect("writing into OUT_DIR");
     }
+}
+
+/// Release builds lay out the functions the agent runs side by side, in the order of
+/// `link/symbol-order.txt` (written by `cargo xtask bench --request-cost --symbol-order`), so
+/// the pages of code it keeps resident are few. The toolchain links with rust-lld, which skips
+/// names the binary no longer has.
+fn order_symbols() {
+    if env::var("PROFILE").as_deref() != Ok("release") {
+        return;
+    }
+    let order = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets it"))
+        .join("link/symbol-order.txt");
+    println!("cargo:rerun-if-changed={}", order.display());
+    println!(
+        "cargo:rustc-link-arg-bin=mesh-agent=-Wl,--symbol-ordering-file={},--no-warn-symbol-ordering",
+        order.display()
+    );
 }

@@ -17,11 +17,12 @@ mod rounds;
 mod scale;
 mod scenarios;
 mod summary;
+mod symbol_order;
 mod syscalls;
 mod tools;
 mod topology;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
@@ -55,6 +56,11 @@ pub struct Args {
     /// change to the request path; no rounds, no peers, the docs are left alone.
     #[arg(long, conflicts_with_all = ["quick", "only"])]
     request_cost: bool,
+    /// With `--request-cost`: also rewrite mesh-agent/link/symbol-order.txt, the functions the
+    /// agent ran in those runs, which its release build lays out side by side (fewer pages of
+    /// code resident). Run it when the request path or start-up changed much.
+    #[arg(long, requires = "request_cost")]
+    symbol_order: bool,
     /// Measure only how the agent's costs grow with a node's size (by hand, ~6 min after the
     /// release build): the cost per request under callgrind, the start-up time and the memory
     /// with 1 to 1,001 services in the folder (10,000 endpoints and 5,000 pods at the largest);
@@ -170,6 +176,7 @@ pub fn ci_smoke() -> Result<()> {
         quick: false,
         only: Vec::new(),
         request_cost: false,
+        symbol_order: false,
         scale: false,
         serve: Vec::new(),
         ci_smoke: true,
@@ -226,6 +233,7 @@ pub fn run(args: Args) -> Result<()> {
             requests,
             upstream,
             request_cost::Beside::default(),
+            args.symbol_order,
         )
         .with_context(|| format!("measuring the cost per request, {upstream:?} upstream"))?;
         println!(
@@ -239,6 +247,22 @@ pub fn run(args: Args) -> Result<()> {
     let request_cost_judged = measure_cost(request_cost::Upstream::Judged, "request-cost-judged")?;
     let request_cost_captured =
         measure_cost(request_cost::Upstream::Captured, "request-cost-captured")?;
+    if args.symbol_order {
+        let costs = [
+            &request_cost,
+            &request_cost_tunnel,
+            &request_cost_judged,
+            &request_cost_captured,
+        ];
+        let profiles: Vec<&Path> = costs
+            .into_iter()
+            .flatten()
+            .flat_map(|cost| cost.profiles_run.iter().chain([&cost.profile]))
+            .map(PathBuf::as_path)
+            .collect();
+        let listed = symbol_order::write(&root, &binaries.agent, &profiles)?;
+        println!("wrote {} ({listed} functions)", symbol_order::PATH);
+    }
     let Some(tools) = tools else {
         return Ok(());
     };

@@ -101,7 +101,10 @@ pub struct RequestCost {
     pub requests: u64,
     pub instructions_per_request: f64,
     pub allocations_per_request: f64,
+    /// The requests measured.
     pub profile: PathBuf,
+    /// The agent's start-up and warm-up, and its exit.
+    pub profiles_run: [PathBuf; 2],
 }
 
 /// What the node holds beside `hello`: a world of objects in the agent's folder, and idle pods
@@ -119,6 +122,7 @@ pub fn measure(
     requests: u64,
     upstream: Upstream,
     beside: Beside,
+    mangled_names: bool,
 ) -> Result<RequestCost> {
     let _ = std::fs::remove_dir_all(out_dir);
     std::fs::create_dir_all(out_dir)?;
@@ -127,6 +131,9 @@ pub fn measure(
     let mut command = Command::new("valgrind");
     command
         .args(["--tool=callgrind", "--dump-instr=no"])
+        // The symbols themselves, for the symbol order (`symbol_order`); the figures are the
+        // same either way.
+        .args(mangled_names.then_some("--demangle=no"))
         .arg(format!(
             "--callgrind-out-file={}",
             out_dir.join("callgrind.out").display()
@@ -140,7 +147,9 @@ pub fn measure(
 
     let warm_up = hello.get(requests / 10)?;
     ensure!(warm_up["errors"] == 0, "warm-up failed: {warm_up}");
-    callgrind_control(&["-z"], agent.pid())?;
+    // Start-up and warm-up go to `callgrind.out.1`, the requests measured to `.2`, what
+    // follows to `.out` at exit: all three for the symbol order (`symbol_order`).
+    callgrind_control(&["-d"], agent.pid())?;
     let run = hello.get(requests)?;
     callgrind_control(&["-d"], agent.pid())?;
     ensure!(
@@ -168,14 +177,14 @@ pub fn measure(
     }
     agent.stop(Duration::from_secs(60))?;
 
-    // `callgrind_control -d` writes `callgrind.out.1`; the final dump at exit is `.out`.
-    let profile = out_dir.join("callgrind.out.1");
+    let profile = out_dir.join("callgrind.out.2");
     let (instructions, calls) = read_profile(&profile)?;
     let allocations: u64 = ALLOCATING.iter().filter_map(|f| calls.get(*f)).sum();
     Ok(RequestCost {
         requests,
         instructions_per_request: instructions as f64 / requests as f64,
         allocations_per_request: allocations as f64 / requests as f64,
+        profiles_run: ["callgrind.out.1", "callgrind.out"].map(|name| out_dir.join(name)),
         profile,
     })
 }

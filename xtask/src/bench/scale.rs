@@ -407,6 +407,7 @@ pub fn run(root: &Path, binaries: &Binaries, sizes: &Sizes) -> Result<Scale> {
             sizes.requests,
             Upstream::Plain,
             beside,
+            false,
         )
         .with_context(|| format!("the cost per request with {services} more services"))?;
         let (hello, mut agent, ready) =
@@ -545,6 +546,7 @@ fn enrolled_pods(binaries: &Binaries, out_dir: &Path, sizes: &Sizes) -> Result<E
             sizes.requests,
             Upstream::Tunnel,
             Beside { world: None, pods },
+            false,
         )
         .with_context(|| format!("the cost per request with {pods} idle pods enrolled"))
     };

@@ -339,6 +339,13 @@ fn markdown(report: &Report) -> String {
     out
 }
 
+/// Whether an added latency is within `limit` µs. Below zero it is no figure at all: the
+/// baseline's own tail was above the proxied path's in that round (a disturbed round, as a
+/// 16 ms p99 on `direct-remote` once was), and a target is not met on it.
+fn added_within(added_us: f64, limit: f64) -> bool {
+    (0.0..=limit).contains(&added_us)
+}
+
 fn targets(out: &mut String, report: &Report) {
     let f = report.figures;
     let ratio = |s: &str| median(f, s, |x| x.ratio);
@@ -393,13 +400,13 @@ fn targets(out: &mut String, report: &Report) {
         l7("added p50 ≤ 30 µs at 1,000 rps, below `nginx-l7`", &|s| {
             (
                 format!("{:.0} (nginx-l7 {:.0})", p50(s), p50("nginx-l7")),
-                p50(s) <= 30.0 && p50(s) < p50("nginx-l7"),
+                added_within(p50(s), 30.0) && p50(s) < p50("nginx-l7"),
             )
         }),
         l7("added p99 ≤ 50 µs at 1,000 rps, below `nginx-l7`", &|s| {
             (
                 format!("{:.0} (nginx-l7 {:.0})", p99(s), p99("nginx-l7")),
-                p99(s) <= 50.0 && p99(s) < p99("nginx-l7"),
+                added_within(p99(s), 50.0) && p99(s) < p99("nginx-l7"),
             )
         }),
         l7("≤ 0.04 vCPU per 1,000 rps", &|s| {
@@ -427,7 +434,7 @@ fn targets(out: &mut String, report: &Report) {
         other(
             "`mesh-mtls` added p99 ≤ 150 µs at 1,000 rps",
             format!("{:.0}", p99("mesh-mtls")),
-            p99("mesh-mtls") <= 150.0,
+            added_within(p99("mesh-mtls"), 150.0),
         ),
         {
             let handshakes = median(f, "mesh-mtls", |x| x.churn_handshakes_per_second);
@@ -568,4 +575,17 @@ Raw figures of every run: `target/bench/<date>.json`.
         samples = report.durations.latency_seconds * load::FIXED_RPS,
         tail = report.durations.latency_seconds * load::FIXED_RPS / 100,
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_negative_added_latency_meets_no_target() {
+        assert!(added_within(0.0, 50.0));
+        assert!(added_within(50.0, 50.0));
+        assert!(!added_within(50.1, 50.0));
+        assert!(!added_within(-3494.0, 150.0));
+    }
 }

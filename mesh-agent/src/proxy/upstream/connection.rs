@@ -29,21 +29,16 @@ pub(super) trait Owner: Send + Sync + 'static {
     fn closed(&self, id: u64);
 }
 
-/// Drives `connection` on a task of its own until it ends or stays idle for `idle_timeout`
-/// (`http.idleTimeout`; `None`: never closed for idleness). `slot` is released when it ends.
-pub(super) fn spawn<C, O>(
-    connection: C,
+/// Runs `life` (driving one connection, [`drive`] or HTTP/1's sleeping cycle) on a task of its
+/// own; when it ends, `slot` (of `tcp.maxConnections`) is released and the pool forgets `id`.
+pub(super) fn spawn<O: Owner>(
     owner: Weak<O>,
     id: u64,
-    idle_timeout: Option<Duration>,
     slot: Permit,
-) where
-    C: Future + Send + 'static,
-    C::Output: Send,
-    O: Owner,
-{
+    life: impl Future<Output = ()> + Send + 'static,
+) {
     tokio::spawn(async move {
-        drive(connection, &owner, id, idle_timeout).await;
+        life.await;
         // The slot first, so the request this wakes can take it.
         drop(slot);
         if let Some(owner) = owner.upgrade() {
@@ -52,9 +47,11 @@ pub(super) fn spawn<C, O>(
     });
 }
 
-async fn drive<C: Future, O: Owner>(
+/// Drives `connection` until it ends or stays idle for `idle_timeout` (`http.idleTimeout`;
+/// `None`: never closed for idleness).
+pub(super) async fn drive<C: Future, O: Owner>(
     connection: C,
-    owner: &Weak<O>,
+    owner: Weak<O>,
     id: u64,
     idle_timeout: Option<Duration>,
 ) {

@@ -8,6 +8,7 @@
 //! first of them through the semaphore of idle connections, never to a newcomer.
 
 use std::{
+    mem,
     net::SocketAddr,
     pin::pin,
     sync::{Arc, Mutex, MutexGuard, PoisonError},
@@ -24,14 +25,13 @@ use tracing::debug;
 
 use super::{
     body::{BoxError, ProxyBody},
-    connection::{self, Dial, Owner},
+    connection::{Dial, Owner},
     dial::Dialer,
     error::{self, Progress, SendError},
+    http1_connection::{self, Sender, Sleeps, Wake, Waking, SLEEP_AFTER},
     response_check,
 };
 use crate::engine::{ClusterPool, Permit, PoolLimits};
-
-type Sender = http1::SendRequest<ProxyBody>;
 
 pub(super) struct Http1Pool {
     endpoint: SocketAddr,
@@ -59,9 +59,15 @@ struct State {
 
 struct Idle {
     id: u64,
-    sender: Sender,
+    connection: IdleConnection,
     served: u32,
     since: Instant,
+}
+
+/// An idle connection, awake or asleep (`http1_connection`).
+enum IdleConnection {
+    Awake(Sender),
+    Asleep(Wake),
 }
 
 /// A connection checked out for one request. [`Lease::finish`] gives it back; dropping it
@@ -183,9 +189,15 @@ impl Http1Pool {
     /// closed meanwhile.
     async fn pop_idle(self: &Arc<Self>, limits: &PoolLimits) -> Option<Lease> {
         let idle = self.lock().idle.pop()?;
-        let mut sender = idle.sender;
-        // A connection given back at the end of a response body may still be finishing it.
-        sender.ready().await.ok()?;
+        let sender = match idle.connection {
+            IdleConnection::Awake(mut sender) => {
+                // A connection given back at the end of a response body may still be
+                // finishing it.
+                sender.ready().await.ok()?;
+                sender
+            }
+            IdleConnection::Asleep(wake) => http1_connection::wake(wake).await?,
+        };
         Some(Lease {
             pool: Arc::clone(self),
             id: idle.id,
@@ -245,7 +257,7 @@ impl Http1Pool {
             state.next_id += 1;
             state.next_id
         };
-        connection::spawn(
+        http1_connection::spawn(
             connection,
             Arc::downgrade(self),
             id,
@@ -328,6 +340,28 @@ impl Owner for Http1Pool {
     }
 }
 
+impl Sleeps for Http1Pool {
+    fn fall_asleep(&self, id: u64, now: Instant) -> Result<(Sender, Waking), Instant> {
+        let mut state = self.lock();
+        let Some(idle) = state.idle.iter_mut().find(|idle| idle.id == id) else {
+            return Err(now + SLEEP_AFTER);
+        };
+        let due = idle.since + SLEEP_AFTER;
+        if due > now {
+            return Err(due);
+        }
+        let (wake, waking) = tokio::sync::oneshot::channel();
+        match mem::replace(&mut idle.connection, IdleConnection::Asleep(wake)) {
+            IdleConnection::Awake(sender) => Ok((sender, waking)),
+            // Only its own task puts a connection to sleep, and it is awake.
+            asleep @ IdleConnection::Asleep(_) => {
+                idle.connection = asleep;
+                Err(now + SLEEP_AFTER)
+            }
+        }
+    }
+}
+
 impl Lease {
     /// Gives the connection back after its exchange: if the response was read to its end, to
     /// the first waiting request or the idle list; otherwise, or after
@@ -339,7 +373,7 @@ impl Lease {
         }
         self.pool.lock().idle.push(Idle {
             id: self.id,
-            sender: self.sender,
+            connection: IdleConnection::Awake(self.sender),
             served: self.served,
             since: Instant::now(),
         });

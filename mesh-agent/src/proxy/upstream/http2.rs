@@ -227,13 +227,9 @@ impl Http2Pool {
         };
         drop(opening);
         self.changed.notify_waiters();
-        connection::spawn(
-            connection,
-            Arc::downgrade(self),
-            id,
-            limits.http_idle_timeout,
-            slot,
-        );
+        let owner = Arc::downgrade(self);
+        let life = connection::drive(connection, owner.clone(), id, limits.http_idle_timeout);
+        connection::spawn(owner, id, slot, life);
         Ok((sender, id))
     }
 

@@ -7,7 +7,8 @@
 //! `tcp.maxConnections` caps the cluster's open connections, a request that finds none free
 //! waits (counted against `http1MaxPendingRequests`, past which it is refused with `UO`),
 //! `maxRequestsPerConnection` retires a connection, `tcp.connectTimeout` bounds every dial and
-//! `http.idleTimeout` closes idle connections (`connection`). An HTTP/1.1 response head is
+//! `http.idleTimeout` closes idle connections (`connection`); an idle HTTP/1.1 connection sleeps
+//! after a second, holding only its socket (`http1_connection`). An HTTP/1.1 response head is
 //! checked as Envoy checks it (`response_check`); the response body (`response`) gives its
 //! connection back when it has been read to its end.
 
@@ -16,6 +17,7 @@ mod connection;
 mod dial;
 mod error;
 mod http1;
+mod http1_connection;
 mod http2;
 mod pool;
 mod response;

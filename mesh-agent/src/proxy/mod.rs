@@ -7,6 +7,7 @@
 //! original destination and it proxies it, which is how the in-process tests drive it.
 
 mod accept;
+mod deadline;
 pub mod detect;
 pub mod http;
 pub mod limits;

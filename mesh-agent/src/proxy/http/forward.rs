@@ -28,6 +28,7 @@ use super::{
 };
 use crate::{
     engine::{Attempt, EngineError, Outcome, RequestInfo, RequestPlan, Verdict},
+    proxy::deadline::within,
     proxy::upstream::{
         BoxError, Progress, Protocol, ProxyBody, ResponseBody, SendError, UpstreamPool, Waiting,
     },
@@ -313,7 +314,7 @@ async fn send(
             &mut progress,
         ));
         match attempt.deadline() {
-            Some(deadline) => tokio::time::timeout_at(deadline.into(), sent).await.ok(),
+            Some(deadline) => within(deadline.into(), sent).await,
             None => Some(sent.await),
         }
     };

@@ -6,7 +6,7 @@ use std::{future::Future, sync::Weak, time::Duration};
 
 use tokio::time::Instant;
 
-use crate::engine::Permit;
+use crate::{engine::Permit, proxy::deadline::within};
 
 /// How opening a connection ended, for the pool that counted it while it opened.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,21 +62,19 @@ pub(super) async fn drive<C: Future, O: Owner>(
     tokio::pin!(connection);
     let mut check = Instant::now() + timeout;
     loop {
-        tokio::select! {
-            _ = &mut connection => return,
-            () = tokio::time::sleep_until(check) => {
-                let Some(pool) = owner.upgrade() else {
-                    // The pool is gone with its handles, so hyper ends the connection once
-                    // its requests in flight are done.
-                    (&mut connection).await;
-                    return;
-                };
-                match pool.expire_idle(id, timeout, Instant::now()) {
-                    // Dropping hyper's connection closes the socket.
-                    Ok(()) => return,
-                    Err(next) => check = next,
-                }
-            }
+        if within(check, &mut connection).await.is_some() {
+            return;
+        }
+        let Some(pool) = owner.upgrade() else {
+            // The pool is gone with its handles, so hyper ends the connection once its
+            // requests in flight are done.
+            (&mut connection).await;
+            return;
+        };
+        match pool.expire_idle(id, timeout, Instant::now()) {
+            // Dropping hyper's connection closes the socket.
+            Ok(()) => return,
+            Err(next) => check = next,
         }
     }
 }

@@ -20,7 +20,7 @@ use super::{
     connection::{self, Owner},
     dial::UpstreamIo,
 };
-use crate::engine::Permit;
+use crate::{engine::Permit, proxy::deadline::within};
 
 pub(super) type Sender = http1::SendRequest<ProxyBody>;
 pub(super) type Connection = http1::Connection<TokioIo<UpstreamIo>, ProxyBody>;
@@ -116,25 +116,23 @@ async fn awake<O: Sleeps>(
     let closes_first = idle_timeout.filter(|&timeout| timeout <= SLEEP_AFTER);
     let mut check = Instant::now() + closes_first.unwrap_or(SLEEP_AFTER);
     loop {
-        tokio::select! {
-            _ = &mut *connection => return None,
-            () = tokio::time::sleep_until(check) => {
-                let Some(pool) = owner.upgrade() else {
-                    // The pool is gone with its handles, so hyper ends the connection once
-                    // its request in flight is done.
-                    let _ = connection.await;
-                    return None;
-                };
-                let now = Instant::now();
-                let checked = match closes_first {
-                    Some(timeout) => pool.expire_idle(id, timeout, now).map(|()| None),
-                    None => pool.fall_asleep(id, now).map(Some),
-                };
-                match checked {
-                    Ok(asleep) => return asleep,
-                    Err(next) => check = next,
-                }
-            }
+        if within(check, &mut *connection).await.is_some() {
+            return None;
+        }
+        let Some(pool) = owner.upgrade() else {
+            // The pool is gone with its handles, so hyper ends the connection once its
+            // request in flight is done.
+            let _ = connection.await;
+            return None;
+        };
+        let now = Instant::now();
+        let checked = match closes_first {
+            Some(timeout) => pool.expire_idle(id, timeout, now).map(|()| None),
+            None => pool.fall_asleep(id, now).map(Some),
+        };
+        match checked {
+            Ok(asleep) => return asleep,
+            Err(next) => check = next,
         }
     }
 }

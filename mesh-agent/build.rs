@@ -2,7 +2,7 @@
 //! `MESH_EBPF_OBJECT`. Never fails: without an up-to-date object the agent builds without its
 //! eBPF programs (one warning says why), and `mesh-agent run` in eBPF mode refuses to start with
 //! the same reason. Everything else (validate, apply, the iptables mode) works either way.
-//! Release builds also get the order to lay out the agent's functions in ([`order_symbols`]).
+//! Release builds are also laid out to keep few pages resident ([`release_layout`]).
 
 use std::{env, fs, path::PathBuf};
 
@@ -12,7 +12,7 @@ mod ebpf_object;
 use ebpf_object::{Choice, BUILT_OBJECT, INPUTS};
 
 fn main() {
-    order_symbols();
+    release_layout();
     let root = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets it"))
         .parent()
         .expect("mesh-agent lives in the workspace")
@@ -62,11 +62,15 @@ fn main() {
     }
 }
 
-/// Release builds lay out the functions the agent runs side by side, in the order of
-/// `link/symbol-order.txt` (written by `cargo xtask bench --request-cost --symbol-order`), so
-/// the pages of code it keeps resident are few. The toolchain links with rust-lld, which skips
-/// names the binary no longer has.
-fn order_symbols() {
+/// Release builds keep few pages of the binary resident:
+/// - the functions the agent runs lie side by side, in the order of `link/symbol-order.txt`
+///   (written by `cargo xtask bench --request-cost --symbol-order`); the toolchain links with
+///   rust-lld, which skips names the binary no longer has;
+/// - the relocations the loader applies at start (one per pointer in the binary's data: ~24,000,
+///   576 KiB as RELA entries, every page of them read at each start) are packed as RELR
+///   bitmaps, a few KiB. It needs glibc 2.36 or later (Debian 12, the agent's image), which the
+///   binary then says in its version needs, so an older loader refuses it by name.
+fn release_layout() {
     if env::var("PROFILE").as_deref() != Ok("release") {
         return;
     }
@@ -77,4 +81,5 @@ fn order_symbols() {
         "cargo:rustc-link-arg-bin=mesh-agent=-Wl,--symbol-ordering-file={},--no-warn-symbol-ordering",
         order.display()
     );
+    println!("cargo:rustc-link-arg-bin=mesh-agent=-Wl,-z,pack-relative-relocs");
 }

@@ -26,6 +26,12 @@ pub(crate) fn within<F: Future>(deadline: Instant, future: F) -> Within<F> {
     }
 }
 
+/// Completes at `deadline`, as `tokio::time::sleep_until` does, with its timer read as
+/// [`within`] reads it.
+pub(crate) async fn until(deadline: Instant) {
+    within(deadline, std::future::pending::<()>()).await;
+}
+
 pin_project! {
     /// See [`within`].
     pub(crate) struct Within<F> {

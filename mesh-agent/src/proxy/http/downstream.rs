@@ -70,6 +70,7 @@ use super::{
 };
 use crate::{
     proxy::{
+        deadline,
         upstream::{BoxError, ProxyBody},
         Limits,
     },
@@ -510,7 +511,7 @@ impl Activity {
                 (true, None) => now + timeout,
                 (false, _) => quiet_at.map_or(expires, |at| at.min(expires)),
             };
-            tokio::time::sleep_until(next).await;
+            deadline::until(next).await;
         }
     }
 }

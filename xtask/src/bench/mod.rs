@@ -248,19 +248,22 @@ pub fn run(args: Args) -> Result<()> {
     let request_cost_captured =
         measure_cost(request_cost::Upstream::Captured, "request-cost-captured")?;
     if args.symbol_order {
+        // The default path first, then the plain inbound hop, then the tunnel's.
         let costs = [
             &request_cost,
+            &request_cost_captured,
             &request_cost_tunnel,
             &request_cost_judged,
-            &request_cost_captured,
         ];
-        let profiles: Vec<&Path> = costs
+        let paths: Vec<Vec<&Path>> = costs
             .into_iter()
             .flatten()
-            .flat_map(|cost| cost.profiles_run.iter().chain([&cost.profile]))
-            .map(PathBuf::as_path)
+            .map(|cost| {
+                let profiles = cost.profiles_run.iter().chain([&cost.profile]);
+                profiles.map(PathBuf::as_path).collect()
+            })
             .collect();
-        let listed = symbol_order::write(&root, &binaries.agent, &profiles)?;
+        let listed = symbol_order::write(&root, &binaries.agent, &paths)?;
         println!("wrote {} ({listed} functions)", symbol_order::PATH);
     }
     let Some(tools) = tools else {

@@ -156,6 +156,7 @@ impl Mode {
         } else {
             build_ebpf::run()?;
             cargo(root, &["build", "--release", "--workspace", "--bins"])?;
+            symbol_order::warn_if_stale(root, &root.join("target/release/mesh-agent"))?;
             "release"
         };
         let dir = root.join("target").join(profile);

@@ -47,6 +47,36 @@ pub fn write(root: &Path, agent_bin: &Path, paths: &[Vec<&Path>]) -> Result<usiz
     Ok(ordered.len())
 }
 
+/// Says so when most of the order's functions are missing from `agent_bin`: a dependency added
+/// or updated renames every function of the crates built on it (the hash in a mangled name
+/// covers the dependency graph), and the linker then skips those names, which keeps MiBs more
+/// of code resident without any error. Measure memory only with an order that fits.
+pub fn warn_if_stale(root: &Path, agent_bin: &Path) -> Result<()> {
+    let listed =
+        std::fs::read_to_string(root.join(PATH)).with_context(|| format!("reading {PATH}"))?;
+    let output = std::process::Command::new("nm")
+        .arg("--defined-only")
+        .arg(agent_bin)
+        .output()
+        .context("running nm (binutils) on the agent")?;
+    let defined: HashSet<&str> = std::str::from_utf8(&output.stdout)
+        .context("nm's output")?
+        .lines()
+        .filter_map(|line| line.split_whitespace().last())
+        .collect();
+    let listed: Vec<&str> = listed.lines().filter(|name| !name.is_empty()).collect();
+    let found = listed.iter().filter(|name| defined.contains(*name)).count();
+    if found * 10 < listed.len() * 9 {
+        println!(
+            "warning: only {found} of the {} functions in {PATH} are in the agent: the order is \
+             stale (its code keeps MiBs more resident); rewrite it with `cargo xtask bench \
+             --request-cost --symbol-order` and build again",
+            listed.len()
+        );
+    }
+    Ok(())
+}
+
 /// The functions each path ran (their instructions), path by path: those of the first, then
 /// those of the second not listed yet, and so on; within a path the most instructions first.
 fn order(runs: Vec<HashMap<String, u64>>) -> Vec<String> {

@@ -48,9 +48,10 @@ pub(super) fn spawn<O: Owner>(
 }
 
 /// Drives `connection` until it ends or stays idle for `idle_timeout` (`http.idleTimeout`;
-/// `None`: never closed for idleness).
-pub(super) async fn drive<C: Future, O: Owner>(
-    connection: C,
+/// `None`: never closed for idleness). Boxed by the caller: a future keeps its arguments for
+/// its whole life, so pinning one inside would hold hyper's connection twice in the task.
+pub(super) async fn drive<C: Future + Unpin, O: Owner>(
+    mut connection: C,
     owner: Weak<O>,
     id: u64,
     idle_timeout: Option<Duration>,
@@ -59,7 +60,6 @@ pub(super) async fn drive<C: Future, O: Owner>(
         connection.await;
         return;
     };
-    tokio::pin!(connection);
     let mut check = Instant::now() + timeout;
     loop {
         if within(check, &mut connection).await.is_some() {

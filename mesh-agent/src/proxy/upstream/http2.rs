@@ -228,7 +228,12 @@ impl Http2Pool {
         drop(opening);
         self.changed.notify_waiters();
         let owner = Arc::downgrade(self);
-        let life = connection::drive(connection, owner.clone(), id, limits.http_idle_timeout);
+        let life = connection::drive(
+            Box::pin(connection),
+            owner.clone(),
+            id,
+            limits.http_idle_timeout,
+        );
         connection::spawn(owner, id, slot, life);
         Ok((sender, id))
     }

@@ -82,8 +82,8 @@ async fn live<O: Sleeps>(
         };
         // Moved out of its box in a block of its own, so the box is freed before the sleep.
         let http1::Parts { io, read_buf, .. } = {
-            let awake = connection;
-            (*awake).into_parts()
+            let boxed = connection;
+            (*boxed).into_parts()
         };
         // Only now: hyper ends a connection whose senders are all gone.
         drop(sender);

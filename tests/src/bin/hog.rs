@@ -149,10 +149,10 @@ async fn idle(options: &HashMap<String, String>) -> Result<()> {
     let mut close_ms: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
     let mut open: BTreeMap<&str, u64> = BTreeMap::new();
     let deadline = tokio::time::Instant::now() + wait;
-    for task in tasks {
+    for (kind, task) in tasks {
         let mut task = task;
         match tokio::time::timeout_at(deadline, &mut task).await {
-            Ok(Ok((kind, after))) => {
+            Ok(Ok(after)) => {
                 *closed.entry(kind).or_default() += 1;
                 let ms = after.as_millis() as u64;
                 let range = close_ms.entry(kind).or_insert((ms, ms));
@@ -161,7 +161,7 @@ async fn idle(options: &HashMap<String, String>) -> Result<()> {
             }
             _ => {
                 task.abort();
-                *open.entry("any").or_default() += 1;
+                *open.entry(kind).or_default() += 1;
             }
         }
     }
@@ -174,14 +174,14 @@ async fn idle(options: &HashMap<String, String>) -> Result<()> {
 }
 
 /// Connects, sends `sends`, then reads (and drops) whatever the agent sends until it closes
-/// the connection: the task's result is the kind and how long after it began to connect that
-/// was. Timed from before `connect`, since the agent's clocks start when it accepts, which may
+/// the connection: returns the kind and a task whose result is how long after it began to
+/// connect that was. Timed from before `connect`, since the agent's clocks start when it accepts, which may
 /// be long before a loaded client's task runs again after its connect completed.
 async fn open(
     target: String,
     kind: &'static str,
     sends: Vec<Vec<u8>>,
-) -> Result<tokio::task::JoinHandle<(&'static str, Duration)>> {
+) -> Result<(&'static str, tokio::task::JoinHandle<Duration>)> {
     let opened = Instant::now();
     let mut stream = TcpStream::connect(&target)
         .await
@@ -194,15 +194,16 @@ async fn open(
         // not a request in flight (nor an upstream connection the agent opened for it).
         read_response(&mut stream).await?;
     }
-    Ok(tokio::spawn(async move {
+    let closed = tokio::spawn(async move {
         let mut buf = [0u8; 1024];
         loop {
             match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => return (kind, opened.elapsed()),
+                Ok(0) | Err(_) => return opened.elapsed(),
                 Ok(_) => {}
             }
         }
-    }))
+    });
+    Ok((kind, closed))
 }
 
 async fn keepalive(options: &HashMap<String, String>) -> Result<()> {

@@ -9,12 +9,15 @@
 
 use std::{
     future::Future,
-    pin::Pin,
+    pin::{pin, Pin},
     task::{Context, Poll},
 };
 
 use pin_project_lite::pin_project;
-use tokio::time::{Instant, Sleep};
+use tokio::{
+    task::coop::unconstrained,
+    time::{Instant, Sleep},
+};
 
 /// `future`'s output, or `None` when `deadline` passes first. Like `timeout_at`, the future is
 /// polled first, so one that is ready when the deadline passes still gives its output.
@@ -55,7 +58,9 @@ impl<F: Future> Future for Within<F> {
             this.timer.is_elapsed()
         } else {
             *this.registered = true;
-            this.timer.poll(cx).is_ready()
+            // Unconstrained: with the task's budget spent (by `future`, say), a timer's poll
+            // returns `Pending` without registering, and it would never fire.
+            pin!(unconstrained(this.timer)).poll(cx).is_ready()
         };
         if passed {
             Poll::Ready(None)
@@ -95,6 +100,39 @@ mod tests {
         };
         let ended = tokio::time::timeout(Duration::from_secs(10), within(deadline, ticks));
         assert_eq!(ended.await, Ok(None::<()>), "the deadline was missed");
+        assert_eq!(start.elapsed(), Duration::from_secs(3));
+    }
+
+    /// Spends the task's whole budget in its first poll (as a busy connection can), then
+    /// stays pending.
+    struct BudgetSpender {
+        spent: bool,
+    }
+
+    impl Future for BudgetSpender {
+        type Output = ();
+
+        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+            if !self.spent {
+                self.spent = true;
+                while pin!(tokio::task::coop::consume_budget())
+                    .poll(cx)
+                    .is_ready()
+                {}
+            }
+            Poll::Pending
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_deadline_holds_when_the_future_spends_the_tasks_budget() {
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs(3);
+        let ended = tokio::time::timeout(
+            Duration::from_secs(10),
+            within(deadline, BudgetSpender { spent: false }),
+        );
+        assert_eq!(ended.await, Ok(None), "the deadline was missed");
         assert_eq!(start.elapsed(), Duration::from_secs(3));
     }
 

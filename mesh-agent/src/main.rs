@@ -189,8 +189,8 @@ struct RunArgs {
     cgroup: Option<PathBuf>,
     /// Experimental: hand bytes between an enrolled pod's socket and the agent's in-pod socket
     /// directly (sockmap + sk_msg) instead of through loopback TCP. eBPF mode only. Off by
-    /// default: on this kernel a pod reading with a blocking socket can get a spurious EAGAIN
-    /// (docs/performance.md).
+    /// default: on this kernel a pod reading with a blocking socket gets a spurious EAGAIN
+    /// when woken without data, e.g. after shutting its write side (docs/architecture.md).
     #[arg(long)]
     socket_fast_path: bool,
     /// With mutual TLS (--ca, --mutual-tls) in eBPF mode, what arrives at each enrolled pod is

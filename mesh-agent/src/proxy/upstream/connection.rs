@@ -60,20 +60,35 @@ pub(super) async fn drive<C: Future + Unpin, O: Owner>(
         connection.await;
         return;
     };
-    let mut check = Instant::now() + timeout;
+    let first = Instant::now() + timeout;
+    // Expired: dropping hyper's connection closes the socket.
+    drive_until(&mut connection, &owner, first, |pool, now| {
+        pool.expire_idle(id, timeout, now)
+    })
+    .await;
+}
+
+/// Drives `connection` until it ends (`None`) or the pool, asked at `first` and then at each
+/// instant it answers with, gives its verdict on it (`Some`): taken out idle, or put to sleep.
+pub(super) async fn drive_until<C: Future + Unpin, O, T>(
+    connection: &mut C,
+    owner: &Weak<O>,
+    first: Instant,
+    mut ask: impl FnMut(&O, Instant) -> Result<T, Instant>,
+) -> Option<T> {
+    let mut check = first;
     loop {
-        if within(check, &mut connection).await.is_some() {
-            return;
+        if within(check, &mut *connection).await.is_some() {
+            return None;
         }
         let Some(pool) = owner.upgrade() else {
             // The pool is gone with its handles, so hyper ends the connection once its
             // requests in flight are done.
-            (&mut connection).await;
-            return;
+            connection.await;
+            return None;
         };
-        match pool.expire_idle(id, timeout, Instant::now()) {
-            // Dropping hyper's connection closes the socket.
-            Ok(()) => return,
+        match ask(&pool, Instant::now()) {
+            Ok(verdict) => return Some(verdict),
             Err(next) => check = next,
         }
     }

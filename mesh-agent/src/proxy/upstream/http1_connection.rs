@@ -22,7 +22,7 @@ use super::{
     connection::{self, Owner},
     dial::UpstreamIo,
 };
-use crate::{engine::Permit, proxy::deadline::within};
+use crate::engine::Permit;
 
 pub(super) type Sender = http1::SendRequest<ProxyBody>;
 pub(super) type Connection = http1::Connection<TokioIo<UpstreamIo>, ProxyBody>;
@@ -121,27 +121,13 @@ async fn awake<O: Sleeps>(
 ) -> Option<(Sender, Waking)> {
     // A connection closed for idleness within a second need not sleep first.
     let closes_first = idle_timeout.filter(|&timeout| timeout <= SLEEP_AFTER);
-    let mut check = Instant::now() + closes_first.unwrap_or(SLEEP_AFTER);
-    loop {
-        if within(check, &mut *connection).await.is_some() {
-            return None;
-        }
-        let Some(pool) = owner.upgrade() else {
-            // The pool is gone with its handles, so hyper ends the connection once its
-            // request in flight is done.
-            let _ = connection.await;
-            return None;
-        };
-        let now = Instant::now();
-        let checked = match closes_first {
-            Some(timeout) => pool.expire_idle(id, timeout, now).map(|()| None),
-            None => pool.fall_asleep(id, now).map(Some),
-        };
-        match checked {
-            Ok(asleep) => return asleep,
-            Err(next) => check = next,
-        }
-    }
+    let first = Instant::now() + closes_first.unwrap_or(SLEEP_AFTER);
+    connection::drive_until(connection, owner, first, |pool, now| match closes_first {
+        Some(timeout) => pool.expire_idle(id, timeout, now).map(|()| None),
+        None => pool.fall_asleep(id, now).map(Some),
+    })
+    .await
+    .flatten()
 }
 
 /// What ends a connection's sleep.

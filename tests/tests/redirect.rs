@@ -620,6 +620,16 @@ mod ebpf {
         );
     }
 
+    /// The eBPF agent with `client` enrolled, with or without `--socket-fast-path`.
+    fn start_agent_with_fast_path(node: &SimNode, client: &Pod, fast_path: bool) -> Agent {
+        let flags: &[&str] = if fast_path {
+            &["--socket-fast-path"]
+        } else {
+            &[]
+        };
+        Mode::Ebpf.start_agent(node, &[client], flags)
+    }
+
     /// `--socket-fast-path`: both ends of every redirected connection (the pod's socket and the
     /// agent's in-pod socket) join the kernel's socket map, and keep-alive HTTP still works
     /// through it; without the flag no socket joins. The client uses sockets with a timeout,
@@ -652,12 +662,7 @@ time.sleep(3)
             ip = server.ip()
         );
         for fast_path in [false, true] {
-            let flags: &[&str] = if fast_path {
-                &["--socket-fast-path"]
-            } else {
-                &[]
-            };
-            let agent = Mode::Ebpf.start_agent(&node, &[&client], flags);
+            let agent = start_agent_with_fast_path(&node, &client, fast_path);
             let mut python = Command::new("python3");
             python.args(["-c", &script]);
             let mut python = node.spawn_in_pod(&client, python).unwrap();
@@ -724,12 +729,7 @@ time.sleep(3)
             command
         };
         for fast_path in [false, true] {
-            let flags: &[&str] = if fast_path {
-                &["--socket-fast-path"]
-            } else {
-                &[]
-            };
-            let _agent = Mode::Ebpf.start_agent(&node, &[&client], flags);
+            let _agent = start_agent_with_fast_path(&node, &client, fast_path);
             for language in ["python", "c", "java"] {
                 let out = run(&node, Some(&client), reader(language));
                 let count = |what: &str| out.lines().filter(|l| *l == what).count();

@@ -264,11 +264,9 @@ impl Proxy {
         let Some(slot) = self.admit(Some(&pod)) else {
             return;
         };
-        let proxy = Arc::clone(self);
-        self.drain.connections.spawn(async move {
-            let _slot = slot;
-            proxy.carry(stream, original_dst, pod).await
-        });
+        // The task is `carry`'s future alone, not one more future around it.
+        let carrying = Arc::clone(self).carry(stream, original_dst, pod, slot);
+        self.drain.connections.spawn(carrying);
     }
 
     /// The ingress gateway: every connection to `listener` (in the agent's own namespace) is
@@ -321,7 +319,15 @@ impl Proxy {
         )
     }
 
-    async fn carry(&self, stream: TcpStream, original: SocketAddrV4, pod: Arc<PodContext>) {
+    /// Proxies one accepted connection until it ends, holding its place under the connection
+    /// caps (`_slot`) as long.
+    async fn carry(
+        self: Arc<Self>,
+        stream: TcpStream,
+        original: SocketAddrV4,
+        pod: Arc<PodContext>,
+        _slot: ConnectionSlot,
+    ) {
         let _ = stream.set_nodelay(true);
         let snapshot = self.store.snapshot();
         let target = snapshot.discovered.service_at(original.into()).cloned();
@@ -345,7 +351,8 @@ impl Proxy {
             }
         }
         drop(snapshot);
-        tcp::forward(
+        // Boxed: larger than the HTTP path's future, it would size every connection's task.
+        Box::pin(tcp::forward(
             &self.store,
             &self.telemetry,
             &pod,
@@ -353,7 +360,7 @@ impl Proxy {
             original,
             target.as_ref(),
             self.shared.limits.tcp_idle_timeout,
-        )
+        ))
         .await;
     }
 }

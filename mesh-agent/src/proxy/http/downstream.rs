@@ -28,7 +28,7 @@ use std::{
     convert::Infallible,
     future::Future,
     io,
-    pin::Pin,
+    pin::{pin, Pin},
     sync::{
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Arc,
@@ -95,7 +95,9 @@ const SLEEP_AFTER: Duration = Duration::from_secs(1);
 /// request with `Connection: close`, or closes after `DRAIN_IDLE_GRACE` without one), or until
 /// one of its timeouts (see the module's doc).
 pub async fn serve(stream: TcpStream, conn: Arc<HttpConn>, draining: &CancellationToken) {
-    let limits = conn.shared.limits.clone();
+    // Shared, not cloned: the connection's task stays small (it lives as long as the socket).
+    let shared = Arc::clone(&conn.shared);
+    let limits = &shared.limits;
     let telemetry = Arc::clone(&conn.telemetry);
     let verdicts = conn.verdicts.clone();
     let activity = Arc::new(Activity::new());
@@ -130,7 +132,7 @@ pub async fn serve(stream: TcpStream, conn: Arc<HttpConn>, draining: &Cancellati
     };
     let watch = Watch {
         activity: &activity,
-        limits: &limits,
+        limits,
         draining,
         closing: &closing,
         telemetry: &telemetry,
@@ -140,7 +142,7 @@ pub async fn serve(stream: TcpStream, conn: Arc<HttpConn>, draining: &Cancellati
         return;
     }
     if io.is_http2() {
-        let mut connection = Box::pin(http2(&limits).serve_connection(TokioIo::new(io), service));
+        let mut connection = Box::pin(http2(limits).serve_connection(TokioIo::new(io), service));
         let result = tokio::select! {
             result = connection.as_mut() => result,
             _ = draining.cancelled() => {
@@ -251,7 +253,7 @@ impl Watch<'_> {
     /// (`Watched::read_head`) within the header timeout; `false` once the connection is to
     /// close.
     async fn read_head(&self, io: &mut Watched<'_>) -> bool {
-        if !matches!(self.asleep(io.readable()).await, Some(Ok(()))) {
+        if !matches!(self.asleep(pin!(io.readable())).await, Some(Ok(()))) {
             return false;
         }
         // A first head is timed from the accept, as a silent connection is.
@@ -283,8 +285,10 @@ impl Watch<'_> {
     /// Waits for `bytes` (the client's next ones) with no request in flight; `None` once the
     /// connection is to close: at its header or idle timeout, or while draining after
     /// `DRAIN_IDLE_GRACE` without a request.
-    async fn asleep<T>(&self, bytes: impl Future<Output = T>) -> Option<T> {
-        tokio::pin!(bytes);
+    ///
+    /// Takes `bytes` pinned where it was made: a future keeps its arguments for its whole life,
+    /// so pinning it here would hold it twice in the connection's task.
+    async fn asleep<T>(&self, mut bytes: Pin<&mut impl Future<Output = T>>) -> Option<T> {
         loop {
             let closing = self.closing.load(Ordering::SeqCst);
             tokio::select! {

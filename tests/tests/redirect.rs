@@ -95,16 +95,19 @@ macro_rules! each_mode {
 
 /// A node with a `client` pod and a `server` pod answering `ok` on :8080, and that URL.
 fn client_and_ok_server() -> (SimNode, Pod, Pod, PodProcess, String) {
+    let (node, client, server, process) =
+        client_and_server(&["http-server", "--listen", "0.0.0.0:8080", "--body", "ok"]);
+    let url = format!("http://{}/", server.addr(8080));
+    (node, client, server, process, url)
+}
+
+/// A node with pods `client` and `server`, the latter running `probe` with `server_args`.
+fn client_and_server(server_args: &[&str]) -> (SimNode, Pod, Pod, PodProcess) {
     let node = SimNode::new().unwrap();
     let client = node.add_pod("client").unwrap();
     let server = node.add_pod("server").unwrap();
-    let process = start_server(
-        &node,
-        &server,
-        &["http-server", "--listen", "0.0.0.0:8080", "--body", "ok"],
-    );
-    let url = format!("http://{}/", server.addr(8080));
-    (node, client, server, process, url)
+    let process = start_server(&node, &server, server_args);
+    (node, client, server, process)
 }
 
 /// Runs `command` in `pod` (on the node itself when `None`) to completion: (success, stdout,
@@ -694,10 +697,8 @@ time.sleep(3)
     #[test]
     fn a_blocking_reader_on_the_socket_fast_path_is_woken_into_eagain_by_its_own_fin() {
         require_root();
-        let node = SimNode::new().unwrap();
-        let client = node.add_pod("client").unwrap();
-        let server = node.add_pod("server").unwrap();
-        let _echo = start_server(&node, &server, &["echo-server", "--listen", "0.0.0.0:8080"]);
+        let (node, client, server, _echo) =
+            client_and_server(&["echo-server", "--listen", "0.0.0.0:8080"]);
         let dir = tempfile::tempdir().unwrap();
         let c_source = dir.path().join("blocking_reader.c");
         let c_reader = dir.path().join("blocking_reader");

@@ -351,11 +351,22 @@ pub fn run(args: Args) -> Result<()> {
             median(fig.added_p50_us, 0),
             median(fig.added_p99_us, 0),
             fig.errors,
-            median(fig.proxy_user_us, 1),
-            median(fig.proxy_kernel_us, 1),
-            median(fig.proxy_syscalls, 2),
-            median(fig.proxy_switches, 2),
+            median(fig.proxy_under_load.user_us, 1),
+            median(fig.proxy_under_load.kernel_us, 1),
+            median(fig.proxy_under_load.syscalls, 2),
+            median(fig.proxy_under_load.switches, 2),
         );
+        if fig.has_proxy {
+            println!(
+                "{:<15} at the fixed rate, per request: user {} µs, kernel {} µs, {} syscalls, \
+                 {} switches",
+                "",
+                median(fig.proxy_at_fixed_rate.user_us, 1),
+                median(fig.proxy_at_fixed_rate.kernel_us, 1),
+                median(fig.proxy_at_fixed_rate.syscalls, 2),
+                median(fig.proxy_at_fixed_rate.switches, 2),
+            );
+        }
     }
 
     // The mesh scenarios must really have gone through the agent: one redirect per connection.

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use super::load;
 use super::rounds::{Durations, Round, MAX_OTHER_SHARE};
-use super::summary::{Figures, Spread};
+use super::summary::{CostFigures, Figures, Spread};
 
 /// The heading of the section this module owns in `docs/performance.md`; other sections of the
 /// file belong to other subsystems and are kept as they are.
@@ -252,36 +252,23 @@ fn markdown(report: &Report) -> String {
             ],
         );
     }
-    let _ = writeln!(
+    let _ = write!(
         out,
         "\nWhere each proxy's time goes under maximum load, per request (all its processes: both \
          agents for `mesh-mtls`). CPU time from `/proc/PID/stat` over the throughput run, kernel \
          time including the softirqs run in the proxy's context (its writes carry each packet \
          through loopback or a veth into the receiver's socket); system calls counted by `perf \
-         stat -e raw_syscalls:sys_enter` over a shorter throughput run of their own:\n\n\
-         | scenario | user µs | kernel µs | kernel share | system calls | context switches |\n\
-         |---|---|---|---|---|---|"
+         stat -e raw_syscalls:sys_enter` over a shorter throughput run of their own:\n\n"
     );
-    for fig in f.iter().filter(|fig| fig.has_proxy) {
-        let share = match (fig.proxy_user_us, fig.proxy_kernel_us) {
-            (Some(user), Some(kernel)) if user.median + kernel.median > 0.0 => format!(
-                "{:.0}%",
-                100.0 * kernel.median / (user.median + kernel.median)
-            ),
-            _ => "–".to_owned(),
-        };
-        row(
-            &mut out,
-            [
-                fig.scenario.clone(),
-                spread(fig.proxy_user_us, 1),
-                spread(fig.proxy_kernel_us, 1),
-                share,
-                spread(fig.proxy_syscalls, 2),
-                spread(fig.proxy_switches, 2),
-            ],
-        );
-    }
+    cost_table(&mut out, f, |fig| &fig.proxy_under_load);
+    let _ = write!(
+        out,
+        "\nThe same at {} rps (the fixed-rate run; system calls over a shorter run at \
+         that rate), where each request wakes the proxy on its own: what `vCPU per 1,000 rps` \
+         is made of.\n\n",
+        load::FIXED_RPS
+    );
+    cost_table(&mut out, f, |fig| &fig.proxy_at_fixed_rate);
     let _ = writeln!(
         out,
         "\nAgent RSS idle (one enrolled pod, config loaded, before any load): {:.1} MiB. \
@@ -575,6 +562,33 @@ Raw figures of every run: `target/bench/<date>.json`.
         samples = report.durations.latency_seconds * load::FIXED_RPS,
         tail = report.durations.latency_seconds * load::FIXED_RPS / 100,
     );
+}
+
+/// Per request, for every scenario with a proxy: user and kernel CPU-µs, the kernel's share,
+/// system calls and context switches.
+fn cost_table(out: &mut String, f: &[Figures], cost: fn(&Figures) -> &CostFigures) {
+    let _ = writeln!(
+        out,
+        "| scenario | user µs | kernel µs | kernel share | system calls | context switches |\n\
+         |---|---|---|---|---|---|"
+    );
+    for fig in f.iter().filter(|fig| fig.has_proxy) {
+        let figures = cost(fig);
+        let share = figures
+            .kernel_share()
+            .map_or_else(|| "–".to_owned(), |share| format!("{:.0}%", 100.0 * share));
+        row(
+            out,
+            [
+                fig.scenario.clone(),
+                spread(figures.user_us, 1),
+                spread(figures.kernel_us, 1),
+                share,
+                spread(figures.syscalls, 2),
+                spread(figures.switches, 2),
+            ],
+        );
+    }
 }
 
 #[cfg(test)]

@@ -60,20 +60,36 @@ pub struct Sample {
     /// maximum load; `None` without a proxy.
     #[serde(default)]
     pub proxy_per_request: Option<ProxyCost>,
+    /// The same at the fixed rate, where each request wakes the proxy on its own; `None`
+    /// without a proxy or without the fixed-rate shape.
+    #[serde(default)]
+    pub proxy_at_fixed_rate: Option<ProxyCost>,
 }
 
-/// A proxy's cost per request under maximum load, as the kernel accounts it.
+/// A proxy's cost per request over one load shape, as the kernel accounts it.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 pub struct ProxyCost {
-    /// CPU time in user space, µs (the throughput run).
+    /// CPU time in user space, µs.
     pub user_us: f64,
-    /// CPU time in the kernel, µs, softirqs run in its context included (the throughput run).
+    /// CPU time in the kernel, µs, softirqs run in its context included.
     pub kernel_us: f64,
-    /// Times its threads were switched out (the throughput run).
+    /// Times its threads were switched out.
     pub switches: f64,
-    /// System calls, from a shorter throughput run of its own with `perf` attached (its
+    /// System calls, from a shorter run of the same shape with `perf` attached (its
     /// tracepoint slows every call, so the main run is left uncounted); `None` without `perf`.
     pub syscalls: Option<f64>,
+}
+
+impl ProxyCost {
+    fn of(spent: &cpu::ProcessTimes, requests: u64, syscalls: Option<f64>) -> ProxyCost {
+        let requests = requests.max(1) as f64;
+        ProxyCost {
+            user_us: spent.user.as_secs_f64() * 1e6 / requests,
+            kernel_us: spent.kernel.as_secs_f64() * 1e6 / requests,
+            switches: spent.switches as f64 / requests,
+            syscalls,
+        }
+    }
 }
 
 impl Sample {
@@ -185,12 +201,16 @@ fn run_scenario(
     let proxy_per_request = if mesh.is_empty() {
         None
     } else {
-        Some(ProxyCost {
-            user_us: proxy_spent.user.as_secs_f64() * 1e6 / requests,
-            kernel_us: proxy_spent.kernel.as_secs_f64() * 1e6 / requests,
-            switches: proxy_spent.switches as f64 / requests,
-            syscalls: count_syscalls(&mesh, topology, pod, tools, &url, seconds)?,
-        })
+        let syscalls = count_syscalls(
+            &mesh,
+            topology,
+            pod,
+            tools,
+            Shape::Throughput,
+            &url,
+            seconds,
+        )?;
+        Some(ProxyCost::of(&proxy_spent, throughput.requests, syscalls))
     };
 
     let single = if durations.single {
@@ -216,26 +236,42 @@ fn run_scenario(
     };
 
     // Fixed rate, with the mesh's own CPU time (all threads of its processes) around it.
-    let (latency, proxy_rss_kib_fixed_rate, proxy_cores_at_fixed_rate) = if durations.latency {
-        let mesh_time =
-            || -> Result<Duration> { mesh.iter().map(|pid| cpu::process_time(*pid)).sum() };
-        let mesh_time_before = mesh_time()?;
-        let clock = Instant::now();
-        let seconds = durations.latency_seconds;
-        let run = load::start(&topology.node, pod, tools, Shape::Latency, &url, seconds)?;
-        std::thread::sleep(Duration::from_secs_f64(f64::from(seconds) / 2.0));
-        let rss = rss(pid)?;
-        let latency = load::finish(run, Shape::Latency, seconds)?;
-        let elapsed = clock.elapsed().as_secs_f64();
-        let cores = (!mesh.is_empty())
-            .then(|| {
-                Ok::<_, anyhow::Error>((mesh_time()? - mesh_time_before).as_secs_f64() / elapsed)
-            })
-            .transpose()?;
-        (Some(latency), rss, cores)
-    } else {
-        (None, None, None)
-    };
+    let (latency, proxy_rss_kib_fixed_rate, proxy_cores_at_fixed_rate, proxy_at_fixed_rate) =
+        if durations.latency {
+            let mesh_time =
+                || -> Result<Duration> { mesh.iter().map(|pid| cpu::process_time(*pid)).sum() };
+            let mesh_time_before = mesh_time()?;
+            let proxy_before = cpu::ProcessTimes::of(&mesh)?;
+            let clock = Instant::now();
+            let seconds = durations.latency_seconds;
+            let run = load::start(&topology.node, pod, tools, Shape::Latency, &url, seconds)?;
+            std::thread::sleep(Duration::from_secs_f64(f64::from(seconds) / 2.0));
+            let rss = rss(pid)?;
+            let latency = load::finish(run, Shape::Latency, seconds)?;
+            let elapsed = clock.elapsed().as_secs_f64();
+            let (cores, cost) = if mesh.is_empty() {
+                (None, None)
+            } else {
+                let cores = (mesh_time()? - mesh_time_before).as_secs_f64() / elapsed;
+                let spent = cpu::ProcessTimes::of(&mesh)?.since(&proxy_before);
+                let syscalls = count_syscalls(
+                    &mesh,
+                    topology,
+                    pod,
+                    tools,
+                    Shape::Latency,
+                    &url,
+                    durations.seconds,
+                )?;
+                (
+                    Some(cores),
+                    Some(ProxyCost::of(&spent, latency.requests, syscalls)),
+                )
+            };
+            (Some(latency), rss, cores, cost)
+        } else {
+            (None, None, None, None)
+        };
 
     Ok(Sample {
         scenario: scenario.name.to_owned(),
@@ -253,16 +289,18 @@ fn run_scenario(
             .map(|pid| cpu::memory_kib(pid).map(|(_, hwm)| hwm))
             .transpose()?,
         proxy_per_request,
+        proxy_at_fixed_rate,
     })
 }
 
-/// System calls per request of `pids` over a throughput run of its own, at most 2 s; `None`
+/// System calls per request of `pids` over a run of `shape` of its own, at most 2 s; `None`
 /// where `perf` cannot count them.
 fn count_syscalls(
     pids: &[u32],
     topology: &Topology,
     pod: &mesh_tests::Pod,
     tools: &super::tools::Tools,
+    shape: Shape,
     url: &str,
     seconds: u32,
 ) -> Result<Option<f64>> {
@@ -272,8 +310,8 @@ fn count_syscalls(
     // perf attaches to every thread before the load starts.
     std::thread::sleep(Duration::from_millis(300));
     let seconds = seconds.min(2);
-    let run = load::start(&topology.node, pod, tools, Shape::Throughput, url, seconds)?;
-    let counted = load::finish(run, Shape::Throughput, seconds)?;
+    let run = load::start(&topology.node, pod, tools, shape, url, seconds)?;
+    let counted = load::finish(run, shape, seconds)?;
     Ok(counting
         .finish()
         .map(|calls| calls as f64 / counted.requests.max(1) as f64))

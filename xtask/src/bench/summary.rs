@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use super::load::{Outcome, FIXED_RPS};
-use super::rounds::{Round, Sample};
+use super::rounds::{ProxyCost, Round, Sample};
 use super::scenarios::{Proxy, Scenario};
 
 /// Median with min and max over rounds.
@@ -63,15 +63,42 @@ pub struct Figures {
     pub rss_mib_fixed_rate: Option<Spread>,
     pub rss_mib_throughput: Option<Spread>,
     pub hwm_mib: Option<Spread>,
-    /// The proxy's cost per request under maximum load: user and kernel CPU-µs, context
-    /// switches and system calls (all its processes).
-    pub proxy_user_us: Option<Spread>,
-    pub proxy_kernel_us: Option<Spread>,
-    pub proxy_switches: Option<Spread>,
-    pub proxy_syscalls: Option<Spread>,
+    /// The proxy's cost per request (all its processes) under maximum load and at the fixed
+    /// rate.
+    pub proxy_under_load: CostFigures,
+    pub proxy_at_fixed_rate: CostFigures,
     pub errors: u64,
     /// `shape: kind` → count, over the rounds.
     pub error_kinds: BTreeMap<String, u64>,
+}
+
+/// A proxy's cost per request: user and kernel CPU-µs, system calls and context switches.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct CostFigures {
+    pub user_us: Option<Spread>,
+    pub kernel_us: Option<Spread>,
+    pub syscalls: Option<Spread>,
+    pub switches: Option<Spread>,
+}
+
+impl CostFigures {
+    fn of<'a>(samples: impl Iterator<Item = Option<&'a ProxyCost>> + Clone) -> CostFigures {
+        let spread = |pick: fn(&ProxyCost) -> Option<f64>| {
+            Spread::of(samples.clone().flatten().filter_map(pick).collect())
+        };
+        CostFigures {
+            user_us: spread(|cost| Some(cost.user_us)),
+            kernel_us: spread(|cost| Some(cost.kernel_us)),
+            syscalls: spread(|cost| cost.syscalls),
+            switches: spread(|cost| Some(cost.switches)),
+        }
+    }
+
+    /// The kernel's share of the CPU time, from the medians.
+    pub fn kernel_share(&self) -> Option<f64> {
+        let (user, kernel) = (self.user_us?.median, self.kernel_us?.median);
+        (user + kernel > 0.0).then(|| kernel / (user + kernel))
+    }
 }
 
 /// Figures of every scenario over `rounds` (the caller passes the kept ones).
@@ -137,10 +164,10 @@ fn figures_of(scenario: &Scenario, rounds: &[&Round]) -> Figures {
         rss_mib_fixed_rate: optional(&|s| mib(s.proxy_rss_kib_fixed_rate)),
         rss_mib_throughput: optional(&|s| mib(s.proxy_rss_kib_throughput)),
         hwm_mib: optional(&|s| mib(s.proxy_hwm_kib)),
-        proxy_user_us: optional(&|s| s.proxy_per_request.map(|cost| cost.user_us)),
-        proxy_kernel_us: optional(&|s| s.proxy_per_request.map(|cost| cost.kernel_us)),
-        proxy_switches: optional(&|s| s.proxy_per_request.map(|cost| cost.switches)),
-        proxy_syscalls: optional(&|s| s.proxy_per_request.and_then(|cost| cost.syscalls)),
+        proxy_under_load: CostFigures::of(pairs.iter().map(|(s, _)| s.proxy_per_request.as_ref())),
+        proxy_at_fixed_rate: CostFigures::of(
+            pairs.iter().map(|(s, _)| s.proxy_at_fixed_rate.as_ref()),
+        ),
         errors: pairs.iter().map(|(s, _)| s.errors()).sum(),
         error_kinds: error_kinds(pairs.iter().map(|(s, _)| *s)),
     }
@@ -200,6 +227,7 @@ mod tests {
             proxy_rss_kib_throughput: None,
             proxy_hwm_kib: None,
             proxy_per_request: None,
+            proxy_at_fixed_rate: None,
         }
     }
 

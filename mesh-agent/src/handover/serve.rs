@@ -2,10 +2,13 @@
 //! [`Source`] holds, and tell the rest of the agent when the successor takes over.
 //!
 //! One thread accepts; each successor's session runs on a thread of its own, so a second one
-//! hears at once that another is taking over (`Busy`).
+//! hears at once that another is taking over (`Busy`). The acceptor sleeps until a successor
+//! connects or the server stops (an eventfd wakes it), so an idle agent's handover costs no
+//! wake-ups.
 
+use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags};
 use std::{
-    os::fd::{AsFd, OwnedFd},
+    os::fd::{AsFd, BorrowedFd, OwnedFd},
     sync::{
         atomic::{AtomicBool, Ordering},
         mpsc, Arc, Condvar, Mutex,
@@ -21,8 +24,9 @@ use super::{
     AgentInfo, Handed, Message, Refusal, Source, PROTOCOL,
 };
 
-/// How often blocked threads look whether the server is stopping. Also the most a take-over
-/// waits for this agent to stop accepting on the handover socket, which the successor shares.
+/// How often a session's thread, blocked on its successor, looks whether the server is
+/// stopping; and the most an accept blocks when the successor, which shares the handover
+/// socket, took the connection that woke the acceptor.
 const POLL: Duration = Duration::from_millis(50);
 /// How long a successor that connected may take to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -64,6 +68,11 @@ struct Shared {
     sources: Vec<Arc<dyn Source>>,
     phase: Mutex<Phase>,
     stop: AtomicBool,
+    /// Written when `stop` is set: wakes the acceptor.
+    wake: OwnedFd,
+    /// The acceptor's thread, for a test to watch it sleep.
+    #[cfg(test)]
+    acceptor_tid: std::sync::OnceLock<i32>,
     /// The session under way, to wake it when the server stops.
     session: Mutex<Option<Conn>>,
     sessions: Mutex<Vec<JoinHandle<()>>>,
@@ -80,6 +89,13 @@ impl Shared {
 
     fn stopping(&self) -> bool {
         self.stop.load(Ordering::Relaxed)
+    }
+
+    /// No more accepts, nor sessions past their next look at `stopping`.
+    fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // Cannot fail short of the counter's overflow, which one write a stop cannot reach.
+        let _ = rustix::io::write(&self.wake, &1u64.to_ne_bytes());
     }
 }
 
@@ -105,6 +121,9 @@ impl Server {
             sources,
             phase: Mutex::new(Phase::Idle),
             stop: AtomicBool::new(false),
+            wake: eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?,
+            #[cfg(test)]
+            acceptor_tid: std::sync::OnceLock::new(),
             session: Mutex::new(None),
             sessions: Mutex::new(Vec::new()),
             acceptor_done: Mutex::new(false),
@@ -146,7 +165,7 @@ impl Server {
     /// Ends every thread: a session under way ends as if its successor had gone (sources
     /// thawed), and the socket is closed.
     pub fn stop(mut self) {
-        self.shared.stop.store(true, Ordering::Relaxed);
+        self.shared.stop();
         *self.shared.phase() = Phase::ShuttingDown;
         // A session waiting for our answer to its take-over gets "shutting down".
         self.events.close();
@@ -180,7 +199,20 @@ impl Server {
 /// Accepts successors until the server stops; then says so, and closes its copy of the
 /// listener (the successor's own copy goes on listening).
 fn accept(shared: &Arc<Shared>, listener: OwnedFd) {
+    #[cfg(test)]
+    let _ = shared
+        .acceptor_tid
+        .set(rustix::thread::gettid().as_raw_nonzero().get());
     while !shared.stopping() {
+        match successor_or_stop(shared, listener.as_fd()) {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(error) => {
+                warn!(%error, "handover socket: cannot wait for a successor");
+                pause();
+                continue;
+            }
+        }
         let conn = match Conn::accept(listener.as_fd()) {
             Ok(conn) => conn,
             Err(error) if timed_out(&error) => continue,
@@ -207,6 +239,19 @@ fn accept(shared: &Arc<Shared>, listener: OwnedFd) {
         .lock()
         .unwrap_or_else(|e| e.into_inner()) = true;
     shared.acceptor_stopped.notify_all();
+}
+
+/// Sleeps until a successor connects (`true`) or the server stops.
+fn successor_or_stop(shared: &Shared, listener: BorrowedFd<'_>) -> std::io::Result<bool> {
+    let mut fds = [
+        PollFd::new(&listener, PollFlags::IN),
+        PollFd::new(&shared.wake, PollFlags::IN),
+    ];
+    match poll(&mut fds, None) {
+        Ok(_) => Ok(!fds[0].revents().is_empty() && fds[1].revents().is_empty()),
+        Err(rustix::io::Errno::INTR) => Ok(false),
+        Err(error) => Err(error.into()),
+    }
 }
 
 /// After a failed accept (out of descriptors, say): not a spin.
@@ -265,7 +310,7 @@ fn session(shared: &Shared, conn: Conn) {
     let mut phase = shared.phase();
     if released {
         *phase = Phase::Released;
-        shared.stop.store(true, Ordering::Relaxed);
+        shared.stop();
     } else {
         for source in &shared.sources {
             source.thaw();
@@ -391,7 +436,7 @@ fn take_over(shared: &Shared, conn: &Conn, successor: &AgentInfo) -> bool {
         Ok(()) => {
             // The handover socket is the successor's from here: not one more accept of ours
             // on it, before the successor hears it may start serving it.
-            shared.stop.store(true, Ordering::Relaxed);
+            shared.stop();
             let done = shared
                 .acceptor_done
                 .lock()
@@ -500,6 +545,56 @@ mod tests {
         assert_eq!(outcome, take::TakeOver::Released);
         assert_eq!(source.thawed.load(Ordering::SeqCst), 0, "frozen for good");
         server.stop();
+    }
+
+    /// Times the thread `tid` of this process was switched out so far.
+    fn switches(tid: i32) -> u64 {
+        std::fs::read_to_string(format!("/proc/self/task/{tid}/status"))
+            .unwrap()
+            .lines()
+            .filter_map(|line| {
+                line.strip_prefix("voluntary_ctxt_switches:")
+                    .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+            })
+            .map(|count| count.trim().parse::<u64>().unwrap())
+            .sum()
+    }
+
+    #[test]
+    fn an_idle_acceptor_sleeps_until_a_successor_comes_or_the_server_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = Arc::new(Pipe::default());
+        let (server, path) = serving(dir.path(), &source);
+        let started = Instant::now();
+        let tid = loop {
+            if let Some(tid) = server.shared.acceptor_tid.get() {
+                break *tid;
+            }
+            assert!(started.elapsed() < Duration::from_secs(10), "no acceptor");
+            std::thread::yield_now();
+        };
+        // Asleep in its wait once its state says so.
+        while !std::fs::read_to_string(format!("/proc/self/task/{tid}/stat"))
+            .unwrap()
+            .contains(") S ")
+        {
+            std::thread::yield_now();
+        }
+        let before = switches(tid);
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "a test's own thread, watching another sleep"
+        )]
+        std::thread::sleep(POLL * 6);
+        assert_eq!(switches(tid) - before, 0, "the idle acceptor woke up");
+        // A successor still gets an answer, and stopping ends the thread at once.
+        assert!(matches!(
+            begin(&path, "/other").join().unwrap(),
+            Err(HandoverError::Refused { .. })
+        ));
+        let stopping = Instant::now();
+        server.stop();
+        assert!(stopping.elapsed() < POLL * 20, "{:?}", stopping.elapsed());
     }
 
     #[tokio::test(flavor = "multi_thread")]

@@ -46,7 +46,8 @@ pub struct Args {
     #[arg(long)]
     quick: bool,
     /// Run only these scenarios (repeatable), e.g. `--only direct --only mesh-l7` while
-    /// profiling; the docs are then left alone.
+    /// profiling; the docs are then left alone, and the request cost (`--request-cost`, about
+    /// 5 minutes) is not measured.
     #[arg(long, value_name = "SCENARIO", conflicts_with = "ci_smoke")]
     only: Vec<String>,
     /// Measure only the agent's instructions and allocations per request under callgrind
@@ -196,7 +197,9 @@ pub fn run(args: Args) -> Result<()> {
     let root = build_ebpf::workspace_root();
     let mode = Mode::of(&args);
     let durations = mode.durations(args.seconds);
-    let cost_requests = mode.request_cost_requests();
+    let cost_requests = mode
+        .request_cost_requests()
+        .filter(|_| args.only.is_empty());
     if cost_requests.is_some() {
         tools::ensure_callgrind()?;
     }

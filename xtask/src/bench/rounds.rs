@@ -59,7 +59,7 @@ pub struct Sample {
     /// What the proxy's processes (both agents for `mesh-mtls`) spent per request under
     /// maximum load; `None` without a proxy.
     #[serde(default)]
-    pub proxy_per_request: Option<ProxyCost>,
+    pub proxy_under_load: Option<ProxyCost>,
     /// The same at the fixed rate, where each request wakes the proxy on its own; `None`
     /// without a proxy or without the fixed-rate shape.
     #[serde(default)]
@@ -198,7 +198,7 @@ fn run_scenario(
         let busy = cores_after[core].since(&cores_before[core]).busy();
         busy.as_secs_f64() * 1e6 / requests
     };
-    let proxy_per_request = if mesh.is_empty() {
+    let proxy_under_load = if mesh.is_empty() {
         None
     } else {
         let syscalls = count_syscalls(
@@ -288,7 +288,7 @@ fn run_scenario(
         proxy_hwm_kib: pid
             .map(|pid| cpu::memory_kib(pid).map(|(_, hwm)| hwm))
             .transpose()?,
-        proxy_per_request,
+        proxy_under_load,
         proxy_at_fixed_rate,
     })
 }

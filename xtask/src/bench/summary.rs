@@ -164,7 +164,7 @@ fn figures_of(scenario: &Scenario, rounds: &[&Round]) -> Figures {
         rss_mib_fixed_rate: optional(&|s| mib(s.proxy_rss_kib_fixed_rate)),
         rss_mib_throughput: optional(&|s| mib(s.proxy_rss_kib_throughput)),
         hwm_mib: optional(&|s| mib(s.proxy_hwm_kib)),
-        proxy_under_load: CostFigures::of(pairs.iter().map(|(s, _)| s.proxy_per_request.as_ref())),
+        proxy_under_load: CostFigures::of(pairs.iter().map(|(s, _)| s.proxy_under_load.as_ref())),
         proxy_at_fixed_rate: CostFigures::of(
             pairs.iter().map(|(s, _)| s.proxy_at_fixed_rate.as_ref()),
         ),
@@ -226,7 +226,7 @@ mod tests {
             proxy_rss_kib_fixed_rate: None,
             proxy_rss_kib_throughput: None,
             proxy_hwm_kib: None,
-            proxy_per_request: None,
+            proxy_under_load: None,
             proxy_at_fixed_rate: None,
         }
     }

@@ -37,6 +37,7 @@ pub fn run(cargo_args: &[String]) -> Result<()> {
     build_ebpf::run()?;
     cargo(&root, &["fmt", "--all", "--", "--check"])?;
     cargo_deny(&root)?;
+    bench::symbol_order::check_dependencies(&root)?;
     cargo(
         &root,
         &[

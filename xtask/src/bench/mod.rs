@@ -17,7 +17,7 @@ mod rounds;
 mod scale;
 mod scenarios;
 mod summary;
-mod symbol_order;
+pub mod symbol_order;
 mod syscalls;
 mod tools;
 mod topology;

@@ -5,7 +5,7 @@
 //! so later runs start warm. A crash stops the run with the input's path under
 //! `fuzz/artifacts/`; fixed, it becomes a regression test next to the code.
 
-use std::{path::Path, time::Instant};
+use std::{collections::BTreeSet, path::Path, time::Instant};
 
 use anyhow::{bail, Context, Result};
 
@@ -46,6 +46,7 @@ pub fn run(args: &Args) -> Result<()> {
             bail!("no fuzz target {name}; there are {}", names.join(", "));
         }
     }
+    check_lockfile(&root)?;
     let started = Instant::now();
     bound_build_cache(&cache.join("target"), BUILD_CACHE_LIMIT)?;
     cargo_fuzz(&toolchain, &cache, "build", &[])?;
@@ -78,6 +79,92 @@ pub fn run(args: &Args) -> Result<()> {
         })?;
     }
     Ok(())
+}
+
+/// Fails unless `fuzz/Cargo.lock` is complete and pins every package it shares with the
+/// agent's `Cargo.lock` at the same version. The fuzz workspace has a lock file of its own;
+/// left behind, cargo fuzz resolved it anew in CI, so the fuzzers ran on other versions than
+/// the agent ships (h2 0.4.20 beside 0.4.21) and each CI run left the clone modified.
+fn check_lockfile(root: &Path) -> Result<()> {
+    let refresh = "refresh it from the agent's: `cp Cargo.lock fuzz/Cargo.lock && cargo metadata \
+                   --manifest-path fuzz/Cargo.toml --format-version 1 >/dev/null`, and commit it";
+    let resolved = std::process::Command::new(env!("CARGO"))
+        .args(["metadata", "--locked", "--format-version", "1"])
+        .args(["--manifest-path", "fuzz/Cargo.toml"])
+        .current_dir(root)
+        .output()
+        .context("running cargo metadata for fuzz/")?;
+    if !resolved.status.success() {
+        bail!(
+            "fuzz/Cargo.lock is out of date ({}); {refresh}",
+            String::from_utf8_lossy(&resolved.stderr).trim()
+        );
+    }
+    let read = |path: &str| -> Result<BTreeSet<(String, String)>> {
+        let text =
+            std::fs::read_to_string(root.join(path)).with_context(|| format!("reading {path}"))?;
+        locked_packages(&text).with_context(|| format!("reading {path}"))
+    };
+    let differing = differing_versions(&read("Cargo.lock")?, &read("fuzz/Cargo.lock")?);
+    if !differing.is_empty() {
+        bail!(
+            "fuzz/Cargo.lock pins other versions than Cargo.lock ({}); {refresh}",
+            differing.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// Every `(name, version)` a lock file pins.
+fn locked_packages(lock: &str) -> Result<BTreeSet<(String, String)>> {
+    #[derive(serde::Deserialize)]
+    struct Lock {
+        package: Vec<Locked>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Locked {
+        name: String,
+        version: String,
+    }
+    let lock: Lock = toml::from_str(lock)?;
+    Ok(lock
+        .package
+        .into_iter()
+        .map(|package| (package.name, package.version))
+        .collect())
+}
+
+/// The fuzz lock's packages, as `name version`, that the agent's lock has at another version
+/// of the same semver line (h2 0.4.20 against 0.4.21). Packages only the fuzzers use
+/// (libfuzzer-sys, arbitrary, and a getrandom 0.4 beside the agent's 0.2 and 0.3) are theirs
+/// to pin.
+fn differing_versions(
+    agent: &BTreeSet<(String, String)>,
+    fuzz: &BTreeSet<(String, String)>,
+) -> Vec<String> {
+    let agent_lines: BTreeSet<(&str, &str)> = agent
+        .iter()
+        .map(|(name, version)| (name.as_str(), semver_line(version)))
+        .collect();
+    fuzz.difference(agent)
+        .filter(|(name, version)| agent_lines.contains(&(name.as_str(), semver_line(version))))
+        .map(|(name, version)| format!("{name} {version}"))
+        .collect()
+}
+
+/// The versions cargo treats as compatible with `version`, by their common prefix: `1` for
+/// 1.2.3, `0.4` for 0.4.21, `0.0.3` for 0.0.3.
+fn semver_line(version: &str) -> &str {
+    let mut ends = version.match_indices('.').map(|(at, _)| at);
+    let (first, second) = (ends.next(), ends.next());
+    let end = if !version.starts_with("0.") {
+        first
+    } else if !version.starts_with("0.0.") {
+        second
+    } else {
+        None
+    };
+    &version[..end.unwrap_or(version.len())]
 }
 
 /// Empties the build cache at `target` once its files pass `limit` bytes; the next build starts
@@ -138,6 +225,46 @@ fn cargo_fuzz(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fuzz_lock_may_add_packages_but_not_pin_the_agents_at_other_versions() {
+        let lock = |packages: &[(&str, &str)]| -> BTreeSet<(String, String)> {
+            let text: String = packages
+                .iter()
+                .map(|(name, version)| {
+                    format!("[[package]]\nname = \"{name}\"\nversion = \"{version}\"\n\n")
+                })
+                .collect();
+            locked_packages(&format!("version = 4\n\n{text}")).unwrap()
+        };
+        let agent = lock(&[("h2", "0.4.21"), ("syn", "1.0.109"), ("getrandom", "0.3.4")]);
+
+        let same = lock(&[
+            ("h2", "0.4.21"),
+            ("getrandom", "0.4.3"),
+            ("arbitrary", "1.5.0"),
+        ]);
+        assert!(differing_versions(&agent, &same).is_empty());
+
+        let stale = lock(&[("h2", "0.4.20"), ("syn", "1.0.99"), ("syn", "2.0.111")]);
+        assert_eq!(
+            differing_versions(&agent, &stale),
+            ["h2 0.4.20", "syn 1.0.99"]
+        );
+    }
+
+    #[test]
+    fn a_semver_line_is_what_cargo_treats_as_compatible() {
+        assert_eq!(semver_line("1.2.3"), "1");
+        assert_eq!(semver_line("0.4.21"), "0.4");
+        assert_eq!(semver_line("0.0.3"), "0.0.3");
+        assert_eq!(semver_line("2.0.0-rc.1"), "2");
+    }
+
+    #[test]
+    fn the_fuzz_lock_matches_the_agents() {
+        check_lockfile(&build_ebpf::workspace_root()).unwrap();
+    }
 
     #[test]
     fn the_build_cache_is_emptied_only_past_its_bound() {

@@ -88,18 +88,8 @@ pub fn run(args: &Args) -> Result<()> {
 fn check_lockfile(root: &Path) -> Result<()> {
     let refresh = "refresh it from the agent's: `cp Cargo.lock fuzz/Cargo.lock && cargo metadata \
                    --manifest-path fuzz/Cargo.toml --format-version 1 >/dev/null`, and commit it";
-    let resolved = std::process::Command::new(env!("CARGO"))
-        .args(["metadata", "--locked", "--format-version", "1"])
-        .args(["--manifest-path", "fuzz/Cargo.toml"])
-        .current_dir(root)
-        .output()
-        .context("running cargo metadata for fuzz/")?;
-    if !resolved.status.success() {
-        bail!(
-            "fuzz/Cargo.lock is out of date ({}); {refresh}",
-            String::from_utf8_lossy(&resolved.stderr).trim()
-        );
-    }
+    crate::locked_metadata(root, "fuzz/Cargo.toml")
+        .with_context(|| format!("fuzz/Cargo.lock is out of date; {refresh}"))?;
     let read = |path: &str| -> Result<BTreeSet<(String, String)>> {
         let text =
             std::fs::read_to_string(root.join(path)).with_context(|| format!("reading {path}"))?;

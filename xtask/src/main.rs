@@ -165,6 +165,24 @@ fn forget_own_package() {
     }
 }
 
+/// `cargo metadata` of the workspace whose manifest is `manifest` (relative to `root`), as JSON,
+/// with its lock file as it is: an incomplete lock file is an error, not rewritten.
+fn locked_metadata(root: &Path, manifest: &str) -> Result<Vec<u8>> {
+    let output = process::Command::new(env!("CARGO"))
+        .args(["metadata", "--locked", "--format-version", "1"])
+        .args(["--manifest-path", manifest])
+        .current_dir(root)
+        .output()
+        .context("running cargo metadata")?;
+    if !output.status.success() {
+        bail!(
+            "cargo metadata --manifest-path {manifest} failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(output.stdout)
+}
+
 /// Runs the cargo that runs xtask, in `root`.
 fn cargo(root: &Path, args: &[&str]) -> Result<()> {
     println!("+ cargo {}", args.join(" "));

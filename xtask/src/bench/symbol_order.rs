@@ -99,19 +99,9 @@ fn list_or_none(packages: &[&str]) -> String {
 /// what it depends on at run time, transitively (not its dev- or build-dependencies, which name
 /// nothing in the binary).
 fn agent_dependencies(root: &Path) -> Result<Vec<String>> {
-    let output = std::process::Command::new(env!("CARGO"))
-        .args(["metadata", "--format-version", "1", "--locked"])
-        .current_dir(root)
-        .output()
-        .context("running cargo metadata")?;
-    if !output.status.success() {
-        bail!(
-            "cargo metadata failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
+    let output = crate::locked_metadata(root, "Cargo.toml")?;
     let metadata: Metadata =
-        serde_json::from_slice(&output.stdout).context("reading cargo metadata's output")?;
+        serde_json::from_slice(&output).context("reading cargo metadata's output")?;
     runtime_closure(&metadata, "mesh-agent")
 }
 

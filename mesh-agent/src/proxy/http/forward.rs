@@ -8,10 +8,10 @@ use std::{net::IpAddr, pin::pin, sync::Arc, time::Instant};
 
 use bytes::Bytes;
 use http::{
-    header::{self, HeaderValue},
+    header::{self, HeaderName, HeaderValue},
     request::Parts,
     uri::{self, Authority, PathAndQuery, Scheme},
-    Request, Response, StatusCode, Uri, Version,
+    HeaderMap, Request, Response, StatusCode, Uri, Version,
 };
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
@@ -102,6 +102,7 @@ async fn forward(
         _ => Protocol::Http1,
     };
     mirror(conn, &mut plan, parts, protocol, &body, now);
+    let mut headers = TryHeaders::new(std::mem::take(&mut parts.headers));
     loop {
         let attempt = match plan.next_attempt(now) {
             Ok(attempt) => attempt,
@@ -112,7 +113,13 @@ async fn forward(
         };
         record.attempt(attempt.endpoint(), attempt.workload());
         record.tunnelled(conn.pod.dialer.route(attempt.endpoint()));
-        let request = upstream_request(parts, plan.authority(&attempt), protocol, body.for_try());
+        let request = upstream_request(
+            parts,
+            headers.next(),
+            plan.authority(&attempt),
+            protocol,
+            body.for_try(),
+        );
         let tried = send(&conn.pod.upstream, &plan, &attempt, protocol, request).await;
         now = clock();
         // The client's body broke the try (malformed chunks, cut short): the client's fault,
@@ -205,7 +212,13 @@ fn mirror(
         mirror.dropped();
         return;
     };
-    let mut request = upstream_request(parts, mirror.authority(), protocol, full(bytes.clone()));
+    let mut request = upstream_request(
+        parts,
+        parts.headers.clone(),
+        mirror.authority(),
+        protocol,
+        full(bytes.clone()),
+    );
     shadow_authority(&mut request);
     // As Envoy's shadow, the copy is bounded by the route's timeout.
     let deadline = plan
@@ -405,11 +418,11 @@ fn routing_authority<'a>(authority: &'a str, service_authority: &'a str) -> &'a 
 }
 
 /// The authority the client addressed: HTTP/2's `:authority` (in the URI), else `Host`.
-fn client_authority(parts: &Parts) -> Option<Authority> {
-    if let Some(authority) = parts.uri.authority() {
+fn client_authority(uri: &Uri, headers: &HeaderMap) -> Option<Authority> {
+    if let Some(authority) = uri.authority() {
         return Some(authority.clone());
     }
-    let host = parts.headers.get(header::HOST)?;
+    let host = headers.get(header::HOST)?;
     Authority::try_from(host.as_bytes()).ok()
 }
 
@@ -450,11 +463,45 @@ fn with_shadow_suffix(authority: &str) -> String {
     }
 }
 
-/// The request for one try: same head, sent to the chosen endpoint. HTTP/1.1 takes the path
-/// alone (origin form), with the client's `Host`; HTTP/2 the absolute URI with the client's
-/// authority (after any rewrite), or the endpoint's if the client sent none.
+/// The request's headers for each try. The first try sends the request's own map and a copy
+/// stays for retries as a list: one allocation, where a clone of the map for every try took two
+/// (its entries and its index). A retry, the rare case, builds a map from the list again.
+struct TryHeaders {
+    first: Option<HeaderMap>,
+    copy: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl TryHeaders {
+    fn new(headers: HeaderMap) -> Self {
+        let copy = headers
+            .iter()
+            .map(|(name, value)| (name.clone(), value.clone()))
+            .collect();
+        TryHeaders {
+            first: Some(headers),
+            copy,
+        }
+    }
+
+    /// The headers the next try sends, in the order the client sent them.
+    fn next(&mut self) -> HeaderMap {
+        self.first.take().unwrap_or_else(|| {
+            let mut headers = HeaderMap::with_capacity(self.copy.len());
+            for (name, value) in &self.copy {
+                headers.append(name.clone(), value.clone());
+            }
+            headers
+        })
+    }
+}
+
+/// The request for one try: the head in `parts` with `headers`, sent to the chosen endpoint.
+/// HTTP/1.1 takes the path alone (origin form), with the client's `Host`; HTTP/2 the absolute
+/// URI with the client's authority (after any rewrite), or the endpoint's if the client sent
+/// none.
 fn upstream_request(
     parts: &Parts,
+    headers: HeaderMap,
     endpoint: &Authority,
     protocol: Protocol,
     body: ProxyBody,
@@ -469,7 +516,8 @@ fn upstream_request(
         Protocol::Http2 => {
             let mut uri = uri::Parts::default();
             uri.scheme = Some(Scheme::HTTP);
-            uri.authority = Some(client_authority(parts).unwrap_or_else(|| endpoint.clone()));
+            uri.authority =
+                Some(client_authority(&parts.uri, &headers).unwrap_or_else(|| endpoint.clone()));
             uri.path_and_query = Some(path);
             Uri::from_parts(uri).unwrap_or_default()
         }
@@ -481,7 +529,7 @@ fn upstream_request(
         Protocol::Http2 => Version::HTTP_2,
         Protocol::Http1 => Version::HTTP_11,
     };
-    *request.headers_mut() = parts.headers.clone();
+    *request.headers_mut() = headers;
     if protocol == Protocol::Http2 {
         // HTTP/2 carries the authority as a pseudo-header; an HTTP/1 upstream needs Host.
         request.headers_mut().remove(header::HOST);
@@ -519,16 +567,55 @@ mod tests {
             .body(())
             .unwrap()
             .into_parts();
-        let request = upstream_request(&parts, &endpoint, Protocol::Http2, empty());
+        let request = upstream_request(
+            &parts,
+            parts.headers.clone(),
+            &endpoint,
+            Protocol::Http2,
+            empty(),
+        );
         assert_eq!(request.uri(), "http://service-g:8080/orders?x=1");
-        let mut mirrored = upstream_request(&parts, &endpoint, Protocol::Http2, empty());
+        let mut mirrored = upstream_request(
+            &parts,
+            parts.headers.clone(),
+            &endpoint,
+            Protocol::Http2,
+            empty(),
+        );
         shadow_authority(&mut mirrored);
         assert_eq!(mirrored.uri(), "http://service-g-shadow:8080/orders?x=1");
 
         // No authority at all: the endpoint's keeps the HTTP/2 request well formed.
         let (parts, ()) = Request::get("/orders").body(()).unwrap().into_parts();
-        let request = upstream_request(&parts, &endpoint, Protocol::Http2, empty());
+        let request = upstream_request(
+            &parts,
+            parts.headers.clone(),
+            &endpoint,
+            Protocol::Http2,
+            empty(),
+        );
         assert_eq!(request.uri(), "http://10.77.0.9:8080/orders");
+    }
+
+    #[test]
+    fn a_retry_sends_the_headers_the_first_try_sent_in_the_same_order() {
+        let mut headers = HeaderMap::new();
+        headers.append(header::HOST, HeaderValue::from_static("service-g:8080"));
+        headers.append("x-custom", HeaderValue::from_static("1"));
+        headers.append(header::ACCEPT, HeaderValue::from_static("text/html"));
+        headers.append("x-custom", HeaderValue::from_static("2"));
+        headers.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        let order = |headers: &HeaderMap| {
+            headers
+                .iter()
+                .map(|(name, value)| format!("{name}: {}", value.to_str().unwrap()))
+                .collect::<Vec<_>>()
+        };
+        let sent = order(&headers);
+        let mut tries = TryHeaders::new(headers);
+        assert_eq!(order(&tries.next()), sent);
+        assert_eq!(order(&tries.next()), sent);
+        assert_eq!(order(&tries.next()), sent);
     }
 
     #[test]
@@ -539,7 +626,13 @@ mod tests {
             .body(())
             .unwrap()
             .into_parts();
-        let mut mirrored = upstream_request(&parts, &endpoint, Protocol::Http1, empty());
+        let mut mirrored = upstream_request(
+            &parts,
+            parts.headers.clone(),
+            &endpoint,
+            Protocol::Http1,
+            empty(),
+        );
         shadow_authority(&mut mirrored);
         assert_eq!(mirrored.headers()[header::HOST], "service-g-shadow:8080");
         assert_eq!(mirrored.uri(), "/orders");

@@ -5,9 +5,9 @@
 //!
 //! Malformed context never fails a request: it is ignored, and a new trace starts.
 
-use std::ops::Range;
+use std::{cell::RefCell, ops::Range};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{header::HeaderName, HeaderMap, HeaderValue};
 
 const X_B3_TRACEID: HeaderName = HeaderName::from_static("x-b3-traceid");
@@ -153,8 +153,8 @@ pub fn continue_or_start(
 /// Writes `context` to an upstream request: `x-b3-*`, `b3`, `traceparent` (and `tracestate`),
 /// and `x-request-id`, replacing whatever the caller sent in those headers.
 pub fn inject(context: &SpanContext, headers: &mut HeaderMap) {
-    // Every value is written into one buffer and the headers share it: two allocations per
-    // request instead of one per value (plus `format!`'s).
+    // Every value is written into one buffer and the headers share it (`share`): no
+    // allocation per request, where a `HeaderValue` of each value would take one each.
     // The caller's id, when kept, is usually still there, alone; otherwise it goes in the
     // buffer too.
     let carried = carries_context(headers);
@@ -201,7 +201,7 @@ pub fn inject(context: &SpanContext, headers: &mut HeaderMap) {
     buf.repeat(span_id.clone());
     buf.push(if context.sampled { b"-01" } else { b"-00" });
     let traceparent = traceparent_start..buf.len;
-    let buf = Bytes::from_owner(buf);
+    let buf = share(buf.as_ref());
     // Not checked byte by byte again (~300 instructions a request): every byte in `buf` is a
     // hex digit, '-', or the request id's, which is visible ASCII (checked when read, or
     // generated). Debug builds check anyway.
@@ -256,8 +256,28 @@ pub fn inject(context: &SpanContext, headers: &mut HeaderMap) {
 /// `traceparent` of 55.
 const INJECT_CAPACITY: usize = 192;
 
-/// The bytes of every header [`inject`] writes, in place until they go into the one
-/// allocation the header values share ([`Bytes::from_owner`]).
+/// Room for the trace headers of about twenty requests in each thread's [`SHARED`] buffer.
+const SHARED_CAPACITY: usize = 4096;
+
+thread_local! {
+    /// Where [`inject`] puts each request's header values, one request after the other, so
+    /// that requests share an allocation: a full buffer is reused in place once its requests
+    /// have ended (their headers dropped), and replaced while any of them is still out, which
+    /// then holds it until it ends.
+    static SHARED: RefCell<BytesMut> = RefCell::new(BytesMut::with_capacity(SHARED_CAPACITY));
+}
+
+/// `bytes` in this thread's [`SHARED`] buffer.
+fn share(bytes: &[u8]) -> Bytes {
+    SHARED.with_borrow_mut(|shared| {
+        shared.reserve(bytes.len());
+        shared.extend_from_slice(bytes);
+        shared.split().freeze()
+    })
+}
+
+/// The bytes of every header [`inject`] writes, in place until they go into this thread's
+/// buffer ([`share`]).
 struct InjectBuf {
     bytes: [u8; INJECT_CAPACITY + MAX_REQUEST_ID],
     len: usize,
@@ -875,5 +895,28 @@ mod tests {
             )
             .as_str()
         );
+    }
+
+    #[test]
+    fn requests_keep_their_own_values_while_the_buffer_they_share_is_reused_and_replaced() {
+        let mut rng = rng();
+        let mut requests: Vec<(SpanContext, HeaderMap)> = Vec::new();
+        // Enough requests to fill the buffer many times over, a few of them kept out (so
+        // their buffer is replaced), the rest ended at once (so theirs is reused).
+        for n in 0..2_000 {
+            let context = continue_or_start(&HeaderMap::new(), 1.0, &mut rng);
+            let mut upstream = HeaderMap::new();
+            inject(&context, &mut upstream);
+            if n % 97 == 0 {
+                requests.push((context, upstream));
+            }
+        }
+        for (context, upstream) in &requests {
+            assert_eq!(upstream["x-b3-traceid"], context.trace_id_hex().as_str());
+            assert_eq!(upstream["x-b3-spanid"], context.span_id_hex().as_str());
+            assert_eq!(upstream["x-request-id"], context.request_id.as_str());
+            let traceparent = format!("00-{}-{}-01", context.trace_id_hex(), context.span_id_hex());
+            assert_eq!(upstream["traceparent"], traceparent.as_str());
+        }
     }
 }

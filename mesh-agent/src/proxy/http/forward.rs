@@ -15,6 +15,7 @@ use http::{
 };
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
+use smallvec::SmallVec;
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::{
@@ -464,12 +465,17 @@ fn with_shadow_suffix(authority: &str) -> String {
 }
 
 /// The request's headers for each try. The first try sends the request's own map and a copy
-/// stays for retries as a list: one allocation, where a clone of the map for every try took two
-/// (its entries and its index). A retry, the rare case, builds a map from the list again.
+/// stays for retries as a list, kept in the request's future up to [`KEPT_INLINE`] headers: no
+/// allocation, where a clone of the map for every try took two (its entries and its index). A
+/// retry, the rare case, builds a map from the list again.
 struct TryHeaders {
     first: Option<HeaderMap>,
-    copy: Vec<(HeaderName, HeaderValue)>,
+    copy: SmallVec<[(HeaderName, HeaderValue); KEPT_INLINE]>,
 }
+
+/// Headers a retry's copy holds without an allocation: a usual request's and the trace
+/// headers the mesh adds (six).
+const KEPT_INLINE: usize = 16;
 
 impl TryHeaders {
     fn new(headers: HeaderMap) -> Self {

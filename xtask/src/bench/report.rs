@@ -443,6 +443,7 @@ fn targets(out: &mut String, report: &Report) {
             format!("{:.3} vs {:.3}", ratio("mesh-l4"), ratio("haproxy-l4")),
             ratio("mesh-l4") > ratio("haproxy-l4"),
         ),
+        request_cost_target(report.request_cost.as_ref()),
         {
             // The issue asks for the figures, not for a bound: measured is met.
             let errors = f
@@ -591,6 +592,25 @@ fn cost_table(out: &mut String, f: &[Figures], cost: fn(&Figures) -> &CostFigure
     }
 }
 
+/// Issue 18's bound on the agent's user-space work per proxied request, from callgrind.
+fn request_cost_target(cost: Option<&super::request_cost::RequestCost>) -> String {
+    let (measured, ok) = match cost {
+        Some(cost) => (
+            format!(
+                "{:.0} and {:.1}",
+                cost.instructions_per_request, cost.allocations_per_request
+            ),
+            cost.instructions_per_request <= 35_000.0 && cost.allocations_per_request <= 8.0,
+        ),
+        None => ("not measured in this run".to_owned(), false),
+    };
+    format!(
+        "| ≤ 35,000 instructions and ≤ 8 allocations per proxied request (callgrind) | {measured} \
+         | {} | | |",
+        if ok { "met" } else { "**not met**" }
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -601,5 +621,24 @@ mod tests {
         assert!(added_within(50.0, 50.0));
         assert!(!added_within(50.1, 50.0));
         assert!(!added_within(-3494.0, 150.0));
+    }
+
+    #[test]
+    fn the_request_cost_target_needs_both_bounds_and_a_measurement() {
+        let cost = |instructions_per_request, allocations_per_request| {
+            super::super::request_cost::RequestCost {
+                requests: 20_000,
+                instructions_per_request,
+                allocations_per_request,
+                profile: Default::default(),
+                profiles_run: Default::default(),
+            }
+        };
+        let row =
+            |instructions, allocations| request_cost_target(Some(&cost(instructions, allocations)));
+        assert!(row(35_000.0, 8.0).contains("| 35000 and 8.0 | met |"));
+        assert!(row(38_694.0, 8.2).contains("| 38694 and 8.2 | **not met** |"));
+        assert!(row(34_000.0, 8.2).contains("**not met**"));
+        assert!(request_cost_target(None).contains("not measured in this run | **not met**"));
     }
 }

@@ -553,6 +553,12 @@ fn upstream_request(
 mod tests {
     use super::*;
 
+    /// The request a try sends to an endpoint of 10.77.0.9:8080.
+    fn try_of(parts: &Parts, protocol: Protocol) -> Request<ProxyBody> {
+        let endpoint = Authority::from_static("10.77.0.9:8080");
+        upstream_request(parts, parts.headers.clone(), &endpoint, protocol, empty())
+    }
+
     #[test]
     fn the_shadow_suffix_goes_on_the_host_before_any_port() {
         assert_eq!(
@@ -567,39 +573,20 @@ mod tests {
 
     #[test]
     fn http2_tries_carry_the_clients_authority_not_the_endpoints() {
-        let endpoint = Authority::from_static("10.77.0.9:8080");
         let (parts, ()) = Request::get("http://service-g:8080/orders?x=1")
             .version(Version::HTTP_2)
             .body(())
             .unwrap()
             .into_parts();
-        let request = upstream_request(
-            &parts,
-            parts.headers.clone(),
-            &endpoint,
-            Protocol::Http2,
-            empty(),
-        );
+        let request = try_of(&parts, Protocol::Http2);
         assert_eq!(request.uri(), "http://service-g:8080/orders?x=1");
-        let mut mirrored = upstream_request(
-            &parts,
-            parts.headers.clone(),
-            &endpoint,
-            Protocol::Http2,
-            empty(),
-        );
+        let mut mirrored = try_of(&parts, Protocol::Http2);
         shadow_authority(&mut mirrored);
         assert_eq!(mirrored.uri(), "http://service-g-shadow:8080/orders?x=1");
 
         // No authority at all: the endpoint's keeps the HTTP/2 request well formed.
         let (parts, ()) = Request::get("/orders").body(()).unwrap().into_parts();
-        let request = upstream_request(
-            &parts,
-            parts.headers.clone(),
-            &endpoint,
-            Protocol::Http2,
-            empty(),
-        );
+        let request = try_of(&parts, Protocol::Http2);
         assert_eq!(request.uri(), "http://10.77.0.9:8080/orders");
     }
 
@@ -626,19 +613,12 @@ mod tests {
 
     #[test]
     fn http1_mirrors_suffix_the_host_header() {
-        let endpoint = Authority::from_static("10.77.0.9:8080");
         let (parts, ()) = Request::get("/orders")
             .header(header::HOST, "service-g:8080")
             .body(())
             .unwrap()
             .into_parts();
-        let mut mirrored = upstream_request(
-            &parts,
-            parts.headers.clone(),
-            &endpoint,
-            Protocol::Http1,
-            empty(),
-        );
+        let mut mirrored = try_of(&parts, Protocol::Http1);
         shadow_authority(&mut mirrored);
         assert_eq!(mirrored.headers()[header::HOST], "service-g-shadow:8080");
         assert_eq!(mirrored.uri(), "/orders");

@@ -14,9 +14,10 @@
 //!
 //! A dependency updated renames every function of the crates built on it (the hash in a mangled
 //! name covers the dependency graph), and the linker silently skips names it no longer has: the
-//! order is lost and the agent keeps MiBs more code resident. So `symbol-order.deps` records the
-//! agent's dependencies the order was written with, and `cargo xtask test` fails when they
-//! have changed ([`check_dependencies`]).
+//! order is lost and the agent keeps MiBs more code resident. So does a dependency added that the
+//! graph already held, or a feature turned on. So `symbol-order.deps` records the agent's
+//! dependencies the order was written with, each with its features and its own dependencies,
+//! and `cargo xtask test` fails when any of that has changed ([`check_dependencies`]).
 
 use std::{
     collections::{HashMap, HashSet},
@@ -27,7 +28,8 @@ use anyhow::{bail, Context, Result};
 
 pub const PATH: &str = "mesh-agent/link/symbol-order.txt";
 
-/// The agent's dependencies (`name version`, one a line) when [`PATH`] was written.
+/// The agent's dependencies (`name version [features] -> dependencies`, one a line) when
+/// [`PATH`] was written.
 pub const DEPENDENCIES_PATH: &str = "mesh-agent/link/symbol-order.deps";
 
 /// Writes the order for `agent_bin` from `paths`, each path's profiles, the default path
@@ -78,10 +80,10 @@ pub fn check_dependencies(root: &Path) -> Result<()> {
     added.sort_unstable();
     removed.sort_unstable();
     bail!(
-        "the agent's dependencies changed since {PATH} was written (now: {}; then: {}): their \
-         functions have new names, so the release build would lose the order and keep MiBs more \
-         code resident. Rewrite it with `cargo xtask bench --request-cost --symbol-order` \
-         (about 12 minutes) and commit both files",
+        "the agent's dependencies (their versions, features or own dependencies) changed since \
+         {PATH} was written (now: {}; then: {}): their functions have new names, so the release \
+         build would lose the order and keep MiBs more code resident. Rewrite it with `cargo \
+         xtask bench --request-cost --symbol-order` (about 12 minutes) and commit both files",
         list_or_none(&added),
         list_or_none(&removed),
     )
@@ -95,9 +97,11 @@ fn list_or_none(packages: &[&str]) -> String {
     }
 }
 
-/// Every package the agent's binary is built from, as `name version`, sorted: `mesh-agent` and
-/// what it depends on at run time, transitively (not its dev- or build-dependencies, which name
-/// nothing in the binary).
+/// Every package the agent's binary is built from, as `name version [features] -> dependencies`,
+/// sorted: `mesh-agent` and what it depends on at run time, transitively (not its dev- or
+/// build-dependencies, which name nothing in the binary). Features and dependencies are there
+/// because cargo's hash of a package covers them too: a dependency added to the agent that the
+/// graph already held, or a feature turned on, renames its functions as a new version would.
 fn agent_dependencies(root: &Path) -> Result<Vec<String>> {
     let output = crate::locked_metadata(root, "Cargo.toml")?;
     let metadata: Metadata =
@@ -127,6 +131,8 @@ struct Resolve {
 struct Node {
     id: String,
     deps: Vec<NodeDependency>,
+    #[serde(default)]
+    features: Vec<String>,
 }
 
 #[derive(serde::Deserialize)]
@@ -141,7 +147,8 @@ struct DependencyKind {
     kind: Option<String>,
 }
 
-/// `name version` of `package` and of everything it depends on normally, transitively.
+/// `name version [features] -> dependencies` of `package` and of everything it depends on
+/// normally, transitively.
 fn runtime_closure(metadata: &Metadata, package: &str) -> Result<Vec<String>> {
     let packages: HashMap<&str, &Package> = metadata
         .packages
@@ -159,22 +166,41 @@ fn runtime_closure(metadata: &Metadata, package: &str) -> Result<Vec<String>> {
         .iter()
         .find(|p| p.name == package)
         .with_context(|| format!("{package} is not in the workspace"))?;
+    fn normal(node: &Node) -> impl Iterator<Item = &str> {
+        node.deps
+            .iter()
+            .filter(|d| d.dep_kinds.iter().any(|k| k.kind.is_none()))
+            .map(|d| d.pkg.as_str())
+    }
     let mut seen = HashSet::from([start.id.as_str()]);
     let mut queue = vec![start.id.as_str()];
     while let Some(id) = queue.pop() {
         let Some(node) = nodes.get(id) else { continue };
-        for dependency in &node.deps {
-            let normal = dependency.dep_kinds.iter().any(|k| k.kind.is_none());
-            if normal && seen.insert(dependency.pkg.as_str()) {
-                queue.push(dependency.pkg.as_str());
+        for dependency in normal(node) {
+            if seen.insert(dependency) {
+                queue.push(dependency);
             }
         }
     }
-    let mut listed: Vec<String> = seen
-        .iter()
-        .filter_map(|id| packages.get(id))
-        .map(|p| format!("{} {}", p.name, p.version))
-        .collect();
+    let line = |id: &str| -> Option<String> {
+        let package = packages.get(id)?;
+        let node = nodes.get(id)?;
+        let mut features = node.features.clone();
+        features.sort_unstable();
+        let mut dependencies: Vec<&str> = normal(node)
+            .filter_map(|d| packages.get(d).map(|p| p.name.as_str()))
+            .collect();
+        dependencies.sort_unstable();
+        let line = format!(
+            "{} {} [{}] -> {}",
+            package.name,
+            package.version,
+            features.join(","),
+            dependencies.join(" ")
+        );
+        Some(line.trim_end().to_owned())
+    };
+    let mut listed: Vec<String> = seen.iter().filter_map(|id| line(id)).collect();
     listed.sort_unstable();
     Ok(listed)
 }
@@ -306,7 +332,8 @@ mod tests {
                     {"pkg": "cc", "dep_kinds": [{"kind": "build"}]},
                     {"pkg": "criterion", "dep_kinds": [{"kind": "dev"}]},
                 ]},
-                {"id": "hyper", "deps": [{"pkg": "h2", "dep_kinds": [{"kind": null}]}]},
+                {"id": "hyper", "features": ["server", "client"],
+                 "deps": [{"pkg": "h2", "dep_kinds": [{"kind": null}]}]},
                 {"id": "h2", "deps": []},
                 {"id": "cc", "deps": []},
                 {"id": "criterion", "deps": [{"pkg": "plotters", "dep_kinds": [{"kind": null}]}]},
@@ -316,8 +343,17 @@ mod tests {
         .unwrap();
         assert_eq!(
             runtime_closure(&metadata, "mesh-agent").unwrap(),
-            ["h2 0.4.21", "hyper 1.12.0", "mesh-agent 0.1.0"]
+            [
+                "h2 0.4.21 [] ->",
+                "hyper 1.12.0 [client,server] -> h2",
+                "mesh-agent 0.1.0 [] -> hyper"
+            ]
         );
+    }
+
+    #[test]
+    fn the_committed_order_was_written_with_the_agents_dependencies() {
+        check_dependencies(&crate::build_ebpf::workspace_root()).unwrap();
     }
 
     #[test]

@@ -340,7 +340,6 @@ fn targets(out: &mut String, report: &Report) {
     let p50 = |s: &str| median(f, s, |x| x.added_p50_us);
     let p99 = |s: &str| median(f, s, |x| x.added_p99_us);
     let vcpu = |s: &str| median(f, s, |x| x.vcpu_per_1k_rps);
-    let verdict = |ok: bool| if ok { "met" } else { "**not met**" };
     // Targets on the L7 hop are judged for the default agent (`mesh-l7`) and, beside it, for
     // the agent with the opt-in socket fast path (`mesh-l7-sockmap`).
     let l7 = |target: &str, judge: &dyn Fn(&str) -> (String, bool)| {
@@ -607,8 +606,17 @@ fn request_cost_target(cost: Option<&super::request_cost::RequestCost>) -> Strin
     format!(
         "| ≤ 35,000 instructions and ≤ 8 allocations per proxied request (callgrind) | {measured} \
          | {} | | |",
-        if ok { "met" } else { "**not met**" }
+        verdict(ok)
     )
+}
+
+/// A target's column in the targets table.
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "**not met**"
+    }
 }
 
 #[cfg(test)]

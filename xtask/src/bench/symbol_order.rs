@@ -14,10 +14,11 @@
 //!
 //! A dependency updated renames every function of the crates built on it (the hash in a mangled
 //! name covers the dependency graph), and the linker silently skips names it no longer has: the
-//! order is lost and the agent keeps MiBs more code resident. So does a dependency added that the
-//! graph already held, or a feature turned on. So `symbol-order.deps` records the agent's
-//! dependencies the order was written with, each with its features and its own dependencies,
-//! and `cargo xtask test` fails when any of that has changed ([`check_dependencies`]).
+//! order is lost and the agent keeps MiBs more code resident. A dependency added that the graph
+//! already held does the same, and so does a feature turned on. Hence `symbol-order.deps`
+//! records the agent's dependencies the order was written with, each with its features and its
+//! own dependencies, and `cargo xtask test` fails when any of that has changed
+//! ([`check_dependencies`]).
 
 use std::{
     collections::{HashMap, HashSet},

@@ -28,7 +28,9 @@ use super::{
     },
 };
 use crate::{
-    engine::{Attempt, EngineError, Outcome, RequestInfo, RequestPlan, Verdict},
+    engine::{
+        registry::authority_host, Attempt, EngineError, Outcome, RequestInfo, RequestPlan, Verdict,
+    },
     proxy::deadline::within,
     proxy::upstream::{
         BoxError, Progress, Protocol, ProxyBody, ResponseBody, SendError, UpstreamPool, Waiting,
@@ -406,11 +408,7 @@ fn reserve(conn: &HttpConn, len: u64) -> Option<BufferPermit> {
 
 /// The authority the engine routes on: the client's, unless it named an IP (then the service).
 fn routing_authority<'a>(authority: &'a str, service_authority: &'a str) -> &'a str {
-    let host = authority
-        .rsplit_once(':')
-        .map_or(authority, |(host, _)| host)
-        .trim_start_matches('[')
-        .trim_end_matches(']');
+    let host = authority_host(authority);
     if host.is_empty() || host.parse::<IpAddr>().is_ok() {
         service_authority
     } else {
@@ -557,6 +555,23 @@ mod tests {
     fn try_of(parts: &Parts, protocol: Protocol) -> Request<ProxyBody> {
         let endpoint = Authority::from_static("10.77.0.9:8080");
         upstream_request(parts, parts.headers.clone(), &endpoint, protocol, empty())
+    }
+
+    #[test]
+    fn a_client_that_named_an_ip_is_routed_by_the_service() {
+        let service = "service-c.default.svc.cluster.local:8080";
+        for by_ip in [
+            "10.96.0.12:8080",
+            "10.96.0.12",
+            "[fd00::12]:8080",
+            "[fd00::12]",
+            ":80",
+        ] {
+            assert_eq!(routing_authority(by_ip, service), service, "{by_ip}");
+        }
+        for by_name in ["service-c:8080", "service-c", "api.example.org"] {
+            assert_eq!(routing_authority(by_name, service), by_name);
+        }
     }
 
     #[test]

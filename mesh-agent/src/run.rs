@@ -22,7 +22,7 @@ use crate::{
     engine::{EngineSettings, GatewayLabels},
     enrollment::{by_label, EnrollError, Enrollments, InheritedPod, PodSpec},
     handover::{self, names, serve::Server, take::Predecessor, AgentInfo, Handed, Inventory},
-    hbone::{Hbone, InboundLimits, Source, TunnelClient},
+    hbone::{Hbone, Source, TunnelClient},
     heap,
     identity::{
         ca::CertificateAuthority,
@@ -30,6 +30,7 @@ use crate::{
         csr::{self, KubernetesIdentity},
         spiffe::SpiffeId,
     },
+    inbound::InboundLimits,
     proxy::{self, Limits, PodContext, Proxy},
     readiness::{Readiness, START_UP},
     redirect::{netns::NetNs, preflight, Inherited, Redirect, RedirectMode},
@@ -238,7 +239,13 @@ pub fn run(settings: Settings) -> Result<()> {
                 Arc::clone(&store),
                 certificates,
                 Arc::clone(&telemetry),
-                InboundLimits::default(),
+                InboundLimits {
+                    http_idle_timeout: settings.limits.http_idle_timeout,
+                    h2_keepalive_interval: settings.limits.h2_keepalive_interval,
+                    h2_keepalive_timeout: settings.limits.h2_keepalive_timeout,
+                    tcp_idle_timeout: settings.limits.tcp_idle_timeout,
+                    ..InboundLimits::default()
+                },
                 mesh,
             );
             let gateway = SpiffeId::new(

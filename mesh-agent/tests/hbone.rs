@@ -17,13 +17,14 @@ use http_body_util::Empty;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh_agent::{
     engine::EngineSettings,
-    hbone::{self, Hbone, InboundLimits, InboundPod, Source, TunnelClient},
+    hbone::{self, Hbone, InboundPod, Source, TunnelClient},
     identity::{
         ca::CertificateAuthority,
         certificates::{CertificateSettings, CertificateStore, SystemClock, WorkloadCertificate},
         spiffe::{SpiffeId, TrustDomain},
         tls,
     },
+    inbound::InboundLimits,
     proxy::{Drain, PodContext},
     redirect::Exemption,
     state::Store,
@@ -106,7 +107,7 @@ async fn tunnelled(in_mesh: bool, limits: InboundLimits) -> Tunnelled {
         Arc::clone(&mesh.store),
         store(&ca),
         Arc::clone(&mesh.telemetry),
-        limits.clone(),
+        limits,
         mesh.registry.sub_registry_with_prefix("mesh"),
     );
     // The destination agent: its own view of the cluster, its own certificates, reporting

@@ -435,8 +435,7 @@ impl Enrollments {
                 namespace: spec.namespace.clone(),
                 name: spec.name.clone(),
                 dialer: Dialer::new(Some(Arc::clone(&netns)), self.redirect.exemption()),
-                connect_timeout: hbone.limits().connect_timeout,
-                max_connections: hbone.limits().max_connections,
+                limits: *hbone.limits(),
                 store: Arc::clone(hbone.store()),
                 metrics: Arc::clone(&hbone.telemetry().metrics),
             };

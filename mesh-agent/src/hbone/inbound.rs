@@ -6,12 +6,13 @@
 //! Bounded: connections per listener (`max_connections`, past which a new one is closed at once
 //! and counted), streams per connection (HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS`, which the peer
 //! must respect; h2 refuses a stream beyond it) and the time a client has to finish its TLS
-//! and HTTP/2 handshakes (`handshake_timeout`).
+//! and HTTP/2 handshakes (`handshake_timeout`). What a stream carries is bounded as the
+//! downstream side bounds its connections (`http_idle_timeout`, HTTP/2 keep-alive pings; see
+//! [`crate::inbound`]).
 
 use std::{
     net::SocketAddr,
     sync::{Arc, Mutex, PoisonError},
-    time::Duration,
 };
 
 use bytes::Bytes;
@@ -35,31 +36,6 @@ use crate::{
     redirect::{netns::NetNs, Exemption},
     telemetry::Metered,
 };
-
-/// The inbound tunnel's bounds.
-#[derive(Clone, Debug)]
-pub struct InboundLimits {
-    /// Tunnel connections one pod's listener holds at once.
-    pub max_connections: usize,
-    /// Streams (proxied connections) one tunnel connection carries at once.
-    pub max_streams: u32,
-    /// How long a client has from its TCP connection to a finished TLS handshake, and again
-    /// from there to its HTTP/2 preface and settings.
-    pub handshake_timeout: Duration,
-    /// How long the dial to the app inside the pod may take.
-    pub connect_timeout: Duration,
-}
-
-impl Default for InboundLimits {
-    fn default() -> Self {
-        InboundLimits {
-            max_connections: 1024,
-            max_streams: 128,
-            handshake_timeout: Duration::from_secs(10),
-            connect_timeout: Duration::from_secs(10),
-        }
-    }
-}
 
 /// The pod a tunnel listener serves.
 #[derive(Clone, Debug)]
@@ -316,7 +292,7 @@ impl Listener {
         App {
             dialer: self.dialer.clone(),
             address,
-            connect_timeout: self.hbone.limits.connect_timeout,
+            limits: self.hbone.limits,
         }
     }
 

@@ -26,7 +26,7 @@ use std::{
 
 use prometheus_client::registry::Registry;
 
-pub use inbound::{serve as serve_inbound, InboundLimits, InboundPod};
+pub use inbound::{serve as serve_inbound, InboundPod};
 pub use metrics::TunnelMetrics;
 pub use outbound::{Source, TunnelClient, TunnelError};
 
@@ -36,6 +36,7 @@ use crate::{
         certificates::CertificateStore,
         spiffe::{SpiffeId, TrustDomain},
     },
+    inbound::InboundLimits,
     state::{Snapshot, Store},
     telemetry::Telemetry,
 };

@@ -12,6 +12,11 @@
 //! `Upgrade` goes to the app, and once the app switches, the two connections' bytes are carried
 //! as they come.
 //!
+//! Bounded as the downstream side is: a head must come whole within [`HEADER_TIMEOUT`]; an
+//! HTTP/2 connection with no request in flight for the agent's `http_idle_timeout` is sent
+//! GOAWAY and closed, and it is pinged every `h2_keepalive_interval` and closed when the answer
+//! is late.
+//!
 //! Each request is reported by the destination (`istio_requests_total{reporter="destination"}`
 //! and its histograms), once its answer has been sent whole or given up: 403s included.
 
@@ -46,6 +51,7 @@ use crate::{
     proxy::{
         detect::Detected,
         http::{
+            activity::{Activity, InFlight, IDLE_CLOSE_GRACE},
             limits::{
                 H2_CONNECTION_WINDOW, H2_MAX_CONCURRENT_STREAMS, H2_MAX_PENDING_RESET_STREAMS,
                 H2_MAX_SEND_BUFFER, H2_STREAM_WINDOW, MAX_HEADER_BYTES,
@@ -75,7 +81,16 @@ pub async fn serve<S: Resettable>(
     dialled: Option<TcpStream>,
     metrics: &Arc<Metrics>,
 ) {
+    let limits = app.limits;
+    // Only HTTP/2 is watched for idleness: hyper's header timer closes an idle HTTP/1 one.
+    let activity = (protocol == Detected::Http2).then(|| {
+        let activity = Arc::new(Activity::new());
+        // Detected by its preface: the idle clock runs from here.
+        activity.preface_read();
+        activity
+    });
     let delivery = Arc::new(Delivery {
+        activity: activity.clone(),
         dialled: std::sync::Mutex::new(dialled),
         forwarded_client_cert: forwarded_client_cert(&arrival),
         policies,
@@ -89,8 +104,8 @@ pub async fn serve<S: Resettable>(
     let io = TokioIo::new(stream);
     // The downstream side's bounds (`proxy::http::limits`), and a head must come whole within
     // HEADER_TIMEOUT.
-    let served = if protocol == Detected::Http2 {
-        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+    let served = if let Some(activity) = activity {
+        let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
             .initial_stream_window_size(H2_STREAM_WINDOW)
@@ -98,8 +113,20 @@ pub async fn serve<S: Resettable>(
             .max_send_buf_size(H2_MAX_SEND_BUFFER)
             .max_header_list_size(MAX_HEADER_BYTES as u32)
             .max_pending_accept_reset_streams(H2_MAX_PENDING_RESET_STREAMS)
-            .serve_connection(io, service)
-            .await
+            .keep_alive_interval(limits.h2_keepalive_interval)
+            .keep_alive_timeout(limits.h2_keepalive_timeout)
+            .serve_connection(io, service);
+        let mut connection = std::pin::pin!(connection);
+        tokio::select! {
+            served = connection.as_mut() => served,
+            expired = activity.expired(HEADER_TIMEOUT, limits.http_idle_timeout) => {
+                metrics.limit_hit(expired);
+                connection.as_mut().graceful_shutdown();
+                tokio::time::timeout(IDLE_CLOSE_GRACE, connection)
+                    .await
+                    .unwrap_or(Ok(()))
+            }
+        }
     } else {
         hyper::server::conn::http1::Builder::new()
             .max_buf_size(MAX_HEADER_BYTES)
@@ -115,6 +142,8 @@ pub async fn serve<S: Resettable>(
 }
 
 struct Delivery {
+    /// HTTP/2's idle clock, which each request holds until its answer is done.
+    activity: Option<Arc<Activity>>,
     /// Looked up again for the next request when the policies in force change.
     policies: Arc<PodPolicies>,
     arrival: Arc<Arrival>,
@@ -140,6 +169,7 @@ impl Delivery {
         request: Request<Incoming>,
     ) -> Result<Response<Reported>, Infallible> {
         let started = Instant::now();
+        let in_flight = self.activity.clone().map(InFlight::new);
         let protocol = if is_grpc(&request) {
             Protocol::Grpc
         } else {
@@ -156,6 +186,7 @@ impl Delivery {
             status,
             request_bytes,
             response_bytes: 0,
+            _in_flight: in_flight,
         }))
     }
 
@@ -344,6 +375,7 @@ struct Reported {
     status: u16,
     request_bytes: u64,
     response_bytes: u64,
+    _in_flight: Option<InFlight>,
 }
 
 impl Body for Reported {

@@ -42,6 +42,7 @@ use crate::{
     identity::{spiffe::SpiffeId, WorkloadIdentity},
     proxy::{
         detect::{classify, Detected},
+        limits, tcp,
         upstream::Dialer,
     },
     state::{Snapshot, Store},
@@ -77,18 +78,59 @@ impl Arrival {
     }
 }
 
-/// The app behind the pod's address, dialled when something is to be delivered.
+/// The inbound side's bounds: the tunnel's, and those of what arrives through it or through
+/// the pod's plaintext listener.
+#[derive(Clone, Copy, Debug)]
+pub struct InboundLimits {
+    /// Tunnel connections one pod's listener holds at once.
+    pub max_connections: usize,
+    /// Streams (proxied connections) one tunnel connection carries at once.
+    pub max_streams: u32,
+    /// How long a client has from its TCP connection to a finished TLS handshake, and again
+    /// from there to its HTTP/2 preface and settings.
+    pub handshake_timeout: Duration,
+    /// How long the dial to the app inside the pod may take.
+    pub connect_timeout: Duration,
+    /// How long an HTTP/2 connection served for the app may go with no request in flight
+    /// before it is sent GOAWAY and closed (`Limits::http_idle_timeout`).
+    pub http_idle_timeout: Duration,
+    /// Keep-alive pings on such a connection, and how late an answer may be
+    /// (`Limits::h2_keepalive_interval`, `Limits::h2_keepalive_timeout`).
+    pub h2_keepalive_interval: Duration,
+    pub h2_keepalive_timeout: Duration,
+    /// How long a connection carried as bytes may go without a byte either way
+    /// (`Limits::tcp_idle_timeout`).
+    pub tcp_idle_timeout: Duration,
+}
+
+impl Default for InboundLimits {
+    fn default() -> Self {
+        InboundLimits {
+            max_connections: 1024,
+            max_streams: 128,
+            handshake_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+            http_idle_timeout: limits::DEFAULT_HTTP_IDLE_TIMEOUT,
+            h2_keepalive_interval: limits::DEFAULT_H2_KEEPALIVE_INTERVAL,
+            h2_keepalive_timeout: limits::DEFAULT_H2_KEEPALIVE_TIMEOUT,
+            tcp_idle_timeout: limits::DEFAULT_TCP_IDLE_TIMEOUT,
+        }
+    }
+}
+
+/// The app behind the pod's address, dialled when something is to be delivered; and the bounds
+/// its clients' connections are served under.
 #[derive(Clone, Debug)]
 pub struct App {
     pub dialer: Dialer,
     pub address: SocketAddr,
-    pub connect_timeout: Duration,
+    pub limits: InboundLimits,
 }
 
 impl App {
     pub async fn connect(&self) -> io::Result<TcpStream> {
         self.dialer
-            .connect_tcp_within(self.address, self.connect_timeout)
+            .connect_tcp_within(self.address, self.limits.connect_timeout)
             .await
     }
 }
@@ -157,20 +199,31 @@ impl PodPolicies {
 /// that they no longer admit this connection as a connection: then it is reset, and its
 /// client, which reconnects, is judged under the new ones (a connection a new `DENY` names,
 /// or one whose requests a new rule reads, does not outlive the change). Returns the bytes
-/// carried each way when it ended by itself.
+/// carried each way when it ended by itself, or an error when it ended by going
+/// `idle_timeout` without a byte either way (then both sides are closed, and it is counted).
 async fn carry_while_admitted<S: Resettable>(
     client: &mut S,
     app: &mut TcpStream,
+    idle_timeout: Duration,
     policies: &PodPolicies,
     arrival: &Arrival,
     metrics: &Metrics,
 ) -> Option<io::Result<(u64, u64)>> {
     let still_admitted = {
-        let copy = tokio::io::copy_bidirectional(client, app);
+        let activity = tcp::Activity::new();
+        let mut client = tcp::Watched::new(&mut *client, &activity);
+        let copy = tokio::io::copy_bidirectional(&mut client, app);
         tokio::pin!(copy);
         loop {
             tokio::select! {
                 copied = &mut copy => return Some(copied),
+                () = activity.idle_for(idle_timeout) => {
+                    metrics.limit_hit("tcp_idle_timeout");
+                    return Some(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no byte either way for the TCP idle timeout",
+                    )));
+                }
                 () = policies.changed() => {
                     let current = policies.current();
                     let decision = current.evaluate(&arrival.attributes(None));
@@ -294,7 +347,16 @@ pub async fn deliver<S: Resettable>(
         )
         .await;
     }
-    carry(&mut client, &mut app, &policies, &arrival, metrics).await;
+    let idle_timeout = dial.limits.tcp_idle_timeout;
+    carry(
+        &mut client,
+        &mut app,
+        idle_timeout,
+        &policies,
+        &arrival,
+        metrics,
+    )
+    .await;
 }
 
 /// Reads the first bytes of `stream` and acts on them: HTTP is served and judged per request
@@ -326,7 +388,18 @@ pub async fn inspect<S: Resettable>(
     }
     audit(&as_connection, &arrival, None);
     match app.connect().await {
-        Ok(mut app) => carry(&mut stream, &mut app, &policies, &arrival, metrics).await,
+        Ok(mut dialled) => {
+            let idle_timeout = app.limits.tcp_idle_timeout;
+            carry(
+                &mut stream,
+                &mut dialled,
+                idle_timeout,
+                &policies,
+                &arrival,
+                metrics,
+            )
+            .await;
+        }
         Err(error) => {
             tracing::debug!(address = %app.address, %error, "the app refused the connection");
             stream.inner_mut().reset();
@@ -338,11 +411,12 @@ pub async fn inspect<S: Resettable>(
 async fn carry<S: Resettable>(
     client: &mut S,
     app: &mut TcpStream,
+    idle_timeout: Duration,
     policies: &PodPolicies,
     arrival: &Arrival,
     metrics: &Metrics,
 ) {
-    let carried = carry_while_admitted(client, app, policies, arrival, metrics).await;
+    let carried = carry_while_admitted(client, app, idle_timeout, policies, arrival, metrics).await;
     if let Some(Err(error)) = carried {
         tracing::debug!(source = %arrival.source, %error, "inbound connection ended with an error");
     }

@@ -13,7 +13,9 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::debug;
 
-use super::{admit, deliver, destination_labels, inspect, pod_labels, Admission, App, Arrival};
+use super::{
+    admit, deliver, destination_labels, inspect, pod_labels, Admission, App, Arrival, InboundLimits,
+};
 use crate::{
     authorization::MtlsMode,
     inbound::{PodPolicies, Resettable},
@@ -28,9 +30,8 @@ pub struct PlaintextPod {
     pub name: String,
     /// Dials the app from inside the pod.
     pub dialer: Dialer,
-    pub connect_timeout: Duration,
-    /// Connections held at once; past it a new one is closed at once and counted.
-    pub max_connections: usize,
+    /// `max_connections`: held at once; past it a new one is closed at once and counted.
+    pub limits: InboundLimits,
     pub store: Arc<Store>,
     pub metrics: Arc<Metrics>,
 }
@@ -38,7 +39,7 @@ pub struct PlaintextPod {
 /// Serves `listener` until accepting stops (drain, handover) or the task is aborted (unenroll).
 pub async fn serve(listener: TcpListener, pod: PlaintextPod, drain: Drain) {
     let name = format!("inbound {}/{}", pod.namespace, pod.name);
-    let max_connections = pod.max_connections;
+    let max_connections = pod.limits.max_connections;
     let pod = Arc::new(pod);
     drain
         .accept_bounded(
@@ -91,7 +92,7 @@ impl PlaintextPod {
         let app = App {
             dialer: self.dialer.clone(),
             address: destination,
-            connect_timeout: self.connect_timeout,
+            limits: self.limits,
         };
         let decision = match admit(&policies.current(), &arrival) {
             Admission::Open => {

@@ -14,6 +14,7 @@ use crate::{
     authorization::Authorization,
     config,
     identity::{spiffe::SpiffeId, WorkloadIdentity},
+    proxy::http::activity::IDLE_CLOSE_GRACE,
     redirect::Exemption,
     telemetry::metrics::{Reporter, Security},
 };
@@ -165,10 +166,19 @@ fn spawn_inspect(
     policies: Policies,
     arrival: Arc<Arrival>,
 ) -> tokio::task::JoinHandle<()> {
+    let app = loopback_app(arrival.destination);
+    spawn_inspect_for(server, policies, arrival, app)
+}
+
+fn spawn_inspect_for(
+    server: DuplexStream,
+    policies: Policies,
+    arrival: Arc<Arrival>,
+    app: App,
+) -> tokio::task::JoinHandle<()> {
     let Admission::Inspect(decision) = admit(&policies, &arrival) else {
         panic!("inspected");
     };
-    let app = loopback_app(arrival.destination);
     tokio::spawn(async move {
         let policies = fixed(policies);
         inspect(Pipe(server), decision, policies, arrival, app, &metrics()).await;
@@ -268,6 +278,77 @@ async fn a_head_that_never_ends_is_given_up_after_the_header_timeout() {
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
 }
 
+/// An HTTP/2 client that sends its preface and settings, then nothing (it answers no ping),
+/// to a connection served under `limits`: when the agent closed it, and the types of the
+/// frames it was sent.
+async fn idle_h2_client(limits: InboundLimits) -> (Duration, Vec<u8>) {
+    let (address, _) = echo_app().await;
+    let (mut client, server) = tokio::io::duplex(64 * 1024);
+    let mut app = loopback_app(address);
+    app.limits = limits;
+    let served = spawn_inspect_for(server, policies(POLICY), arrival("service-a", address), app);
+    client
+        .write_all(crate::proxy::http::H2_PREFACE)
+        .await
+        .unwrap();
+    client
+        .write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0])
+        .await
+        .unwrap();
+    let start = tokio::time::Instant::now();
+    let mut sent = Vec::new();
+    client.read_to_end(&mut sent).await.unwrap();
+    let closed_after = start.elapsed();
+    served.await.unwrap();
+    let mut types = Vec::new();
+    let mut rest = &sent[..];
+    while rest.len() >= 9 {
+        let length = u32::from_be_bytes([0, rest[0], rest[1], rest[2]]) as usize;
+        types.push(rest[3]);
+        rest = &rest[(9 + length).min(rest.len())..];
+    }
+    (closed_after, types)
+}
+
+const GOAWAY: u8 = 7;
+const PING: u8 = 6;
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_http2_connection_is_sent_goaway_at_the_idle_timeout_and_closed() {
+    let idle = Duration::from_secs(30);
+    let (closed_after, types) = idle_h2_client(InboundLimits {
+        http_idle_timeout: idle,
+        h2_keepalive_interval: Duration::from_secs(3600),
+        ..InboundLimits::default()
+    })
+    .await;
+    // GOAWAY, then a second for the client to take it (this one never answers).
+    assert!(
+        closed_after >= idle
+            && closed_after <= idle + IDLE_CLOSE_GRACE + Duration::from_millis(100),
+        "closed after {closed_after:?}"
+    );
+    assert!(types.contains(&GOAWAY), "frames sent: {types:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_http2_client_that_answers_no_ping_is_closed_after_the_keepalive_timeout() {
+    let (interval, timeout) = (Duration::from_secs(10), Duration::from_secs(5));
+    let (closed_after, types) = idle_h2_client(InboundLimits {
+        http_idle_timeout: Duration::from_secs(3600),
+        h2_keepalive_interval: interval,
+        h2_keepalive_timeout: timeout,
+        ..InboundLimits::default()
+    })
+    .await;
+    assert!(
+        closed_after >= interval + timeout
+            && closed_after <= interval + timeout + Duration::from_secs(1),
+        "closed after {closed_after:?}"
+    );
+    assert!(types.contains(&PING), "frames sent: {types:?}");
+}
+
 #[tokio::test]
 async fn a_client_denied_everything_never_reaches_the_app() {
     let (answer, accepted) = exchange(
@@ -293,7 +374,10 @@ fn loopback_app(address: SocketAddr) -> App {
     App {
         dialer: Dialer::new(None, Exemption::default()),
         address,
-        connect_timeout: Duration::from_secs(5),
+        limits: InboundLimits {
+            connect_timeout: Duration::from_secs(5),
+            ..InboundLimits::default()
+        },
     }
 }
 
@@ -549,6 +633,23 @@ spec: {rules: [{from: [{source: {principals: ['cluster.local/ns/default/sa/servi
     ));
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_connection_carried_as_bytes_ends_after_the_tcp_idle_timeout_without_a_byte() {
+    let (address, _) = echo_app().await;
+    let (_client, server) = tokio::io::duplex(1024);
+    let mut app = tokio::net::TcpStream::connect(address).await.unwrap();
+    let arrival = arrival("anyone", address);
+    let policies = fixed(Policies::default());
+    let idle = Duration::from_secs(30);
+    let start = tokio::time::Instant::now();
+    let mut server = Pipe(server);
+    let ended =
+        carry_while_admitted(&mut server, &mut app, idle, &policies, &arrival, &metrics()).await;
+    assert_eq!(start.elapsed(), idle);
+    let error = ended.expect("ended by itself, not reset").unwrap_err();
+    assert_eq!(error.kind(), std::io::ErrorKind::TimedOut);
+}
+
 #[tokio::test]
 async fn a_connection_carried_is_reset_when_new_policies_no_longer_admit_it() {
     let (address, _) = echo_app().await;
@@ -561,7 +662,8 @@ async fn a_connection_carried_is_reset_when_new_policies_no_longer_admit_it() {
     let policies = PodPolicies::new(changes, move || lookup.lock().unwrap().clone());
     let carried = tokio::spawn(async move {
         let mut server = Pipe(server);
-        carry_while_admitted(&mut server, &mut app, &policies, &arrival, &metrics()).await
+        let idle = Duration::from_secs(3600);
+        carry_while_admitted(&mut server, &mut app, idle, &policies, &arrival, &metrics()).await
     });
     // Carried while no policy applies: an HTTP request through it is answered.
     client

@@ -12,7 +12,7 @@ pub mod detect;
 pub mod http;
 pub mod limits;
 mod pod;
-mod tcp;
+pub(crate) mod tcp;
 pub mod upstream;
 
 use std::{net::SocketAddrV4, sync::Arc, time::Duration};

@@ -208,12 +208,7 @@ async fn carry(
     idle_timeout: Duration,
 ) -> Carried {
     let activity = Activity::new();
-    let mut downstream = Watched {
-        stream: downstream,
-        activity: &activity,
-        sent: 0,
-        received: 0,
-    };
+    let mut downstream = Watched::new(downstream, &activity);
     let end = {
         let copy = tokio::io::copy_bidirectional(&mut downstream, upstream);
         let ended = |copied: io::Result<(u64, u64)>| copied.err().map_or(End::Closed, End::Error);
@@ -229,14 +224,15 @@ async fn carry(
     }
 }
 
-/// When a byte last moved, in nanoseconds from `start` (tokio's clock: paused in tests).
-struct Activity {
+/// When a byte last moved, in nanoseconds from `start` (tokio's clock: paused in tests). Also
+/// what bounds opaque TCP at the destination (`inbound`).
+pub(crate) struct Activity {
     start: Instant,
     last: AtomicU64,
 }
 
 impl Activity {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Activity {
             start: Instant::now(),
             last: AtomicU64::new(0),
@@ -249,7 +245,7 @@ impl Activity {
     }
 
     /// Resolves once nothing has moved for `timeout`.
-    async fn idle_for(&self, timeout: Duration) {
+    pub(crate) async fn idle_for(&self, timeout: Duration) {
         loop {
             let last = self.start + Duration::from_nanos(self.last.load(Ordering::Relaxed));
             let due = last + timeout;
@@ -262,8 +258,8 @@ impl Activity {
 }
 
 /// The downstream side, counting bytes each way and noting when they move.
-struct Watched<'a> {
-    stream: TcpStream,
+pub(crate) struct Watched<'a, S> {
+    stream: S,
     activity: &'a Activity,
     /// Read from the client (sent upstream).
     sent: u64,
@@ -271,7 +267,18 @@ struct Watched<'a> {
     received: u64,
 }
 
-impl AsyncRead for Watched<'_> {
+impl<'a, S> Watched<'a, S> {
+    pub(crate) fn new(stream: S, activity: &'a Activity) -> Self {
+        Watched {
+            stream,
+            activity,
+            sent: 0,
+            received: 0,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<'_, S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -288,7 +295,7 @@ impl AsyncRead for Watched<'_> {
     }
 }
 
-impl AsyncWrite for Watched<'_> {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<'_, S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

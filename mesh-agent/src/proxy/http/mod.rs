@@ -1,8 +1,9 @@
 //! L7: HTTP/1.1 keep-alive, HTTP/2 with prior knowledge and gRPC on a redirected connection or
 //! at the ingress gateway. `downstream` is the hyper side (serving the connection, refusing
 //! what `head_check` refuses, local replies); `forward` is the try loop each request runs
-//! through.
+//! through; `activity` is a connection's clocks for its timeouts.
 
+pub mod activity;
 mod conn;
 mod downstream;
 mod forward;

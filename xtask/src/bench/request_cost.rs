@@ -34,6 +34,13 @@ use super::proxies;
 pub(super) const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
 const CONNECTIONS: &str = "16";
 
+/// The measured agent's header and idle timeouts: past the exercise's 3 s of idleness, and
+/// short enough that its idle connections are closed by them within seconds.
+const EXERCISE_TIMEOUTS: [&str; 4] = ["--http-header-timeout", "2", "--http-idle-timeout", "5"];
+
+/// Idle connections of each kind the exercise leaves for the timeouts to close.
+const EXERCISE_IDLE_PER_KIND: &str = "20";
+
 /// Allocation entry points, counted when called from outside the allocator: jemalloc's (the
 /// agent's global allocator; its symbols carry tikv-jemalloc-sys's `_rjem_` prefix) and the C
 /// library's (what C code in the process still calls).
@@ -204,6 +211,8 @@ pub(super) struct HelloNode {
     agent_args: Vec<OsString>,
     admin_socket: PathBuf,
     url: String,
+    /// Where `url` goes, as an address the hostile neighbour (`hog`) dials.
+    target: String,
     upstream_bin: PathBuf,
 }
 
@@ -270,9 +279,15 @@ impl HelloNode {
         if let Some(world) = world {
             config.write("world.yml", &world.yaml())?;
         }
-        let url = match upstream {
-            Upstream::Captured => format!("http://{}:{}/", v1.ip(), proxies::HELLO_PORT),
-            _ => format!("http://hello:{}/", proxies::HELLO_PORT),
+        let (url, target) = match upstream {
+            Upstream::Captured => (
+                format!("http://{}:{}/", v1.ip(), proxies::HELLO_PORT),
+                format!("{}:{}", v1.ip(), proxies::HELLO_PORT),
+            ),
+            _ => (
+                format!("http://hello:{}/", proxies::HELLO_PORT),
+                format!("{VIP}:{}", proxies::HELLO_PORT),
+            ),
         };
 
         let mut agent_args: Vec<OsString> = vec!["run".into(), "--cgroup".into()];
@@ -313,24 +328,27 @@ impl HelloNode {
             agent_args,
             admin_socket,
             url,
+            target,
             upstream_bin: upstream_bin.to_owned(),
         })
     }
 
     /// Starts the agent on the node with one worker: `command` (the agent, or a tool that runs
-    /// it) with the agent's arguments added.
+    /// it) with the agent's arguments added, and connection timeouts short enough for
+    /// [`Self::exercise`] to see them close what it leaves idle.
     pub fn spawn_agent(&self, command: Command) -> Result<PodProcess> {
-        self.spawn_agent_with_workers(command, 1)
+        self.spawn(command, 1, &EXERCISE_TIMEOUTS)
     }
 
-    /// [`Self::spawn_agent`] with `workers` data-path threads.
-    pub fn spawn_agent_with_workers(
-        &self,
-        mut command: Command,
-        workers: usize,
-    ) -> Result<PodProcess> {
+    /// Starts the agent with `workers` data-path threads and the default timeouts.
+    pub fn spawn_agent_with_workers(&self, command: Command, workers: usize) -> Result<PodProcess> {
+        self.spawn(command, workers, &[])
+    }
+
+    fn spawn(&self, mut command: Command, workers: usize, extra: &[&str]) -> Result<PodProcess> {
         command
             .args(&self.agent_args)
+            .args(extra)
             .args(["--workers", &workers.to_string()]);
         self.node.spawn_on_node(command)
     }
@@ -383,7 +401,8 @@ impl HelloNode {
     /// What a bench run does to the agent beyond keep-alive requests, so that the code it runs
     /// is among what the symbol order lays out first: a connection per request (its churn
     /// shape), connections left idle until they sleep and then woken (between its shapes), and
-    /// the admin reads it makes (`/metrics`, `/stats`).
+    /// the admin reads it makes (`/metrics`, `/stats`); and what a burst of idle connections
+    /// from a hostile neighbour runs ([`Self::idle_until_closed`]).
     fn exercise(&self) -> Result<()> {
         let churn = get(
             &self.node,
@@ -408,6 +427,41 @@ impl HelloNode {
             let (status, _) = agent::admin_request(&self.node.netns_path(), "GET", path, "")?;
             ensure!(status == 200, "GET {path} answered {status}");
         }
+        self.idle_until_closed()
+    }
+
+    /// A few of each kind of idle connection a burst from a hostile neighbour opens (silent,
+    /// half a head, part of an HTTP/2 preface, idle HTTP/2, idle keep-alive), left until the
+    /// agent's timeouts close them: the code a burst runs, which an agent that has only served
+    /// requests never paged in.
+    fn idle_until_closed(&self) -> Result<()> {
+        let hog_bin = self.upstream_bin.with_file_name("hog");
+        let mut command = Command::new(&hog_bin);
+        command.args(["idle", "--target", &self.target, "--host", "hello"]);
+        for kind in [
+            "--silent",
+            "--half-header",
+            "--partial-preface",
+            "--idle-h2",
+            "--idle-keepalive",
+        ] {
+            command.args([kind, EXERCISE_IDLE_PER_KIND]);
+        }
+        command.args(["--wait-secs", "60"]);
+        let mut hog = self.node.spawn_in_pod(&self.client, command)?;
+        let status = hog.finish(Duration::from_secs(120))?;
+        ensure!(
+            status.success(),
+            "{} failed: {}",
+            hog_bin.display(),
+            hog.stderr().text()
+        );
+        let lines = hog.stdout().json_lines();
+        let summary = lines.last().context("the hog printed nothing")?;
+        ensure!(
+            summary["open"] == serde_json::json!({}),
+            "idle connections left open past the agent's timeouts: {summary}"
+        );
         Ok(())
     }
 }

@@ -256,21 +256,30 @@ pub fn run(args: Args) -> Result<()> {
     let request_cost_captured =
         measure_cost(request_cost::Upstream::Captured, "request-cost-captured")?;
     if args.symbol_order {
-        // The default path first, then the plain inbound hop, then the tunnel's.
-        let costs = [
+        // The default path first, then the plain inbound hop, then the tunnel's; last what a
+        // burst of idle connections runs, apart, so that only a burst pages it in.
+        let costs: Vec<&request_cost::RequestCost> = [
             &request_cost,
             &request_cost_captured,
             &request_cost_tunnel,
             &request_cost_judged,
-        ];
-        let paths: Vec<Vec<&Path>> = costs
-            .into_iter()
-            .flatten()
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let mut paths: Vec<Vec<&Path>> = costs
+            .iter()
             .map(|cost| {
                 let profiles = cost.profiles_run.iter().chain([&cost.profile]);
                 profiles.map(PathBuf::as_path).collect()
             })
             .collect();
+        paths.push(
+            costs
+                .iter()
+                .map(|cost| cost.profile_burst.as_path())
+                .collect(),
+        );
         let listed = symbol_order::write(&root, &binaries.agent, &paths)?;
         println!("wrote {} ({listed} functions)", symbol_order::PATH);
     }

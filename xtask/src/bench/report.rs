@@ -640,6 +640,7 @@ mod tests {
                 allocations_per_request,
                 profile: Default::default(),
                 profiles_run: Default::default(),
+                profile_burst: Default::default(),
             }
         };
         let row =

@@ -110,8 +110,11 @@ pub struct RequestCost {
     pub allocations_per_request: f64,
     /// The requests measured.
     pub profile: PathBuf,
-    /// The agent's start-up and warm-up, and its exit.
+    /// The agent's start-up and warm-up, and the rest of a bench's traffic
+    /// ([`HelloNode::exercise`]).
     pub profiles_run: [PathBuf; 2],
+    /// What a burst of idle connections runs ([`HelloNode::idle_until_closed`]), and the exit.
+    pub profile_burst: PathBuf,
 }
 
 /// What the node holds beside `hello`: a world of objects in the agent's folder, and idle pods
@@ -155,7 +158,7 @@ pub fn measure(
     let warm_up = hello.get(requests / 10)?;
     ensure!(warm_up["errors"] == 0, "warm-up failed: {warm_up}");
     // Start-up and warm-up go to `callgrind.out.1`, the requests measured to `.2`, what
-    // follows to `.out` at exit: all three for the symbol order (`symbol_order`).
+    // follows to `.3` and `.out`: all four for the symbol order (`symbol_order`).
     callgrind_control(&["-d"], agent.pid())?;
     let run = hello.get(requests)?;
     callgrind_control(&["-d"], agent.pid())?;
@@ -183,8 +186,11 @@ pub fn measure(
         );
     }
     // Not measured, but run, for the symbol order: what the bench's traffic does beyond
-    // keep-alive requests.
+    // keep-alive requests (to `.3`), then what a burst of idle connections runs (to `.out`,
+    // with the exit).
     hello.exercise()?;
+    callgrind_control(&["-d"], agent.pid())?;
+    hello.idle_until_closed()?;
     agent.stop(Duration::from_secs(60))?;
 
     let profile = out_dir.join("callgrind.out.2");
@@ -194,7 +200,8 @@ pub fn measure(
         requests,
         instructions_per_request: instructions as f64 / requests as f64,
         allocations_per_request: allocations as f64 / requests as f64,
-        profiles_run: ["callgrind.out.1", "callgrind.out"].map(|name| out_dir.join(name)),
+        profiles_run: ["callgrind.out.1", "callgrind.out.3"].map(|name| out_dir.join(name)),
+        profile_burst: out_dir.join("callgrind.out"),
         profile,
     })
 }
@@ -401,8 +408,7 @@ impl HelloNode {
     /// What a bench run does to the agent beyond keep-alive requests, so that the code it runs
     /// is among what the symbol order lays out first: a connection per request (its churn
     /// shape), connections left idle until they sleep and then woken (between its shapes), and
-    /// the admin reads it makes (`/metrics`, `/stats`); and what a burst of idle connections
-    /// from a hostile neighbour runs ([`Self::idle_until_closed`]).
+    /// the admin reads it makes (`/metrics`, `/stats`).
     fn exercise(&self) -> Result<()> {
         let churn = get(
             &self.node,
@@ -427,7 +433,7 @@ impl HelloNode {
             let (status, _) = agent::admin_request(&self.node.netns_path(), "GET", path, "")?;
             ensure!(status == 200, "GET {path} answered {status}");
         }
-        self.idle_until_closed()
+        Ok(())
     }
 
     /// A few of each kind of idle connection a burst from a hostile neighbour opens (silent,

@@ -30,7 +30,8 @@ pub struct PlaintextPod {
     pub name: String,
     /// Dials the app from inside the pod.
     pub dialer: Dialer,
-    /// `max_connections`: held at once; past it a new one is closed at once and counted.
+    /// Its bounds: connections held at once (`max_connections`; past it a new one is closed at
+    /// once and counted), the dial to the app, and how long what they carry may idle.
     pub limits: InboundLimits,
     pub store: Arc<Store>,
     pub metrics: Arc<Metrics>,

@@ -34,12 +34,12 @@ use super::proxies;
 pub(super) const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
 const CONNECTIONS: &str = "16";
 
-/// The measured agent's header and idle timeouts: past the exercise's 3 s of idleness, and
-/// short enough that its idle connections are closed by them within seconds.
-const EXERCISE_TIMEOUTS: [&str; 4] = ["--http-header-timeout", "2", "--http-idle-timeout", "5"];
+/// The measured agent's header and idle timeouts: longer than the exercise's 3 s of idleness,
+/// short enough that what [`HelloNode::idle_until_closed`] leaves is closed within seconds.
+const SHORT_TIMEOUTS: [&str; 4] = ["--http-header-timeout", "2", "--http-idle-timeout", "5"];
 
-/// Idle connections of each kind the exercise leaves for the timeouts to close.
-const EXERCISE_IDLE_PER_KIND: &str = "20";
+/// Idle connections of each kind [`HelloNode::idle_until_closed`] leaves for the timeouts.
+const IDLE_PER_KIND: &str = "20";
 
 /// Allocation entry points, counted when called from outside the allocator: jemalloc's (the
 /// agent's global allocator; its symbols carry tikv-jemalloc-sys's `_rjem_` prefix) and the C
@@ -342,9 +342,9 @@ impl HelloNode {
 
     /// Starts the agent on the node with one worker: `command` (the agent, or a tool that runs
     /// it) with the agent's arguments added, and connection timeouts short enough for
-    /// [`Self::exercise`] to see them close what it leaves idle.
+    /// [`Self::idle_until_closed`] to see them close what it leaves idle.
     pub fn spawn_agent(&self, command: Command) -> Result<PodProcess> {
-        self.spawn(command, 1, &EXERCISE_TIMEOUTS)
+        self.spawn(command, 1, &SHORT_TIMEOUTS)
     }
 
     /// Starts the agent with `workers` data-path threads and the default timeouts.
@@ -451,7 +451,7 @@ impl HelloNode {
             "--idle-h2",
             "--idle-keepalive",
         ] {
-            command.args([kind, EXERCISE_IDLE_PER_KIND]);
+            command.args([kind, IDLE_PER_KIND]);
         }
         command.args(["--wait-secs", "60"]);
         let mut hog = self.node.spawn_in_pod(&self.client, command)?;

@@ -245,8 +245,12 @@ pub fn run(args: Args) -> Result<()> {
         )
         .with_context(|| format!("measuring the cost per request, {upstream:?} upstream"))?;
         println!(
-            "  {:.0} instructions and {:.1} allocations per request in the agent's user space",
-            cost.instructions_per_request, cost.allocations_per_request
+            "  {:.0} instructions and {:.1} allocations per request in the agent's user space, \
+             {:.0} and {:.1} more for a connection of its own",
+            cost.instructions_per_request,
+            cost.allocations_per_request,
+            cost.instructions_per_connection,
+            cost.allocations_per_connection
         );
         anyhow::Ok(Some(cost))
     };

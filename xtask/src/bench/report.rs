@@ -285,8 +285,14 @@ fn markdown(report: &Report) -> String {
              request** on the `mesh-l7` path (callgrind, exact whatever the machine is doing: \
              {} keep-alive requests on 16 connections after a warm-up, `--workers 1`; profile \
              in `target/bench/request-cost/`, read it with `callgrind_annotate \
-             --inclusive=yes`).\n",
-            cost.instructions_per_request, cost.allocations_per_request, cost.requests
+             --inclusive=yes`). A request on a connection of its own (the churn shape) costs \
+             **{:.0} instructions and {:.1} allocations more**: accepting the connection, \
+             finding where it was going, serving it and closing it (`callgrind.out.3` there).\n",
+            cost.instructions_per_request,
+            cost.allocations_per_request,
+            cost.requests,
+            cost.instructions_per_connection,
+            cost.allocations_per_connection
         );
     }
     if let Some(cost) = &report.request_cost_tunnel {
@@ -638,6 +644,8 @@ mod tests {
                 requests: 20_000,
                 instructions_per_request,
                 allocations_per_request,
+                instructions_per_connection: 0.0,
+                allocations_per_connection: 0.0,
                 profile: Default::default(),
                 profiles_run: Default::default(),
                 profile_burst: Default::default(),

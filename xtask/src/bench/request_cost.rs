@@ -38,6 +38,10 @@ const CONNECTIONS: &str = "16";
 /// short enough that what [`HelloNode::idle_until_closed`] leaves is closed within seconds.
 const SHORT_TIMEOUTS: [&str; 4] = ["--http-header-timeout", "2", "--http-idle-timeout", "5"];
 
+/// Requests measured on a connection each: what a new downstream connection costs beyond a
+/// keep-alive request.
+const CHURN_REQUESTS: u64 = 1_000;
+
 /// Idle connections of each kind [`HelloNode::idle_until_closed`] leaves for the timeouts.
 const IDLE_PER_KIND: &str = "20";
 
@@ -108,11 +112,17 @@ pub struct RequestCost {
     pub requests: u64,
     pub instructions_per_request: f64,
     pub allocations_per_request: f64,
+    /// What a request on a connection of its own costs beyond a keep-alive one: accepting the
+    /// client's connection, finding where it was going, serving it and closing it.
+    #[serde(default)]
+    pub instructions_per_connection: f64,
+    #[serde(default)]
+    pub allocations_per_connection: f64,
     /// The requests measured.
     pub profile: PathBuf,
-    /// The agent's start-up and warm-up, and the rest of a bench's traffic
-    /// ([`HelloNode::exercise`]).
-    pub profiles_run: [PathBuf; 2],
+    /// The agent's start-up and warm-up, the requests on a connection each, and the rest of a
+    /// bench's traffic ([`HelloNode::exercise`]).
+    pub profiles_run: [PathBuf; 3],
     /// What a burst of idle connections runs ([`HelloNode::idle_until_closed`]), and the exit.
     pub profile_burst: PathBuf,
 }
@@ -157,11 +167,18 @@ pub fn measure(
 
     let warm_up = hello.get(requests / 10)?;
     ensure!(warm_up["errors"] == 0, "warm-up failed: {warm_up}");
-    // Start-up and warm-up go to `callgrind.out.1`, the requests measured to `.2`, what
-    // follows to `.3` and `.out`: all four for the symbol order (`symbol_order`).
+    // Start-up and warm-up go to `callgrind.out.1`, the keep-alive requests measured to `.2`,
+    // those on a connection each to `.3`, what follows to `.4` and `.out`: all five for the
+    // symbol order (`symbol_order`).
     callgrind_control(&["-d"], agent.pid())?;
     let run = hello.get(requests)?;
     callgrind_control(&["-d"], agent.pid())?;
+    let churn = hello.get_closing(CHURN_REQUESTS)?;
+    callgrind_control(&["-d"], agent.pid())?;
+    ensure!(
+        churn["errors"] == 0 && churn["by_status"]["200"] == CHURN_REQUESTS,
+        "not every request on a connection of its own answered 200: {churn}"
+    );
     ensure!(
         run["errors"] == 0 && run["by_status"]["200"] == requests,
         "not every request answered 200: {run}"
@@ -185,22 +202,25 @@ pub fn measure(
             "the policy denied requests:\n{metrics}"
         );
     }
-    // Not measured, but run, for the symbol order: what the bench's traffic does beyond
-    // keep-alive requests (to `.3`), then what a burst of idle connections runs (to `.out`,
-    // with the exit).
+    // Not measured, but run, for the symbol order: the rest of what the bench's traffic does
+    // (to `.4`), then what a burst of idle connections runs (to `.out`, with the exit).
     hello.exercise()?;
     callgrind_control(&["-d"], agent.pid())?;
     hello.idle_until_closed()?;
     agent.stop(Duration::from_secs(60))?;
 
     let profile = out_dir.join("callgrind.out.2");
-    let (instructions, calls) = read_profile(&profile)?;
-    let allocations: u64 = ALLOCATING.iter().filter_map(|f| calls.get(*f)).sum();
+    let (instructions, allocations) = per_request(&profile, requests)?;
+    let (churn_instructions, churn_allocations) =
+        per_request(&out_dir.join("callgrind.out.3"), CHURN_REQUESTS)?;
     Ok(RequestCost {
         requests,
-        instructions_per_request: instructions as f64 / requests as f64,
-        allocations_per_request: allocations as f64 / requests as f64,
-        profiles_run: ["callgrind.out.1", "callgrind.out.3"].map(|name| out_dir.join(name)),
+        instructions_per_request: instructions,
+        allocations_per_request: allocations,
+        instructions_per_connection: churn_instructions - instructions,
+        allocations_per_connection: churn_allocations - allocations,
+        profiles_run: ["callgrind.out.1", "callgrind.out.3", "callgrind.out.4"]
+            .map(|name| out_dir.join(name)),
         profile_burst: out_dir.join("callgrind.out"),
         profile,
     })
@@ -405,23 +425,22 @@ impl HelloNode {
         )
     }
 
-    /// What a bench run does to the agent beyond keep-alive requests, so that the code it runs
-    /// is among what the symbol order lays out first: a connection per request (its churn
-    /// shape), connections left idle until they sleep and then woken (between its shapes), and
-    /// the admin reads it makes (`/metrics`, `/stats`).
-    fn exercise(&self) -> Result<()> {
-        let churn = get(
+    /// `count` GETs, each on a connection of its own (the bench's churn shape).
+    fn get_closing(&self, count: u64) -> Result<Value> {
+        get(
             &self.node,
             &self.upstream_bin,
             &self.client,
             &self.url,
-            200,
+            count,
             &["--close"],
-        )?;
-        ensure!(
-            churn["errors"] == 0,
-            "a connection per request failed: {churn}"
-        );
+        )
+    }
+
+    /// What a bench run does to the agent beyond requests, so that the code it runs is among
+    /// what the symbol order lays out first: connections left idle until they sleep and then
+    /// woken (between its shapes), and the admin reads it makes (`/metrics`, `/stats`).
+    fn exercise(&self) -> Result<()> {
         // Past the downstream and upstream connections' second of idleness.
         std::thread::sleep(Duration::from_secs(3));
         let woken = self.get(200)?;
@@ -542,6 +561,16 @@ fn callgrind_control(args: &[&str], pid: u32) -> Result<()> {
 }
 
 /// Total instructions, and calls per callee made from outside the allocator.
+/// Instructions and allocations per request in the profile of `requests` requests.
+fn per_request(profile: &Path, requests: u64) -> Result<(f64, f64)> {
+    let (instructions, calls) = read_profile(profile)?;
+    let allocations: u64 = ALLOCATING.iter().filter_map(|f| calls.get(*f)).sum();
+    Ok((
+        instructions as f64 / requests as f64,
+        allocations as f64 / requests as f64,
+    ))
+}
+
 fn read_profile(path: &Path) -> Result<(u64, HashMap<String, u64>)> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading the profile {}", path.display()))?;

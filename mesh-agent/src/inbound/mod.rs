@@ -24,7 +24,7 @@ use std::{
     collections::BTreeMap,
     io,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex, PoisonError},
+    sync::{Arc, LazyLock, Mutex, PoisonError},
     time::Duration,
 };
 
@@ -258,13 +258,14 @@ pub fn destination_labels(
     destination: SocketAddr,
     principals: Option<(&SpiffeId, &SpiffeId)>,
 ) -> Arc<PeerLabels> {
+    static UNKNOWN_SOURCE: LazyLock<WorkloadIdentity> =
+        LazyLock::new(|| WorkloadIdentity::from_pod_labels("unknown", "unknown", &BTreeMap::new()));
     let discovered = &snapshot.discovered;
-    let unknown = || WorkloadIdentity::from_pod_labels("unknown", "unknown", &BTreeMap::new());
     let source = discovered
         .workload_at(peer)
-        .map_or_else(unknown, |workload| (*workload.identity).clone());
+        .map_or(&*UNKNOWN_SOURCE, |workload| &workload.identity);
     metrics.secured_peer_labels(
-        &source,
+        source,
         discovered.service_of_endpoint(destination).map(|s| &**s),
         discovered.pod(namespace, name).map(|w| &*w.identity),
         Security {

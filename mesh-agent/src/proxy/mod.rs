@@ -25,7 +25,7 @@ use tokio::{
 use crate::{
     discovery::Protocol,
     state::{Snapshot, Store},
-    telemetry::{Caller, Telemetry},
+    telemetry::Telemetry,
 };
 pub use accept::{raise_fd_limit, Acceptor};
 use detect::Detected;
@@ -308,7 +308,7 @@ impl Proxy {
         entry: http::Entry,
         snapshot: &Snapshot,
     ) -> http::HttpConn {
-        let caller = Caller::new(pod.identity(snapshot));
+        let caller = pod.caller(snapshot);
         http::HttpConn::new(
             pod,
             entry,

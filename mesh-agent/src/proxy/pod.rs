@@ -1,6 +1,6 @@
 //! The pod a connection comes from, as the proxy carries its traffic.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use tokio::sync::Semaphore;
 
@@ -9,6 +9,7 @@ use crate::{
     identity::WorkloadIdentity,
     redirect::{netns::NetNs, Exemption},
     state::Snapshot,
+    telemetry::Caller,
 };
 
 /// What the proxy knows about the pod a listener serves.
@@ -22,6 +23,16 @@ pub struct PodContext {
     pub upstream: UpstreamPool,
     /// One permit per downstream connection from this pod; sized by the proxy on first use.
     connections: OnceLock<Arc<Semaphore>>,
+    /// The pod as telemetry names it: a new connection reuses it, and its interned labels,
+    /// while the identity stays the same.
+    caller: Mutex<Option<KnownCaller>>,
+}
+
+/// A pod's [`Caller`], with the `Pod` object's identity it was made from (`None`: discovery
+/// had none).
+struct KnownCaller {
+    made_from: Option<Arc<WorkloadIdentity>>,
+    caller: Arc<Caller>,
 }
 
 impl PodContext {
@@ -41,6 +52,7 @@ impl PodContext {
             name,
             namespace,
             connections: OnceLock::new(),
+            caller: Mutex::new(None),
         }
     }
 }
@@ -62,12 +74,74 @@ impl PodContext {
     }
 
     /// The pod as telemetry names it: from its `Pod` object if discovery has one.
-    pub fn identity(&self, snapshot: &Snapshot) -> WorkloadIdentity {
-        match snapshot.discovered.pod(&self.namespace, &self.name) {
-            Some(workload) => (*workload.identity).clone(),
-            None => {
-                WorkloadIdentity::from_pod_labels(&self.name, &self.namespace, &Default::default())
+    pub fn caller(&self, snapshot: &Snapshot) -> Arc<Caller> {
+        let known = snapshot
+            .discovered
+            .pod(&self.namespace, &self.name)
+            .map(|workload| &workload.identity);
+        let mut cached = self.caller.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(KnownCaller { made_from, caller }) = &*cached {
+            let same = match (made_from, known) {
+                (Some(made_from), Some(known)) => Arc::ptr_eq(made_from, known),
+                (None, None) => true,
+                _ => false,
+            };
+            if same {
+                return Arc::clone(caller);
             }
         }
+        let identity = known.cloned().unwrap_or_else(|| {
+            let labels = Default::default();
+            Arc::new(WorkloadIdentity::from_pod_labels(
+                &self.name,
+                &self.namespace,
+                &labels,
+            ))
+        });
+        let caller = Arc::new(Caller::new(identity));
+        *cached = Some(KnownCaller {
+            made_from: known.cloned(),
+            caller: Arc::clone(&caller),
+        });
+        caller
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prometheus_client::registry::Registry;
+
+    use super::*;
+    use crate::{engine::EngineSettings, state::Store};
+
+    fn pod_object(version: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: client-0, namespace: shop, labels: \
+             {{app: client, version: {version}}}}}\nstatus: {{podIP: 10.77.0.9}}\n"
+        )
+    }
+
+    #[test]
+    fn a_pods_connections_share_its_caller_while_its_identity_stays_the_same() {
+        let store = Store::open(None, EngineSettings::default(), &mut Registry::default())
+            .expect("an empty store");
+        let pod = PodContext::new("client-0".into(), "shop".into(), None, Exemption::None);
+
+        // No Pod object: named after the pod itself, and kept while there is none.
+        let unknown = pod.caller(&store.snapshot());
+        assert_eq!(unknown.identity().workload, "client-0");
+        assert!(Arc::ptr_eq(&unknown, &pod.caller(&store.snapshot())));
+
+        store.apply("pod.yml", &pod_object("v1")).expect("the pod");
+        let v1 = pod.caller(&store.snapshot());
+        assert_eq!(v1.identity().version, "v1");
+        assert!(Arc::ptr_eq(&v1, &pod.caller(&store.snapshot())));
+
+        store
+            .apply("pod.yml", &pod_object("v2"))
+            .expect("the pod relabelled");
+        let v2 = pod.caller(&store.snapshot());
+        assert_eq!(v2.identity().version, "v2");
+        assert!(Arc::ptr_eq(&v2, &pod.caller(&store.snapshot())));
     }
 }

@@ -81,21 +81,17 @@ pub async fn forward(
     };
     {
         let snapshot = store.snapshot();
-        let source = pod.identity(&snapshot);
+        let caller = pod.caller(&snapshot);
         // Outside a service, the destination may still be a pod the mesh knows.
         let known = || {
-            Some(
-                &*snapshot
-                    .discovered
-                    .workload_at(upstream.endpoint.ip())?
-                    .identity,
-            )
+            let workload = snapshot.discovered.workload_at(upstream.endpoint.ip())?;
+            Some(&workload.identity)
         };
         record.connected(
             upstream.endpoint,
-            &source,
-            service.map(|s| &*s.service),
-            upstream.workload.as_deref().or_else(known),
+            &caller,
+            service.map(|s| &s.service),
+            upstream.workload.as_ref().or_else(known),
             upstream.route.as_ref(),
         );
     }

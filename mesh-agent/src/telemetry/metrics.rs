@@ -14,7 +14,9 @@
 //! counts the folded recordings.
 
 use std::{
+    borrow::Borrow,
     fmt,
+    hash::{Hash, Hasher},
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc, Mutex, OnceLock, PoisonError, RwLock,
@@ -345,14 +347,14 @@ impl Metrics {
     ) -> Arc<PeerLabels> {
         let values = PeerValues::new(source, service, destination, &self.cluster, security);
         let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(existing) = peers.get(&values) {
+        if let Some(existing) = peers.get(&values as &dyn PeerKey) {
             return Arc::clone(existing);
         }
         // A peer is at least one series of some family, so the same cap bounds the map.
         if peers.len() >= self.max_series {
             return Arc::clone(&self.overflow_peer);
         }
-        let values = Arc::new(values);
+        let values = Arc::new(values.map(Box::from));
         let peer = Arc::new(PeerLabels::new(Arc::clone(&values)));
         peers.insert(values, Arc::clone(&peer));
         peer
@@ -542,63 +544,125 @@ struct OutcomeKey {
     flags: u32,
 }
 
-/// The label values a peer contributes, rendered once.
+/// The label values a peer contributes: owned (`Box<str>`) once interned, borrowed (`&str`)
+/// to look an interned peer up without copying its strings. Both hash and compare alike.
 #[derive(Debug, PartialEq, Eq, Hash)]
-struct PeerValues {
+struct PeerValues<S = Box<str>> {
     reporter: &'static str,
-    source_principal: Box<str>,
-    destination_principal: Box<str>,
+    source_principal: S,
+    destination_principal: S,
     connection_security_policy: &'static str,
-    source_workload: Box<str>,
-    source_canonical_service: Box<str>,
-    source_canonical_revision: Box<str>,
-    source_workload_namespace: Box<str>,
-    source_app: Box<str>,
-    source_version: Box<str>,
-    source_cluster: Box<str>,
-    destination_workload: Box<str>,
-    destination_workload_namespace: Box<str>,
-    destination_app: Box<str>,
-    destination_version: Box<str>,
-    destination_service: Box<str>,
-    destination_canonical_service: Box<str>,
-    destination_canonical_revision: Box<str>,
-    destination_service_name: Box<str>,
-    destination_service_namespace: Box<str>,
-    destination_cluster: Box<str>,
+    source_workload: S,
+    source_canonical_service: S,
+    source_canonical_revision: S,
+    source_workload_namespace: S,
+    source_app: S,
+    source_version: S,
+    source_cluster: S,
+    destination_workload: S,
+    destination_workload_namespace: S,
+    destination_app: S,
+    destination_version: S,
+    destination_service: S,
+    destination_canonical_service: S,
+    destination_canonical_revision: S,
+    destination_service_name: S,
+    destination_service_namespace: S,
+    destination_cluster: S,
 }
 
-impl PeerValues {
+/// A peer's values whatever holds their strings: what the interned peers are looked up by.
+trait PeerKey {
+    fn values(&self) -> PeerValues<&str>;
+}
+
+impl<S: AsRef<str>> PeerKey for PeerValues<S> {
+    fn values(&self) -> PeerValues<&str> {
+        self.map(|value| value)
+    }
+}
+
+impl Hash for dyn PeerKey + '_ {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.values().hash(state);
+    }
+}
+
+impl PartialEq for dyn PeerKey + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.values() == other.values()
+    }
+}
+
+impl Eq for dyn PeerKey + '_ {}
+
+/// Borrowed values find an interned peer (`Arc<PeerValues>` hashes as `PeerValues<&str>`
+/// does: field by field, each a `str`).
+impl<'a> Borrow<dyn PeerKey + 'a> for Arc<PeerValues> {
+    fn borrow(&self) -> &(dyn PeerKey + 'a) {
+        &**self
+    }
+}
+
+impl<S: AsRef<str>> PeerValues<S> {
+    /// The same values, each passed through `to`.
+    fn map<'s, T>(&'s self, to: impl Fn(&'s str) -> T) -> PeerValues<T> {
+        PeerValues {
+            reporter: self.reporter,
+            source_principal: to(self.source_principal.as_ref()),
+            destination_principal: to(self.destination_principal.as_ref()),
+            connection_security_policy: self.connection_security_policy,
+            source_workload: to(self.source_workload.as_ref()),
+            source_canonical_service: to(self.source_canonical_service.as_ref()),
+            source_canonical_revision: to(self.source_canonical_revision.as_ref()),
+            source_workload_namespace: to(self.source_workload_namespace.as_ref()),
+            source_app: to(self.source_app.as_ref()),
+            source_version: to(self.source_version.as_ref()),
+            source_cluster: to(self.source_cluster.as_ref()),
+            destination_workload: to(self.destination_workload.as_ref()),
+            destination_workload_namespace: to(self.destination_workload_namespace.as_ref()),
+            destination_app: to(self.destination_app.as_ref()),
+            destination_version: to(self.destination_version.as_ref()),
+            destination_service: to(self.destination_service.as_ref()),
+            destination_canonical_service: to(self.destination_canonical_service.as_ref()),
+            destination_canonical_revision: to(self.destination_canonical_revision.as_ref()),
+            destination_service_name: to(self.destination_service_name.as_ref()),
+            destination_service_namespace: to(self.destination_service_namespace.as_ref()),
+            destination_cluster: to(self.destination_cluster.as_ref()),
+        }
+    }
+}
+
+impl<'a> PeerValues<&'a str> {
     fn new(
-        source: &WorkloadIdentity,
-        service: Option<&ServiceIdentity>,
-        destination: Option<&WorkloadIdentity>,
-        cluster: &str,
-        security: Security<'_>,
+        source: &'a WorkloadIdentity,
+        service: Option<&'a ServiceIdentity>,
+        destination: Option<&'a WorkloadIdentity>,
+        cluster: &'a str,
+        security: Security<'a>,
     ) -> Self {
         let (source_principal, destination_principal) = match security.principals {
             Some((source, destination)) => (source.as_str(), destination.as_str()),
             None => (UNKNOWN, UNKNOWN),
         };
-        let dst =
-            |field: fn(&WorkloadIdentity) -> &str| Box::from(destination.map_or(UNKNOWN, field));
-        let svc = |field: fn(&ServiceIdentity) -> &str| Box::from(service.map_or(UNKNOWN, field));
+        let dst = |field: fn(&'a WorkloadIdentity) -> &'a str| destination.map_or(UNKNOWN, field);
+        let svc = |field: fn(&'a ServiceIdentity) -> &'a str| service.map_or(UNKNOWN, field);
         PeerValues {
             reporter: security.reporter.label(),
-            source_principal: source_principal.into(),
-            destination_principal: destination_principal.into(),
+            source_principal,
+            destination_principal,
             connection_security_policy: if security.principals.is_some() {
                 MUTUAL_TLS
             } else {
                 PLAINTEXT
             },
-            source_workload: source.workload.as_str().into(),
-            source_canonical_service: source.canonical_service.as_str().into(),
-            source_canonical_revision: source.canonical_revision.as_str().into(),
-            source_workload_namespace: source.namespace.as_str().into(),
-            source_app: source.app.as_str().into(),
-            source_version: source.version.as_str().into(),
-            source_cluster: cluster.into(),
+            source_workload: &source.workload,
+            source_canonical_service: &source.canonical_service,
+            source_canonical_revision: &source.canonical_revision,
+            source_workload_namespace: &source.namespace,
+            source_app: &source.app,
+            source_version: &source.version,
+            source_cluster: cluster,
             destination_workload: dst(|w| &w.workload),
             destination_workload_namespace: dst(|w| &w.namespace),
             destination_app: dst(|w| &w.app),
@@ -610,13 +674,15 @@ impl PeerValues {
             destination_service_namespace: svc(|s| &s.namespace),
             // Without multicluster, a known destination is in our cluster.
             destination_cluster: if service.is_some() || destination.is_some() {
-                cluster.into()
+                cluster
             } else {
-                UNKNOWN.into()
+                UNKNOWN
             },
         }
     }
+}
 
+impl PeerValues {
     fn overflow() -> Self {
         let o = || Box::from(OVERFLOW);
         PeerValues {

@@ -33,15 +33,22 @@ use crate::{
 /// does not parse the name.
 pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
-/// The calling pod of one downstream connection, shared by its requests' records.
+/// A calling pod as telemetry names it, shared by the records of its requests on every
+/// connection for as long as its identity stays the same.
 pub struct Caller {
-    identity: WorkloadIdentity,
+    identity: Arc<WorkloadIdentity>,
     /// `workload.namespace`, the service name spans are grouped under (as Istio's).
     span_service: Arc<str>,
     /// Interned metric labels per upstream endpoint, with the identities they were made from:
-    /// recording a request then costs no hashing of label strings and no shared lock.
+    /// recording a request then costs no hashing of label strings and no shared lock. At most
+    /// [`MAX_PEERS`]: when full it starts again empty, and each endpoint is interned afresh
+    /// on its next request.
     peers: Mutex<HashMap<SocketAddr, Peer>>,
 }
+
+/// How many upstream endpoints a caller keeps the labels of: a pod's working set of
+/// endpoints, with room for a large service's.
+pub const MAX_PEERS: usize = 1024;
 
 struct Peer {
     service: Option<Arc<ServiceIdentity>>,
@@ -52,7 +59,7 @@ struct Peer {
 
 impl Caller {
     /// `identity`: the calling pod's workload as telemetry names it.
-    pub fn new(identity: WorkloadIdentity) -> Self {
+    pub fn new(identity: Arc<WorkloadIdentity>) -> Self {
         Caller {
             span_service: Arc::from(format!("{}.{}", identity.workload, identity.namespace)),
             identity,
@@ -104,6 +111,9 @@ impl Caller {
             }
         }
         let labels = intern();
+        if peers.len() >= MAX_PEERS {
+            peers.clear();
+        }
         peers.insert(
             endpoint,
             Peer {
@@ -395,15 +405,14 @@ impl<'a> ConnectionRecord<'a> {
     pub fn connected(
         &mut self,
         endpoint: SocketAddr,
-        source: &WorkloadIdentity,
-        service: Option<&ServiceIdentity>,
-        workload: Option<&WorkloadIdentity>,
+        caller: &Caller,
+        service: Option<&Arc<ServiceIdentity>>,
+        workload: Option<&Arc<WorkloadIdentity>>,
         route: Option<&Route>,
     ) {
-        let metrics = &self.telemetry.metrics;
-        let peer = metrics.secured_peer_labels(source, service, workload, security(route));
+        let peer = caller.peer(self.telemetry, Some(endpoint), service, workload, route);
         self.upstream = Some(endpoint);
-        self.metrics = Some(metrics.tcp_connection(&peer));
+        self.metrics = Some(self.telemetry.metrics.tcp_connection(&peer));
     }
 
     /// Bytes carried each way, once the connection has ended cleanly.
@@ -435,5 +444,38 @@ impl Drop for ConnectionRecord<'_> {
             duration: self.started.elapsed(),
             error: self.error.take(),
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prometheus_client::registry::Registry;
+
+    use super::*;
+    use crate::telemetry::{access_log::AccessLog, metrics::Metrics};
+
+    #[test]
+    fn a_caller_keeps_the_labels_of_at_most_max_peers_endpoints() {
+        let (access_log, _writer) = AccessLog::new(false);
+        let telemetry = Telemetry {
+            metrics: Arc::new(Metrics::new("cluster.local", &mut Registry::default())),
+            access_log,
+            spans: None,
+            trace_sample_ratio: 0.0,
+        };
+        let identity = WorkloadIdentity::from_pod_labels("client-0", "shop", &Default::default());
+        let caller = Caller::new(Arc::new(identity));
+        let endpoint = |n: usize| SocketAddr::from(([10, 77, (n / 256) as u8, n as u8], 8080));
+        let first = caller.peer(&telemetry, Some(endpoint(0)), None, None, None);
+        let again = caller.peer(&telemetry, Some(endpoint(0)), None, None, None);
+        assert!(Arc::ptr_eq(&first, &again), "interned once per endpoint");
+
+        for n in 1..MAX_PEERS {
+            caller.peer(&telemetry, Some(endpoint(n)), None, None, None);
+        }
+        let held = || caller.peers.lock().unwrap().len();
+        assert_eq!(held(), MAX_PEERS);
+        caller.peer(&telemetry, Some(endpoint(MAX_PEERS)), None, None, None);
+        assert_eq!(held(), 1, "full: started again with the new endpoint alone");
     }
 }

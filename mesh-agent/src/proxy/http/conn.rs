@@ -20,7 +20,7 @@ pub struct HttpConn {
     pub store: Arc<Store>,
     pub telemetry: Arc<Telemetry>,
     /// The calling pod as telemetry names it, with its interned metric labels.
-    pub caller: Caller,
+    pub caller: Arc<Caller>,
     /// The head checker's verdict on each request head, in order.
     pub(super) verdicts: Verdicts,
     /// The node's bounds and budgets.
@@ -57,7 +57,7 @@ impl HttpConn {
         entry: Entry,
         store: Arc<Store>,
         telemetry: Arc<Telemetry>,
-        caller: Caller,
+        caller: Arc<Caller>,
         shared: Arc<Shared>,
     ) -> Self {
         HttpConn {

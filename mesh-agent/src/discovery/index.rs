@@ -142,6 +142,7 @@ impl Index {
                 };
                 let protocol =
                     Protocol::from_port(port.app_protocol.as_deref(), port.name.as_deref());
+                let authority: Arc<str> = format!("{}:{number}", identity.host).into();
                 for ip in cluster_ips(&spec) {
                     self.discovered.services.insert(
                         SocketAddr::new(ip, number),
@@ -149,6 +150,7 @@ impl Index {
                             service: Arc::clone(&identity),
                             port: number,
                             protocol,
+                            authority: Arc::clone(&authority),
                         },
                     );
                 }

@@ -8,6 +8,7 @@ use std::{
 };
 
 use serde::Serialize;
+use smallvec::SmallVec;
 
 use crate::{
     engine::registry,
@@ -46,7 +47,13 @@ impl Discovered {
     }
 
     pub fn pod(&self, namespace: &str, name: &str) -> Option<&Arc<Workload>> {
-        self.pods.get(format!("{namespace}/{name}").as_str())
+        // The key (`super::index::pod_key`) written on the stack: a lookup per connection
+        // allocates nothing.
+        let mut key = SmallVec::<[u8; 128]>::new();
+        key.extend_from_slice(namespace.as_bytes());
+        key.push(b'/');
+        key.extend_from_slice(name.as_bytes());
+        self.pods.get(std::str::from_utf8(&key).ok()?)
     }
 
     /// The service a connection to this endpoint address and port was for, as the destination
@@ -106,6 +113,8 @@ pub struct ServiceTarget {
     pub service: Arc<ServiceIdentity>,
     pub port: u16,
     pub protocol: Protocol,
+    /// `fqdn:port`: what requests to this port are routed by when their `Host` is an IP.
+    pub authority: Arc<str>,
 }
 
 /// A pod: its name, labels (which subsets select on) and its identity as telemetry names it,

@@ -342,7 +342,6 @@ impl Proxy {
             };
             if is_http {
                 let entry = http::Entry::Service {
-                    authority: format!("{}:{}", target.service.host, target.port),
                     target: target.clone(),
                 };
                 let conn = self.http_conn(pod, entry, &snapshot);

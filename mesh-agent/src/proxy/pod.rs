@@ -29,9 +29,10 @@ pub struct PodContext {
 }
 
 /// A pod's [`Caller`], with the `Pod` object's identity it was made from (`None`: discovery
-/// had none).
+/// had none), as of the snapshot `version`.
 struct KnownCaller {
     made_from: Option<Arc<WorkloadIdentity>>,
+    version: u64,
     caller: Arc<Caller>,
 }
 
@@ -75,19 +76,24 @@ impl PodContext {
 
     /// The pod as telemetry names it: from its `Pod` object if discovery has one.
     pub fn caller(&self, snapshot: &Snapshot) -> Arc<Caller> {
+        let mut cached = self.caller.lock().unwrap_or_else(PoisonError::into_inner);
+        // Most connections arrive with the snapshot the last one saw: no lookup at all.
+        if let Some(known) = cached.as_ref().filter(|c| c.version == snapshot.version) {
+            return Arc::clone(&known.caller);
+        }
         let known = snapshot
             .discovered
             .pod(&self.namespace, &self.name)
             .map(|workload| &workload.identity);
-        let mut cached = self.caller.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(KnownCaller { made_from, caller }) = &*cached {
-            let same = match (made_from, known) {
+        if let Some(cached) = cached.as_mut() {
+            let same = match (&cached.made_from, known) {
                 (Some(made_from), Some(known)) => Arc::ptr_eq(made_from, known),
                 (None, None) => true,
                 _ => false,
             };
             if same {
-                return Arc::clone(caller);
+                cached.version = snapshot.version;
+                return Arc::clone(&cached.caller);
             }
         }
         let identity = known.cloned().unwrap_or_else(|| {
@@ -101,6 +107,7 @@ impl PodContext {
         let caller = Arc::new(Caller::new(identity));
         *cached = Some(KnownCaller {
             made_from: known.cloned(),
+            version: snapshot.version,
             caller: Arc::clone(&caller),
         });
         caller

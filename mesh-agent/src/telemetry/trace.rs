@@ -211,6 +211,10 @@ pub fn inject(context: &SpanContext, headers: &mut HeaderMap) {
         unsafe { HeaderValue::from_maybe_shared_unchecked(buf.slice(range)) }
     };
 
+    // Room for what is written, in one step: a connection's first request has a map sized
+    // for the headers it came with (later ones reuse a larger one), and growing it one
+    // insert at a time rehashed it three times.
+    headers.reserve(INJECTED_HEADERS);
     // `insert` replaces every value of a name; only names not written are removed, and only
     // if the request carried any.
     if context.debug {
@@ -251,6 +255,10 @@ pub fn inject(context: &SpanContext, headers: &mut HeaderMap) {
         headers.insert(X_REQUEST_ID, value(range));
     }
 }
+
+/// Headers [`inject`] writes at most: the sampling flag, parent, trace and span ids, `b3`,
+/// `traceparent`, `tracestate` and `x-request-id`.
+const INJECTED_HEADERS: usize = 8;
 
 /// Bytes [`inject`] writes at most besides the request id: ids of 32 + 16 + 16, `b3` of 68,
 /// `traceparent` of 55.

@@ -32,11 +32,7 @@ pub struct HttpConn {
 /// How the request entered the mesh.
 pub enum Entry {
     /// A pod dialled this service port (its VIP).
-    Service {
-        target: ServiceTarget,
-        /// `fqdn:port`, the authority used for routing when the client sent an IP as `Host`.
-        authority: String,
-    },
+    Service { target: ServiceTarget },
     /// The ingress gateway's listener on this port: routed by `Gateway`-bound rules.
     Ingress { port: u16 },
 }
@@ -45,7 +41,7 @@ impl Entry {
     /// The port the client dialled (the service's, or the ingress listener's).
     pub fn port(&self) -> u16 {
         match self {
-            Entry::Service { target, .. } => target.port,
+            Entry::Service { target } => target.port,
             Entry::Ingress { port } => *port,
         }
     }

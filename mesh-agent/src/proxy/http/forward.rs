@@ -45,7 +45,7 @@ pub(super) async fn request(conn: &HttpConn, req: Request<Incoming>) -> Response
     let snapshot = conn.store.snapshot();
     let (mut parts, body) = req.into_parts();
     let dialled = match &conn.entry {
-        Entry::Service { target, .. } => Some(&target.service),
+        Entry::Service { target } => Some(&target.service),
         Entry::Ingress { .. } => None,
     };
     let mut record = RequestRecord::start(
@@ -175,7 +175,8 @@ fn route(
     let mut info = RequestInfo::from_parts(parts, conn.entry.port(), &conn.pod.namespace);
     info.replayable = replayable;
     match &conn.entry {
-        Entry::Service { authority, .. } => {
+        Entry::Service { target } => {
+            let authority = &target.authority;
             // The Gateway API's mesh routes apply to requests sent to their Service, whatever
             // their Host (GAMMA); Istio's rules select by Host.
             if let Some(decided) = snapshot.engine.route_claimed(&info, authority, now) {

@@ -2,6 +2,7 @@
 //! upstream and responses coming back.
 
 use http::header::{self, HeaderMap, HeaderName};
+use smallvec::SmallVec;
 
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1): those named in `Connection` and the fixed set.
 /// `te: trailers` survives, since gRPC over HTTP/2 requires it end to end.
@@ -10,33 +11,28 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if !headers.keys().any(is_hop_by_hop) {
         return;
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    for name in [
-        header::CONNECTION,
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
-        header::PROXY_AUTHENTICATE,
-        header::PROXY_AUTHORIZATION,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-    ] {
-        headers.remove(name);
-    }
     let te_trailers = headers
         .get(header::TE)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    if !te_trailers {
-        headers.remove(header::TE);
+    let named_in_connection = |name: &HeaderName| {
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|listed| listed.trim().eq_ignore_ascii_case(name.as_str()))
+    };
+    // Only names present are removed (a removal hashes its name): usually `Connection` alone.
+    let doomed: SmallVec<[HeaderName; 4]> = headers
+        .keys()
+        .filter(|name| {
+            let fixed = is_hop_by_hop(name) && !(*name == header::TE && te_trailers);
+            fixed || named_in_connection(name)
+        })
+        .cloned()
+        .collect();
+    for name in doomed {
+        headers.remove(name);
     }
 }
 
@@ -103,6 +99,16 @@ mod tests {
         let mut grpc = headers(&[("te", "trailers"), ("content-type", "application/grpc")]);
         strip_hop_by_hop(&mut grpc);
         assert_eq!(grpc.len(), 2, "te: trailers stays");
+        let mut named_te = headers(&[("te", "trailers"), ("connection", "TE")]);
+        strip_hop_by_hop(&mut named_te);
+        assert!(
+            named_te.is_empty(),
+            "te named in Connection goes, trailers or not"
+        );
+        let mut closing = headers(&[("host", "a"), ("connection", "close"), ("accept", "*/*")]);
+        strip_hop_by_hop(&mut closing);
+        let names: Vec<&str> = closing.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["host", "accept"]);
         let mut plain = headers(&[("host", "a"), ("accept", "*/*")]);
         strip_hop_by_hop(&mut plain);
         assert_eq!(plain.len(), 2);

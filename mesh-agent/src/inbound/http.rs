@@ -116,7 +116,9 @@ pub async fn serve<S: Resettable>(
             .keep_alive_interval(limits.h2_keepalive_interval)
             .keep_alive_timeout(limits.h2_keepalive_timeout)
             .serve_connection(io, service);
-        let mut connection = std::pin::pin!(connection);
+        // Boxed, here and for HTTP/1: hyper's connection is most of a connection's state, and
+        // inline it was copied, kilobytes at a time, at each level of the connection's task.
+        let mut connection = Box::pin(connection);
         tokio::select! {
             served = connection.as_mut() => served,
             expired = activity.expired(HEADER_TIMEOUT, limits.http_idle_timeout) => {
@@ -128,13 +130,13 @@ pub async fn serve<S: Resettable>(
             }
         }
     } else {
-        hyper::server::conn::http1::Builder::new()
+        let connection = hyper::server::conn::http1::Builder::new()
             .max_buf_size(MAX_HEADER_BYTES)
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_TIMEOUT)
             .serve_connection(io, service)
-            .with_upgrades()
-            .await
+            .with_upgrades();
+        Box::pin(connection).await
     };
     if let Err(error) = served {
         tracing::debug!(%error, "inbound HTTP connection ended with an error");

@@ -118,9 +118,6 @@ impl Listener {
         let Ok(local) = stream.local_addr() else {
             return;
         };
-        // Many small frames (TLS records of HTTP/2 frames) go each way: Nagle's algorithm would
-        // hold each behind the peer's delayed ACK.
-        let _ = stream.set_nodelay(true);
         let Some((identity, config)) = self.server_config().await else {
             return;
         };

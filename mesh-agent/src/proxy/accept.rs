@@ -1,7 +1,9 @@
-//! Every data-path accept loop goes through [`Acceptor`]: an accept error (a full file table,
-//! `EMFILE`/`ENFILE`, above all) backs the loop off instead of spinning on it, and is logged at
-//! most once a second (all loops together) with how many were not. [`raise_fd_limit`] lifts the agent's own file
-//! limit as far as it may at start, so the table fills late.
+//! Every data-path accept loop (the pods' and the ingress's through [`Acceptor`], the tunnel's
+//! and the inbound capture's through `Drain::accept_bounded`) pauses on an accept error (a
+//! full file table, `EMFILE`/`ENFILE`, above all) instead of spinning on it ([`backoff_after`]),
+//! logged at most once a second (all loops together) with how many were not.
+//! [`raise_fd_limit`] lifts the agent's own file limit as far as it may at start, so the table
+//! fills late. [`no_delay`] readies a listener's connections for the proxy's writes.
 
 use std::{
     fmt::Display,
@@ -12,6 +14,7 @@ use std::{
 };
 
 use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+use socket2::SockRef;
 use tokio::{
     net::{TcpListener, TcpStream},
     time::Instant,
@@ -42,6 +45,7 @@ pub struct Acceptor {
 
 impl Acceptor {
     pub fn new(listener: TcpListener, name: impl Display, telemetry: Arc<Telemetry>) -> Self {
+        no_delay(&listener);
         Acceptor {
             listener,
             name: name.to_string(),
@@ -66,29 +70,52 @@ impl Acceptor {
                 }
                 Err(error) => {
                     self.telemetry.metrics.limit_hit("accept_error");
-                    // The client gave up before we took it: nothing is wrong with us.
-                    if error.kind() == io::ErrorKind::ConnectionAborted {
-                        continue;
+                    if let Some(pause) = backoff_after(&error, &self.name, &mut self.backoff) {
+                        tokio::time::sleep(pause).await;
                     }
-                    self.backoff = next_backoff(self.backoff);
-                    let allowed = ACCEPT_LOG
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .allow(Instant::now());
-                    if let Some(suppressed) = allowed {
-                        warn!(
-                            listener = %self.name,
-                            %error,
-                            suppressed,
-                            backoff_ms = self.backoff.as_millis() as u64,
-                            "accept failed; pausing before the next accept"
-                        );
-                    }
-                    tokio::time::sleep(self.backoff).await;
                 }
             }
         }
     }
+}
+
+/// Turns Nagle's algorithm off for every connection `listener` accepts: they inherit it (Linux
+/// copies a listener's TCP options to the sockets it accepts), so no connection needs a
+/// setsockopt of its own. Many small writes go each way (responses, TLS records of HTTP/2
+/// frames), and Nagle's algorithm would hold one behind the peer's delayed ACK.
+pub fn no_delay(listener: &TcpListener) {
+    if let Err(error) = SockRef::from(listener).set_tcp_nodelay(true) {
+        warn!(%error, "could not set TCP_NODELAY on a listener");
+    }
+}
+
+/// How long an accept loop pauses after `error` (`None` when the client merely gave up before
+/// it was accepted), `backoff` being the loop's last pause; logged at most once a second over
+/// all loops.
+pub fn backoff_after(
+    error: &io::Error,
+    listener: &str,
+    backoff: &mut Duration,
+) -> Option<Duration> {
+    // The client gave up before we took it: nothing is wrong with us.
+    if error.kind() == io::ErrorKind::ConnectionAborted {
+        return None;
+    }
+    *backoff = next_backoff(*backoff);
+    let allowed = ACCEPT_LOG
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .allow(Instant::now());
+    if let Some(suppressed) = allowed {
+        warn!(
+            listener,
+            %error,
+            suppressed,
+            backoff_ms = backoff.as_millis() as u64,
+            "accept failed; pausing before the next accept"
+        );
+    }
+    Some(*backoff)
 }
 
 fn next_backoff(current: Duration) -> Duration {
@@ -172,6 +199,27 @@ mod tests {
             }
         }
         assert_eq!(lines, [(0, 0), (1000, 999), (2000, 999), (3000, 999)]);
+    }
+
+    #[tokio::test]
+    async fn accepted_connections_have_nagle_off_without_a_setsockopt_each() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut acceptor = Acceptor::new(listener, "pod", Arc::new(Telemetry::for_tests()));
+        let address = acceptor.local_addr().unwrap();
+        for _ in 0..2 {
+            let _client = TcpStream::connect(address).await.unwrap();
+            let (accepted, _) = acceptor.accept().await;
+            assert!(accepted.nodelay().unwrap());
+        }
+        let plain = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = TcpStream::connect(plain.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = plain.accept().await.unwrap();
+        assert!(
+            !accepted.nodelay().unwrap(),
+            "inherited from the listener, not a default"
+        );
     }
 
     #[test]

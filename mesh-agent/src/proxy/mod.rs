@@ -157,6 +157,8 @@ impl Drain {
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
         let connections = Arc::new(tokio::sync::Semaphore::new(max_connections));
+        accept::no_delay(&listener);
+        let mut backoff = Duration::ZERO;
         loop {
             let accepted = tokio::select! {
                 // Once stopped, not one more accept: a successor may be taking the queue.
@@ -168,11 +170,14 @@ impl Drain {
                 } => accepted,
             };
             let (stream, peer) = match accepted {
-                Ok(accepted) => accepted,
+                Ok(accepted) => {
+                    backoff = Duration::ZERO;
+                    accepted
+                }
                 Err(error) => {
-                    // Out of descriptors, most often: wait rather than spin.
-                    tracing::warn!(listener = name, %error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    if let Some(pause) = accept::backoff_after(&error, name, &mut backoff) {
+                        tokio::time::sleep(pause).await;
+                    }
                     continue;
                 }
             };
@@ -288,7 +293,6 @@ impl Proxy {
             let Some(slot) = self.admit(None) else {
                 continue;
             };
-            let _ = stream.set_nodelay(true);
             let conn = Arc::new(self.http_conn(
                 Arc::clone(&gateway),
                 http::Entry::Ingress { port },
@@ -328,7 +332,6 @@ impl Proxy {
         pod: Arc<PodContext>,
         _slot: ConnectionSlot,
     ) {
-        let _ = stream.set_nodelay(true);
         let snapshot = self.store.snapshot();
         let target = snapshot.discovered.service_at(original.into()).cloned();
         if let Some(target) = &target {

@@ -449,20 +449,11 @@ impl Drop for ConnectionRecord<'_> {
 
 #[cfg(test)]
 mod tests {
-    use prometheus_client::registry::Registry;
-
     use super::*;
-    use crate::telemetry::{access_log::AccessLog, metrics::Metrics};
 
     #[test]
     fn a_caller_keeps_the_labels_of_at_most_max_peers_endpoints() {
-        let (access_log, _writer) = AccessLog::new(false);
-        let telemetry = Telemetry {
-            metrics: Arc::new(Metrics::new("cluster.local", &mut Registry::default())),
-            access_log,
-            spans: None,
-            trace_sample_ratio: 0.0,
-        };
+        let telemetry = Telemetry::for_tests();
         let identity = WorkloadIdentity::from_pod_labels("client-0", "shop", &Default::default());
         let caller = Caller::new(Arc::new(identity));
         let endpoint = |n: usize| SocketAddr::from(([10, 77, (n / 256) as u8, n as u8], 8080));

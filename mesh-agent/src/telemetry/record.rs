@@ -40,7 +40,8 @@ pub struct Caller {
     /// `workload.namespace`, the service name spans are grouped under (as Istio's).
     span_service: Arc<str>,
     /// Interned metric labels per upstream endpoint, with the identities they were made from:
-    /// recording a request then costs no hashing of label strings and no shared lock. At most
+    /// recording a request then costs no hashing of label strings and only the pod's lock,
+    /// not the node's. At most
     /// [`MAX_PEERS`]: when full it starts again empty, and each endpoint is interned afresh
     /// on its next request.
     peers: Mutex<HashMap<SocketAddr, Peer>>,

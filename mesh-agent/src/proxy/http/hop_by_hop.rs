@@ -14,23 +14,23 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let te_trailers = headers
         .get(header::TE)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    let named_in_connection = |name: &HeaderName| {
-        headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|listed| listed.trim().eq_ignore_ascii_case(name.as_str()))
-    };
+    let listed: SmallVec<[&str; 4]> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect();
     // Only names present are removed (a removal hashes its name): usually `Connection` alone.
     let doomed: SmallVec<[HeaderName; 4]> = headers
         .keys()
         .filter(|name| {
             let fixed = is_hop_by_hop(name) && !(*name == header::TE && te_trailers);
-            fixed || named_in_connection(name)
+            fixed || listed.iter().any(|l| l.eq_ignore_ascii_case(name.as_str()))
         })
         .cloned()
         .collect();
+    drop(listed);
     for name in doomed {
         headers.remove(name);
     }

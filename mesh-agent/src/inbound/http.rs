@@ -35,7 +35,6 @@ use http::{
     uri::PathAndQuery,
     HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version,
 };
-use http_body_util::{BodyExt, Full};
 use hyper::{
     body::{Body, Frame, Incoming, SizeHint},
     client::conn,
@@ -58,7 +57,7 @@ use crate::{
             },
             strip_hop_by_hop,
         },
-        upstream::ProxyBody,
+        upstream::ReplyBody,
     },
     telemetry::metrics::{Metrics, NoFlags, Protocol, RequestOutcome},
 };
@@ -195,7 +194,7 @@ impl Delivery {
     async fn answer(
         self: Arc<Self>,
         mut request: Request<Incoming>,
-    ) -> Result<Response<ProxyBody>, Infallible> {
+    ) -> Result<Response<ReplyBody>, Infallible> {
         let normalized = {
             let normal = path::normalize(request.uri().path());
             let host = request
@@ -279,7 +278,7 @@ impl Delivery {
                     // The app's `Connection: close` ends its own connection, not the client's.
                     _ => strip_hop_by_hop(response.headers_mut()),
                 }
-                response.map(|body| body.map_err(Into::into).boxed())
+                response.map(ReplyBody::Incoming)
             }
             Err(error) => {
                 tracing::debug!(address = %self.app.address, %error, "the app's answer failed");
@@ -370,7 +369,7 @@ fn is_grpc<B>(request: &Request<B>) -> bool {
 /// An answer's body, counted as it is sent; the request is reported when it is dropped (sent
 /// whole, or given up by the client).
 struct Reported {
-    body: ProxyBody,
+    body: ReplyBody,
     delivery: Arc<Delivery>,
     started: Instant,
     protocol: Protocol,
@@ -382,7 +381,7 @@ struct Reported {
 
 impl Body for Reported {
     type Data = Bytes;
-    type Error = <ProxyBody as Body>::Error;
+    type Error = <ReplyBody as Body>::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
@@ -447,12 +446,8 @@ fn rewrite_path(uri: &mut Uri, normal: &str) {
     }
 }
 
-fn reply(status: StatusCode, text: &'static str) -> Response<ProxyBody> {
-    let mut response = Response::new(
-        Full::new(Bytes::from_static(text.as_bytes()))
-            .map_err(|never| match never {})
-            .boxed(),
-    );
+fn reply(status: StatusCode, text: &'static str) -> Response<ReplyBody> {
+    let mut response = Response::new(ReplyBody::Full(Bytes::from_static(text.as_bytes())));
     *response.status_mut() = status;
     response
         .headers_mut()

@@ -265,7 +265,12 @@ impl<'a> RequestRecord<'a> {
         };
         self.answer = Some(Answer {
             status: response.status().as_u16(),
-            grpc_status: number(&GRPC_STATUS).map(|s| s as u32),
+            // As Istio's label: a gRPC request's only (one lookup fewer for the rest).
+            grpc_status: self
+                .grpc
+                .then(|| number(&GRPC_STATUS))
+                .flatten()
+                .map(|s| s as u32),
             bytes: number(&http::header::CONTENT_LENGTH).unwrap_or(0),
             version: response.version(),
         });

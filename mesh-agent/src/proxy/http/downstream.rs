@@ -71,7 +71,7 @@ use super::{
 };
 use crate::{
     proxy::{
-        upstream::{BoxError, ProxyBody},
+        upstream::{BoxError, ReplyBody},
         Limits,
     },
     telemetry::Telemetry,
@@ -378,7 +378,7 @@ fn http2(limits: &Limits) -> http2::Builder<TokioExecutor> {
 
 /// One request: refused with 400 or 431 if the head checker refused it, otherwise carried
 /// upstream.
-async fn handle(conn: &HttpConn, mut req: Request<Incoming>) -> Response<ProxyBody> {
+async fn handle(conn: &HttpConn, mut req: Request<Incoming>) -> Response<ReplyBody> {
     if req.version() != Version::HTTP_2 {
         if let Err(refusal) = conn.verdicts.next() {
             debug!(reason = refusal.reason(), "downstream request refused");
@@ -416,7 +416,7 @@ async fn handle(conn: &HttpConn, mut req: Request<Incoming>) -> Response<ProxyBo
 /// A type of its own rather than another box around the body: one allocation fewer per
 /// request.
 struct InFlightBody {
-    body: ProxyBody,
+    body: ReplyBody,
     _in_flight: InFlight,
 }
 

@@ -5,17 +5,16 @@ use http::{
     header::{self, HeaderName, HeaderValue},
     Response, StatusCode,
 };
-use http_body_util::{BodyExt, Empty, Full};
 
 use super::head_check::Refusal;
 use crate::{
     engine::{EngineError, LocalAnswer},
-    proxy::upstream::ProxyBody,
+    proxy::upstream::ReplyBody,
 };
 
 /// The answer to a request the engine refused or could not complete: its status, Envoy's text
 /// and the response flags in `x-mesh-response-flags`.
-pub fn engine_reply(error: &EngineError) -> Response<ProxyBody> {
+pub fn engine_reply(error: &EngineError) -> Response<ReplyBody> {
     let status = StatusCode::from_u16(error.status()).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
     let mut response = local_reply(status, reply_text(error));
     if let Ok(flags) = HeaderValue::from_str(&error.flags().to_string()) {
@@ -29,8 +28,8 @@ pub fn engine_reply(error: &EngineError) -> Response<ProxyBody> {
 /// The answer of a route that answers by itself (a redirect, a direct response): its status,
 /// its `Location` if any, and an empty body, as Envoy sends them; no response-flags header,
 /// since nothing failed.
-pub fn local_answer_reply(answer: &LocalAnswer) -> Response<ProxyBody> {
-    let mut response = Response::new(empty());
+pub fn local_answer_reply(answer: &LocalAnswer) -> Response<ReplyBody> {
+    let mut response = Response::new(ReplyBody::EMPTY);
     *response.status_mut() =
         StatusCode::from_u16(answer.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     if let Some(location) = answer.location() {
@@ -59,7 +58,7 @@ fn reply_text(error: &EngineError) -> &'static str {
 /// The answer to a request the head checker refused: 400 or 431 with the status's reason as
 /// text, as Envoy answers a codec error, and `Connection: close` (what follows on the
 /// connection cannot be trusted to start a request).
-pub fn refusal_reply(refusal: Refusal) -> Response<ProxyBody> {
+pub fn refusal_reply(refusal: Refusal) -> Response<ReplyBody> {
     let status = StatusCode::from_u16(refusal.status()).unwrap_or(StatusCode::BAD_REQUEST);
     let mut response = local_reply(status, status.canonical_reason().unwrap_or_default());
     response
@@ -71,7 +70,7 @@ pub fn refusal_reply(refusal: Refusal) -> Response<ProxyBody> {
 /// The answer when an HTTP/1.1 upstream's response is malformed or ambiguous (hyper could not
 /// parse it, or `response_check::check` refused it): 502, as Envoy answers an upstream protocol
 /// error, with the flags of the engine's verdict plus `UPE`.
-pub fn protocol_error_reply(error: &EngineError) -> Response<ProxyBody> {
+pub fn protocol_error_reply(error: &EngineError) -> Response<ReplyBody> {
     let mut response = local_reply(
         StatusCode::BAD_GATEWAY,
         "upstream connect error or disconnect/reset before headers. reset reason: protocol error",
@@ -84,21 +83,13 @@ pub fn protocol_error_reply(error: &EngineError) -> Response<ProxyBody> {
     response
 }
 
-pub fn local_reply(status: StatusCode, text: &str) -> Response<ProxyBody> {
-    let mut response = Response::new(full(Bytes::from(text.to_owned())));
+pub fn local_reply(status: StatusCode, text: &str) -> Response<ReplyBody> {
+    let mut response = Response::new(ReplyBody::Full(Bytes::from(text.to_owned())));
     *response.status_mut() = status;
     response
         .headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     response
-}
-
-pub fn full(bytes: Bytes) -> ProxyBody {
-    Full::new(bytes).map_err(|never| match never {}).boxed()
-}
-
-pub fn empty() -> ProxyBody {
-    Empty::new().map_err(|never| match never {}).boxed()
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use std::{
     time::Duration,
 };
 
-use hyper::{body::Incoming, client::conn::http1, Request, Response};
+use hyper::{client::conn::http1, Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::{
     sync::{Notify, Semaphore},
@@ -29,6 +29,7 @@ use super::{
     dial::Dialer,
     error::{self, Progress, SendError},
     http1_connection::{self, Sender, Sleeps, Wake, Waking, SLEEP_AFTER},
+    response::ResponseBody,
     response_check,
 };
 use crate::engine::{ClusterPool, Permit, PoolLimits};
@@ -110,7 +111,7 @@ impl Http1Pool {
         mut request: Request<ProxyBody>,
         may_wait: bool,
         progress: &mut Progress,
-    ) -> Result<(Response<Incoming>, Lease), SendError> {
+    ) -> Result<Response<ResponseBody>, SendError> {
         loop {
             let (mut lease, reused) = self.checkout(cluster, may_wait, progress).await?;
             *progress = Progress::Sent;
@@ -119,7 +120,7 @@ impl Http1Pool {
                     // A refused response drops the lease unfinished: hyper closes the
                     // connection, whose next bytes cannot be trusted.
                     response_check::check(&response)?;
-                    return Ok((response, lease));
+                    return Ok(response.map(|body| ResponseBody::new(body, lease)));
                 }
                 Err(failed) => {
                     request = error::unsent(failed, reused)?;

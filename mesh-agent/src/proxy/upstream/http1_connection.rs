@@ -339,7 +339,7 @@ mod tests {
         let body = Empty::<Bytes>::new().map_err(|never| -> BoxError { match never {} });
         let request = Request::get("/")
             .header("host", "upstream")
-            .body(ProxyBody::new(body));
+            .body(ProxyBody::boxed(body));
         let response = sender.send_request(request.unwrap()).await.unwrap();
         let body = response.into_body().collect().await.unwrap().to_bytes();
         String::from_utf8(body.to_vec()).unwrap()

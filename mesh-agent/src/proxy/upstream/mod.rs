@@ -23,7 +23,7 @@ mod pool;
 mod response;
 mod response_check;
 
-pub use body::{BoxError, ProxyBody};
+pub use body::{BoxError, ProxyBody, ReplyBody};
 pub use dial::{Dialer, TunnelStream, Tunnels, UpstreamIo};
 pub use error::{Progress, SendError};
 pub use pool::{Protocol, UpstreamPool, Waiting};

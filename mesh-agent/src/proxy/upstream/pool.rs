@@ -19,7 +19,7 @@ use super::{
     error::{Progress, SendError},
     http1::Http1Pool,
     http2::Http2Pool,
-    response::{Lease, ResponseBody},
+    response::ResponseBody,
 };
 use crate::engine::{ClusterId, ClusterPool};
 
@@ -109,18 +109,10 @@ impl UpstreamPool {
         progress: &mut Progress,
     ) -> Result<Response<ResponseBody>, SendError> {
         let may_wait = waiting == Waiting::Allowed;
-        let (response, lease) = match self.host(cluster, endpoint, protocol) {
-            HostPool::Http1(pool) => {
-                let (response, lease) = pool.send(cluster, request, may_wait, progress).await?;
-                (response, Lease::Http1(lease))
-            }
-            HostPool::Http2(pool) => {
-                let (response, lease) = pool.send(cluster, request, may_wait, progress).await?;
-                (response, Lease::Http2(lease))
-            }
-        };
-        let (head, body) = response.into_parts();
-        Ok(Response::from_parts(head, ResponseBody::new(body, lease)))
+        match self.host(cluster, endpoint, protocol) {
+            HostPool::Http1(pool) => pool.send(cluster, request, may_wait, progress).await,
+            HostPool::Http2(pool) => pool.send(cluster, request, may_wait, progress).await,
+        }
     }
 
     /// A place among this pod's mirrored copies in flight, or `None` when it has too many.

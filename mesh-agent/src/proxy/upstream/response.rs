@@ -19,6 +19,18 @@ pub(super) enum Lease {
     Http2(http2::Lease),
 }
 
+impl From<http1::Lease> for Lease {
+    fn from(lease: http1::Lease) -> Self {
+        Lease::Http1(lease)
+    }
+}
+
+impl From<http2::Lease> for Lease {
+    fn from(lease: http2::Lease) -> Self {
+        Lease::Http2(lease)
+    }
+}
+
 /// The body of a response from the pool.
 pub struct ResponseBody {
     inner: Incoming,
@@ -26,10 +38,10 @@ pub struct ResponseBody {
 }
 
 impl ResponseBody {
-    pub(super) fn new(inner: Incoming, lease: Lease) -> Self {
+    pub(super) fn new(inner: Incoming, lease: impl Into<Lease>) -> Self {
         let mut body = ResponseBody {
             inner,
-            lease: Some(lease),
+            lease: Some(lease.into()),
         };
         // No body at all (204, 304, a response to HEAD, `content-length: 0`): done already.
         if body.inner.is_end_stream() {

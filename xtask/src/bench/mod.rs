@@ -382,6 +382,17 @@ pub fn run(args: Args) -> Result<()> {
                 median(fig.proxy_at_fixed_rate.syscalls, 2),
                 median(fig.proxy_at_fixed_rate.switches, 2),
             );
+            println!(
+                "{:<15} churn, per connection: user {} µs, kernel {} µs, {} syscalls, {} \
+                 switches; client core {} µs, servers' core {} µs",
+                "",
+                median(fig.proxy_under_churn.user_us, 1),
+                median(fig.proxy_under_churn.kernel_us, 1),
+                median(fig.proxy_under_churn.syscalls, 2),
+                median(fig.proxy_under_churn.switches, 2),
+                median(fig.churn_client_core_us, 1),
+                median(fig.churn_server_core_us, 1),
+            );
         }
     }
 

@@ -269,6 +269,29 @@ fn markdown(report: &Report) -> String {
         load::FIXED_RPS
     );
     cost_table(&mut out, f, |fig| &fig.proxy_at_fixed_rate);
+    let _ = write!(
+        out,
+        "\nThe same per connection of the churn run (each request on a connection of its own; \
+         system calls over a shorter churn run), and the busy µs per connection of the client's \
+         core (its `connect`, with the kernel redirect's hooks, is charged there) and of the \
+         servers' core, which the proxies share:\n\n"
+    );
+    cost_table(&mut out, f, |fig| &fig.proxy_under_churn);
+    let _ = writeln!(
+        out,
+        "\n| scenario | client core µs per connection | servers' core µs per connection |\n\
+         |---|---|---|"
+    );
+    for fig in f {
+        row(
+            &mut out,
+            [
+                fig.scenario.clone(),
+                spread(fig.churn_client_core_us, 1),
+                spread(fig.churn_server_core_us, 1),
+            ],
+        );
+    }
     let _ = writeln!(
         out,
         "\nAgent RSS idle (one enrolled pod, config loaded, before any load): {:.1} MiB. \

@@ -64,6 +64,14 @@ pub struct Sample {
     /// without a proxy or without the fixed-rate shape.
     #[serde(default)]
     pub proxy_at_fixed_rate: Option<ProxyCost>,
+    /// The same per connection of the churn run (one request each); `None` without a proxy.
+    #[serde(default)]
+    pub proxy_under_churn: Option<ProxyCost>,
+    /// Busy time of the client's and the servers' cores per connection of the churn run, in
+    /// µs: a new connection's cost outside the proxy too (the client's `connect`, redirect
+    /// included, is charged to the client's core).
+    #[serde(default)]
+    pub churn_core_us_per_connection: Option<[f64; 2]>,
 }
 
 /// A proxy's cost per request over one load shape, as the kernel accounts it.
@@ -226,13 +234,29 @@ fn run_scenario(
         None
     };
     let clock = Instant::now();
+    let proxy_before = cpu::ProcessTimes::of(&mesh)?;
+    let cores_before = cpu::cores()?;
     let run = load::start(&topology.node, pod, tools, Shape::Churn, &url, seconds)?;
     let churn = load::finish(run, Shape::Churn, seconds)?;
+    let cores_after = cpu::cores()?;
+    let proxy_spent = cpu::ProcessTimes::of(&mesh)?.since(&proxy_before);
     let churn_handshakes_per_second = match handshakes_before {
         Some(before) => {
             Some((topology.tunnel_handshakes()? - before) / clock.elapsed().as_secs_f64())
         }
         None => None,
+    };
+    let connections = churn.requests.max(1) as f64;
+    let per_connection = |core: usize| {
+        let busy = cores_after[core].since(&cores_before[core]).busy();
+        busy.as_secs_f64() * 1e6 / connections
+    };
+    let churn_core_us_per_connection = Some([per_connection(0), per_connection(1)]);
+    let proxy_under_churn = if mesh.is_empty() {
+        None
+    } else {
+        let syscalls = count_syscalls(&mesh, topology, pod, tools, Shape::Churn, &url, seconds)?;
+        Some(ProxyCost::of(&proxy_spent, churn.requests, syscalls))
     };
 
     // Fixed rate, with the mesh's own CPU time (all threads of its processes) around it.
@@ -290,6 +314,8 @@ fn run_scenario(
             .transpose()?,
         proxy_under_load,
         proxy_at_fixed_rate,
+        proxy_under_churn,
+        churn_core_us_per_connection,
     })
 }
 

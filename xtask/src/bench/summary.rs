@@ -67,6 +67,11 @@ pub struct Figures {
     /// rate.
     pub proxy_under_load: CostFigures,
     pub proxy_at_fixed_rate: CostFigures,
+    /// The same per connection of the churn run, and the client's and the servers' cores'
+    /// busy µs per connection there.
+    pub proxy_under_churn: CostFigures,
+    pub churn_client_core_us: Option<Spread>,
+    pub churn_server_core_us: Option<Spread>,
     pub errors: u64,
     /// `shape: kind` → count, over the rounds.
     pub error_kinds: BTreeMap<String, u64>,
@@ -168,6 +173,9 @@ fn figures_of(scenario: &Scenario, rounds: &[&Round]) -> Figures {
         proxy_at_fixed_rate: CostFigures::of(
             pairs.iter().map(|(s, _)| s.proxy_at_fixed_rate.as_ref()),
         ),
+        proxy_under_churn: CostFigures::of(pairs.iter().map(|(s, _)| s.proxy_under_churn.as_ref())),
+        churn_client_core_us: optional(&|s| s.churn_core_us_per_connection.map(|[c, _]| c)),
+        churn_server_core_us: optional(&|s| s.churn_core_us_per_connection.map(|[_, s]| s)),
         errors: pairs.iter().map(|(s, _)| s.errors()).sum(),
         error_kinds: error_kinds(pairs.iter().map(|(s, _)| *s)),
     }
@@ -228,6 +236,8 @@ mod tests {
             proxy_hwm_kib: None,
             proxy_under_load: None,
             proxy_at_fixed_rate: None,
+            proxy_under_churn: None,
+            churn_core_us_per_connection: None,
         }
     }
 

@@ -276,44 +276,38 @@ impl HeadChecker {
 
     /// The connection's first bytes: HTTP/2 if they are its preface, else the first head.
     fn preface(&mut self, bytes: &[u8], emit: &mut impl FnMut(Checked)) -> usize {
-        let take = (H2_PREFACE.len() - self.head.len()).min(bytes.len());
-        self.head.extend_from_slice(&bytes[..take]);
-        if self.head == H2_PREFACE {
-            self.state = State::Http2;
-            self.head = Vec::new();
-        } else if !H2_PREFACE.starts_with(&self.head) {
-            // HTTP/1 after all: what was held is the start of the first head.
+        let held = self.head.len();
+        let take = (H2_PREFACE.len() - held).min(bytes.len());
+        if bytes[..take] != H2_PREFACE[held..held + take] {
+            // HTTP/1 after all: what was held is the start of the first head, and these bytes
+            // are read again as its next ones.
             let held = std::mem::take(&mut self.head);
             self.state = State::Head;
             self.feed(&held, emit);
+            return 0;
+        }
+        self.head.extend_from_slice(&bytes[..take]);
+        if self.head.len() == H2_PREFACE.len() {
+            self.state = State::Http2;
+            self.head = Vec::new();
         }
         take
     }
 
-    /// Accumulates a head; returns how many of `bytes` belong to it.
+    /// Accumulates a head and judges it once it may be complete; returns how many of `bytes`
+    /// belong to it. A head that comes whole in one read (the usual case) is judged where it
+    /// lies, without a copy.
     fn head(&mut self, bytes: &[u8], emit: &mut impl FnMut(Checked)) -> usize {
         let start = self.head.len();
         let take = (MAX_HEADER_BYTES + 1 - start.min(MAX_HEADER_BYTES)).min(bytes.len());
-        self.head.extend_from_slice(&bytes[..take]);
-        match self.judge_head(start, emit) {
-            // The head ended inside these bytes: the rest is body or the next request.
-            Some(len) => len.saturating_sub(start),
-            None => take,
-        }
-    }
-
-    /// Judges the head held if it is complete (looking for its end from `new`, where the
-    /// bytes not looked at yet start); returns its length then. Refuses a head too large.
-    fn judge_head(&mut self, new: usize, emit: &mut impl FnMut(Checked)) -> Option<usize> {
-        // A head can only end at a line feed: parse again only when one arrived, and only up to
-        // the last one, so the verdict cannot depend on how the client cut its writes (a bad
-        // byte after it is judged with the line it belongs to).
-        let last_line_feed = self
-            .head
-            .get(new..)
-            .and_then(|b| b.iter().rposition(|&c| c == b'\n'));
-        let judged = last_line_feed.and_then(|at| judge(&self.head[..new + at + 1]));
+        let judged = if start == 0 {
+            judge_to_last_line_feed(&bytes[..take], 0)
+        } else {
+            self.head.extend_from_slice(&bytes[..take]);
+            judge_to_last_line_feed(&self.head, start)
+        };
         match judged {
+            // The head ended inside these bytes: the rest is body or the next request.
             Some((Ok(next), len)) => {
                 emit(Checked::Head(Ok(())));
                 self.state = next;
@@ -323,17 +317,21 @@ impl HeadChecker {
                 } else {
                     self.head.clear();
                 }
-                Some(len)
+                len.saturating_sub(start)
             }
             Some((Err(refusal), len)) => {
                 self.stop(Checked::Head(Err(refusal)), emit);
-                Some(len)
+                len.saturating_sub(start)
             }
-            None if self.head.len() > MAX_HEADER_BYTES => {
-                self.stop(Checked::Head(Err(Refusal::HeadTooLarge)), emit);
-                Some(self.head.len())
+            None => {
+                if start == 0 {
+                    self.head.extend_from_slice(&bytes[..take]);
+                }
+                if self.head.len() > MAX_HEADER_BYTES {
+                    self.stop(Checked::Head(Err(Refusal::HeadTooLarge)), emit);
+                }
+                take
             }
-            None => None,
         }
     }
 
@@ -398,6 +396,15 @@ impl HeadChecker {
 fn hex_digit(size: u64, byte: u8) -> Option<u64> {
     let digit = char::from(byte).to_digit(16)?;
     size.checked_mul(16)?.checked_add(u64::from(digit))
+}
+
+/// [`judge`] on `head` up to its last line feed at or after `new` (where the bytes not looked
+/// at yet start), or `None` if none arrived. A head can only end at a line feed: parsed again
+/// only when one arrived, and only up to the last one, the verdict cannot depend on how the
+/// client cut its writes (a bad byte after it is judged with the line it belongs to).
+fn judge_to_last_line_feed(head: &[u8], new: usize) -> Option<(Result<State, Refusal>, usize)> {
+    let last_line_feed = head.get(new..)?.iter().rposition(|&c| c == b'\n')?;
+    judge(&head[..new + last_line_feed + 1])
 }
 
 /// The verdict on a head that may be complete, and its length: `None` while it is partial.

@@ -33,6 +33,9 @@ pub(crate) struct Activity {
     pub(super) between_requests: AtomicBool,
     /// Everything hyper has written has been flushed to the socket.
     pub(super) flushed: AtomicBool,
+    /// Draining an HTTP/1 connection, which has no GOAWAY: its responses say
+    /// `Connection: close`.
+    pub(super) closing: AtomicBool,
 }
 
 /// Which of the connection's clocks ran out.
@@ -53,6 +56,7 @@ impl Activity {
             started: AtomicBool::new(false),
             between_requests: AtomicBool::new(false),
             flushed: AtomicBool::new(true),
+            closing: AtomicBool::new(false),
         }
     }
 
@@ -131,6 +135,11 @@ impl InFlight {
         activity.started.store(true, Ordering::SeqCst);
         activity.in_flight.fetch_add(1, Ordering::SeqCst);
         InFlight(activity)
+    }
+
+    /// The connection it is in flight on.
+    pub(crate) fn activity(&self) -> &Activity {
+        &self.0
     }
 }
 

@@ -29,10 +29,7 @@ use std::{
     future::Future,
     io,
     pin::{pin, Pin},
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
+    sync::{atomic::Ordering, Arc},
     task::{Context, Poll},
     time::Duration,
 };
@@ -97,23 +94,19 @@ pub async fn serve(stream: TcpStream, conn: Arc<HttpConn>, draining: &Cancellati
     let telemetry = Arc::clone(&conn.telemetry);
     let verdicts = conn.verdicts.clone();
     let activity = Arc::new(Activity::new());
-    // HTTP/1 has no GOAWAY: while draining, responses say `Connection: close` instead.
-    let closing = Arc::new(AtomicBool::new(false));
     let mut io = Watched::new(
         Guarded::new(SharedSocket(&stream), conn.verdicts.clone()),
         Arc::clone(&activity),
     );
     let mut service = {
         let activity = Arc::clone(&activity);
-        let closing = Arc::clone(&closing);
         service_fn(move |req: Request<Incoming>| {
             let conn = Arc::clone(&conn);
             let in_flight = InFlight::new(Arc::clone(&activity));
             let h1 = req.version() != Version::HTTP_2;
-            let closing = Arc::clone(&closing);
             async move {
                 let mut response = handle(&conn, req).await;
-                if h1 && closing.load(Ordering::SeqCst) {
+                if h1 && in_flight.activity().closing.load(Ordering::SeqCst) {
                     // hyper closes the connection once this response is written.
                     response
                         .headers_mut()
@@ -130,7 +123,6 @@ pub async fn serve(stream: TcpStream, conn: Arc<HttpConn>, draining: &Cancellati
         activity: &activity,
         limits,
         draining,
-        closing: &closing,
         telemetry: &telemetry,
     };
     // The first request head, or the HTTP/2 preface.
@@ -167,7 +159,7 @@ pub async fn serve(stream: TcpStream, conn: Arc<HttpConn>, draining: &Cancellati
         let mut client_closed = ClientClosed::new(&stream, &activity);
         // Until hyper holds nothing of a request and can be put away.
         loop {
-            let closing_now = closing.load(Ordering::SeqCst);
+            let closing_now = activity.closing.load(Ordering::SeqCst);
             tokio::select! {
                 // The connection first: a request it starts is watched for the client's close
                 // in the same turn.
@@ -178,7 +170,9 @@ pub async fn serve(stream: TcpStream, conn: Arc<HttpConn>, draining: &Cancellati
                     }
                     return;
                 }
-                _ = draining.cancelled(), if !closing_now => closing.store(true, Ordering::SeqCst),
+                _ = draining.cancelled(), if !closing_now => {
+                    activity.closing.store(true, Ordering::SeqCst);
+                }
                 due = watch.due(Some((sleep_after, not_before))) => match due {
                     Due::Expired(_) if closing_now => {
                         // Draining, and idle: nothing races the close any more.
@@ -226,14 +220,13 @@ struct Watch<'a> {
     activity: &'a Activity,
     limits: &'a Limits,
     draining: &'a CancellationToken,
-    closing: &'a AtomicBool,
     telemetry: &'a Telemetry,
 }
 
 impl Watch<'_> {
     /// The connection's timeouts, shortened to `DRAIN_IDLE_GRACE` while draining.
     async fn due(&self, quiet: Option<(Duration, Instant)>) -> Due {
-        if self.closing.load(Ordering::SeqCst) {
+        if self.activity.closing.load(Ordering::SeqCst) {
             self.activity
                 .due(DRAIN_IDLE_GRACE, DRAIN_IDLE_GRACE, quiet)
                 .await
@@ -261,7 +254,7 @@ impl Watch<'_> {
         let head = tokio::time::timeout_at(from + self.limits.http_header_timeout, io.read_head());
         tokio::pin!(head);
         loop {
-            let closing = self.closing.load(Ordering::SeqCst);
+            let closing = self.activity.closing.load(Ordering::SeqCst);
             tokio::select! {
                 read = head.as_mut() => match read {
                     Ok(read) => return read.is_ok(),
@@ -272,7 +265,7 @@ impl Watch<'_> {
                 },
                 // Answered with `Connection: close`.
                 _ = self.draining.cancelled(), if !closing => {
-                    self.closing.store(true, Ordering::SeqCst);
+                    self.activity.closing.store(true, Ordering::SeqCst);
                 }
             }
         }
@@ -286,11 +279,11 @@ impl Watch<'_> {
     /// so pinning it here would hold it twice in the connection's task.
     async fn asleep<T>(&self, mut bytes: Pin<&mut impl Future<Output = T>>) -> Option<T> {
         loop {
-            let closing = self.closing.load(Ordering::SeqCst);
+            let closing = self.activity.closing.load(Ordering::SeqCst);
             tokio::select! {
                 woke = bytes.as_mut() => return Some(woke),
                 _ = self.draining.cancelled(), if !closing => {
-                    self.closing.store(true, Ordering::SeqCst);
+                    self.activity.closing.store(true, Ordering::SeqCst);
                 }
                 due = self.due(None) => {
                     if let (Due::Expired(expired), false) = (due, closing) {

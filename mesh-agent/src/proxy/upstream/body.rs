@@ -1,9 +1,8 @@
-//! The body types of what the proxy sends: requests upstream, responses to clients.
+//! The body of what the proxy sends upstream (responses to clients: `response`).
 //!
-//! Each is an enum of the kinds it carries rather than a box around any body: a box was an
-//! allocation a request. Both stay small, as hyper moves requests and responses whole several
-//! times a request: a request ([`ProxyBody`]) fits in 256 bytes, past which every move takes
-//! `memcpy`'s slower path.
+//! An enum of the kinds it carries rather than a box around any body: a box was an allocation
+//! a request. It stays small, as hyper moves a request whole several times: with it a request
+//! fits in 256 bytes, past which every move takes `memcpy`'s slower path.
 
 use std::{
     pin::Pin,
@@ -12,9 +11,7 @@ use std::{
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
-
-use super::response::ResponseBody;
+use hyper::body::{Body, Frame, SizeHint};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -26,16 +23,6 @@ pub enum ProxyBody {
     Boxed(BoxBody<Bytes, BoxError>),
 }
 
-/// The body of a response the proxy sends a client.
-pub enum ReplyBody {
-    /// The proxy's own, held whole; empty once sent, or from the start.
-    Full(Bytes),
-    /// An upstream's, holding its pooled connection until read.
-    Upstream(ResponseBody),
-    /// An app's, at the destination.
-    Incoming(Incoming),
-}
-
 impl ProxyBody {
     pub const EMPTY: ProxyBody = ProxyBody::Full(Bytes::new());
 
@@ -45,10 +32,6 @@ impl ProxyBody {
     {
         ProxyBody::Boxed(BoxBody::new(body))
     }
-}
-
-impl ReplyBody {
-    pub const EMPTY: ReplyBody = ReplyBody::Full(Bytes::new());
 }
 
 impl Body for ProxyBody {
@@ -80,42 +63,8 @@ impl Body for ProxyBody {
     }
 }
 
-impl Body for ReplyBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            ReplyBody::Full(bytes) => Poll::Ready(take_whole(bytes)),
-            ReplyBody::Upstream(body) => Pin::new(body).poll_frame(cx),
-            ReplyBody::Incoming(body) => Pin::new(body)
-                .poll_frame(cx)
-                .map(|frame| frame.map(|frame| frame.map_err(Into::into))),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            ReplyBody::Full(bytes) => bytes.is_empty(),
-            ReplyBody::Upstream(body) => body.is_end_stream(),
-            ReplyBody::Incoming(body) => body.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            ReplyBody::Full(bytes) => SizeHint::with_exact(bytes.len() as u64),
-            ReplyBody::Upstream(body) => body.size_hint(),
-            ReplyBody::Incoming(body) => body.size_hint(),
-        }
-    }
-}
-
 /// A whole body's one frame, leaving it empty (ended).
-fn take_whole(bytes: &mut Bytes) -> Option<Result<Frame<Bytes>, BoxError>> {
+pub(super) fn take_whole(bytes: &mut Bytes) -> Option<Result<Frame<Bytes>, BoxError>> {
     (!bytes.is_empty()).then(|| Ok(Frame::data(std::mem::take(bytes))))
 }
 
@@ -131,14 +80,9 @@ mod tests {
         assert_eq!(body.size_hint().exact(), Some(5));
         assert!(!body.is_end_stream());
         assert_eq!(body.collect().await.unwrap().to_bytes(), "hello");
-        let reply = ReplyBody::Full(Bytes::from_static(b"hello"));
-        assert_eq!(reply.collect().await.unwrap().to_bytes(), "hello");
 
         assert!(ProxyBody::EMPTY.is_end_stream());
         assert_eq!(ProxyBody::EMPTY.size_hint().exact(), Some(0));
-        assert!(ReplyBody::EMPTY.is_end_stream());
-        let empty = ReplyBody::EMPTY.collect().await.unwrap().to_bytes();
-        assert!(empty.is_empty());
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::{
     time::Duration,
 };
 
-use hyper::{client::conn::http1, Request, Response};
+use hyper::{body::Incoming, client::conn::http1, Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::{
     sync::{Notify, Semaphore},
@@ -29,7 +29,6 @@ use super::{
     dial::Dialer,
     error::{self, Progress, SendError},
     http1_connection::{self, Sender, Sleeps, Wake, Waking, SLEEP_AFTER},
-    response::ResponseBody,
     response_check,
 };
 use crate::engine::{ClusterPool, Permit, PoolLimits};
@@ -111,7 +110,7 @@ impl Http1Pool {
         mut request: Request<ProxyBody>,
         may_wait: bool,
         progress: &mut Progress,
-    ) -> Result<Response<ResponseBody>, SendError> {
+    ) -> Result<(Response<Incoming>, Lease), SendError> {
         loop {
             let (mut lease, reused) = self.checkout(cluster, may_wait, progress).await?;
             *progress = Progress::Sent;
@@ -120,7 +119,7 @@ impl Http1Pool {
                     // A refused response drops the lease unfinished: hyper closes the
                     // connection, whose next bytes cannot be trusted.
                     response_check::check(&response)?;
-                    return Ok(response.map(|body| ResponseBody::new(body, lease)));
+                    return Ok((response, lease));
                 }
                 Err(failed) => {
                     request = error::unsent(failed, reused)?;

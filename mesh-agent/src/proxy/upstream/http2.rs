@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use hyper::{client::conn::http2, Request, Response};
+use hyper::{body::Incoming, client::conn::http2, Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::{sync::Notify, time::Instant};
 use tracing::debug;
@@ -22,7 +22,6 @@ use super::{
     connection::{self, Dial, Owner},
     dial::Dialer,
     error::{self, Progress, SendError},
-    response::ResponseBody,
 };
 use crate::engine::{ClusterPool, Permit, PoolLimits};
 
@@ -92,14 +91,12 @@ impl Http2Pool {
         mut request: Request<ProxyBody>,
         may_wait: bool,
         progress: &mut Progress,
-    ) -> Result<Response<ResponseBody>, SendError> {
+    ) -> Result<(Response<Incoming>, Lease), SendError> {
         loop {
             let (mut sender, lease, reused) = self.checkout(cluster, may_wait, progress).await?;
             *progress = Progress::Sent;
             match sender.try_send_request(request).await {
-                Ok(response) => {
-                    return Ok(response.map(|body| ResponseBody::new(body, lease)));
-                }
+                Ok(response) => return Ok((response, lease)),
                 Err(failed) => {
                     request = error::unsent(failed, reused)?;
                     *progress = Progress::Waiting;

@@ -23,8 +23,8 @@ mod pool;
 mod response;
 mod response_check;
 
-pub use body::{BoxError, ProxyBody, ReplyBody};
+pub use body::{BoxError, ProxyBody};
 pub use dial::{Dialer, TunnelStream, Tunnels, UpstreamIo};
 pub use error::{Progress, SendError};
 pub use pool::{Protocol, UpstreamPool, Waiting};
-pub use response::ResponseBody;
+pub use response::{ReplyBody, ResponseBody};

@@ -109,9 +109,17 @@ impl UpstreamPool {
         progress: &mut Progress,
     ) -> Result<Response<ResponseBody>, SendError> {
         let may_wait = waiting == Waiting::Allowed;
+        // The body wrapped in one `map` as the response comes back (unpacked into its parts
+        // and packed again, the response was moved more often).
         match self.host(cluster, endpoint, protocol) {
-            HostPool::Http1(pool) => pool.send(cluster, request, may_wait, progress).await,
-            HostPool::Http2(pool) => pool.send(cluster, request, may_wait, progress).await,
+            HostPool::Http1(pool) => {
+                let (response, lease) = pool.send(cluster, request, may_wait, progress).await?;
+                Ok(response.map(|body| ResponseBody::new(body, lease)))
+            }
+            HostPool::Http2(pool) => {
+                let (response, lease) = pool.send(cluster, request, may_wait, progress).await?;
+                Ok(response.map(|body| ResponseBody::new(body, lease)))
+            }
         }
     }
 

@@ -1,7 +1,8 @@
 //! An upstream response's body, holding its connection until the body is read to its end: an
-//! HTTP/1.1 connection
-//! goes back to the pool then (or is closed if the body was not read whole), an HTTP/2 stream
-//! stops counting toward its connection's idleness.
+//! HTTP/1.1 connection goes back to the pool then (or is closed if the body was not read
+//! whole), an HTTP/2 stream stops counting toward its connection's idleness. And the body of
+//! every response the proxy sends a client, the upstream's among them: an enum of the kinds
+//! it carries, as a box around each was an allocation a request.
 
 use std::{
     pin::Pin,
@@ -11,7 +12,10 @@ use std::{
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
-use super::{body::BoxError, http1, http2};
+use super::{
+    body::{take_whole, BoxError},
+    http1, http2,
+};
 
 /// What a response body holds of the pool.
 pub(super) enum Lease {
@@ -92,5 +96,71 @@ impl Drop for ResponseBody {
         // Read whole only if nothing is left; otherwise hyper closes an HTTP/1.1 connection.
         let complete = self.inner.is_end_stream();
         self.release(complete);
+    }
+}
+
+/// The body of a response the proxy sends a client.
+pub enum ReplyBody {
+    /// The proxy's own, held whole; empty once sent, or from the start.
+    Full(Bytes),
+    /// An upstream's, holding its pooled connection until read.
+    Upstream(ResponseBody),
+    /// An app's, at the destination.
+    Incoming(Incoming),
+}
+
+impl ReplyBody {
+    pub const EMPTY: ReplyBody = ReplyBody::Full(Bytes::new());
+}
+
+impl Body for ReplyBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ReplyBody::Full(bytes) => Poll::Ready(take_whole(bytes)),
+            ReplyBody::Upstream(body) => Pin::new(body).poll_frame(cx),
+            ReplyBody::Incoming(body) => Pin::new(body)
+                .poll_frame(cx)
+                .map(|frame| frame.map(|frame| frame.map_err(Into::into))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ReplyBody::Full(bytes) => bytes.is_empty(),
+            ReplyBody::Upstream(body) => body.is_end_stream(),
+            ReplyBody::Incoming(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ReplyBody::Full(bytes) => SizeHint::with_exact(bytes.len() as u64),
+            ReplyBody::Upstream(body) => body.size_hint(),
+            ReplyBody::Incoming(body) => body.size_hint(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn the_proxys_own_reply_is_one_frame_and_an_empty_one_ends_at_once() {
+        let reply = ReplyBody::Full(Bytes::from_static(b"hello"));
+        assert_eq!(reply.size_hint().exact(), Some(5));
+        assert_eq!(reply.collect().await.unwrap().to_bytes(), "hello");
+
+        assert!(ReplyBody::EMPTY.is_end_stream());
+        let empty = ReplyBody::EMPTY.collect().await.unwrap().to_bytes();
+        assert!(empty.is_empty());
     }
 }

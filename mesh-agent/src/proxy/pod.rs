@@ -9,7 +9,7 @@ use crate::{
     identity::WorkloadIdentity,
     redirect::{netns::NetNs, Exemption},
     state::Snapshot,
-    telemetry::Caller,
+    telemetry::{same_arc, Caller},
 };
 
 /// What the proxy knows about the pod a listener serves.
@@ -86,12 +86,7 @@ impl PodContext {
             .pod(&self.namespace, &self.name)
             .map(|workload| &workload.identity);
         if let Some(cached) = cached.as_mut() {
-            let same = match (&cached.made_from, known) {
-                (Some(made_from), Some(known)) => Arc::ptr_eq(made_from, known),
-                (None, None) => true,
-                _ => false,
-            };
-            if same {
+            if same_arc(cached.made_from.as_ref(), known) {
                 cached.version = snapshot.version;
                 return Arc::clone(&cached.caller);
             }

@@ -17,5 +17,6 @@ pub mod trace;
 pub use access_log::{AccessLog, AccessLogOptions, HttpRecord, TcpRecord};
 pub use metered::Metered;
 pub use metrics::Metrics;
+pub(crate) use record::same_arc;
 pub use record::{Caller, ConnectionRecord, RequestRecord, GRPC_STATUS};
 pub use sinks::Telemetry;

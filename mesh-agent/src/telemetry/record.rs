@@ -95,17 +95,10 @@ impl Caller {
         let Some(endpoint) = endpoint else {
             return intern();
         };
-        fn same<T>(a: Option<&Arc<T>>, b: &Option<Arc<T>>) -> bool {
-            match (a, b) {
-                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-                (None, None) => true,
-                _ => false,
-            }
-        }
         let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(peer) = peers.get(&endpoint) {
-            if same(service, &peer.service)
-                && same(workload, &peer.workload)
+            if same_arc(service, peer.service.as_ref())
+                && same_arc(workload, peer.workload.as_ref())
                 && route == peer.route.as_ref()
             {
                 return Arc::clone(&peer.labels);
@@ -450,6 +443,16 @@ impl Drop for ConnectionRecord<'_> {
             duration: self.started.elapsed(),
             error: self.error.take(),
         });
+    }
+}
+
+/// The same `Arc` (by address, not by value), or both none: whether something cached from
+/// `a` still stands for `b`.
+pub(crate) fn same_arc<T>(a: Option<&Arc<T>>, b: Option<&Arc<T>>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        (None, None) => true,
+        _ => false,
     }
 }
 

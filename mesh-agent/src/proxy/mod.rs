@@ -9,6 +9,7 @@
 mod accept;
 mod deadline;
 pub mod detect;
+mod drained;
 pub mod http;
 pub mod limits;
 mod pod;

@@ -68,6 +68,7 @@ use super::{
 };
 use crate::{
     proxy::{
+        drained::{drained, Drained},
         upstream::{BoxError, ReplyBody},
         Limits,
     },
@@ -122,18 +123,21 @@ pub async fn serve(stream: TcpStream, conn: Arc<HttpConn>, draining: &Cancellati
     let watch = Watch {
         activity: &activity,
         limits,
-        draining,
         telemetry: &telemetry,
     };
+    // One for the connection's life, so that the drain registers its waker once.
+    let mut drain = pin!(drained(draining));
     // The first request head, or the HTTP/2 preface.
-    if !watch.read_head(&mut io).await {
+    if !watch.read_head(&mut io, drain.as_mut()).await {
         return;
     }
     if io.is_http2() {
         let mut connection = Box::pin(http2(limits).serve_connection(TokioIo::new(io), service));
         let result = tokio::select! {
+            // As HTTP/1's: the connection first, what ends it after.
+            biased;
             result = connection.as_mut() => result,
-            _ = draining.cancelled() => {
+            _ = drain.as_mut() => {
                 connection.as_mut().graceful_shutdown();
                 connection.await
             }
@@ -170,7 +174,7 @@ pub async fn serve(stream: TcpStream, conn: Arc<HttpConn>, draining: &Cancellati
                     }
                     return;
                 }
-                _ = draining.cancelled(), if !closing_now => {
+                _ = drain.as_mut(), if !closing_now => {
                     activity.closing.store(true, Ordering::SeqCst);
                 }
                 due = watch.due(Some((sleep_after, not_before))) => match due {
@@ -209,17 +213,16 @@ pub async fn serve(stream: TcpStream, conn: Arc<HttpConn>, draining: &Cancellati
         drop(read_buf);
         (io, service) = (parted.into_inner(), parted_service);
         io.sleep();
-        if !watch.read_head(&mut io).await {
+        if !watch.read_head(&mut io, drain.as_mut()).await {
             return;
         }
     }
 }
 
-/// What closes a connection besides its own end: the drain and the timeouts.
+/// What closes a connection besides its own end and the drain: the timeouts.
 struct Watch<'a> {
     activity: &'a Activity,
     limits: &'a Limits,
-    draining: &'a CancellationToken,
     telemetry: &'a Telemetry,
 }
 
@@ -241,8 +244,9 @@ impl Watch<'_> {
     /// Waits for the client's next bytes, then reads a request head ahead of hyper
     /// (`Watched::read_head`) within the header timeout; `false` once the connection is to
     /// close.
-    async fn read_head(&self, io: &mut Watched<'_>) -> bool {
-        if !matches!(self.asleep(pin!(io.readable())).await, Some(Ok(()))) {
+    async fn read_head(&self, io: &mut Watched<'_>, mut drain: Pin<&mut Drained<'_>>) -> bool {
+        let woke = self.asleep(pin!(io.readable()), drain.as_mut()).await;
+        if !matches!(woke, Some(Ok(()))) {
             return false;
         }
         // A first head is timed from the accept, as a silent connection is.
@@ -256,6 +260,9 @@ impl Watch<'_> {
         loop {
             let closing = self.activity.closing.load(Ordering::SeqCst);
             tokio::select! {
+                // In order, not at random (a random number drawn for every poll): a head that
+                // is in wins over the drain that came with it.
+                biased;
                 read = head.as_mut() => match read {
                     Ok(read) => return read.is_ok(),
                     Err(_) => {
@@ -264,7 +271,7 @@ impl Watch<'_> {
                     }
                 },
                 // Answered with `Connection: close`.
-                _ = self.draining.cancelled(), if !closing => {
+                _ = drain.as_mut(), if !closing => {
                     self.activity.closing.store(true, Ordering::SeqCst);
                 }
             }
@@ -277,12 +284,18 @@ impl Watch<'_> {
     ///
     /// Takes `bytes` pinned where it was made: a future keeps its arguments for its whole life,
     /// so pinning it here would hold it twice in the connection's task.
-    async fn asleep<T>(&self, mut bytes: Pin<&mut impl Future<Output = T>>) -> Option<T> {
+    async fn asleep<T>(
+        &self,
+        mut bytes: Pin<&mut impl Future<Output = T>>,
+        mut drain: Pin<&mut Drained<'_>>,
+    ) -> Option<T> {
         loop {
             let closing = self.activity.closing.load(Ordering::SeqCst);
             tokio::select! {
+                // As `read_head`'s: the client's bytes win over a timeout that came with them.
+                biased;
                 woke = bytes.as_mut() => return Some(woke),
-                _ = self.draining.cancelled(), if !closing => {
+                _ = drain.as_mut(), if !closing => {
                     self.activity.closing.store(true, Ordering::SeqCst);
                 }
                 due = self.due(None) => {

@@ -14,7 +14,8 @@ use std::{
 use pin_project_lite::pin_project;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
-/// Resolves once `token` is cancelled (the drain has started).
+/// Resolves once `token` is cancelled (the drain has started), and again each time it is polled
+/// after: a connection's successive selects share one.
 pub(crate) fn drained(token: &CancellationToken) -> Drained<'_> {
     Drained {
         token,
@@ -104,6 +105,7 @@ mod tests {
         assert!(poll_with(drained.as_mut(), &task).is_pending());
         token.cancel();
         assert_eq!(task.0.load(Ordering::SeqCst), 1);
+        assert!(poll_with(drained.as_mut(), &task).is_ready());
         assert!(poll_with(drained, &task).is_ready());
     }
 

@@ -562,7 +562,9 @@ fn method(out: &mut String, report: &Report) {
 - CPU-µs per request: busy time of CPU 1 (user + system + irq + softirq, `/proc/stat`) over
   the throughput run divided by its requests, minus the baseline's in the same round.
   vCPU per 1,000 rps: the proxy process's own CPU time (all threads, `schedstat`; both
-  agents for `mesh-mtls`) during the fixed-rate run. RSS: `VmRSS` sampled mid-run, `VmHWM` after it.
+  agents for `mesh-mtls`) during the fixed-rate run. RSS at 1,000 rps: the median `VmRSS` of a reading a
+  second through the run's second half (what the runs before it leave goes back within about
+  6 s); under max load: `VmRSS` mid-run; `VmHWM` after the round.
 - At 1,000 rps for {ls} s a p99 rests on {samples} samples (the slowest {tail}), and one
   scheduling hiccup on a shared core moves it by a millisecond: *added p99* (even its sign) is
   the least stable figure here; longer runs (`--seconds 30`) steady it.

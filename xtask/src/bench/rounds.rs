@@ -51,8 +51,8 @@ pub struct Sample {
     pub latency: Option<Outcome>,
     /// CPU time of the proxy process during the fixed-rate run, in cores.
     pub proxy_cores_at_fixed_rate: Option<f64>,
-    /// Proxy VmRSS (KiB) in the middle of the fixed-rate run and of the throughput run, and its
-    /// VmHWM after the round's runs.
+    /// Proxy VmRSS (KiB) through the fixed-rate run's second half (see `rss_through`) and in
+    /// the middle of the throughput run, and its VmHWM after the round's runs.
     pub proxy_rss_kib_fixed_rate: Option<u64>,
     pub proxy_rss_kib_throughput: Option<u64>,
     pub proxy_hwm_kib: Option<u64>,
@@ -269,8 +269,7 @@ fn run_scenario(
             let clock = Instant::now();
             let seconds = durations.latency_seconds;
             let run = load::start(&topology.node, pod, tools, Shape::Latency, &url, seconds)?;
-            std::thread::sleep(Duration::from_secs_f64(f64::from(seconds) / 2.0));
-            let rss = rss(pid)?;
+            let rss = rss_through(seconds, || rss(pid))?;
             let latency = load::finish(run, Shape::Latency, seconds)?;
             let elapsed = clock.elapsed().as_secs_f64();
             let (cores, cost) = if mesh.is_empty() {
@@ -317,6 +316,23 @@ fn run_scenario(
         proxy_under_churn,
         churn_core_us_per_connection,
     })
+}
+
+/// The proxy's RSS at a steady load of `seconds`: the median of a reading each second through
+/// the run's second half. The throughput and churn runs before it leave pooled connections and
+/// freed pages that go back within about 6 s (a connection sleeps after a second idle, and its
+/// buffers return with the next 5 s heap trim); one reading in the middle of the run read that
+/// or not as the round's timing had it, 1 to 2 MiB apart for the same build.
+fn rss_through(seconds: u32, rss: impl Fn() -> Result<Option<u64>>) -> Result<Option<u64>> {
+    let mut readings = Vec::new();
+    for second in 1..seconds.max(2) {
+        std::thread::sleep(Duration::from_secs(1));
+        if second >= seconds / 2 {
+            readings.extend(rss()?);
+        }
+    }
+    readings.sort_unstable();
+    Ok(readings.get(readings.len() / 2).copied())
 }
 
 /// System calls per request of `pids` over a run of `shape` of its own, at most 2 s; `None`

@@ -9,6 +9,7 @@
 mod chart;
 mod cpu;
 mod hello;
+mod hyper_proxy;
 mod load;
 mod proxies;
 mod report;
@@ -74,6 +75,10 @@ pub struct Args {
     /// Internal: be the benchmark's hello server on PORT=BYTES (repeatable).
     #[arg(long, hide = true, value_name = "PORT=BYTES", value_parser = hello::Listener::parse)]
     serve: Vec<hello::Listener>,
+    /// Internal: be `hyper-l7`'s proxy on PORT, nine requests in ten to V1 (IP:PORT), one to
+    /// V2.
+    #[arg(long, hide = true, value_name = "PORT=V1,V2", value_parser = hyper_proxy::Split::parse)]
+    hyper_proxy: Option<hyper_proxy::Split>,
     /// Internal: only the smoke `cargo xtask test` ends with ([`Mode::CiSmoke`]), to time or
     /// debug it alone; needs `cargo build --workspace --bins` done.
     #[arg(long, hide = true, conflicts_with_all = ["quick", "seconds", "request_cost", "scale"])]
@@ -185,6 +190,7 @@ pub fn ci_smoke() -> Result<()> {
         symbol_order: false,
         scale: false,
         serve: Vec::new(),
+        hyper_proxy: None,
         ci_smoke: true,
     })
 }
@@ -192,6 +198,9 @@ pub fn ci_smoke() -> Result<()> {
 pub fn run(args: Args) -> Result<()> {
     if !args.serve.is_empty() {
         return hello::serve(&args.serve);
+    }
+    if let Some(split) = args.hyper_proxy {
+        return hyper_proxy::serve(split);
     }
     mesh_tests::require_root();
     let root = build_ebpf::workspace_root();

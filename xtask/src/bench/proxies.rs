@@ -17,6 +17,8 @@ pub const TCP_PORT: u16 = 9000;
 pub const NGINX_PORT: u16 = 80;
 pub const HAPROXY_L7_PORT: u16 = 81;
 pub const HAPROXY_L4_PORT: u16 = 9001;
+/// `hyper-l7`'s bare hyper proxy (`hyper_proxy.rs`).
+pub const HYPER_PORT: u16 = 82;
 
 /// Service VIPs of the mesh scenarios (never routed: the agent resolves them).
 pub const VIP_L7: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);

@@ -505,8 +505,8 @@ fn targets(out: &mut String, report: &Report) {
         "\nPeers as the issue quotes them for this kind of machine: nginx L7 0.30 of direct \
          (18.8 CPU-µs), HAProxy L7 0.305 (18.4 µs), HAProxy L4 0.355 (14.7 µs), a naive hyper \
          proxy 0.265 (22.4 µs); nginx +44 µs p50 / +63 µs p99 at 1,000 rps; Envoy sidecar 0.20 \
-         vCPU and 60 MB per 1,000 rps, ztunnel 0.06 vCPU and 12 MB. Our own nginx/HAProxy rows \
-         above are from the same run and are the ones to compare with.\n"
+         vCPU and 60 MB per 1,000 rps, ztunnel 0.06 vCPU and 12 MB. Our own nginx, HAProxy and \
+         hyper (`hyper-l7`) rows above are from the same run and are the ones to compare with.\n"
     );
 }
 
@@ -535,8 +535,8 @@ fn method(out: &mut String, report: &Report) {
   them run interleaved round-robin (each round starts one scenario later): pods `client`,
   `client-mesh` (enrolled with the eBPF agent: an enrolled pod's every connection goes to its
   agent), `client-iptables` (enrolled with a second agent, `--redirect iptables`), `server-v1`, `server-v2` (a one-thread hyper hello server, `xtask bench --serve`, answering
-  12 B on :8080, 1 KiB on :8081, 12 B on :9000) and `proxy` (nginx :80, HAProxy :81 and :9001)
-  on node 1; `remote-v1`, `remote-v2` (the same servers, in the mesh) and their agent (`--ca`) on
+  12 B on :8080, 1 KiB on :8081, 12 B on :9000) and `proxy` (nginx :80, HAProxy :81 and :9001,
+  the bare hyper proxy :82) on node 1; `remote-v1`, `remote-v2` (the same servers, in the mesh) and their agent (`--ca`) on
   node 2. `direct-remote` calls them across the underlay, `mesh-l7-remote` through the eBPF
   agent in plaintext, `mesh-mtls` through the eBPF agent restarted with `--ca`, which tunnels to
   node 2's agent (HBONE); every agent is pinned to the servers' core, so the added CPU-µs of
@@ -545,7 +545,11 @@ fn method(out: &mut String, report: &Report) {
   DestinationRule with a connection pool and `outlierDetection`; `mesh-l4`: a service port
   named `tcp` (passthrough, the engine picks the endpoint). nginx (`master_process off`: one
   process) and HAProxy (`nbthread 1`) do the same 90/10 with keep-alive upstreams, retries and
-  passive ejection. The agent runs `--workers 1`.
+  passive ejection. The agent runs `--workers 1`. `hyper-l7` is a proxy built the usual way on
+  the library every `mesh-l7` request runs through: hyper's HTTP/1.1 server and hyper-util's
+  pooled client, a 90/10 split by a counter and nothing else (no retries, ejection, telemetry
+  or checks; `xtask bench --hyper-proxy`, one thread): what hyper costs before the mesh does
+  anything.
 - `mesh-iptables`: the same VIP, VirtualService and DestinationRule as `mesh-l7`, from
   `client-iptables`, through a second agent process (`--redirect iptables --workers 1`, same
   core, same config folder): an iptables `REDIRECT` in the pod's `nat` table instead of

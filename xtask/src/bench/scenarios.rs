@@ -1,8 +1,8 @@
 //! What is measured: who calls what, through which proxy, compared with which baseline.
 
 use super::proxies::{
-    HAPROXY_L4_PORT, HAPROXY_L7_PORT, HELLO_1K_PORT, HELLO_PORT, NGINX_PORT, TCP_PORT, VIP_L4,
-    VIP_L7, VIP_L7_1K, VIP_REMOTE,
+    HAPROXY_L4_PORT, HAPROXY_L7_PORT, HELLO_1K_PORT, HELLO_PORT, HYPER_PORT, NGINX_PORT, TCP_PORT,
+    VIP_L4, VIP_L7, VIP_L7_1K, VIP_REMOTE,
 };
 use super::topology::{AgentMode, Topology};
 
@@ -21,6 +21,8 @@ pub enum Proxy {
     AgentIptables,
     Nginx,
     Haproxy,
+    /// hyper's server and hyper-util's client and nothing else (`hyper_proxy.rs`).
+    Hyper,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -144,6 +146,13 @@ pub const ALL: &[Scenario] = &[
         body: "12 B",
         target: Target::Proxy(HAPROXY_L4_PORT),
     },
+    Scenario {
+        name: "hyper-l7",
+        baseline: "direct",
+        proxy: Proxy::Hyper,
+        body: "12 B",
+        target: Target::Proxy(HYPER_PORT),
+    },
 ];
 
 /// The scenarios named in `only` (all when empty), with the baselines they are measured against.
@@ -186,7 +195,7 @@ impl Scenario {
     /// agent scenario but `mesh-l4`, which carries bytes).
     pub fn split_by_agent(&self) -> bool {
         self.proxy != Proxy::None
-            && !matches!(self.proxy, Proxy::Nginx | Proxy::Haproxy)
+            && !matches!(self.proxy, Proxy::Nginx | Proxy::Haproxy | Proxy::Hyper)
             && !matches!(self.target, Target::Vip(VIP_L4, _))
     }
 
@@ -233,6 +242,7 @@ impl Scenario {
             Proxy::AgentIptables => Some(topology.agent_iptables.pid()),
             Proxy::Nginx => Some(topology.nginx.pid()),
             Proxy::Haproxy => Some(topology.haproxy.pid()),
+            Proxy::Hyper => Some(topology.hyper.pid()),
         }
     }
 }

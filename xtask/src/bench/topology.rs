@@ -4,7 +4,7 @@
 //! ```text
 //!  node 1: CPU 0                  CPU 1
 //!  client       ─────────────▶  server-v1, server-v2   hello :8080 (12 B) :8081 (1 KiB) :9000
-//!      └───────────────────────▶ proxy   nginx :80, haproxy :81 (L7) :9001 (L4) ─▶ servers
+//!      └───────────────────────▶ proxy   nginx :80, haproxy :81 (L7) :9001 (L4), hyper :82 ─▶ servers
 //!  client-mesh  ─ connect4 ─▶ mesh-agent (its in-pod listener) ─▶ servers
 //!  client-iptables ─ REDIRECT ─▶ mesh-agent --redirect iptables (its in-pod listener) ─▶ servers
 //!  ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ underlay ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─
@@ -33,7 +33,8 @@ use anyhow::{bail, Context, Result};
 use mesh_tests::{ConfigDir, Pod, PodProcess, SimNetwork, SimNode};
 
 use super::hello::Listener;
-use super::proxies::{self, HELLO_1K_PORT, HELLO_PORT, TCP_PORT};
+use super::hyper_proxy::Split;
+use super::proxies::{self, HELLO_1K_PORT, HELLO_PORT, HYPER_PORT, TCP_PORT};
 use super::tools::Tools;
 
 /// Servers and proxies share this core, as a node agent shares cores with the apps.
@@ -56,6 +57,7 @@ pub struct Topology {
     pub agent_remote: PodProcess,
     pub nginx: PodProcess,
     pub haproxy: PodProcess,
+    pub hyper: PodProcess,
     _servers: Vec<PodProcess>,
     config: ConfigDir,
     agent_binary: PathBuf,
@@ -155,6 +157,17 @@ impl Topology {
         // -db: foreground, no daemon.
         haproxy.args(["-db", "-f"]).arg(&haproxy_cfg);
         let mut haproxy = node.spawn_in_pod(&proxy, haproxy)?;
+        let mut hyper = pinned(&binaries.xtask);
+        let split = Split {
+            port: HYPER_PORT,
+            upstreams: [server_v1.addr(HELLO_PORT), server_v2.addr(HELLO_PORT)],
+        };
+        hyper.args(["bench", "--hyper-proxy", &split.arg()]);
+        let hyper = node.spawn_in_pod(&proxy, hyper)?;
+        hyper
+            .stdout()
+            .wait_for_line(|line| line == "listening", Duration::from_secs(10))
+            .context("the hyper proxy did not start")?;
 
         let config = proxies::mesh_config(&server_v1, &server_v2, &remote_v1, &remote_v2)?;
         let ca = scratch.join("ca");
@@ -207,6 +220,7 @@ impl Topology {
             agent_remote,
             nginx,
             haproxy,
+            hyper,
             _servers: servers,
             config,
             agent_binary: binaries.agent.clone(),

@@ -54,8 +54,9 @@ pub struct Args {
     /// Measure only the agent's instructions and allocations per request under callgrind
     /// (20,000 requests) on `mesh-l7`'s path, on `mesh-mtls`'s (both ends in one agent) and on
     /// `mesh-mtls`'s with an AuthorizationPolicy judged per request, and on the plaintext inbound
-    /// hop (a client outside the mesh captured at the pod, judged per request), e.g. to judge a
-    /// change to the request path; no rounds, no peers, the docs are left alone.
+    /// hop (a client outside the mesh captured at the pod, judged per request), and the same as
+    /// `mesh-l7`'s through `hyper-l7`'s bare hyper proxy for reference, e.g. to judge a change
+    /// to the request path; no rounds, no peers, the docs are left alone.
     #[arg(long, conflicts_with_all = ["quick", "only"])]
     request_cost: bool,
     /// With `--request-cost`: also rewrite mesh-agent/link/symbol-order.txt, the functions the
@@ -268,6 +269,28 @@ pub fn run(args: Args) -> Result<()> {
     let request_cost_judged = measure_cost(request_cost::Upstream::Judged, "request-cost-judged")?;
     let request_cost_captured =
         measure_cost(request_cost::Upstream::Captured, "request-cost-captured")?;
+    let request_cost_hyper = match cost_requests {
+        Some(requests) => {
+            println!("hyper-l7's proxy under callgrind: {requests} requests");
+            let cost = request_cost::measure_hyper(
+                &binaries.xtask,
+                &binaries.upstream,
+                &root.join("target/bench/request-cost-hyper"),
+                requests,
+            )
+            .context("measuring the cost per request of hyper-l7's proxy")?;
+            println!(
+                "  {:.0} instructions and {:.1} allocations per request in the proxy's user \
+                 space, {:.0} and {:.1} more for a connection of its own",
+                cost.instructions_per_request,
+                cost.allocations_per_request,
+                cost.instructions_per_connection,
+                cost.allocations_per_connection
+            );
+            Some(cost)
+        }
+        None => None,
+    };
     if args.symbol_order {
         // The default path first, then the plain inbound hop, then the tunnel's; last what a
         // burst of idle connections runs, apart, so that only a burst pages it in.
@@ -353,6 +376,7 @@ pub fn run(args: Args) -> Result<()> {
         request_cost_tunnel,
         request_cost_judged,
         request_cost_captured,
+        request_cost_hyper,
         v2_share,
         rounds: &done,
         figures: &figures,

@@ -87,6 +87,9 @@ pub struct Report<'a> {
     /// A client outside the mesh, captured at the pod and judged per request.
     #[serde(default)]
     pub request_cost_captured: Option<super::request_cost::RequestCost>,
+    /// `request_cost`'s requests through `hyper-l7`'s proxy instead of the agent.
+    #[serde(default)]
+    pub request_cost_hyper: Option<super::request_cost::RequestCost>,
     /// Share of the mesh's HTTP requests the agent sent to subset v2 (90/10 configured).
     pub v2_share: f64,
     pub rounds: &'a [Round],
@@ -314,6 +317,21 @@ fn markdown(report: &Report) -> String {
             cost.instructions_per_request,
             cost.allocations_per_request,
             cost.requests,
+            cost.instructions_per_connection,
+            cost.allocations_per_connection
+        );
+    }
+    if let Some(cost) = &report.request_cost_hyper {
+        let _ = writeln!(
+            out,
+            "The same requests through `hyper-l7`'s proxy instead (hyper's server and \
+             hyper-util's pooled client, nothing else; glibc's malloc, where the agent has \
+             jemalloc): **{:.0} instructions and {:.1} allocations per request**, {:.0} and {:.1} \
+             more for a connection of its own (profile in `target/bench/request-cost-hyper/`). \
+             What the agent spends beyond it pays for routing, the split, retries, outlier \
+             detection, telemetry, trace headers and the HTTP checks, and its own pool.\n",
+            cost.instructions_per_request,
+            cost.allocations_per_request,
             cost.instructions_per_connection,
             cost.allocations_per_connection
         );

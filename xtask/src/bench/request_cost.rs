@@ -30,7 +30,8 @@ use mesh_tests::{agent, world::World, Backend, ConfigDir, Pod, PodProcess, SimNo
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::proxies;
+use super::hyper_proxy::Split;
+use super::proxies::{self, HYPER_PORT};
 
 pub(super) const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
 const CONNECTIONS: &str = "16";
@@ -227,13 +228,84 @@ pub fn measure(
     })
 }
 
+/// What the requests [`measure`] sends cost a proxy built the usual way on hyper in place of
+/// the agent (`hyper-l7`'s: `xtask`, so glibc's malloc where the agent has jemalloc): the same
+/// node, servers and client, the proxy in a pod of its own under callgrind. Nothing but a
+/// reference: `profiles_run` and `profile_burst` name its profiles too, but the symbol order
+/// never reads them.
+pub fn measure_hyper(
+    xtask_bin: &Path,
+    upstream_bin: &Path,
+    out_dir: &Path,
+    requests: u64,
+) -> Result<RequestCost> {
+    let _ = std::fs::remove_dir_all(out_dir);
+    std::fs::create_dir_all(out_dir)?;
+    let hello = HelloNode::start(xtask_bin, upstream_bin, out_dir, Upstream::Plain, None)?;
+    let pod = hello.node.add_pod("proxy")?;
+    let [v1, v2] = &hello.pods;
+    let split = Split {
+        port: HYPER_PORT,
+        upstreams: [v1.addr(proxies::HELLO_PORT), v2.addr(proxies::HELLO_PORT)],
+    };
+    let mut command = Command::new("valgrind");
+    command
+        .args(["--tool=callgrind", "--dump-instr=no"])
+        .arg(format!(
+            "--callgrind-out-file={}",
+            out_dir.join("callgrind.out").display()
+        ))
+        .arg(xtask_bin)
+        .args(["bench", "--hyper-proxy", &split.arg()]);
+    let mut proxy = hello.node.spawn_in_pod(&pod, command)?;
+    proxy
+        .stdout()
+        .wait_for_line(|line| line == "listening", Duration::from_secs(120))
+        .context("the hyper proxy did not start under callgrind")?;
+    let url = format!("http://{}/", pod.addr(HYPER_PORT));
+    let get =
+        |count, flags: &[&str]| get(&hello.node, upstream_bin, &hello.client, &url, count, flags);
+    let warm_up = get(requests / 10, &[])?;
+    ensure!(warm_up["errors"] == 0, "warm-up failed: {warm_up}");
+    callgrind_control(&["-d"], proxy.pid())?;
+    let run = get(requests, &[])?;
+    callgrind_control(&["-d"], proxy.pid())?;
+    let churn = get(CHURN_REQUESTS, &["--close"])?;
+    callgrind_control(&["-d"], proxy.pid())?;
+    ensure!(
+        run["errors"] == 0 && run["by_status"]["200"] == requests,
+        "not every request through the hyper proxy answered 200: {run}"
+    );
+    ensure!(
+        churn["errors"] == 0 && churn["by_status"]["200"] == CHURN_REQUESTS,
+        "not every request on a connection of its own answered 200: {churn}"
+    );
+    proxy.stop(Duration::from_secs(10))?;
+
+    let profile = out_dir.join("callgrind.out.2");
+    let (instructions, allocations) = per_request(&profile, requests)?;
+    let (churn_instructions, churn_allocations) =
+        per_request(&out_dir.join("callgrind.out.3"), CHURN_REQUESTS)?;
+    Ok(RequestCost {
+        requests,
+        instructions_per_request: instructions,
+        allocations_per_request: allocations,
+        instructions_per_connection: churn_instructions - instructions,
+        allocations_per_connection: churn_allocations - allocations,
+        profiles_run: ["callgrind.out.1", "callgrind.out.3", "callgrind.out"]
+            .map(|name| out_dir.join(name)),
+        profile_burst: out_dir.join("callgrind.out"),
+        profile,
+    })
+}
+
 /// The node a request is measured on: a client pod, the service `hello` (pods `hello-v1` and
 /// `hello-v2` serving, 90/10 with retries and outlier detection), `world` beside it in the
 /// agent's folder, and the agent's command line for `upstream`.
 pub(super) struct HelloNode {
     pub node: SimNode,
     pub client: Pod,
-    _pods: [Pod; 2],
+    pods: [Pod; 2],
     _servers: [PodProcess; 2],
     _config: ConfigDir,
     agent_args: Vec<OsString>,
@@ -350,7 +422,7 @@ impl HelloNode {
         Ok(HelloNode {
             node,
             client,
-            _pods: [v1, v2],
+            pods: [v1, v2],
             _servers: servers,
             _config: config,
             agent_args,

@@ -328,8 +328,10 @@ fn markdown(report: &Report) -> String {
              hyper-util's pooled client, nothing else; glibc's malloc, where the agent has \
              jemalloc): **{:.0} instructions and {:.1} allocations per request**, {:.0} and {:.1} \
              more for a connection of its own (profile in `target/bench/request-cost-hyper/`). \
-             What the agent spends beyond it pays for routing, the split, retries, outlier \
-             detection, telemetry, trace headers and the HTTP checks, and its own pool.\n",
+             The difference is the mesh's work (routing, the split, retries, outlier detection, \
+             telemetry, trace headers, the HTTP checks) net of what the agent's own pool and \
+             jemalloc save against hyper-util's pool and glibc's malloc: see \"What hyper costs \
+             by itself\".\n",
             cost.instructions_per_request,
             cost.allocations_per_request,
             cost.instructions_per_connection,

@@ -129,6 +129,28 @@ pub struct RequestCost {
     pub profile_burst: PathBuf,
 }
 
+impl RequestCost {
+    /// The figures of a run dumped in `out_dir`: its `requests` keep-alive requests to
+    /// `callgrind.out.2`, its requests on a connection each to `.3`; `run` names the profiles
+    /// of all it ran, `callgrind.out` holds what ran last.
+    fn read(out_dir: &Path, requests: u64, run: [&str; 3]) -> Result<RequestCost> {
+        let profile = out_dir.join("callgrind.out.2");
+        let (instructions, allocations) = per_request(&profile, requests)?;
+        let (churn_instructions, churn_allocations) =
+            per_request(&out_dir.join("callgrind.out.3"), CHURN_REQUESTS)?;
+        Ok(RequestCost {
+            requests,
+            instructions_per_request: instructions,
+            allocations_per_request: allocations,
+            instructions_per_connection: churn_instructions - instructions,
+            allocations_per_connection: churn_allocations - allocations,
+            profiles_run: run.map(|name| out_dir.join(name)),
+            profile_burst: out_dir.join("callgrind.out"),
+            profile,
+        })
+    }
+}
+
 /// What the node holds beside `hello`: a world of objects in the agent's folder, and idle pods
 /// (`idle-1`, `idle-2`, ...) that the agent enrolls once it is ready.
 #[derive(Clone, Copy, Debug, Default)]
@@ -210,21 +232,11 @@ pub fn measure(
     hello.idle_until_closed()?;
     agent.stop(Duration::from_secs(60))?;
 
-    let profile = out_dir.join("callgrind.out.2");
-    let (instructions, allocations) = per_request(&profile, requests)?;
-    let (churn_instructions, churn_allocations) =
-        per_request(&out_dir.join("callgrind.out.3"), CHURN_REQUESTS)?;
-    Ok(RequestCost {
+    RequestCost::read(
+        out_dir,
         requests,
-        instructions_per_request: instructions,
-        allocations_per_request: allocations,
-        instructions_per_connection: churn_instructions - instructions,
-        allocations_per_connection: churn_allocations - allocations,
-        profiles_run: ["callgrind.out.1", "callgrind.out.3", "callgrind.out.4"]
-            .map(|name| out_dir.join(name)),
-        profile_burst: out_dir.join("callgrind.out"),
-        profile,
-    })
+        ["callgrind.out.1", "callgrind.out.3", "callgrind.out.4"],
+    )
 }
 
 /// What the requests [`measure`] sends cost a proxy built the usual way on hyper in place of
@@ -283,21 +295,11 @@ pub fn measure_hyper(
     );
     proxy.stop(Duration::from_secs(10))?;
 
-    let profile = out_dir.join("callgrind.out.2");
-    let (instructions, allocations) = per_request(&profile, requests)?;
-    let (churn_instructions, churn_allocations) =
-        per_request(&out_dir.join("callgrind.out.3"), CHURN_REQUESTS)?;
-    Ok(RequestCost {
+    RequestCost::read(
+        out_dir,
         requests,
-        instructions_per_request: instructions,
-        allocations_per_request: allocations,
-        instructions_per_connection: churn_instructions - instructions,
-        allocations_per_connection: churn_allocations - allocations,
-        profiles_run: ["callgrind.out.1", "callgrind.out.3", "callgrind.out"]
-            .map(|name| out_dir.join(name)),
-        profile_burst: out_dir.join("callgrind.out"),
-        profile,
-    })
+        ["callgrind.out.1", "callgrind.out.3", "callgrind.out"],
+    )
 }
 
 /// That about one request in ten of the client's summary `run` (of `requests`) went to v2.

@@ -4,7 +4,7 @@
 //! ```text
 //!  node 1: CPU 0                  CPU 1
 //!  client       ─────────────▶  server-v1, server-v2   hello :8080 (12 B) :8081 (1 KiB) :9000
-//!      └───────────────────────▶ proxy   nginx :80, haproxy :81 (L7) :9001 (L4), hyper :82 ─▶ servers
+//!      └───────────────▶ proxy  nginx :80, haproxy :81 (L7) :9001 (L4), hyper :82 ─▶ servers
 //!  client-mesh  ─ connect4 ─▶ mesh-agent (its in-pod listener) ─▶ servers
 //!  client-iptables ─ REDIRECT ─▶ mesh-agent --redirect iptables (its in-pod listener) ─▶ servers
 //!  ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ underlay ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─ ─

@@ -17,6 +17,15 @@ DENO_PREFIX="$CACHE/deno"
 
 log() { echo "install-runtimes: $*" >&2; }
 
+# Several tests run this at once on a fresh machine: the first installs while the others wait
+# here, then find what it installed. Without the lock a second npm rewrote the prefix under the
+# first, and a second apt-get fails on dpkg's lock.
+mkdir -p "$CACHE"
+if command -v flock >/dev/null 2>&1; then
+    exec 9>"$CACHE/install-runtimes.lock"
+    flock 9
+fi
+
 # The npm package `deno` depends on one optional package per platform that holds the binary.
 deno_platform_package() {
     local arch

@@ -786,6 +786,8 @@ fn demo_dir() -> PathBuf {
 
 #[cfg(test)]
 mod tests {
+    use std::{fs, os::unix::fs::PermissionsExt};
+
     use super::*;
     use crate::mesh_config::examples_dir;
 
@@ -804,6 +806,79 @@ mod tests {
             );
         }
     }
+
+    /// On a fresh machine several tests install the runtimes at once (CI failed so on
+    /// 2026-12-06: a second npm rewrote the prefix under the first). Each run must get a deno
+    /// and npm must run once. The `npm` and `java` here are stand-ins first on `PATH`, no
+    /// network: this `npm` fails if another is installing into the same prefix.
+    #[test]
+    fn runtimes_asked_for_by_several_at_once_are_installed_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("bin");
+        fs::create_dir(&bin).unwrap();
+        for (name, script) in [("npm", NPM_STANDIN), ("java", JAVA_STANDIN)] {
+            let path = bin.join(name);
+            fs::write(&path, script).unwrap();
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let path = format!(
+            "{}:{}",
+            bin.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let cache = dir.path().join("cache");
+        let runs: Vec<_> = (0..3)
+            .map(|_| {
+                Command::new(demo_dir().join("install-runtimes.sh"))
+                    .env("PATH", &path)
+                    .env("MESH_CACHE", &cache)
+                    .env("DENO_VERSION", "9.9.9")
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for run in runs {
+            let output = run.wait_with_output().unwrap();
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert!(output.status.success(), "{stderr}");
+            let deno = String::from_utf8_lossy(&output.stdout);
+            assert!(
+                deno.trim_end().ends_with("node_modules/deno/deno"),
+                "{deno}"
+            );
+        }
+        let installs = fs::read_to_string(cache.join("deno/npm-runs")).unwrap();
+        assert_eq!(installs.lines().count(), 1, "npm ran more than once");
+    }
+
+    /// `npm install --prefix DIR deno@V ...`: after a second, a `deno` printing version V.
+    const NPM_STANDIN: &str = r#"#!/bin/sh
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --prefix) prefix="$2"; shift ;;
+        deno@*) version="${1#deno@}" ;;
+    esac
+    shift
+done
+mkdir -p "$prefix"
+mkdir "$prefix/.installing" || { echo "another npm is installing into $prefix" >&2; exit 1; }
+echo run >> "$prefix/npm-runs"
+sleep 1
+mkdir -p "$prefix/node_modules/deno"
+printf '#!/bin/sh\necho "deno %s (stand-in)"\n' "$version" > "$prefix/node_modules/deno/deno"
+chmod +x "$prefix/node_modules/deno/deno"
+rmdir "$prefix/.installing"
+"#;
+
+    /// A Java with the modules the demo needs.
+    const JAVA_STANDIN: &str = r#"#!/bin/sh
+case "$1" in
+    --list-modules) echo jdk.compiler@17; echo jdk.httpserver@17 ;;
+    *) echo 'openjdk version "17" (stand-in)' >&2 ;;
+esac
+"#;
 
     #[test]
     fn a_replica_is_recognised_by_its_version_and_pod_suffix() {

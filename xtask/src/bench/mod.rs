@@ -254,14 +254,7 @@ pub fn run(args: Args) -> Result<()> {
             args.symbol_order,
         )
         .with_context(|| format!("measuring the cost per request, {upstream:?} upstream"))?;
-        println!(
-            "  {:.0} instructions and {:.1} allocations per request in the agent's user space, \
-             {:.0} and {:.1} more for a connection of its own",
-            cost.instructions_per_request,
-            cost.allocations_per_request,
-            cost.instructions_per_connection,
-            cost.allocations_per_connection
-        );
+        println!("  {}", cost.summary("the agent's"));
         anyhow::Ok(Some(cost))
     };
     let request_cost = measure_cost(request_cost::Upstream::Plain, "request-cost")?;
@@ -279,14 +272,7 @@ pub fn run(args: Args) -> Result<()> {
                 requests,
             )
             .context("measuring the cost per request of hyper-l7's proxy")?;
-            println!(
-                "  {:.0} instructions and {:.1} allocations per request in the proxy's user \
-                 space, {:.0} and {:.1} more for a connection of its own",
-                cost.instructions_per_request,
-                cost.allocations_per_request,
-                cost.instructions_per_connection,
-                cost.allocations_per_connection
-            );
+            println!("  {}", cost.summary("the proxy's"));
             Some(cost)
         }
         None => None,

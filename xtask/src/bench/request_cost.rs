@@ -130,6 +130,18 @@ pub struct RequestCost {
 }
 
 impl RequestCost {
+    /// The figures as the bench prints them, for `whose` user space ("the agent's").
+    pub fn summary(&self, whose: &str) -> String {
+        format!(
+            "{:.0} instructions and {:.1} allocations per request in {whose} user space, {:.0} \
+             and {:.1} more for a connection of its own",
+            self.instructions_per_request,
+            self.allocations_per_request,
+            self.instructions_per_connection,
+            self.allocations_per_connection
+        )
+    }
+
     /// The figures of a run dumped in `out_dir`: its `requests` keep-alive requests to
     /// `callgrind.out.2`, its requests on a connection each to `.3`; `run` names the profiles
     /// of all it ran, `callgrind.out` holds what ran last.

@@ -270,8 +270,9 @@ impl Proxy {
         let Some(slot) = self.admit(Some(&pod)) else {
             return;
         };
-        // The task is `carry`'s future alone, not one more future around it.
-        let carrying = Arc::clone(self).carry(stream, original_dst, pod, slot);
+        // The task is `carry`'s future alone, not one more future around it, and boxed: on its
+        // way into the task it is copied whole several times (tokio's cell, its stages).
+        let carrying = Box::pin(Arc::clone(self).carry(stream, original_dst, pod, slot));
         self.drain.connections.spawn(carrying);
     }
 

@@ -722,16 +722,8 @@ async fn accept(
     netns_cookie: u64,
 ) {
     let mut acceptor = proxy.acceptor(listener, &pod.name);
-    loop {
-        let (stream, peer) = tokio::select! {
-            // Once stopped, not one more accept: a successor may be taking the queue.
-            biased;
-            _ = proxy.drain().accepting_stopped() => return,
-            accepted = async {
-                proxy.drain().accepting_allowed().await;
-                acceptor.accept().await
-            } => accepted,
-        };
+    let mut gate = proxy.drain().accept_gate();
+    while let Some((stream, peer)) = gate.admit(acceptor.accept()).await {
         let Some(original) = redirect.original_dst(&stream, netns_cookie, peer.port()) else {
             // Someone dialled the listener directly: there is nowhere known to forward to.
             debug!(pod = %pod.name, %peer, "connection without an original destination");

@@ -65,6 +65,30 @@ impl Shared {
     }
 }
 
+/// One accept loop's view of the [`Drain`]. Its wait for accepting to stop is registered once
+/// for the loop's life: one made for every accept took the token's lock to register and again
+/// to drop it (~350 instructions a connection).
+pub struct AcceptGate {
+    drain: Drain,
+    stopped: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+}
+
+impl AcceptGate {
+    /// What `accept` gives, once accept loops may accept; `None` once accepting has stopped,
+    /// then not one more accept: a successor may be taking the queue.
+    pub async fn admit<T>(&mut self, accept: impl std::future::Future<Output = T>) -> Option<T> {
+        let AcceptGate { drain, stopped } = self;
+        tokio::select! {
+            biased;
+            () = stopped => None,
+            accepted = async {
+                drain.accepting_allowed().await;
+                accept.await
+            } => Some(accepted),
+        }
+    }
+}
+
 /// A downstream connection's places in the global and its pod's connection caps.
 struct ConnectionSlot {
     _global: OwnedSemaphorePermit,
@@ -107,7 +131,7 @@ impl Drain {
     }
 
     /// Resolves once accept loops may accept (at once, unless paused).
-    pub async fn accepting_allowed(&self) {
+    async fn accepting_allowed(&self) {
         if *self.accepting.borrow() {
             return;
         }
@@ -126,9 +150,12 @@ impl Drain {
         self.connections.close();
     }
 
-    /// Resolves once accepting has stopped: accept loops end then.
-    pub async fn accepting_stopped(&self) {
-        self.accepting_stopped.cancelled().await;
+    /// What one accept loop waits on besides its listener, registered once for the loop's life.
+    pub fn accept_gate(&self) -> AcceptGate {
+        AcceptGate {
+            drain: self.clone(),
+            stopped: Box::pin(self.accepting_stopped.clone().cancelled_owned()),
+        }
     }
 
     pub async fn wait(&self) {
@@ -159,16 +186,11 @@ impl Drain {
     {
         let connections = Arc::new(tokio::sync::Semaphore::new(max_connections));
         accept::no_delay(&listener);
+        let mut gate = self.accept_gate();
         let mut backoff = Duration::ZERO;
         loop {
-            let accepted = tokio::select! {
-                // Once stopped, not one more accept: a successor may be taking the queue.
-                biased;
-                () = self.accepting_stopped() => return,
-                accepted = async {
-                    self.accepting_allowed().await;
-                    listener.accept().await
-                } => accepted,
+            let Some(accepted) = gate.admit(listener.accept()).await else {
+                return;
             };
             let (stream, peer) = match accepted {
                 Ok(accepted) => {
@@ -282,16 +304,8 @@ impl Proxy {
     pub async fn serve_ingress(self: Arc<Self>, listener: TcpListener, gateway: Arc<PodContext>) {
         let port = listener.local_addr().map_or(80, |a| a.port());
         let mut acceptor = self.acceptor(listener, "ingress");
-        loop {
-            let (stream, _) = tokio::select! {
-                // Once stopped, not one more accept: a successor may be taking the queue.
-                biased;
-                _ = self.drain.accepting_stopped() => return,
-                accepted = async {
-                    self.drain.accepting_allowed().await;
-                    acceptor.accept().await
-                } => accepted,
-            };
+        let mut gate = self.drain.accept_gate();
+        while let Some((stream, _)) = gate.admit(acceptor.accept()).await {
             let Some(slot) = self.admit(None) else {
                 continue;
             };

@@ -25,7 +25,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// overrides them). The 8 KiB size class, hyper's read and write buffers (two a connection), in
 /// slabs of four rather than one each: one to a slab, every buffer beyond the thread cache's
 /// twenty took a slab of its own from the arena and gave it back (~2,400 instructions a new
-/// connection), and left a descriptor behind after a burst.
+/// connection).
 #[export_name = "_rjem_malloc_conf"]
 static JEMALLOC_OPTIONS: &[u8; 23] = b"slab_sizes:8192-8192:8\0";
 

@@ -67,7 +67,7 @@ impl Shared {
 
 /// One accept loop's view of the [`Drain`]. Its wait for accepting to stop is registered once
 /// for the loop's life: one made for every accept took the token's lock to register and again
-/// to drop it (~350 instructions a connection).
+/// to drop it (~300 instructions a connection).
 pub struct AcceptGate {
     drain: Drain,
     stopped: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
